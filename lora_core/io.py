@@ -1,0 +1,131 @@
+"""Files: atomic writes and the backend-neutral safetensors adapter format."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LoraConfig
+from .model import DEFAULT, LoraLoadError, add_lora, lora_config, lora_layers, lora_state_dict, load_lora_state_dict
+
+FORMAT = "lora_core"
+FORMAT_VERSION = "1"
+PathLike = Union[str, os.PathLike]
+
+
+@contextmanager
+def atomic_path(path: PathLike):
+    """Yield a temporary path next to `path`; on success it is renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def atomic_save_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise LoraLoadError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def config_metadata(config: LoraConfig, targets: list[str]) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lora_config": json.dumps(config.to_dict()),
+        "targets": json.dumps(sorted(targets)),
+        "r": str(config.r),
+        "alpha": str(config.alpha),
+    }
+
+
+def save_lora(path: PathLike, model: nn.Module, metadata: Optional[dict] = None, adapter: str = DEFAULT) -> None:
+    """Write one adapter (and modules_to_save) with its config to a safetensors file, atomically.
+    `metadata` adds string fields (e.g. base_model, steps)."""
+    cfg = lora_config(model, adapter)
+    targets = [n for n, l in lora_layers(model) if adapter in l.lora_A]
+    meta = config_metadata(cfg, targets)
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    atomic_save_safetensors(path, lora_state_dict(model, adapter), meta)
+
+
+def read_lora_config(metadata: dict[str, str], path: PathLike = "?") -> tuple[LoraConfig, list[str]]:
+    if metadata.get("format") != FORMAT or "lora_config" not in metadata:
+        raise LoraLoadError(f"{path}: not a {FORMAT} adapter file (metadata key 'format' is "
+                            f"{metadata.get('format')!r}); convert it or use the matching loader")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise LoraLoadError(f"{path}: unsupported format_version {metadata.get('format_version')!r}")
+    return LoraConfig(**json.loads(metadata["lora_config"])), json.loads(metadata.get("targets", "[]"))
+
+
+def load_lora(path: PathLike, model: nn.Module, adapter: str = DEFAULT) -> LoraConfig:
+    """Add adapter `adapter` to `model` from a file written by save_lora (strict: any missing,
+    unexpected or mis-shaped key raises LoraLoadError naming it, and the model is left as it was)."""
+    sd, meta = read_safetensors(path)
+    cfg, targets = read_lora_config(meta, path)
+    already = any(adapter in l.lora_A for _, l in lora_layers(model))
+    if already:
+        raise LoraLoadError(f"{path}: the model already has an adapter named {adapter!r}")
+    # adapt exactly the modules named in the file
+    exact = LoraConfig(**{**cfg.to_dict(), "target_modules": "|".join(_re_escape(t) for t in targets) or cfg.target_modules,
+                          "exclude_modules": []})
+    snapshot = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        wrapped = add_lora(model, exact, adapter)
+        if sorted(wrapped) != sorted(targets):
+            raise LoraLoadError(f"{path}: modules in the file but not in the model: "
+                                f"{sorted(set(targets) - set(wrapped))[:10]}")
+        load_lora_state_dict(model, sd, adapter)
+    except Exception as e:
+        from .model import delete_adapter, remove_lora
+        delete_adapter(model, adapter)
+        if not any(l.lora_A for _, l in lora_layers(model)):
+            remove_lora(model)
+        for n, p in model.named_parameters():
+            if n in snapshot:
+                p.requires_grad_(snapshot[n])
+        if isinstance(e, LoraLoadError):
+            raise LoraLoadError(f"{path}: {e}") from None
+        raise LoraLoadError(f"{path}: {e}") from e
+    model._lora_configs[adapter] = cfg
+    return cfg
+
+
+def _re_escape(name: str) -> str:
+    import re
+    return re.escape(name)

@@ -1,0 +1,101 @@
+"""The shared training loop: loss goes down, stop+resume equals an uninterrupted run, NaN guard."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lora_core import LoraConfig, add_lora, lora_state_dict
+from lora_core.training import EpochSampler, NonFiniteLoss, RunDir, TrainSettings, train
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _setup(tmp, seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    model = Toy()
+    add_lora(model, LoraConfig(r=2, alpha=4, dropout=dropout, target_modules=["net.0", "net.2"]))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 8, generator=g)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    ds = TensorDataset(x, y)
+    dl = DataLoader(ds, batch_size=4, sampler=EpochSampler(len(ds), seed=3))
+    return model, dl
+
+
+def _loss(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _run(tmp, max_steps, resume=None, stop_at_call=None, accum=1):
+    model, dl = _setup(tmp)
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        calls["n"] += 1
+        if calls["n"] == stop_at_call:  # what the GUI's Stop button does: SIGTERM to the process
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _loss(m, batch)
+
+    s = TrainSettings(max_steps=max_steps, learning_rate=5e-2, lr_scheduler="linear", lr_warmup_steps=2,
+                      gradient_accumulation_steps=accum, checkpoint_every=3, keep_checkpoints=2)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+    run = RunDir(tmp).create()
+    train(accelerator=acc, run=run, model=model, dataloader=dl, loss_fn=loss_fn, settings=s, resume=resume)
+    return model, run
+
+
+def test_loss_decreases_and_run_folder(tmp_path):
+    model, run = _run(tmp_path / "a", 30)
+    m = run.read_metrics()
+    assert len(m) == 30 and m[-1]["step"] == 30
+    assert sum(r["loss"] for r in m[-5:]) < 0.5 * sum(r["loss"] for r in m[:5])
+    st = run.read_status()
+    assert st["state"] == "done" and st["step"] == 30
+    assert [p.name for p in run.checkpoints()] == ["step_00000027", "step_00000030"]  # keep_checkpoints=2
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_resume_equals_uninterrupted(tmp_path, accum):
+    full, _ = _run(tmp_path / "full", 17, accum=accum)
+    # interrupted: SIGTERM during step 8 -> checkpoint at 8 and state "stopped"; then resume to 17
+    _, run = _run(tmp_path / "part", 17, stop_at_call=8 * accum, accum=accum)
+    stopped = run.read_status()
+    assert stopped["state"] == "stopped" and 5 <= stopped["step"] < 17
+    torch.manual_seed(1234)  # disturb the global RNG: resume must restore it
+    resumed, run = _run(tmp_path / "part", 17, resume="latest", accum=accum)
+    assert run.read_status()["resumed_from"].endswith(f"step_{stopped['step']:08d}")
+    assert run.read_status()["state"] == "done"
+    a, b = lora_state_dict(full), lora_state_dict(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
+    model, dl = _setup(tmp_path)
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        calls["n"] += 1
+        loss = _loss(m, batch)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    run = RunDir(tmp_path).create()
+    s = TrainSettings(max_steps=10, checkpoint_every=3)
+    with pytest.raises(NonFiniteLoss, match="step 5"):
+        train(accelerator=Accelerator(cpu=True), run=run, model=model, dataloader=dl, loss_fn=loss_fn, settings=s)
+    st = json.loads((tmp_path / "status.json").read_text())
+    assert st["state"] == "failed" and "step_00000003" in st["error"]
+    assert [p.name for p in run.checkpoints()] == ["step_00000003"]
