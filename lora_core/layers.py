@@ -104,25 +104,30 @@ class LoraLayer(nn.Module):
             self.active_adapters.remove(name)
 
     # ----------------------------------------------------------------- math
-    def _lora_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution for input x, in the base output layout (before scaling)."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        h = A(self.lora_dropout[name](x.to(A.weight.dtype)))
+    def _B_full(self, name: str) -> torch.Tensor:
+        """B as an (out, k*r) matrix in the base output layout: with fused slices, a block matrix
+        whose disabled slices are zero, so one matmul serves every slice layout."""
+        B = self.lora_B[name].weight.flatten(1)
         mask = self.slices[name]
         if mask is None:
-            return B(h)
-        # fused slices: each enabled slice has its own r-wide block of A and rows of B
-        r, n = self.r[name], len(mask)
-        slice_out = self.out_features // n
-        Bw = B.weight
-        pieces, j = [], 0
-        for on in mask:
+            return B
+        r, slice_out = self.r[name], self.out_features // len(mask)
+        full = B.new_zeros(self.out_features, B.shape[1] * sum(bool(m) for m in mask))
+        j = 0
+        for i, on in enumerate(mask):
             if on:
-                pieces.append(F.linear(h[..., j * r:(j + 1) * r], Bw[j * slice_out:(j + 1) * slice_out]))
+                full[i * slice_out:(i + 1) * slice_out, j * r:(j + 1) * r] = B[j * slice_out:(j + 1) * slice_out]
                 j += 1
-            else:
-                pieces.append(h.new_zeros(*h.shape[:-1], slice_out))
-        return torch.cat(pieces, dim=-1)
+        return full
+
+    def _lora_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution for input x, in the base output layout (before scaling)."""
+        A = self.lora_A[name]
+        h = A(self.lora_dropout[name](x.to(A.weight.dtype)))
+        if self.slices[name] is None:
+            return self.lora_B[name](h)
+        B = self._B_full(name)
+        return F.conv2d(h, B[:, :, None, None]) if self.is_conv2d else F.linear(h, B)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -131,38 +136,15 @@ class LoraLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
-            if self.is_conv2d:
-                delta = self._lora_out_conv(name, x)
-            else:
-                delta = self._lora_out(name, x)
+            delta = self._lora_out(name, x)
             y = y + (delta * (self.scaling[name] * self.user_scale[name])).to(y.dtype)
         return y
-
-    def _lora_out_conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.slices[name] is not None:
-            raise NotImplementedError("fused slices are supported on Linear/Conv1D only")
-        A, B = self.lora_A[name], self.lora_B[name]
-        return B(A(self.lora_dropout[name](x.to(A.weight.dtype))))
 
     # ----------------------------------------------------------------- merge
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW in nn.Linear layout (out, in), fp32, including scale and user scale."""
         A = self.lora_A[name].weight.float().flatten(1)   # (k*r, in)
-        B = self.lora_B[name].weight.float().flatten(1)   # (k*out_slice, r)
-        s = self.scaling[name] * self.user_scale[name]
-        mask = self.slices[name]
-        if mask is None:
-            return (B @ A) * s
-        r, n = self.r[name], len(mask)
-        slice_out = self.out_features // n
-        delta = A.new_zeros(self.out_features, self.in_features)
-        j = 0
-        for i, on in enumerate(mask):
-            if on:
-                delta[i * slice_out:(i + 1) * slice_out] = (
-                    B[j * slice_out:(j + 1) * slice_out] @ A[j * r:(j + 1) * r])
-                j += 1
-        return delta * s
+        return (self._B_full(name).float() @ A) * (self.scaling[name] * self.user_scale[name])
 
     def _apply_delta(self, name: str, sign: float, safe: bool = False) -> None:
         W = self.base_layer.weight

@@ -277,3 +277,25 @@ def test_config_files(tmp_path):
         load_config(Job, p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(Job, tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+def test_merge_equals_unmerged_for_every_layer_kind_and_slices(kind):
+    m = Net(kind)
+    slices = {"proj": [False, True]} if kind == "linear" else ({"proj": [True, False, True]} if kind == "conv1d"
+                                                             else {"proj": [True, False]})
+    add_lora(m, LoraConfig(r=3, alpha=5, target_modules=["proj"], fused_slices=slices))
+    _randomize_B(m)
+    x = _input(kind)
+    y = m(x)
+    n = len(slices["proj"])
+    out = y.shape[1] if kind == "conv2d" else y.shape[-1]
+    base = m.proj.base_layer(x)
+    off = [i for i, on in enumerate(slices["proj"]) if not on][0]
+    sl = slice(off * out // n, (off + 1) * out // n)
+    if kind == "conv2d":
+        assert torch.equal(y[:, sl], base[:, sl])
+    else:
+        assert torch.equal(y[..., sl], base[..., sl])
+    merge_lora(m)
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)

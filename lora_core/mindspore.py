@@ -1,0 +1,316 @@
+"""The MindSpore twin of lora_core: a LoRA Dense wrapper, model-level verbs and the same adapter file.
+
+y = base(x) + B(A(dropout(x))) * scale * user_scale      (scale = alpha/r, or alpha/sqrt(r) with rsLoRA)
+
+Same names, shapes and meaning as the PyTorch core (`lora_core.layers.LoraLayer`):
+`<module>.lora_A.weight` (k*r, in) and `<module>.lora_B.weight` (k*out/n, r) in nn.Linear layout, A
+Kaiming-uniform (a=sqrt(5)) or N(0, 1/r), B zero, fused slices as loralib's MergedLinear. An adapter
+file written here is read by `lora_core.io.load_lora` and the reverse (same keys, same metadata).
+
+Differences from the PyTorch core, on purpose: one adapter per model (no set_adapter / multi-adapter
+stacking), and only `nn.Dense` bases (a GPT-2 written for MindSpore stores Conv1D weights as Dense).
+The MindSpore parameter names are the cell paths, so a LoRA layer's parameters are literally named
+`<module>.lora_A.weight` and `<module>.lora_B.weight`.
+
+Train with `trainable_params()` (= `lora_parameters`): in graph mode, gradients taken with respect to
+frozen parameters passed explicitly are real, not zero.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+from mindspore.common.initializer import HeUniform, Normal, initializer
+
+from .config import LoraConfig, name_matches
+from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
+from .model import LoraLoadError
+
+# MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
+_TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
+
+
+class LoraDense(nn.Cell):
+    """A frozen `nn.Dense` plus one low-rank adapter (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Dense, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "kaiming", slices: Optional[list[bool]] = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Dense):
+            raise TypeError(f"LoRA (MindSpore) can wrap nn.Dense only, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        n_on, out = 1, self.out_features
+        if slices is not None:
+            if self.out_features % len(slices):
+                raise ValueError(f"output size {self.out_features} is not divisible into {len(slices)} slices")
+            n_on = sum(bool(s) for s in slices)
+            out = self.out_features // len(slices) * n_on
+        a_init = HeUniform(negative_slope=math.sqrt(5)) if init == "kaiming" else Normal(sigma=1.0 / r)
+        dtype = base_layer.weight.dtype if base_layer.weight.dtype in (ms.float32, ms.float64) else ms.float32
+        self.lora_A = nn.Dense(self.in_features, r * n_on, weight_init=initializer(a_init, (r * n_on, self.in_features), dtype),
+                               has_bias=False, dtype=dtype)
+        self.lora_B = nn.Dense(r, out, weight_init="zeros", has_bias=False, dtype=dtype)
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha = r, float(alpha)
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.user_scale = 1.0
+        self.slices = tuple(bool(s) for s in slices) if slices is not None else None
+        self.merged = False
+        self.disabled = False
+
+    def full_B(self) -> ms.Tensor:
+        """B in the base output layout (out, k*r): zero rows for the slices that are not adapted."""
+        B = self.lora_B.weight
+        if self.slices is None:
+            return B
+        r, n_on = self.r, sum(self.slices)
+        slice_out = self.out_features // len(self.slices)
+        zero = ops.zeros((slice_out, r), B.dtype)
+        rows, j = [], 0
+        for on in self.slices:
+            blocks = [zero] * n_on
+            if on:
+                blocks[j] = B[j * slice_out:(j + 1) * slice_out]
+                j += 1
+            rows.append(ops.cat(blocks, 1))
+        return ops.cat(rows, 0)
+
+    def construct(self, x):
+        y = self.base_layer(x)
+        if self.disabled or self.merged:
+            return y
+        h = self.lora_A(self.lora_dropout(x.astype(self.lora_A.weight.dtype)))
+        if self.slices is None:
+            delta = self.lora_B(h)
+        else:
+            delta = ops.matmul(h, self.full_B().T)
+        return y + (delta * (self.scaling * self.user_scale)).astype(y.dtype)
+
+    def delta_weight(self) -> np.ndarray:
+        """ΔW in Dense layout (out, in), fp32 numpy, including scale and user scale."""
+        B = self.full_B().asnumpy().astype(np.float32)
+        A = self.lora_A.weight.asnumpy().astype(np.float32)
+        return (B @ A) * np.float32(self.scaling * self.user_scale)
+
+    def _apply_delta(self, sign: float, safe: bool = False) -> None:
+        W = self.base_layer.weight
+        new = W.asnumpy().astype(np.float32) + sign * self.delta_weight()
+        if safe and not np.isfinite(new).all():
+            raise ValueError("merging the adapter produced non-finite weights")
+        W.set_data(ms.Tensor(new, W.dtype))
+
+    def merge(self, safe: bool = False) -> None:
+        if not self.merged:
+            self._apply_delta(+1.0, safe)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._apply_delta(-1.0)
+            self.merged = False
+
+    def extend_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, slices={self.slices}, merged={self.merged}"
+
+
+# ------------------------------------------------------------------ cell tree helpers
+def get_cell(net: nn.Cell, name: str) -> nn.Cell:
+    cell = net
+    for part in name.split(".") if name else []:
+        try:
+            cell = cell._cells[part]
+        except KeyError:
+            raise KeyError(f"{type(net).__name__} has no cell {name!r} (no {part!r})") from None
+    return cell
+
+
+def _set_cell(net: nn.Cell, name: str, new: nn.Cell) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = get_cell(net, parent_name)
+    if isinstance(parent, nn.CellList):
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+    # a cell put in place after construction keeps its old parameter names: give them their path
+    for pname, p in new.parameters_and_names(name_prefix=name):
+        p.name = pname
+
+
+def lora_layers(net: nn.Cell) -> Iterator[tuple[str, LoraDense]]:
+    for name, cell in net.cells_and_names():
+        if isinstance(cell, LoraDense):
+            yield name, cell
+
+
+def lora_parameters(net: nn.Cell) -> list[ms.Parameter]:
+    """The parameters to train and to differentiate: `net.trainable_params()`."""
+    return net.trainable_params()
+
+
+def lora_config(net: nn.Cell) -> LoraConfig:
+    cfg = getattr(net, "_lora_config", None)
+    if cfg is None:
+        raise KeyError("the network has no LoRA adapter")
+    return cfg
+
+
+def _modules_to_save(net: nn.Cell, names: list[str]) -> list[str]:
+    found = [n for n, _ in net.cells_and_names() if n and any(name_matches(n, m) for m in names)]
+    missing = [m for m in names if not any(name_matches(n, m) for n in found)]
+    if missing:
+        raise ValueError(f"lora.modules_to_save: no cell named {missing}")
+    return found
+
+
+# ------------------------------------------------------------------ verbs
+def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
+    """Wrap every nn.Dense matched by `config` with a LoraDense; freeze everything but the LoRA
+    parameters and config.modules_to_save. Returns the qualified names of the adapted cells."""
+    if any(True for _ in lora_layers(net)):
+        raise ValueError("the network already has a LoRA adapter (the MindSpore backend holds one)")
+    cells = list(net.cells_and_names())
+    targets = [n for n, c in cells if n and isinstance(c, nn.Dense) and config.matches(n)]
+    if not targets:
+        unsupported = [n for n, _ in cells if n and config.matches(n)]
+        hint = f" (matched but not nn.Dense: {unsupported[:5]})" if unsupported else ""
+        raise ValueError(f"lora.target_modules={config.target_modules!r} matched no nn.Dense cell{hint}")
+    save = _modules_to_save(net, config.modules_to_save)
+    for p in net.get_parameters():
+        p.requires_grad = False
+    for name in targets:
+        layer = LoraDense(get_cell(net, name), config.r, config.alpha, config.dropout, config.use_rslora,
+                          config.init, config.slices_for(name))
+        _set_cell(net, name, layer)
+    for name in save:
+        for p in get_cell(net, name).get_parameters():
+            p.requires_grad = True
+    net._lora_config = config
+    return sorted(targets)
+
+
+def remove_lora(net: nn.Cell, merge: bool = False) -> nn.Cell:
+    """Put the base Dense cells back (merging the adapter into them first when merge=True)."""
+    for name, layer in list(lora_layers(net)):
+        layer.merge() if merge else layer.unmerge()
+        _set_cell(net, name, layer.base_layer)
+    if hasattr(net, "_lora_config"):
+        del net._lora_config
+    return net
+
+
+def merge_lora(net: nn.Cell, safe: bool = False) -> None:
+    """Fold the adapter into the base weights; the forward then skips it. A graph compiled before
+    the merge keeps the old branch: merge before compiling (or use PyNative)."""
+    for _, layer in lora_layers(net):
+        layer.merge(safe)
+
+
+def unmerge_lora(net: nn.Cell) -> None:
+    for _, layer in lora_layers(net):
+        layer.unmerge()
+
+
+def enable_lora(net: nn.Cell, enabled: bool = True) -> None:
+    for _, layer in lora_layers(net):
+        layer.disabled = not enabled
+
+
+def set_scale(net: nn.Cell, scale: float) -> None:
+    for _, layer in lora_layers(net):
+        if layer.merged:
+            raise RuntimeError("unmerge before changing the scale of a merged adapter")
+        layer.user_scale = float(scale)
+
+
+# ------------------------------------------------------------------ state dict and files
+def _param_items(net: nn.Cell) -> dict[str, ms.Parameter]:
+    """adapter-file key -> Parameter, in the PyTorch names of lora_core.lora_state_dict."""
+    items = {}
+    for name, layer in lora_layers(net):
+        items[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        items[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    cfg = getattr(net, "_lora_config", None)
+    if cfg is not None:
+        for mname in _modules_to_save(net, cfg.modules_to_save):
+            for pname, p in get_cell(net, mname).parameters_and_names():
+                head, _, leaf = pname.rpartition(".")
+                key = ".".join(x for x in (mname, head, _TORCH_PARAM_NAMES.get(leaf, leaf)) if x)
+                items[key] = p
+    if not items:
+        raise KeyError("the network has no LoRA adapter")
+    return items
+
+
+def lora_state_dict(net: nn.Cell) -> dict[str, np.ndarray]:
+    """The adapter as numpy arrays, keyed exactly as the PyTorch `lora_core.lora_state_dict`."""
+    return {k: p.asnumpy() for k, p in _param_items(net).items()}
+
+
+def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
+    """Strict load (every key present with the same shape); nothing is changed on error."""
+    own = _param_items(net)
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(sd) & set(own)) if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:10]}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
+        if wrong:
+            parts.append(f"shape mismatches ({len(wrong)}): {wrong[:10]}")
+        raise LoraLoadError("adapter does not fit the network: " + "; ".join(parts))
+    for k, p in own.items():
+        p.set_data(ms.Tensor(np.asarray(sd[k], dtype=np.float32), p.dtype))
+
+
+def save_lora(path: Union[str, Path], net: nn.Cell, metadata: Optional[dict] = None) -> None:
+    """Write the adapter in the backend-neutral format of lora_core.io.save_lora, atomically."""
+    from safetensors.numpy import save_file
+    meta = config_metadata(lora_config(net), [n for n, _ in lora_layers(net)])
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    tensors = {k: np.ascontiguousarray(v) for k, v in lora_state_dict(net).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_lora(path: Union[str, Path], net: nn.Cell) -> LoraConfig:
+    """Add the adapter of a lora_core file (written by either backend) to `net`. Strict: a missing,
+    unexpected or mis-shaped key raises LoraLoadError naming it, and the network is left as it was."""
+    sd, meta = read_safetensors(path)
+    cfg, targets = read_lora_config(meta, path)
+    exact = LoraConfig(**{**cfg.to_dict(), "target_modules": "|".join(re.escape(t) for t in targets)
+                          or cfg.target_modules, "exclude_modules": []})
+    snapshot = {p.name: p.requires_grad for p in net.get_parameters()}
+    try:
+        wrapped = add_lora(net, exact)
+        if sorted(wrapped) != sorted(targets):
+            raise LoraLoadError(f"modules in the file but not in the network: {sorted(set(targets) - set(wrapped))[:10]}")
+        load_lora_state_dict(net, {k: v.float().numpy() for k, v in sd.items()})
+    except Exception as e:
+        remove_lora(net)
+        for p in net.get_parameters():
+            if p.name in snapshot:
+                p.requires_grad = snapshot[p.name]
+        raise LoraLoadError(f"{path}: {e}") from e
+    net._lora_config = cfg
+    return cfg
+
+
+def read_adapter_config(path: Union[str, Path]) -> LoraConfig:
+    """The LoraConfig stored in an adapter file's metadata."""
+    _, meta = read_safetensors(path)
+    return read_lora_config(meta, path)[0]
+
+
+__all__ = ["LoraDense", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
+           "lora_layers", "lora_parameters", "lora_config", "lora_state_dict", "load_lora_state_dict",
+           "save_lora", "load_lora", "read_adapter_config", "get_cell"]
