@@ -13,7 +13,8 @@ The MindSpore parameter names are the cell paths, so a LoRA layer's parameters a
 `<module>.lora_A.weight` and `<module>.lora_B.weight`.
 
 Train with `trainable_params()` (= `lora_parameters`): in graph mode, gradients taken with respect to
-frozen parameters passed explicitly are real, not zero.
+frozen parameters passed explicitly are real, not zero. Values are written with ops.assign (in place):
+a graph compiled earlier keeps reading the parameter's old buffer after `Parameter.set_data`.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ class LoraDense(nn.Cell):
         new = W.asnumpy().astype(np.float32) + sign * self.delta_weight()
         if safe and not np.isfinite(new).all():
             raise ValueError("merging the adapter produced non-finite weights")
-        W.set_data(ms.Tensor(new, W.dtype))
+        ops.assign(W, ms.Tensor(new, W.dtype))
 
     def merge(self, safe: bool = False) -> None:
         if not self.merged:
@@ -249,7 +250,7 @@ def _param_items(net: nn.Cell) -> dict[str, ms.Parameter]:
 
 def lora_state_dict(net: nn.Cell) -> dict[str, np.ndarray]:
     """The adapter as numpy arrays, keyed exactly as the PyTorch `lora_core.lora_state_dict`."""
-    return {k: p.asnumpy() for k, p in _param_items(net).items()}
+    return {k: p.asnumpy().copy() for k, p in _param_items(net).items()}
 
 
 def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
@@ -269,7 +270,7 @@ def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
             parts.append(f"shape mismatches ({len(wrong)}): {wrong[:10]}")
         raise LoraLoadError("adapter does not fit the network: " + "; ".join(parts))
     for k, p in own.items():
-        p.set_data(ms.Tensor(np.asarray(sd[k], dtype=np.float32), p.dtype))
+        ops.assign(p, ms.Tensor(np.asarray(sd[k], dtype=np.float32), p.dtype))
 
 
 def save_lora(path: Union[str, Path], net: nn.Cell, metadata: Optional[dict] = None) -> None:

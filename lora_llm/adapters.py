@@ -1,0 +1,119 @@
+"""Adapter files of an LLM run: our `adapter.safetensors` (lora_core format + what is needed to
+rebuild the model) and a PEFT folder (`peft/adapter_config.json` + `adapter_model.safetensors`).
+
+PEFT export of fused slices: our q,v adapter on GPT-2's c_attn (A: (k*r, in), B: (k*out/3, r) per
+enabled slice) is exactly a rank-k*r PEFT LoRA on c_attn with A = [A_q; A_v] and a block-structured
+B (zeros in the rows of the disabled k slice). PEFT's scaling is lora_alpha / rank, so lora_alpha is
+written per module as our scale * rank (rank_pattern / alpha_pattern), never rsLoRA.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lora_core.io import atomic_save_safetensors, atomic_write_json, load_lora, read_safetensors, save_lora
+from lora_core.model import lora_config, lora_layers, _modules_to_save
+
+ADAPTER_FILE = "adapter.safetensors"
+PEFT_DIR = "peft"
+
+
+def save_adapter(folder: str | Path, model, info: dict, base_model_name: str = "") -> None:
+    """Write `adapter.safetensors` and `peft/` into folder. `info` (task, num_labels, pretrained,
+    gguf_file, tokenizer, steps, ...) goes into the safetensors metadata."""
+    folder = Path(folder)
+    save_lora(folder / ADAPTER_FILE, model, metadata={"llm_info": json.dumps(info)})
+    export_peft(folder / PEFT_DIR, model, task_type="SEQ_CLS" if info.get("num_labels") else "CAUSAL_LM",
+                base_model_name=base_model_name or info.get("pretrained", ""))
+
+
+def read_adapter_info(path: str | Path) -> dict:
+    """The `llm_info` metadata of an adapter.safetensors (task, num_labels, model section, ...)."""
+    _, meta = read_safetensors(path)
+    return json.loads(meta.get("llm_info", "{}"))
+
+
+def load_adapter(path: str | Path, model) -> None:
+    """Add the adapter of `path` (our file, or a run folder holding one) to `model` (strict)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    load_lora(path, model)
+
+
+def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", adapter: str = "default"):
+    """(state dict with PEFT key names, adapter_config dict) equivalent to our adapter."""
+    cfg = lora_config(model, adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    targets, rank_pattern, alpha_pattern = [], {}, {}
+    fan_in_fan_out = False
+    base_r = cfg.r
+    for name, layer in lora_layers(model):
+        if adapter not in layer.lora_A:
+            continue
+        A = layer.lora_A[adapter].weight.detach().float()
+        B = layer.lora_B[adapter].weight.detach().float()
+        mask = layer.slices[adapter]
+        if mask is not None:  # block-structured B over the full output, rank k*r
+            r, n = layer.r[adapter], len(mask)
+            so = layer.out_features // n
+            full = B.new_zeros(layer.out_features, A.shape[0])
+            j = 0
+            for i, on in enumerate(mask):
+                if on:
+                    full[i * so:(i + 1) * so, j * r:(j + 1) * r] = B[j * so:(j + 1) * so]
+                    j += 1
+            B = full
+        rank = A.shape[0]
+        scale = layer.scaling[adapter]
+        if rank != base_r:   # fused slices: rank k*r, and lora_alpha / rank must still equal our scale
+            rank_pattern[name] = rank
+            alpha_pattern[name] = scale * rank
+        fan_in_fan_out |= layer.fan_in_fan_out
+        targets.append(name)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+    saved = _modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else []
+    for mname in saved:
+        for pname, p in model.get_submodule(mname).named_parameters():
+            tensors[f"base_model.model.{mname}.{pname}"] = p.detach()
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name or None,
+        "r": base_r, "lora_alpha": cfg.scale * base_r, "lora_dropout": cfg.dropout,
+        "target_modules": sorted(targets), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": False,
+        "modules_to_save": list(cfg.modules_to_save) or None, "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    return tensors, config
+
+
+def export_peft(folder: str | Path, model, task_type: str = "CAUSAL_LM", base_model_name: str = "",
+                adapter: str = "default") -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, config = peft_tensors_and_config(model, task_type, base_model_name, adapter)
+    atomic_save_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
+    atomic_write_json(folder / "adapter_config.json", config)
+    return folder
+
+
+def describe(path: str | Path) -> dict:
+    """`lora-llm inspect`: what an adapter.safetensors (or PEFT folder) holds."""
+    path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        sd, _ = read_safetensors(path / "adapter_model.safetensors")
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        return {"format": "peft", "path": str(path), "config": cfg, "tensors": len(sd),
+                "parameters": int(sum(t.numel() for t in sd.values()))}
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    sd, meta = read_safetensors(path)
+    from lora_core.io import read_lora_config
+    cfg, targets = read_lora_config(meta, path)
+    return {"format": "lora_core", "path": str(path), "lora": cfg.to_dict(), "targets": len(targets),
+            "tensors": len(sd), "parameters": int(sum(t.numel() for t in sd.values())),
+            "info": json.loads(meta.get("llm_info", "{}"))}

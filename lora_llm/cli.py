@@ -1,0 +1,175 @@
+"""`lora-llm`: LoRA for causal LMs (WikiText-2 LM, SST-2 / CoLA / IMDB / AG-News classification).
+
+    lora-llm train --config configs/llm_sst2_tiny.toml [--run-dir DIR] [--resume latest|PATH] [--set k=v ...]
+    accelerate launch -m lora_llm.cli train --config FILE          (several GPUs / NPUs)
+    lora-llm eval --adapter RUN_DIR [--set eval.max_eval_tokens=0] [--baseline] [--json]
+    lora-llm eval-suite --config configs/llm_suite_tiny.toml --out DIR
+    lora-llm generate --adapter RUN_DIR --prompt "The history of" [--sample --temperature 0.8 --top-k 50 --top-p 0.9]
+    lora-llm tiny-model OUT_DIR
+    lora-llm inspect RUN_DIR/adapter.safetensors [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_train(a) -> int:
+    from .config import load_llm_config
+    from .train import train_from_config
+    cfg = load_llm_config(a.config, [*a.set, *([f'backend="{a.backend}"'] if a.backend else [])])
+    status = train_from_config(cfg, a.run_dir, a.resume)
+    return 0 if status.get("state") in ("done", "stopped") else 1
+
+
+def _run_config(adapter: Path, config: str | None, overrides):
+    """The job config for evaluating a trained adapter: --config, else the run's config.toml."""
+    from .config import load_llm_config
+    run_cfg = adapter / "config.toml" if adapter.is_dir() else adapter.parent / "config.toml"
+    path = config or (str(run_cfg) if run_cfg.is_file() else None)
+    return load_llm_config(path, overrides)
+
+
+def _cmd_eval(a) -> int:
+    from lora_core.io import atomic_write_json
+    from .train import evaluate_job, load_trained
+    adapter = Path(a.adapter)
+    cfg = _run_config(adapter, a.config, a.set)
+    model, tok, info = load_trained(adapter, a.device, cfg.model if a.config or a.set else None)
+    if info.get("task") and info["task"] != cfg.data.task:
+        raise SystemExit(f"{adapter}: the adapter was trained for {info['task']!r}, the config says {cfg.data.task!r}")
+    res = evaluate_job(cfg, model, tok, progress=not a.json, baseline=a.baseline)
+    if a.out:
+        atomic_write_json(a.out, res)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            if k == "generations":
+                for g in v:
+                    print(f"--- {g['prompt']}{g['text']}")
+            else:
+                print(f"{k:>20}: {v}")
+    return 0
+
+
+def _cmd_suite(a) -> int:
+    from lora_core.training import setup_logging
+    from .suite import load_suite, markdown_table, run_suite
+    setup_logging(None)
+    suite = load_suite(a.config, a.set)
+    rows = run_suite(suite, a.out, a.resume)
+    print(markdown_table(rows, suite.note))
+    return 0
+
+
+def _cmd_generate(a) -> int:
+    from .config import ModelSection
+    from .evaluate import generate
+    if a.adapter:
+        from .train import load_trained
+        model, tok, _ = load_trained(a.adapter, a.device)
+    else:
+        from .models import load_model, load_tokenizer
+        ms = ModelSection(pretrained=a.model, gguf_file=a.gguf_file or "")
+        tok = load_tokenizer(ms)
+        model = load_model(ms).to(a.device)
+    if getattr(model.config, "num_labels", 0) and not hasattr(model, "generate"):
+        raise SystemExit("this adapter is a classifier; generate needs a language-model adapter")
+    for p, t in zip(a.prompt, generate(model, tok, a.prompt, a.max_new_tokens, a.sample, a.temperature,
+                                       a.top_k, a.top_p, a.seed)):
+        print(p + t)
+        print()
+    return 0
+
+
+def _cmd_tiny(a) -> int:
+    from .models import make_tiny_model
+    make_tiny_model(a.out_dir, seed=a.seed)
+    print(f"tiny GPT-2 written to {a.out_dir} (use model.pretrained = \"{a.out_dir}\")")
+    return 0
+
+
+def _cmd_inspect(a) -> int:
+    from .adapters import describe
+    d = describe(a.file)
+    if a.json:
+        print(json.dumps(d, indent=2))
+    else:
+        for k, v in d.items():
+            print(f"{k:>12}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train one adapter from a TOML job file")
+    t.add_argument("--config", required=True, help="TOML job file (see configs/llm_*.toml)")
+    t.add_argument("--run-dir", default=None, help="run folder (default: run_dir of the config)")
+    t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    t.add_argument("--backend", choices=["torch", "mindspore"], default=None,
+                   help="override the config's backend (mindspore: see docs/mindspore.md and the [mindspore] table)")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained adapter (perplexity or accuracy/F1/MCC)")
+    e.add_argument("--adapter", required=True, help="run folder or adapter.safetensors")
+    e.add_argument("--config", default=None, help="job file (default: the run folder's config.toml)")
+    e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    e.add_argument("--baseline", action="store_true", help="also score the base model without the adapter")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", default=None, help="write the result as JSON here")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("eval-suite", help="train or load and evaluate all tasks; writes results.md + results.json")
+    s.add_argument("--config", required=True, help="suite TOML (see configs/llm_suite_*.toml)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. base.train.max_steps=10")
+    s.add_argument("--resume", default=None, help="'latest': continue unfinished task runs")
+    s.set_defaults(fn=_cmd_suite)
+
+    g = sub.add_parser("generate", help="generate text with a language-model adapter (or a bare model)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", help="run folder or adapter.safetensors")
+    src.add_argument("--model", help="a base model without adapter (hub id, folder, 'tiny')")
+    g.add_argument("--gguf-file", default=None)
+    g.add_argument("--prompt", action="append", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(fn=_cmd_generate)
+
+    m = sub.add_parser("tiny-model", help="write a tiny random GPT-2 (+ GPT-2 tokenizer) folder for tests")
+    m.add_argument("out_dir")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=_cmd_tiny)
+
+    i = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    from lora_core.configfile import ConfigError
+    from .data import DataError
+    try:
+        return a.fn(a)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"lora-llm {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

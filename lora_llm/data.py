@@ -1,0 +1,382 @@
+"""Dataset loaders for the five tasks, in their upstream formats, with pure-Python output.
+
+Nothing here imports torch: records are `Example(text, label)`, tokenized data are lists of token
+ids, and `pad_batch` returns numpy arrays, so the MindSpore backend reuses all of it.
+
+Formats (local files; Hugging Face `datasets` when no local file is given and you are online):
+    wikitext2  wiki.{train,valid,test}.tokens       plain text; detokenized (lm-eval-harness rules)
+    sst2       {train,dev}.tsv                       GLUE TSV, header `sentence<TAB>label`
+    cola       {train,dev}.tsv                       GLUE TSV, no header: source, label, mark, sentence
+    imdb       aclImdb/{train,test}/{pos,neg}/*.txt  or {train,test}.jsonl[.gz] with `text`, `label`
+    ag_news    {train,test,dev}.csv                  CSV, no header: class 1..4, title, description
+A malformed row raises DataError naming the file and the line.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import html
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from lora_core.paths import shared_path
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    kind: str                  # "lm" | "classification"
+    label_names: tuple[str, ...]
+    train_split: str
+    eval_split: str
+    shared_folder: str         # ../shared/data/<folder>
+    metric: str                # the headline metric
+
+
+TASK_INFO: dict[str, TaskInfo] = {
+    "wikitext2": TaskInfo("wikitext2", "lm", (), "train", "test", "wikitext2", "perplexity"),
+    "sst2": TaskInfo("sst2", "classification", ("negative", "positive"), "train", "dev", "sst2", "accuracy"),
+    "cola": TaskInfo("cola", "classification", ("unacceptable", "acceptable"), "train", "dev", "cola", "mcc"),
+    "imdb": TaskInfo("imdb", "classification", ("negative", "positive"), "train", "test", "imdb", "accuracy"),
+    "ag_news": TaskInfo("ag_news", "classification", ("World", "Sports", "Business", "Sci/Tech"),
+                        "train", "dev", "ag_news", "accuracy"),
+}
+
+
+def task_info(task: str) -> TaskInfo:
+    try:
+        return TASK_INFO[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_INFO)}") from None
+
+
+def num_labels(task: str) -> int:
+    return len(task_info(task).label_names)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _lines(path: Path) -> Iterable[tuple[int, str]]:
+    """(1-based line number, line without newline); undecodable bytes name their line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            yield lineno, line.rstrip("\r\n")
+
+
+def _label(raw: str, allowed: Sequence[str], path: Path, lineno: int, offset: int = 0) -> int:
+    raw = raw.strip()
+    if raw not in allowed:
+        raise DataError(f"{path}:{lineno}: label {raw!r} is not one of {list(allowed)}")
+    return int(raw) - offset
+
+
+# ---------------------------------------------------------------------------------- readers
+def read_sst2(path: str | Path) -> list[Example]:
+    """GLUE SST-2 TSV with a `sentence<TAB>label` header (label 0 negative, 1 positive)."""
+    path = Path(path)
+    out = []
+    for lineno, line in _lines(path):
+        if lineno == 1:
+            if line.split("\t")[:2] != ["sentence", "label"]:
+                raise DataError(f"{path}:1: expected the header 'sentence<TAB>label', got {line[:60]!r}")
+            continue
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected 2 tab-separated fields (sentence, label), got {len(parts)}")
+        out.append(Example(parts[0], _label(parts[1], ("0", "1"), path, lineno)))
+    return out
+
+
+def read_cola(path: str | Path) -> list[Example]:
+    """GLUE CoLA TSV without header: source, label (1 acceptable), original mark, sentence."""
+    path = Path(path)
+    out = []
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 4:
+            raise DataError(f"{path}:{lineno}: expected 4 tab-separated fields (source, label, mark, sentence), "
+                            f"got {len(parts)}")
+        out.append(Example(parts[3], _label(parts[1], ("0", "1"), path, lineno)))
+    return out
+
+
+def read_ag_news(path: str | Path) -> list[Example]:
+    """AG-News CSV without header: class (1..4), title, description -> label 0..3, 'title. description'."""
+    path = Path(path)
+    out = []
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        try:
+            for row in reader:
+                lineno = reader.line_num
+                if not row:
+                    continue
+                if len(row) != 3:
+                    raise DataError(f"{path}:{lineno}: expected 3 CSV fields (class, title, description), got {len(row)}")
+                label = _label(row[0], ("1", "2", "3", "4"), path, lineno, offset=1)
+                out.append(Example(_clean_ag(row[1]) + ". " + _clean_ag(row[2]), label))
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({e.reason})") from None
+    return out
+
+
+def _clean_ag(s: str) -> str:
+    # upstream escapes newlines as "\" and keeps HTML entities (&lt;p&gt;, #39;)
+    s = html.unescape(html.unescape(s.replace("\\", " ").replace(" #39;", "'").replace("#39;", "'")))
+    s = re.sub(r"<[^>]+>", " ", s)
+    return re.sub(r"\s+([.,;:!?])", r"\1", re.sub(r"\s+", " ", s)).strip()
+
+
+def read_imdb_jsonl(path: str | Path) -> list[Example]:
+    """IMDB as JSON lines (optionally .gz): objects with `text` and `label` (0 negative, 1 positive)."""
+    path = Path(path)
+    out = []
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or obj.get("label") not in (0, 1):
+            raise DataError(f"{path}:{lineno}: expected an object with a string 'text' and a 'label' of 0 or 1")
+        out.append(Example(obj["text"], obj["label"]))
+    return out
+
+
+def read_imdb_folder(path: str | Path) -> list[Example]:
+    """The aclImdb split folder: pos/*.txt (label 1) and neg/*.txt (label 0), sorted by file name."""
+    path = Path(path)
+    out = []
+    for sub, label in (("neg", 0), ("pos", 1)):
+        folder = path / sub
+        if not folder.is_dir():
+            raise DataError(f"{path}: not an aclImdb split folder (no {sub}/ subfolder)")
+        for f in sorted(folder.glob("*.txt"), key=_imdb_sort_key):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{f}:1: not valid UTF-8 ({e.reason})") from None
+            out.append(Example(text.replace("<br />", " ").strip(), label))
+    return out
+
+
+def _imdb_sort_key(p: Path):
+    stem = p.stem.split("_")[0]
+    return (0, int(stem), p.name) if stem.isdigit() else (1, 0, p.name)
+
+
+def read_imdb(path: str | Path) -> list[Example]:
+    path = Path(path)
+    return read_imdb_folder(path) if path.is_dir() else read_imdb_jsonl(path)
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenisation (the rules of lm-evaluation-harness' wikitext task)."""
+    s = text.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    s = s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    for p in (":", ";", ".", "!", "?", ","):
+        s = s.replace(f" {p} ", f"{p} ")
+    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
+    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
+    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
+    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    s = s.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
+    s = s.replace(" " + chr(176) + " ", chr(176))
+    s = s.replace(" \n", "\n").replace("\n ", "\n")
+    s = s.replace(" N ", " 1 ").replace(" 's", "'s")
+    return s
+
+
+def read_wikitext(path: str | Path, detokenize: bool = True) -> str:
+    """A wiki.*.tokens file as one string (the split concatenated, as the perplexity protocol wants)."""
+    path = Path(path)
+    text = "\n".join(line for _, line in _lines(path))
+    if not text.strip():
+        raise DataError(f"{path}:1: the file holds no text")
+    return wikitext_detokenize(text) if detokenize else text
+
+
+READERS: dict[str, Callable[[Path], list[Example]]] = {
+    "sst2": read_sst2, "cola": read_cola, "imdb": read_imdb, "ag_news": read_ag_news}
+
+
+# ---------------------------------------------------------------------------------- locating files
+def split_file(task: str, folder: Path, split: str) -> Optional[Path]:
+    """The upstream file (or folder) of `split` inside `folder`, or None."""
+    if task == "wikitext2":
+        names = [f"wiki.{split}.tokens"]
+    elif task in ("sst2", "cola"):
+        names = [f"{split}.tsv"]
+    elif task == "ag_news":
+        names = [f"{split}.csv"]
+    else:  # imdb: aclImdb layout (folder itself or its parent) or JSON lines
+        names = [f"aclImdb/{split}", split, f"{split}.jsonl.gz", f"{split}.jsonl"]
+    for n in names:
+        p = folder / n
+        if p.is_file() or (task == "imdb" and p.is_dir() and (p / "pos").is_dir()):
+            return p
+    return None
+
+
+def resolve_source(task: str, split: str, data_dir: str = "", file: str = "") -> Optional[Path]:
+    """The local file for (task, split): `file`, else data_dir/<upstream name>, else ../shared/data.
+    None means: no local file, use Hugging Face `datasets`."""
+    if file:
+        p = Path(file)
+        if not p.exists():
+            raise DataError(f"{p}: data file not found")
+        return p
+    if data_dir:
+        d = Path(data_dir)
+        p = split_file(task, d, split) if d.is_dir() else None
+        if p is None:
+            raise DataError(f"{d}: no {split!r} split of {task} there (expected the upstream file names, "
+                            f"see lora_llm.data)")
+        return p
+    shared = shared_path("data", task_info(task).shared_folder)
+    return split_file(task, shared, split) if shared is not None else None
+
+
+# Hugging Face `datasets` names (used only when no local file is found)
+_HF = {
+    "wikitext2": (("wikitext", "wikitext-2-v1"), "text"),
+    "sst2": (("glue", "sst2"), "sentence"),
+    "cola": (("glue", "cola"), "sentence"),
+    "imdb": (("imdb",), "text"),
+    "ag_news": (("ag_news",), "text"),
+}
+_HF_SPLIT = {"dev": "validation", "valid": "validation"}
+
+
+def _load_hf(task: str, split: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"no local {task} {split!r} file and the `datasets` package is missing") from None
+    names, field = _HF[task]
+    hf_split = _HF_SPLIT.get(split, split)
+    if task == "ag_news" and hf_split == "validation":
+        hf_split = "test"   # AG-News has no validation split upstream
+    try:
+        ds = datasets.load_dataset(*names, split=hf_split)
+    except Exception as e:
+        raise DataError(f"no local {task} {split!r} file (set data.data_dir or data.*_file) and "
+                        f"datasets.load_dataset{names} failed: {e}") from e
+    return ds, field
+
+
+# ---------------------------------------------------------------------------------- public loaders
+def load_examples(task: str, split: str = "", data_dir: str = "", file: str = "",
+                  limit: int = 0) -> list[Example]:
+    """Labelled examples of a classification task ("" split = the task's eval split)."""
+    info = task_info(task)
+    if info.kind != "classification":
+        raise ValueError(f"{task} is not a classification task; use load_text")
+    split = split or info.eval_split
+    src = resolve_source(task, split, data_dir, file)
+    if src is not None:
+        ex = READERS[task](src)
+    else:
+        ds, field = _load_hf(task, split)
+        ex = [Example(r[field], int(r["label"])) for r in ds]
+    if not ex:
+        raise DataError(f"{src or task}: no examples in the {split!r} split")
+    return subset(ex, limit)
+
+
+def subset(items: Sequence, n: int, seed: int = 0) -> list:
+    """A fixed random subset of n items in their original order (all when n is 0 or too large).
+    Upstream files are often sorted by label (IMDB), so the first n would be one class."""
+    if not n or n >= len(items):
+        return list(items)
+    idx = np.sort(np.random.RandomState(seed).permutation(len(items))[:n])
+    return [items[i] for i in idx]
+
+
+def load_text(task: str = "wikitext2", split: str = "", data_dir: str = "", file: str = "",
+              detokenize: bool = True) -> str:
+    """The whole split of a language-modelling task as one string."""
+    info = task_info(task)
+    if info.kind != "lm":
+        raise ValueError(f"{task} is not a language-modelling task; use load_examples")
+    split = split or info.eval_split
+    src = resolve_source(task, split, data_dir, file)
+    if src is not None:
+        return read_wikitext(src, detokenize)
+    ds, field = _load_hf(task, split)
+    text = "".join(ds[field])  # wikitext-2-v1 lines keep their trailing newlines
+    return wikitext_detokenize(text) if detokenize else text
+
+
+# ---------------------------------------------------------------------------------- tokenization
+def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids per example, truncated to max_length (no padding: the collator pads per batch)."""
+    enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length,
+                    add_special_tokens=True)["input_ids"]
+    ids = [list(map(int, x)) if x else [_fallback_token(tokenizer)] for x in enc]
+    return ids, [e.label for e in examples]
+
+
+def _fallback_token(tokenizer) -> int:
+    # an empty text still needs one token for the last-token pooling
+    return int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+
+
+def tokenize_text(text: str, tokenizer) -> list[int]:
+    """Token ids of a whole split, tokenized in one call (no special tokens)."""
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def lm_blocks(ids: Sequence[int], block_size: int, limit: int = 0) -> list[list[int]]:
+    """Non-overlapping training blocks of block_size tokens (the ragged tail is dropped)."""
+    n = len(ids) // block_size
+    if n == 0:
+        raise DataError(f"the text has {len(ids)} tokens, fewer than data.block_size={block_size}")
+    blocks = [list(ids[i * block_size:(i + 1) * block_size]) for i in range(n)]
+    return blocks[:limit] if limit else blocks
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest sequence in the batch: (input_ids, attention_mask) int64 arrays."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return ids, mask

@@ -1,0 +1,392 @@
+"""GPT-2 LoRA training on MindSpore with the run-folder conventions of lora_core.training.
+
+What is the same as the PyTorch trainer (lora_core.training.train): the config file, the data and its
+order (lora_llm.data + lora_core.training.EpochSampler), AdamW with torch's formula
+(mindspore.experimental.optim.AdamW), the learning-rate schedule (transformers' get_scheduler, evaluated
+step by step on a dummy PyTorch optimizer), gradient clipping with torch's clip_grad_norm_ formula,
+gradient accumulation (mean of the micro-batch gradients), the NaN guard, SIGTERM => checkpoint +
+"stopped", metrics.jsonl / status.json / train.log / checkpoints/step_N, and `adapter.safetensors` in
+the backend-neutral lora_core format.
+
+Differences: mixed precision is not offered (fp32 only); a resumed run restores parameters, optimizer
+state, step and data position, but not MindSpore's dropout RNG stream (re-seeded from seed + step).
+Sequences are padded to a fixed length (data.max_length / data.block_size) so that graph mode
+compiles the step once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+import lora_core.mindspore as lcm
+from lora_core.training import (EpochSampler, NonFiniteLoss, RunDir, TrainSettings, _StopFlag, resolve_resume,
+                                setup_logging)
+
+log = logging.getLogger("lora.llm.mindspore")
+ADAPTER_FILE = "adapter.safetensors"
+
+
+# ------------------------------------------------------------------ context
+def set_device(device_target: str = "CPU", device_id: int = 0) -> None:
+    """PyNative execution on `device_target` (mode "graph" compiles the train step with mindspore.jit).
+    MindSpore fixes the device when its runtime starts; asking again for that device is a no-op."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        ms.set_device(device_target, device_id)
+    except (RuntimeError, ValueError) as e:
+        if ms.get_context("device_target") != device_target:
+            raise RuntimeError(f"mindspore.device_target = {device_target!r} cannot be used here: {e}") from e
+
+
+def lr_schedule(settings: TrainSettings) -> Callable[[int], float]:
+    """lr(step) for step = 0..max_steps, exactly as the PyTorch trainer's scheduler."""
+    import torch
+    from lora_core.training import make_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.learning_rate)
+    sched = make_scheduler(opt, settings)
+    lrs = []
+    for _ in range(settings.max_steps + 1):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return lambda step: lrs[min(step, len(lrs) - 1)]
+
+
+# ------------------------------------------------------------------ the step
+class LoraTrainer:
+    """The optimisation of `net.trainable_params()` for `net.loss(ids, mask, labels)`.
+
+    grads(ids, mask, labels) -> (loss, grads); apply(grads, lr) clips (torch's clip_grad_norm_
+    formula) and takes one AdamW step. Both are compiled with mindspore.jit when graph=True. Only the
+    trainable parameters are differentiated: in graph mode gradients of frozen parameters passed
+    explicitly are real, not zero, and would cost time (and be applied by a careless optimizer)."""
+
+    def __init__(self, net: nn.Cell, settings: TrainSettings, graph: bool = True, reducer: Optional[nn.Cell] = None):
+        from mindspore.experimental.optim import AdamW
+        if settings.optimizer != "adamw":
+            raise ValueError(f"train.optimizer = {settings.optimizer!r}: the MindSpore backend offers adamw only")
+        if settings.mixed_precision != "no":
+            raise ValueError(f"train.mixed_precision = {settings.mixed_precision!r}: the MindSpore backend trains fp32 only")
+        self.net = net
+        self.params = lcm.lora_parameters(net)
+        if not self.params:
+            raise ValueError("nothing to train: the network has no trainable parameters")
+        self.optimizer = AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        self.max_norm = float(settings.max_grad_norm)
+        self.reducer = reducer
+        grad_fn = ms.value_and_grad(net.loss, None, self.optimizer.parameters)
+
+        def grads(ids, mask, labels):
+            return grad_fn(ids, mask, labels)
+
+        def apply(gs):
+            if self.reducer is not None:
+                gs = self.reducer(gs)
+            norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in gs))
+            if self.max_norm > 0:
+                coef = ops.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+                gs = tuple(g * coef for g in gs)
+            self.optimizer(gs)
+            return norm
+
+        self.grads = ms.jit(grads) if graph else grads
+        self._apply = ms.jit(apply) if graph else apply
+
+    def apply(self, grads, lr: float):
+        ops.assign(self.optimizer.lrs[0], ms.Tensor(lr, ms.float32))  # set_data would not reach a compiled graph
+        return self._apply(grads)
+
+    def step(self, batches: Sequence[tuple], lr: float) -> float:
+        """One optimizer step over micro-batches (ids, mask, labels); returns their mean loss."""
+        losses, total = [], None
+        for ids, mask, labels in batches:
+            loss, gs = self.grads(ids, mask, labels)
+            losses.append(float(loss.asnumpy()))
+            total = gs if total is None else tuple(a + b for a, b in zip(total, gs))
+        if not all(math.isfinite(x) for x in losses):
+            raise NonFiniteLoss(f"non-finite loss {losses}")
+        if len(batches) > 1:
+            total = tuple(g / len(batches) for g in total)
+        self.apply(total, lr)
+        return sum(losses) / len(losses)
+
+    # -------------------------------------------------------------- state
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        own = {id(p) for p in self.params}
+        return {p.name: p.asnumpy() for p in self.optimizer.get_parameters() if id(p) not in own}
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray], where: str) -> None:
+        own = {id(p) for p in self.params}
+        mine = {p.name: p for p in self.optimizer.get_parameters() if id(p) not in own}
+        if set(mine) != set(state):
+            raise ValueError(f"{where}: optimizer state does not match (missing {sorted(set(mine) - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - set(mine))[:5]})")
+        for k, p in mine.items():
+            ops.assign(p, ms.Tensor(state[k], p.dtype))
+
+
+# ------------------------------------------------------------------ data
+def fixed_batch(seqs: Sequence[Sequence[int]], labels, width: int, pad_id: int, lm: bool) -> tuple:
+    """(ids, mask, labels) MindSpore tensors, right-padded to `width` (one shape: one graph compile).
+    LM labels are the ids with -100 on padding (the loss shifts them)."""
+    from lora_llm.data import pad_batch
+    ids, mask = pad_batch(seqs, pad_id)
+    if ids.shape[1] < width:
+        extra = width - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id)
+        mask = np.pad(mask, ((0, 0), (0, extra)))
+    lab = np.where(mask > 0, ids, -100) if lm else np.asarray(labels, dtype=np.int64)
+    return ms.Tensor(ids, ms.int32), ms.Tensor(mask, ms.int32), ms.Tensor(lab, ms.int32)
+
+
+def build_data(cfg, tokenizer) -> tuple[list[list[int]], list[int], int]:
+    """(sequences, labels, padded width) of the training split, with lora_llm.data's loaders."""
+    from lora_llm import data as D
+    d = cfg.data
+    if d.is_lm:
+        text = D.load_text(d.task, d.train_split, d.data_dir, d.train_file, d.detokenize)
+        seqs = D.lm_blocks(D.tokenize_text(text, tokenizer), d.block_size, d.max_train_examples)
+        return seqs, [0] * len(seqs), d.block_size
+    ex = D.load_examples(d.task, d.train_split or D.task_info(d.task).train_split, d.data_dir, d.train_file,
+                         d.max_train_examples)
+    seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
+    return seqs, labels, max(len(s) for s in seqs)
+
+
+# ------------------------------------------------------------------ model
+def build_model(cfg, num_labels: int, pad_id: int) -> nn.Cell:
+    """The MindSpore GPT-2 of cfg.model, with LoRA added as lora_llm.models.resolve_lora says."""
+    from lora_llm.models import TINY, load_model, resolve_lora
+    from .gpt2 import GPT2Config, build_gpt2, load_gpt2, load_hf_state_dict
+    if cfg.model.dtype != "float32":
+        raise ValueError(f"model.dtype = {cfg.model.dtype!r}: the MindSpore backend runs float32 only")
+    if cfg.model.gguf_file:
+        raise ValueError("model.gguf_file: the MindSpore backend loads GPT-2 safetensors weights, not GGUF")
+    if cfg.model.pretrained == TINY:
+        # the very model the PyTorch trainer builds (same seed), converted
+        tm = load_model(cfg.model, num_labels, pad_id)
+        net = build_gpt2(GPT2Config.from_dict(tm.config.to_dict()), num_labels)
+        load_hf_state_dict(net, {k: v.float().numpy() for k, v in tm.state_dict().items()}, "tiny model")
+    else:
+        from lora_llm.models import resolve_pretrained
+        net = load_gpt2(resolve_pretrained(cfg.model)[0], num_labels)
+    lcm.add_lora(net, resolve_lora(cfg.lora, net, classification=bool(num_labels)))
+    return net
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_checkpoint(run: RunDir, trainer: LoraTrainer, state: dict, keep: int, meta: dict) -> Path:
+    """checkpoints/step_N: trainable.safetensors, optimizer.safetensors, adapter.safetensors,
+    trainer_state.json; written to a temp folder renamed into place; keeps the last `keep`."""
+    from safetensors.numpy import save_file
+    final = run.checkpoints_dir / f"step_{state['step']:08d}"
+    tmp = run.checkpoints_dir / f".tmp_step_{state['step']:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({p.name: p.asnumpy() for p in trainer.params}, str(tmp / "trainable.safetensors"))
+    save_file(trainer.optimizer_state(), str(tmp / "optimizer.safetensors"))
+    lcm.save_lora(tmp / ADAPTER_FILE, trainer.net, meta)
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "backend": "mindspore", "num_processes": 1}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in run.checkpoints()[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, trainer: LoraTrainer) -> dict:
+    from safetensors.numpy import load_file
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("backend") != "mindspore":
+        raise ValueError(f"{path}: not a MindSpore checkpoint (backend {state.get('backend', 'torch')!r}); "
+                         "resume it with the backend that wrote it")
+    saved = load_file(str(path / "trainable.safetensors"))
+    own = {p.name: p for p in trainer.params}
+    if set(saved) != set(own):
+        raise ValueError(f"{path}: checkpoint parameters do not match the model (missing "
+                         f"{sorted(set(own) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(own))[:5]})")
+    for k, p in own.items():
+        if tuple(saved[k].shape) != tuple(p.shape):
+            raise ValueError(f"{path}: {k} has shape {saved[k].shape}, model has {tuple(p.shape)}")
+        ops.assign(p, ms.Tensor(saved[k], p.dtype))
+    trainer.load_optimizer_state(load_file(str(path / "optimizer.safetensors")), str(path))
+    return state
+
+
+# ------------------------------------------------------------------ the run
+def train_from_config(cfg, run_dir, resume: Optional[str] = None) -> dict:
+    """Train cfg (lora_llm.config.LLMTrainConfig, backend "mindspore") into run_dir; returns the final
+    status. Writes the resolved config, status.json, metrics.jsonl, train.log, checkpoints/step_N and
+    adapter.safetensors (lora_core format: loads into the PyTorch model with lora_core.load_lora)."""
+    from lora_core.configfile import save_config
+    from lora_llm import data as D
+    from lora_llm.models import load_tokenizer
+
+    run = RunDir(run_dir or cfg.run_dir).create()
+    setup_logging(run)
+    save_config(run.config, cfg)
+    s, mcfg = cfg.train, cfg.mindspore
+    try:
+        set_device(mcfg.device_target, mcfg.device_id)
+        ms.set_seed(s.seed)
+        tok = load_tokenizer(cfg.model)
+        pad_id = int(tok.pad_token_id)
+        num_labels = 0 if cfg.data.is_lm else D.num_labels(cfg.data.task)
+        seqs, labels, width = build_data(cfg, tok)
+        net = build_model(cfg, num_labels, pad_id)
+        dp = data_parallel()
+        trainer = LoraTrainer(net, s, graph=mcfg.mode == "graph", reducer=dp.reducer(lcm.lora_parameters(net)) if dp else None)
+        log.info("MindSpore %s, %s on %s, %d trainable parameters, %d examples, %s", ms.__version__, mcfg.mode,
+                 mcfg.device_target, sum(p.size for p in trainer.params), len(seqs),
+                 f"{dp.size} data-parallel workers" if dp else "1 process")
+        status = _loop(cfg, run, trainer, seqs, labels, width, pad_id, resume, dp)
+        if status.get("state") == "done" and cfg.eval.enabled and (dp is None or dp.rank == 0):
+            status = evaluate_with_torch(cfg, run)
+        return status
+    except Exception as e:
+        if run.read_status().get("state") != "failed":
+            run.write_status("failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _loop(cfg, run: RunDir, trainer: LoraTrainer, seqs, labels, width: int, pad_id: int,
+          resume: Optional[str], dp) -> dict:
+    s = cfg.train
+    lm = cfg.data.is_lm
+    rank, world = (dp.rank, dp.size) if dp else (0, 1)
+    main = rank == 0
+    per_step = s.batch_size * s.gradient_accumulation_steps * world
+    n_batches = len(seqs) // s.batch_size
+    if n_batches < s.gradient_accumulation_steps * world:
+        raise ValueError(f"the dataset yields {n_batches} batches of {s.batch_size}: fewer than one optimizer step "
+                         f"({s.gradient_accumulation_steps} x {world} workers)")
+    sampler = EpochSampler(len(seqs), s.seed)
+    lr_at = lr_schedule(s)
+    from lora_llm.train import adapter_info
+
+    def meta(step):
+        return {"llm_info": json.dumps(adapter_info(cfg, steps=step, backend="mindspore"))}
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    ckpt = resolve_resume(run, resume)
+    if ckpt is not None:
+        st = load_checkpoint(ckpt, trainer)
+        step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        ms.set_seed(s.seed + step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, epoch, batch_in_epoch)
+    started = time.time()
+    if main:
+        run.write_status("running", pid=os.getpid(), host=socket.gethostname(), step=step, max_steps=s.max_steps,
+                         started=started, error=None, num_processes=world, backend="mindspore",
+                         resumed_from=str(ckpt) if ckpt else None)
+    state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": s.seed}
+    last_ckpt, t_step, done_here = (str(ckpt) if ckpt else None), time.time(), 0
+    trainer.net.set_train(True)
+
+    def checkpoint():
+        nonlocal last_ckpt
+        if main:
+            last_ckpt = str(save_checkpoint(run, trainer, dict(state), s.keep_checkpoints, meta(step)))
+            run.write_status("running", last_checkpoint=last_ckpt)
+
+    with _StopFlag() as flag:
+        while step < s.max_steps:
+            sampler.set_epoch(epoch)
+            order = list(iter(sampler))
+            # whole optimizer steps per epoch; every worker takes its own batches of each step
+            while (batch_in_epoch + per_step // s.batch_size) * s.batch_size <= len(order) and step < s.max_steps:
+                micro = []
+                for a in range(s.gradient_accumulation_steps):
+                    b = batch_in_epoch + a * world + rank
+                    idx = order[b * s.batch_size:(b + 1) * s.batch_size]
+                    micro.append(fixed_batch([seqs[i] for i in idx], [labels[i] for i in idx], width, pad_id, lm))
+                try:
+                    loss = trainer.step(micro, lr_at(step))
+                except NonFiniteLoss as e:
+                    msg = f"{e} at step {step + 1}; training stopped. Last good checkpoint: {last_ckpt or 'none'}"
+                    if main:
+                        run.write_status("failed", error=msg, step=step, last_checkpoint=last_ckpt)
+                    raise NonFiniteLoss(msg) from None
+                batch_in_epoch += per_step // s.batch_size
+                step += 1
+                done_here += 1
+                state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+                now = time.time()
+                rec = {"step": step, "epoch": epoch, "loss": dp.mean(loss) if dp else loss, "lr": lr_at(step),
+                       "step_time": now - t_step, "time": now}
+                t_step = now
+                if main and (step % max(s.log_every, 1) == 0 or step == s.max_steps):
+                    run.append_metrics(rec)
+                    eta = (now - started) / done_here * (s.max_steps - step)
+                    run.write_status("running", step=step, eta_s=eta, loss=rec["loss"])
+                    log.info("step %d/%d loss %.4f lr %.3g (%.2fs)", step, s.max_steps, rec["loss"], rec["lr"],
+                             rec["step_time"])
+                stop = dp.any(flag.stop) if dp else flag.stop
+                if (s.checkpoint_every and step % s.checkpoint_every == 0) or stop or step == s.max_steps:
+                    checkpoint()
+                if stop:
+                    if main:
+                        run.write_status("stopped", step=step, last_checkpoint=last_ckpt)
+                    return run.read_status()
+            if step < s.max_steps:
+                epoch, batch_in_epoch = epoch + 1, 0
+                state.update(epoch=epoch, batch_in_epoch=0)
+    if main:
+        lcm.save_lora(run.path / ADAPTER_FILE, trainer.net, meta(step))
+        run.write_status("done", step=step, finished=time.time(), last_checkpoint=last_ckpt)
+    return run.read_status()
+
+
+def evaluate_with_torch(cfg, run: RunDir) -> dict:
+    """Evaluation after a MindSpore run: the adapter file is backend-neutral, so it is loaded into the
+    PyTorch model and scored by lora_llm's evaluator (eval.json, same numbers as a PyTorch run), and
+    the PEFT folder is exported from there."""
+    from lora_core.io import atomic_write_json
+    from lora_llm.adapters import PEFT_DIR, export_peft
+    from lora_llm.train import evaluate_job, load_trained
+    model, tok, info = load_trained(run.path, model_section=cfg.model)
+    export_peft(run.path / PEFT_DIR, model, task_type="SEQ_CLS" if info.get("num_labels") else "CAUSAL_LM",
+                base_model_name=cfg.model.pretrained)
+    result = evaluate_job(cfg, model, tok, progress=False)
+    result.update(steps=run.read_status().get("step"), backend="mindspore")
+    atomic_write_json(run.path / "eval.json", result)
+    log.info("evaluation (PyTorch, on the MindSpore adapter): %s",
+             {k: v for k, v in result.items() if k != "generations"})
+    return run.write_status("done", eval={k: v for k, v in result.items() if k != "generations"})
+
+
+# ------------------------------------------------------------------ data parallel (msrun)
+class DataParallel:
+    """Set up when the process was started by msrun (MS_WORKER_NUM > 1): communication initialised,
+    gradients averaged over workers, loss and stop flag shared."""
+
+    def __init__(self):
+        from mindspore.communication import get_group_size, get_rank, init
+        init()
+        self.rank, self.size = get_rank(), get_group_size()
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+        self._sum = ops.AllReduce()
+
+    def reducer(self, params) -> nn.Cell:
+        return nn.DistributedGradReducer(params, mean=True, degree=self.size)
+
+    def mean(self, x: float) -> float:
+        return float(self._sum(ms.Tensor([x], ms.float32)).asnumpy()[0]) / self.size
+
+    def any(self, flag: bool) -> bool:
+        return float(self._sum(ms.Tensor([1.0 if flag else 0.0], ms.float32)).asnumpy()[0]) > 0
+
+
+def data_parallel() -> Optional[DataParallel]:
+    return DataParallel() if int(os.environ.get("MS_WORKER_NUM", "1")) > 1 else None

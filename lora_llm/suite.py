@@ -1,0 +1,114 @@
+"""`lora-llm eval-suite`: train (or load) and evaluate one adapter per task, then write one table.
+
+Suite file (TOML):
+    tasks = ["wikitext2", "sst2", "cola", "imdb", "ag_news"]
+    [base]                       # an LLMTrainConfig shared by every task ([base.model], [base.lora], ...)
+    [overrides]                  # per task: a list of `section.key=value` overrides
+    sst2 = ["train.max_steps=300", "data.max_length=64"]
+    [adapters]                   # per task: an existing run folder / adapter.safetensors to evaluate
+    imdb = "runs/imdb"           #   instead of training one
+Each task runs in OUT/<task>/ (a normal run folder); the table goes to OUT/results.md + results.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lora_core.configfile import apply_overrides, from_dict, load_config, to_dict
+from lora_core.io import atomic_write_json, atomic_write_text
+
+from .config import TASKS, LLMTrainConfig
+
+log = logging.getLogger("lora.llm")
+
+
+@dataclass
+class SuiteConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    base: LLMTrainConfig = field(default_factory=LLMTrainConfig)
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    adapters: dict[str, str] = field(default_factory=dict)
+    note: str = ""   # printed under the table (budgets, subsets, hardware)
+
+    def __post_init__(self):
+        bad = [t for t in list(self.tasks) + list(self.overrides) + list(self.adapters) if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; known: {list(TASKS)}")
+
+    def task_config(self, task: str, out: Path) -> LLMTrainConfig:
+        data = to_dict(self.base)
+        data["data"] = {**data.get("data", {}), "task": task}
+        data["run_dir"] = str(out / task)
+        apply_overrides(data, self.overrides.get(task, []))
+        return from_dict(LLMTrainConfig, data, f"suite task {task}")
+
+
+def load_suite(path: Optional[str | Path], overrides: Sequence[str] = ()) -> SuiteConfig:
+    return load_config(SuiteConfig, path, overrides)
+
+
+def _row(task: str, res: dict, cfg: LLMTrainConfig, wall: float, source: str) -> list[dict]:
+    common = {"task": task, "split": res.get("split"), "trainable_params": res.get("trainable_params"),
+              "steps": res.get("steps"), "wall_s": round(wall, 1), "n": res.get("n") or res.get("tokens"),
+              "subset": bool(res.get("subset")) or bool(cfg.eval.max_eval_tokens and cfg.data.is_lm),
+              "source": source}
+    if cfg.data.is_lm:
+        rows = [{**common, "metric": "perplexity", "value": res["perplexity"]}]
+        if "baseline_perplexity" in res:
+            rows.insert(0, {**common, "metric": "perplexity (base, no LoRA)", "value": res["baseline_perplexity"],
+                            "steps": 0, "trainable_params": 0})
+        return rows
+    rows = [{**common, "metric": "accuracy", "value": res["accuracy"]},
+            {**common, "metric": "macro_f1", "value": res["macro_f1"]}]
+    if task == "cola":
+        rows.append({**common, "metric": "mcc", "value": res["mcc"]})
+    if "baseline_accuracy" in res:
+        rows.insert(0, {**common, "metric": "accuracy (untrained head)", "value": res["baseline_accuracy"],
+                        "steps": 0})
+    return rows
+
+
+def markdown_table(rows: list[dict], note: str = "") -> str:
+    head = "| task | split | metric | value | trainable params | steps | wall time (s) | examples/tokens |\n" \
+           "|---|---|---|---|---|---|---|---|\n"
+    lines = []
+    for r in rows:
+        v = r["value"]
+        val = f"{v:.2f}" if r["metric"].startswith("perplexity") else f"{v:.4f}"
+        n = f"{r['n']}" + (" (subset)" if r.get("subset") else "") if r.get("n") is not None else ""
+        lines.append(f"| {r['task']} | {r['split']} | {r['metric']} | {val} | {r.get('trainable_params') or 0:,} | "
+                     f"{r.get('steps') or 0} | {r['wall_s']} | {n} |")
+    return head + "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+
+
+def run_suite(suite: SuiteConfig, out: str | Path, resume: Optional[str] = None) -> list[dict]:
+    """Train/evaluate every task, writing OUT/results.{md,json} after each task (partial tables survive)."""
+    from .train import evaluate_job, load_trained, train_from_config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for task in suite.tasks:
+        cfg = suite.task_config(task, out)
+        t0 = time.time()
+        if task in suite.adapters:
+            model, tok, info = load_trained(suite.adapters[task], model_section=cfg.model)
+            res = evaluate_job(cfg, model, tok, baseline=cfg.eval.baseline)
+            res.update(trainable_params=sum(p.numel() for n, p in model.named_parameters()
+                                            if "lora_" in n or n.startswith("score")),
+                       steps=info.get("steps"))
+            source = suite.adapters[task]
+        else:
+            status = train_from_config(cfg, resume=resume)
+            if status.get("state") != "done":
+                raise RuntimeError(f"task {task}: training ended in state {status.get('state')!r}: {status.get('error')}")
+            res = json.loads((Path(cfg.run_dir) / "eval.json").read_text())
+            source = cfg.run_dir
+        rows.extend(_row(task, res, cfg, time.time() - t0, source))
+        atomic_write_json(out / "results.json", {"rows": rows, "note": suite.note})
+        atomic_write_text(out / "results.md", markdown_table(rows, suite.note))
+        log.info("suite: %s done in %.0f s", task, time.time() - t0)
+    return rows

@@ -1,0 +1,189 @@
+"""`lora-sd`: train, tiny-model, generate, convert, inspect, check-dataset.
+
+Also runs as `accelerate launch -m lora_sd.cli train --config FILE` on several processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  lora-sd tiny-model workspace/models/tiny-sd
+  lora-sd train --config configs/sd_tiny_demo.toml --set train.max_steps=50
+  accelerate launch --multi_gpu --num_processes 2 -m lora_sd.cli train --config configs/sd15_cross_attn.toml
+  lora-sd generate --model runwayml/stable-diffusion-v1-5 --lora RUN/lora.safetensors:0.8 --prompt "a photo of sks dog"
+  lora-sd convert RUN/lora.safetensors out/pytorch_lora_weights.safetensors --to diffusers
+  lora-sd inspect RUN/lora.safetensors
+  lora-sd check-dataset ../shared/data/dreambooth/train_512
+"""
+
+
+def _cmd_train(a) -> int:
+    from .config import load_train_config
+    from .train import run_training
+    overrides = list(a.set or [])
+    if a.run_dir:
+        overrides.append(f'run_dir="{a.run_dir}"')
+    cfg = load_train_config(a.config, overrides)
+    status = run_training(cfg, resume=a.resume)
+    print(json.dumps({k: status.get(k) for k in ("state", "step", "last_checkpoint")}))
+    print(f"run folder: {cfg.run_dir}")
+    return 0 if status.get("state") in ("done", "stopped") else 1
+
+
+def _cmd_tiny_model(a) -> int:
+    from .models import RANDOM_WEIGHTS_NOTE, save_tiny_pipeline
+    out = save_tiny_pipeline(a.out_dir, seed=a.seed)
+    print(f"wrote {out}\n{RANDOM_WEIGHTS_NOTE}.")
+    return 0
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    path, sep, scale = spec.rpartition(":")
+    if sep and path and not path.endswith(("\\", "/")):
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _cmd_generate(a) -> int:
+    import torch
+    from .generate import generate, load_adapters
+    from .models import RANDOM_WEIGHTS_NOTE, is_random_weights, load_pipeline
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    pipe = load_pipeline(a.model, a.model_config, dtype=dtype)
+    if is_random_weights(pipe):
+        print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    report = load_adapters(pipe, [_parse_lora(s) for s in a.lora or []], fuse=a.fuse)
+    for r in report:
+        print(f"adapter {r['file']} ({r['format']}): {r['matched_modules']} modules matched, scale {r['scale']}")
+    prompts = a.prompt or ["a photo"]
+    res = generate(pipe, prompts, negative_prompt=a.negative_prompt, steps=a.steps, guidance_scale=a.guidance,
+                   seed=a.seed, width=a.width, height=a.height, scheduler=a.scheduler, out_dir=a.out, prefix="image_",
+                   base={"model": a.model, "adapters": report, "fused": a.fuse})
+    for i in range(len(res)):
+        print(Path(a.out) / f"image_{i}.png")
+    return 0
+
+
+def _cmd_convert(a) -> int:
+    import torch
+    from .formats import convert
+    dtype = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    r = convert(a.input, a.output, a.to, dtype)
+    print(f"converted {r['modules']} modules: {r['from']} -> {r['to']}: {r['out']}")
+    return 0
+
+
+def _cmd_inspect(a) -> int:
+    from .formats import read_adapter, summary
+    adapter, meta, fmt = read_adapter(a.file)
+    s = summary(adapter, meta, fmt)
+    if a.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"file:        {a.file}\nformat:      {s['format']}\nmodules:     {s['modules']} {s['modules_by_component']}")
+    print(f"rank:        {s['ranks']}\nalpha:       {s['alphas']}\ntargets:     {', '.join(s['target_leaves'])} "
+          f"in {', '.join(s['attention']) or '-'}\nparameters:  {s['parameters']:,}")
+    if s["metadata"]:
+        print("metadata:")
+        for k, v in s["metadata"].items():
+            v = v if len(v) <= 100 else v[:97] + "..."
+            print(f"  {k} = {v}")
+    return 0
+
+
+def _cmd_check_dataset(a) -> int:
+    from .data import scan
+    rep = scan(a.dir, a.caption_extension)
+    d = rep.to_dict(need_captions=not a.no_captions_needed)
+    if a.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(f"{d['root']}: {d['images']} images, {d['captioned']} captioned, {d['corrupt']} corrupt, "
+              f"{d['samples_per_epoch']} samples per epoch (with repeats)")
+        for folder, rep_n in d["folders"].items():
+            print(f"  {folder}: repeats {rep_n}")
+        for p in d["problems"]:
+            print(f"  problem: {p}")
+        print("ok" if d["ok"] else "NOT trainable as is")
+    return 0 if d["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-sd", description="Stable Diffusion LoRA: train, generate, convert, inspect.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA from a TOML config (works under accelerate launch)")
+    t.add_argument("--config", required=True, help="TOML file (see configs/sd_*.toml)")
+    t.add_argument("--run-dir", help="override run_dir (the run folder)")
+    t.add_argument("--resume", help="'latest' or a checkpoint folder (RUN/checkpoints/step_N)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set train.max_steps=200 (repeatable)")
+    t.set_defaults(fn=_cmd_train)
+
+    m = sub.add_parser("tiny-model", help="write a tiny SD pipeline with RANDOM weights (offline tests/demos)")
+    m.add_argument("out_dir")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=_cmd_tiny_model)
+
+    g = sub.add_parser("generate", help="generate images, optionally with LoRA adapters")
+    g.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
+    g.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
+    g.add_argument("--prompt", action="append", help="repeatable; one image per prompt")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="kohya or diffusers file (repeatable)")
+    g.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a, dpm++, pndm, ddpm, unipc, lms")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    g.add_argument("--out", default="outputs", help="folder for image_<i>.png")
+    g.set_defaults(fn=_cmd_generate)
+
+    c = sub.add_parser("convert", help="convert between kohya and diffusers LoRA files")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--to", required=True, choices=["kohya", "diffusers"])
+    c.add_argument("--dtype", default="keep", choices=["keep", "fp32", "fp16", "bf16"])
+    c.set_defaults(fn=_cmd_convert)
+
+    i = sub.add_parser("inspect", help="rank, alpha, targets, metadata and size of a LoRA file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_inspect)
+
+    d = sub.add_parser("check-dataset", help="count images and captions, list problems")
+    d.add_argument("dir")
+    d.add_argument("--caption-extension", default=".txt")
+    d.add_argument("--no-captions-needed", action="store_true", help="the caption template has no {caption}")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=_cmd_check_dataset)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from lora_core import LoraLoadError
+    from lora_core.configfile import ConfigError
+    from .data import DatasetError
+    try:
+        return args.fn(args)
+    except (ConfigError, DatasetError, LoraLoadError, FileNotFoundError) as e:
+        print(f"lora-sd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

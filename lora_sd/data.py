@@ -1,0 +1,325 @@
+"""Image-caption folders, aspect buckets, and the latent / text-embedding caches.
+
+Folder layout (kohya and Hugging Face ImageFolder both work):
+    root/img.png + root/img.txt                  sidecar caption (data.caption_extension)
+    root/metadata.jsonl                          {"file_name": "img.png", "text": "..."} per line
+    root/10_dog/*.png                            a kohya "N_name" subfolder: its images repeat N times
+A sidecar caption wins over metadata.jsonl. Corrupt images are skipped with a warning naming
+them; an image with no caption, an empty folder or a folder with no images is an error.
+
+Each dataset item is one whole batch (all of one bucket), so a plain EpochSampler over the
+batches gives exact resume and per-process sharding under Accelerate.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lora_core.io import atomic_save_safetensors
+
+from .config import DataSettings
+
+log = logging.getLogger("lora_sd")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be trained on; the message names the folder and files at fault."""
+
+
+@dataclass
+class ImageItem:
+    path: Path
+    caption: str
+    repeats: int
+    size: tuple[int, int] = (0, 0)   # (width, height)
+
+
+@dataclass
+class ScanReport:
+    root: Path
+    items: list[ImageItem] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)          # "path: reason"
+    missing_captions: list[str] = field(default_factory=list)
+    folders: dict[str, int] = field(default_factory=dict)     # folder -> repeats
+
+    def problems(self, need_captions: bool = True) -> list[str]:
+        out = [f"corrupt or unreadable image (skipped): {c}" for c in self.corrupt]
+        if need_captions:
+            out += [f"no caption: {p}" for p in self.missing_captions]
+        if not self.items and not self.missing_captions:
+            out.append(f"{self.root}: no readable images")
+        return out
+
+    def to_dict(self, need_captions: bool = True) -> dict:
+        return {"root": str(self.root), "images": len(self.items) + len(self.missing_captions),
+                "captioned": len(self.items), "corrupt": len(self.corrupt),
+                "missing_captions": len(self.missing_captions), "folders": self.folders,
+                "samples_per_epoch": sum(i.repeats for i in self.items),
+                "problems": self.problems(need_captions),
+                "ok": bool(self.items) and not (need_captions and self.missing_captions)}
+
+
+def _read_metadata(folder: Path) -> dict[str, str]:
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return {}
+    out = {}
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out[rec["file_name"]] = str(rec.get("text", rec.get("caption", "")))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DatasetError(f"{meta}:{n}: bad line ({e}); need {{\"file_name\": ..., \"text\": ...}}") from None
+    return out
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """Decode the image fully (catches truncated files); (width, height)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def scan(root, caption_extension: str = ".txt", default_repeats: int = 1, max_images: int = 0) -> ScanReport:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data.path {root}: not a folder")
+    report = ScanReport(root)
+    folders = [(root, default_repeats)]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = REPEAT_DIR.match(sub.name)
+        folders.append((sub, int(m.group(1)) if m else default_repeats))
+    count = 0
+    for folder, repeats in folders:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            continue
+        report.folders[str(folder)] = repeats
+        meta = _read_metadata(folder)
+        for f in files:
+            if max_images and count >= max_images:
+                break
+            sidecar = f.with_suffix(caption_extension)
+            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else meta.get(f.name, "").strip()
+            try:
+                size = _image_size(f)
+            except Exception as e:  # PIL raises many types for bad files
+                report.corrupt.append(f"{f}: {type(e).__name__}: {e}")
+                continue
+            count += 1
+            if not caption:
+                report.missing_captions.append(str(f))
+                continue
+            report.items.append(ImageItem(f, caption, repeats, size))
+    return report
+
+
+def apply_template(caption: str, template: str, trigger: str) -> str:
+    text = template.replace("{caption}", caption).replace("{trigger}", trigger)
+    if trigger and "{trigger}" not in template:
+        text = f"{trigger}, {text}"
+    return " ".join(text.split())
+
+
+def load_items(cfg: DataSettings) -> list[ImageItem]:
+    """Scan cfg.path and apply the caption template; raises DatasetError before any training."""
+    need = "{caption}" in cfg.caption_template
+    report = scan(cfg.path, cfg.caption_extension, cfg.repeats, cfg.max_images)
+    if report.corrupt:
+        for c in report.corrupt:
+            log.warning("skipping corrupt or unreadable image %s", c)
+        log.warning("%d corrupt image(s) skipped in %s", len(report.corrupt), report.root)
+    if not report.items and not report.missing_captions:
+        raise DatasetError(f"data.path {report.root}: no readable images ({', '.join(sorted(IMAGE_EXTS))})"
+                           + (f"; {len(report.corrupt)} corrupt" if report.corrupt else ""))
+    if need and report.missing_captions:
+        shown = "\n  ".join(report.missing_captions[:10])
+        raise DatasetError(f"{len(report.missing_captions)} image(s) in {report.root} have no caption (no "
+                           f"{cfg.caption_extension} sidecar, no metadata.jsonl entry, or empty):\n  {shown}\n"
+                           "Add captions, or use a data.caption_template without {caption}.")
+    items = report.items + [ImageItem(Path(p), "", cfg.repeats, _image_size(Path(p))) for p in report.missing_captions]
+    for it in items:
+        it.caption = apply_template(it.caption, cfg.caption_template, cfg.trigger_word)
+    return sorted(items, key=lambda i: str(i.path))
+
+
+# ------------------------------------------------------------------ sizes and buckets
+def make_buckets(resolution: int, step: int) -> list[tuple[int, int]]:
+    """(w, h) pairs with w*h <= resolution^2, sides multiples of `step`, aspect up to 2:1 (kohya's scheme)."""
+    area, out = resolution * resolution, {(resolution, resolution)}
+    w = max(step, resolution // 2 // step * step)
+    while w <= resolution * 2:
+        h = min(resolution * 2, area // w // step * step)
+        if h >= step and max(w, h) / min(w, h) <= 2.0:
+            out.add((w, h))
+            out.add((h, w))
+        w += step
+    return sorted(out)
+
+
+def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    ar = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
+
+
+def load_pixels(path: Path, size: tuple[int, int], center: bool = True, flip: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Resize to cover `size` (w, h), crop (center, or random with `generator`), flip; CHW in [-1, 1]."""
+    w, h = size
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        s = max(w / im.width, h / im.height)
+        nw, nh = max(w, round(im.width * s)), max(h, round(im.height * s))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        if center:
+            left, top = (nw - w) // 2, (nh - h) // 2
+        else:
+            left = int(torch.randint(0, nw - w + 1, (1,), generator=generator))
+            top = int(torch.randint(0, nh - h + 1, (1,), generator=generator))
+        im = im.crop((left, top, left + w, top + h))
+        if flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+# ------------------------------------------------------------------ caches
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lora_sd"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class LatentCache:
+    """VAE latent distributions on disk, one safetensors file per (image bytes, size, flip, VAE)."""
+
+    def __init__(self, folder: Path, vae, vae_id: str):
+        self.folder, self.vae, self.vae_id = Path(folder), vae, vae_id
+        self._digests: dict[Path, str] = {}
+
+    def path(self, item: ImageItem, size: tuple[int, int], flip: bool) -> Path:
+        if item.path not in self._digests:
+            self._digests[item.path] = file_digest(item.path)
+        key = f"{self._digests[item.path]}|{size[0]}x{size[1]}|center|flip={int(flip)}|vae={self.vae_id}"
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    @torch.no_grad()
+    def ensure(self, jobs: list[tuple[ImageItem, tuple[int, int], bool]], rank: int = 0, world: int = 1) -> int:
+        """Encode the missing entries (this process's share of them); returns how many it encoded."""
+        todo = [j for j in jobs if not self.path(*j).is_file()][rank::world]
+        p = next(self.vae.parameters())
+        for item, size, flip in todo:
+            pixels = load_pixels(item.path, size, True, flip).unsqueeze(0).to(p.device, p.dtype)
+            params = self.vae.encode(pixels).latent_dist.parameters[0].float().cpu()
+            atomic_save_safetensors(self.path(item, size, flip), {"parameters": params},
+                                    {"image": str(item.path), "size": f"{size[0]}x{size[1]}", "flip": str(flip),
+                                     "vae": self.vae_id})
+        return len(todo)
+
+    def load(self, item: ImageItem, size: tuple[int, int], flip: bool) -> torch.Tensor:
+        from safetensors.torch import load_file
+        return load_file(str(self.path(item, size, flip)))["parameters"]
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_text(text_encoder, input_ids: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    dev = next(text_encoder.parameters()).device
+    out = [text_encoder(input_ids[i:i + batch].to(dev))[0].float().cpu() for i in range(0, len(input_ids), batch)]
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------ the dataset
+def first(items):
+    """collate_fn: each dataset item is already a batch."""
+    return items[0]
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Item i = the i-th batch: all samples of one bucket.
+
+    Returns {"latent_params" | "pixels": (B, ...), "text_emb" | "input_ids": (B, ...)}.
+    Flips (data.random_flip) are drawn from the global torch RNG, which the trainer checkpoints.
+    """
+
+    def __init__(self, items: list[ImageItem], cfg: DataSettings, batch_size: int, seed: int, tokenizer,
+                 text_emb: Optional[torch.Tensor] = None):
+        self.items, self.cfg = items, cfg
+        buckets = make_buckets(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
+        self.sizes = [pick_bucket(i.size, buckets) if buckets else (cfg.resolution, cfg.resolution) for i in items]
+        self.input_ids = tokenize(tokenizer, [i.caption for i in items])
+        self.text_emb = text_emb
+        self.latents: Optional[dict] = None   # (item index, flipped) -> VAE distribution parameters
+        # samples (item indices with repeats) grouped by bucket, shuffled once with the seed, cut into batches
+        g = torch.Generator().manual_seed(seed)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for n, it in enumerate(items):
+            by_size.setdefault(self.sizes[n], []).extend([n] * it.repeats)
+        self.batches = []
+        for size in sorted(by_size):
+            idx = by_size[size]
+            order = torch.randperm(len(idx), generator=g).tolist()
+            idx = [idx[o] for o in order]
+            self.batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+    def _flips(self) -> tuple[bool, ...]:
+        return (False, True) if self.cfg.random_flip else (False,)
+
+    def latent_jobs(self) -> list[tuple[ImageItem, tuple[int, int], bool]]:
+        return [(self.items[n], self.sizes[n], f) for n in range(len(self.items)) for f in self._flips()]
+
+    def load_latents(self, cache: LatentCache) -> None:
+        """Serve cached latents instead of pixels (after cache.ensure(self.latent_jobs()))."""
+        self.latents = {(n, f): cache.load(self.items[n], self.sizes[n], f)
+                        for n in range(len(self.items)) for f in self._flips()}
+
+    def bucket_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for b in self.batches:
+            k = "%dx%d" % self.sizes[b[0]]
+            out[k] = out.get(k, 0) + len(b)
+        return out
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        idx = self.batches[i]
+        flips = [bool(torch.rand(()) < 0.5) if self.cfg.random_flip else False for _ in idx]
+        out = {}
+        if self.latents is not None:
+            out["latent_params"] = torch.stack([self.latents[(n, f)] for n, f in zip(idx, flips)])
+        else:
+            out["pixels"] = torch.stack([load_pixels(self.items[n].path, self.sizes[n], self.cfg.center_crop, f)
+                                         for n, f in zip(idx, flips)])
+        if self.text_emb is not None:
+            out["text_emb"] = self.text_emb[idx]
+        else:
+            out["input_ids"] = self.input_ids[idx]
+        return out

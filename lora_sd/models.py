@@ -1,0 +1,161 @@
+"""Base models: load a Stable Diffusion 1.x pipeline (hub id, local folder, single file) or build
+the tiny random-weight pipeline used offline by tests, demos and the GUI's default config."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lora_core.io import atomic_write_json, atomic_write_text
+from lora_core.paths import shared_path
+
+log = logging.getLogger("lora_sd")
+
+TINY = "tiny"
+TINY_MARKER = "lora_sd_tiny_model.json"
+RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: this is a tiny Stable-Diffusion-architecture pipeline built from configs "
+                       "for offline tests and demos; its images are noise, not pictures")
+MAX_TOKENS = 77
+
+
+# ------------------------------------------------------------------ tokenizer
+def _char_level_clip_vocab() -> dict[str, int]:
+    """A CLIP-compatible BPE vocabulary with no merges: every byte symbol, alone and as a word end."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def load_tokenizer():
+    """The real CLIP BPE from ../shared/tokenizers/clip when present, else a small character-level
+    CLIP tokenizer built here (same special tokens, 514 entries)."""
+    from transformers import CLIPTokenizer
+    src = shared_path("tokenizers", "clip")
+    if src is not None and (src / "vocab.json").is_file():
+        tok = CLIPTokenizer.from_pretrained(str(src))
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "vocab.json").write_text(json.dumps(_char_level_clip_vocab()), encoding="utf-8")
+            (Path(d) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+            tok = CLIPTokenizer.from_pretrained(d)
+    tok.model_max_length = MAX_TOKENS
+    return tok
+
+
+# ------------------------------------------------------------------ tiny pipeline
+def build_tiny_pipeline(seed: int = 0):
+    """A small SD-1.x-architecture pipeline (cross-attention UNet, VAE, CLIP text encoder, DDPM
+    scheduler) from configs. Its weights are random (seeded): a few MB, built in about a second."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = load_tokenizer()
+    g_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=32, sample_size=64)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=3, max_position_embeddings=MAX_TOKENS, layer_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    finally:
+        torch.random.set_rng_state(g_state)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon",
+                              steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe._lora_sd_random_weights = True
+    return pipe
+
+
+def save_tiny_pipeline(out_dir, seed: int = 0) -> Path:
+    """Write the tiny pipeline as a diffusers folder with a model card saying its weights are random."""
+    out = Path(out_dir)
+    pipe = build_tiny_pipeline(seed)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    atomic_write_json(out / TINY_MARKER, {"random_weights": True, "seed": seed, "note": RANDOM_WEIGHTS_NOTE})
+    atomic_write_text(out / "README.md", (
+        "---\ntags: [stable-diffusion, tiny, random-weights, lora-workbench]\n---\n"
+        f"# Tiny Stable Diffusion pipeline (random weights)\n\n{RANDOM_WEIGHTS_NOTE}.\n\n"
+        "Built by `lora-sd tiny-model` from configs: UNet2DConditionModel with cross-attention "
+        "(block_out_channels 32/64, cross_attention_dim 32), AutoencoderKL (2 blocks), CLIPTextModel "
+        "(3 layers, hidden 32), DDPMScheduler. Use it to test the training and export machinery offline.\n"))
+    return out
+
+
+def is_random_weights(pipe) -> bool:
+    return bool(getattr(pipe, "_lora_sd_random_weights", False))
+
+
+# ------------------------------------------------------------------ loading
+def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = None, variant: str = "",
+                  dtype: torch.dtype = torch.float32):
+    """StableDiffusionPipeline from `pretrained`:
+    "tiny" (built in memory), a local diffusers folder, a single-file checkpoint (.safetensors/.ckpt;
+    `config` names a local diffusers folder or hub id with the matching configs), or a hub id."""
+    from diffusers import StableDiffusionPipeline
+    if not pretrained:
+        raise ValueError("model.pretrained is empty: give a hub id, a local diffusers folder, a .safetensors file or 'tiny'")
+    if pretrained == TINY:
+        log.warning("model.pretrained = 'tiny': %s", RANDOM_WEIGHTS_NOTE)
+        return build_tiny_pipeline().to(dtype=dtype)
+    path = Path(pretrained).expanduser()
+    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"model.pretrained = {pretrained}: folder has no model_index.json (not a diffusers pipeline)")
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), **common)
+        if (path / TINY_MARKER).is_file():
+            log.warning("%s: %s", path, RANDOM_WEIGHTS_NOTE)
+            pipe._lora_sd_random_weights = True
+    elif path.suffix in (".safetensors", ".ckpt"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained = {pretrained}: file not found")
+        kwargs = dict(common, config=config) if config else common
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        except Exception as e:
+            raise RuntimeError(f"could not load single-file checkpoint {path} ({e}); offline, set model.config "
+                               "to a local diffusers folder holding the matching configs") from e
+    else:
+        kw = dict(common, revision=revision)
+        if variant:
+            kw["variant"] = variant
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(pretrained, **kw)
+        except Exception as e:
+            raise RuntimeError(f"model.pretrained = {pretrained!r}: not a local folder or file, and loading it "
+                               f"from the Hugging Face hub failed ({type(e).__name__}: {e})") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def model_identity(module: torch.nn.Module) -> str:
+    """A short fingerprint of a module's config and weights (for cache keys)."""
+    import hashlib
+    h = hashlib.sha256()
+    cfg = getattr(module, "config", None)
+    if cfg is not None:
+        h.update(json.dumps(dict(cfg), sort_keys=True, default=str).encode())
+    params = list(module.state_dict().items())
+    for name, t in params[:2] + params[-2:]:
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

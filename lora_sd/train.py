@@ -1,0 +1,260 @@
+"""`lora-sd train`: LoRA on a Stable Diffusion UNet's attention (cross-attention by default).
+
+Everything loop-related (optimizer, schedule, accumulation, checkpoints, exact resume, NaN guard,
+stop, metrics, status) is lora_core.training.train; this module supplies the model, the data and
+the diffusion loss, and writes the adapters.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_core import add_lora
+from lora_core.configfile import save_config
+from lora_core.training import EpochSampler, RunDir, setup_logging, train
+
+from . import formats
+from .config import SDTrainConfig
+from .data import BatchDataset, LatentCache, default_cache_dir, encode_text, first, load_items, tokenize
+from .generate import generate
+from .models import RANDOM_WEIGHTS_NOTE, is_random_weights, load_pipeline, model_identity
+
+log = logging.getLogger("lora_sd")
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+class DiffusionLoss(nn.Module):
+    """forward(batch) -> the denoising loss. Holds the UNet (with LoRA), and the VAE / text encoder
+    only when their outputs are not cached (or the text encoder is trained)."""
+
+    def __init__(self, unet, noise_scheduler, *, text_encoder=None, vae=None, train_text_encoder=False,
+                 scaling_factor: float = 0.18215, min_snr_gamma: float = 0.0, noise_offset: float = 0.0):
+        super().__init__()
+        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        self.noise_scheduler = noise_scheduler
+        self.train_text_encoder = train_text_encoder
+        self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
+        self.scaling_factor = scaling_factor
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.vae, None if self.train_text_encoder else self.text_encoder):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        if "latent_params" in batch:   # cached VAE distribution: sample it here, as the VAE would
+            mean, logvar = batch["latent_params"].float().chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            lat = mean + std * torch.randn_like(mean)
+        else:
+            with torch.no_grad():
+                px = batch["pixels"].to(next(self.vae.parameters()).dtype)
+                lat = self.vae.encode(px).latent_dist.sample().float()
+        return lat * self.scaling_factor
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        latents = self.latents(batch)
+        noise = torch.randn_like(latents)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                            device=latents.device)
+        sched = self.noise_scheduler
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = sched.add_noise(latents, noise, t)
+        if "text_emb" in batch:
+            cond = batch["text_emb"]
+        else:
+            with torch.set_grad_enabled(self.train_text_encoder):
+                cond = self.text_encoder(batch["input_ids"])[0]
+        pred = self.unet(noisy, t, cond).sample.float()
+        if sched.config.prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+        if self.min_snr_gamma:
+            from diffusers.training_utils import compute_snr
+            snr = compute_snr(sched, t)
+            w = snr.clamp(max=self.min_snr_gamma)
+            w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
+            loss = loss * w
+        return loss.mean()
+
+
+def _cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
+def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps: int) -> dict[str, str]:
+    """kohya ss_* and modelspec.* keys (strings), plus our exact LoRA config."""
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    s, lora = cfg.train, cfg.lora
+    alpha = lora.alpha * (lora.r ** 0.5 if lora.use_rslora else 1.0)   # kohya alpha: scale = alpha / r
+    return {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(lora.r), "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps({"target_modules": lora.target_modules, "dropout": lora.dropout}),
+        "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": cfg.model.pretrained,
+        "ss_resolution": f"({resolution}, {resolution})", "ss_num_train_images": str(n_images),
+        "ss_learning_rate": str(s.learning_rate), "ss_unet_lr": str(s.learning_rate),
+        "ss_text_encoder_lr": str(s.learning_rate) if cfg.text_encoder_lora else "0",
+        "ss_max_train_steps": str(s.max_steps), "ss_steps": str(steps), "ss_seed": str(s.seed),
+        "ss_batch_size_per_device": str(s.batch_size), "ss_gradient_accumulation_steps": str(s.gradient_accumulation_steps),
+        "ss_lr_scheduler": s.lr_scheduler, "ss_lr_warmup_steps": str(s.lr_warmup_steps),
+        "ss_mixed_precision": s.mixed_precision, "ss_optimizer": s.optimizer,
+        "ss_min_snr_gamma": str(cfg.loss.min_snr_gamma), "ss_noise_offset": str(cfg.loss.noise_offset),
+        "ss_output_name": cfg.output.name, "ss_training_finished_at": now,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": cfg.output.name, "modelspec.date": now,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": cfg.model.prediction_type or "epsilon",
+        "lora_sd.lora_config": json.dumps(cfg.lora.to_dict()),
+        "lora_sd.text_encoder_lora_config": json.dumps(cfg.text_encoder_lora.to_dict()) if cfg.text_encoder_lora else "",
+    }
+
+
+class _MetricsRun(RunDir):
+    """The run folder, mirroring each metrics line to TensorBoard (RUN/tensorboard) when it is installed."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._tb = None
+
+    def append_metrics(self, record: dict) -> None:
+        super().append_metrics(record)
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.path / "tensorboard"))
+            except ImportError:
+                self._tb = False
+        if self._tb:
+            for k in ("loss", "lr", "step_time"):
+                if k in record:
+                    self._tb.add_scalar(f"train/{k}", record[k], record["step"])
+            self._tb.flush()
+
+
+def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=None) -> dict:
+    """Train as configured; returns the final status dict (see lora_core.training.RunDir)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    s = cfg.train
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation_steps)
+    main = accelerator.is_main_process
+    run = _MetricsRun(cfg.run_dir)
+    if main:
+        run.create()
+    accelerator.wait_for_everyone()
+    setup_logging(run, main)
+    try:
+        if main:
+            save_config(run.config, cfg)
+            run.write_status("running", step=0, max_steps=s.max_steps, phase="preparing", error=None)
+        return _run(cfg, run, accelerator, resume, set_seed)
+    except Exception as e:
+        if main and run.read_status().get("state") != "failed":
+            run.write_status("failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed) -> dict:
+    s, d = cfg.train, cfg.data
+    main = accelerator.is_main_process
+    items = load_items(d)   # dataset errors surface before any model is loaded
+    log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
+
+    set_seed(s.seed)   # same LoRA init on every process
+    pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
+    if is_random_weights(pipe) and main:
+        log.warning(RANDOM_WEIGHTS_NOTE)
+    if cfg.model.prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
+    from diffusers import DDPMScheduler
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    targets = add_lora(unet, cfg.lora)
+    train_te = cfg.text_encoder_lora is not None
+    if train_te:
+        targets += [f"text_encoder.{n}" for n in add_lora(te, cfg.text_encoder_lora)]
+    log.info("LoRA r=%d alpha=%g on %d modules (%d trainable parameters)", cfg.lora.r, cfg.lora.alpha, len(targets),
+             sum(p.numel() for m in (unet, te) for p in m.parameters() if p.requires_grad))
+    weight_dtype = DTYPES[s.mixed_precision]
+    _cast_frozen(unet, weight_dtype)
+    _cast_frozen(te, weight_dtype)
+    if weight_dtype == torch.bfloat16:   # an fp16 VAE gives NaN latents on some models: keep it fp32 then
+        vae.to(torch.bfloat16)
+    if s.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            te.gradient_checkpointing_enable()
+    pipe.to(accelerator.device)
+
+    # data: sizes, latent cache, text cache
+    cache_latents = d.cache_latents
+    if cache_latents and not d.center_crop:
+        log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
+    tokenizer = pipe.tokenizer
+    text_emb = None
+    if d.cache_text and not train_te:
+        text_emb = encode_text(te, tokenize(tokenizer, [i.caption for i in items]))
+    ds = BatchDataset(items, d, s.batch_size, s.seed, tokenizer, text_emb=text_emb)
+    if cache_latents:
+        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
+        n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        log.info("latent cache %s: %d encoded now, %d reused", cache.folder, n, len(ds.latent_jobs()) - n)
+        ds.load_latents(cache)
+    log.info("%d batches per epoch; buckets %s", len(ds), ds.bucket_counts())
+
+    module = DiffusionLoss(unet, noise_scheduler, train_text_encoder=train_te,
+                           text_encoder=te if (train_te or text_emb is None) else None,
+                           vae=None if cache_latents else vae,
+                           scaling_factor=float(vae.config.scaling_factor),
+                           min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset)
+    dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=EpochSampler(len(ds), s.seed), collate_fn=first,
+                                     num_workers=s.num_workers)
+    components = {"unet": unet, **({"text_encoder": te} if train_te else {})}
+    resolution = d.resolution
+
+    def export(folder: Path) -> None:
+        adapter = formats.from_model(components)
+        step = run.read_status().get("step", 0)
+        meta = training_metadata(cfg, len(items), resolution, step)
+        dtype = DTYPES[cfg.output.save_dtype]
+        formats.write_adapter(folder / f"{cfg.output.name}.safetensors", adapter, formats.KOHYA, meta, dtype)
+        if cfg.output.save_diffusers:
+            formats.write_adapter(folder / DIFFUSERS_FILE, adapter, formats.DIFFUSERS, meta, dtype)
+
+    def sample(step: int) -> None:
+        sc = cfg.sample
+        if not sc.prompts:
+            return
+        was_training = module.training
+        module.eval()
+        try:
+            results = generate(pipe, sc.prompts, negative_prompt=sc.negative_prompt, steps=sc.steps,
+                               guidance_scale=sc.guidance_scale, seed=sc.seed, width=sc.width or resolution,
+                               height=sc.height or resolution, scheduler=sc.scheduler, out_dir=run.samples,
+                               prefix=f"step_{step:06d}_", base={"model": cfg.model.pretrained, "train_step": step})
+        finally:
+            module.train(was_training)
+        log.info("step %d: %d validation image(s) in %s", step, len(results), run.samples)
+
+    set_seed(s.seed, device_specific=True)   # different noise on each process
+    return train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
+                 settings=s, resume=resume, export_fn=export, sample_fn=sample)

@@ -1,0 +1,76 @@
+"""PEFT export: peft.PeftModel.from_pretrained on our `peft/` folder gives identical logits."""
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from lora_core import LoraConfig, add_lora  # noqa: E402
+from lora_llm.adapters import ADAPTER_FILE, export_peft, load_adapter, read_adapter_info, save_adapter  # noqa: E402
+from lora_llm.models import _classifier_from_lm, make_tiny_model, resolve_lora  # noqa: E402
+
+
+def _randomize(model, seed=1):
+    """Non-zero LoRA B (a fresh adapter's B is zero, which would hide layout bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _ids():
+    return torch.tensor([[464, 2068, 286, 262, 1748, 373, 257, 1295], [40, 588, 340, 13, 50256, 50256, 50256, 50256]])
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn"]])
+def test_peft_roundtrip_gpt2_lm(tmp_path, targets):
+    base, _ = make_tiny_model()
+    ours = copy.deepcopy(base)
+    cfg = resolve_lora(LoraConfig(r=4, alpha=12.0, target_modules=targets), ours, classification=False)
+    add_lora(ours, cfg)
+    _randomize(ours)
+    export_peft(tmp_path, ours, "CAUSAL_LM")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = _ids()
+    a, b = ours.eval()(ids).logits, theirs(input_ids=ids).logits
+    assert not torch.allclose(a, base(ids).logits, atol=1e-4)   # the adapter does something
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_roundtrip_gpt2_classifier_with_head(tmp_path):
+    lm, tok = make_tiny_model()
+    base = _classifier_from_lm(lm, 3, tok.eos_token_id)
+    ours = copy.deepcopy(base)
+    cfg = resolve_lora(LoraConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj"], use_rslora=True), ours, True)
+    assert cfg.modules_to_save == ["score"] and cfg.fused_slices == {"c_attn": [True, False, True]}
+    add_lora(ours, cfg)
+    _randomize(ours)
+    save_adapter(tmp_path, ours, {"task": "x", "num_labels": 3, "model": {}, "pretrained": "tiny"})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    ids = _ids()
+    mask = (ids != tok.eos_token_id).long()
+    a = ours.eval()(input_ids=ids, attention_mask=mask).logits
+    b = theirs(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # and our own file reloads into a fresh classifier (head included) with the same logits
+    again = copy.deepcopy(base)
+    load_adapter(tmp_path / ADAPTER_FILE, again)
+    torch.testing.assert_close(again.eval()(input_ids=ids, attention_mask=mask).logits, a, rtol=0, atol=0)
+    assert read_adapter_info(tmp_path / ADAPTER_FILE)["num_labels"] == 3
+
+
+def test_peft_roundtrip_llama_q_v(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    ours = copy.deepcopy(base)
+    cfg = resolve_lora(LoraConfig(r=4, alpha=8.0), ours, classification=False)
+    assert add_lora(ours, cfg) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    _randomize(ours)
+    export_peft(tmp_path, ours, "CAUSAL_LM")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours.eval()(ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
