@@ -99,20 +99,23 @@ def find_adapters(ws: Workspace) -> list[Path]:
             rel = p.relative_to(base).parts
             if SKIP_NAMES.match(p.name) or "checkpoints" in rel or any(x.startswith(".") for x in rel):
                 continue
-            if p.is_symlink() or not p.is_file():
+            if p.is_symlink() or not p.is_file() or not is_adapter(p):
                 continue
             found.append(p)
     return sorted(found)
 
 
+def is_adapter(path: Path) -> bool:
+    """A LoRA file (not a model's weights, e.g. of a merged model under outputs/)."""
+    try:
+        header, meta = read_header(path)
+    except AdapterError:
+        return False
+    return detect_format(list(header), meta) != "unknown"
+
+
 def adapter_table(ws: Workspace) -> list[dict]:
-    rows = []
-    for p in find_adapters(ws):
-        try:
-            rows.append(describe(p, ws))
-        except (AdapterError, OSError) as e:
-            rows.append({"file": ws.rel(p), "format": f"unreadable: {e}"})
-    return rows
+    return [describe(p, ws) for p in find_adapters(ws)]
 
 
 # ---------------------------------------------------------------- short CLI calls

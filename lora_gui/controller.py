@@ -169,10 +169,20 @@ class Controller:
             raise UserError(f"{name} is {snap.state}: nothing to resume")
         if snap.state == "done":
             raise UserError(f"{name} has finished all its steps; raise train.max_steps in a new run instead")
+        self._wait_until_idle(run)
         kind = self.run_kind(run)
         job = self.queue.add(TRAIN_KIND[kind], run, resume=True, launcher=launcher, front=True)
         self.queue.tick()
         return f"{name}: resume queued ({jobs.preview(job)})"
+
+    def _wait_until_idle(self, run: Path, timeout: float = 20.0) -> None:
+        """A stopped trainer has written its status but may still be exiting: wait for its job to end."""
+        end = time.time() + timeout
+        while any(j.run_dir == str(run) and j.state == "running" for j in self.queue.jobs()):
+            if time.time() > end:
+                raise UserError(f"{run.name} is still shutting down; try again in a moment")
+            self.queue.tick()
+            time.sleep(0.2)
 
     def queue_rows(self) -> list[list]:
         rows = []
@@ -321,9 +331,9 @@ class Controller:
         dst = self.ws.outputs / "merged" / name
         if dst.exists():
             raise UserError(f"{self.ws.rel(dst)} exists already: choose another name")
-        desc = adapters.describe(path, self.ws)
-        args = ["merge", "--model", model, "--lora", str(path), "--out", str(dst)]
-        adapters.run_cli(adapters.cli_for(desc), args, self.ws.root, 1800)
+        kind = "llm" if adapters.cli_for(adapters.describe(path, self.ws)) == "lora_llm.cli" else "sd"
+        args = [kind, "--model", model, "--lora", str(path), "--out", str(dst)]
+        adapters.run_cli("lora_gui.merge", args, self.ws.root, 1800)
         return f"merged into {self.ws.rel(dst)}"
 
     def delete_adapter(self, file: str) -> str:

@@ -33,7 +33,7 @@ class RunSnapshot:
         return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
 
 
-def tail(path: Path, max_bytes: int = 6000, max_lines: int = 40) -> str:
+def tail(path: Path, max_bytes: int = 6000, max_lines: int = 12) -> str:
     """The last lines of a text file (tqdm's carriage-return redraws collapsed to the last one)."""
     try:
         with open(path, "rb") as f:

@@ -93,7 +93,7 @@ class Monitor:
         self.plot = gr.Plot(label="Loss", elem_id=p + "loss-plot", format="png")
         self.gallery = (gr.Gallery(label="Validation images", columns=6, height=220, elem_id=p + "gallery")
                         if gallery else None)
-        self.log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id=p + "log")
+        self.log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, autoscroll=True, elem_id=p + "log")
         self.sig = gr.State({})
 
     @property
@@ -402,7 +402,17 @@ def build_app(ctrl: Controller) -> gr.Blocks:
         poll_outputs = [*sd_mon.outputs, *llm_mon.outputs, queue_table, ev_status, ev_table, ev_plot]
         poll_inputs = [sd_mon.select, sd_mon.sig, llm_mon.select, llm_mon.sig, ev_select]
         timer.tick(tick, poll_inputs, poll_outputs, show_progress="hidden", queue=False)
-        demo.load(tick, poll_inputs, poll_outputs, show_progress="hidden")
+
+        def lists():
+            """A page (re)load: the lists as they are now, not as they were when the app started."""
+            files = ctrl.adapter_files()
+            return (gr.update(choices=[ACTIVE] + ctrl.run_names("sd")), gr.update(choices=[ACTIVE] + ctrl.run_names("llm")),
+                    gr.update(choices=[ACTIVE] + ctrl.eval_names()), gr.update(choices=files),
+                    gr.update(choices=files), ctrl.adapter_rows(),
+                    gr.update(choices=ctrl.config_choices("sd")), gr.update(choices=ctrl.config_choices("llm")))
+
+        demo.load(lists, None, [sd_mon.select, llm_mon.select, ev_select, g_pick, a_file, a_table, sd_choice, llm_choice],
+                  show_progress="hidden").then(tick, poll_inputs, poll_outputs, show_progress="hidden")
 
         # --- evaluation
         @guard

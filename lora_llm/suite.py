@@ -54,7 +54,7 @@ def load_suite(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Sui
 def _row(task: str, res: dict, cfg: LLMTrainConfig, wall: float, source: str) -> list[dict]:
     common = {"task": task, "split": res.get("split"), "trainable_params": res.get("trainable_params"),
               "steps": res.get("steps"), "wall_s": round(wall, 1), "n": res.get("n") or res.get("tokens"),
-              "subset": bool(res.get("subset")) or bool(cfg.eval.max_eval_tokens and cfg.data.is_lm),
+              "subset": bool(res.get("subset")),
               "source": source}
     if cfg.data.is_lm:
         rows = [{**common, "metric": "perplexity", "value": res["perplexity"]}]
@@ -79,6 +79,8 @@ def markdown_table(rows: list[dict], note: str = "") -> str:
     for r in rows:
         v = r["value"]
         val = f"{v:.2f}" if r["metric"].startswith("perplexity") else f"{v:.4f}"
+        if v != v:  # NaN: a failed task
+            val = "-"
         n = f"{r['n']}" + (" (subset)" if r.get("subset") else "") if r.get("n") is not None else ""
         lines.append(f"| {r['task']} | {r['split']} | {r['metric']} | {val} | {r.get('trainable_params') or 0:,} | "
                      f"{r.get('steps') or 0} | {r['wall_s']} | {n} |")
@@ -86,29 +88,43 @@ def markdown_table(rows: list[dict], note: str = "") -> str:
 
 
 def run_suite(suite: SuiteConfig, out: str | Path, resume: Optional[str] = None) -> list[dict]:
-    """Train/evaluate every task, writing OUT/results.{md,json} after each task (partial tables survive)."""
-    from .train import evaluate_job, load_trained, train_from_config
+    """Train/evaluate every task, writing OUT/results.{md,json} after each task (partial tables survive;
+    a failed task gets a FAILED row and the others still run)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    failed = []
     for task in suite.tasks:
         cfg = suite.task_config(task, out)
         t0 = time.time()
-        if task in suite.adapters:
-            model, tok, info = load_trained(suite.adapters[task], model_section=cfg.model)
-            res = evaluate_job(cfg, model, tok, baseline=cfg.eval.baseline)
-            res.update(trainable_params=sum(p.numel() for n, p in model.named_parameters()
-                                            if "lora_" in n or n.startswith("score")),
-                       steps=info.get("steps"))
-            source = suite.adapters[task]
+        try:
+            res, source = _run_task(suite, task, cfg, resume)
+        except Exception as e:  # one broken task must not lose the others' results
+            log.exception("suite: task %s failed", task)
+            failed.append(task)
+            rows.append({"task": task, "split": "", "metric": f"FAILED: {type(e).__name__}: {e}"[:200], "value": float("nan"),
+                         "trainable_params": 0, "steps": 0, "wall_s": round(time.time() - t0, 1), "n": None,
+                         "source": cfg.run_dir})
         else:
-            status = train_from_config(cfg, resume=resume)
-            if status.get("state") != "done":
-                raise RuntimeError(f"task {task}: training ended in state {status.get('state')!r}: {status.get('error')}")
-            res = json.loads((Path(cfg.run_dir) / "eval.json").read_text())
-            source = cfg.run_dir
-        rows.extend(_row(task, res, cfg, time.time() - t0, source))
+            rows.extend(_row(task, res, cfg, time.time() - t0, source))
         atomic_write_json(out / "results.json", {"rows": rows, "note": suite.note})
         atomic_write_text(out / "results.md", markdown_table(rows, suite.note))
-        log.info("suite: %s done in %.0f s", task, time.time() - t0)
+        log.info("suite: %s finished in %.0f s", task, time.time() - t0)
+    if failed:
+        raise RuntimeError(f"eval-suite: task(s) {failed} failed (see the log and {out / 'results.md'})")
     return rows
+
+
+def _run_task(suite: SuiteConfig, task: str, cfg: LLMTrainConfig, resume: Optional[str]) -> tuple[dict, str]:
+    """(evaluation result, where the adapter is): load suite.adapters[task], or train one."""
+    from .train import evaluate_job, load_trained, train_from_config
+    if task in suite.adapters:
+        model, tok, info = load_trained(suite.adapters[task], model_section=cfg.model)
+        res = evaluate_job(cfg, model, tok, baseline=cfg.eval.baseline)
+        res.update(trainable_params=sum(p.numel() for n, p in model.named_parameters()
+                                        if "lora_" in n or n.startswith("score")), steps=info.get("steps"))
+        return res, suite.adapters[task]
+    status = train_from_config(cfg, resume=resume)
+    if status.get("state") != "done":
+        raise RuntimeError(f"task {task}: training ended in state {status.get('state')!r}: {status.get('error')}")
+    return json.loads((Path(cfg.run_dir) / "eval.json").read_text()), cfg.run_dir

@@ -98,6 +98,7 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
     if d.is_lm:
         text = D.load_text(d.task, split, d.data_dir, d.eval_file, d.detokenize)
         ids = D.tokenize_text(text, tokenizer)
+        out["subset"] = bool(e.max_eval_tokens) and e.max_eval_tokens < len(ids)
         if e.max_eval_tokens:
             ids = ids[:e.max_eval_tokens]
         out["tokenizer"] = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
@@ -110,7 +111,9 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
             out["generations"] = [{"prompt": p, "text": t} for p, t in zip(e.prompts, generate(
                 model, tokenizer, e.prompts, e.max_new_tokens, e.do_sample, e.temperature, e.top_k, e.top_p, e.seed))]
     else:
-        ex = D.load_examples(d.task, split, d.data_dir, d.eval_file, d.max_eval_examples)
+        everything = D.load_examples(d.task, split, d.data_dir, d.eval_file)
+        ex = D.subset(everything, d.max_eval_examples)
+        out["subset"] = len(ex) < len(everything)
         seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
         n = D.num_labels(d.task)
         out.update(evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress))
@@ -118,7 +121,6 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
             with lora_disabled(model):
                 out["baseline_accuracy"] = evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id,
                                                                e.batch_size, progress)["accuracy"]
-        out["subset"] = bool(d.max_eval_examples)
     out["eval_seconds"] = time.time() - t0
     return out
 

@@ -96,10 +96,14 @@ class SDTrainConfig:
     output: OutputSettings = field(default_factory=OutputSettings)
 
     def __post_init__(self):
-        if isinstance(self.lora.target_modules, str) and self.lora.target_modules in TARGET_PRESETS:
+        # a [lora] table without target_modules gets LoraConfig's LLM default: use the SD defaults instead
+        llm_default = LoraConfig().target_modules
+        if self.lora.target_modules == llm_default:
+            self.lora.target_modules = CROSS_ATTN
+        elif isinstance(self.lora.target_modules, str) and self.lora.target_modules in TARGET_PRESETS:
             self.lora.target_modules = TARGET_PRESETS[self.lora.target_modules]
-        if self.text_encoder_lora is not None and self.text_encoder_lora.target_modules == ["q_proj", "v_proj"]:
-            # LoraConfig's LLM default; for CLIP use kohya's attention set (diffusers' kohya reader needs out_proj)
+        if self.text_encoder_lora is not None and self.text_encoder_lora.target_modules == llm_default:
+            # kohya's attention set (diffusers' kohya reader needs out_proj among the text-encoder keys)
             self.text_encoder_lora.target_modules = TEXT_ENCODER_ATTN
 
 

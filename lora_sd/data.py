@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from lora_core.io import atomic_save_safetensors
+from lora_core.training import EpochSampler
 
 from .config import DataSettings
 
@@ -160,12 +161,12 @@ def load_items(cfg: DataSettings) -> list[ImageItem]:
 
 # ------------------------------------------------------------------ sizes and buckets
 def make_buckets(resolution: int, step: int) -> list[tuple[int, int]]:
-    """(w, h) pairs with w*h <= resolution^2, sides multiples of `step`, aspect up to 2:1 (kohya's scheme)."""
+    """(w, h) pairs with w*h <= resolution^2, sides multiples of `step` up to 2*resolution (kohya's scheme)."""
     area, out = resolution * resolution, {(resolution, resolution)}
     w = max(step, resolution // 2 // step * step)
     while w <= resolution * 2:
         h = min(resolution * 2, area // w // step * step)
-        if h >= step and max(w, h) / min(w, h) <= 2.0:
+        if h >= step:
             out.add((w, h))
             out.add((h, w))
         w += step
@@ -265,12 +266,14 @@ class BatchDataset(torch.utils.data.Dataset):
     """Item i = the i-th batch: all samples of one bucket.
 
     Returns {"latent_params" | "pixels": (B, ...), "text_emb" | "input_ids": (B, ...)}.
-    Flips (data.random_flip) are drawn from the global torch RNG, which the trainer checkpoints.
+    Random flips and crops come from a generator seeded by (seed, epoch, batch), not the global RNG:
+    Accelerate fetches one batch ahead, so global draws here would break exact resume.
+    Use `self.sampler` (an EpochSampler) in the DataLoader; it carries the epoch.
     """
 
     def __init__(self, items: list[ImageItem], cfg: DataSettings, batch_size: int, seed: int, tokenizer,
                  text_emb: Optional[torch.Tensor] = None):
-        self.items, self.cfg = items, cfg
+        self.items, self.cfg, self.seed = items, cfg, seed
         buckets = make_buckets(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
         self.sizes = [pick_bucket(i.size, buckets) if buckets else (cfg.resolution, cfg.resolution) for i in items]
         self.input_ids = tokenize(tokenizer, [i.caption for i in items])
@@ -287,6 +290,7 @@ class BatchDataset(torch.utils.data.Dataset):
             order = torch.randperm(len(idx), generator=g).tolist()
             idx = [idx[o] for o in order]
             self.batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+        self.sampler = EpochSampler(len(self.batches), seed)
 
     def _flips(self) -> tuple[bool, ...]:
         return (False, True) if self.cfg.random_flip else (False,)
@@ -311,12 +315,13 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         idx = self.batches[i]
-        flips = [bool(torch.rand(()) < 0.5) if self.cfg.random_flip else False for _ in idx]
+        g = torch.Generator().manual_seed(hash((self.seed, self.sampler.epoch, i)) & 0x7FFF_FFFF_FFFF)
+        flips = [bool(torch.rand((), generator=g) < 0.5) if self.cfg.random_flip else False for _ in idx]
         out = {}
         if self.latents is not None:
             out["latent_params"] = torch.stack([self.latents[(n, f)] for n, f in zip(idx, flips)])
         else:
-            out["pixels"] = torch.stack([load_pixels(self.items[n].path, self.sizes[n], self.cfg.center_crop, f)
+            out["pixels"] = torch.stack([load_pixels(self.items[n].path, self.sizes[n], self.cfg.center_crop, f, g)
                                          for n, f in zip(idx, flips)])
         if self.text_emb is not None:
             out["text_emb"] = self.text_emb[idx]

@@ -59,13 +59,13 @@ def build_tiny_pipeline(seed: int = 0):
     torch.manual_seed(seed)
     try:
         unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32)
+        vae = AutoencoderKL(   # 3 blocks: images are 4x the latent size (SD's VAE: 8x)
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
             norm_num_groups=32, sample_size=64)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
@@ -95,7 +95,7 @@ def save_tiny_pipeline(out_dir, seed: int = 0) -> Path:
         "---\ntags: [stable-diffusion, tiny, random-weights, lora-workbench]\n---\n"
         f"# Tiny Stable Diffusion pipeline (random weights)\n\n{RANDOM_WEIGHTS_NOTE}.\n\n"
         "Built by `lora-sd tiny-model` from configs: UNet2DConditionModel with cross-attention "
-        "(block_out_channels 32/64, cross_attention_dim 32), AutoencoderKL (2 blocks), CLIPTextModel "
+        "(block_out_channels 32/64, one layer per block, cross_attention_dim 32), AutoencoderKL (3 blocks, 4x), CLIPTextModel "
         "(3 layers, hidden 32), DDPMScheduler. Use it to test the training and export machinery offline.\n"))
     return out
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from lora_core import add_lora
 from lora_core.configfile import save_config
-from lora_core.training import EpochSampler, RunDir, setup_logging, train
+from lora_core.training import RunDir, setup_logging, train
 
 from . import formats
 from .config import SDTrainConfig
@@ -162,7 +162,7 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
     try:
         if main:
             save_config(run.config, cfg)
-            run.write_status("running", step=0, max_steps=s.max_steps, phase="preparing", error=None)
+            run.write_status("running", step=0, max_steps=s.max_steps, error=None)
         return _run(cfg, run, accelerator, resume, set_seed)
     except Exception as e:
         if main and run.read_status().get("state") != "failed":
@@ -226,7 +226,7 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed) -> dict
                            vae=None if cache_latents else vae,
                            scaling_factor=float(vae.config.scaling_factor),
                            min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset)
-    dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=EpochSampler(len(ds), s.seed), collate_fn=first,
+    dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first,
                                      num_workers=s.num_workers)
     components = {"unet": unet, **({"text_encoder": te} if train_te else {})}
     resolution = d.resolution

@@ -105,7 +105,7 @@ class LoraTrainer:
 
     def apply(self, grads, lr: float):
         ops.assign(self.optimizer.lrs[0], ms.Tensor(lr, ms.float32))  # set_data would not reach a compiled graph
-        return self._apply(grads)
+        return self._apply(ms.mutable(tuple(grads)))  # a variable, not a constant: one compile
 
     def step(self, batches: Sequence[tuple], lr: float) -> float:
         """One optimizer step over micro-batches (ids, mask, labels); returns their mean loss."""
@@ -165,22 +165,27 @@ def build_data(cfg, tokenizer) -> tuple[list[list[int]], list[int], int]:
 
 
 # ------------------------------------------------------------------ model
-def build_model(cfg, num_labels: int, pad_id: int) -> nn.Cell:
-    """The MindSpore GPT-2 of cfg.model, with LoRA added as lora_llm.models.resolve_lora says."""
-    from lora_llm.models import TINY, load_model, resolve_lora
+def build_base(model_section, num_labels: int, pad_id: int) -> nn.Cell:
+    """The MindSpore GPT-2 of a [model] section: "tiny" is the very model the PyTorch trainer builds
+    (same seed), converted; a folder, file or hub id is read from its safetensors weights."""
+    from lora_llm.models import TINY, load_model, resolve_pretrained
     from .gpt2 import GPT2Config, build_gpt2, load_gpt2, load_hf_state_dict
-    if cfg.model.dtype != "float32":
-        raise ValueError(f"model.dtype = {cfg.model.dtype!r}: the MindSpore backend runs float32 only")
-    if cfg.model.gguf_file:
+    if model_section.dtype != "float32":
+        raise ValueError(f"model.dtype = {model_section.dtype!r}: the MindSpore backend runs float32 only")
+    if model_section.gguf_file:
         raise ValueError("model.gguf_file: the MindSpore backend loads GPT-2 safetensors weights, not GGUF")
-    if cfg.model.pretrained == TINY:
-        # the very model the PyTorch trainer builds (same seed), converted
-        tm = load_model(cfg.model, num_labels, pad_id)
+    if model_section.pretrained == TINY:
+        tm = load_model(model_section, num_labels, pad_id)
         net = build_gpt2(GPT2Config.from_dict(tm.config.to_dict()), num_labels)
         load_hf_state_dict(net, {k: v.float().numpy() for k, v in tm.state_dict().items()}, "tiny model")
-    else:
-        from lora_llm.models import resolve_pretrained
-        net = load_gpt2(resolve_pretrained(cfg.model)[0], num_labels)
+        return net
+    return load_gpt2(resolve_pretrained(model_section)[0], num_labels)
+
+
+def build_model(cfg, num_labels: int, pad_id: int) -> nn.Cell:
+    """build_base + LoRA, targets resolved by lora_llm.models.resolve_lora (q_proj/v_proj -> c_attn slices)."""
+    from lora_llm.models import resolve_lora
+    net = build_base(cfg.model, num_labels, pad_id)
     lcm.add_lora(net, resolve_lora(cfg.lora, net, classification=bool(num_labels)))
     return net
 
@@ -233,29 +238,37 @@ def train_from_config(cfg, run_dir, resume: Optional[str] = None) -> dict:
     from lora_llm import data as D
     from lora_llm.models import load_tokenizer
 
-    run = RunDir(run_dir or cfg.run_dir).create()
-    setup_logging(run)
-    save_config(run.config, cfg)
     s, mcfg = cfg.train, cfg.mindspore
+    run = RunDir(run_dir or cfg.run_dir)
     try:
-        set_device(mcfg.device_target, mcfg.device_id)
+        set_device(mcfg.device_target, mcfg.device_id)   # before communication starts (msrun workers)
+        dp = data_parallel()
+    except Exception as e:
+        run.create().write_status("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    main = dp is None or dp.rank == 0
+    if main:
+        run.create()
+        save_config(run.config, cfg)
+    setup_logging(run, main)
+    try:
         ms.set_seed(s.seed)
         tok = load_tokenizer(cfg.model)
         pad_id = int(tok.pad_token_id)
         num_labels = 0 if cfg.data.is_lm else D.num_labels(cfg.data.task)
         seqs, labels, width = build_data(cfg, tok)
         net = build_model(cfg, num_labels, pad_id)
-        dp = data_parallel()
-        trainer = LoraTrainer(net, s, graph=mcfg.mode == "graph", reducer=dp.reducer(lcm.lora_parameters(net)) if dp else None)
+        trainer = LoraTrainer(net, s, graph=mcfg.mode == "graph",
+                              reducer=dp.reducer(lcm.lora_parameters(net)) if dp else None)
         log.info("MindSpore %s, %s on %s, %d trainable parameters, %d examples, %s", ms.__version__, mcfg.mode,
                  mcfg.device_target, sum(p.size for p in trainer.params), len(seqs),
                  f"{dp.size} data-parallel workers" if dp else "1 process")
         status = _loop(cfg, run, trainer, seqs, labels, width, pad_id, resume, dp)
-        if status.get("state") == "done" and cfg.eval.enabled and (dp is None or dp.rank == 0):
+        if main and status.get("state") == "done" and cfg.eval.enabled:
             status = evaluate_with_torch(cfg, run)
         return status
     except Exception as e:
-        if run.read_status().get("state") != "failed":
+        if main and run.read_status().get("state") != "failed":
             run.write_status("failed", error=f"{type(e).__name__}: {e}")
         raise
 
@@ -338,14 +351,14 @@ def _loop(cfg, run: RunDir, trainer: LoraTrainer, seqs, labels, width: int, pad_
                 if stop:
                     if main:
                         run.write_status("stopped", step=step, last_checkpoint=last_ckpt)
-                    return run.read_status()
+                    return run.read_status() if main else {"state": "stopped", "step": step}
             if step < s.max_steps:
                 epoch, batch_in_epoch = epoch + 1, 0
                 state.update(epoch=epoch, batch_in_epoch=0)
     if main:
         lcm.save_lora(run.path / ADAPTER_FILE, trainer.net, meta(step))
         run.write_status("done", step=step, finished=time.time(), last_checkpoint=last_ckpt)
-    return run.read_status()
+    return run.read_status() if main else {"state": "done", "step": step}
 
 
 def evaluate_with_torch(cfg, run: RunDir) -> dict:

@@ -1,0 +1,68 @@
+"""Test and demo helpers: a tiny image-caption folder and a small training config (used by tests/test_sd_*.py)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lora_core.paths import shared_path
+
+
+def make_images(folder: Path, n: int = 4, size=(40, 32), seed: int = 0, caption: str = "a photo of a thing") -> list[Path]:
+    """n small gradient/noise images with kohya .txt captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = size
+        base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0, 3)
+        arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        p = folder / f"img_{seed}_{i}.png"
+        Image.fromarray(np.broadcast_to(arr, (h, w, 3)).copy()).save(p)
+        p.with_suffix(".txt").write_text(f"{caption} {i}")
+        out.append(p)
+    return out
+
+
+def make_dataset(root: Path, n_real: int = 3) -> Path:
+    """Generated images plus (when ../shared is present) a few DreamBooth photos with metadata.jsonl
+    in a kohya repeat folder."""
+    make_images(root, 4)
+    src = shared_path("data", "dreambooth", "train_512")
+    if src is not None:
+        sub = root / "2_real"
+        sub.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for p in sorted(src.glob("*.jpg"))[:n_real]:
+            with Image.open(p) as im:   # keep the test fast: 64 px copies
+                im.convert("RGB").resize((64, 64)).save(sub / p.name)
+            lines.append('{"file_name": "%s", "text": "a photo of %s"}' % (p.name, p.stem.split("_")[0]))
+        (sub / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Path, **sections) -> "SDTrainConfig":
+    """A 6-step tiny run at 32 px; `sections` update tables, e.g. train={"max_steps": 2}."""
+    from lora_core.configfile import from_dict
+    from lora_sd.config import SDTrainConfig
+    d = {
+        "run_dir": str(run_path),
+        "model": {"pretrained": pretrained},
+        "data": {"path": str(data_dir), "resolution": 32, "bucket_step": 16, "cache_dir": str(cache_dir),
+                 "random_flip": True},
+        "lora": {"r": 4, "alpha": 2.0, "target_modules": "cross_attn"},
+        "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 5e-3, "lr_scheduler": "cosine",
+                  "lr_warmup_steps": 2, "checkpoint_every": 3, "keep_checkpoints": 3, "seed": 7},
+        "loss": {"min_snr_gamma": 5.0, "noise_offset": 0.05},
+        "output": {"name": "test_lora"},
+    }
+    for k, v in sections.items():
+        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    return from_dict(SDTrainConfig, d)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

