@@ -280,7 +280,8 @@ def load_checkpoint(accelerator, path: Path, model: nn.Module, optimizer, schedu
 
 
 # ------------------------------------------------------------------ the loop
-class _StopFlag:
+class StopFlag:
+    """Context manager: SIGTERM/SIGINT set `.stop` (a second signal interrupts at once)."""
     def __init__(self):
         self.stop = False
         self._old = {}
@@ -362,7 +363,7 @@ def train(*, accelerator, run: RunDir, model: nn.Module, dataloader, loss_fn: Ca
         if main:
             run.write_status("running", last_checkpoint=last_ckpt)
 
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while step < s.max_steps:
             dl = accelerator.skip_first_batches(dataloader, batch_in_epoch) if batch_in_epoch else dataloader
             if hasattr(dl, "set_epoch"):

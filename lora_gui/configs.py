@@ -68,13 +68,6 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{Path(path).name}: not valid TOML ({e})") from None
 
 
-def parse_toml(text: str, where: str = "config") -> dict:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{where}: not valid TOML ({e})") from None
-
-
 # ---------------------------------------------------------------- forms
 @dataclass(frozen=True)
 class Field:
@@ -206,14 +199,3 @@ def apply_form(base: dict, fields: list[Field], values: list, ws: Optional[Works
 def validate(kind: str, data: dict, where: str = "config"):
     """The typed config object (ConfigError names the key at fault)."""
     return from_dict(config_class(kind), data, where)
-
-
-def config_kind(data: dict) -> Optional[str]:
-    """Guess "sd" or "llm" from a config's tables (for loading a file into the right tab)."""
-    for kind in CONFIG_MODULES:
-        try:
-            validate(kind, data)
-            return kind
-        except ConfigError:
-            continue
-    return None

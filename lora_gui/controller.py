@@ -218,7 +218,11 @@ class Controller:
 
     def eval_view(self, name: str) -> tuple[runview.RunSnapshot, list[list]]:
         out = self.ws.resolve(Path("outputs") / "eval" / check_name(name, "evaluation name"), must_exist=True)
-        return runview.snapshot(out), eval_rows(read_json(out / "results.json"))
+        rows = eval_rows(read_json(out / "results.json"))
+        snap = runview.snapshot(out)
+        tasks = configs.get_key(configs.read_toml(out / "config.toml"), "tasks", []) or []
+        snap.step, snap.max_steps = len({r[0] for r in rows}), len(tasks)  # progress in tasks
+        return snap, rows
 
     # ------------------------------------------------------------ datasets
     def check_dataset(self, path: str) -> str:

@@ -16,7 +16,6 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Optional
 
 SUBDIRS = ("runs", "configs", "models", "datasets", "outputs")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -126,14 +125,3 @@ class Workspace:
             return []
         found = [p for p in self.runs.iterdir() if p.is_dir() and (p / "config.toml").is_file()]
         return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-
-    def list_files(self, sub: str, suffixes: tuple[str, ...]) -> list[str]:
-        """Workspace-relative paths of files under `sub` with one of `suffixes`, sorted."""
-        base = self.root / sub
-        if not base.is_dir():
-            return []
-        return sorted(self.rel(p) for p in base.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
-                      and not any(part.startswith(".") for part in p.relative_to(base).parts))
-
-    def find(self, sub: Optional[str] = None) -> Path:
-        return self.root if sub is None else self.resolve(sub)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from lora_core.io import atomic_save_safetensors
+from lora_core.paths import shared_dir
 from lora_core.training import EpochSampler
 
 from .config import DataSettings
@@ -96,8 +97,20 @@ def _image_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
+def resolve_path(path) -> Path:
+    """A folder path; "shared:REL" is REL inside the offline data folder (../shared or $LORA_SHARED_DIR)."""
+    text = str(path)
+    if text.startswith("shared:"):
+        base = shared_dir()
+        if base is None:
+            raise DatasetError(f"data.path {text}: the shared data folder is absent (../shared next to the "
+                               "project, or set LORA_SHARED_DIR)")
+        return base / text[len("shared:"):]
+    return Path(text).expanduser()
+
+
 def scan(root, caption_extension: str = ".txt", default_repeats: int = 1, max_images: int = 0) -> ScanReport:
-    root = Path(root).expanduser()
+    root = resolve_path(root)
     if not root.is_dir():
         raise DatasetError(f"data.path {root}: not a folder")
     report = ScanReport(root)
@@ -229,7 +242,7 @@ class LatentCache:
     @torch.no_grad()
     def ensure(self, jobs: list[tuple[ImageItem, tuple[int, int], bool]], rank: int = 0, world: int = 1) -> int:
         """Encode the missing entries (this process's share of them); returns how many it encoded."""
-        todo = [j for j in jobs if not self.path(*j).is_file()][rank::world]
+        todo = [j for j in jobs[rank::world] if not self.path(*j).is_file()]
         p = next(self.vae.parameters())
         for item, size, flip in todo:
             pixels = load_pixels(item.path, size, True, flip).unsqueeze(0).to(p.device, p.dtype)

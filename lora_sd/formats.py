@@ -23,7 +23,7 @@ from torch import nn
 
 from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers
 from lora_core.io import atomic_save_safetensors, read_safetensors
-from lora_core.layers import LoraLayer, supported
+from lora_core.layers import LoraLayer, base_dims, supported
 
 COMPONENTS = ("unet", "text_encoder")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -84,9 +84,9 @@ def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _base_shape(m: nn.Module) -> tuple[int, int]:
-    base = m.base_layer if isinstance(m, LoraLayer) else m
-    w = base.weight
-    return (w.shape[0], w.shape[1]) if not type(base).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+    """(out, in) of a target module."""
+    in_f, out_f = base_dims(m.base_layer if isinstance(m, LoraLayer) else m)
+    return out_f, in_f
 
 
 def match_report(adapter: Adapter, components: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
@@ -308,8 +308,8 @@ def write_adapter(path, adapter: Adapter, fmt: str, metadata: Optional[dict] = N
 def summary(adapter: Adapter, metadata: dict[str, str], fmt: str) -> dict:
     """What `lora-sd inspect` prints."""
     by_comp = {c: sum(1 for k in adapter if k.startswith(c + ".")) for c in COMPONENTS}
-    leaf = sorted({k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] if k.endswith(".0") else k.rsplit(".", 1)[-1]
-                   for k in adapter})
+    parts = [k.split(".") for k in adapter]
+    leaf = sorted({".".join(p[-2:]) if p[-1].isdigit() else p[-1] for p in parts})   # to_q, to_out.0, q_proj
     attn = sorted({m.group(0) for k in adapter for m in [re.search(r"attn[12]", k)] if m})
     return {
         "format": fmt,

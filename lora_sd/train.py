@@ -57,8 +57,8 @@ class DiffusionLoss(nn.Module):
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             lat = mean + std * torch.randn_like(mean)
         else:
-            with torch.no_grad():
-                px = batch["pixels"].to(next(self.vae.parameters()).dtype)
+            px = batch["pixels"].to(next(self.vae.parameters()).dtype)
+            with torch.no_grad(), torch.autocast(px.device.type, enabled=False):   # the VAE keeps its own dtype
                 lat = self.vae.encode(px).latent_dist.sample().float()
         return lat * self.scaling_factor
 
@@ -146,8 +146,9 @@ class _MetricsRun(RunDir):
             self._tb.flush()
 
 
-def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=None) -> dict:
-    """Train as configured; returns the final status dict (see lora_core.training.RunDir)."""
+def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=None, pipe=None) -> dict:
+    """Train as configured; returns the final status dict (see lora_core.training.RunDir).
+    `pipe` replaces loading cfg.model.pretrained (an in-memory pipeline, e.g. the benchmark's)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     s = cfg.train
@@ -163,21 +164,22 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
         if main:
             save_config(run.config, cfg)
             run.write_status("running", step=0, max_steps=s.max_steps, error=None)
-        return _run(cfg, run, accelerator, resume, set_seed)
+        return _run(cfg, run, accelerator, resume, set_seed, pipe)
     except Exception as e:
         if main and run.read_status().get("state") != "failed":
             run.write_status("failed", error=f"{type(e).__name__}: {e}")
         raise
 
 
-def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed) -> dict:
+def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe) -> dict:
     s, d = cfg.train, cfg.data
     main = accelerator.is_main_process
     items = load_items(d)   # dataset errors surface before any model is loaded
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
 
     set_seed(s.seed)   # same LoRA init on every process
-    pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
+    if pipe is None:
+        pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
     if is_random_weights(pipe) and main:
         log.warning(RANDOM_WEIGHTS_NOTE)
     if cfg.model.prediction_type:
@@ -217,7 +219,7 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed) -> dict
         cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
         n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
         accelerator.wait_for_everyone()
-        log.info("latent cache %s: %d encoded now, %d reused", cache.folder, n, len(ds.latent_jobs()) - n)
+        log.info("latent cache %s: %d encoded by this process", cache.folder, n)
         ds.load_latents(cache)
     log.info("%d batches per epoch; buckets %s", len(ds), ds.bucket_counts())
 

@@ -134,7 +134,7 @@ def test_1_path_traversal_is_refused(page, server):
 
 def test_2_train_shows_loss_plot_and_validation_images(page):
     fill(page, "sd-run-name", "first")
-    fill(page, "sd-train-max_steps", 40)
+    fill(page, "sd-train-max_steps", 400)  # long enough to be stopped, resumed and queued behind
     fill(page, "sd-train-batch_size", 1)
     fill(page, "sd-train-sample_every", 3)
     fill(page, "sd-train-checkpoint_every", 0)
@@ -153,7 +153,7 @@ def test_3_stop_and_resume(page, server):
     page.locator("#sd-stop").click()
     wait_for(page, lambda: state(page)[0] == "stopped", 60, "stopped")
     stopped_at = state(page)[1]
-    assert 1 <= stopped_at < 40
+    assert 1 <= stopped_at < 400
     run = server["ws"] / "runs" / "first"
     assert any((run / "checkpoints").glob("step_*"))
     shot(page, "04-stopped")
@@ -203,7 +203,7 @@ def test_6_generate_with_the_adapter(page, server):
     page.keyboard.press("Enter")
     fill(page, "gen-adapter-scale", 0.8)
     page.locator("#gen-adapter-add").click()
-    page.locator("#gen-adapters").get_by_text(adapter.name).first.wait_for()
+    wait_for(page, lambda: adapter.name in page.locator("#gen-adapters").inner_text(), 20, "adapter-row")
     page.locator("#gen-go").click()
     page.locator("#gen-gallery img").first.wait_for(timeout=120_000)
     assert "saved to outputs/generate/" in page.locator("#gen-message").inner_text()

@@ -1,5 +1,4 @@
 """GUI actions without a browser: forms -> typed configs, config save/load, uploads, adapters, safety."""
-import json
 import tomllib
 from pathlib import Path
 

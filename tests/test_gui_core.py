@@ -4,8 +4,6 @@ Process management is tested with a fake trainer (a tiny script that writes a ru
 way lora_core.training does and checkpoints on SIGTERM), so these tests need no model.
 """
 import json
-import os
-import signal
 import sys
 import textwrap
 import time

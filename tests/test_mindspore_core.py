@@ -180,3 +180,15 @@ def test_file_roundtrip_between_backends(tmp_path):
     assert lcm.load_lora(tmp_path / "pt.safetensors", m2) == cfg
     assert lcm.read_adapter_config(tmp_path / "pt.safetensors") == cfg
     np.testing.assert_allclose(m2(ms.Tensor(x)).asnumpy(), a, rtol=1e-5, atol=1e-6)
+
+
+def test_project_imports_do_not_load_mindspore():
+    """MindSpore is imported only when a MindSpore job runs (the rest works without it)."""
+    import subprocess
+    import sys
+    code = ("import sys, lora_core, lora_llm.cli, lora_llm.train, lora_llm.mindspore; "
+            "print('mindspore' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=__import__("pathlib").Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -83,6 +83,21 @@ def test_base_logits_match_transformers():
     assert rel(out[real], ref[real]) < RTOL
 
 
+def test_load_gpt2_from_a_saved_folder_and_file(tmp_path):
+    from lora_llm.mindspore.gpt2 import load_gpt2
+    from lora_llm.models import make_tiny_model
+    tm, _ = make_tiny_model(tmp_path / "tiny", n_layer=1)
+    ids = np.array([[5, 17, 300, 2]])
+    with torch.no_grad():
+        ref = tm(torch.tensor(ids)).logits.numpy()
+    for src in (tmp_path / "tiny", tmp_path / "tiny" / "model.safetensors"):
+        net = load_gpt2(src)
+        net.set_train(False)
+        assert rel(net(T(ids), T(np.ones_like(ids))).asnumpy(), ref) < RTOL
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        load_gpt2(tmp_path / "no-such-folder")
+
+
 def test_load_hf_state_dict_is_strict():
     tm = torch_model()
     sd = {k: v.numpy() for k, v in tm.state_dict().items()}

@@ -149,3 +149,14 @@ def test_msrun_two_cpu_workers_equal_one_process_with_the_global_batch(tmp_path)
     for k in a:
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-4, atol=1e-6)
     shutil.rmtree(tmp_path / "rank_0", ignore_errors=True)
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+    from lora_core.training import NonFiniteLoss
+    cfg = _cfg(tmp_path, "train.learning_rate=1e30", "train.max_steps=4", "train.max_grad_norm=0",
+               "eval.enabled=false", 'mindspore.mode="pynative"')
+    with pytest.raises(NonFiniteLoss, match="non-finite loss"):
+        train_from_config(cfg, None)
+    st = RunDir(tmp_path).read_status()
+    assert st["state"] == "failed" and "non-finite" in st["error"]
+    assert not (tmp_path / "adapter.safetensors").exists()

@@ -205,3 +205,15 @@ def test_nan_loss_fails_clearly(tiny, dataset, tmp_path, monkeypatch):
         run_training(cfg)
     st = RunDir(tmp_path / "run").read_status()
     assert st["state"] == "failed" and "non-finite" in st["error"]
+
+
+def test_bf16_with_gradient_checkpointing_trains(tiny, dataset, tmp_path):
+    """bf16 base weights + fp32 LoRA under autocast, with gradient checkpointing: gradients reach the
+    LoRA weights (the up matrices, zero at init, are no longer zero)."""
+    cfg = train_config(tmp_path / "run", tiny, dataset, tmp_path / "cache",
+                       train={"max_steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": True,
+                              "checkpoint_every": 0})
+    assert run_training(cfg)["state"] == "done"
+    sd = load_file(str(tmp_path / "run" / "test_lora.safetensors"))
+    ups = [t for k, t in sd.items() if k.endswith("lora_up.weight")]
+    assert ups and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in ups)

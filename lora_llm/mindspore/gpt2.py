@@ -20,6 +20,7 @@ from typing import Optional, Union
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
+from mindspore.common.initializer import Normal, initializer
 
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 _LAYERNORM = {"gamma": "weight", "beta": "bias"}
@@ -69,7 +70,7 @@ class Embedding(nn.Cell):
 
     def __init__(self, num: int, dim: int):
         super().__init__()
-        self.weight = ms.Parameter(ms.Tensor(np.random.normal(0, 0.02, (num, dim)).astype(np.float32)), name="weight")
+        self.weight = ms.Parameter(initializer(Normal(sigma=0.02), (num, dim), ms.float32), name="weight")
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)
@@ -146,7 +147,7 @@ class GPT2Model(nn.Cell):
         return self.ln_f(x)
 
 
-def lm_loss(logits, input_ids, labels):
+def lm_loss(logits, labels):
     """Mean next-token cross-entropy over positions whose label is not -100 (HF's shift)."""
     logits = logits[:, :-1].astype(ms.float32)
     target = labels[:, 1:]
@@ -170,7 +171,7 @@ class GPT2LMHeadModel(nn.Cell):
         return ops.matmul(h, self.transformer.wte.weight.T)
 
     def loss(self, input_ids, attention_mask, labels):
-        return lm_loss(self.construct(input_ids, attention_mask), input_ids, labels)
+        return lm_loss(self.construct(input_ids, attention_mask), labels)
 
 
 class GPT2ForSequenceClassification(nn.Cell):
@@ -183,7 +184,7 @@ class GPT2ForSequenceClassification(nn.Cell):
         self.num_labels = num_labels
         self.transformer = GPT2Model(c)
         self.score = nn.Dense(c.n_embd, num_labels, has_bias=False,
-                              weight_init=ms.common.initializer.Normal(sigma=0.02))
+                              weight_init=Normal(sigma=0.02))
 
     def construct(self, input_ids, attention_mask):
         h = self.transformer(input_ids, attention_mask)

@@ -10,8 +10,8 @@ the backend-neutral lora_core format.
 
 Differences: mixed precision is not offered (fp32 only); a resumed run restores parameters, optimizer
 state, step and data position, but not MindSpore's dropout RNG stream (re-seeded from seed + step).
-Sequences are padded to a fixed length (data.max_length / data.block_size) so that graph mode
-compiles the step once.
+Every batch is padded to one width (data.block_size, or the longest training example) so that graph
+mode compiles the step once.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import numpy as np
 from mindspore import nn, ops
 
 import lora_core.mindspore as lcm
-from lora_core.training import (EpochSampler, NonFiniteLoss, RunDir, TrainSettings, _StopFlag, resolve_resume,
+from lora_core.training import (EpochSampler, NonFiniteLoss, RunDir, TrainSettings, StopFlag, resolve_resume,
                                 setup_logging)
 
 log = logging.getLogger("lora.llm.mindspore")
@@ -72,7 +72,10 @@ class LoraTrainer:
     trainable parameters are differentiated: in graph mode gradients of frozen parameters passed
     explicitly are real, not zero, and would cost time (and be applied by a careless optimizer)."""
 
-    def __init__(self, net: nn.Cell, settings: TrainSettings, graph: bool = True, reducer: Optional[nn.Cell] = None):
+    def __init__(self, net: nn.Cell, settings: TrainSettings, graph: bool = True, reducer: Optional[nn.Cell] = None,
+                 all_workers: Callable[[bool], bool] = bool):
+        """reducer averages gradients over data-parallel workers; all_workers(flag) is True when the flag
+        is True on every worker (so that all of them stop together on a NaN loss)."""
         from mindspore.experimental.optim import AdamW
         if settings.optimizer != "adamw":
             raise ValueError(f"train.optimizer = {settings.optimizer!r}: the MindSpore backend offers adamw only")
@@ -84,7 +87,7 @@ class LoraTrainer:
             raise ValueError("nothing to train: the network has no trainable parameters")
         self.optimizer = AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         self.max_norm = float(settings.max_grad_norm)
-        self.reducer = reducer
+        self.reducer, self.all_workers = reducer, all_workers
         grad_fn = ms.value_and_grad(net.loss, None, self.optimizer.parameters)
 
         def grads(ids, mask, labels):
@@ -114,7 +117,7 @@ class LoraTrainer:
             loss, gs = self.grads(ids, mask, labels)
             losses.append(float(loss.asnumpy()))
             total = gs if total is None else tuple(a + b for a, b in zip(total, gs))
-        if not all(math.isfinite(x) for x in losses):
+        if not self.all_workers(all(math.isfinite(x) for x in losses)):
             raise NonFiniteLoss(f"non-finite loss {losses}")
         if len(batches) > 1:
             total = tuple(g / len(batches) for g in total)
@@ -151,17 +154,11 @@ def fixed_batch(seqs: Sequence[Sequence[int]], labels, width: int, pad_id: int, 
 
 
 def build_data(cfg, tokenizer) -> tuple[list[list[int]], list[int], int]:
-    """(sequences, labels, padded width) of the training split, with lora_llm.data's loaders."""
-    from lora_llm import data as D
-    d = cfg.data
-    if d.is_lm:
-        text = D.load_text(d.task, d.train_split, d.data_dir, d.train_file, d.detokenize)
-        seqs = D.lm_blocks(D.tokenize_text(text, tokenizer), d.block_size, d.max_train_examples)
-        return seqs, [0] * len(seqs), d.block_size
-    ex = D.load_examples(d.task, d.train_split or D.task_info(d.task).train_split, d.data_dir, d.train_file,
-                         d.max_train_examples)
-    seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
-    return seqs, labels, max(len(s) for s in seqs)
+    """(sequences, labels, padded width) of the training split: the PyTorch trainer's items."""
+    from lora_llm.train import train_items
+    items = train_items(cfg, tokenizer)
+    seqs = [it["input_ids"] for it in items]
+    return seqs, [it.get("label", 0) for it in items], max(len(x) for x in seqs)
 
 
 # ------------------------------------------------------------------ model
@@ -259,7 +256,7 @@ def train_from_config(cfg, run_dir, resume: Optional[str] = None) -> dict:
         seqs, labels, width = build_data(cfg, tok)
         net = build_model(cfg, num_labels, pad_id)
         trainer = LoraTrainer(net, s, graph=mcfg.mode == "graph",
-                              reducer=dp.reducer(lcm.lora_parameters(net)) if dp else None)
+                              **({"reducer": dp.reducer(lcm.lora_parameters(net)), "all_workers": dp.all} if dp else {}))
         log.info("MindSpore %s, %s on %s, %d trainable parameters, %d examples, %s", ms.__version__, mcfg.mode,
                  mcfg.device_target, sum(p.size for p in trainer.params), len(seqs),
                  f"{dp.size} data-parallel workers" if dp else "1 process")
@@ -275,18 +272,18 @@ def train_from_config(cfg, run_dir, resume: Optional[str] = None) -> dict:
 
 def _loop(cfg, run: RunDir, trainer: LoraTrainer, seqs, labels, width: int, pad_id: int,
           resume: Optional[str], dp) -> dict:
+    from lora_llm.train import adapter_info
     s = cfg.train
     lm = cfg.data.is_lm
     rank, world = (dp.rank, dp.size) if dp else (0, 1)
     main = rank == 0
-    per_step = s.batch_size * s.gradient_accumulation_steps * world
+    per_step = s.gradient_accumulation_steps * world   # batches of batch_size per optimizer step
     n_batches = len(seqs) // s.batch_size
-    if n_batches < s.gradient_accumulation_steps * world:
+    if n_batches < per_step:
         raise ValueError(f"the dataset yields {n_batches} batches of {s.batch_size}: fewer than one optimizer step "
                          f"({s.gradient_accumulation_steps} x {world} workers)")
     sampler = EpochSampler(len(seqs), s.seed)
     lr_at = lr_schedule(s)
-    from lora_llm.train import adapter_info
 
     def meta(step):
         return {"llm_info": json.dumps(adapter_info(cfg, steps=step, backend="mindspore"))}
@@ -313,12 +310,12 @@ def _loop(cfg, run: RunDir, trainer: LoraTrainer, seqs, labels, width: int, pad_
             last_ckpt = str(save_checkpoint(run, trainer, dict(state), s.keep_checkpoints, meta(step)))
             run.write_status("running", last_checkpoint=last_ckpt)
 
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while step < s.max_steps:
             sampler.set_epoch(epoch)
             order = list(iter(sampler))
             # whole optimizer steps per epoch; every worker takes its own batches of each step
-            while (batch_in_epoch + per_step // s.batch_size) * s.batch_size <= len(order) and step < s.max_steps:
+            while batch_in_epoch + per_step <= n_batches and step < s.max_steps:
                 micro = []
                 for a in range(s.gradient_accumulation_steps):
                     b = batch_in_epoch + a * world + rank
@@ -331,7 +328,7 @@ def _loop(cfg, run: RunDir, trainer: LoraTrainer, seqs, labels, width: int, pad_
                     if main:
                         run.write_status("failed", error=msg, step=step, last_checkpoint=last_ckpt)
                     raise NonFiniteLoss(msg) from None
-                batch_in_epoch += per_step // s.batch_size
+                batch_in_epoch += per_step
                 step += 1
                 done_here += 1
                 state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
@@ -399,6 +396,9 @@ class DataParallel:
 
     def any(self, flag: bool) -> bool:
         return float(self._sum(ms.Tensor([1.0 if flag else 0.0], ms.float32)).asnumpy()[0]) > 0
+
+    def all(self, flag: bool) -> bool:
+        return not self.any(not flag)
 
 
 def data_parallel() -> Optional[DataParallel]:

@@ -1,0 +1,197 @@
+"""Benchmark: lora_sd's trainer vs a plain diffusers + PEFT loop on an SD 1.5-sized UNet.
+
+All models are built from SD 1.5's configs with RANDOM weights (no download): UNet 859.5 M params,
+VAE (AutoencoderKL 128/256/512/512), CLIP ViT-L/14 text encoder. LoRA r=4 alpha=4 on the 16
+cross-attention blocks (attn2 to_q/to_k/to_v/to_out.0), 256x256, batch 1, AdamW, fp32 on CPU
+(or --mixed-precision on a GPU).
+
+Variants, each in its own subprocess so peak memory is its own:
+  reference   diffusers + PEFT (unet.add_adapter), VAE encode + CLIP encode every step
+              (the loop of diffusers' train_text_to_image_lora.py)
+  ours        lora_sd.train.run_training, data.cache_latents = cache_text = false (same work per step)
+  ours_cached lora_sd.train.run_training with the latent and text-embedding caches
+
+Usage:  python bench/sd_train.py [--warmup 3] [--steps 5] [--out bench/results/sd.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
+    norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+              eos_token_id=49407, pad_token_id=49407)
+TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+RES, N_IMAGES = 256, 4
+
+
+def build_pipeline():
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from lora_sd.models import load_tokenizer
+    torch.manual_seed(0)
+    tok = load_tokenizer()
+    cfg = dict(CLIP_L, vocab_size=len(tok))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)), tokenizer=tok,
+        unet=UNet2DConditionModel(**SD15_UNET),
+        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe
+
+
+def make_images(folder: Path) -> None:
+    from lora_sd.testing import make_images as mk
+    mk(folder, N_IMAGES, size=(RES, RES), caption="a photo of a backpack on a wooden table")
+
+
+def peak_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def run_reference(warmup: int, steps: int, mp: str) -> dict:
+    """A plain diffusers + PEFT LoRA loop (train_text_to_image_lora.py's inner loop)."""
+    import torch.nn.functional as F
+    from peft import LoraConfig
+    from lora_sd.data import load_pixels
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = build_pipeline()
+    unet, vae, te, sched = pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+    unet.to(dev, dtype), te.to(dev, dtype), vae.to(dev)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    with tempfile.TemporaryDirectory() as d:
+        make_images(Path(d))
+        files = sorted(Path(d).glob("*.png"))
+        caps = [f.with_suffix(".txt").read_text() for f in files]
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            px = load_pixels(files[i % len(files)], (RES, RES)).unsqueeze(0).to(dev)
+            ids = pipe.tokenizer([caps[i % len(caps)]], padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids.to(dev)
+            with torch.autocast(dev, dtype=dtype, enabled=mp != "no"):
+                with torch.no_grad():
+                    lat = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
+                    enc = te(ids)[0]
+                noise = torch.randn_like(lat)
+                t = torch.randint(0, 1000, (1,), device=dev)
+                pred = unet(sched.add_noise(lat, noise, t), t, enc).sample
+                loss = F.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    n_lora = sum(p.numel() for p in params)
+    return {"step_times": times[warmup:], "lora_params": n_lora}
+
+
+def run_ours(warmup: int, steps: int, mp: str, cached: bool) -> dict:
+    from lora_core.training import RunDir
+    from lora_sd.testing import train_config
+    from lora_sd.train import run_training
+    pipe = build_pipeline()
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        make_images(d / "data")
+        cfg = train_config(d / "run", "sd15-sized-random", d / "data", d / "cache",
+                           data={"resolution": RES, "bucket_step": 64, "random_flip": False,
+                                 "cache_latents": cached, "cache_text": cached},
+                           lora={"r": 4, "alpha": 4.0, "target_modules": "cross_attn"},
+                           train={"max_steps": warmup + steps, "batch_size": 1, "learning_rate": 1e-4,
+                                  "lr_scheduler": "constant", "lr_warmup_steps": 0, "checkpoint_every": 0,
+                                  "mixed_precision": mp},
+                           loss={"min_snr_gamma": 0.0, "noise_offset": 0.0},
+                           output={"save_diffusers": False})
+        t0 = time.perf_counter()
+        run_training(cfg, pipe=pipe)
+        total = time.perf_counter() - t0
+        m = RunDir(d / "run").read_metrics()
+    n_lora = 0
+    from lora_core import lora_parameters
+    n_lora = sum(p.numel() for p in lora_parameters(pipe.unet))
+    return {"step_times": [r["step_time"] for r in m][warmup:], "lora_params": n_lora,
+            "run_training_total_s": total}
+
+
+def child(variant: str, warmup: int, steps: int, mp: str) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    if variant == "reference":
+        r = run_reference(warmup, steps, mp)
+    else:
+        r = run_ours(warmup, steps, mp, cached=variant == "ours_cached")
+    st = r["step_times"]
+    r.update(variant=variant, mean_step_s=sum(st) / len(st), steps_per_s=len(st) / sum(st), peak_mb=peak_mb(),
+             device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}")
+    print("RESULT " + json.dumps(r))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    ap.add_argument("--variants", default="reference,ours,ours_cached")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sd.json"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.warmup, a.steps, a.mixed_precision)
+        return
+    results = []
+    for v in a.variants.split(","):
+        cmd = [sys.executable, __file__, "--child", v, "--warmup", str(a.warmup), "--steps", str(a.steps),
+               "--mixed-precision", a.mixed_precision]
+        t0 = time.time()
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(line[-1][7:])
+        r["wall_s"] = time.time() - t0
+        results.append(r)
+        print(f"{v:12s} {r['mean_step_s']:.3f} s/step  {r['steps_per_s']:.3f} steps/s  peak {r['peak_mb']:.0f} MB "
+              f"({r['device']}, LoRA params {r['lora_params']:,}, wall {r['wall_s']:.0f} s)", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"resolution": RES, "batch_size": 1, "warmup": a.warmup, "steps": a.steps,
+                                       "mixed_precision": a.mixed_precision, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
