@@ -60,6 +60,9 @@ def main(argv=None) -> int:
             pass
     except KeyboardInterrupt:
         pass
+    except OSError as e:  # e.g. the port is taken
+        print(f"lora-gui: cannot start the server on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
     finally:
         print("stopping...", flush=True)
         scheduler.shutdown()

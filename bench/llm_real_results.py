@@ -28,15 +28,17 @@ COMMON = ["lora.r=8", "lora.alpha=16.0", 'lora.target_modules=["q_proj", "v_proj
           "eval.batch_size=32", "eval.max_new_tokens=30"]
 
 BUDGETS = {
-    # 2 shared CPU cores: SST-2/CoLA/AG-News at ~300 steps, WikiText-2 briefly on a test-token subset
+    # 2 CPU cores shared with other jobs (measured 15-55 s per SmolLM2 step here): short runs, eval subsets
     "cpu": {
         "tasks": ["sst2", "cola", "wikitext2", "ag_news"],
         "wikitext2": ["train.max_steps=60", "train.batch_size=4", "data.block_size=256", "train.lr_warmup_steps=6",
                       "eval.max_eval_tokens=20000", "eval.baseline=true", "train.learning_rate=2e-4"],
         "sst2": ["train.max_steps=300", "train.batch_size=16", "data.max_length=64"],
         "cola": ["train.max_steps=300", "train.batch_size=16", "data.max_length=64"],
-        "ag_news": ["train.max_steps=200", "train.batch_size=16", "data.max_length=96", "data.max_eval_examples=500"],
-        "imdb": ["train.max_steps=100", "train.batch_size=8", "data.max_length=256", "data.max_eval_examples=500"],
+        "ag_news": ["train.max_steps=40", "train.batch_size=8", "data.max_length=64", "data.max_eval_examples=300",
+                    "train.lr_warmup_steps=4"],
+        "imdb": ["train.max_steps=40", "train.batch_size=4", "data.max_length=256", "data.max_eval_examples=200",
+                 "train.lr_warmup_steps=4"],
     },
     # one GPU (H100/H200), bf16 autocast: full eval splits, a few epochs where cheap (about 5 min on an H200)
     "gpu": {

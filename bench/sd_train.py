@@ -11,7 +11,7 @@ Variants, each in its own subprocess so peak memory is its own:
   ours        lora_sd.train.run_training, data.cache_latents = cache_text = false (same work per step)
   ours_cached lora_sd.train.run_training with the latent and text-embedding caches
 
-Usage:  python bench/sd_train.py [--warmup 3] [--steps 5] [--out bench/results/sd.json]
+Usage:  python bench/sd_train.py [--warmup 3] [--steps 5] [--repeats 2] [--out bench/results/sd.json]
 """
 from __future__ import annotations
 
@@ -96,9 +96,9 @@ def run_reference(warmup: int, steps: int, mp: str) -> dict:
         make_images(Path(d))
         files = sorted(Path(d).glob("*.png"))
         caps = [f.with_suffix(".txt").read_text() for f in files]
-        times = []
+        times, cpu = [], []
         for i in range(warmup + steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             px = load_pixels(files[i % len(files)], (RES, RES)).unsqueeze(0).to(dev)
             ids = pipe.tokenizer([caps[i % len(caps)]], padding="max_length", max_length=77, truncation=True,
                                  return_tensors="pt").input_ids.to(dev)
@@ -117,14 +117,23 @@ def run_reference(warmup: int, steps: int, mp: str) -> dict:
             if dev == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     n_lora = sum(p.numel() for p in params)
-    return {"step_times": times[warmup:], "lora_params": n_lora}
+    return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "lora_params": n_lora}
 
 
 def run_ours(warmup: int, steps: int, mp: str, cached: bool) -> dict:
     from lora_core.training import RunDir
+    from lora_sd import train as sd_train
     from lora_sd.testing import train_config
-    from lora_sd.train import run_training
+    cpu_marks = []   # process CPU time at each step's metrics line (one per optimizer step)
+    original = sd_train._MetricsRun.append_metrics
+
+    def append_metrics(self, record):
+        cpu_marks.append(time.process_time())
+        original(self, record)
+
+    sd_train._MetricsRun.append_metrics = append_metrics
     pipe = build_pipeline()
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -139,13 +148,13 @@ def run_ours(warmup: int, steps: int, mp: str, cached: bool) -> dict:
                            loss={"min_snr_gamma": 0.0, "noise_offset": 0.0},
                            output={"save_diffusers": False})
         t0 = time.perf_counter()
-        run_training(cfg, pipe=pipe)
+        sd_train.run_training(cfg, pipe=pipe)
         total = time.perf_counter() - t0
         m = RunDir(d / "run").read_metrics()
-    n_lora = 0
     from lora_core import lora_parameters
     n_lora = sum(p.numel() for p in lora_parameters(pipe.unet))
-    return {"step_times": [r["step_time"] for r in m][warmup:], "lora_params": n_lora,
+    cpu = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]   # step k's CPU time: mark k - mark k-1
+    return {"step_times": [r["step_time"] for r in m][warmup:], "cpu_times": cpu[warmup - 1:], "lora_params": n_lora,
             "run_training_total_s": total}
 
 
@@ -155,8 +164,9 @@ def child(variant: str, warmup: int, steps: int, mp: str) -> None:
         r = run_reference(warmup, steps, mp)
     else:
         r = run_ours(warmup, steps, mp, cached=variant == "ours_cached")
-    st = r["step_times"]
+    st, ct = r["step_times"], r["cpu_times"]
     r.update(variant=variant, mean_step_s=sum(st) / len(st), steps_per_s=len(st) / sum(st), peak_mb=peak_mb(),
+             median_step_s=sorted(st)[len(st) // 2], cpu_s_per_step=sum(ct) / len(ct),
              device=torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}")
     print("RESULT " + json.dumps(r))
 
@@ -167,6 +177,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     ap.add_argument("--variants", default="reference,ours,ours_cached")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best round per variant counts")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sd.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -174,23 +185,34 @@ def main() -> None:
         child(a.child, a.warmup, a.steps, a.mixed_precision)
         return
     results = []
-    for v in a.variants.split(","):
-        cmd = [sys.executable, __file__, "--child", v, "--warmup", str(a.warmup), "--steps", str(a.steps),
-               "--mixed-precision", a.mixed_precision]
-        t0 = time.time()
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(line[-1][7:])
-        r["wall_s"] = time.time() - t0
-        results.append(r)
-        print(f"{v:12s} {r['mean_step_s']:.3f} s/step  {r['steps_per_s']:.3f} steps/s  peak {r['peak_mb']:.0f} MB "
-              f"({r['device']}, LoRA params {r['lora_params']:,}, wall {r['wall_s']:.0f} s)", flush=True)
+    for rep in range(a.repeats):   # interleaved rounds: a shared machine's load drifts, best-of is fairest
+        for v in a.variants.split(","):
+            cmd = [sys.executable, __file__, "--child", v, "--warmup", str(a.warmup), "--steps", str(a.steps),
+                   "--mixed-precision", a.mixed_precision]
+            t0 = time.time()
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[-1][7:])
+            r.update(wall_s=time.time() - t0, round=rep, load_avg=os.getloadavg()[0])
+            results.append(r)
+            print(f"round {rep} {v:12s} {r['mean_step_s']:.3f} s/step (median {r['median_step_s']:.3f}, "
+                  f"CPU {r['cpu_s_per_step']:.2f} s/step)  {r['steps_per_s']:.3f} steps/s  "
+                  f"peak {r['peak_mb']:.0f} MB ({r['device']}, LoRA params {r['lora_params']:,}, "
+                  f"wall {r['wall_s']:.0f} s, load avg {r['load_avg']:.1f})", flush=True)
+    best = {}
+    for r in results:
+        if r["variant"] not in best or r["mean_step_s"] < best[r["variant"]]["mean_step_s"]:
+            best[r["variant"]] = r
+    for v, r in best.items():
+        print(f"best {v:12s} {r['mean_step_s']:.3f} s/step  {r['steps_per_s']:.3f} steps/s  "
+              f"CPU {r['cpu_s_per_step']:.2f} s/step  peak {r['peak_mb']:.0f} MB")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"resolution": RES, "batch_size": 1, "warmup": a.warmup, "steps": a.steps,
-                                       "mixed_precision": a.mixed_precision, "results": results}, indent=2))
+                                       "mixed_precision": a.mixed_precision, "best": best, "runs": results},
+                                      indent=2))
 
 
 if __name__ == "__main__":

@@ -286,7 +286,7 @@ class Controller:
         images = sorted(p for p in out.glob("*.png"))
         caption = f"seed {int(seed)}, {int(steps)} steps, cfg {float(guidance):g}, {scheduler}" + \
                   (f", {'; '.join(used)}" if used else "")
-        return [(str(p), f"{caption} [{p.name}]") for p in images], f"saved to {self.ws.rel(out)}"
+        return [(str(p), f"{caption} [{p.name}]") for p in images], f"{caption}; saved to {self.ws.rel(out)}"
 
     def generate_text(self, model: str, adapter: str, prompt: str, max_new_tokens: int) -> str:
         """`lora-llm generate` with an adapter (a run folder or adapter file) or with the bare base model."""

@@ -93,7 +93,9 @@ class Monitor:
         self.plot = gr.Plot(label="Loss", elem_id=p + "loss-plot", format="png")
         self.gallery = (gr.Gallery(label="Validation images", columns=6, height=220, elem_id=p + "gallery")
                         if gallery else None)
-        self.log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, autoscroll=True, elem_id=p + "log")
+        # one log record per line (no wrapping), exactly the tail's 12 lines: the newest is always in view
+        self.log = gr.Code(language=None, label="Log (last lines)", lines=12, max_lines=12, wrap_lines=False,
+                           interactive=False, show_line_numbers=False, elem_id=p + "log")
         self.sig = gr.State({})
 
     @property
@@ -181,7 +183,7 @@ def build_app(ctrl: Controller) -> gr.Blocks:
                             q_clear = gr.Button("Clear finished", size="sm", elem_id="queue-clear")
 
             # ------------------------------------------------------------ Generate
-            with gr.Tab("Generate", id="generate"):
+            with gr.Tab("Generate", id="generate") as gen_tab:
                 with gr.Row():
                     with gr.Column():
                         g_model = gr.Textbox(label="Base model", value="tiny", elem_id="gen-model",
@@ -256,7 +258,7 @@ def build_app(ctrl: Controller) -> gr.Blocks:
                     tg_out = gr.Textbox(label="Output", lines=6, elem_id="tg-output")
 
             # ------------------------------------------------------------ Adapters
-            with gr.Tab("Adapters", id="adapters"):
+            with gr.Tab("Adapters", id="adapters") as adapters_tab:
                 a_refresh = gr.Button("Refresh", elem_id="adapters-refresh")
                 a_table = gr.Dataframe(headers=ADAPTER_HEADERS, value=ctrl.adapter_rows(), interactive=False,
                                        type="array", elem_id="adapters-table")
@@ -354,7 +356,8 @@ def build_app(ctrl: Controller) -> gr.Blocks:
         def check_ds(path):
             return ctrl.check_dataset(path)
 
-        ds_check.click(check_ds, [sd_inputs[1]], [ds_report])
+        sd_data_path = sd_inputs[[f.key for f in FIELDS["sd"]].index("data.path")]
+        ds_check.click(check_ds, [sd_data_path], [ds_report])
 
         @guard
         def upload_ds(files, name):
@@ -362,7 +365,7 @@ def build_app(ctrl: Controller) -> gr.Blocks:
             gr.Info(f"uploaded into {rel}")
             return rel, ctrl.check_dataset(rel)
 
-        ds_upload.click(upload_ds, [ds_files, ds_name], [sd_inputs[1], ds_report])
+        ds_upload.click(upload_ds, [ds_files, ds_name], [sd_data_path, ds_report])
 
         # --- queue
         @guard
@@ -456,6 +459,8 @@ def build_app(ctrl: Controller) -> gr.Blocks:
             return ctrl.adapter_rows(), gr.update(choices=files), gr.update(choices=files)
 
         a_refresh.click(adapters_refresh, None, [a_table, a_file, g_pick])
+        for tab in (gen_tab, adapters_tab):  # new adapters appear when a run ends: list them on entering
+            tab.select(adapters_refresh, None, [a_table, a_file, g_pick], show_progress="hidden")
         a_inspect.click(guard(lambda f: ctrl.inspect_adapter(f)), [a_file], [a_json])
 
         @guard

@@ -164,11 +164,15 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     from lora_core.configfile import ConfigError
     from .data import DataError
+    from .suite import SuiteStopped
     try:
         return a.fn(a)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"lora-llm {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except SuiteStopped as e:
+        print(f"lora-llm {a.cmd}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

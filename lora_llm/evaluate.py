@@ -25,8 +25,10 @@ def perplexity(model, ids: Sequence[int], max_length: int = 1024, stride: int = 
                progress: bool = False) -> dict:
     """Perplexity of a token stream by the sliding-window protocol (Hugging Face's documented one):
     windows of `max_length` tokens start every `stride` tokens; in each window only the tokens not
-    scored by the previous window are scored, so every token but the first is predicted exactly
-    once, with at least max_length - stride tokens of context (except in the first window).
+    scored by the previous window are scored, so no token is counted twice and, for stride <
+    max_length, every token but the first is predicted exactly once with at least
+    max_length - stride tokens of context (stride == max_length: disjoint windows, whose first
+    tokens have no context and are not scored).
     Returns {"perplexity", "nll", "tokens", "windows", "max_length", "stride"}."""
     pos = max_positions(model)
     if pos:

@@ -26,6 +26,10 @@ from .config import TASKS, LLMTrainConfig
 log = logging.getLogger("lora.llm")
 
 
+class SuiteStopped(RuntimeError):
+    """A task's training was stopped (SIGTERM/SIGINT: the GUI's Stop button): the suite stops too."""
+
+
 @dataclass
 class SuiteConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -99,6 +103,9 @@ def run_suite(suite: SuiteConfig, out: str | Path, resume: Optional[str] = None)
         t0 = time.time()
         try:
             res, source = _run_task(suite, task, cfg, resume)
+        except SuiteStopped:
+            log.warning("suite: stopped during %s; `--resume latest` continues it", task)
+            raise
         except Exception as e:  # one broken task must not lose the others' results
             log.exception("suite: task %s failed", task)
             failed.append(task)
@@ -125,6 +132,8 @@ def _run_task(suite: SuiteConfig, task: str, cfg: LLMTrainConfig, resume: Option
                                         if "lora_" in n or n.startswith("score")), steps=info.get("steps"))
         return res, suite.adapters[task]
     status = train_from_config(cfg, resume=resume)
+    if status.get("state") == "stopped":
+        raise SuiteStopped(f"task {task}: training was stopped at step {status.get('step')}")
     if status.get("state") != "done":
         raise RuntimeError(f"task {task}: training ended in state {status.get('state')!r}: {status.get('error')}")
     return json.loads((Path(cfg.run_dir) / "eval.json").read_text()), cfg.run_dir

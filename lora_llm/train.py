@@ -169,8 +169,10 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
     base_model_name = cfg.model.pretrained
 
     def export_fn(folder: Path):
-        save_adapter(folder, accelerator.unwrap_model(model), adapter_info(cfg, steps=run.read_status().get("step")),
-                     base_model_name)
+        # checkpoints are written to (.tmp_)step_XXXXXXXX; the run folder gets the final step
+        name = folder.name.rsplit("step_", 1)
+        steps = int(name[1]) if len(name) == 2 and name[1].isdigit() else run.read_status().get("step")
+        save_adapter(folder, accelerator.unwrap_model(model), adapter_info(cfg, steps=steps), base_model_name)
 
     sample_fn = None
     if cfg.data.is_lm and cfg.eval.prompts:

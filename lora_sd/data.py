@@ -54,13 +54,13 @@ class ScanReport:
     root: Path
     items: list[ImageItem] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)          # "path: reason"
-    missing_captions: list[str] = field(default_factory=list)
+    missing_captions: list[ImageItem] = field(default_factory=list)   # readable, caption empty
     folders: dict[str, int] = field(default_factory=dict)     # folder -> repeats
 
     def problems(self, need_captions: bool = True) -> list[str]:
         out = [f"corrupt or unreadable image (skipped): {c}" for c in self.corrupt]
         if need_captions:
-            out += [f"no caption: {p}" for p in self.missing_captions]
+            out += [f"no caption: {i.path}" for i in self.missing_captions]
         if not self.items and not self.missing_captions:
             out.append(f"{self.root}: no readable images")
         return out
@@ -71,7 +71,8 @@ class ScanReport:
                 "missing_captions": len(self.missing_captions), "folders": self.folders,
                 "samples_per_epoch": sum(i.repeats for i in self.items),
                 "problems": self.problems(need_captions),
-                "ok": bool(self.items) and not (need_captions and self.missing_captions)}
+                "ok": bool(self.missing_captions and not need_captions) or
+                      bool(self.items and not (need_captions and self.missing_captions))}
 
 
 def _read_metadata(folder: Path) -> dict[str, str]:
@@ -136,10 +137,7 @@ def scan(root, caption_extension: str = ".txt", default_repeats: int = 1, max_im
                 report.corrupt.append(f"{f}: {type(e).__name__}: {e}")
                 continue
             count += 1
-            if not caption:
-                report.missing_captions.append(str(f))
-                continue
-            report.items.append(ImageItem(f, caption, repeats, size))
+            (report.items if caption else report.missing_captions).append(ImageItem(f, caption, repeats, size))
     return report
 
 
@@ -162,11 +160,11 @@ def load_items(cfg: DataSettings) -> list[ImageItem]:
         raise DatasetError(f"data.path {report.root}: no readable images ({', '.join(sorted(IMAGE_EXTS))})"
                            + (f"; {len(report.corrupt)} corrupt" if report.corrupt else ""))
     if need and report.missing_captions:
-        shown = "\n  ".join(report.missing_captions[:10])
+        shown = "\n  ".join(str(i.path) for i in report.missing_captions[:10])
         raise DatasetError(f"{len(report.missing_captions)} image(s) in {report.root} have no caption (no "
                            f"{cfg.caption_extension} sidecar, no metadata.jsonl entry, or empty):\n  {shown}\n"
                            "Add captions, or use a data.caption_template without {caption}.")
-    items = report.items + [ImageItem(Path(p), "", cfg.repeats, _image_size(Path(p))) for p in report.missing_captions]
+    items = report.items + report.missing_captions
     for it in items:
         it.caption = apply_template(it.caption, cfg.caption_template, cfg.trigger_word)
     return sorted(items, key=lambda i: str(i.path))

@@ -98,7 +98,12 @@ def match_report(adapter: Adapter, components: dict[str, nn.Module]) -> tuple[li
         mods = _adaptable_modules(model) if model is not None else {}
         m = mods.get(path)
         if m is None:
-            problems.append(f"{key}: no such module" + ("" if model is not None else f" (pipeline has no {comp})"))
+            if model is None:
+                problems.append(f"{key}: the pipeline has no {comp}")
+            else:
+                other = dict(model.named_modules()).get(path)
+                problems.append(f"{key}: " + ("no such module" if other is None else
+                                              f"{type(other).__name__} layers are not supported (Linear, 1x1 Conv2d)"))
             continue
         out_f, in_f = _base_shape(m)
         if ml.down.shape[1] != in_f or ml.up.shape[0] != out_f or ml.up.shape[1] != ml.rank:

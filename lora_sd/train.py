@@ -153,6 +153,9 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
     from accelerate.utils import set_seed
     s = cfg.train
     if accelerator is None:
+        # a second run in the same process may use another precision: AcceleratorState is a singleton
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation_steps)
     main = accelerator.is_main_process
     run = _MetricsRun(cfg.run_dir)
@@ -180,8 +183,6 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe) -
     set_seed(s.seed)   # same LoRA init on every process
     if pipe is None:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
-    if is_random_weights(pipe) and main:
-        log.warning(RANDOM_WEIGHTS_NOTE)
     if cfg.model.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     from diffusers import DDPMScheduler
@@ -237,6 +238,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe) -
         adapter = formats.from_model(components)
         step = run.read_status().get("step", 0)
         meta = training_metadata(cfg, len(items), resolution, step)
+        if is_random_weights(pipe):
+            meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
         dtype = DTYPES[cfg.output.save_dtype]
         formats.write_adapter(folder / f"{cfg.output.name}.safetensors", adapter, formats.KOHYA, meta, dtype)
         if cfg.output.save_diffusers:
@@ -249,10 +252,11 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe) -
         was_training = module.training
         module.eval()
         try:
-            results = generate(pipe, sc.prompts, negative_prompt=sc.negative_prompt, steps=sc.steps,
-                               guidance_scale=sc.guidance_scale, seed=sc.seed, width=sc.width or resolution,
-                               height=sc.height or resolution, scheduler=sc.scheduler, out_dir=run.samples,
-                               prefix=f"step_{step:06d}_", base={"model": cfg.model.pretrained, "train_step": step})
+            with accelerator.autocast():   # fp16/bf16 UNet and text encoder, fp32 VAE and LoRA weights
+                results = generate(pipe, sc.prompts, negative_prompt=sc.negative_prompt, steps=sc.steps,
+                                   guidance_scale=sc.guidance_scale, seed=sc.seed, width=sc.width or resolution,
+                                   height=sc.height or resolution, scheduler=sc.scheduler, out_dir=run.samples,
+                                   prefix=f"step_{step:06d}_", base={"model": cfg.model.pretrained, "train_step": step})
         finally:
             module.train(was_training)
         log.info("step %d: %d validation image(s) in %s", step, len(results), run.samples)

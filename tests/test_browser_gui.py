@@ -3,7 +3,7 @@
 One app process for the module; the steps run in order (each needs the previous one's run):
 path traversal refused -> SD training of the tiny model with loss plot and validation images ->
 stop -> resume -> a second run queued behind it -> generation with the trained adapter ->
-a reload / second tab shows the same state -> an evaluation on a tiny LM with its table ->
+a reload / second tab shows the same state -> config save + load -> an evaluation on a tiny LM with its table ->
 Ctrl-C stops the app cleanly. Screenshots of every step go to test-output/browser/.
 """
 import json
@@ -212,7 +212,23 @@ def test_6_generate_with_the_adapter(page, server):
     shot(page, "09-generated-with-adapter")
 
 
-def test_7_evaluation_table(page, server):
+def test_7_config_save_and_load(page, server):
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+    page.get_by_text("Config file (save / load", exact=False).click()
+    fill(page, "sd-lora-r", 16)
+    fill(page, "sd-config-name", "mine")
+    page.locator("#sd-config-save").click()
+    toast(page, "saved configs/mine.toml")
+    assert "r = 16" in (server["ws"] / "configs" / "mine.toml").read_text()
+    fill(page, "sd-lora-r", 4)
+    choose(page, "sd-config-choice", "workspace/mine.toml")
+    page.locator("#sd-config-load").click()
+    toast(page, "loaded workspace/mine.toml")
+    wait_for(page, lambda: page.locator("#sd-lora-r input").input_value() == "16", 10, "loaded-rank")
+    shot(page, "10-config-loaded")
+
+
+def test_8_evaluation_table(page, server):
     from lora_core.paths import shared_dir
     if shared_dir() is None:
         pytest.skip("../shared is absent: the SST-2 data for the evaluation is not available offline")
@@ -226,10 +242,10 @@ def test_7_evaluation_table(page, server):
     wait_for(page, lambda: "accuracy" in table.inner_text(), 150, "eval-table")
     assert "sst2" in table.inner_text() and "0.808" in table.inner_text()
     page.locator("#eval-plot img").first.wait_for()
-    shot(page, "10-evaluation-table")
+    shot(page, "11-evaluation-table")
 
 
-def test_8_ctrl_c_stops_cleanly(server):
+def test_9_ctrl_c_stops_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0

@@ -85,6 +85,16 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(v, lora_state_dict(b)[k], rtol=0, atol=0)
 
 
+def test_bf16_mixed_precision_keeps_lora_fp32(tmp_path):
+    cfg = _cfg(tmp_path, 'data.task="cola"', f'data.data_dir="{FIX / "cola"}"', "train.max_steps=2",
+               "train.batch_size=2", 'train.mixed_precision="bf16"', "eval.enabled=false")
+    assert train_from_config(cfg)["state"] == "done"
+    from lora_core.io import read_safetensors
+    saved, _ = read_safetensors(tmp_path / "adapter.safetensors")
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    assert all(r["loss"] == r["loss"] for r in RunDir(tmp_path).read_metrics())
+
+
 def test_eval_suite_tiny_writes_table(tmp_path):
     overrides = []
     for t in ("sst2", "cola", "ag_news", "imdb"):
@@ -112,6 +122,10 @@ def test_cli_tiny_model_train_inspect_generate(tmp_path, capsys):
     assert cli(["inspect", str(tmp_path / "run" / "adapter.safetensors"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "lora_core" and info["info"]["task"] == "wikitext2" and info["targets"] == 2
+    assert cli(["eval", "--adapter", str(tmp_path / "run"), "--json", "--set", "eval.max_eval_tokens=100",
+                "--set", "eval.prompts=[]"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["task"] == "wikitext2" and ev["split"] == "valid" and ev["tokens"] == 99
     assert cli(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "Hello", "--max-new-tokens", "3",
                 "--sample", "--top-k", "5", "--top-p", "0.9", "--temperature", "0.7"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ from PIL import Image
 
 from lora_sd.cli import main as cli
 from lora_sd.config import DataSettings
-from lora_sd.data import DatasetError, LatentCache, load_items, make_buckets, pick_bucket, scan
+from lora_sd.data import DatasetError, LatentCache, load_items, make_buckets, pick_bucket
 from lora_sd.testing import make_images, train_config
 
 
@@ -104,3 +104,26 @@ def test_latent_cache_keys(tmp_path):
     Image.new("RGB", (32, 32), (255, 0, 0)).save(p)
     cache3 = LatentCache(tmp_path / "cache", vae, model_identity(vae))
     assert cache3.ensure([(item, (32, 32), False)]) == 1               # changed image bytes: new key
+
+
+def test_config_presets_defaults_and_errors(tmp_path):
+    import re
+    from lora_core.configfile import ConfigError
+    from lora_sd.config import ALL_ATTN, CROSS_ATTN, load_train_config
+    from lora_sd.models import build_tiny_pipeline, load_pipeline
+    f = tmp_path / "c.toml"
+    f.write_text('[data]\npath = "x"\n[lora]\nr = 8\n')           # no target_modules: SD default, not the LLM one
+    assert load_train_config(f).lora.target_modules == CROSS_ATTN
+    cfg = load_train_config(f, ['lora.target_modules="attn"', "train.max_steps=9"])
+    assert cfg.lora.target_modules == ALL_ATTN and cfg.train.max_steps == 9
+    names = [n for n, _ in build_tiny_pipeline().unet.named_modules()]
+    both = [n for n in names if re.fullmatch(ALL_ATTN, n)]
+    assert {".attn1." in n for n in both} == {True, False}   # self and cross attention
+    assert len(both) == 2 * len([n for n in names if re.fullmatch(CROSS_ATTN, n)])
+    with pytest.raises(ConfigError, match=r"train.*unknown key.*max_step"):
+        load_train_config(f, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="data.path is empty"):
+        f.write_text("[lora]\nr = 4\n")
+        load_train_config(f)
+    with pytest.raises(RuntimeError, match="not a local folder or file"):
+        load_pipeline("no-such-org/no-such-model")

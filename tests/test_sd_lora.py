@@ -70,6 +70,11 @@ def test_training_run_folder(trained):
     assert [r["step"] for r in m] == list(range(1, 7)) and all("lr" in r and "step_time" in r for r in m)
     assert (run.path / "test_lora.safetensors").is_file() and (run.path / DIFFUSERS_FILE).is_file()
     assert (run.config).is_file() and [p.name for p in run.checkpoints()] == ["step_00000003", "step_00000006"]
+    try:
+        import tensorboard  # noqa: F401
+        assert list((run.path / "tensorboard").glob("events.out.tfevents.*"))
+    except ImportError:
+        pass
     # every checkpoint also holds the deliverable adapter
     assert (run.checkpoints()[0] / "test_lora.safetensors").is_file()
     sd, meta = formats.read_safetensors(run.path / "test_lora.safetensors")
@@ -212,8 +217,10 @@ def test_bf16_with_gradient_checkpointing_trains(tiny, dataset, tmp_path):
     LoRA weights (the up matrices, zero at init, are no longer zero)."""
     cfg = train_config(tmp_path / "run", tiny, dataset, tmp_path / "cache",
                        train={"max_steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": True,
-                              "checkpoint_every": 0})
+                              "checkpoint_every": 0},
+                       sample={"prompts": ["a photo"], "steps": 2, "width": 32, "height": 32})
     assert run_training(cfg)["state"] == "done"
+    assert (tmp_path / "run" / "samples" / "step_000002_0.png").is_file()
     sd = load_file(str(tmp_path / "run" / "test_lora.safetensors"))
     ups = [t for k, t in sd.items() if k.endswith("lora_up.weight")]
     assert ups and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in ups)
