@@ -102,7 +102,7 @@ def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps:
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     s, lora = cfg.train, cfg.lora
     alpha = lora.alpha * (lora.r ** 0.5 if lora.use_rslora else 1.0)   # kohya alpha: scale = alpha / r
-    return {
+    meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(lora.r), "ss_network_alpha": str(alpha),
         "ss_network_args": json.dumps({"target_modules": lora.target_modules, "dropout": lora.dropout}),
         "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": cfg.model.pretrained,
@@ -120,8 +120,10 @@ def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps:
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": cfg.model.prediction_type or "epsilon",
         "lora_sd.lora_config": json.dumps(cfg.lora.to_dict()),
-        "lora_sd.text_encoder_lora_config": json.dumps(cfg.text_encoder_lora.to_dict()) if cfg.text_encoder_lora else "",
     }
+    if cfg.text_encoder_lora is not None:
+        meta["lora_sd.text_encoder_lora_config"] = json.dumps(cfg.text_encoder_lora.to_dict())
+    return meta
 
 
 class _MetricsRun(RunDir):
