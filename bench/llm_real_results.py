@@ -40,7 +40,8 @@ BUDGETS = {
         "imdb": ["train.max_steps=40", "train.batch_size=4", "data.max_length=256", "data.max_eval_examples=200",
                  "train.lr_warmup_steps=4"],
     },
-    # one GPU (H100/H200), bf16 autocast: full eval splits, a few epochs where cheap (about 5 min on an H200)
+    # one GPU (H100/H200), bf16 autocast: full eval splits, a few epochs where cheap; about 15 min on
+    # an H200, where a SmolLM2 step costs ~0.15 s whatever its size (overhead-bound)
     "gpu": {
         "tasks": ["wikitext2", "sst2", "cola", "ag_news", "imdb"],
         "wikitext2": ["train.max_steps=100", "train.batch_size=8", "data.block_size=1024", "train.lr_warmup_steps=10",

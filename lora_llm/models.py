@@ -4,7 +4,6 @@ GPT-2 models for tests, sequence classification on a causal LM, and the LoRA tar
 from __future__ import annotations
 
 import importlib.util
-import logging
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -12,12 +11,11 @@ from typing import Optional
 
 import torch
 
-from lora_core.config import LoraConfig, name_matches
+from lora_core.config import LoraConfig
 from lora_core.paths import shared_path
 
 from .config import ModelSection
 
-log = logging.getLogger("lora.llm")
 TINY = "tiny"
 HEAD = "score"   # the classification head of *ForSequenceClassification (GPT-2, LLaMA, ...)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -173,7 +171,7 @@ def resolve_lora(cfg: LoraConfig, model, classification: bool) -> LoraConfig:
                 slices["c_attn"] = mask
             rest = ["c_attn"] + [t for t in rest if t != "c_attn"]
             out = replace(cfg, target_modules=rest, fused_slices=slices)
-    if classification and not any(name_matches(HEAD, m) or m == HEAD for m in out.modules_to_save):
+    if classification and HEAD not in out.modules_to_save:
         out = replace(out, modules_to_save=[*out.modules_to_save, HEAD])
     return out
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from lora_core.configfile import save_config
-from lora_core.io import atomic_write_json
+from lora_core.io import atomic_write_json, atomic_write_text
 from lora_core.model import add_lora
 from lora_core.training import EpochSampler, RunDir, setup_logging, train
 
@@ -128,6 +128,10 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
 # ------------------------------------------------------------------------------ the job
 def _accelerator(cfg: LLMTrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    # Accelerate keeps one process-wide state and refuses another mixed precision in the same
+    # process (several jobs in one Python: eval-suite, tests); the distributed state is kept
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=cfg.train.mixed_precision,
                        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
 
@@ -180,16 +184,18 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
             e = cfg.eval
             texts = generate(accelerator.unwrap_model(model), tokenizer, e.prompts, e.max_new_tokens, e.do_sample,
                              e.temperature, e.top_k, e.top_p, e.seed)
-            (run.samples / f"step_{step:06d}.txt").write_text(
-                "".join(f"### {p}\n{p}{t}\n\n" for p, t in zip(e.prompts, texts)), encoding="utf-8")
+            atomic_write_text(run.samples / f"step_{step:06d}.txt",
+                              "".join(f"### {p}\n{p}{t}\n\n" for p, t in zip(e.prompts, texts)))
 
+    t_loop = time.time()
     status = train(accelerator=accelerator, run=run, model=model, dataloader=dl, loss_fn=loss_fn, settings=s,
                    resume=resume, export_fn=export_fn, sample_fn=sample_fn)
-    train_seconds = time.time() - t_start
+    train_seconds, setup_seconds = time.time() - t_loop, t_loop - t_start
     if status.get("state") == "done" and cfg.eval.enabled and main:
         m = accelerator.unwrap_model(model)
         result = evaluate_job(cfg, m, tokenizer, baseline=cfg.eval.baseline)
-        result.update(trainable_params=trainable, steps=status.get("step"), train_seconds=train_seconds)
+        result.update(trainable_params=trainable, steps=status.get("step"), train_seconds=train_seconds,
+                      setup_seconds=setup_seconds)
         atomic_write_json(run.path / "eval.json", result)
         log.info("evaluation: %s", {k: v for k, v in result.items() if k != "generations"})
         status = run.write_status("done", eval={k: v for k, v in result.items() if k != "generations"})

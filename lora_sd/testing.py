@@ -1,7 +1,6 @@
 """Test and demo helpers: a tiny image-caption folder and a small training config (used by tests/test_sd_*.py)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +60,3 @@ def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Pat
     for k, v in sections.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     return from_dict(SDTrainConfig, d)
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

@@ -4,7 +4,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 import torch
 
 from lora_core.model import lora_state_dict
