@@ -69,15 +69,17 @@ def _cmd_generate(a) -> int:
     from .config import ModelSection
     from .evaluate import generate
     if a.adapter:
+        from .adapters import ADAPTER_FILE, read_adapter_info
         from .train import load_trained
+        path = Path(a.adapter)
+        if read_adapter_info(path / ADAPTER_FILE if path.is_dir() else path).get("num_labels"):
+            raise SystemExit(f"{a.adapter}: a classification adapter; generate needs a language-model adapter")
         model, tok, _ = load_trained(a.adapter, a.device)
     else:
         from .models import load_model, load_tokenizer
         ms = ModelSection(pretrained=a.model, gguf_file=a.gguf_file or "")
         tok = load_tokenizer(ms)
         model = load_model(ms).to(a.device)
-    if getattr(model.config, "num_labels", 0) and not hasattr(model, "generate"):
-        raise SystemExit("this adapter is a classifier; generate needs a language-model adapter")
     for p, t in zip(a.prompt, generate(model, tok, a.prompt, a.max_new_tokens, a.sample, a.temperature,
                                        a.top_k, a.top_p, a.seed)):
         print(p + t)

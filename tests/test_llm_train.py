@@ -13,6 +13,7 @@ from lora_llm.config import load_llm_config
 from lora_llm.train import load_trained, train_from_config
 
 FIX = Path(__file__).parent / "fixtures" / "llm"
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def _cfg(tmp, *overrides):
@@ -100,7 +101,7 @@ def test_eval_suite_tiny_writes_table(tmp_path):
         overrides.append(f'overrides.{t}=["data.data_dir=\'{FIX / t}\'", "data.train_split=\'train\'"]')
     overrides.append(f'overrides.wikitext2=["data.data_dir=\'{FIX / "wikitext2"}\'", "data.train_split=\'valid\'", '
                      f'"data.block_size=16", "eval.ppl_max_length=32", "eval.ppl_stride=16", "eval.baseline=true"]')
-    rc = cli(["eval-suite", "--config", "configs/llm_suite_tiny.toml", "--out", str(tmp_path),
+    rc = cli(["eval-suite", "--config", str(CONFIGS / "llm_suite_tiny.toml"), "--out", str(tmp_path),
               "--set", "base.train.max_steps=2", *sum((["--set", o] for o in overrides), [])])
     assert rc == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -113,7 +114,7 @@ def test_eval_suite_tiny_writes_table(tmp_path):
 
 def test_cli_tiny_model_train_inspect_generate(tmp_path, capsys):
     assert cli(["tiny-model", str(tmp_path / "tiny")]) == 0
-    assert cli(["train", "--config", "configs/llm_wikitext2_tiny.toml", "--run-dir", str(tmp_path / "run"),
+    assert cli(["train", "--config", str(CONFIGS / "llm_wikitext2_tiny.toml"), "--run-dir", str(tmp_path / "run"),
                 "--set", f'model.pretrained="{tmp_path / "tiny"}"', "--set", f'data.data_dir="{FIX / "wikitext2"}"',
                 "--set", 'data.eval_split="valid"', "--set", "train.max_steps=2", "--set", "data.block_size=32",
                 "--set", "eval.max_new_tokens=3"]) == 0
@@ -130,5 +131,5 @@ def test_cli_tiny_model_train_inspect_generate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("Hello")
     # a bad override names the key
-    assert cli(["train", "--config", "configs/llm_sst2_tiny.toml", "--set", "train.max_steps=0"]) == 2
+    assert cli(["train", "--config", str(CONFIGS / "llm_sst2_tiny.toml"), "--set", "train.max_steps=0"]) == 2
     assert "max_steps" in capsys.readouterr().err
