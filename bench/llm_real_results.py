@@ -28,7 +28,7 @@ COMMON = ["lora.r=8", "lora.alpha=16.0", 'lora.target_modules=["q_proj", "v_proj
           "eval.batch_size=32", "eval.max_new_tokens=30"]
 
 BUDGETS = {
-    # 2 CPU cores shared with other jobs (measured 15-55 s per SmolLM2 step here): short runs, eval subsets
+    # 2 CPU cores shared with other jobs (measured 12-55 s per SmolLM2 step here): short runs, eval subsets
     "cpu": {
         "tasks": ["sst2", "cola", "wikitext2", "ag_news"],
         "wikitext2": ["train.max_steps=60", "train.batch_size=4", "data.block_size=256", "train.lr_warmup_steps=6",

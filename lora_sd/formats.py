@@ -185,8 +185,8 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
             continue
         bases.setdefault(m.group(1), {})[m.group(2)] = t
     if bad:
-        raise LoraLoadError(f"{source}: {len(bad)} key(s) are not kohya LoRA keys (LyCORIS/DoRA/other "
-                            f"networks are not supported): {bad[:8]}")
+        raise LoraLoadError(f"{source}: {len(bad)} key(s) are not SD 1.x kohya LoRA keys (SDXL lora_te1_/"
+                            f"lora_te2_, LyCORIS, DoRA and other networks are not supported): {bad[:8]}")
     out: Adapter = {}
     for base, parts in bases.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:

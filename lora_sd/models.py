@@ -117,7 +117,7 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
         log.warning("model.pretrained = 'tiny': %s", RANDOM_WEIGHTS_NOTE)
         return build_tiny_pipeline().to(dtype=dtype)
     path = Path(pretrained).expanduser()
-    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    common = {_dtype_kwarg(): dtype, "safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"model.pretrained = {pretrained}: folder has no model_index.json (not a diffusers pipeline)")
@@ -145,6 +145,13 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
                                f"from the Hugging Face hub failed ({type(e).__name__}: {e})") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed from_pretrained's torch_dtype to dtype (torch_dtype is deprecated in 0.42)."""
+    import diffusers
+    from packaging.version import Version
+    return "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
 
 
 def model_identity(module: torch.nn.Module) -> str:

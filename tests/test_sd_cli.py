@@ -20,6 +20,15 @@ from lora_sd.testing import make_dataset
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run as fast on one thread, and far faster on a busy shared CPU (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_cli") / "model"
@@ -69,6 +78,10 @@ def test_convert_round_trip_and_inspect(adapter_file, tmp_path, capsys):
     assert s["parameters"] == n
     assert cli(["inspect", str(dif)]) == 0
     assert "rank:" in capsys.readouterr().out
+    half = tmp_path / "half.safetensors"
+    assert cli(["convert", str(adapter_file), str(half), "--to", "kohya", "--dtype", "fp16"]) == 0
+    h, _ = read_safetensors(half)
+    assert all(t.dtype == torch.float16 for t in h.values()) and h.keys() == a.keys()
 
 
 def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
@@ -85,7 +98,7 @@ def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
     assert not list(lora_layers(pipe.unet)) and not list(lora_layers(pipe.text_encoder))   # nothing half-loaded
     lycoris = tmp_path / "lycoris.safetensors"
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lycoris))
-    with pytest.raises(LoraLoadError, match="not kohya LoRA keys"):
+    with pytest.raises(LoraLoadError, match="not SD 1.x kohya LoRA keys"):
         load_adapters(pipe, [(str(lycoris), 1.0)])
 
 

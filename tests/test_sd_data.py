@@ -12,6 +12,15 @@ from lora_sd.data import DatasetError, LatentCache, load_items, make_buckets, pi
 from lora_sd.testing import make_images, train_config
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run as fast on one thread, and far faster on a busy shared CPU (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_captions_repeats_template(tmp_path):
     make_images(tmp_path, 2)
     sub = tmp_path / "3_dogs"
@@ -127,3 +136,13 @@ def test_config_presets_defaults_and_errors(tmp_path):
         load_train_config(f)
     with pytest.raises(RuntimeError, match="not a local folder or file"):
         load_pipeline("no-such-org/no-such-model")
+
+
+def test_train_cli_reports_dataset_errors(tmp_path, capsys):
+    make_images(tmp_path / "d", 1)
+    (tmp_path / "d" / "img_0_0.txt").unlink()
+    f = tmp_path / "c.toml"
+    f.write_text(f'run_dir = "{tmp_path / "run"}"\n[model]\npretrained = "tiny"\n[data]\npath = "{tmp_path / "d"}"\n')
+    assert cli(["train", "--config", str(f), "--set", "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "lora-sd train: error:" in err and "img_0_0.png" in err
