@@ -7,14 +7,11 @@ from typing import Optional
 
 
 def shared_dir() -> Optional[Path]:
-    """$LORA_SHARED_DIR, else ../shared next to the project checkout; None when absent."""
+    """$LORA_SHARED_DIR when set (a missing folder then means "no shared data"), else ../shared
+    next to the project checkout; None when absent."""
     env = os.environ.get("LORA_SHARED_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent.parent.parent / "shared")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+    c = Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared"
+    return c if c.is_dir() else None
 
 
 def shared_path(*parts: str) -> Optional[Path]:

@@ -335,9 +335,10 @@ class Controller:
         dst = self.ws.outputs / "merged" / name
         if dst.exists():
             raise UserError(f"{self.ws.rel(dst)} exists already: choose another name")
-        kind = "llm" if adapters.cli_for(adapters.describe(path, self.ws)) == "lora_llm.cli" else "sd"
-        args = [kind, "--model", model, "--lora", str(path), "--out", str(dst)]
-        adapters.run_cli("lora_gui.merge", args, self.ws.root, 1800)
+        cli = adapters.cli_for(adapters.describe(path, self.ws))
+        args = (["merge", str(path), "--out", str(dst)] if cli == "lora_llm.cli"
+                else ["merge", "--model", model, "--lora", str(path), "--out", str(dst)])
+        adapters.run_cli(cli, args, self.ws.root, 1800)
         return f"merged into {self.ws.rel(dst)}"
 
     def delete_adapter(self, file: str) -> str:

@@ -94,6 +94,21 @@ def _cmd_tiny(a) -> int:
     return 0
 
 
+def _cmd_merge(a) -> int:
+    from lora_core import remove_lora
+    from .train import load_trained
+    out = Path(a.out)
+    if out.exists():
+        print(f"error: {out} exists already", file=sys.stderr)
+        return 2
+    model, tok, _ = load_trained(a.adapter, "cpu")
+    remove_lora(model, merge=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    print(f"merged model written to {out} (load it with transformers' from_pretrained)")
+    return 0
+
+
 def _cmd_inspect(a) -> int:
     from .adapters import describe
     d = describe(a.file)
@@ -154,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_cmd_tiny)
+
+    mg = sub.add_parser("merge", help="fold an adapter into its base model and save a transformers folder")
+    mg.add_argument("adapter", help="run folder or adapter.safetensors")
+    mg.add_argument("--out", required=True, help="new folder for the merged model")
+    mg.set_defaults(fn=_cmd_merge)
 
     i = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
     i.add_argument("file")

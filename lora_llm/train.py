@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -150,7 +151,7 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
     setup_logging(run, main)
     if main:
         save_config(run.config, cfg)
-        run.write_status("queued", pid=None, error=None)
+        run.write_status("running", pid=os.getpid(), step=0, max_steps=cfg.train.max_steps, error=None)
     t_start = time.time()
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)

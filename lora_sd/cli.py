@@ -72,6 +72,23 @@ def _cmd_generate(a) -> int:
     return 0
 
 
+def _cmd_merge(a) -> int:
+    from lora_core import remove_lora
+    from .generate import load_adapters
+    from .models import load_pipeline
+    out = Path(a.out)
+    if out.exists():
+        print(f"error: {out} exists already", file=sys.stderr)
+        return 2
+    pipe = load_pipeline(a.model, a.model_config)
+    load_adapters(pipe, [_parse_lora(s) for s in a.lora])
+    for m in (pipe.unet, pipe.text_encoder):
+        remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
+    pipe.save_pretrained(str(out))
+    print(f"merged pipeline written to {out}")
+    return 0
+
+
 def _cmd_convert(a) -> int:
     import torch
     from .formats import convert
@@ -151,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="", help="default: cuda when available, else cpu")
     g.add_argument("--out", default="outputs", help="folder for image_<i>.png")
     g.set_defaults(fn=_cmd_generate)
+
+    mg = sub.add_parser("merge", help="fold adapters into the base model and save it as a diffusers folder")
+    mg.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
+    mg.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
+    mg.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]", help="repeatable")
+    mg.add_argument("--out", required=True, help="new folder for the merged pipeline")
+    mg.set_defaults(fn=_cmd_merge)
 
     c = sub.add_parser("convert", help="convert between kohya and diffusers LoRA files")
     c.add_argument("input")

@@ -25,7 +25,7 @@ MAX_TOKENS = 77
 # ------------------------------------------------------------------ tokenizer
 def _char_level_clip_vocab() -> dict[str, int]:
     """A CLIP-compatible BPE vocabulary with no merges: every byte symbol, alone and as a word end."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}

@@ -20,20 +20,23 @@ def _randomize(model, seed=1):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _ids():
-    return torch.tensor([[464, 2068, 286, 262, 1748, 373, 257, 1295], [40, 588, 340, 13, 50256, 50256, 50256, 50256]])
+def _ids(vocab_size: int, pad: int):
+    """Two sequences, the second right-padded (valid for the real GPT-2 BPE and the fallback tokenizer)."""
+    ids = torch.tensor([[464, 2068, 286, 262, 1748, 373, 257, 1295], [40, 588, 340, 13, 0, 0, 0, 0]]) % (vocab_size - 1)
+    ids[1, 4:] = pad
+    return ids
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn"]])
 def test_peft_roundtrip_gpt2_lm(tmp_path, targets):
-    base, _ = make_tiny_model()
+    base, tok = make_tiny_model()
     ours = copy.deepcopy(base)
     cfg = resolve_lora(LoraConfig(r=4, alpha=12.0, target_modules=targets), ours, classification=False)
     add_lora(ours, cfg)
     _randomize(ours)
     export_peft(tmp_path, ours, "CAUSAL_LM")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    ids = _ids()
+    ids = _ids(base.config.vocab_size, tok.eos_token_id)
     a, b = ours.eval()(ids).logits, theirs(input_ids=ids).logits
     assert not torch.allclose(a, base(ids).logits, atol=1e-4)   # the adapter does something
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -49,7 +52,7 @@ def test_peft_roundtrip_gpt2_classifier_with_head(tmp_path):
     _randomize(ours)
     save_adapter(tmp_path, ours, {"task": "x", "num_labels": 3, "model": {}, "pretrained": "tiny"})
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    ids = _ids()
+    ids = _ids(base.config.vocab_size, tok.eos_token_id)
     mask = (ids != tok.eos_token_id).long()
     a = ours.eval()(input_ids=ids, attention_mask=mask).logits
     b = theirs(input_ids=ids, attention_mask=mask).logits

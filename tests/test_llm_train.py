@@ -130,6 +130,15 @@ def test_cli_tiny_model_train_inspect_generate(tmp_path, capsys):
                 "--sample", "--top-k", "5", "--top-p", "0.9", "--temperature", "0.7"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Hello")
+    # merge: a plain transformers folder with the same logits as base + adapter
+    from transformers import AutoModelForCausalLM
+    from lora_llm.train import load_trained
+    assert cli(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    lora_model, tok, _ = load_trained(str(tmp_path / "run"), "cpu")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    ids = tok("The history of", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, lora_model(ids).logits, rtol=1e-4, atol=1e-5)
     # a bad override names the key
     assert cli(["train", "--config", str(CONFIGS / "llm_sst2_tiny.toml"), "--set", "train.max_steps=0"]) == 2
     assert "max_steps" in capsys.readouterr().err

@@ -125,6 +125,24 @@ def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys
     assert np.abs(a - b).max() <= 2
 
 
+def test_merge_writes_a_plain_pipeline_with_the_adapter_folded_in(tiny, adapter_file, tmp_path):
+    from lora_sd.generate import load_adapters
+    out = tmp_path / "merged"
+    assert cli(["merge", "--model", tiny, "--lora", f"{adapter_file}:0.7", "--out", str(out)]) == 0
+    assert cli(["merge", "--model", tiny, "--lora", str(adapter_file), "--out", str(out)]) == 2  # never overwrites
+    merged = load_pipeline(str(out))
+    assert not list(lora_layers(merged.unet)) and not list(lora_layers(merged.text_encoder))
+    ref = load_pipeline(tiny)
+    load_adapters(ref, [(str(adapter_file), 0.7)])
+    ids = ref.tokenizer(["a photo"], padding="max_length", max_length=ref.tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(1, ref.unet.config.in_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        outs = [(p.unet(lat, 10, encoder_hidden_states=p.text_encoder(ids)[0]).sample) for p in (ref, merged)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (ACCELERATE_USE_CPU=1; `--cpu
