@@ -30,7 +30,7 @@ from mindspore.common.initializer import HeUniform, Normal, initializer
 
 from .config import LoraConfig, name_matches
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
-from .model import LoraLoadError
+from .model import LoraLoadError, state_dict_mismatch
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
 _TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
@@ -256,19 +256,9 @@ def lora_state_dict(net: nn.Cell) -> dict[str, np.ndarray]:
 def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
     """Strict load (every key present with the same shape); nothing is changed on error."""
     own = _param_items(net)
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sorted(set(sd) & set(own)) if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing[:10]}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
-        if wrong:
-            parts.append(f"shape mismatches ({len(wrong)}): {wrong[:10]}")
-        raise LoraLoadError("adapter does not fit the network: " + "; ".join(parts))
+    problems = state_dict_mismatch(own, sd)
+    if problems:
+        raise LoraLoadError(f"adapter does not fit the network: {problems}")
     for k, p in own.items():
         ops.assign(p, ms.Tensor(np.asarray(sd[k], dtype=np.float32), p.dtype))
 

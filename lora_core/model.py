@@ -176,23 +176,30 @@ def lora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch
     return sd
 
 
-def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], adapter: str = DEFAULT) -> None:
-    """Strict load: every key must exist with the same shape, and every adapter weight must be
-    present. All problems are collected and reported together; nothing is changed on error."""
-    own = lora_state_dict(model, adapter)
+def state_dict_mismatch(own: dict, sd: dict) -> str:
+    """'' when `sd` has exactly the keys and shapes of `own` (tensors or arrays: anything with
+    .shape), else a message naming the missing, unexpected and mis-shaped keys."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
              for k in sorted(set(sd) & set(own)) if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing[:10]}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
-        if wrong:
-            parts.append(f"shape mismatches ({len(wrong)}): {wrong[:10]}")
-        raise LoraLoadError(f"adapter {adapter!r} does not fit the model: " + "; ".join(parts))
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {missing[:10]}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
+    if wrong:
+        parts.append(f"shape mismatches ({len(wrong)}): {wrong[:10]}")
+    return "; ".join(parts)
+
+
+def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], adapter: str = DEFAULT) -> None:
+    """Strict load: every key must exist with the same shape, and every adapter weight must be
+    present. All problems are collected and reported together; nothing is changed on error."""
+    own = lora_state_dict(model, adapter)
+    problems = state_dict_mismatch(own, sd)
+    if problems:
+        raise LoraLoadError(f"adapter {adapter!r} does not fit the model: {problems}")
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(sd[k].to(device=t.device, dtype=t.dtype))

@@ -20,15 +20,6 @@ from lora_sd.testing import make_dataset
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run as fast on one thread, and far faster on a busy shared CPU (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_cli") / "model"

@@ -12,15 +12,6 @@ from lora_sd.data import DatasetError, LatentCache, load_items, make_buckets, pi
 from lora_sd.testing import make_images, train_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run as fast on one thread, and far faster on a busy shared CPU (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_captions_repeats_template(tmp_path):
     make_images(tmp_path, 2)
     sub = tmp_path / "3_dogs"

@@ -16,15 +16,6 @@ from lora_sd.testing import make_dataset, train_config
 from lora_sd.train import DIFFUSERS_FILE, DiffusionLoss, run_training
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run as fast on one thread, and far faster on a busy shared CPU (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd") / "model"))
