@@ -167,3 +167,15 @@ checkpoint_every = 2
     assert (tmp_path / "run" / "lora.safetensors").is_file()
     ck = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert (ck / "rng_rank0.json").is_file() and (ck / "rng_rank1.json").is_file()
+
+
+def test_single_file_checkpoint_errors_name_the_file_and_the_config_field(tmp_path):
+    """No SD single-file checkpoint exists offline, so only the path through diffusers'
+    from_single_file and its error reporting are checked here."""
+    from safetensors.torch import save_file
+    bad = tmp_path / "model.safetensors"
+    save_file({"not.a.unet": torch.zeros(2)}, str(bad))
+    with pytest.raises(RuntimeError, match=r"model\.safetensors.*model\.config"):
+        load_pipeline(str(bad))
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        load_pipeline(str(tmp_path / "missing.safetensors"))
