@@ -44,16 +44,16 @@ def test_imdb_jsonl_gz_and_acl_folder():
 
 def test_wikitext_detokenized():
     text = D.read_wikitext(FIX / "wikitext2" / "wiki.valid.tokens")
-    assert "role-playing video game" in text and "1,000.5 copies" in text
-    assert "(Japanese:" in text and "== Gameplay ==" in text and '"Valkyira Chronicles"' in text
+    assert "made-up yearly event" in text and "1,000.5 lanterns" in text
+    assert "(Portuguese:" in text and "== History ==" in text and '"Lantern Guild"' in text
     raw = D.read_wikitext(FIX / "wikitext2" / "wiki.valid.tokens", detokenize=False)
-    assert "role @-@ playing" in raw
+    assert "made @-@ up" in raw
 
 
 def test_load_via_data_dir_and_split_defaults():
     assert len(D.load_examples("sst2", data_dir=str(FIX / "sst2"))) == 2           # default eval split: dev
     assert len(D.load_examples("sst2", "train", data_dir=str(FIX / "sst2"))) == 4
-    assert "Valkyria" in D.load_text("wikitext2", "valid", data_dir=str(FIX / "wikitext2"))
+    assert "Lantern" in D.load_text("wikitext2", "valid", data_dir=str(FIX / "wikitext2"))
     with pytest.raises(D.DataError, match="no 'train' split of ag_news"):
         D.load_examples("ag_news", "train", data_dir=str(FIX / "sst2"))
 
