@@ -97,37 +97,35 @@ def _label(raw: str, allowed: Sequence[str], path: Path, lineno: int, offset: in
 
 
 # ---------------------------------------------------------------------------------- readers
-def read_sst2(path: str | Path) -> list[Example]:
-    """GLUE SST-2 TSV with a `sentence<TAB>label` header (label 0 negative, 1 positive)."""
+def _read_glue_tsv(path: str | Path, fields: tuple[str, ...], header: bool) -> list[Example]:
+    """A GLUE TSV: `fields` names the columns ("sentence" and "label" are used), with or without
+    a header row of exactly those names; labels 0/1."""
     path = Path(path)
     out = []
+    text_col, label_col = fields.index("sentence"), fields.index("label")
     for lineno, line in _lines(path):
-        if lineno == 1:
-            if line.split("\t")[:2] != ["sentence", "label"]:
-                raise DataError(f"{path}:1: expected the header 'sentence<TAB>label', got {line[:60]!r}")
+        if header and lineno == 1:
+            if tuple(line.split("\t")[:len(fields)]) != fields:
+                raise DataError(f"{path}:1: expected the header {'<TAB>'.join(fields)!r}, got {line[:60]!r}")
             continue
         if not line.strip():
             continue
         parts = line.split("\t")
-        if len(parts) != 2:
-            raise DataError(f"{path}:{lineno}: expected 2 tab-separated fields (sentence, label), got {len(parts)}")
-        out.append(Example(parts[0], _label(parts[1], ("0", "1"), path, lineno)))
+        if len(parts) != len(fields):
+            raise DataError(f"{path}:{lineno}: expected {len(fields)} tab-separated fields "
+                            f"({', '.join(fields)}), got {len(parts)}")
+        out.append(Example(parts[text_col], _label(parts[label_col], ("0", "1"), path, lineno)))
     return out
+
+
+def read_sst2(path: str | Path) -> list[Example]:
+    """GLUE SST-2 TSV with a `sentence<TAB>label` header (label 0 negative, 1 positive)."""
+    return _read_glue_tsv(path, ("sentence", "label"), header=True)
 
 
 def read_cola(path: str | Path) -> list[Example]:
     """GLUE CoLA TSV without header: source, label (1 acceptable), original mark, sentence."""
-    path = Path(path)
-    out = []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 4:
-            raise DataError(f"{path}:{lineno}: expected 4 tab-separated fields (source, label, mark, sentence), "
-                            f"got {len(parts)}")
-        out.append(Example(parts[3], _label(parts[1], ("0", "1"), path, lineno)))
-    return out
+    return _read_glue_tsv(path, ("source", "label", "mark", "sentence"), header=False)
 
 
 def read_ag_news(path: str | Path) -> list[Example]:
