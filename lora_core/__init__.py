@@ -1,20 +1,34 @@
 """lora_core: low-rank adapters injected into frozen PyTorch models.
 
 Knows nothing of Stable Diffusion or GPT-2. The MindSpore twin is `lora_core.mindspore`.
+Importing the package imports no torch: the run contract (`lora_core.run`), atomic files
+(`lora_core.files`), configs (`lora_core.config`, `lora_core.configfile`) are torch-free, and the
+torch API below is loaded on first use.
 """
-from .config import LoraConfig
-from .io import (atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, load_lora,
-                 read_safetensors, save_lora)
-from .layers import LoraLayer
-from .model import (DEFAULT, LoraLoadError, add_lora, delete_adapter, enable_lora, load_lora_state_dict,
-                    lora_config, lora_disabled, lora_layers, lora_parameters, lora_state_dict, merge_lora,
-                    remove_lora, set_adapter, set_scale, unmerge_lora)
+from __future__ import annotations
 
-__all__ = [
-    "LoraConfig", "LoraLayer", "LoraLoadError", "DEFAULT",
-    "add_lora", "merge_lora", "unmerge_lora", "remove_lora", "delete_adapter",
-    "set_adapter", "set_scale", "enable_lora", "lora_disabled", "lora_layers", "lora_parameters", "lora_config",
-    "lora_state_dict", "load_lora_state_dict", "save_lora", "load_lora", "read_safetensors",
-    "atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors",
-]
+import importlib
+
+from .config import LoraConfig
+from .files import atomic_path, atomic_write_json, atomic_write_text
+
+_LAZY = {
+    "io": ("atomic_save_safetensors", "load_lora", "read_safetensors", "save_lora"),
+    "layers": ("LoraLayer",),
+    "model": ("DEFAULT", "LoraLoadError", "add_lora", "delete_adapter", "enable_lora", "load_lora_state_dict",
+              "lora_config", "lora_disabled", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora",
+              "remove_lora", "set_adapter", "set_scale", "unmerge_lora"),
+}
+_WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
+
+__all__ = ["LoraConfig", "atomic_path", "atomic_write_text", "atomic_write_json", *_WHERE]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'lora_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence, Type, TypeVar
 
 import tomli_w
 
-from .io import atomic_write_text
+from .files import atomic_write_text
 
 T = TypeVar("T")
 

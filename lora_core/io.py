@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -14,35 +12,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig
+from .files import PathLike, atomic_path, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 from .model import DEFAULT, LoraLoadError, add_lora, lora_config, lora_layers, lora_state_dict, load_lora_state_dict
 
 FORMAT = "lora_core"
 FORMAT_VERSION = "1"
-PathLike = Union[str, os.PathLike]
-
-
-@contextmanager
-def atomic_path(path: PathLike):
-    """Yield a temporary path next to `path`; on success it is renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_write_json(path: PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def atomic_save_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:

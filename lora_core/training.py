@@ -30,118 +30,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_save_safetensors
+from .run import (STATES, NonFiniteLoss, RunDir, StopFlag, TrainSettings, log,  # noqa: F401 (re-exported)
+                  resolve_resume, setup_logging)
 
 log = logging.getLogger("lora")
-STATES = ("queued", "running", "stopping", "stopped", "failed", "done")
-
-
-@dataclass
-class TrainSettings:
-    """The loop's settings: the `[train]` table of every training config."""
-    max_steps: int = 100
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"          # adamw | adamw8bit (bitsandbytes)
-    lr_scheduler: str = "constant"    # constant | constant_with_warmup | linear | cosine | ...
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0        # 0 disables clipping
-    mixed_precision: str = "no"       # no | fp16 | bf16 (LoRA parameters stay fp32)
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    log_every: int = 1
-    checkpoint_every: int = 0         # 0: only at the end (and on stop)
-    keep_checkpoints: int = 2
-    sample_every: int = 0             # 0: only at the end
-    num_workers: int = 0
-
-    def __post_init__(self):
-        if self.max_steps <= 0:
-            raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"train.optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-# ------------------------------------------------------------------ run folder
-class RunDir:
-    def __init__(self, path):
-        self.path = Path(path)
-        self.config = self.path / "config.toml"
-        self.status_file = self.path / "status.json"
-        self.metrics = self.path / "metrics.jsonl"
-        self.log_file = self.path / "train.log"
-        self.samples = self.path / "samples"
-        self.checkpoints_dir = self.path / "checkpoints"
-
-    def create(self) -> "RunDir":
-        for d in (self.path, self.samples, self.checkpoints_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        return self
-
-    def read_status(self) -> dict:
-        try:
-            return json.loads(self.status_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-
-    def write_status(self, state: str, **fields) -> dict:
-        assert state in STATES, state
-        status = {**self.read_status(), **fields, "state": state, "updated": time.time()}
-        atomic_write_json(self.status_file, status)
-        return status
-
-    def append_metrics(self, record: dict) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def read_metrics(self) -> list[dict]:
-        out = []
-        try:
-            for line in self.metrics.read_text(encoding="utf-8").splitlines():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line being written right now
-        except FileNotFoundError:
-            pass
-        return out
-
-    def checkpoints(self) -> list[Path]:
-        if not self.checkpoints_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
-                      and (p / "trainer_state.json").is_file())
-
-    def latest_checkpoint(self) -> Optional[Path]:
-        c = self.checkpoints()
-        return c[-1] if c else None
-
-
-def setup_logging(run: Optional[RunDir], main_process: bool = True) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if run is not None and main_process:
-        handlers.append(logging.FileHandler(run.log_file, encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
-
-
-def resolve_resume(run: RunDir, resume: Optional[str]) -> Optional[Path]:
-    if not resume:
-        return None
-    if resume == "latest":
-        return run.latest_checkpoint()  # None: nothing to resume, start fresh
-    p = Path(resume)
-    if not (p / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
-    return p
 
 
 # ------------------------------------------------------------------ RNG state
@@ -280,31 +173,6 @@ def load_checkpoint(accelerator, path: Path, model: nn.Module, optimizer, schedu
 
 
 # ------------------------------------------------------------------ the loop
-class StopFlag:
-    """Context manager: SIGTERM/SIGINT set `.stop` (a second signal interrupts at once)."""
-    def __init__(self):
-        self.stop = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop:  # second signal: give up at once
-            raise KeyboardInterrupt
-        log.warning("signal %s received: stopping after this step and saving a checkpoint", signum)
-        self.stop = True
-
-    def __exit__(self, *exc):
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
-
-
 def train(*, accelerator, run: RunDir, model: nn.Module, dataloader, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
           settings: TrainSettings, resume: Optional[str] = None,
           export_fn: Optional[Callable[[Path], None]] = None,

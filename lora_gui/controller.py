@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from lora_core.configfile import ConfigError, dumps, save_config
-from lora_core.io import atomic_write_json
+from lora_core.files import atomic_write_json
 
 from . import adapters, configs, jobs, runview
 from .demo import ensure_demo_dataset

@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from lora_core.io import atomic_write_json
-from lora_core.training import RunDir
+from lora_core.files import atomic_write_json
+from lora_core.run import RunDir
 
 from . import jobs
 from .jobs import Job

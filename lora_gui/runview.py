@@ -9,7 +9,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_core.training import RunDir
+from lora_core.run import RunDir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

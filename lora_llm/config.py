@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from lora_core.config import LoraConfig
 from lora_core.configfile import ConfigError, load_config
-from lora_core.training import TrainSettings
+from lora_core.run import TrainSettings
 
 TASKS = ("wikitext2", "sst2", "cola", "imdb", "ag_news")
 BACKENDS = ("torch", "mindspore")

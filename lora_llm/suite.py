@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lora_core.configfile import apply_overrides, from_dict, load_config, to_dict
-from lora_core.io import atomic_write_json, atomic_write_text
+from lora_core.files import atomic_write_json, atomic_write_text
 
 from .config import TASKS, LLMTrainConfig
 

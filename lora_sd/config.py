@@ -6,7 +6,7 @@ from typing import Optional
 
 from lora_core.config import LoraConfig
 from lora_core.configfile import ConfigError, load_config
-from lora_core.training import TrainSettings
+from lora_core.run import TrainSettings
 
 # target_modules presets (regex, full match on the UNet module path)
 CROSS_ATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
