@@ -7,14 +7,11 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .adapter_files import LoraLoadError  # noqa: F401 (one error type for adapter files and fits)
 from .config import LoraConfig, name_matches
 from .layers import LoraLayer, supported
 
 DEFAULT = "default"
-
-
-class LoraLoadError(ValueError):
-    """An adapter does not fit the model; the message names the keys at fault."""
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
