@@ -158,12 +158,13 @@ def describe(view: AdapterView, modules: dict[str, tuple[int, float]]) -> dict:
     by_comp = Counter(k.partition(".")[0] for k in keys)
     leaves = {".".join(p[-2:]) if p[-1].isdigit() else p[-1] for p in (k.split(".") for k in keys)}
     meta = view.metadata
+    attention = sorted({m.group(0) for k in keys for m in [re.search(r"attn[12]", k)] if m})
     return {
         "ranks": [r for r, _ in modules.values()], "alphas": [a for _, a in modules.values()],
         "target_modules": keys, "blocks": _sd_blocks(keys), "architecture": architecture(view, keys),
         "base_model": meta.get("ss_sd_model_name") or meta.get("base_model") or meta.get("modelspec.architecture", ""),
         "steps": meta.get("ss_steps", ""), "modules": len(keys), "modules_by_component": dict(by_comp),
-        "target_leaves": sorted(leaves), "attention": sorted({m.group(0) for k in keys for m in [re.search(r"attn[12]", k)] if m}),
+        "target_leaves": sorted(leaves), "attention": attention,
     }
 
 

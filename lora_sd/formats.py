@@ -25,8 +25,8 @@ from lora_core import adapter_files
 from lora_core.io import atomic_save_safetensors, read_safetensors  # noqa: F401 (read_safetensors re-exported)
 from lora_core.layers import LoraLayer, base_dims, supported
 
-from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY, KOHYA, KOHYA_KEY,  # noqa: F401
-                              KOHYA_PREFIX, diffusers_alpha, diffusers_path, kohya_key, kohya_name)
+from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,  # noqa: F401 (re-exported)
+                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, diffusers_alpha, diffusers_path, kohya_key, kohya_name)
 
 
 @dataclass
