@@ -20,6 +20,7 @@ class LoraConfig:
                      {"c_attn": [True, False, True]}, as loralib's MergedLinear).
     init:            "kaiming" (A Kaiming-uniform a=sqrt(5), as loralib/PEFT) or "gaussian" (A ~ N(0, 1/r)).
     modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
+    use_dora, conv_r, conv_alpha, rank_pattern, alpha_pattern: the adapter variants (help below).
     """
 
     r: int = 8
@@ -31,6 +32,18 @@ class LoraConfig:
     fused_slices: dict[str, list[bool]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
     exclude_modules: list[str] = field(default_factory=list)
+    use_dora: bool = field(default=False, metadata={"help": (
+        "DoRA (weight-decomposed LoRA, PEFT's use_dora): a trained magnitude per output times the direction "
+        "W + ΔW normalised per output; Linear, Conv1D and Conv2d layers, not fused slices")})
+    conv_r: int = field(default=0, metadata={"help": (
+        "rank of k×k Conv2d layers (LoCon, kohya's conv_dim); 0 = r")})
+    conv_alpha: float = field(default=0.0, metadata={"help": (
+        "alpha of k×k Conv2d layers (kohya's conv_alpha); 0 = conv_r when conv_r is set, else alpha")})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": (
+        "{regex: rank} per module (PEFT's rank_pattern: the first key matching the end of the module's "
+        "qualified name after a '.' wins)")})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": (
+        "{regex: alpha} per module (PEFT's alpha_pattern, same matching as rank_pattern)")})
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -51,6 +64,9 @@ class LoraConfig:
         for name, mask in self.fused_slices.items():
             if not mask or not any(mask):
                 raise ValueError(f"lora.fused_slices[{name!r}] must enable at least one slice")
+        problem = variant_error(self)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def scale(self) -> float:
@@ -72,7 +88,49 @@ class LoraConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def rank_alpha(self, qualified_name: str, kxk_conv: bool = False) -> tuple[int, float]:
+        """(r, alpha) of one module: rank_pattern / alpha_pattern first (PEFT's matching), then
+        conv_r / conv_alpha for a k×k Conv2d (kohya's conv_dim / conv_alpha), then r / alpha."""
+        r, alpha = self.r, self.alpha
+        if kxk_conv and self.conv_r:
+            r, alpha = self.conv_r, self.conv_alpha or float(self.conv_r)
+        elif kxk_conv and self.conv_alpha:
+            alpha = self.conv_alpha
+        key = pattern_key(self.rank_pattern, qualified_name)
+        if key is not None:
+            r = self.rank_pattern[key]
+        key = pattern_key(self.alpha_pattern, qualified_name)
+        if key is not None:
+            alpha = self.alpha_pattern[key]
+        return r, float(alpha)
+
 
 def name_matches(qualified_name: str, name: str) -> bool:
     """PEFT's list matching: equal, or ends with '.' + name."""
     return qualified_name == name or qualified_name.endswith("." + name)
+
+
+def pattern_key(patterns: dict, qualified_name: str) -> Optional[str]:
+    """PEFT's get_pattern_key: the first key (a regex) such that "(.*\\.)?(key)$" matches the name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", qualified_name):
+            return key
+    return None
+
+
+def variant_error(cfg: LoraConfig) -> Optional[str]:
+    """What is wrong with the variant fields (use_dora, conv_*, *_pattern), or None."""
+    if not isinstance(cfg.conv_r, int) or cfg.conv_r < 0 or cfg.conv_alpha < 0:
+        return f"lora.conv_r and lora.conv_alpha must be >= 0 (0 = as r / alpha), got {cfg.conv_r!r}, {cfg.conv_alpha!r}"
+    if cfg.use_dora and cfg.fused_slices:
+        return "lora.use_dora does not work with lora.fused_slices (PEFT has no DoRA for fused slices): drop one"
+    for field_name, bad in (("rank_pattern", lambda v: not isinstance(v, int) or v <= 0),
+                            ("alpha_pattern", lambda v: v <= 0)):
+        for key, value in getattr(cfg, field_name).items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                return f"lora.{field_name}: key {key!r} is not a valid regex: {e}"
+            if bad(value):
+                return f"lora.{field_name}[{key!r}] must be positive{' (an integer)' if field_name == 'rank_pattern' else ''}, got {value!r}"
+    return None

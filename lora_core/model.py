@@ -9,7 +9,7 @@ from torch import nn
 
 from .adapter_files import LoraLoadError  # noqa: F401 (one error type for adapter files and fits)
 from .config import LoraConfig, name_matches
-from .layers import LoraLayer, supported
+from .layers import LoraLayer, is_kxk_conv, supported
 
 DEFAULT = "default"
 
@@ -54,11 +54,12 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
         if layer is None:
             layer = LoraLayer(model.get_submodule(name))
             _set_submodule(model, name, layer)
-        layer.add_adapter(adapter, config.r, config.alpha, config.dropout, config.use_rslora,
-                          config.init, config.slices_for(name), dtype)
+        r, alpha = config.rank_alpha(name, is_kxk_conv(layer.base_layer))
+        layer.add_adapter(adapter, r, alpha, config.dropout, config.use_rslora,
+                          config.init, config.slices_for(name), dtype, use_dora=config.use_dora)
     # the LoRA parameters of every adapter and the modules to save are trainable
     for _, layer in lora_layers(model):
-        for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
+        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters(), *layer.lora_magnitude_vector.parameters()]:
             p.requires_grad_(True)
     for name in _modules_to_save(model, config.modules_to_save):
         for p in model.get_submodule(name).parameters():
@@ -163,6 +164,8 @@ def lora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch
         if adapter in layer.lora_A:
             sd[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
             sd[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
+            if adapter in layer.lora_magnitude_vector:   # DoRA, PEFT's name and shape
+                sd[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
     cfg = getattr(model, "_lora_configs", {}).get(adapter)
     if cfg is not None and cfg.modules_to_save:
         for mname in _modules_to_save(model, cfg.modules_to_save):
