@@ -189,3 +189,78 @@ def test_rank_and_alpha_patterns_match_peft():
     x = torch.randn(5, 8)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the MindSpore twin's DoRA
+class TorchPair(nn.Module):
+    """A Linear or an HF Conv1D (the layout a MindSpore GPT-2 stores as Dense) followed by a Linear."""
+
+    def __init__(self, conv1d: bool):
+        super().__init__()
+        self.proj = _conv1d(OUT, IN) if conv1d else nn.Linear(IN, OUT)
+        self.head = nn.Linear(OUT, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x)))
+
+
+@pytest.mark.mindspore
+@pytest.mark.parametrize("conv1d", [False, True], ids=["Linear", "Conv1D"])
+def test_mindspore_dora_matches_torch(conv1d, tmp_path):
+    ms = pytest.importorskip("mindspore")
+    import lora_core.mindspore as lcm
+
+    class MSPair(ms.nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.head = ms.nn.Dense(IN, OUT), ms.nn.Dense(OUT, 3)
+
+        def construct(self, x):
+            return self.head(ms.ops.tanh(self.proj(x)))
+
+    torch.manual_seed(0)
+    tn, mn = TorchPair(conv1d), MSPair()
+    for q in mn.get_parameters():
+        t = tn.state_dict()[q.name]
+        q.set_data(ms.Tensor((t.T if conv1d and q.name == "proj.weight" else t).numpy()))
+    cfg = LoraConfig(r=3, alpha=5, target_modules=["proj"], use_dora=True)
+    lcm.add_lora(mn, cfg)
+    lc.add_lora(tn, cfg)
+    np.testing.assert_allclose(lcm.lora_state_dict(mn)["proj.lora_magnitude_vector"],
+                               lc.lora_state_dict(tn)["proj.lora_magnitude_vector"].numpy(), rtol=1e-6)
+    rng = np.random.RandomState(3)
+    sd = {k: (v * (1 + 0.3 * rng.rand(*v.shape)) if "magnitude" in k else rng.normal(0, 0.4, v.shape)).astype(np.float32)
+          for k, v in lcm.lora_state_dict(mn).items()}
+    lcm.load_lora_state_dict(mn, sd)
+    lc.load_lora_state_dict(tn, {k: torch.from_numpy(v) for k, v in sd.items()})
+    x = rng.normal(size=(5, IN)).astype(np.float32)
+    y_t = tn(torch.from_numpy(x))
+    (y_t ** 2).sum().backward()
+    params = [p for p in mn.trainable_params()]
+    loss_fn = lambda inp: (mn(inp) ** 2).sum()   # noqa: E731
+    y_m = mn(ms.Tensor(x)).asnumpy()
+    np.testing.assert_allclose(y_m, y_t.detach().numpy(), rtol=1e-5, atol=1e-5)
+    _, grads = ms.value_and_grad(loss_fn, None, params)(ms.Tensor(x))
+    t_params = dict(tn.named_parameters())
+    torch_name = {"proj.lora_A.weight": "proj.lora_A.default.weight", "proj.lora_B.weight": "proj.lora_B.default.weight",
+                  "proj.lora_magnitude_vector": "proj.lora_magnitude_vector.default"}
+    assert sorted(p.name for p in params) == sorted(torch_name)
+    for p, g in zip(params, grads):
+        np.testing.assert_allclose(g.asnumpy(), t_params[torch_name[p.name]].grad.numpy(), rtol=1e-5, atol=1e-5,
+                                   err_msg=p.name)
+    # merge / unmerge, and the file between the backends
+    w0 = mn.proj.base_layer.weight.asnumpy().copy()
+    lcm.merge_lora(mn)
+    lc.merge_lora(tn)
+    merged_t = tn.proj.base_layer.weight.detach().numpy()
+    np.testing.assert_allclose(mn.proj.base_layer.weight.asnumpy(), merged_t.T if conv1d else merged_t, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mn(ms.Tensor(x)).asnumpy(), y_m, rtol=1e-5, atol=1e-5)
+    lcm.unmerge_lora(mn)
+    lc.unmerge_lora(tn)
+    np.testing.assert_allclose(mn.proj.base_layer.weight.asnumpy(), w0, rtol=1e-5, atol=1e-6)
+    lcm.save_lora(tmp_path / "ms_dora.safetensors", mn)
+    t2 = TorchPair(conv1d)
+    t2.load_state_dict({k.replace("base_layer.", ""): v for k, v in tn.state_dict().items() if "lora_" not in k})
+    assert lc.load_lora(tmp_path / "ms_dora.safetensors", t2).use_dora
+    with torch.no_grad():
+        np.testing.assert_allclose(t2(torch.from_numpy(x)).numpy(), y_m, rtol=1e-5, atol=1e-5)
