@@ -264,3 +264,136 @@ def test_mindspore_dora_matches_torch(conv1d, tmp_path):
     assert lc.load_lora(tmp_path / "ms_dora.safetensors", t2).use_dora
     with torch.no_grad():
         np.testing.assert_allclose(t2(torch.from_numpy(x)).numpy(), y_m, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ files through diffusers
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from lora_sd.models import build_tiny_pipeline
+    return build_tiny_pipeline()
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = torch.randn(1, 7, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), ctx).sample
+
+
+def _trained_unet(pipe, cfg, seed=5):
+    """A copy of the pipeline's UNet with a random (non-trivial) adapter of `cfg`."""
+    unet = copy.deepcopy(pipe.unet)
+    lc.add_lora(unet, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lc.lora_layers(unet):
+            for part in ("lora_A", "lora_B"):
+                w = getattr(layer, part)["default"].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+            for m in layer.lora_magnitude_vector.values():
+                m.mul_(1 + 0.3 * torch.rand(m.shape, generator=g))
+    return unet
+
+
+def _locon_dora_config(dora):
+    from lora_sd.config import TARGET_PRESETS
+    return LoraConfig(r=4, alpha=2, conv_r=2, conv_alpha=3, use_dora=dora, target_modules=TARGET_PRESETS["cross_attn+conv"])
+
+
+def _load_into_diffusers(pipe, path, caplog):
+    pipe = copy.deepcopy(pipe)
+    with caplog.at_level("WARNING"):
+        pipe.load_lora_weights(str(path), adapter_name="ours")
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "unexpected keys" not in text and "missing keys" not in text, text
+    return pipe
+
+
+def _peft_modules(unet):
+    return sorted(n for n, m in unet.named_modules() if hasattr(m, "lora_A") and "ours" in m.lora_A)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_locon_file_loads_in_diffusers_with_same_output(tiny_pipe, tmp_path, caplog, fmt):
+    from lora_sd import formats
+    unet = _trained_unet(tiny_pipe, _locon_dora_config(False))
+    layers = dict(lc.lora_layers(unet))
+    assert layers["down_blocks.0.resnets.0.conv1"].r["default"] == 2        # conv_r on the 3x3 convs
+    assert layers["down_blocks.0.downsamplers.0.conv"].base_layer.stride == (2, 2)
+    assert layers["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"].r["default"] == 4
+    adapter = formats.from_model({"unet": unet})
+    formats.write_adapter(tmp_path / "locon.safetensors", adapter, fmt)
+    sd, _ = formats.read_safetensors(tmp_path / "locon.safetensors")
+    if fmt == "kohya":   # kohya's conv_dim layout, each module's own alpha
+        assert tuple(sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape) == (2, 32, 3, 3)
+        assert tuple(sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape) == (32, 2, 1, 1)
+        assert float(sd["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 3.0
+        assert float(sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q.alpha"]) == 2.0
+    pipe = _load_into_diffusers(tiny_pipe, tmp_path / "locon.safetensors", caplog)
+    assert _peft_modules(pipe.unet) == sorted(layers)
+    expected = _unet_out(unet)
+    assert (expected - _unet_out(tiny_pipe.unet)).abs().max() > 1e-3
+    torch.testing.assert_close(_unet_out(pipe.unet), expected, rtol=1e-4, atol=1e-5)
+    # and back into our core
+    back, _, got_fmt = formats.read_adapter(tmp_path / "locon.safetensors")
+    assert got_fmt == fmt
+    ours = copy.deepcopy(tiny_pipe.unet)
+    formats.apply_to_components(back, {"unet": ours})
+    torch.testing.assert_close(_unet_out(ours), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_diffusers_file_loads_in_diffusers_with_same_output(tiny_pipe, tmp_path, caplog):
+    from lora_core.adapter_files import inspect
+    from lora_sd import formats
+    unet = _trained_unet(tiny_pipe, _locon_dora_config(True))
+    formats.write_adapter(tmp_path / "dora.safetensors", formats.from_model({"unet": unet}), "diffusers")
+    sd, _ = formats.read_safetensors(tmp_path / "dora.safetensors")
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.lora_magnitude_vector"
+    assert tuple(sd[key].shape) == (32,)
+    assert tuple(sd["unet.down_blocks.0.resnets.0.conv1.lora_magnitude_vector"].shape) == (1, 32, 1, 1)
+    pipe = _load_into_diffusers(tiny_pipe, tmp_path / "dora.safetensors", caplog)
+    peft_layer = pipe.unet.get_submodule("down_blocks.0.resnets.0.conv1")
+    assert "ours" in peft_layer.lora_magnitude_vector                  # diffusers built a DoRA adapter
+    expected = _unet_out(unet)
+    torch.testing.assert_close(_unet_out(pipe.unet), expected, rtol=1e-4, atol=1e-5)
+    info = inspect(tmp_path / "dora.safetensors")
+    assert info["dora"] and info["conv_modules"] == sum(1 for n, _ in lc.lora_layers(unet) if "conv" in n)
+
+
+def test_dora_kohya_file(tiny_pipe, tmp_path, caplog):
+    """kohya/LyCORIS dora_scale in the output-axis layout: our reader gives the model back exactly;
+    diffusers' SD loader loads every module (it drops dora_scale by design, with a warning), and its
+    kohya converter maps each dora_scale to PEFT's lora_magnitude_vector."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from lora_sd import formats
+    unet = _trained_unet(tiny_pipe, _locon_dora_config(True))
+    adapter = formats.from_model({"unet": unet})
+    formats.write_adapter(tmp_path / "dora_kohya.safetensors", adapter, "kohya")
+    sd, _ = formats.read_safetensors(tmp_path / "dora_kohya.safetensors")
+    assert tuple(sd["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"].shape) == (32, 1, 1, 1)
+    base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"
+    assert tuple(sd[f"{base}.dora_scale"].shape) == (32, 1)
+    torch.testing.assert_close(sd[f"{base}.dora_scale"].flatten(),
+                               unet.get_submodule(base[10:].replace("_", ".").replace("down.blocks", "down_blocks")
+                                                  .replace("transformer.blocks", "transformer_blocks")
+                                                  .replace("to.q", "to_q")).lora_magnitude_vector["default"])
+    back, _, _ = formats.read_adapter(tmp_path / "dora_kohya.safetensors")
+    ours = copy.deepcopy(tiny_pipe.unet)
+    formats.apply_to_components(back, {"unet": ours})
+    torch.testing.assert_close(_unet_out(ours), _unet_out(unet), rtol=1e-5, atol=1e-6)
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(dict(sd))
+    mags = [k for k in converted if k.endswith("lora_magnitude_vector.weight") or "lora_magnitude_vector" in k]
+    assert len(mags) == len(adapter)
+    pipe = copy.deepcopy(tiny_pipe)
+    pipe.load_lora_weights(str(tmp_path / "dora_kohya.safetensors"), adapter_name="ours")
+    assert _peft_modules(pipe.unet) == sorted(n for n, _ in lc.lora_layers(unet))
+
+
+def test_dora_scale_input_axis_is_refused(tmp_path):
+    from lora_sd import formats
+    sd = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
+          "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(6, 2),
+          "lora_unet_mid_block_attentions_0_proj_in.dora_scale": torch.ones(1, 8)}
+    with pytest.raises(lc.LoraLoadError, match="dora_scale.*output-axis"):
+        formats.from_kohya(sd)
