@@ -397,3 +397,56 @@ def test_dora_scale_input_axis_is_refused(tmp_path):
           "lora_unet_mid_block_attentions_0_proj_in.dora_scale": torch.ones(1, 8)}
     with pytest.raises(lc.LoraLoadError, match="dora_scale.*output-axis"):
         formats.from_kohya(sd)
+
+
+class Mixed(nn.Module):
+    """A Linear, an HF Conv1D, a 1x1 and a 3x3 conv: every layer kind the variants cover."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.c1d = nn.Linear(8, 8), _conv1d(8, 8)
+        self.pw, self.conv = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):                      # x: (N, 8, H, W)
+        h = self.conv(torch.tanh(self.pw(x)))
+        v = h.mean(dim=(2, 3))
+        return self.c1d(torch.tanh(self.fc(v)))
+
+
+def _randomize(model, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(p * (1 + 0.3 * torch.rand(p.shape, generator=g)) if "magnitude" in n
+                        else torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_our_file_and_peft_export_keep_dora_locon_and_patterns(tmp_path):
+    from lora_llm.adapters import export_peft
+    cfg = LoraConfig(r=4, alpha=8, conv_r=2, conv_alpha=5, use_dora=True, target_modules=["fc", "c1d", "pw", "conv"],
+                     rank_pattern={"pw": 3}, alpha_pattern={"c1d": 2.0})
+    model = Mixed()
+    lc.add_lora(model, cfg)
+    _randomize(model)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        y = model(x)
+    lc.save_lora(tmp_path / "ours.safetensors", model)
+    keys = set(lc.read_safetensors(tmp_path / "ours.safetensors")[0])
+    assert {f"{m}.lora_magnitude_vector" for m in ("fc", "c1d", "pw", "conv")} <= keys
+    again = Mixed()
+    assert lc.load_lora(tmp_path / "ours.safetensors", again) == cfg
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), y, rtol=1e-6, atol=1e-6)
+    ranks = {n: (l.r["default"], l.alpha["default"]) for n, l in lc.lora_layers(again)}
+    assert ranks == {"fc": (4, 8.0), "c1d": (4, 2.0), "pw": (3, 8.0), "conv": (2, 5.0)}
+    # PEFT's own loader reads the PEFT export (DoRA, rank/alpha patterns, the k×k conv) to the same output
+    export_peft(tmp_path / "peft", model, task_type=None)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.PeftModel.from_pretrained(Mixed(), str(tmp_path / "peft"))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), y, rtol=1e-5, atol=1e-6)
