@@ -450,3 +450,13 @@ def test_our_file_and_peft_export_keep_dora_locon_and_patterns(tmp_path):
         ref = peft.PeftModel.from_pretrained(Mixed(), str(tmp_path / "peft"))
     with torch.no_grad():
         torch.testing.assert_close(ref(x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_names_the_variants(tmp_path):
+    from lora_core.adapter_files import inspect
+    model = Mixed()
+    lc.add_lora(model, LoraConfig(r=4, alpha=8, conv_r=2, use_dora=True, target_modules=["fc", "conv"],
+                                  rank_pattern={"fc": 6}, alpha_pattern={"fc": 3.0}))
+    lc.save_lora(tmp_path / "a.safetensors", model)
+    info = inspect(tmp_path / "a.safetensors")
+    assert info["dora"] is True and info["ranks"] == [2, 4, 6] and 3.0 in info["alphas"]
