@@ -154,14 +154,16 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
              dtype: torch.dtype = torch.float32) -> list[str]:
     """Wrap every module matched by `config` with a LoRA layer (or add `adapter` to an existing
     wrapper) and give `adapter` its own trainable copy of each of config.modules_to_save. Freezes
-    everything else. Returns the qualified names of the adapted modules. On any error the model is
-    left exactly as it was."""
-    known = adapter_names(model)
-    if adapter in known:
-        raise AdapterExistsError(f"the model already has an adapter named {adapter!r} (adapters: {known}); "
-                                 f"delete_adapter(model, {adapter!r}) first or choose another name")
+    everything else. Returns the qualified names of the adapted modules. An existing adapter name
+    is refused on modules that hold it already (other modules extend it: how files with per-module
+    ranks load). On any error the model is left exactly as it was."""
     heads = _modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
     targets = _find_targets(model, config, heads)
+    clash = [n for n in targets + heads if adapter in _adapters_of(model.get_submodule(n))]
+    if clash:
+        raise AdapterExistsError(f"adapter {adapter!r} exists already on {clash[:5]} (adapters: "
+                                 f"{adapter_names(model)}); delete_adapter(model, {adapter!r}) first or choose "
+                                 f"another name")
     with _atomic(model, adapter):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -184,6 +186,12 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
         _set_trainable(model)
         model._lora_configs = {**getattr(model, "_lora_configs", {}), adapter: config}
     return sorted(targets)
+
+
+def _adapters_of(module: nn.Module):
+    if isinstance(module, LoraLayer):
+        return module.lora_A.keys()
+    return module.modules_to_save.keys() if isinstance(module, ModulesToSaveWrapper) else ()
 
 
 def _set_trainable(model: nn.Module) -> None:

@@ -231,7 +231,7 @@ def test_failed_add_lora_leaves_the_model_as_it_was():
     with torch.no_grad():
         m.transformer.h[0].attn.c_attn.lora_B["a"].weight.fill_(0.1)
     before = _snapshot(m)
-    with pytest.raises(AdapterExistsError, match=r"'a'"):
+    with pytest.raises(AdapterExistsError, match=r"'a' exists already on \['transformer\.h\.0\.attn\.c_attn'"):
         add_lora(m, LoraConfig(target_modules=["c_attn", "c_fc"]), "a")
     _assert_same(m, before)
     with pytest.raises(ValueError, match="c_proj"):
@@ -245,6 +245,10 @@ def test_failed_add_lora_leaves_the_model_as_it_was():
     with pytest.raises(TargetMatchError, match=r"\['q_proj', 'v_proj'\].*matched no supported module"):
         add_lora(m, LoraConfig(target_modules=["q_proj", "v_proj"]), "b")
     _assert_same(m, before)
+    # an existing name on other modules extends the adapter (per-module ranks, as SD files load)
+    assert add_lora(m, LoraConfig(r=4, alpha=4, target_modules=["c_fc"]), "a") == ["transformer.h.0.mlp.c_fc",
+                                                                                  "transformer.h.1.mlp.c_fc"]
+    assert m.transformer.h[1].mlp.c_fc.r == {"a": 4} and m.transformer.h[1].attn.c_attn.r == {"a": 2}
 
 
 def test_unknown_adapter_names_are_refused_with_the_known_ones():
