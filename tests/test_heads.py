@@ -337,3 +337,51 @@ def test_fp16_merge_overflow_and_nan_merge_are_refused_with_weights_unchanged():
     expected = (w0.float() + m[0].delta_weight("default")).half()
     merge_lora(m)
     assert torch.equal(m[0].base_layer.weight, expected)
+
+
+# ------------------------------------------------------------------------------------------ MindSpore twin
+def test_mindspore_twin_keeps_the_original_head(tmp_path):
+    """One adapter per net there, same head semantics: a trainable copy keeps the file's names, the
+    original runs when the adapter is disabled and comes back with remove_lora; files agree with torch."""
+    ms = pytest.importorskip("mindspore", reason="MindSpore is not installed")
+    import numpy as np
+    from mindspore import nn as msnn
+    import lora_core.mindspore as lcm
+
+    class MSClf(msnn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.body = msnn.Dense(8, 8)
+            self.score = msnn.Dense(8, 3)
+
+        def construct(self, x):
+            return self.score(ms.ops.relu(self.body(x)))
+
+    base = _base()
+    net = MSClf()
+    for p in net.get_parameters():
+        ms.ops.assign(p, ms.Tensor(base.state_dict()[p.name].numpy()))
+    x = np.random.RandomState(0).randn(5, 8).astype(np.float32)
+    y0 = net(ms.Tensor(x)).asnumpy()
+    lcm.add_lora(net, HEADS)
+    sd = {k: np.random.RandomState(1).normal(0, 0.5, v.shape).astype(np.float32)
+          for k, v in lcm.lora_state_dict(net).items()}
+    lcm.load_lora_state_dict(net, sd)
+    assert {p.name for p in net.trainable_params()} == set(sd) == {"body.lora_A.weight", "body.lora_B.weight",
+                                                                  "score.weight", "score.bias"}
+    assert isinstance(net.score, lcm.ModulesToSaveCell)
+    y = net(ms.Tensor(x)).asnumpy()
+    assert np.abs(y - y0).max() > 1e-2
+    lcm.enable_lora(net, False)
+    np.testing.assert_array_equal(net(ms.Tensor(x)).asnumpy(), y0)   # the original head, not the trained copy
+    lcm.enable_lora(net, True)
+    # the same file in torch gives the same outputs, adapter on and off
+    lcm.save_lora(tmp_path / "ms.safetensors", net)
+    tm = copy.deepcopy(base)
+    load_lora(tmp_path / "ms.safetensors", tm)
+    np.testing.assert_allclose(tm(torch.from_numpy(x)).detach().numpy(), y, rtol=1e-5, atol=1e-6)
+    with lora_disabled(tm):
+        np.testing.assert_allclose(tm(torch.from_numpy(x)).detach().numpy(), y0, rtol=1e-5, atol=1e-6)
+    lcm.remove_lora(net)
+    assert isinstance(net.score, msnn.Dense) and net.score.weight.name == "score.weight"
+    np.testing.assert_array_equal(net(ms.Tensor(x)).asnumpy(), y0)
