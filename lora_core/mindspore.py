@@ -34,7 +34,7 @@ from mindspore.common.initializer import HeUniform, Normal, initializer
 
 from .config import LoraConfig, name_matches
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
-from .model import LoraLoadError, state_dict_mismatch
+from .model import LoraLoadError, check_finite, state_dict_mismatch
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
 _TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
@@ -292,6 +292,7 @@ def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
     problems = state_dict_mismatch(own, sd)
     if problems:
         raise LoraLoadError(f"adapter does not fit the network: {problems}")
+    check_finite({k: sd[k] for k in own}, "adapter")
     for k, p in own.items():
         ops.assign(p, ms.Tensor(np.asarray(sd[k], dtype=np.float32), p.dtype))
 

@@ -385,3 +385,9 @@ def test_mindspore_twin_keeps_the_original_head(tmp_path):
     lcm.remove_lora(net)
     assert isinstance(net.score, msnn.Dense) and net.score.weight.name == "score.weight"
     np.testing.assert_array_equal(net(ms.Tensor(x)).asnumpy(), y0)
+    # a NaN in the file is refused there too, naming the tensor; the net keeps no adapter
+    _corrupt(tmp_path / "ms.safetensors", tmp_path / "nan.safetensors", "score.weight", float("nan"))
+    with pytest.raises(LoraLoadError, match=r"nan\.safetensors.*'score\.weight'.*1 NaN"):
+        lcm.load_lora(tmp_path / "nan.safetensors", net)
+    assert not list(lcm.lora_layers(net)) and isinstance(net.score, msnn.Dense)
+    np.testing.assert_array_equal(net(ms.Tensor(x)).asnumpy(), y0)
