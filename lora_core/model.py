@@ -131,13 +131,15 @@ def _atomic(model: nn.Module, adapter: str):
     """Undo everything done to `model` inside the block if it raises: modules put in place,
     adapter `adapter` on existing wrappers, requires_grad flags and the adapter configs."""
     children = {m: dict(m._modules) for m in model.modules()}
+    holders = {m for _, m in [*lora_layers(model), *head_wrappers(model)] if adapter in _adapters_of(m)}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     configs = dict(getattr(model, "_lora_configs", {})) if hasattr(model, "_lora_configs") else None
     try:
         yield
     except BaseException:
         for _, m in [*lora_layers(model), *head_wrappers(model)]:
-            m.discard(adapter)
+            if m not in holders:
+                m.discard(adapter)
         for m, kids in children.items():
             m._modules.clear()
             m._modules.update(kids)

@@ -249,6 +249,12 @@ def test_failed_add_lora_leaves_the_model_as_it_was():
     assert add_lora(m, LoraConfig(r=4, alpha=4, target_modules=["c_fc"]), "a") == ["transformer.h.0.mlp.c_fc",
                                                                                   "transformer.h.1.mlp.c_fc"]
     assert m.transformer.h[1].mlp.c_fc.r == {"a": 4} and m.transformer.h[1].attn.c_attn.r == {"a": 2}
+    # ... and a failure while extending it keeps what it had
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="attn.c_proj"):
+        add_lora(m, LoraConfig(target_modules=["attn.c_proj"], fused_slices={"attn.c_proj": [True, False, True]}), "a")
+    _assert_same(m, before)
+    assert m.transformer.h[1].mlp.c_fc.r == {"a": 4} and m.transformer.h[0].attn.c_attn.active_adapters == ["a"]
 
 
 def test_unknown_adapter_names_are_refused_with_the_known_ones():
