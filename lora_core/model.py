@@ -108,7 +108,10 @@ def _find_targets(model: nn.Module, config: LoraConfig, heads: list[str]) -> lis
     if not targets:
         unsupported = [n for n, _ in model.named_modules() if n and config.matches(n)]
         hint = f" (matched but unsupported: {unsupported[:5]})" if unsupported else ""
-        raise TargetMatchError(f"lora.target_modules={config.target_modules!r} matched no supported module{hint}")
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if n and supported(m) and not _under(n, inside)})
+        raise TargetMatchError(f"lora.target_modules={config.target_modules!r} matched no supported module{hint}; "
+                               f"this model's adaptable modules are named {leaves[:12]}")
     return targets
 
 
