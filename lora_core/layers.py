@@ -16,6 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import block_B
+
+
+def _torch_zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(shape)
+
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D, without importing transformers here
@@ -111,20 +117,13 @@ class LoraLayer(nn.Module):
 
     # ----------------------------------------------------------------- math
     def _B_full(self, name: str) -> torch.Tensor:
-        """B as an (out, k*r) matrix in the base output layout: with fused slices, a block matrix
-        whose disabled slices are zero, so one matmul serves every slice layout."""
+        """B as an (out, k*r) matrix in the base output layout: with fused slices, the block matrix of
+        lora_core.fused.block_B (zero rows for the slices that are not adapted)."""
         B = self.lora_B[name].weight.flatten(1)
         mask = self.slices[name]
         if mask is None:
             return B
-        r, slice_out = self.r[name], self.out_features // len(mask)
-        full = B.new_zeros(self.out_features, B.shape[1] * sum(bool(m) for m in mask))
-        j = 0
-        for i, on in enumerate(mask):
-            if on:
-                full[i * slice_out:(i + 1) * slice_out, j * r:(j + 1) * r] = B[j * slice_out:(j + 1) * slice_out]
-                j += 1
-        return full
+        return block_B(B, mask, self.out_features, self.r[name], _torch_zeros, torch.cat)
 
     def _lora_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for input x, in the base output layout (before scaling)."""

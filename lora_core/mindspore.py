@@ -33,11 +33,16 @@ from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Normal, initializer
 
 from .config import LoraConfig, name_matches
+from .fused import block_B
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
 from .model import LoraLoadError, check_finite, state_dict_mismatch
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
 _TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
+
+
+def _ms_zeros(shape, like):
+    return ops.zeros(shape, like.dtype)
 
 
 class LoraDense(nn.Cell):
@@ -70,21 +75,12 @@ class LoraDense(nn.Cell):
         self.disabled = False
 
     def full_B(self) -> ms.Tensor:
-        """B in the base output layout (out, k*r): zero rows for the slices that are not adapted."""
+        """B in the base output layout (out, k*r): lora_core.fused.block_B (zero rows for the slices
+        that are not adapted)."""
         B = self.lora_B.weight
         if self.slices is None:
             return B
-        r, n_on = self.r, sum(self.slices)
-        slice_out = self.out_features // len(self.slices)
-        zero = ops.zeros((slice_out, r), B.dtype)
-        rows, j = [], 0
-        for on in self.slices:
-            blocks = [zero] * n_on
-            if on:
-                blocks[j] = B[j * slice_out:(j + 1) * slice_out]
-                j += 1
-            rows.append(ops.cat(blocks, 1))
-        return ops.cat(rows, 0)
+        return block_B(B, self.slices, self.out_features, self.r, _ms_zeros, ops.cat)
 
     def construct(self, x):
         y = self.base_layer(x)

@@ -15,14 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapter_files import LoraLoadError  # noqa: F401 (one error type for adapter files and fits)
 from .config import LoraConfig, name_matches
 from .layers import LoraLayer, ModulesToSaveWrapper, supported
 
 DEFAULT = "default"
-
-
-class LoraLoadError(ValueError):
-    """An adapter does not fit the model; the message names the keys at fault."""
 
 
 class UnknownAdapterError(KeyError, ValueError):

@@ -55,18 +55,7 @@ def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", ad
         if adapter not in layer.lora_A:
             continue
         A = layer.lora_A[adapter].weight.detach().float()
-        B = layer.lora_B[adapter].weight.detach().float()
-        mask = layer.slices[adapter]
-        if mask is not None:  # block-structured B over the full output, rank k*r
-            r, n = layer.r[adapter], len(mask)
-            so = layer.out_features // n
-            full = B.new_zeros(layer.out_features, A.shape[0])
-            j = 0
-            for i, on in enumerate(mask):
-                if on:
-                    full[i * so:(i + 1) * so, j * r:(j + 1) * r] = B[j * so:(j + 1) * so]
-                    j += 1
-            B = full
+        B = layer._B_full(adapter).detach().float()   # fused slices: block-structured B, rank k*r
         rank = A.shape[0]
         scale = layer.scaling[adapter]
         if rank != base_r:   # fused slices: rank k*r, and lora_alpha / rank must still equal our scale
@@ -100,18 +89,6 @@ def export_peft(folder: str | Path, model, task_type: str = "CAUSAL_LM", base_mo
 
 
 def describe(path: str | Path) -> dict:
-    """`lora-llm inspect`: what an adapter.safetensors (or PEFT folder) holds."""
-    path = Path(path)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        sd, _ = read_safetensors(path / "adapter_model.safetensors")
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        return {"format": "peft", "path": str(path), "config": cfg, "tensors": len(sd),
-                "parameters": int(sum(t.numel() for t in sd.values()))}
-    if path.is_dir():
-        path = path / ADAPTER_FILE
-    sd, meta = read_safetensors(path)
-    from lora_core.io import read_lora_config
-    cfg, targets = read_lora_config(meta, path)
-    return {"format": "lora_core", "path": str(path), "lora": cfg.to_dict(), "targets": len(targets),
-            "tensors": len(sd), "parameters": int(sum(t.numel() for t in sd.values())),
-            "info": json.loads(meta.get("llm_info", "{}"))}
+    """`lora-llm inspect`: lora_core.adapter_files.inspect (the description every CLI and the GUI show)."""
+    from lora_core.adapter_files import inspect
+    return inspect(path)

@@ -114,13 +114,18 @@ def _cmd_merge(a) -> int:
 
 
 def _cmd_inspect(a) -> int:
+    from lora_core.adapter_files import LoraLoadError
     from .adapters import describe
-    d = describe(a.file)
+    try:
+        d = describe(a.file)
+    except LoraLoadError as e:
+        print(f"lora-llm inspect: error: {e}", file=sys.stderr)
+        return 2
     if a.json:
         print(json.dumps(d, indent=2))
     else:
         for k, v in d.items():
-            print(f"{k:>12}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+            print(f"{k:>16}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     return 0
 
 
