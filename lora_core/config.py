@@ -9,6 +9,21 @@ from typing import Literal, Optional, Union
 from .fields import Checked, option
 
 
+def _targets_error(targets) -> Optional[str]:
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            return f"is not a valid regex: {e}"
+        return None
+    return None if targets else "is empty: name the modules to adapt"
+
+
+def _slices_error(slices: dict) -> Optional[str]:
+    bad = [name for name, mask in slices.items() if not any(mask)]
+    return f"must enable at least one slice of {bad[0]!r}" if bad else None
+
+
 @dataclass
 class LoraConfig(Checked, section="lora"):
     """What to adapt and how (the `[lora]` table). Matching follows PEFT; fused slices follow loralib's
@@ -19,29 +34,16 @@ class LoraConfig(Checked, section="lora"):
     dropout: float = option(0.0, "dropout on the LoRA input path only", ge=0, lt=1)
     target_modules: Union[list[str], str] = option(
         ["q_proj", "v_proj"], "a list of module names (a qualified name equal to one or ending with '.' + one), "
-        "or a regex that must match the whole qualified name")
+        "or a regex that must match the whole qualified name", check=_targets_error)
     use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
     init: Literal["kaiming", "gaussian"] = option(
         "kaiming", "lora_A's start: kaiming (Kaiming-uniform a=sqrt(5), as loralib/PEFT) or gaussian (N(0, 1/r)); "
         "lora_B starts at zero")
     fused_slices: dict[str, list[bool]] = option(
         {}, "{module: [bool, ...]}: split that module's output into equal slices and adapt the true ones "
-        "(GPT-2 c_attn q,v: [true, false, true])")
+        "(GPT-2 c_attn q,v: [true, false, true])", check=_slices_error)
     modules_to_save: list[str] = option([], "modules trained in full and saved with the adapter (e.g. a head)")
     exclude_modules: list[str] = option([], "module names never adapted (same matching rules as target_modules)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"lora.target_modules is not a valid regex: {e}") from e
-        elif not self.target_modules:
-            raise ValueError("lora.target_modules is empty")
-        for name, mask in self.fused_slices.items():
-            if not mask or not any(mask):
-                raise ValueError(f"lora.fused_slices[{name!r}] must enable at least one slice")
 
     @property
     def scale(self) -> float:

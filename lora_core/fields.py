@@ -14,17 +14,19 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 RANGE_KEYS = ("ge", "gt", "le", "lt", "multiple_of")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, ge=None, gt=None, le=None, lt=None,
-           multiple_of=None):
+           multiple_of=None, check: Optional[Callable[[Any], Optional[str]]] = None):
     """A dataclass field with its help text and range (ge/gt: lower bound, inclusive/exclusive; le/lt: upper).
-    A list or dict default is copied for every instance."""
-    meta = {"help": help, **{k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, multiple_of=multiple_of).items()
-                             if v is not None}}
+    `check(value)` is a rule of this field alone that a range cannot say: it returns what is wrong, continuing
+    a sentence that starts with the key ("is not a valid regex: ..."), or None. A list or dict default is copied
+    for every instance."""
+    meta = {"help": help, **{k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, multiple_of=multiple_of,
+                                                   check=check).items() if v is not None}}
     if factory is None and isinstance(default, (list, dict)):
         factory = lambda d=default: copy.deepcopy(d)  # noqa: E731
     if factory is not None:
@@ -117,7 +119,7 @@ def _fmt_choices(choices) -> str:
 
 
 def check_value(value: Any, tp: Any, meta: dict | None = None) -> Optional[str]:
-    """Why `value` breaks its field's declared choices or range, as the end of a sentence starting with
+    """Why `value` breaks its field's declared choices, check or range, as the end of a sentence starting with
     the key ("must be one of 'a', 'b'; got 'c'"); None when it is fine. Types are checked by configfile."""
     meta = meta or {}
     tp, _ = strip_optional(tp)
@@ -133,6 +135,9 @@ def check_value(value: Any, tp: Any, meta: dict | None = None) -> Optional[str]:
         if bad:
             what = "key(s)" if origin is dict else "value(s)"
             return f"has unknown {what} {_fmt_choices(bad)}; allowed: {_fmt_choices(choices)}"
+    err = meta["check"](value) if "check" in meta else None
+    if err:
+        return err
     if not any(k in meta for k in RANGE_KEYS):
         return None
     integer = tp is int

@@ -102,9 +102,8 @@ class LLMTrainConfig(Checked):
     backend: Backend = option("torch", "torch, or mindspore (lora_llm.mindspore.train_from_config; GPT-2 models)")
     model: ModelSection = option(help="the base model and tokenizer", factory=ModelSection)
     data: DataSection = option(help="the task and its examples", factory=DataSection)
-    lora: LoraConfig = option(help="the adapter; on a GPT-2 model q_proj/k_proj/v_proj mean those slices of its "
-                              "fused c_attn (the default q,v is the paper's choice on every architecture)",
-                              factory=LoraConfig)
+    lora: LoraConfig = option(help="the adapter; q_proj/k_proj/v_proj on GPT-2 mean those slices of its fused c_attn "
+                              "(the default q,v is the paper's choice on every architecture)", factory=LoraConfig)
     train: TrainSettings = option(help="the training loop", factory=TrainSettings)
     eval: EvalSection = option(help="evaluation and generation", factory=EvalSection)
     mindspore: MindSporeSection = option(help="the MindSpore backend", factory=MindSporeSection)

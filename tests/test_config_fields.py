@@ -175,6 +175,17 @@ def test_llm_config_messages(tmp_path, key, value, expected):
     assert str(e.value) == f"{p}: {expected}"
 
 
+def test_single_field_rules_beyond_ranges_name_the_real_table(tmp_path):
+    p = _write(tmp_path, {"data": {"path": "x"}, "text_encoder_lora": {"target_modules": "(("}})
+    with pytest.raises(ConfigError, match=rf"^{p}: text_encoder_lora\.target_modules is not a valid regex: missing \)"):
+        load_train_config(p)
+    p = _write(tmp_path, {"base": {"lora": {"fused_slices": {"c_attn": [False, False, False]}}}})
+    with pytest.raises(ConfigError, match=r"base\.lora\.fused_slices must enable at least one slice of 'c_attn'$"):
+        load_suite(p)
+    with pytest.raises(ValueError, match=r"^lora\.target_modules is empty"):
+        LoraConfig(target_modules=[])
+
+
 def test_suite_messages_name_the_nested_key(tmp_path):
     p = _write(tmp_path, {"tasks": ["sst2", "mnli"]})
     with pytest.raises(ConfigError, match=r"tasks has unknown value\(s\) 'mnli'; allowed: 'wikitext2'"):
