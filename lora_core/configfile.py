@@ -205,4 +205,8 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequ
         return _build(cls, data, "")
     except _Bad as e:
         keys = [".".join(parse_override(o)[0]) for o in overrides]
-        raise e.error("--set" if _overridden(e.key, keys) else where) from None
+        if _overridden(e.key, keys):
+            where = "--set"
+        elif e.key is None and keys:   # a rule that spans fields: the file and the overrides together
+            where += " with --set"
+        raise e.error(where) from None

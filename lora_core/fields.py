@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -147,6 +148,11 @@ def check_value(value: Any, tp: Any, meta: dict | None = None) -> Optional[str]:
     return f"must be {range_text(meta, integer)}; got {value!r}"
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
 class Checked:
     """Mixin for config dataclasses: checks every declared choice and range when an instance is built
     in code (`LoraConfig(r=0)` raises). `section` names the TOML table in messages:
@@ -160,7 +166,7 @@ class Checked:
             cls._section = section
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             err = check_value(getattr(self, f.name), hints[f.name], f.metadata)
             if err:

@@ -175,6 +175,15 @@ def test_llm_config_messages(tmp_path, key, value, expected):
     assert str(e.value) == f"{p}: {expected}"
 
 
+def test_a_rule_spanning_fields_names_the_file_and_the_overrides(tmp_path):
+    p = _write(tmp_path, {"backend": "mindspore"})
+    assert load_llm_config(p).backend == "mindspore"
+    with pytest.raises(ConfigError) as e:
+        load_llm_config(p, ['train.mixed_precision="bf16"'])
+    assert str(e.value) == (f"{p} with --set: backend = 'mindspore' trains with train.optimizer = 'adamw' and "
+                            "train.mixed_precision = 'no' only; got 'adamw' and 'bf16'")
+
+
 def test_single_field_rules_beyond_ranges_name_the_real_table(tmp_path):
     p = _write(tmp_path, {"data": {"path": "x"}, "text_encoder_lora": {"target_modules": "(("}})
     with pytest.raises(ConfigError, match=rf"^{p}: text_encoder_lora\.target_modules is not a valid regex: missing \)"):
