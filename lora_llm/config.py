@@ -108,12 +108,6 @@ class LLMTrainConfig(Checked):
     eval: EvalSection = option(help="evaluation and generation", factory=EvalSection)
     mindspore: MindSporeSection = option(help="the MindSpore backend", factory=MindSporeSection)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.backend == "mindspore" and (self.train.optimizer, self.train.mixed_precision) != ("adamw", "no"):
-            raise ValueError(f"backend = 'mindspore' trains with train.optimizer = 'adamw' and train.mixed_precision = "
-                             f"'no' only; got {self.train.optimizer!r} and {self.train.mixed_precision!r}")
-
 
 def load_llm_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> LLMTrainConfig:
     """Read a job file (or the defaults when path is None) and apply `section.key=value` overrides."""

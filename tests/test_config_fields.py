@@ -176,12 +176,11 @@ def test_llm_config_messages(tmp_path, key, value, expected):
 
 
 def test_a_rule_spanning_fields_names_the_file_and_the_overrides(tmp_path):
-    p = _write(tmp_path, {"backend": "mindspore"})
-    assert load_llm_config(p).backend == "mindspore"
+    p = _write(tmp_path, {"eval": {"ppl_stride": 512}})
+    assert load_llm_config(p).eval.ppl_stride == 512
     with pytest.raises(ConfigError) as e:
-        load_llm_config(p, ['train.mixed_precision="bf16"'])
-    assert str(e.value) == (f"{p} with --set: backend = 'mindspore' trains with train.optimizer = 'adamw' and "
-                            "train.mixed_precision = 'no' only; got 'adamw' and 'bf16'")
+        load_llm_config(p, ["eval.ppl_max_length=256"])
+    assert str(e.value) == f"{p} with --set: eval.ppl_stride must be in 1..ppl_max_length (256), got 512"
 
 
 def test_single_field_rules_beyond_ranges_name_the_real_table(tmp_path):
