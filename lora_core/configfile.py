@@ -2,6 +2,9 @@
 
 Every job (SD training, LLM training, evaluation) has one dataclass; the CLI, the GUI and
 `accelerate launch` all load it through `load_config`, so a file means the same everywhere.
+Loading checks every key, type, choice (`Literal`) and range that the fields declare (lora_core.fields)
+before the dataclass is built; a wrong value is one ConfigError line naming the file (or `--set`), the
+dotted key, the value and what is allowed.
 """
 from __future__ import annotations
 
