@@ -1,5 +1,5 @@
 """The config reference, written from the fields' declarations (lora_core.fields): the generated
-docs/config-reference.md and the CLIs' `--help-config`. Torch-free.
+docs/config-reference.md, the CLIs' `--help-config` and `arg_type` for options that mirror a field. Torch-free.
 
     python -m lora_core.configdoc lora_sd.config:SDTrainConfig lora_llm.config:LLMTrainConfig \\
         lora_llm.suite:SuiteConfig > docs/config-reference.md
@@ -7,12 +7,15 @@ docs/config-reference.md and the CLIs' `--help-config`. Torch-free.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
+import math
 import sys
+import typing
 from typing import Any, Sequence
 
-from .fields import FieldSpec, field_specs
+from .fields import FieldSpec, check_value, field_specs, strip_optional, type_name
 
 TITLE = "# Config reference"
 
@@ -103,6 +106,26 @@ class HelpConfig(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(text_help(load_class(self.config_class)))
         parser.exit(0)
+
+
+def arg_type(cls: type, name: str):
+    """An argparse `type=` that reads a command-line value as config field `cls.name` declares it (type,
+    choices, range), e.g. `g.add_argument("--steps", type=arg_type(SampleSettings, "steps"))`."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+    tp = typing.get_type_hints(cls)[name]
+    convert = {int: int, float: float}.get(strip_optional(tp)[0], str)
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {type_name(tp)}, got {text!r}") from None
+        err = check_value(value, tp, meta) or (None if convert is not float or math.isfinite(value) else
+                                               "must be a finite number")
+        if err:
+            raise argparse.ArgumentTypeError(f"{err}" if "got" in err else f"{err}; got {text!r}")
+        return value
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -341,3 +341,24 @@ def test_cli_refuses_a_bad_sampler_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"lora-sd train: error: {p}: sample.scheduler must be one of 'ddim'") and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_arg_type_reads_a_command_line_value_as_its_field_declares(capsys):
+    import argparse
+    from lora_core.configdoc import arg_type
+    from lora_llm.config import EvalSection
+    from lora_sd.config import SampleSettings
+    p = argparse.ArgumentParser(prog="gen")
+    p.add_argument("--steps", type=arg_type(SampleSettings, "steps"))
+    p.add_argument("--scheduler", type=arg_type(SampleSettings, "scheduler"))
+    p.add_argument("--top-p", type=arg_type(EvalSection, "top_p"))
+    assert vars(p.parse_args(["--steps", "3", "--scheduler", "euler", "--top-p", "0.9"])) == \
+        {"steps": 3, "scheduler": "euler", "top_p": 0.9}
+    for argv, msg in [(["--steps", "-1"], "argument --steps: must be a positive integer; got -1"),
+                      (["--steps", "x"], "argument --steps: expected integer, got 'x'"),
+                      (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]; got 1.5"),
+                      (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1]; got nan"),
+                      (["--scheduler", "dpm2"], "argument --scheduler: must be one of 'ddim'")]:
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+        assert msg in capsys.readouterr().err
