@@ -96,7 +96,7 @@ def range_text(meta: dict, integer: bool = False) -> str:
     kind = "an integer" if integer else "a number"
     if lo and hi:
         text = f"{kind} in {lo[1]}{_num(lo[0])}, {_num(hi[0])}{hi[1]}"
-    elif lo and hi is None and ((integer and lo == (1, "[")) or (lo == (0, "(") and not integer)):
+    elif lo == ((1, "[") if integer else (0, "(")):
         text = f"a positive {'integer' if integer else 'number'}"
     elif lo:
         text = f"{kind} {'>=' if lo[1] == '[' else '>'} {_num(lo[0])}"
