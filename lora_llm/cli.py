@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from lora_core.configdoc import HelpConfig
+
 
 def _cmd_train(a) -> int:
     from .config import load_llm_config
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     t.add_argument("--backend", choices=["torch", "mindspore"], default=None,
                    help="override the config's backend (mindspore: see docs/mindspore.md and the [mindspore] table)")
+    t.add_argument("--help-config", action=HelpConfig, config_class="lora_llm.config:LLMTrainConfig")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained adapter (perplexity or accuracy/F1/MCC)")
@@ -159,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. base.train.max_steps=10")
     s.add_argument("--resume", default=None, help="'latest': continue unfinished task runs")
+    s.add_argument("--help-config", action=HelpConfig, config_class="lora_llm.suite:SuiteConfig")
     s.set_defaults(fn=_cmd_suite)
 
     g = sub.add_parser("generate", help="generate text with a language-model adapter (or a bare model)")

@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from lora_core.configfile import apply_overrides, from_dict, load_config, to_dict
+from lora_core.fields import Checked, option
 from lora_core.files import atomic_write_json, atomic_write_text
 
-from .config import TASKS, LLMTrainConfig
+from .config import TASKS, LLMTrainConfig, Task
 
 log = logging.getLogger("lora.llm")
 
@@ -31,17 +32,15 @@ class SuiteStopped(RuntimeError):
 
 
 @dataclass
-class SuiteConfig:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    base: LLMTrainConfig = field(default_factory=LLMTrainConfig)
-    overrides: dict[str, list[str]] = field(default_factory=dict)
-    adapters: dict[str, str] = field(default_factory=dict)
-    note: str = ""   # printed under the table (budgets, subsets, hardware)
-
-    def __post_init__(self):
-        bad = [t for t in list(self.tasks) + list(self.overrides) + list(self.adapters) if t not in TASKS]
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; known: {list(TASKS)}")
+class SuiteConfig(Checked):
+    """The `lora-llm eval-suite` job."""
+    tasks: list[Task] = option(list(TASKS), "the tasks to run, in order")
+    base: LLMTrainConfig = option(help="the job shared by every task (an LLMTrainConfig: [base.model], "
+                                  "[base.lora], ...)", factory=LLMTrainConfig)
+    overrides: dict[Task, list[str]] = option({}, "per task: a list of `section.key=value` overrides of base")
+    adapters: dict[Task, str] = option({}, "per task: an existing run folder or adapter file to evaluate "
+                                       "instead of training one")
+    note: str = option("", "printed under the table (budgets, subsets, hardware)")
 
     def task_config(self, task: str, out: Path) -> LLMTrainConfig:
         data = to_dict(self.base)
