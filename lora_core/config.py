@@ -3,70 +3,75 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Union
+
+from .fields import Checked, option
+
+
+def _targets_error(targets) -> Optional[str]:
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            return f"is not a valid regex: {e}"
+        return None
+    return None if targets else "is empty: name the modules to adapt"
+
+
+def _slices_error(slices: dict) -> Optional[str]:
+    bad = [name for name, mask in slices.items() if not any(mask)]
+    return f"must enable at least one slice of {bad[0]!r}" if bad else None
+
+
+def _pattern_error(patterns: dict, kind: type) -> Optional[str]:
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except re.error as e:
+            return f"key {key!r} is not a valid regex: {e}"
+        if not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
+            return f"[{key!r}] must be a positive {'integer' if kind is int else 'number'}, got {value!r}"
+    return None
 
 
 @dataclass
-class LoraConfig:
-    """What to adapt and how.
+class LoraConfig(Checked, section="lora"):
+    """What to adapt and how (the `[lora]` table). Matching follows PEFT; fused slices follow loralib's
+    MergedLinear. Each field's help and range is declared below (docs/config-reference.md lists them)."""
 
-    r, alpha:        rank and scaling numerator; scale = alpha / r (or alpha / sqrt(r) with use_rslora).
-    dropout:         dropout on the LoRA input path only.
-    target_modules:  PEFT semantics: a list of names matches a module whose qualified name equals
-                     a name or ends with "." + name; a string is a regex that must fully match.
-    fused_slices:    {module name (same matching rules): [bool, ...]} splits that module's output
-                     into len(list) equal slices and adapts only the True ones (GPT-2 c_attn q,v:
-                     {"c_attn": [True, False, True]}, as loralib's MergedLinear).
-    init:            "kaiming" (A Kaiming-uniform a=sqrt(5), as loralib/PEFT) or "gaussian" (A ~ N(0, 1/r)).
-    modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
-    use_dora, conv_r, conv_alpha, rank_pattern, alpha_pattern: the adapter variants (help below).
-    """
-
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    use_rslora: bool = False
-    init: str = "kaiming"
-    fused_slices: dict[str, list[bool]] = field(default_factory=dict)
-    modules_to_save: list[str] = field(default_factory=list)
-    exclude_modules: list[str] = field(default_factory=list)
-    use_dora: bool = field(default=False, metadata={"help": (
-        "DoRA (weight-decomposed LoRA, PEFT's use_dora): a trained magnitude per output times the direction "
-        "W + ΔW normalised per output; Linear, Conv1D and Conv2d layers, not fused slices")})
-    conv_r: int = field(default=0, metadata={"help": (
-        "rank of k×k Conv2d layers (LoCon, kohya's conv_dim); 0 = r")})
-    conv_alpha: float = field(default=0.0, metadata={"help": (
-        "alpha of k×k Conv2d layers (kohya's conv_alpha); 0 = conv_r when conv_r is set, else alpha")})
-    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": (
-        "{regex: rank} per module (PEFT's rank_pattern: the first key matching the end of the module's "
-        "qualified name after a '.' wins)")})
-    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": (
-        "{regex: alpha} per module (PEFT's alpha_pattern, same matching as rank_pattern)")})
+    r: int = option(8, "rank of the update B A", ge=1)
+    alpha: float = option(8.0, "scaling numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)", gt=0)
+    dropout: float = option(0.0, "dropout on the LoRA input path only", ge=0, lt=1)
+    target_modules: Union[list[str], str] = option(
+        ["q_proj", "v_proj"], "a list of module names (a qualified name equal to one or ending with '.' + one), "
+        "or a regex that must match the whole qualified name", check=_targets_error)
+    use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
+    init: Literal["kaiming", "gaussian"] = option(
+        "kaiming", "lora_A's start: kaiming (Kaiming-uniform a=sqrt(5), as loralib/PEFT) or gaussian (N(0, 1/r)); "
+        "lora_B starts at zero")
+    fused_slices: dict[str, list[bool]] = option(
+        {}, "{module: [bool, ...]}: split that module's output into equal slices and adapt the true ones "
+        "(GPT-2 c_attn q,v: [true, false, true])", check=_slices_error)
+    modules_to_save: list[str] = option([], "modules trained in full and saved with the adapter (e.g. a head)")
+    exclude_modules: list[str] = option([], "module names never adapted (same matching rules as target_modules)")
+    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA, PEFT's use_dora): a trained magnitude per output "
+                            "times the direction W + ΔW normalised per output; Linear, Conv1D, Conv2d; not fused slices")
+    conv_r: int = option(0, "rank of k×k Conv2d layers (LoCon, kohya's conv_dim); 0 = r", ge=0)
+    conv_alpha: float = option(0.0, "alpha of k×k Conv2d layers (kohya's conv_alpha); 0 = conv_r when conv_r is "
+                               "set, else alpha", ge=0)
+    rank_pattern: dict[str, int] = option(
+        {}, "{regex: rank} per module (PEFT's rank_pattern: the first key matching the end of the module's "
+        "qualified name after a '.' wins)", check=lambda p: _pattern_error(p, int))
+    alpha_pattern: dict[str, float] = option(
+        {}, "{regex: alpha} per module (PEFT's alpha_pattern, same matching as rank_pattern)",
+        check=lambda p: _pattern_error(p, float))
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"lora.r must be a positive integer, got {self.r!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"lora.target_modules is not a valid regex: {e}") from e
-        elif not self.target_modules:
-            raise ValueError("lora.target_modules is empty")
-        for name, mask in self.fused_slices.items():
-            if not mask or not any(mask):
-                raise ValueError(f"lora.fused_slices[{name!r}] must enable at least one slice")
-        problem = variant_error(self)
-        if problem:
-            raise ValueError(problem)
+        super().__post_init__()
+        if self.use_dora and self.fused_slices:
+            raise ValueError("lora.use_dora does not work with lora.fused_slices (PEFT has no DoRA for fused "
+                             "slices): drop one")
 
     @property
     def scale(self) -> float:
@@ -98,7 +103,7 @@ class LoraConfig:
             alpha = self.conv_alpha
         key = pattern_key(self.rank_pattern, qualified_name)
         if key is not None:
-            r = self.rank_pattern[key]
+            r = int(self.rank_pattern[key])
         key = pattern_key(self.alpha_pattern, qualified_name)
         if key is not None:
             alpha = self.alpha_pattern[key]
@@ -115,22 +120,4 @@ def pattern_key(patterns: dict, qualified_name: str) -> Optional[str]:
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", qualified_name):
             return key
-    return None
-
-
-def variant_error(cfg: LoraConfig) -> Optional[str]:
-    """What is wrong with the variant fields (use_dora, conv_*, *_pattern), or None."""
-    if not isinstance(cfg.conv_r, int) or cfg.conv_r < 0 or cfg.conv_alpha < 0:
-        return f"lora.conv_r and lora.conv_alpha must be >= 0 (0 = as r / alpha), got {cfg.conv_r!r}, {cfg.conv_alpha!r}"
-    if cfg.use_dora and cfg.fused_slices:
-        return "lora.use_dora does not work with lora.fused_slices (PEFT has no DoRA for fused slices): drop one"
-    for field_name, bad in (("rank_pattern", lambda v: not isinstance(v, int) or v <= 0),
-                            ("alpha_pattern", lambda v: v <= 0)):
-        for key, value in getattr(cfg, field_name).items():
-            try:
-                re.compile(key)
-            except re.error as e:
-                return f"lora.{field_name}: key {key!r} is not a valid regex: {e}"
-            if bad(value):
-                return f"lora.{field_name}[{key!r}] must be positive{' (an integer)' if field_name == 'rank_pattern' else ''}, got {value!r}"
     return None

@@ -13,6 +13,7 @@ With `slices` the output is cut into equal slices and only the enabled ones are 
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -75,7 +76,7 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()   # DoRA adapters only
-        self._dora_norms: dict[str, torch.Tensor] = {}     # ||W + ΔW|| of each merged DoRA adapter
+        self._dora_norms: dict[str, torch.Tensor] = {}     # ||W0 + ΔW|| of each merged DoRA adapter
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}     # alpha/r (or alpha/sqrt(r))
@@ -127,12 +128,17 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"unmerge adapter {name!r} before deleting it")
+        self.discard(name)
+
+    def discard(self, name: str) -> None:
+        """Forget adapter `name` if present (no checks: used to undo a failed add)."""
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
-            del d[name]
+            if name in d:
+                del d[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         for d in (self.r, self.alpha, self.scaling, self.user_scale, self.slices):
-            del d[name]
+            d.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -176,25 +182,56 @@ class LoraLayer(nn.Module):
         A = self.lora_A[name].weight.float().flatten(1)   # (k*r, in)
         return (self._B_full(name).float() @ A) * (self.scaling[name] * self.user_scale[name])
 
-    def _apply_delta(self, name: str, sign: float, safe: bool = False) -> None:
-        if name in self.lora_magnitude_vector:
-            return self._apply_dora(name, sign, safe)
+    def _delta_like_base(self, name: str) -> torch.Tensor:
+        """ΔW of adapter `name` in the base weight's layout, fp32."""
         W = self.base_layer.weight
         d = self.delta_weight(name).to(W.device)
-        if self.fan_in_fan_out:
-            d = d.T
-        d = d.reshape(W.shape)
-        new = W.data.float() + sign * d   # delta computed and added in fp32 for fp16/bf16 bases
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter {name!r} produced non-finite weights")
-        W.data.copy_(new.to(W.dtype))
+        return (d.T if self.fan_in_fan_out else d).reshape(W.shape)
 
-    def merge(self, adapters: Optional[list[str]] = None, safe: bool = False) -> None:
-        for name in adapters if adapters is not None else list(self.active_adapters):
-            if name in self.merged_adapters:
-                continue
-            self._apply_delta(name, +1.0, safe)
-            self.merged_adapters.append(name)
+    def merged_weight(self, names: list[str], where: str = "") -> torch.Tensor:
+        """The base weight with adapters `names` folded in, computed in fp32 and cast to the base
+        dtype. Raises NonFiniteError if the result would hold NaN or inf (a non-finite adapter, or
+        an fp16/bf16 overflow: MergeOverflowError); nothing is changed here."""
+        from .model import MergeOverflowError, NonFiniteError
+        W = self.base_layer.weight
+        new = W.data.float()
+        W0 = self._unmerged_weight() if any(n in self.lora_magnitude_vector for n in names) else None
+        for name in names:
+            new = self._fold(name, new, W0)
+        where = where or type(self.base_layer).__name__
+        if not torch.isfinite(new).all():
+            bad = [n for n in names if not all(torch.isfinite(getattr(self, d)[n].weight).all()
+                                               for d in ("lora_A", "lora_B"))]
+            raise NonFiniteError(f"merging adapter(s) {names} into {where} would give non-finite weights"
+                                 + (f": adapter(s) {bad} hold NaN or inf" if bad else "") + "; nothing was merged")
+        out = new.to(W.dtype)
+        if not torch.isfinite(out).all():
+            raise MergeOverflowError(
+                f"merging adapter(s) {names} into {where} overflows {W.dtype} (largest |weight| "
+                f"{new.abs().max().item():.4g} > {torch.finfo(W.dtype).max:.4g}); nothing was merged: merge in "
+                f"float32 (model.float()) or lower the adapter's scale")
+        return out
+
+    def _apply_delta(self, name: str, sign: float) -> None:
+        if name in self.lora_magnitude_vector:
+            return self._unfold_dora(name)
+        W = self.base_layer.weight
+        W.data.copy_((W.data.float() + sign * self._delta_like_base(name)).to(W.dtype))
+
+    def merge(self, adapters: Optional[list[str]] = None, safe: bool = True, where: str = "") -> None:
+        """Fold adapters into the base weight (in fp32, one rounding to the base dtype). Always
+        checked: a non-finite or overflowing result raises and leaves the weight unchanged
+        (`safe` is kept for compatibility)."""
+        names = [n for n in (adapters if adapters is not None else list(self.active_adapters))
+                 if n not in self.merged_adapters]
+        if not names:
+            return
+        dora = [n for n in names if n in self.lora_magnitude_vector]
+        W0 = self._unmerged_weight() if dora else None
+        new = self.merged_weight(names, where)
+        self._dora_norms.update({n: self._dora_merge_norm(n, W0) for n in dora})
+        self.base_layer.weight.data.copy_(new)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
@@ -247,36 +284,94 @@ class LoraLayer(nn.Module):
         h = self.lora_B[name](A(x))
         return (f - 1) * base + f * h * s
 
+    def _dora_factor(self, name: str, norm: torch.Tensor, ndim: int) -> torch.Tensor:
+        """m / norm, shaped to broadcast over the base weight."""
+        return self._out_view(self.lora_magnitude_vector[name].detach().float().flatten() / norm, ndim)
+
+    def _dora_merge_norm(self, name: str, W0: torch.Tensor) -> torch.Tensor:
+        """||W0 + ΔW|| per output, W0 the weight without merged adapters (as PEFT's merge)."""
+        return (self._weight_rows(W0) + self.delta_weight(name).to(W0.device)).norm(dim=1)
+
+    def _fold(self, name: str, W: torch.Tensor, W0: Optional[torch.Tensor]) -> torch.Tensor:
+        """W (fp32) with adapter `name` merged: W + ΔW, or for DoRA m/||W0 + ΔW|| · (W + ΔW)."""
+        d = self._delta_like_base(name)
+        if name not in self.lora_magnitude_vector:
+            return W + d
+        return self._dora_factor(name, self._dora_merge_norm(name, W0), W.dim()) * (W + d)
+
+    def _unfold_dora(self, name: str) -> None:
+        """Unmerge a DoRA adapter: W = W' / (m/||W0 + ΔW||) - ΔW, with the norm kept from the merge."""
+        W = self.base_layer.weight
+        cur = W.data.float()
+        f = self._dora_factor(name, self._dora_norms.pop(name), cur.dim())
+        W.data.copy_((cur / f - self._delta_like_base(name)).to(W.dtype))
+
     def _unmerged_weight(self) -> torch.Tensor:
         """The base weight (fp32) with every merged adapter taken out again, newest first."""
         W = self.base_layer.weight.data.float()
         for name in reversed(self.merged_adapters):
-            d = self._delta_in_base_layout(name, W)
-            if name in self._dora_norms:
-                f = self.lora_magnitude_vector[name].detach().float().flatten() / self._dora_norms[name]
-                W = W / self._out_view(f, W.dim()) - d
-            else:
-                W = W - d
+            d = self._delta_like_base(name)
+            W = W / self._dora_factor(name, self._dora_norms[name], W.dim()) - d if name in self._dora_norms else W - d
         return W
 
-    def _delta_in_base_layout(self, name: str, W: torch.Tensor) -> torch.Tensor:
-        d = self.delta_weight(name).to(W.device)
-        return (d.T if self.fan_in_fan_out else d).reshape(W.shape)
 
-    def _apply_dora(self, name: str, sign: float, safe: bool = False) -> None:
-        """Merge: W' = m/||W0 + ΔW|| · (W + ΔW), W0 the weight without merged adapters (as PEFT);
-        unmerge: W = W' / (m/||W0 + ΔW||) - ΔW, with the norm kept from the merge."""
-        W = self.base_layer.weight
-        cur = W.data.float()
-        d = self._delta_in_base_layout(name, cur)
-        if sign > 0:
-            self._dora_norms[name] = (self._weight_rows(self._unmerged_weight()) + self._weight_rows(d)).norm(dim=1)
-            norm = self._dora_norms[name]
-        else:
-            norm = self._dora_norms.pop(name)
-        f = self._out_view(self.lora_magnitude_vector[name].detach().float().flatten() / norm, cur.dim())
-        new = f * (cur + d) if sign > 0 else cur / f - d
-        if safe and not torch.isfinite(new).all():
-            self._dora_norms.pop(name, None)
-            raise ValueError(f"merging adapter {name!r} produced non-finite weights")
-        W.data.copy_(new.to(W.dtype))
+class ModulesToSaveWrapper(nn.Module):
+    """PEFT's ModulesToSaveWrapper semantics for a module trained in full with an adapter (e.g. a
+    classification head): the original module is kept, frozen; each adapter owns its own trainable
+    copy (`modules_to_save[adapter]`); the active adapter's copy runs, and the original runs when
+    adapters are disabled or no active adapter owns a copy here. At most one active adapter may own
+    a copy (a head cannot be summed like LoRA deltas). Attributes not found on the wrapper are read
+    from the module that runs (`model.score.weight` is the active head's weight)."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        self.discard(name)
+
+    def discard(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def owners(self, names: list[str]) -> list[str]:
+        """The adapters among `names` that own a copy here."""
+        return [n for n in names if n in self.modules_to_save]
+
+    def current(self) -> nn.Module:
+        """The module that runs: the active adapter's copy, or the original."""
+        if self.disabled:
+            return self.original_module
+        owners = self.owners(self.active_adapters)
+        if len(owners) > 1:
+            from .model import HeadConflictError
+            raise HeadConflictError(f"adapters {owners} are active together and each has its own copy of this "
+                                    f"module ({type(self.original_module).__name__}); activate one with set_adapter")
+        return self.modules_to_save[owners[0]] if owners else self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_modules" not in self.__dict__ or "modules_to_save" not in self.__dict__["_modules"]:
+                raise
+        return getattr(self.current(), name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.modules_to_save.keys())}, active={self.active_adapters}, disabled={self.disabled}"

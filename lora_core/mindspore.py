@@ -13,6 +13,9 @@ n = ||W + s B A|| per output row, held constant in the backward (stop_gradient),
 
 Differences from the PyTorch core, on purpose: one adapter per model (no set_adapter / multi-adapter
 stacking), and only `nn.Dense` bases (a GPT-2 written for MindSpore stores Conv1D weights as Dense).
+Modules to save (a classification head) get the core's semantics for that one adapter: the original
+is kept, frozen, beside the adapter's trainable copy (`ModulesToSaveCell`); `enable_lora(net, False)`
+runs the original. The copy's parameters keep the original names (`score.weight`: the file keys).
 The MindSpore parameter names are the cell paths, so a LoRA layer's parameters are literally named
 `<module>.lora_A.weight` and `<module>.lora_B.weight`.
 
@@ -22,6 +25,7 @@ a graph compiled earlier keeps reading the parameter's old buffer after `Paramet
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -35,7 +39,7 @@ from mindspore.common.initializer import HeUniform, Normal, initializer
 from .config import LoraConfig, name_matches
 from .fused import block_B
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
-from .model import LoraLoadError, state_dict_mismatch
+from .model import LoraLoadError, check_finite, state_dict_mismatch
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
 _TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
@@ -159,6 +163,22 @@ class LoraDense(nn.Cell):
         return f"r={self.r}, alpha={self.alpha}, slices={self.slices}, merged={self.merged}"
 
 
+class ModulesToSaveCell(nn.Cell):
+    """The adapter's own trainable copy of a module to save, beside the frozen original (the one-
+    adapter form of lora_core.layers.ModulesToSaveWrapper): disabled runs the original."""
+
+    def __init__(self, original_module: nn.Cell):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = copy.deepcopy(original_module)
+        self.disabled = False
+
+    def construct(self, x):
+        if self.disabled:
+            return self.original_module(x)
+        return self.modules_to_save(x)
+
+
 # ------------------------------------------------------------------ cell tree helpers
 def get_cell(net: nn.Cell, name: str) -> nn.Cell:
     cell = net
@@ -200,6 +220,12 @@ def lora_config(net: nn.Cell) -> LoraConfig:
     return cfg
 
 
+def _head_cells(net: nn.Cell) -> Iterator[tuple[str, ModulesToSaveCell]]:
+    for name, cell in net.cells_and_names():
+        if isinstance(cell, ModulesToSaveCell):
+            yield name, cell
+
+
 def _modules_to_save(net: nn.Cell, names: list[str]) -> list[str]:
     found = [n for n, _ in net.cells_and_names() if n and any(name_matches(n, m) for m in names)]
     missing = [m for m in names if not any(name_matches(n, m) for n in found)]
@@ -229,7 +255,10 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
                           config.init, config.slices_for(name), config.use_dora)
         _set_cell(net, name, layer)
     for name in save:
-        for p in get_cell(net, name).get_parameters():
+        head = ModulesToSaveCell(get_cell(net, name))
+        _set_cell(net, name, head)
+        for pname, p in head.modules_to_save.parameters_and_names(name_prefix=name):
+            p.name = pname   # the copy keeps the original's names (= the adapter file keys)
             p.requires_grad = True
     net._lora_config = config
     return sorted(targets)
@@ -240,6 +269,8 @@ def remove_lora(net: nn.Cell, merge: bool = False) -> nn.Cell:
     for name, layer in list(lora_layers(net)):
         layer.merge() if merge else layer.unmerge()
         _set_cell(net, name, layer.base_layer)
+    for name, head in list(_head_cells(net)):   # merged: the trained copy; else the original
+        _set_cell(net, name, head.modules_to_save if merge else head.original_module)
     if hasattr(net, "_lora_config"):
         del net._lora_config
     return net
@@ -258,8 +289,9 @@ def unmerge_lora(net: nn.Cell) -> None:
 
 
 def enable_lora(net: nn.Cell, enabled: bool = True) -> None:
-    for _, layer in lora_layers(net):
-        layer.disabled = not enabled
+    """Switch the adapter on or off; off also runs the original modules to save (heads)."""
+    for _, cell in [*lora_layers(net), *_head_cells(net)]:
+        cell.disabled = not enabled
 
 
 def set_scale(net: nn.Cell, scale: float) -> None:
@@ -281,7 +313,8 @@ def _param_items(net: nn.Cell) -> dict[str, ms.Parameter]:
     cfg = getattr(net, "_lora_config", None)
     if cfg is not None:
         for mname in _modules_to_save(net, cfg.modules_to_save):
-            for pname, p in get_cell(net, mname).parameters_and_names():
+            head = get_cell(net, mname)
+            for pname, p in getattr(head, "modules_to_save", head).parameters_and_names():
                 head, _, leaf = pname.rpartition(".")
                 key = ".".join(x for x in (mname, head, _TORCH_PARAM_NAMES.get(leaf, leaf)) if x)
                 items[key] = p
@@ -301,6 +334,7 @@ def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
     problems = state_dict_mismatch(own, sd)
     if problems:
         raise LoraLoadError(f"adapter does not fit the network: {problems}")
+    check_finite({k: sd[k] for k in own}, "adapter")
     for k, p in own.items():
         ops.assign(p, ms.Tensor(np.asarray(sd[k], dtype=np.float32), p.dtype))
 
@@ -344,6 +378,6 @@ def read_adapter_config(path: Union[str, Path]) -> LoraConfig:
     return read_lora_config(meta, path)[0]
 
 
-__all__ = ["LoraDense", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
+__all__ = ["LoraDense", "ModulesToSaveCell", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
            "lora_layers", "lora_parameters", "lora_config", "lora_state_dict", "load_lora_state_dict",
            "save_lora", "load_lora", "read_adapter_config", "get_cell"]

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from lora_core.configdoc import HelpConfig
+
 EXAMPLES = """examples:
   lora-sd tiny-model workspace/models/tiny-sd
   lora-sd train --config configs/sd_tiny_demo.toml --set train.max_steps=50
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="'latest' or a checkpoint folder (RUN/checkpoints/step_N)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config field, e.g. --set train.max_steps=200 (repeatable)")
+    t.add_argument("--help-config", action=HelpConfig, config_class="lora_sd.config:SDTrainConfig")
     t.set_defaults(fn=_cmd_train)
 
     m = sub.add_parser("tiny-model", help="write a tiny SD pipeline with RANDOM weights (offline tests/demos)")
