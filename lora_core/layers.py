@@ -165,12 +165,11 @@ class LoraLayer(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y
-        y0 = y
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
             if name in self.lora_magnitude_vector:
-                y = y + self._dora_out(name, x, y0).to(y.dtype)
+                y = y + self._dora_out(name, x, y).to(y.dtype)
                 continue
             delta = self._lora_out(name, x)
             y = y + (delta * (self.scaling[name] * self.user_scale[name])).to(y.dtype)
@@ -264,7 +263,8 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(shape).to(dtype))
 
     def _dora_out(self, name: str, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-        """DoRA's addition to the base output y0: (m/||W+ΔW|| - 1) · W x + m/||W+ΔW|| · s · B A x."""
+        """DoRA's addition to the output so far y0 (the base's, plus the adapters before this one, as
+        PEFT; with dropout in training the base's alone): (m/||W+ΔW|| - 1) · y0 + m/||W+ΔW|| · s · B A x."""
         A, W = self.lora_A[name], self.base_layer.weight
         s = self.scaling[name] * self.user_scale[name]
         drop = self.lora_dropout[name]

@@ -460,3 +460,33 @@ def test_inspect_names_the_variants(tmp_path):
     lc.save_lora(tmp_path / "a.safetensors", model)
     info = inspect(tmp_path / "a.safetensors")
     assert info["dora"] is True and info["ranks"] == [2, 4, 6] and 3.0 in info["alphas"]
+
+
+def test_plain_and_dora_adapters_together_match_peft():
+    """Two active adapters, plain then DoRA: forward, merge of both, unmerge (PEFT's semantics:
+    DoRA rescales the output so far, and merges against the unmerged weight's norm)."""
+    ours = Net("linear")
+    ref = copy.deepcopy(ours)
+    lc.add_lora(ours, LoraConfig(r=2, alpha=3, target_modules=["layer"]), adapter="a")
+    lc.add_lora(ours, LoraConfig(r=3, alpha=5, target_modules=["layer"], use_dora=True), adapter="b")
+    lc.set_adapter(ours, ["a", "b"])
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["layer"]), adapter_name="a")
+    ref.add_adapter("b", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["layer"], use_dora=True))
+    ref.base_model.set_adapter(["a", "b"])
+    _randomize(ours)
+    ref_layer = ref.base_model.model.layer
+    with torch.no_grad():
+        for a in ("a", "b"):
+            for part in ("lora_A", "lora_B"):
+                getattr(ref_layer, part)[a].weight.copy_(getattr(ours.layer, part)[a].weight)
+        ref_layer.lora_magnitude_vector["b"].weight.copy_(ours.layer.lora_magnitude_vector["b"])
+        x = torch.randn(4, IN)
+        y = ours(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-6, atol=1e-6)
+        w0 = ours.layer.base_layer.weight.clone()
+        lc.merge_lora(ours)
+        ref.base_model.merge_adapter(["a", "b"])
+        torch.testing.assert_close(ours.layer.base_layer.weight, ref_layer.base_layer.weight, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-6)
+        lc.unmerge_lora(ours)
+        torch.testing.assert_close(ours.layer.base_layer.weight, w0, rtol=1e-5, atol=1e-6)
