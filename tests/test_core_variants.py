@@ -490,3 +490,29 @@ def test_plain_and_dora_adapters_together_match_peft():
         torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-6)
         lc.unmerge_lora(ours)
         torch.testing.assert_close(ours.layer.base_layer.weight, w0, rtol=1e-5, atol=1e-6)
+
+
+def test_sd_training_with_dora_and_locon_exports_loadable_files(tiny_pipe, tmp_path, caplog):
+    """`lora-sd train` with the cross_attn+conv preset, conv_r and DoRA: the magnitudes train, and the
+    exported diffusers file gives diffusers' UNet the trained model's output."""
+    from lora_sd import formats
+    from lora_sd.models import save_tiny_pipeline
+    from lora_sd.testing import make_images, train_config
+    from lora_sd.train import DIFFUSERS_FILE, run_training
+    model = save_tiny_pipeline(tmp_path / "tiny")
+    make_images(tmp_path / "data", 2)
+    cfg = train_config(tmp_path / "run", str(model), tmp_path / "data", tmp_path / "cache",
+                       lora={"target_modules": "cross_attn+conv", "conv_r": 2, "conv_alpha": 1.0, "use_dora": True},
+                       train={"max_steps": 2, "checkpoint_every": 0})
+    run_training(cfg)
+    sd, _ = formats.read_safetensors(tmp_path / "run" / "test_lora.safetensors")
+    assert tuple(sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape) == (2, 32, 3, 3)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.dora_scale" in sd
+    adapter, _, _ = formats.read_adapter(tmp_path / "run" / DIFFUSERS_FILE)
+    fresh = copy.deepcopy(tiny_pipe.unet)
+    start = {k: fresh.get_submodule(k[5:]).weight.detach().flatten(1).norm(dim=1) for k in adapter}   # m = ||W||
+    moved = [k for k in adapter if (adapter[k].magnitude - start[k]).abs().max() > 1e-5]
+    assert len(moved) > len(adapter) // 2, moved   # the magnitudes trained
+    formats.apply_to_components(adapter, {"unet": fresh})
+    pipe = _load_into_diffusers(tiny_pipe, tmp_path / "run" / DIFFUSERS_FILE, caplog)
+    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(fresh), rtol=1e-4, atol=1e-5)
