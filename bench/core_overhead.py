@@ -168,7 +168,8 @@ def main():
     print(text)
     if a.out:
         from lora_core.io import atomic_write_text
-        atomic_write_text(a.out, f"Command: `python bench/core_overhead.py --steps {a.steps}`\n\n" + text)
+        import sys
+        atomic_write_text(a.out, f"Command: `python bench/core_overhead.py {' '.join(sys.argv[1:])}`\n\n" + text)
 
 
 def variants_report(a, res: dict) -> str:
