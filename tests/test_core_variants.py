@@ -516,3 +516,21 @@ def test_sd_training_with_dora_and_locon_exports_loadable_files(tiny_pipe, tmp_p
     formats.apply_to_components(adapter, {"unet": fresh})
     pipe = _load_into_diffusers(tiny_pipe, tmp_path / "run" / DIFFUSERS_FILE, caplog)
     torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(fresh), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+def test_dora_with_dropout_in_training_matches_peft(kind):
+    """In training with dropout, DoRA's base term uses the dropped input (PEFT's rule)."""
+    cfg = LoraConfig(r=3, alpha=5, dropout=0.4, target_modules=["layer"], use_dora=True)
+    ours, ref = twins(kind, LoraConfig(**{**cfg.to_dict(), "dropout": 0.0}))
+    ours.layer.lora_dropout["default"] = nn.Dropout(0.4)
+    ref.base_model.model.layer.lora_dropout["default"] = nn.Dropout(0.4)
+    ours.train()
+    ref.train()
+    x = torch.randn(LAYERS[kind][1], generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(11)
+    y = ours(x)
+    torch.manual_seed(11)
+    torch.testing.assert_close(y, ref(x), rtol=1e-6, atol=1e-6)
+    ours.eval()
+    assert (ours(x) - y).abs().max() > 1e-3      # the dropout did something
