@@ -388,6 +388,12 @@ def test_dora_kohya_file(tiny_pipe, tmp_path, caplog):
     pipe = copy.deepcopy(tiny_pipe)
     pipe.load_lora_weights(str(tmp_path / "dora_kohya.safetensors"), adapter_name="ours")
     assert _peft_modules(pipe.unet) == sorted(n for n, _ in lc.lora_layers(unet))
+    # `lora-sd convert` to diffusers keeps DoRA: diffusers then gives our model's output
+    from lora_core.adapter_files import inspect
+    assert inspect(tmp_path / "dora_kohya.safetensors")["dora"]
+    formats.convert(tmp_path / "dora_kohya.safetensors", tmp_path / "converted.safetensors", "diffusers")
+    pipe = _load_into_diffusers(tiny_pipe, tmp_path / "converted.safetensors", caplog)
+    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(unet), rtol=1e-4, atol=1e-5)
 
 
 def test_dora_scale_input_axis_is_refused(tmp_path):
