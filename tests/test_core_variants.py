@@ -148,6 +148,10 @@ def test_dora_initial_magnitude_is_weight_norm_and_identity():
 def test_dora_refuses_fused_slices_and_locon_conv_rank():
     with pytest.raises(ValueError, match="use_dora.*fused_slices"):
         LoraConfig(target_modules=["c_attn"], use_dora=True, fused_slices={"c_attn": [True, False, True]})
+    with pytest.raises(ValueError, match=r"lora.rank_pattern \['q'\] must be a positive integer"):
+        LoraConfig(rank_pattern={"q": 0})
+    with pytest.raises(ValueError, match="lora.alpha_pattern key '\\(' is not a valid regex"):
+        LoraConfig(alpha_pattern={"(": 2.0})
     net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 1), nn.Linear(5, 5))
     lc.add_lora(net, LoraConfig(r=4, alpha=8, conv_r=2, conv_alpha=1, target_modules=["0", "1", "2"]))
     assert (net[0].r["default"], net[0].alpha["default"]) == (2, 1.0)        # k×k conv: conv_dim / conv_alpha
