@@ -142,7 +142,7 @@ def _cmd_score(a) -> int:
     from .generate import load_adapters
     from .models import load_pipeline
     try:
-        groups = [(c, synth.prompts_for(c, tuple(a.background or ["grey"])))
+        groups = [(c, synth.prompts_for(c, tuple(a.background or synth.BACKGROUNDS)))
                   for c in a.concept or ([] if a.prompt else ["base"])]
         scales = [float(s) for s in a.scales.split(",")] if a.lora else [0.0]
     except ValueError as e:
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--lora", action="append", metavar="FILE", help="adapter file (repeatable; all get each scale)")
     sc.add_argument("--scales", default="0,1", help="comma-separated adapter scales; 0 = the base model")
     sc.add_argument("--concept", action="append", help="prompt set: base, or a held-out word (purple, star); repeatable")
-    sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (default grey)")
+    sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (repeatable; default all)")
     sc.add_argument("--prompt", action="append", help="an extra prompt (repeatable)")
     sc.add_argument("--seeds", type=int, default=4, help="how many seeds per prompt")
     sc.add_argument("--seed", type=int, default=0, help="the first seed")
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--size", type=int, help="image side in pixels (default 64)")
     pt.add_argument("--images", type=int, help="synthetic training images (default 8192)")
     pt.add_argument("--steps-vae", type=int, help="VAE steps (default 1000)")
-    pt.add_argument("--steps-unet", type=int, help="UNet + text encoder steps (default 8000)")
+    pt.add_argument("--steps-unet", type=int, help="UNet + text encoder steps (default 10000)")
     pt.add_argument("--batch-size", type=int, help="default 32")
     pt.set_defaults(fn=_cmd_pretrain_tiny)
     return p

@@ -2,7 +2,8 @@
 
 An analytic reader for images of the synthetic world (lora_sd.synth), no training:
 - background: the median of the border pixels, named by the nearest background colour;
-- object colour: the median of the pixels farthest from the background, named by the nearest colour;
+- object colour: the median of the pixels farthest from the background, named by the nearest colour
+  (a colour farther than MAX_COLOUR_DIST from every named one has no name and matches no prompt);
 - shape: the object mask (pixels at least half-way from the background colour to the object colour),
   compared with each shape drawn at the mask's centroid and area (the moments of the mask): the shape
   whose drawing overlaps the mask best (intersection over union) is the reading.
@@ -21,23 +22,25 @@ from . import synth
 
 ATTRIBUTES = ("colour", "shape", "background")
 MIN_CONTRAST = 60.0      # RGB distance: below it the image shows no object at all
+MAX_COLOUR_DIST = 60.0   # RGB distance from the nearest named colour: farther, the colour has no name (None)
 
 
 @dataclass
 class Reading:
     colour: Optional[str]
     shape: Optional[str]
-    background: str
+    background: Optional[str]
     iou: dict[str, float] = field(default_factory=dict)   # shape -> overlap with the mask
 
     def as_dict(self) -> dict:
         return {"colour": self.colour, "shape": self.shape, "background": self.background}
 
 
-def _nearest(rgb: np.ndarray, palette: dict[str, tuple]) -> str:
+def _nearest(rgb: np.ndarray, palette: dict[str, tuple]) -> Optional[str]:
+    """The palette word nearest to rgb, or None when even that is farther than MAX_COLOUR_DIST."""
     names = list(palette)
     d = np.linalg.norm(np.array([palette[n] for n in names], np.float32) - rgb, axis=1)
-    return names[int(np.argmin(d))]
+    return names[int(np.argmin(d))] if d.min() <= MAX_COLOUR_DIST else None
 
 
 def _pixels(image) -> np.ndarray:

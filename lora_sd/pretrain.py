@@ -40,7 +40,7 @@ class PretrainSettings:
     side: int = 64                        # image side; latents are side / 4
     n_images: int = 8192                  # synthetic training images (base concepts only)
     steps_vae: int = 1000
-    steps_unet: int = 8000
+    steps_unet: int = 10000
     batch_size: int = 32
     lr_vae: float = 1e-3
     lr_unet: float = 1e-3
@@ -150,13 +150,17 @@ def _settings(s: PretrainSettings, steps: int, lr: float, seed: int) -> TrainSet
                          log_every=10, checkpoint_every=s.checkpoint_every, keep_checkpoints=1)
 
 
-def _phase_stats(run: RunDir) -> dict:
+def _phase_stats(run: RunDir, cpu_s: Optional[float] = None) -> dict:
+    """Steps, first and final loss (mean of the last 5 logged steps), median wall seconds per step and
+    the process CPU seconds per step (all threads) of a phase."""
     m = run.read_metrics()
     times = [r["step_time"] for r in m[1:]]   # the first step includes start-up
-    tail = [r["loss"] for r in m[-10:]]
-    return {"steps": len(m) and m[-1]["step"], "first_loss": m[0]["loss"] if m else None,
+    tail = [r["loss"] for r in m[-5:]]
+    steps = m[-1]["step"] if m else 0
+    return {"steps": steps, "first_loss": m[0]["loss"] if m else None,
             "final_loss": sum(tail) / len(tail) if tail else None,
-            "median_step_s": float(np.median(times)) if times else None}
+            "median_step_s": float(np.median(times)) if times else None,
+            "cpu_s_per_step": cpu_s / steps if cpu_s is not None and steps else None}
 
 
 @torch.no_grad()
@@ -173,19 +177,21 @@ def train_vae(s: PretrainSettings, vae, pixels: torch.Tensor, run: RunDir, resum
         vae.load_state_dict(type(vae).from_pretrained(str(final)).state_dict())
         vae.register_to_config(scaling_factor=json.loads((final / "config.json").read_text())["scaling_factor"])
         return _phase_stats(run)
+    cpu = time.process_time()
     ds = Batches({"pixels": pixels}, s.batch_size, s.seed + 1)
     _run_phase(run, VaeLoss(vae, s.kl_weight), ds, _settings(s, s.steps_vae, s.lr_vae, s.seed + 1), resume, None)
     vae.eval().requires_grad_(False)
     mean = latent_parameters(vae, pixels[:1024]).chunk(2, dim=1)[0]
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
     vae.save_pretrained(str(final), safe_serialization=True)
-    return _phase_stats(run)
+    return _phase_stats(run, time.process_time() - cpu)
 
 
 def train_denoiser(s: PretrainSettings, pipe, pixels: torch.Tensor, captions: list[str], run: RunDir, resume) -> dict:
     """Phase 2: UNet + text encoder on the frozen VAE's latents."""
     from .data import tokenize
     from .train import DiffusionLoss
+    cpu = time.process_time()
     pipe.vae.eval().requires_grad_(False)
     ids = tokenize(pipe.tokenizer, captions)
     tensors = {"latent_params": latent_parameters(pipe.vae, pixels), "input_ids": ids}
@@ -193,7 +199,7 @@ def train_denoiser(s: PretrainSettings, pipe, pixels: torch.Tensor, captions: li
     module = DiffusionLoss(pipe.unet, pipe.scheduler, text_encoder=pipe.text_encoder, train_text_encoder=True,
                            scaling_factor=float(pipe.vae.config.scaling_factor), min_snr_gamma=s.min_snr_gamma)
     _run_phase(run, module, ds, _settings(s, s.steps_unet, s.lr_unet, s.seed + 2), resume, None)
-    return _phase_stats(run)
+    return _phase_stats(run, time.process_time() - cpu)
 
 
 def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Optional[str] = None) -> Path:
@@ -256,9 +262,9 @@ def model_card(info: dict) -> str:
         f"{', '.join(synth.BACKGROUNDS)} background, captioned like \"a small red circle at the top left on a grey "
         "background\".\n\n"
         f"- VAE: {s['steps_vae']} steps, batch {s['batch_size']}, loss {fmt(v['first_loss'])} -> {fmt(v['final_loss'])}, "
-        f"{fmt(v['median_step_s'])} s/step; latent scaling factor {info['latent_scaling_factor']:.4f}.\n"
+        f"{fmt(v['median_step_s'])} s/step (wall); latent scaling factor {info['latent_scaling_factor']:.4f}.\n"
         f"- UNet + text encoder: {s['steps_unet']} steps, batch {s['batch_size']}, caption dropout "
-        f"{s['caption_dropout']}, loss {fmt(d['first_loss'])} -> {fmt(d['final_loss'])}, {fmt(d['median_step_s'])} s/step.\n"
+        f"{s['caption_dropout']}, loss {fmt(d['first_loss'])} -> {fmt(d['final_loss'])}, {fmt(d['median_step_s'])} s/step (wall).\n"
         f"- Total {info['total_seconds'] / 60:.1f} min with {info['torch_threads']} torch thread(s); weights "
         f"{info['weights_bytes'] / 2**20:.1f} MB (hashes in pretrain.json).\n\n"
         "What it can do: draw the prompted base colour, shape and background, blurrily, at "
