@@ -184,6 +184,40 @@ def _cmd_pretrain_tiny(a) -> int:
     return 0
 
 
+def _add_score_parsers(sub) -> None:
+    """`score` and `pretrain-tiny` (the synthetic shapes world, lora_sd.synth)."""
+    sc = sub.add_parser("score", help="concept score (prompted colour / shape / background) of a model, with adapters at scales")
+    sc.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
+    sc.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
+    sc.add_argument("--lora", action="append", metavar="FILE", help="adapter file (repeatable; all get each scale)")
+    sc.add_argument("--scales", default="0,1", help="comma-separated adapter scales; 0 = the base model")
+    sc.add_argument("--concept", action="append", help="prompt set: base, or a held-out word (purple, star); repeatable")
+    sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (repeatable; default all)")
+    sc.add_argument("--prompt", action="append", help="an extra prompt (repeatable)")
+    sc.add_argument("--seeds", type=int, default=4, help="how many seeds per prompt")
+    sc.add_argument("--seed", type=int, default=0, help="the first seed")
+    sc.add_argument("--steps", type=int, default=20)
+    sc.add_argument("--guidance", type=float, default=5.0)
+    sc.add_argument("--size", type=int, default=64, help="image side in pixels")
+    sc.add_argument("--scheduler", default="ddim")
+    sc.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    sc.add_argument("--save-images", default="", help="folder for the images (scale_<s>/p<i>_s<seed>_0.png)")
+    sc.add_argument("--out", default="score.json", help="JSON report")
+    sc.set_defaults(fn=_cmd_score)
+
+    pt = sub.add_parser("pretrain-tiny", help="train the tiny SD pipeline from scratch on the synthetic shapes world")
+    pt.add_argument("--out", required=True, help="new folder for the diffusers pipeline")
+    pt.add_argument("--run-dir", default="", help="run folders of the two phases (default: OUT.run)")
+    pt.add_argument("--resume", help="'latest': continue a stopped pretraining from its checkpoints")
+    pt.add_argument("--seed", type=int, help="default 0; everything follows from it")
+    pt.add_argument("--size", type=int, help="image side in pixels (default 64)")
+    pt.add_argument("--images", type=int, help="synthetic training images (default 8192)")
+    pt.add_argument("--steps-vae", type=int, help="VAE steps (default 1000)")
+    pt.add_argument("--steps-unet", type=int, help="UNet + text encoder steps (default 10000)")
+    pt.add_argument("--batch-size", type=int, help="default 32")
+    pt.set_defaults(fn=_cmd_pretrain_tiny)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-sd", description="Stable Diffusion LoRA: train, generate, convert, inspect.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -246,36 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=_cmd_check_dataset)
 
-    sc = sub.add_parser("score", help="concept score (prompted colour / shape / background) of a model, with adapters at scales")
-    sc.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
-    sc.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
-    sc.add_argument("--lora", action="append", metavar="FILE", help="adapter file (repeatable; all get each scale)")
-    sc.add_argument("--scales", default="0,1", help="comma-separated adapter scales; 0 = the base model")
-    sc.add_argument("--concept", action="append", help="prompt set: base, or a held-out word (purple, star); repeatable")
-    sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (repeatable; default all)")
-    sc.add_argument("--prompt", action="append", help="an extra prompt (repeatable)")
-    sc.add_argument("--seeds", type=int, default=4, help="how many seeds per prompt")
-    sc.add_argument("--seed", type=int, default=0, help="the first seed")
-    sc.add_argument("--steps", type=int, default=20)
-    sc.add_argument("--guidance", type=float, default=5.0)
-    sc.add_argument("--size", type=int, default=64, help="image side in pixels")
-    sc.add_argument("--scheduler", default="ddim")
-    sc.add_argument("--device", default="", help="default: cuda when available, else cpu")
-    sc.add_argument("--save-images", default="", help="folder for the images (scale_<s>/p<i>_s<seed>_0.png)")
-    sc.add_argument("--out", default="score.json", help="JSON report")
-    sc.set_defaults(fn=_cmd_score)
-
-    pt = sub.add_parser("pretrain-tiny", help="train the tiny SD pipeline from scratch on the synthetic shapes world")
-    pt.add_argument("--out", required=True, help="new folder for the diffusers pipeline")
-    pt.add_argument("--run-dir", default="", help="run folders of the two phases (default: OUT.run)")
-    pt.add_argument("--resume", help="'latest': continue a stopped pretraining from its checkpoints")
-    pt.add_argument("--seed", type=int, help="default 0; everything follows from it")
-    pt.add_argument("--size", type=int, help="image side in pixels (default 64)")
-    pt.add_argument("--images", type=int, help="synthetic training images (default 8192)")
-    pt.add_argument("--steps-vae", type=int, help="VAE steps (default 1000)")
-    pt.add_argument("--steps-unet", type=int, help="UNet + text encoder steps (default 10000)")
-    pt.add_argument("--batch-size", type=int, help="default 32")
-    pt.set_defaults(fn=_cmd_pretrain_tiny)
+    _add_score_parsers(sub)
     return p
 
 
