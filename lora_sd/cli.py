@@ -180,6 +180,9 @@ def _cmd_pretrain_tiny(a) -> int:
     except FileExistsError as e:
         print(f"lora-sd pretrain-tiny: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:   # a phase stopped or failed: its run folder keeps the checkpoints
+        print(f"lora-sd pretrain-tiny: {e}; continue with --resume latest", file=sys.stderr)
+        return 1
     print(f"wrote {out} (model card: {out / 'README.md'})")
     return 0
 

@@ -8,8 +8,15 @@ An analytic reader for images of the synthetic world (lora_sd.synth), no trainin
   compared with each shape drawn at the mask's centroid and area (the moments of the mask): the shape
   whose drawing overlaps the mask best (intersection over union) is the reading.
 The reading is a classification over every colour, shape and background word (held-out ones included),
-so a caption with a wrong word scores false. Accuracy on ground truth: see tests/test_synth.py and the
-module `measure_accuracy` (clean, blurred and noisy images).
+so a caption with a wrong word scores false.
+
+Measured accuracy on ground truth (`measure_accuracy`: 100 images each of base, purple and star scenes,
+64 px, seed 1234; blur = Gaussian radius in px, noise = Gaussian std in 0..255):
+    clean                 colour 100 %, shape 100 %, background 100 %
+    blur 1.0, noise 10    colour 100 %, shape 100 %, background 100 %
+    blur 1.5, noise 10    colour 100 %, shape 100 % (98.3 % with seed 11), background 100 %
+    blur 2.0, noise 20    colour 100 %, shape  81 %, background 100 % (the misses: small stars read as circles)
+At 32 px (clean) shape is 97.7 %: small stars are then about 5 px across.
 """
 from __future__ import annotations
 

@@ -132,10 +132,7 @@ def _run_phase(run: RunDir, module: nn.Module, ds: Batches, settings: TrainSetti
     from accelerate import Accelerator
     from lora_core.training import train
     from .data import first
-    run.create()
-    if resume and run.read_status().get("state") == "done":
-        log.info("%s: done already, skipped", run.path)
-        return run.read_status()
+    run.create()   # a finished phase resumes from its final checkpoint: its weights load, no step runs
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first)
     status = train(accelerator=Accelerator(), run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
                    settings=settings, resume=resume if resume and run.checkpoints() else None, export_fn=export)

@@ -150,6 +150,10 @@ def test_pretrain_tiny_two_steps_is_loadable_and_reproducible(tmp_path):
         assert hashlib.sha256((tmp_path / "a" / rel).read_bytes()).hexdigest() == f["sha256"]
     assert info["files"] == json.loads((tmp_path / "b" / "pretrain.json").read_text())["files"]   # same seed, same weights
     assert "synthetic" in (tmp_path / "a" / "README.md").read_text()
+    # resuming finished phases reloads their final weights: the same pipeline again
+    assert cli(["pretrain-tiny", "--out", str(tmp_path / "c"), "--run-dir", str(tmp_path / "a.run"),
+                "--resume", "latest"] + args) == 0
+    assert json.loads((tmp_path / "c" / "pretrain.json").read_text())["files"] == info["files"]
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a"), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle on a grey background", num_inference_steps=2, height=32, width=32,
