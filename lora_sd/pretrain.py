@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,10 +132,12 @@ class VaeLoss(nn.Module):
 
 def _run_phase(run: RunDir, module: nn.Module, ds: Batches, settings: TrainSettings, resume, export) -> dict:
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from lora_core.training import train
     from .data import first
     run.create()   # a finished phase resumes from its final checkpoint: its weights load, no step runs
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first)
+    set_seed(settings.seed)   # each phase's noise follows from its own seed, whatever ran before it
     status = train(accelerator=Accelerator(), run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
                    settings=settings, resume=resume if resume and run.checkpoints() else None, export_fn=export)
     if status.get("state") != "done":
@@ -221,14 +225,19 @@ def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Op
                                    scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     unet_stats = train_denoiser(s, pipe, pixels, captions, RunDir(run_dir / "denoiser"), resume)
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    tmp = out.with_name(f".{out.name}.tmp")   # written beside, renamed into place when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
     info = {"settings": asdict(s), "tokenizer": _tokenizer_name(tokenizer), "data_seconds": round(t_data, 1),
             "total_seconds": round(time.time() - t0, 1), "vae": vae_stats, "denoiser": unet_stats,
-            "latent_scaling_factor": float(vae.config.scaling_factor), "files": _file_hashes(out),
+            "latent_scaling_factor": float(vae.config.scaling_factor), "files": _file_hashes(tmp),
             "torch_threads": torch.get_num_threads()}
     info["weights_bytes"] = sum(f["bytes"] for f in info["files"].values())
-    atomic_write_json(out / "pretrain.json", info)
-    atomic_write_text(out / "README.md", model_card(info))
+    atomic_write_json(tmp / "pretrain.json", info)
+    atomic_write_text(tmp / "README.md", model_card(info))
+    if out.exists():
+        out.rmdir()   # empty (checked above)
+    os.replace(tmp, out)
     if info["weights_bytes"] > MAX_BYTES:
         log.warning("%s: weights are %.1f MB, over the %d MB budget", out, info["weights_bytes"] / 2**20, MAX_BYTES >> 20)
     return out
