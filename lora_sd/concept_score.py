@@ -164,10 +164,12 @@ def measure_accuracy(n: int = 200, seed: int = 1234, side: int = 64, blur: float
 # ------------------------------------------------------------------ pipelines
 def set_adapter_scale(pipe, adapters: list[str], scale: float) -> None:
     """Scale every named adapter in the UNet and the text encoder (0 = the base model alone)."""
-    from lora_core import set_scale
+    from lora_core import lora_layers, set_scale
     for comp in (pipe.unet, pipe.text_encoder):
+        present = {a for _, layer in lora_layers(comp) for a in layer.lora_A}
         for name in adapters:
-            set_scale(comp, name, scale)
+            if name in present:   # an adapter may touch the UNet only
+                set_scale(comp, name, scale)
 
 
 def pipeline_images(pipe, *, steps: int = 20, guidance_scale: float = 5.0, side: int = 64,
