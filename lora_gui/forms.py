@@ -1,7 +1,26 @@
-"""The form fields of each job (one list per job; the UI builds its inputs from them)."""
+"""The form fields of each job (one list per job; the UI builds its inputs from them).
+
+This is the one place the GUI declares its inputs: each `Field` is bound to one `section.key` of
+the job's config; labels, kinds and choices live here (and can later be driven by the config
+classes' own field metadata).
+"""
 from __future__ import annotations
 
-from .configs import Field
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Field:
+    """One form input bound to `key` ("section.name").
+    kind: text | int | float | bool | choice | list (comma-separated, or re:<regex>) | lines (one per line)."""
+    key: str
+    label: str
+    kind: str = "text"
+    choices: tuple = ()
+    info: str = ""
+    path: str = ""       # "model": a model reference; "dir": a folder in the workspace (must exist)
+    presets: tuple = ()  # (shown name, config value) pairs, e.g. ("cross_attn", <regex>)
+
 
 try:  # the SD trainer's own target presets (regexes over the UNet module paths)
     from lora_sd.config import ALL_ATTN, CROSS_ATTN
