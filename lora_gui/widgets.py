@@ -216,3 +216,18 @@ class Monitor:
         self.select.change(lambda sel: self.poll(sel, {}), [self.select], self.outputs, show_progress="hidden")
         page.poll([self.select, self.sig], self.outputs, self.poll)
         page.on_load([self.select], lambda: [gr.update(choices=[ACTIVE] + ctrl.runs.names(self.kind))])
+
+
+def job_columns(page, kind: str, start_label: str, gallery: bool, extra=None, below_monitor=None) -> JobForm:
+    """A training tab's two columns, wired: the job's form (left; `extra(form)` adds inputs below its
+    fields) and its run monitor (right; `below_monitor(page)` adds panels under it)."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            job = JobForm(page.ctrl, kind, start_label, extra=extra)
+        with gr.Column(scale=1):
+            monitor = Monitor(page.ctrl, kind, gallery=gallery)
+            if below_monitor is not None:
+                below_monitor(page)
+    job.wire(page, monitor)
+    monitor.wire(page, job.launcher)
+    return job

@@ -83,8 +83,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_app(ws: Path):
-    port = _free_port()
+def _start_app(ws: Path, port: int = 0):
+    port = port or _free_port()
     log = open(ws.parent / "app.log", "w+")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--workspace", str(ws), "--port", str(port)],
                             cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, env={**os.environ,
@@ -139,6 +139,31 @@ def test_app_exits_promptly_on_sigterm_with_a_job_running(tmp_path):
         time.sleep(0.2)
     st = RunDir(run).read_status()
     assert st["state"] == "stopped" and 2 <= st["step"] < 5000 and RunDir(run).latest_checkpoint() is not None
+
+
+def _cli_calls_of(ws: Path) -> list[str]:
+    """pids of the CLI subprocesses writing into this workspace."""
+    out = subprocess.run(["pgrep", "-f", f"lora_sd.cli generate .*{ws}"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_app_exits_promptly_on_sigterm_during_a_generation(tmp_path):
+    """A long `lora-sd generate` started from the page is stopped with the app, not left running."""
+    from gradio_client import Client
+    ws = tmp_path / "ws"
+    port = _free_port()
+    proc, log = _start_app(ws, port)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    rows = {"headers": ["adapter", "scale"], "data": []}
+    job = client.submit("tiny", rows, "a long one", "", 0, 500, 7.5, 256, 256, "ddim", 16, api_name="/generate")
+    end = time.time() + 120
+    while not _cli_calls_of(ws) and time.time() < end and not job.done():
+        time.sleep(0.2)
+    assert _cli_calls_of(ws), "the generation did not start"
+    took = _sigterm_and_time(proc)
+    assert proc.returncode == 0 and took < 15, took
+    time.sleep(0.5)
+    assert _cli_calls_of(ws) == []
 
 
 # ---------------------------------------------------------------- CLI errors as one line

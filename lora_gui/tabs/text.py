@@ -6,24 +6,17 @@ import gradio as gr
 from .. import runview
 from ..forms import TASK_CHOICES
 from ..services.plots import eval_figure
-from ..widgets import ACTIVE, JobForm, Monitor, guard
+from ..widgets import ACTIVE, JobForm, guard, job_columns
 
 KIND = "llm-train"
 EVAL_HEADERS = ["task", "metric", "value", "seed", "steps", "examples"]
 
 
 def build(page) -> None:
-    ctrl = page.ctrl
     with gr.Tab("Text tasks", id="text"):
-        with gr.Row():
-            with gr.Column(scale=1):
-                job = JobForm(ctrl, KIND, "Fine-tune (start or queue)")
-            with gr.Column(scale=1):
-                monitor = Monitor(ctrl, KIND, gallery=False)
+        job = job_columns(page, KIND, "Fine-tune (start or queue)", gallery=False)
         eval_suite(page, job)
-        text_generation(ctrl)
-    job.wire(page, monitor)
-    monitor.wire(page, job.launcher)
+        text_generation(page.ctrl)
 
 
 def eval_suite(page, job: JobForm) -> None:

@@ -3,23 +3,16 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..widgets import JobForm, Monitor, guard
+from ..widgets import JobForm, guard, job_columns
 
 KIND = "sd-train"
 QUEUE_HEADERS = ["id", "run", "kind", "state", "progress", "added"]
 
 
 def build(page) -> None:
-    ctrl = page.ctrl
     with gr.Tab("Train (Stable Diffusion)", id="train"):
-        with gr.Row():
-            with gr.Column(scale=1):
-                job = JobForm(ctrl, KIND, "Start (or queue)", extra=lambda f: dataset_tools(page, f))
-            with gr.Column(scale=1):
-                monitor = Monitor(ctrl, KIND, gallery=True)
-                queue_panel(page)
-    job.wire(page, monitor)
-    monitor.wire(page, job.launcher)
+        job_columns(page, KIND, "Start (or queue)", gallery=True, extra=lambda form: dataset_tools(page, form),
+                    below_monitor=queue_panel)
 
 
 def dataset_tools(page, job: JobForm) -> None:
