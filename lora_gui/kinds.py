@@ -9,6 +9,7 @@ Adding a kind: one `JobKind(...)` entry here (and, for a new form, its fields in
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Optional
 
 from lora_core.run import RunDir
 
-from .forms import LLM_FIELDS, SD_FIELDS
+from .forms import LLM_FIELDS, SD_FIELDS, with_specs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class JobKind:
     """name: the value of status.json `kind`; config: "module:Class" of the typed config;
-    cli/command: `python -m <cli> <command>`; fields: the form (forms.py); prefix: the page's
+    cli/command: `python -m <cli> <command>`; form: the form's fields (forms.py; `fields` adds
+    their choices and help from the form's config class, `form_config`); prefix: the page's
     element-id prefix; train: a training run (resumable, launched with accelerate, writes its
     own status, run folder under runs/) rather than a one-shot job writing into `--out`;
     default_file: the repository config the form starts from (absent: the dataclass defaults)."""
@@ -32,10 +34,11 @@ class JobKind:
     config: str
     cli: str
     command: str
-    fields: tuple = ()
+    form: tuple = ()
     prefix: str = ""
     train: bool = True
     default_file: str = ""
+    form_config: str = ""  # "module:Class" the form's keys belong to (default: `config`)
 
     @property
     def out_flag(self) -> str:
@@ -46,8 +49,21 @@ class JobKind:
         return path if path is not None and path.is_file() else None
 
     def config_class(self) -> type:
-        module, _, cls = self.config.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return _load(self.config)
+
+    @property
+    def fields(self) -> tuple:
+        return _fields(self.form, self.form_config or self.config)
+
+
+def _load(ref: str) -> type:
+    module, _, cls = ref.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(form: tuple, config: str) -> tuple:
+    return with_specs(form, _load(config))
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
@@ -57,7 +73,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
             default_file="llm_tiny_demo.toml"),
     # the suite's [base] table is the text-task form; tasks and steps per task come from its own inputs
     JobKind("eval-suite", "lora_llm.suite:SuiteConfig", "lora_llm.cli", "eval-suite", tuple(LLM_FIELDS), "eval",
-            train=False),
+            train=False, form_config="lora_llm.config:LLMTrainConfig"),
 )}
 
 

@@ -197,3 +197,23 @@ def test_cli_calls_in_flight_are_stopped_on_exit(tmp_path):
     t.join(timeout=10)
     assert not t.is_alive() and time.time() - t0 < 15
     assert errors == ["exited with code -15 and no message"]
+
+
+def test_form_choices_and_help_come_from_the_config_declarations():
+    from lora_core.configfile import ConfigError
+    from lora_core.fields import field_specs
+    from lora_gui.configs import coerce
+    from lora_llm.config import LLMTrainConfig
+    from lora_sd.config import SDTrainConfig
+    for kind, cls, keys in (("sd-train", SDTrainConfig, ("train.lr_scheduler", "train.mixed_precision")),
+                            ("llm-train", LLMTrainConfig, ("backend", "data.task")),
+                            ("eval-suite", LLMTrainConfig, ("backend", "data.task"))):
+        specs = {s.path: s for s in field_specs(cls)}
+        fields = {f.key: f for f in kinds.get(kind).fields}
+        for key in keys:
+            assert fields[key].choices == specs[key].choices and len(fields[key].choices) >= 2, key
+            assert specs[key].help and specs[key].help in fields[key].info, key
+    lr = next(f for f in kinds.get("sd-train").fields if f.key == "train.lr_scheduler")
+    assert "cosine_with_restarts" in lr.choices  # the trainers' whole list, not a GUI copy of part of it
+    with pytest.raises(ConfigError, match="not one of"):
+        coerce(lr, "exponential")

@@ -1,11 +1,11 @@
-"""Adapter files of the workspace: list, inspect, convert, merge, delete. The file reading is
-lora_gui.adapters (headers only); every operation on weights runs in a CLI subprocess."""
+"""Adapter files of the workspace: list, inspect, convert, merge, delete. Listing and inspecting
+read headers only (lora_gui.adapters); every operation on weights runs in a CLI subprocess."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import adapters, configs
-from ..clirun import CliError, run_cli, run_cli_json
+from ..clirun import run_cli
 from ..errors import UserError
 from ..workspace import Workspace, check_name
 
@@ -32,12 +32,8 @@ class AdapterService:
         return path
 
     def inspect(self, file: str) -> dict:
-        path = self.resolve(file)
-        desc = adapters.describe(path, self.ws)
-        try:
-            return run_cli_json(adapters.cli_for(desc), ["inspect", str(path), "--json"], self.ws.root, 300)
-        except CliError as e:
-            return {**desc, "inspect": str(e)}
+        """What `lora-sd inspect --json` / `lora-llm inspect --json` print (the same header-only function)."""
+        return adapters.inspect(self.resolve(file))
 
     def convert(self, file: str, to: str, out_name: str) -> str:
         path = self.resolve(file)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import runview
-from ..forms import TASK_CHOICES
+from .. import kinds, runview
 from ..services.plots import eval_figure
 from ..widgets import ACTIVE, JobForm, guard, job_columns
 
@@ -24,7 +23,7 @@ def eval_suite(page, job: JobForm) -> None:
     ctrl = page.ctrl
     with gr.Accordion("Evaluation suite (one adapter per task, trained with the form's settings)", open=True):
         with gr.Row():
-            tasks = gr.CheckboxGroup(list(TASK_CHOICES), value=["sst2"], label="Tasks", elem_id="eval-tasks")
+            tasks = gr.CheckboxGroup(list(task_choices()), value=["sst2"], label="Tasks", elem_id="eval-tasks")
             steps = gr.Number(value=20, precision=0, label="Steps per task", elem_id="eval-steps")
             name = gr.Textbox(label="Name", placeholder="(a timestamp)", elem_id="eval-name")
             go = gr.Button("Run evaluation", variant="primary", elem_id="eval-go")
@@ -59,6 +58,11 @@ def eval_suite(page, job: JobForm) -> None:
     select.change(view, [select], [status, table, plot], show_progress="hidden")
     page.poll([select], [status, table, plot], view)
     page.on_load([select], lambda: [names()])
+
+
+def task_choices() -> tuple:
+    """The tasks the suite can run: the allowed values of the text-task config's data.task."""
+    return next(f.choices for f in kinds.get(KIND).fields if f.key == "data.task")
 
 
 def text_generation(ctrl) -> None:
