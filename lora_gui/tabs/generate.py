@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import gradio as gr
 
+from lora_core.fields import field_specs
+
+from .. import kinds
 from ..widgets import guard
 
-SCHEDULERS = ["ddim", "euler", "euler_a", "dpm++", "pndm", "unipc", "lms", "ddpm"]
+
+def schedulers() -> list[str]:
+    """The sampler names the SD config declares (sample.scheduler), the ones `lora-sd generate` accepts."""
+    spec = next(s for s in field_specs(kinds.get("sd-train").config_class()) if s.path == "sample.scheduler")
+    return list(spec.choices)
 
 
 def build(page) -> None:
@@ -62,6 +69,6 @@ def settings() -> list:
     with gr.Row():
         width = gr.Number(value=64, precision=0, label="Width", elem_id="gen-width")
         height = gr.Number(value=64, precision=0, label="Height", elem_id="gen-height")
-        scheduler = gr.Dropdown(SCHEDULERS, value="ddim", label="Scheduler", elem_id="gen-scheduler")
+        scheduler = gr.Dropdown(schedulers(), value="ddim", label="Scheduler", elem_id="gen-scheduler")
         n = gr.Number(value=1, precision=0, label="Images", elem_id="gen-n")
     return [prompt, negative, seed, steps, guidance, width, height, scheduler, n]
