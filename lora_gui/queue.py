@@ -160,8 +160,8 @@ class JobQueue:
             state = "failed"
             last = runview.last_line(run.path / "console.log")
             why = "without a final status" if rc == 0 else f"(code {rc})"
-            run.write_status("failed", error=(f"{last} [" if last else "[") + f"the job exited {why}; "
-                                                                               f"see {run.path.name}/console.log]")
+            note = f"the job exited {why}; see {run.path.name}/console.log"
+            run.write_status("failed", error=f"{last} [{note}]" if last else note)
         return self._update(job.id, state=state, ended=time.time(), returncode=rc)
 
     def _start(self, job: Job) -> Job:
