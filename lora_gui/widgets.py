@@ -27,6 +27,9 @@ def guard(fn):
             raise
         except ValueError as e:  # ConfigError, PathError, QueueError, CliError, UserError
             raise gr.Error(str(e), print_exception=False) from None
+        except OSError as e:  # a file or disk problem (permissions, disk full): one line naming the file
+            where = f"{e.filename}: " if e.filename else ""
+            raise gr.Error(f"{where}{e.strerror or e}", print_exception=False) from None
         except Exception as e:  # a bug: log it, show a one-line message
             log.exception("action %s failed", fn.__name__)
             raise gr.Error(f"internal error in {fn.__name__}: {type(e).__name__}: {e}", print_exception=False) from None

@@ -217,3 +217,16 @@ def test_form_choices_and_help_come_from_the_config_declarations():
     assert "cosine_with_restarts" in lr.choices  # the trainers' whole list, not a GUI copy of part of it
     with pytest.raises(ConfigError, match="not one of"):
         coerce(lr, "exponential")
+
+
+def test_guard_shows_file_errors_as_one_line(tmp_path):
+    import gradio as gr
+    from lora_gui.widgets import guard
+
+    @guard
+    def save():
+        (tmp_path / "missing" / "x.toml").write_text("x")
+
+    with pytest.raises(gr.Error) as e:
+        save()
+    assert e.value.message == f"{tmp_path / 'missing' / 'x.toml'}: No such file or directory"
