@@ -120,16 +120,19 @@ def test_no_cache_when_a_lower_layer_is_trained_or_all_layers_adapted(tmp_path):
     assert cached_model(model, lcfg, _section(tmp_path), 64) is None
 
 
-def test_fingerprint_follows_frozen_weights_only():
+def test_fingerprint_follows_frozen_weights_only(tmp_path):
     model = _tiny_gpt2()
-    _with_lora(model, "top:2")
+    lcfg = _with_lora(model, "top:2")
     before = fingerprint(model, 2, "float16")
+    folder = cached_model(model, lcfg, _section(tmp_path, "float16"), 64).store.folder
     with torch.no_grad():
         model.transformer.h[3].mlp.c_fc.weight.add_(1.0)      # above the prefix: same cache
     assert fingerprint(model, 2, "float16") == before
+    assert cached_model(model, lcfg, _section(tmp_path, "float16"), 64).store.folder == folder
     with torch.no_grad():
         model.transformer.h[1].mlp.c_fc.weight.add_(1.0)      # inside the prefix: another cache
     assert fingerprint(model, 2, "float16") != before
+    assert cached_model(model, lcfg, _section(tmp_path, "float16"), 64).store.folder != folder
     assert fingerprint(model, 1, "float16") != fingerprint(model, 2, "float16")
 
 
