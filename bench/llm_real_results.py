@@ -235,13 +235,13 @@ def update_results_md(records: list[dict], path: Path = RESULTS_MD) -> None:
 # ------------------------------------------------------------------------------ running
 def build_suite(args):
     from lora_llm.suite import load_suite
-    extra = [f"base.{s}" for s in args.set]
+    extra = []
     if args.model:
         extra += [f'base.model.pretrained="{args.model}"', f'base.model.gguf_file="{args.gguf_file or ""}"']
     suite = load_suite(ROOT / SUITES[args.budget], extra)
-    if args.data_root:
-        for t in suite.tasks:
-            suite.overrides[t] = [*suite.overrides.get(t, []), f'data.data_dir="{Path(args.data_root) / t}"']
+    for t in suite.tasks:   # --set wins over the suite's own per-task overrides
+        data = [f'data.data_dir="{Path(args.data_root) / t}"'] if args.data_root else []
+        suite.overrides[t] = [*suite.overrides.get(t, []), *data, *args.set]
     if args.tasks:
         suite = replace(suite, tasks=[t for t in suite.tasks if t in args.tasks.split(",")])
     return suite
@@ -270,7 +270,8 @@ def main(argv=None):
     p.add_argument("--gguf-file", default=None, help="model.gguf_file with --model")
     p.add_argument("--data-root", default="", help="folder with sst2/ cola/ imdb/ ag_news/ wikitext2/ "
                                                    "(default: ../shared/data, else Hugging Face datasets)")
-    p.add_argument("--set", action="append", default=[], help="section.key=value for every task's job")
+    p.add_argument("--set", action="append", default=[], help="section.key=value for every task's job (wins over "
+                   "the suite's per-task overrides: e.g. train.max_steps=2 for a quick check)")
     p.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from the committed JSON files")
     p.add_argument("--no-render", action="store_true", help="do not touch RESULTS.md")
     args = p.parse_args(argv)
