@@ -78,7 +78,11 @@ def _adapter_file(spec: str) -> Path:
     if not file.is_file():
         what = "no such file or folder" if not path.exists() else f"no {ADAPTER_FILE} in this folder (is training done?)"
         raise FileNotFoundError(f"--adapter {spec}: {what}")
-    refuse_non_finite(read_safetensors(file)[0], file)
+    tensors, meta = read_safetensors(file)
+    if "llm_info" not in meta:
+        raise ValueError(f"--adapter {spec}: {file.name} was not written by lora-llm (no llm_info metadata); "
+                         "give a lora-llm run folder or its adapter.safetensors")
+    refuse_non_finite(tensors, file)
     return file
 
 

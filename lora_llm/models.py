@@ -79,7 +79,7 @@ def load_tokenizer(ms: ModelSection):
         name, gguf = resolve_pretrained(ms)
         try:
             tok = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf} if gguf else {}))
-        except OSError as e:
+        except (OSError, ValueError) as e:   # transformers: OSError (hub, files) or ValueError (tokenizer files)
             raise hub_error("model.pretrained", name, e) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -132,7 +132,7 @@ def load_model(ms: ModelSection, num_labels: int = 0, pad_token_id: Optional[int
         if not num_labels:
             return AutoModelForCausalLM.from_pretrained(name, **kw)
         model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **kw)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise hub_error("model.pretrained", name, e) from e
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id if pad_token_id is not None else model.config.eos_token_id

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from PIL import PngImagePlugin
 
-from lora_core import merge_lora
+from lora_core import LoraLoadError, merge_lora
 from lora_core.cli_errors import refuse_non_finite
 from lora_core.io import atomic_path, read_safetensors
 
@@ -71,7 +71,12 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -
     report = []
     for i, (path, scale) in enumerate(adapters):
         refuse_non_finite(read_safetensors(path)[0], path)
-        adapter, _, fmt = formats.read_adapter(path, comps)
+        try:
+            adapter, _, fmt = formats.read_adapter(path, comps)
+        except ValueError as e:   # name the file when the reader's message does not
+            if str(path) in str(e):
+                raise
+            raise LoraLoadError(f"{path}: {e}") from None
         n = formats.apply_to_components(adapter, comps, name=f"adapter_{i}", scale=scale, source=str(path))
         report.append({"file": str(path), "format": fmt, "scale": scale, "matched_modules": n})
     if fuse and adapters:
