@@ -527,7 +527,7 @@ def test_fresh_train_into_a_finished_run_is_refused(world, finished_sd_run, caps
 @needs("run")
 def test_failed_attempt_leaves_a_finished_run_alone(world, finished_sd_run, capsys):
     before = snapshot(finished_sd_run)
-    rc, err = _sd_train(world, finished_sd_run, capsys, "train.max_steps=-1")
+    rc, err = _sd_train(world, finished_sd_run, capsys, f'data.path="{world["root"] / "nodata"}"')
     assert rc == 2 and error_line(err, "lora-sd")
     assert snapshot(finished_sd_run) == before
 
