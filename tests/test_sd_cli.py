@@ -116,6 +116,11 @@ def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys
     a = np.asarray(Image.open(out / "image_0.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "fused" / "image_0.png"), dtype=np.int16)
     assert np.abs(a - b).max() <= 2
+    # ...and the adapters do change the image (else fused == unfused would prove nothing)
+    plain = [x for x in args if x not in (f"{adapter_file}:0.5", str(second), "--lora")]
+    assert cli(plain + ["--out", str(tmp_path / "plain")]) == 0
+    c = np.asarray(Image.open(tmp_path / "plain" / "image_0.png"), dtype=np.int16)
+    assert np.abs(a - c).max() > 10
 
 
 def test_merge_writes_a_plain_pipeline_with_the_adapter_folded_in(tiny, adapter_file, tmp_path):
