@@ -138,12 +138,3 @@ def hub_error(field: str, name: str, e: BaseException) -> ModelLoadError:
                           f"hub failed ({type(e).__name__}: {reason}); check the name, or download the model "
                           "and give its folder")
 
-
-# ------------------------------------------------------------------ tensors (duck-typed: no torch import here)
-def refuse_non_finite(tensors: dict, source) -> None:
-    """Raise ValueError naming the first floating-point tensor of `tensors` that holds NaN or inf."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(t.isfinite().all()):
-            kind = "NaN" if bool(t.isnan().any()) else "inf"
-            raise ValueError(f"{source}: tensor {name} holds {kind} values; the adapter is damaged "
-                             "(re-export it from a good checkpoint or retrain)")

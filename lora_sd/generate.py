@@ -10,23 +10,16 @@ import torch
 from PIL import PngImagePlugin
 
 from lora_core import LoraLoadError, merge_lora
-from lora_core.cli_errors import refuse_non_finite
-from lora_core.io import atomic_path, read_safetensors
+from lora_core.io import atomic_path
 
 from . import formats
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
-}
-
+from .config import SAMPLERS
 
 def set_scheduler(pipe, name: str) -> None:
     import diffusers
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    if name not in SAMPLERS:   # the names sample.scheduler declares
+        raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SAMPLERS)}")
+    pipe.scheduler = getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
 
 
 def check_generation(*, steps: int, guidance_scale: float, width: int, height: int, seed: int,
@@ -70,7 +63,6 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -
     comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     report = []
     for i, (path, scale) in enumerate(adapters):
-        refuse_non_finite(read_safetensors(path)[0], path)
         try:
             adapter, _, fmt = formats.read_adapter(path, comps)
         except ValueError as e:   # name the file when the reader's message does not
