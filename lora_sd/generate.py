@@ -15,6 +15,7 @@ from lora_core.io import atomic_path
 from . import formats
 from .config import SAMPLERS
 
+
 def set_scheduler(pipe, name: str) -> None:
     import diffusers
     if name not in SAMPLERS:   # the names sample.scheduler declares
@@ -35,8 +36,8 @@ def check_generation(*, steps: int, guidance_scale: float, width: int, height: i
             raise ValueError(f"{name} {v}: must be a positive multiple of 8 (e.g. 512)")
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"--seed {seed}: must be between 0 and 2**63-1")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"--scheduler {scheduler!r}: unknown; choose from {sorted(SCHEDULERS)}")
+    if scheduler not in SAMPLERS:
+        raise ValueError(f"--scheduler {scheduler!r}: unknown; choose from {sorted(SAMPLERS)}")
 
 
 def check_adapter_list(adapters: list[tuple[str, float]]) -> None:

@@ -257,10 +257,8 @@ SD_CASES = [
     ("inspect-garbage", ["inspect", "{adapters}/garbage.safetensors"], 2, ["garbage.safetensors"]),
     ("convert-missing", ["convert", "{adapters}/nope.safetensors", "{tmp}/x.safetensors", "--to", "diffusers"], 2,
      ["nope.safetensors"]),
-    pytest.param("convert-nan", ["convert", "{adapters}/nan.safetensors", "{tmp}/x.safetensors", "--to", "diffusers"], 2,
-                 ["nan.safetensors", "NaN"], marks=needs("formats")),
-    pytest.param("convert-onto-its-input", ["convert", "{adapters}/style.safetensors", "{adapters}/style.safetensors",
-                                            "--to", "kohya"], 2, ["style.safetensors"], marks=needs("formats")),
+    ("convert-nan", ["convert", "{adapters}/nan.safetensors", "{tmp}/x.safetensors", "--to", "diffusers"], 2,
+     ["nan.safetensors", "NaN"]),
 ]
 
 
@@ -458,7 +456,6 @@ def _tiny_net():
     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
 
 
-@needs("core API (issue 15 item 3/5)")
 def test_api_load_lora_refuses_nan(tmp_path):
     from lora_core import load_lora, save_lora
     net = _tiny_net()
@@ -470,7 +467,6 @@ def test_api_load_lora_refuses_nan(tmp_path):
         load_lora(tmp_path / "a.safetensors", _tiny_net())
 
 
-@needs("core API (issue 15 item 5)")
 def test_api_merge_unknown_adapter_name():
     from lora_core import merge_lora
     net = _tiny_net()
@@ -479,16 +475,14 @@ def test_api_merge_unknown_adapter_name():
         merge_lora(net, adapters=["typo"])
 
 
-@needs("core API (issue 15 item 5)")
 def test_api_set_scale_unknown_adapter_name():
     from lora_core import set_scale
     net = _tiny_net()
     add_lora(net, LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(ValueError, match="typo"):
-        set_scale(net, 0.5, "typo")
+        set_scale(net, "typo", 0.5)
 
 
-@needs("core API (issue 15 item 5)")
 def test_api_failed_add_lora_leaves_model_as_it_was():
     net = _tiny_net()
     add_lora(net, LoraConfig(r=2, target_modules=["0"]))
@@ -548,11 +542,10 @@ def test_llm_status_is_final_after_an_error(world, tmp_path, capsys):
         assert json.loads((run / "status.json").read_text())["state"] in ("failed", "stopped")
 
 
-@needs("config")
 @pytest.mark.parametrize("override,field", [
     ("train.batch_size=0", "batch_size"), ("train.gradient_accumulation_steps=0", "gradient_accumulation_steps"),
     ('train.lr_scheduler="cosinus"', "lr_scheduler"), ('sample.scheduler="eulerx"', "scheduler"),
-    ('output.name="../../x"', "output.name"),
+    pytest.param('output.name="../../x"', "output.name", marks=needs("run")),
 ], ids=["batch-0", "accum-0", "lr-scheduler", "sample-scheduler", "output-name"])
 def test_config_validated_when_it_loads(override, field, world, tmp_path, capsys):
     rc, err = _sd_train(world, tmp_path / "run", capsys, override)
