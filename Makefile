@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 EXTRAS ?= dev,mindspore
 
-.PHONY: run test install clean
+.PHONY: run test install clean gpu-check
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the CUDA half-precision paths (fp16 + GradScaler, bf16 autocast, exact resume, generation); < 5 min on one GPU.
+# Without CUDA it runs its CPU checks and reports the rest as skipped. Output: bench/results/gpu_check.{json,md}
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out bench/results/gpu_check.json
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from lora_core.cli_errors import add_debug_flag, run_command
 from lora_core.configdoc import HelpConfig
 
 
@@ -71,16 +72,52 @@ def _cmd_suite(a) -> int:
     return 0
 
 
+def _adapter_file(spec: str) -> Path:
+    """The adapter.safetensors of a run folder or file given on the command line, checked to exist
+    and to hold only finite numbers (before any model is loaded)."""
+    from lora_core.adapter_files import refuse_non_finite
+    from lora_core.io import read_safetensors
+    from .adapters import ADAPTER_FILE
+    path = Path(spec).expanduser()
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    if not file.is_file():
+        what = "no such file or folder" if not path.exists() else f"no {ADAPTER_FILE} in this folder (is training done?)"
+        raise FileNotFoundError(f"--adapter {spec}: {what}")
+    tensors, meta = read_safetensors(file)
+    if "llm_info" not in meta:
+        raise ValueError(f"--adapter {spec}: {file.name} was not written by lora-llm (no llm_info metadata); "
+                         "give a lora-llm run folder or its adapter.safetensors")
+    refuse_non_finite(tensors, file)
+    return file
+
+
+def check_sampling(a) -> None:
+    """Refuse generation settings that would fail late or be silently ignored."""
+    if a.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
+    if not a.temperature > 0 or a.temperature == float("inf"):
+        raise ValueError(f"--temperature {a.temperature}: must be a finite number > 0 (1.0: unchanged)")
+    if not 0 < a.top_p <= 1:
+        raise ValueError(f"--top-p {a.top_p}: must be in (0, 1] (1.0: off)")
+    if a.top_k < 0:
+        raise ValueError(f"--top-k {a.top_k}: must be >= 0 (0: off)")
+    if a.seed < 0:
+        raise ValueError(f"--seed {a.seed}: must be >= 0")
+    if not all(p.strip() for p in a.prompt):
+        raise ValueError("--prompt: an empty prompt; give some text to continue")
+
+
 def _cmd_generate(a) -> int:
     from .config import ModelSection
     from .evaluate import generate
+    check_sampling(a)
     if a.adapter:
-        from .adapters import ADAPTER_FILE, read_adapter_info
+        from .adapters import read_adapter_info
         from .train import load_trained
-        path = Path(a.adapter)
-        if read_adapter_info(path / ADAPTER_FILE if path.is_dir() else path).get("num_labels"):
-            raise SystemExit(f"{a.adapter}: a classification adapter; generate needs a language-model adapter")
-        model, tok, _ = load_trained(a.adapter, a.device)
+        file = _adapter_file(a.adapter)
+        if read_adapter_info(file).get("num_labels"):
+            raise ValueError(f"{a.adapter}: a classification adapter; generate needs a language-model adapter")
+        model, tok, _ = load_trained(file, a.device)
     else:
         from .models import load_model, load_tokenizer
         ms = ModelSection(pretrained=a.model, gguf_file=a.gguf_file or "")
@@ -105,9 +142,8 @@ def _cmd_merge(a) -> int:
     from .train import load_trained
     out = Path(a.out)
     if out.exists():
-        print(f"error: {out} exists already", file=sys.stderr)
-        return 2
-    model, tok, _ = load_trained(a.adapter, "cpu")
+        raise FileExistsError(f"--out {out}: exists already; give a new folder for the merged model")
+    model, tok, _ = load_trained(_adapter_file(a.adapter), "cpu")
     remove_lora(model, merge=True)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
@@ -194,22 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_inspect)
+    add_debug_flag(p, sub)
     return p
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from lora_core.configfile import ConfigError
-    from .data import DataError
     from .suite import SuiteStopped
-    try:
-        return a.fn(a)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"lora-llm {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except SuiteStopped as e:
-        print(f"lora-llm {a.cmd}: {e}", file=sys.stderr)
-        return 1
+
+    def command() -> int:
+        try:
+            return a.fn(a)
+        except SuiteStopped as e:   # a stop asked for by the user: not an error
+            print(f"lora-llm {a.cmd}: {e}", file=sys.stderr)
+            return 1
+    return run_command(f"lora-llm {a.cmd}", command, a.debug)
 
 
 if __name__ == "__main__":

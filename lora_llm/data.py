@@ -301,7 +301,8 @@ def _load_hf(task: str, split: str):
 # ---------------------------------------------------------------------------------- public loaders
 def load_examples(task: str, split: str = "", data_dir: str = "", file: str = "",
                   limit: int = 0) -> list[Example]:
-    """Labelled examples of a classification task ("" split = the task's eval split)."""
+    """Labelled examples of a classification task ("" split = the task's eval split). The task's
+    training split must hold at least two classes (a one-class set trains a constant classifier)."""
     info = task_info(task)
     if info.kind != "classification":
         raise ValueError(f"{task} is not a classification task; use load_text")
@@ -314,7 +315,20 @@ def load_examples(task: str, split: str = "", data_dir: str = "", file: str = ""
         ex = [Example(r[field], int(r["label"])) for r in ds]
     if not ex:
         raise DataError(f"{src or task}: no examples in the {split!r} split")
-    return subset(ex, limit)
+    out = subset(ex, limit)
+    if split == info.train_split:
+        check_classes(out, info, src or task, limit)
+    return out
+
+
+def check_classes(examples: Sequence[Example], info: TaskInfo, source, limit: int = 0) -> None:
+    """Refuse a training set whose examples all have one label."""
+    labels = sorted({e.label for e in examples})
+    if len(labels) < 2 and len(info.label_names) > 1:
+        name = info.label_names[labels[0]] if labels and 0 <= labels[0] < len(info.label_names) else labels
+        hint = f" (after data.max_train_examples = {limit})" if limit else ""
+        raise DataError(f"{source}: every one of the {len(examples)} training examples has the label {name!r}"
+                        f"{hint}; a classifier needs at least two classes of {list(info.label_names)}")
 
 
 def subset(items: Sequence, n: int, seed: int = 0) -> list:

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from lora_core.cli_errors import check_local_path, hub_error
 from lora_core.config import LoraConfig
 from lora_core.paths import shared_path
 
@@ -32,6 +33,7 @@ def resolve_pretrained(ms: ModelSection) -> tuple[str, Optional[str]]:
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"model.pretrained = {name!r}: Python package {name[4:]!r} is not installed")
         name = spec.submodule_search_locations[0]
+    check_local_path(name, "model.pretrained")   # a mistyped local path: no hub lookup
     if name.endswith(".gguf") and Path(name).is_file():
         name, gguf = str(Path(name).parent), Path(name).name
     if gguf and not (Path(name) / gguf).is_file():
@@ -72,10 +74,14 @@ def load_tokenizer(ms: ModelSection):
         return gpt2_tokenizer()
     from transformers import AutoTokenizer
     if ms.tokenizer:
+        check_local_path(ms.tokenizer, "model.tokenizer")
         tok = AutoTokenizer.from_pretrained(ms.tokenizer)
     else:
         name, gguf = resolve_pretrained(ms)
-        tok = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf} if gguf else {}))
+        try:
+            tok = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf} if gguf else {}))
+        except (OSError, ValueError) as e:   # transformers: OSError (hub, files) or ValueError (tokenizer files)
+            raise hub_error("model.pretrained", name, e) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -123,9 +129,12 @@ def load_model(ms: ModelSection, num_labels: int = 0, pad_token_id: Optional[int
         return _classifier_from_lm(lm, num_labels, tok.eos_token_id).to(dtype)
     name, gguf = resolve_pretrained(ms)
     kw = {"dtype": dtype, **({"gguf_file": gguf} if gguf else {})}
-    if not num_labels:
-        return AutoModelForCausalLM.from_pretrained(name, **kw)
-    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **kw)
+    try:
+        if not num_labels:
+            return AutoModelForCausalLM.from_pretrained(name, **kw)
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **kw)
+    except (OSError, ValueError) as e:
+        raise hub_error("model.pretrained", name, e) from e
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id if pad_token_id is not None else model.config.eos_token_id
     return model

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from lora_core.cli_errors import add_debug_flag, run_command
 from lora_core.configdoc import HelpConfig
 
 EXAMPLES = """examples:
@@ -54,17 +55,27 @@ def _parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def _adapter_specs(a) -> list[tuple[str, float]]:
+    from .generate import check_adapter_list
+    specs = [_parse_lora(s) for s in a.lora or []]
+    check_adapter_list(specs)
+    return specs
+
+
 def _cmd_generate(a) -> int:
     import torch
-    from .generate import generate, load_adapters
+    from .generate import check_generation, generate, load_adapters
     from .models import RANDOM_WEIGHTS_NOTE, is_random_weights, load_pipeline
+    check_generation(steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=a.seed,
+                     scheduler=a.scheduler)
+    specs = _adapter_specs(a)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     pipe = load_pipeline(a.model, a.model_config, dtype=dtype)
     if is_random_weights(pipe):
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
-    report = load_adapters(pipe, [_parse_lora(s) for s in a.lora or []], fuse=a.fuse)
+    report = load_adapters(pipe, specs, fuse=a.fuse)
     for r in report:
         print(f"adapter {r['file']} ({r['format']}): {r['matched_modules']} modules matched, scale {r['scale']}")
     prompts = a.prompt or ["a photo"]
@@ -82,10 +93,10 @@ def _cmd_merge(a) -> int:
     from .models import load_pipeline
     out = Path(a.out)
     if out.exists():
-        print(f"error: {out} exists already", file=sys.stderr)
-        return 2
+        raise FileExistsError(f"--out {out}: exists already; give a new folder for the merged pipeline")
+    specs = _adapter_specs(a)
     pipe = load_pipeline(a.model, a.model_config)
-    load_adapters(pipe, [_parse_lora(s) for s in a.lora])
+    load_adapters(pipe, specs)
     for m in (pipe.unet, pipe.text_encoder):
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     pipe.save_pretrained(str(out))
@@ -139,7 +150,11 @@ def _cmd_check_dataset(a) -> int:
         for p in d["problems"]:
             print(f"  problem: {p}")
         print("ok" if d["ok"] else "NOT trainable as is")
-    return 0 if d["ok"] else 1
+    if not d["ok"]:
+        problems = d["problems"] or ["0 samples per epoch"]
+        print(f"lora-sd check-dataset: error: {a.dir}: not trainable as is ({len(problems)} problem(s)), "
+              f"e.g. {problems[-1]}", file=sys.stderr)
+    return 0 if d["ok"] else 1   # a report that finds problems (as the existing tests expect)
 
 
 def _cmd_score(a) -> int:
@@ -292,19 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_check_dataset)
 
     _add_score_parsers(sub)
+    add_debug_flag(p, sub)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lora_core import LoraLoadError
-    from lora_core.configfile import ConfigError
-    from .data import DatasetError
-    try:
-        return args.fn(args)
-    except (ConfigError, DatasetError, LoraLoadError, FileNotFoundError) as e:
-        print(f"lora-sd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(f"lora-sd {args.command}", lambda: args.fn(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -63,16 +63,25 @@ class ScanReport:
             out += [f"no caption: {i.path}" for i in self.missing_captions]
         if not self.items and not self.missing_captions:
             out.append(f"{self.root}: no readable images")
+        elif not sum(i.repeats for i in self.items + self.missing_captions):
+            out.append(f"{self.root}: 0 samples per epoch (every folder has 0 repeats); rename N_name folders with N >= 1")
         return out
 
     def to_dict(self, need_captions: bool = True) -> dict:
         return {"root": str(self.root), "images": len(self.items) + len(self.missing_captions),
                 "captioned": len(self.items), "corrupt": len(self.corrupt),
                 "missing_captions": len(self.missing_captions), "folders": self.folders,
-                "samples_per_epoch": sum(i.repeats for i in self.items),
+                "samples_per_epoch": sum(i.repeats for i in self._usable(need_captions)),
                 "problems": self.problems(need_captions),
-                "ok": bool(self.missing_captions and not need_captions) or
-                      bool(self.items and not (need_captions and self.missing_captions))}
+                "ok": self._trainable(need_captions)}
+
+    def _usable(self, need_captions: bool) -> list[ImageItem]:
+        return self.items + ([] if need_captions else self.missing_captions)
+
+    def _trainable(self, need_captions: bool) -> bool:
+        if need_captions and self.missing_captions:
+            return False
+        return sum(i.repeats for i in self._usable(need_captions)) > 0
 
 
 def _read_metadata(folder: Path) -> dict[str, str]:
@@ -80,7 +89,11 @@ def _read_metadata(folder: Path) -> dict[str, str]:
     if not meta.is_file():
         return {}
     out = {}
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = meta.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{meta}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -89,6 +102,13 @@ def _read_metadata(folder: Path) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DatasetError(f"{meta}:{n}: bad line ({e}); need {{\"file_name\": ..., \"text\": ...}}") from None
     return out
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: caption is not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -130,7 +150,7 @@ def scan(root, caption_extension: str = ".txt", default_repeats: int = 1, max_im
             if max_images and count >= max_images:
                 break
             sidecar = f.with_suffix(caption_extension)
-            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else meta.get(f.name, "").strip()
+            caption = _read_caption(sidecar) if sidecar.is_file() else meta.get(f.name, "").strip()
             try:
                 size = _image_size(f)
             except Exception as e:  # PIL raises many types for bad files
@@ -165,6 +185,9 @@ def load_items(cfg: DataSettings) -> list[ImageItem]:
                            f"{cfg.caption_extension} sidecar, no metadata.jsonl entry, or empty):\n  {shown}\n"
                            "Add captions, or use a data.caption_template without {caption}.")
     items = report.items + report.missing_captions
+    if not sum(it.repeats for it in items):
+        raise DatasetError(f"data.path {report.root}: 0 samples per epoch (data.repeats and every N_name folder "
+                           "give 0 repeats); use repeats >= 1")
     for it in items:
         it.caption = apply_template(it.caption, cfg.caption_template, cfg.trigger_word)
     return sorted(items, key=lambda i: str(i.path))

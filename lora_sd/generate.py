@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 from PIL import PngImagePlugin
 
-from lora_core import merge_lora
+from lora_core import LoraLoadError, merge_lora
 from lora_core.io import atomic_path
 
 from . import formats
 from .config import SAMPLERS
+
 
 def set_scheduler(pipe, name: str) -> None:
     import diffusers
@@ -21,12 +23,53 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
 
 
+def check_generation(*, steps: int, guidance_scale: float, width: int, height: int, seed: int,
+                     scheduler: str = "ddim") -> None:
+    """Refuse generation settings that would fail late or give silently wrong images (one ValueError)."""
+    if steps < 1:
+        raise ValueError(f"--steps {steps}: the number of denoising steps must be at least 1")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"--guidance {guidance_scale}: the guidance scale must be a finite number >= 0 "
+                         "(1 turns classifier-free guidance off; 5-9 is usual)")
+    for name, v in (("--width", width), ("--height", height)):
+        if v < 8 or v % 8:
+            raise ValueError(f"{name} {v}: must be a positive multiple of 8 (e.g. 512)")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"--seed {seed}: must be between 0 and 2**63-1")
+    if scheduler not in SAMPLERS:
+        raise ValueError(f"--scheduler {scheduler!r}: unknown; choose from {sorted(SAMPLERS)}")
+
+
+def check_adapter_list(adapters: list[tuple[str, float]]) -> None:
+    """Refuse a file given twice (it would apply at double strength) and scales that are not finite."""
+    seen: dict[str, str] = {}
+    for path, scale in adapters:
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {path}:{scale}: the scale must be a finite number")
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"--lora {path}: no such file or folder" if not p.exists()
+                                    else f"--lora {path}: is a folder; give the .safetensors file")
+        key = str(p.resolve())
+        if key in seen:
+            raise ValueError(f"--lora {path}: the same adapter file is given twice (as {seen[key]!r} too); "
+                             "give it once, with the scale you want (FILE:SCALE)")
+        seen[key] = path
+
+
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -> list[dict]:
-    """Add each (file, scale) as its own adapter (strict key matching); optionally fuse them into the base."""
+    """Add each (file, scale) as its own adapter (strict key matching; a file holding NaN or inf, or
+    given twice, is refused); optionally fuse them into the base."""
+    check_adapter_list(adapters)
     comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     report = []
     for i, (path, scale) in enumerate(adapters):
-        adapter, _, fmt = formats.read_adapter(path, comps)
+        try:
+            adapter, _, fmt = formats.read_adapter(path, comps)
+        except ValueError as e:   # name the file when the reader's message does not
+            if str(path) in str(e):
+                raise
+            raise LoraLoadError(f"{path}: {e}") from None
         n = formats.apply_to_components(adapter, comps, name=f"adapter_{i}", scale=scale, source=str(path))
         report.append({"file": str(path), "format": fmt, "scale": scale, "matched_modules": n})
     if fuse and adapters:
@@ -59,6 +102,8 @@ def generate(pipe, prompts: list[str], *, negative_prompt: str = "", steps: int 
              prefix: str = "", base: dict | None = None) -> list[tuple[object, dict]]:
     """One image per prompt, image i seeded with seed + i through its own generator (the global RNG is
     untouched). Saves `<out_dir>/<prefix><i>.png` when out_dir is given. Returns (image, params) pairs."""
+    check_generation(steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed,
+                     scheduler=scheduler)
     set_scheduler(pipe, scheduler)
     device = pipe.unet.device
     results = []

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from lora_core.cli_errors import ModelLoadError, check_local_path, hub_error, one_line
 from lora_core.io import atomic_write_json, atomic_write_text
 from lora_core.paths import shared_path
 
@@ -116,6 +117,7 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
     if pretrained == TINY:
         log.warning("model.pretrained = 'tiny': %s", RANDOM_WEIGHTS_NOTE)
         return build_tiny_pipeline().to(dtype=dtype)
+    check_local_path(pretrained, "model.pretrained")   # a mistyped local path: no hub lookup
     path = Path(pretrained).expanduser()
     common = {_dtype_kwarg(): dtype, "safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():
@@ -132,8 +134,8 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
         try:
             pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
         except Exception as e:
-            raise RuntimeError(f"could not load single-file checkpoint {path} ({e}); offline, set model.config "
-                               "to a local diffusers folder holding the matching configs") from e
+            raise ModelLoadError(f"could not load single-file checkpoint {path} ({one_line(str(e))[:200]}); offline, "
+                                 "set model.config to a local diffusers folder holding the matching configs") from e
     else:
         kw = dict(common, revision=revision)
         if variant:
@@ -141,8 +143,7 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
         try:
             pipe = StableDiffusionPipeline.from_pretrained(pretrained, **kw)
         except Exception as e:
-            raise RuntimeError(f"model.pretrained = {pretrained!r}: not a local folder or file, and loading it "
-                               f"from the Hugging Face hub failed ({type(e).__name__}: {e})") from e
+            raise hub_error("model.pretrained", pretrained, e) from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

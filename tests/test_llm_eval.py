@@ -34,6 +34,22 @@ def test_perplexity_sliding_window_counts_each_token_once(tiny):
     ids = [int(i) for i in torch.randint(0, 1000, (150,), generator=torch.Generator().manual_seed(0))]
     r = perplexity(model, ids, max_length=40, stride=16)
     assert r["tokens"] == len(ids) - 1
+    # the overlapping windows against Hugging Face's documented loop (labels -100 on the context,
+    # the model's own shifted loss): same tokens, same mean NLL
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), 16):
+            end = min(begin + 40, len(ids))
+            x = torch.tensor([ids[begin:end]])
+            labels = x.clone()
+            labels[:, :-(end - prev_end)] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            nll_sum += model(input_ids=x, labels=labels).loss.item() * n
+            n_tokens, prev_end = n_tokens + n, end
+            if end == len(ids):
+                break
+    assert n_tokens == r["tokens"] and r["nll"] == pytest.approx(nll_sum / n_tokens, rel=1e-5)
+    assert r["perplexity"] == pytest.approx(math.exp(nll_sum / n_tokens), rel=1e-5)
     # stride == max_length: disjoint windows, each scored from its own start
     d = perplexity(model, ids, max_length=50, stride=50)
     nll = sum(_full_nll(model, ids[b:b + 50]) for b in range(0, 150, 50))

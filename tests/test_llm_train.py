@@ -85,7 +85,19 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(v, lora_state_dict(b)[k], rtol=0, atol=0)
 
 
-def test_bf16_mixed_precision_keeps_lora_fp32(tmp_path):
+def test_bf16_mixed_precision_keeps_lora_fp32(tmp_path, monkeypatch):
+    import math
+    import lora_llm.train as T
+    calls = []   # (output dtype, autocast dtype) of the frozen c_attn in training forwards
+    build = T.build_model
+
+    def build_with_probe(*a, **k):
+        model, lcfg = build(*a, **k)
+        model.transformer.h[0].attn.c_attn.base_layer.register_forward_hook(lambda m, i, o: calls.append(
+            (o.dtype, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+            if torch.is_grad_enabled() else None)
+        return model, lcfg
+    monkeypatch.setattr(T, "build_model", build_with_probe)
     cfg = _cfg(tmp_path, 'data.task="cola"', f'data.data_dir="{FIX / "cola"}"', "train.max_steps=2",
                "train.batch_size=2", 'train.mixed_precision="bf16"', "eval.enabled=false")
     assert train_from_config(cfg)["state"] == "done"
@@ -93,6 +105,8 @@ def test_bf16_mixed_precision_keeps_lora_fp32(tmp_path):
     saved, _ = read_safetensors(tmp_path / "adapter.safetensors")
     assert saved and all(v.dtype == torch.float32 for v in saved.values())
     assert all(r["loss"] == r["loss"] for r in RunDir(tmp_path).read_metrics())
+    assert all(math.isfinite(r["loss"]) for r in RunDir(tmp_path).read_metrics())
+    assert len(calls) == 2 and set(calls) == {(torch.bfloat16, torch.bfloat16)}   # bf16 autocast really ran
 
 
 def test_eval_suite_tiny_writes_table(tmp_path):

@@ -96,9 +96,11 @@ def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
 def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys):
     from lora_sd.generate import read_png_params
     out = tmp_path / "out"
+    second = tmp_path / "style2.safetensors"   # the same file twice is refused (tests/test_bad_inputs.py)
+    second.write_bytes(adapter_file.read_bytes())
     args = ["generate", "--model", tiny, "--prompt", "a photo of sks", "--prompt", "a cat", "--steps", "2",
             "--width", "32", "--height", "32", "--seed", "5", "--scheduler", "euler",
-            "--lora", f"{adapter_file}:0.5", "--lora", str(adapter_file)]
+            "--lora", f"{adapter_file}:0.5", "--lora", str(second)]
     assert cli(args + ["--out", str(out)]) == 0
     text = capsys.readouterr()
     assert "RANDOM WEIGHTS" in text.err and "40 modules matched" in text.out
@@ -114,6 +116,11 @@ def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys
     a = np.asarray(Image.open(out / "image_0.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "fused" / "image_0.png"), dtype=np.int16)
     assert np.abs(a - b).max() <= 2
+    # ...and the adapters do change the image (else fused == unfused would prove nothing)
+    plain = [x for x in args if x not in (f"{adapter_file}:0.5", str(second), "--lora")]
+    assert cli(plain + ["--out", str(tmp_path / "plain")]) == 0
+    c = np.asarray(Image.open(tmp_path / "plain" / "image_0.png"), dtype=np.int16)
+    assert np.abs(a - c).max() > 10
 
 
 def test_merge_writes_a_plain_pipeline_with_the_adapter_folded_in(tiny, adapter_file, tmp_path):

@@ -1,7 +1,10 @@
 """lora_sd end to end on the tiny random-weight pipeline: training, exact resume, and exported
 adapters checked against diffusers' own loader (StableDiffusionPipeline.load_lora_weights)."""
+import contextlib
+import logging
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -50,6 +53,35 @@ def _unet_out(pipe, seed=0):
     return pipe.unet(x, t, pipe.text_encoder(ids)[0]).sample
 
 
+@contextlib.contextmanager
+def third_party_warnings():
+    """The warnings of diffusers, PEFT and transformers, captured at their source: diffusers' and
+    transformers' library loggers do not propagate to the root logger (pytest's caplog never sees
+    them), and PEFT also warns through `warnings`. Yields a list of messages (filled on exit)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def _key_problems(messages: list[str]) -> list[str]:
+    return [m for m in messages if "unexpected keys" in m or "missing keys" in m]
+
+
 def _reference(tiny, cfg):
     """The trained UNet rebuilt from the raw trainable parameters of the final checkpoint."""
     pipe = load_pipeline(tiny)
@@ -95,9 +127,10 @@ def test_exported_file_loads_in_diffusers_identically(tiny, trained, fname, capl
     assert (expected - base).abs().max() > 1e-4, "training changed nothing: the test would prove nothing"
 
     pipe = load_pipeline(tiny)
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING"), third_party_warnings() as seen:
         pipe.load_lora_weights(os.path.join(trained.run_dir, fname), adapter_name="ours")
     assert not [r for r in caplog.records if "unexpected keys" in r.getMessage() or "missing keys" in r.getMessage()]
+    assert not _key_problems(seen), seen   # (caplog alone never sees diffusers' warnings)
     adapted = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "ours" in m.lora_A]
     expected_names = sorted(n for n, _ in lora_layers(ref.unet))
     assert sorted(adapted) == expected_names
@@ -212,15 +245,137 @@ def test_nan_loss_fails_clearly(tiny, dataset, tmp_path, monkeypatch):
     assert st["state"] == "failed" and "non-finite" in st["error"]
 
 
+def _grad_forwards(pipe) -> tuple[list, object]:
+    """(calls, hook handle): each forward of one frozen attn2 projection with grad enabled, as
+    (weight dtype, output dtype, autocast dtype or None)."""
+    to_q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q
+    calls = []
+
+    def hook(m, inputs, out):
+        if torch.is_grad_enabled():
+            calls.append((m.weight.dtype, out.dtype,
+                          torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    return calls, to_q.register_forward_hook(hook)
+
+
 def test_bf16_with_gradient_checkpointing_trains(tiny, dataset, tmp_path):
     """bf16 base weights + fp32 LoRA under autocast, with gradient checkpointing: gradients reach the
-    LoRA weights (the up matrices, zero at init, are no longer zero)."""
+    LoRA weights (the up matrices, zero at init, are no longer zero). Shown active: the frozen
+    projection runs in bf16 under bf16 autocast, and checkpointing runs it twice per step (forward and
+    recomputation in backward) where a plain run runs it once."""
     cfg = train_config(tmp_path / "run", tiny, dataset, tmp_path / "cache",
                        train={"max_steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": True,
                               "checkpoint_every": 0},
                        sample={"prompts": ["a photo"], "steps": 2, "width": 32, "height": 32})
-    assert run_training(cfg)["state"] == "done"
+    pipe = load_pipeline(tiny)
+    calls, hook = _grad_forwards(pipe)
+    assert run_training(cfg, pipe=pipe)["state"] == "done"
+    hook.remove()
     assert (tmp_path / "run" / "samples" / "step_000002_0.png").is_file()
     sd = load_file(str(tmp_path / "run" / "test_lora.safetensors"))
     ups = [t for k, t in sd.items() if k.endswith("lora_up.weight")]
     assert ups and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in ups)
+    assert calls and set(calls) == {(torch.bfloat16, torch.bfloat16, torch.bfloat16)}
+    assert all(p.dtype == torch.float32 for n, p in pipe.unet.named_parameters() if "lora_" in n)
+    plain_cfg = train_config(tmp_path / "plain", tiny, dataset, tmp_path / "cache",
+                             train={"max_steps": 2, "checkpoint_every": 0})
+    plain = load_pipeline(tiny)
+    plain_calls, hook = _grad_forwards(plain)
+    assert run_training(plain_cfg, pipe=plain)["state"] == "done"
+    hook.remove()
+    assert len(plain_calls) == 2 and len(calls) == 2 * len(plain_calls)
+    assert set(plain_calls) == {(torch.float32, torch.float32, None)}
+
+
+def test_warning_capture_sees_a_mismatched_file(tiny, trained, tmp_path, caplog, monkeypatch):
+    """The no-unmatched-keys check above can fail: a diffusers file with one tensor removed makes
+    diffusers warn about missing keys, which third_party_warnings() sees. diffusers' logger does not
+    propagate; pytest's caplog attaches to such loggers only when they exist as the test starts, so
+    whether caplog sees diffusers' warnings depends on what was imported before: shown here by
+    taking pytest's handlers off diffusers' logger, as when diffusers is first imported in the test."""
+    from safetensors.torch import save_file
+    sd, meta = formats.read_safetensors(os.path.join(trained.run_dir, DIFFUSERS_FILE))
+    dropped = sorted(k for k in sd if k.endswith("to_k.lora_B.weight"))[0]
+    bad = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({k: v for k, v in sd.items() if k != dropped}, str(bad), metadata=meta)
+    pipe = load_pipeline(tiny)
+    lg = logging.getLogger("diffusers")
+    assert lg.propagate is False
+    monkeypatch.setattr(lg, "handlers", [h for h in lg.handlers if not isinstance(h, type(caplog.handler))])
+    with caplog.at_level("WARNING"), third_party_warnings() as seen:
+        pipe.load_lora_weights(str(bad), adapter_name="broken")
+    problems = _key_problems(seen)
+    assert problems and "missing keys" in problems[0]
+    assert dropped.split(".", 1)[1].replace(".lora_B.weight", "") in problems[0]
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]   # what caplog alone misses
+
+
+def test_diffusers_save_lora_weights_from_a_peft_trained_unet_loads_in_our_reader(tiny, tmp_path):
+    """An adapter made by other tools: PEFT's LoraConfig + unet.add_adapter (attn1 and attn2, alpha 8 !=
+    rank 4), a few optimizer steps, saved by diffusers' own save_lora_weights; our reader gives the
+    same UNet output as the PEFT model."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from lora_sd.generate import load_adapters
+    pipe = load_pipeline(tiny)
+    pipe.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(PeftLoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x, t, ids = _unet_inputs(pipe, seed=1)
+    with torch.no_grad():
+        cond = pipe.text_encoder(ids)[0]
+    for _ in range(3):   # train: B leaves zero
+        opt.zero_grad()
+        pipe.unet(x, t, cond).sample.pow(2).mean().backward()
+        opt.step()
+    expected = _unet_out(pipe)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    mine = load_pipeline(tiny)
+    base = _unet_out(mine)
+    assert (expected - base).abs().max() > 1e-3
+    rep = load_adapters(mine, [(str(tmp_path / DIFFUSERS_FILE), 1.0)])
+    assert rep[0]["format"] == "diffusers" and rep[0]["matched_modules"] == 2 * 4 * 7   # attn1 + attn2
+    assert torch.allclose(_unet_out(mine), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_kohya_file_assembled_from_kohya_naming_rules(tiny, tmp_path):
+    """A kohya file built here from kohya's rules (not by our writer): `lora_unet_` / `lora_te_` + the
+    module path with "." -> "_", `.lora_down.weight` (r, in), `.lora_up.weight` (out, r), a 0-dim
+    `.alpha`, saved in fp16 as kohya's save_precision does. Reference: W + alpha/r * up @ down folded
+    into the base weights by hand."""
+    from safetensors.torch import save_file
+    from lora_sd.generate import load_adapters
+    ref = load_pipeline(tiny)
+    g = torch.Generator().manual_seed(0)
+    sd, r, alpha = {}, 4, 2.0
+    for prefix, comp, pattern in (("lora_unet", ref.unet, "attn2.to_"), ("lora_te", ref.text_encoder, "self_attn.")):
+        for name, m in comp.named_modules():
+            if pattern in name and isinstance(m, torch.nn.Linear):
+                key = f"{prefix}_{name.replace('.', '_')}"
+                down = (torch.randn(r, m.in_features, generator=g) * 0.1).half()
+                up = (torch.randn(m.out_features, r, generator=g) * 0.1).half()
+                sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+                sd[f"{key}.alpha"] = torch.tensor(alpha).half()
+                with torch.no_grad():
+                    m.weight += (alpha / r) * up.float() @ down.float()
+    path = tmp_path / "kohya_style.safetensors"
+    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(r),
+                                       "ss_network_alpha": str(alpha)})
+    assert len(sd) == 3 * (4 * 7 + 4 * 3)   # 28 UNet attn2 + 12 text-encoder projections
+    mine = load_pipeline(tiny)
+    rep = load_adapters(mine, [(str(path), 1.0)])
+    assert rep[0]["format"] == "kohya" and rep[0]["matched_modules"] == 40
+    x, t, ids = _unet_inputs(mine)
+    with torch.no_grad():
+        got = mine.unet(x, t, mine.text_encoder(ids)[0]).sample
+        want = ref.unet(x, t, ref.text_encoder(ids)[0]).sample
+        base = _unet_out(load_pipeline(tiny))
+    assert (want - base).abs().max() > 1e-3
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
