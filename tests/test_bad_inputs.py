@@ -570,7 +570,7 @@ def _gui_message(fn) -> str:
 
 
 def test_gui_generate_with_zero_steps_shows_the_cli_line(ctrl):
-    msg = _gui_message(lambda: ctrl.generate("tiny", [], "a photo", "", 0, 0, 7.5, 32, 32, "ddim", 1))
+    msg = _gui_message(lambda: ctrl.generation.images("tiny", [], "a photo", "", 0, 0, 7.5, 32, 32, "ddim", 1))
     assert "--steps 0" in msg
 
 
@@ -579,6 +579,6 @@ def test_gui_generate_text_with_a_nan_adapter(ctrl, world):
     dst = ctrl.ws.root / "runs" / "nan"
     shutil.copytree(world["llm_nan_run"], dst)
     before = snapshot(dst)
-    msg = _gui_message(lambda: ctrl.generate_text("tiny", str(dst), "Hello", 2))
+    msg = _gui_message(lambda: ctrl.generation.text("tiny", str(dst), "Hello", 2))
     assert "NaN" in msg and world["llm_nan_key"] in msg
     assert snapshot(dst) == before
