@@ -410,9 +410,7 @@ class TrainLoop:
                 state = json.loads((path / "trainer_state.json").read_text())
                 self._check_state(path, state)
                 self.engine.load(path, state)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
-                if len(cands) == 1:
-                    raise
+            except Exception as e:   # a truncated file, bad JSON, a safetensors or pickle error, ...
                 log.warning("checkpoint %s cannot be loaded (%s: %s); trying an older one", path, type(e).__name__, e)
                 failed.append((path, e))
                 continue
@@ -425,7 +423,8 @@ class TrainLoop:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
             return path
         if failed:
-            raise failed[0][1]
+            path, e = failed[0]
+            raise RunFolderError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
         return None
 
     def _check_state(self, path: Path, state: dict) -> None:

@@ -75,6 +75,8 @@ class OutputSettings:
     save_dtype: str = "fp32"          # fp32 | fp16 | bf16
 
     def __post_init__(self):
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"output.name must be a plain file name (no folder, no '..'), got {self.name!r}")
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"output.save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
 
