@@ -170,6 +170,25 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
                    validate=lambda: load_items(cfg.data))   # dataset errors before anything is written
 
 
+def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
+    """(BatchDataset, cached text embeddings or None): sizes, latent cache, text cache."""
+    s, d, te, vae = cfg.train, cfg.data, pipe.text_encoder, pipe.vae
+    if d.cache_latents and not d.center_crop:
+        log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
+    text_emb = None
+    if d.cache_text and not train_te:
+        text_emb = encode_text(te, tokenize(pipe.tokenizer, [i.caption for i in items]))
+    ds = BatchDataset(items, d, s.batch_size, s.seed, pipe.tokenizer, text_emb=text_emb)
+    if d.cache_latents:
+        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
+        n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        log.info("latent cache %s: %d encoded by this process", cache.folder, n)
+        ds.load_latents(cache)
+    log.info("%d batches per epoch; buckets %s", len(ds), ds.bucket_counts())
+    return ds, text_emb
+
+
 def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, items) -> dict:
     s, d = cfg.train, cfg.data
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
@@ -201,22 +220,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
             te.gradient_checkpointing_enable()
     pipe.to(accelerator.device)
 
-    # data: sizes, latent cache, text cache
     cache_latents = d.cache_latents
-    if cache_latents and not d.center_crop:
-        log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
-    tokenizer = pipe.tokenizer
-    text_emb = None
-    if d.cache_text and not train_te:
-        text_emb = encode_text(te, tokenize(tokenizer, [i.caption for i in items]))
-    ds = BatchDataset(items, d, s.batch_size, s.seed, tokenizer, text_emb=text_emb)
-    if cache_latents:
-        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
-        n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
-        accelerator.wait_for_everyone()
-        log.info("latent cache %s: %d encoded by this process", cache.folder, n)
-        ds.load_latents(cache)
-    log.info("%d batches per epoch; buckets %s", len(ds), ds.bucket_counts())
+    ds, text_emb = _dataset(cfg, items, pipe, accelerator, train_te)
 
     module = DiffusionLoss(unet, noise_scheduler, train_text_encoder=train_te,
                            text_encoder=te if (train_te or text_emb is None) else None,
