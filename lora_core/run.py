@@ -399,6 +399,9 @@ class TrainLoop:
             return self.run.write_status(state, **fields)
         return {"state": state, "step": self.step, **fields}
 
+    def _live_state(self) -> str:
+        return "stopping" if self.flag is not None and self.flag.stop else "running"
+
     # -------------------------------------------------------------- resume
     def resume(self, resume: Optional[str]) -> Optional[Path]:
         """Load the newest loadable checkpoint; with "latest"/"auto", one that fails to load is passed
@@ -534,7 +537,7 @@ class TrainLoop:
         if self.main:
             self.run.append_metrics(rec)
             eta = (now - self.started) / self.steps_here * (self.s.max_steps - self.step)
-            self._status("running", step=self.step, eta_s=eta, loss=mean)
+            self._status(self._live_state(), step=self.step, eta_s=eta, loss=mean)
             log.info("step %d/%d loss %.4f lr %.3g (%.2fs/step)", self.step, self.s.max_steps, mean, rec["lr"],
                      rec["step_time"])
 
@@ -569,5 +572,5 @@ class TrainLoop:
                 shutil.rmtree(old, ignore_errors=True)
         e.barrier()
         self.last_ckpt = str(final)
-        self._status("running", last_checkpoint=self.last_ckpt)
+        self._status(self._live_state(), last_checkpoint=self.last_ckpt)
         return final
