@@ -343,10 +343,10 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
                 aside = check_folder(run, resume, overwrite)
                 run.create()
                 lock.acquire()
+                started = True   # the folder is this job's now: any failure from here is recorded
                 if config is not None:
                     from .configfile import save_config
                     save_config(run.config, config)
-                started = True
                 run.write_status("running", kind=kind, pid=os.getpid(), host=socket.gethostname(), error=None,
                                  finished=None, eval=None, started=time.time())
             barrier()
