@@ -26,7 +26,7 @@ LLM = ['data.task="sst2"', f'data.data_dir="{FIX / "sst2"}"', "data.max_length=2
        'lora.target_modules=["q_proj", "v_proj"]']
 
 
-def _llm_job(tmp_path, run_dir=None, *extra) -> Path:
+def _llm_job(tmp_path, run_dir=None) -> Path:
     job = tmp_path / "job.toml"
     job.write_text(f'run_dir = "{run_dir or tmp_path / "run"}"\n')
     return job
@@ -359,3 +359,22 @@ def test_nan_guard_reports_the_step_range_and_checkpoints_nothing_after(tmp_path
     st = run.read_status()
     assert st["state"] == "failed" and "step_00000004" in st["error"]
     assert [p.name for p in run.checkpoints()] == ["step_00000004"]
+
+
+def test_sd_train_into_another_run_is_refused_before_anything_is_written(tmp_path, capsys):
+    from lora_sd.cli import main
+    from lora_sd.testing import make_dataset
+    data = make_dataset(tmp_path / "data")
+    run = RunDir(tmp_path / "run").create()
+    run.write_status("done", kind="sd-train", step=3)
+    run.append_metrics({"step": 3, "loss": 0.1})
+    run.config.write_text("# the old run's config\n")
+    before = _snapshot(run.path)
+    job = tmp_path / "sd.toml"
+    job.write_text(f'run_dir = "{run.path}"\n[data]\npath = "{data}"\nresolution = 32\n[train]\nmax_steps = 1\n')
+    assert main(["train", "--config", str(job)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume latest" in err and "--overwrite" in err
+    assert main(["train", "--config", str(job), "--resume", "latest", "--overwrite"]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert _snapshot(run.path) == before
