@@ -3,54 +3,47 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Union
+
+from .fields import Checked, option
+
+
+def _targets_error(targets) -> Optional[str]:
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            return f"is not a valid regex: {e}"
+        return None
+    return None if targets else "is empty: name the modules to adapt"
+
+
+def _slices_error(slices: dict) -> Optional[str]:
+    bad = [name for name, mask in slices.items() if not any(mask)]
+    return f"must enable at least one slice of {bad[0]!r}" if bad else None
 
 
 @dataclass
-class LoraConfig:
-    """What to adapt and how.
+class LoraConfig(Checked, section="lora"):
+    """What to adapt and how (the `[lora]` table). Matching follows PEFT; fused slices follow loralib's
+    MergedLinear. Each field's help and range is declared below (docs/config-reference.md lists them)."""
 
-    r, alpha:        rank and scaling numerator; scale = alpha / r (or alpha / sqrt(r) with use_rslora).
-    dropout:         dropout on the LoRA input path only.
-    target_modules:  PEFT semantics: a list of names matches a module whose qualified name equals
-                     a name or ends with "." + name; a string is a regex that must fully match.
-    fused_slices:    {module name (same matching rules): [bool, ...]} splits that module's output
-                     into len(list) equal slices and adapts only the True ones (GPT-2 c_attn q,v:
-                     {"c_attn": [True, False, True]}, as loralib's MergedLinear).
-    init:            "kaiming" (A Kaiming-uniform a=sqrt(5), as loralib/PEFT) or "gaussian" (A ~ N(0, 1/r)).
-    modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
-    """
-
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    use_rslora: bool = False
-    init: str = "kaiming"
-    fused_slices: dict[str, list[bool]] = field(default_factory=dict)
-    modules_to_save: list[str] = field(default_factory=list)
-    exclude_modules: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"lora.r must be a positive integer, got {self.r!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"lora.target_modules is not a valid regex: {e}") from e
-        elif not self.target_modules:
-            raise ValueError("lora.target_modules is empty")
-        for name, mask in self.fused_slices.items():
-            if not mask or not any(mask):
-                raise ValueError(f"lora.fused_slices[{name!r}] must enable at least one slice")
+    r: int = option(8, "rank of the update B A", ge=1)
+    alpha: float = option(8.0, "scaling numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)", gt=0)
+    dropout: float = option(0.0, "dropout on the LoRA input path only", ge=0, lt=1)
+    target_modules: Union[list[str], str] = option(
+        ["q_proj", "v_proj"], "a list of module names (a qualified name equal to one or ending with '.' + one), "
+        "or a regex that must match the whole qualified name", check=_targets_error)
+    use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
+    init: Literal["kaiming", "gaussian"] = option(
+        "kaiming", "lora_A's start: kaiming (Kaiming-uniform a=sqrt(5), as loralib/PEFT) or gaussian (N(0, 1/r)); "
+        "lora_B starts at zero")
+    fused_slices: dict[str, list[bool]] = option(
+        {}, "{module: [bool, ...]}: split that module's output into equal slices and adapt the true ones "
+        "(GPT-2 c_attn q,v: [true, false, true])", check=_slices_error)
+    modules_to_save: list[str] = option([], "modules trained in full and saved with the adapter (e.g. a head)")
+    exclude_modules: list[str] = option([], "module names never adapted (same matching rules as target_modules)")
 
     @property
     def scale(self) -> float:

@@ -2,10 +2,14 @@
 
 Every job (SD training, LLM training, evaluation) has one dataclass; the CLI, the GUI and
 `accelerate launch` all load it through `load_config`, so a file means the same everywhere.
+Loading checks every key, type, choice (`Literal`) and range that the fields declare (lora_core.fields)
+before the dataclass is built; a wrong value is one ConfigError line naming the file (or `--set`), the
+dotted key, the value and what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -13,77 +17,119 @@ from typing import Any, Optional, Sequence, Type, TypeVar
 
 import tomli_w
 
+from .fields import check_value
 from .files import atomic_write_text
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the file and the key."""
+    """A config file or override is wrong; the message names the file (or --set) and the dotted key."""
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key   # the dotted key at fault, when one is
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
+class _Bad(Exception):
+    """The value at dotted `key` is wrong; `text` continues the sentence after `label` (default: the key)."""
+
+    def __init__(self, key: Optional[str], text: str, label: Optional[str] = None):
+        super().__init__(text)
+        self.key, self.text, self.label = key, text, label if label is not None else key
+
+    def error(self, where: str) -> ConfigError:
+        msg = f"{where}: {self.label}{self.text}" if self.label else f"{where}: {self.text.lstrip(': ')}"
+        return ConfigError(msg, self.key)
+
+
+def _join(prefix: str, key) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _convert_union(value: Any, tp: Any, key: str) -> Any:
+    errors = []
+    for arg in typing.get_args(tp):
+        if arg is type(None):
+            if value is None:
+                return None
+            continue
+        try:
+            return _convert(value, arg, key)
+        except _Bad as e:
+            errors.append(e)
+    raise errors[0] if errors else _Bad(key, f": bad value {value!r}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp` (tables become dataclasses, integers become floats where a number is asked)."""
     origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        errors = []
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if tp is Any or origin is typing.Literal:
+        return value   # choices: fields.check_value
+    if origin is typing.Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
+        return _convert_union(value, tp, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return from_dict(tp, value, where)
+            raise _Bad(key, f": expected a table, got {value!r}")
+        return _build(tp, value, key)
     if origin in (list, Sequence, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise _Bad(key, f": expected a list, got {value!r}")
         (arg,) = typing.get_args(tp)[:1] or (Any,)
-        return [_check_type(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
+            raise _Bad(key, f": expected a table, got {value!r}")
         _, vt = typing.get_args(tp) or (Any, Any)
-        return {str(k): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise _Bad(key, f": expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise _Bad(key, f": expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise _Bad(key, f": expected an integer, got {value!r}")
         return int(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+    if tp is bool and not isinstance(value, bool):
+        raise _Bad(key, f": expected true or false, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise _Bad(key, f": expected a string, got {value!r}")
     return value
 
 
-def from_dict(cls: Type[T], data: dict, where: str = "config") -> T:
+def _build(cls: Type[T], data: dict, prefix: str) -> T:
+    """The dataclass from a table: every key known, every value of its declared type, choice and range."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+        raise _Bad(_join(prefix, unknown[0]), f"unknown key(s) {unknown}; known: {sorted(fields)}",
+                   label=f"{prefix}: " if prefix else "")
+    kwargs = {}
+    for k, v in data.items():
+        key = _join(prefix, k)
+        kwargs[k] = _convert(v, hints[k], key)
+        err = check_value(kwargs[k], hints[k], fields[k].metadata)
+        if err:
+            raise _Bad(key, f" {err}")
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+    except (TypeError, ValueError) as e:   # a rule that spans fields (__post_init__)
+        raise _Bad(None, str(e)) from e
+
+
+def from_dict(cls: Type[T], data: dict, where: str = "config") -> T:
+    """The typed config from a plain dict; a bad key or value raises ConfigError naming `where` and the key."""
+    try:
+        return _build(cls, data, "")
+    except _Bad as e:
+        raise e.error(where) from None
 
 
 def to_dict(obj) -> dict:
@@ -130,17 +176,40 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; a missing, unreadable, non-UTF-8 or invalid file raises one ConfigError line."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable (permission denied)") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (line {line}, byte {e.start}); save the config as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def _overridden(key: Optional[str], override_keys: list[str]) -> bool:
+    return bool(key) and any(key == k or key.startswith((k + ".", k + "[")) for k in override_keys)
+
+
 def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> T:
-    data: dict = {}
-    where = "config"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    """The typed config of a TOML file (or the defaults) with `section.key=value` overrides, validated
+    completely: a bad value raises ConfigError naming the file (or --set), the dotted key and what is allowed."""
+    data = read_toml(path) if path is not None else {}
+    where = str(path) if path is not None else "config"
     data = apply_overrides(data, overrides)
-    return from_dict(cls, data, where)
+    try:
+        return _build(cls, data, "")
+    except _Bad as e:
+        keys = [".".join(parse_override(o)[0]) for o in overrides]
+        if _overridden(e.key, keys):
+            where = "--set"
+        elif e.key is None and keys:   # a rule that spans fields: the file and the overrides together
+            where += " with --set"
+        raise e.error(where) from None

@@ -8,12 +8,19 @@ With `slices` the output is cut into equal slices and only the enabled ones are 
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fused import block_B
+
+
+def _torch_zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(shape)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -96,29 +103,27 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"unmerge adapter {name!r} before deleting it")
+        self.discard(name)
+
+    def discard(self, name: str) -> None:
+        """Forget adapter `name` if present (no checks: used to undo a failed add)."""
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
-            del d[name]
+            if name in d:
+                del d[name]
         for d in (self.r, self.alpha, self.scaling, self.user_scale, self.slices):
-            del d[name]
+            d.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
     # ----------------------------------------------------------------- math
     def _B_full(self, name: str) -> torch.Tensor:
-        """B as an (out, k*r) matrix in the base output layout: with fused slices, a block matrix
-        whose disabled slices are zero, so one matmul serves every slice layout."""
+        """B as an (out, k*r) matrix in the base output layout: with fused slices, the block matrix of
+        lora_core.fused.block_B (zero rows for the slices that are not adapted)."""
         B = self.lora_B[name].weight.flatten(1)
         mask = self.slices[name]
         if mask is None:
             return B
-        r, slice_out = self.r[name], self.out_features // len(mask)
-        full = B.new_zeros(self.out_features, B.shape[1] * sum(bool(m) for m in mask))
-        j = 0
-        for i, on in enumerate(mask):
-            if on:
-                full[i * slice_out:(i + 1) * slice_out, j * r:(j + 1) * r] = B[j * slice_out:(j + 1) * slice_out]
-                j += 1
-        return full
+        return block_B(B, mask, self.out_features, self.r[name], _torch_zeros, torch.cat)
 
     def _lora_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for input x, in the base output layout (before scaling)."""
@@ -146,23 +151,50 @@ class LoraLayer(nn.Module):
         A = self.lora_A[name].weight.float().flatten(1)   # (k*r, in)
         return (self._B_full(name).float() @ A) * (self.scaling[name] * self.user_scale[name])
 
-    def _apply_delta(self, name: str, sign: float, safe: bool = False) -> None:
+    def _delta_like_base(self, name: str) -> torch.Tensor:
+        """ΔW of adapter `name` in the base weight's layout, fp32."""
         W = self.base_layer.weight
         d = self.delta_weight(name).to(W.device)
-        if self.fan_in_fan_out:
-            d = d.T
-        d = d.reshape(W.shape)
-        new = W.data.float() + sign * d   # delta computed and added in fp32 for fp16/bf16 bases
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter {name!r} produced non-finite weights")
-        W.data.copy_(new.to(W.dtype))
+        return (d.T if self.fan_in_fan_out else d).reshape(W.shape)
 
-    def merge(self, adapters: Optional[list[str]] = None, safe: bool = False) -> None:
-        for name in adapters if adapters is not None else list(self.active_adapters):
-            if name in self.merged_adapters:
-                continue
-            self._apply_delta(name, +1.0, safe)
-            self.merged_adapters.append(name)
+    def merged_weight(self, names: list[str], where: str = "") -> torch.Tensor:
+        """The base weight with adapters `names` folded in, computed in fp32 and cast to the base
+        dtype. Raises NonFiniteError if the result would hold NaN or inf (a non-finite adapter, or
+        an fp16/bf16 overflow: MergeOverflowError); nothing is changed here."""
+        from .model import MergeOverflowError, NonFiniteError
+        W = self.base_layer.weight
+        new = W.data.float()
+        for name in names:
+            new = new + self._delta_like_base(name)
+        where = where or type(self.base_layer).__name__
+        if not torch.isfinite(new).all():
+            bad = [n for n in names if not all(torch.isfinite(getattr(self, d)[n].weight).all()
+                                               for d in ("lora_A", "lora_B"))]
+            raise NonFiniteError(f"merging adapter(s) {names} into {where} would give non-finite weights"
+                                 + (f": adapter(s) {bad} hold NaN or inf" if bad else "") + "; nothing was merged")
+        out = new.to(W.dtype)
+        if not torch.isfinite(out).all():
+            raise MergeOverflowError(
+                f"merging adapter(s) {names} into {where} overflows {W.dtype} (largest |weight| "
+                f"{new.abs().max().item():.4g} > {torch.finfo(W.dtype).max:.4g}); nothing was merged: merge in "
+                f"float32 (model.float()) or lower the adapter's scale")
+        return out
+
+    def _apply_delta(self, name: str, sign: float) -> None:
+        W = self.base_layer.weight
+        W.data.copy_((W.data.float() + sign * self._delta_like_base(name)).to(W.dtype))
+
+    def merge(self, adapters: Optional[list[str]] = None, safe: bool = True, where: str = "") -> None:
+        """Fold adapters into the base weight (in fp32, one rounding to the base dtype). Always
+        checked: a non-finite or overflowing result raises and leaves the weight unchanged
+        (`safe` is kept for compatibility)."""
+        names = [n for n in (adapters if adapters is not None else list(self.active_adapters))
+                 if n not in self.merged_adapters]
+        if not names:
+            return
+        new = self.merged_weight(names, where)
+        self.base_layer.weight.data.copy_(new)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
@@ -171,3 +203,65 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.lora_A.keys())}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """PEFT's ModulesToSaveWrapper semantics for a module trained in full with an adapter (e.g. a
+    classification head): the original module is kept, frozen; each adapter owns its own trainable
+    copy (`modules_to_save[adapter]`); the active adapter's copy runs, and the original runs when
+    adapters are disabled or no active adapter owns a copy here. At most one active adapter may own
+    a copy (a head cannot be summed like LoRA deltas). Attributes not found on the wrapper are read
+    from the module that runs (`model.score.weight` is the active head's weight)."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        self.discard(name)
+
+    def discard(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def owners(self, names: list[str]) -> list[str]:
+        """The adapters among `names` that own a copy here."""
+        return [n for n in names if n in self.modules_to_save]
+
+    def current(self) -> nn.Module:
+        """The module that runs: the active adapter's copy, or the original."""
+        if self.disabled:
+            return self.original_module
+        owners = self.owners(self.active_adapters)
+        if len(owners) > 1:
+            from .model import HeadConflictError
+            raise HeadConflictError(f"adapters {owners} are active together and each has its own copy of this "
+                                    f"module ({type(self.original_module).__name__}); activate one with set_adapter")
+        return self.modules_to_save[owners[0]] if owners else self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_modules" not in self.__dict__ or "modules_to_save" not in self.__dict__["_modules"]:
+                raise
+        return getattr(self.current(), name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.modules_to_save.keys())}, active={self.active_adapters}, disabled={self.disabled}"

@@ -9,6 +9,9 @@ file written here is read by `lora_core.io.load_lora` and the reverse (same keys
 
 Differences from the PyTorch core, on purpose: one adapter per model (no set_adapter / multi-adapter
 stacking), and only `nn.Dense` bases (a GPT-2 written for MindSpore stores Conv1D weights as Dense).
+Modules to save (a classification head) get the core's semantics for that one adapter: the original
+is kept, frozen, beside the adapter's trainable copy (`ModulesToSaveCell`); `enable_lora(net, False)`
+runs the original. The copy's parameters keep the original names (`score.weight`: the file keys).
 The MindSpore parameter names are the cell paths, so a LoRA layer's parameters are literally named
 `<module>.lora_A.weight` and `<module>.lora_B.weight`.
 
@@ -18,6 +21,7 @@ a graph compiled earlier keeps reading the parameter's old buffer after `Paramet
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -29,11 +33,16 @@ from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Normal, initializer
 
 from .config import LoraConfig, name_matches
+from .fused import block_B
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
-from .model import LoraLoadError, state_dict_mismatch
+from .model import LoraLoadError, check_finite, state_dict_mismatch
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
 _TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
+
+
+def _ms_zeros(shape, like):
+    return ops.zeros(shape, like.dtype)
 
 
 class LoraDense(nn.Cell):
@@ -66,21 +75,12 @@ class LoraDense(nn.Cell):
         self.disabled = False
 
     def full_B(self) -> ms.Tensor:
-        """B in the base output layout (out, k*r): zero rows for the slices that are not adapted."""
+        """B in the base output layout (out, k*r): lora_core.fused.block_B (zero rows for the slices
+        that are not adapted)."""
         B = self.lora_B.weight
         if self.slices is None:
             return B
-        r, n_on = self.r, sum(self.slices)
-        slice_out = self.out_features // len(self.slices)
-        zero = ops.zeros((slice_out, r), B.dtype)
-        rows, j = [], 0
-        for on in self.slices:
-            blocks = [zero] * n_on
-            if on:
-                blocks[j] = B[j * slice_out:(j + 1) * slice_out]
-                j += 1
-            rows.append(ops.cat(blocks, 1))
-        return ops.cat(rows, 0)
+        return block_B(B, self.slices, self.out_features, self.r, _ms_zeros, ops.cat)
 
     def construct(self, x):
         y = self.base_layer(x)
@@ -118,6 +118,22 @@ class LoraDense(nn.Cell):
 
     def extend_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, slices={self.slices}, merged={self.merged}"
+
+
+class ModulesToSaveCell(nn.Cell):
+    """The adapter's own trainable copy of a module to save, beside the frozen original (the one-
+    adapter form of lora_core.layers.ModulesToSaveWrapper): disabled runs the original."""
+
+    def __init__(self, original_module: nn.Cell):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = copy.deepcopy(original_module)
+        self.disabled = False
+
+    def construct(self, x):
+        if self.disabled:
+            return self.original_module(x)
+        return self.modules_to_save(x)
 
 
 # ------------------------------------------------------------------ cell tree helpers
@@ -161,6 +177,12 @@ def lora_config(net: nn.Cell) -> LoraConfig:
     return cfg
 
 
+def _head_cells(net: nn.Cell) -> Iterator[tuple[str, ModulesToSaveCell]]:
+    for name, cell in net.cells_and_names():
+        if isinstance(cell, ModulesToSaveCell):
+            yield name, cell
+
+
 def _modules_to_save(net: nn.Cell, names: list[str]) -> list[str]:
     found = [n for n, _ in net.cells_and_names() if n and any(name_matches(n, m) for m in names)]
     missing = [m for m in names if not any(name_matches(n, m) for n in found)]
@@ -189,7 +211,10 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
                           config.init, config.slices_for(name))
         _set_cell(net, name, layer)
     for name in save:
-        for p in get_cell(net, name).get_parameters():
+        head = ModulesToSaveCell(get_cell(net, name))
+        _set_cell(net, name, head)
+        for pname, p in head.modules_to_save.parameters_and_names(name_prefix=name):
+            p.name = pname   # the copy keeps the original's names (= the adapter file keys)
             p.requires_grad = True
     net._lora_config = config
     return sorted(targets)
@@ -200,6 +225,8 @@ def remove_lora(net: nn.Cell, merge: bool = False) -> nn.Cell:
     for name, layer in list(lora_layers(net)):
         layer.merge() if merge else layer.unmerge()
         _set_cell(net, name, layer.base_layer)
+    for name, head in list(_head_cells(net)):   # merged: the trained copy; else the original
+        _set_cell(net, name, head.modules_to_save if merge else head.original_module)
     if hasattr(net, "_lora_config"):
         del net._lora_config
     return net
@@ -218,8 +245,9 @@ def unmerge_lora(net: nn.Cell) -> None:
 
 
 def enable_lora(net: nn.Cell, enabled: bool = True) -> None:
-    for _, layer in lora_layers(net):
-        layer.disabled = not enabled
+    """Switch the adapter on or off; off also runs the original modules to save (heads)."""
+    for _, cell in [*lora_layers(net), *_head_cells(net)]:
+        cell.disabled = not enabled
 
 
 def set_scale(net: nn.Cell, scale: float) -> None:
@@ -239,7 +267,8 @@ def _param_items(net: nn.Cell) -> dict[str, ms.Parameter]:
     cfg = getattr(net, "_lora_config", None)
     if cfg is not None:
         for mname in _modules_to_save(net, cfg.modules_to_save):
-            for pname, p in get_cell(net, mname).parameters_and_names():
+            head = get_cell(net, mname)
+            for pname, p in getattr(head, "modules_to_save", head).parameters_and_names():
                 head, _, leaf = pname.rpartition(".")
                 key = ".".join(x for x in (mname, head, _TORCH_PARAM_NAMES.get(leaf, leaf)) if x)
                 items[key] = p
@@ -259,6 +288,7 @@ def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
     problems = state_dict_mismatch(own, sd)
     if problems:
         raise LoraLoadError(f"adapter does not fit the network: {problems}")
+    check_finite({k: sd[k] for k in own}, "adapter")
     for k, p in own.items():
         ops.assign(p, ms.Tensor(np.asarray(sd[k], dtype=np.float32), p.dtype))
 
@@ -302,6 +332,6 @@ def read_adapter_config(path: Union[str, Path]) -> LoraConfig:
     return read_lora_config(meta, path)[0]
 
 
-__all__ = ["LoraDense", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
+__all__ = ["LoraDense", "ModulesToSaveCell", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
            "lora_layers", "lora_parameters", "lora_config", "lora_state_dict", "load_lora_state_dict",
            "save_lora", "load_lora", "read_adapter_config", "get_cell"]

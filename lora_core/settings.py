@@ -2,33 +2,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
+
+from .fields import Checked, option
+
+# transformers' get_scheduler names that need nothing beyond warmup and total steps (checked in tests/test_config_fields.py)
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                      "inverse_sqrt"]
+LR_SCHEDULERS = get_args(LRScheduler)
+Optimizer = Literal["adamw", "adamw8bit"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(Checked, section="train"):
     """The loop's settings: the `[train]` table of every training config."""
-    max_steps: int = 100
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"          # adamw | adamw8bit (bitsandbytes)
-    lr_scheduler: str = "constant"    # constant | constant_with_warmup | linear | cosine | ...
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0        # 0 disables clipping
-    mixed_precision: str = "no"       # no | fp16 | bf16 (LoRA parameters stay fp32)
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    log_every: int = 1
-    checkpoint_every: int = 0         # 0: only at the end (and on stop)
-    keep_checkpoints: int = 2
-    sample_every: int = 0             # 0: only at the end
-    num_workers: int = 0
-
-    def __post_init__(self):
-        if self.max_steps <= 0:
-            raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"train.optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+    max_steps: int = option(100, "optimizer steps to train", ge=1)
+    batch_size: int = option(1, "examples per micro-batch (per process)", ge=1)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
+    learning_rate: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    optimizer: Optimizer = option("adamw", "adamw, or adamw8bit (needs bitsandbytes)")
+    lr_scheduler: LRScheduler = option("constant", "learning-rate schedule (transformers' get_scheduler)")
+    lr_warmup_steps: int = option(0, "linear warm-up steps of the schedule", ge=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping", ge=0)
+    mixed_precision: MixedPrecision = option("no", "base weights in fp16/bf16 under autocast; LoRA parameters stay fp32")
+    seed: int = option(42, "seed of initialisation, data order and dropout", ge=0, lt=2**32)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    log_every: int = option(1, "write a metrics line every N steps", ge=1)
+    checkpoint_every: int = option(0, "save a resumable checkpoint every N steps; 0: only at the end (and on stop)", ge=0)
+    keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted); 0: keep all", ge=0)
+    sample_every: int = option(0, "validation samples every N steps; 0: only at the end", ge=0)
+    num_workers: int = option(0, "data-loader worker processes", ge=0)

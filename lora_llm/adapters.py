@@ -14,19 +14,19 @@ from pathlib import Path
 import torch
 
 from lora_core.io import atomic_save_safetensors, atomic_write_json, load_lora, read_safetensors, save_lora
-from lora_core.model import lora_config, lora_layers, _modules_to_save
+from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers
 
 ADAPTER_FILE = "adapter.safetensors"
 PEFT_DIR = "peft"
 
 
-def save_adapter(folder: str | Path, model, info: dict, base_model_name: str = "") -> None:
-    """Write `adapter.safetensors` and `peft/` into folder. `info` (task, num_labels, pretrained,
-    gguf_file, tokenizer, steps, ...) goes into the safetensors metadata."""
+def save_adapter(folder: str | Path, model, info: dict, base_model_name: str = "", adapter: str = DEFAULT) -> None:
+    """Write adapter `adapter` (LoRA + its own head) as `adapter.safetensors` and `peft/` into folder.
+    `info` (task, num_labels, pretrained, gguf_file, tokenizer, steps, ...) goes into the metadata."""
     folder = Path(folder)
-    save_lora(folder / ADAPTER_FILE, model, metadata={"llm_info": json.dumps(info)})
+    save_lora(folder / ADAPTER_FILE, model, metadata={"llm_info": json.dumps(info)}, adapter=adapter)
     export_peft(folder / PEFT_DIR, model, task_type="SEQ_CLS" if info.get("num_labels") else "CAUSAL_LM",
-                base_model_name=base_model_name or info.get("pretrained", ""))
+                base_model_name=base_model_name or info.get("pretrained", ""), adapter=adapter)
 
 
 def read_adapter_info(path: str | Path) -> dict:
@@ -35,12 +35,13 @@ def read_adapter_info(path: str | Path) -> dict:
     return json.loads(meta.get("llm_info", "{}"))
 
 
-def load_adapter(path: str | Path, model) -> None:
-    """Add the adapter of `path` (our file, or a run folder holding one) to `model` (strict)."""
+def load_adapter(path: str | Path, model, adapter: str = DEFAULT) -> None:
+    """Add the adapter of `path` (our file, or a run folder holding one) to `model` as `adapter`,
+    with its own copy of the head (strict; other adapters' heads are left untouched)."""
     path = Path(path)
     if path.is_dir():
         path = path / ADAPTER_FILE
-    load_lora(path, model)
+    load_lora(path, model, adapter)
 
 
 def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", adapter: str = "default"):
@@ -54,18 +55,7 @@ def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", ad
         if adapter not in layer.lora_A:
             continue
         A = layer.lora_A[adapter].weight.detach().float()
-        B = layer.lora_B[adapter].weight.detach().float()
-        mask = layer.slices[adapter]
-        if mask is not None:  # block-structured B over the full output, rank k*r
-            r, n = layer.r[adapter], len(mask)
-            so = layer.out_features // n
-            full = B.new_zeros(layer.out_features, A.shape[0])
-            j = 0
-            for i, on in enumerate(mask):
-                if on:
-                    full[i * so:(i + 1) * so, j * r:(j + 1) * r] = B[j * so:(j + 1) * so]
-                    j += 1
-            B = full
+        B = layer._B_full(adapter).detach().float()   # fused slices: block-structured B, rank k*r
         rank = A.shape[0]
         scale = layer.scaling[adapter]
         if rank != base_r:   # fused slices: rank k*r, and lora_alpha / rank must still equal our scale
@@ -75,10 +65,8 @@ def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", ad
         targets.append(name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-    saved = _modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else []
-    for mname in saved:
-        for pname, p in model.get_submodule(mname).named_parameters():
-            tensors[f"base_model.model.{mname}.{pname}"] = p.detach()
+    for key, p in head_state_dict(model, adapter).items():   # this adapter's own head
+        tensors[f"base_model.model.{key}"] = p.detach()
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name or None,
         "r": base_r, "lora_alpha": cfg.scale * base_r, "lora_dropout": cfg.dropout,
@@ -101,18 +89,6 @@ def export_peft(folder: str | Path, model, task_type: str = "CAUSAL_LM", base_mo
 
 
 def describe(path: str | Path) -> dict:
-    """`lora-llm inspect`: what an adapter.safetensors (or PEFT folder) holds."""
-    path = Path(path)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        sd, _ = read_safetensors(path / "adapter_model.safetensors")
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        return {"format": "peft", "path": str(path), "config": cfg, "tensors": len(sd),
-                "parameters": int(sum(t.numel() for t in sd.values()))}
-    if path.is_dir():
-        path = path / ADAPTER_FILE
-    sd, meta = read_safetensors(path)
-    from lora_core.io import read_lora_config
-    cfg, targets = read_lora_config(meta, path)
-    return {"format": "lora_core", "path": str(path), "lora": cfg.to_dict(), "targets": len(targets),
-            "tensors": len(sd), "parameters": int(sum(t.numel() for t in sd.values())),
-            "info": json.loads(meta.get("llm_info", "{}"))}
+    """`lora-llm inspect`: lora_core.adapter_files.inspect (the description every CLI and the GUI show)."""
+    from lora_core.adapter_files import inspect
+    return inspect(path)

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from lora_core.configdoc import HelpConfig
+
 
 def _cmd_train(a) -> int:
     from lora_core.run import RunFolderError
@@ -57,7 +59,11 @@ def _cmd_eval(a) -> int:
             if k == "generations":
                 for g in v:
                     print(f"--- {g['prompt']}{g['text']}")
-            else:
+            elif k == "baseline":   # e.g. "base model + untrained head: accuracy 0.51 (majority-class rate 0.55)"
+                print(f"{k:>20}: {v['label']}: " + ", ".join(
+                    f"{'majority-class rate' if m == 'majority_accuracy' else m} {x:.4g}"
+                    for m, x in v.items() if m != "label"))
+            elif not k.startswith("baseline_"):
                 print(f"{k:>20}: {v}")
     return 0
 
@@ -117,13 +123,18 @@ def _cmd_merge(a) -> int:
 
 
 def _cmd_inspect(a) -> int:
+    from lora_core.adapter_files import LoraLoadError
     from .adapters import describe
-    d = describe(a.file)
+    try:
+        d = describe(a.file)
+    except LoraLoadError as e:
+        print(f"lora-llm inspect: error: {e}", file=sys.stderr)
+        return 2
     if a.json:
         print(json.dumps(d, indent=2))
     else:
         for k, v in d.items():
-            print(f"{k:>12}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+            print(f"{k:>16}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     return 0
 
 
@@ -140,13 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     t.add_argument("--backend", choices=["torch", "mindspore"], default=None,
                    help="override the config's backend (mindspore: see docs/mindspore.md and the [mindspore] table)")
+    t.add_argument("--help-config", action=HelpConfig, config_class="lora_llm.config:LLMTrainConfig")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained adapter (perplexity or accuracy/F1/MCC)")
     e.add_argument("--adapter", required=True, help="run folder or adapter.safetensors")
     e.add_argument("--config", default=None, help="job file (default: the run folder's config.toml)")
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    e.add_argument("--baseline", action="store_true", help="also score the base model without the adapter")
+    e.add_argument("--baseline", action="store_true",
+                   help="also score the base model without the adapter (a classifier with its untrained head), "
+                        "with the majority-class rate")
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default=None, help="write the result as JSON here")
     e.add_argument("--json", action="store_true")
@@ -157,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. base.train.max_steps=10")
     s.add_argument("--resume", default=None, help="'latest': continue unfinished task runs")
+    s.add_argument("--help-config", action=HelpConfig, config_class="lora_llm.suite:SuiteConfig")
     s.set_defaults(fn=_cmd_suite)
 
     g = sub.add_parser("generate", help="generate text with a language-model adapter (or a bare model)")

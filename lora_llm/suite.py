@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from lora_core.configfile import apply_overrides, from_dict, load_config, to_dict
+from lora_core.fields import Checked, option
 from lora_core.files import atomic_write_json, atomic_write_text
 
-from .config import TASKS, LLMTrainConfig
+from .config import TASKS, LLMTrainConfig, Task
 
 log = logging.getLogger("lora.llm")
 
@@ -31,17 +32,15 @@ class SuiteStopped(RuntimeError):
 
 
 @dataclass
-class SuiteConfig:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    base: LLMTrainConfig = field(default_factory=LLMTrainConfig)
-    overrides: dict[str, list[str]] = field(default_factory=dict)
-    adapters: dict[str, str] = field(default_factory=dict)
-    note: str = ""   # printed under the table (budgets, subsets, hardware)
-
-    def __post_init__(self):
-        bad = [t for t in list(self.tasks) + list(self.overrides) + list(self.adapters) if t not in TASKS]
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; known: {list(TASKS)}")
+class SuiteConfig(Checked):
+    """The `lora-llm eval-suite` job."""
+    tasks: list[Task] = option(list(TASKS), "the tasks to run, in order")
+    base: LLMTrainConfig = option(help="the job shared by every task (an LLMTrainConfig: [base.model], "
+                                  "[base.lora], ...)", factory=LLMTrainConfig)
+    overrides: dict[Task, list[str]] = option({}, "per task: a list of `section.key=value` overrides of base")
+    adapters: dict[Task, str] = option({}, "per task: an existing run folder or adapter file to evaluate "
+                                       "instead of training one")
+    note: str = option("", "printed under the table (budgets, subsets, hardware)")
 
     def task_config(self, task: str, out: Path) -> LLMTrainConfig:
         data = to_dict(self.base)
@@ -60,19 +59,22 @@ def _row(task: str, res: dict, cfg: LLMTrainConfig, wall: float, source: str) ->
               "steps": res.get("steps"), "wall_s": round(wall, 1), "n": res.get("n") or res.get("tokens"),
               "subset": bool(res.get("subset")),
               "source": source}
+    from .train import BASELINE_LABEL, BASELINE_LABEL_LM
     if cfg.data.is_lm:
         rows = [{**common, "metric": "perplexity", "value": res["perplexity"]}]
         if "baseline_perplexity" in res:
-            rows.insert(0, {**common, "metric": "perplexity (base, no LoRA)", "value": res["baseline_perplexity"],
+            rows.insert(0, {**common, "metric": f"perplexity ({BASELINE_LABEL_LM})", "value": res["baseline_perplexity"],
                             "steps": 0, "trainable_params": 0})
         return rows
     rows = [{**common, "metric": "accuracy", "value": res["accuracy"]},
             {**common, "metric": "macro_f1", "value": res["macro_f1"]}]
     if task == "cola":
         rows.append({**common, "metric": "mcc", "value": res["mcc"]})
-    if "baseline_accuracy" in res:
-        rows.insert(0, {**common, "metric": "accuracy (untrained head)", "value": res["baseline_accuracy"],
-                        "steps": 0})
+    if "baseline_accuracy" in res:   # the base model with its original, untrained head, and the majority rate
+        base = {**common, "steps": 0, "trainable_params": 0}
+        rows.insert(0, {**base, "metric": f"accuracy ({BASELINE_LABEL})", "value": res["baseline_accuracy"]})
+        if "majority_accuracy" in res:
+            rows.insert(1, {**base, "metric": "majority-class rate", "value": res["majority_accuracy"]})
     return rows
 
 
@@ -128,8 +130,8 @@ def _run_task(suite: SuiteConfig, task: str, cfg: LLMTrainConfig, resume: Option
     if task in suite.adapters:
         model, tok, info = load_trained(suite.adapters[task], model_section=cfg.model)
         res = evaluate_job(cfg, model, tok, baseline=cfg.eval.baseline)
-        res.update(trainable_params=sum(p.numel() for n, p in model.named_parameters()
-                                        if "lora_" in n or n.startswith("score")), steps=info.get("steps"))
+        res.update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   steps=info.get("steps"))
         return res, suite.adapters[task]
     status = train_from_config(cfg, resume="auto" if resume else None)   # tasks not started yet start fresh
     if status.get("state") == "stopped":

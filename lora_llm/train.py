@@ -80,15 +80,23 @@ def load_trained(path: str | Path, device: str = "cpu", model_section: Optional[
     info = read_adapter_info(file)
     ms = model_section or ModelSection(**info["model"])
     tokenizer = load_tokenizer(ms)
-    model = load_model(ms, info.get("num_labels", 0), tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):   # a reproducible untrained head (the --baseline one)
+        torch.manual_seed(0)
+        model = load_model(ms, info.get("num_labels", 0), tokenizer.pad_token_id)
     load_adapter(file, model)
     return model.to(device).eval(), tokenizer, info
 
 
 # ------------------------------------------------------------------------------ evaluation
+BASELINE_LABEL = "base model + untrained head"   # classification: the original head, no LoRA
+BASELINE_LABEL_LM = "base model, no LoRA"
+
+
 def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, baseline: bool = False) -> dict:
     """Metrics of the task's eval split: perplexity (+ generations) for LM, accuracy/F1/MCC otherwise.
-    baseline=True also scores the base model with the adapter switched off."""
+    baseline=True also scores the base model with adapters switched off, which for a classifier
+    runs its original, untrained head (not the adapter's trained copy): out["baseline"] holds the
+    label, the metrics and, for classification, the majority-class rate beside them."""
     from lora_core.model import lora_disabled
     d, e = cfg.data, cfg.eval
     info = D.task_info(d.task)
@@ -105,8 +113,9 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
         out.update(perplexity(model, ids, e.ppl_max_length, e.ppl_stride, progress))
         if baseline:
             with lora_disabled(model):
-                out["baseline_perplexity"] = perplexity(model, ids, e.ppl_max_length, e.ppl_stride,
-                                                        progress)["perplexity"]
+                ppl = perplexity(model, ids, e.ppl_max_length, e.ppl_stride, progress)["perplexity"]
+            out["baseline_perplexity"] = ppl
+            out["baseline"] = {"label": BASELINE_LABEL_LM, "perplexity": ppl}
         if e.prompts:
             out["generations"] = [{"prompt": p, "text": t} for p, t in zip(e.prompts, generate(
                 model, tokenizer, e.prompts, e.max_new_tokens, e.do_sample, e.temperature, e.top_k, e.top_p, e.seed))]
@@ -119,8 +128,10 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
         out.update(evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress))
         if baseline:
             with lora_disabled(model):
-                out["baseline_accuracy"] = evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id,
-                                                               e.batch_size, progress)["accuracy"]
+                b = evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress)
+            out["baseline_accuracy"] = b["accuracy"]
+            out["baseline"] = {"label": BASELINE_LABEL, **{k: b[k] for k in ("accuracy", "macro_f1", "mcc")},
+                               "majority_accuracy": b["majority_accuracy"]}
     out["eval_seconds"] = time.time() - t0
     return out
 

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from lora_core.configdoc import HelpConfig
+
 EXAMPLES = """examples:
   lora-sd tiny-model workspace/models/tiny-sd
   lora-sd train --config configs/sd_tiny_demo.toml --set train.max_steps=50
@@ -103,15 +105,20 @@ def _cmd_convert(a) -> int:
 
 
 def _cmd_inspect(a) -> int:
-    from .formats import read_adapter, summary
-    adapter, meta, fmt = read_adapter(a.file)
-    s = summary(adapter, meta, fmt)
+    from lora_core.adapter_files import inspect
+    s = inspect(a.file)
     if a.json:
         print(json.dumps(s, indent=2))
         return 0
-    print(f"file:        {a.file}\nformat:      {s['format']}\nmodules:     {s['modules']} {s['modules_by_component']}")
-    print(f"rank:        {s['ranks']}\nalpha:       {s['alphas']}\ntargets:     {', '.join(s['target_leaves'])} "
-          f"in {', '.join(s['attention']) or '-'}\nparameters:  {s['parameters']:,}")
+    print(f"file:        {a.file}\nformat:      {s['format']} ({s['title']}); read by {s['tool']} "
+          f"({', '.join(s['commands'])})\nbase model:  {s['base_model'] or '-'}")
+    print(f"modules:     {s['targets']} {s.get('modules_by_component', '')}\nrank:        {s['ranks']}\n"
+          f"alpha:       {s['alphas']}\nblocks:      {', '.join(s['blocks'])}\n"
+          f"parameters:  {s['parameters']:,} in {s['tensors']} tensors ({s['dtype']})")
+    if s.get("target_leaves"):
+        print(f"targets:     {', '.join(s['target_leaves'])} in {', '.join(s.get('attention') or []) or '-'}")
+    if s["convert_to"]:
+        print(f"convert to:  {', '.join(s['convert_to'])}")
     if s["metadata"]:
         print("metadata:")
         for k, v in s["metadata"].items():
@@ -150,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run in a folder that holds one (the old run is moved aside, not deleted)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config field, e.g. --set train.max_steps=200 (repeatable)")
+    t.add_argument("--help-config", action=HelpConfig, config_class="lora_sd.config:SDTrainConfig")
     t.set_defaults(fn=_cmd_train)
 
     m = sub.add_parser("tiny-model", help="write a tiny SD pipeline with RANDOM weights (offline tests/demos)")
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="new folder for the merged pipeline")
     mg.set_defaults(fn=_cmd_merge)
 
-    c = sub.add_parser("convert", help="convert between kohya and diffusers LoRA files")
+    c = sub.add_parser("convert", help="convert between kohya and diffusers LoRA files (refuses inf/NaN tensors)")
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--to", required=True, choices=["kohya", "diffusers"])

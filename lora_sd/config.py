@@ -1,11 +1,12 @@
 """The `lora-sd train` job config: one typed object, loaded from TOML with `section.key=value` overrides."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 from lora_core.config import LoraConfig
 from lora_core.configfile import ConfigError, load_config
+from lora_core.fields import Checked, option
 from lora_core.run import TrainSettings
 
 # target_modules presets (regex, full match on the UNet module path)
@@ -15,70 +16,76 @@ TEXT_ENCODER_ATTN = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 TARGET_PRESETS = {"cross_attn": CROSS_ATTN, "attn": ALL_ATTN}
 
 
-@dataclass
-class ModelSettings:
-    pretrained: str = "tiny"          # hub id | local diffusers folder | .safetensors/.ckpt file | "tiny"
-    config: str = ""                  # single-file checkpoints: local diffusers folder (or hub id) with configs
-    revision: Optional[str] = None
-    variant: str = ""                 # e.g. "fp16" for hub repos with fp16 weight files
-    prediction_type: str = ""         # "" = the scheduler's; epsilon | v_prediction
-
-    def __post_init__(self):
-        if self.prediction_type not in ("", "epsilon", "v_prediction"):
-            raise ValueError(f"model.prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+# the samplers of sample.scheduler and `lora-sd generate --scheduler`: name -> diffusers scheduler class
+SAMPLERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
+}
+Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]  # the names above, declared once
+Dtype = Literal["fp32", "fp16", "bf16"]
 
 
 @dataclass
-class DataSettings:
-    path: str = ""                    # image folder (kohya .txt sidecars or metadata.jsonl; N_name subfolders repeat N times)
-    caption_extension: str = ".txt"
-    caption_template: str = "{caption}"   # {caption} and {trigger}; without {caption} captions are optional
-    trigger_word: str = ""            # prepended as "<trigger>, " unless the template places {trigger}
-    repeats: int = 1                  # for images not in an N_name folder
-    max_images: int = 0               # 0 = all (sorted by path)
-    resolution: int = 512
-    center_crop: bool = True          # false: random crop (not with cache_latents)
-    random_flip: bool = False
-    buckets: bool = False             # aspect-ratio bucketing around resolution^2 pixels
-    bucket_step: int = 64
-    cache_latents: bool = True        # VAE-encode each image once (on disk, see cache_dir)
-    cache_text: bool = True           # encode each caption once (only while the text encoder is frozen)
-    cache_dir: str = ""               # "" = $XDG_CACHE_HOME/lora_sd (or ~/.cache/lora_sd)
-
-    def __post_init__(self):
-        if self.resolution <= 0 or self.bucket_step <= 0 or self.repeats <= 0:
-            raise ValueError("data.resolution, data.bucket_step and data.repeats must be positive")
+class ModelSettings(Checked, section="model"):
+    pretrained: str = option("tiny", "hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' "
+                             "(an offline model with random weights)")
+    config: str = option("", "single-file checkpoints: a local diffusers folder (or hub id) with the configs")
+    revision: Optional[str] = option(None, "hub revision (branch, tag or commit)")
+    variant: str = option("", "hub weight-file variant, e.g. 'fp16'")
+    prediction_type: Literal["", "epsilon", "v_prediction"] = option(
+        "", "what the UNet predicts; '' = the scheduler's own setting")
 
 
 @dataclass
-class LossSettings:
-    min_snr_gamma: float = 0.0        # 0 = off; 5 is the usual value
-    noise_offset: float = 0.0         # e.g. 0.05
+class DataSettings(Checked, section="data"):
+    path: str = option("", "image folder: kohya .txt sidecars or metadata.jsonl; N_name subfolders repeat N times; "
+                       "'shared:REL' is REL in the shared data folder")
+    caption_extension: str = option(".txt", "extension of the caption sidecar files")
+    caption_template: str = option("{caption}", "prompt built from {caption} and {trigger}; "
+                                   "without {caption} captions are optional")
+    trigger_word: str = option("", "prepended as '<trigger>, ' unless the template places {trigger}")
+    repeats: int = option(1, "repeats of images not in an N_name folder", ge=1)
+    max_images: int = option(0, "use the first N images (sorted by path); 0 = all", ge=0)
+    resolution: int = option(512, "training side length in pixels", ge=8, multiple_of=8)
+    center_crop: bool = option(True, "center crop; false: random crop (not with cache_latents)")
+    random_flip: bool = option(False, "flip images horizontally at random")
+    buckets: bool = option(False, "aspect-ratio bucketing around resolution^2 pixels")
+    bucket_step: int = option(64, "bucket sides are multiples of this", ge=8, multiple_of=8)
+    cache_latents: bool = option(True, "VAE-encode each image once (on disk, see cache_dir)")
+    cache_text: bool = option(True, "encode each caption once (only while the text encoder is frozen)")
+    cache_dir: str = option("", "latent cache folder; '' = $XDG_CACHE_HOME/lora_sd (or ~/.cache/lora_sd)")
 
 
 @dataclass
-class SampleSettings:
-    prompts: list[str] = field(default_factory=list)
-    negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 7.5
-    seed: int = 0
-    width: int = 0                    # 0 = data.resolution
-    height: int = 0
-    scheduler: str = "ddim"
+class LossSettings(Checked, section="loss"):
+    min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma; 0 = off, 5 is the usual value", ge=0)
+    noise_offset: float = option(0.0, "noise offset (e.g. 0.05); 0 = off", ge=0)
 
 
 @dataclass
-class OutputSettings:
-    name: str = "lora"                # final adapter: RUN/<name>.safetensors (kohya)
-    save_diffusers: bool = True       # also RUN/pytorch_lora_weights.safetensors
-    save_dtype: str = "fp32"          # fp32 | fp16 | bf16
+class SampleSettings(Checked, section="sample"):
+    prompts: list[str] = option([], "validation prompts (one image each, every train.sample_every steps and at the end)")
+    negative_prompt: str = option("", "negative prompt of the validation images")
+    steps: int = option(20, "denoising steps", ge=1)
+    guidance_scale: float = option(7.5, "classifier-free guidance scale (<= 1: no guidance)", ge=0)
+    seed: int = option(0, "seed of image i is seed + i", ge=0)
+    width: int = option(0, "image width; 0 = data.resolution", ge=0, multiple_of=8)
+    height: int = option(0, "image height; 0 = data.resolution", ge=0, multiple_of=8)
+    scheduler: Sampler = option("ddim", "sampler of the validation images")
 
-    def __post_init__(self):
-        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
-            raise ValueError(f"output.name must be a plain file name (no folder, no '..'), got {self.name!r}")
-        if self.save_dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"output.save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
+
+def _plain_name_error(name: str) -> Optional[str]:
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        return f"must be a plain file name (no folder, no '..'); got {name!r}"
+    return None
+
+
+@dataclass
+class OutputSettings(Checked, section="output"):
+    name: str = option("lora", "final adapter file: RUN/<name>.safetensors (kohya format)", check=_plain_name_error)
+    save_diffusers: bool = option(True, "also write RUN/pytorch_lora_weights.safetensors (diffusers format)")
+    save_dtype: Dtype = option("fp32", "dtype of the saved adapter weights")
 
 
 def _default_lora() -> LoraConfig:
@@ -86,18 +93,23 @@ def _default_lora() -> LoraConfig:
 
 
 @dataclass
-class SDTrainConfig:
-    run_dir: str = "runs/sd"
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    lora: LoraConfig = field(default_factory=_default_lora)
-    text_encoder_lora: Optional[LoraConfig] = None   # set to train the text encoder too
-    train: TrainSettings = field(default_factory=TrainSettings)
-    loss: LossSettings = field(default_factory=LossSettings)
-    sample: SampleSettings = field(default_factory=SampleSettings)
-    output: OutputSettings = field(default_factory=OutputSettings)
+class SDTrainConfig(Checked):
+    """The `lora-sd train` job."""
+    run_dir: str = option("runs/sd", "the run folder")
+    model: ModelSettings = option(help="the base model", factory=ModelSettings)
+    data: DataSettings = option(help="the image set", factory=DataSettings)
+    lora: LoraConfig = option(help="the UNet adapter; target_modules also takes the presets 'cross_attn' "
+                              "(attn2 q/k/v/out, the default) and 'attn' (self- and cross-attention)",
+                              factory=_default_lora)
+    text_encoder_lora: Optional[LoraConfig] = option(None, "set this table (same fields as [lora]) to train the "
+                                                     "text encoder too (default targets: its attention)")
+    train: TrainSettings = option(help="the training loop", factory=TrainSettings)
+    loss: LossSettings = option(help="loss weighting", factory=LossSettings)
+    sample: SampleSettings = option(help="validation images", factory=SampleSettings)
+    output: OutputSettings = option(help="the adapter files", factory=OutputSettings)
 
     def __post_init__(self):
+        super().__post_init__()
         # a [lora] table without target_modules gets LoraConfig's LLM default: use the SD defaults instead
         llm_default = LoraConfig().target_modules
         if self.lora.target_modules == llm_default:

@@ -15,29 +15,18 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
 from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers
-from lora_core.io import atomic_save_safetensors, read_safetensors
+from lora_core import adapter_files
+from lora_core.io import atomic_save_safetensors, read_safetensors  # noqa: F401 (read_safetensors re-exported)
 from lora_core.layers import LoraLayer, base_dims, supported
 
-COMPONENTS = ("unet", "text_encoder")
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-KOHYA, DIFFUSERS = "kohya", "diffusers"
-
-# diffusers / transformers module names that contain "_" (to undo kohya's "." -> "_" without a model)
-_COMPOUND = {
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
-    "time_embedding", "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj",
-    "k_proj", "v_proj", "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2", "token_embedding",
-    "position_embedding", "text_projection",
-}
+from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,  # noqa: F401 (re-exported)
+                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, diffusers_alpha, diffusers_path, kohya_key, kohya_name)
 
 
 @dataclass
@@ -146,23 +135,6 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
 
 
 # ------------------------------------------------------------------ kohya
-def kohya_name(key: str) -> str:
-    comp, _, path = key.partition(".")
-    return KOHYA_PREFIX[comp] + path.replace(".", "_")
-
-
-def _undo_underscores(flat: str) -> str:
-    tokens, parts, i = flat.split("_"), [], 0
-    while i < len(tokens):
-        for k in (3, 2, 1):
-            cand = "_".join(tokens[i:i + k])
-            if k == 1 or cand in _COMPOUND:
-                parts.append(cand)
-                i += k
-                break
-    return ".".join(parts)
-
-
 def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     sd = {}
     for key, ml in adapter.items():
@@ -179,8 +151,8 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
     bases: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for k, t in sd.items():
-        m = re.fullmatch(r"(lora_(?:unet|te)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha)", k)
-        if m is None:
+        m = KOHYA_KEY.fullmatch(k)
+        if m is None or not m.group(1).startswith(tuple(KOHYA_PREFIX.values())):
             bad.append(k)
             continue
         bases.setdefault(m.group(1), {})[m.group(2)] = t
@@ -191,14 +163,7 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
     for base, parts in bases.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise LoraLoadError(f"{source}: {base} lacks lora_down or lora_up")
-        if names is not None and base in names:
-            key = names[base]
-        elif base.startswith("lora_unet_"):
-            key = "unet." + _undo_underscores(base[len("lora_unet_"):])
-        elif base.startswith("lora_te_"):
-            key = "text_encoder." + _undo_underscores(base[len("lora_te_"):])
-        else:
-            raise LoraLoadError(f"{source}: {base}: unknown component prefix")
+        key = names[base] if names is not None and base in names else kohya_key(base)
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])  # kohya: no alpha => r
         out[key] = ModuleLora(down, up, alpha)
@@ -234,26 +199,13 @@ def to_diffusers(adapter: Adapter, dtype: torch.dtype = torch.float32) -> tuple[
     return sd, {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, sort_keys=True)}
 
 
-def _pattern_value(patterns: dict, path: str, default):
-    for pat, v in patterns.items():
-        if path == pat or path.endswith("." + pat):
-            return v
-    return default
-
-
 def from_diffusers(sd: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "file") -> Adapter:
     packed = json.loads(metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
     mods: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for k, t in sd.items():
-        m = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight)", k)
-        if m is None:
-            bad.append(k)
-            continue
-        path = m.group(1)
-        for old in ("base_model.model.",):
-            if path.startswith(old):
-                path = "unet." + path[len(old):]
+        m = DIFFUSERS_KEY.fullmatch(k)
+        path = diffusers_path(m.group(1)) if m else ""
         if path.split(".", 1)[0] not in COMPONENTS:
             bad.append(k)
             continue
@@ -266,79 +218,77 @@ def from_diffusers(sd: dict[str, torch.Tensor], metadata: dict[str, str], source
         if set(parts) != {"down", "up"}:
             raise LoraLoadError(f"{source}: {key} lacks lora_A/down or lora_B/up")
         comp, path = key.split(".", 1)
-        r = parts["down"].shape[0]
-        alpha = packed.get(f"{comp}.lora_alpha")
-        alpha = _pattern_value(packed.get(f"{comp}.alpha_pattern") or {}, path, alpha)
-        alpha = float(alpha) if alpha is not None else float(r)   # diffusers: no metadata => alpha = r
-        if packed.get(f"{comp}.use_rslora"):
-            alpha = alpha * r ** 0.5   # alpha/sqrt(r) == alpha'/r
+        alpha = diffusers_alpha(packed, comp, path, parts["down"].shape[0])
         out[key] = ModuleLora(parts["down"].float(), parts["up"].float(), alpha)
     return out
 
 
 # ------------------------------------------------------------------ files
-def detect_format(sd: dict[str, torch.Tensor]) -> str:
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in sd):
-        return KOHYA
-    if any(".lora_A." in k or ".lora.down." in k for k in sd):
-        return DIFFUSERS
-    raise LoraLoadError(f"not a kohya or diffusers LoRA file (first keys: {list(sd)[:5]})")
+@dataclass
+class AdapterFile:
+    """A kohya or diffusers file in memory (what the converter registry passes from reader to writer)."""
+    adapter: Adapter
+    metadata: dict[str, str]
+    format: str
+    dtype: torch.dtype
 
 
-def read_adapter(path, components: Optional[dict[str, nn.Module]] = None) -> tuple[Adapter, dict[str, str], str]:
-    """(adapter, metadata, format) of a kohya or diffusers .safetensors file."""
-    sd, meta = read_safetensors(path)
-    fmt = detect_format(sd)
+def read_view(view: adapter_files.AdapterView, components: Optional[dict[str, nn.Module]] = None) -> AdapterFile:
+    """The registered reader of both SD formats; refuses non-finite tensors (naming the tensor)."""
+    sd, meta = read_safetensors(view.file)
+    adapter_files.refuse_non_finite(sd, view.file)
+    fmt = adapter_files.detect_view(view).format
     if fmt == KOHYA:
         names = None
         if components:
             names = {kohya_name(f"{c}.{n}"): f"{c}.{n}" for c, m in components.items() for n in _adaptable_modules(m)}
-        return from_kohya(sd, names, str(path)), meta, fmt
-    return from_diffusers(sd, meta, str(path)), meta, fmt
+        adapter = from_kohya(sd, names, str(view.path))
+    else:
+        adapter = from_diffusers(sd, meta, str(view.path))
+    return AdapterFile(adapter, meta, fmt, next(iter(sd.values())).dtype)
+
+
+def read_adapter(path, components: Optional[dict[str, nn.Module]] = None) -> tuple[Adapter, dict[str, str], str]:
+    """(adapter, metadata, format) of a kohya or diffusers file (format from lora_core's one detector)."""
+    fmt, view = adapter_files.require(path)
+    if fmt.family != "sd":
+        raise LoraLoadError(f"{path}: a {fmt.name} file ({fmt.title}): `{fmt.tool}` reads it, not lora-sd")
+    f = read_view(view, components)
+    return f.adapter, f.metadata, f.format
 
 
 def write_adapter(path, adapter: Adapter, fmt: str, metadata: Optional[dict] = None,
                   dtype: torch.dtype = torch.float32) -> None:
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if fmt == KOHYA:
-        atomic_save_safetensors(path, to_kohya(adapter, dtype), meta)
+        sd = to_kohya(adapter, dtype)
     elif fmt == DIFFUSERS:
         sd, dmeta = to_diffusers(adapter, dtype)
         meta.update(dmeta)
-        atomic_save_safetensors(path, sd, meta)
     else:
         raise ValueError(f"unknown adapter format {fmt!r} (kohya or diffusers)")
+    adapter_files.refuse_non_finite(sd, f"{path} (as {dtype})")   # e.g. fp16 overflow
+    atomic_save_safetensors(path, sd, meta)
 
 
-def summary(adapter: Adapter, metadata: dict[str, str], fmt: str) -> dict:
-    """What `lora-sd inspect` prints."""
-    by_comp = {c: sum(1 for k in adapter if k.startswith(c + ".")) for c in COMPONENTS}
-    parts = [k.split(".") for k in adapter]
-    leaf = sorted({".".join(p[-2:]) if p[-1].isdigit() else p[-1] for p in parts})   # to_q, to_out.0, q_proj
-    attn = sorted({m.group(0) for k in adapter for m in [re.search(r"attn[12]", k)] if m})
-    return {
-        "format": fmt,
-        "modules": len(adapter),
-        "modules_by_component": {c: n for c, n in by_comp.items() if n},
-        "ranks": sorted({m.rank for m in adapter.values()}),
-        "alphas": sorted({m.alpha for m in adapter.values()}),
-        "target_leaves": leaf,
-        "attention": attn,
-        "parameters": int(sum(m.down.numel() + m.up.numel() for m in adapter.values())),
-        "targets": sorted(adapter),
-        "metadata": dict(sorted(metadata.items())),
-    }
+def _write(dst, f: AdapterFile, to: str, dtype: Optional[torch.dtype]) -> dict:
+    keep = {k: v for k, v in f.metadata.items() if k.startswith(("ss_", "modelspec.", "lora_sd."))}
+    if to == KOHYA and "ss_network_module" not in keep:
+        keep.update({"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1",
+                     "ss_network_dim": str(max(m.rank for m in f.adapter.values())),
+                     "ss_network_alpha": str(next(iter(f.adapter.values())).alpha)})
+    write_adapter(dst, f.adapter, to, keep, dtype or f.dtype)
+    return {"modules": len(f.adapter)}
+
+
+def write_kohya(dst, f: AdapterFile, dtype: Optional[torch.dtype] = None) -> dict:
+    return _write(dst, f, KOHYA, dtype)
+
+
+def write_diffusers(dst, f: AdapterFile, dtype: Optional[torch.dtype] = None) -> dict:
+    return _write(dst, f, DIFFUSERS, dtype)
 
 
 def convert(src, dst, to: str, dtype: Optional[torch.dtype] = None) -> dict:
-    adapter, meta, fmt = read_adapter(src)
-    if dtype is None:
-        sd, _ = read_safetensors(src)
-        dtype = next(iter(sd.values())).dtype
-    keep = {k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec.", "lora_sd."))}
-    if to == KOHYA and "ss_network_module" not in keep:
-        keep.update({"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1",
-                     "ss_network_dim": str(max(m.rank for m in adapter.values())),
-                     "ss_network_alpha": str(next(iter(adapter.values())).alpha)})
-    write_adapter(dst, adapter, to, keep, dtype)
-    return {"from": fmt, "to": to, "modules": len(adapter), "out": str(Path(dst))}
+    """kohya <-> diffusers through lora_core's converter registry."""
+    return adapter_files.convert(src, dst, to, dtype=dtype)

@@ -12,19 +12,13 @@ from lora_core import merge_lora
 from lora_core.io import atomic_path
 
 from . import formats
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
-}
-
+from .config import SAMPLERS
 
 def set_scheduler(pipe, name: str) -> None:
     import diffusers
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    if name not in SAMPLERS:   # the names sample.scheduler declares
+        raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SAMPLERS)}")
+    pipe.scheduler = getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
 
 
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -> list[dict]:

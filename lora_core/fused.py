@@ -1,0 +1,41 @@
+"""Fused slices (loralib's MergedLinear), backend-neutral: the block layout of B, written once.
+
+With `slices` a layer's output is cut into len(slices) equal slices and only the enabled ones are
+adapted: A is (k*r, in), B is (k*slice_out, r) for k enabled slices. In the base output layout B
+is the (out, k*r) block matrix whose row block i (the rows of slice i) holds, in column block j,
+the rows of B that belong to the j-th enabled slice when slice i is that slice, and zeros
+elsewhere. One matmul of this matrix with A's output (or with A itself, for ΔW) serves every
+layout. The torch core, the MindSpore twin and the PEFT export all build it with `block_B`, passing
+their own `zeros` and `cat`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+
+def slice_layout(slices: Sequence[bool]) -> tuple[Optional[int], ...]:
+    """For each output slice, the index j of its block of B (the j-th enabled slice), or None."""
+    out, j = [], 0
+    for on in slices:
+        out.append(j if on else None)
+        j += 1 if on else 0
+    return tuple(out)
+
+
+def block_B(B, slices: Sequence[bool], out_features: int, r: int, zeros: Callable, cat: Callable):
+    """B (k*slice_out, r) as the (out_features, k*r) block matrix described above.
+
+    zeros(shape, like) -> a zero tensor of like's dtype / device; cat(tensors, axis) -> tensor."""
+    if out_features % len(slices):
+        raise ValueError(f"output size {out_features} is not divisible into {len(slices)} slices")
+    layout = slice_layout(slices)
+    n_on = sum(1 for j in layout if j is not None)
+    slice_out = out_features // len(slices)
+    zero = zeros((slice_out, r), B)
+    rows = []
+    for j in layout:
+        blocks = [zero] * n_on
+        if j is not None:
+            blocks[j] = B[j * slice_out:(j + 1) * slice_out]
+        rows.append(cat(blocks, 1))
+    return cat(rows, 0)

@@ -1,0 +1,54 @@
+"""The causal-LM adapter formats, registered with lora_core.adapter_files (no torch here).
+
+lora_core: our `adapter.safetensors` (lora_core.io.save_lora, either backend), with the run's
+           `llm_info` (task, num_labels, model section) in its metadata; `lora-llm` loads it.
+peft:      a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`, keys
+           `base_model.model.<path>.lora_A.weight`), as `lora-llm train` exports beside the file and
+           PEFT's `save_pretrained` writes; loaded with PEFT itself, `lora-llm inspect` describes it.
+"""
+from __future__ import annotations
+
+import re
+
+from lora_core.adapter_files import (LORA_CORE, PEFT_CONFIG, AdapterFormat, AdapterView, describe_lora_core,
+                                     is_lora_core, register)
+
+PEFT = "peft"
+PEFT_KEY = re.compile(r"base_model\.model\.(.+?)\.lora_[AB](?:\.[^.]+)?\.weight")
+
+
+def describe_llm_file(view: AdapterView) -> dict:
+    d = describe_lora_core(view)
+    info = view.json_metadata.get("llm_info") or {}
+    d["info"] = info
+    d["base_model"] = d["base_model"] or info.get("pretrained") or info.get("model", {}).get("pretrained", "")
+    d["steps"] = d["steps"] or info.get("steps", "")
+    return d
+
+
+def detect_peft(view: AdapterView) -> bool:
+    if view.config is not None and str(view.config.get("peft_type", "")).upper() == "LORA":
+        return True
+    return any(PEFT_KEY.fullmatch(k) for k in view.keys)
+
+
+def describe_peft(view: AdapterView) -> dict:
+    cfg = view.config or {}
+    targets = sorted({m.group(1) for m in map(PEFT_KEY.fullmatch, view.keys) if m})
+    shapes = {m.group(1): view.header.shape(k) for k in view.keys
+              for m in [PEFT_KEY.fullmatch(k)] if m and ".lora_A" in k}
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    ranks = [shape[0] for shape in shapes.values()] or ([cfg["r"]] if "r" in cfg else [])
+    alphas = {float(a) for a in alpha_pattern.values()}
+    if "lora_alpha" in cfg and (not alpha_pattern or len(alpha_pattern) < len(targets)):
+        alphas.add(float(cfg["lora_alpha"]))
+    return {"ranks": ranks, "alphas": sorted(alphas), "target_modules": targets, "config": cfg,
+            "base_model": cfg.get("base_model_name_or_path") or "", "task_type": cfg.get("task_type") or "",
+            "rank_pattern": rank_pattern}
+
+
+register(AdapterFormat(LORA_CORE, "lora_core adapter (lora-llm run, PyTorch or MindSpore)", tool="lora-llm",
+                       cli="lora_llm.cli", family=LORA_CORE, detect=is_lora_core, describe=describe_llm_file,
+                       commands=("inspect", "eval", "generate", "merge"), priority=10))
+register(AdapterFormat(PEFT, f"PEFT adapter folder ({PEFT_CONFIG}; load with peft.PeftModel)", tool="lora-llm",
+                       cli="lora_llm.cli", family=PEFT, detect=detect_peft, describe=describe_peft, priority=40))
