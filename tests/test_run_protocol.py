@@ -318,7 +318,8 @@ def _count_syncs(monkeypatch) -> dict:
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *a, **k):
-            if sys._getframe(1).f_code.co_filename in mine:
+            code = sys._getframe(1).f_code
+            if code.co_filename in mine and code.co_name != "__iter__":   # not the CPU sampler's permutation
                 counts["n"] += 1
             return real(self, *a, **k)
         return wrapper
@@ -334,8 +335,7 @@ def test_no_per_step_device_sync(tmp_path, monkeypatch, log_every):
     n = 16
     _, run, st = _train(tmp_path, max_steps=n, log_every=log_every)
     assert st["state"] == "done"
-    assert counts["n"] <= n // log_every + 2, counts
-    assert counts["n"] >= n // log_every   # the counter sees the loop's readings
+    assert n // log_every <= counts["n"] <= n // log_every + 1, counts   # one reading per log_every steps
     m = run.read_metrics()
     assert [r["step"] for r in m] == list(range(log_every, n + 1, log_every))
 
