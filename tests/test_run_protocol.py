@@ -67,6 +67,14 @@ def test_status_json_has_one_writer():
     assert literals == {"lora_core/run.py"}, literals
 
 
+def test_the_protocol_imports_no_torch():
+    code = ("import sys, lora_core.run; "
+            "print(sorted(m for m in ('torch', 'mindspore', 'numpy', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
 # ------------------------------------------------------------------ final states
 def test_llm_torch_model_load_error_marks_the_run_failed(tmp_path):
     from lora_llm.config import load_llm_config
