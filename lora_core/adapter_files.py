@@ -371,6 +371,11 @@ def describe_lora_core(view: AdapterView) -> dict:
     cfg = view.json_metadata.get("lora_config") or {}
     targets = view.json_metadata.get("targets") or []
     meta = view.metadata
-    return {"ranks": [int(cfg["r"])] if "r" in cfg else [], "alphas": [float(cfg["alpha"])] if "alpha" in cfg else [],
-            "target_modules": list(targets), "lora": cfg, "base_model": meta.get("base_model", ""),
-            "steps": meta.get("steps", "")}
+    ranks = [int(cfg["r"])] if "r" in cfg else []
+    alphas = [float(cfg["alpha"])] if "alpha" in cfg else []
+    ranks += [int(v) for v in (cfg.get("rank_pattern") or {}).values()] + ([int(cfg["conv_r"])] if cfg.get("conv_r") else [])
+    alphas += [float(v) for v in (cfg.get("alpha_pattern") or {}).values()] + (
+        [float(cfg["conv_alpha"])] if cfg.get("conv_alpha") else [])
+    return {"ranks": ranks, "alphas": alphas, "target_modules": list(targets), "lora": cfg,
+            "base_model": meta.get("base_model", ""), "steps": meta.get("steps", ""),
+            "dora": bool(cfg.get("use_dora")) or any(k.endswith(".lora_magnitude_vector") for k in view.keys)}

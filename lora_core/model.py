@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapter_files import LoraLoadError  # noqa: F401 (one error type for adapter files and fits)
 from .config import LoraConfig, name_matches
-from .layers import LoraLayer, ModulesToSaveWrapper, supported
+from .layers import LoraLayer, ModulesToSaveWrapper, is_kxk_conv, supported
 
 DEFAULT = "default"
 
@@ -175,8 +175,9 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
                 layer = LoraLayer(layer)
                 _set_submodule(model, name, layer)
             try:
-                layer.add_adapter(adapter, config.r, config.alpha, config.dropout, config.use_rslora,
-                                  config.init, config.slices_for(name), dtype)
+                r, alpha = config.rank_alpha(name, is_kxk_conv(layer.base_layer))
+                layer.add_adapter(adapter, r, alpha, config.dropout, config.use_rslora,
+                                  config.init, config.slices_for(name), dtype, use_dora=config.use_dora)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
         for name in heads:
@@ -199,7 +200,7 @@ def _adapters_of(module: nn.Module):
 def _set_trainable(model: nn.Module) -> None:
     """LoRA parameters and every adapter's copy of the modules to save train; nothing else."""
     for _, layer in lora_layers(model):
-        for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
+        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters(), *layer.lora_magnitude_vector.parameters()]:
             p.requires_grad_(True)
     for _, w in head_wrappers(model):
         w.original_module.requires_grad_(False)
@@ -339,6 +340,8 @@ def lora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch
         if adapter in layer.lora_A:
             sd[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
             sd[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
+            if adapter in layer.lora_magnitude_vector:   # DoRA, PEFT's name and shape
+                sd[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
     sd.update({k: p.detach() for k, p in head_state_dict(model, adapter).items()})
     if not sd:
         _check_known(model, [adapter])

@@ -55,23 +55,26 @@ def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", ad
         if adapter not in layer.lora_A:
             continue
         A = layer.lora_A[adapter].weight.detach().float()
-        B = layer._B_full(adapter).detach().float()   # fused slices: block-structured B, rank k*r
+        B = (layer._B_full(adapter) if layer.slices[adapter] else layer.lora_B[adapter].weight).detach().float()
+        # (fused slices: block-structured B, rank k*r; convs keep B's (out, r, 1, 1))
         rank = A.shape[0]
         scale = layer.scaling[adapter]
-        if rank != base_r:   # fused slices: rank k*r, and lora_alpha / rank must still equal our scale
+        if rank != base_r or scale != cfg.scale:   # fused slices (rank k*r) or rank/alpha patterns
             rank_pattern[name] = rank
             alpha_pattern[name] = scale * rank
         fan_in_fan_out |= layer.fan_in_fan_out
         targets.append(name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+        if adapter in layer.lora_magnitude_vector:   # DoRA: PEFT's name and shape
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
     for key, p in head_state_dict(model, adapter).items():   # this adapter's own head
         tensors[f"base_model.model.{key}"] = p.detach()
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name or None,
         "r": base_r, "lora_alpha": cfg.scale * base_r, "lora_dropout": cfg.dropout,
         "target_modules": sorted(targets), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": cfg.use_dora,
         "modules_to_save": list(cfg.modules_to_save) or None, "init_lora_weights": True,
         "inference_mode": True,
     }
