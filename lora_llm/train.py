@@ -19,7 +19,8 @@ from . import data as D
 from .adapters import ADAPTER_FILE, read_adapter_info, load_adapter, save_adapter
 from .config import LLMTrainConfig, ModelSection
 from .evaluate import evaluate_classifier, generate, perplexity
-from .models import count_parameters, load_model, load_tokenizer, resolve_lora
+from .models import count_parameters, load_model, load_tokenizer, loss_function, resolve_lora
+from .prefix_cache import wrap_for_training
 
 log = logging.getLogger("lora.llm")
 
@@ -52,7 +53,7 @@ def train_items(cfg: LLMTrainConfig, tokenizer) -> list[dict]:
         blocks = D.lm_blocks(D.tokenize_text(text, tokenizer), d.block_size, d.max_train_examples)
         return [{"input_ids": b} for b in blocks]
     ex = D.load_examples(d.task, split, d.data_dir, d.train_file, d.max_train_examples)
-    ids, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
+    ids, labels = D.tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
     return [{"input_ids": i, "label": y} for i, y in zip(ids, labels)]
 
 
@@ -123,9 +124,10 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
         everything = D.load_examples(d.task, split, d.data_dir, d.eval_file)
         ex = D.subset(everything, d.max_eval_examples)
         out["subset"] = len(ex) < len(everything)
-        seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
+        seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
         n = D.num_labels(d.task)
         out.update(evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress))
+        out["n_examples"] = len(seqs)
         if baseline:
             with lora_disabled(model):
                 b = evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress)
@@ -180,6 +182,10 @@ def _train_torch(cfg: LLMTrainConfig, run: RunDir, accelerator, resume: Optional
     dl = torch.utils.data.DataLoader(items, batch_size=s.batch_size, sampler=EpochSampler(len(items), s.seed),
                                      collate_fn=Collator(tokenizer.pad_token_id, cfg.data.is_lm),
                                      num_workers=s.num_workers, drop_last=len(items) >= s.batch_size)
+
+    loss_fn = loss_function(cfg, items)
+    model = wrap_for_training(cfg, model, lcfg, items, accelerator)   # frozen-prefix cache (lora.layers = "top:k")
+
     base_model_name = cfg.model.pretrained
 
     def export_fn(folder: Path, step: int):
@@ -205,5 +211,5 @@ def _train_torch(cfg: LLMTrainConfig, run: RunDir, accelerator, resume: Optional
         return {"eval": {k: v for k, v in result.items() if k != "generations"}}
 
     t_loop = time.time()
-    return train(accelerator=accelerator, run=run, model=model, dataloader=dl, loss_fn=lambda m, b: m(**b).loss,
+    return train(accelerator=accelerator, run=run, model=model, dataloader=dl, loss_fn=loss_fn,
                  settings=s, resume=resume, export_fn=export_fn, sample_fn=sample_fn, finish_fn=finish_fn)
