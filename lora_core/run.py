@@ -1,24 +1,65 @@
-"""The run contract, without torch: run states, the run folder, the `[train]` settings, logging
-setup and resume bookkeeping. The GUI process and every backend (torch, MindSpore) import it.
+"""The run protocol, without torch: the run folder, its states, the job wrapper and the training loop
+that drives a backend's step engine. The GUI process and every backend (torch, MindSpore) import it.
+
+Run folder (the contract with the GUI):
+    config.toml   the resolved job config        status.json   kind, state, pid, step, eta, error
+    metrics.jsonl one line per loss reading      train.log     the log
+    samples/      validation outputs             checkpoints/step_XXXXXXXX/  full training state
+    run.lock      pid + host of the trainer working in the folder
+
+status.json has one writer, `RunDir.write_status`; its states are STATES. A trainer writes
+running -> stopped | failed | done; the GUI queue writes queued and stopping.
+
+A step engine (lora_core.training.TorchEngine, lora_llm.mindspore.train.MindSporeEngine) provides:
+    backend, num_processes            "torch" / "mindspore", data-parallel processes
+    steps(epoch, batch_in_epoch, step) yields (loss handle, batch_in_epoch) after each optimizer step,
+                                      until the epoch ends; may raise NonFiniteLoss itself
+    read_loss(total) -> float         the process mean of a sum of loss handles (the one device sync)
+    any(flag) -> bool                 True when flag is True on any process
+    lr() -> float                     the learning rate of the next step
+    save(folder), load(folder, state) the checkpoint payload (every process calls them)
+    barrier()                         wait for every process
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
+import os
+import shutil
 import signal
+import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from .files import atomic_write_json
 from .settings import TrainSettings  # noqa: F401 (re-exported)
 
 log = logging.getLogger("lora")
 STATES = ("queued", "running", "stopping", "stopped", "failed", "done")
+FINAL_STATES = ("stopped", "failed", "done")
+LOCK_FILE = "run.lock"
+# what a folder may hold and still count as fresh: the GUI queue's config/status/console and a failed start
+_FRESH_FILES = {"config.toml", "status.json", "console.log", "train.log", LOCK_FILE}
+_FRESH_DIRS = {"samples", "checkpoints"}
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked; the message names the folder and what to do."""
+
+
+class RunLockedError(RunFolderError):
+    """Another live trainer holds the run folder's lock."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM/SIGINT outside the training loop (model loading, evaluation)."""
 
 
 # ------------------------------------------------------------------ run folder
@@ -31,6 +72,7 @@ class RunDir:
         self.log_file = self.path / "train.log"
         self.samples = self.path / "samples"
         self.checkpoints_dir = self.path / "checkpoints"
+        self.lock_file = self.path / LOCK_FILE
 
     def create(self) -> "RunDir":
         for d in (self.path, self.samples, self.checkpoints_dir):
@@ -40,13 +82,27 @@ class RunDir:
     def read_status(self) -> dict:
         try:
             return json.loads(self.status_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
             return {}
 
     def write_status(self, state: str, **fields) -> dict:
+        """The one writer of status.json. On a full disk the file is rewritten in place (its blocks
+        exist already), so that the final state still lands."""
         assert state in STATES, state
         status = {**self.read_status(), **fields, "state": state, "updated": time.time()}
-        atomic_write_json(self.status_file, status)
+        try:
+            atomic_write_json(self.status_file, status)
+        except OSError as e:
+            if not self.status_file.is_file():
+                raise
+            log.warning("status.json: atomic write failed (%s); rewriting it in place", e)
+            text = json.dumps(status, indent=2, sort_keys=True, default=str).encode()
+            fd = os.open(self.status_file, os.O_WRONLY)
+            try:
+                os.write(fd, text)
+                os.ftruncate(fd, len(text))
+            finally:
+                os.close(fd)
         return status
 
     def append_metrics(self, record: dict) -> None:
@@ -75,6 +131,21 @@ class RunDir:
         c = self.checkpoints()
         return c[-1] if c else None
 
+    def foreign_entries(self) -> list[str]:
+        """What in the folder belongs to a run (anything but a fresh start's files); [] when fresh."""
+        if not self.path.exists():
+            return []
+        if not self.path.is_dir():
+            raise RunFolderError(f"{self.path} is a file, not a folder: choose another --run-dir")
+        out = []
+        for p in sorted(self.path.iterdir()):
+            if p.name in _FRESH_FILES or (p.name in _FRESH_DIRS and p.is_dir() and not any(p.iterdir())):
+                continue
+            out.append(p.name + ("/" if p.is_dir() else ""))
+        if not out and self.read_status().get("state") == "done":
+            out.append("status.json (done)")
+        return out
+
 
 def setup_logging(run: Optional[RunDir], main_process: bool = True) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -84,17 +155,30 @@ def setup_logging(run: Optional[RunDir], main_process: bool = True) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
 
 
-def resolve_resume(run: RunDir, resume: Optional[str]) -> Optional[Path]:
+def resume_candidates(run: RunDir, resume: Optional[str]) -> list[Path]:
+    """Checkpoints to try, newest first. resume: None (fresh), "latest" (a checkpoint must exist),
+    "auto" (latest if any, else fresh) or a checkpoint folder."""
     if not resume:
-        return None
-    if resume == "latest":
-        return run.latest_checkpoint()  # None: nothing to resume, start fresh
+        return []
+    if resume in ("latest", "auto"):
+        found = run.checkpoints()[::-1]
+        if not found and resume == "latest":
+            what = "does not exist" if not run.path.exists() else "has no checkpoint"
+            raise RunFolderError(f"--resume latest: {run.path} {what}, so there is no run to continue; "
+                                 "check the folder, or start a new run without --resume")
+        return found
     p = Path(resume)
     if not (p / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
-    return p
+        raise RunFolderError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
+    return [p]
 
 
+def resolve_resume(run: RunDir, resume: Optional[str]) -> Optional[Path]:
+    found = resume_candidates(run, resume)
+    return found[0] if found else None
+
+
+# ------------------------------------------------------------------ signals
 class StopFlag:
     """Context manager: SIGTERM/SIGINT set `.stop` (a second signal interrupts at once)."""
     def __init__(self):
@@ -118,3 +202,375 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, h in self._old.items():
             signal.signal(sig, h)
+
+
+class StopAtOnce(StopFlag):
+    """Outside the loop (loading, evaluation) a signal raises StopRequested where the program is."""
+    def _handle(self, signum, frame):
+        if self.stop:
+            return   # the first one is being handled: let the run write its final state
+        self.stop = True
+        raise StopRequested(f"stopped by {signal.Signals(signum).name}")
+
+
+# ------------------------------------------------------------------ lock
+class RunLock:
+    """RUN/run.lock: {"pid", "host", "since"} of the trainer working in the folder. A lock whose pid is
+    gone on this host is stale and taken over; a live one (or one of another host) refuses."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.held = run, False
+
+    def holder(self) -> Optional[dict]:
+        try:
+            h = json.loads(self.run.lock_file.read_text())
+            return h if isinstance(h, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: treated as stale
+
+    @staticmethod
+    def alive(h: dict) -> bool:
+        pid, host = h.get("pid"), h.get("host")
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        if host != socket.gethostname():
+            return True   # cannot tell from here
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def check(self) -> None:
+        h = self.holder()
+        if h and self.alive(h):
+            raise RunLockedError(f"{self.run.path} is in use by another trainer (pid {h['pid']} on {h.get('host')}): "
+                                 f"stop it first (if it is gone, delete {self.run.lock_file})")
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        try:
+            fd = os.open(self.run.lock_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            self.check()
+            log.warning("taking over the stale lock %s (%s)", self.run.lock_file, self.holder())
+            atomic_write_json(self.run.lock_file, me)
+        else:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held and (self.holder() or {}).get("pid") == os.getpid():
+            self.run.lock_file.unlink(missing_ok=True)
+        self.held = False
+
+
+# ------------------------------------------------------------------ the job wrapper
+def _move_aside(run: RunDir) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = run.path.with_name(f"{run.path.name}.old-{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = run.path.with_name(f"{run.path.name}.old-{stamp}-{n}")
+    os.rename(run.path, aside)
+    return aside
+
+
+def check_folder(run: RunDir, resume: Optional[str], overwrite: bool) -> Optional[Path]:
+    """Read-only checks of the run folder before a job writes anything; with overwrite, the old run
+    is moved aside (returns where). Raises RunFolderError."""
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite contradict each other: choose one")
+    if run.path.exists() and not run.path.is_dir():
+        raise RunFolderError(f"{run.path} is a file, not a folder: choose another --run-dir")
+    RunLock(run).check()
+    if resume:
+        resume_candidates(run, resume)
+        return None
+    foreign = run.foreign_entries()
+    if not foreign:
+        return None
+    if not overwrite:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise RunFolderError(f"{run.path} holds another run ({shown}): continue it with --resume latest, "
+                             "or start a new one there with --overwrite (the old run is moved aside)")
+    return _move_aside(run)
+
+
+def _final_reason(e: BaseException) -> tuple[str, str]:
+    """(state, error) for an exception that ends a job."""
+    if isinstance(e, StopRequested):
+        return "stopped", f"{e} outside the training loop (during setup or evaluation)"
+    if isinstance(e, KeyboardInterrupt):
+        return "stopped", "interrupted (a second stop signal): the last checkpoint may be older than the last step"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "failed", f"disk full: {e}; free some space, then continue with --resume latest"
+    return "failed", f"{type(e).__name__}: {e}"
+
+
+def _queued_here(run: RunDir, e: BaseException) -> bool:
+    """A job that fails its checks in a fresh folder that the GUI queue has marked (queued/running)."""
+    if isinstance(e, RunLockedError):
+        return False
+    try:
+        return run.read_status().get("state") in ("queued", "running", "stopping") and not run.foreign_entries()
+    except OSError:
+        return False
+
+
+def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=None, resume: Optional[str] = None,
+            overwrite: bool = False, main: bool = True, barrier: Callable[[], None] = lambda: None,
+            validate: Callable[[], Any] = lambda: None) -> dict:
+    """The job wrapper of every trainer: validate (nothing written yet), check the folder (refuse another
+    run's files, a live lock, a resume without a run; --overwrite moves the old run aside), then create
+    it, lock it, save the resolved config, set up logging, mark it running (with `kind`), and run
+    body(run, validated). Any exception ends the run in a final state with the reason; a stop signal
+    outside the training loop ends it "stopped" (and returns the status)."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    lock = RunLock(run)
+    started, aside = False, None
+    with StopAtOnce():
+        try:
+            prepared = validate()
+            if main:
+                aside = check_folder(run, resume, overwrite)
+                run.create()
+                lock.acquire()
+                started = True   # the folder is this job's now: any failure from here is recorded
+                if config is not None:
+                    from .configfile import save_config
+                    save_config(run.config, config)
+                run.write_status("running", kind=kind, pid=os.getpid(), host=socket.gethostname(), error=None,
+                                 finished=None, eval=None, started=time.time())
+            barrier()
+            setup_logging(run, main)
+            if main and aside is not None:
+                log.warning("--overwrite: the old run in %s was moved to %s", run.path, aside)
+            return body(run, prepared)
+        except BaseException as e:
+            if main and not started and _queued_here(run, e):
+                started = True   # a folder the GUI queued: its status gets the reason the job never started
+            if main and started:
+                state, reason = _final_reason(e)
+                if run.read_status().get("state") not in FINAL_STATES or state == "stopped":
+                    final = run.write_status(state, error=reason, finished=time.time())
+                    log.error("run %s: %s", state, reason)
+                    if isinstance(e, StopRequested):
+                        return final
+            raise
+        finally:
+            lock.release()
+
+
+# ------------------------------------------------------------------ the training loop
+class TrainLoop:
+    """The protocol that drives a step engine: resume bookkeeping, when to read the loss (once per
+    log_every steps, and before every checkpoint and sample), the NaN guard, metrics and ETA, samples,
+    checkpoints (temp folder renamed into place, the last keep_checkpoints kept), SIGTERM stop, and
+    the run's status. Only the main process writes files.
+
+    export_fn(folder, step): the deliverable adapter file(s), written into every checkpoint and into
+    the run folder at the end. sample_fn(step): validation every sample_every steps and at the end.
+    finish_fn(step) -> dict: main process, after the export (evaluation); its fields join "done"."""
+
+    def __init__(self, run: RunDir, settings, engine, *, main: bool = True,
+                 export_fn: Optional[Callable[[Path, int], None]] = None,
+                 sample_fn: Optional[Callable[[int], None]] = None, status_fields: Optional[dict] = None,
+                 finish_fn: Optional[Callable[[int], dict]] = None):
+        self.run, self.s, self.engine, self.main = run, settings, engine, main
+        self.export_fn, self.sample_fn, self.finish_fn = export_fn, sample_fn, finish_fn
+        self.status_fields = status_fields or {}
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.last_ckpt: Optional[str] = None
+        self.total, self.count, self.checked = None, 0, 0   # loss handles since the last metrics line
+        self.flag: Optional[StopFlag] = None
+        self.bar = None
+
+    # -------------------------------------------------------------- status
+    def _status(self, state: str, **fields) -> dict:
+        if self.main:
+            return self.run.write_status(state, **fields)
+        return {"state": state, "step": self.step, **fields}
+
+    def _live_state(self) -> str:
+        return "stopping" if self.flag is not None and self.flag.stop else "running"
+
+    # -------------------------------------------------------------- resume
+    def resume(self, resume: Optional[str]) -> Optional[Path]:
+        """Load the newest loadable checkpoint; with "latest"/"auto", one that fails to load is passed
+        over with a warning (and renamed corrupt_step_N once an older one has loaded)."""
+        cands = resume_candidates(self.run, resume)
+        failed: list[tuple[Path, BaseException]] = []
+        for path in cands:
+            try:
+                state = json.loads((path / "trainer_state.json").read_text())
+                self._check_state(path, state)
+                self.engine.load(path, state)
+            except Exception as e:   # a truncated file, bad JSON, a safetensors or pickle error, ...
+                log.warning("checkpoint %s cannot be loaded (%s: %s); trying an older one", path, type(e).__name__, e)
+                failed.append((path, e))
+                continue
+            for bad, _ in failed if self.main else []:
+                bad.rename(bad.with_name(f"corrupt_{bad.name}"))
+                log.warning("resumed from %s instead; the unreadable %s is now %s", path, bad, bad.with_name(
+                    f"corrupt_{bad.name}").name)
+            self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.last_ckpt = str(path)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+            return path
+        if failed:
+            path, e = failed[0]
+            raise RunFolderError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
+        return None
+
+    def _check_state(self, path: Path, state: dict) -> None:
+        backend = state.get("backend", "torch")
+        if backend != self.engine.backend:
+            raise ValueError(f"{path}: not a {self.engine.backend} checkpoint (backend {backend!r}); "
+                             "resume it with the backend that wrote it")
+        for k in ("step", "epoch", "batch_in_epoch"):
+            if not isinstance(state.get(k), int):
+                raise ValueError(f"{path}/trainer_state.json: no integer {k!r}")
+        if state.get("num_processes", 1) != self.engine.num_processes:
+            log.warning("checkpoint was written by %s processes, resuming with %s: the data order will differ",
+                        state.get("num_processes"), self.engine.num_processes)
+
+    # -------------------------------------------------------------- the run
+    def run_loop(self, resume: Optional[str] = None) -> dict:
+        """Train to settings.max_steps; returns the final status. Raises NonFiniteLoss (the run marked failed)."""
+        s = self.s
+        ckpt = self.resume(resume)
+        self.started, self.steps_here = time.time(), 0
+        self._status("running", pid=os.getpid(), host=socket.gethostname(), step=self.step, max_steps=s.max_steps,
+                     started=self.started, error=None, num_processes=self.engine.num_processes,
+                     resumed_from=str(ckpt) if ckpt else None, backend=self.engine.backend, **self.status_fields)
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=s.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
+        self.t_read, self.checked = time.time(), self.step
+        try:
+            with StopFlag() as self.flag:
+                stopped = self._epochs()
+        finally:
+            self.bar.close()
+        if stopped:
+            return self._status("stopped", step=self.step, last_checkpoint=self.last_ckpt)
+        if self.sample_fn is not None and self.main:
+            self.sample_fn(self.step)
+        self.engine.barrier()
+        extra = {}
+        if self.main and self.export_fn is not None:
+            self.export_fn(self.run.path, self.step)
+        if self.main and self.finish_fn is not None:
+            extra = self.finish_fn(self.step) or {}
+        final = self._status("done", step=self.step, finished=time.time(), last_checkpoint=self.last_ckpt, **extra)
+        self.engine.barrier()
+        return final
+
+    def _epochs(self) -> bool:
+        """Run the epochs; True when stopped by a signal."""
+        s = self.s
+        while self.step < s.max_steps:
+            fresh_epoch, any_step = self.batch_in_epoch == 0, False
+            try:
+                for loss, self.batch_in_epoch in self.engine.steps(self.epoch, self.batch_in_epoch, self.step):
+                    any_step = True
+                    self.step += 1
+                    self.steps_here += 1
+                    self.total = loss if self.total is None else self.total + loss
+                    self.count += 1
+                    self.bar.update(1)
+                    if self._after_step():
+                        return True
+                    if self.step >= s.max_steps:
+                        return False
+            except NonFiniteLoss as e:
+                self._non_finite(f"{e} at step {self.step + 1}")
+            if fresh_epoch and not any_step:
+                raise ValueError("the dataset yields no optimizer step (fewer examples than the batch size?)")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        return False
+
+    def _after_step(self) -> bool:
+        """Reading, sampling, checkpointing and stopping after an optimizer step; True to stop."""
+        s, step, multi = self.s, self.step, self.engine.num_processes > 1
+        log_due = step % max(s.log_every, 1) == 0 or step == s.max_steps
+        ckpt_due = bool(s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.max_steps
+        sample_due = bool(self.sample_fn and s.sample_every and step % s.sample_every == 0 and step < s.max_steps)
+        stop = self.flag.stop and not multi   # one process: a plain flag; several: agreed on at a reading
+        if log_due or ckpt_due or sample_due or stop:
+            self._read(log_due or stop)
+            if multi:
+                stop = self.engine.any(self.flag.stop)
+        if sample_due:
+            if self.main:
+                self.sample_fn(step)
+            self.engine.barrier()
+        if ckpt_due or stop:
+            self.checkpoint()
+        return stop
+
+    def _read(self, log_line: bool) -> None:
+        """The one device sync: the loss since the last reading. Non-finite -> the run fails (nothing
+        has been checkpointed or exported since the last good reading)."""
+        if self.count == 0:
+            return
+        mean = self.engine.read_loss(self.total) / self.count
+        if not math.isfinite(mean):
+            first = self.checked + 1
+            where = f"at step {self.step}" if first == self.step else f"between steps {first} and {self.step}"
+            self._non_finite(f"non-finite loss ({mean}) {where}")
+        self.checked = self.step
+        if not log_line:
+            return
+        now = time.time()
+        rec = {"step": self.step, "epoch": self.epoch, "loss": mean, "lr": self.engine.lr(),
+               "step_time": (now - self.t_read) / self.count, "time": now}
+        self.total, self.count, self.t_read = None, 0, now
+        self.bar.set_postfix(loss=f"{mean:.4f}")
+        if self.main:
+            self.run.append_metrics(rec)
+            eta = (now - self.started) / self.steps_here * (self.s.max_steps - self.step)
+            self._status(self._live_state(), step=self.step, eta_s=eta, loss=mean)
+            log.info("step %d/%d loss %.4f lr %.3g (%.2fs/step)", self.step, self.s.max_steps, mean, rec["lr"],
+                     rec["step_time"])
+
+    def _non_finite(self, what: str) -> None:
+        msg = f"{what}; training stopped. Last good checkpoint: {self.last_ckpt or 'none'}"
+        self._status("failed", error=msg, step=self.step, last_checkpoint=self.last_ckpt)
+        raise NonFiniteLoss(msg) from None
+
+    def checkpoint(self) -> Path:
+        """checkpoints/step_N: the engine's payload + the export + trainer_state.json, written to a temp
+        folder renamed into place; the last keep_checkpoints are kept."""
+        run, e, step = self.run, self.engine, self.step
+        final = run.checkpoints_dir / f"step_{step:08d}"
+        tmp = run.checkpoints_dir / f".tmp_step_{step:08d}"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        e.barrier()
+        e.save(tmp)
+        if self.main:
+            if self.export_fn is not None:
+                self.export_fn(tmp, step)
+            atomic_write_json(tmp / "trainer_state.json", {
+                "step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.s.seed,
+                "backend": e.backend, "num_processes": e.num_processes})
+        e.barrier()
+        if self.main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            keep = self.s.keep_checkpoints
+            for old in run.checkpoints()[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        e.barrier()
+        self.last_ckpt = str(final)
+        self._status(self._live_state(), last_checkpoint=self.last_ckpt)
+        return final

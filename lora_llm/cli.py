@@ -20,10 +20,17 @@ from lora_core.configdoc import HelpConfig
 
 
 def _cmd_train(a) -> int:
+    from lora_core.run import RunFolderError
     from .config import load_llm_config
     from .train import train_from_config
     cfg = load_llm_config(a.config, [*a.set, *([f'backend="{a.backend}"'] if a.backend else [])])
-    status = train_from_config(cfg, a.run_dir, a.resume)
+    if a.run_dir:
+        cfg.run_dir = a.run_dir   # the path as given; config.toml records where the run is
+    try:
+        status = train_from_config(cfg, a.run_dir, a.resume, overwrite=a.overwrite)
+    except RunFolderError as e:
+        print(f"lora-llm train: error: {e}", file=sys.stderr)
+        return 2
     return 0 if status.get("state") in ("done", "stopped") else 1
 
 
@@ -175,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="TOML job file (see configs/llm_*.toml)")
     t.add_argument("--run-dir", default=None, help="run folder (default: run_dir of the config)")
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds one (the old run is moved aside, not deleted)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     t.add_argument("--backend", choices=["torch", "mindspore"], default=None,
                    help="override the config's backend (mindspore: see docs/mindspore.md and the [mindspore] table)")

@@ -133,7 +133,7 @@ def _run_task(suite: SuiteConfig, task: str, cfg: LLMTrainConfig, resume: Option
         res.update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    steps=info.get("steps"))
         return res, suite.adapters[task]
-    status = train_from_config(cfg, resume=resume)
+    status = train_from_config(cfg, resume="auto" if resume else None)   # tasks not started yet start fresh
     if status.get("state") == "stopped":
         raise SuiteStopped(f"task {task}: training was stopped at step {status.get('step')}")
     if status.get("state") != "done":

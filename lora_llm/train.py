@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Optional
 
 import torch
 
-from lora_core.configfile import save_config
 from lora_core.io import atomic_write_json, atomic_write_text
 from lora_core.model import add_lora
-from lora_core.training import EpochSampler, RunDir, setup_logging, train
+from lora_core.run import RunDir, run_job
+from lora_core.training import EpochSampler, train
 
 from . import data as D
 from .adapters import ADAPTER_FILE, read_adapter_info, load_adapter, save_adapter
@@ -151,20 +150,23 @@ def _accelerator(cfg: LLMTrainConfig):
 
 
 def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
-                      resume: Optional[str] = None) -> dict:
+                      resume: Optional[str] = None, overwrite: bool = False) -> dict:
     """Train (and evaluate) one job; everything lands in the run folder. Returns the final status
-    dict (with "eval" when evaluation ran)."""
+    dict (with "eval" when evaluation ran). The folder rules are lora_core.run.run_job's."""
     if cfg.backend == "mindspore":
         from lora_llm.mindspore import train_from_config as ms_train  # the MindSpore backend, imported lazily
-        return ms_train(cfg, run_dir, resume)
-    from accelerate.utils import set_seed
-    run = RunDir(run_dir or cfg.run_dir).create()
+        return ms_train(cfg, run_dir, resume, overwrite=overwrite)
     accelerator = _accelerator(cfg)
-    main = accelerator.is_main_process
-    setup_logging(run, main)
-    if main:
-        save_config(run.config, cfg)
-        run.write_status("running", pid=os.getpid(), step=0, max_steps=cfg.train.max_steps, error=None)
+
+    def body(run: RunDir, _) -> dict:
+        return _train_torch(cfg, run, accelerator, resume)
+
+    return run_job("llm-train", run_dir or cfg.run_dir, body, config=cfg, resume=resume, overwrite=overwrite,
+                   main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+
+
+def _train_torch(cfg: LLMTrainConfig, run: RunDir, accelerator, resume: Optional[str]) -> dict:
+    from accelerate.utils import set_seed
     t_start = time.time()
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -186,11 +188,8 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
 
     base_model_name = cfg.model.pretrained
 
-    def export_fn(folder: Path):
-        # checkpoints are written to (.tmp_)step_XXXXXXXX; the run folder gets the final step
-        name = folder.name.rsplit("step_", 1)
-        steps = int(name[1]) if len(name) == 2 and name[1].isdigit() else run.read_status().get("step")
-        save_adapter(folder, accelerator.unwrap_model(model), adapter_info(cfg, steps=steps), base_model_name)
+    def export_fn(folder: Path, step: int):
+        save_adapter(folder, accelerator.unwrap_model(model), adapter_info(cfg, steps=step), base_model_name)
 
     sample_fn = None
     if cfg.data.is_lm and cfg.eval.prompts:
@@ -201,17 +200,16 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
             atomic_write_text(run.samples / f"step_{step:06d}.txt",
                               "".join(f"### {p}\n{p}{t}\n\n" for p, t in zip(e.prompts, texts)))
 
-    t_loop = time.time()
-    status = train(accelerator=accelerator, run=run, model=model, dataloader=dl, loss_fn=loss_fn, settings=s,
-                   resume=resume, export_fn=export_fn, sample_fn=sample_fn)
-    train_seconds, setup_seconds = time.time() - t_loop, t_loop - t_start
-    if status.get("state") == "done" and cfg.eval.enabled and main:
-        m = accelerator.unwrap_model(model)
-        result = evaluate_job(cfg, m, tokenizer, baseline=cfg.eval.baseline)
-        result.update(trainable_params=trainable, steps=status.get("step"), train_seconds=train_seconds,
-                      setup_seconds=setup_seconds)
+    def finish_fn(step: int) -> dict:
+        if not cfg.eval.enabled:
+            return {}
+        result = evaluate_job(cfg, accelerator.unwrap_model(model), tokenizer, baseline=cfg.eval.baseline)
+        result.update(trainable_params=trainable, steps=step, train_seconds=time.time() - t_loop,
+                      setup_seconds=t_loop - t_start)
         atomic_write_json(run.path / "eval.json", result)
         log.info("evaluation: %s", {k: v for k, v in result.items() if k != "generations"})
-        status = run.write_status("done", eval={k: v for k, v in result.items() if k != "generations"})
-    accelerator.wait_for_everyone()
-    return status
+        return {"eval": {k: v for k, v in result.items() if k != "generations"}}
+
+    t_loop = time.time()
+    return train(accelerator=accelerator, run=run, model=model, dataloader=dl, loss_fn=loss_fn,
+                 settings=s, resume=resume, export_fn=export_fn, sample_fn=sample_fn, finish_fn=finish_fn)

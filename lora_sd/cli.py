@@ -26,13 +26,17 @@ EXAMPLES = """examples:
 
 
 def _cmd_train(a) -> int:
+    from lora_core.run import RunFolderError
     from .config import load_train_config
     from .train import run_training
-    overrides = list(a.set or [])
+    cfg = load_train_config(a.config, list(a.set or []))
     if a.run_dir:
-        overrides.append(f'run_dir="{a.run_dir}"')
-    cfg = load_train_config(a.config, overrides)
-    status = run_training(cfg, resume=a.resume)
+        cfg.run_dir = a.run_dir   # the path as given (not re-parsed as TOML)
+    try:
+        status = run_training(cfg, resume=a.resume, overwrite=a.overwrite)
+    except RunFolderError as e:
+        print(f"lora-sd train: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: status.get(k) for k in ("state", "step", "last_checkpoint")}))
     print(f"run folder: {cfg.run_dir}")
     return 0 if status.get("state") in ("done", "stopped") else 1
@@ -252,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="TOML file (see configs/sd_*.toml)")
     t.add_argument("--run-dir", help="override run_dir (the run folder)")
     t.add_argument("--resume", help="'latest' or a checkpoint folder (RUN/checkpoints/step_N)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds one (the old run is moved aside, not deleted)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config field, e.g. --set train.max_steps=200 (repeatable)")
     t.add_argument("--help-config", action=HelpConfig, config_class="lora_sd.config:SDTrainConfig")

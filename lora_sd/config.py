@@ -77,9 +77,15 @@ class SampleSettings(Checked, section="sample"):
     scheduler: Sampler = option("ddim", "sampler of the validation images")
 
 
+def _plain_name_error(name: str) -> Optional[str]:
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        return f"must be a plain file name (no folder, no '..'); got {name!r}"
+    return None
+
+
 @dataclass
 class OutputSettings(Checked, section="output"):
-    name: str = option("lora", "final adapter file: RUN/<name>.safetensors (kohya format)")
+    name: str = option("lora", "final adapter file: RUN/<name>.safetensors (kohya format)", check=_plain_name_error)
     save_diffusers: bool = option(True, "also write RUN/pytorch_lora_weights.safetensors (diffusers format)")
     save_dtype: Dtype = option("fp32", "dtype of the saved adapter weights")
 

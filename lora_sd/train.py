@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_core import add_lora
-from lora_core.configfile import save_config
-from lora_core.training import RunDir, setup_logging, train
+from lora_core.run import RunDir, run_job
+from lora_core.training import train
 
 from . import formats
 from .config import SDTrainConfig
@@ -148,8 +148,10 @@ class _MetricsRun(RunDir):
             self._tb.flush()
 
 
-def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=None, pipe=None) -> dict:
-    """Train as configured; returns the final status dict (see lora_core.training.RunDir).
+def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=None, pipe=None,
+                 overwrite: bool = False) -> dict:
+    """Train as configured; returns the final status dict (see lora_core.run). The run folder's rules
+    (refusing another run's files, --overwrite, the lock, final states) are lora_core.run.run_job's.
     `pipe` replaces loading cfg.model.pretrained (an in-memory pipeline, e.g. the benchmark's)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -159,27 +161,36 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation_steps)
-    main = accelerator.is_main_process
-    run = _MetricsRun(cfg.run_dir)
-    if main:
-        run.create()
-    accelerator.wait_for_everyone()
-    setup_logging(run, main)
-    try:
-        if main:
-            save_config(run.config, cfg)
-            run.write_status("running", step=0, max_steps=s.max_steps, error=None)
-        return _run(cfg, run, accelerator, resume, set_seed, pipe)
-    except Exception as e:
-        if main and run.read_status().get("state") != "failed":
-            run.write_status("failed", error=f"{type(e).__name__}: {e}")
-        raise
+
+    def body(run: RunDir, items) -> dict:
+        return _run(cfg, run, accelerator, resume, set_seed, pipe, items)
+
+    return run_job("sd-train", _MetricsRun(cfg.run_dir), body, config=cfg, resume=resume, overwrite=overwrite,
+                   main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+                   validate=lambda: load_items(cfg.data))   # dataset errors before anything is written
 
 
-def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe) -> dict:
+def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
+    """(BatchDataset, cached text embeddings or None): sizes, latent cache, text cache."""
+    s, d, te, vae = cfg.train, cfg.data, pipe.text_encoder, pipe.vae
+    if d.cache_latents and not d.center_crop:
+        log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
+    text_emb = None
+    if d.cache_text and not train_te:
+        text_emb = encode_text(te, tokenize(pipe.tokenizer, [i.caption for i in items]))
+    ds = BatchDataset(items, d, s.batch_size, s.seed, pipe.tokenizer, text_emb=text_emb)
+    if d.cache_latents:
+        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
+        n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        log.info("latent cache %s: %d encoded by this process", cache.folder, n)
+        ds.load_latents(cache)
+    log.info("%d batches per epoch; buckets %s", len(ds), ds.bucket_counts())
+    return ds, text_emb
+
+
+def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, items) -> dict:
     s, d = cfg.train, cfg.data
-    main = accelerator.is_main_process
-    items = load_items(d)   # dataset errors surface before any model is loaded
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
 
     set_seed(s.seed)   # same LoRA init on every process
@@ -209,22 +220,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe) -
             te.gradient_checkpointing_enable()
     pipe.to(accelerator.device)
 
-    # data: sizes, latent cache, text cache
     cache_latents = d.cache_latents
-    if cache_latents and not d.center_crop:
-        log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
-    tokenizer = pipe.tokenizer
-    text_emb = None
-    if d.cache_text and not train_te:
-        text_emb = encode_text(te, tokenize(tokenizer, [i.caption for i in items]))
-    ds = BatchDataset(items, d, s.batch_size, s.seed, tokenizer, text_emb=text_emb)
-    if cache_latents:
-        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
-        n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
-        accelerator.wait_for_everyone()
-        log.info("latent cache %s: %d encoded by this process", cache.folder, n)
-        ds.load_latents(cache)
-    log.info("%d batches per epoch; buckets %s", len(ds), ds.bucket_counts())
+    ds, text_emb = _dataset(cfg, items, pipe, accelerator, train_te)
 
     module = DiffusionLoss(unet, noise_scheduler, train_text_encoder=train_te,
                            text_encoder=te if (train_te or text_emb is None) else None,
@@ -236,9 +233,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe) -
     components = {"unet": unet, **({"text_encoder": te} if train_te else {})}
     resolution = d.resolution
 
-    def export(folder: Path) -> None:
+    def export(folder: Path, step: int) -> None:
         adapter = formats.from_model(components)
-        step = run.read_status().get("step", 0)
         meta = training_metadata(cfg, len(items), resolution, step)
         if is_random_weights(pipe):
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE

@@ -89,9 +89,19 @@ def test_wikitext2_lm_pynative_with_perplexity(tmp_path):
     st = train_from_config(cfg, None)
     assert st["state"] == "done" and st["eval"]["perplexity"] > 1
     losses = [m["loss"] for m in RunDir(tmp_path).read_metrics()]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert len(losses) == 3 and all(np.isfinite(losses))
     model, tok, info = load_trained(tmp_path)
     assert info["num_labels"] == 0
+    # training lowers the loss on one fixed batch, the training blocks (the losses of 3 different batches
+    # need not fall: they do not on the synthetic fixture of a machine without ../shared)
+    from lora_core.model import lora_disabled
+    from lora_llm.train import train_items
+    blocks = torch.tensor([it["input_ids"] for it in train_items(cfg, tok)])
+    with torch.no_grad():
+        after = model(blocks, labels=blocks).loss.item()
+        with lora_disabled(model):
+            before = model(blocks, labels=blocks).loss.item()
+    assert after < before - 5e-3, (before, after)
     ids = np.array([tok("The game began in the north")["input_ids"]])
     mask = np.ones_like(ids)
     with torch.no_grad():

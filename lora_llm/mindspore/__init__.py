@@ -7,10 +7,10 @@ config file) calls `train_from_config`.
 from __future__ import annotations
 
 
-def train_from_config(cfg, run_dir, resume=None) -> dict:
+def train_from_config(cfg, run_dir, resume=None, overwrite: bool = False) -> dict:
     """Train cfg (an LLMTrainConfig) with MindSpore into run_dir; see lora_llm.mindspore.train."""
     from .train import train_from_config as _train
-    return _train(cfg, run_dir, resume)
+    return _train(cfg, run_dir, resume, overwrite=overwrite)
 
 
 __all__ = ["train_from_config"]

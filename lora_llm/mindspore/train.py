@@ -1,12 +1,12 @@
-"""GPT-2 LoRA training on MindSpore with the run-folder conventions of lora_core.training.
+"""GPT-2 LoRA training on MindSpore: a step engine of the run protocol (lora_core.run.TrainLoop).
 
 What is the same as the PyTorch trainer (lora_core.training.train): the config file, the data and its
 order (lora_llm.data + lora_core.training.EpochSampler), AdamW with torch's formula
 (mindspore.experimental.optim.AdamW), the learning-rate schedule (transformers' get_scheduler, evaluated
 step by step on a dummy PyTorch optimizer), gradient clipping with torch's clip_grad_norm_ formula,
-gradient accumulation (mean of the micro-batch gradients), the NaN guard, SIGTERM => checkpoint +
-"stopped", metrics.jsonl / status.json / train.log / checkpoints/step_N, and `adapter.safetensors` in
-the backend-neutral lora_core format.
+gradient accumulation (mean of the micro-batch gradients), and everything of the run protocol: the
+NaN guard, SIGTERM => checkpoint + "stopped", metrics.jsonl / status.json / train.log /
+checkpoints/step_N, and `adapter.safetensors` in the backend-neutral lora_core format.
 
 Differences: mixed precision is not offered (fp32 only); a resumed run restores parameters, optimizer
 state, step and data position, but not MindSpore's dropout RNG stream (re-seeded from seed + step).
@@ -19,9 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import socket
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -30,8 +27,8 @@ import numpy as np
 from mindspore import nn, ops
 
 import lora_core.mindspore as lcm
-from lora_core.training import (EpochSampler, NonFiniteLoss, RunDir, TrainSettings, StopFlag, resolve_resume,
-                                setup_logging)
+from lora_core.run import NonFiniteLoss, RunDir, TrainLoop, TrainSettings, run_job
+from lora_core.training import EpochSampler
 
 log = logging.getLogger("lora.llm.mindspore")
 ADAPTER_FILE = "adapter.safetensors"
@@ -187,181 +184,129 @@ def build_model(cfg, num_labels: int, pad_id: int) -> nn.Cell:
     return net
 
 
-# ------------------------------------------------------------------ checkpoints
-def save_checkpoint(run: RunDir, trainer: LoraTrainer, state: dict, keep: int, meta: dict) -> Path:
-    """checkpoints/step_N: trainable.safetensors, optimizer.safetensors, adapter.safetensors,
-    trainer_state.json; written to a temp folder renamed into place; keeps the last `keep`."""
-    from safetensors.numpy import save_file
-    final = run.checkpoints_dir / f"step_{state['step']:08d}"
-    tmp = run.checkpoints_dir / f".tmp_step_{state['step']:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({p.name: p.asnumpy() for p in trainer.params}, str(tmp / "trainable.safetensors"))
-    save_file(trainer.optimizer_state(), str(tmp / "optimizer.safetensors"))
-    lcm.save_lora(tmp / ADAPTER_FILE, trainer.net, meta)
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "backend": "mindspore", "num_processes": 1}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in run.checkpoints()[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+# ------------------------------------------------------------------ the step engine
+class MindSporeEngine:
+    """The MindSpore step engine of lora_core.run.TrainLoop: whole optimizer steps over the epoch order of
+    an EpochSampler (every worker takes its own batches of each step); the checkpoint payload is
+    trainable.safetensors + optimizer.safetensors (main process)."""
+    backend = "mindspore"
 
+    def __init__(self, trainer: LoraTrainer, settings: TrainSettings, seqs, labels, width: int, pad_id: int,
+                 lm: bool, dp=None):
+        s = settings
+        self.trainer, self.s, self.dp = trainer, s, dp
+        self.seqs, self.labels, self.width, self.pad_id, self.lm = seqs, labels, width, pad_id, lm
+        self.rank, self.num_processes = (dp.rank, dp.size) if dp else (0, 1)
+        self.per_step = s.gradient_accumulation_steps * self.num_processes  # batches per optimizer step
+        self.n_batches = len(seqs) // s.batch_size
+        if self.n_batches < self.per_step:
+            raise ValueError(f"the dataset yields {self.n_batches} batches of {s.batch_size}: fewer than one optimizer "
+                             f"step ({s.gradient_accumulation_steps} x {self.num_processes} workers)")
+        self.sampler = EpochSampler(len(seqs), s.seed)
+        self.lr_at = lr_schedule(s)
+        self.step = 0
+        trainer.net.set_train(True)
 
-def load_checkpoint(path: Path, trainer: LoraTrainer) -> dict:
-    from safetensors.numpy import load_file
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state.get("backend") != "mindspore":
-        raise ValueError(f"{path}: not a MindSpore checkpoint (backend {state.get('backend', 'torch')!r}); "
-                         "resume it with the backend that wrote it")
-    saved = load_file(str(path / "trainable.safetensors"))
-    own = {p.name: p for p in trainer.params}
-    if set(saved) != set(own):
-        raise ValueError(f"{path}: checkpoint parameters do not match the model (missing "
-                         f"{sorted(set(own) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(own))[:5]})")
-    for k, p in own.items():
-        if tuple(saved[k].shape) != tuple(p.shape):
-            raise ValueError(f"{path}: {k} has shape {saved[k].shape}, model has {tuple(p.shape)}")
-        ops.assign(p, ms.Tensor(saved[k], p.dtype))
-    trainer.load_optimizer_state(load_file(str(path / "optimizer.safetensors")), str(path))
-    return state
+    def steps(self, epoch: int, batch_in_epoch: int, step: int):
+        s = self.s
+        self.sampler.set_epoch(epoch)
+        order = list(iter(self.sampler))
+        while batch_in_epoch + self.per_step <= self.n_batches:
+            micro = []
+            for a in range(s.gradient_accumulation_steps):
+                b = batch_in_epoch + a * self.num_processes + self.rank
+                idx = order[b * s.batch_size:(b + 1) * s.batch_size]
+                micro.append(fixed_batch([self.seqs[i] for i in idx], [self.labels[i] for i in idx], self.width,
+                                         self.pad_id, self.lm))
+            loss = self.trainer.step(micro, self.lr_at(step))
+            batch_in_epoch += self.per_step
+            step = self.step = step + 1
+            yield loss, batch_in_epoch
+
+    def read_loss(self, total: float) -> float:
+        return self.dp.mean(total) if self.dp else float(total)
+
+    def any(self, flag: bool) -> bool:
+        return self.dp.any(flag) if self.dp else flag
+
+    def lr(self) -> float:
+        return self.lr_at(self.step)
+
+    def barrier(self) -> None:
+        pass   # only the main process writes files
+
+    def save(self, folder: Path) -> None:
+        from safetensors.numpy import save_file
+        if self.rank == 0:
+            save_file({p.name: p.asnumpy() for p in self.trainer.params}, str(folder / "trainable.safetensors"))
+            save_file(self.trainer.optimizer_state(), str(folder / "optimizer.safetensors"))
+
+    def load(self, path: Path, state: dict) -> None:
+        from safetensors.numpy import load_file
+        trainer = self.trainer
+        saved = load_file(str(path / "trainable.safetensors"))
+        own = {p.name: p for p in trainer.params}
+        if set(saved) != set(own):
+            raise ValueError(f"{path}: checkpoint parameters do not match the model (missing "
+                             f"{sorted(set(own) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(own))[:5]})")
+        for k, p in own.items():
+            if tuple(saved[k].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: {k} has shape {saved[k].shape}, model has {tuple(p.shape)}")
+            ops.assign(p, ms.Tensor(saved[k], p.dtype))
+        trainer.load_optimizer_state(load_file(str(path / "optimizer.safetensors")), str(path))
+        self.step = state["step"]
+        ms.set_seed(self.s.seed + state["step"])
 
 
 # ------------------------------------------------------------------ the run
-def train_from_config(cfg, run_dir, resume: Optional[str] = None) -> dict:
+def train_from_config(cfg, run_dir, resume: Optional[str] = None, overwrite: bool = False) -> dict:
     """Train cfg (lora_llm.config.LLMTrainConfig, backend "mindspore") into run_dir; returns the final
     status. Writes the resolved config, status.json, metrics.jsonl, train.log, checkpoints/step_N and
-    adapter.safetensors (lora_core format: loads into the PyTorch model with lora_core.load_lora)."""
-    from lora_core.configfile import save_config
+    adapter.safetensors (lora_core format: loads into the PyTorch model with lora_core.load_lora).
+    The folder rules are lora_core.run.run_job's; a device that cannot be used is refused before
+    anything is written."""
+    mcfg = cfg.mindspore
+    set_device(mcfg.device_target, mcfg.device_id)   # before communication starts (msrun workers)
+    dp = data_parallel()
+
+    def body(run: RunDir, _) -> dict:
+        return _train(cfg, run, resume, dp)
+
+    return run_job("llm-train", run_dir or cfg.run_dir, body, config=cfg, resume=resume, overwrite=overwrite,
+                   main=dp is None or dp.rank == 0)
+
+
+def _train(cfg, run: RunDir, resume: Optional[str], dp) -> dict:
     from lora_llm import data as D
     from lora_llm.models import load_tokenizer
-
-    s, mcfg = cfg.train, cfg.mindspore
-    run = RunDir(run_dir or cfg.run_dir)
-    try:
-        set_device(mcfg.device_target, mcfg.device_id)   # before communication starts (msrun workers)
-        dp = data_parallel()
-    except Exception as e:
-        run.create().write_status("failed", error=f"{type(e).__name__}: {e}")
-        raise
-    main = dp is None or dp.rank == 0
-    if main:
-        run.create()
-        save_config(run.config, cfg)
-    setup_logging(run, main)
-    try:
-        ms.set_seed(s.seed)
-        tok = load_tokenizer(cfg.model)
-        pad_id = int(tok.pad_token_id)
-        num_labels = 0 if cfg.data.is_lm else D.num_labels(cfg.data.task)
-        seqs, labels, width = build_data(cfg, tok)
-        net = build_model(cfg, num_labels, pad_id)
-        trainer = LoraTrainer(net, s, graph=mcfg.mode == "graph",
-                              **({"reducer": dp.reducer(lcm.lora_parameters(net)), "all_workers": dp.all} if dp else {}))
-        log.info("MindSpore %s, %s on %s, %d trainable parameters, %d examples, %s", ms.__version__, mcfg.mode,
-                 mcfg.device_target, sum(p.size for p in trainer.params), len(seqs),
-                 f"{dp.size} data-parallel workers" if dp else "1 process")
-        status = _loop(cfg, run, trainer, seqs, labels, width, pad_id, resume, dp)
-        if main and status.get("state") == "done" and cfg.eval.enabled:
-            status = evaluate_with_torch(cfg, run)
-        return status
-    except Exception as e:
-        if main and run.read_status().get("state") != "failed":
-            run.write_status("failed", error=f"{type(e).__name__}: {e}")
-        raise
-
-
-def _loop(cfg, run: RunDir, trainer: LoraTrainer, seqs, labels, width: int, pad_id: int,
-          resume: Optional[str], dp) -> dict:
     from lora_llm.train import adapter_info
-    s = cfg.train
-    lm = cfg.data.is_lm
-    rank, world = (dp.rank, dp.size) if dp else (0, 1)
-    main = rank == 0
-    per_step = s.gradient_accumulation_steps * world   # batches of batch_size per optimizer step
-    n_batches = len(seqs) // s.batch_size
-    if n_batches < per_step:
-        raise ValueError(f"the dataset yields {n_batches} batches of {s.batch_size}: fewer than one optimizer step "
-                         f"({s.gradient_accumulation_steps} x {world} workers)")
-    sampler = EpochSampler(len(seqs), s.seed)
-    lr_at = lr_schedule(s)
+    s, mcfg = cfg.train, cfg.mindspore
+    ms.set_seed(s.seed)
+    tok = load_tokenizer(cfg.model)
+    pad_id = int(tok.pad_token_id)
+    num_labels = 0 if cfg.data.is_lm else D.num_labels(cfg.data.task)
+    seqs, labels, width = build_data(cfg, tok)
+    net = build_model(cfg, num_labels, pad_id)
+    trainer = LoraTrainer(net, s, graph=mcfg.mode == "graph",
+                          **({"reducer": dp.reducer(lcm.lora_parameters(net)), "all_workers": dp.all} if dp else {}))
+    log.info("MindSpore %s, %s on %s, %d trainable parameters, %d examples, %s", ms.__version__, mcfg.mode,
+             mcfg.device_target, sum(p.size for p in trainer.params), len(seqs),
+             f"{dp.size} data-parallel workers" if dp else "1 process")
+    engine = MindSporeEngine(trainer, s, seqs, labels, width, pad_id, cfg.data.is_lm, dp)
 
-    def meta(step):
-        return {"llm_info": json.dumps(adapter_info(cfg, steps=step, backend="mindspore"))}
+    def export(folder: Path, step: int) -> None:
+        meta = {"llm_info": json.dumps(adapter_info(cfg, steps=step, backend="mindspore"))}
+        lcm.save_lora(folder / ADAPTER_FILE, trainer.net, meta)
 
-    step, epoch, batch_in_epoch = 0, 0, 0
-    ckpt = resolve_resume(run, resume)
-    if ckpt is not None:
-        st = load_checkpoint(ckpt, trainer)
-        step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
-        ms.set_seed(s.seed + step)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, step, epoch, batch_in_epoch)
-    started = time.time()
-    if main:
-        run.write_status("running", pid=os.getpid(), host=socket.gethostname(), step=step, max_steps=s.max_steps,
-                         started=started, error=None, num_processes=world, backend="mindspore",
-                         resumed_from=str(ckpt) if ckpt else None)
-    state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": s.seed}
-    last_ckpt, t_step, done_here = (str(ckpt) if ckpt else None), time.time(), 0
-    trainer.net.set_train(True)
-
-    def checkpoint():
-        nonlocal last_ckpt
-        if main:
-            last_ckpt = str(save_checkpoint(run, trainer, dict(state), s.keep_checkpoints, meta(step)))
-            run.write_status("running", last_checkpoint=last_ckpt)
-
-    with StopFlag() as flag:
-        while step < s.max_steps:
-            sampler.set_epoch(epoch)
-            order = list(iter(sampler))
-            # whole optimizer steps per epoch; every worker takes its own batches of each step
-            while batch_in_epoch + per_step <= n_batches and step < s.max_steps:
-                micro = []
-                for a in range(s.gradient_accumulation_steps):
-                    b = batch_in_epoch + a * world + rank
-                    idx = order[b * s.batch_size:(b + 1) * s.batch_size]
-                    micro.append(fixed_batch([seqs[i] for i in idx], [labels[i] for i in idx], width, pad_id, lm))
-                try:
-                    loss = trainer.step(micro, lr_at(step))
-                except NonFiniteLoss as e:
-                    msg = f"{e} at step {step + 1}; training stopped. Last good checkpoint: {last_ckpt or 'none'}"
-                    if main:
-                        run.write_status("failed", error=msg, step=step, last_checkpoint=last_ckpt)
-                    raise NonFiniteLoss(msg) from None
-                batch_in_epoch += per_step
-                step += 1
-                done_here += 1
-                state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
-                now = time.time()
-                rec = {"step": step, "epoch": epoch, "loss": dp.mean(loss) if dp else loss, "lr": lr_at(step),
-                       "step_time": now - t_step, "time": now}
-                t_step = now
-                if main and (step % max(s.log_every, 1) == 0 or step == s.max_steps):
-                    run.append_metrics(rec)
-                    eta = (now - started) / done_here * (s.max_steps - step)
-                    run.write_status("running", step=step, eta_s=eta, loss=rec["loss"])
-                    log.info("step %d/%d loss %.4f lr %.3g (%.2fs)", step, s.max_steps, rec["loss"], rec["lr"],
-                             rec["step_time"])
-                stop = dp.any(flag.stop) if dp else flag.stop
-                if (s.checkpoint_every and step % s.checkpoint_every == 0) or stop or step == s.max_steps:
-                    checkpoint()
-                if stop:
-                    if main:
-                        run.write_status("stopped", step=step, last_checkpoint=last_ckpt)
-                    return run.read_status() if main else {"state": "stopped", "step": step}
-            if step < s.max_steps:
-                epoch, batch_in_epoch = epoch + 1, 0
-                state.update(epoch=epoch, batch_in_epoch=0)
-    if main:
-        lcm.save_lora(run.path / ADAPTER_FILE, trainer.net, meta(step))
-        run.write_status("done", step=step, finished=time.time(), last_checkpoint=last_ckpt)
-    return run.read_status() if main else {"state": "done", "step": step}
+    finish = (lambda step: evaluate_with_torch(cfg, run, step)) if cfg.eval.enabled else None
+    return TrainLoop(run, s, engine, main=dp is None or dp.rank == 0, export_fn=export,
+                     finish_fn=finish).run_loop(resume)
 
 
-def evaluate_with_torch(cfg, run: RunDir) -> dict:
+def evaluate_with_torch(cfg, run: RunDir, step: int) -> dict:
     """Evaluation after a MindSpore run: the adapter file is backend-neutral, so it is loaded into the
     PyTorch model and scored by lora_llm's evaluator (eval.json, same numbers as a PyTorch run), and
-    the PEFT folder is exported from there."""
+    the PEFT folder is exported from there. Returns the status fields {"eval": ...}."""
     from lora_core.io import atomic_write_json
     from lora_llm.adapters import PEFT_DIR, export_peft
     from lora_llm.train import evaluate_job, load_trained
@@ -369,11 +314,11 @@ def evaluate_with_torch(cfg, run: RunDir) -> dict:
     export_peft(run.path / PEFT_DIR, model, task_type="SEQ_CLS" if info.get("num_labels") else "CAUSAL_LM",
                 base_model_name=cfg.model.pretrained)
     result = evaluate_job(cfg, model, tok, progress=False)
-    result.update(steps=run.read_status().get("step"), backend="mindspore")
+    result.update(steps=step, backend="mindspore")
     atomic_write_json(run.path / "eval.json", result)
     log.info("evaluation (PyTorch, on the MindSpore adapter): %s",
              {k: v for k, v in result.items() if k != "generations"})
-    return run.write_status("done", eval={k: v for k, v in result.items() if k != "generations"})
+    return {"eval": {k: v for k, v in result.items() if k != "generations"}}
 
 
 # ------------------------------------------------------------------ data parallel (msrun)
