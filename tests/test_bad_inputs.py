@@ -30,10 +30,6 @@ PROG = {"sd": "lora-sd", "llm": "lora-llm"}
 MAIN = {"sd": sd_cli.main, "llm": llm_cli.main}
 
 
-def needs(branch):
-    return pytest.mark.xfail(strict=False, reason=f"needs branch {branch}")
-
-
 # ------------------------------------------------------------------ helpers
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under root (the files a failed command must leave alone)."""
@@ -509,7 +505,6 @@ def _sd_train(world, run, capsys, *sets):
     return run_cli("sd", args, capsys)
 
 
-@needs("run")
 def test_fresh_train_into_a_finished_run_is_refused(world, finished_sd_run, capsys):
     before = snapshot(finished_sd_run)
     rc, err = _sd_train(world, finished_sd_run, capsys)
@@ -518,7 +513,6 @@ def test_fresh_train_into_a_finished_run_is_refused(world, finished_sd_run, caps
     assert snapshot(finished_sd_run) == before
 
 
-@needs("run")
 def test_failed_attempt_leaves_a_finished_run_alone(world, finished_sd_run, capsys):
     before = snapshot(finished_sd_run)
     rc, err = _sd_train(world, finished_sd_run, capsys, f'data.path="{world["root"] / "nodata"}"')
@@ -526,14 +520,12 @@ def test_failed_attempt_leaves_a_finished_run_alone(world, finished_sd_run, caps
     assert snapshot(finished_sd_run) == before
 
 
-@needs("run")
 def test_resume_latest_on_a_folder_without_a_run(world, tmp_path, capsys):
     rc, err = run_cli("sd", ["train", "--config", str(world["cfg"] / "sd_ok.toml"), "--run-dir",
                              str(tmp_path / "no-run"), "--resume", "latest"], capsys)
     assert rc == 2 and "no-run" in error_line(err, "lora-sd") and not (tmp_path / "no-run").exists()
 
 
-@needs("run")
 def test_llm_status_is_final_after_an_error(world, tmp_path, capsys):
     run = tmp_path / "run"
     rc, err = run_cli("llm", ["train", "--config", str(world["cfg"] / "llm_typo_model.toml"), "--run-dir", str(run)], capsys)
@@ -545,7 +537,7 @@ def test_llm_status_is_final_after_an_error(world, tmp_path, capsys):
 @pytest.mark.parametrize("override,field", [
     ("train.batch_size=0", "batch_size"), ("train.gradient_accumulation_steps=0", "gradient_accumulation_steps"),
     ('train.lr_scheduler="cosinus"', "lr_scheduler"), ('sample.scheduler="eulerx"', "scheduler"),
-    pytest.param('output.name="../../x"', "output.name", marks=needs("run")),
+    pytest.param('output.name="../../x"', "output.name"),
 ], ids=["batch-0", "accum-0", "lr-scheduler", "sample-scheduler", "output-name"])
 def test_config_validated_when_it_loads(override, field, world, tmp_path, capsys):
     rc, err = _sd_train(world, tmp_path / "run", capsys, override)
