@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-captions-needed", action="store_true", help="the caption template has no {caption}")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=_cmd_check_dataset)
+    from .cli_decide import add_commands   # grid, sweep, check
+    add_commands(sub)
     return p
 
 
