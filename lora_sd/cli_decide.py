@@ -70,6 +70,21 @@ def _cmd_check(a) -> int:
     return 0 if rep.ok else 1
 
 
+def inspect_base(a) -> int:
+    """`lora-sd inspect FILE --base MODEL`: the load report of FILE against MODEL, before any load."""
+    from lora_core.adapter_files import inspect
+    from . import formats
+    from .models import load_pipeline
+    desc = inspect(a.file)
+    pipe = load_pipeline(a.base, getattr(a, "model_config", ""))
+    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    adapter, _, _ = formats.read_adapter(a.file, comps)
+    rep = formats.load_report(adapter, comps, a.file, formats.made_for_shapes(adapter, desc.get("architecture", "")),
+                              base=a.base)
+    print(json.dumps(rep.to_dict(), indent=2) if a.json else rep.text())
+    return 0 if rep.fits else 1
+
+
 def add_commands(sub) -> None:
     """Add grid, sweep and check to the `lora-sd` subparsers."""
     from lora_core.sweep import add_sweep_parser
