@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-from lora_core.configdoc import HelpConfig
-
 
 def _axis_values(axis: str, text: str, run: str) -> list:
     """'step' (all of the run's steps), 'step=0,200,final', 'scale=0,0.5,1', 'prompt=a cat|a dog', 'seed=1,2',
@@ -63,11 +61,9 @@ def _cmd_sweep(a) -> int:
 
 
 def _cmd_check(a) -> int:
-    from lora_core.preflight import print_report
+    from lora_core.preflight import cli_check
     from .preflight import preflight
-    rep = preflight(a.config, a.set, device=a.device, steps=0 if a.no_steps else 2)
-    print(json.dumps(rep.to_dict(), indent=2) if a.json else print_report(rep))
-    return 0 if rep.ok else 1
+    return cli_check(a, preflight)
 
 
 def inspect_base(a) -> int:
@@ -87,6 +83,7 @@ def inspect_base(a) -> int:
 
 def add_commands(sub) -> None:
     """Add grid, sweep and check to the `lora-sd` subparsers."""
+    from lora_core.preflight import add_check_parser
     from lora_core.sweep import add_sweep_parser
     g = sub.add_parser("grid", help="comparison grid over checkpoint steps, adapter scales, prompts, seeds or adapters")
     g.add_argument("--x", required=True, metavar="AXIS[=V1,V2,...]",
@@ -113,13 +110,5 @@ def add_commands(sub) -> None:
 
     add_sweep_parser(sub, "lora_sd.config:SDTrainConfig", "lora-sd").set_defaults(fn=_cmd_sweep)
 
-    c = sub.add_parser("check", help="preflight: config conflicts, data audit, parameters, memory estimate and two "
-                                     "real optimisation steps at a reduced size; exit 0 only when nothing blocks")
-    c.add_argument("--config", required=True)
-    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    c.add_argument("--device", default="", help="default: cuda when available, else cpu")
-    c.add_argument("--no-steps", action="store_true", help="skip the two optimisation steps")
-    c.add_argument("--json", action="store_true")
-    c.add_argument("--help-config", action=HelpConfig, config_class="lora_sd.config:SDTrainConfig")
-    c.set_defaults(fn=_cmd_check)
+    add_check_parser(sub, "lora_sd.config:SDTrainConfig", _cmd_check)
 

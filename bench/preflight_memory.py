@@ -1,0 +1,141 @@
+"""Bench: the preflight's peak-memory estimate (lora_sd.preflight / lora_llm.preflight) against the measured peak
+of real training steps on CPU.
+
+    OMP_NUM_THREADS=1 python bench/preflight_memory.py --case tiny-sd [--json]
+    python bench/preflight_memory.py --case sd15-256 | smollm2-16x64
+
+Each case runs in this process: imports, then RSS0 (resident memory before any model exists); the model is
+built and the estimate made; freed heap is handed back (malloc_trim) and the peak-RSS counter reset
+(/proc/self/clear_refs = 5); then two optimisation steps run exactly as the trainers do (the same loss
+module, AdamW over the LoRA parameters); measured peak = VmHWM - RSS0 (weights included, like the estimate).
+Linux only. Prints estimate, measured and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _sd_case(resolution: int, batch: int, unet_kw: dict | None):
+    import torch
+    from lora_core.configfile import from_dict
+    from lora_sd.config import SDTrainConfig
+    from lora_sd.models import build_tiny_pipeline
+    cfg = from_dict(SDTrainConfig, {"data": {"path": ".", "resolution": resolution},
+                                    "train": {"batch_size": batch}, "lora": {"r": 4, "alpha": 4.0}})
+    pipe = build_tiny_pipeline()
+    if unet_kw:   # an SD-1.5-sized UNet (random weights) in the tiny pipeline
+        from diffusers import UNet2DConditionModel
+        pipe.unet = UNet2DConditionModel(**unet_kw)
+        pipe.vae_scale_factor = 8
+    return cfg, pipe, torch
+
+
+def run_sd(resolution: int, batch: int, unet_kw: dict | None = None) -> dict:
+    cfg, pipe, torch = _sd_case(resolution, batch, unet_kw)
+    from lora_core.preflight import PreflightReport
+    from lora_sd.preflight import measure
+    from lora_sd.train import DiffusionLoss
+    from diffusers import DDPMScheduler
+    rep = PreflightReport("sd-train", "bench")
+    measure(cfg, pipe, "cpu", rep)
+    unet = pipe.unet
+    module = DiffusionLoss(unet, DDPMScheduler.from_config(pipe.scheduler.config), scaling_factor=0.18215)
+    module.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    s = resolution // pipe.vae_scale_factor
+    batch_data = {"latent_params": torch.randn(batch, 2 * unet.config.in_channels, s, s),
+                  "text_emb": torch.randn(batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)}
+    return _measure(rep.memory, lambda: module(batch_data), opt, params)
+
+
+def run_llm(batch: int, length: int, pretrained: str) -> dict:
+    from lora_core.configfile import from_dict
+    from lora_core.preflight import PreflightReport
+    from lora_llm.config import LLMTrainConfig
+    from lora_llm.preflight import measure
+    import torch
+    cfg = from_dict(LLMTrainConfig, {"model": {"pretrained": pretrained}, "data": {"task": "wikitext2", "block_size": length},
+                                     "train": {"batch_size": batch}})
+    rep = PreflightReport("llm-train", "bench")
+    model = measure(cfg, "cpu", rep)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length))
+    return _measure(rep.memory, lambda: model(input_ids=ids, labels=ids).loss, opt, params)
+
+
+def _measure(estimate: dict, loss_fn, opt, params) -> dict:
+    rss0 = int(os.environ["_BENCH_RSS0"])
+    _reset_peak()
+    t = time.time()
+    for _ in range(2):
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = _status_kb("VmHWM") - rss0
+    return {"estimate_mib": round(estimate["total_bytes"] / 2**20, 1), "measured_mib": round(peak / 2**20, 1),
+            "ratio": round(estimate["total_bytes"] / peak, 3), "parts_mib": {k: round(v / 2**20, 1) for k, v in
+                                                                              estimate["parts"].items()},
+            "steps_s": round(time.time() - t, 1)}
+
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+CASES = {
+    "tiny-sd": lambda: run_sd(128, 4),
+    "sd15-256": lambda: run_sd(256, 1, SD15_UNET),
+    "smollm2-16x64": lambda: run_llm(16, 64, "HuggingFaceTB/SmolLM2-135M"),
+    "tiny-gpt2-16x64": lambda: run_llm(16, 64, "tiny"),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=sorted(CASES), default="tiny-sd")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    import torch  # noqa: F401 - the imports belong to the baseline
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+    import lora_sd.train  # noqa: F401
+    import lora_llm.train  # noqa: F401
+    _reset_peak()
+    os.environ["_BENCH_RSS0"] = str(_status_kb("VmRSS"))
+    res = {"case": a.case, **CASES[a.case]()}
+    print(json.dumps(res) if a.json else
+          f"{a.case}: estimate {res['estimate_mib']} MiB, measured {res['measured_mib']} MiB, ratio {res['ratio']} "
+          f"({res['parts_mib']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
