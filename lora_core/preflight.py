@@ -91,6 +91,50 @@ def print_report(rep: PreflightReport) -> str:
     return "\n".join(out)
 
 
+def device_conflicts(mixed_precision: str, optimizer: str, device: str, rep: PreflightReport) -> None:
+    """Precision and optimizer settings the device cannot run (torch is imported here, on use)."""
+    import torch
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        rep.error(f"device {device!r}: CUDA is not available here; use --device cpu", "device")
+    if mixed_precision == "fp16" and dev.type == "cpu":
+        rep.error("train.mixed_precision = \"fp16\" needs a GPU (fp16 autocast and gradient scaling are not "
+                  "available on CPU); use \"bf16\" or \"no\" on CPU", "train.mixed_precision")
+    if mixed_precision == "bf16" and dev.type == "cuda" and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        rep.error("train.mixed_precision = \"bf16\": this GPU has no bf16; use \"fp16\"", "train.mixed_precision")
+    if optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            rep.error("train.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes); or use "
+                      "\"adamw\"", "train.optimizer")
+
+
+def common_conflicts(cfg, device: str, rep: PreflightReport) -> None:
+    """The `[train]` settings every trainer shares."""
+    s = cfg.train
+    device_conflicts(s.mixed_precision, s.optimizer, device, rep)
+    if s.lr_warmup_steps >= s.max_steps:
+        rep.warn(f"train.lr_warmup_steps ({s.lr_warmup_steps}) >= train.max_steps ({s.max_steps}): the learning "
+                 "rate never reaches its peak", "train.lr_warmup_steps")
+
+
+def run_steps(rep: PreflightReport, size: str, run_dir, train: Callable[[], dict]) -> None:
+    """Run `train()` (the job's normal train path on a reduced copy of the config, in the temporary `run_dir`)
+    and record the result in rep.steps; a failure (exception, non-finite loss, failed status) blocks."""
+    from .run import RunDir
+    try:
+        status = train() or {}
+        error = None if status.get("state") == "done" else status.get("error") or f"state {status.get('state')}"
+    except Exception as e:  # noqa: BLE001 - any error of the real train path is the finding
+        error = f"{type(e).__name__}: {e}"
+    losses = [round(m["loss"], 6) for m in RunDir(run_dir).read_metrics() if "loss" in m]
+    rep.steps = {"ok": error is None, "size": size, "losses": losses, "error": error}
+    if error:
+        rep.error(f"the {size} failed: {error}", "train")
+
+
 # ------------------------------------------------------------------ memory
 def fit_activations(points: list[tuple[float, float]], n: float) -> float:
     """Bytes at size `n` from measurements [(n_i, bytes_i)] (two or three): b n + c n^2 through two points
@@ -120,10 +164,12 @@ def memory_estimate(frozen_bytes: int, trainable: int, activations: float, large
 
 class SavedBytes:
     """Context manager counting the bytes of the tensors autograd saves for backward (each storage once),
-    and the largest one: the activation memory of a training forward pass."""
+    and the largest one: the activation memory of a training forward pass. The model's own weights, which
+    autograd saves too, are left out with `exclude` (its modules: counted as weights already)."""
 
-    def __init__(self):
-        self.total, self.largest, self._seen = 0, 0, set()
+    def __init__(self, *exclude):
+        self.total, self.largest = 0, 0
+        self._seen = {p.untyped_storage().data_ptr() for m in exclude for p in m.parameters()}
 
     def _pack(self, t):
         try:

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 
 from lora_core.configfile import ConfigError
-from lora_core.preflight import PreflightReport, SavedBytes, fit_activations, memory_estimate
+from lora_core.preflight import (PreflightReport, SavedBytes, common_conflicts, fit_activations, memory_estimate,
+                                 run_steps)
 
 from .config import SDTrainConfig, load_train_config
 from .data import DatasetError, make_buckets, pick_bucket, scan
@@ -27,28 +28,9 @@ from .data import DatasetError, make_buckets, pick_bucket, scan
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 
 
-def device_conflicts(mixed_precision: str, optimizer: str, device: str, rep: PreflightReport) -> None:
-    """Precision and optimizer settings the device cannot run (shared with lora_llm.preflight)."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        rep.error(f"device {device!r}: CUDA is not available here; use --device cpu", "device")
-    if mixed_precision == "fp16" and dev.type == "cpu":
-        rep.error("train.mixed_precision = \"fp16\" needs a GPU (fp16 autocast and gradient scaling are not "
-                  "available on CPU); use \"bf16\" or \"no\" on CPU", "train.mixed_precision")
-    if mixed_precision == "bf16" and dev.type == "cuda" and torch.cuda.is_available() \
-            and not torch.cuda.is_bf16_supported():
-        rep.error("train.mixed_precision = \"bf16\": this GPU has no bf16; use \"fp16\"", "train.mixed_precision")
-    if optimizer == "adamw8bit":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            rep.error("train.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes); or use "
-                      "\"adamw\"", "train.optimizer")
-
-
 def conflicts(cfg: SDTrainConfig, device: str, rep: PreflightReport) -> None:
     d, s = cfg.data, cfg.train
-    device_conflicts(s.mixed_precision, s.optimizer, device, rep)
+    common_conflicts(cfg, device, rep)
     if d.cache_text and cfg.text_encoder_lora is not None:
         rep.warn("data.cache_text = true has no effect while the text encoder is trained ([text_encoder_lora] is "
                  "set): captions are encoded every step; set data.cache_text = false", "data.cache_text")
@@ -56,9 +38,6 @@ def conflicts(cfg: SDTrainConfig, device: str, rep: PreflightReport) -> None:
         rep.warn("data.center_crop = false (random crop) with data.cache_latents = true: latents are cached "
                  "center-cropped, so no random crop happens; set data.cache_latents = false to crop at random",
                  "data.center_crop")
-    if s.lr_warmup_steps >= s.max_steps:
-        rep.warn(f"train.lr_warmup_steps ({s.lr_warmup_steps}) >= train.max_steps ({s.max_steps}): the learning "
-                 "rate never reaches its peak", "train.lr_warmup_steps")
     if cfg.sample.grid and not cfg.sample.prompts:
         rep.warn("sample.grid = true but sample.prompts is empty: no grid will be made", "sample.grid")
     if cfg.sample.grid and not s.checkpoint_every:
@@ -120,23 +99,14 @@ def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps
     """Run `steps` real optimisation steps through run_training at a reduced size (a temporary run folder)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from lora_core.run import RunDir
     from .train import run_training
     with tempfile.TemporaryDirectory(prefix="lora_sd_check_") as tmp:
         small = _small_config(cfg, Path(tmp))
         small.train.max_steps = steps
         AcceleratorState._reset_state(reset_partial_state=False)
         acc = Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision=small.train.mixed_precision)
-        size = f"{steps} steps at {small.data.resolution}px, batch {small.train.batch_size}"
-        try:
-            status = run_training(small, accelerator=acc, pipe=pipe)
-            error = status.get("error") if status.get("state") != "done" else None
-        except Exception as e:  # noqa: BLE001 - any error of the real train path is the finding
-            error = f"{type(e).__name__}: {e}"
-        losses = [m["loss"] for m in RunDir(small.run_dir).read_metrics() if "loss" in m]
-    rep.steps = {"ok": error is None, "size": size, "losses": losses, "error": error}
-    if error:
-        rep.error(f"the {size} failed: {error}", "train")
+        run_steps(rep, f"{steps} steps at {small.data.resolution}px, batch {small.train.batch_size}", small.run_dir,
+                  lambda: run_training(small, accelerator=acc, pipe=pipe))
 
 
 def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
@@ -152,12 +122,12 @@ def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
 
 def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     """(saved bytes of one training forward at the chosen batch and resolution, the largest saved tensor),
-    measured at up to three reduced latent sizes and extrapolated (lora_core.preflight.fit_activations)."""
+    measured with batch 1 at the chosen latent size (up to 64x64 latents, 512 px in SD 1.5), else at 1/4 and
+    1/2 of it and extrapolated (lora_core.preflight.fit_activations)."""
     unet = pipe.unet
     target = cfg.data.resolution // pipe.vae_scale_factor
     mult = 2 ** (len(unet.config.block_out_channels) - 1)
-    sizes = [target] if target <= 2 * max(8, mult) else sorted({max(mult, s // mult * mult)
-                                                                for s in (target // 4, target // 3, target // 2)})
+    sizes = [target] if target <= 64 else sorted({max(mult, s // mult * mult) for s in (target // 4, target // 2)})
     ctx = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision)
     points, largest = [], 0.0
@@ -166,7 +136,7 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     try:
         for s in sizes:
             x = torch.randn(1, unet.config.in_channels, s, s, device=device)
-            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), SavedBytes() as sb:
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), SavedBytes(pipe.unet) as sb:
                 unet(x, torch.tensor([500], device=device), ctx).sample.float().pow(2).mean()
             points.append((s * s, sb.total))
             largest = sb.largest * target * target / (s * s)
