@@ -57,6 +57,7 @@ class Sweep:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "config": self.config, "base_overrides": self.base_overrides, "axes": self.axes,
+                "axis_order": list(self.axes),
                 "runs": [dataclasses.asdict(r) for r in self.runs]}
 
 
@@ -122,7 +123,7 @@ def parse_vary(cls: type, items: Sequence[str]) -> dict[str, list]:
 
 def _slug(key: str, value: Any) -> str:
     text = f"{key.rpartition('.')[2]}{value:g}" if isinstance(value, float) else f"{key.rpartition('.')[2]}{value}"
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:40]
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")[:40]
 
 
 def new_id() -> str:
@@ -207,7 +208,8 @@ def summary(root) -> list[dict]:
         run = RunDir(r["run_dir"])
         status, rec, metrics = run.read_status(), sw.get("records", {}).get(r["name"], {}), run.read_metrics()
         ev = _json(run.path / "eval.json")
-        row = {"run": r["name"], "state": status.get("state", rec.get("state", "")), **r["params"],
+        params = {k: r["params"][k] for k in sw.get("axis_order", r["params"])}
+        row = {"run": r["name"], "state": status.get("state", rec.get("state", "")), **params,
                "final_loss": _last(metrics, "loss"),
                "val_loss": _last(metrics, "val_loss") if _last(metrics, "val_loss") is not None else
                _last(metrics, "validation_loss"),
