@@ -84,7 +84,8 @@ def print_report(rep: PreflightReport) -> str:
     if rep.steps:
         s = rep.steps
         out.append(f"steps:      {'ok' if s.get('ok') else 'FAILED'}: {s.get('size', '')}"
-                   + (f"; losses {s.get('losses')}" if s.get("losses") else "") + (f"; {s['error']}" if s.get("error") else ""))
+                   + (f"; losses {s.get('losses')}" if s.get("losses") else "")
+                   + (f"; {s['error']}" if s.get("error") else ""))
     for f in rep.findings:
         out.append(f"{f.level}: {f.message}")
     out.append("ok: nothing blocks a run" if rep.ok else f"NOT ready: {len(rep.errors)} problem(s) block a run")
@@ -109,6 +110,21 @@ def device_conflicts(mixed_precision: str, optimizer: str, device: str, rep: Pre
         except ImportError:
             rep.error("train.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes); or use "
                       "\"adamw\"", "train.optimizer")
+
+
+def begin(job: str, config, overrides, cfg, load: Callable, device: str) -> tuple[PreflightReport, Any, str]:
+    """(the report, the loaded config or None when it does not load, the device: default cuda when present)."""
+    from .configfile import ConfigError
+    rep = PreflightReport(job, str(config or "config"))
+    try:
+        cfg = cfg or load(config, overrides)
+    except ConfigError as e:
+        rep.error(str(e), getattr(e, "key", "") or "")
+        return rep, None, device
+    if not device:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return rep, cfg, device
 
 
 def common_conflicts(cfg, device: str, rep: PreflightReport) -> None:

@@ -12,8 +12,7 @@ from typing import Optional
 
 import torch
 
-from lora_core.configfile import ConfigError
-from lora_core.preflight import (PreflightReport, SavedBytes, common_conflicts, fit_activations, memory_estimate,
+from lora_core.preflight import (PreflightReport, SavedBytes, begin, common_conflicts, fit_activations, memory_estimate,
                                  run_steps)
 
 from .config import LLMTrainConfig, load_llm_config
@@ -135,13 +134,9 @@ def preflight(config=None, overrides=(), device: str = "", steps: int = 2,
     """Check a `lora-llm train` config (a file with overrides, or `cfg`)."""
     from .models import load_tokenizer
     from .train import train_from_config
-    rep = PreflightReport("llm-train", str(config or "config"))
-    try:
-        cfg = cfg or load_llm_config(config, overrides)
-    except ConfigError as e:
-        rep.error(str(e), getattr(e, "key", "") or "")
+    rep, cfg, device = begin("llm-train", config, overrides, cfg, load_llm_config, device)
+    if cfg is None:
         return rep
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     conflicts(cfg, device, rep)
     try:
         tokenizer = load_tokenizer(cfg.model)

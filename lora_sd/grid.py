@@ -63,7 +63,7 @@ class GridSpec:
 def adapter_in(folder) -> Optional[Path]:
     """The kohya adapter file a run folder or checkpoint holds (the diffusers twin is skipped)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name != DIFFUSERS_FILE and p.name != "model.safetensors")
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name not in (DIFFUSERS_FILE, "model.safetensors"))
     return files[0] if files else None
 
 

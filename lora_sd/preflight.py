@@ -18,8 +18,7 @@ from typing import Optional
 
 import torch
 
-from lora_core.configfile import ConfigError
-from lora_core.preflight import (PreflightReport, SavedBytes, common_conflicts, fit_activations, memory_estimate,
+from lora_core.preflight import (PreflightReport, SavedBytes, begin, common_conflicts, fit_activations, memory_estimate,
                                  run_steps)
 
 from .config import SDTrainConfig, load_train_config
@@ -136,7 +135,8 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     try:
         for s in sizes:
             x = torch.randn(1, unet.config.in_channels, s, s, device=device)
-            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), SavedBytes(pipe.unet) as sb:
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), \
+                    SavedBytes(pipe.unet) as sb:
                 unet(x, torch.tensor([500], device=device), ctx).sample.float().pow(2).mean()
             points.append((s * s, sb.total))
             largest = sb.largest * target * target / (s * s)
@@ -175,13 +175,9 @@ def preflight(config=None, overrides=(), device: str = "", steps: int = 2, pipe=
               cfg: Optional[SDTrainConfig] = None) -> PreflightReport:
     """Check a `lora-sd train` config (a file with overrides, or `cfg`); `pipe` replaces loading the model."""
     from .models import load_pipeline
-    rep = PreflightReport("sd-train", str(config or "config"))
-    try:
-        cfg = cfg or load_train_config(config, overrides)
-    except ConfigError as e:
-        rep.error(str(e), getattr(e, "key", "") or "")
+    rep, cfg, device = begin("sd-train", config, overrides, cfg, load_train_config, device)
+    if cfg is None:
         return rep
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     conflicts(cfg, device, rep)
     items = audit(cfg, rep)
     if pipe is None:
