@@ -23,7 +23,6 @@ from lora_core.files import atomic_write_json
 log = logging.getLogger("lora_sd")
 AXES = ("step", "scale", "prompt", "seed", "adapter")
 FINAL = -1          # the step value of a run's final adapter (RUN/<name>.safetensors)
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 INDEX_FILE, GRID_FILE = "index.json", "grid.png"
 
 
@@ -61,10 +60,16 @@ class GridSpec:
 
 # ------------------------------------------------------------------ adapters of a run
 def adapter_in(folder) -> Optional[Path]:
-    """The kohya adapter file a run folder or checkpoint holds (the diffusers twin is skipped)."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name not in (DIFFUSERS_FILE, "model.safetensors"))
-    return files[0] if files else None
+    """The SD adapter file a run folder or checkpoint holds: kohya first, else diffusers (formats detected
+    from the headers; the checkpoint's own state files are no adapters)."""
+    from lora_core.adapter_files import LoraLoadError, detect
+    found = {}
+    for p in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            found.setdefault(detect(p).format, p)
+        except LoraLoadError:
+            continue
+    return found.get("kohya") or found.get("diffusers")
 
 
 def run_steps(run) -> list[int]:

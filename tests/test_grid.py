@@ -97,3 +97,31 @@ def test_bad_spec():
         GridSpec(x="cfg", x_values=[1])
     with pytest.raises(ValueError, match="run folder"):
         GridSpec(x="step", x_values=[0, FINAL])
+
+
+def test_cli_grid(fake_run, tmp_path, capsys):
+    from lora_sd.cli import main
+    assert main(["grid", "--x", "step", "--y", "scale=0,1", "--run", str(fake_run), "--steps", "2", "--width", "32",
+                 "--height", "32", "--guidance", "3", "--seed", "5", "--prompt", "a photo of a thing",
+                 "--out", str(tmp_path)]) == 0
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert (index["rows"], index["cols"]) == (2, 3) and (tmp_path / "grid.png").is_file()
+    cell = next(c for c in index["cells"] if (c["row"], c["col"]) == (1, 2))
+    got = _px(__import__("PIL.Image").Image.open(tmp_path / cell["png"]))
+    assert (got == _px(_single(fake_run / "checkpoints" / "step_00000006" / "lora.safetensors", 1.0,
+                               "a photo of a thing", 5))).all()
+
+
+def test_sample_grid_at_the_end_of_a_run(tmp_path):
+    from lora_sd.testing import make_images, train_config
+    from lora_sd.train import run_training
+    make_images(tmp_path / "data", 2)
+    cfg = train_config(tmp_path / "run", "tiny", tmp_path / "data", tmp_path / "cache",
+                       train={"max_steps": 2, "checkpoint_every": 1, "batch_size": 1, "lr_warmup_steps": 0},
+                       sample={"prompts": ["a cat", "a dog"], "grid": True, "steps": 2, "grid_scale": 0.5},
+                       loss={"min_snr_gamma": 0.0, "noise_offset": 0.0})
+    assert run_training(cfg)["state"] == "done"
+    index = json.loads((tmp_path / "run" / "grid" / "index.json").read_text())
+    assert index["spec"]["x_values"] == [0, 1, 2] and index["spec"]["y_values"] == ["a cat", "a dog"]
+    assert index["spec"]["scale"] == 0.5 and len(index["cells"]) == 6
+    assert (tmp_path / "run" / "grid" / "grid.png").is_file()
