@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +76,23 @@ def run_sd(resolution: int, batch: int, unet_kw: dict | None = None) -> dict:
     return _measure(rep.memory, lambda: module(batch_data), opt, params)
 
 
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
+                    tie_word_embeddings=True)
+
+
+def smollm2_shaped(folder: Path) -> str:
+    """A LLaMA model of SmolLM2-135M's shape with random weights (no hub here), with the GPT-2 tokenizer
+    (its vocabulary, 50,257, stands in for SmolLM2's 49,152)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lora_llm.models import gpt2_tokenizer
+    tok = gpt2_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                 **SMOLLM2_135M)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def run_llm(batch: int, length: int, pretrained: str) -> dict:
     from lora_core.configfile import from_dict
     from lora_core.preflight import PreflightReport
@@ -124,7 +142,7 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 CASES = {
     "tiny-sd": lambda: run_sd(128, 4),
     "sd15-256": lambda: run_sd(256, 1, SD15_UNET),
-    "smollm2-16x64": lambda: run_llm(16, 64, "HuggingFaceTB/SmolLM2-135M"),
+    "smollm2-16x64": lambda: run_llm(16, 64, smollm2_shaped(Path(tempfile.mkdtemp(prefix="smollm2_")))),
     "tiny-gpt2-16x64": lambda: run_llm(16, 64, "tiny"),
 }
 

@@ -8,7 +8,8 @@ Peak memory of a LoRA training step is estimated as
   + activations saved for the backward pass at the chosen batch and size, measured on the real model at two
     reduced sizes (saved-tensor hooks) and extrapolated by a + b n + c n^2 in the tokens per example n (the
     attention scores are quadratic), times the batch,
-  + the largest single activation once more (the backward pass holds a gradient of that size beside it).
+  + twice the largest saved activation: when the backward pass reaches the op that saved it (the loss head:
+    first), everything saved is still alive and that op holds the gradient flowing in and the one flowing out.
 """
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ def memory_estimate(frozen_bytes: int, trainable: int, activations: float, large
     """The peak-memory estimate (see the module docstring); bytes."""
     parts = {"frozen weights": int(frozen_bytes), "adapter": 4 * trainable, "gradients": 4 * trainable,
              "optimizer state": OPTIMIZER_BYTES.get(optimizer, 8) * trainable,
-             "activations": int(activations + largest)}
+             "activations": int(activations + 2 * largest)}
     return {"parts": parts, "total_bytes": int(sum(parts.values())), "device": device}
 
 
