@@ -103,19 +103,19 @@ def load_report(path: str | Path, model, base: str = ""):
     """The load report (lora_core.adapter_files.LoadReport) of our adapter file against `model`: each
     adapted module's (in, out) and each saved head's shape, per layer; reads the file's header only."""
     import re
-    from lora_core.adapter_files import block_names, build_report, read_header
+    from lora_core.adapter_files import block_names, build_report, open_view
     from lora_core.layers import LoraLayer, base_dims, supported
     path = Path(path)
-    h = read_header(path / ADAPTER_FILE if path.is_dir() else path)
+    h = open_view(path).header   # our file, a run folder, or a PEFT folder
     own, heads = {}, {}
     for k in h.tensors:
-        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", k)
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.default)?\.weight", k)
         if m:
             shape = h.shape(k)
             i = 0 if m.group(2) == "A" else 1
             own.setdefault(m.group(1), [0, 0])[i] = shape[1] if i == 0 else shape[0]
         else:
-            heads[k] = tuple(h.shape(k))
+            heads[k.removeprefix("base_model.model.").replace(".modules_to_save.default", "")] = tuple(h.shape(k))
     shapes = {}
     for name, mod in model.named_modules():
         base_mod = mod.base_layer if isinstance(mod, LoraLayer) else mod

@@ -6,16 +6,19 @@ import json
 
 def inspect_base(a) -> int:
     """`lora-llm inspect FILE --base MODEL`: the load report of FILE against MODEL, before any load."""
-    from pathlib import Path
-    from .adapters import ADAPTER_FILE, load_report, read_adapter_info
+    from lora_core.adapter_files import open_view
+    from .adapters import load_report
     from .config import ModelSection
     from .models import load_model, load_tokenizer
-    path = Path(a.file)
-    info = read_adapter_info(path / ADAPTER_FILE if path.is_dir() else path)
+    view = open_view(a.file)   # our file / run folder (llm_info says the task) or a PEFT folder
+    info = view.json_metadata.get("llm_info") or {}
+    if not info and view.config:
+        heads = [s[0] for k, s in ((k, view.header.shape(k)) for k in view.keys) if ".score." in k and len(s) == 2]
+        info = {"num_labels": heads[0] if heads else 0}
     ms = ModelSection(**{**info.get("model", {}), "pretrained": a.base, "gguf_file": ""})
     tok = load_tokenizer(ms)
     model = load_model(ms, info.get("num_labels", 0), tok.pad_token_id)
-    rep = load_report(path, model, base=a.base)
+    rep = load_report(a.file, model, base=a.base)
     print(json.dumps(rep.to_dict(), indent=2) if a.json else rep.text())
     return 0 if rep.fits else 1
 

@@ -112,3 +112,23 @@ def test_llm_fused_slices_fit(tmp_path):
     rep = load_report(tmp_path / "qv.safetensors", model)
     assert rep.fits and len(rep.matched) == 2
     load_adapter(tmp_path / "qv.safetensors", model)
+
+
+def test_llm_cli_inspect_base(tmp_path, capsys):
+    from lora_llm.adapters import save_adapter
+    from lora_llm.cli import main
+    from lora_llm.models import make_tiny_model
+    model, _ = make_tiny_model()
+    add_lora(model, LoraConfig(r=2, target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]}))
+    save_adapter(tmp_path / "run", model, {"task": "wikitext2", "num_labels": 0, "pretrained": "tiny",
+                                           "model": {"pretrained": "tiny"}})
+    make_tiny_model(tmp_path / "wide", n_embd=96)
+    assert main(["inspect", str(tmp_path / "run"), "--base", "tiny"]) == 0
+    assert "every adapted module matches" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "run" / "peft"), "--base", "tiny"]) == 0   # the PEFT export too
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "run" / "adapter.safetensors"), "--base", str(tmp_path / "wide"),
+                 "--json"]) == 1
+    d = json.loads(capsys.readouterr().out)
+    assert d["fits"] is False and d["bad_blocks"] == ["transformer.h.0", "transformer.h.1"]
+    assert d["mismatched"]["transformer.h.0.attn.c_attn"] == "file (in 64, out 128) vs model (in 96, out 288)"
