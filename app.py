@@ -2,8 +2,9 @@
 
     lora-gui --workspace workspace [--host 127.0.0.1] [--port 7860] [--share]
 
-Binds 127.0.0.1 unless told otherwise; a public share link only with --share. Ctrl-C stops the
-server, the scheduler and (with SIGTERM, so they checkpoint) a running job.
+Binds 127.0.0.1 unless told otherwise; a public share link only with --share. Ctrl-C or SIGTERM
+stops the server, the scheduler and (with SIGTERM, so they checkpoint) a running job, and the
+app exits within seconds; a second signal exits at once.
 """
 from __future__ import annotations
 
@@ -29,8 +30,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+JOB_WAIT_S = 5.0      # on exit, how long a stopped job gets to write its checkpoint before the app leaves
+EXIT_DEADLINE_S = 15.0  # after the first signal the process is gone by then, whatever a thread is doing
+
+
+def _install_signals(stop: threading.Event) -> None:
+    """SIGTERM / SIGINT ask the app to stop (handled from the first line, even during the slow
+    imports); a second one leaves at once."""
+    def handle(signum, frame):
+        if stop.is_set():
+            os._exit(128 + signum)
+        stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
+def _shutdown(scheduler, ctrl, demo, keep_jobs: bool) -> None:
+    """Stop the scheduler, the CLI calls in flight and (unless --keep-jobs) the running job, then
+    the server. A watchdog ends the process if a worker thread still blocks the exit."""
+    from lora_gui import clirun
+    print("stopping...", flush=True)
+    watchdog = threading.Timer(EXIT_DEADLINE_S, lambda: os._exit(0))
+    watchdog.daemon = True
+    watchdog.start()
+    if scheduler is not None:
+        scheduler.shutdown()
+    clirun.terminate_all()
+    if ctrl is not None and not keep_jobs:
+        ctrl.queue.stop_all(wait=JOB_WAIT_S)
+    if demo is not None:
+        demo.close()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = threading.Event()
+    _install_signals(stop)
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(k, "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -40,14 +75,15 @@ def main(argv=None) -> int:
     from lora_gui.ui import CSS, build_app
     from lora_gui.workspace import Workspace
 
-    ws = Workspace(args.workspace).create()
-    ctrl = Controller(ws, max_upload_bytes=args.max_upload_mb * 1024 * 1024)
-    scheduler = Scheduler(ctrl.queue).start()
-    demo = build_app(ctrl)
-    demo.queue(default_concurrency_limit=4)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    scheduler = ctrl = demo = None
     try:
+        if stop.is_set():
+            return 0
+        ws = Workspace(args.workspace).create()
+        ctrl = Controller(ws, max_upload_bytes=args.max_upload_mb * 1024 * 1024)
+        scheduler = Scheduler(ctrl.queue).start()
+        demo = build_app(ctrl)
+        demo.queue(default_concurrency_limit=4)
         _, local_url, share_url = demo.launch(
             server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
             allowed_paths=[str(ws.root)], max_file_size=f"{args.max_upload_mb}mb", show_error=False,
@@ -58,17 +94,11 @@ def main(argv=None) -> int:
         print("press Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     except OSError as e:  # e.g. the port is taken
         print(f"lora-gui: cannot start the server on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
     finally:
-        print("stopping...", flush=True)
-        scheduler.shutdown()
-        if not args.keep_jobs:
-            ctrl.queue.stop_all(wait=30)
-        demo.close()
+        _shutdown(scheduler, ctrl, demo, args.keep_jobs)
     return 0
 
 

@@ -3,9 +3,13 @@
 Models (random weights): a GPT-2-small-shaped stack (12 layers, 768 wide, LoRA r=8 on c_attn q,v
 for ours and on the whole c_attn for PEFT, which has no slice option; plus both on full c_attn),
 and a Stable Diffusion 1.5 UNet built from its config (LoRA r=4 on attn2 q/k/v/out, 256x256, batch 1).
-Variants are timed round-robin in the same process so machine noise hits them alike.
+The adapter variants on the same UNet: DoRA (use_dora) on attn2, and LoCon (the `cross_attn+conv`
+preset: attn2 plus the ResNet and down/upsampler 3x3 convs), ours against PEFT's. `--unet-width` shrinks
+the UNet (SD 1.5: 320) for a quick run. Variants are timed round-robin in the same process so machine
+noise hits them alike.
 
     python bench/core_overhead.py [--steps 5] [--skip-unet] [--out bench/results/core.md]
+    python bench/core_overhead.py --variants-only --unet-width 64 --json bench/results/core_variants.json
 """
 from __future__ import annotations
 
@@ -81,16 +85,37 @@ def gpt2_step(model, batch=8, seq=128):
     return step
 
 
-def unet_variants():
+def _unet(width: int = 320):
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
-    base = UNet2DConditionModel(**SD15_UNET)
+    cfg = dict(SD15_UNET, block_out_channels=tuple(width * m for m in (1, 2, 4, 4)))
+    return UNet2DConditionModel(**cfg)
+
+
+def unet_variants():
+    torch.manual_seed(0)
+    base = _unet()
     base.requires_grad_(False)
     targets = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
     ours = copy.deepcopy(base)
     add_lora(ours, LoraConfig(r=4, alpha=4, target_modules=targets))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets))
     return {"frozen base (lower bound)": base, "lora_core attn2": ours, "peft attn2": theirs}
+
+
+def adapter_variants(width: int = 320):
+    """DoRA and LoCon on the same UNet, ours and PEFT's (same targets, rank and alpha)."""
+    from lora_sd.config import CROSS_ATTN, TARGET_PRESETS
+    base = _unet(width)
+    base.requires_grad_(False)
+    out = {"frozen base (lower bound)": base}
+    for label, targets, dora in (("DoRA attn2", CROSS_ATTN, True), ("LoCon attn2+conv", TARGET_PRESETS["cross_attn+conv"], False)):
+        ours = copy.deepcopy(base)
+        add_lora(ours, LoraConfig(r=4, alpha=4, target_modules=targets, use_dora=dora))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
+                                                                          use_dora=dora))
+        out[f"lora_core {label}"], out[f"peft {label}"] = ours, theirs
+    return out
 
 
 def unet_step(model, res=256):
@@ -122,22 +147,47 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skip-unet", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--variants-only", action="store_true", help="only the DoRA / LoCon table")
+    ap.add_argument("--unet-width", type=int, default=320, help="first UNet block width (SD 1.5: 320)")
+    ap.add_argument("--json", default=None, help="also write the DoRA / LoCon numbers here")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     parts = [f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads, "
              f"median of {a.steps} timed steps per variant (round-robin)\n"]
-    res = bench(gpt2_variants(), gpt2_step, a.steps)
-    parts.append(report("GPT-2-small-shaped (12x768), batch 8 x 128 tokens, r=8", res,
-                        "frozen base (lower bound)", "peft c_attn"))
-    if not a.skip_unet:
+    if not a.variants_only:
+        res = bench(gpt2_variants(), gpt2_step, a.steps)
+        parts.append(report("GPT-2-small-shaped (12x768), batch 8 x 128 tokens, r=8", res,
+                            "frozen base (lower bound)", "peft c_attn"))
+    if not a.skip_unet and not a.variants_only:
         res = bench(unet_variants(), unet_step, a.steps)
         parts.append(report("SD 1.5 UNet (859.5M, random weights), 256x256, batch 1, r=4 on attn2", res,
                             "frozen base (lower bound)", "peft attn2"))
+    if not a.skip_unet:
+        parts.append(variants_report(a, bench(adapter_variants(a.unet_width), unet_step, a.steps)))
     text = "\n".join(parts)
     print(text)
     if a.out:
         from lora_core.io import atomic_write_text
-        atomic_write_text(a.out, f"Command: `python bench/core_overhead.py --steps {a.steps}`\n\n" + text)
+        import sys
+        atomic_write_text(a.out, f"Command: `python bench/core_overhead.py {' '.join(sys.argv[1:])}`\n\n" + text)
+
+
+def variants_report(a, res: dict) -> str:
+    base = "frozen base (lower bound)"
+    twin = {k: "peft " + k.split(" ", 1)[1] for k in res if k.startswith("lora_core ")}
+    twin.update({v: v for v in twin.values()})
+    ratios = {k.split(" ", 1)[1]: res[k] / res[v] for k, v in twin.items() if k.startswith("lora_core ")}
+    lines = [f"### UNet (SD 1.5 layout, block width {a.unet_width}, random weights), 256x256, batch 1, r=4: "
+             "DoRA and LoCon", "", "| variant | s/step | vs frozen base | vs PEFT (same variant) |", "|---|---|---|---|"]
+    for k, v in res.items():
+        vs = f"{v / res[twin[k]]:.2f}x" if k in twin else ""
+        lines.append(f"| {k} | {v:.3f} | {v / res[base]:.2f}x | {vs} |")
+    if a.json:
+        from lora_core.io import atomic_write_json
+        atomic_write_json(a.json, {"unet_block_width": a.unet_width, "steps": a.steps, "torch": torch.__version__,
+                                   "peft": peft.__version__, "threads": torch.get_num_threads(),
+                                   "s_per_step": res, "lora_core_vs_peft": ratios})
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from .files import atomic_path, atomic_write_json, atomic_write_text
 
 _LAZY = {
     "io": ("atomic_save_safetensors", "load_lora", "read_safetensors", "save_lora"),
-    "layers": ("LoraLayer",),
-    "model": ("DEFAULT", "LoraLoadError", "add_lora", "delete_adapter", "enable_lora", "load_lora_state_dict",
+    "layers": ("LoraLayer", "ModulesToSaveWrapper"),
+    "model": ("DEFAULT", "LoraLoadError", "UnknownAdapterError", "AdapterExistsError", "TargetMatchError",
+              "HeadConflictError", "NonFiniteError", "MergeOverflowError", "adapter_names", "head_state_dict",
+              "add_lora", "delete_adapter", "enable_lora", "load_lora_state_dict",
               "lora_config", "lora_disabled", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora",
               "remove_lora", "set_adapter", "set_scale", "unmerge_lora"),
 }

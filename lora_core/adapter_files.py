@@ -371,9 +371,14 @@ def describe_lora_core(view: AdapterView) -> dict:
     cfg = view.json_metadata.get("lora_config") or {}
     targets = view.json_metadata.get("targets") or []
     meta = view.metadata
-    return {"ranks": [int(cfg["r"])] if "r" in cfg else [], "alphas": [float(cfg["alpha"])] if "alpha" in cfg else [],
-            "target_modules": list(targets), "lora": cfg, "base_model": meta.get("base_model", ""),
-            "steps": meta.get("steps", "")}
+    ranks = [int(cfg["r"])] if "r" in cfg else []
+    alphas = [float(cfg["alpha"])] if "alpha" in cfg else []
+    ranks += [int(v) for v in (cfg.get("rank_pattern") or {}).values()] + ([int(cfg["conv_r"])] if cfg.get("conv_r") else [])
+    alphas += [float(v) for v in (cfg.get("alpha_pattern") or {}).values()] + (
+        [float(cfg["conv_alpha"])] if cfg.get("conv_alpha") else [])
+    return {"ranks": ranks, "alphas": alphas, "target_modules": list(targets), "lora": cfg,
+            "base_model": meta.get("base_model", ""), "steps": meta.get("steps", ""),
+            "dora": bool(cfg.get("use_dora")) or any(k.endswith(".lora_magnitude_vector") for k in view.keys)}
 
 
 # ------------------------------------------------------------------ the load report
@@ -436,7 +441,7 @@ def build_report(file: str, made_for: str, adapter: dict[str, Shape], model: dic
     for key in sorted(adapter):
         block = rep.blocks.setdefault(block_of(key), {"matched": 0, "unmatched": 0, "mismatched": 0})
         if key not in model:
-            why = f"{others[key]} layers are not supported (Linear, 1x1 Conv2d)" if others and key in others \
+            why = f"{others[key]} layers are not supported (Linear, Conv2d)" if others and key in others \
                 else "no such module in the model"
             rep.unmatched[key], kind = why, "unmatched"
         else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional, Union
 
 from .fields import Checked, option
@@ -19,9 +19,39 @@ def _targets_error(targets) -> Optional[str]:
     return None if targets else "is empty: name the modules to adapt"
 
 
+def _layers_error(layers) -> Optional[str]:
+    if isinstance(layers, str):
+        return None if _top_k(layers) else f"must be a list of layer indices or 'top:K' (K >= 1); got {layers!r}"
+    bad = [i for i in layers if i < 0]
+    return f"has negative layer indices {bad}" if bad else None
+
+
+def _top_k(text: str) -> Optional[int]:
+    m = re.fullmatch(r"top:(\d+)", text.strip())
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
+
+
+def layer_index(qualified_name: str) -> Optional[int]:
+    """The layer a module belongs to, as PEFT's layers_to_transform finds it (no layers_pattern): the
+    number in the last `.<name>.<N>.` of the qualified name (`model.layers.3.self_attn.q_proj` -> 3)."""
+    m = re.match(r".*\.[^.]*\.(\d+)\.", qualified_name)
+    return int(m.group(1)) if m else None
+
+
 def _slices_error(slices: dict) -> Optional[str]:
     bad = [name for name, mask in slices.items() if not any(mask)]
     return f"must enable at least one slice of {bad[0]!r}" if bad else None
+
+
+def _pattern_error(patterns: dict, kind: type) -> Optional[str]:
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except re.error as e:
+            return f"key {key!r} is not a valid regex: {e}"
+        if not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
+            return f"[{key!r}] must be a positive {'integer' if kind is int else 'number'}, got {value!r}"
+    return None
 
 
 @dataclass
@@ -44,13 +74,51 @@ class LoraConfig(Checked, section="lora"):
         "(GPT-2 c_attn q,v: [true, false, true])", check=_slices_error)
     modules_to_save: list[str] = option([], "modules trained in full and saved with the adapter (e.g. a head)")
     exclude_modules: list[str] = option([], "module names never adapted (same matching rules as target_modules)")
+    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA, PEFT's use_dora): a trained magnitude per output "
+                            "times the direction W + ΔW normalised per output; Linear, Conv1D, Conv2d; not fused slices")
+    conv_r: int = option(0, "rank of k×k Conv2d layers (LoCon, kohya's conv_dim); 0 = r", ge=0)
+    conv_alpha: float = option(0.0, "alpha of k×k Conv2d layers (kohya's conv_alpha); 0 = conv_r when conv_r is "
+                               "set, else alpha", ge=0)
+    rank_pattern: dict[str, int] = option(
+        {}, "{regex: rank} per module (PEFT's rank_pattern: the first key matching the end of the module's "
+        "qualified name after a '.' wins)", check=lambda p: _pattern_error(p, int))
+    alpha_pattern: dict[str, float] = option(
+        {}, "{regex: alpha} per module (PEFT's alpha_pattern, same matching as rank_pattern)",
+        check=lambda p: _pattern_error(p, float))
+    layers: Union[list[int], str] = option(
+        [], "adapt only modules of these layers (PEFT's layers_to_transform): a list of indices, or 'top:K' for the "
+        "last K layers; [] = all. LoRA on the top K layers only lets lora_llm cache the frozen layers below them",
+        check=_layers_error)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_dora and self.fused_slices:
+            raise ValueError("lora.use_dora does not work with lora.fused_slices (PEFT has no DoRA for fused "
+                             "slices): drop one")
 
     @property
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
+    def resolve_layers(self, num_layers: int) -> "LoraConfig":
+        """This config with `layers` as a sorted list of indices of a num_layers-layer model ('top:K' resolved)."""
+        if isinstance(self.layers, str):
+            k = _top_k(self.layers)
+            if k > num_layers:
+                raise ValueError(f"lora.layers = {self.layers!r}: the model has only {num_layers} layers")
+            return replace(self, layers=list(range(num_layers - k, num_layers)))
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise ValueError(f"lora.layers: {bad} out of range for a {num_layers}-layer model (0..{num_layers - 1})")
+        return replace(self, layers=sorted(set(self.layers)))
+
     def matches(self, qualified_name: str) -> bool:
         if any(name_matches(qualified_name, e) for e in self.exclude_modules):
+            return False
+        if isinstance(self.layers, str):
+            raise ValueError(f"lora.layers = {self.layers!r} must be resolved against the model's layer count "
+                             "first (LoraConfig.resolve_layers; lora_llm does it)")
+        if self.layers and layer_index(qualified_name) not in self.layers:
             return False
         if isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, qualified_name) is not None
@@ -65,7 +133,31 @@ class LoraConfig(Checked, section="lora"):
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def rank_alpha(self, qualified_name: str, kxk_conv: bool = False) -> tuple[int, float]:
+        """(r, alpha) of one module: rank_pattern / alpha_pattern first (PEFT's matching), then
+        conv_r / conv_alpha for a k×k Conv2d (kohya's conv_dim / conv_alpha), then r / alpha."""
+        r, alpha = self.r, self.alpha
+        if kxk_conv and self.conv_r:
+            r, alpha = self.conv_r, self.conv_alpha or float(self.conv_r)
+        elif kxk_conv and self.conv_alpha:
+            alpha = self.conv_alpha
+        key = pattern_key(self.rank_pattern, qualified_name)
+        if key is not None:
+            r = int(self.rank_pattern[key])
+        key = pattern_key(self.alpha_pattern, qualified_name)
+        if key is not None:
+            alpha = self.alpha_pattern[key]
+        return r, float(alpha)
+
 
 def name_matches(qualified_name: str, name: str) -> bool:
     """PEFT's list matching: equal, or ends with '.' + name."""
     return qualified_name == name or qualified_name.endswith("." + name)
+
+
+def pattern_key(patterns: dict, qualified_name: str) -> Optional[str]:
+    """PEFT's get_pattern_key: the first key (a regex) such that "(.*\\.)?(key)$" matches the name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", qualified_name):
+            return key
+    return None

@@ -13,7 +13,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .files import PathLike, atomic_path, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
-from .model import DEFAULT, LoraLoadError, add_lora, lora_config, lora_layers, lora_state_dict, load_lora_state_dict
+from .model import (DEFAULT, AdapterExistsError, LoraLoadError, NonFiniteError, _atomic, adapter_names, add_lora,
+                    check_finite, load_lora_state_dict, lora_config, lora_layers, lora_state_dict)
 
 FORMAT = "lora_core"
 FORMAT_VERSION = "1"
@@ -68,35 +69,33 @@ def read_lora_config(metadata: dict[str, str], path: PathLike = "?") -> tuple[Lo
 
 
 def load_lora(path: PathLike, model: nn.Module, adapter: str = DEFAULT) -> LoraConfig:
-    """Add adapter `adapter` to `model` from a file written by save_lora (strict: any missing,
-    unexpected or mis-shaped key raises LoraLoadError naming it, and the model is left as it was)."""
+    """Add adapter `adapter` (LoRA weights and its own copies of the modules to save, e.g. a head)
+    to `model` from a file written by save_lora. Strict: any missing, unexpected or mis-shaped key,
+    or a tensor holding NaN/inf, raises an error naming it, and the model is left as it was."""
     sd, meta = read_safetensors(path)
     cfg, targets = read_lora_config(meta, path)
-    already = any(adapter in l.lora_A for _, l in lora_layers(model))
-    if already:
-        raise LoraLoadError(f"{path}: the model already has an adapter named {adapter!r}")
+    if adapter in adapter_names(model):
+        raise AdapterExistsError(f"{path}: the model already has an adapter named {adapter!r}; "
+                                 f"load it under another name or delete_adapter it first")
+    try:
+        check_finite(sd, str(path))
+    except NonFiniteError as e:
+        raise NonFiniteError(f"adapter file {e}") from None
     # adapt exactly the modules named in the file
     exact = LoraConfig(**{**cfg.to_dict(), "target_modules": "|".join(_re_escape(t) for t in targets) or cfg.target_modules,
                           "exclude_modules": []})
-    snapshot = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        wrapped = add_lora(model, exact, adapter)
-        if sorted(wrapped) != sorted(targets):
-            raise LoraLoadError(f"{path}: modules in the file but not in the model: "
-                                f"{sorted(set(targets) - set(wrapped))[:10]}")
-        load_lora_state_dict(model, sd, adapter)
+        with _atomic(model, adapter):
+            wrapped = add_lora(model, exact, adapter)
+            if sorted(wrapped) != sorted(targets):
+                raise LoraLoadError(f"modules in the file but not in the model: "
+                                    f"{sorted(set(targets) - set(wrapped))[:10]}")
+            load_lora_state_dict(model, sd, adapter)
+            model._lora_configs[adapter] = cfg
+    except (LoraLoadError, NonFiniteError) as e:
+        raise type(e)(f"{path}: {e}") from None
     except Exception as e:
-        from .model import delete_adapter, remove_lora
-        delete_adapter(model, adapter)
-        if not any(l.lora_A for _, l in lora_layers(model)):
-            remove_lora(model)
-        for n, p in model.named_parameters():
-            if n in snapshot:
-                p.requires_grad_(snapshot[n])
-        if isinstance(e, LoraLoadError):
-            raise LoraLoadError(f"{path}: {e}") from None
         raise LoraLoadError(f"{path}: {e}") from e
-    model._lora_configs[adapter] = cfg
     return cfg
 
 

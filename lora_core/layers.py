@@ -2,12 +2,18 @@
 
 y = base(x) + sum over active adapters of  B(A(dropout(x))) * scale * user_scale
 
-Supported bases: nn.Linear, Hugging Face Conv1D (weight stored (in, out)) and 1x1 nn.Conv2d.
+Supported bases: nn.Linear, Hugging Face Conv1D (weight stored (in, out)) and nn.Conv2d (groups 1).
+On a k×k Conv2d (LoCon) A is a k×k conv to r channels with the base's stride, padding and dilation,
+and B a 1x1 conv (PEFT's Conv2d LoRA; kohya's conv_dim layout: down (r, in, k, k), up (out, r, 1, 1)).
+With `use_dora` (PEFT's DoRA) the adapter also holds a magnitude m per output (`lora_magnitude_vector`,
+(out,) or (1, out, 1, 1) for Conv2d, as PEFT) and the layer computes m · (W + ΔW) / ||W + ΔW||, the
+norm taken per output row and detached from the graph (DoRA paper §4.3, as PEFT).
 With `slices` the output is cut into equal slices and only the enabled ones are adapted
 (loralib's MergedLinear): A is (k*r, in), B is (k*out_slice, r) for k enabled slices.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -30,7 +36,20 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 def supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return True
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+def is_kxk_conv(module: nn.Module) -> bool:
+    """A Conv2d with a kernel larger than 1x1 (LoCon's target; kohya's conv_dim applies to it)."""
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def _conv_pair(base: nn.Conv2d, r_in: int, r: int, out: int, device, dtype) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """A as the base's kernel (same stride, padding, dilation, padding mode) to r channels; B 1x1."""
+    A = nn.Conv2d(base.in_channels, r_in, base.kernel_size, base.stride, base.padding, base.dilation,
+                  bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype)
+    B = nn.Conv2d(r, out, 1, bias=False, device=device, dtype=dtype)
+    return A, B
 
 
 def base_dims(module: nn.Module) -> tuple[int, int]:
@@ -47,7 +66,8 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         if not supported(base_layer):
-            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__} (supported: Linear, Conv1D, 1x1 Conv2d)")
+            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__} (supported: Linear, Conv1D, Conv2d "
+                            "with groups=1)")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_dims(base_layer)
         self.is_conv2d = isinstance(base_layer, nn.Conv2d)
@@ -55,6 +75,8 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()   # DoRA adapters only
+        self._dora_norms: dict[str, torch.Tensor] = {}     # ||W0 + ΔW|| of each merged DoRA adapter
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}     # alpha/r (or alpha/sqrt(r))
@@ -67,9 +89,12 @@ class LoraLayer(nn.Module):
     # ----------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "kaiming", slices: Optional[list[bool]] = None,
-                    dtype: torch.dtype = torch.float32) -> None:
+                    dtype: torch.dtype = torch.float32, use_dora: bool = False) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if use_dora and slices is not None:
+            raise ValueError(f"adapter {name!r}: DoRA does not work on fused slices (no per-output norm of a "
+                             "partly adapted layer in PEFT either); set use_dora = false or drop fused_slices")
         n_on = 1
         out = self.out_features
         if slices is not None:
@@ -79,8 +104,7 @@ class LoraLayer(nn.Module):
             out = out // len(slices) * n_on
         device = self.base_layer.weight.device
         if self.is_conv2d:
-            A = nn.Conv2d(self.in_features, r * n_on, 1, bias=False, device=device, dtype=dtype)
-            B = nn.Conv2d(r, out, 1, bias=False, device=device, dtype=dtype)
+            A, B = _conv_pair(self.base_layer, r * n_on, r, out, device, dtype)
         else:
             A = nn.Linear(self.in_features, r * n_on, bias=False, device=device, dtype=dtype)
             B = nn.Linear(r, out, bias=False, device=device, dtype=dtype)
@@ -96,16 +120,25 @@ class LoraLayer(nn.Module):
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.user_scale[name] = 1.0
         self.slices[name] = list(slices) if slices is not None else None
+        if use_dora:
+            self._add_magnitude(name, dtype)
         if name not in self.active_adapters:
             self.active_adapters.append(name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"unmerge adapter {name!r} before deleting it")
+        self.discard(name)
+
+    def discard(self, name: str) -> None:
+        """Forget adapter `name` if present (no checks: used to undo a failed add)."""
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
-            del d[name]
+            if name in d:
+                del d[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.alpha, self.scaling, self.user_scale, self.slices):
-            del d[name]
+            d.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -135,6 +168,9 @@ class LoraLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
+            if name in self.lora_magnitude_vector:
+                y = y + self._dora_out(name, x, y).to(y.dtype)
+                continue
             delta = self._lora_out(name, x)
             y = y + (delta * (self.scaling[name] * self.user_scale[name])).to(y.dtype)
         return y
@@ -145,23 +181,56 @@ class LoraLayer(nn.Module):
         A = self.lora_A[name].weight.float().flatten(1)   # (k*r, in)
         return (self._B_full(name).float() @ A) * (self.scaling[name] * self.user_scale[name])
 
-    def _apply_delta(self, name: str, sign: float, safe: bool = False) -> None:
+    def _delta_like_base(self, name: str) -> torch.Tensor:
+        """ΔW of adapter `name` in the base weight's layout, fp32."""
         W = self.base_layer.weight
         d = self.delta_weight(name).to(W.device)
-        if self.fan_in_fan_out:
-            d = d.T
-        d = d.reshape(W.shape)
-        new = W.data.float() + sign * d   # delta computed and added in fp32 for fp16/bf16 bases
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter {name!r} produced non-finite weights")
-        W.data.copy_(new.to(W.dtype))
+        return (d.T if self.fan_in_fan_out else d).reshape(W.shape)
 
-    def merge(self, adapters: Optional[list[str]] = None, safe: bool = False) -> None:
-        for name in adapters if adapters is not None else list(self.active_adapters):
-            if name in self.merged_adapters:
-                continue
-            self._apply_delta(name, +1.0, safe)
-            self.merged_adapters.append(name)
+    def merged_weight(self, names: list[str], where: str = "") -> torch.Tensor:
+        """The base weight with adapters `names` folded in, computed in fp32 and cast to the base
+        dtype. Raises NonFiniteError if the result would hold NaN or inf (a non-finite adapter, or
+        an fp16/bf16 overflow: MergeOverflowError); nothing is changed here."""
+        from .model import MergeOverflowError, NonFiniteError
+        W = self.base_layer.weight
+        new = W.data.float()
+        W0 = self._unmerged_weight() if any(n in self.lora_magnitude_vector for n in names) else None
+        for name in names:
+            new = self._fold(name, new, W0)
+        where = where or type(self.base_layer).__name__
+        if not torch.isfinite(new).all():
+            bad = [n for n in names if not all(torch.isfinite(getattr(self, d)[n].weight).all()
+                                               for d in ("lora_A", "lora_B"))]
+            raise NonFiniteError(f"merging adapter(s) {names} into {where} would give non-finite weights"
+                                 + (f": adapter(s) {bad} hold NaN or inf" if bad else "") + "; nothing was merged")
+        out = new.to(W.dtype)
+        if not torch.isfinite(out).all():
+            raise MergeOverflowError(
+                f"merging adapter(s) {names} into {where} overflows {W.dtype} (largest |weight| "
+                f"{new.abs().max().item():.4g} > {torch.finfo(W.dtype).max:.4g}); nothing was merged: merge in "
+                f"float32 (model.float()) or lower the adapter's scale")
+        return out
+
+    def _apply_delta(self, name: str, sign: float) -> None:
+        if name in self.lora_magnitude_vector:
+            return self._unfold_dora(name)
+        W = self.base_layer.weight
+        W.data.copy_((W.data.float() + sign * self._delta_like_base(name)).to(W.dtype))
+
+    def merge(self, adapters: Optional[list[str]] = None, safe: bool = True, where: str = "") -> None:
+        """Fold adapters into the base weight (in fp32, one rounding to the base dtype). Always
+        checked: a non-finite or overflowing result raises and leaves the weight unchanged
+        (`safe` is kept for compatibility)."""
+        names = [n for n in (adapters if adapters is not None else list(self.active_adapters))
+                 if n not in self.merged_adapters]
+        if not names:
+            return
+        dora = [n for n in names if n in self.lora_magnitude_vector]
+        W0 = self._unmerged_weight() if dora else None
+        new = self.merged_weight(names, where)
+        self._dora_norms.update({n: self._dora_merge_norm(n, W0) for n in dora})
+        self.base_layer.weight.data.copy_(new)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
@@ -170,3 +239,139 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.lora_A.keys())}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+    # ----------------------------------------------------------------- DoRA
+    def _out_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        """A per-output vector shaped to broadcast over a base-layout weight of `ndim` dimensions."""
+        axis = 1 if self.fan_in_fan_out else 0
+        return v.reshape([-1 if i == axis else 1 for i in range(ndim)])
+
+    def _weight_rows(self, W: torch.Tensor) -> torch.Tensor:
+        """A base-layout weight as (out, in·k·k) rows."""
+        return W.T if self.fan_in_fan_out else W.flatten(1)
+
+    def _dora_norm(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """||W + ΔW|| per output row, (out,), detached (W in base layout, any float dtype)."""
+        with torch.no_grad():
+            d = self.delta_weight(name).to(device=W.device)
+            return (self._weight_rows(W).float() + d).norm(dim=1)
+
+    def _add_magnitude(self, name: str, dtype: torch.dtype) -> None:
+        """m = ||W + ΔW|| per output (= ||W|| while B is zero), in PEFT's shape."""
+        norm = self._dora_norm(name, self.base_layer.weight)
+        shape = (1, -1, 1, 1) if self.is_conv2d else (-1,)
+        self.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(shape).to(dtype))
+
+    def _dora_out(self, name: str, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        """DoRA's addition to the output so far y0 (the base's, plus the adapters before this one, as
+        PEFT; with dropout in training the base's alone): (m/||W+ΔW|| - 1) · y0 + m/||W+ΔW|| · s · B A x."""
+        A, W = self.lora_A[name], self.base_layer.weight
+        s = self.scaling[name] * self.user_scale[name]
+        drop = self.lora_dropout[name]
+        x = x.to(A.weight.dtype)
+        mag = self.lora_magnitude_vector[name]
+        f = mag.flatten() / self._dora_norm(name, W).to(mag.dtype)
+        f = f.view(1, -1, 1, 1) if self.is_conv2d else f
+        if isinstance(drop, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = y0 if bias is None else y0 - (bias.view(1, -1, 1, 1) if self.is_conv2d else bias)
+            base = base.to(x.dtype)
+        else:
+            x = drop(x)
+            w = W.to(x.dtype)
+            base = (self.base_layer._conv_forward(x, w, None) if self.is_conv2d
+                    else F.linear(x, self._weight_rows(w)))
+        h = self.lora_B[name](A(x))
+        return (f - 1) * base + f * h * s
+
+    def _dora_factor(self, name: str, norm: torch.Tensor, ndim: int) -> torch.Tensor:
+        """m / norm, shaped to broadcast over the base weight."""
+        return self._out_view(self.lora_magnitude_vector[name].detach().float().flatten() / norm, ndim)
+
+    def _dora_merge_norm(self, name: str, W0: torch.Tensor) -> torch.Tensor:
+        """||W0 + ΔW|| per output, W0 the weight without merged adapters (as PEFT's merge)."""
+        return (self._weight_rows(W0) + self.delta_weight(name).to(W0.device)).norm(dim=1)
+
+    def _fold(self, name: str, W: torch.Tensor, W0: Optional[torch.Tensor]) -> torch.Tensor:
+        """W (fp32) with adapter `name` merged: W + ΔW, or for DoRA m/||W0 + ΔW|| · (W + ΔW)."""
+        d = self._delta_like_base(name)
+        if name not in self.lora_magnitude_vector:
+            return W + d
+        return self._dora_factor(name, self._dora_merge_norm(name, W0), W.dim()) * (W + d)
+
+    def _unfold_dora(self, name: str) -> None:
+        """Unmerge a DoRA adapter: W = W' / (m/||W0 + ΔW||) - ΔW, with the norm kept from the merge."""
+        W = self.base_layer.weight
+        cur = W.data.float()
+        f = self._dora_factor(name, self._dora_norms.pop(name), cur.dim())
+        W.data.copy_((cur / f - self._delta_like_base(name)).to(W.dtype))
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight (fp32) with every merged adapter taken out again, newest first."""
+        W = self.base_layer.weight.data.float()
+        for name in reversed(self.merged_adapters):
+            d = self._delta_like_base(name)
+            W = W / self._dora_factor(name, self._dora_norms[name], W.dim()) - d if name in self._dora_norms else W - d
+        return W
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """PEFT's ModulesToSaveWrapper semantics for a module trained in full with an adapter (e.g. a
+    classification head): the original module is kept, frozen; each adapter owns its own trainable
+    copy (`modules_to_save[adapter]`); the active adapter's copy runs, and the original runs when
+    adapters are disabled or no active adapter owns a copy here. At most one active adapter may own
+    a copy (a head cannot be summed like LoRA deltas). Attributes not found on the wrapper are read
+    from the module that runs (`model.score.weight` is the active head's weight)."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        self.discard(name)
+
+    def discard(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def owners(self, names: list[str]) -> list[str]:
+        """The adapters among `names` that own a copy here."""
+        return [n for n in names if n in self.modules_to_save]
+
+    def current(self) -> nn.Module:
+        """The module that runs: the active adapter's copy, or the original."""
+        if self.disabled:
+            return self.original_module
+        owners = self.owners(self.active_adapters)
+        if len(owners) > 1:
+            from .model import HeadConflictError
+            raise HeadConflictError(f"adapters {owners} are active together and each has its own copy of this "
+                                    f"module ({type(self.original_module).__name__}); activate one with set_adapter")
+        return self.modules_to_save[owners[0]] if owners else self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_modules" not in self.__dict__ or "modules_to_save" not in self.__dict__["_modules"]:
+                raise
+        return getattr(self.current(), name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.modules_to_save.keys())}, active={self.active_adapters}, disabled={self.disabled}"

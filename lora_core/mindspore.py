@@ -7,8 +7,15 @@ Same names, shapes and meaning as the PyTorch core (`lora_core.layers.LoraLayer`
 Kaiming-uniform (a=sqrt(5)) or N(0, 1/r), B zero, fused slices as loralib's MergedLinear. An adapter
 file written here is read by `lora_core.io.load_lora` and the reverse (same keys, same metadata).
 
+DoRA (`use_dora`, PEFT's semantics as the torch core): a magnitude m per output
+(`<module>.lora_magnitude_vector`, shape (out,)) and y = base(x) + (m/n - 1) · W x + m/n · s · B A x with
+n = ||W + s B A|| per output row, held constant in the backward (stop_gradient), as PEFT.
+
 Differences from the PyTorch core, on purpose: one adapter per model (no set_adapter / multi-adapter
 stacking), and only `nn.Dense` bases (a GPT-2 written for MindSpore stores Conv1D weights as Dense).
+Modules to save (a classification head) get the core's semantics for that one adapter: the original
+is kept, frozen, beside the adapter's trainable copy (`ModulesToSaveCell`); `enable_lora(net, False)`
+runs the original. The copy's parameters keep the original names (`score.weight`: the file keys).
 The MindSpore parameter names are the cell paths, so a LoRA layer's parameters are literally named
 `<module>.lora_A.weight` and `<module>.lora_B.weight`.
 
@@ -18,6 +25,7 @@ a graph compiled earlier keeps reading the parameter's old buffer after `Paramet
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -31,7 +39,7 @@ from mindspore.common.initializer import HeUniform, Normal, initializer
 from .config import LoraConfig, name_matches
 from .fused import block_B
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
-from .model import LoraLoadError, state_dict_mismatch
+from .model import LoraLoadError, check_finite, state_dict_mismatch
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
 _TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
@@ -45,8 +53,10 @@ class LoraDense(nn.Cell):
     """A frozen `nn.Dense` plus one low-rank adapter (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Dense, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming", slices: Optional[list[bool]] = None):
+                 init: str = "kaiming", slices: Optional[list[bool]] = None, use_dora: bool = False):
         super().__init__()
+        if use_dora and slices is not None:
+            raise ValueError("DoRA does not work on fused slices; set use_dora = false or drop fused_slices")
         if not isinstance(base_layer, nn.Dense):
             raise TypeError(f"LoRA (MindSpore) can wrap nn.Dense only, not {type(base_layer).__name__}")
         self.base_layer = base_layer
@@ -69,6 +79,11 @@ class LoraDense(nn.Cell):
         self.slices = tuple(bool(s) for s in slices) if slices is not None else None
         self.merged = False
         self.disabled = False
+        self.use_dora = use_dora
+        self._dora_norm_merged = None
+        if use_dora:   # m = ||W|| per output (B is zero), PEFT's start
+            norm = np.linalg.norm(base_layer.weight.asnumpy().astype(np.float32), axis=1)
+            self.lora_magnitude_vector = ms.Parameter(ms.Tensor(norm, dtype), name="lora_magnitude_vector")
 
     def full_B(self) -> ms.Tensor:
         """B in the base output layout (out, k*r): lora_core.fused.block_B (zero rows for the slices
@@ -82,6 +97,8 @@ class LoraDense(nn.Cell):
         y = self.base_layer(x)
         if self.disabled or self.merged:
             return y
+        if self.use_dora:
+            return y + self._dora_out(x, y).astype(y.dtype)
         h = self.lora_A(self.lora_dropout(x.astype(self.lora_A.weight.dtype)))
         if self.slices is None:
             delta = self.lora_B(h)
@@ -95,9 +112,39 @@ class LoraDense(nn.Cell):
         A = self.lora_A.weight.asnumpy().astype(np.float32)
         return (B @ A) * np.float32(self.scaling * self.user_scale)
 
+    def _dora_out(self, x, y):
+        """DoRA's addition to the base output y (see the module docstring)."""
+        dtype = self.lora_A.weight.dtype
+        x = x.astype(dtype)
+        s = self.scaling * self.user_scale
+        W = self.base_layer.weight.astype(dtype)
+        delta = ops.matmul(self.lora_B.weight, self.lora_A.weight) * s
+        norm = ops.stop_gradient(ops.norm(W + ops.stop_gradient(delta), dim=1))
+        f = self.lora_magnitude_vector / norm
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = y.astype(dtype)
+            if self.base_layer.has_bias:
+                base = base - self.base_layer.bias.astype(dtype)
+        else:
+            x = self.lora_dropout(x)
+            base = ops.matmul(x, W.T)
+        return (f - 1) * base + f * self.lora_B(self.lora_A(x)) * s
+
+    def _dora_factor(self, W: np.ndarray) -> np.ndarray:
+        """m / ||W + ΔW|| per output (kept from the merge for the unmerge)."""
+        if self._dora_norm_merged is None:
+            self._dora_norm_merged = np.linalg.norm(W + self.delta_weight(), axis=1)
+        return self.lora_magnitude_vector.asnumpy().astype(np.float32) / self._dora_norm_merged
+
     def _apply_delta(self, sign: float, safe: bool = False) -> None:
         W = self.base_layer.weight
-        new = W.asnumpy().astype(np.float32) + sign * self.delta_weight()
+        old, delta = W.asnumpy().astype(np.float32), self.delta_weight()
+        new = old + sign * delta
+        if self.use_dora:   # merge: f · (W + ΔW); unmerge: W' / f - ΔW
+            f = self._dora_factor(old)[:, None]
+            new = f * (old + delta) if sign > 0 else old / f - delta
+            if sign < 0:
+                self._dora_norm_merged = None
         if safe and not np.isfinite(new).all():
             raise ValueError("merging the adapter produced non-finite weights")
         ops.assign(W, ms.Tensor(new, W.dtype))
@@ -114,6 +161,22 @@ class LoraDense(nn.Cell):
 
     def extend_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, slices={self.slices}, merged={self.merged}"
+
+
+class ModulesToSaveCell(nn.Cell):
+    """The adapter's own trainable copy of a module to save, beside the frozen original (the one-
+    adapter form of lora_core.layers.ModulesToSaveWrapper): disabled runs the original."""
+
+    def __init__(self, original_module: nn.Cell):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = copy.deepcopy(original_module)
+        self.disabled = False
+
+    def construct(self, x):
+        if self.disabled:
+            return self.original_module(x)
+        return self.modules_to_save(x)
 
 
 # ------------------------------------------------------------------ cell tree helpers
@@ -157,6 +220,12 @@ def lora_config(net: nn.Cell) -> LoraConfig:
     return cfg
 
 
+def _head_cells(net: nn.Cell) -> Iterator[tuple[str, ModulesToSaveCell]]:
+    for name, cell in net.cells_and_names():
+        if isinstance(cell, ModulesToSaveCell):
+            yield name, cell
+
+
 def _modules_to_save(net: nn.Cell, names: list[str]) -> list[str]:
     found = [n for n, _ in net.cells_and_names() if n and any(name_matches(n, m) for m in names)]
     missing = [m for m in names if not any(name_matches(n, m) for n in found)]
@@ -181,11 +250,15 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
     for p in net.get_parameters():
         p.requires_grad = False
     for name in targets:
-        layer = LoraDense(get_cell(net, name), config.r, config.alpha, config.dropout, config.use_rslora,
-                          config.init, config.slices_for(name))
+        r, alpha = config.rank_alpha(name)
+        layer = LoraDense(get_cell(net, name), r, alpha, config.dropout, config.use_rslora,
+                          config.init, config.slices_for(name), config.use_dora)
         _set_cell(net, name, layer)
     for name in save:
-        for p in get_cell(net, name).get_parameters():
+        head = ModulesToSaveCell(get_cell(net, name))
+        _set_cell(net, name, head)
+        for pname, p in head.modules_to_save.parameters_and_names(name_prefix=name):
+            p.name = pname   # the copy keeps the original's names (= the adapter file keys)
             p.requires_grad = True
     net._lora_config = config
     return sorted(targets)
@@ -196,6 +269,8 @@ def remove_lora(net: nn.Cell, merge: bool = False) -> nn.Cell:
     for name, layer in list(lora_layers(net)):
         layer.merge() if merge else layer.unmerge()
         _set_cell(net, name, layer.base_layer)
+    for name, head in list(_head_cells(net)):   # merged: the trained copy; else the original
+        _set_cell(net, name, head.modules_to_save if merge else head.original_module)
     if hasattr(net, "_lora_config"):
         del net._lora_config
     return net
@@ -214,8 +289,9 @@ def unmerge_lora(net: nn.Cell) -> None:
 
 
 def enable_lora(net: nn.Cell, enabled: bool = True) -> None:
-    for _, layer in lora_layers(net):
-        layer.disabled = not enabled
+    """Switch the adapter on or off; off also runs the original modules to save (heads)."""
+    for _, cell in [*lora_layers(net), *_head_cells(net)]:
+        cell.disabled = not enabled
 
 
 def set_scale(net: nn.Cell, scale: float) -> None:
@@ -232,10 +308,13 @@ def _param_items(net: nn.Cell) -> dict[str, ms.Parameter]:
     for name, layer in lora_layers(net):
         items[f"{name}.lora_A.weight"] = layer.lora_A.weight
         items[f"{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.use_dora:
+            items[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     cfg = getattr(net, "_lora_config", None)
     if cfg is not None:
         for mname in _modules_to_save(net, cfg.modules_to_save):
-            for pname, p in get_cell(net, mname).parameters_and_names():
+            head = get_cell(net, mname)
+            for pname, p in getattr(head, "modules_to_save", head).parameters_and_names():
                 head, _, leaf = pname.rpartition(".")
                 key = ".".join(x for x in (mname, head, _TORCH_PARAM_NAMES.get(leaf, leaf)) if x)
                 items[key] = p
@@ -255,6 +334,7 @@ def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
     problems = state_dict_mismatch(own, sd)
     if problems:
         raise LoraLoadError(f"adapter does not fit the network: {problems}")
+    check_finite({k: sd[k] for k in own}, "adapter")
     for k, p in own.items():
         ops.assign(p, ms.Tensor(np.asarray(sd[k], dtype=np.float32), p.dtype))
 
@@ -298,6 +378,6 @@ def read_adapter_config(path: Union[str, Path]) -> LoraConfig:
     return read_lora_config(meta, path)[0]
 
 
-__all__ = ["LoraDense", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
+__all__ = ["LoraDense", "ModulesToSaveCell", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
            "lora_layers", "lora_parameters", "lora_config", "lora_state_dict", "load_lora_state_dict",
            "save_lora", "load_lora", "read_adapter_config", "get_cell"]

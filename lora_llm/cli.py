@@ -52,7 +52,11 @@ def _cmd_eval(a) -> int:
             if k == "generations":
                 for g in v:
                     print(f"--- {g['prompt']}{g['text']}")
-            else:
+            elif k == "baseline":   # e.g. "base model + untrained head: accuracy 0.51 (majority-class rate 0.55)"
+                print(f"{k:>20}: {v['label']}: " + ", ".join(
+                    f"{'majority-class rate' if m == 'majority_accuracy' else m} {x:.4g}"
+                    for m, x in v.items() if m != "label"))
+            elif not k.startswith("baseline_"):
                 print(f"{k:>20}: {v}")
     return 0
 
@@ -148,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", required=True, help="run folder or adapter.safetensors")
     e.add_argument("--config", default=None, help="job file (default: the run folder's config.toml)")
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    e.add_argument("--baseline", action="store_true", help="also score the base model without the adapter")
+    e.add_argument("--baseline", action="store_true",
+                   help="also score the base model without the adapter (a classifier with its untrained head), "
+                        "with the majority-class rate")
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default=None, help="write the result as JSON here")
     e.add_argument("--json", action="store_true")

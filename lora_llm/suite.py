@@ -59,19 +59,22 @@ def _row(task: str, res: dict, cfg: LLMTrainConfig, wall: float, source: str) ->
               "steps": res.get("steps"), "wall_s": round(wall, 1), "n": res.get("n") or res.get("tokens"),
               "subset": bool(res.get("subset")),
               "source": source}
+    from .train import BASELINE_LABEL, BASELINE_LABEL_LM
     if cfg.data.is_lm:
         rows = [{**common, "metric": "perplexity", "value": res["perplexity"]}]
         if "baseline_perplexity" in res:
-            rows.insert(0, {**common, "metric": "perplexity (base, no LoRA)", "value": res["baseline_perplexity"],
+            rows.insert(0, {**common, "metric": f"perplexity ({BASELINE_LABEL_LM})", "value": res["baseline_perplexity"],
                             "steps": 0, "trainable_params": 0})
         return rows
     rows = [{**common, "metric": "accuracy", "value": res["accuracy"]},
             {**common, "metric": "macro_f1", "value": res["macro_f1"]}]
     if task == "cola":
         rows.append({**common, "metric": "mcc", "value": res["mcc"]})
-    if "baseline_accuracy" in res:
-        rows.insert(0, {**common, "metric": "accuracy (untrained head)", "value": res["baseline_accuracy"],
-                        "steps": 0})
+    if "baseline_accuracy" in res:   # the base model with its original, untrained head, and the majority rate
+        base = {**common, "steps": 0, "trainable_params": 0}
+        rows.insert(0, {**base, "metric": f"accuracy ({BASELINE_LABEL})", "value": res["baseline_accuracy"]})
+        if "majority_accuracy" in res:
+            rows.insert(1, {**base, "metric": "majority-class rate", "value": res["majority_accuracy"]})
     return rows
 
 
@@ -127,8 +130,8 @@ def _run_task(suite: SuiteConfig, task: str, cfg: LLMTrainConfig, resume: Option
     if task in suite.adapters:
         model, tok, info = load_trained(suite.adapters[task], model_section=cfg.model)
         res = evaluate_job(cfg, model, tok, baseline=cfg.eval.baseline)
-        res.update(trainable_params=sum(p.numel() for n, p in model.named_parameters()
-                                        if "lora_" in n or n.startswith("score")), steps=info.get("steps"))
+        res.update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   steps=info.get("steps"))
         return res, suite.adapters[task]
     status = train_from_config(cfg, resume=resume)
     if status.get("state") == "stopped":

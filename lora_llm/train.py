@@ -20,7 +20,8 @@ from . import data as D
 from .adapters import ADAPTER_FILE, read_adapter_info, load_adapter, save_adapter
 from .config import LLMTrainConfig, ModelSection
 from .evaluate import evaluate_classifier, generate, perplexity
-from .models import count_parameters, load_model, load_tokenizer, resolve_lora
+from .models import count_parameters, load_model, load_tokenizer, loss_function, resolve_lora
+from .prefix_cache import wrap_for_training
 
 log = logging.getLogger("lora.llm")
 
@@ -53,7 +54,7 @@ def train_items(cfg: LLMTrainConfig, tokenizer) -> list[dict]:
         blocks = D.lm_blocks(D.tokenize_text(text, tokenizer), d.block_size, d.max_train_examples)
         return [{"input_ids": b} for b in blocks]
     ex = D.load_examples(d.task, split, d.data_dir, d.train_file, d.max_train_examples)
-    ids, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
+    ids, labels = D.tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
     return [{"input_ids": i, "label": y} for i, y in zip(ids, labels)]
 
 
@@ -81,15 +82,23 @@ def load_trained(path: str | Path, device: str = "cpu", model_section: Optional[
     info = read_adapter_info(file)
     ms = model_section or ModelSection(**info["model"])
     tokenizer = load_tokenizer(ms)
-    model = load_model(ms, info.get("num_labels", 0), tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):   # a reproducible untrained head (the --baseline one)
+        torch.manual_seed(0)
+        model = load_model(ms, info.get("num_labels", 0), tokenizer.pad_token_id)
     load_adapter(file, model)
     return model.to(device).eval(), tokenizer, info
 
 
 # ------------------------------------------------------------------------------ evaluation
+BASELINE_LABEL = "base model + untrained head"   # classification: the original head, no LoRA
+BASELINE_LABEL_LM = "base model, no LoRA"
+
+
 def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, baseline: bool = False) -> dict:
     """Metrics of the task's eval split: perplexity (+ generations) for LM, accuracy/F1/MCC otherwise.
-    baseline=True also scores the base model with the adapter switched off."""
+    baseline=True also scores the base model with adapters switched off, which for a classifier
+    runs its original, untrained head (not the adapter's trained copy): out["baseline"] holds the
+    label, the metrics and, for classification, the majority-class rate beside them."""
     from lora_core.model import lora_disabled
     d, e = cfg.data, cfg.eval
     info = D.task_info(d.task)
@@ -106,8 +115,9 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
         out.update(perplexity(model, ids, e.ppl_max_length, e.ppl_stride, progress))
         if baseline:
             with lora_disabled(model):
-                out["baseline_perplexity"] = perplexity(model, ids, e.ppl_max_length, e.ppl_stride,
-                                                        progress)["perplexity"]
+                ppl = perplexity(model, ids, e.ppl_max_length, e.ppl_stride, progress)["perplexity"]
+            out["baseline_perplexity"] = ppl
+            out["baseline"] = {"label": BASELINE_LABEL_LM, "perplexity": ppl}
         if e.prompts:
             out["generations"] = [{"prompt": p, "text": t} for p, t in zip(e.prompts, generate(
                 model, tokenizer, e.prompts, e.max_new_tokens, e.do_sample, e.temperature, e.top_k, e.top_p, e.seed))]
@@ -115,13 +125,16 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
         everything = D.load_examples(d.task, split, d.data_dir, d.eval_file)
         ex = D.subset(everything, d.max_eval_examples)
         out["subset"] = len(ex) < len(everything)
-        seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
+        seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
         n = D.num_labels(d.task)
         out.update(evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress))
+        out["n_examples"] = len(seqs)
         if baseline:
             with lora_disabled(model):
-                out["baseline_accuracy"] = evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id,
-                                                               e.batch_size, progress)["accuracy"]
+                b = evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress)
+            out["baseline_accuracy"] = b["accuracy"]
+            out["baseline"] = {"label": BASELINE_LABEL, **{k: b[k] for k in ("accuracy", "macro_f1", "mcc")},
+                               "majority_accuracy": b["majority_accuracy"]}
     out["eval_seconds"] = time.time() - t0
     return out
 
@@ -168,8 +181,8 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
                                      collate_fn=Collator(tokenizer.pad_token_id, cfg.data.is_lm),
                                      num_workers=s.num_workers, drop_last=len(items) >= s.batch_size)
 
-    def loss_fn(m, batch):
-        return m(**batch).loss
+    loss_fn = loss_function(cfg, items)
+    model = wrap_for_training(cfg, model, lcfg, items, accelerator)   # frozen-prefix cache (lora.layers = "top:k")
 
     base_model_name = cfg.model.pretrained
 

@@ -1,10 +1,12 @@
 """The Stable Diffusion adapter formats, registered with lora_core.adapter_files (no torch here).
 
 kohya:     lora_unet_<path . -> _>.lora_down.weight [r, in] / .lora_up.weight [out, r] / .alpha (0-dim),
-           text encoder lora_te_<path>; ΔW = alpha / r · up @ down, no alpha means alpha = r.
+           text encoder lora_te_<path>; ΔW = alpha / r · up @ down, no alpha means alpha = r; LoCon
+           convs down [r, in, k, k] / up [out, r, 1, 1]; DoRA's magnitude as .dora_scale (LyCORIS).
 diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.lora.up; PEFT's own
            save_pretrained of a UNet writes base_model.model.<path>), with r / lora_alpha (and
-           rank/alpha patterns) in the `lora_adapter_metadata` JSON; none means alpha = r.
+           rank/alpha patterns) in the `lora_adapter_metadata` JSON; none means alpha = r; DoRA's
+           magnitude as .lora_magnitude_vector (PEFT's name).
 Here live the naming rules (shared with lora_sd.formats, which reads and writes the tensors) and the
 header-only description `lora-sd inspect` and the GUI show.
 """
@@ -19,8 +21,9 @@ COMPONENTS = ("unet", "text_encoder")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 KOHYA, DIFFUSERS = "kohya", "diffusers"
-KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
-DIFFUSERS_KEY = re.compile(r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight)")
+KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
+DIFFUSERS_KEY = re.compile(
+    r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector)")
 PEFT_UNET_PREFIX = "base_model.model."      # PEFT save_pretrained of a UNet
 _UNET_TOP = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 
@@ -92,7 +95,7 @@ def detect_kohya(view: AdapterView):
         return False
     if any(k.endswith(".lora_down.weight") for k in named):
         return True
-    return (f"kohya-named keys without lora_down/lora_up (LyCORIS LoHa/LoKr, DoRA or another network; "
+    return (f"kohya-named keys without lora_down/lora_up (LyCORIS LoHa/LoKr or another network; "
             f"e.g. {named[0]}): only LoRA is supported")
 
 
@@ -181,8 +184,16 @@ def describe(view: AdapterView, modules: dict[str, tuple[int, float]]) -> dict:
         "target_modules": keys, "blocks": _sd_blocks(keys), "architecture": architecture(view, keys),
         "base_model": meta.get("ss_sd_model_name") or meta.get("base_model") or meta.get("modelspec.architecture", ""),
         "steps": meta.get("ss_steps", ""), "modules": len(keys), "modules_by_component": dict(by_comp),
-        "target_leaves": sorted(leaves), "attention": attention,
+        "target_leaves": sorted(leaves), "attention": attention, **variants(view),
     }
+
+
+def variants(view: AdapterView) -> dict:
+    """DoRA (a magnitude per module) and LoCon (k×k conv down weights), from the header alone."""
+    dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in view.keys)
+    conv = sum(1 for k in view.keys if k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight"))
+               and len(view.header.shape(k)) == 4 and view.header.shape(k)[2:] != [1, 1])
+    return {"dora": dora, "conv_modules": conv}
 
 
 _SD = dict(tool="lora-sd", cli="lora_sd.cli", family="sd", commands=("inspect", "convert", "generate", "merge"),

@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   lora-sd convert RUN/lora.safetensors out/pytorch_lora_weights.safetensors --to diffusers
   lora-sd inspect RUN/lora.safetensors
   lora-sd check-dataset ../shared/data/dreambooth/train_512
+  lora-sd score --model tiny --lora RUN/lora.safetensors --scales 0,1 --concept base --concept purple --seeds 8
+  lora-sd pretrain-tiny --out workspace/models/tiny-synth        # about 2 hours on 2 CPU cores
 """
 
 
@@ -143,6 +145,92 @@ def _cmd_check_dataset(a) -> int:
     return 0 if d["ok"] else 1
 
 
+def _cmd_score(a) -> int:
+    import torch
+    from . import synth
+    from .concept_score import format_table, pipeline_images, score_generator, set_adapter_scale
+    from .generate import load_adapters
+    from .models import load_pipeline
+    try:
+        groups = [(c, synth.prompts_for(c, tuple(a.background or synth.BACKGROUNDS)))
+                  for c in a.concept or ([] if a.prompt else ["base"])]
+        scales = [float(s) for s in a.scales.split(",")] if a.lora else [0.0]
+    except ValueError as e:
+        print(f"lora-sd score: error: {e} (--concept, --background, --scales)", file=sys.stderr)
+        return 2
+    groups += [("prompts", a.prompt)] if a.prompt else []
+    pipe = load_pipeline(a.model, a.model_config)
+    pipe.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []])
+    seeds = list(range(a.seed, a.seed + a.seeds))
+    rows = []
+    for scale in scales:
+        if report:
+            set_adapter_scale(pipe, [f"adapter_{i}" for i in range(len(report))], scale)
+        save = Path(a.save_images) / f"scale_{scale:g}" if a.save_images else None
+        make = pipeline_images(pipe, steps=a.steps, guidance_scale=a.guidance, side=a.size, scheduler=a.scheduler,
+                               save_dir=save)
+        for name, prompts in groups:
+            rows.append({"scale": scale, "group": name, "prompts": prompts, **score_generator(make, prompts, seeds)})
+    print(format_table(rows))
+    from lora_core.files import atomic_write_json
+    atomic_write_json(a.out, {"model": a.model, "adapters": report, "seeds": seeds, "steps": a.steps,
+                              "guidance_scale": a.guidance, "size": a.size, "scheduler": a.scheduler, "rows": rows})
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _cmd_pretrain_tiny(a) -> int:
+    from .pretrain import PretrainSettings, pretrain
+    given = {"seed": a.seed, "side": a.size, "n_images": a.images, "steps_vae": a.steps_vae,
+             "steps_unet": a.steps_unet, "batch_size": a.batch_size}
+    s = PretrainSettings(**{k: v for k, v in given.items() if v is not None})
+    try:
+        out = pretrain(a.out, s, run_dir=a.run_dir or None, resume=a.resume)
+    except FileExistsError as e:
+        print(f"lora-sd pretrain-tiny: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:   # a phase stopped or failed: its run folder keeps the checkpoints
+        print(f"lora-sd pretrain-tiny: {e}; continue with --resume latest", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (model card: {out / 'README.md'})")
+    return 0
+
+
+def _add_score_parsers(sub) -> None:
+    """`score` and `pretrain-tiny` (the synthetic shapes world, lora_sd.synth)."""
+    sc = sub.add_parser("score", help="concept score (prompted colour / shape / background) of a model, with adapters at scales")
+    sc.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
+    sc.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
+    sc.add_argument("--lora", action="append", metavar="FILE", help="adapter file (repeatable; all get each scale)")
+    sc.add_argument("--scales", default="0,1", help="comma-separated adapter scales; 0 = the base model")
+    sc.add_argument("--concept", action="append", help="prompt set: base, or a held-out word (purple, star); repeatable")
+    sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (repeatable; default all)")
+    sc.add_argument("--prompt", action="append", help="an extra prompt (repeatable)")
+    sc.add_argument("--seeds", type=int, default=4, help="how many seeds per prompt")
+    sc.add_argument("--seed", type=int, default=0, help="the first seed")
+    sc.add_argument("--steps", type=int, default=20)
+    sc.add_argument("--guidance", type=float, default=5.0)
+    sc.add_argument("--size", type=int, default=64, help="image side in pixels")
+    sc.add_argument("--scheduler", default="ddim")
+    sc.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    sc.add_argument("--save-images", default="", help="folder for the images (scale_<s>/p<i>_s<seed>_0.png)")
+    sc.add_argument("--out", default="score.json", help="JSON report")
+    sc.set_defaults(fn=_cmd_score)
+
+    pt = sub.add_parser("pretrain-tiny", help="train the tiny SD pipeline from scratch on the synthetic shapes world")
+    pt.add_argument("--out", required=True, help="new folder for the diffusers pipeline")
+    pt.add_argument("--run-dir", default="", help="run folders of the two phases (default: OUT.run)")
+    pt.add_argument("--resume", help="'latest': continue a stopped pretraining from its checkpoints")
+    pt.add_argument("--seed", type=int, help="default 0; everything follows from it")
+    pt.add_argument("--size", type=int, help="image side in pixels (default 64)")
+    pt.add_argument("--images", type=int, help="synthetic training images (default 8192)")
+    pt.add_argument("--steps-vae", type=int, help="VAE steps (default 1000)")
+    pt.add_argument("--steps-unet", type=int, help="UNet + text encoder steps (default 10000)")
+    pt.add_argument("--batch-size", type=int, help="default 32")
+    pt.set_defaults(fn=_cmd_pretrain_tiny)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-sd", description="Stable Diffusion LoRA: train, generate, convert, inspect.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -206,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-captions-needed", action="store_true", help="the caption template has no {caption}")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=_cmd_check_dataset)
+
+    _add_score_parsers(sub)
     from .cli_decide import add_commands   # grid, sweep, check
     add_commands(sub)
     return p

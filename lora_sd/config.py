@@ -13,7 +13,9 @@ from lora_core.run import TrainSettings
 CROSS_ATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
 ALL_ATTN = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 TEXT_ENCODER_ATTN = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
-TARGET_PRESETS = {"cross_attn": CROSS_ATTN, "attn": ALL_ATTN}
+# LoCon: the ResNet blocks' 3x3 convs and the down/upsampler convs (kohya's conv_dim targets)
+UNET_CONVS = r".*(resnets\.\d+\.conv[12]|(downsamplers|upsamplers)\.\d+\.conv)"
+TARGET_PRESETS = {"cross_attn": CROSS_ATTN, "attn": ALL_ATTN, "cross_attn+conv": f"{CROSS_ATTN}|{UNET_CONVS}"}
 
 
 # the samplers of sample.scheduler and `lora-sd generate --scheduler`: name -> diffusers scheduler class

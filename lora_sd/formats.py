@@ -4,8 +4,11 @@ In memory an adapter is `{"unet.<module path>" | "text_encoder.<module path>": M
 ΔW = (alpha / r) · up @ down (kohya's meaning; rsLoRA and any alpha are folded into `alpha`).
 
 kohya:     lora_unet_<path . -> _>.lora_down.weight [r, in] / .lora_up.weight [out, r] / .alpha (0-dim),
-           text encoder lora_te_<path>; string metadata ss_* and modelspec.*.
-diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.lora.up), with
+           text encoder lora_te_<path>; string metadata ss_* and modelspec.*. LoCon (k×k Conv2d): down
+           [r, in, k, k], up [out, r, 1, 1]. DoRA: .dora_scale, LyCORIS' output-axis layout [out, 1]
+           ([out, 1, 1, 1] for a conv); diffusers' SD loaders drop dora_scale (with a warning).
+diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.lora.up), DoRA's
+           .lora_magnitude_vector in PEFT's shape ((out,), (1, out, 1, 1) for a conv), with
            r / lora_alpha (and rank/alpha patterns) in the `lora_adapter_metadata` JSON that
            diffusers' loader turns into the PEFT LoraConfig, so alpha != r survives.
 Loading into a pipeline is strict: every key must match a module, or nothing is loaded.
@@ -32,13 +35,27 @@ from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_ME
 
 @dataclass
 class ModuleLora:
-    down: torch.Tensor   # (r, in) or (r, in, 1, 1)
+    down: torch.Tensor   # (r, in) or (r, in, k, k)
     up: torch.Tensor     # (out, r) or (out, r, 1, 1)
     alpha: float         # ΔW = alpha / r · up @ down
+    magnitude: Optional[torch.Tensor] = None   # DoRA: m per output, (out,)
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+
+def _magnitude(t: torch.Tensor, out: int, key: str, source: str, kohya: bool) -> torch.Tensor:
+    """A DoRA magnitude from a file as (out,): PEFT's (out,) / (1, out, 1, 1) or LyCORIS' output-axis
+    (out, 1[, 1, 1]); LyCORIS' older input-axis layout (1, in[, 1, 1]) is refused."""
+    if t.numel() == out and (t.shape[0] == out or not kohya):
+        return t.float().reshape(out)
+    raise LoraLoadError(f"{source}: {key}: DoRA scale of shape {tuple(t.shape)} for {out} outputs: only the "
+                        f"output-axis layout (PEFT's lora_magnitude_vector, LyCORIS' wd_on_out) is supported")
 
 
 Adapter = dict  # "<component>.<module path>" -> ModuleLora
@@ -54,9 +71,11 @@ def from_model(components: dict[str, nn.Module], adapter: str = "default") -> Ad
                 if layer.slices[adapter] is not None:
                     raise ValueError(f"{comp}.{name}: fused-slice adapters have no kohya/diffusers form")
                 r = layer.r[adapter]
+                mag = layer.lora_magnitude_vector[adapter] if adapter in layer.lora_magnitude_vector else None
                 out[f"{comp}.{name}"] = ModuleLora(layer.lora_A[adapter].weight.detach().float().cpu(),
                                                    layer.lora_B[adapter].weight.detach().float().cpu(),
-                                                   layer.scaling[adapter] * r)
+                                                   layer.scaling[adapter] * r,
+                                                   None if mag is None else mag.detach().float().cpu().flatten())
     if not out:
         raise KeyError(f"no LoRA adapter {adapter!r} in {sorted(components)}")
     return out
@@ -79,28 +98,37 @@ def _base_shape(m: nn.Module) -> tuple[int, int]:
     return out_f, in_f
 
 
-def _model_shapes(components: dict[str, nn.Module]) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
-    """({"<comp>.<path>": (in, out)} of every adaptable module, {key: type name} of the other modules)."""
-    shapes, others = {}, {}
+def _model_shapes(components: dict[str, nn.Module]):
+    """({"<comp>.<path>": (in, out)} of every adaptable module, {key: type name} of the other modules,
+    {key: (kh, kw)} kernel of each adaptable conv)."""
+    shapes, others, kernels = {}, {}, {}
     for comp, model in components.items():
         mods = _adaptable_modules(model)
         for path, m in mods.items():
             out_f, in_f = _base_shape(m)
             shapes[f"{comp}.{path}"] = (in_f, out_f)
+            base = m.base_layer if isinstance(m, LoraLayer) else m
+            kernels[f"{comp}.{path}"] = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else (1, 1)
         others.update({f"{comp}.{n}": type(m).__name__ for n, m in model.named_modules() if n and n not in mods})
-    return shapes, others
+    return shapes, others, kernels
 
 
 def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str = "adapter", made_for: str = "",
                 base: str = "this pipeline") -> adapter_files.LoadReport:
-    """Module by module, whether `adapter` fits the pipeline's components (lora_core.adapter_files.LoadReport)."""
-    shapes, others = _model_shapes(components)
-    own = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()
-           if ml.up.shape[1] == ml.rank}   # a rank that differs between down and up fits nothing
+    """Module by module, whether `adapter` fits the pipeline's components (lora_core.adapter_files.LoadReport):
+    (in, out) per module, then each matched module's rank and kernel (LoCon: down [r, in, k, k])."""
+    shapes, others, kernels = _model_shapes(components)
+    own = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()}
     rep = adapter_files.build_report(str(source), made_for or made_for_shapes(adapter), own, shapes, sd_block,
                                      base, others)
-    for k in sorted(set(adapter) - set(own)):
-        rep.mismatched[k] = f"down {tuple(adapter[k].down.shape)} and up {tuple(adapter[k].up.shape)} differ in rank"
+    for k in list(rep.matched):
+        ml, (in_f, out_f), (kh, kw) = adapter[k], shapes[k], kernels[k]
+        if ml.up.shape[1] != ml.rank or ml.down.numel() != ml.rank * in_f * kh * kw or ml.up.numel() != out_f * ml.rank:
+            rep.matched.remove(k)
+            rep.mismatched[k] = (f"down {tuple(ml.down.shape)} / up {tuple(ml.up.shape)} do not fit the module "
+                                 f"({out_f} out, {in_f} in, kernel {kh}x{kw})")
+            counts = rep.blocks[sd_block(k)]
+            counts["matched"], counts["mismatched"] = counts["matched"] - 1, counts["mismatched"] + 1
     for k in adapter:
         comp = k.partition(".")[0]
         if comp not in components and k in rep.unmatched:
@@ -134,12 +162,13 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
     matched = rep.matched
     for comp, model in components.items():
         keys = [k for k in matched if k.startswith(comp + ".")]
-        groups: dict[tuple[int, float], list[str]] = {}
+        groups: dict[tuple[int, float, bool], list[str]] = {}
         for k in keys:
-            groups.setdefault((adapter[k].rank, adapter[k].alpha), []).append(k.split(".", 1)[1])
-        for (r, alpha), paths in groups.items():
+            ml = adapter[k]
+            groups.setdefault((ml.rank, ml.alpha, ml.magnitude is not None), []).append(k.split(".", 1)[1])
+        for (r, alpha, dora), paths in groups.items():
             regex = "|".join(re.escape(p) for p in paths)
-            add_lora(model, LoraConfig(r=r, alpha=alpha, target_modules=regex), adapter=name)
+            add_lora(model, LoraConfig(r=r, alpha=alpha, target_modules=regex, use_dora=dora), adapter=name)
         layers = dict(lora_layers(model))
         with torch.no_grad():
             for k in keys:
@@ -147,6 +176,9 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
                 A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
                 A.copy_(adapter[k].down.reshape(A.shape).to(A.dtype))
                 B.copy_(adapter[k].up.reshape(B.shape).to(B.dtype))
+                if adapter[k].magnitude is not None:
+                    m = layer.lora_magnitude_vector[name]
+                    m.copy_(adapter[k].magnitude.reshape(m.shape).to(m.dtype))
         for p in model.parameters():
             p.requires_grad_(False)
         if keys:
@@ -162,6 +194,8 @@ def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[str, 
         sd[f"{base}.lora_down.weight"] = ml.down.to(dtype).contiguous()
         sd[f"{base}.lora_up.weight"] = ml.up.to(dtype).contiguous()
         sd[f"{base}.alpha"] = torch.tensor(float(ml.alpha), dtype=dtype)
+        if ml.magnitude is not None:   # LyCORIS' output-axis layout
+            sd[f"{base}.dora_scale"] = ml.magnitude.reshape((-1,) + (1,) * (ml.down.dim() - 1)).to(dtype).contiguous()
     return sd
 
 
@@ -186,7 +220,9 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
         key = names[base] if names is not None and base in names else kohya_key(base)
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])  # kohya: no alpha => r
-        out[key] = ModuleLora(down, up, alpha)
+        mag = parts.get("dora_scale")
+        out[key] = ModuleLora(down, up, alpha,
+                              None if mag is None else _magnitude(mag, up.shape[0], f"{base}.dora_scale", source, True))
     return out
 
 
@@ -195,8 +231,12 @@ def _component_config(items: dict[str, ModuleLora]) -> dict:
     """PEFT LoraConfig kwargs for one component: the commonest (r, alpha) plus per-module patterns."""
     from collections import Counter
     (r, alpha), _ = Counter((m.rank, m.alpha) for m in items.values()).most_common(1)[0]
+    dora = {m.magnitude is not None for m in items.values()}
+    if len(dora) > 1:
+        raise ValueError("DoRA on some modules of a component and not on others has no diffusers/PEFT form "
+                         "(use_dora is one flag per component): save it in kohya format")
     cfg = {"r": r, "lora_alpha": alpha, "target_modules": sorted(items), "init_lora_weights": True,
-           "lora_dropout": 0.0, "bias": "none", "use_rslora": False}
+           "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": dora.pop()}
     rank_pattern = {p: m.rank for p, m in items.items() if m.rank != r}
     alpha_pattern = {p: m.alpha for p, m in items.items() if m.alpha != alpha}
     if rank_pattern:
@@ -215,6 +255,9 @@ def to_diffusers(adapter: Adapter, dtype: torch.dtype = torch.float32) -> tuple[
         for path, ml in items.items():
             sd[f"{comp}.{path}.lora_A.weight"] = ml.down.to(dtype).contiguous()
             sd[f"{comp}.{path}.lora_B.weight"] = ml.up.to(dtype).contiguous()
+            if ml.magnitude is not None:   # PEFT's shape
+                shape = (1, -1, 1, 1) if ml.is_conv else (-1,)
+                sd[f"{comp}.{path}.lora_magnitude_vector"] = ml.magnitude.reshape(shape).to(dtype).contiguous()
         packed.update({f"{comp}.{k}": v for k, v in _component_config(items).items()})
     return sd, {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, sort_keys=True)}
 
@@ -229,17 +272,19 @@ def from_diffusers(sd: dict[str, torch.Tensor], metadata: dict[str, str], source
         if path.split(".", 1)[0] not in COMPONENTS:
             bad.append(k)
             continue
-        part = "down" if m.group(2) in ("lora_A.weight", "lora.down.weight") else "up"
+        part = {"lora_A.weight": "down", "lora.down.weight": "down", "lora_magnitude_vector": "magnitude"}.get(m.group(2), "up")
         mods.setdefault(path, {})[part] = t
     if bad:
         raise LoraLoadError(f"{source}: {len(bad)} key(s) are not diffusers LoRA keys for unet/text_encoder: {bad[:8]}")
     out: Adapter = {}
     for key, parts in mods.items():
-        if set(parts) != {"down", "up"}:
+        if not {"down", "up"} <= set(parts):
             raise LoraLoadError(f"{source}: {key} lacks lora_A/down or lora_B/up")
         comp, path = key.split(".", 1)
         alpha = diffusers_alpha(packed, comp, path, parts["down"].shape[0])
-        out[key] = ModuleLora(parts["down"].float(), parts["up"].float(), alpha)
+        mag = parts.get("magnitude")
+        out[key] = ModuleLora(parts["down"].float(), parts["up"].float(), alpha, None if mag is None else
+                              _magnitude(mag, parts["up"].shape[0], f"{key}.lora_magnitude_vector", source, False))
     return out
 
 

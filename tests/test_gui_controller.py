@@ -7,13 +7,13 @@ import torch
 from safetensors.torch import save_file
 
 from lora_core.configfile import ConfigError
-from lora_gui import adapters, configs, jobs
+from lora_gui import adapters, configs
 from lora_gui.configs import Field, coerce, resolve_model_ref
-from lora_gui.controller import Controller, UserError, eval_figure, eval_rows
+from lora_gui.controller import Controller, UserError
 from lora_gui.forms import CROSS_ATTN, LLM_FIELDS, SD_FIELDS
+from lora_gui.services.evals import eval_rows
+from lora_gui.services.plots import eval_figure
 from lora_gui.workspace import PathError, Workspace
-
-from test_gui_core import FAKE_TRAINER
 
 
 @pytest.fixture
@@ -22,8 +22,8 @@ def ctrl(tmp_path):
 
 
 def _values(ctrl, kind, **changes):
-    fields = SD_FIELDS if kind == "sd" else LLM_FIELDS
-    vals = ctrl.form_values(kind, ctrl.default_config(kind))
+    fields = SD_FIELDS if kind == "sd-train" else LLM_FIELDS
+    vals = ctrl.configs.form_values(kind, ctrl.configs.default(kind))
     for key, v in changes.items():
         vals[[f.key for f in fields].index(key.replace("__", "."))] = v
     return vals
@@ -60,81 +60,77 @@ def test_model_references(tmp_path):
 
 # ---------------------------------------------------------------- forms -> configs
 def test_default_sd_config_trains_on_the_seeded_dataset(ctrl):
-    data = ctrl.default_config("sd")
+    data = ctrl.configs.default("sd-train")
     assert Path(data["data"]["path"]) == ctrl.ws.datasets / "demo"
     assert len(list((ctrl.ws.datasets / "demo").glob("*.png"))) == 8
     assert len(list((ctrl.ws.datasets / "demo").glob("*.txt"))) == 8
-    cfg = ctrl.build("sd", data, ctrl.form_values("sd", data))
+    cfg = ctrl.configs.build("sd-train", data, ctrl.configs.form_values("sd-train", data))
     assert cfg.model.pretrained == "tiny" and cfg.lora.target_modules == CROSS_ATTN
 
 
 def test_form_values_reach_the_config_and_bad_values_are_refused(ctrl):
-    vals = _values(ctrl, "sd", lora__r=8, train__max_steps=7, sample__prompts="a dog\na cat")
-    toml_text, cmd = ctrl.preview("sd", ctrl.default_config("sd"), vals, "p1", "python")
+    vals = _values(ctrl, "sd-train", lora__r=8, train__max_steps=7, sample__prompts="a dog\na cat")
+    toml_text, cmd = ctrl.runs.preview("sd-train", ctrl.configs.default("sd-train"), vals, "p1", "python")
     data = tomllib.loads(toml_text)
     assert data["lora"]["r"] == 8 and data["train"]["max_steps"] == 7
     assert data["sample"]["prompts"] == ["a dog", "a cat"]
     assert data["run_dir"] == str(ctrl.ws.runs / "p1")
     assert cmd.endswith(f"-m lora_sd.cli train --config {ctrl.ws.runs / 'p1' / 'config.toml'} --run-dir {ctrl.ws.runs / 'p1'}")
     with pytest.raises(ConfigError, match="lora.r must be a positive integer"):
-        ctrl.build("sd", None, _values(ctrl, "sd", lora__r=0))
+        ctrl.configs.build("sd-train", None, _values(ctrl, "sd-train", lora__r=0))
     with pytest.raises(ConfigError, match="outside the workspace"):
-        ctrl.build("sd", None, _values(ctrl, "sd", data__path="/etc"))
+        ctrl.configs.build("sd-train", None, _values(ctrl, "sd-train", data__path="/etc"))
     with pytest.raises(ConfigError, match=r"'\.\.' is not allowed"):
-        ctrl.build("sd", None, _values(ctrl, "sd", data__path="../../etc"))
+        ctrl.configs.build("sd-train", None, _values(ctrl, "sd-train", data__path="../../etc"))
     with pytest.raises(PathError):
-        ctrl.preview("sd", None, vals, "../x", "python")
+        ctrl.runs.preview("sd-train", None, vals, "../x", "python")
     with pytest.raises(ConfigError, match="backend"):
-        ctrl.build("llm", None, _values(ctrl, "llm", backend="jax"))
+        ctrl.configs.build("llm-train", None, _values(ctrl, "llm-train", backend="jax"))
 
 
 def test_config_save_and_load_round_trip(ctrl):
-    vals = _values(ctrl, "sd", lora__r=16, train__learning_rate=3e-4)
-    assert ctrl.save_config("sd", ctrl.default_config("sd"), vals, "mine") == "saved configs/mine.toml"
-    assert "workspace/mine.toml" in ctrl.config_choices("sd")
-    assert "workspace/mine.toml" not in ctrl.config_choices("llm")
-    data, loaded = ctrl.load_config("sd", "workspace/mine.toml")
+    vals = _values(ctrl, "sd-train", lora__r=16, train__learning_rate=3e-4)
+    assert ctrl.configs.save("sd-train", ctrl.configs.default("sd-train"), vals, "mine") == "saved configs/mine.toml"
+    assert "workspace/mine.toml" in ctrl.configs.choices("sd-train")
+    assert "workspace/mine.toml" not in ctrl.configs.choices("llm-train")
+    data, loaded = ctrl.configs.load("sd-train", "workspace/mine.toml")
     assert loaded == vals and data["lora"]["r"] == 16
     with pytest.raises(ConfigError):  # an SD file is not a text-task config
-        ctrl.load_config("llm", "workspace/mine.toml")
+        ctrl.configs.load("llm-train", "workspace/mine.toml")
     for bad in ["workspace/../../etc/passwd", "elsewhere/x.toml", "workspace/missing.toml"]:
         with pytest.raises(ValueError):
-            ctrl.load_config("sd", bad)
+            ctrl.configs.load("sd-train", bad)
     with pytest.raises(PathError):
-        ctrl.save_config("sd", None, vals, "../evil")
+        ctrl.configs.save("sd-train", None, vals, "../evil")
 
 
 def test_repo_demo_configs_load(ctrl):
-    for choice in ctrl.config_choices("sd"):
+    for choice in ctrl.configs.choices("sd-train"):
         assert choice.startswith(("workspace/", "repo/"))
-    if "repo/sd_tiny_demo.toml" in ctrl.config_choices("sd"):
-        data, vals = ctrl.load_config("sd", "repo/sd_tiny_demo.toml")
+    if "repo/sd_tiny_demo.toml" in ctrl.configs.choices("sd-train"):
+        data, vals = ctrl.configs.load("sd-train", "repo/sd_tiny_demo.toml")
         assert data["model"]["pretrained"] == "tiny"
 
 
-def test_start_writes_the_run_config_and_queues_it(ctrl, tmp_path, monkeypatch):
-    mod = tmp_path / "fakemods"
-    mod.mkdir()
-    (mod / "fake_trainer.py").write_text(FAKE_TRAINER)
-    monkeypatch.setenv("PYTHONPATH", str(mod))
-    monkeypatch.setitem(jobs.KINDS, "sd-train", ("fake_trainer", "train"))
-    vals = _values(ctrl, "sd", train__max_steps=3)
-    name, msg = ctrl.start("sd", ctrl.default_config("sd"), vals, "first", "python")
+def test_start_writes_the_run_config_and_queues_it(ctrl):
+    """The real trainer runs the first (3 steps of the tiny model); the second waits in the queue."""
+    vals = _values(ctrl, "sd-train", train__max_steps=3, data__resolution=32, sample__prompts="")
+    name, msg = ctrl.runs.start("sd-train", ctrl.configs.default("sd-train"), vals, "first", "python")
     assert name == "first" and "started" in msg
-    name2, msg2 = ctrl.start("sd", ctrl.default_config("sd"), vals, "first", "python")
+    name2, msg2 = ctrl.runs.start("sd-train", ctrl.configs.default("sd-train"), vals, "first", "python")
     assert name2 == "first-2" and "queued" in msg2
     from lora_sd.config import load_train_config
     cfg = load_train_config(ctrl.ws.runs / "first" / "config.toml")  # the trainer's own loader accepts it
     assert cfg.train.max_steps == 3 and cfg.run_dir == str(ctrl.ws.runs / "first")
-    rows = ctrl.queue_rows()
-    assert [r[1] for r in rows] == ["first", "first-2"] and rows[1][3] == "pending"
-    assert set(ctrl.run_names("sd")) == {"first", "first-2"} and ctrl.run_names("llm") == []
+    rows = ctrl.runs.queue_rows()
+    assert [r[1] for r in rows] == ["first", "first-2"] and rows[1][3] == "queued"
+    assert set(ctrl.runs.names("sd-train")) == {"first", "first-2"} and ctrl.runs.names("llm-train") == []
     with pytest.raises(UserError, match="nothing to resume"):
-        ctrl.resume("first-2", "python")
-    ctrl.stop("first-2")  # a pending job is removed
-    assert [r[1] for r in ctrl.queue_rows()] == ["first"]
+        ctrl.runs.resume("first-2", "python")
+    ctrl.runs.stop("first-2")  # a pending job is removed
+    assert [r[1] for r in ctrl.runs.queue_rows()] == ["first"]
     with pytest.raises(PathError):
-        ctrl.stop("../first")
+        ctrl.runs.stop("../first")
     ctrl.queue.stop_all(wait=20)
 
 
@@ -144,19 +140,19 @@ def test_upload_limits(ctrl, tmp_path):
     ok.write_bytes(b"x" * 10)
     cap = tmp_path / "a.txt"
     cap.write_text("a cat")
-    assert ctrl.upload_dataset([str(ok), str(cap)], "cats") == "datasets/cats"
+    assert ctrl.uploads.upload([str(ok), str(cap)], "cats") == "datasets/cats"
     assert (ctrl.ws.datasets / "cats" / "a.txt").read_text() == "a cat"
     exe = tmp_path / "evil.sh"
     exe.write_text("rm -rf /")
     with pytest.raises(UserError, match="only"):
-        ctrl.upload_dataset([str(exe)], "cats")
-    ctrl.max_upload_bytes = 5
+        ctrl.uploads.upload([str(exe)], "cats")
+    ctrl.uploads.max_upload_bytes = 5
     with pytest.raises(UserError, match="larger than"):
-        ctrl.upload_dataset([str(ok)], "cats")
+        ctrl.uploads.upload([str(ok)], "cats")
     with pytest.raises(PathError):
-        ctrl.upload_dataset([str(ok)], "../up")
+        ctrl.uploads.upload([str(ok)], "../up")
     with pytest.raises(UserError, match="choose some files"):
-        ctrl.upload_dataset([], "cats")
+        ctrl.uploads.upload([], "cats")
 
 
 # ---------------------------------------------------------------- adapters
@@ -178,17 +174,17 @@ def test_adapters_are_listed_described_and_deleted_with_care(ctrl, tmp_path):
     outside = tmp_path / "outside.safetensors"
     _kohya(outside)
     (ws.runs / "link.safetensors").symlink_to(outside)
-    assert ctrl.adapter_files() == ["runs/r1/lora.safetensors"]
-    [row] = ctrl.adapter_rows()
+    assert ctrl.adapters.files() == ["runs/r1/lora.safetensors"]
+    [row] = ctrl.adapters.rows()
     assert row == ["runs/r1/lora.safetensors", "kohya", "tiny", "4", "2.0", 1, "12", row[-1]]
     with pytest.raises(UserError, match="not an adapter file"):
-        ctrl.delete_adapter("outputs/merged/m/unet/model.safetensors")
+        ctrl.adapters.delete("outputs/merged/m/unet/model.safetensors")
     with pytest.raises(PathError):
-        ctrl.delete_adapter("runs/link.safetensors")
+        ctrl.adapters.delete("runs/link.safetensors")
     with pytest.raises(PathError):
-        ctrl.delete_adapter(str(outside))
-    assert ctrl.delete_adapter("runs/r1/lora.safetensors") == "deleted runs/r1/lora.safetensors"
-    assert ctrl.adapter_files() == [] and outside.is_file()
+        ctrl.adapters.delete(str(outside))
+    assert ctrl.adapters.delete("runs/r1/lora.safetensors") == "deleted runs/r1/lora.safetensors"
+    assert ctrl.adapters.files() == [] and outside.is_file()
 
 
 def test_header_reader_matches_safetensors(tmp_path):

@@ -1,8 +1,11 @@
 """GUI logic without a browser: path confinement, the persisted queue, process groups, run-folder polling.
 
-Process management is tested with a fake trainer (a tiny script that writes a run folder the
-way lora_core.training does and checkpoints on SIGTERM), so these tests need no model.
+The queue, stop and resume tests drive the REAL trainer (`python -m lora_sd.cli train`) on the tiny
+random-weight SD model and the workspace's 8-image demo dataset at 32 px (about 40 steps/s on a CPU).
+Only a job that dies without writing a final status, and a one-shot job whose status comes from its
+exit code, use a stand-in script (FAKE_JOB): the real CLIs always write one.
 """
+import dataclasses
 import json
 import sys
 import textwrap
@@ -11,44 +14,40 @@ from pathlib import Path
 
 import pytest
 
-from lora_core.training import RunDir
-from lora_gui import jobs, runview
+from lora_core.run import RunDir
+from lora_gui import jobs, kinds, runview
+from lora_gui.demo import ensure_demo_dataset
 from lora_gui.jobs import Job
 from lora_gui.queue import JobQueue, QueueError
+from lora_gui.services.plots import loss_figure
 from lora_gui.workspace import PathError, Workspace, check_name, confine
 
-FAKE_TRAINER = textwrap.dedent('''
-    """Fake `train --config C --run-dir R [--resume latest]`: 0.05 s per step, stops on SIGTERM."""
-    import argparse, json, os, signal, sys, time, tomllib
+FAKE_JOB = textwrap.dedent('''
+    """A stand-in job: `CMD --config C (--run-dir R | --out R)`; prints a line and exits with config `exit`."""
+    import argparse, sys, tomllib
     from pathlib import Path
-    from lora_core.training import RunDir
     p = argparse.ArgumentParser(); p.add_argument("cmd"); p.add_argument("--config"); p.add_argument("--run-dir")
-    p.add_argument("--resume"); p.add_argument("--out")
+    p.add_argument("--out")
     a = p.parse_args()
-    run = RunDir(a.run_dir or a.out).create()
     cfg = tomllib.loads(Path(a.config).read_text())
-    max_steps = cfg["train"]["max_steps"]
-    if cfg.get("fail"):
-        print("Traceback: boom", flush=True); sys.exit(3)
-    step = 0
-    if a.resume == "latest" and run.latest_checkpoint():
-        step = json.loads((run.latest_checkpoint() / "trainer_state.json").read_text())["step"]
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    run.write_status("running", pid=os.getpid(), step=step, max_steps=max_steps, resumed_from=a.resume)
-    def ckpt():
-        d = run.checkpoints_dir / f"step_{step:08d}"; d.mkdir(parents=True, exist_ok=True)
-        (d / "trainer_state.json").write_text(json.dumps({"step": step}))
-    while step < max_steps:
-        time.sleep(0.05); step += 1
-        run.append_metrics({"step": step, "loss": 1.0 / step})
-        run.write_status("running", step=step, eta_s=0.05 * (max_steps - step), loss=1.0 / step)
-        if step % 5 == 0:
-            (run.samples / f"step_{step:06d}_0.png").write_bytes(b"png")
-        if stop:
-            ckpt(); run.write_status("stopped", step=step); sys.exit(0)
-    ckpt(); run.write_status("done", step=step)
+    print("Traceback: boom" if cfg.get("exit") else "ok", flush=True)
+    sys.exit(cfg.get("exit", 0))
 ''')
+
+
+def sd_config(ws: Workspace, run: Path, max_steps: int, *, prompts=(), sample_every: int = 0,
+              data: Path = None) -> Path:
+    """RUN/config.toml of a real tiny-SD training on the demo dataset."""
+    import tomli_w
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = {"model": {"pretrained": "tiny"},
+           "data": {"path": str(data or ensure_demo_dataset(ws)), "resolution": 32},
+           "lora": {"r": 2, "target_modules": "cross_attn"},
+           "train": {"max_steps": max_steps, "batch_size": 1, "log_every": 1, "checkpoint_every": 0,
+                     "sample_every": sample_every},
+           "sample": {"prompts": list(prompts), "steps": 2}}
+    (run / "config.toml").write_text(tomli_w.dumps(cfg))
+    return run
 
 
 # ---------------------------------------------------------------- path confinement
@@ -125,7 +124,7 @@ def test_queue_persists_orders_and_removes(tmp_path):
     assert [j.label for j in again.jobs()] == ["c", "b"]
     assert json.loads(ws.queue_file.read_text())["jobs"][0]["kind"] == "llm-train"
     assert RunDir(ws.runs / "a").read_status()["state"] == "stopped"
-    with pytest.raises(QueueError, match="already has a pending"):
+    with pytest.raises(QueueError, match="already has a queued"):
         q.add("sd-train", ws.runs / "b")
     with pytest.raises(ValueError, match="unknown job kind"):
         q.add("rm-rf", ws.runs / "d")
@@ -142,31 +141,37 @@ def test_commands_preview(tmp_path):
                        "--run-dir", str(tmp_path / "r"), "--resume", "latest"]
     plain = jobs.build_command(Job(id="y", kind="llm-train", run_dir="/w/r", launcher="python"))
     assert plain == [sys.executable, "-m", "lora_llm.cli", "train", "--config", "/w/r/config.toml", "--run-dir", "/w/r"]
-    ev = jobs.build_command(Job(id="z", kind="llm-eval", run_dir="/w/e"))
+    ev = jobs.build_command(Job(id="z", kind="eval-suite", run_dir="/w/e"))
     assert ev[-5:] == ["eval-suite", "--config", "/w/e/config.toml", "--out", "/w/e"]
     assert "lora_llm.cli train" in jobs.preview(Job(id="y", kind="llm-train", run_dir="/w/r"))
 
 
-# ---------------------------------------------------------------- processes (fake trainer)
+# ---------------------------------------------------------------- processes (the real trainer)
 @pytest.fixture
-def fake(tmp_path, monkeypatch):
-    mod = tmp_path / "fakemods"
-    mod.mkdir()
-    (mod / "fake_trainer.py").write_text(FAKE_TRAINER)
-    monkeypatch.setenv("PYTHONPATH", str(mod))
-    monkeypatch.setitem(jobs.KINDS, "sd-train", ("fake_trainer", "train"))
-    monkeypatch.setitem(jobs.KINDS, "llm-eval", ("fake_trainer", "eval-suite"))
+def real(tmp_path):
     return _queue(tmp_path)
 
 
-def _config(run: Path, max_steps: int, **extra) -> Path:
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """sd-train and eval-suite jobs run the stand-in FAKE_JOB instead of the CLIs."""
+    mod = tmp_path / "fakemods"
+    mod.mkdir()
+    (mod / "fake_job.py").write_text(FAKE_JOB)
+    monkeypatch.setenv("PYTHONPATH", str(mod))
+    for name in ("sd-train", "eval-suite"):
+        monkeypatch.setitem(kinds.KINDS, name, dataclasses.replace(kinds.KINDS[name], cli="fake_job"))
+    return _queue(tmp_path)
+
+
+def _config(run: Path, **extra) -> Path:
     import tomli_w
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.toml").write_text(tomli_w.dumps({"train": {"max_steps": max_steps}, **extra}))
+    (run / "config.toml").write_text(tomli_w.dumps({"train": {"max_steps": 5}, **extra}))
     return run
 
 
-def _wait(pred, timeout=20.0):
+def _wait(pred, timeout=60.0):
     end = time.time() + timeout
     while time.time() < end:
         if pred():
@@ -175,12 +180,13 @@ def _wait(pred, timeout=20.0):
     return False
 
 
-def test_queue_runs_jobs_one_after_another(fake):
-    ws, q = fake
-    a = q.add("sd-train", _config(ws.runs / "a", 6), launcher="python")
-    b = q.add("sd-train", _config(ws.runs / "b", 4), launcher="python")
+def test_queue_runs_jobs_one_after_another(real):
+    ws, q = real
+    a = q.add("sd-train", sd_config(ws, ws.runs / "a", 6, prompts=["a red circle"], sample_every=5), launcher="python")
+    b = q.add("sd-train", sd_config(ws, ws.runs / "b", 4), launcher="python")
+    assert RunDir(ws.runs / "a").read_status()["kind"] == "sd-train"
     running = q.tick()
-    assert running.id == a.id and q.get(b.id).state == "pending"
+    assert running.id == a.id and q.get(b.id).state == "queued"
     assert q.tick().id == a.id  # still the same one while it runs
     assert _wait(lambda: (q.tick() or a).id == b.id)  # a ended, b started by the next tick
     assert q.get(a.id).state == "done"
@@ -188,15 +194,18 @@ def test_queue_runs_jobs_one_after_another(fake):
     assert q.get(b.id).state == "done"
     snap = runview.snapshot(ws.runs / "b")
     assert snap.state == "done" and snap.step == 4 and snap.steps == [1, 2, 3, 4]
-    assert snap.samples == []  # 4 steps: no sample yet
+    assert snap.samples == []  # no validation prompts: no sample
     snap_a = runview.snapshot(ws.runs / "a")
-    assert runview.gallery_items(snap_a) == [(str(ws.runs / "a" / "samples" / "step_000005_0.png"), "step_000005_0")]
+    samples = ws.runs / "a" / "samples"  # every sample_every steps, and at the end
+    assert runview.gallery_items(snap_a) == [(str(samples / "step_000005_0.png"), "step_000005_0"),
+                                             (str(samples / "step_000006_0.png"), "step_000006_0")]
+    assert RunDir(ws.runs / "b").read_status()["kind"] == "sd-train"  # the trainer keeps the queue's kind
     assert q.clear_finished() == 2 and q.jobs() == []
 
 
-def test_stop_sends_sigterm_to_the_group_and_resume_continues(fake):
-    ws, q = fake
-    run = _config(ws.runs / "r", 400)
+def test_stop_sends_sigterm_to_the_group_and_resume_continues(real):
+    ws, q = real
+    run = sd_config(ws, ws.runs / "r", 5000)
     job = q.add("sd-train", run, launcher="python")
     q.tick()
     assert _wait(lambda: runview.snapshot(run).step >= 3)
@@ -205,7 +214,7 @@ def test_stop_sends_sigterm_to_the_group_and_resume_continues(fake):
     assert _wait(lambda: q.tick() is None)
     assert q.get(job.id).state == "stopped"
     snap = runview.snapshot(run)
-    assert snap.state == "stopped" and 3 <= snap.step < 400
+    assert snap.state == "stopped" and 3 <= snap.step < 5000
     assert not jobs.group_alive(q.get(job.id).pgid)
     # resume = a new job on the same run folder with --resume latest
     stopped_at = snap.step
@@ -215,16 +224,16 @@ def test_stop_sends_sigterm_to_the_group_and_resume_continues(fake):
     q.tick()
     assert _wait(lambda: runview.snapshot(run).step > stopped_at + 2)
     st = RunDir(run).read_status()
-    assert st["resumed_from"] == "latest"
+    assert st["resumed_from"] == str(RunDir(run).checkpoints_dir / f"step_{stopped_at:08d}")
     q.stop(again.id)
     assert _wait(lambda: q.tick() is None)
     steps = runview.snapshot(run).steps
     assert steps[stopped_at] == stopped_at + 1  # the resumed run went on from the checkpoint's step
 
 
-def test_stop_during_startup_is_stopped_not_failed(fake):
-    ws, q = fake
-    run = _config(ws.runs / "early", 400)
+def test_stop_during_startup_is_stopped_not_failed(real):
+    ws, q = real
+    run = sd_config(ws, ws.runs / "early", 5000)
     job = q.add("sd-train", run, launcher="python")
     q.tick()
     q.stop(job.id)  # before the trainer has imported anything: the default SIGTERM action kills it
@@ -234,8 +243,10 @@ def test_stop_during_startup_is_stopped_not_failed(fake):
 
 
 def test_crashed_trainer_is_marked_failed_with_its_log(fake):
+    """A job that dies without writing a final status (killed, crashed in C, ...) is marked failed
+    with its last output line."""
     ws, q = fake
-    run = _config(ws.runs / "bad", 5, fail=True)
+    run = _config(ws.runs / "bad", exit=3)
     job = q.add("sd-train", run, launcher="python")
     q.tick()
     assert _wait(lambda: q.tick() is None)
@@ -243,24 +254,41 @@ def test_crashed_trainer_is_marked_failed_with_its_log(fake):
     snap = runview.snapshot(run)
     assert snap.state == "failed" and "exited (code 3)" in snap.error
     assert "Traceback: boom" in snap.log_tail
+    assert snap.error.startswith("Traceback: boom [the job exited (code 3); see bad/console.log]")
     assert 'data-state="failed"' in runview.progress_html(snap)
+
+
+def test_failing_real_trainer_shows_its_one_line_error(real):
+    """A bad dataset: the run ends failed with the trainer's one-line message, not a traceback."""
+    ws, q = real
+    empty = ws.datasets / "empty"
+    empty.mkdir()
+    run = sd_config(ws, ws.runs / "nodata", 5, data=empty)
+    job = q.add("sd-train", run, launcher="python")
+    q.tick()
+    assert _wait(lambda: q.tick() is None)
+    assert q.get(job.id).state == "failed"
+    error = RunDir(run).read_status()["error"]
+    assert str(empty) in error and "\n" not in error and "Traceback" not in error
+    assert error.split(" [")[0] in runview.progress_html(runview.snapshot(run))
 
 
 def test_non_train_job_gets_status_from_exit_code(fake):
     ws, q = fake
-    out = _config(ws.outputs / "eval1", 2)
-    job = q.add("llm-eval", out, launcher="python")
+    out = _config(ws.outputs / "eval1")
+    job = q.add("eval-suite", out, launcher="python")
     assert RunDir(out).read_status()["state"] == "queued"
+    assert RunDir(out).read_status()["kind"] == "eval-suite"
     q.tick()
     assert _wait(lambda: q.tick() is None)
     assert q.get(job.id).state == "done"
     assert RunDir(out).read_status()["state"] == "done"
 
 
-def test_restarted_app_picks_up_a_running_job(fake):
+def test_restarted_app_picks_up_a_running_job(real):
     """A second JobQueue (the app restarted) sees the running job through its process group."""
-    ws, q = fake
-    run = _config(ws.runs / "long", 400)
+    ws, q = real
+    run = sd_config(ws, ws.runs / "long", 5000)
     job = q.add("sd-train", run, launcher="python")
     q.tick()
     other = JobQueue(ws.queue_file, ws.root)
@@ -270,6 +298,15 @@ def test_restarted_app_picks_up_a_running_job(fake):
     assert _wait(lambda: q.tick() is None)  # the first reaps the process it started
     assert _wait(lambda: other.tick() is None)
     assert other.get(job.id).state == "stopped"
+
+
+def test_old_queue_file_with_pending_jobs_reads_as_queued(tmp_path):
+    ws, q = _queue(tmp_path)
+    ws.queue_file.write_text(json.dumps({"jobs": [{"id": "x", "kind": "sd-train", "run_dir": str(ws.runs / "a"),
+                                                   "state": "pending"}]}))
+    assert [j.state for j in q.jobs()] == ["queued"]
+    with pytest.raises(ValueError, match="unknown state"):
+        Job(id="y", kind="sd-train", run_dir="/r", state="paused")
 
 
 # ---------------------------------------------------------------- run view
@@ -293,8 +330,8 @@ def test_progress_and_plot(tmp_path):
     assert snap.fraction == 0.25 and len(snap.steps) == 12
     html = runview.progress_html(snap)
     assert "step <span class=\"run-step\">5</span> / 20" in html and "ETA 1:15" in html and "width:25.0%" in html
-    fig = runview.loss_figure(snap)
+    fig = loss_figure(snap)
     xs = fig.axes[0].lines[0].get_xdata()
     assert list(xs) == list(range(1, 13))
-    assert runview.loss_figure(runview.snapshot(tmp_path / "empty")) is None
+    assert loss_figure(runview.snapshot(tmp_path / "empty")) is None
     assert runview.format_eta(3725) == "1:02:05" and runview.format_eta(None) == "--"

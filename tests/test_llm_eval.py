@@ -1,5 +1,7 @@
 """Perplexity protocol, generation and the tiny-model builders."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +76,72 @@ def test_fallback_tokenizer_without_shared_files():
     text = "The tokenizer loads examples, pads batches and counts tokens."
     ids = tok(text)["input_ids"]
     assert 1 < len(ids) < len(text) and tok.decode(ids) == text and tok.eos_token_id is not None
+
+
+def _unbalanced_sst2(folder, n_dev=40):
+    """A dev set with 30 of 40 labels 1: majority-class rate 0.75."""
+    folder.mkdir(parents=True)
+    words = "the a film story plot actor scene music time long short new old very quite".split()
+    rows = [f"{' '.join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 5))}\t{int(i % 4 != 0)}"
+            for i in range(n_dev)]
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:8]) + "\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def test_baseline_is_the_base_model_with_its_untrained_head(tmp_path):
+    """--baseline scores the base model with the ORIGINAL head (not the adapter's trained copy without
+    LoRA), labelled so, with the majority-class rate beside it; the suite row says the same."""
+    from lora_core.model import lora_layers
+    from lora_llm import data as D
+    from lora_llm.config import load_llm_config
+    from lora_llm.evaluate import evaluate_classifier
+    from lora_llm.models import load_model, load_tokenizer
+    from lora_llm.suite import _row
+    from lora_llm.train import BASELINE_LABEL, build_model, evaluate_job
+    cfg = load_llm_config(None, [f'run_dir="{tmp_path / "run"}"', 'data.task="sst2"',
+                                 f'data.data_dir="{_unbalanced_sst2(tmp_path / "data")}"', "eval.prompts=[]"])
+    tok = load_tokenizer(cfg.model)
+    model, _ = build_model(cfg, tok)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # a "trained" adapter: non-zero LoRA and a head copy far from the original
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * (5.0 if "modules_to_save" in n else 0.05))
+    res = evaluate_job(cfg, model.eval(), tok, progress=False, baseline=True)
+    # independent reference: a freshly loaded base classifier (its own, untrained head), no LoRA at all
+    ex = D.load_examples("sst2", "dev", cfg.data.data_dir)
+    seqs, labels = D.tokenize_examples(ex, tok, cfg.data.max_length)
+    ref = evaluate_classifier(load_model(cfg.model, 2, tok.pad_token_id), seqs, labels, 2, tok.pad_token_id)
+    # what the old, wrong baseline measured: LoRA off but the trained head left in place
+    for _, layer in lora_layers(model):
+        layer.disabled = True
+    wrong = evaluate_classifier(model, seqs, labels, 2, tok.pad_token_id)
+    for _, layer in lora_layers(model):
+        layer.disabled = False
+    assert (wrong["accuracy"], wrong["mcc"]) != (ref["accuracy"], ref["mcc"])   # the test can tell them apart
+    b = res["baseline"]
+    assert b["label"] == BASELINE_LABEL == "base model + untrained head"
+    assert (b["accuracy"], b["macro_f1"], b["mcc"]) == (ref["accuracy"], ref["macro_f1"], ref["mcc"])
+    assert res["baseline_accuracy"] == ref["accuracy"]
+    assert b["majority_accuracy"] == res["majority_accuracy"] == 0.75
+    rows = _row("sst2", res, cfg, 1.0, "x")
+    assert [r["metric"] for r in rows[:3]] == ["accuracy (base model + untrained head)", "majority-class rate",
+                                               "accuracy"]
+    assert rows[0]["value"] == ref["accuracy"] and rows[1]["value"] == 0.75
+
+
+def test_cli_eval_baseline_prints_the_label(tmp_path, capsys):
+    from lora_llm.cli import main as cli
+    data = _unbalanced_sst2(tmp_path / "data")
+    run = tmp_path / "run"
+    assert cli(["train", "--config", str(Path(__file__).parent.parent / "configs" / "llm_sst2_tiny.toml"),
+                "--run-dir", str(run), "--set", f'data.data_dir="{data}"', "--set", "train.max_steps=1",
+                "--set", "eval.enabled=false"]) == 0
+    capsys.readouterr()
+    assert cli(["eval", "--adapter", str(run), "--baseline", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["baseline"]["label"] == "base model + untrained head" and res["baseline"]["majority_accuracy"] == 0.75
+    assert cli(["eval", "--adapter", str(run), "--baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline: base model + untrained head: accuracy" in out and "majority-class rate 0.75" in out

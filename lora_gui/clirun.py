@@ -1,0 +1,71 @@
+"""Short CLI calls from the GUI (inspect, convert, merge, check-dataset, generate): every model
+operation runs in a `python -m lora_sd.cli ...` / `lora_llm.cli` subprocess, never in the GUI
+process. A failure becomes the CLI's own one-line message (its last stderr line)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+from . import jobs
+from .errors import UserError
+
+
+class CliError(UserError):
+    pass
+
+
+_running: set[subprocess.Popen] = set()  # CLI calls in flight (stopped when the app exits)
+_lock = threading.Lock()
+
+
+def error_line(stderr: str, returncode: int) -> str:
+    """The one-line message of a failed CLI call: its last non-empty stderr line."""
+    lines = [ln.strip() for ln in (stderr or "").replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exited with code {returncode} and no message"
+
+
+def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 600) -> str:
+    """Run `python -m module args...`; returns its stdout, raises CliError with the CLI's last
+    stderr line on a non-zero exit (its message, not a traceback of the GUI's)."""
+    cmd = [jobs.python_executable(), "-m", module, *args]
+    with subprocess.Popen(cmd, cwd=str(cwd), env=jobs.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, text=True) as p:
+        with _lock:
+            _running.add(p)
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise CliError(f"{module.split('.')[0]} {args[0]} took longer than {timeout:.0f} s and was stopped") from None
+        finally:
+            with _lock:
+                _running.discard(p)
+    if p.returncode != 0:
+        raise CliError(error_line(stderr, p.returncode))
+    return stdout
+
+
+def terminate_all() -> int:
+    """SIGTERM every CLI call in flight (the app is exiting); returns how many there were."""
+    with _lock:
+        procs = list(_running)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    return len(procs)
+
+
+def run_cli_json(module: str, args: list[str], cwd: Path, timeout: float = 600) -> dict:
+    out = run_cli(module, args, cwd, timeout)
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        # a CLI that logs before its JSON: take the last JSON object in the output
+        start = out.rfind("\n{")
+        try:
+            return json.loads(out[start + 1:] if start >= 0 else out)
+        except json.JSONDecodeError:
+            raise CliError(f"{module} {args[0]}: no JSON in its output") from None

@@ -1,0 +1,5 @@
+"""The GUI's user-facing error: a bad value or request, shown as its one-line message."""
+
+
+class UserError(ValueError):
+    pass

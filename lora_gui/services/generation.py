@@ -1,0 +1,85 @@
+"""Generation through the CLIs: images with `lora-sd generate`, text with `lora-llm generate`.
+No model is loaded in the GUI process."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lora_core.files import atomic_write_json
+
+from .. import configs
+from ..clirun import run_cli
+from ..errors import UserError
+from ..workspace import Workspace
+
+
+@dataclass
+class ImageParams:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 4
+    guidance: float = 7.5
+    width: int = 64
+    height: int = 64
+    scheduler: str = "ddim"
+
+    def args(self) -> list[str]:
+        out = ["--seed", str(self.seed), "--steps", str(self.steps), "--guidance", str(self.guidance),
+               "--width", str(self.width), "--height", str(self.height), "--scheduler", self.scheduler]
+        if self.negative_prompt.strip():
+            out += ["--negative-prompt", self.negative_prompt]
+        return out
+
+    def caption(self) -> str:
+        return f"seed {self.seed}, {self.steps} steps, cfg {self.guidance:g}, {self.scheduler}"
+
+
+class GenerationService:
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+
+    def images(self, base: str, adapter_rows: list[list], prompt: str, negative: str, seed: int, steps: int,
+               guidance: float, width: int, height: int, scheduler: str, num_images: int) -> tuple[list, str]:
+        """Run `lora-sd generate`; images and a params.json land in outputs/generate/<time>/."""
+        if not (prompt or "").strip():
+            raise UserError("write a prompt first")
+        if not 1 <= int(num_images) <= 16:
+            raise UserError("Images: 1 to 16 per click")
+        model = configs.resolve_model_ref(self.ws, base, "Base model")
+        params = ImageParams(prompt, negative or "", int(seed), int(steps), float(guidance), int(width), int(height),
+                             scheduler)
+        lora_args, used = self._adapter_args(adapter_rows)
+        out = self.ws.fresh_dir(self.ws.outputs / "generate")
+        args = ["generate", "--model", model, "--out", str(out), *params.args(), *lora_args]
+        args += ["--prompt", prompt] * int(num_images)  # image i is seeded with seed + i
+        run_cli("lora_sd.cli", args, self.ws.root, timeout=1800)
+        atomic_write_json(out / "params.json", {"model": base, "adapters": used, **asdict(params)})
+        caption = params.caption() + (f", {'; '.join(used)}" if used else "")
+        images = sorted(out.glob("*.png"))
+        return [(str(p), f"{caption} [{p.name}]") for p in images], f"{caption}; saved to {self.ws.rel(out)}"
+
+    def _adapter_args(self, rows: list[list]) -> tuple[list[str], list[str]]:
+        """`--lora PATH:SCALE` per table row (empty rows skipped) and their descriptions."""
+        args, used = [], []
+        for row in rows or []:
+            if not row or not str(row[0] or "").strip():
+                continue
+            path = self.ws.resolve(str(row[0]), must_exist=True)
+            try:
+                scale = float(row[1]) if len(row) > 1 and str(row[1]).strip() != "" else 1.0
+            except ValueError:
+                raise UserError(f"adapter {row[0]}: scale {row[1]!r} is not a number") from None
+            args += ["--lora", f"{path}:{scale}"]
+            used.append(f"{self.ws.rel(path)} x{scale:g}")
+        return args, used
+
+    def text(self, model: str, adapter: str, prompt: str, max_new_tokens: int) -> str:
+        """`lora-llm generate` with an adapter (a run folder or adapter file) or with the bare base model."""
+        if not (prompt or "").strip():
+            raise UserError("write a prompt first")
+        if (adapter or "").strip():
+            args = ["generate", "--adapter", str(self.ws.resolve(adapter, must_exist=True))]
+        else:
+            args = ["generate", "--model", configs.resolve_model_ref(self.ws, model, "Base model")]
+        args += ["--prompt", prompt, "--max-new-tokens", str(int(max_new_tokens))]
+        return run_cli("lora_llm.cli", args, self.ws.root, timeout=900).strip()

@@ -1,0 +1,74 @@
+"""Generate: images from a base model with any number of adapters at their scales (`lora-sd generate`)."""
+from __future__ import annotations
+
+import gradio as gr
+
+from lora_core.fields import field_specs
+
+from .. import kinds
+from ..widgets import guard
+
+
+def schedulers() -> list[str]:
+    """The sampler names the SD config declares (sample.scheduler), the ones `lora-sd generate` accepts."""
+    spec = next(s for s in field_specs(kinds.get("sd-train").config_class()) if s.path == "sample.scheduler")
+    return list(spec.choices)
+
+
+def build(page) -> None:
+    ctrl = page.ctrl
+    with gr.Tab("Generate", id="generate") as tab:
+        with gr.Row():
+            with gr.Column():
+                model = gr.Textbox(label="Base model", value="tiny", elem_id="gen-model",
+                                   info="'tiny', a diffusers folder / .safetensors in the workspace, or a hub id")
+                pick, scale, add, table = adapter_picker(ctrl)
+                params = settings()
+                go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+            with gr.Column():
+                gallery = gr.Gallery(label="Results", columns=3, height=420, elem_id="gen-gallery")
+                message = gr.Markdown(elem_id="gen-message")
+    page.adapter_lists.append(pick)
+    page.refresh_adapters_on_select(tab)
+
+    @guard
+    def add_adapter(rows, chosen, value):
+        if not chosen:
+            raise gr.Error("choose an adapter file first", print_exception=False)
+        ctrl.ws.resolve(chosen, must_exist=True)
+        rows = [r for r in (rows or []) if r and str(r[0]).strip()]
+        return rows + [[chosen, float(value if value is not None else 1.0)]]
+
+    @guard
+    def generate(base, rows, *values):
+        return ctrl.generation.images(base, rows, *values)
+
+    add.click(add_adapter, [table, pick, scale], [table])
+    go.click(generate, [model, table, *params], [gallery, message])
+
+
+def adapter_picker(ctrl):
+    with gr.Row():
+        pick = gr.Dropdown(choices=ctrl.adapters.files(), label="Adapter", scale=3, elem_id="gen-adapter-pick",
+                           allow_custom_value=True)
+        scale = gr.Number(value=1.0, label="Scale", scale=1, elem_id="gen-adapter-scale")
+        add = gr.Button("Add adapter", scale=1, elem_id="gen-adapter-add")
+    table = gr.Dataframe(headers=["adapter", "scale"], value=[], type="array", interactive=True,
+                         label="Adapters (edit the scale; clear a row to drop it)", elem_id="gen-adapters")
+    return pick, scale, add, table
+
+
+def settings() -> list:
+    """prompt, negative, seed, steps, guidance, width, height, scheduler, images (GenerationService.images order)."""
+    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt", value="a red circle on a grey background")
+    negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="gen-seed")
+        steps = gr.Number(value=4, precision=0, label="Steps", elem_id="gen-steps")
+        guidance = gr.Number(value=7.5, label="Guidance", elem_id="gen-guidance")
+    with gr.Row():
+        width = gr.Number(value=64, precision=0, label="Width", elem_id="gen-width")
+        height = gr.Number(value=64, precision=0, label="Height", elem_id="gen-height")
+        scheduler = gr.Dropdown(schedulers(), value="ddim", label="Scheduler", elem_id="gen-scheduler")
+        n = gr.Number(value=1, precision=0, label="Images", elem_id="gen-n")
+    return [prompt, negative, seed, steps, guidance, width, height, scheduler, n]

@@ -1,0 +1,78 @@
+"""Train (Stable Diffusion): the SD job form with dataset tools, the run monitor and the queue."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ..widgets import JobForm, guard, job_columns
+
+KIND = "sd-train"
+QUEUE_HEADERS = ["id", "run", "kind", "state", "progress", "added"]
+
+
+def build(page) -> None:
+    with gr.Tab("Train (Stable Diffusion)", id="train"):
+        job_columns(page, KIND, "Start (or queue)", gallery=True, extra=lambda form: dataset_tools(page, form),
+                    below_monitor=queue_panel)
+
+
+def dataset_tools(page, job: JobForm) -> None:
+    ctrl = page.ctrl
+    with gr.Accordion("Dataset: check / upload", open=False):
+        check = gr.Button("Check dataset folder", elem_id="sd-check-dataset")
+        report = gr.Markdown(elem_id="sd-dataset-report")
+        files = gr.File(label="Upload images + captions", file_count="multiple")
+        name = gr.Textbox(label="into datasets/<name>", value="uploaded")
+        upload = gr.Button("Upload")
+
+    @guard
+    def check_dataset(path):
+        return ctrl.uploads.check(path)
+
+    @guard
+    def upload_dataset(chosen, dataset_name):
+        rel = ctrl.uploads.upload([f if isinstance(f, str) else f.name for f in (chosen or [])], dataset_name)
+        gr.Info(f"uploaded into {rel}")
+        return rel, ctrl.uploads.check(rel)
+
+    data_path = job.input_of("data.path")
+    check.click(check_dataset, [data_path], [report])
+    upload.click(upload_dataset, [files, name], [data_path, report])
+
+
+def queue_panel(page) -> None:
+    """The job queue (all kinds): select a row or type its id, move it, remove / stop it."""
+    ctrl = page.ctrl
+    gr.Markdown("### Queue")
+    table = gr.Dataframe(headers=QUEUE_HEADERS, value=ctrl.runs.queue_rows(), interactive=False,
+                         elem_id="queue-table", type="array")
+    with gr.Row():
+        job_id = gr.Textbox(label="Job id", scale=2, elem_id="queue-job-id")
+        up = gr.Button("Up", size="sm", elem_id="queue-up")
+        down = gr.Button("Down", size="sm", elem_id="queue-down")
+        remove = gr.Button("Remove / stop", size="sm", elem_id="queue-remove")
+        clear = gr.Button("Clear finished", size="sm", elem_id="queue-clear")
+    page.queue_table = table
+
+    @guard
+    def move(jid, delta):
+        ctrl.queue.move((jid or "").strip(), delta)
+        return ctrl.runs.queue_rows()
+
+    @guard
+    def stop(jid):
+        gr.Info(ctrl.queue.stop((jid or "").strip()))
+        return ctrl.runs.queue_rows()
+
+    def clear_finished():
+        ctrl.queue.clear_finished()
+        return ctrl.runs.queue_rows()
+
+    def pick(evt: gr.SelectData):
+        return evt.row_value[0] if evt.row_value else gr.skip()
+
+    up.click(lambda j: move(j, -1), [job_id], [table])
+    down.click(lambda j: move(j, +1), [job_id], [table])
+    remove.click(stop, [job_id], [table])
+    clear.click(clear_finished, None, [table])
+    table.select(pick, None, [job_id])
+    page.poll([], [table], lambda: [ctrl.runs.queue_rows()])

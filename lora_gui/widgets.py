@@ -1,0 +1,236 @@
+"""Building blocks the tabs share: the error guard, a job's form (with config save/load, preview
+and start) and the run monitor (progress, loss plot, gallery, log, stop/resume)."""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import gradio as gr
+
+from . import kinds, runview
+from .forms import Field
+from .jobs import LAUNCHERS
+from .services.plots import loss_figure
+
+log = logging.getLogger("lora_gui")
+ACTIVE = "(active run)"
+
+
+def guard(fn):
+    """Turn a user error into a visible one-line message (gr.Error), never a stack trace."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ValueError as e:  # ConfigError, PathError, QueueError, CliError, UserError
+            raise gr.Error(str(e), print_exception=False) from None
+        except OSError as e:  # a file or disk problem (permissions, disk full): one line naming the file
+            where = f"{e.filename}: " if e.filename else ""
+            raise gr.Error(f"{where}{e.strerror or e}", print_exception=False) from None
+        except Exception as e:  # a bug: log it, show a one-line message
+            log.exception("action %s failed", fn.__name__)
+            raise gr.Error(f"internal error in {fn.__name__}: {type(e).__name__}: {e}", print_exception=False) from None
+    return wrapper
+
+
+def field_input(f: Field, value, prefix: str):
+    kw = dict(label=f.label, info=f.info or None, value=value, elem_id=f"{prefix}-{f.key.replace('.', '-')}")
+    if f.choices:
+        comp = gr.Dropdown(choices=list(f.choices), allow_custom_value=f.kind != "choice", **kw)
+    elif f.kind in ("int", "float"):
+        comp = gr.Number(precision=0 if f.kind == "int" else None, **kw)
+    elif f.kind == "bool":
+        comp = gr.Checkbox(**kw)
+    else:
+        comp = gr.Textbox(lines=2 if f.kind == "lines" else 1, **kw)
+    comp._lora_field = f
+    return comp
+
+
+def form(fields, values: list, prefix: str) -> list:
+    """The inputs of a form, two per row (paths and multi-line fields get a row of their own)."""
+    out, row = [], []
+    wide = lambda f: bool(f.path) or f.kind == "lines"  # noqa: E731
+    for f, v in zip(fields, values):
+        if wide(f):
+            out.append(field_input(f, v, prefix))
+            continue
+        row.append((f, v))
+        if len(row) == 2:
+            with gr.Row():
+                out += [field_input(*x, prefix) for x in row]
+            row = []
+    if row:
+        with gr.Row():
+            out += [field_input(*x, prefix) for x in row]
+    # keep the order of `fields` (wide fields may have been placed before a pending pair)
+    order = {id(f): i for i, f in enumerate(fields)}
+    return sorted(out, key=lambda c: order[id(c._lora_field)])
+
+
+class JobForm:
+    """A training job's form: saved configs (load / save), the fields, run name, launcher,
+    Preview and Start. `base` holds the loaded config the fields are applied to."""
+
+    def __init__(self, ctrl, kind: str, start_label: str, extra=None):
+        self.ctrl, self.kind = ctrl, kind
+        p = kinds.get(kind).prefix
+        base = ctrl.configs.default(kind)
+        self.base = gr.State(base)
+        with gr.Accordion("Config file (save / load, the configs/ TOML format)", open=False):
+            with gr.Row():
+                self.choice = gr.Dropdown(choices=ctrl.configs.choices(kind), label="Saved configs", scale=3,
+                                          elem_id=f"{p}-config-choice")
+                self.load = gr.Button("Load", scale=1, elem_id=f"{p}-config-load")
+            with gr.Row():
+                self.cfg_name = gr.Textbox(label="Save as (name)", scale=3, elem_id=f"{p}-config-name")
+                self.save = gr.Button("Save", scale=1, elem_id=f"{p}-config-save")
+        self.inputs = form(kinds.get(kind).fields, ctrl.configs.form_values(kind, base), p)
+        if extra is not None:  # the tab's own inputs below the fields (e.g. the dataset tools)
+            extra(self)
+        with gr.Row():
+            self.run_name = gr.Textbox(label="Run name", placeholder="(a timestamp)", elem_id=f"{p}-run-name")
+            self.launcher = gr.Radio(list(LAUNCHERS), value="accelerate", label="Launcher", elem_id=f"{p}-launcher")
+        with gr.Row():
+            self.preview = gr.Button("Preview config + command", elem_id=f"{p}-preview")
+            self.start = gr.Button(start_label, variant="primary", elem_id=f"{p}-start")
+        self.toml = gr.Code(language=None, label="config.toml", lines=8, max_lines=24, elem_id=f"{p}-toml")
+        self.cmd = gr.Textbox(label="Command", lines=2, elem_id=f"{p}-command")
+
+    def input_of(self, key: str):
+        return self.inputs[[f.key for f in kinds.get(self.kind).fields].index(key)]
+
+    def wire(self, page, monitor: "Monitor") -> None:
+        ctrl, kind = self.ctrl, self.kind
+        head = [self.base, self.run_name, self.launcher]
+
+        @guard
+        def preview(base, name, launcher, *values):
+            return ctrl.runs.preview(kind, base, list(values), name, launcher)
+
+        @guard
+        def start(base, name, launcher, *values):
+            run, msg = ctrl.runs.start(kind, base, list(values), name, launcher)
+            gr.Info(msg)
+            return gr.update(choices=[ACTIVE] + ctrl.runs.names(kind), value=run), msg, ctrl.runs.queue_rows()
+
+        @guard
+        def load(choice):
+            if not choice:
+                raise gr.Error("choose a saved config first", print_exception=False)
+            data, values = ctrl.configs.load(kind, choice)
+            gr.Info(f"loaded {choice}")
+            return [data, *values]
+
+        @guard
+        def save(name, base, *values):
+            msg = ctrl.configs.save(kind, base, list(values), name)
+            gr.Info(msg)
+            return gr.update(choices=ctrl.configs.choices(kind))
+
+        self.preview.click(preview, [*head, *self.inputs], [self.toml, self.cmd])
+        self.start.click(start, [*head, *self.inputs], [monitor.select, monitor.message, page.queue_table])
+        self.load.click(load, [self.choice], [self.base, *self.inputs])
+        self.save.click(save, [self.cfg_name, self.base, *self.inputs], [self.choice])
+        page.on_load([self.choice], lambda: [gr.update(choices=ctrl.configs.choices(kind))])
+
+
+class Monitor:
+    """Progress bar, loss plot, validation gallery and log tail of one run, chosen in a dropdown."""
+
+    def __init__(self, ctrl, kind: str, gallery: bool):
+        self.ctrl, self.kind = ctrl, kind
+        p = kinds.get(kind).prefix + "-"
+        with gr.Row():
+            self.select = gr.Dropdown(choices=[ACTIVE] + ctrl.runs.names(kind), value=ACTIVE, label="Run",
+                                      elem_id=p + "run-select", scale=4)
+            self.refresh = gr.Button("Refresh list", size="sm", scale=1, elem_id=p + "refresh")
+        self.progress = gr.HTML(elem_id=p + "progress")
+        with gr.Row():
+            self.stop = gr.Button("Stop", variant="stop", elem_id=p + "stop")
+            self.resume = gr.Button("Resume", elem_id=p + "resume")
+        self.message = gr.Markdown(elem_id=p + "run-message")
+        self.plot = gr.Plot(label="Loss", elem_id=p + "loss-plot", format="png")
+        self.gallery = (gr.Gallery(label="Validation images", columns=6, height=220, elem_id=p + "gallery")
+                        if gallery else None)
+        # one log record per line (no wrapping), exactly the tail's 12 lines: the newest is always in view
+        self.log = gr.Code(language=None, label="Log (last lines)", lines=12, max_lines=12, wrap_lines=False,
+                           interactive=False, show_line_numbers=False, elem_id=p + "log")
+        self.sig = gr.State({})
+
+    @property
+    def outputs(self):
+        return [o for o in (self.progress, self.plot, self.gallery, self.log, self.sig) if o is not None]
+
+    def run_name(self, selected: str):
+        if selected and selected != ACTIVE:
+            return selected
+        return self.ctrl.runs.active(self.kind)
+
+    def poll(self, selected: str, sig: dict):
+        """New values only for what changed since this tab's last poll (gr.skip() for the rest)."""
+        name = self.run_name(selected)
+        if not name:
+            out = ['<div class="run-progress">No run yet: press Start.</div>', None, [], "", {}]
+            return out if self.gallery is not None else out[:2] + out[3:]
+        try:
+            snap = runview.snapshot(self.ctrl.runs.path(name))
+        except ValueError:
+            snap = runview.RunSnapshot(path=Path(name))
+        new = {"run": name, "n": len(snap.steps), "samples": len(snap.samples), "log": snap.log_tail}
+        same = {k: sig.get(k) == new[k] for k in new}
+        plot = gr.skip() if same["run"] and same["n"] else loss_figure(snap)
+        gallery = gr.skip() if same["run"] and same["samples"] else runview.gallery_items(snap)
+        logt = gr.skip() if same["run"] and same["log"] else snap.log_tail
+        out = [runview.progress_html(snap), plot, gallery, logt, new]
+        return out if self.gallery is not None else out[:2] + out[3:]
+
+    def choices(self, selected: str = ACTIVE):
+        names = self.ctrl.runs.names(self.kind)
+        return gr.update(choices=[ACTIVE] + names, value=selected if selected in names else ACTIVE)
+
+    def wire(self, page, launcher) -> None:
+        ctrl = self.ctrl
+
+        def chosen(selected: str, verb: str) -> str:
+            name = self.run_name(selected)
+            if not name:
+                raise gr.Error(f"no run to {verb}", print_exception=False)
+            return name
+
+        @guard
+        def stop(selected):
+            msg = ctrl.runs.stop(chosen(selected, "stop"))
+            gr.Info(msg)
+            return msg, ctrl.runs.queue_rows()
+
+        @guard
+        def resume(selected, launcher_value):
+            msg = ctrl.runs.resume(chosen(selected, "resume"), launcher_value)
+            gr.Info(msg)
+            return msg, ctrl.runs.queue_rows()
+
+        self.stop.click(stop, [self.select], [self.message, page.queue_table])
+        self.resume.click(resume, [self.select, launcher], [self.message, page.queue_table])
+        self.refresh.click(self.choices, [self.select], [self.select])
+        self.select.change(lambda sel: self.poll(sel, {}), [self.select], self.outputs, show_progress="hidden")
+        page.poll([self.select, self.sig], self.outputs, self.poll)
+        page.on_load([self.select], lambda: [gr.update(choices=[ACTIVE] + ctrl.runs.names(self.kind))])
+
+
+def job_columns(page, kind: str, start_label: str, gallery: bool, extra=None, below_monitor=None) -> JobForm:
+    """A training tab's two columns, wired: the job's form (left; `extra(form)` adds inputs below its
+    fields) and its run monitor (right; `below_monitor(page)` adds panels under it)."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            job = JobForm(page.ctrl, kind, start_label, extra=extra)
+        with gr.Column(scale=1):
+            monitor = Monitor(page.ctrl, kind, gallery=gallery)
+            if below_monitor is not None:
+                below_monitor(page)
+    job.wire(page, monitor)
+    monitor.wire(page, job.launcher)
+    return job
