@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import signal
 import socket
 import time
@@ -147,8 +148,21 @@ class RunDir:
         return out
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (not the stream of the moment the
+    handler was made): a later redirection of stderr (a GUI, a test's capture) never meets a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(run: Optional[RunDir], main_process: bool = True) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = [_StderrHandler()]
     if run is not None and main_process:
         handlers.append(logging.FileHandler(run.log_file, encoding="utf-8"))
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, force=True,
