@@ -101,8 +101,12 @@ def main():
                 first_losses[mode] = loss
         rows.append((f"MindSpore {mode}", times[0], times[1:]))
 
-    n_lora = sum(p.numel() for p in params)
-    n_all = sum(p.numel() for p in tm.parameters())
+    report(a, rows, first_losses, sum(p.numel() for p in params), sum(p.numel() for p in tm.parameters()))
+
+
+def report(a, rows, first_losses, n_lora: int, n_all: int) -> None:
+    import mindspore as ms
+    import torch
     torch_med = statistics.median(rows[0][2])
     print(f"GPT-2-shaped model: {a.layers} layers, width {a.width}, {a.heads} heads, vocab {a.vocab} "
           f"({n_all / 1e6:.1f} M parameters, {n_lora} LoRA r={a.rank} on c_attn q,v); batch {a.batch} x {a.seq} tokens, "

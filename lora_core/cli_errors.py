@@ -138,3 +138,30 @@ def hub_error(field: str, name: str, e: BaseException) -> ModelLoadError:
                           f"hub failed ({type(e).__name__}: {reason}); check the name, or download the model "
                           "and give its folder")
 
+
+
+# ------------------------------------------------------------------ shared subcommands
+def add_train_parser(sub, help: str, config_class: str, example: str, fn):
+    """The `train` subcommand of every trainer CLI: --config, --run-dir, --resume, --overwrite, --set,
+    --help-config (the same flags and meanings everywhere). Returns the parser for extra flags."""
+    from .configdoc import HelpConfig
+    t = sub.add_parser("train", help=help)
+    t.add_argument("--config", required=True, help=f"TOML job file (see {example})")
+    t.add_argument("--run-dir", default=None, help="the run folder (default: run_dir of the config)")
+    t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (RUN/checkpoints/step_N)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds one (the old run is moved aside, not deleted)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set train.max_steps=200 (repeatable)")
+    t.add_argument("--help-config", action=HelpConfig, config_class=config_class)
+    t.set_defaults(fn=fn)
+    return t
+
+
+def add_tiny_model_parser(sub, help: str, fn):
+    """`tiny-model OUT_DIR [--seed N]`: a tiny model built from configs, for offline tests and demos."""
+    m = sub.add_parser("tiny-model", help=help)
+    m.add_argument("out_dir")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=fn)
+    return m

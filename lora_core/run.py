@@ -148,6 +148,20 @@ class RunDir:
         return out
 
 
+def mark_queued(run_dir, **fields) -> dict:
+    """A queue (the GUI's, a sweep) reserves a fresh run folder: state `queued` with its own fields."""
+    return RunDir(run_dir).create().write_status("queued", error=None, **fields)
+
+
+def settle(run_dir, error: str) -> dict:
+    """A queue's job ended: a run folder that is not in a final state gets `failed` with the reason."""
+    run = RunDir(run_dir)
+    status = run.read_status()
+    if status.get("state") in FINAL_STATES:
+        return status
+    return run.write_status("failed", error=error, finished=time.time())
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a record is emitted (not the stream of the moment the
     handler was made): a later redirection of stderr (a GUI, a test's capture) never meets a closed file."""

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 from .configdoc import arg_type
 from .configfile import ConfigError, read_toml
 from .files import atomic_write_json
-from .run import RunDir
+from .run import RunDir, mark_queued, settle
 
 SWEEP_FILE = "sweep.json"
 METRIC_KEYS = ("accuracy", "f1", "macro_f1", "mcc", "perplexity", "baseline_accuracy", "baseline_perplexity")
@@ -163,7 +163,7 @@ def run_sweep(sweep: Sweep, load: Callable[[Optional[str], list[str]], Any], tra
     sweep.root.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     for r in sweep.runs:
-        RunDir(r.run_dir).create().write_status("queued", sweep=sweep.id, sweep_params=r.params)
+        mark_queued(r.run_dir, sweep=sweep.id, sweep_params=r.params)
     write_sweep(sweep, records)
     for r in sweep.runs:
         t0 = time.time()
@@ -172,9 +172,8 @@ def run_sweep(sweep: Sweep, load: Callable[[Optional[str], list[str]], Any], tra
             state, error = status.get("state", "failed"), status.get("error")
         except Exception as e:  # one failed run does not stop the sweep
             state, error = "failed", f"{type(e).__name__}: {e}"
-        run = RunDir(r.run_dir)
-        if state == "failed" or run.read_status().get("state") in ("queued", "running"):
-            run.write_status("failed", error=error or "the run ended without a final status")
+        if state == "failed" or RunDir(r.run_dir).read_status().get("state") in ("queued", "running"):
+            settle(r.run_dir, error or "the run ended without a final status")
             state = "failed"
         records[r.name] = {"state": state, "error": error, "started": t0, "finished": time.time(),
                            "wall_s": round(time.time() - t0, 3)}

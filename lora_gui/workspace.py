@@ -63,6 +63,16 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+class _Under:
+    """A path under the workspace root, as a read-only attribute."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, ws, owner=None) -> Path:
+        return ws.root / self.name
+
+
 class Workspace:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -83,29 +93,12 @@ class Workspace:
         except ValueError:
             return str(p)
 
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-    @property
-    def configs(self) -> Path:
-        return self.root / "configs"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def datasets(self) -> Path:
-        return self.root / "datasets"
-
-    @property
-    def outputs(self) -> Path:
-        return self.root / "outputs"
-
-    @property
-    def queue_file(self) -> Path:
-        return self.root / "queue.json"
+    runs = _Under("runs")
+    configs = _Under("configs")
+    models = _Under("models")
+    datasets = _Under("datasets")
+    outputs = _Under("outputs")
+    queue_file = _Under("queue.json")
 
     def fresh_dir(self, parent: Path, name: str = "") -> Path:
         """parent/<name> that does not exist yet (a taken name gets a numeric suffix; no name: a timestamp)."""

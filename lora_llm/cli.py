@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora_core.cli_errors import add_debug_flag, run_command
+from lora_core.cli_errors import add_debug_flag, add_tiny_model_parser, add_train_parser, run_command
 from lora_core.configdoc import HelpConfig
 
 
@@ -181,17 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="train one adapter from a TOML job file")
-    t.add_argument("--config", required=True, help="TOML job file (see configs/llm_*.toml)")
-    t.add_argument("--run-dir", default=None, help="run folder (default: run_dir of the config)")
-    t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    t.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a folder that holds one (the old run is moved aside, not deleted)")
-    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    t = add_train_parser(sub, "train one adapter from a TOML job file", "lora_llm.config:LLMTrainConfig",
+                         "configs/llm_*.toml", _cmd_train)
     t.add_argument("--backend", choices=["torch", "mindspore"], default=None,
                    help="override the config's backend (mindspore: see docs/mindspore.md and the [mindspore] table)")
-    t.add_argument("--help-config", action=HelpConfig, config_class="lora_llm.config:LLMTrainConfig")
-    t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained adapter (perplexity or accuracy/F1/MCC)")
     e.add_argument("--adapter", required=True, help="run folder or adapter.safetensors")
@@ -228,10 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.set_defaults(fn=_cmd_generate)
 
-    m = sub.add_parser("tiny-model", help="write a tiny random GPT-2 (+ GPT-2 tokenizer) folder for tests")
-    m.add_argument("out_dir")
-    m.add_argument("--seed", type=int, default=0)
-    m.set_defaults(fn=_cmd_tiny)
+    add_tiny_model_parser(sub, "write a tiny random GPT-2 (+ GPT-2 tokenizer) folder for tests", _cmd_tiny)
 
     mg = sub.add_parser("merge", help="fold an adapter into its base model and save a transformers folder")
     mg.add_argument("adapter", help="run folder or adapter.safetensors")

@@ -299,15 +299,22 @@ def _load_hf(task: str, split: str):
 
 
 # ---------------------------------------------------------------------------------- public loaders
+def _source(task: str, kind: str, split: str, data_dir: str, file: str) -> tuple[TaskInfo, str, Optional[Path]]:
+    """(task info, split, local file or None for the hub) of a task of the given kind."""
+    info = task_info(task)
+    if info.kind != kind:
+        other = "load_text" if kind == "classification" else "load_examples"
+        raise ValueError(f"{task} is not a {'classification' if kind == 'classification' else 'language-modelling'} "
+                         f"task; use {other}")
+    split = split or info.eval_split
+    return info, split, resolve_source(task, split, data_dir, file)
+
+
 def load_examples(task: str, split: str = "", data_dir: str = "", file: str = "",
                   limit: int = 0) -> list[Example]:
     """Labelled examples of a classification task ("" split = the task's eval split). The task's
     training split must hold at least two classes (a one-class set trains a constant classifier)."""
-    info = task_info(task)
-    if info.kind != "classification":
-        raise ValueError(f"{task} is not a classification task; use load_text")
-    split = split or info.eval_split
-    src = resolve_source(task, split, data_dir, file)
+    info, split, src = _source(task, "classification", split, data_dir, file)
     if src is not None:
         ex = READERS[task](src)
     else:
@@ -343,11 +350,7 @@ def subset(items: Sequence, n: int, seed: int = 0) -> list:
 def load_text(task: str = "wikitext2", split: str = "", data_dir: str = "", file: str = "",
               detokenize: bool = True) -> str:
     """The whole split of a language-modelling task as one string."""
-    info = task_info(task)
-    if info.kind != "lm":
-        raise ValueError(f"{task} is not a language-modelling task; use load_examples")
-    split = split or info.eval_split
-    src = resolve_source(task, split, data_dir, file)
+    info, split, src = _source(task, "lm", split, data_dir, file)
     if src is not None:
         return read_wikitext(src, detokenize)
     ds, field = _load_hf(task, split)

@@ -9,8 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora_core.cli_errors import add_debug_flag, run_command
-from lora_core.configdoc import HelpConfig
+from lora_core.cli_errors import add_debug_flag, add_tiny_model_parser, add_train_parser, run_command
 
 EXAMPLES = """examples:
   lora-sd tiny-model workspace/models/tiny-sd
@@ -255,21 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a LoRA from a TOML config (works under accelerate launch)")
-    t.add_argument("--config", required=True, help="TOML file (see configs/sd_*.toml)")
-    t.add_argument("--run-dir", help="override run_dir (the run folder)")
-    t.add_argument("--resume", help="'latest' or a checkpoint folder (RUN/checkpoints/step_N)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a folder that holds one (the old run is moved aside, not deleted)")
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a config field, e.g. --set train.max_steps=200 (repeatable)")
-    t.add_argument("--help-config", action=HelpConfig, config_class="lora_sd.config:SDTrainConfig")
-    t.set_defaults(fn=_cmd_train)
-
-    m = sub.add_parser("tiny-model", help="write a tiny SD pipeline with RANDOM weights (offline tests/demos)")
-    m.add_argument("out_dir")
-    m.add_argument("--seed", type=int, default=0)
-    m.set_defaults(fn=_cmd_tiny_model)
+    add_train_parser(sub, "train a LoRA from a TOML config (works under accelerate launch)",
+                     "lora_sd.config:SDTrainConfig", "configs/sd_*.toml", _cmd_train)
+    add_tiny_model_parser(sub, "write a tiny SD pipeline with RANDOM weights (offline tests/demos)", _cmd_tiny_model)
 
     g = sub.add_parser("generate", help="generate images, optionally with LoRA adapters")
     g.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
