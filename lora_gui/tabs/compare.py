@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import runview
+from .. import kinds, runview
 from ..services.compare import sweeplib
 from ..services.plots import curves_figure
 from ..widgets import guard
@@ -166,3 +166,39 @@ def sweep_panel(page) -> None:
     refresh.click(lambda f: [gr.update(choices=svc.sweeps()), *show(f)], [select], [select, table, plot])
     page.later(lambda: to_grid.click(grid_sources, [select], [page.compare_sources]))
     page.on_load([select], lambda: [gr.update(choices=svc.sweeps())])
+
+
+def form_tools(page, job) -> None:
+    """Below a training form: **Check** (`lora-sd check` / `lora-llm check` on the form's config) and
+    queueing a sweep (the form's config x a grid of values)."""
+    svc, kind, p = page.ctrl.compare, job.kind, kinds.get(job.kind).prefix
+    with gr.Accordion("Check (preflight) and sweep", open=False, elem_id=f"{p}-tools"):
+        with gr.Row():
+            steps = gr.Checkbox(value=True, label="Two real optimisation steps", elem_id=f"{p}-check-steps")
+            check = gr.Button("Check", elem_id=f"{p}-check")
+        report = gr.Markdown(elem_id=f"{p}-check-report")
+        if sweeplib is not None:
+            vary = gr.Textbox(label="Sweep: values per line (section.key = v1, v2, ...)", lines=2,
+                              placeholder="lora.r = 4, 8\ntrain.learning_rate = 1e-4, 5e-4", elem_id=f"{p}-sweep-vary")
+            with gr.Row():
+                name = gr.Textbox(label="Sweep name", placeholder="(sweep-<id>)", elem_id=f"{p}-sweep-name")
+                go = gr.Button("Queue sweep", elem_id=f"{p}-sweep-go")
+            msg = gr.Markdown(elem_id=f"{p}-sweep-message")
+
+    @guard
+    def run_check(base, with_steps, *values):
+        ok, text = svc.check(kind, base, list(values), bool(with_steps))
+        (gr.Info if ok else gr.Warning)("check passed" if ok else "check failed: see the report")
+        return text
+
+    check.click(run_check, [job.base, steps, *job.inputs], [report])
+    if sweeplib is None:
+        return
+
+    @guard
+    def sweep(base, text, nm, launcher, *values):
+        _, message = svc.queue_sweep(kind, base, list(values), text, nm, launcher)
+        gr.Info(message)
+        return message, page.ctrl.runs.queue_rows()
+
+    page.later(lambda: go.click(sweep, [job.base, vary, name, job.launcher, *job.inputs], [msg, page.queue_table]))
