@@ -379,3 +379,80 @@ def describe_lora_core(view: AdapterView) -> dict:
     return {"ranks": ranks, "alphas": alphas, "target_modules": list(targets), "lora": cfg,
             "base_model": meta.get("base_model", ""), "steps": meta.get("steps", ""),
             "dora": bool(cfg.get("use_dora")) or any(k.endswith(".lora_magnitude_vector") for k in view.keys)}
+
+
+# ------------------------------------------------------------------ the load report
+Shape = tuple[int, int]   # (in, out) of a module, as the adapter's down/up matrices see it
+
+
+@dataclass
+class LoadReport:
+    """Whether an adapter fits a model, module by module: every adapter load (CLI, GUI, Python API) and
+    `inspect --base` make one (`build_report`), a load with any problem fails with `text()`."""
+    file: str
+    made_for: str                                  # the architecture the file was made for (metadata, shapes)
+    base: str = ""                                 # the model it was checked against
+    matched: list[str] = field(default_factory=list)
+    unmatched: dict[str, str] = field(default_factory=dict)     # key -> why (no such module, unsupported layer)
+    mismatched: dict[str, str] = field(default_factory=dict)    # key -> "file (in, out) vs model (in, out)"
+    blocks: dict[str, dict[str, int]] = field(default_factory=dict)   # block -> {matched, unmatched, mismatched}
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.matched) and not self.unmatched and not self.mismatched
+
+    @property
+    def bad_blocks(self) -> list[str]:
+        return [b for b, n in self.blocks.items() if n["unmatched"] or n["mismatched"]]
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "made_for": self.made_for, "base": self.base, "fits": self.fits,
+                "matched": len(self.matched), "unmatched": self.unmatched, "mismatched": self.mismatched,
+                "blocks": self.blocks, "bad_blocks": self.bad_blocks}
+
+    def summary(self) -> str:
+        n = len(self.matched) + len(self.unmatched) + len(self.mismatched)
+        return (f"{self.file}: {len(self.matched)} of {n} adapted modules match {self.base or 'the model'}"
+                + ("" if self.fits else f"; {len(self.unmatched)} have no module there, {len(self.mismatched)} "
+                   f"have the wrong shape (blocks: {', '.join(self.bad_blocks) or '-'})"))
+
+    def text(self, limit: int = 8) -> str:
+        """The report for people: one summary line, the per-block table and the first problems."""
+        lines = [self.summary(), f"  made for: {self.made_for or 'unknown'}"]
+        lines += [f"  {b:<34} {n['matched']:>4} matched {n['unmatched']:>4} unmatched {n['mismatched']:>4} wrong shape"
+                  for b, n in self.blocks.items()]
+        for what, items in (("unmatched", self.unmatched), ("wrong shape", self.mismatched)):
+            for k, why in list(items.items())[:limit]:
+                lines.append(f"  {what}: {k}: {why}")
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more {what}")
+        if self.fits:
+            lines.append("  fits: every adapted module matches")
+        return "\n".join(lines)
+
+
+def build_report(file: str, made_for: str, adapter: dict[str, Shape], model: dict[str, Shape],
+                 block_of: Callable[[str], str], base: str = "", others: Optional[dict[str, str]] = None,
+                 slices: Optional[Callable[[str], Optional[list]]] = None) -> LoadReport:
+    """Compare the adapter's modules {key: (in, out)} with the model's adaptable modules {key: (in, out)}.
+    `others`: model modules that exist but cannot be adapted {key: type name}. `slices(key)`: the fused-slice
+    mask of a module (its B stacks the enabled slices' rows, so out = model out * enabled / slices)."""
+    rep = LoadReport(file, made_for, base)
+    for key in sorted(adapter):
+        block = rep.blocks.setdefault(block_of(key), {"matched": 0, "unmatched": 0, "mismatched": 0})
+        if key not in model:
+            why = f"{others[key]} layers are not supported (Linear, Conv2d)" if others and key in others \
+                else "no such module in the model"
+            rep.unmatched[key], kind = why, "unmatched"
+        else:
+            (a_in, a_out), (m_in, m_out) = adapter[key], model[key]
+            mask = slices(key) if slices else None
+            ok = a_in == m_in and a_out == (m_out * sum(map(bool, mask)) // len(mask) if mask else m_out)
+            if ok:
+                rep.matched.append(key)
+                kind = "matched"
+            else:
+                rep.mismatched[key] = f"file (in {a_in}, out {a_out}) vs model (in {m_in}, out {m_out})"
+                kind = "mismatched"
+        block[kind] += 1
+    return rep

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional, Union
 
 from .fields import Checked, option
@@ -17,6 +17,25 @@ def _targets_error(targets) -> Optional[str]:
             return f"is not a valid regex: {e}"
         return None
     return None if targets else "is empty: name the modules to adapt"
+
+
+def _layers_error(layers) -> Optional[str]:
+    if isinstance(layers, str):
+        return None if _top_k(layers) else f"must be a list of layer indices or 'top:K' (K >= 1); got {layers!r}"
+    bad = [i for i in layers if i < 0]
+    return f"has negative layer indices {bad}" if bad else None
+
+
+def _top_k(text: str) -> Optional[int]:
+    m = re.fullmatch(r"top:(\d+)", text.strip())
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
+
+
+def layer_index(qualified_name: str) -> Optional[int]:
+    """The layer a module belongs to, as PEFT's layers_to_transform finds it (no layers_pattern): the
+    number in the last `.<name>.<N>.` of the qualified name (`model.layers.3.self_attn.q_proj` -> 3)."""
+    m = re.match(r".*\.[^.]*\.(\d+)\.", qualified_name)
+    return int(m.group(1)) if m else None
 
 
 def _slices_error(slices: dict) -> Optional[str]:
@@ -66,6 +85,10 @@ class LoraConfig(Checked, section="lora"):
     alpha_pattern: dict[str, float] = option(
         {}, "{regex: alpha} per module (PEFT's alpha_pattern, same matching as rank_pattern)",
         check=lambda p: _pattern_error(p, float))
+    layers: Union[list[int], str] = option(
+        [], "adapt only modules of these layers (PEFT's layers_to_transform): a list of indices, or 'top:K' for the "
+        "last K layers; [] = all. LoRA on the top K layers only lets lora_llm cache the frozen layers below them",
+        check=_layers_error)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,8 +100,25 @@ class LoraConfig(Checked, section="lora"):
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
+    def resolve_layers(self, num_layers: int) -> "LoraConfig":
+        """This config with `layers` as a sorted list of indices of a num_layers-layer model ('top:K' resolved)."""
+        if isinstance(self.layers, str):
+            k = _top_k(self.layers)
+            if k > num_layers:
+                raise ValueError(f"lora.layers = {self.layers!r}: the model has only {num_layers} layers")
+            return replace(self, layers=list(range(num_layers - k, num_layers)))
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise ValueError(f"lora.layers: {bad} out of range for a {num_layers}-layer model (0..{num_layers - 1})")
+        return replace(self, layers=sorted(set(self.layers)))
+
     def matches(self, qualified_name: str) -> bool:
         if any(name_matches(qualified_name, e) for e in self.exclude_modules):
+            return False
+        if isinstance(self.layers, str):
+            raise ValueError(f"lora.layers = {self.layers!r} must be resolved against the model's layer count "
+                             "first (LoraConfig.resolve_layers; lora_llm does it)")
+        if self.layers and layer_index(qualified_name) not in self.layers:
             return False
         if isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, qualified_name) is not None

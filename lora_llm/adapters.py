@@ -41,6 +41,10 @@ def load_adapter(path: str | Path, model, adapter: str = DEFAULT) -> None:
     path = Path(path)
     if path.is_dir():
         path = path / ADAPTER_FILE
+    rep = load_report(path, model)   # a file that does not fit fails with its report, before any change
+    if not rep.fits:
+        from lora_core.adapter_files import LoraLoadError
+        raise LoraLoadError(rep.text())
     load_lora(path, model, adapter)
 
 
@@ -95,3 +99,49 @@ def describe(path: str | Path) -> dict:
     """`lora-llm inspect`: lora_core.adapter_files.inspect (the description every CLI and the GUI show)."""
     from lora_core.adapter_files import inspect
     return inspect(path)
+
+
+def load_report(path: str | Path, model, base: str = ""):
+    """The load report (lora_core.adapter_files.LoadReport) of our adapter file against `model`: each
+    adapted module's (in, out) and each saved head's shape, per layer; reads the file's header only."""
+    import re
+    from lora_core.adapter_files import block_names, build_report, open_view
+    from lora_core.layers import LoraLayer, base_dims, supported
+    path = Path(path)
+    h = open_view(path).header   # our file, a run folder, or a PEFT folder
+    own, heads = {}, {}
+    for k in h.tensors:
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.default)?\.weight", k)
+        if m:
+            shape = h.shape(k)
+            i = 0 if m.group(2) == "A" else 1
+            own.setdefault(m.group(1), [0, 0])[i] = shape[1] if i == 0 else shape[0]
+        else:
+            heads[k.removeprefix("base_model.model.").replace(".modules_to_save.default", "")] = tuple(h.shape(k))
+    shapes = {}
+    for name, mod in model.named_modules():
+        base_mod = mod.base_layer if isinstance(mod, LoraLayer) else mod
+        if name and (isinstance(mod, LoraLayer) or supported(mod)) and ".base_layer" not in f".{name}":
+            shapes[name] = base_dims(base_mod)
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    info = json.loads(h.metadata.get("llm_info", "{}") or "{}")
+    width = sorted({i for i, _ in own.values()})
+    made_for = f"{info.get('pretrained') or h.metadata.get('base_model') or 'unknown model'}" + \
+        (f" (input widths {'/'.join(map(str, width))}, {len(block_names(list(own)))} adapted layers)" if width else "")
+    from lora_core.config import LoraConfig
+    cfg = json.loads(h.metadata.get("lora_config", "{}") or "{}")
+    lcfg = LoraConfig(fused_slices=cfg.get("fused_slices") or {})
+    rep = build_report(str(path), made_for, {k: tuple(v) for k, v in own.items()}, shapes,
+                       lambda k: block_names([k])[0], base, slices=lcfg.slices_for)
+    for k, shape in heads.items():   # saved heads (modules_to_save): the parameter must exist with this shape
+        block = rep.blocks.setdefault(block_names([k])[0], {"matched": 0, "unmatched": 0, "mismatched": 0})
+        got = params.get(k) or next((s for n, s in params.items() if n.endswith("." + k)), None)
+        if got is None:
+            rep.unmatched[k], kind = "no such parameter in the model (a saved head)", "unmatched"
+        elif got != shape:
+            rep.mismatched[k], kind = f"file {shape} vs model {got} (a saved head)", "mismatched"
+        else:
+            rep.matched.append(k)
+            kind = "matched"
+        block[kind] += 1
+    return rep

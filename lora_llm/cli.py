@@ -118,6 +118,9 @@ def _cmd_merge(a) -> int:
 def _cmd_inspect(a) -> int:
     from lora_core.adapter_files import LoraLoadError
     from .adapters import describe
+    if a.base:
+        from .cli_decide import inspect_base   # does the file fit that model? (the load report)
+        return inspect_base(a)
     try:
         d = describe(a.file)
     except LoraLoadError as e:
@@ -193,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--base", default="", help="a base model: tell whether the file fits it (exit 1 if not)")
     i.set_defaults(fn=_cmd_inspect)
+    from .cli_decide import add_commands   # sweep, check
+    add_commands(sub)
     return p
 
 

@@ -37,6 +37,13 @@ class ModelSection(Checked, section="model"):
     gguf_file: str = option("", "GGUF file name inside the pretrained folder")
     tokenizer: str = option("", "hub id or folder; '' = the same as pretrained ('tiny': the shared GPT-2 BPE files)")
     dtype: Dtype = option("float32", "dtype of the frozen base weights (LoRA parameters stay fp32)")
+    prefix_cache: Literal["auto", "off"] = option(
+        "auto", "classification with lora.layers above layer 0: auto computes the frozen layers below the first adapted "
+        "layer once per example, stores their output on disk and trains only the layers above (lora_llm.prefix_cache)")
+    prefix_cache_dir: str = option("", "where the frozen-prefix cache lives; '' = $LORA_CACHE_DIR/prefix, else "
+                                   "~/.cache/lora-workbench/prefix")
+    prefix_cache_dtype: Literal["float16", "bfloat16", "float32"] = option(
+        "float16", "dtype of the cached hidden states (float32: exact, twice the disk)")
 
 
 @dataclass
@@ -50,6 +57,11 @@ class DataSection(Checked, section="data"):
     train_split: str = option("", "training split name; '' = the task's default (lora_llm.data.TASK_INFO)")
     eval_split: str = option("", "evaluation split name; '' = the task's default")
     max_length: int = option(128, "classification: truncate each example to this many tokens", ge=2)
+    truncation: Literal["head", "head_tail"] = option(
+        "head", "classification: head keeps the first max_length tokens; head_tail keeps the first max_length // 4 "
+        "and the last ones of a longer example (Sun et al. 2019: 128 + 382 for 512)")
+    class_weights: Literal["none", "balanced"] = option(
+        "none", "classification loss: balanced weighs class c by n / (classes * n_c) of the training set")
     block_size: int = option(256, "language modelling: training sequences of this many tokens", ge=2)
     detokenize: bool = option(True, "WikiText-2: undo the ' @-@ ' style tokenisation")
     max_train_examples: int = option(0, "0 = all (classification: examples; LM: blocks)", ge=0)

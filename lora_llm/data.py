@@ -342,12 +342,26 @@ def load_text(task: str = "wikitext2", split: str = "", data_dir: str = "", file
 
 
 # ---------------------------------------------------------------------------------- tokenization
-def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -> tuple[list[list[int]], list[int]]:
-    """Token ids per example, truncated to max_length (no padding: the collator pads per batch)."""
-    enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length,
-                    add_special_tokens=True)["input_ids"]
+def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int,
+                      truncation: str = "head") -> tuple[list[list[int]], list[int]]:
+    """Token ids per example, at most max_length of them (no padding: the collator pads per batch).
+    truncation "head" keeps the first max_length tokens; "head_tail" keeps the first max_length // 4 and the
+    last max_length - max_length // 4 of a longer example (the start and the verdict of a long review)."""
+    texts = [e.text for e in examples]
+    if truncation == "head_tail":
+        enc = [head_tail(x, max_length) for x in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+    else:
+        enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     ids = [list(map(int, x)) if x else [_fallback_token(tokenizer)] for x in enc]
     return ids, [e.label for e in examples]
+
+
+def head_tail(ids: Sequence[int], max_length: int) -> list[int]:
+    """The first max_length // 4 and the last max_length - max_length // 4 tokens of a longer sequence."""
+    if len(ids) <= max_length:
+        return list(ids)
+    head = max_length // 4
+    return list(ids[:head]) + list(ids[len(ids) - (max_length - head):])
 
 
 def _fallback_token(tokenizer) -> int:

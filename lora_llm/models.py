@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from lora_core.config import LoraConfig
@@ -171,9 +172,44 @@ def resolve_lora(cfg: LoraConfig, model, classification: bool) -> LoraConfig:
                 slices["c_attn"] = mask
             rest = ["c_attn"] + [t for t in rest if t != "c_attn"]
             out = replace(cfg, target_modules=rest, fused_slices=slices)
+    if out.layers:   # "top:k" -> the indices of the last k layers
+        out = out.resolve_layers(num_layers(model))
     if classification and HEAD not in out.modules_to_save:
         out = replace(out, modules_to_save=[*out.modules_to_save, HEAD])
     return out
+
+
+def num_layers(model) -> int:
+    """The number of transformer layers (config.num_hidden_layers / n_layer, else counted from module names)."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if n:
+        return int(n)
+    from lora_core.config import layer_index
+    names = [n for n, _ in (model.named_modules() if hasattr(model, "named_modules") else model.cells_and_names())]
+    found = [i for i in map(layer_index, [n + "." for n in names]) if i is not None]
+    if not found:
+        raise ValueError("lora.layers: cannot tell this model's layers apart (no '.N.' in its module names)")
+    return max(found) + 1
+
+
+def loss_function(cfg, items: list[dict]):
+    """loss_fn(model, batch) of the job: the model's own loss, or for data.class_weights = "balanced" a
+    cross-entropy weighing class c by n / (classes * n_c) of the training examples."""
+    if cfg.data.is_lm or cfg.data.class_weights == "none":
+        return lambda m, b: m(**b).loss
+    counts = np.bincount([it["label"] for it in items], minlength=cfg_num_labels(cfg)).astype(np.float64)
+    weights = torch.tensor(len(items) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+
+    def loss_fn(m, b):
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        return torch.nn.functional.cross_entropy(logits, b["labels"], weight=weights.to(logits.device))
+    return loss_fn
+
+
+def cfg_num_labels(cfg) -> int:
+    from .data import num_labels as n
+    return n(cfg.data.task)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -20,7 +20,8 @@ from . import data as D
 from .adapters import ADAPTER_FILE, read_adapter_info, load_adapter, save_adapter
 from .config import LLMTrainConfig, ModelSection
 from .evaluate import evaluate_classifier, generate, perplexity
-from .models import count_parameters, load_model, load_tokenizer, resolve_lora
+from .models import count_parameters, load_model, load_tokenizer, loss_function, resolve_lora
+from .prefix_cache import wrap_for_training
 
 log = logging.getLogger("lora.llm")
 
@@ -53,7 +54,7 @@ def train_items(cfg: LLMTrainConfig, tokenizer) -> list[dict]:
         blocks = D.lm_blocks(D.tokenize_text(text, tokenizer), d.block_size, d.max_train_examples)
         return [{"input_ids": b} for b in blocks]
     ex = D.load_examples(d.task, split, d.data_dir, d.train_file, d.max_train_examples)
-    ids, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
+    ids, labels = D.tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
     return [{"input_ids": i, "label": y} for i, y in zip(ids, labels)]
 
 
@@ -124,9 +125,10 @@ def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, b
         everything = D.load_examples(d.task, split, d.data_dir, d.eval_file)
         ex = D.subset(everything, d.max_eval_examples)
         out["subset"] = len(ex) < len(everything)
-        seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length)
+        seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
         n = D.num_labels(d.task)
         out.update(evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress))
+        out["n_examples"] = len(seqs)
         if baseline:
             with lora_disabled(model):
                 b = evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress)
@@ -179,8 +181,8 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
                                      collate_fn=Collator(tokenizer.pad_token_id, cfg.data.is_lm),
                                      num_workers=s.num_workers, drop_last=len(items) >= s.batch_size)
 
-    def loss_fn(m, batch):
-        return m(**batch).loss
+    loss_fn = loss_function(cfg, items)
+    model = wrap_for_training(cfg, model, lcfg, items, accelerator)   # frozen-prefix cache (lora.layers = "top:k")
 
     base_model_name = cfg.model.pretrained
 

@@ -144,16 +144,33 @@ def architecture(view: AdapterView, keys: list[str]) -> str:
     return "sd1"
 
 
+def sd_block(key: str) -> str:
+    """"unet.down_blocks.1.attentions.0..." -> "unet.down_blocks.1"; "unet.mid_block..." -> "unet.mid_block";
+    text encoder keys -> their layer ("text_encoder.text_model.encoder.layers.3")."""
+    comp, _, path = key.partition(".")
+    parts = path.split(".")
+    if comp == "unet":
+        return f"unet.{'.'.join(parts[:2] if len(parts) > 1 and parts[1].isdigit() else parts[:1])}"
+    return f"{comp}.{block_names([path])[0]}"
+
+
 def _sd_blocks(keys: list[str]) -> list[str]:
-    out = set()
-    for key in keys:
-        comp, _, path = key.partition(".")
-        parts = path.split(".")
-        if comp == "unet":
-            out.add(f"unet.{'.'.join(parts[:2] if len(parts) > 1 and parts[1].isdigit() else parts[:1])}")
-        else:
-            out.update(f"{comp}.{b}" for b in block_names([path]))
-    return sorted(out)
+    return sorted({sd_block(k) for k in keys})
+
+
+def made_for(arch: str, shapes: dict[str, tuple[int, int]]) -> str:
+    """The architecture an SD adapter was made for, from its metadata (`arch`: sd1/sd2/sdxl) and the
+    shapes of its modules {key: (in, out)}: cross-attention (text) width and the UNet's channels."""
+    ctx = sorted({i for k, (i, _) in shapes.items() if re.search(r"attn2\.to_[kv]$", k)})
+    chans = sorted({i for k, (i, _) in shapes.items() if k.startswith("unet.") and re.search(r"attn[12]\.to_q$", k)})
+    text = sorted({i for k, (i, _) in shapes.items() if k.startswith("text_encoder") and k.endswith("q_proj")})
+    guess = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(ctx[0]) if len(ctx) == 1 else None
+    parts = [f"cross-attention width {'/'.join(map(str, ctx))}" if ctx else "",
+             f"UNet channels {'/'.join(map(str, chans))}" if chans else "",
+             f"text encoder width {'/'.join(map(str, text))}" if text else ""]
+    label = (guess or "SD (version unknown)") if not arch else arch if not guess or guess == arch else \
+        f"{arch} by its metadata, {guess} by its shapes"
+    return f"{label} ({'; '.join(p for p in parts if p)})" if any(parts) else label
 
 
 def describe(view: AdapterView, modules: dict[str, tuple[int, float]]) -> dict:

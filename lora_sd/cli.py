@@ -104,6 +104,9 @@ def _cmd_convert(a) -> int:
 
 def _cmd_inspect(a) -> int:
     from lora_core.adapter_files import inspect
+    if a.base:
+        from .cli_decide import inspect_base   # does the file fit that model? (the load report)
+        return inspect_base(a)
     s = inspect(a.file)
     if a.json:
         print(json.dumps(s, indent=2))
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="rank, alpha, targets, metadata and size of a LoRA file")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--base", default="", help="a base model: tell whether the file fits it (exit 1 if not)")
     i.set_defaults(fn=_cmd_inspect)
 
     d = sub.add_parser("check-dataset", help="count images and captions, list problems")
@@ -292,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_check_dataset)
 
     _add_score_parsers(sub)
+    from .cli_decide import add_commands   # grid, sweep, check
+    add_commands(sub)
     return p
 
 

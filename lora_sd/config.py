@@ -75,6 +75,9 @@ class SampleSettings(Checked, section="sample"):
     width: int = option(0, "image width; 0 = data.resolution", ge=0, multiple_of=8)
     height: int = option(0, "image height; 0 = data.resolution", ge=0, multiple_of=8)
     scheduler: Sampler = option("ddim", "sampler of the validation images")
+    grid: bool = option(False, "at the end of the run write RUN/grid/ (lora_sd.grid): the prompts (rows) at step 0 "
+                        "(the base model), every kept checkpoint and the final adapter (columns)")
+    grid_scale: float = option(1.0, "adapter scale of that grid", ge=0)
 
 
 @dataclass

@@ -29,7 +29,8 @@ from lora_core.io import atomic_save_safetensors, read_safetensors  # noqa: F401
 from lora_core.layers import LoraLayer, base_dims, supported
 
 from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,  # noqa: F401 (re-exported)
-                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, diffusers_alpha, diffusers_path, kohya_key, kohya_name)
+                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, diffusers_alpha, diffusers_path, kohya_key, kohya_name,
+                              made_for, sd_block)
 
 
 @dataclass
@@ -97,43 +98,68 @@ def _base_shape(m: nn.Module) -> tuple[int, int]:
     return out_f, in_f
 
 
+def _model_shapes(components: dict[str, nn.Module]):
+    """({"<comp>.<path>": (in, out)} of every adaptable module, {key: type name} of the other modules,
+    {key: (kh, kw)} kernel of each adaptable conv)."""
+    shapes, others, kernels = {}, {}, {}
+    for comp, model in components.items():
+        mods = _adaptable_modules(model)
+        for path, m in mods.items():
+            out_f, in_f = _base_shape(m)
+            shapes[f"{comp}.{path}"] = (in_f, out_f)
+            base = m.base_layer if isinstance(m, LoraLayer) else m
+            kernels[f"{comp}.{path}"] = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else (1, 1)
+        others.update({f"{comp}.{n}": type(m).__name__ for n, m in model.named_modules() if n and n not in mods})
+    return shapes, others, kernels
+
+
+def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str = "adapter", made_for: str = "",
+                base: str = "this pipeline") -> adapter_files.LoadReport:
+    """Module by module, whether `adapter` fits the pipeline's components (lora_core.adapter_files.LoadReport):
+    (in, out) per module, then each matched module's rank and kernel (LoCon: down [r, in, k, k])."""
+    shapes, others, kernels = _model_shapes(components)
+    own = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()}
+    rep = adapter_files.build_report(str(source), made_for or made_for_shapes(adapter), own, shapes, sd_block,
+                                     base, others)
+    for k in list(rep.matched):
+        ml, (in_f, out_f), (kh, kw) = adapter[k], shapes[k], kernels[k]
+        if ml.up.shape[1] != ml.rank or ml.down.numel() != ml.rank * in_f * kh * kw or ml.up.numel() != out_f * ml.rank:
+            rep.matched.remove(k)
+            rep.mismatched[k] = (f"down {tuple(ml.down.shape)} / up {tuple(ml.up.shape)} do not fit the module "
+                                 f"({out_f} out, {in_f} in, kernel {kh}x{kw})")
+            counts = rep.blocks[sd_block(k)]
+            counts["matched"], counts["mismatched"] = counts["matched"] - 1, counts["mismatched"] + 1
+    for k in adapter:
+        comp = k.partition(".")[0]
+        if comp not in components and k in rep.unmatched:
+            rep.unmatched[k] = f"the pipeline has no {comp}"
+    return rep
+
+
+def made_for_shapes(adapter: Adapter, arch: str = "") -> str:
+    return made_for(arch, {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()})
+
+
 def match_report(adapter: Adapter, components: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
     """(matched, problems): a problem is a key with no module in the pipeline or a wrong shape."""
-    matched, problems = [], []
-    for key, ml in adapter.items():
-        comp, _, path = key.partition(".")
-        model = components.get(comp)
-        mods = _adaptable_modules(model) if model is not None else {}
-        m = mods.get(path)
-        if m is None:
-            if model is None:
-                problems.append(f"{key}: the pipeline has no {comp}")
-            else:
-                other = dict(model.named_modules()).get(path)
-                problems.append(f"{key}: " + ("no such module" if other is None else
-                                              f"{type(other).__name__} layers are not supported (Linear, Conv2d)"))
-            continue
-        out_f, in_f = _base_shape(m)
-        base = m.base_layer if isinstance(m, LoraLayer) else m
-        kernel = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else (1, 1)
-        if ml.down.shape[1] != in_f or ml.up.shape[0] != out_f or ml.up.shape[1] != ml.rank \
-                or ml.down.numel() != ml.rank * in_f * kernel[0] * kernel[1] or ml.up.numel() != out_f * ml.rank:
-            problems.append(f"{key}: shapes down {tuple(ml.down.shape)} / up {tuple(ml.up.shape)} do not fit "
-                            f"the module ({out_f} out, {in_f} in)")
-            continue
-        matched.append(key)
-    return matched, problems
+    rep = load_report(adapter, components)
+    return rep.matched, [f"{k}: {why}" for k, why in {**rep.unmatched, **rep.mismatched}.items()]
 
 
 def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name: str = "default",
-                        scale: float = 1.0, source: str = "adapter") -> int:
+                        scale: float = 1.0, source: str = "adapter", made_for: str = "") -> int:
     """Add `adapter` as lora_core adapter `name` (strict: any unmatched key raises LoraLoadError and
     nothing is changed). Returns the number of matched modules."""
     from lora_core import set_scale
-    matched, problems = match_report(adapter, components)
-    if problems:
-        raise LoraLoadError(f"{source}: {len(matched)} of {len(adapter)} adapted modules match this pipeline, "
-                            f"{len(problems)} do not: {problems[:8]}" + (" ..." if len(problems) > 8 else ""))
+    rep = load_report(adapter, components, source, made_for)
+    if not rep.fits:
+        problems = [f"{k}: {why}" for k, why in {**rep.unmatched, **rep.mismatched}.items()]
+        err = LoraLoadError(f"{source}: {len(rep.matched)} of {len(adapter)} adapted modules match this pipeline, "
+                            f"{len(problems)} do not: {problems[:8]}" + (" ..." if len(problems) > 8 else "")
+                            + "\n" + rep.text())
+        err.report = rep
+        raise err
+    matched = rep.matched
     for comp, model in components.items():
         keys = [k for k in matched if k.startswith(comp + ".")]
         groups: dict[tuple[int, float, bool], list[str]] = {}

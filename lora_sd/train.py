@@ -264,5 +264,10 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe) -
         log.info("step %d: %d validation image(s) in %s", step, len(results), run.samples)
 
     set_seed(s.seed, device_specific=True)   # different noise on each process
-    return train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
-                 settings=s, resume=resume, export_fn=export, sample_fn=sample)
+    status = train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
+                   settings=s, resume=resume, export_fn=export, sample_fn=sample)
+    if main and cfg.sample.grid and status.get("state") == "done":   # [sample] grid: lora_sd.grid
+        from .grid import end_of_run_grid
+        with accelerator.autocast():
+            end_of_run_grid(cfg, pipe, run.path)
+    return status

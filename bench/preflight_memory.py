@@ -1,0 +1,170 @@
+"""Bench: the preflight's peak-memory estimate (lora_sd.preflight / lora_llm.preflight) against the measured peak
+of real training steps on CPU.
+
+    OMP_NUM_THREADS=1 python bench/preflight_memory.py --case tiny-sd [--json]
+    python bench/preflight_memory.py --case sd15-256 | smollm2-16x64
+
+Each case runs in this process: the model is built and the estimate made; then two optimisation steps run as
+the trainers do (the same loss module, AdamW over the LoRA parameters) under the torch profiler; measured
+peak = the largest sum of live tensor bytes in its memory timeline (parameters, gradients, optimizer state,
+activations, temporaries: what the estimate models). The peak RSS above the RSS after imports is printed
+too (rss_peak_mib): on CPU it adds library code loaded on first use and heap glibc keeps after frees.
+Linux only.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _sd_case(resolution: int, batch: int, unet_kw: dict | None):
+    import torch
+    from lora_core.configfile import from_dict
+    from lora_sd.config import SDTrainConfig
+    from lora_sd.models import build_tiny_pipeline
+    cfg = from_dict(SDTrainConfig, {"data": {"path": ".", "resolution": resolution},
+                                    "train": {"batch_size": batch}, "lora": {"r": 4, "alpha": 4.0}})
+    pipe = build_tiny_pipeline()
+    if unet_kw:   # an SD-1.5-sized UNet (random weights) in the tiny pipeline
+        from diffusers import UNet2DConditionModel
+        pipe.unet = UNet2DConditionModel(**unet_kw)
+        pipe.vae_scale_factor = 8
+    return cfg, pipe, torch
+
+
+def run_sd(resolution: int, batch: int, unet_kw: dict | None = None) -> dict:
+    cfg, pipe, torch = _sd_case(resolution, batch, unet_kw)
+    from lora_core.preflight import PreflightReport
+    from lora_sd.preflight import measure
+    from lora_sd.train import DiffusionLoss
+    from diffusers import DDPMScheduler
+    rep = PreflightReport("sd-train", "bench")
+    measure(cfg, pipe, "cpu", rep)
+    unet = pipe.unet
+    module = DiffusionLoss(unet, DDPMScheduler.from_config(pipe.scheduler.config), scaling_factor=0.18215)
+    module.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    s = resolution // pipe.vae_scale_factor
+    batch_data = {"latent_params": torch.randn(batch, 2 * unet.config.in_channels, s, s),
+                  "text_emb": torch.randn(batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)}
+    return _measure(rep.memory, lambda: module(batch_data), opt, params)
+
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
+                    tie_word_embeddings=True)
+
+
+def smollm2_shaped(folder: Path) -> str:
+    """A LLaMA model of SmolLM2-135M's shape with random weights (no hub here), with the GPT-2 tokenizer
+    (its vocabulary, 50,257, stands in for SmolLM2's 49,152)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lora_llm.models import gpt2_tokenizer
+    tok = gpt2_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                 **SMOLLM2_135M)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def run_llm(batch: int, length: int, pretrained: str) -> dict:
+    from lora_core.configfile import from_dict
+    from lora_core.preflight import PreflightReport
+    from lora_llm.config import LLMTrainConfig
+    from lora_llm.preflight import measure
+    import torch
+    cfg = from_dict(LLMTrainConfig, {"model": {"pretrained": pretrained}, "data": {"task": "wikitext2", "block_size": length},
+                                     "train": {"batch_size": batch}})
+    rep = PreflightReport("llm-train", "bench")
+    model = measure(cfg, "cpu", rep)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length))
+    return _measure(rep.memory, lambda: model(input_ids=ids, labels=ids).loss, opt, params)
+
+
+def _measure(estimate: dict, loss_fn, opt, params) -> dict:
+    """Two optimisation steps; the peak of live tensor bytes (torch profiler memory timeline: parameters,
+    gradients, optimizer state, activations, temporaries) and the peak RSS above RSS0."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+    rss0 = int(os.environ["_BENCH_RSS0"])
+    _reset_peak()
+    t = time.time()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        for _ in range(2):
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
+    steps_s = time.time() - t
+    rss_peak = _status_kb("VmHWM") - rss0
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    peak = int(np.array(sizes).sum(axis=1).max())
+    return {"estimate_mib": round(estimate["total_bytes"] / 2**20, 1), "measured_mib": round(peak / 2**20, 1),
+            "ratio": round(estimate["total_bytes"] / peak, 3), "rss_peak_mib": round(rss_peak / 2**20, 1),
+            "parts_mib": {k: round(v / 2**20, 1) for k, v in estimate["parts"].items()}, "steps_s": round(steps_s, 1)}
+
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+CASES = {
+    "tiny-sd": lambda: run_sd(128, 4),
+    "sd15-256": lambda: run_sd(256, 1, SD15_UNET),
+    "smollm2-16x64": lambda: run_llm(16, 64, smollm2_shaped(Path(tempfile.mkdtemp(prefix="smollm2_")))),
+    "tiny-gpt2-16x64": lambda: run_llm(16, 64, "tiny"),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=sorted(CASES), default="tiny-sd")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    import torch  # noqa: F401 - the imports belong to the baseline
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+    import lora_sd.train  # noqa: F401
+    import lora_llm.train  # noqa: F401
+    _reset_peak()
+    os.environ["_BENCH_RSS0"] = str(_status_kb("VmRSS"))
+    res = {"case": a.case, **CASES[a.case]()}
+    print(json.dumps(res) if a.json else
+          f"{a.case}: estimate {res['estimate_mib']} MiB, measured {res['measured_mib']} MiB, ratio {res['ratio']} "
+          f"({res['parts_mib']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

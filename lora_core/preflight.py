@@ -1,0 +1,231 @@
+"""Preflight checks shared by `lora-sd check` and `lora-llm check` (torch-free): the report, its text, the
+peak-memory arithmetic and the CLI subcommand. The trainers fill in the checks of their own job
+(lora_sd.preflight, lora_llm.preflight).
+
+Peak memory of a LoRA training step is estimated as
+    frozen weights (their count x the bytes of their dtype)
+  + adapter parameters, their gradients (fp32) and the optimizer state (AdamW: 2 fp32 moments; 8-bit: 2 bytes)
+  + activations saved for the backward pass at the chosen batch and size, measured on the real model at two
+    reduced sizes (saved-tensor hooks) and extrapolated by a + b n + c n^2 in the tokens per example n (the
+    attention scores are quadratic), times the batch,
+  + twice the largest saved activation: when the backward pass reaches the op that saved it (the loss head:
+    first), everything saved is still alive and that op holds the gradient flowing in and the one flowing out.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+LEVELS = ("error", "warning", "info")
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}   # optimizer state per trainable parameter
+
+
+@dataclass
+class Finding:
+    level: str          # error (blocks a run), warning, info
+    message: str        # one line: what is wrong, which field, what to do
+    key: str = ""       # the config key or data path at fault
+
+
+@dataclass
+class PreflightReport:
+    job: str
+    config: str
+    findings: list[Finding] = field(default_factory=list)
+    data: dict = field(default_factory=dict)         # the data audit
+    parameters: dict = field(default_factory=dict)   # trainable, frozen, total, alpha, r, scale
+    memory: dict = field(default_factory=dict)       # estimate parts in bytes, total_bytes, device
+    steps: dict = field(default_factory=dict)        # the two real optimisation steps: ok, losses, error, size
+
+    def add(self, level: str, message: str, key: str = "") -> None:
+        assert level in LEVELS, level
+        self.findings.append(Finding(level, message, key))
+
+    def error(self, message: str, key: str = "") -> None:
+        self.add("error", message, key)
+
+    def warn(self, message: str, key: str = "") -> None:
+        self.add("warning", message, key)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def ok(self) -> bool:
+        """Nothing blocks a run."""
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _mb(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def print_report(rep: PreflightReport) -> str:
+    """The report as text (what `check` prints and the GUI's Check button shows)."""
+    out = [f"preflight of {rep.config} ({rep.job})"]
+    if rep.data:
+        d = rep.data
+        out.append("data:       " + ", ".join(f"{k} {v}" for k, v in d.items() if not isinstance(v, (dict, list))))
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.append(f"  {k}: " + ", ".join(f"{a}: {b}" for a, b in v.items()))
+    if rep.parameters:
+        p = rep.parameters
+        out.append(f"parameters: {p.get('trainable', 0):,} trainable of {p.get('total', 0):,}; "
+                   f"scale alpha/r = {p.get('alpha')}/{p.get('r')} = {p.get('scale', 0):g}")
+    if rep.memory:
+        m = rep.memory
+        parts = ", ".join(f"{k} {_mb(v)}" for k, v in m.get("parts", {}).items())
+        out.append(f"memory:     about {_mb(m.get('total_bytes'))} peak on {m.get('device', '?')} ({parts})")
+    if rep.steps:
+        s = rep.steps
+        out.append(f"steps:      {'ok' if s.get('ok') else 'FAILED'}: {s.get('size', '')}"
+                   + (f"; losses {s.get('losses')}" if s.get("losses") else "")
+                   + (f"; {s['error']}" if s.get("error") else ""))
+    for f in rep.findings:
+        out.append(f"{f.level}: {f.message}")
+    out.append("ok: nothing blocks a run" if rep.ok else f"NOT ready: {len(rep.errors)} problem(s) block a run")
+    return "\n".join(out)
+
+
+def device_conflicts(mixed_precision: str, optimizer: str, device: str, rep: PreflightReport) -> None:
+    """Precision and optimizer settings the device cannot run (torch is imported here, on use)."""
+    import torch
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        rep.error(f"device {device!r}: CUDA is not available here; use --device cpu", "device")
+    if mixed_precision == "fp16" and dev.type == "cpu":
+        rep.error("train.mixed_precision = \"fp16\" needs a GPU (fp16 autocast and gradient scaling are not "
+                  "available on CPU); use \"bf16\" or \"no\" on CPU", "train.mixed_precision")
+    if mixed_precision == "bf16" and dev.type == "cuda" and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        rep.error("train.mixed_precision = \"bf16\": this GPU has no bf16; use \"fp16\"", "train.mixed_precision")
+    if optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            rep.error("train.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes); or use "
+                      "\"adamw\"", "train.optimizer")
+
+
+def begin(job: str, config, overrides, cfg, load: Callable, device: str) -> tuple[PreflightReport, Any, str]:
+    """(the report, the loaded config or None when it does not load, the device: default cuda when present)."""
+    from .configfile import ConfigError
+    rep = PreflightReport(job, str(config or "config"))
+    try:
+        cfg = cfg or load(config, overrides)
+    except ConfigError as e:
+        rep.error(str(e), getattr(e, "key", "") or "")
+        return rep, None, device
+    if not device:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return rep, cfg, device
+
+
+def common_conflicts(cfg, device: str, rep: PreflightReport) -> None:
+    """The `[train]` settings every trainer shares."""
+    s = cfg.train
+    device_conflicts(s.mixed_precision, s.optimizer, device, rep)
+    if s.lr_warmup_steps >= s.max_steps:
+        rep.warn(f"train.lr_warmup_steps ({s.lr_warmup_steps}) >= train.max_steps ({s.max_steps}): the learning "
+                 "rate never reaches its peak", "train.lr_warmup_steps")
+
+
+def run_steps(rep: PreflightReport, size: str, run_dir, train: Callable[[], dict]) -> None:
+    """Run `train()` (the job's normal train path on a reduced copy of the config, in the temporary `run_dir`)
+    and record the result in rep.steps; a failure (exception, non-finite loss, failed status) blocks."""
+    from .run import RunDir
+    try:
+        status = train() or {}
+        error = None if status.get("state") == "done" else status.get("error") or f"state {status.get('state')}"
+    except Exception as e:  # noqa: BLE001 - any error of the real train path is the finding
+        error = f"{type(e).__name__}: {e}"
+    losses = [round(m["loss"], 6) for m in RunDir(run_dir).read_metrics() if "loss" in m]
+    rep.steps = {"ok": error is None, "size": size, "losses": losses, "error": error}
+    if error:
+        rep.error(f"the {size} failed: {error}", "train")
+
+
+# ------------------------------------------------------------------ memory
+def fit_activations(points: list[tuple[float, float]], n: float) -> float:
+    """Bytes at size `n` from measurements [(n_i, bytes_i)] (two or three): b n + c n^2 through two points
+    (a + b n + c n^2 through three); never below the linear extrapolation of the largest point."""
+    pts = sorted(points)
+    if len(pts) == 1:
+        return pts[0][1] * n / pts[0][0]
+    if len(pts) >= 3:
+        import numpy as np
+        a, b, c = np.linalg.solve([[1, x, x * x] for x, _ in pts[-3:]], [y for _, y in pts[-3:]])
+    else:
+        (x1, y1), (x2, y2) = pts
+        c = (y2 / x2 - y1 / x1) / (x2 - x1)
+        a, b = 0.0, y1 / x1 - c * x1
+    est = a + b * n + max(c, 0.0) * n * n
+    return float(max(est, pts[-1][1] * n / pts[-1][0]))
+
+
+def memory_estimate(frozen_bytes: int, trainable: int, activations: float, largest: float = 0.0,
+                    optimizer: str = "adamw", device: str = "cpu") -> dict:
+    """The peak-memory estimate (see the module docstring); bytes."""
+    parts = {"frozen weights": int(frozen_bytes), "adapter": 4 * trainable, "gradients": 4 * trainable,
+             "optimizer state": OPTIMIZER_BYTES.get(optimizer, 8) * trainable,
+             "activations": int(activations + 2 * largest)}
+    return {"parts": parts, "total_bytes": int(sum(parts.values())), "device": device}
+
+
+class SavedBytes:
+    """Context manager counting the bytes of the tensors autograd saves for backward (each storage once),
+    and the largest one: the activation memory of a training forward pass. The model's own weights, which
+    autograd saves too, are left out with `exclude` (its modules: counted as weights already)."""
+
+    def __init__(self, *exclude):
+        self.total, self.largest = 0, 0
+        self._seen = {p.untyped_storage().data_ptr() for m in exclude for p in m.parameters()}
+
+    def _pack(self, t):
+        try:
+            st = t.untyped_storage()
+            key, size = st.data_ptr(), st.nbytes()
+        except Exception:  # noqa: BLE001 - a tensor without storage (e.g. sparse): count its elements
+            key, size = id(t), t.numel() * t.element_size()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += size
+            self.largest = max(self.largest, size)
+        return t
+
+    def __enter__(self):
+        import torch
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+# ------------------------------------------------------------------ the CLIs' `check`
+def add_check_parser(sub, config_class: str, fn: Callable) -> Any:
+    from .configdoc import HelpConfig
+    c = sub.add_parser("check", help="preflight: config conflicts, data audit, parameters, memory estimate and two "
+                                     "real optimisation steps at a reduced size; exit 0 only when nothing blocks")
+    c.add_argument("--config", required=True)
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    c.add_argument("--no-steps", action="store_true", help="skip the two optimisation steps")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--help-config", action=HelpConfig, config_class=config_class)
+    c.set_defaults(fn=fn)
+    return c
+
+
+def cli_check(a, preflight: Callable) -> int:
+    rep = preflight(a.config, a.set, device=a.device, steps=0 if a.no_steps else 2)
+    print(json.dumps(rep.to_dict(), indent=2) if a.json else print_report(rep))
+    return 0 if rep.ok else 1

@@ -1,0 +1,44 @@
+"""`lora-llm sweep`, `lora-llm check` and `inspect --base` (added to lora_llm.cli)."""
+from __future__ import annotations
+
+import json
+
+
+def inspect_base(a) -> int:
+    """`lora-llm inspect FILE --base MODEL`: the load report of FILE against MODEL, before any load."""
+    from lora_core.adapter_files import open_view
+    from .adapters import load_report
+    from .config import ModelSection
+    from .models import load_model, load_tokenizer
+    view = open_view(a.file)   # our file / run folder (llm_info says the task) or a PEFT folder
+    info = view.json_metadata.get("llm_info") or {}
+    if not info and view.config:
+        heads = [s[0] for k, s in ((k, view.header.shape(k)) for k in view.keys) if ".score." in k and len(s) == 2]
+        info = {"num_labels": heads[0] if heads else 0}
+    ms = ModelSection(**{**info.get("model", {}), "pretrained": a.base, "gguf_file": ""})
+    tok = load_tokenizer(ms)
+    model = load_model(ms, info.get("num_labels", 0), tok.pad_token_id)
+    rep = load_report(a.file, model, base=a.base)
+    print(json.dumps(rep.to_dict(), indent=2) if a.json else rep.text())
+    return 0 if rep.fits else 1
+
+
+def _cmd_sweep(a) -> int:
+    from lora_core.sweep import cli_sweep
+    from .config import LLMTrainConfig, load_llm_config
+    from .train import train_from_config
+    return cli_sweep(a, LLMTrainConfig, load_llm_config, train_from_config)
+
+
+def _cmd_check(a) -> int:
+    from lora_core.preflight import cli_check
+    from .preflight import preflight
+    return cli_check(a, preflight)
+
+
+def add_commands(sub) -> None:
+    """Add sweep and check to the `lora-llm` subparsers."""
+    from lora_core.preflight import add_check_parser
+    from lora_core.sweep import add_sweep_parser
+    add_sweep_parser(sub, "lora_llm.config:LLMTrainConfig", "lora-llm").set_defaults(fn=_cmd_sweep)
+    add_check_parser(sub, "lora_llm.config:LLMTrainConfig", _cmd_check)

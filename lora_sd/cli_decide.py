@@ -1,0 +1,114 @@
+"""`lora-sd grid`, `lora-sd sweep`, `lora-sd check`: the commands that help decide (added to lora_sd.cli)."""
+from __future__ import annotations
+
+import json
+
+
+def _axis_values(axis: str, text: str, run: str) -> list:
+    """'step' (all of the run's steps), 'step=0,200,final', 'scale=0,0.5,1', 'prompt=a cat|a dog', 'seed=1,2',
+    'adapter=A.safetensors,RUN2'."""
+    from .grid import FINAL, run_steps
+    if axis == "step" and not text:
+        if not run:
+            raise SystemExit("lora-sd grid: --x/--y step needs --run (the run folder)")
+        return run_steps(run)
+    if not text:
+        raise SystemExit(f"lora-sd grid: give the {axis} values, e.g. --x {axis}=...")
+    parts = [t.strip() for t in text.split("|" if axis == "prompt" else ",")]
+    try:
+        if axis == "step":
+            return [FINAL if p == "final" else int(p) for p in parts]
+        if axis == "scale":
+            return [float(p) for p in parts]
+        if axis == "seed":
+            return [int(p) for p in parts]
+    except ValueError as e:
+        raise SystemExit(f"lora-sd grid: bad {axis} value ({e})") from None
+    return parts
+
+
+def _cmd_grid(a) -> int:
+    import torch
+    from tqdm import tqdm
+    from .grid import AXES, GRID_FILE, GridSpec, make_grid
+    from .models import load_pipeline
+    axes = []
+    for spec in (a.x, a.y):
+        if not spec:
+            continue
+        axis, _, text = spec.partition("=")
+        if axis not in AXES:
+            raise SystemExit(f"lora-sd grid: unknown axis {axis!r}; choose from {', '.join(AXES)}")
+        axes.append((axis, _axis_values(axis, text, a.run)))
+    (x, xv), (y, yv) = axes[0], (axes[1] if len(axes) > 1 else ("", [None]))
+    spec = GridSpec(x=x, x_values=xv, y=y, y_values=yv, run=a.run, adapter=a.adapter, step=a.step, scale=a.scale,
+                    prompt=a.prompt, seed=a.seed, negative_prompt=a.negative_prompt, steps=a.steps,
+                    guidance_scale=a.guidance, width=a.width, height=a.height, scheduler=a.scheduler)
+    pipe = load_pipeline(a.model, a.model_config)
+    pipe.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bar = tqdm(total=len(xv) * len(yv), desc="grid", unit="cell")
+    make_grid(pipe, spec, a.out, progress=lambda done, total, cell: bar.update(1), model=a.model)
+    bar.close()
+    print(f"{a.out}/{GRID_FILE} ({len(yv)} x {len(xv)} cells; index.json lists each cell's parameters)")
+    return 0
+
+
+def _cmd_sweep(a) -> int:
+    from lora_core.sweep import cli_sweep
+    from .config import SDTrainConfig, load_train_config
+    from .train import run_training
+    return cli_sweep(a, SDTrainConfig, load_train_config, run_training)
+
+
+def _cmd_check(a) -> int:
+    from lora_core.preflight import cli_check
+    from .preflight import preflight
+    return cli_check(a, preflight)
+
+
+def inspect_base(a) -> int:
+    """`lora-sd inspect FILE --base MODEL`: the load report of FILE against MODEL, before any load."""
+    from lora_core.adapter_files import inspect
+    from . import formats
+    from .models import load_pipeline
+    desc = inspect(a.file)
+    pipe = load_pipeline(a.base, getattr(a, "model_config", ""))
+    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    adapter, _, _ = formats.read_adapter(a.file, comps)
+    rep = formats.load_report(adapter, comps, a.file, formats.made_for_shapes(adapter, desc.get("architecture", "")),
+                              base=a.base)
+    print(json.dumps(rep.to_dict(), indent=2) if a.json else rep.text())
+    return 0 if rep.fits else 1
+
+
+def add_commands(sub) -> None:
+    """Add grid, sweep and check to the `lora-sd` subparsers."""
+    from lora_core.preflight import add_check_parser
+    from lora_core.sweep import add_sweep_parser
+    g = sub.add_parser("grid", help="comparison grid over checkpoint steps, adapter scales, prompts, seeds or adapters")
+    g.add_argument("--x", required=True, metavar="AXIS[=V1,V2,...]",
+                   help="columns: step (all of --run's, or step=0,200,final), scale=0,0.5,1, prompt=a cat|a dog, "
+                        "seed=1,2, adapter=FILE_OR_RUN,...")
+    g.add_argument("--y", default="", metavar="AXIS[=V1,V2,...]", help="rows (same forms); default: one row")
+    g.add_argument("--run", default="", help="the run folder whose checkpoints the step axis takes")
+    g.add_argument("--adapter", default="", help="fixed adapter file or run folder (when it is no axis)")
+    g.add_argument("--step", type=int, default=None, help="fixed checkpoint step of --run/--adapter (default: final)")
+    g.add_argument("--scale", type=float, default=1.0, help="fixed adapter scale")
+    g.add_argument("--prompt", default="a photo", help="fixed prompt")
+    g.add_argument("--seed", type=int, default=0, help="fixed seed (every cell uses exactly this seed)")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
+    g.add_argument("--model-config", default="")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--scheduler", default="ddim")
+    g.add_argument("--device", default="")
+    g.add_argument("--out", required=True, help="folder for grid.png, cells/ and index.json")
+    g.set_defaults(fn=_cmd_grid)
+
+    add_sweep_parser(sub, "lora_sd.config:SDTrainConfig", "lora-sd").set_defaults(fn=_cmd_sweep)
+
+    add_check_parser(sub, "lora_sd.config:SDTrainConfig", _cmd_check)
+

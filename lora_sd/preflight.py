@@ -1,0 +1,192 @@
+"""`lora-sd check`: everything that can be known before a run starts (lora_core.preflight holds the report,
+the memory arithmetic and the CLI command).
+
+1. the config loads (every field validated) and its settings do not conflict;
+2. the data set: counts, captions, unreadable and too-small images, the bucket histogram (lora_sd.data.scan);
+3. trainable parameters, alpha/r, and the peak-memory estimate at the chosen batch, resolution and precision;
+4. two real optimisation steps through the normal train path (lora_sd.train.run_training) at a reduced size on
+   the chosen device: shape errors and non-finite losses show here, not at step 3,000.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lora_core.preflight import (PreflightReport, SavedBytes, begin, common_conflicts, fit_activations, memory_estimate,
+                                 run_steps)
+
+from .config import SDTrainConfig, load_train_config
+from .data import DatasetError, make_buckets, pick_bucket, scan
+
+DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+
+
+def conflicts(cfg: SDTrainConfig, device: str, rep: PreflightReport) -> None:
+    d, s = cfg.data, cfg.train
+    common_conflicts(cfg, device, rep)
+    if d.cache_text and cfg.text_encoder_lora is not None:
+        rep.warn("data.cache_text = true has no effect while the text encoder is trained ([text_encoder_lora] is "
+                 "set): captions are encoded every step; set data.cache_text = false", "data.cache_text")
+    if d.cache_latents and not d.center_crop:
+        rep.warn("data.center_crop = false (random crop) with data.cache_latents = true: latents are cached "
+                 "center-cropped, so no random crop happens; set data.cache_latents = false to crop at random",
+                 "data.center_crop")
+    if cfg.sample.grid and not cfg.sample.prompts:
+        rep.warn("sample.grid = true but sample.prompts is empty: no grid will be made", "sample.grid")
+    if cfg.sample.grid and not s.checkpoint_every:
+        rep.add("info", "sample.grid: with train.checkpoint_every = 0 the grid has two columns (base, final)",
+                "train.checkpoint_every")
+
+
+def audit(cfg: SDTrainConfig, rep: PreflightReport) -> list:
+    """The data set as the trainer will see it; returns the usable items."""
+    d = cfg.data
+    try:
+        sr = scan(d.path, d.caption_extension, d.repeats, d.max_images)
+    except DatasetError as e:
+        rep.error(str(e), "data.path")
+        return []
+    need = "{caption}" in d.caption_template
+    items = sr.items + ([] if need else sr.missing_captions)
+    small = [i for i in items if min(i.size) < d.resolution]
+    buckets = make_buckets(d.resolution, d.bucket_step) if d.buckets else None
+    hist = Counter("%dx%d" % (pick_bucket(i.size, buckets) if buckets else (d.resolution, d.resolution))
+                   for i in items)
+    rep.data = {"path": str(sr.root), "images": len(sr.items) + len(sr.missing_captions), "captioned": len(sr.items),
+                "missing_captions": len(sr.missing_captions), "unreadable": len(sr.corrupt),
+                "too_small": len(small), "samples_per_epoch": sum(i.repeats for i in items),
+                "buckets": dict(sorted(hist.items()))}
+    for c in sr.corrupt:
+        rep.warn(f"unreadable image (it will be skipped): {c}", "data.path")
+    if need and sr.missing_captions:
+        rep.error(f"{len(sr.missing_captions)} image(s) have no caption (e.g. {sr.missing_captions[0].path}); add "
+                  f"{d.caption_extension} sidecars or use a data.caption_template without {{caption}}", "data.path")
+    if not sr.items and not sr.missing_captions:
+        rep.error(f"data.path {sr.root}: no readable images", "data.path")
+    if small:
+        rep.warn(f"{len(small)} image(s) are smaller than data.resolution = {d.resolution} and will be upscaled "
+                 f"(e.g. {small[0].path}: {small[0].size[0]}x{small[0].size[1]})", "data.resolution")
+    if items and cfg.train.batch_size > sum(i.repeats for i in items):
+        rep.warn(f"train.batch_size ({cfg.train.batch_size}) exceeds the samples per epoch", "train.batch_size")
+    return items
+
+
+def _small_config(cfg: SDTrainConfig, work: Path) -> SDTrainConfig:
+    """The same job at a reduced size: 2 steps, a smaller resolution and batch, a few images, no samples."""
+    c = copy.deepcopy(cfg)
+    res = cfg.data.resolution
+    c.run_dir = str(work / "run")
+    c.data.resolution = res if res <= 64 else max(64, min(256, res // 2) // 8 * 8)
+    c.data.bucket_step = min(c.data.bucket_step, c.data.resolution)
+    c.train.batch_size = min(cfg.train.batch_size, 2)
+    c.data.max_images = max(2, c.train.batch_size * 2)
+    c.data.cache_dir = str(work / "cache")
+    c.train.max_steps, c.train.checkpoint_every, c.train.keep_checkpoints = 2, 0, 1
+    c.train.lr_warmup_steps, c.train.sample_every, c.train.log_every, c.train.num_workers = 0, 0, 1, 0
+    c.train.gradient_accumulation_steps = 1
+    c.sample.prompts, c.sample.grid, c.output.save_diffusers = [], False, False
+    return c
+
+
+def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps: int = 2) -> None:
+    """Run `steps` real optimisation steps through run_training at a reduced size (a temporary run folder)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from .train import run_training
+    with tempfile.TemporaryDirectory(prefix="lora_sd_check_") as tmp:
+        small = _small_config(cfg, Path(tmp))
+        small.train.max_steps = steps
+        AcceleratorState._reset_state(reset_partial_state=False)
+        acc = Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision=small.train.mixed_precision)
+        run_steps(rep, f"{steps} steps at {small.data.resolution}px, batch {small.train.batch_size}", small.run_dir,
+                  lambda: run_training(small, accelerator=acc, pipe=pipe))
+
+
+def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
+    """Frozen weights in the dtype training keeps them in (UNet/text encoder: the mixed precision; VAE: fp32,
+    bf16 under bf16)."""
+    mp = cfg.train.mixed_precision
+    total = 0
+    for name, m, b in (("unet", pipe.unet, DTYPE_BYTES[mp]), ("text_encoder", pipe.text_encoder, DTYPE_BYTES[mp]),
+                       ("vae", pipe.vae, 2 if mp == "bf16" else 4)):
+        total += sum(p.numel() * b for p in m.parameters() if not p.requires_grad)
+    return total
+
+
+def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
+    """(saved bytes of one training forward at the chosen batch and resolution, the largest saved tensor),
+    measured with batch 1 at the chosen latent size (up to 64x64 latents, 512 px in SD 1.5), else at 1/4 and
+    1/2 of it and extrapolated (lora_core.preflight.fit_activations)."""
+    unet = pipe.unet
+    target = cfg.data.resolution // pipe.vae_scale_factor
+    mult = 2 ** (len(unet.config.block_out_channels) - 1)
+    sizes = [target] if target <= 64 else sorted({max(mult, s // mult * mult) for s in (target // 4, target // 2)})
+    ctx = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision)
+    points, largest = [], 0.0
+    was = unet.training
+    unet.train()
+    try:
+        for s in sizes:
+            x = torch.randn(1, unet.config.in_channels, s, s, device=device)
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), \
+                    SavedBytes(pipe.unet) as sb:
+                unet(x, torch.tensor([500], device=device), ctx).sample.float().pow(2).mean()
+            points.append((s * s, sb.total))
+            largest = sb.largest * target * target / (s * s)
+    finally:
+        unet.train(was)
+    per_example = fit_activations(points, target * target)
+    return per_example * cfg.train.batch_size, largest * cfg.train.batch_size
+
+
+def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None:
+    """Trainable parameters, alpha/r and the memory estimate (adds the adapter to `pipe` if it has none)."""
+    from lora_core import add_lora, lora_layers
+    if not any(True for _ in lora_layers(pipe.unet)):
+        pipe.unet.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        pipe.vae.requires_grad_(False)
+        add_lora(pipe.unet, cfg.lora)
+        if cfg.text_encoder_lora is not None:
+            add_lora(pipe.text_encoder, cfg.text_encoder_lora)
+    pipe.to(device)
+    mods = (pipe.unet, pipe.text_encoder, pipe.vae)
+    trainable = sum(p.numel() for m in mods for p in m.parameters() if p.requires_grad)
+    total = sum(p.numel() for m in mods for p in m.parameters())
+    lo = cfg.lora
+    scale = lo.alpha / (math.sqrt(lo.r) if lo.use_rslora else lo.r)
+    rep.parameters = {"trainable": trainable, "total": total, "r": lo.r, "alpha": lo.alpha, "scale": scale,
+                      "use_rslora": lo.use_rslora}
+    acts, largest = _activations(cfg, pipe, device)
+    rep.memory = memory_estimate(_frozen_bytes(cfg, pipe), trainable, acts, largest, cfg.train.optimizer,
+                                 torch.device(device).type)
+    rep.memory.update(batch=cfg.train.batch_size, resolution=cfg.data.resolution,
+                      precision=cfg.train.mixed_precision)
+
+
+def preflight(config=None, overrides=(), device: str = "", steps: int = 2, pipe=None,
+              cfg: Optional[SDTrainConfig] = None) -> PreflightReport:
+    """Check a `lora-sd train` config (a file with overrides, or `cfg`); `pipe` replaces loading the model."""
+    from .models import load_pipeline
+    rep, cfg, device = begin("sd-train", config, overrides, cfg, load_train_config, device)
+    if cfg is None:
+        return rep
+    conflicts(cfg, device, rep)
+    items = audit(cfg, rep)
+    if pipe is None:
+        try:
+            pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
+        except Exception as e:  # noqa: BLE001 - a model that cannot load blocks the run
+            rep.error(f"model.pretrained {cfg.model.pretrained!r} cannot be loaded: {e}", "model.pretrained")
+            return rep
+    if steps and items and rep.ok:
+        two_steps(cfg, pipe, device, rep, steps)
+    measure(cfg, pipe, device, rep)
+    return rep

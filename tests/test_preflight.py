@@ -1,0 +1,110 @@
+"""Preflight (`lora-sd check`, `lora-llm check`): each listed conflict is flagged, a broken data set is
+audited, the two real steps catch an injected NaN, and the memory estimate is within 25 % of the measured
+peak on the tiny SD model (bench/preflight_memory.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lora_core.preflight import PreflightReport, print_report
+from lora_sd.models import build_tiny_pipeline
+from lora_sd.preflight import audit, conflicts, preflight
+from lora_sd.testing import make_images, train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path, **sections):
+    data = tmp_path / "data"
+    if not data.exists():
+        make_images(data, 4)
+    return train_config(tmp_path / "run", "tiny", data, tmp_path / "cache", **sections)
+
+
+def _keys(rep, level):
+    return {f.key for f in rep.findings if f.level == level}
+
+
+def test_conflicts_are_flagged(tmp_path):
+    rep = PreflightReport("sd-train", "x")
+    conflicts(_cfg(tmp_path, text_encoder_lora={"r": 2}, data={"center_crop": False, "cache_latents": True},
+                   train={"mixed_precision": "fp16", "lr_warmup_steps": 10, "max_steps": 5},
+                   sample={"grid": True}), "cpu", rep)
+    assert {"data.cache_text", "data.center_crop", "train.lr_warmup_steps", "sample.grid"} <= _keys(rep, "warning")
+    assert _keys(rep, "error") == {"train.mixed_precision"} and not rep.ok
+    fp16 = next(f for f in rep.findings if f.key == "train.mixed_precision")
+    assert "needs a GPU" in fp16.message and "bf16" in fp16.message
+    clean = PreflightReport("sd-train", "x")
+    conflicts(_cfg(tmp_path, train={"lr_warmup_steps": 0}), "cpu", clean)
+    assert clean.ok and not clean.findings
+
+
+def test_broken_data_set_is_audited(tmp_path):
+    data = tmp_path / "broken"
+    make_images(data, 3, size=(40, 32))
+    (data / "img_0_1.txt").unlink()                       # a missing caption
+    (data / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")   # an unreadable file
+    Image.new("RGB", (16, 16)).save(data / "small.png")   # too small for 32 px
+    (data / "small.txt").write_text("tiny")
+    rep = PreflightReport("sd-train", "x")
+    items = audit(train_config(tmp_path / "run", "tiny", data, tmp_path / "cache", data={"buckets": True}), rep)
+    d = rep.data
+    assert (d["images"], d["captioned"], d["missing_captions"], d["unreadable"], d["too_small"]) == (4, 3, 1, 1, 1)
+    assert sum(d["buckets"].values()) == 3 == len(items) and set(d["buckets"]) <= {"32x32", "40x24", "48x16",
+                                                                                  "32x24", "40x32", "24x32"}
+    assert _keys(rep, "error") == {"data.path"} and "no caption" in rep.errors[0].message
+    assert any("unreadable" in f.message for f in rep.findings) and any("smaller" in f.message for f in rep.findings)
+
+
+def test_two_steps_pass_and_catch_an_injected_nan(tmp_path):
+    rep = preflight(cfg=_cfg(tmp_path), device="cpu", pipe=build_tiny_pipeline())
+    assert rep.ok and rep.steps["ok"] and len(rep.steps["losses"]) == 2, print_report(rep)
+    assert rep.parameters["trainable"] == 10240 and rep.parameters["scale"] == 0.5   # r=4, alpha=2
+    assert rep.memory["total_bytes"] > rep.memory["parts"]["frozen weights"] > 0
+    pipe = build_tiny_pipeline()
+    with torch.no_grad():
+        pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    rep = preflight(cfg=_cfg(tmp_path), device="cpu", pipe=pipe)
+    assert not rep.ok and not rep.steps["ok"] and "non-finite loss" in rep.steps["error"]
+    assert "NOT ready" in print_report(rep)
+
+
+def test_cli_check_exit_codes(tmp_path, capsys):
+    from lora_sd.cli import main
+    data = tmp_path / "data"
+    make_images(data, 2)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'run_dir = "{tmp_path / "run"}"\n[model]\npretrained = "tiny"\n[data]\npath = "{data}"\n'
+                   f'resolution = 32\ncache_dir = "{tmp_path / "cache"}"\n')
+    assert main(["check", "--config", str(cfg), "--device", "cpu", "--no-steps"]) == 0
+    assert "ok: nothing blocks a run" in capsys.readouterr().out
+    assert main(["check", "--config", str(cfg), "--device", "cpu", "--no-steps", "--json",
+                 "--set", 'train.mixed_precision="fp16"']) == 1
+    d = json.loads(capsys.readouterr().out)
+    assert d["ok"] is False and d["findings"][0]["key"] == "train.mixed_precision"
+    assert main(["check", "--config", str(cfg), "--set", "lora.r=0"]) == 1
+    assert "lora.r must be a positive integer" in capsys.readouterr().out
+
+
+def test_llm_check(capsys):
+    from lora_llm.cli import main
+    args = ["check", "--config", str(ROOT / "configs" / "llm_sst2_tiny.toml"), "--device", "cpu",
+            "--set", f'data.data_dir="{ROOT / "tests" / "fixtures" / "llm" / "sst2"}"', "--set", "train.batch_size=2"]
+    assert main(args + ["--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["steps"]["ok"] and len(d["steps"]["losses"]) == 2 and d["data"]["labels"] == {"0": 2, "1": 2}
+    assert d["parameters"]["scale"] == 2.0   # alpha 16 / r 8
+    assert main(args + ["--no-steps", "--set", "data.max_length=4096"]) == 1
+    assert "data.max_length = 4096 exceeds the model's 256 positions" in capsys.readouterr().out
+
+
+def test_memory_estimate_within_25_percent_on_the_tiny_model():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "preflight_memory.py"), "--case", "tiny-sd", "--json"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert 0.75 <= res["ratio"] <= 1.25, res
