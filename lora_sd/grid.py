@@ -137,7 +137,7 @@ class _Loader:
         self.pipe, self.file = pipe, None
 
     def use(self, file: Optional[str], scale: float) -> list[dict]:
-        from lora_core import remove_lora, set_scale
+        from lora_core import adapter_names, remove_lora, set_scale
         from .generate import load_adapters
         if file != self.file:
             for m in (self.pipe.unet, self.pipe.text_encoder):
@@ -149,7 +149,8 @@ class _Loader:
         if file is None:
             return []
         for m in (self.pipe.unet, self.pipe.text_encoder):
-            set_scale(m, "adapter_0", scale)
+            if "adapter_0" in adapter_names(m):   # a UNet-only adapter leaves the text encoder as it is
+                set_scale(m, "adapter_0", scale)
         return [{**self.report[0], "scale": scale}]
 
 

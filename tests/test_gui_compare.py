@@ -228,7 +228,7 @@ def test_check_button_passes_and_flags_a_broken_dataset(ctrl):
     empty.mkdir(parents=True)
     ok, text = ctrl.compare.check("sd-train", base, _values(ctrl, data__path="datasets/empty", data__resolution=32),
                                   False)
-    assert not ok and text.startswith("**Check failed") and "error" in text
+    assert not ok and text.startswith("**Check failed") and "- **error** `data" in text
     assert len(list((ctrl.ws.outputs / "check").glob("*/report.json"))) == 2
 
 
@@ -246,6 +246,7 @@ def test_badge_and_report_rendering():
     assert 'data-fits="no"' in badge(False, {"bad_blocks": ["unet.mid_block"]}) and "unet.mid_block" in badge(
         False, {"bad_blocks": ["unet.mid_block"]})
     assert 'data-fits="unknown"' in badge(None)
-    text = report_markdown({"ok": False, "errors": ["data.path: no images"], "warnings": ["fp16 on cpu"]})
+    text = report_markdown({"ok": False, "findings": [{"level": "error", "message": "no images", "key": "data.path"},
+                                                      {"level": "warning", "message": "fp16 on cpu", "key": ""}]})
     assert text.splitlines()[0] == "**Check failed: this run would not work.**"
-    assert "- error: data.path: no images" in text and "- warning: fp16 on cpu" in text
+    assert "- **error** `data.path`: no images" in text and "- **warning**: fp16 on cpu" in text

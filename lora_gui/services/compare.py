@@ -343,9 +343,9 @@ def report_markdown(rep: dict) -> str:
     memory, the two steps."""
     head = "**Check passed: nothing blocks this run.**" if rep.get("ok") else "**Check failed: this run would not work.**"
     lines = [head, ""]
-    for what in ("errors", "warnings", "notes"):
-        for item in rep.get(what) or []:
-            lines.append(f"- {what[:-1]}: {item}")
+    for f in rep.get("findings") or []:
+        key = f" `{f['key']}`" if f.get("key") else ""
+        lines.append(f"- **{f.get('level', '')}**{key}: {f.get('message', '')}")
     for what in ("data", "parameters", "memory", "steps"):
         value = rep.get(what)
         if value:
