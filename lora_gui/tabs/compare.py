@@ -79,7 +79,8 @@ def grid_panel(page, tab) -> None:
     sources.change(guard(lambda s: gr.update(choices=svc.steps(s))), [sources], [steps])
     select.change(view, [select], [progress, cells, image], show_progress="hidden")
     cells.select(pick, [select], [params])
-    page.poll([select], [progress, cells, image], _only_running(svc, view))
+    sig = gr.State({})
+    page.poll([select, sig], [progress, cells, image, sig], _when_changed(svc, view))
     refresh = lambda: [gr.update(choices=svc.sd_sources()), gr.update(choices=svc.grid_names())]  # noqa: E731
     page.on_load([sources, select], refresh)
     tab.select(refresh, None, [sources, select], show_progress="hidden")
@@ -91,14 +92,18 @@ def _cols(svc, name: str) -> int:
     return max(1, int(read_json(svc.grid_dir(name) / "request.json").get("cols", 4)))
 
 
-def _only_running(svc, view):
-    """Poll a grid only while it fills in (a finished grid keeps its gallery and selection)."""
-    def poll(chosen):
+def _when_changed(svc, view):
+    """Poll a grid: new values only when its cell count or state changed since the last poll (a finished
+    grid keeps its gallery and selection)."""
+    def poll(chosen, sig):
         try:
-            running = bool(chosen) and svc.grid_state(chosen).state == "running"
+            snap = svc.grid_state(chosen) if chosen else None
         except ValueError:
-            running = False
-        return view(chosen) if running else [gr.skip(), gr.skip(), gr.skip()]
+            snap = None
+        new = {"grid": chosen, "step": snap.step, "state": snap.state} if snap else {}
+        if new == (sig or {}):
+            return [gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+        return [*view(chosen), new]
     return poll
 
 
