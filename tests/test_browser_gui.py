@@ -253,7 +253,7 @@ def test_8_evaluation_table(page, server):
 def test_8b_check_button(page, server):
     """Check on the Train tab: `lora-sd check` on the form's config, its report shown on the page."""
     page.get_by_role("tab", name="Train (Stable Diffusion)").click()
-    page.get_by_text("Check (preflight) and sweep", exact=False).click()
+    page.locator("#sd-tools").get_by_text("Check (preflight) and sweep", exact=False).first.click()
     fill(page, "sd-train-batch_size", 1)
     page.locator("#sd-check").click()
     report = page.locator("#sd-check-report")
