@@ -250,3 +250,11 @@ def test_badge_and_report_rendering():
                                                       {"level": "warning", "message": "fp16 on cpu", "key": ""}]})
     assert text.splitlines()[0] == "**Check failed: this run would not work.**"
     assert "- **error** `data.path`: no images" in text and "- **warning**: fp16 on cpu" in text
+
+
+def test_llm_generations_side_by_side(ctrl):
+    """`lora-llm generate` per source (the bare tiny base model here): the prompt continued, greedy."""
+    rows = ctrl.compare.generations([], "The history of", 5)
+    assert [r[0] for r in rows] == ["base: tiny"] and rows[0][1].startswith("The history of")
+    with pytest.raises(UserError, match="prompt"):
+        ctrl.compare.generations([], " ", 5)

@@ -349,8 +349,15 @@ def report_markdown(rep: dict) -> str:
     for what in ("data", "parameters", "memory", "steps"):
         value = rep.get(what)
         if value:
-            lines += ["", f"**{what}**", "```", json.dumps(value, indent=1, default=str)[:2000], "```"]
+            lines += ["", f"**{what}**: " + _flat(value)]
+            lines += [f"- {k}: {_flat(v)}" for k, v in value.items() if isinstance(v, dict) and v]
     return "\n".join(lines)
+
+
+def _flat(d: dict) -> str:
+    """`key value, ...` of a dict's plain entries (numbers shortened)."""
+    return ", ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v:,}" if isinstance(v, int) and
+                     not isinstance(v, bool) else f"{k} {v}" for k, v in d.items() if not isinstance(v, (dict, list)))
 
 
 def png_parameters(path: Path) -> dict:

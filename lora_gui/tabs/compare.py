@@ -181,7 +181,6 @@ def form_tools(page, job) -> None:
         with gr.Row():
             steps = gr.Checkbox(value=True, label="Two real optimisation steps", elem_id=f"{p}-check-steps")
             check = gr.Button("Check", elem_id=f"{p}-check")
-        report = gr.Markdown(elem_id=f"{p}-check-report")
         if sweeplib is not None:
             vary = gr.Textbox(label="Sweep: values per line (section.key = v1, v2, ...)", lines=2,
                               placeholder="lora.r = 4, 8\ntrain.learning_rate = 1e-4, 5e-4", elem_id=f"{p}-sweep-vary")
@@ -189,6 +188,7 @@ def form_tools(page, job) -> None:
                 name = gr.Textbox(label="Sweep name", placeholder="(sweep-<id>)", elem_id=f"{p}-sweep-name")
                 go = gr.Button("Queue sweep", elem_id=f"{p}-sweep-go")
             msg = gr.Markdown(elem_id=f"{p}-sweep-message")
+        report = gr.Markdown(elem_id=f"{p}-check-report")
 
     @guard
     def run_check(base, with_steps, *values):
