@@ -116,14 +116,15 @@ def load_report(path: str | Path, model, base: str = ""):
             shape = h.shape(k)
             i = 0 if m.group(2) == "A" else 1
             own.setdefault(m.group(1), [0, 0])[i] = shape[1] if i == 0 else shape[0]
-        else:
+        elif not k.endswith("lora_magnitude_vector"):   # DoRA magnitudes go with their module's A and B
             heads[k.removeprefix("base_model.model.").replace(".modules_to_save.default", "")] = tuple(h.shape(k))
     shapes = {}
     for name, mod in model.named_modules():
         base_mod = mod.base_layer if isinstance(mod, LoraLayer) else mod
         if name and (isinstance(mod, LoraLayer) or supported(mod)) and ".base_layer" not in f".{name}":
             shapes[name] = base_dims(base_mod)
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    params = {re.sub(r"\.(original_module|modules_to_save\.[^.]+)(?=\.)", "", n): tuple(p.shape)
+              for n, p in model.named_parameters()}   # a head wrapped for other adapters: its original names
     info = json.loads(h.metadata.get("llm_info", "{}") or "{}")
     width = sorted({i for i, _ in own.values()})
     made_for = f"{info.get('pretrained') or h.metadata.get('base_model') or 'unknown model'}" + \

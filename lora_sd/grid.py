@@ -137,7 +137,7 @@ class _Loader:
         self.pipe, self.file = pipe, None
 
     def use(self, file: Optional[str], scale: float) -> list[dict]:
-        from lora_core import adapter_names, remove_lora, set_scale
+        from lora_core import lora_layers, remove_lora, set_scale
         from .generate import load_adapters
         if file != self.file:
             for m in (self.pipe.unet, self.pipe.text_encoder):
@@ -149,7 +149,7 @@ class _Loader:
         if file is None:
             return []
         for m in (self.pipe.unet, self.pipe.text_encoder):
-            if "adapter_0" in adapter_names(m):   # a UNet-only adapter leaves the text encoder as it is
+            if any("adapter_0" in layer.lora_A for _, layer in lora_layers(m)):
                 set_scale(m, "adapter_0", scale)
         return [{**self.report[0], "scale": scale}]
 
