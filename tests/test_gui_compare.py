@@ -258,3 +258,12 @@ def test_llm_generations_side_by_side(ctrl):
     assert [r[0] for r in rows] == ["base: tiny"] and rows[0][1].startswith("The history of")
     with pytest.raises(UserError, match="prompt"):
         ctrl.compare.generations([], " ", 5)
+
+
+@needs_check
+def test_check_button_on_the_text_form(ctrl):
+    from lora_core.paths import shared_dir
+    if shared_dir() is None:
+        pytest.skip("../shared is absent: the demo's SST-2 data is not available offline")
+    ok, text = ctrl.compare.check("llm-train", ctrl.configs.default("llm-train"), _values(ctrl, "llm-train"), True)
+    assert ok and "**data**: task sst2" in text and "**steps**: ok True" in text
