@@ -295,6 +295,19 @@ def test_8c_compare_grid_fills_in_and_cells_show_parameters(page, server):
     shot(page, "14-compare-grid")
 
 
+def test_8d_fit_badge(page, server):
+    """Adapters: *Fits the base model?* (`lora-sd inspect FILE --base tiny --json`) shows a green badge."""
+    run = server["ws"] / "runs" / "second"
+    adapter = sorted(run.glob("*.safetensors"))[-1]
+    page.get_by_role("tab", name="Adapters").click()
+    fill(page, "adapters-file", f"runs/second/{adapter.name}")
+    page.keyboard.press("Enter")
+    page.locator("#adapters-fit").click()
+    page.locator('#adapters-badge .fit-badge[data-fits="yes"]').wait_for(timeout=120_000)
+    assert '"made_for"' in page.locator("#adapters-json").inner_text()   # the load report opens below
+    shot(page, "15-fit-badge")
+
+
 def test_9_ctrl_c_stops_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGINT)
