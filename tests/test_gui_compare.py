@@ -180,8 +180,8 @@ def test_llm_metrics_table(ctrl):
     assert sorted(ctrl.compare.llm_runs()) == ["a", "b"]
     rows = ctrl.compare.llm_metrics(["a", "b"])
     assert rows[0] == {"run": "a", "step": 1, "accuracy": 0.5}
-    assert rows[1] == {"run": "a", "step": 2, "state": "done", "accuracy": 0.75, "mcc": 0.2}
-    assert rows[2] == {"run": "b", "step": "1 (no eval)", "state": "done"}
+    assert rows[1] == {"run": "a", "step": 2, "state": "done", "accuracy": 0.75, "mcc": 0.2, "final_loss": 0.5}
+    assert rows[2] == {"run": "b", "step": "1 (no eval)", "state": "done", "final_loss": 1.0}
 
 
 @needs_sweep

@@ -199,8 +199,9 @@ class CompareService:
                     rows.append({"run": n, "step": rec.get("step"), **found})
             ev = read_json(run.path / "eval.json") or st.get("eval") or {}
             final = {k: ev[k] for k in METRICS if _num(ev.get(k))}
+            losses = [r["loss"] for r in run.read_metrics() if _num(r.get("loss"))]
             rows.append({"run": n, "step": st.get("step") if final else f"{st.get('step', 0)} (no eval)",
-                         "state": st.get("state", ""), **final})
+                         "state": st.get("state", ""), **final, **({"final_loss": losses[-1]} if losses else {})})
         return rows
 
     def generations(self, names: list[str], prompt: str, max_new_tokens: int, model: str = "tiny") -> list[list]:

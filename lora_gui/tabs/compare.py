@@ -48,7 +48,7 @@ def grid_panel(page, tab) -> None:
             with gr.Column():
                 select = gr.Dropdown(choices=svc.grid_names(), label="Grid", elem_id="cmp-grid-select")
                 progress = gr.HTML(elem_id="cmp-grid-progress")
-                cells = gr.Gallery(label="Cells (click one for its parameters)", columns=4, height=360,
+                cells = gr.Gallery(label="Cells (click one for its parameters)", columns=4, height="auto",
                                    elem_id="cmp-grid-cells", allow_preview=False)
                 params = gr.JSON(label="Cell parameters", elem_id="cmp-cell-params")
                 image = gr.Image(label="grid.png", elem_id="cmp-grid-image", interactive=False, type="filepath")
