@@ -29,6 +29,12 @@ def error_line(stderr: str, returncode: int) -> str:
 def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 600) -> str:
     """Run `python -m module args...`; returns its stdout, raises CliError with the CLI's last
     stderr line on a non-zero exit (its message, not a traceback of the GUI's)."""
+    return run_cli_rc(module, args, cwd, timeout, ok=(0,))[1]
+
+
+def run_cli_rc(module: str, args: list[str], cwd: Path, timeout: float = 600, ok=(0, 1)) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a CLI whose exit codes `ok` are answers (check, inspect --base:
+    1 = "blocked" / "does not fit", with the report on stdout); any other raises CliError."""
     cmd = [jobs.python_executable(), "-m", module, *args]
     with subprocess.Popen(cmd, cwd=str(cwd), env=jobs.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           stdin=subprocess.DEVNULL, text=True) as p:
@@ -43,9 +49,22 @@ def run_cli(module: str, args: list[str], cwd: Path, timeout: float = 600) -> st
         finally:
             with _lock:
                 _running.discard(p)
-    if p.returncode != 0:
+    if p.returncode not in ok:
         raise CliError(error_line(stderr, p.returncode))
-    return stdout
+    return p.returncode, stdout, stderr
+
+
+def start_cli(module: str, args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """Start `python -m module args...` in the background (a grid), output to `log`; stopped with the
+    other CLI calls when the app exits."""
+    with open(log, "ab") as out:
+        p = subprocess.Popen([jobs.python_executable(), "-m", module, *args], cwd=str(cwd), env=jobs.child_env(),
+                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with _lock:
+        for old in [q for q in _running if q.poll() is not None]:
+            _running.discard(old)
+        _running.add(p)
+    return p
 
 
 def terminate_all() -> int:
@@ -59,7 +78,11 @@ def terminate_all() -> int:
 
 
 def run_cli_json(module: str, args: list[str], cwd: Path, timeout: float = 600) -> dict:
-    out = run_cli(module, args, cwd, timeout)
+    return parse_json(run_cli(module, args, cwd, timeout), f"{module} {args[0]}")
+
+
+def parse_json(out: str, what: str) -> dict:
+    """The JSON object a CLI printed (the last one, after any log lines)."""
     try:
         return json.loads(out)
     except json.JSONDecodeError:
@@ -68,4 +91,4 @@ def run_cli_json(module: str, args: list[str], cwd: Path, timeout: float = 600) 
         try:
             return json.loads(out[start + 1:] if start >= 0 else out)
         except json.JSONDecodeError:
-            raise CliError(f"{module} {args[0]}: no JSON in its output") from None
+            raise CliError(f"{what}: no JSON in its output") from None

@@ -74,6 +74,8 @@ def field_value(f: Field, data: dict) -> Any:
             return shown
     if f.kind == "lines":
         return "\n".join(map(str, v or []))
+    if f.kind == "mapping":
+        return json.dumps(v) if v else ""
     if f.kind == "list":
         if isinstance(v, list):
             return ", ".join(map(str, v))
@@ -125,6 +127,8 @@ def coerce(f: Field, value: Any, ws: Optional[Workspace] = None) -> Any:
             return v
     if f.kind == "lines":
         return [x.strip() for x in str(value or "").splitlines() if x.strip()]
+    if f.kind == "mapping":
+        return parse_mapping(f, value)
     if f.kind == "int":
         if value is None or value == "":
             raise ConfigError(f"{f.label} ({f.key}): a whole number is required")
@@ -154,6 +158,25 @@ def coerce(f: Field, value: Any, ws: Optional[Workspace] = None) -> Any:
     if f.kind == "choice" and f.choices and value not in f.choices:
         raise ConfigError(f"{f.label} ({f.key}): {value!r} is not one of {list(f.choices)}")
     return "" if value is None else str(value)
+
+
+def parse_mapping(f: Field, value: Any) -> dict:
+    """A {key: value} table typed as JSON, a TOML inline table, or `key = value` lines ("" = {})."""
+    text = str(value or "").strip()
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        body = text[1:-1].strip() if text.startswith("{") and text.endswith("}") else text
+        try:
+            data = tomllib.loads(f"t = {{ {body} }}" if "\n" not in body else f"[t]\n{body}")["t"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{f.label} ({f.key}): write JSON {{\"regex\": value}} or one `\"regex\" = value` "
+                              f"per line, not {text[:60]!r}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{f.label} ({f.key}): a table {{\"regex\": value}} is required, not {text[:60]!r}")
+    return data
 
 
 def apply_form(base: dict, fields: list[Field], values: list, ws: Optional[Workspace] = None) -> dict:

@@ -11,6 +11,7 @@ from .demo import ensure_demo_dataset
 from .errors import UserError  # noqa: F401 (the services' error, re-exported)
 from .queue import JobQueue
 from .services.adapters import AdapterService
+from .services.compare import CompareService
 from .services.configs import ConfigService
 from .services.evals import EvalService
 from .services.generation import GenerationService
@@ -29,3 +30,4 @@ class Controller:
         self.uploads = UploadService(self.ws, max_upload_bytes)
         self.generation = GenerationService(self.ws)
         self.adapters = AdapterService(self.ws)
+        self.compare = CompareService(self.ws, self.queue, self.configs)

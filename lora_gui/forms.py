@@ -16,7 +16,8 @@ from lora_core.fields import field_specs
 @dataclass(frozen=True)
 class Field:
     """One form input bound to `key` ("section.name").
-    kind: text | int | float | bool | choice | list (comma-separated, or re:<regex>) | lines (one per line)."""
+    kind: text | int | float | bool | choice | list (comma-separated, or re:<regex>) | lines (one per line)
+    | mapping (a {key: value} table written as JSON, a TOML inline table or `key = value` lines)."""
     key: str
     label: str
     kind: str = "text"
@@ -24,12 +25,24 @@ class Field:
     info: str = ""
     path: str = ""       # "model": a model reference; "dir": a folder in the workspace (must exist)
     presets: tuple = ()  # (shown name, config value) pairs, e.g. ("cross_attn", <regex>)
+    group: str = ""      # "advanced": placed in the form's collapsed "Advanced" section
 
 
 try:  # the SD trainer's own target presets (regexes over the UNet module paths)
-    from lora_sd.config import ALL_ATTN, CROSS_ATTN
+    from lora_sd.config import ALL_ATTN, CROSS_ATTN, TARGET_PRESETS
 except ImportError:  # pragma: no cover - lora_sd not installed
     CROSS_ATTN, ALL_ATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)", r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+    TARGET_PRESETS = {"cross_attn": CROSS_ATTN, "attn": ALL_ATTN}
+
+# issue 11's adapter options (lora_core.config.LoraConfig), in the "Advanced" section of both training forms
+ADVANCED_LORA = [
+    Field("lora.use_dora", "DoRA (weight-decomposed LoRA)", "bool", group="advanced"),
+    Field("lora.rank_pattern", "Rank per module (rank_pattern)", "mapping", group="advanced",
+          info="regex -> rank, as JSON {\"up_blocks.*attn2.to_q\": 8} or one `regex = rank` per line; "
+               "empty: every module uses Rank"),
+    Field("lora.alpha_pattern", "Alpha per module (alpha_pattern)", "mapping", group="advanced",
+          info="regex -> alpha, as JSON or one `regex = alpha` per line; empty: every module uses Alpha"),
+]
 
 
 SD_FIELDS = [
@@ -38,9 +51,9 @@ SD_FIELDS = [
     Field("data.path", "Dataset folder", path="dir", info="images with .txt captions or metadata.jsonl"),
     Field("data.resolution", "Resolution", "int"),
     Field("data.trigger_word", "Trigger word"),
-    Field("lora.target_modules", "Targets", choices=("cross_attn", "attn"),
-          presets=(("cross_attn", CROSS_ATTN), ("attn", ALL_ATTN)),
-          info="cross_attn: attn2 q/k/v/out (default); attn: self- and cross-attention; or a regex"),
+    Field("lora.target_modules", "Targets", choices=tuple(TARGET_PRESETS), presets=tuple(TARGET_PRESETS.items()),
+          info="cross_attn: attn2 q/k/v/out (default); attn: self- and cross-attention; cross_attn+conv: "
+               "cross-attention plus the ResNet 3x3 convs (LoCon, set Conv rank); or a regex"),
     Field("lora.r", "Rank", "int"),
     Field("lora.alpha", "Alpha", "float"),
     Field("lora.dropout", "Dropout", "float"),
@@ -54,6 +67,10 @@ SD_FIELDS = [
     Field("train.checkpoint_every", "Checkpoint every N steps", "int", info="0: only at the end and on Stop"),
     Field("sample.prompts", "Validation prompts", "lines", info="one per line"),
     Field("output.name", "Adapter file name"),
+    *ADVANCED_LORA[:1],
+    Field("lora.conv_r", "Conv rank (LoCon, kohya conv_dim)", "int", group="advanced"),
+    Field("lora.conv_alpha", "Conv alpha (kohya conv_alpha)", "float", group="advanced"),
+    *ADVANCED_LORA[1:],
 ]
 
 LLM_FIELDS = [
@@ -73,6 +90,7 @@ LLM_FIELDS = [
     Field("train.batch_size", "Batch size", "int"),
     Field("train.learning_rate", "Learning rate", "float"),
     Field("train.seed", "Seed", "int"),
+    *ADVANCED_LORA,
 ]
 
 

@@ -15,6 +15,7 @@ class Page:
         self.queue_table = None        # set by the tab that shows the queue (Train)
         self.adapter_table = None      # set by the Adapters tab
         self.adapter_lists: list = []  # dropdowns listing the workspace's adapter files
+        self.compare_sources = None    # the Compare tab's runs / adapters picker
         self._polls: list[tuple[list, list, Callable]] = []
         self._loads: list[tuple[list, Callable]] = []
         self._adapter_tabs: list = []

@@ -6,12 +6,12 @@ from __future__ import annotations
 import gradio as gr
 
 from .page import Page
-from .tabs import adapters, generate, text, train
+from .tabs import adapters, compare, generate, text, train
 from .widgets import guard  # noqa: F401 (re-exported: the page's error guard)
 
 CSS = ".run-progress{padding:6px 2px}"
 # the tabs in page order; the Train tab holds the queue table the later tabs update
-TABS = [train, generate, text, adapters]
+TABS = [train, generate, text, adapters, compare]
 
 
 def build_app(ctrl) -> gr.Blocks:

@@ -45,16 +45,30 @@ def field_input(f: Field, value, prefix: str):
     elif f.kind == "bool":
         comp = gr.Checkbox(**kw)
     else:
-        comp = gr.Textbox(lines=2 if f.kind == "lines" else 1, **kw)
+        comp = gr.Textbox(lines=2 if f.kind in ("lines", "mapping") else 1, **kw)
     comp._lora_field = f
     return comp
 
 
 def form(fields, values: list, prefix: str) -> list:
-    """The inputs of a form, two per row (paths and multi-line fields get a row of their own)."""
+    """The inputs of a form, two per row (paths and multi-line fields get a row of their own); the
+    fields of group "advanced" go into a collapsed "Advanced" section below the others."""
+    pairs = list(zip(fields, values))
+    main = [p for p in pairs if p[0].group != "advanced"]
+    extra = [p for p in pairs if p[0].group == "advanced"]
+    out = _rows(main, prefix)
+    if extra:
+        with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
+            out += _rows(extra, prefix)
+    # keep the order of `fields` (wide fields may have been placed before a pending pair)
+    order = {id(f): i for i, f in enumerate(fields)}
+    return sorted(out, key=lambda c: order[id(c._lora_field)])
+
+
+def _rows(pairs, prefix: str) -> list:
     out, row = [], []
-    wide = lambda f: bool(f.path) or f.kind == "lines"  # noqa: E731
-    for f, v in zip(fields, values):
+    wide = lambda f: bool(f.path) or f.kind in ("lines", "mapping")  # noqa: E731
+    for f, v in pairs:
         if wide(f):
             out.append(field_input(f, v, prefix))
             continue
@@ -66,9 +80,7 @@ def form(fields, values: list, prefix: str) -> list:
     if row:
         with gr.Row():
             out += [field_input(*x, prefix) for x in row]
-    # keep the order of `fields` (wide fields may have been placed before a pending pair)
-    order = {id(f): i for i, f in enumerate(fields)}
-    return sorted(out, key=lambda c: order[id(c._lora_field)])
+    return out
 
 
 class JobForm:

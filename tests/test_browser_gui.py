@@ -250,6 +250,64 @@ def test_8_evaluation_table(page, server):
     shot(page, "11-evaluation-table")
 
 
+def test_8b_check_button(page, server):
+    """Check on the Train tab: `lora-sd check` on the form's config, its report shown on the page."""
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+    page.locator("#sd-tools").get_by_text("Check (preflight) and sweep", exact=False).first.click()
+    fill(page, "sd-train-batch_size", 1)
+    page.locator("#sd-check").click()
+    report = page.locator("#sd-check-report")
+    wait_for(page, lambda: "Check passed" in report.inner_text() or "Check failed" in report.inner_text(), 180,
+             "check-report")
+    assert "Check passed" in report.inner_text() and "parameters" in report.inner_text()
+    assert len(list((server["ws"] / "outputs" / "check").glob("*/report.json"))) == 1
+    shot(page, "12-check-report")
+    (server["ws"] / "datasets" / "empty").mkdir()
+    fill(page, "sd-data-path", "datasets/empty")   # a folder without images: the check fails and says why
+    page.locator("#sd-check").click()
+    wait_for(page, lambda: "Check failed" in report.inner_text(), 180, "check-failed")
+    fill(page, "sd-data-path", "datasets/demo")
+    shot(page, "13-check-failed")
+
+
+def test_8c_compare_grid_fills_in_and_cells_show_parameters(page, server):
+    page.get_by_role("tab", name="Compare").click()
+    choose(page, "cmp-sources", "runs/second")
+    page.keyboard.press("Escape")
+    fill(page, "cmp-scales", "0, 1")
+    fill(page, "cmp-prompts", "a red circle\na blue square")
+    fill(page, "cmp-size", 32)
+    fill(page, "cmp-sample-steps", 2)
+    fill(page, "cmp-grid-name", "g")
+    page.locator("#cmp-grid-go").click()
+    progress = page.locator("#cmp-grid-progress .run-progress")
+    wait_for(page, lambda: progress.count() and progress.get_attribute("data-state") == "done", 180, "grid-done")
+    assert progress.get_attribute("data-step") == "4"
+    cells = page.locator("#cmp-grid-cells img")
+    wait_for(page, lambda: cells.count() == 4, 20, "grid-cells")
+    page.locator("#cmp-grid-image img").first.wait_for()
+    cells.nth(1).click()   # row 0 (a red circle), column 1 (scale 1)
+    params = page.locator("#cmp-cell-params")
+    wait_for(page, lambda: "a red circle" in params.inner_text(), 20, "cell-params")
+    index = json.loads((server["ws"] / "outputs" / "grid" / "g" / "index.json").read_text())
+    cell = next(c for c in index["cells"] if (c["row"], c["col"]) == (0, 1))
+    assert cell["params"]["scale"] == 1.0 and "runs/second" in params.inner_text()
+    shot(page, "14-compare-grid")
+
+
+def test_8d_fit_badge(page, server):
+    """Adapters: *Fits the base model?* (`lora-sd inspect FILE --base tiny --json`) shows a green badge."""
+    run = server["ws"] / "runs" / "second"
+    adapter = sorted(run.glob("*.safetensors"))[-1]
+    page.get_by_role("tab", name="Adapters").click()
+    fill(page, "adapters-file", f"runs/second/{adapter.name}")
+    page.keyboard.press("Enter")
+    page.locator("#adapters-fit").click()
+    page.locator('#adapters-badge .fit-badge[data-fits="yes"]').wait_for(timeout=120_000)
+    assert '"made_for"' in page.locator("#adapters-json").inner_text()   # the load report opens below
+    shot(page, "15-fit-badge")
+
+
 def test_9_ctrl_c_stops_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGINT)

@@ -6,6 +6,7 @@ evals       the evaluation suite and its table                       (EvalServic
 uploads     dataset check and upload                                 (UploadService)
 generation  images and text through the CLIs                         (GenerationService)
 adapters    list / inspect / convert / merge / delete adapter files  (AdapterService)
+compare     grids, LLM metrics, sweeps, preflight check, fit badge  (CompareService)
 plots       the loss curve and the evaluation chart                  (functions)
 
 Every method takes plain values and returns plain values; a bad value raises a ValueError

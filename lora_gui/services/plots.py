@@ -48,3 +48,20 @@ def eval_figure(rows: list[list]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def curves_figure(curves: list[tuple[str, list, list]], ylabel: str, title: str, marker: str = ""):
+    """Several runs' curves overlaid: [(run, steps, values)] (None when none has a point)."""
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    fig, ax = _figure()
+    for name, xs, ys in curves:
+        ax.plot(xs, ys, lw=1.2, marker=marker or None, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="best", fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..services.compare import badge
 from ..widgets import guard
 
 HEADERS = ["file", "format", "base model", "rank", "alpha", "targets", "steps", "size (KB)"]
@@ -29,7 +30,11 @@ class AdaptersTab:
                 self.conv_name = gr.Textbox(label="Output file name", placeholder="(automatic)")
                 self.convert = gr.Button("Convert", elem_id="adapters-convert")
             with gr.Row():
-                self.base = gr.Textbox(label="Merge into base model", value="tiny")
+                self.fit = gr.Button("Fits the base model?", elem_id="adapters-fit")
+                self.badge = gr.HTML(badge(None), elem_id="adapters-badge")
+            with gr.Row():
+                self.base = gr.Textbox(label="Base model (merge into / check the fit with)", value="tiny",
+                                       elem_id="adapters-base")
                 self.merge_name = gr.Textbox(label="Merged model folder name", value="merged")
                 self.merge = gr.Button("Merge", elem_id="adapters-merge")
             with gr.Row():
@@ -65,8 +70,15 @@ class AdaptersTab:
         hide = lambda: ("cancelled", gr.update(visible=False), gr.update(visible=False))  # noqa: E731
         self.refresh.click(page.adapter_values, None, lists)
         self.inspect.click(guard(ctrl.adapters.inspect), [self.file], [self.details])
+        self.fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [self.file, self.base], [self.badge, self.details])
         self.convert.click(convert, [self.file, self.to, self.conv_name], [self.message, *lists])
         self.merge.click(guard(ctrl.adapters.merge), [self.file, self.base, self.merge_name], [self.message])
         self.delete.click(ask_delete, [self.file], ask)
         self.confirm.click(delete, [self.file], [*ask, *lists])
         self.cancel.click(hide, None, ask)
+
+
+def fit_badge(ctrl, file: str, base: str) -> tuple[str, dict]:
+    """The fit badge of `file` against `base` (`inspect --base`) and its load report."""
+    fits, rep = ctrl.compare.fit(file, base)
+    return badge(fits, rep), rep

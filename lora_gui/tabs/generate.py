@@ -6,7 +6,9 @@ import gradio as gr
 from lora_core.fields import field_specs
 
 from .. import kinds
+from ..services.compare import badge
 from ..widgets import guard
+from .adapters import fit_badge
 
 
 def schedulers() -> list[str]:
@@ -23,6 +25,11 @@ def build(page) -> None:
                 model = gr.Textbox(label="Base model", value="tiny", elem_id="gen-model",
                                    info="'tiny', a diffusers folder / .safetensors in the workspace, or a hub id")
                 pick, scale, add, table = adapter_picker(ctrl)
+                with gr.Row():
+                    fit = gr.Button("Fits the base model?", size="sm", elem_id="gen-fit", scale=1)
+                    fit_html = gr.HTML(badge(None), elem_id="gen-badge")
+                with gr.Accordion("Load report", open=False):
+                    report = gr.JSON(elem_id="gen-fit-report")
                 params = settings()
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go")
             with gr.Column():
@@ -44,6 +51,7 @@ def build(page) -> None:
         return ctrl.generation.images(base, rows, *values)
 
     add.click(add_adapter, [table, pick, scale], [table])
+    fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [pick, model], [fit_html, report])
     go.click(generate, [model, table, *params], [gallery, message])
 
 

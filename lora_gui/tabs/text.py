@@ -6,6 +6,7 @@ import gradio as gr
 from .. import kinds, runview
 from ..services.plots import eval_figure
 from ..widgets import ACTIVE, JobForm, guard, job_columns
+from .compare import form_tools
 
 KIND = "llm-train"
 EVAL_HEADERS = ["task", "metric", "value", "seed", "steps", "examples"]
@@ -13,7 +14,8 @@ EVAL_HEADERS = ["task", "metric", "value", "seed", "steps", "examples"]
 
 def build(page) -> None:
     with gr.Tab("Text tasks", id="text"):
-        job = job_columns(page, KIND, "Fine-tune (start or queue)", gallery=False)
+        job = job_columns(page, KIND, "Fine-tune (start or queue)", gallery=False,
+                          extra=lambda form: form_tools(page, form))
         eval_suite(page, job)
         text_generation(page.ctrl)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..widgets import JobForm, guard, job_columns
+from .compare import form_tools
 
 KIND = "sd-train"
 QUEUE_HEADERS = ["id", "run", "kind", "state", "progress", "added"]
@@ -11,7 +12,7 @@ QUEUE_HEADERS = ["id", "run", "kind", "state", "progress", "added"]
 
 def build(page) -> None:
     with gr.Tab("Train (Stable Diffusion)", id="train"):
-        job_columns(page, KIND, "Start (or queue)", gallery=True, extra=lambda form: dataset_tools(page, form),
+        job_columns(page, KIND, "Start (or queue)", gallery=True, extra=lambda form: (dataset_tools(page, form), form_tools(page, form)),
                     below_monitor=queue_panel)
 
 
