@@ -165,3 +165,13 @@ def add_tiny_model_parser(sub, help: str, fn):
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=fn)
     return m
+
+
+def add_inspect_parser(sub, help: str, fn):
+    """`inspect FILE [--json] [--base MODEL]`: describe an adapter file (and whether it fits a base model)."""
+    i = sub.add_parser("inspect", help=help)
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--base", default="", help="a base model: tell whether the file fits it (exit 1 if not)")
+    i.set_defaults(fn=fn)
+    return i

@@ -45,6 +45,16 @@ ADVANCED_LORA = [
 ]
 
 
+# the fields both training forms share, in form order
+RANK_AND_STEPS = [
+    Field("lora.r", "Rank", "int"),
+    Field("lora.alpha", "Alpha", "float"),
+    Field("lora.dropout", "Dropout", "float"),
+    Field("train.max_steps", "Steps", "int"),
+    Field("train.batch_size", "Batch size", "int"),
+    Field("train.learning_rate", "Learning rate", "float"),
+]
+
 SD_FIELDS = [
     Field("model.pretrained", "Base model", path="model",
           info="'tiny' (offline test model), a diffusers folder or .safetensors file in the workspace, or a hub id"),
@@ -54,12 +64,7 @@ SD_FIELDS = [
     Field("lora.target_modules", "Targets", choices=tuple(TARGET_PRESETS), presets=tuple(TARGET_PRESETS.items()),
           info="cross_attn: attn2 q/k/v/out (default); attn: self- and cross-attention; cross_attn+conv: "
                "cross-attention plus the ResNet 3x3 convs (LoCon, set Conv rank); or a regex"),
-    Field("lora.r", "Rank", "int"),
-    Field("lora.alpha", "Alpha", "float"),
-    Field("lora.dropout", "Dropout", "float"),
-    Field("train.max_steps", "Steps", "int"),
-    Field("train.batch_size", "Batch size", "int"),
-    Field("train.learning_rate", "Learning rate", "float"),
+    *RANK_AND_STEPS,
     Field("train.lr_scheduler", "LR schedule", "choice"),
     Field("train.mixed_precision", "Mixed precision", "choice"),
     Field("train.seed", "Seed", "int"),
@@ -83,12 +88,7 @@ LLM_FIELDS = [
     Field("data.max_eval_examples", "Max evaluation examples", "int", info="0: all"),
     Field("data.max_length", "Max tokens per example", "int"),
     Field("lora.target_modules", "Targets", "list", info="comma-separated module names, or re:<regex>"),
-    Field("lora.r", "Rank", "int"),
-    Field("lora.alpha", "Alpha", "float"),
-    Field("lora.dropout", "Dropout", "float"),
-    Field("train.max_steps", "Steps", "int"),
-    Field("train.batch_size", "Batch size", "int"),
-    Field("train.learning_rate", "Learning rate", "float"),
+    *RANK_AND_STEPS,
     Field("train.seed", "Seed", "int"),
     *ADVANCED_LORA,
 ]

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora_core.cli_errors import add_debug_flag, add_tiny_model_parser, add_train_parser, run_command
+from lora_core.cli_errors import add_debug_flag, add_inspect_parser, add_tiny_model_parser, add_train_parser, run_command
 from lora_core.configdoc import HelpConfig
 
 
@@ -228,11 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="new folder for the merged model")
     mg.set_defaults(fn=_cmd_merge)
 
-    i = sub.add_parser("inspect", help="describe an adapter file or PEFT folder")
-    i.add_argument("file")
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--base", default="", help="a base model: tell whether the file fits it (exit 1 if not)")
-    i.set_defaults(fn=_cmd_inspect)
+    add_inspect_parser(sub, "describe an adapter file or PEFT folder", _cmd_inspect)
     from .cli_decide import add_commands   # sweep, check
     add_commands(sub)
     add_debug_flag(p, sub)

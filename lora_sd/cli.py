@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora_core.cli_errors import add_debug_flag, add_tiny_model_parser, add_train_parser, run_command
+from lora_core.cli_errors import add_debug_flag, add_inspect_parser, add_tiny_model_parser, add_train_parser, run_command
 
 EXAMPLES = """examples:
   lora-sd tiny-model workspace/models/tiny-sd
@@ -290,11 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="keep", choices=["keep", "fp32", "fp16", "bf16"])
     c.set_defaults(fn=_cmd_convert)
 
-    i = sub.add_parser("inspect", help="rank, alpha, targets, metadata and size of a LoRA file")
-    i.add_argument("file")
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--base", default="", help="a base model: tell whether the file fits it (exit 1 if not)")
-    i.set_defaults(fn=_cmd_inspect)
+    add_inspect_parser(sub, "rank, alpha, targets, metadata and size of a LoRA file", _cmd_inspect)
 
     d = sub.add_parser("check-dataset", help="count images and captions, list problems")
     d.add_argument("dir")
