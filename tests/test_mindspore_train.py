@@ -79,6 +79,11 @@ def test_resume_equals_uninterrupted_pynative(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def cfg_vocab(cfg) -> int:
+    from lora_llm.models import load_tokenizer
+    return len(load_tokenizer(cfg.model))
+
+
 def test_wikitext2_lm_pynative_with_perplexity(tmp_path):
     cfg = load_llm_config(None, [f'run_dir="{tmp_path}"', 'backend="mindspore"', 'data.task="wikitext2"',
                                  f'data.data_dir="{FIX / "wikitext2"}"', 'data.train_split="valid"',
@@ -87,7 +92,9 @@ def test_wikitext2_lm_pynative_with_perplexity(tmp_path):
                                  'mindspore.mode="pynative"', "eval.ppl_max_length=64", "eval.ppl_stride=32",
                                  "eval.max_eval_tokens=256", "eval.prompts=[]"])
     st = train_from_config(cfg, None)
-    assert st["state"] == "done" and st["eval"]["perplexity"] > 1
+    assert st["state"] == "done"
+    # finite, and below the vocabulary size (a uniform guess) after training; a random tiny model is near it
+    assert 1 < st["eval"]["perplexity"] < cfg_vocab(cfg)
     losses = [m["loss"] for m in RunDir(tmp_path).read_metrics()]
     assert len(losses) == 3 and all(np.isfinite(losses))
     model, tok, info = load_trained(tmp_path)

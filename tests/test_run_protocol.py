@@ -386,3 +386,18 @@ def test_sd_train_into_another_run_is_refused_before_anything_is_written(tmp_pat
     assert main(["train", "--config", str(job), "--resume", "latest", "--overwrite"]) == 2
     assert "contradict" in capsys.readouterr().err
     assert _snapshot(run.path) == before
+
+
+# ------------------------------------------------------------------ files keep the user's umask
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_writes_keep_the_umask(tmp_path, mask):
+    from lora_core.files import atomic_write_json
+    from lora_core.run import RunDir
+    old = os.umask(mask)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        RunDir(tmp_path / "run").create().write_status("queued")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "a.json", tmp_path / "run" / "status.json"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, oct(f.stat().st_mode)
