@@ -70,10 +70,10 @@ def start_cli(module: str, args: list[str], cwd: Path, log: Path) -> subprocess.
 def terminate_all() -> int:
     """SIGTERM every CLI call in flight (the app is exiting); returns how many there were."""
     with _lock:
+        _running.difference_update([p for p in _running if p.poll() is not None])   # finished background calls
         procs = list(_running)
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
+        p.terminate()
     return len(procs)
 
 

@@ -191,7 +191,7 @@ def test_cli_calls_in_flight_are_stopped_on_exit(tmp_path):
     t = threading.Thread(target=call)
     t0 = time.time()
     t.start()
-    while not clirun._running and time.time() - t0 < 10:
+    while not any(p.poll() is None for p in list(clirun._running)) and time.time() - t0 < 10:
         time.sleep(0.05)
     assert clirun.terminate_all() == 1
     t.join(timeout=10)

@@ -17,7 +17,7 @@ from typing import Optional
 
 from lora_core.configfile import save_config, to_dict
 from lora_core.files import atomic_write_json
-from lora_core.run import RunDir
+from lora_core.run import RunDir, mark_queued, settle
 
 from .. import adapters, clirun, configs, kinds, runview
 from ..errors import UserError
@@ -286,12 +286,13 @@ class CompareService:
             try:
                 typed = configs.validate(kind, cfg, r.name)
             except ValueError as e:
-                RunDir(run_dir).write_status("failed", kind=kind, error=str(e), sweep=sweep.id, sweep_params=r.params)
+                mark_queued(run_dir, kind=kind, sweep=sweep.id, sweep_params=r.params)
+                settle(run_dir, str(e))
                 failed.append(run_dir.name)
                 continue
             save_config(run_dir / "config.toml", typed)
             self.queue.add(kind, run_dir, launcher=launcher, label=run_dir.name)
-            RunDir(run_dir).write_status("queued", sweep=sweep.id, sweep_params=r.params)
+            mark_queued(run_dir, sweep=sweep.id, sweep_params=r.params)
             queued.append(run_dir.name)
         sweep.root = root
         sweeplib.write_sweep(sweep)
