@@ -153,3 +153,22 @@ def test_prior_loss_weight_scales_reg_items_exactly(weight):
     instance, prior = per_item[~reg].sum() / 4, per_item[reg].sum() / 4
     assert torch.allclose(got, instance + weight * prior, rtol=1e-6, atol=1e-8)
     assert prior > 0 and instance > 0
+
+
+@pytest.mark.parametrize("cache_latents", [True, False])
+def test_tiny_run_with_masks_reg_images_and_varied_captions(tmp_path, cache_latents):
+    from lora_sd.models import save_tiny_pipeline
+    from lora_sd.testing import train_config
+    from lora_sd.train import run_training
+    tiny = str(save_tiny_pipeline(tmp_path / "model"))
+    imgs = make_images(tmp_path / "inst", 2, size=(32, 32), caption="sks, a, b, c")
+    Image.new("L", (32, 32), 255).save(imgs[0].with_name(imgs[0].stem + "_mask.png"))
+    make_images(tmp_path / "reg", 2, seed=1, size=(32, 32), caption="a thing")
+    cfg = train_config(tmp_path / "run", tiny, tmp_path / "inst", tmp_path / "cache",
+                       data={"masked_loss": True, "reg_path": str(tmp_path / "reg"), "shuffle_tags": True,
+                             "keep_tokens": 1, "caption_dropout": 0.1, "cache_latents": cache_latents},
+                       loss={"prior_loss_weight": 0.5}, train={"max_steps": 2, "checkpoint_every": 0})
+    status = run_training(cfg)
+    assert status["state"] == "done"
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert "the text is encoded every step" in text and "4 images" in text   # 2 instance + 2 class images
