@@ -62,7 +62,7 @@ class DataSettings(Checked, section="data"):
     shuffle_tags: bool = option(False, "shuffle the comma-separated tags of each caption every step (except the "
                                 "first keep_tokens); with cache_text the text is encoded every step")
     keep_tokens: int = option(0, "leading comma-separated tags that shuffle_tags never moves", ge=0)
-    masked_loss: bool = option(False, "weight the loss by a mask: <name>_mask.png beside the image (white = "
+    masked_loss: bool = option(False, "weight the loss by a mask: img_mask.png beside img.png (white = "
                                "train), else the image's alpha channel, else the whole image")
     reg_path: str = option("", "regularization (class) image folder with its own captions and N_name repeats; "
                            "mixed into the batches; '' = none")

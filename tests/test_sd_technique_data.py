@@ -172,3 +172,12 @@ def test_tiny_run_with_masks_reg_images_and_varied_captions(tmp_path, cache_late
     assert status["state"] == "done"
     text = (tmp_path / "run" / "train.log").read_text()
     assert "the text is encoded every step" in text and "4 images" in text   # 2 instance + 2 class images
+
+
+def test_gui_advanced_fields_are_declared_config_fields():
+    from lora_core.fields import field_specs
+    from lora_gui.forms import ADVANCED_SD_DATA, SD_FIELDS
+    from lora_sd.config import SDTrainConfig
+    specs = {s.path: s for s in field_specs(SDTrainConfig)}
+    for f in ADVANCED_SD_DATA:
+        assert f in SD_FIELDS and f.group == "advanced" and specs[f.key].help
