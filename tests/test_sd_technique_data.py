@@ -181,3 +181,12 @@ def test_gui_advanced_fields_are_declared_config_fields():
     specs = {s.path: s for s in field_specs(SDTrainConfig)}
     for f in ADVANCED_SD_DATA:
         assert f in SD_FIELDS and f.group == "advanced" and specs[f.key].help
+
+
+def test_check_dataset_counts_masks(tmp_path, capsys):
+    from lora_sd.cli import main as cli
+    img = make_images(tmp_path, 2, size=(16, 16))
+    Image.new("L", (16, 16), 255).save(img[1].with_name(img[1].stem + "_mask.png"))
+    assert cli(["check-dataset", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 images" in out and "1 image(s) with a _mask.png" in out
