@@ -45,6 +45,17 @@ ADVANCED_LORA = [
 ]
 
 
+# issue 11's data-side options of the SD trainer (captions, masks, regularization images), "Advanced" section
+ADVANCED_SD_DATA = [
+    Field("data.caption_dropout", "Caption dropout rate", "float", group="advanced"),
+    Field("data.shuffle_tags", "Shuffle caption tags", "bool", group="advanced"),
+    Field("data.keep_tokens", "Keep first N tags in place", "int", group="advanced"),
+    Field("data.masked_loss", "Masked loss (img_mask.png or alpha)", "bool", group="advanced"),
+    Field("data.reg_path", "Regularization (class) image folder", group="advanced"),
+    Field("data.reg_repeats", "Regularization repeats", "int", group="advanced"),
+    Field("loss.prior_loss_weight", "Prior loss weight", "float", group="advanced"),
+]
+
 # the fields both training forms share, in form order
 RANK_AND_STEPS = [
     Field("lora.r", "Rank", "int"),
@@ -76,6 +87,7 @@ SD_FIELDS = [
     Field("lora.conv_r", "Conv rank (LoCon, kohya conv_dim)", "int", group="advanced"),
     Field("lora.conv_alpha", "Conv alpha (kohya conv_alpha)", "float", group="advanced"),
     *ADVANCED_LORA[1:],
+    *ADVANCED_SD_DATA,
 ]
 
 LLM_FIELDS = [

@@ -151,6 +151,8 @@ def _cmd_check_dataset(a) -> int:
     else:
         print(f"{d['root']}: {d['images']} images, {d['captioned']} captioned, {d['corrupt']} corrupt, "
               f"{d['samples_per_epoch']} samples per epoch (with repeats)")
+        if d["masks"]:
+            print(f"  {d['masks']} image(s) with a _mask.png (data.masked_loss)")
         for folder, rep_n in d["folders"].items():
             print(f"  {folder}: repeats {rep_n}")
         for p in d["problems"]:

@@ -57,12 +57,23 @@ class DataSettings(Checked, section="data"):
     cache_latents: bool = option(True, "VAE-encode each image once (on disk, see cache_dir)")
     cache_text: bool = option(True, "encode each caption once (only while the text encoder is frozen)")
     cache_dir: str = option("", "latent cache folder; '' = $XDG_CACHE_HOME/lora_sd (or ~/.cache/lora_sd)")
+    caption_dropout: float = option(0.0, "rate at which a whole caption is replaced by '' (drawn per sample from "
+                                    "seed, epoch and batch); with cache_text the text is encoded every step", ge=0, le=1)
+    shuffle_tags: bool = option(False, "shuffle the comma-separated tags of each caption every step (except the "
+                                "first keep_tokens); with cache_text the text is encoded every step")
+    keep_tokens: int = option(0, "leading comma-separated tags that shuffle_tags never moves", ge=0)
+    masked_loss: bool = option(False, "weight the loss by a mask: img_mask.png beside img.png (white = "
+                               "train), else the image's alpha channel, else the whole image")
+    reg_path: str = option("", "regularization (class) image folder with its own captions and N_name repeats; "
+                           "mixed into the batches; '' = none")
+    reg_repeats: int = option(1, "repeats of reg_path images not in an N_name folder", ge=1)
 
 
 @dataclass
 class LossSettings(Checked, section="loss"):
     min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma; 0 = off, 5 is the usual value", ge=0)
     noise_offset: float = option(0.0, "noise offset (e.g. 0.05); 0 = off", ge=0)
+    prior_loss_weight: float = option(1.0, "loss weight of the data.reg_path (prior-preservation) samples", ge=0)
 
 
 @dataclass

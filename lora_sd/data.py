@@ -35,6 +35,7 @@ from .config import DataSettings
 log = logging.getLogger("lora_sd")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
+MASK_SUFFIX = "_mask"   # img.png's loss mask is img_mask.png (data.masked_loss)
 
 
 class DatasetError(ValueError):
@@ -47,6 +48,8 @@ class ImageItem:
     caption: str
     repeats: int
     size: tuple[int, int] = (0, 0)   # (width, height)
+    mask: Optional[Path] = None      # <name>_mask.png beside the image
+    is_reg: bool = False             # a regularization (class) image: data.reg_path
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ScanReport:
     corrupt: list[str] = field(default_factory=list)          # "path: reason"
     missing_captions: list[ImageItem] = field(default_factory=list)   # readable, caption empty
     folders: dict[str, int] = field(default_factory=dict)     # folder -> repeats
+    masks: int = 0                                            # images with a <name>_mask.png
 
     def problems(self, need_captions: bool = True) -> list[str]:
         out = [f"corrupt or unreadable image (skipped): {c}" for c in self.corrupt]
@@ -70,7 +74,7 @@ class ScanReport:
     def to_dict(self, need_captions: bool = True) -> dict:
         return {"root": str(self.root), "images": len(self.items) + len(self.missing_captions),
                 "captioned": len(self.items), "corrupt": len(self.corrupt),
-                "missing_captions": len(self.missing_captions), "folders": self.folders,
+                "missing_captions": len(self.missing_captions), "folders": self.folders, "masks": self.masks,
                 "samples_per_epoch": sum(i.repeats for i in self._usable(need_captions)),
                 "problems": self.problems(need_captions),
                 "ok": self._trainable(need_captions)}
@@ -146,9 +150,13 @@ def scan(root, caption_extension: str = ".txt", default_repeats: int = 1, max_im
             continue
         report.folders[str(folder)] = repeats
         meta = _read_metadata(folder)
+        masks = {f.stem[:-len(MASK_SUFFIX)]: f for f in files if f.stem.endswith(MASK_SUFFIX)}
+        masks = {k: v for k, v in masks.items() if any(f.stem == k for f in files)}
         for f in files:
             if max_images and count >= max_images:
                 break
+            if f in masks.values():
+                continue
             sidecar = f.with_suffix(caption_extension)
             caption = _read_caption(sidecar) if sidecar.is_file() else meta.get(f.name, "").strip()
             try:
@@ -157,7 +165,9 @@ def scan(root, caption_extension: str = ".txt", default_repeats: int = 1, max_im
                 report.corrupt.append(f"{f}: {type(e).__name__}: {e}")
                 continue
             count += 1
-            (report.items if caption else report.missing_captions).append(ImageItem(f, caption, repeats, size))
+            report.masks += f.stem in masks
+            (report.items if caption else report.missing_captions).append(
+                ImageItem(f, caption, repeats, size, masks.get(f.stem)))
     return report
 
 
@@ -169,28 +179,58 @@ def apply_template(caption: str, template: str, trigger: str) -> str:
 
 
 def load_items(cfg: DataSettings) -> list[ImageItem]:
-    """Scan cfg.path and apply the caption template; raises DatasetError before any training."""
-    need = "{caption}" in cfg.caption_template
-    report = scan(cfg.path, cfg.caption_extension, cfg.repeats, cfg.max_images)
+    """Scan cfg.path (and cfg.reg_path) and apply the caption template; raises DatasetError before any training.
+    Regularization images keep their own captions (no template, no trigger word) and come last."""
+    items = _load_folder("data.path", cfg.path, cfg, cfg.repeats, cfg.max_images, cfg.caption_template)
+    if cfg.reg_path:
+        reg = _load_folder("data.reg_path", cfg.reg_path, cfg, cfg.reg_repeats, 0, "{caption}")
+        for it in reg:
+            it.is_reg = True
+        items += reg
+    return items
+
+
+def _load_folder(key: str, path, cfg: DataSettings, repeats: int, max_images: int, template: str) -> list[ImageItem]:
+    need = "{caption}" in template
+    report = scan(path, cfg.caption_extension, repeats, max_images)
     if report.corrupt:
         for c in report.corrupt:
             log.warning("skipping corrupt or unreadable image %s", c)
         log.warning("%d corrupt image(s) skipped in %s", len(report.corrupt), report.root)
     if not report.items and not report.missing_captions:
-        raise DatasetError(f"data.path {report.root}: no readable images ({', '.join(sorted(IMAGE_EXTS))})"
+        raise DatasetError(f"{key} {report.root}: no readable images ({', '.join(sorted(IMAGE_EXTS))})"
                            + (f"; {len(report.corrupt)} corrupt" if report.corrupt else ""))
     if need and report.missing_captions:
         shown = "\n  ".join(str(i.path) for i in report.missing_captions[:10])
         raise DatasetError(f"{len(report.missing_captions)} image(s) in {report.root} have no caption (no "
                            f"{cfg.caption_extension} sidecar, no metadata.jsonl entry, or empty):\n  {shown}\n"
-                           "Add captions, or use a data.caption_template without {caption}.")
+                           + ("Add captions, or use a data.caption_template without {caption}." if key == "data.path"
+                              else "Add captions to the regularization images."))
     items = report.items + report.missing_captions
     if not sum(it.repeats for it in items):
-        raise DatasetError(f"data.path {report.root}: 0 samples per epoch (data.repeats and every N_name folder "
-                           "give 0 repeats); use repeats >= 1")
+        raise DatasetError(f"{key} {report.root}: 0 samples per epoch ({key[:5]}"
+                           f"{'repeats' if key == 'data.path' else 'reg_repeats'} and every N_name folder give 0 "
+                           "repeats); use repeats >= 1")
+    trigger = cfg.trigger_word if key == "data.path" else ""
     for it in items:
-        it.caption = apply_template(it.caption, cfg.caption_template, cfg.trigger_word)
+        it.caption = apply_template(it.caption, template, trigger)
     return sorted(items, key=lambda i: str(i.path))
+
+
+def vary_caption(caption: str, cfg: DataSettings, g: torch.Generator) -> str:
+    """data.shuffle_tags (all but the first data.keep_tokens comma-separated tags) then data.caption_dropout;
+    the draws come from `g` (seeded by seed, epoch and batch: exact resume)."""
+    if cfg.shuffle_tags:
+        tags = [t.strip() for t in caption.split(",")]
+        keep, rest = tags[:cfg.keep_tokens], tags[cfg.keep_tokens:]
+        caption = ", ".join(keep + [rest[k] for k in torch.randperm(len(rest), generator=g).tolist()])
+    if cfg.caption_dropout and float(torch.rand((), generator=g)) < cfg.caption_dropout:
+        return ""
+    return caption
+
+
+def varies_captions(cfg: DataSettings) -> bool:
+    return bool(cfg.shuffle_tags or cfg.caption_dropout)
 
 
 # ------------------------------------------------------------------ sizes and buckets
@@ -212,25 +252,51 @@ def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
 
 
+def _crop_box(src: tuple[int, int], size: tuple[int, int], center: bool,
+              generator: Optional[torch.Generator]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Resize (cover `size`) and crop box (center, or random with `generator`) for an image of size `src`."""
+    w, h = size
+    s = max(w / src[0], h / src[1])
+    nw, nh = max(w, round(src[0] * s)), max(h, round(src[1] * s))
+    if center:
+        left, top = (nw - w) // 2, (nh - h) // 2
+    else:
+        left = int(torch.randint(0, nw - w + 1, (1,), generator=generator))
+        top = int(torch.randint(0, nh - h + 1, (1,), generator=generator))
+    return (nw, nh), (left, top, left + w, top + h)
+
+
+def _fit(im: Image.Image, resized, box, flip: bool) -> Image.Image:
+    im = im.resize(resized, Image.BICUBIC).crop(box)
+    return im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im
+
+
+def load_sample(item: ImageItem, size: tuple[int, int], center: bool = True, flip: bool = False,
+                generator: Optional[torch.Generator] = None, masked: bool = False):
+    """(pixels CHW in [-1, 1], mask 1HW in [0, 1] or None): resize to cover `size` (w, h), crop, flip.
+    The mask (when `masked`) is item.mask, else the alpha channel, else all ones; same crop and flip."""
+    with Image.open(item.path) as im:
+        resized, box = _crop_box(im.size, size, center, generator)
+        mask = None
+        if masked:
+            if item.mask is not None:
+                with Image.open(item.mask) as m:
+                    mask = _fit(m.convert("L").resize(im.size, Image.BILINEAR), resized, box, flip)
+            elif "A" in im.getbands() or "transparency" in im.info:
+                mask = _fit(im.convert("RGBA").getchannel("A"), resized, box, flip)
+        arr = np.asarray(_fit(im.convert("RGB"), resized, box, flip), dtype=np.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    if not masked:
+        return pixels, None
+    if mask is None:
+        return pixels, torch.ones(1, size[1], size[0])
+    return pixels, torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
 def load_pixels(path: Path, size: tuple[int, int], center: bool = True, flip: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Resize to cover `size` (w, h), crop (center, or random with `generator`), flip; CHW in [-1, 1]."""
-    w, h = size
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        s = max(w / im.width, h / im.height)
-        nw, nh = max(w, round(im.width * s)), max(h, round(im.height * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        if center:
-            left, top = (nw - w) // 2, (nh - h) // 2
-        else:
-            left = int(torch.randint(0, nw - w + 1, (1,), generator=generator))
-            top = int(torch.randint(0, nh - h + 1, (1,), generator=generator))
-        im = im.crop((left, top, left + w, top + h))
-        if flip:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return load_sample(ImageItem(Path(path), "", 1), size, center, flip, generator)[0]
 
 
 # ------------------------------------------------------------------ caches
@@ -299,7 +365,9 @@ def first(items):
 class BatchDataset(torch.utils.data.Dataset):
     """Item i = the i-th batch: all samples of one bucket.
 
-    Returns {"latent_params" | "pixels": (B, ...), "text_emb" | "input_ids": (B, ...)}.
+    Returns {"latent_params" | "pixels": (B, ...), "text_emb" | "input_ids": (B, ...), "is_reg": (B,) bool}
+    and, with data.masked_loss, "mask": (B, 1, H, W) in pixels (the loss resizes it to the latents).
+    With data.shuffle_tags / caption_dropout the captions are varied and tokenized per batch (no text_emb).
     Random flips and crops come from a generator seeded by (seed, epoch, batch), not the global RNG:
     Accelerate fetches one batch ahead, so global draws here would break exact resume.
     Use `self.sampler` (an EpochSampler) in the DataLoader; it carries the epoch.
@@ -310,7 +378,10 @@ class BatchDataset(torch.utils.data.Dataset):
         self.items, self.cfg, self.seed = items, cfg, seed
         buckets = make_buckets(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
         self.sizes = [pick_bucket(i.size, buckets) if buckets else (cfg.resolution, cfg.resolution) for i in items]
+        self.tokenizer = tokenizer
         self.input_ids = tokenize(tokenizer, [i.caption for i in items])
+        self.is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
+        self.masks: Optional[dict] = None     # (item index, flipped) -> mask, with cached latents
         self.text_emb = text_emb
         self.latents: Optional[dict] = None   # (item index, flipped) -> VAE distribution parameters
         # samples (item indices with repeats) grouped by bucket, shuffled once with the seed, cut into batches
@@ -334,8 +405,10 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def load_latents(self, cache: LatentCache) -> None:
         """Serve cached latents instead of pixels (after cache.ensure(self.latent_jobs()))."""
-        self.latents = {(n, f): cache.load(self.items[n], self.sizes[n], f)
-                        for n in range(len(self.items)) for f in self._flips()}
+        keys = [(n, f) for n in range(len(self.items)) for f in self._flips()]
+        self.latents = {(n, f): cache.load(self.items[n], self.sizes[n], f) for n, f in keys}
+        if self.cfg.masked_loss:   # computed alongside, keyed like the latents (center crop, flip)
+            self.masks = {(n, f): load_sample(self.items[n], self.sizes[n], True, f, masked=True)[1] for n, f in keys}
 
     def bucket_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -351,13 +424,22 @@ class BatchDataset(torch.utils.data.Dataset):
         idx = self.batches[i]
         g = torch.Generator().manual_seed(hash((self.seed, self.sampler.epoch, i)) & 0x7FFF_FFFF_FFFF)
         flips = [bool(torch.rand((), generator=g) < 0.5) if self.cfg.random_flip else False for _ in idx]
-        out = {}
+        out = {"is_reg": self.is_reg[idx]}
+        masked = self.cfg.masked_loss
         if self.latents is not None:
             out["latent_params"] = torch.stack([self.latents[(n, f)] for n, f in zip(idx, flips)])
+            if masked:
+                out["mask"] = torch.stack([self.masks[(n, f)] for n, f in zip(idx, flips)])
         else:
-            out["pixels"] = torch.stack([load_pixels(self.items[n].path, self.sizes[n], self.cfg.center_crop, f, g)
-                                         for n, f in zip(idx, flips)])
-        if self.text_emb is not None:
+            loaded = [load_sample(self.items[n], self.sizes[n], self.cfg.center_crop, f, g, masked)
+                      for n, f in zip(idx, flips)]
+            out["pixels"] = torch.stack([p for p, _ in loaded])
+            if masked:
+                out["mask"] = torch.stack([m for _, m in loaded])
+        if varies_captions(self.cfg):
+            gc = torch.Generator().manual_seed(hash((self.seed, self.sampler.epoch, i, 1)) & 0x7FFF_FFFF_FFFF)
+            out["input_ids"] = tokenize(self.tokenizer, [vary_caption(self.items[n].caption, self.cfg, gc) for n in idx])
+        elif self.text_emb is not None:
             out["text_emb"] = self.text_emb[idx]
         else:
             out["input_ids"] = self.input_ids[idx]

@@ -22,7 +22,8 @@ from lora_core.training import train
 
 from . import formats
 from .config import SDTrainConfig
-from .data import BatchDataset, LatentCache, default_cache_dir, encode_text, first, load_items, tokenize
+from .data import (BatchDataset, LatentCache, default_cache_dir, encode_text, first, load_items, tokenize,
+                   varies_captions)
 from .generate import generate
 from .models import RANDOM_WEIGHTS_NOTE, is_random_weights, load_pipeline, model_identity
 
@@ -36,13 +37,15 @@ class DiffusionLoss(nn.Module):
     only when their outputs are not cached (or the text encoder is trained)."""
 
     def __init__(self, unet, noise_scheduler, *, text_encoder=None, vae=None, train_text_encoder=False,
-                 scaling_factor: float = 0.18215, min_snr_gamma: float = 0.0, noise_offset: float = 0.0):
+                 scaling_factor: float = 0.18215, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                 prior_loss_weight: float = 1.0):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.noise_scheduler = noise_scheduler
         self.train_text_encoder = train_text_encoder
         self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
         self.scaling_factor = scaling_factor
+        self.prior_loss_weight = prior_loss_weight
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -81,14 +84,27 @@ class DiffusionLoss(nn.Module):
             target = sched.get_velocity(latents, noise, t)
         else:
             target = noise
-        loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+        loss = self._per_item(F.mse_loss(pred, target.float(), reduction="none"), batch.get("mask"))
         if self.min_snr_gamma:
             from diffusers.training_utils import compute_snr
             snr = compute_snr(sched, t)
             w = snr.clamp(max=self.min_snr_gamma)
             w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
             loss = loss * w
+        if "is_reg" in batch:   # prior preservation (data.reg_path): kohya's per-item weights
+            reg = batch["is_reg"].to(loss.device)
+            loss = loss * torch.where(reg, self.prior_loss_weight, 1.0)
         return loss.mean()
+
+    @staticmethod
+    def _per_item(err: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B,) mean error per item; with a mask (B, 1, H, W) in pixels: resized to the latents ("area"), the
+        mean weighted by it (a zero-weight latent pixel gets no gradient)."""
+        dims = list(range(1, err.dim()))
+        if mask is None:
+            return err.mean(dim=dims)
+        w = F.interpolate(mask.to(err.device, err.dtype), size=err.shape[-2:], mode="area").expand_as(err)
+        return (err * w).sum(dim=dims) / w.sum(dim=dims).clamp(min=1e-8)
 
 
 def _cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
@@ -176,7 +192,10 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
     if d.cache_latents and not d.center_crop:
         log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
     text_emb = None
-    if d.cache_text and not train_te:
+    if d.cache_text and not train_te and varies_captions(d):
+        log.warning("data.shuffle_tags / caption_dropout vary the captions: the text is encoded every step "
+                    "(data.cache_text is not used)")
+    elif d.cache_text and not train_te:
         text_emb = encode_text(te, tokenize(pipe.tokenizer, [i.caption for i in items]))
     ds = BatchDataset(items, d, s.batch_size, s.seed, pipe.tokenizer, text_emb=text_emb)
     if d.cache_latents:
@@ -227,7 +246,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
                            text_encoder=te if (train_te or text_emb is None) else None,
                            vae=None if cache_latents else vae,
                            scaling_factor=float(vae.config.scaling_factor),
-                           min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset)
+                           min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset,
+                           prior_loss_weight=cfg.loss.prior_loss_weight)
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first,
                                      num_workers=s.num_workers)
     components = {"unet": unet, **({"text_encoder": te} if train_te else {})}
