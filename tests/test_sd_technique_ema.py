@@ -171,3 +171,87 @@ def test_val_hook_logs_and_marks_best(tmp_path):
     best = min(vals, key=lambda r: r["val_loss"])
     st = run.read_status()
     assert st["best_val_step"] == best["step"] and st["best_val_loss"] == best["val_loss"]
+
+
+# ------------------------------------------------------------------ Stable Diffusion: EMA file, validation loss
+@pytest.fixture(scope="module")
+def sd_tiny(tmp_path_factory):
+    from lora_sd.models import save_tiny_pipeline
+    from lora_sd.testing import make_images
+    root = tmp_path_factory.mktemp("sd_ema")
+    images = root / "images"
+    make_images(images, 6)
+    return str(save_tiny_pipeline(root / "model")), images
+
+
+def test_split_val_fraction_is_seeded_and_disjoint(sd_tiny, tmp_path):
+    from lora_sd.data import load_items
+    from lora_sd.testing import train_config
+    from lora_sd.train import split_val
+    tiny, images = sd_tiny
+    cfg = train_config(tmp_path / "r", tiny, images, tmp_path / "c", data={"val_fraction": 0.34})
+    items = load_items(cfg.data)
+    tr, va = split_val(cfg, items)
+    assert len(va) == 2 and len(tr) == 4 and not {i.path for i in tr} & {i.path for i in va}
+    assert [i.path for i in split_val(cfg, load_items(cfg.data))[1]] == [i.path for i in va]
+    other = train_config(tmp_path / "r", tiny, images, tmp_path / "c", data={"val_fraction": 0.34},
+                         train={"seed": 8})
+    assert split_val(other, items)[1] != va or len(items) < 3
+    folder = train_config(tmp_path / "r", tiny, images, tmp_path / "c", data={"val_path": str(images)})
+    assert len(split_val(folder, items)[1]) == 6
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_validation_loss_is_repeatable_and_moves_with_training(sd_tiny, tmp_path, cache):
+    from lora_core import add_lora
+    from lora_sd.data import load_items
+    from lora_sd.models import load_pipeline
+    from lora_sd.testing import train_config
+    from lora_sd.train import DiffusionLoss, _val_fn
+    tiny, images = sd_tiny
+    cfg = train_config(tmp_path / "r", tiny, images, tmp_path / "c", data={"cache_latents": cache})
+    pipe = load_pipeline(tiny)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    add_lora(pipe.unet, cfg.lora)
+    from diffusers import DDPMScheduler
+    module = DiffusionLoss(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), text_encoder=pipe.text_encoder,
+                           vae=pipe.vae)
+    val = _val_fn(cfg, load_items(cfg.data)[:3], pipe, Accelerator(cpu=True), False, module)
+    rng = torch.get_rng_state()
+    v0 = val(0)
+    assert val(0) == v0 and torch.equal(torch.get_rng_state(), rng)   # same weights, same number; global RNG untouched
+    assert module.training   # restored
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):   # "training": the adapter moves
+        batch = {"pixels": torch.rand(1, 3, 32, 32) * 2 - 1,
+                 "input_ids": pipe.tokenizer(["a photo"], padding="max_length", max_length=77,
+                                             return_tensors="pt").input_ids}
+        module(batch).backward()
+        opt.step()
+        opt.zero_grad()
+    v1 = val(2)
+    assert v1 != v0 and val(2) == v1
+
+
+def test_sd_run_exports_ema_and_marks_best_val_step(sd_tiny, tmp_path):
+    from lora_core.io import read_safetensors
+    from lora_sd.testing import train_config
+    from lora_sd.train import run_training
+    tiny, images = sd_tiny
+    cfg = train_config(tmp_path / "run", tiny, images, tmp_path / "cache", data={"val_fraction": 0.34},
+                       train={"max_steps": 4, "ema_decay": 0.5, "ema_start_step": 1, "val_every": 2,
+                              "checkpoint_every": 2, "loraplus_lr_ratio": 4},
+                       sample={"prompts": ["a photo"], "steps": 2, "use_ema": True})
+    st = run_training(cfg)
+    assert st["state"] == "done"
+    run = tmp_path / "run"
+    main_t, _ = read_safetensors(run / "test_lora.safetensors")
+    ema_t, meta = read_safetensors(run / "test_lora_ema.safetensors")
+    assert set(ema_t) == set(main_t) and meta["lora_sd.ema_decay"] == "0.5"
+    assert any(not torch.equal(ema_t[k], main_t[k]) for k in main_t if "lora_up" in k)
+    assert (run / "checkpoints" / "step_00000002" / "test_lora_ema.safetensors").is_file()
+    vals = [r for r in RunDir(run).read_metrics() if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    best = min(vals, key=lambda r: r["val_loss"])
+    assert (st["best_val_step"], st["best_val_loss"]) == (best["step"], best["val_loss"])
