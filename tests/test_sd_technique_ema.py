@@ -255,3 +255,14 @@ def test_sd_run_exports_ema_and_marks_best_val_step(sd_tiny, tmp_path):
     assert [r["step"] for r in vals] == [2, 4]
     best = min(vals, key=lambda r: r["val_loss"])
     assert (st["best_val_step"], st["best_val_loss"]) == (best["step"], best["val_loss"])
+
+
+def test_best_val_step_survives_resume(tmp_path):
+    scores = iter([3.0, 1.0, 2.0, 5.0, 4.0])   # steps 3, 6 (best), 9, then the resumed 9 and 11
+
+    _, run = _run(tmp_path / "p", 11, stop_at_call=10, val_fn=lambda m: next(scores), val_every=3)
+    st = run.read_status()
+    assert st["state"] == "stopped" and st["best_val_step"] == 6
+    _, run = _run(tmp_path / "p", 11, resume="latest", val_fn=lambda m: next(scores), val_every=3)
+    st = run.read_status()
+    assert st["state"] == "done" and (st["best_val_step"], st["best_val_loss"]) == (6, 1.0)
