@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 LEVELS = ("error", "warning", "info")
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}   # optimizer state per trainable parameter
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}   # optimizer state per trainable parameter
 
 
 @dataclass
@@ -111,6 +111,11 @@ def device_conflicts(mixed_precision: str, optimizer: str, device: str, rep: Pre
         except ImportError:
             rep.error("train.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes); or use "
                       "\"adamw\"", "train.optimizer")
+    if optimizer == "prodigy":
+        import importlib.util
+        if importlib.util.find_spec("prodigyopt") is None:
+            rep.error("train.optimizer = \"prodigy\" needs prodigyopt (pip install prodigyopt); or use \"adamw\"",
+                      "train.optimizer")
 
 
 def begin(job: str, config, overrides, cfg, load: Callable, device: str) -> tuple[PreflightReport, Any, str]:

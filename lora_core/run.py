@@ -406,13 +406,18 @@ class TrainLoop:
 
     export_fn(folder, step): the deliverable adapter file(s), written into every checkpoint and into
     the run folder at the end. sample_fn(step): validation every sample_every steps and at the end.
-    finish_fn(step) -> dict: main process, after the export (evaluation); its fields join "done"."""
+    finish_fn(step) -> dict: main process, after the export (evaluation); its fields join "done".
+    val_fn(step) -> float: validation loss (main process) every val_every steps and at the end: a
+    val_loss metrics line; the best step (best_val_step, best_val_loss) is kept in status.json and in
+    each checkpoint's trainer_state.json (so a resumed run knows it)."""
 
     def __init__(self, run: RunDir, settings, engine, *, main: bool = True,
                  export_fn: Optional[Callable[[Path, int], None]] = None,
                  sample_fn: Optional[Callable[[int], None]] = None, status_fields: Optional[dict] = None,
-                 finish_fn: Optional[Callable[[int], dict]] = None):
+                 finish_fn: Optional[Callable[[int], dict]] = None,
+                 val_fn: Optional[Callable[[int], float]] = None):
         self.run, self.s, self.engine, self.main = run, settings, engine, main
+        self.val_fn, self.best_val = val_fn, None   # best_val: [step, loss]
         self.export_fn, self.sample_fn, self.finish_fn = export_fn, sample_fn, finish_fn
         self.status_fields = status_fields or {}
         self.step = self.epoch = self.batch_in_epoch = 0
@@ -450,6 +455,7 @@ class TrainLoop:
                 log.warning("resumed from %s instead; the unreadable %s is now %s", path, bad, bad.with_name(
                     f"corrupt_{bad.name}").name)
             self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.best_val = state.get("best_val")
             self.last_ckpt = str(path)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
             return path
@@ -478,7 +484,8 @@ class TrainLoop:
         self.started, self.steps_here = time.time(), 0
         self._status("running", pid=os.getpid(), host=socket.gethostname(), step=self.step, max_steps=s.max_steps,
                      started=self.started, error=None, num_processes=self.engine.num_processes,
-                     resumed_from=str(ckpt) if ckpt else None, backend=self.engine.backend, **self.status_fields)
+                     resumed_from=str(ckpt) if ckpt else None, backend=self.engine.backend, **self._best_fields(),
+                     **self.status_fields)
         from tqdm.auto import tqdm
         self.bar = tqdm(total=s.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
         self.t_read, self.checked = time.time(), self.step
@@ -489,6 +496,7 @@ class TrainLoop:
             self.bar.close()
         if stopped:
             return self._status("stopped", step=self.step, last_checkpoint=self.last_ckpt)
+        self._validate()
         if self.sample_fn is not None and self.main:
             self.sample_fn(self.step)
         self.engine.barrier()
@@ -531,6 +539,8 @@ class TrainLoop:
         log_due = step % max(s.log_every, 1) == 0 or step == s.max_steps
         ckpt_due = bool(s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.max_steps
         sample_due = bool(self.sample_fn and s.sample_every and step % s.sample_every == 0 and step < s.max_steps)
+        if self.val_fn and getattr(s, "val_every", 0) and step % s.val_every == 0 and step < s.max_steps:
+            self._validate()
         stop = self.flag.stop and not multi   # one process: a plain flag; several: agreed on at a reading
         if log_due or ckpt_due or sample_due or stop:
             self._read(log_due or stop)
@@ -569,6 +579,25 @@ class TrainLoop:
             log.info("step %d/%d loss %.4f lr %.3g (%.2fs/step)", self.step, self.s.max_steps, mean, rec["lr"],
                      rec["step_time"])
 
+    def _best_fields(self) -> dict:
+        if self.val_fn is None:
+            return {}
+        step, loss = self.best_val or (None, None)
+        return {"best_val_step": step, "best_val_loss": loss}
+
+    def _validate(self) -> None:
+        """val_fn on the main process: a val_loss metrics line; a new best goes into status.json."""
+        if self.val_fn is None:
+            return
+        if self.main:
+            loss = float(self.val_fn(self.step))
+            self.run.append_metrics({"step": self.step, "epoch": self.epoch, "val_loss": loss, "time": time.time()})
+            log.info("step %d: validation loss %.5f", self.step, loss)
+            if math.isfinite(loss) and (self.best_val is None or loss < self.best_val[1]):
+                self.best_val = [self.step, loss]
+            self._status(self._live_state(), val_loss=loss, **self._best_fields())
+        self.engine.barrier()
+
     def _non_finite(self, what: str) -> None:
         msg = f"{what}; training stopped. Last good checkpoint: {self.last_ckpt or 'none'}"
         self._status("failed", error=msg, step=self.step, last_checkpoint=self.last_ckpt)
@@ -590,7 +619,7 @@ class TrainLoop:
                 self.export_fn(tmp, step)
             atomic_write_json(tmp / "trainer_state.json", {
                 "step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.s.seed,
-                "backend": e.backend, "num_processes": e.num_processes})
+                "backend": e.backend, "num_processes": e.num_processes, "best_val": self.best_val})
         e.barrier()
         if self.main:
             shutil.rmtree(final, ignore_errors=True)

@@ -10,7 +10,7 @@ from .fields import Checked, option
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                       "inverse_sqrt"]
 LR_SCHEDULERS = get_args(LRScheduler)
-Optimizer = Literal["adamw", "adamw8bit"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
@@ -22,7 +22,14 @@ class TrainSettings(Checked, section="train"):
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
     learning_rate: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
     weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
-    optimizer: Optimizer = option("adamw", "adamw, or adamw8bit (needs bitsandbytes)")
+    optimizer: Optimizer = option("adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; "
+                                            "learning_rate is then Prodigy's multiplier, usually 1.0)")
+    loraplus_lr_ratio: float = option(0.0, "LoRA+: the lora_B matrices learn at learning_rate x this ratio "
+                                           "(the paper suggests 16); 0 disables it", ge=0)
+    ema_decay: float = option(0.0, "EMA of the adapter weights, ema = decay*ema + (1-decay)*w after each step "
+                                   "(e.g. 0.999); 0 disables it", ge=0, lt=1)
+    ema_start_step: int = option(0, "optimizer step from which the EMA is updated (it copies the weights then)",
+                                 ge=0)
     lr_scheduler: LRScheduler = option("constant", "learning-rate schedule (transformers' get_scheduler)")
     lr_warmup_steps: int = option(0, "linear warm-up steps of the schedule", ge=0)
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping", ge=0)
@@ -33,4 +40,5 @@ class TrainSettings(Checked, section="train"):
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps; 0: only at the end (and on stop)", ge=0)
     keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted); 0: keep all", ge=0)
     sample_every: int = option(0, "validation samples every N steps; 0: only at the end", ge=0)
+    val_every: int = option(0, "validation loss every N steps (needs a validation split); 0: only at the end", ge=0)
     num_workers: int = option(0, "data-loader worker processes", ge=0)

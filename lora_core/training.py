@@ -9,6 +9,7 @@ device between readings (one sync per log_every steps).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -80,16 +81,37 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # ------------------------------------------------------------------ optimizer
-def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
+def param_groups(named: list[tuple[str, nn.Parameter]], s: TrainSettings) -> list[dict]:
+    """One group, or with LoRA+ (train.loraplus_lr_ratio) two: the lora_B matrices at lr x ratio."""
+    if not s.loraplus_lr_ratio:
+        return [{"params": [p for _, p in named]}]
+    b = [p for n, p in named if ".lora_B." in f".{n}"]
+    rest = [p for n, p in named if ".lora_B." not in f".{n}"]
+    if not b:
+        raise ValueError("train.loraplus_lr_ratio is set but the model has no lora_B parameters; set it to 0")
+    return [g for g in ({"params": rest}, {"params": b, "lr": s.learning_rate * s.loraplus_lr_ratio}) if g["params"]]
+
+
+def make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
+    """params: (name, parameter) pairs (or bare parameters: no LoRA+ then)."""
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters")
+    named = [p if isinstance(p, tuple) else (str(i), p) for i, p in enumerate(params)]
+    groups = param_groups(named, s)
     if s.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise RuntimeError("train.optimizer = 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from None
-        return bnb.optim.AdamW8bit(params, lr=s.learning_rate, weight_decay=s.weight_decay)
-    return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
+    if s.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise RuntimeError("train.optimizer = 'prodigy' needs prodigyopt (pip install prodigyopt, "
+                               "or the [prodigy] extra)") from None
+        return Prodigy(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
 
 
 def make_scheduler(optimizer, s: TrainSettings):
@@ -139,6 +161,65 @@ def load_payload(accelerator, path: Path, model: nn.Module, optimizer, scheduler
         _set_rng_state(json.loads(rng_json.read_text()), load_file(str(path / f"rng_rank{rank}.safetensors")))
 
 
+# ------------------------------------------------------------------ EMA
+class EMA:
+    """Exponential moving average of the trainable parameters: after optimizer step n >= start_step,
+    ema = decay * ema + (1 - decay) * w (the first such step copies w). fp32, on the parameters' device."""
+
+    FILE = "ema.safetensors"
+
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0):
+        self.decay, self.start_step = decay, start_step
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow: Optional[dict[str, torch.Tensor]] = None   # None until the first update
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if step < self.start_step:
+            return
+        if self.shadow is None:
+            self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+            return
+        ws = list(self.params.values())
+        torch._foreach_lerp_(list(self.shadow.values()), [w.detach().float() for w in ws], 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The EMA weights in the model for the duration (unchanged model before the first update)."""
+        if self.shadow is None:
+            yield False
+            return
+        with torch.no_grad():
+            saved = {n: p.detach().clone() for n, p in self.params.items()}
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield True
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+    def save(self, folder: Path) -> None:
+        if self.shadow is not None:
+            atomic_save_safetensors(folder / self.FILE, self.shadow)
+
+    def load(self, folder: Path) -> None:
+        f = folder / self.FILE
+        if not f.is_file():
+            self.shadow = None
+            return
+        saved = load_file(str(f))
+        if set(saved) != set(self.params):
+            raise ValueError(f"{f}: EMA parameters do not match the model's trainable parameters")
+        self.shadow = {n: t.to(self.params[n].device) for n, t in saved.items()}
+
+
+def make_ema(model: nn.Module, s: TrainSettings) -> Optional[EMA]:
+    """An EMA of the trainable parameters when train.ema_decay > 0, else None."""
+    return EMA(model, s.ema_decay, s.ema_start_step) if s.ema_decay > 0 else None
+
+
 # ------------------------------------------------------------------ the engine
 class TorchEngine:
     """One optimizer step at a time through Accelerate (see lora_core.run for the engine interface).
@@ -146,10 +227,12 @@ class TorchEngine:
     waits for the device."""
     backend = "torch"
 
-    def __init__(self, accelerator, model: nn.Module, dataloader, loss_fn, settings: TrainSettings):
-        self.acc, self.loss_fn, self.s = accelerator, loss_fn, settings
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, settings)
+    def __init__(self, accelerator, model: nn.Module, dataloader, loss_fn, settings: TrainSettings,
+                 ema: Optional[EMA] = None):
+        self.acc, self.loss_fn, self.s, self.ema = accelerator, loss_fn, settings, ema
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.optimizer = make_optimizer(named, settings)
         self.scheduler = make_scheduler(self.optimizer, settings)
         if getattr(dataloader, "generator", None) is None:
             # a DataLoader draws its base seed from the global RNG each time an iterator starts; a
@@ -183,6 +266,9 @@ class TorchEngine:
             if not acc.sync_gradients:
                 continue
             self.scheduler.step()
+            step += 1
+            if self.ema is not None:
+                self.ema.update(step)
             yield micro / n, batch_in_epoch
             micro, n = None, 0
 
@@ -201,9 +287,13 @@ class TorchEngine:
 
     def save(self, folder: Path) -> None:
         save_payload(self.acc, folder, self.model, self.optimizer, self.scheduler)
+        if self.ema is not None and self.acc.is_main_process:
+            self.ema.save(folder)
 
     def load(self, path: Path, state: dict) -> None:
         load_payload(self.acc, path, self.model, self.optimizer, self.scheduler)
+        if self.ema is not None:
+            self.ema.load(path)
 
 
 # ------------------------------------------------------------------ the loop
@@ -211,7 +301,8 @@ def train(*, accelerator, run: RunDir, model: nn.Module, dataloader, loss_fn: Ca
           settings: TrainSettings, resume: Optional[str] = None,
           export_fn: Optional[Callable[[Path, int], None]] = None,
           sample_fn: Optional[Callable[[int], None]] = None, status_fields: Optional[dict] = None,
-          finish_fn: Optional[Callable[[int], dict]] = None) -> dict:
+          finish_fn: Optional[Callable[[int], dict]] = None, ema: Optional[EMA] = None,
+          val_fn: Optional[Callable[[int], float]] = None) -> dict:
     """Train the trainable parameters of `model` for settings.max_steps optimizer steps.
 
     export_fn(folder, step): writes the deliverable adapter file(s) into `folder` (main process only;
@@ -219,10 +310,16 @@ def train(*, accelerator, run: RunDir, model: nn.Module, dataloader, loss_fn: Ca
     sample_fn(step): validation (images, generations) every settings.sample_every steps and at the end.
         Runs on the main process; it must not change the global RNG state (use its own generator).
     finish_fn(step) -> dict: after the final export, main process (evaluation); its fields join "done".
+    ema: the EMA of the trainable parameters (make_ema); made here from settings.ema_decay when not given.
+        Updated after each optimizer step and kept in checkpoints; export_fn may write it (ema.swapped()).
+    val_fn(step) -> float: validation loss every settings.val_every steps and at the end (all processes);
+        logged as val_loss, the best one marked in status.json (best_val_step, best_val_loss).
     Use an EpochSampler in the DataLoader for a shuffled order that resumes exactly.
     Returns the final status dict. Raises NonFiniteLoss on a NaN/inf loss (after marking the run failed).
     """
-    engine = TorchEngine(accelerator, model, dataloader, loss_fn, settings)
+    if ema is None:
+        ema = make_ema(model, settings)
+    engine = TorchEngine(accelerator, model, dataloader, loss_fn, settings, ema=ema)
     loop = TrainLoop(run, settings, engine, main=accelerator.is_main_process, export_fn=export_fn,
-                     sample_fn=sample_fn, status_fields=status_fields, finish_fn=finish_fn)
+                     sample_fn=sample_fn, status_fields=status_fields, finish_fn=finish_fn, val_fn=val_fn)
     return loop.run_loop(resume)

@@ -44,6 +44,19 @@ ADVANCED_LORA = [
           info="regex -> alpha, as JSON or one `regex = alpha` per line; empty: every module uses Alpha"),
 ]
 
+# issue 11's SD training options (optimizers, EMA, validation loss), in the SD form's "Advanced" section
+ADVANCED_SD_TRAIN = [
+    Field("train.optimizer", "Optimizer", "choice", group="advanced"),
+    Field("train.loraplus_lr_ratio", "LoRA+ ratio (B learning rate x)", "float", group="advanced"),
+    Field("train.ema_decay", "EMA decay", "float", group="advanced"),
+    Field("train.ema_start_step", "EMA start step", "int", group="advanced"),
+    Field("sample.use_ema", "Validation images with the EMA weights", "bool", group="advanced"),
+    Field("data.val_path", "Validation image folder", group="advanced",
+          info="a held-out folder (absolute path); empty: none, or use Validation fraction"),
+    Field("data.val_fraction", "Validation fraction", "float", group="advanced"),
+    Field("train.val_every", "Validation loss every N steps", "int", group="advanced"),
+]
+
 
 # issue 11's data-side options of the SD trainer (captions, masks, regularization images), "Advanced" section
 ADVANCED_SD_DATA = [
@@ -88,6 +101,7 @@ SD_FIELDS = [
     Field("lora.conv_alpha", "Conv alpha (kohya conv_alpha)", "float", group="advanced"),
     *ADVANCED_LORA[1:],
     *ADVANCED_SD_DATA,
+    *ADVANCED_SD_TRAIN,
 ]
 
 LLM_FIELDS = [

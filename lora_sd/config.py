@@ -49,6 +49,12 @@ class DataSettings(Checked, section="data"):
     trigger_word: str = option("", "prepended as '<trigger>, ' unless the template places {trigger}")
     repeats: int = option(1, "repeats of images not in an N_name folder", ge=1)
     max_images: int = option(0, "use the first N images (sorted by path); 0 = all", ge=0)
+    val_path: str = option("", "held-out image folder (same layout as path) scored for the validation loss "
+                           "every train.val_every steps; '' = none (or see val_fraction)")
+    val_fraction: float = option(0.0, "without val_path: hold out this fraction of the images (chosen with "
+                                 "train.seed) for the validation loss; 0 = no validation loss", ge=0, lt=1)
+    val_timesteps: int = option(4, "fixed timesteps (evenly spaced) at which each validation image is scored",
+                                ge=1)
     resolution: int = option(512, "training side length in pixels", ge=8, multiple_of=8)
     center_crop: bool = option(True, "center crop; false: random crop (not with cache_latents)")
     random_flip: bool = option(False, "flip images horizontally at random")
@@ -89,6 +95,7 @@ class SampleSettings(Checked, section="sample"):
     grid: bool = option(False, "at the end of the run write RUN/grid/ (lora_sd.grid): the prompts (rows) at step 0 "
                         "(the base model), every kept checkpoint and the final adapter (columns)")
     grid_scale: float = option(1.0, "adapter scale of that grid", ge=0)
+    use_ema: bool = option(False, "validation images with the EMA weights (train.ema_decay > 0) once it has started")
 
 
 def _plain_name_error(name: str) -> Optional[str]:

@@ -6,9 +6,11 @@ the diffusion loss, and writes the adapters.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -18,12 +20,12 @@ from torch import nn
 
 from lora_core import add_lora
 from lora_core.run import RunDir, run_job
-from lora_core.training import train
+from lora_core.training import EMA, make_ema, train
 
 from . import formats
 from .config import SDTrainConfig
-from .data import (BatchDataset, LatentCache, default_cache_dir, encode_text, first, load_items, tokenize,
-                   varies_captions)
+from .data import (BatchDataset, DatasetError, LatentCache, default_cache_dir, encode_text, first, load_items,
+                   tokenize, varies_captions)
 from .generate import generate
 from .models import RANDOM_WEIGHTS_NOTE, is_random_weights, load_pipeline, model_identity
 
@@ -158,7 +160,7 @@ class _MetricsRun(RunDir):
             except ImportError:
                 self._tb = False
         if self._tb:
-            for k in ("loss", "lr", "step_time"):
+            for k in ("loss", "lr", "step_time", "val_loss"):
                 if k in record:
                     self._tb.add_scalar(f"train/{k}", record[k], record["step"])
             self._tb.flush()
@@ -210,6 +212,7 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
 
 def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, items) -> dict:
     s, d = cfg.train, cfg.data
+    items, val_items = split_val(cfg, items)
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
 
     set_seed(s.seed)   # same LoRA init on every process
@@ -251,17 +254,40 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first,
                                      num_workers=s.num_workers)
     components = {"unet": unet, **({"text_encoder": te} if train_te else {})}
-    resolution = d.resolution
+
+    ema = make_ema(module, s)
+    export, sample = _export_and_sample(cfg, run, accelerator, pipe, module, components, len(items), ema)
+    val_fn = _val_fn(cfg, val_items, pipe, accelerator, train_te, module)
+
+    set_seed(s.seed, device_specific=True)   # different noise on each process
+    status = train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
+                   settings=s, resume=resume, export_fn=export, sample_fn=sample, ema=ema, val_fn=val_fn)
+    if accelerator.is_main_process and cfg.sample.grid and status.get("state") == "done":   # [sample] grid: lora_sd.grid
+        from .grid import end_of_run_grid
+        with accelerator.autocast():
+            end_of_run_grid(cfg, pipe, run.path)
+    return status
+
+
+def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, module, components, n_images: int,
+                       ema: Optional[EMA]):
+    """(export_fn, sample_fn) of the training loop: the adapter files (and <name>_ema.safetensors with
+    train.ema_decay), and the validation images (with the EMA weights when sample.use_ema)."""
+    resolution = cfg.data.resolution
 
     def export(folder: Path, step: int) -> None:
         adapter = formats.from_model(components)
-        meta = training_metadata(cfg, len(items), resolution, step)
+        meta = training_metadata(cfg, n_images, resolution, step)
         if is_random_weights(pipe):
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
         dtype = DTYPES[cfg.output.save_dtype]
         formats.write_adapter(folder / f"{cfg.output.name}.safetensors", adapter, formats.KOHYA, meta, dtype)
         if cfg.output.save_diffusers:
             formats.write_adapter(folder / DIFFUSERS_FILE, adapter, formats.DIFFUSERS, meta, dtype)
+        with ema.swapped() if ema is not None else contextlib.nullcontext(False) as used:
+            if used:
+                formats.write_adapter(folder / f"{cfg.output.name}_ema.safetensors", formats.from_model(components),
+                                      formats.KOHYA, {**meta, "lora_sd.ema_decay": str(ema.decay)}, dtype)
 
     def sample(step: int) -> None:
         sc = cfg.sample
@@ -269,8 +295,10 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
             return
         was_training = module.training
         module.eval()
+        use_ema = ema is not None and sc.use_ema
         try:
-            with accelerator.autocast():   # fp16/bf16 UNet and text encoder, fp32 VAE and LoRA weights
+            with accelerator.autocast(), ema.swapped() if use_ema else contextlib.nullcontext():
+                # fp16/bf16 UNet and text encoder, fp32 VAE and LoRA weights
                 results = generate(pipe, sc.prompts, negative_prompt=sc.negative_prompt, steps=sc.steps,
                                    guidance_scale=sc.guidance_scale, seed=sc.seed, width=sc.width or resolution,
                                    height=sc.height or resolution, scheduler=sc.scheduler, out_dir=run.samples,
@@ -279,11 +307,75 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
             module.train(was_training)
         log.info("step %d: %d validation image(s) in %s", step, len(results), run.samples)
 
-    set_seed(s.seed, device_specific=True)   # different noise on each process
-    status = train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
-                   settings=s, resume=resume, export_fn=export, sample_fn=sample)
-    if accelerator.is_main_process and cfg.sample.grid and status.get("state") == "done":   # [sample] grid: lora_sd.grid
-        from .grid import end_of_run_grid
+    return export, sample
+
+
+# ------------------------------------------------------------------ validation loss
+def split_val(cfg: SDTrainConfig, items: list) -> tuple[list, list]:
+    """(training items, held-out items): data.val_path, or data.val_fraction of the images chosen with train.seed."""
+    d = cfg.data
+    if d.val_path:
+        return items, load_items(replace(d, path=d.val_path, max_images=0, reg_path=""))
+    if not d.val_fraction:
+        return items, []
+    own = [k for k, it in enumerate(items) if not it.is_reg]   # class images are never held out
+    n = max(1, round(len(own) * d.val_fraction))
+    if n >= len(own):
+        raise DatasetError(f"data.val_fraction = {d.val_fraction} holds out all {len(own)} image(s) of {d.path}; "
+                           "lower it or use data.val_path")
+    perm = torch.randperm(len(own), generator=torch.Generator().manual_seed(cfg.train.seed))[:n].tolist()
+    held = {own[k] for k in perm}
+    return [it for k, it in enumerate(items) if k not in held], [it for k, it in enumerate(items) if k in held]
+
+
+@torch.no_grad()
+def validation_loss(module: DiffusionLoss, ds, n_timesteps: int, seed: int, device) -> float:
+    """The mean denoising MSE over the batches of `ds` at n_timesteps evenly spaced timesteps, with noise
+    from its own generator and the VAE distribution's mean, in eval mode (no dropout): the same weights
+    give the same number, and the global RNG is untouched."""
+    sched = module.noise_scheduler
+    ts = torch.linspace(0, sched.config.num_train_timesteps - 1, n_timesteps + 2)[1:-1].round().long()
+    was = module.training
+    module.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(len(ds)):
+            batch = {k: v.to(device) for k, v in ds[i].items()}
+            if "latent_params" in batch:
+                lat = batch["latent_params"].float().chunk(2, dim=1)[0]
+            else:
+                vae = module.vae
+                with torch.autocast(device.type, enabled=False):
+                    lat = vae.encode(batch["pixels"].to(next(vae.parameters()).dtype)).latent_dist.mean.float()
+            lat = lat * module.scaling_factor
+            cond = batch["text_emb"] if "text_emb" in batch else module.text_encoder(batch["input_ids"])[0]
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            for t in ts:
+                noise = torch.randn(lat.shape, generator=g).to(device)
+                tt = t.to(device).expand(lat.shape[0])
+                pred = module.unet(sched.add_noise(lat, noise, tt), tt, cond).sample.float()
+                v_pred = sched.config.prediction_type == "v_prediction"
+                target = sched.get_velocity(lat, noise, tt) if v_pred else noise
+                total += F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1).sum().item()
+                count += lat.shape[0]
+    finally:
+        module.train(was)
+    return total / count
+
+
+def _val_fn(cfg: SDTrainConfig, val_items: list, pipe, accelerator, train_te: bool, module: DiffusionLoss):
+    """val_fn(step) of the training loop, or None without a validation split: center-cropped, unflipped
+    held-out images (cached like the training ones)."""
+    if not val_items:
+        if cfg.train.val_every:
+            log.warning("train.val_every is set but there is no validation split (data.val_path / data.val_fraction)")
+        return None
+    # fixed images and captions: no flip, no random crop, no caption dropout or tag shuffling
+    d = replace(cfg.data, random_flip=False, center_crop=True, caption_dropout=0.0, shuffle_tags=False, reg_path="")
+    vds, _ = _dataset(replace(cfg, data=d), [replace(i, repeats=1) for i in val_items], pipe, accelerator, train_te)
+    log.info("validation loss on %d held-out image(s) at %d timesteps", len(val_items), cfg.data.val_timesteps)
+
+    def val(step: int) -> float:
         with accelerator.autocast():
-            end_of_run_grid(cfg, pipe, run.path)
-    return status
+            return validation_loss(module, vds, cfg.data.val_timesteps, cfg.train.seed, accelerator.device)
+    return val

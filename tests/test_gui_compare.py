@@ -16,7 +16,7 @@ from lora_core.fields import field_specs
 from lora_gui import configs, kinds
 from lora_gui.controller import Controller
 from lora_gui.errors import UserError
-from lora_gui.forms import ADVANCED_SD_DATA, SD_FIELDS, TARGET_PRESETS
+from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN, SD_FIELDS, TARGET_PRESETS
 from lora_gui.services.compare import badge, report_markdown, sweeplib
 from lora_gui.workspace import Workspace
 
@@ -73,7 +73,8 @@ def test_advanced_fields_reach_the_config(ctrl):
     fields = {f.key: f for f in kinds.get("sd-train").fields}
     adv = [k for k, f in fields.items() if f.group == "advanced"]
     assert adv == ["lora.use_dora", "lora.conv_r", "lora.conv_alpha", "lora.rank_pattern", "lora.alpha_pattern",
-                   *(f.key for f in ADVANCED_SD_DATA)]   # captions / masks / reg images: test_sd_technique_data
+                   *(f.key for f in ADVANCED_SD_DATA),    # captions / masks / reg images: test_sd_technique_data
+                   *(f.key for f in ADVANCED_SD_TRAIN)]   # optimizers, EMA, validation: test_sd_technique_ema
     specs = {s.path: s for s in field_specs(kinds.get("sd-train").config_class())}
     assert specs["lora.use_dora"].help in fields["lora.use_dora"].info      # help from the declarations
     assert specs["lora.conv_r"].help in fields["lora.conv_r"].info
