@@ -267,3 +267,35 @@ def test_check_button_on_the_text_form(ctrl):
         pytest.skip("../shared is absent: the demo's SST-2 data is not available offline")
     ok, text = ctrl.compare.check("llm-train", ctrl.configs.default("llm-train"), _values(ctrl, "llm-train"), True)
     assert ok and "**data**: task sst2" in text and "**steps**: ok True" in text
+
+
+def test_llm_checkpoints_on_eval_metrics(ctrl):
+    """A real 4-step tiny GPT-2 run (checkpoint_every=2): each checkpoint is evaluated by `lora-llm eval`
+    once (cached in the checkpoint), equals a direct `lora-llm eval` of it, and is plotted against its step."""
+    from lora_gui.services.compare import metric_curves
+    run = ctrl.ws.runs / "lm"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(
+        f'run_dir = "{run}"\n[data]\ntask = "sst2"\ndata_dir = "{ROOT / "tests" / "fixtures" / "llm" / "sst2"}"\n'
+        '[train]\nmax_steps = 4\nbatch_size = 2\ncheckpoint_every = 2\nlearning_rate = 0.05\n[eval]\nprompts = []\n')
+    (run / "status.json").write_text(json.dumps({"state": "queued", "kind": "llm-train"}))
+    subprocess.run([sys.executable, "-m", "lora_llm.cli", "train", "--config", str(run / "config.toml")],
+                   cwd=ROOT, check=True, capture_output=True)
+    told = []
+    rows = ctrl.compare.checkpoint_metrics(["lm"], lambda i, n, what: told.append((i, n, what)))
+    assert [r["step"] for r in rows] == [2, 4] and [t[:2] for t in told] == [(0, 2), (1, 2)]
+    ck2 = run / "checkpoints" / "step_00000002"
+    assert rows[0]["source"] == "runs/lm/checkpoints/step_00000002" and (ck2 / "eval.json").is_file()
+    direct = json.loads(subprocess.run(
+        [sys.executable, "-m", "lora_llm.cli", "eval", "--adapter", str(ck2), "--config", str(run / "config.toml"),
+         "--json"], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    assert {k: rows[0][k] for k in ("accuracy", "macro_f1", "mcc")} == {k: direct[k] for k in ("accuracy", "macro_f1",
+                                                                                                 "mcc")}
+    final = json.loads((run / "eval.json").read_text())   # the last checkpoint holds the final adapter
+    assert rows[1]["accuracy"] == final["accuracy"]
+    # cached: a second call runs no CLI (a marked cache value comes back as is)
+    cached = json.loads((ck2 / "eval.json").read_text())
+    (ck2 / "eval.json").write_text(json.dumps({**cached, "accuracy": 0.123}))
+    assert ctrl.compare.checkpoint_metrics(["lm"])[0]["accuracy"] == 0.123
+    metric, curves = metric_curves(rows + ctrl.compare.llm_metrics(["lm"]), ["lm"])
+    assert metric == "accuracy" and curves == [("lm", [2, 4], [rows[0]["accuracy"], rows[1]["accuracy"]])]
