@@ -258,6 +258,9 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
         finally:
             module.train(was_training)
         log.info("step %d: %d validation image(s) in %s", step, len(results), run.samples)
+        if sc.grid_every:   # [sample] grid_every: lora_sd.grid
+            from .grid import grid_so_far
+            grid_so_far(cfg, run.path, step, str(accelerator.device))
 
     set_seed(s.seed, device_specific=True)   # different noise on each process
     status = train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
