@@ -170,7 +170,7 @@ def add_tiny_model_parser(sub, help: str, fn):
 def add_inspect_parser(sub, help: str, fn):
     """`inspect FILE [--json] [--base MODEL]`: describe an adapter file (and whether it fits a base model)."""
     i = sub.add_parser("inspect", help=help)
-    i.add_argument("file")
+    i.add_argument("file", nargs="?", default="", help="omitted with --base: list the base's adaptable modules")
     i.add_argument("--json", action="store_true")
     i.add_argument("--base", default="", help="a base model: tell whether the file fits it (exit 1 if not)")
     i.set_defaults(fn=fn)

@@ -164,6 +164,8 @@ def _cmd_inspect(a) -> int:
     if a.base:
         from .cli_decide import inspect_base   # does the file fit that model? (the load report)
         return inspect_base(a)
+    if not a.file:
+        raise SystemExit("lora-llm inspect: error: give an adapter FILE (or --base MODEL alone: its adaptable modules)")
     try:
         d = describe(a.file)
     except LoraLoadError as e:

@@ -10,6 +10,8 @@ def inspect_base(a) -> int:
     from .adapters import load_report
     from .config import ModelSection
     from .models import load_model, load_tokenizer
+    if not a.file:   # the base's adaptable modules {key: [in, out]}, for a header-only fit check (GUI badge)
+        return _base_modules(a.base)
     view = open_view(a.file)   # our file / run folder (llm_info says the task) or a PEFT folder
     info = view.json_metadata.get("llm_info") or {}
     if not info and view.config:
@@ -21,6 +23,18 @@ def inspect_base(a) -> int:
     rep = load_report(a.file, model, base=a.base)
     print(json.dumps(rep.to_dict(), indent=2) if a.json else rep.text())
     return 0 if rep.fits else 1
+
+
+def _base_modules(base: str) -> int:
+    from lora_core.layers import LoraLayer, base_dims, supported
+    from .config import ModelSection
+    from .models import load_model, load_tokenizer
+    ms = ModelSection(pretrained=base)
+    model = load_model(ms, 0, load_tokenizer(ms).pad_token_id)
+    mods = {n: list(base_dims(m.base_layer if isinstance(m, LoraLayer) else m)) for n, m in model.named_modules()
+            if n and (isinstance(m, LoraLayer) or supported(m)) and ".base_layer" not in f".{n}"}
+    print(json.dumps({"base": base, "modules": mods}))
+    return 0
 
 
 def _cmd_sweep(a) -> int:

@@ -121,6 +121,8 @@ def _cmd_inspect(a) -> int:
     if a.base:
         from .cli_decide import inspect_base   # does the file fit that model? (the load report)
         return inspect_base(a)
+    if not a.file:
+        raise SystemExit("lora-sd inspect: error: give an adapter FILE (or --base MODEL alone: its adaptable modules)")
     s = inspect(a.file)
     if a.json:
         print(json.dumps(s, indent=2))

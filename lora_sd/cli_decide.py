@@ -71,9 +71,12 @@ def inspect_base(a) -> int:
     from lora_core.adapter_files import inspect
     from . import formats
     from .models import load_pipeline
-    desc = inspect(a.file)
     pipe = load_pipeline(a.base, getattr(a, "model_config", ""))
     comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if not a.file:   # the base's adaptable modules {key: [in, out]}, for a header-only fit check (GUI badge)
+        print(json.dumps({"base": a.base, "modules": formats._model_shapes(comps)[0]}))
+        return 0
+    desc = inspect(a.file)
     adapter, _, _ = formats.read_adapter(a.file, comps)
     rep = formats.load_report(adapter, comps, a.file, formats.made_for_shapes(adapter, desc.get("architecture", "")),
                               base=a.base)

@@ -96,6 +96,8 @@ class SampleSettings(Checked, section="sample"):
                         "(the base model), every kept checkpoint and the final adapter (columns)")
     grid_scale: float = option(1.0, "adapter scale of that grid", ge=0)
     use_ema: bool = option(False, "validation images with the EMA weights (train.ema_decay > 0) once it has started")
+    grid_every: int = option(0, "also write RUN/grid/step_N/ over the checkpoints so far at every validation step "
+                             "that is a multiple of N (a multiple of train.sample_every); 0: off", ge=0)
 
 
 def _plain_name_error(name: str) -> Optional[str]:

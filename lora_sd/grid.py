@@ -234,3 +234,28 @@ def end_of_run_grid(cfg, pipe, run_dir, progress=None) -> Optional[dict]:
     index = make_grid(pipe, spec, Path(run_dir) / "grid", progress, model=cfg.model.pretrained)
     log.info("comparison grid: %s", Path(run_dir) / "grid" / GRID_FILE)
     return index
+
+
+def grid_so_far(cfg, run_dir, step: int, device: str = "") -> Optional[Path]:
+    """`[sample] grid_every = N`: at each validation step that is a multiple of N, RUN/grid/step_<N>/ over the
+    checkpoints written so far (step 0 = the base model, each kept checkpoint) and the validation prompts,
+    made by `lora-sd grid` in a subprocess (the training adapter stays in this process's model)."""
+    import subprocess
+    import sys
+    sc = cfg.sample
+    if not (sc.grid_every and sc.prompts and step % sc.grid_every == 0) or any("|" in p for p in sc.prompts):
+        return None
+    out = Path(run_dir) / "grid" / f"step_{step:06d}"
+    res = cfg.data.resolution
+    args = ["--x", "step=" + ",".join(str(v) for v in run_steps(run_dir) if v != FINAL),
+            "--y", "prompt=" + "|".join(sc.prompts), "--run", str(run_dir), "--scale", str(sc.grid_scale),
+            "--seed", str(sc.seed), "--negative-prompt", sc.negative_prompt, "--model", cfg.model.pretrained,
+            "--model-config", cfg.model.config,
+            "--steps", str(sc.steps), "--guidance", str(sc.guidance_scale), "--width", str(sc.width or res),
+            "--height", str(sc.height or res), "--scheduler", sc.scheduler, "--device", device, "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "lora_sd.cli", "grid", *args], capture_output=True, text=True)
+    if done.returncode:
+        log.warning("step %d: the comparison grid failed: %s", step, (done.stderr.strip().splitlines() or ["?"])[-1])
+        return None
+    log.info("step %d: comparison grid over the checkpoints so far: %s", step, out / GRID_FILE)
+    return out

@@ -306,6 +306,9 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
         finally:
             module.train(was_training)
         log.info("step %d: %d validation image(s) in %s", step, len(results), run.samples)
+        if sc.grid_every:   # [sample] grid_every: lora_sd.grid
+            from .grid import grid_so_far
+            grid_so_far(cfg, run.path, step, str(accelerator.device))
 
     return export, sample
 

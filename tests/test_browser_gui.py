@@ -308,6 +308,33 @@ def test_8d_fit_badge(page, server):
     shot(page, "15-fit-badge")
 
 
+def test_8e_llm_checkpoints_on_eval_metrics(page, server):
+    """Compare, text runs: *Evaluate every checkpoint* scores each checkpoints/step_N of a 4-step tiny GPT-2 run
+    (`lora-llm eval`, cached in the checkpoint) into the table and the metric-per-step plot."""
+    run = server["ws"] / "runs" / "lm"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(
+        f'run_dir = "{run}"\n[data]\ntask = "sst2"\ndata_dir = "{ROOT / "tests" / "fixtures" / "llm" / "sst2"}"\n'
+        '[train]\nmax_steps = 4\nbatch_size = 2\ncheckpoint_every = 2\n[eval]\nprompts = []\n')
+    (run / "status.json").write_text(json.dumps({"state": "queued", "kind": "llm-train"}))
+    subprocess.run([sys.executable, "-m", "lora_llm.cli", "train", "--config", str(run / "config.toml")],
+                   cwd=ROOT, check=True, capture_output=True)
+    page.reload()
+    page.locator("#sd-start").wait_for()
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_text("Text runs: eval metrics", exact=False).first.click()
+    choose(page, "cmp-llm-runs", "lm")
+    page.keyboard.press("Escape")
+    page.locator("#cmp-llm-ckpts input").check()
+    page.locator("#cmp-llm-metrics").click()
+    table = page.locator("#cmp-llm-table")
+    wait_for(page, lambda: "runs/lm/checkpoints/step_00000004" in table.inner_text(), 120, "checkpoint-metrics")
+    assert "runs/lm/checkpoints/step_00000002" in table.inner_text() and "accuracy" in table.inner_text()
+    assert (run / "checkpoints" / "step_00000002" / "eval.json").is_file()
+    page.locator("#cmp-llm-plot img").first.wait_for()
+    shot(page, "16-llm-checkpoint-metrics")
+
+
 def test_9_ctrl_c_stops_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGINT)

@@ -125,3 +125,30 @@ def test_sample_grid_at_the_end_of_a_run(tmp_path):
     assert index["spec"]["x_values"] == [0, 1, 2] and index["spec"]["y_values"] == ["a cat", "a dog"]
     assert index["spec"]["scale"] == 0.5 and len(index["cells"]) == 6
     assert (tmp_path / "run" / "grid" / "grid.png").is_file()
+
+
+def test_sample_grid_every_n_steps(tmp_path):
+    """`[sample] grid_every = 2` (with sample_every = 2): at steps 2 and 4 a grid over the checkpoints written
+    so far (the step-2 checkpoint follows the step-2 validation); its cells equal the adapters' own images."""
+    from PIL import Image
+    from lora_sd.testing import make_images, train_config
+    from lora_sd.train import run_training
+    make_images(tmp_path / "data", 2)
+    cfg = train_config(tmp_path / "run", "tiny", tmp_path / "data", tmp_path / "cache",
+                       train={"max_steps": 4, "checkpoint_every": 1, "sample_every": 2, "batch_size": 1,
+                              "lr_warmup_steps": 0},
+                       sample={"prompts": ["a cat"], "grid_every": 2, "steps": 2, "seed": 3, "guidance_scale": 3.0},
+                       loss={"min_snr_gamma": 0.0, "noise_offset": 0.0})
+    assert run_training(cfg)["state"] == "done"
+    grids = tmp_path / "run" / "grid"
+    assert sorted(p.name for p in grids.iterdir()) == ["step_000002", "step_000004"]
+    assert json.loads((grids / "step_000002" / "index.json").read_text())["spec"]["x_values"] == [0, 1]
+    index = json.loads((grids / "step_000004" / "index.json").read_text())
+    kept = [int(p.name[5:]) for p in sorted((tmp_path / "run" / "checkpoints").glob("step_*"))]
+    assert kept[-1] == 4 and index["spec"]["x_values"] == [0, *kept] and index["spec"]["y_values"] == ["a cat"]
+    cell = next(c for c in index["cells"] if c["col"] == len(kept))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
+    from lora_sd.grid import adapter_in
+    file = adapter_in(ckpt)
+    got = _px(Image.open(grids / "step_000004" / cell["png"]))
+    assert (got == _px(_single(file, 1.0, "a cat", 3))).all()

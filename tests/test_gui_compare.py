@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lora_core.adapter_files import block_names, inspect
 from lora_core.configfile import ConfigError
 from lora_core.fields import field_specs
 from lora_gui import configs, kinds
@@ -244,6 +245,33 @@ def test_fit_badge(sd_run, tmp_path):
         sd_run.compare.fit("runs/tiny/config.toml", "tiny")
 
 
+@needs_check
+def test_quick_fit_badge_from_headers_and_the_cached_base(sd_run):
+    """The badge on every adapter row: header shapes against `lora-sd inspect --base tiny`'s module list, made
+    once and cached; it agrees with the full load report, also for a kohya copy, and names a mismatched block."""
+    ad = sd_run.adapters
+    file = next(f for f in sd_run.compare.sd_sources() if f.endswith(".safetensors"))
+    full_fits, full = sd_run.compare.fit(file, "tiny")
+    fits, rep = ad.fit(file, "tiny")
+    assert fits is full_fits is True and rep["matched"] == full["matched"] and rep["unmatched"] == {}
+    cache = list((sd_run.ws.outputs / "base-modules").glob("*.json"))
+    assert len(cache) == 1 and "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q" in cache[0].read_text()
+    ad.convert(file, "kohya", "k.safetensors")
+    fits, rep = ad.fit("outputs/adapters/k.safetensors", "tiny")
+    assert fits is True and rep["matched"] == full["matched"]
+    rows = {r[0]: r[-1] for r in ad.rows()}
+    assert rows[file] == rows["outputs/adapters/k.safetensors"] == "fits"
+    assert ad.fit_label(file, "no-such-model") == "?"       # not described yet, and not computed
+    data = json.loads(cache[0].read_text())
+    key = inspect(sd_run.ws.resolve(file))["target_modules"][-1]   # one adapted module gets another width
+    block = block_names([key])[0]
+    data["modules"][key] = [data["modules"][key][0] + 1, data["modules"][key][1]]
+    cache[0].write_text(json.dumps(data))
+    fits, rep = ad.fit(file, "tiny")
+    assert fits is False and rep["bad_blocks"] == [block] and list(rep["mismatched"]) == [key]
+    assert ad.fit_label(file, "tiny") == f"does not fit: {block}"
+
+
 def test_badge_and_report_rendering():
     assert 'data-fits="no"' in badge(False, {"bad_blocks": ["unet.mid_block"]}) and "unet.mid_block" in badge(
         False, {"bad_blocks": ["unet.mid_block"]})
@@ -269,3 +297,40 @@ def test_check_button_on_the_text_form(ctrl):
         pytest.skip("../shared is absent: the demo's SST-2 data is not available offline")
     ok, text = ctrl.compare.check("llm-train", ctrl.configs.default("llm-train"), _values(ctrl, "llm-train"), True)
     assert ok and "**data**: task sst2" in text and "**steps**: ok True" in text
+
+
+def test_llm_checkpoints_on_eval_metrics(ctrl):
+    """A real 4-step tiny GPT-2 run (checkpoint_every=2): each checkpoint is evaluated by `lora-llm eval`
+    once (cached in the checkpoint), equals a direct `lora-llm eval` of it, and is plotted against its step."""
+    from lora_gui.services.compare import metric_curves
+    run = ctrl.ws.runs / "lm"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(
+        f'run_dir = "{run}"\n[data]\ntask = "sst2"\ndata_dir = "{ROOT / "tests" / "fixtures" / "llm" / "sst2"}"\n'
+        '[train]\nmax_steps = 4\nbatch_size = 2\ncheckpoint_every = 2\nlearning_rate = 0.05\n[eval]\nprompts = []\n')
+    (run / "status.json").write_text(json.dumps({"state": "queued", "kind": "llm-train"}))
+    subprocess.run([sys.executable, "-m", "lora_llm.cli", "train", "--config", str(run / "config.toml")],
+                   cwd=ROOT, check=True, capture_output=True)
+    told = []
+    rows = ctrl.compare.checkpoint_metrics(["lm"], lambda i, n, what: told.append((i, n, what)))
+    assert [r["step"] for r in rows] == [2, 4] and [t[:2] for t in told] == [(0, 2), (1, 2)]
+    ck2 = run / "checkpoints" / "step_00000002"
+    assert rows[0]["source"] == "runs/lm/checkpoints/step_00000002" and (ck2 / "eval.json").is_file()
+    direct = json.loads(subprocess.run(
+        [sys.executable, "-m", "lora_llm.cli", "eval", "--adapter", str(ck2), "--config", str(run / "config.toml"),
+         "--json"], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    assert {k: rows[0][k] for k in ("accuracy", "macro_f1", "mcc")} == {k: direct[k] for k in ("accuracy", "macro_f1",
+                                                                                                 "mcc")}
+    final = json.loads((run / "eval.json").read_text())   # the last checkpoint holds the final adapter
+    assert rows[1]["accuracy"] == final["accuracy"]
+    # cached: a second call runs no CLI (a marked cache value comes back as is)
+    cached = json.loads((ck2 / "eval.json").read_text())
+    (ck2 / "eval.json").write_text(json.dumps({**cached, "accuracy": 0.123}))
+    assert ctrl.compare.checkpoint_metrics(["lm"])[0]["accuracy"] == 0.123
+    # the fit badge of its adapter (header shapes vs `lora-llm inspect --base tiny`'s module list) = the full report
+    fits, rep = ctrl.adapters.fit("runs/lm/adapter.safetensors", "tiny")
+    full = json.loads(subprocess.run([sys.executable, "-m", "lora_llm.cli", "inspect", str(run / "adapter.safetensors"),
+                                      "--base", "tiny", "--json"], cwd=ROOT, capture_output=True, text=True).stdout)
+    assert fits is True and full["fits"] and rep["blocks"] == {k: v for k, v in full["blocks"].items() if k != "score"}
+    metric, curves = metric_curves(rows + ctrl.compare.llm_metrics(["lm"]), ["lm"])
+    assert metric == "accuracy" and curves == [("lm", [2, 4], [rows[0]["accuracy"], rows[1]["accuracy"]])]

@@ -33,6 +33,7 @@ AXIS_ORDER = ("step", "adapter", "scale", "seed", "prompt")   # the first varyin
 REQUEST, INDEX, GRID_PNG, PENDING = "request.json", "index.json", "grid.png", "pending.png"
 METRICS = ("accuracy", "macro_f1", "f1", "mcc", "perplexity", "loss", "val_loss")
 FINAL = "final"
+CKPT_EVAL = "eval.json"   # a checkpoint's cached `lora-llm eval` result
 
 
 def step_label(step) -> str:
@@ -204,6 +205,35 @@ class CompareService:
                          "state": st.get("state", ""), **final, **({"final_loss": losses[-1]} if losses else {})})
         return rows
 
+    def checkpoint_metrics(self, names: list[str], progress=None) -> list[dict]:
+        """One row per kept checkpoint (checkpoints/step_N holding an adapter) of each run: its eval metrics
+        from `lora-llm eval --adapter CKPT --config RUN/config.toml`, cached as CKPT/eval.json (reused
+        while newer than the checkpoint's adapter). `progress(done, total, label)` is told before each."""
+        todo = []
+        for n in names or []:
+            run = RunDir(self.ws.resolve(Path("runs") / check_name(n, "run name"), must_exist=True))
+            todo += [(n, run, c) for c in run.checkpoints() if (c / "adapter.safetensors").is_file()
+                     and c.name[5:].isdigit()]
+        rows = []
+        for i, (n, run, ckpt) in enumerate(todo):
+            if progress is not None:
+                progress(i, len(todo), f"{n} {ckpt.name}")
+            ev = self._checkpoint_eval(run, ckpt)
+            rows.append({"run": n, "step": int(ckpt.name[5:]), "source": self.ws.rel(ckpt),
+                         **{k: ev[k] for k in METRICS if _num(ev.get(k))}})
+        return rows
+
+    def _checkpoint_eval(self, run: RunDir, ckpt: Path) -> dict:
+        cache = ckpt / CKPT_EVAL
+        if cache.is_file() and cache.stat().st_mtime >= (ckpt / "adapter.safetensors").stat().st_mtime:
+            return read_json(cache)
+        args = ["eval", "--adapter", str(ckpt), "--json"]
+        if (run.path / "config.toml").is_file():
+            args += ["--config", str(run.path / "config.toml")]
+        ev = clirun.parse_json(clirun.run_cli("lora_llm.cli", args, self.ws.root, 1800), "lora-llm eval")
+        atomic_write_json(cache, {**ev, "step": int(ckpt.name[5:])})
+        return ev
+
     def generations(self, names: list[str], prompt: str, max_new_tokens: int, model: str = "tiny") -> list[list]:
         """[source, text] for the bare base model and each run, one `lora-llm generate` call each (greedy)."""
         if not (prompt or "").strip():
@@ -326,6 +356,21 @@ class CompareService:
         rc, stdout, stderr = clirun.run_cli_rc(cli, ["inspect", str(path), "--base", model, "--json"], self.ws.root, 600)
         rep = _report(stdout, stderr, rc, "inspect")
         return bool(rep.get("fits")) and rc == 0, rep
+
+
+def metric_curves(rows: list[dict], names: list[str]) -> tuple[Optional[str], list[tuple[str, list, list]]]:
+    """(the metric to plot, [(run, steps, values)]) of metric rows: the first of accuracy, macro F1, MCC,
+    perplexity present; one point per run and step (the first row for a step), in step order."""
+    cols = {k for r in rows for k in r}
+    metric = next((m for m in ("accuracy", "macro_f1", "mcc", "perplexity") if m in cols), None)
+    curves = []
+    for n in names or []:
+        points: dict[int, float] = {}
+        for r in rows:
+            if r["run"] == n and isinstance(r.get("step"), int) and _num(r.get(metric)):
+                points.setdefault(r["step"], r[metric])
+        curves.append((n, sorted(points), [points[k] for k in sorted(points)]))
+    return metric, curves
 
 
 def badge(fits: Optional[bool], rep: Optional[dict] = None) -> str:

@@ -6,7 +6,7 @@ import gradio as gr
 from ..services.compare import badge
 from ..widgets import guard
 
-HEADERS = ["file", "format", "base model", "rank", "alpha", "targets", "steps", "size (KB)"]
+HEADERS = ["file", "format", "base model", "rank", "alpha", "targets", "steps", "size (KB)", "fit (base model)"]
 
 
 def build(page) -> None:
@@ -71,6 +71,16 @@ class AdaptersTab:
         self.refresh.click(page.adapter_values, None, lists)
         self.inspect.click(guard(ctrl.adapters.inspect), [self.file], [self.details])
         self.fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [self.file, self.base], [self.badge, self.details])
+
+        @guard
+        def row_badge(base, evt: gr.SelectData):   # a row clicked: its quick badge and report
+            file = evt.row_value[0] if getattr(evt, "row_value", None) else None
+            if not file:
+                return gr.skip(), gr.skip(), gr.skip()
+            return (file, *quick_badge(ctrl, file, base))
+
+        page.adapter_table.select(row_badge, [self.base], [self.file, self.badge, self.details])
+        self.base.submit(guard(lambda b: ctrl.adapters.rows(b, compute=True)), [self.base], [page.adapter_table])
         self.convert.click(convert, [self.file, self.to, self.conv_name], [self.message, *lists])
         self.merge.click(guard(ctrl.adapters.merge), [self.file, self.base, self.merge_name], [self.message])
         self.delete.click(ask_delete, [self.file], ask)
@@ -81,4 +91,10 @@ class AdaptersTab:
 def fit_badge(ctrl, file: str, base: str) -> tuple[str, dict]:
     """The fit badge of `file` against `base` (`inspect --base`) and its load report."""
     fits, rep = ctrl.compare.fit(file, base)
+    return badge(fits, rep), rep
+
+
+def quick_badge(ctrl, file: str, base: str) -> tuple[str, dict]:
+    """The fit badge from the adapter's header and the base's cached module list (no model load)."""
+    fits, rep = ctrl.adapters.fit(file, base)
     return badge(fits, rep), rep

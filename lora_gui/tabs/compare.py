@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import kinds, runview
-from ..services.compare import sweeplib
+from ..services.compare import metric_curves, sweeplib
 from ..services.plots import curves_figure
 from ..widgets import guard
 from .generate import schedulers
@@ -113,6 +113,8 @@ def llm_panel(page) -> None:
         with gr.Row():
             runs = gr.Dropdown(choices=svc.llm_runs(), multiselect=True, label="Runs", elem_id="cmp-llm-runs",
                                scale=4)
+            ckpts = gr.Checkbox(value=False, label="Evaluate every checkpoint", elem_id="cmp-llm-ckpts", scale=1,
+                                info="lora-llm eval per checkpoints/step_N (cached in the checkpoint)")
             show = gr.Button("Compare metrics", elem_id="cmp-llm-metrics", scale=1)
         table = gr.Dataframe(value=[], interactive=False, type="array", elem_id="cmp-llm-table")
         plot = gr.Plot(label="Metric per step", elem_id="cmp-llm-plot", format="png")
@@ -125,17 +127,15 @@ def llm_panel(page) -> None:
                              elem_id="cmp-llm-texts")
 
     @guard
-    def metrics(chosen):
-        rows = svc.llm_metrics(chosen)
+    def metrics(chosen, with_ckpts, progress=gr.Progress()):
+        tell = lambda i, n, what: progress((i, n), desc=f"evaluating {what}")  # noqa: E731
+        rows = (svc.checkpoint_metrics(chosen, tell) if with_ckpts else []) + svc.llm_metrics(chosen)
         cols = list(dict.fromkeys(k for r in rows for k in r))
-        metric = next((m for m in ("accuracy", "macro_f1", "mcc", "perplexity") if m in cols), None)
-        curves = [(n, [r["step"] for r in rows if r["run"] == n and isinstance(r.get("step"), int) and metric in r],
-                   [r[metric] for r in rows if r["run"] == n and isinstance(r.get("step"), int) and metric in r])
-                  for n in chosen or []]
-        fig = curves_figure(curves, metric or "metric", "eval metric per step", marker="o") if metric else None
+        metric, curves = metric_curves(rows, chosen)
+        fig = curves_figure(curves, metric, "eval metric per step", marker="o") if metric else None
         return gr.update(value=[[r.get(c, "") for c in cols] for r in rows], headers=cols), fig
 
-    show.click(metrics, [runs], [table, plot])
+    show.click(metrics, [runs, ckpts], [table, plot])
     gen.click(guard(svc.generations), [runs, prompt, tokens, model], [texts])
     page.on_load([runs], lambda: [gr.update(choices=svc.llm_runs())])
 

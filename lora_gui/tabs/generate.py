@@ -8,7 +8,7 @@ from lora_core.fields import field_specs
 from .. import kinds
 from ..services.compare import badge
 from ..widgets import guard
-from .adapters import fit_badge
+from .adapters import fit_badge, quick_badge
 
 
 def schedulers() -> list[str]:
@@ -39,19 +39,27 @@ def build(page) -> None:
     page.refresh_adapters_on_select(tab)
 
     @guard
-    def add_adapter(rows, chosen, value):
+    def add_adapter(rows, chosen, value, base):
         if not chosen:
             raise gr.Error("choose an adapter file first", print_exception=False)
         ctrl.ws.resolve(chosen, must_exist=True)
         rows = [r for r in (rows or []) if r and str(r[0]).strip()]
-        return rows + [[chosen, float(value if value is not None else 1.0)]]
+        return rows + [[chosen, float(value if value is not None else 1.0), ctrl.adapters.fit_label(chosen, base, True)]]
+
+    @guard
+    def row_badge(base, evt: gr.SelectData):   # a row clicked: its fit badge and report
+        file = evt.row_value[0] if getattr(evt, "row_value", None) else None
+        return quick_badge(ctrl, file, base) if file else (gr.skip(), gr.skip())
 
     @guard
     def generate(base, rows, *values):
         return ctrl.generation.images(base, rows, *values)
 
-    add.click(add_adapter, [table, pick, scale], [table])
+    add.click(add_adapter, [table, pick, scale, model], [table])
+    table.select(row_badge, [model], [fit_html, report])
     fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [pick, model], [fit_html, report])
+    quick = guard(lambda f, b: quick_badge(ctrl, f, b) if f else (badge(None), None))
+    pick.change(quick, [pick, model], [fit_html, report])    # the picked adapter's badge, without a model load
     go.click(generate, [model, table, *params], [gallery, message])
 
 
@@ -61,7 +69,7 @@ def adapter_picker(ctrl):
                            allow_custom_value=True)
         scale = gr.Number(value=1.0, label="Scale", scale=1, elem_id="gen-adapter-scale")
         add = gr.Button("Add adapter", scale=1, elem_id="gen-adapter-add")
-    table = gr.Dataframe(headers=["adapter", "scale"], value=[], type="array", interactive=True,
+    table = gr.Dataframe(headers=["adapter", "scale", "fit"], value=[], type="array", interactive=True,
                          label="Adapters (edit the scale; clear a row to drop it)", elem_id="gen-adapters")
     return pick, scale, add, table
 
