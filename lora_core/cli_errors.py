@@ -167,11 +167,35 @@ def add_tiny_model_parser(sub, help: str, fn):
     return m
 
 
-def add_inspect_parser(sub, help: str, fn):
-    """`inspect FILE [--json] [--base MODEL]`: describe an adapter file (and whether it fits a base model)."""
+def add_inspect_parser(sub, help: str, fn, prog: str, fit: str):
+    """`inspect FILE [--json] [--base MODEL]`: describe an adapter file with fn(args); with --base, `fit`
+    ("module:name") tells whether it fits that base model (or, without FILE, lists the base's adaptable modules)."""
+    def inspect(a) -> int:
+        if a.base:
+            return _ref(fit)(a)
+        if not a.file:
+            raise SystemExit(f"{prog} inspect: error: give an adapter FILE (or --base MODEL alone: its adaptable modules)")
+        return fn(a)
     i = sub.add_parser("inspect", help=help)
     i.add_argument("file", nargs="?", default="", help="omitted with --base: list the base's adaptable modules")
     i.add_argument("--json", action="store_true")
     i.add_argument("--base", default="", help="a base model: tell whether the file fits it (exit 1 if not)")
-    i.set_defaults(fn=fn)
+    i.set_defaults(fn=inspect)
     return i
+
+
+def _ref(ref: str):
+    """The object a "module:name" reference names (imported when a command runs, not when the CLI starts)."""
+    import importlib
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def add_sweep_and_check(sub, prog: str, config_class: str, load: str, train: str, preflight: str) -> None:
+    """`sweep` and `check` of a trainer CLI: its config class, config loader, train function and preflight,
+    as "module:name" references."""
+    from .preflight import add_check_parser, cli_check
+    from .sweep import add_sweep_parser, cli_sweep
+    add_sweep_parser(sub, config_class, prog).set_defaults(
+        fn=lambda a: cli_sweep(a, _ref(config_class), _ref(load), _ref(train)))
+    add_check_parser(sub, config_class, lambda a: cli_check(a, _ref(preflight)))

@@ -161,11 +161,6 @@ def _cmd_merge(a) -> int:
 def _cmd_inspect(a) -> int:
     from lora_core.adapter_files import LoraLoadError
     from .adapters import describe
-    if a.base:
-        from .cli_decide import inspect_base   # does the file fit that model? (the load report)
-        return inspect_base(a)
-    if not a.file:
-        raise SystemExit("lora-llm inspect: error: give an adapter FILE (or --base MODEL alone: its adaptable modules)")
     try:
         d = describe(a.file)
     except LoraLoadError as e:
@@ -230,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="new folder for the merged model")
     mg.set_defaults(fn=_cmd_merge)
 
-    add_inspect_parser(sub, "describe an adapter file or PEFT folder", _cmd_inspect)
+    add_inspect_parser(sub, "describe an adapter file or PEFT folder", _cmd_inspect, "lora-llm",
+                       "lora_llm.cli_decide:inspect_base")
     from .cli_decide import add_commands   # sweep, check
     add_commands(sub)
     add_debug_flag(p, sub)

@@ -37,22 +37,8 @@ def _base_modules(base: str) -> int:
     return 0
 
 
-def _cmd_sweep(a) -> int:
-    from lora_core.sweep import cli_sweep
-    from .config import LLMTrainConfig, load_llm_config
-    from .train import train_from_config
-    return cli_sweep(a, LLMTrainConfig, load_llm_config, train_from_config)
-
-
-def _cmd_check(a) -> int:
-    from lora_core.preflight import cli_check
-    from .preflight import preflight
-    return cli_check(a, preflight)
-
-
 def add_commands(sub) -> None:
     """Add sweep and check to the `lora-llm` subparsers."""
-    from lora_core.preflight import add_check_parser
-    from lora_core.sweep import add_sweep_parser
-    add_sweep_parser(sub, "lora_llm.config:LLMTrainConfig", "lora-llm").set_defaults(fn=_cmd_sweep)
-    add_check_parser(sub, "lora_llm.config:LLMTrainConfig", _cmd_check)
+    from lora_core.cli_errors import add_sweep_and_check
+    add_sweep_and_check(sub, "lora-llm", "lora_llm.config:LLMTrainConfig",
+                        "lora_llm.config:load_llm_config", "lora_llm.train:train_from_config", "lora_llm.preflight:preflight")

@@ -118,11 +118,6 @@ def _cmd_convert(a) -> int:
 
 def _cmd_inspect(a) -> int:
     from lora_core.adapter_files import inspect
-    if a.base:
-        from .cli_decide import inspect_base   # does the file fit that model? (the load report)
-        return inspect_base(a)
-    if not a.file:
-        raise SystemExit("lora-sd inspect: error: give an adapter FILE (or --base MODEL alone: its adaptable modules)")
     s = inspect(a.file)
     if a.json:
         print(json.dumps(s, indent=2))
@@ -294,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="keep", choices=["keep", "fp32", "fp16", "bf16"])
     c.set_defaults(fn=_cmd_convert)
 
-    add_inspect_parser(sub, "rank, alpha, targets, metadata and size of a LoRA file", _cmd_inspect)
+    add_inspect_parser(sub, "rank, alpha, targets, metadata and size of a LoRA file", _cmd_inspect, "lora-sd",
+                       "lora_sd.cli_decide:inspect_base")
 
     d = sub.add_parser("check-dataset", help="count images and captions, list problems")
     d.add_argument("dir")

@@ -53,19 +53,6 @@ def _cmd_grid(a) -> int:
     return 0
 
 
-def _cmd_sweep(a) -> int:
-    from lora_core.sweep import cli_sweep
-    from .config import SDTrainConfig, load_train_config
-    from .train import run_training
-    return cli_sweep(a, SDTrainConfig, load_train_config, run_training)
-
-
-def _cmd_check(a) -> int:
-    from lora_core.preflight import cli_check
-    from .preflight import preflight
-    return cli_check(a, preflight)
-
-
 def inspect_base(a) -> int:
     """`lora-sd inspect FILE --base MODEL`: the load report of FILE against MODEL, before any load."""
     from lora_core.adapter_files import inspect
@@ -86,8 +73,7 @@ def inspect_base(a) -> int:
 
 def add_commands(sub) -> None:
     """Add grid, sweep and check to the `lora-sd` subparsers."""
-    from lora_core.preflight import add_check_parser
-    from lora_core.sweep import add_sweep_parser
+    from lora_core.cli_errors import add_sweep_and_check
     g = sub.add_parser("grid", help="comparison grid over checkpoint steps, adapter scales, prompts, seeds or adapters")
     g.add_argument("--x", required=True, metavar="AXIS[=V1,V2,...]",
                    help="columns: step (all of --run's, or step=0,200,final), scale=0,0.5,1, prompt=a cat|a dog, "
@@ -111,7 +97,6 @@ def add_commands(sub) -> None:
     g.add_argument("--out", required=True, help="folder for grid.png, cells/ and index.json")
     g.set_defaults(fn=_cmd_grid)
 
-    add_sweep_parser(sub, "lora_sd.config:SDTrainConfig", "lora-sd").set_defaults(fn=_cmd_sweep)
-
-    add_check_parser(sub, "lora_sd.config:SDTrainConfig", _cmd_check)
+    add_sweep_and_check(sub, "lora-sd", "lora_sd.config:SDTrainConfig",
+                        "lora_sd.config:load_train_config", "lora_sd.train:run_training", "lora_sd.preflight:preflight")
 
