@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from lora_core.run import RunDir
 
@@ -25,6 +26,9 @@ class RunSnapshot:
     error: str | None = None
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)     # validation loss (train.val_every), where present
+    val_losses: list[float] = field(default_factory=list)
+    best_val_step: Optional[int] = None
     samples: list[Path] = field(default_factory=list)
     log_tail: str = ""
 
@@ -65,6 +69,10 @@ def snapshot(run_dir: Path) -> RunSnapshot:
         if "step" in rec and "loss" in rec:
             snap.steps.append(int(rec["step"]))
             snap.losses.append(float(rec["loss"]))
+        if "step" in rec and "val_loss" in rec:
+            snap.val_steps.append(int(rec["step"]))
+            snap.val_losses.append(float(rec["val_loss"]))
+    snap.best_val_step = st.get("best_val_step")
     if not snap.max_steps:
         snap.max_steps = _max_steps_from_config(run.config)
     if run.samples.is_dir():

@@ -335,3 +335,18 @@ def test_progress_and_plot(tmp_path):
     assert list(xs) == list(range(1, 13))
     assert loss_figure(runview.snapshot(tmp_path / "empty")) is None
     assert runview.format_eta(3725) == "1:02:05" and runview.format_eta(None) == "--"
+
+
+def test_validation_loss_is_plotted_beside_the_training_loss(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    for s in range(1, 7):
+        run.append_metrics({"step": s, "loss": 1.0 / s})
+        if s % 2 == 0:   # the run protocol's validation lines (train.val_every = 2)
+            run.append_metrics({"step": s, "val_loss": {2: 0.9, 4: 0.7, 6: 0.8}[s]})
+    run.write_status("done", step=6, max_steps=6, best_val_step=4, best_val_loss=0.7)
+    snap = runview.snapshot(run.path)
+    assert snap.steps == [1, 2, 3, 4, 5, 6] and snap.val_steps == [2, 4, 6] and snap.val_losses == [0.9, 0.7, 0.8]
+    lines = {ln.get_label(): ln for ln in loss_figure(snap).axes[0].lines}
+    assert list(lines["validation loss"].get_xdata()) == [2, 4, 6]
+    assert list(lines["validation loss"].get_ydata()) == [0.9, 0.7, 0.8]
+    assert list(lines["best (step 4)"].get_xdata()) == [4] and list(lines["best (step 4)"].get_ydata()) == [0.7]

@@ -24,6 +24,12 @@ def loss_figure(snap: RunSnapshot):
         smooth = [sum(snap.losses[max(0, i - k + 1):i + 1]) / len(snap.losses[max(0, i - k + 1):i + 1])
                   for i in range(len(snap.losses))]
         ax.plot(snap.steps, smooth, lw=2, color="#dc2626", label=f"mean of {k}")
+    if snap.val_steps:   # the held-out validation loss beside the training loss, the best step marked
+        ax.plot(snap.val_steps, snap.val_losses, "o-", lw=1.5, color="#16a34a", label="validation loss")
+        if snap.best_val_step in snap.val_steps:
+            best = snap.val_losses[snap.val_steps.index(snap.best_val_step)]
+            ax.plot([snap.best_val_step], [best], "*", ms=12, color="#f59e0b", label=f"best (step {snap.best_val_step})")
+    if len(snap.losses) >= 10 or snap.val_steps:
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
