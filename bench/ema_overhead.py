@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--unet-width", type=int, default=64)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--res", type=int, default=32, help="latent side (256 px images: 32)")
+    ap.add_argument("--json", default=None, help="also write the numbers here (e.g. bench/results/ema_overhead.json)")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -73,6 +74,17 @@ def main() -> None:
           f"{a.steps} steps (median)")
     print(f"step {mp * 1e3:.1f} ms, step+EMA {me * 1e3:.1f} ms ({(me / mp - 1) * 100:+.2f} %), "
           f"EMA update alone {mu * 1e3:.3f} ms ({mu / mp * 100:.2f} % of a step)")
+    if a.json:
+        import json
+        import os
+        from lora_core.files import atomic_write_json
+        atomic_write_json(a.json, {
+            "command": "python bench/ema_overhead.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
+                                                                  if k != "json" and v is not None),
+            "device": dev, "unet_width": a.unet_width, "latent": a.res, "lora_parameters": n_par, "steps": a.steps,
+            "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+            "step_ms": mp * 1e3, "step_with_ema_ms": me * 1e3, "ema_update_ms": mu * 1e3,
+            "ema_update_share_of_step": mu / mp})
 
 
 if __name__ == "__main__":
