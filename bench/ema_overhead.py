@@ -75,7 +75,6 @@ def main() -> None:
     print(f"step {mp * 1e3:.1f} ms, step+EMA {me * 1e3:.1f} ms ({(me / mp - 1) * 100:+.2f} %), "
           f"EMA update alone {mu * 1e3:.3f} ms ({mu / mp * 100:.2f} % of a step)")
     if a.json:
-        import json
         import os
         from lora_core.files import atomic_write_json
         atomic_write_json(a.json, {
