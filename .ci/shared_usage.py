@@ -8,6 +8,7 @@ reruns exactly those tests with LORA_SHARED_DIR pointing to a missing folder.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -67,7 +68,10 @@ def pytest_runtest_protocol(item, nextitem):
     before = _count
     yield
     if _count != before or _tainted_fixtures & set(getattr(item, "fixturenames", ())):
-        _dependent.append(item.nodeid)
+        # the test file relative to the working directory (the node id is relative to pytest's rootdir,
+        # which an option value such as --shared-usage-out /tmp/... can move), then the rest of the id
+        rest = item.nodeid.partition("::")[2]
+        _dependent.append(os.path.relpath(str(item.path)) + ("::" + rest if rest else ""))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -176,7 +176,8 @@ def test_adapters_are_listed_described_and_deleted_with_care(ctrl, tmp_path):
     (ws.runs / "link.safetensors").symlink_to(outside)
     assert ctrl.adapters.files() == ["runs/r1/lora.safetensors"]
     [row] = ctrl.adapters.rows()
-    assert row == ["runs/r1/lora.safetensors", "kohya", "tiny", "4", "2.0", 1, "12", row[-1]]
+    assert row[:-1] == ["runs/r1/lora.safetensors", "kohya", "tiny", "4", "2.0", 1, "12", row[-2]]
+    assert row[-1] == "?"   # the fit column: the base model's modules are not described (cached) yet
     with pytest.raises(UserError, match="not an adapter file"):
         ctrl.adapters.delete("outputs/merged/m/unet/model.safetensors")
     with pytest.raises(PathError):
