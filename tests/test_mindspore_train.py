@@ -164,7 +164,9 @@ def test_msrun_two_cpu_workers_equal_one_process_with_the_global_batch(tmp_path)
     a = read_safetensors(tmp_path / "dp" / "adapter.safetensors")[0]
     b = read_safetensors(tmp_path / "one" / "adapter.safetensors")[0]
     for k in a:
-        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-4, atol=1e-6)
+        # graph mode + an all-reduce against one pynative process: float32 sums in another order. Weights are
+        # O(0.1); a worker that skipped its half of the batch or the averaging would be off by far more than 1e-5
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-4, atol=1e-5)
     shutil.rmtree(tmp_path / "rank_0", ignore_errors=True)
 
 
