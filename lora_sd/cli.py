@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import ARCHS
 from lora_core.cli_errors import add_debug_flag, add_inspect_parser, add_tiny_model_parser, add_train_parser, run_command
 
 EXAMPLES = """examples:
@@ -43,8 +44,8 @@ def _cmd_train(a) -> int:
 
 def _cmd_tiny_model(a) -> int:
     from .models import RANDOM_WEIGHTS_NOTE, save_tiny_pipeline
-    out = save_tiny_pipeline(a.out_dir, seed=a.seed)
-    print(f"wrote {out}\n{RANDOM_WEIGHTS_NOTE}.")
+    out = save_tiny_pipeline(a.out_dir, seed=a.seed, arch=a.arch)
+    print(f"wrote {out} ({a.arch})\n{RANDOM_WEIGHTS_NOTE}.")
     return 0
 
 
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub, "train a LoRA from a TOML config (works under accelerate launch)",
                      "lora_sd.config:SDTrainConfig", "configs/sd_*.toml", _cmd_train)
-    add_tiny_model_parser(sub, "write a tiny SD pipeline with RANDOM weights (offline tests/demos)", _cmd_tiny_model)
+    tm = add_tiny_model_parser(sub, "write a tiny SD pipeline with RANDOM weights (offline tests/demos)", _cmd_tiny_model)
+    tm.add_argument("--arch", choices=ARCHS, default="sd1", help="sd1, sd2 (v-prediction) or sdxl (two text encoders)")
 
     g = sub.add_parser("generate", help="generate images, optionally with LoRA adapters")
     g.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")

@@ -14,6 +14,8 @@ from lora_core.cli_errors import ModelLoadError, check_local_path, hub_error, on
 from lora_core.io import atomic_write_json, atomic_write_text
 from lora_core.paths import shared_path
 
+from .config import ARCHS
+
 log = logging.getLogger("lora_sd")
 
 TINY = "tiny"
@@ -48,57 +50,116 @@ def load_tokenizer():
     return tok
 
 
-# ------------------------------------------------------------------ tiny pipeline
-def build_tiny_pipeline(seed: int = 0):
-    """A small SD-1.x-architecture pipeline (cross-attention UNet, VAE, CLIP text encoder, DDPM
-    scheduler) from configs. Its weights are random (seeded): a few MB, built in about a second."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+# ------------------------------------------------------------------ tiny pipelines
+PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                  "sdxl": "StableDiffusionXLPipeline"}
 
+
+def _tiny_text_config(tokenizer, hidden: int, layers: int, projection_dim: int = 0):
+    from transformers import CLIPTextConfig
+    extra = {"projection_dim": projection_dim} if projection_dim else {}
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=layers, max_position_embeddings=MAX_TOKENS, layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def _tiny_unet(arch: str):
+    """The UNet of each architecture at toy width. SD 2.x: linear projections, per-block head dims;
+    SDXL: a first block without attention, two transformer layers deeper down and the text_time
+    micro-conditioning, laid out like the real SDXL UNet (so SGM names such as input_blocks_4_1 exist)."""
+    from diffusers import UNet2DConditionModel
+    common = dict(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=32)
+    if arch == "sd1":
+        return UNet2DConditionModel(
+            layers_per_block=1, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
+            up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=2, **common)
+    if arch == "sd2":
+        return UNet2DConditionModel(
+            layers_per_block=1, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
+            up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=(2, 4),
+            use_linear_projection=True, **common)
+    return UNet2DConditionModel(
+        layers_per_block=2, block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4), use_linear_projection=True,
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, **common)
+
+
+def _tiny_scheduler(arch: str):
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  steps_offset=1)
+    if arch == "sdxl":
+        return EulerDiscreteScheduler(prediction_type="epsilon", timestep_spacing="leading", **common)
+    return DDPMScheduler(clip_sample=False, prediction_type="v_prediction" if arch == "sd2" else "epsilon", **common)
+
+
+def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
+    """A small pipeline of architecture `arch` (sd1, sd2 or sdxl) from configs: cross-attention UNet,
+    VAE, CLIP text encoder(s) (SDXL: a second one with projection, whose pooled output conditions the
+    UNet), scheduler (SD 2.x: v-prediction as its 768-v models). Random (seeded) weights, a few MB,
+    built in about a second."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
     tokenizer = load_tokenizer()
     g_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32)
+        unet = _tiny_unet(arch)
         vae = AutoencoderKL(   # 3 blocks: images are 4x the latent size (SD's VAE: 8x)
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
             norm_num_groups=32, sample_size=64)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-            num_hidden_layers=3, max_position_embeddings=MAX_TOKENS, layer_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32, 3))
+        if arch == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 3, projection_dim=32))
     finally:
         torch.random.set_rng_state(g_state)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon",
-                              steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    scheduler = _tiny_scheduler(arch)
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=load_tokenizer(), unet=unet,
+                                         scheduler=scheduler, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe._lora_sd_random_weights = True
     return pipe
 
 
-def save_tiny_pipeline(out_dir, seed: int = 0) -> Path:
+def save_tiny_pipeline(out_dir, seed: int = 0, arch: str = "sd1") -> Path:
     """Write the tiny pipeline as a diffusers folder with a model card saying its weights are random."""
     out = Path(out_dir)
-    pipe = build_tiny_pipeline(seed)
+    pipe = build_tiny_pipeline(seed, arch)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    atomic_write_json(out / TINY_MARKER, {"random_weights": True, "seed": seed, "note": RANDOM_WEIGHTS_NOTE})
+    atomic_write_json(out / TINY_MARKER, {"random_weights": True, "seed": seed, "arch": arch,
+                                          "note": RANDOM_WEIGHTS_NOTE})
     atomic_write_text(out / "README.md", (
         "---\ntags: [stable-diffusion, tiny, random-weights, lora-workbench]\n---\n"
-        f"# Tiny Stable Diffusion pipeline (random weights)\n\n{RANDOM_WEIGHTS_NOTE}.\n\n"
-        "Built by `lora-sd tiny-model` from configs: UNet2DConditionModel with cross-attention "
-        "(block_out_channels 32/64, one layer per block, cross_attention_dim 32), AutoencoderKL (3 blocks, 4x), CLIPTextModel "
-        "(3 layers, hidden 32), DDPMScheduler. Use it to test the training and export machinery offline.\n"))
+        f"# Tiny Stable Diffusion pipeline ({arch}, random weights)\n\n{RANDOM_WEIGHTS_NOTE}.\n\n"
+        f"Built by `lora-sd tiny-model --arch {arch}` from configs (lora_sd.models._tiny_unet): a toy-width "
+        "UNet2DConditionModel with cross-attention, AutoencoderKL (3 blocks, 4x), CLIPTextModel (3 layers, hidden 32"
+        + ("; plus CLIPTextModelWithProjection as text_encoder_2" if arch == "sdxl" else "") +
+        "). Use it to test the training and export machinery offline.\n"))
     return out
+
+
+def arch_of(pipe_or_unet) -> str:
+    """sd1 / sd2 / sdxl from a pipeline or its UNet's config."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    cfg = unet.config
+    if getattr(cfg, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    return "sd2" if getattr(cfg, "use_linear_projection", False) else "sd1"
 
 
 def is_random_weights(pipe) -> bool:
@@ -108,7 +169,7 @@ def is_random_weights(pipe) -> bool:
 # ------------------------------------------------------------------ loading
 def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = None, variant: str = "",
                   dtype: torch.dtype = torch.float32):
-    """StableDiffusionPipeline from `pretrained`:
+    """The SD 1.x/2.x or SDXL pipeline from `pretrained`:
     "tiny" (built in memory), a local diffusers folder, a single-file checkpoint (.safetensors/.ckpt;
     `config` names a local diffusers folder or hub id with the matching configs), or a hub id."""
     from diffusers import StableDiffusionPipeline
@@ -123,7 +184,8 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"model.pretrained = {pretrained}: folder has no model_index.json (not a diffusers pipeline)")
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), **common)
+        cls = _pipeline_class(json.loads((path / "model_index.json").read_text(encoding="utf-8")), pretrained)
+        pipe = cls.from_pretrained(str(path), **_pipeline_kwargs(cls, common))
         if (path / TINY_MARKER).is_file():
             log.warning("%s: %s", path, RANDOM_WEIGHTS_NOTE)
             pipe._lora_sd_random_weights = True
@@ -141,11 +203,30 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
         if variant:
             kw["variant"] = variant
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(pretrained, **kw)
+            from diffusers import DiffusionPipeline
+            pipe = DiffusionPipeline.from_pretrained(pretrained, **kw)
         except Exception as e:
             raise hub_error("model.pretrained", pretrained, e) from e
+        _pipeline_class({"_class_name": type(pipe).__name__}, pretrained)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _pipeline_class(index: dict, source: str):
+    """The diffusers pipeline class a model_index.json names, if lora_sd trains it (SD 1.x/2.x, SDXL)."""
+    import diffusers
+    name = index.get("_class_name", "")
+    if name not in set(PIPELINE_CLASS.values()):
+        raise ModelLoadError(f"model.pretrained = {source}: a {name or 'unnamed'} pipeline; lora_sd trains "
+                             "StableDiffusionPipeline (SD 1.x / 2.x) and StableDiffusionXLPipeline (SDXL) models")
+    return getattr(diffusers, name)
+
+
+def _pipeline_kwargs(cls, common: dict) -> dict:
+    """SD 1.x/2.x take safety-checker switches; SDXL has none."""
+    if cls.__name__ == PIPELINE_CLASS["sdxl"]:
+        return {k: v for k, v in common.items() if k not in ("safety_checker", "requires_safety_checker")}
+    return common
 
 
 def _dtype_kwarg() -> str:
