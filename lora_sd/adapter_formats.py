@@ -3,22 +3,46 @@
 kohya:     lora_unet_<path . -> _>.lora_down.weight [r, in] / .lora_up.weight [out, r] / .alpha (0-dim),
            text encoder lora_te_<path>; ΔW = alpha / r · up @ down, no alpha means alpha = r; LoCon
            convs down [r, in, k, k] / up [out, r, 1, 1]; DoRA's magnitude as .dora_scale (LyCORIS).
+           SD 2.x: the same names, metadata ss_v2 = True. SDXL: the UNet named in the original SGM layout
+           (lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q, middle_block_1, output_blocks_..,
+           inside ResNets in_layers_2 / out_layers_3 / emb_layers_1 / skip_connection), the text encoders
+           lora_te1_ / lora_te2_, ss_base_model_version = sdxl_base_v1-0. Mapping SGM <-> diffusers
+           names needs the UNet's block layout: we record it as `lora_sd.unet_layout` (JSON); files of
+           other tools have none, and then the released SDXL (or SD 1.x/2.x) layout is assumed.
 diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.lora.up; PEFT's own
            save_pretrained of a UNet writes base_model.model.<path>), with r / lora_alpha (and
            rank/alpha patterns) in the `lora_adapter_metadata` JSON; none means alpha = r; DoRA's
-           magnitude as .lora_magnitude_vector (PEFT's name).
+           magnitude as .lora_magnitude_vector (PEFT's name). SDXL adds text_encoder_2.<path>.
 Here live the naming rules (shared with lora_sd.formats, which reads and writes the tensors) and the
 header-only description `lora-sd inspect` and the GUI show.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
 
-COMPONENTS = ("unet", "text_encoder")
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+from . import unet_names
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+SDXL_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+LAYOUT_KEY = "lora_sd.unet_layout"
+SDXL_BASE_VERSION, SDXL_SPEC = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
+# the UNet block layouts of the released models, assumed for SGM-named files that do not record theirs
+_LAYOUT_FIELDS = ("down_block_types", "up_block_types", "layers_per_block")
+SDXL_LAYOUT = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 2}
+SD_LAYOUT = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2}
+_SGM_TOP = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+_RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}   # inside a ResNet block: diffusers -> SGM
+_SGM_RESNET = re.compile(r"((?:input_blocks\.\d+|output_blocks\.\d+)\.0|middle_block\.[02])\.("
+                         + "|".join(re.escape(v) for v in _RESNET_SGM.values()) + ")")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
@@ -34,13 +58,59 @@ _COMPOUND = {
     "time_embedding", "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj",
     "k_proj", "v_proj", "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2", "token_embedding",
     "position_embedding", "text_projection",
+    # the original SGM / LDM UNet (kohya's SDXL names)
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+    "time_embed", "label_emb",
 }
 
 
-def kohya_name(key: str) -> str:
-    """"unet.down_blocks.0...to_q" -> "lora_unet_down_blocks_0_..._to_q"."""
+# ------------------------------------------------------------------ SGM <-> diffusers UNet names
+def unet_layout(cfg: Mapping) -> dict:
+    """The block layout (what the SGM <-> diffusers name map needs) of a UNet config."""
+    lpb = cfg.get("layers_per_block", 2)
+    return {"down_block_types": list(cfg["down_block_types"]), "up_block_types": list(cfg["up_block_types"]),
+            "layers_per_block": list(lpb) if isinstance(lpb, (list, tuple)) else int(lpb)}
+
+
+def layout_of(metadata: Mapping[str, str], arch: str) -> dict:
+    """The UNet layout a file records (`lora_sd.unet_layout`), else the released model's of `arch`."""
+    raw = metadata.get(LAYOUT_KEY)
+    if not raw:
+        return SDXL_LAYOUT if arch == "sdxl" else SD_LAYOUT
+    try:
+        return unet_layout(json.loads(raw))
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"metadata {LAYOUT_KEY} = {raw[:80]!r} is not a UNet block layout (JSON with "
+                         f"{', '.join(_LAYOUT_FIELDS)}); remove it to assume the released model's") from None
+
+
+def to_sgm(path: str, layout: Mapping) -> str:
+    """A diffusers UNet module path -> the SGM one ('down_blocks.1.attentions.0.proj_in' -> 'input_blocks.4.1.proj_in')."""
+    orig = unet_names.to_original(path, layout)
+    head, _, leaf = orig.rpartition(".")
+    return f"{head}.{_RESNET_SGM[leaf]}" if ".resnets." in f".{path}" and leaf in _RESNET_SGM else orig
+
+
+def from_sgm(path: str, layout: Mapping) -> str:
+    """The inverse of to_sgm; KeyError for a name outside the layout's blocks."""
+    m = _SGM_RESNET.fullmatch(path)
+    if m:
+        path = f"{m.group(1)}.{next(d for d, o in _RESNET_SGM.items() if o == m.group(2))}"
+    return unet_names.to_diffusers(path, layout)
+
+
+def is_sgm(path: str) -> bool:
+    return path.startswith(_SGM_TOP)
+
+
+# ------------------------------------------------------------------ kohya names
+def kohya_name(key: str, layout: Optional[Mapping] = None) -> str:
+    """"unet.down_blocks.0...to_q" -> "lora_unet_down_blocks_0_..._to_q" (SD 1.x/2.x); with the UNet's
+    `layout`, kohya's SDXL name ("lora_unet_input_blocks_4_1_..._to_q", text encoders lora_te1_/lora_te2_)."""
     comp, _, path = key.partition(".")
-    return KOHYA_PREFIX[comp] + path.replace(".", "_")
+    if layout is None:
+        return KOHYA_PREFIX[comp] + path.replace(".", "_")
+    return SDXL_PREFIX[comp] + (to_sgm(path, layout) if comp == "unet" else path).replace(".", "_")
 
 
 def undo_underscores(flat: str) -> str:
@@ -55,14 +125,23 @@ def undo_underscores(flat: str) -> str:
     return ".".join(parts)
 
 
-def kohya_key(base: str) -> str:
-    """A kohya base name -> "<component>.<module path>" by diffusers' naming rules."""
-    for comp, prefix in KOHYA_PREFIX.items():
+_PREFIXES = (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+             ("lora_te2_", "text_encoder_2"))
+
+
+def kohya_key(base: str, layout: Optional[Mapping] = None) -> str:
+    """A kohya base name -> "<component>.<module path>" by diffusers' naming rules; SGM-named UNet
+    modules through `layout` (default: the released SDXL's)."""
+    for prefix, comp in _PREFIXES:
         if base.startswith(prefix):
-            return f"{comp}.{undo_underscores(base[len(prefix):])}"
-    m = re.match(r"lora_te(\d)_(.+)", base)   # SDXL's two text encoders
-    if m:
-        return f"text_encoder{'' if m.group(1) == '1' else '_' + m.group(1)}.{undo_underscores(m.group(2))}"
+            path = undo_underscores(base[len(prefix):])
+            if comp == "unet" and is_sgm(path):
+                try:
+                    path = from_sgm(path, layout or SDXL_LAYOUT)
+                except KeyError:
+                    raise ValueError(f"{base}: {path} is no module of this UNet layout "
+                                     f"({json.dumps(layout or SDXL_LAYOUT)})") from None
+            return f"{comp}.{path}"
     raise ValueError(f"{base}: unknown component prefix")
 
 
@@ -107,41 +186,66 @@ def detect_diffusers(view: AdapterView) -> bool:
     return any(m and _is_diffusers_path(m.group(1)) for m in map(DIFFUSERS_KEY.fullmatch, view.keys))
 
 
+# ------------------------------------------------------------------ architecture and layout of a file
+_SGM_KOHYA = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks|label_emb|time_embed|out)_\d")
+
+
+def file_arch(metadata: Mapping[str, str], widths: Mapping[str, int]) -> str:
+    """sd1 / sd2 / sdxl of an adapter file; `widths`: {module name as the file spells it (kohya base name
+    or "<component>.<path>"): its input width}. SDXL's own names (lora_te1_/lora_te2_, text_encoder_2.)
+    first, then the metadata (ss_base_model_version, ss_v2, modelspec.architecture), then SGM-named UNet
+    modules (kohya's SDXL), then the cross-attention width (1024: SD 2.x, 2048: SDXL); else sd1."""
+    ver, spec = metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", "")
+    if ver.startswith("sdxl") or "-xl-" in spec or any(
+            n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in widths):
+        return "sdxl"
+    if metadata.get("ss_v2") == "True" or ver.startswith("sd_v2") or spec.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if ver.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
+        return "sd1"
+    if any(_SGM_KOHYA.match(n) for n in widths):
+        return "sdxl"
+    ctx = {w for n, w in widths.items() if re.search(r"attn2[._]to_k$", n)}
+    return {1024: "sd2", 2048: "sdxl"}.get(ctx.pop(), "sd1") if len(ctx) == 1 else "sd1"
+
+
+def known_layout(metadata: Mapping[str, str], arch: str, names) -> Optional[dict]:
+    """The UNet layout of a file when it is known (recorded, SDXL, or SGM names of the released
+    model), else None (SD 1.x/2.x files name their modules the diffusers way and record none)."""
+    if LAYOUT_KEY in metadata or arch == "sdxl" or any(_SGM_KOHYA.match(n) for n in names):
+        return layout_of(metadata, arch)
+    return None
+
+
 # ------------------------------------------------------------------ header-only description
-def modules_kohya(view: AdapterView) -> dict[str, tuple[int, float]]:
-    """"<component>.<path>" -> (rank, alpha), alpha read from the file's 0-dim tensors."""
+Modules = dict[str, tuple[int, float]]   # "<component>.<path>" -> (rank, alpha)
+
+
+def modules_kohya(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
+    """(modules, architecture, UNet layout or None); alpha read from the file's 0-dim tensors."""
+    downs = {m.group(1): k for k in view.keys for m in [KOHYA_KEY.fullmatch(k)] if m and m.group(2) == "lora_down.weight"}
+    arch = file_arch(view.metadata, {b: view.header.shape(k)[1] for b, k in downs.items()})
+    layout = layout_of(view.metadata, arch)
     out = {}
-    for k in view.keys:
-        m = KOHYA_KEY.fullmatch(k)
-        if m and m.group(2) == "lora_down.weight":
-            base, rank = m.group(1), view.header.shape(k)[0]
-            alpha = view.header.scalar(f"{base}.alpha") if f"{base}.alpha" in view.header.tensors else float(rank)
-            out[kohya_key(base)] = (rank, alpha)
-    return out
+    for base, k in downs.items():
+        rank = view.header.shape(k)[0]
+        alpha = view.header.scalar(f"{base}.alpha") if f"{base}.alpha" in view.header.tensors else float(rank)
+        out[kohya_key(base, layout)] = (rank, alpha)
+    return out, arch, known_layout(view.metadata, arch, downs)
 
 
-def modules_diffusers(view: AdapterView) -> dict[str, tuple[int, float]]:
+def modules_diffusers(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
     packed = view.json_metadata.get(DIFFUSERS_METADATA_KEY) or {}
-    out = {}
+    out, widths = {}, {}
     for k in view.keys:
         m = DIFFUSERS_KEY.fullmatch(k)
         if m and m.group(2) in ("lora_A.weight", "lora.down.weight"):
             key = diffusers_path(m.group(1))
             comp, _, path = key.partition(".")
-            rank = view.header.shape(k)[0]
+            rank, widths[key] = view.header.shape(k)[:2]
             out[key] = (rank, diffusers_alpha(packed, comp, path, rank))
-    return out
-
-
-def architecture(view: AdapterView, keys: list[str]) -> str:
-    meta = view.metadata
-    spec = meta.get("modelspec.architecture", "")
-    if meta.get("ss_base_model_version", "").startswith("sdxl") or "-xl-" in spec \
-            or any(k.startswith("text_encoder_2.") for k in keys):
-        return "sdxl"
-    if meta.get("ss_v2") == "True" or spec.startswith("stable-diffusion-v2"):
-        return "sd2"
-    return "sd1"
+    arch = file_arch(view.metadata, widths)
+    return out, arch, known_layout(view.metadata, arch, ())
 
 
 def sd_block(key: str) -> str:
@@ -154,8 +258,20 @@ def sd_block(key: str) -> str:
     return f"{comp}.{block_names([path])[0]}"
 
 
-def _sd_blocks(keys: list[str]) -> list[str]:
-    return sorted({sd_block(k) for k in keys})
+def sgm_block(key: str, layout: Mapping) -> str:
+    """A UNet key's block in the original SGM layout ("unet.input_blocks.4.1"); text encoder keys as sd_block."""
+    comp, _, path = key.partition(".")
+    try:
+        parts = to_sgm(path, layout).split(".") if comp == "unet" else []
+    except KeyError:
+        parts = []
+    if not parts:
+        return sd_block(key)
+    return "unet." + ".".join(parts[:3] if parts[0] in ("input_blocks", "output_blocks") else parts[:2])
+
+
+def _sorted_blocks(blocks) -> list[str]:
+    return sorted(set(blocks), key=lambda b: re.sub(r"\d+", lambda m: m.group(0).zfill(4), b))
 
 
 def made_for(arch: str, shapes: dict[str, tuple[int, int]]) -> str:
@@ -173,7 +289,9 @@ def made_for(arch: str, shapes: dict[str, tuple[int, int]]) -> str:
     return f"{label} ({'; '.join(p for p in parts if p)})" if any(parts) else label
 
 
-def describe(view: AdapterView, modules: dict[str, tuple[int, float]]) -> dict:
+def describe(view: AdapterView, modules: Modules, arch: str, layout: Optional[dict]) -> dict:
+    """inspect's SD fields; `blocks` in diffusers' terms, `blocks_original` in the SGM layout's (when the
+    file's UNet layout is known: SDXL, or recorded)."""
     keys = sorted(modules)
     by_comp = Counter(k.partition(".")[0] for k in keys)
     leaves = {".".join(p[-2:]) if p[-1].isdigit() else p[-1] for p in (k.split(".") for k in keys)}
@@ -181,7 +299,8 @@ def describe(view: AdapterView, modules: dict[str, tuple[int, float]]) -> dict:
     attention = sorted({m.group(0) for k in keys for m in [re.search(r"attn[12]", k)] if m})
     return {
         "ranks": [r for r, _ in modules.values()], "alphas": [a for _, a in modules.values()],
-        "target_modules": keys, "blocks": _sd_blocks(keys), "architecture": architecture(view, keys),
+        "target_modules": keys, "blocks": sorted({sd_block(k) for k in keys}), "architecture": arch,
+        "blocks_original": _sorted_blocks(sgm_block(k, layout) for k in keys) if layout else [],
         "base_model": meta.get("ss_sd_model_name") or meta.get("base_model") or meta.get("modelspec.architecture", ""),
         "steps": meta.get("ss_steps", ""), "modules": len(keys), "modules_by_component": dict(by_comp),
         "target_leaves": sorted(leaves), "attention": attention, **variants(view),
@@ -199,8 +318,8 @@ def variants(view: AdapterView) -> dict:
 _SD = dict(tool="lora-sd", cli="lora_sd.cli", family="sd", commands=("inspect", "convert", "generate", "merge"),
            read="lora_sd.formats:read_view")
 register(AdapterFormat(KOHYA, "kohya sd-scripts LoRA (AUTOMATIC1111, ComfyUI, diffusers)", detect=detect_kohya,
-                       describe=lambda v: describe(v, modules_kohya(v)), write="lora_sd.formats:write_kohya",
+                       describe=lambda v: describe(v, *modules_kohya(v)), write="lora_sd.formats:write_kohya",
                        priority=20, **_SD))
 register(AdapterFormat(DIFFUSERS, "diffusers / PEFT LoRA (load_lora_weights)", detect=detect_diffusers,
-                       describe=lambda v: describe(v, modules_diffusers(v)), write="lora_sd.formats:write_diffusers",
+                       describe=lambda v: describe(v, *modules_diffusers(v)), write="lora_sd.formats:write_diffusers",
                        priority=30, **_SD))

@@ -1,7 +1,9 @@
-"""Adapter files for Stable Diffusion 1.x: kohya and diffusers/PEFT, in and out.
+"""Adapter files for Stable Diffusion 1.x, 2.x and SDXL: kohya and diffusers/PEFT, in and out.
 
-In memory an adapter is `{"unet.<module path>" | "text_encoder.<module path>": ModuleLora}` with
-ΔW = (alpha / r) · up @ down (kohya's meaning; rsLoRA and any alpha are folded into `alpha`).
+In memory an adapter is `{"unet.<module path>" | "text_encoder[_2].<module path>": ModuleLora}` (diffusers'
+module names) with ΔW = (alpha / r) · up @ down (kohya's meaning; rsLoRA and any alpha are folded into
+`alpha`), plus the base's architecture and UNet block layout (`Adapter.arch`, `.layout`): SDXL's kohya
+files name UNet modules in the original SGM layout (lora_sd.adapter_formats), which takes the layout.
 
 kohya:     lora_unet_<path . -> _>.lora_down.weight [r, in] / .lora_up.weight [out, r] / .alpha (0-dim),
            text encoder lora_te_<path>; string metadata ss_* and modelspec.*. LoCon (k×k Conv2d): down
@@ -15,9 +17,11 @@ Loading into a pipeline is strict: every key must match a module, or nothing is 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -29,8 +33,9 @@ from lora_core.io import atomic_save_safetensors, read_safetensors  # noqa: F401
 from lora_core.layers import LoraLayer, base_dims, supported
 
 from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,  # noqa: F401 (re-exported)
-                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, diffusers_alpha, diffusers_path, kohya_key, kohya_name,
-                              made_for, sd_block)
+                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, LAYOUT_KEY, SDXL_BASE_VERSION, SDXL_LAYOUT, SDXL_SPEC, diffusers_alpha,
+                              diffusers_path, file_arch, known_layout, kohya_key, kohya_name, layout_of, made_for, sd_block,
+                              unet_layout)
 
 
 @dataclass
@@ -58,13 +63,32 @@ def _magnitude(t: torch.Tensor, out: int, key: str, source: str, kohya: bool) ->
                         f"output-axis layout (PEFT's lora_magnitude_vector, LyCORIS' wd_on_out) is supported")
 
 
-Adapter = dict  # "<component>.<module path>" -> ModuleLora
+class Adapter(dict):
+    """"<component>.<module path>" -> ModuleLora, and what writing kohya's SDXL names needs: `arch`
+    (sd1 / sd2 / sdxl, "" when unknown) and `layout` (the UNet's block layout, None when unknown)."""
+
+    def __init__(self, *args, arch: str = "", layout: Optional[dict] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arch, self.layout = arch, layout
+
+
+def _components_arch(components: dict[str, nn.Module]) -> tuple[str, Optional[dict]]:
+    """(arch, UNet layout) of a components dict (lora_sd.models.arch_of on its UNet); ("", None) when
+    there is no diffusers UNet."""
+    from .models import arch_of
+    try:
+        unet = components["unet"]
+        return arch_of(unet), unet_layout(unet.config)
+    except (KeyError, TypeError, AttributeError):
+        return ("sdxl" if "text_encoder_2" in components else ""), None
 
 
 # ------------------------------------------------------------------ from / into a model
 def from_model(components: dict[str, nn.Module], adapter: str = "default") -> Adapter:
-    """The adapter `adapter` of lora_core-wrapped components ({"unet": unet, "text_encoder": te})."""
-    out: Adapter = {}
+    """The adapter `adapter` of lora_core-wrapped components ({"unet": unet, "text_encoder": te,
+    "text_encoder_2": te2}), with the architecture and UNet layout of the components."""
+    arch, layout = _components_arch(components)
+    out = Adapter(arch=arch, layout=layout)
     for comp, model in components.items():
         for name, layer in lora_layers(model):
             if adapter in layer.lora_A:
@@ -113,11 +137,34 @@ def _model_shapes(components: dict[str, nn.Module]):
     return shapes, others, kernels
 
 
+def fit_names(adapter: Adapter, components: dict[str, nn.Module]) -> Adapter:
+    """Text-encoder keys spelled `text_model.<path>` (transformers' CLIP names as kohya, ComfyUI and
+    diffusers' files use them) for a CLIPTextModel that newer transformers flattened to `<path>`."""
+    renamed = Adapter(arch=getattr(adapter, "arch", ""), layout=getattr(adapter, "layout", None))
+    for key, ml in adapter.items():
+        comp, _, path = key.partition(".")
+        model = components.get(comp)
+        if path.startswith("text_model.") and model is not None and not hasattr(model, "text_model"):
+            key = f"{comp}.{path[len('text_model.'):]}"
+        renamed[key] = ml
+    return renamed
+
+
+def _text_model_names(adapter: Adapter) -> Adapter:
+    """The inverse of fit_names for SDXL files: every text-encoder path under `text_model.`."""
+    out = Adapter(arch=getattr(adapter, "arch", ""), layout=getattr(adapter, "layout", None))
+    for key, ml in adapter.items():
+        comp, _, path = key.partition(".")
+        out[key if comp == "unet" or path.startswith("text_model.") else f"{comp}.text_model.{path}"] = ml
+    return out
+
+
 def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str = "adapter", made_for: str = "",
                 base: str = "this pipeline") -> adapter_files.LoadReport:
     """Module by module, whether `adapter` fits the pipeline's components (lora_core.adapter_files.LoadReport):
     (in, out) per module, then each matched module's rank and kernel (LoCon: down [r, in, k, k])."""
     shapes, others, kernels = _model_shapes(components)
+    adapter = fit_names(adapter, components)
     own = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()}
     rep = adapter_files.build_report(str(source), made_for or made_for_shapes(adapter), own, shapes, sd_block,
                                      base, others)
@@ -151,6 +198,7 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
     """Add `adapter` as lora_core adapter `name` (strict: any unmatched key raises LoraLoadError and
     nothing is changed). Returns the number of matched modules."""
     from lora_core import set_scale
+    adapter = fit_names(adapter, components)
     rep = load_report(adapter, components, source, made_for)
     if not rep.fits:
         problems = [f"{k}: {why}" for k, why in {**rep.unmatched, **rep.mismatched}.items()]
@@ -187,10 +235,11 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
 
 
 # ------------------------------------------------------------------ kohya
-def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float32, layout: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """kohya's tensors; with the UNet `layout`, kohya's SDXL names (SGM UNet, lora_te1_/lora_te2_)."""
     sd = {}
     for key, ml in adapter.items():
-        base = kohya_name(key)
+        base = kohya_name(key, layout)
         sd[f"{base}.lora_down.weight"] = ml.down.to(dtype).contiguous()
         sd[f"{base}.lora_up.weight"] = ml.up.to(dtype).contiguous()
         sd[f"{base}.alpha"] = torch.tensor(float(ml.alpha), dtype=dtype)
@@ -199,25 +248,54 @@ def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[str, 
     return sd
 
 
-def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = None, source: str = "file") -> Adapter:
-    """Parse kohya keys. `names` maps kohya base names to "<component>.<path>" (from a model);
-    without it module paths are rebuilt from diffusers' naming rules."""
+def kohya_names(components: dict[str, nn.Module]) -> dict[str, str]:
+    """{kohya base name: "<component>.<path>"} of every adaptable module, under both of kohya's
+    namings: diffusers' paths (SD 1.x/2.x; lora_te_) and, from the UNet's own layout, SDXL's (SGM, lora_te1_)."""
+    _, layout = _components_arch(components)
+    names = {}
+    for comp, model in components.items():
+        for path in _adaptable_modules(model):
+            key = f"{comp}.{path}"
+            names[kohya_name(key)] = key
+            if comp != "unet":
+                names[kohya_name(key, SDXL_LAYOUT)] = key   # lora_te1_ / lora_te2_ (no layout needed)
+            elif layout is not None:
+                with contextlib.suppress(KeyError):   # outside the UNet's blocks: no SGM name
+                    names[kohya_name(key, layout)] = key
+    return names
+
+
+def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = None, source: str = "file",
+               metadata: Optional[dict[str, str]] = None) -> Adapter:
+    """Parse kohya keys (SD 1.x/2.x and SDXL's SGM names). `names` maps kohya base names to
+    "<component>.<path>" (kohya_names of a model); without it module paths are rebuilt from diffusers'
+    naming rules and, for SGM names, the UNet layout in `metadata` (else the released SDXL's)."""
+    metadata = metadata or {}
     bases: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for k, t in sd.items():
         m = KOHYA_KEY.fullmatch(k)
-        if m is None or not m.group(1).startswith(tuple(KOHYA_PREFIX.values())):
+        if m is None or not re.match(r"lora_(unet|te[12]?)_", m.group(1)):
             bad.append(k)
             continue
         bases.setdefault(m.group(1), {})[m.group(2)] = t
     if bad:
-        raise LoraLoadError(f"{source}: {len(bad)} key(s) are not SD 1.x kohya LoRA keys (SDXL lora_te1_/"
-                            f"lora_te2_, LyCORIS, DoRA and other networks are not supported): {bad[:8]}")
-    out: Adapter = {}
+        raise LoraLoadError(f"{source}: {len(bad)} key(s) are not SD 1.x kohya LoRA keys, nor SD 2.x / SDXL ones (lora_unet_, "
+                            f"lora_te_, lora_te1_, lora_te2_ with lora_down/lora_up/alpha; LyCORIS LoHa/LoKr and "
+                            f"other networks are not supported): {bad[:8]}")
+    arch = file_arch(metadata, {b: p["lora_down.weight"].shape[1] for b, p in bases.items() if "lora_down.weight" in p})
+    try:
+        layout = layout_of(metadata, arch)
+    except ValueError as e:
+        raise LoraLoadError(f"{source}: {e}") from None
+    out = Adapter(arch=arch, layout=layout)
     for base, parts in bases.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise LoraLoadError(f"{source}: {base} lacks lora_down or lora_up")
-        key = names[base] if names is not None and base in names else kohya_key(base)
+        try:
+            key = names[base] if names is not None and base in names else kohya_key(base, layout)
+        except ValueError as e:
+            raise LoraLoadError(f"{source}: {e}") from None
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])  # kohya: no alpha => r
         mag = parts.get("dora_scale")
@@ -228,8 +306,11 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
 
 # ------------------------------------------------------------------ diffusers / PEFT
 def _component_config(items: dict[str, ModuleLora]) -> dict:
-    """PEFT LoraConfig kwargs for one component: the commonest (r, alpha) plus per-module patterns."""
+    """PEFT LoraConfig kwargs for one component: the commonest (r, alpha) plus per-module patterns. Module
+    names drop a leading `text_model.`: PEFT matches them as suffixes, so they fit CLIPTextModel with and
+    without it (transformers 5 flattened it; the tensors' keys keep it, diffusers strips it there)."""
     from collections import Counter
+    items = {p[len("text_model."):] if p.startswith("text_model.") else p: m for p, m in items.items()}
     (r, alpha), _ = Counter((m.rank, m.alpha) for m in items.values()).most_common(1)[0]
     dora = {m.magnitude is not None for m in items.values()}
     if len(dora) > 1:
@@ -275,8 +356,13 @@ def from_diffusers(sd: dict[str, torch.Tensor], metadata: dict[str, str], source
         part = {"lora_A.weight": "down", "lora.down.weight": "down", "lora_magnitude_vector": "magnitude"}.get(m.group(2), "up")
         mods.setdefault(path, {})[part] = t
     if bad:
-        raise LoraLoadError(f"{source}: {len(bad)} key(s) are not diffusers LoRA keys for unet/text_encoder: {bad[:8]}")
-    out: Adapter = {}
+        raise LoraLoadError(f"{source}: {len(bad)} key(s) are not diffusers LoRA keys for unet/text_encoder/"
+                            f"text_encoder_2: {bad[:8]}")
+    arch = file_arch(metadata, {k: p["down"].shape[1] for k, p in mods.items() if "down" in p})
+    try:
+        out = Adapter(arch=arch, layout=known_layout(metadata, arch, ()))
+    except ValueError as e:
+        raise LoraLoadError(f"{source}: {e}") from None
     for key, parts in mods.items():
         if not {"down", "up"} <= set(parts):
             raise LoraLoadError(f"{source}: {key} lacks lora_A/down or lora_B/up")
@@ -304,10 +390,7 @@ def read_view(view: adapter_files.AdapterView, components: Optional[dict[str, nn
     adapter_files.refuse_non_finite(sd, view.file)
     fmt = adapter_files.detect_view(view).format
     if fmt == KOHYA:
-        names = None
-        if components:
-            names = {kohya_name(f"{c}.{n}"): f"{c}.{n}" for c, m in components.items() for n in _adaptable_modules(m)}
-        adapter = from_kohya(sd, names, str(view.path))
+        adapter = from_kohya(sd, kohya_names(components) if components else None, str(view.path), meta)
     else:
         adapter = from_diffusers(sd, meta, str(view.path))
     return AdapterFile(adapter, meta, fmt, next(iter(sd.values())).dtype)
@@ -322,11 +405,35 @@ def read_adapter(path, components: Optional[dict[str, nn.Module]] = None) -> tup
     return f.adapter, f.metadata, f.format
 
 
+def target_naming(adapter: dict, metadata: dict[str, str], unet_config=None) -> tuple[str, Optional[dict]]:
+    """(arch, UNet layout for kohya's SGM names or None) of a file to write: from `unet_config` (a UNet's
+    config), else what the adapter knows (its model's or its file's), else the metadata and module names."""
+    if unet_config is not None:
+        from .models import arch_of
+        cfg = SimpleNamespace(**unet_config) if isinstance(unet_config, dict) else unet_config
+        arch, layout = arch_of(SimpleNamespace(config=cfg)), unet_layout(unet_config)
+    else:
+        arch, layout = getattr(adapter, "arch", ""), getattr(adapter, "layout", None)
+        arch = arch or file_arch(metadata, {k: ml.down.shape[1] for k, ml in adapter.items()})
+    if arch != "sdxl":
+        return arch or "sd1", None
+    return arch, layout or layout_of(metadata, arch)
+
+
 def write_adapter(path, adapter: Adapter, fmt: str, metadata: Optional[dict] = None,
-                  dtype: torch.dtype = torch.float32) -> None:
+                  dtype: torch.dtype = torch.float32, unet_config=None) -> None:
+    """Write `adapter` as a kohya or diffusers file. SDXL (by `unet_config`, the adapter's model or file,
+    or the metadata): kohya's SGM names, kohya's SDXL metadata, and the UNet layout in `lora_sd.unet_layout`."""
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    arch, layout = target_naming(adapter, meta, unet_config)
+    if layout is not None:   # SDXL: text encoders named as kohya, ComfyUI, A1111 and diffusers' files do
+        adapter = _text_model_names(adapter)
+        meta[LAYOUT_KEY] = json.dumps(layout, sort_keys=True)
+        if fmt == KOHYA:
+            meta.setdefault("ss_base_model_version", SDXL_BASE_VERSION)
+            meta.setdefault("modelspec.architecture", SDXL_SPEC)
     if fmt == KOHYA:
-        sd = to_kohya(adapter, dtype)
+        sd = to_kohya(adapter, dtype, layout)
     elif fmt == DIFFUSERS:
         sd, dmeta = to_diffusers(adapter, dtype)
         meta.update(dmeta)
@@ -336,24 +443,30 @@ def write_adapter(path, adapter: Adapter, fmt: str, metadata: Optional[dict] = N
     atomic_save_safetensors(path, sd, meta)
 
 
-def _write(dst, f: AdapterFile, to: str, dtype: Optional[torch.dtype]) -> dict:
+_KOHYA_VERSION = {"sd1": {"ss_base_model_version": "sd_v1"}, "sd2": {"ss_base_model_version": "sd_v2", "ss_v2": "True"},
+                  "sdxl": {"ss_base_model_version": SDXL_BASE_VERSION, "modelspec.architecture": SDXL_SPEC}}
+
+
+def _write(dst, f: AdapterFile, to: str, dtype: Optional[torch.dtype], unet_config=None) -> dict:
     keep = {k: v for k, v in f.metadata.items() if k.startswith(("ss_", "modelspec.", "lora_sd."))}
     if to == KOHYA and "ss_network_module" not in keep:
-        keep.update({"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1",
+        arch, _ = target_naming(f.adapter, keep, unet_config)
+        keep.update({"ss_network_module": "networks.lora", **_KOHYA_VERSION[arch],
                      "ss_network_dim": str(max(m.rank for m in f.adapter.values())),
                      "ss_network_alpha": str(next(iter(f.adapter.values())).alpha)})
-    write_adapter(dst, f.adapter, to, keep, dtype or f.dtype)
+    write_adapter(dst, f.adapter, to, keep, dtype or f.dtype, unet_config)
     return {"modules": len(f.adapter)}
 
 
-def write_kohya(dst, f: AdapterFile, dtype: Optional[torch.dtype] = None) -> dict:
-    return _write(dst, f, KOHYA, dtype)
+def write_kohya(dst, f: AdapterFile, dtype: Optional[torch.dtype] = None, unet_config=None) -> dict:
+    return _write(dst, f, KOHYA, dtype, unet_config)
 
 
-def write_diffusers(dst, f: AdapterFile, dtype: Optional[torch.dtype] = None) -> dict:
-    return _write(dst, f, DIFFUSERS, dtype)
+def write_diffusers(dst, f: AdapterFile, dtype: Optional[torch.dtype] = None, unet_config=None) -> dict:
+    return _write(dst, f, DIFFUSERS, dtype, unet_config)
 
 
-def convert(src, dst, to: str, dtype: Optional[torch.dtype] = None) -> dict:
-    """kohya <-> diffusers through lora_core's converter registry."""
-    return adapter_files.convert(src, dst, to, dtype=dtype)
+def convert(src, dst, to: str, dtype: Optional[torch.dtype] = None, unet_config=None) -> dict:
+    """kohya <-> diffusers through lora_core's converter registry. SDXL files keep their UNet layout
+    (recorded, else the released SDXL's); `unet_config` (a UNet's config) overrides it."""
+    return adapter_files.convert(src, dst, to, dtype=dtype, unet_config=unet_config)
