@@ -184,7 +184,7 @@ def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str 
 
 
 def made_for_shapes(adapter: Adapter, arch: str = "") -> str:
-    return made_for(arch, {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()})
+    return made_for(arch or getattr(adapter, "arch", ""), {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()})
 
 
 def match_report(adapter: Adapter, components: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
