@@ -259,13 +259,11 @@ def sd_block(key: str) -> str:
 
 
 def sgm_block(key: str, layout: Mapping) -> str:
-    """A UNet key's block in the original SGM layout ("unet.input_blocks.4.1"); text encoder keys as sd_block."""
-    comp, _, path = key.partition(".")
+    """A UNet key's block in the original SGM layout ("unet.input_blocks.4.1"); sd_block's name for a
+    module outside the layout's blocks."""
     try:
-        parts = to_sgm(path, layout).split(".") if comp == "unet" else []
+        parts = to_sgm(key.partition(".")[2], layout).split(".")
     except KeyError:
-        parts = []
-    if not parts:
         return sd_block(key)
     return "unet." + ".".join(parts[:3] if parts[0] in ("input_blocks", "output_blocks") else parts[:2])
 
@@ -290,8 +288,8 @@ def made_for(arch: str, shapes: dict[str, tuple[int, int]]) -> str:
 
 
 def describe(view: AdapterView, modules: Modules, arch: str, layout: Optional[dict]) -> dict:
-    """inspect's SD fields; `blocks` in diffusers' terms, `blocks_original` in the SGM layout's (when the
-    file's UNet layout is known: SDXL, or recorded)."""
+    """inspect's SD fields; `blocks` in diffusers' terms, `blocks_original` the UNet's in the SGM layout's
+    (when the file's UNet layout is known: SDXL, or recorded)."""
     keys = sorted(modules)
     by_comp = Counter(k.partition(".")[0] for k in keys)
     leaves = {".".join(p[-2:]) if p[-1].isdigit() else p[-1] for p in (k.split(".") for k in keys)}
@@ -300,7 +298,7 @@ def describe(view: AdapterView, modules: Modules, arch: str, layout: Optional[di
     return {
         "ranks": [r for r, _ in modules.values()], "alphas": [a for _, a in modules.values()],
         "target_modules": keys, "blocks": sorted({sd_block(k) for k in keys}), "architecture": arch,
-        "blocks_original": _sorted_blocks(sgm_block(k, layout) for k in keys) if layout else [],
+        "blocks_original": _sorted_blocks(sgm_block(k, layout) for k in keys if k.startswith("unet.")) if layout else [],
         "base_model": meta.get("ss_sd_model_name") or meta.get("base_model") or meta.get("modelspec.architecture", ""),
         "steps": meta.get("ss_steps", ""), "modules": len(keys), "modules_by_component": dict(by_comp),
         "target_leaves": sorted(leaves), "attention": attention, **variants(view),

@@ -128,6 +128,9 @@ def _cmd_inspect(a) -> int:
     print(f"modules:     {s['targets']} {s.get('modules_by_component', '')}\nrank:        {s['ranks']}\n"
           f"alpha:       {s['alphas']}\nblocks:      {', '.join(s['blocks'])}\n"
           f"parameters:  {s['parameters']:,} in {s['tensors']} tensors ({s['dtype']})")
+    if s.get("architecture"):
+        print(f"arch:        {s['architecture']}" + (f"; UNet blocks in the original (SGM) layout: "
+                                                     f"{', '.join(s['blocks_original'])}" if s.get("blocks_original") else ""))
     if s.get("target_leaves"):
         print(f"targets:     {', '.join(s['target_leaves'])} in {', '.join(s.get('attention') or []) or '-'}")
     if s["convert_to"]:

@@ -59,7 +59,7 @@ def inspect_base(a) -> int:
     from . import formats
     from .models import load_pipeline
     pipe = load_pipeline(a.base, getattr(a, "model_config", ""))
-    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    comps = {n: getattr(pipe, n) for n in formats.COMPONENTS if getattr(pipe, n, None) is not None}
     if not a.file:   # the base's adaptable modules {key: [in, out]}, for a header-only fit check (GUI badge)
         print(json.dumps({"base": a.base, "modules": formats._model_shapes(comps)[0]}))
         return 0

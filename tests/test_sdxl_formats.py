@@ -88,11 +88,13 @@ def ours(base, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ hand merge and outputs
-def _kohya_modules(comps: dict) -> dict:
+def _kohya_modules(comps: dict, diffusers_unet_names: bool = True) -> dict:
     """{kohya SDXL name: (component, module path)} of the attn2 and text-encoder attention modules."""
     out = {}
     for comp, pattern in (("unet", CROSS_ATTN), ("text_encoder", TEXT_ENCODER_ATTN), ("text_encoder_2", TEXT_ENCODER_ATTN)):
         out.update({kohya_sdxl_name(comp, n): (comp, n) for n in _linears(comps, comp, pattern)})
+        if comp == "unet" and diffusers_unet_names:   # diffusers' convert_state_dict_to_kohya keeps diffusers' UNet names
+            out.update({"lora_unet_" + n.replace(".", "_"): (comp, n) for n in _linears(comps, comp, pattern)})
     return out
 
 
@@ -179,7 +181,7 @@ def diffusers_load(base, path):
 def test_kohya_sdxl_file_is_named_as_kohya_names_it(base, ours):
     sd, meta = formats.read_safetensors(ours["kohya"])
     bases = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}
-    assert bases == set(_kohya_modules(_fresh(base)))   # 12 + 2 mid + 18 up attn2 ... built by hand
+    assert bases == set(_kohya_modules(_fresh(base), diffusers_unet_names=False))   # 12 + 2 mid + 18 up attn2 ... built by hand
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q" in bases
     assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0" in bases
     assert "lora_unet_output_blocks_0_1_transformer_blocks_0_attn2_to_k" in bases
@@ -266,6 +268,23 @@ def test_kohya_sdxl_file_built_from_kohya_rules(base, ours, tmp_path):
     assert [b for b in d["blocks_original"] if b.startswith("unet.")] == [
         "unet.input_blocks.5.1", "unet.input_blocks.7.1", "unet.middle_block.1", "unet.output_blocks.2.1",
         "unet.output_blocks.3.1"]
+
+
+def test_kohya_file_from_diffusers_converter(base, ours, tmp_path):
+    """diffusers' convert_state_dict_to_kohya of our SDXL diffusers file: diffusers' UNet names with
+    lora_te1_/lora_te2_ (alpha = r): our importer reads that layout too, with and without the model."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    sd = convert_state_dict_to_kohya(load_file(str(ours["diffusers"])))
+    assert any(k.startswith("lora_unet_down_blocks_") for k in sd) and any(k.startswith("lora_te2_") for k in sd)
+    path = tmp_path / "diffusers_kohya.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    want, base_out = outputs(hand_merged(base, path, "kohya")), outputs(_fresh(base))
+    assert inspect(path)["architecture"] == "sdxl"
+    for with_model in (False, True):
+        comps = _fresh(base)
+        adapter, _, _ = formats.read_adapter(path, comps if with_model else None)
+        assert formats.apply_to_components(adapter, comps, source=str(path)) == 92
+        assert_same(outputs(comps), want, base_out)
 
 
 def test_convert_round_trips_exactly(ours, tmp_path):
