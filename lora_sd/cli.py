@@ -101,8 +101,9 @@ def _cmd_merge(a) -> int:
     specs = _adapter_specs(a)
     pipe = load_pipeline(a.model, a.model_config)
     load_adapters(pipe, specs)
-    for m in (pipe.unet, pipe.text_encoder):
-        remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
+    for n in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, n, None) is not None:
+            remove_lora(getattr(pipe, n), merge=True)   # fold every loaded adapter (at its scale) into the base weights
     pipe.save_pretrained(str(out))
     print(f"merged pipeline written to {out}")
     return 0
@@ -129,8 +130,8 @@ def _cmd_inspect(a) -> int:
           f"alpha:       {s['alphas']}\nblocks:      {', '.join(s['blocks'])}\n"
           f"parameters:  {s['parameters']:,} in {s['tensors']} tensors ({s['dtype']})")
     if s.get("architecture"):
-        print(f"arch:        {s['architecture']}" + (f"; UNet blocks in the original (SGM) layout: "
-                                                     f"{', '.join(s['blocks_original'])}" if s.get("blocks_original") else ""))
+        sgm = s.get("blocks_original")
+        print(f"arch:        {s['architecture']}" + (f"; UNet blocks in the SGM layout: {', '.join(sgm)}" if sgm else ""))
     if s.get("target_leaves"):
         print(f"targets:     {', '.join(s['target_leaves'])} in {', '.join(s.get('attention') or []) or '-'}")
     if s["convert_to"]:

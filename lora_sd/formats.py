@@ -33,9 +33,9 @@ from lora_core.io import atomic_save_safetensors, read_safetensors  # noqa: F401
 from lora_core.layers import LoraLayer, base_dims, supported
 
 from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,  # noqa: F401 (re-exported)
-                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, LAYOUT_KEY, SDXL_BASE_VERSION, SDXL_LAYOUT, SDXL_SPEC, diffusers_alpha,
-                              diffusers_path, file_arch, known_layout, kohya_key, kohya_name, layout_of, made_for, sd_block,
-                              unet_layout)
+                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, LAYOUT_KEY, SDXL_BASE_VERSION, SDXL_LAYOUT, SDXL_SPEC,
+                              diffusers_alpha, diffusers_path, file_arch, known_layout, kohya_key, kohya_name,
+                              layout_of, made_for, sd_block, unet_layout)
 
 
 @dataclass
@@ -184,7 +184,8 @@ def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str 
 
 
 def made_for_shapes(adapter: Adapter, arch: str = "") -> str:
-    return made_for(arch or getattr(adapter, "arch", ""), {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()})
+    shapes = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()}
+    return made_for(arch or getattr(adapter, "arch", ""), shapes)
 
 
 def match_report(adapter: Adapter, components: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
