@@ -365,3 +365,23 @@ def test_sdxl_file_against_an_sd1_pipeline_is_refused(ours):
     assert not rep.fits and any("has no text_encoder_2" in why for why in rep.unmatched.values())
     with pytest.raises(LoraLoadError, match="adapted modules match"):
         formats.apply_to_components(adapter, comps)
+
+
+def test_text_model_names_fit_a_flattened_clip(tmp_path):
+    """kohya's and diffusers' files name CLIP modules text_model.encoder.layers.N (transformers 4); a
+    CLIPTextModel that transformers 5 flattened has encoder.layers.N: both SD 1.x and SDXL files fit it."""
+    sd1 = build_tiny_pipeline(arch="sd1")
+    comps = {"unet": sd1.unet, "text_encoder": copy.deepcopy(sd1.text_encoder)}
+    path = _strip(comps["text_encoder"], "text_model.encoder.layers.1.self_attn.v_proj")
+    lin = comps["text_encoder"].get_submodule(path)
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, lin.in_features, generator=g), torch.randn(lin.out_features, 2, generator=g)
+    name = "lora_te_text_model_encoder_layers_1_self_attn_v_proj"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)},
+              str(tmp_path / "te.safetensors"))
+    adapter, _, _ = formats.read_adapter(tmp_path / "te.safetensors", comps)
+    assert formats.apply_to_components(adapter, comps) == 1
+    x = torch.randn(1, lin.in_features)
+    with torch.no_grad():
+        got = comps["text_encoder"].get_submodule(path)(x)
+        assert torch.allclose(got, lin(x) + x @ down.T @ up.T, atol=1e-5)
