@@ -101,9 +101,8 @@ def _cmd_merge(a) -> int:
     specs = _adapter_specs(a)
     pipe = load_pipeline(a.model, a.model_config)
     load_adapters(pipe, specs)
-    for n in ("unet", "text_encoder", "text_encoder_2"):
-        if getattr(pipe, n, None) is not None:
-            remove_lora(getattr(pipe, n), merge=True)   # fold every loaded adapter (at its scale) into the base weights
+    for m in (pipe.unet, pipe.text_encoder):
+        remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     pipe.save_pretrained(str(out))
     print(f"merged pipeline written to {out}")
     return 0
