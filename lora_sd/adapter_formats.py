@@ -24,11 +24,17 @@ from collections import Counter
 from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
-
-from . import unet_names
+from lora_sd import unet_names
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+KOHYA, DIFFUSERS = "kohya", "diffusers"
+KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
+DIFFUSERS_KEY = re.compile(
+    r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector)")
+PEFT_UNET_PREFIX = "base_model.model."      # PEFT save_pretrained of a UNet
+_UNET_TOP = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 SDXL_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 LAYOUT_KEY = "lora_sd.unet_layout"
 SDXL_BASE_VERSION, SDXL_SPEC = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
@@ -43,13 +49,6 @@ _RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj":
                "conv_shortcut": "skip_connection"}   # inside a ResNet block: diffusers -> SGM
 _SGM_RESNET = re.compile(r"((?:input_blocks\.\d+|output_blocks\.\d+)\.0|middle_block\.[02])\.("
                          + "|".join(re.escape(v) for v in _RESNET_SGM.values()) + ")")
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-KOHYA, DIFFUSERS = "kohya", "diffusers"
-KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
-DIFFUSERS_KEY = re.compile(
-    r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector)")
-PEFT_UNET_PREFIX = "base_model.model."      # PEFT save_pretrained of a UNet
-_UNET_TOP = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 
 # diffusers / transformers module names that contain "_" (to undo kohya's "." -> "_" without a model)
 _COMPOUND = {
