@@ -343,8 +343,8 @@ def _shipped(arch: str, prediction_type: str, global_step) -> tuple[str, str]:
                       "set model.prediction_type = \"epsilon\" for a 512-base model")
 
 
-def _config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) -> tuple[dict, str]:
-    """(configs, where from): model.config, else the file's metadata, else the shipped configs."""
+def _config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) -> tuple[dict, str, str]:
+    """(configs, where from, why): model.config, else the file's metadata, else the shipped configs."""
     from lora_core.cli_errors import check_local_path, hub_error
     if config:
         check_local_path(config, "model.config")
@@ -355,15 +355,15 @@ def _config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str)
                 folder = Path(snapshot_download(config, allow_patterns=["*.json", "*/*.json", "tokenizer*/*.txt"]))
             except Exception as e:
                 raise hub_error("model.config", config, e) from e
-        return _read_config_folder(folder), f"configs from model.config = {config}"
+        return _read_config_folder(folder), f"configs from model.config = {config}", ""
     if META_CONFIGS in ck.metadata:
         try:
-            return json.loads(ck.metadata[META_CONFIGS]), "configs from the file's metadata"
+            return json.loads(ck.metadata[META_CONFIGS]), "configs from the file's metadata", ""
         except json.JSONDecodeError:
             raise _fail(ck.path, f"its {META_CONFIGS} metadata is not JSON") from None
     name, why = _shipped(arch, prediction_type, ck.global_step)
     configs = _read_config_folder(CONFIG_DIR / name)
-    return configs, f"shipped configs {name} ({configs['index'].get('_lora_sd_note', name)}){why}"
+    return configs, f"shipped configs {name}", f" ({configs['index'].get('_lora_sd_note', name)}){why}"
 
 
 def _check_configs(configs: dict, arch: str, source: str, path: Path) -> None:
@@ -398,8 +398,9 @@ def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str
     names = name_map(arch, comp, expected, dict(model.config) if comp in ("unet", "vae") else {})
     missing = sorted({orig for orig, _ in names.values() if orig not in ck.shapes})
     if missing:
-        raise _fail(ck.path, f"{len(missing)} {comp} tensor(s) missing, e.g. {missing[0]} ({source})",
-                    f"a complete {TITLE[arch]} checkpoint")
+        raise _fail(ck.path, f"{len(missing)} {comp} tensor(s) missing for the {source}, e.g. {missing[0]}",
+                    f"a complete {TITLE[arch]} checkpoint (a model of another size: set model.config to a folder "
+                    "or hub id with its diffusers configs)")
     tensors, state = ck.tensors(), {}
     for k, (orig, how) in names.items():
         t = _from_original(tensors[orig], how)
@@ -443,9 +444,9 @@ def load_single_file(path, config: str = "", dtype=None, prediction_type: str = 
     from .models import RANDOM_WEIGHTS_NOTE, assemble_pipeline
     ck = open_checkpoint(path)
     arch, why = classify(ck)
-    configs, source = _config_source(ck, arch, config, prediction_type)
+    configs, source, note = _config_source(ck, arch, config, prediction_type)
     _check_configs(configs, arch, source, ck.path)
-    log.info("%s: detected %s (%s); %s", ck.path, TITLE[arch], why, source)
+    log.info("%s: detected %s (%s); %s%s", ck.path, TITLE[arch], why, source, note)
     used: set = set()
     comps = {c: _load_component(ck, arch, c, configs[c], source, dtype, used) for c in LAYOUT[arch]}
     _warn_unused(ck, arch, used)
