@@ -229,7 +229,8 @@ def _load_ckpt(path: Path) -> tuple[dict, Any]:
                              "files only with torch.load(weights_only=True) and never runs code from a pickle; "
                              "use the model's .safetensors release instead") from None
     except Exception as e:
-        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint, or truncated ({one_line(str(e))[:120]}); "
+        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint, or truncated "
+                             f"({one_line(str(e)).split('. ')[0][:120]}); "
                              "a Stable Diffusion .ckpt or .safetensors file was expected") from None
     step = obj.get("global_step") if isinstance(obj, dict) else None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -256,8 +257,8 @@ def _check_parts(ck: Checkpoint) -> None:
         raise _fail(ck.path, "holds no tensors")
     lora = [k for k in keys if _LORA_KEY.search(k)]
     if lora:
-        raise _fail(ck.path, f"a LoRA / adapter file (keys like {lora[0]}), not a base model",
-                    "a base model; load adapters with --lora or sample.lora,")
+        raise _fail(ck.path, f"a LoRA / adapter file (keys like {lora[0]}), not a base model (load adapters with "
+                             "--lora or sample.lora)")
     if not any(k.startswith(UNET) for k in keys):
         if any(k.startswith(("encoder.", "decoder.", VAE, "quant_conv", "post_quant_conv")) for k in keys):
             raise _fail(ck.path, "a VAE-only file (encoder/decoder keys, no UNet model.diffusion_model.*)")
