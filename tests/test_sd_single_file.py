@@ -171,6 +171,25 @@ def test_half_file_and_model_config_folder(tmp_path):
     assert all(torch.equal(ref[k], v) for k, v in back.unet.state_dict().items())
 
 
+def test_extra_keys_of_real_files_are_skipped(tmp_path, caplog):
+    """Real SD 2.x files hold OpenCLIP's 24th layer, text_projection and logit_scale (diffusers' encoder
+    has none): skipped quietly; an unknown tensor of a component: one warning."""
+    from safetensors.torch import save_file
+    folder = save_tiny_pipeline(tmp_path / "tiny", arch="sd2")
+    pipe = load_pipeline(str(folder))
+    tensors = sf.to_original_state(pipe, "sd2")
+    te = "cond_stage_model.model."
+    tensors.update({te + "transformer.resblocks.23.ln_1.weight": torch.ones(32), te + "text_projection": torch.ones(32, 32),
+                    te + "logit_scale": torch.ones(()), sf.UNET + "input_blocks.1.1.extra.weight": torch.ones(2),
+                    "model_ema.decay": torch.ones(()), "alphas_cumprod": torch.ones(1000)})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "real.safetensors"))
+    with caplog.at_level("INFO", logger="lora_sd"):
+        back = load_pipeline(str(tmp_path / "real.safetensors"), config=str(folder))
+    _assert_same_weights(pipe, back, "sd2")
+    unused = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(unused) == 1 and "1 tensor(s)" in unused[0] and "extra.weight" in unused[0]
+
+
 # ------------------------------------------------------------------ .ckpt
 def test_ckpt_weights_only_nested_state_dict(tmp_path):
     folder = save_tiny_pipeline(tmp_path / "tiny", arch="sd1")
