@@ -201,18 +201,24 @@ def open_checkpoint(path, torch_free: bool = False) -> Checkpoint:
 
 
 def _ckpt_key_names(path: Path) -> dict[str, list[int]]:
-    """Key names of a zip-format .ckpt without torch: the strings of its pickle, read as opcodes (never
-    executed); shapes stay unknown ([])."""
+    """Key names of a .ckpt without torch: the strings of its pickle, read as opcodes (never executed);
+    shapes stay unknown ([]). Zip format: data.pkl; legacy format: the first four pickles of the file."""
     import pickletools
+
+    def strings(source) -> set:
+        return {arg for _, arg, _ in pickletools.genops(source) if isinstance(arg, str) and "." in arg}
     try:
-        with zipfile.ZipFile(path) as z:
-            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-            data = z.read(name) if name else b""
-        strings = {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str) and "." in arg}
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: not a zip-format PyTorch checkpoint, or truncated ({one_line(str(e))[:100]}); "
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                found = strings(z.read(name) if name else b"")
+        else:
+            with open(path, "rb") as f:
+                found = set().union(*(strings(f) for _ in range(4)))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ModelLoadError(f"{path}: not a PyTorch checkpoint, or truncated ({one_line(str(e))[:100]}); "
                              "a Stable Diffusion .ckpt or .safetensors file was expected") from None
-    return {s: [] for s in strings}
+    return {s: [] for s in found}
 
 
 def _load_ckpt(path: Path) -> tuple[dict, Any]:
@@ -221,7 +227,12 @@ def _load_ckpt(path: Path) -> tuple[dict, Any]:
 
     import torch
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:     # mmap: a 4-8 GB checkpoint is not read into memory twice
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)   # the legacy (non-zip) format
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it names {found[1]}" if found else one_line(str(e))[:120]

@@ -198,6 +198,10 @@ def test_ckpt_weights_only_nested_state_dict(tmp_path):
     torch.save({"state_dict": sf.to_original_state(pipe, "sd1"), "global_step": 10, "epoch": 1}, str(ckpt))
     assert sf.detect_checkpoint(ckpt)[0] == "sd1"
     _assert_same_weights(pipe, load_pipeline(str(ckpt), config=str(folder)), "sd1")
+    legacy = tmp_path / "legacy.ckpt"      # torch's pre-1.6 format: no zip, no mmap
+    torch.save({"state_dict": sf.to_original_state(pipe, "sd1")}, str(legacy), _use_new_zipfile_serialization=False)
+    assert sf.detect_checkpoint(legacy)[0] == "sd1"
+    _assert_same_weights(pipe, load_pipeline(str(legacy), config=str(folder)), "sd1")
 
 
 class _Evil:
