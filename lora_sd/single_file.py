@@ -274,8 +274,9 @@ def _check_parts(ck: Checkpoint) -> None:
         if any(k.startswith(("encoder.", "decoder.", VAE, "quant_conv", "post_quant_conv")) for k in keys):
             raise _fail(ck.path, "a VAE-only file (encoder/decoder keys, no UNet model.diffusion_model.*)")
         if any(k.startswith(("down_blocks.", "unet.", "text_model.")) for k in keys):
-            raise _fail(ck.path, "one component in the diffusers layout, not a single-file checkpoint",
-                        "the whole diffusers folder (model_index.json), or")
+            raise _fail(ck.path, "one component in the diffusers layout (keys like down_blocks.*), not a single-file "
+                                 "checkpoint", "its whole diffusers folder (with model_index.json) or a single-file "
+                                               "checkpoint")
         raise _fail(ck.path, f"not a Stable Diffusion model (no UNet keys model.diffusion_model.*; keys like "
                              f"{next(iter(keys))})")
     if not any(k.startswith(VAE) for k in keys):
