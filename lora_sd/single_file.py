@@ -256,8 +256,9 @@ def _load_ckpt(path: Path) -> tuple[dict, Any]:
 _LORA_KEY = re.compile(r"(^lora_(unet|te\d?)_)|\.lora_(down|up|A|B)\.|\.(hada|lokr)_|\.alpha$")
 
 
-def _fail(path: Path, what: str, expected: str = "a Stable Diffusion 1.x / 2.x / SDXL checkpoint "
-                                                  "(UNet, VAE and text encoder in one file)") -> ModelLoadError:
+def _fail(path: Path, what: str, expected: str = "a Stable Diffusion 1.x / 2.x / SDXL checkpoint (UNet, VAE and text "
+                                                  "encoder in one file; model.config may give configs for other sizes)"
+          ) -> ModelLoadError:
     return ModelLoadError(f"{path}: {what}; {expected} was expected")
 
 

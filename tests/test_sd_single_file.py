@@ -302,7 +302,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     lines = [l for l in r.stderr.splitlines() if "torchvision" not in l]
     assert lines == [f"lora-sd save-single-file: error: {bad}: a VAE-only file (encoder/decoder keys, no UNet "
                      "model.diffusion_model.*); a Stable Diffusion 1.x / 2.x / SDXL checkpoint (UNet, VAE and text "
-                     "encoder in one file) was expected"], r.stderr
+                     "encoder in one file; model.config may give configs for other sizes) was expected"], r.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
