@@ -82,9 +82,7 @@ class DiffusionLoss(nn.Module):
         else:
             px = batch["pixels"].to(next(self.vae.parameters()).dtype)
             with torch.no_grad(), torch.autocast(px.device.type, enabled=False):   # the VAE keeps its own dtype
-                # contiguous: the sample of a chunked view keeps a strided layout, and randn_like(latents)
-                # would then lay the same noise out differently than for cached latents
-                lat = self.vae.encode(px).latent_dist.sample().float().contiguous()
+                lat = self.vae.encode(px).latent_dist.sample().float()
         return lat * self.scaling_factor
 
     def forward(self, batch: dict) -> torch.Tensor:

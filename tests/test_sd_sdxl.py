@@ -20,7 +20,7 @@ from lora_sd.data import BatchDataset, _crop_box, load_items, sdxl_text, tokeniz
 from lora_sd.generate import generate, load_adapters, read_png_params
 from lora_sd.models import build_tiny_pipeline
 from lora_sd.testing import make_images, train_config
-from lora_sd.train import DiffusionLoss, _add_adapters, _dataset, run_training
+from lora_sd.train import DiffusionLoss, _add_adapters, _dataset, run_training, validation_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_ACCELERATOR = SimpleNamespace(process_index=0, num_processes=1, wait_for_everyone=lambda: None)
@@ -151,7 +151,8 @@ def test_sdxl_loss_decreases_on_fixed_batch(images, tmp_path):
 
 def test_sdxl_caching_gives_the_same_loss(images, tmp_path):
     """Cached latents + cached text (both encoders' states and the pooled embedding) give the loss of the
-    per-step VAE and text encoders, with the same noise; the time_ids reach the UNet either way."""
+    per-step VAE and text encoders with the same noise (validation_loss: fixed noise and timesteps), the
+    same latent sample for the same seed, and the same time_ids, which reach the UNet either way."""
     pipe = _frozen("sdxl")
     common = dict(path=str(images), resolution=32, bucket_step=16, buckets=True, cache_dir=str(tmp_path / "c"))
     plain, m_plain = _sdxl_loss_module(pipe, DataSettings(**common, cache_latents=False, cache_text=False))
@@ -162,16 +163,21 @@ def test_sdxl_caching_gives_the_same_loss(images, tmp_path):
     hook = pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]),
                                                with_kwargs=True)
     try:
+        la, lb = (validation_loss(m, ds, 3, 0, torch.device("cpu")) for m, ds in ((m_plain, plain), (m_cached, cached)))
+        assert la == pytest.approx(lb, rel=1e-5) and len(seen) == 2 * 2 * 3
         for i in range(len(plain)):
             a, b = plain[i], cached[i]
-            assert set(b) >= {"latent_params", "text_emb", "pooled", "time_ids"} and torch.equal(a["time_ids"], b["time_ids"])
+            assert set(b) >= {"latent_params", "text_emb", "pooled", "time_ids"}
+            assert torch.equal(a["time_ids"], b["time_ids"]) and torch.equal(seen[i * 3], a["time_ids"])
             with torch.no_grad():
+                ca, ea = m_plain.condition(a)
+                cb, eb = m_cached.condition(b)
+                assert torch.allclose(ca, cb, atol=1e-6) and torch.allclose(
+                    ea["added_cond_kwargs"]["text_embeds"], eb["added_cond_kwargs"]["text_embeds"], atol=1e-6)
                 torch.manual_seed(i)
-                la = m_plain(a)
+                lat_a = m_plain.latents(a)
                 torch.manual_seed(i)
-                lb = m_cached(b)
-            assert torch.allclose(la, lb, rtol=1e-4, atol=1e-6), (la, lb)
-            assert torch.equal(seen[-1], b["time_ids"]) and torch.equal(seen[-2], a["time_ids"])
+                assert torch.allclose(lat_a, m_cached.latents(b), atol=1e-5)
     finally:
         hook.remove()
 
@@ -299,7 +305,7 @@ def test_sd2_trains_with_the_v_prediction_target(images, tmp_path):
         torch.manual_seed(4)
         loss = module(batch)
         torch.manual_seed(4)   # the same draws, in forward's order: latent sample, noise, timesteps
-        lat = pipe.vae.encode(batch["pixels"]).latent_dist.sample().contiguous() * pipe.vae.config.scaling_factor
+        lat = pipe.vae.encode(batch["pixels"]).latent_dist.sample() * pipe.vae.config.scaling_factor
         noise = torch.randn_like(lat)
         t = torch.randint(0, 1000, (lat.shape[0],))
         pred = pipe.unet(sched.add_noise(lat, noise, t), t, pipe.text_encoder(batch["input_ids"])[0]).sample
