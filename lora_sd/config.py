@@ -31,8 +31,8 @@ ARCHS = ("sd1", "sd2", "sdxl")   # the UNet architectures lora_sd knows (lora_sd
 
 @dataclass
 class ModelSettings(Checked, section="model"):
-    pretrained: str = option("tiny", "hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' "
-                             "(an offline model with random weights)")
+    pretrained: str = option("tiny", "hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' / "
+                             "'tiny-sd2' / 'tiny-sdxl' (offline SD 1.x / 2.x / SDXL models with random weights)")
     config: str = option("", "single-file checkpoints: a local diffusers folder (or hub id) with the configs")
     revision: Optional[str] = option(None, "hub revision (branch, tag or commit)")
     variant: str = option("", "hub weight-file variant, e.g. 'fp16'")
