@@ -290,6 +290,19 @@ def test_xl_generation_with_adapters(tmp_path):
     assert np.abs(_image(pipe)[0] - unfused).max() <= 2
 
 
+def test_xl_images_decode_outside_autocast():
+    """Validation images under the training autocast: SDXL's VAE decodes in its own dtype (fp32 here),
+    autocast off (its fp16 gives NaN); afterwards the VAE's decode is the class's again."""
+    pipe = build_tiny_pipeline(0, "sdxl")
+    seen = []
+    hook = pipe.vae.post_quant_conv.register_forward_pre_hook(
+        lambda m, a: seen.append((a[0].dtype, torch.is_autocast_enabled("cpu"))))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(pipe, ["a photo"], steps=1, width=32, height=32)
+    hook.remove()
+    assert seen == [(torch.float32, False)] and "decode" not in vars(pipe.vae)
+
+
 def test_sd2_trains_with_the_v_prediction_target(images, tmp_path):
     """The tiny SD 2.x pipeline (v-prediction scheduler, one text encoder's last hidden state): the loss
     is the MSE to scheduler.get_velocity, not to the noise; a run's files say SD 2 and v."""
