@@ -17,8 +17,8 @@ from collections import Counter
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
 
-COMPONENTS = ("unet", "text_encoder")
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")

@@ -94,7 +94,7 @@ def _cmd_generate(a) -> int:
 
 def _cmd_merge(a) -> int:
     from lora_core import remove_lora
-    from .generate import load_adapters
+    from .generate import load_adapters, pipeline_components
     from .models import load_pipeline
     out = Path(a.out)
     if out.exists():
@@ -102,7 +102,7 @@ def _cmd_merge(a) -> int:
     specs = _adapter_specs(a)
     pipe = load_pipeline(a.model, a.model_config)
     load_adapters(pipe, specs)
-    for m in (pipe.unet, pipe.text_encoder):
+    for m in pipeline_components(pipe).values():
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     pipe.save_pretrained(str(out))
     print(f"merged pipeline written to {out}")

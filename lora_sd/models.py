@@ -19,6 +19,7 @@ from .config import ARCHS
 log = logging.getLogger("lora_sd")
 
 TINY = "tiny"
+TINY_ARCHS = {TINY: "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}   # model.pretrained names of the tiny models
 TINY_MARKER = "lora_sd_tiny_model.json"
 RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: this is a tiny Stable-Diffusion-architecture pipeline built from configs "
                        "for offline tests and demos; its images are noise, not pictures")
@@ -182,9 +183,9 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
     its configs; `prediction_type` tells SD 2.x 512-base from 768-v), or a hub id."""
     if not pretrained:
         raise ValueError("model.pretrained is empty: give a hub id, a local diffusers folder, a .safetensors file or 'tiny'")
-    if pretrained == TINY:
-        log.warning("model.pretrained = 'tiny': %s", RANDOM_WEIGHTS_NOTE)
-        return build_tiny_pipeline().to(dtype=dtype)
+    if pretrained in TINY_ARCHS:
+        log.warning("model.pretrained = %r: %s", pretrained, RANDOM_WEIGHTS_NOTE)
+        return build_tiny_pipeline(arch=TINY_ARCHS[pretrained]).to(dtype=dtype)
     check_local_path(pretrained, "model.pretrained")   # a mistyped local path: no hub lookup
     path = Path(pretrained).expanduser()
     common = {_dtype_kwarg(): dtype, "safety_checker": None, "requires_safety_checker": False}
