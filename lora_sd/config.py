@@ -27,6 +27,7 @@ SAMPLERS = {
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]  # the names above, declared once
 Dtype = Literal["fp32", "fp16", "bf16"]
 ARCHS = ("sd1", "sd2", "sdxl")   # the UNet architectures lora_sd knows (lora_sd.models.arch_of)
+TINY_ARCHS = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}   # model.pretrained names of the tiny models
 
 
 @dataclass

@@ -14,12 +14,11 @@ from lora_core.cli_errors import ModelLoadError, check_local_path, hub_error
 from lora_core.io import atomic_write_json, atomic_write_text
 from lora_core.paths import shared_path
 
-from .config import ARCHS
+from .config import ARCHS, TINY_ARCHS
 
 log = logging.getLogger("lora_sd")
 
 TINY = "tiny"
-TINY_ARCHS = {TINY: "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}   # model.pretrained names of the tiny models
 TINY_MARKER = "lora_sd_tiny_model.json"
 RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: this is a tiny Stable-Diffusion-architecture pipeline built from configs "
                        "for offline tests and demos; its images are noise, not pictures")

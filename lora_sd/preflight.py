@@ -192,7 +192,8 @@ def preflight(config=None, overrides=(), device: str = "", steps: int = 2, pipe=
     items = audit(cfg, rep)
     if pipe is None:
         try:
-            pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
+            pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
+                                 prediction_type=cfg.model.prediction_type)
         except Exception as e:  # noqa: BLE001 - a model that cannot load blocks the run
             rep.error(f"model.pretrained {cfg.model.pretrained!r} cannot be loaded: {e}", "model.pretrained")
             return rep

@@ -324,6 +324,36 @@ def detect_checkpoint(path) -> tuple[str, str]:
     return arch, why
 
 
+def _folder_arch(folder: Path) -> tuple[str, str]:
+    """(arch, why) of a diffusers folder from its model_index.json and unet/config.json."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder}: not a readable diffusers pipeline folder ({one_line(str(e))[:120]})") from e
+    name = index.get("_class_name", "?")
+    if unet.get("addition_embed_type") == "text_time":
+        return "sdxl", f"diffusers folder, {name}, UNet with size/crop conditioning"
+    if unet.get("use_linear_projection"):
+        return "sd2", f"diffusers folder, {name}, UNet with linear projections"
+    return "sd1", f"diffusers folder, {name}"
+
+
+def model_arch(pretrained: str) -> tuple[str, str]:
+    """("sd1" | "sd2" | "sdxl" | "", why) of a model.pretrained value without torch or network: a tiny
+    model's name, a diffusers folder, a single file; "" for a hub id (known once it is loaded).
+    ModelLoadError for a file or folder that is not a model lora_sd trains."""
+    from .config import TINY_ARCHS
+    if pretrained in TINY_ARCHS:
+        return TINY_ARCHS[pretrained], f"'{pretrained}': the tiny offline test model (random weights)"
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return _folder_arch(path)
+    if path.suffix in (".safetensors", ".ckpt") or path.is_file():
+        return detect_checkpoint(path)
+    return "", "a hub id: its architecture is read when it is loaded"
+
+
 # ------------------------------------------------------------------ configs
 _CONFIG_FILES = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
                  "text_encoder_2": "text_encoder_2/config.json", "scheduler": "scheduler/scheduler_config.json"}

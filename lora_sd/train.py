@@ -305,7 +305,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
 
     set_seed(s.seed)   # same LoRA init on every process
     if pipe is None:
-        pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
+        pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
+                             prediction_type=cfg.model.prediction_type)
     if cfg.model.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     from diffusers import DDPMScheduler
