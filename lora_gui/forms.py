@@ -17,7 +17,8 @@ from lora_core.fields import field_specs
 class Field:
     """One form input bound to `key` ("section.name").
     kind: text | int | float | bool | choice | list (comma-separated, or re:<regex>) | lines (one per line)
-    | mapping (a {key: value} table written as JSON, a TOML inline table or `key = value` lines)."""
+    | mapping (a {key: value} table written as JSON, a TOML inline table or `key = value` lines)
+    | table_rank (the `r` of an optional table such as [text_encoder_lora]: 0 = no table, adapter off)."""
     key: str
     label: str
     kind: str = "text"
@@ -25,7 +26,8 @@ class Field:
     info: str = ""
     path: str = ""       # "model": a model reference; "dir": a folder in the workspace (must exist)
     presets: tuple = ()  # (shown name, config value) pairs, e.g. ("cross_attn", <regex>)
-    group: str = ""      # "advanced": placed in the form's collapsed "Advanced" section
+    group: str = ""      # "advanced": the form's collapsed "Advanced" section; "sdxl": a section shown for SDXL only
+    note: str = ""       # "arch": a line below the input with the detected SD architecture (lora_gui.configs.arch_note)
 
 
 try:  # the SD trainer's own target presets (regexes over the UNet module paths)
@@ -79,9 +81,18 @@ RANK_AND_STEPS = [
     Field("train.learning_rate", "Learning rate", "float"),
 ]
 
+# issue 10: text-encoder LoRA (any architecture) and SDXL's second text encoder (its own section, SDXL only)
+TEXT_ENCODER_SD = [
+    Field("text_encoder_lora.r", "Text-encoder LoRA rank (0 = off)", "table_rank", group="advanced",
+          info="also train LoRA on the (first) text encoder's attention; 0: only the UNet"),
+    Field("text_encoder_2_lora.r", "Second text-encoder LoRA rank (0 = off)", "table_rank", group="sdxl",
+          info="SDXL's OpenCLIP bigG text encoder (text_encoder_2); 0: frozen"),
+]
+
 SD_FIELDS = [
-    Field("model.pretrained", "Base model", path="model",
-          info="'tiny' (offline test model), a diffusers folder or .safetensors file in the workspace, or a hub id"),
+    Field("model.pretrained", "Base model", path="model", note="arch",
+          info="'tiny' / 'tiny-sd2' / 'tiny-sdxl' (offline test models), a diffusers folder or .safetensors / .ckpt "
+               "file in the workspace (SD 1.x, 2.x, SDXL), or a hub id"),
     Field("data.path", "Dataset folder", path="dir", info="images with .txt captions or metadata.jsonl"),
     Field("data.resolution", "Resolution", "int"),
     Field("data.trigger_word", "Trigger word"),
@@ -102,6 +113,7 @@ SD_FIELDS = [
     *ADVANCED_LORA[1:],
     *ADVANCED_SD_DATA,
     *ADVANCED_SD_TRAIN,
+    *TEXT_ENCODER_SD,
 ]
 
 LLM_FIELDS = [

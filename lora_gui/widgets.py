@@ -6,6 +6,8 @@ import functools
 import logging
 from pathlib import Path
 
+from typing import Optional
+
 import gradio as gr
 
 from . import kinds, runview
@@ -40,8 +42,8 @@ def field_input(f: Field, value, prefix: str):
     kw = dict(label=f.label, info=f.info or None, value=value, elem_id=f"{prefix}-{f.key.replace('.', '-')}")
     if f.choices:
         comp = gr.Dropdown(choices=list(f.choices), allow_custom_value=f.kind != "choice", **kw)
-    elif f.kind in ("int", "float"):
-        comp = gr.Number(precision=0 if f.kind == "int" else None, **kw)
+    elif f.kind in ("int", "float", "table_rank"):
+        comp = gr.Number(precision=None if f.kind == "float" else 0, **kw)
     elif f.kind == "bool":
         comp = gr.Checkbox(**kw)
     else:
@@ -50,16 +52,23 @@ def field_input(f: Field, value, prefix: str):
     return comp
 
 
-def form(fields, values: list, prefix: str) -> list:
+SECTIONS = {"advanced": dict(label="Advanced", open=False),   # group -> its collapsible section
+            "sdxl": dict(label="SDXL", open=True, visible=False)}   # shown when the base model is SDXL
+
+
+def form(fields, values: list, prefix: str, sections: Optional[dict] = None) -> list:
     """The inputs of a form, two per row (paths and multi-line fields get a row of their own); the
-    fields of group "advanced" go into a collapsed "Advanced" section below the others."""
+    fields of a group go into that group's section (SECTIONS) below the others; `sections` receives
+    each section's component (group -> Accordion)."""
     pairs = list(zip(fields, values))
-    main = [p for p in pairs if p[0].group != "advanced"]
-    extra = [p for p in pairs if p[0].group == "advanced"]
-    out = _rows(main, prefix)
-    if extra:
-        with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}-advanced"):
-            out += _rows(extra, prefix)
+    out = _rows([p for p in pairs if p[0].group not in SECTIONS], prefix)
+    for group, kw in SECTIONS.items():
+        grouped = [p for p in pairs if p[0].group == group]
+        if grouped:
+            with gr.Accordion(elem_id=f"{prefix}-{group}", **kw) as acc:
+                out += _rows(grouped, prefix)
+            if sections is not None:
+                sections[group] = acc
     # keep the order of `fields` (wide fields may have been placed before a pending pair)
     order = {id(f): i for i, f in enumerate(fields)}
     return sorted(out, key=lambda c: order[id(c._lora_field)])
@@ -71,6 +80,8 @@ def _rows(pairs, prefix: str) -> list:
     for f, v in pairs:
         if wide(f):
             out.append(field_input(f, v, prefix))
+            if f.note:   # a line below the input (e.g. the detected architecture), filled by JobForm.wire
+                out[-1]._lora_note = gr.Markdown(elem_id=f"{prefix}-{f.key.replace('.', '-')}-note")
             continue
         row.append((f, v))
         if len(row) == 2:
@@ -100,7 +111,8 @@ class JobForm:
             with gr.Row():
                 self.cfg_name = gr.Textbox(label="Save as (name)", scale=3, elem_id=f"{p}-config-name")
                 self.save = gr.Button("Save", scale=1, elem_id=f"{p}-config-save")
-        self.inputs = form(kinds.get(kind).fields, ctrl.configs.form_values(kind, base), p)
+        self.sections: dict = {}
+        self.inputs = form(kinds.get(kind).fields, ctrl.configs.form_values(kind, base), p, self.sections)
         if extra is not None:  # the tab's own inputs below the fields (e.g. the dataset tools)
             extra(self)
         with gr.Row():
@@ -143,11 +155,27 @@ class JobForm:
             gr.Info(msg)
             return gr.update(choices=ctrl.configs.choices(kind))
 
+        self.wire_arch_note(page)
         self.preview.click(preview, [*head, *self.inputs], [self.toml, self.cmd])
         self.start.click(start, [*head, *self.inputs], [monitor.select, monitor.message, page.queue_table])
         self.load.click(load, [self.choice], [self.base, *self.inputs])
         self.save.click(save, [self.cfg_name, self.base, *self.inputs], [self.choice])
         page.on_load([self.choice], lambda: [gr.update(choices=ctrl.configs.choices(kind))])
+
+
+    def wire_arch_note(self, page) -> None:
+        """The base model's detected SD architecture below its input; the SDXL section only for SDXL."""
+        for comp in self.inputs:
+            if getattr(comp._lora_field, "note", "") != "arch":
+                continue
+            sdxl = self.sections.get("sdxl")
+            outputs = [comp._lora_note] + ([sdxl] if sdxl is not None else [])
+
+            def update(text, n=len(outputs)):
+                arch, line = self.ctrl.configs.arch_note(text)
+                return [line, gr.update(visible=arch == "sdxl")][:n]
+            comp.change(update, [comp], outputs)
+            page.on_load(outputs, lambda c=comp, u=update: u(c.value))
 
 
 class Monitor:

@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   lora-sd generate --model runwayml/stable-diffusion-v1-5 --lora RUN/lora.safetensors:0.8 --prompt "a photo of sks dog"
   lora-sd convert RUN/lora.safetensors out/pytorch_lora_weights.safetensors --to diffusers
   lora-sd inspect RUN/lora.safetensors
+  lora-sd save-single-file workspace/models/tiny-sd tiny-sd.safetensors --half
   lora-sd check-dataset ../shared/data/dreambooth/train_512
   lora-sd score --model tiny --lora RUN/lora.safetensors --scales 0,1 --concept base --concept purple --seeds 8
   lora-sd pretrain-tiny --out workspace/models/tiny-synth        # about 2 hours on 2 CPU cores
@@ -93,7 +94,7 @@ def _cmd_generate(a) -> int:
 
 def _cmd_merge(a) -> int:
     from lora_core import remove_lora
-    from .generate import load_adapters
+    from .generate import load_adapters, pipeline_components
     from .models import load_pipeline
     out = Path(a.out)
     if out.exists():
@@ -101,10 +102,20 @@ def _cmd_merge(a) -> int:
     specs = _adapter_specs(a)
     pipe = load_pipeline(a.model, a.model_config)
     load_adapters(pipe, specs)
-    for m in (pipe.unet, pipe.text_encoder):
+    for m in pipeline_components(pipe).values():
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     pipe.save_pretrained(str(out))
     print(f"merged pipeline written to {out}")
+    return 0
+
+
+def _cmd_save_single_file(a) -> int:
+    from .models import load_pipeline
+    from .single_file import save_single_file
+    if Path(a.out).exists():
+        raise FileExistsError(17, "exists already; choose another name or move it away", a.out)
+    r = save_single_file(load_pipeline(a.model, a.model_config), a.out, half=a.half)
+    print(f"wrote {r['out']} ({r['arch']}, original single-file layout, {r['tensors']} tensors, {r['bytes']:,} bytes)")
     return 0
 
 
@@ -286,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]", help="repeatable")
     mg.add_argument("--out", required=True, help="new folder for the merged pipeline")
     mg.set_defaults(fn=_cmd_merge)
+
+    sf = sub.add_parser("save-single-file", help="write a model as one .safetensors file in the original "
+                        "(LDM / SGM) layout that AUTOMATIC1111 and ComfyUI load")
+    sf.add_argument("model", help="hub id, diffusers folder, single-file checkpoint, or 'tiny'")
+    sf.add_argument("out", help="the new .safetensors file")
+    sf.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
+    sf.add_argument("--half", action="store_true", help="store the weights as float16")
+    sf.set_defaults(fn=_cmd_save_single_file)
 
     c = sub.add_parser("convert", help="convert between kohya and diffusers LoRA files (refuses inf/NaN tensors)")
     c.add_argument("input")

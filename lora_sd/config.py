@@ -27,12 +27,13 @@ SAMPLERS = {
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]  # the names above, declared once
 Dtype = Literal["fp32", "fp16", "bf16"]
 ARCHS = ("sd1", "sd2", "sdxl")   # the UNet architectures lora_sd knows (lora_sd.models.arch_of)
+TINY_ARCHS = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}   # model.pretrained names of the tiny models
 
 
 @dataclass
 class ModelSettings(Checked, section="model"):
-    pretrained: str = option("tiny", "hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' "
-                             "(an offline model with random weights)")
+    pretrained: str = option("tiny", "hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' / "
+                             "'tiny-sd2' / 'tiny-sdxl' (offline SD 1.x / 2.x / SDXL models with random weights)")
     config: str = option("", "single-file checkpoints: a local diffusers folder (or hub id) with the configs")
     revision: Optional[str] = option(None, "hub revision (branch, tag or commit)")
     variant: str = option("", "hub weight-file variant, e.g. 'fp16'")
@@ -129,6 +130,8 @@ class SDTrainConfig(Checked):
                               factory=_default_lora)
     text_encoder_lora: Optional[LoraConfig] = option(None, "set this table (same fields as [lora]) to train the "
                                                      "text encoder too (default targets: its attention)")
+    text_encoder_2_lora: Optional[LoraConfig] = option(None, "SDXL only: set this table (same fields as [lora]) to "
+                                                       "train the second text encoder (OpenCLIP bigG) too")
     train: TrainSettings = option(help="the training loop", factory=TrainSettings)
     loss: LossSettings = option(help="loss weighting", factory=LossSettings)
     sample: SampleSettings = option(help="validation images", factory=SampleSettings)
@@ -142,9 +145,14 @@ class SDTrainConfig(Checked):
             self.lora.target_modules = CROSS_ATTN
         elif isinstance(self.lora.target_modules, str) and self.lora.target_modules in TARGET_PRESETS:
             self.lora.target_modules = TARGET_PRESETS[self.lora.target_modules]
-        if self.text_encoder_lora is not None and self.text_encoder_lora.target_modules == llm_default:
-            # kohya's attention set (diffusers' kohya reader needs out_proj among the text-encoder keys)
-            self.text_encoder_lora.target_modules = TEXT_ENCODER_ATTN
+        for te in (self.text_encoder_lora, self.text_encoder_2_lora):
+            if te is not None and te.target_modules == llm_default:
+                # kohya's attention set (diffusers' kohya reader needs out_proj among the text-encoder keys)
+                te.target_modules = TEXT_ENCODER_ATTN
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.text_encoder_lora is not None or self.text_encoder_2_lora is not None
 
 
 def load_train_config(path=None, overrides=()) -> SDTrainConfig:

@@ -271,12 +271,28 @@ def _fit(im: Image.Image, resized, box, flip: bool) -> Image.Image:
     return im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im
 
 
-def load_sample(item: ImageItem, size: tuple[int, int], center: bool = True, flip: bool = False,
-                generator: Optional[torch.Generator] = None, masked: bool = False):
-    """(pixels CHW in [-1, 1], mask 1HW in [0, 1] or None): resize to cover `size` (w, h), crop, flip.
-    The mask (when `masked`) is item.mask, else the alpha channel, else all ones; same crop and flip."""
+def time_ids(src: tuple[int, int], size: tuple[int, int], resized: tuple[int, int], box: tuple[int, int, int, int],
+             flip: bool) -> tuple[int, int, int, int, int, int]:
+    """SDXL's micro-conditioning of one sample: (original_h, original_w, crop_top, crop_left, target_h, target_w)
+    from the image's real size `src` (w, h), the crop `box` of the image resized to `resized` and the
+    sample's `size` (w, h). The crop's top-left is in the resized image as the model sees it: after a
+    flip the crop's left edge is measured from the mirrored side (diffusers' SDXL example flips, then crops)."""
+    left = resized[0] - box[2] if flip else box[0]
+    return (src[1], src[0], box[1], left, size[1], size[0])
+
+
+def center_time_ids(item: ImageItem, size: tuple[int, int], flip: bool) -> tuple[int, int, int, int, int, int]:
+    """time_ids of a center-cropped sample (as its cached latents were made)."""
+    resized, box = _crop_box(item.size, size, True, None)
+    return time_ids(item.size, size, resized, box, flip)
+
+
+def _sample(item: ImageItem, size: tuple[int, int], center: bool, flip: bool, generator: Optional[torch.Generator],
+            masked: bool):
+    """(pixels, mask or None, time_ids) of load_sample."""
     with Image.open(item.path) as im:
         resized, box = _crop_box(im.size, size, center, generator)
+        ids = time_ids(im.size, size, resized, box, flip)
         mask = None
         if masked:
             if item.mask is not None:
@@ -287,10 +303,17 @@ def load_sample(item: ImageItem, size: tuple[int, int], center: bool = True, fli
         arr = np.asarray(_fit(im.convert("RGB"), resized, box, flip), dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if not masked:
-        return pixels, None
+        return pixels, None, ids
     if mask is None:
-        return pixels, torch.ones(1, size[1], size[0])
-    return pixels, torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+        return pixels, torch.ones(1, size[1], size[0]), ids
+    return pixels, torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], ids
+
+
+def load_sample(item: ImageItem, size: tuple[int, int], center: bool = True, flip: bool = False,
+                generator: Optional[torch.Generator] = None, masked: bool = False):
+    """(pixels CHW in [-1, 1], mask 1HW in [0, 1] or None): resize to cover `size` (w, h), crop, flip.
+    The mask (when `masked`) is item.mask, else the alpha channel, else all ones; same crop and flip."""
+    return _sample(item, size, center, flip, generator, masked)[:2]
 
 
 def load_pixels(path: Path, size: tuple[int, int], center: bool = True, flip: bool = False,
@@ -356,6 +379,28 @@ def encode_text(text_encoder, input_ids: torch.Tensor, batch: int = 16) -> torch
     return torch.cat(out)
 
 
+def sdxl_text(text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2: torch.Tensor):
+    """(prompt embeddings, pooled embedding) as StableDiffusionXLPipeline.encode_prompt builds them: both
+    encoders' penultimate hidden states concatenated on the last axis, and text_encoder_2's projected
+    pooled output (its text_embeds)."""
+    h1 = text_encoder(input_ids, output_hidden_states=True).hidden_states[-2]
+    out2 = text_encoder_2(input_ids_2, output_hidden_states=True)
+    return torch.cat([h1, out2.hidden_states[-2].to(h1.dtype)], dim=-1), out2.text_embeds
+
+
+@torch.no_grad()
+def encode_text_xl(text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2: torch.Tensor,
+                   batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """sdxl_text over all captions, in chunks: (embeddings (N, 77, D1 + D2), pooled (N, P)), fp32 on the CPU."""
+    dev = next(text_encoder.parameters()).device
+    embs, pooled = [], []
+    for i in range(0, len(input_ids), batch):
+        e, p = sdxl_text(text_encoder, text_encoder_2, input_ids[i:i + batch].to(dev), input_ids_2[i:i + batch].to(dev))
+        embs.append(e.float().cpu())
+        pooled.append(p.float().cpu())
+    return torch.cat(embs), torch.cat(pooled)
+
+
 # ------------------------------------------------------------------ the dataset
 def first(items):
     """collate_fn: each dataset item is already a batch."""
@@ -367,6 +412,8 @@ class BatchDataset(torch.utils.data.Dataset):
 
     Returns {"latent_params" | "pixels": (B, ...), "text_emb" | "input_ids": (B, ...), "is_reg": (B,) bool}
     and, with data.masked_loss, "mask": (B, 1, H, W) in pixels (the loss resizes it to the latents).
+    SDXL (a `tokenizer_2`): also "time_ids" (B, 6) (see time_ids) and "pooled" (B, P) beside "text_emb",
+    or "input_ids_2" beside "input_ids".
     With data.shuffle_tags / caption_dropout the captions are varied and tokenized per batch (no text_emb).
     Random flips and crops come from a generator seeded by (seed, epoch, batch), not the global RNG:
     Accelerate fetches one batch ahead, so global draws here would break exact resume.
@@ -374,12 +421,15 @@ class BatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: list[ImageItem], cfg: DataSettings, batch_size: int, seed: int, tokenizer,
-                 text_emb: Optional[torch.Tensor] = None):
+                 text_emb: Optional[torch.Tensor] = None, tokenizer_2=None, pooled: Optional[torch.Tensor] = None):
         self.items, self.cfg, self.seed = items, cfg, seed
         buckets = make_buckets(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
         self.sizes = [pick_bucket(i.size, buckets) if buckets else (cfg.resolution, cfg.resolution) for i in items]
         self.tokenizer = tokenizer
         self.input_ids = tokenize(tokenizer, [i.caption for i in items])
+        self.tokenizer_2, self.pooled = tokenizer_2, pooled
+        if tokenizer_2 is not None:
+            self.input_ids_2 = tokenize(tokenizer_2, [i.caption for i in items])
         self.is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
         self.masks: Optional[dict] = None     # (item index, flipped) -> mask, with cached latents
         self.text_emb = text_emb
@@ -430,17 +480,30 @@ class BatchDataset(torch.utils.data.Dataset):
             out["latent_params"] = torch.stack([self.latents[(n, f)] for n, f in zip(idx, flips)])
             if masked:
                 out["mask"] = torch.stack([self.masks[(n, f)] for n, f in zip(idx, flips)])
+            xl = self.tokenizer_2 is not None
+            ids = [center_time_ids(self.items[n], self.sizes[n], f) for n, f in zip(idx, flips)] if xl else []
         else:
-            loaded = [load_sample(self.items[n], self.sizes[n], self.cfg.center_crop, f, g, masked)
+            loaded = [_sample(self.items[n], self.sizes[n], self.cfg.center_crop, f, g, masked)
                       for n, f in zip(idx, flips)]
-            out["pixels"] = torch.stack([p for p, _ in loaded])
+            out["pixels"] = torch.stack([p for p, _, _ in loaded])
             if masked:
-                out["mask"] = torch.stack([m for _, m in loaded])
+                out["mask"] = torch.stack([m for _, m, _ in loaded])
+            ids = [t for _, _, t in loaded]
+        if self.tokenizer_2 is not None:
+            out["time_ids"] = torch.tensor(ids, dtype=torch.float32)
+        out.update(self._text(i, idx))
+        return out
+
+    def _text(self, i: int, idx: list[int]) -> dict:
+        """The batch's text: varied captions' token ids, cached embeddings, or the fixed token ids."""
+        xl = self.tokenizer_2 is not None
         if varies_captions(self.cfg):
             gc = torch.Generator().manual_seed(hash((self.seed, self.sampler.epoch, i, 1)) & 0x7FFF_FFFF_FFFF)
-            out["input_ids"] = tokenize(self.tokenizer, [vary_caption(self.items[n].caption, self.cfg, gc) for n in idx])
-        elif self.text_emb is not None:
-            out["text_emb"] = self.text_emb[idx]
-        else:
-            out["input_ids"] = self.input_ids[idx]
-        return out
+            captions = [vary_caption(self.items[n].caption, self.cfg, gc) for n in idx]
+            out = {"input_ids": tokenize(self.tokenizer, captions)}
+            return {**out, "input_ids_2": tokenize(self.tokenizer_2, captions)} if xl else out
+        if self.text_emb is not None:
+            out = {"text_emb": self.text_emb[idx]}
+            return {**out, "pooled": self.pooled[idx]} if xl else out
+        out = {"input_ids": self.input_ids[idx]}
+        return {**out, "input_ids_2": self.input_ids_2[idx]} if xl else out

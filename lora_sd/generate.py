@@ -1,6 +1,7 @@
 """Images from a pipeline with adapters; PNGs carry their generation parameters."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -57,11 +58,17 @@ def check_adapter_list(adapters: list[tuple[str, float]]) -> None:
         seen[key] = path
 
 
+def pipeline_components(pipe) -> dict:
+    """The components an adapter may touch, by lora_sd.formats' component names: unet, text_encoder and,
+    for SDXL, text_encoder_2."""
+    return {n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+
+
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -> list[dict]:
     """Add each (file, scale) as its own adapter (strict key matching; a file holding NaN or inf, or
     given twice, is refused); optionally fuse them into the base."""
     check_adapter_list(adapters)
-    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    comps = pipeline_components(pipe)
     report = []
     for i, (path, scale) in enumerate(adapters):
         try:
@@ -109,11 +116,12 @@ def generate(pipe, prompts: list[str], *, negative_prompt: str = "", steps: int 
     results = []
     for i, prompt in enumerate(prompts):
         g = torch.Generator(device="cpu").manual_seed(seed + i)
-        image = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                     guidance_scale=guidance_scale, width=width, height=height, generator=g,
-                     latents=torch.randn((1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-                                          width // pipe.vae_scale_factor), generator=g).to(device, pipe.unet.dtype)
-                     ).images[0]
+        with _vae_outside_autocast(pipe):
+            image = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, width=width, height=height, generator=g,
+                         latents=torch.randn((1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+                                              width // pipe.vae_scale_factor), generator=g).to(device, pipe.unet.dtype)
+                         ).images[0]
         params = {**(base or {}), "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance_scale": guidance_scale, "seed": seed + i, "width": width, "height": height,
                   "scheduler": scheduler}
@@ -121,6 +129,27 @@ def generate(pipe, prompts: list[str], *, negative_prompt: str = "", steps: int 
             save_png(image, Path(out_dir) / f"{prefix}{i}.png", params)
         results.append((image, params))
     return results
+
+
+@contextlib.contextmanager
+def _vae_outside_autocast(pipe):
+    """SDXL: the VAE decodes in its own dtype (fp32 or bf16) even under an fp16 autocast (the validation
+    images of an fp16 run): its fp16 gives NaN. Other pipelines are left as they are."""
+    vae = pipe.vae
+    if getattr(pipe, "text_encoder_2", None) is None or not torch.is_autocast_enabled(pipe.unet.device.type):
+        yield
+        return
+    decode = vae.decode
+
+    def plain(z, *args, **kwargs):
+        with torch.autocast(z.device.type, enabled=False):
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = plain
+    try:
+        yield
+    finally:
+        del vae.decode   # the class's method again
 
 
 def read_png_params(path) -> Optional[dict]:

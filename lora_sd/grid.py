@@ -138,9 +138,9 @@ class _Loader:
 
     def use(self, file: Optional[str], scale: float) -> list[dict]:
         from lora_core import lora_layers, remove_lora, set_scale
-        from .generate import load_adapters
+        from .generate import load_adapters, pipeline_components
         if file != self.file:
-            for m in (self.pipe.unet, self.pipe.text_encoder):
+            for m in pipeline_components(self.pipe).values():
                 remove_lora(m)
             self.file = None
             if file is not None:
@@ -148,7 +148,7 @@ class _Loader:
                 self.file = file
         if file is None:
             return []
-        for m in (self.pipe.unet, self.pipe.text_encoder):
+        for m in pipeline_components(self.pipe).values():
             if any("adapter_0" in layer.lora_A for _, layer in lora_layers(m)):
                 set_scale(m, "adapter_0", scale)
         return [{**self.report[0], "scale": scale}]
@@ -224,7 +224,8 @@ def end_of_run_grid(cfg, pipe, run_dir, progress=None) -> Optional[dict]:
     if not getattr(sc, "grid", False) or not sc.prompts:
         return None
     from lora_core import remove_lora
-    for m in (pipe.unet, pipe.text_encoder):
+    from .generate import pipeline_components
+    for m in pipeline_components(pipe).values():
         remove_lora(m)
     res = cfg.data.resolution
     spec = GridSpec(x="step", x_values=run_steps(run_dir), y="prompt", y_values=list(sc.prompts), run=str(run_dir),

@@ -10,11 +10,11 @@ from typing import Optional
 
 import torch
 
-from lora_core.cli_errors import ModelLoadError, check_local_path, hub_error, one_line
+from lora_core.cli_errors import ModelLoadError, check_local_path, hub_error
 from lora_core.io import atomic_write_json, atomic_write_text
 from lora_core.paths import shared_path
 
-from .config import ARCHS
+from .config import ARCHS, TINY_ARCHS
 
 log = logging.getLogger("lora_sd")
 
@@ -103,7 +103,7 @@ def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
     VAE, CLIP text encoder(s) (SDXL: a second one with projection, whose pooled output conditions the
     UNet), scheduler (SD 2.x: v-prediction as its 768-v models). Random (seeded) weights, a few MB,
     built in about a second."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if arch not in ARCHS:
@@ -122,17 +122,24 @@ def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
             text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 3, projection_dim=32))
     finally:
         torch.random.set_rng_state(g_state)
-    scheduler = _tiny_scheduler(arch)
+    extra = dict(text_encoder_2=text_encoder_2, tokenizer_2=load_tokenizer()) if arch == "sdxl" else {}
+    pipe = assemble_pipeline(arch, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             scheduler=_tiny_scheduler(arch), **extra)
+    pipe._lora_sd_random_weights = True
+    return pipe
+
+
+def assemble_pipeline(arch: str, force_zeros_for_empty_prompt: bool = True, **components):
+    """The pipeline of `arch` from its components (unet, vae, text_encoder(_2), tokenizer(_2), scheduler):
+    no safety checker, no watermarker."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     if arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=load_tokenizer(), unet=unet,
-                                         scheduler=scheduler, add_watermarker=False)
+        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False,
+                                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
     else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe._lora_sd_random_weights = True
     return pipe
 
 
@@ -168,16 +175,16 @@ def is_random_weights(pipe) -> bool:
 
 # ------------------------------------------------------------------ loading
 def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = None, variant: str = "",
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, prediction_type: str = ""):
     """The SD 1.x/2.x or SDXL pipeline from `pretrained`:
-    "tiny" (built in memory), a local diffusers folder, a single-file checkpoint (.safetensors/.ckpt;
-    `config` names a local diffusers folder or hub id with the matching configs), or a hub id."""
-    from diffusers import StableDiffusionPipeline
+    "tiny" (built in memory), a local diffusers folder, a single-file checkpoint (.safetensors/.ckpt,
+    lora_sd.single_file: offline with shipped configs; `config` may name a diffusers folder or hub id with
+    its configs; `prediction_type` tells SD 2.x 512-base from 768-v), or a hub id."""
     if not pretrained:
         raise ValueError("model.pretrained is empty: give a hub id, a local diffusers folder, a .safetensors file or 'tiny'")
-    if pretrained == TINY:
-        log.warning("model.pretrained = 'tiny': %s", RANDOM_WEIGHTS_NOTE)
-        return build_tiny_pipeline().to(dtype=dtype)
+    if pretrained in TINY_ARCHS:
+        log.warning("model.pretrained = %r: %s", pretrained, RANDOM_WEIGHTS_NOTE)
+        return build_tiny_pipeline(arch=TINY_ARCHS[pretrained]).to(dtype=dtype)
     check_local_path(pretrained, "model.pretrained")   # a mistyped local path: no hub lookup
     path = Path(pretrained).expanduser()
     common = {_dtype_kwarg(): dtype, "safety_checker": None, "requires_safety_checker": False}
@@ -189,15 +196,9 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
         if (path / TINY_MARKER).is_file():
             log.warning("%s: %s", path, RANDOM_WEIGHTS_NOTE)
             pipe._lora_sd_random_weights = True
-    elif path.suffix in (".safetensors", ".ckpt"):
-        if not path.is_file():
-            raise FileNotFoundError(f"model.pretrained = {pretrained}: file not found")
-        kwargs = dict(common, config=config) if config else common
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        except Exception as e:
-            raise ModelLoadError(f"could not load single-file checkpoint {path} ({one_line(str(e))[:200]}); offline, "
-                                 "set model.config to a local diffusers folder holding the matching configs") from e
+    elif path.suffix.lower() in (".safetensors", ".ckpt"):
+        from .single_file import load_single_file
+        pipe = load_single_file(path, config=config, dtype=dtype, prediction_type=prediction_type)
     else:
         kw = dict(common, revision=revision)
         if variant:

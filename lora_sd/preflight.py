@@ -114,8 +114,9 @@ def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
     mp = cfg.train.mixed_precision
     total = 0
     for name, m, b in (("unet", pipe.unet, DTYPE_BYTES[mp]), ("text_encoder", pipe.text_encoder, DTYPE_BYTES[mp]),
+                       ("text_encoder_2", getattr(pipe, "text_encoder_2", None), DTYPE_BYTES[mp]),
                        ("vae", pipe.vae, 2 if mp == "bf16" else 4)):
-        total += sum(p.numel() * b for p in m.parameters() if not p.requires_grad)
+        total += sum(p.numel() * b for p in m.parameters() if not p.requires_grad) if m is not None else 0
     return total
 
 
@@ -130,6 +131,12 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     ctx = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision)
     points, largest = [], 0.0
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":   # SDXL: the pooled embedding and the time ids
+        n = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        res = float(cfg.data.resolution)
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, n, device=device),
+                                       "time_ids": torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device)}}
     was = unet.training
     unet.train()
     try:
@@ -137,7 +144,7 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
             x = torch.randn(1, unet.config.in_channels, s, s, device=device)
             with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), \
                     SavedBytes(pipe.unet) as sb:
-                unet(x, torch.tensor([500], device=device), ctx).sample.float().pow(2).mean()
+                unet(x, torch.tensor([500], device=device), ctx, **extra).sample.float().pow(2).mean()
             points.append((s * s, sb.total))
             largest = sb.largest * target * target / (s * s)
     finally:
@@ -149,15 +156,18 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
 def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None:
     """Trainable parameters, alpha/r and the memory estimate (adds the adapter to `pipe` if it has none)."""
     from lora_core import add_lora, lora_layers
+    te2 = getattr(pipe, "text_encoder_2", None)   # SDXL
     if not any(True for _ in lora_layers(pipe.unet)):
-        pipe.unet.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        pipe.vae.requires_grad_(False)
+        for m in (pipe.unet, pipe.text_encoder, pipe.vae, te2):
+            if m is not None:
+                m.requires_grad_(False)
         add_lora(pipe.unet, cfg.lora)
         if cfg.text_encoder_lora is not None:
             add_lora(pipe.text_encoder, cfg.text_encoder_lora)
+        if cfg.text_encoder_2_lora is not None and te2 is not None:
+            add_lora(te2, cfg.text_encoder_2_lora)
     pipe.to(device)
-    mods = (pipe.unet, pipe.text_encoder, pipe.vae)
+    mods = (pipe.unet, pipe.text_encoder, pipe.vae) + ((te2,) if te2 is not None else ())
     trainable = sum(p.numel() for m in mods for p in m.parameters() if p.requires_grad)
     total = sum(p.numel() for m in mods for p in m.parameters())
     lo = cfg.lora
@@ -182,7 +192,8 @@ def preflight(config=None, overrides=(), device: str = "", steps: int = 2, pipe=
     items = audit(cfg, rep)
     if pipe is None:
         try:
-            pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
+            pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
+                                 prediction_type=cfg.model.prediction_type)
         except Exception as e:  # noqa: BLE001 - a model that cannot load blocks the run
             rep.error(f"model.pretrained {cfg.model.pretrained!r} cannot be loaded: {e}", "model.pretrained")
             return rep

@@ -19,15 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_core import add_lora
+from lora_core.configfile import ConfigError
 from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, train
 
 from . import formats
 from .config import SDTrainConfig
-from .data import (BatchDataset, DatasetError, LatentCache, default_cache_dir, encode_text, first, load_items,
-                   tokenize, varies_captions)
+from .data import (BatchDataset, DatasetError, LatentCache, default_cache_dir, encode_text, encode_text_xl, first,
+                   load_items, sdxl_text, tokenize, varies_captions)
 from .generate import generate
-from .models import RANDOM_WEIGHTS_NOTE, is_random_weights, load_pipeline, model_identity
+from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
 log = logging.getLogger("lora_sd")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -35,14 +36,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 
 
 class DiffusionLoss(nn.Module):
-    """forward(batch) -> the denoising loss. Holds the UNet (with LoRA), and the VAE / text encoder
-    only when their outputs are not cached (or the text encoder is trained)."""
+    """forward(batch) -> the denoising loss. Holds the UNet (with LoRA), and the VAE / text encoder(s)
+    only when their outputs are not cached (or a text encoder is trained). SDXL: `text_encoder_2` and
+    the pooled embedding and time ids as the UNet's added conditioning (see condition)."""
 
     def __init__(self, unet, noise_scheduler, *, text_encoder=None, vae=None, train_text_encoder=False,
                  scaling_factor: float = 0.18215, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                 prior_loss_weight: float = 1.0):
+                 prior_loss_weight: float = 1.0, text_encoder_2=None):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        self.text_encoder_2 = text_encoder_2
         self.noise_scheduler = noise_scheduler
         self.train_text_encoder = train_text_encoder
         self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
@@ -51,10 +54,25 @@ class DiffusionLoss(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for frozen in (self.vae, None if self.train_text_encoder else self.text_encoder):
-            if frozen is not None:
-                frozen.eval()
+        for m in (self.vae, self.text_encoder, self.text_encoder_2):   # frozen ones: no dropout
+            if m is not None and not (self.train_text_encoder and any(p.requires_grad for p in m.parameters())):
+                m.eval()
         return self
+
+    def condition(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The UNet's text conditioning: (encoder_hidden_states, extra keyword arguments). The hidden states
+        are cached, or the text encoder's last hidden state as SD 1.x/2.x pipelines use it, or SDXL's
+        (data.sdxl_text); SDXL's extra is added_cond_kwargs: the pooled embedding (text_embeds) and
+        each sample's time_ids."""
+        if "text_emb" in batch:
+            cond, pooled = batch["text_emb"], batch.get("pooled")
+        elif self.text_encoder_2 is None:
+            cond, pooled = self.text_encoder(batch["input_ids"])[0], None
+        else:
+            cond, pooled = sdxl_text(self.text_encoder, self.text_encoder_2, batch["input_ids"], batch["input_ids_2"])
+        if pooled is None:
+            return cond, {}
+        return cond, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"]}}
 
     def latents(self, batch: dict) -> torch.Tensor:
         if "latent_params" in batch:   # cached VAE distribution: sample it here, as the VAE would
@@ -76,12 +94,9 @@ class DiffusionLoss(nn.Module):
         sched = self.noise_scheduler
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = sched.add_noise(latents, noise, t)
-        if "text_emb" in batch:
-            cond = batch["text_emb"]
-        else:
-            with torch.set_grad_enabled(self.train_text_encoder):
-                cond = self.text_encoder(batch["input_ids"])[0]
-        pred = self.unet(noisy, t, cond).sample.float()
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            cond, extra = self.condition(batch)
+        pred = self.unet(noisy, t, cond, **extra).sample.float()
         if sched.config.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise, t)
         else:
@@ -115,32 +130,48 @@ def _cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps: int) -> dict[str, str]:
-    """kohya ss_* and modelspec.* keys (strings), plus our exact LoRA config."""
+# kohya's ss_base_model_version and the SAI model spec's architecture of each lora_sd.models.arch_of
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def modelspec_architecture(arch: str, prediction_type: str) -> str:
+    if arch == "sd2":
+        return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
+    return {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[arch]
+
+
+def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps: int, arch: str = "sd1",
+                      prediction_type: str = "") -> dict[str, str]:
+    """kohya ss_* and modelspec.* keys (strings), plus our exact LoRA config. `arch` is the base model's
+    (lora_sd.models.arch_of); `prediction_type` the scheduler's (default: model.prediction_type or epsilon)."""
+    prediction_type = prediction_type or cfg.model.prediction_type or "epsilon"
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     s, lora = cfg.train, cfg.lora
     alpha = lora.alpha * (lora.r ** 0.5 if lora.use_rslora else 1.0)   # kohya alpha: scale = alpha / r
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(lora.r), "ss_network_alpha": str(alpha),
         "ss_network_args": json.dumps({"target_modules": lora.target_modules, "dropout": lora.dropout}),
-        "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": cfg.model.pretrained,
+        "ss_base_model_version": BASE_MODEL_VERSION[arch], "ss_v2": str(arch == "sd2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"), "ss_sd_model_name": cfg.model.pretrained,
         "ss_resolution": f"({resolution}, {resolution})", "ss_num_train_images": str(n_images),
         "ss_learning_rate": str(s.learning_rate), "ss_unet_lr": str(s.learning_rate),
-        "ss_text_encoder_lr": str(s.learning_rate) if cfg.text_encoder_lora else "0",
+        "ss_text_encoder_lr": str(s.learning_rate) if cfg.trains_text_encoder else "0",
         "ss_max_train_steps": str(s.max_steps), "ss_steps": str(steps), "ss_seed": str(s.seed),
         "ss_batch_size_per_device": str(s.batch_size), "ss_gradient_accumulation_steps": str(s.gradient_accumulation_steps),
         "ss_lr_scheduler": s.lr_scheduler, "ss_lr_warmup_steps": str(s.lr_warmup_steps),
         "ss_mixed_precision": s.mixed_precision, "ss_optimizer": s.optimizer,
         "ss_min_snr_gamma": str(cfg.loss.min_snr_gamma), "ss_noise_offset": str(cfg.loss.noise_offset),
         "ss_output_name": cfg.output.name, "ss_training_finished_at": now,
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": modelspec_architecture(arch, prediction_type),
         "modelspec.implementation": "diffusers", "modelspec.title": cfg.output.name, "modelspec.date": now,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": cfg.model.prediction_type or "epsilon",
+        "modelspec.prediction_type": prediction_type,
         "lora_sd.lora_config": json.dumps(cfg.lora.to_dict()),
     }
     if cfg.text_encoder_lora is not None:
         meta["lora_sd.text_encoder_lora_config"] = json.dumps(cfg.text_encoder_lora.to_dict())
+    if cfg.text_encoder_2_lora is not None:
+        meta["lora_sd.text_encoder_2_lora_config"] = json.dumps(cfg.text_encoder_2_lora.to_dict())
     return meta
 
 
@@ -189,17 +220,24 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
 
 
 def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
-    """(BatchDataset, cached text embeddings or None): sizes, latent cache, text cache."""
+    """(BatchDataset, cached text embeddings or None): sizes, latent cache, text cache (SDXL: both
+    encoders' hidden states and the pooled embedding)."""
     s, d, te, vae = cfg.train, cfg.data, pipe.text_encoder, pipe.vae
+    te2, tok2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
     if d.cache_latents and not d.center_crop:
         log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
-    text_emb = None
+    text_emb = pooled = None
     if d.cache_text and not train_te and varies_captions(d):
         log.warning("data.shuffle_tags / caption_dropout vary the captions: the text is encoded every step "
                     "(data.cache_text is not used)")
     elif d.cache_text and not train_te:
-        text_emb = encode_text(te, tokenize(pipe.tokenizer, [i.caption for i in items]))
-    ds = BatchDataset(items, d, s.batch_size, s.seed, pipe.tokenizer, text_emb=text_emb)
+        captions = [i.caption for i in items]
+        if te2 is None:
+            text_emb = encode_text(te, tokenize(pipe.tokenizer, captions))
+        else:
+            text_emb, pooled = encode_text_xl(te, te2, tokenize(pipe.tokenizer, captions), tokenize(tok2, captions))
+    ds = BatchDataset(items, d, s.batch_size, s.seed, pipe.tokenizer, text_emb=text_emb,
+                      tokenizer_2=tok2 if te2 is not None else None, pooled=pooled)
     if d.cache_latents:
         cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
         n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
@@ -210,6 +248,56 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
     return ds, text_emb
 
 
+def _text_encoders(pipe) -> dict[str, nn.Module]:
+    """{"text_encoder": ..., "text_encoder_2": ... (SDXL)}: the pipeline's text encoders by component name."""
+    return {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+
+
+def _add_adapters(cfg: SDTrainConfig, pipe) -> dict[str, nn.Module]:
+    """Freeze the pipeline, add the LoRA of [lora] to the UNet and of [text_encoder_lora] /
+    [text_encoder_2_lora] to the text encoders; returns the adapted components by name."""
+    tes = _text_encoders(pipe)
+    if cfg.text_encoder_2_lora is not None and "text_encoder_2" not in tes:
+        raise ConfigError(f"text_encoder_2_lora: model.pretrained = {cfg.model.pretrained} is an {arch_of(pipe)} "
+                          "model with one text encoder; [text_encoder_2_lora] is for SDXL only (remove the table, "
+                          "use [text_encoder_lora])")
+    for m in (pipe.unet, pipe.vae, *tes.values()):
+        m.requires_grad_(False)
+    targets = add_lora(pipe.unet, cfg.lora)
+    components = {"unet": pipe.unet}
+    for name, tcfg in (("text_encoder", cfg.text_encoder_lora), ("text_encoder_2", cfg.text_encoder_2_lora)):
+        if tcfg is not None:
+            targets += [f"{name}.{n}" for n in add_lora(tes[name], tcfg)]
+            components[name] = tes[name]
+    log.info("%s: LoRA r=%d alpha=%g on %d modules (%d trainable parameters)", arch_of(pipe), cfg.lora.r,
+             cfg.lora.alpha, len(targets),
+             sum(p.numel() for m in (pipe.unet, *tes.values()) for p in m.parameters() if p.requires_grad))
+    return components
+
+
+def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
+    """Frozen weights in the mixed-precision dtype, the VAE in fp32 or bf16 (never fp16: SD's VAEs, SDXL's
+    above all, give NaN latents in fp16), gradient checkpointing, the device."""
+    s = cfg.train
+    weight_dtype = DTYPES[s.mixed_precision]
+    for m in (pipe.unet, *_text_encoders(pipe).values()):
+        _cast_frozen(m, weight_dtype)
+    vae = pipe.vae
+    if weight_dtype == torch.bfloat16:
+        vae.to(torch.bfloat16)
+    elif next(vae.parameters()).dtype == torch.float16:
+        log.info("the VAE was loaded in fp16: upcast to fp32 (its fp16 gives NaN latents)")
+        vae.to(torch.float32)
+    elif weight_dtype == torch.float16 and arch_of(pipe) == "sdxl":
+        log.info("train.mixed_precision = fp16: the SDXL VAE stays fp32 (its fp16 gives NaN latents)")
+    if s.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for name, m in components.items():
+            if name != "unet":
+                m.gradient_checkpointing_enable()
+    pipe.to(accelerator.device)
+
+
 def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, items) -> dict:
     s, d = cfg.train, cfg.data
     items, val_items = split_val(cfg, items)
@@ -217,43 +305,26 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
 
     set_seed(s.seed)   # same LoRA init on every process
     if pipe is None:
-        pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant)
+        pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
+                             prediction_type=cfg.model.prediction_type)
     if cfg.model.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     from diffusers import DDPMScheduler
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
-    for m in (unet, vae, te):
-        m.requires_grad_(False)
-    targets = add_lora(unet, cfg.lora)
-    train_te = cfg.text_encoder_lora is not None
-    if train_te:
-        targets += [f"text_encoder.{n}" for n in add_lora(te, cfg.text_encoder_lora)]
-    log.info("LoRA r=%d alpha=%g on %d modules (%d trainable parameters)", cfg.lora.r, cfg.lora.alpha, len(targets),
-             sum(p.numel() for m in (unet, te) for p in m.parameters() if p.requires_grad))
-    weight_dtype = DTYPES[s.mixed_precision]
-    _cast_frozen(unet, weight_dtype)
-    _cast_frozen(te, weight_dtype)
-    if weight_dtype == torch.bfloat16:   # an fp16 VAE gives NaN latents on some models: keep it fp32 then
-        vae.to(torch.bfloat16)
-    if s.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if train_te:
-            te.gradient_checkpointing_enable()
-    pipe.to(accelerator.device)
+    components = _add_adapters(cfg, pipe)
+    train_te = cfg.trains_text_encoder
+    _place(cfg, pipe, components, accelerator)
 
-    cache_latents = d.cache_latents
     ds, text_emb = _dataset(cfg, items, pipe, accelerator, train_te)
-
-    module = DiffusionLoss(unet, noise_scheduler, train_text_encoder=train_te,
-                           text_encoder=te if (train_te or text_emb is None) else None,
-                           vae=None if cache_latents else vae,
-                           scaling_factor=float(vae.config.scaling_factor),
+    module = DiffusionLoss(pipe.unet, noise_scheduler, train_text_encoder=train_te,
+                           text_encoder=pipe.text_encoder if (train_te or text_emb is None) else None,
+                           text_encoder_2=getattr(pipe, "text_encoder_2", None) if (train_te or text_emb is None) else None,
+                           vae=None if d.cache_latents else pipe.vae,
+                           scaling_factor=float(pipe.vae.config.scaling_factor),
                            min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset,
                            prior_loss_weight=cfg.loss.prior_loss_weight)
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first,
                                      num_workers=s.num_workers)
-    components = {"unet": unet, **({"text_encoder": te} if train_te else {})}
 
     ema = make_ema(module, s)
     export, sample = _export_and_sample(cfg, run, accelerator, pipe, module, components, len(items), ema)
@@ -277,7 +348,8 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
 
     def export(folder: Path, step: int) -> None:
         adapter = formats.from_model(components)
-        meta = training_metadata(cfg, n_images, resolution, step)
+        meta = training_metadata(cfg, n_images, resolution, step, arch_of(pipe),
+                                 pipe.scheduler.config.get("prediction_type", ""))
         if is_random_weights(pipe):
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
         dtype = DTYPES[cfg.output.save_dtype]
@@ -351,12 +423,12 @@ def validation_loss(module: DiffusionLoss, ds, n_timesteps: int, seed: int, devi
                 with torch.autocast(device.type, enabled=False):
                     lat = vae.encode(batch["pixels"].to(next(vae.parameters()).dtype)).latent_dist.mean.float()
             lat = lat * module.scaling_factor
-            cond = batch["text_emb"] if "text_emb" in batch else module.text_encoder(batch["input_ids"])[0]
+            cond, extra = module.condition(batch)
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
             for t in ts:
                 noise = torch.randn(lat.shape, generator=g).to(device)
                 tt = t.to(device).expand(lat.shape[0])
-                pred = module.unet(sched.add_noise(lat, noise, tt), tt, cond).sample.float()
+                pred = module.unet(sched.add_noise(lat, noise, tt), tt, cond, **extra).sample.float()
                 v_pred = sched.config.prediction_type == "v_prediction"
                 target = sched.get_velocity(lat, noise, tt) if v_pred else noise
                 total += F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1).sum().item()

@@ -133,6 +133,17 @@ def test_1_path_traversal_is_refused(page, server):
     fill(page, "sd-data-path", "datasets/demo")
 
 
+def test_1b_base_model_architecture_and_the_sdxl_section(page):
+    """Issue 10: the Train tab says which architecture the base model is; the SDXL section (second
+    text-encoder LoRA) appears only for an SDXL model."""
+    note, section = page.locator("#sd-model-pretrained-note"), page.locator("#sd-sdxl")
+    fill(page, "sd-model-pretrained", "tiny-sdxl")
+    wait_for(page, lambda: "SDXL" in note.inner_text() and section.is_visible(), 30, "the SDXL note and section")
+    shot(page, "02b-sdxl-base-model")
+    fill(page, "sd-model-pretrained", "tiny")
+    wait_for(page, lambda: "SD 1.x" in note.inner_text() and not section.is_visible(), 30, "the SD 1.x note")
+
+
 def test_2_train_shows_loss_plot_and_validation_images(page):
     fill(page, "sd-run-name", "first")
     fill(page, "sd-train-max_steps", 400)  # long enough to be stopped, resumed and queued behind

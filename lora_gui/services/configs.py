@@ -42,6 +42,10 @@ class ConfigService:
             out.append(v)
         return out
 
+    def arch_note(self, text: str) -> tuple[str, str]:
+        """(arch, a markdown line): the SD architecture of a base-model input (lora_gui.configs.arch_note)."""
+        return configs.arch_note(self.ws, text)
+
     def build(self, kind: str, base: dict, values: list):
         """The validated config object of the form (ConfigError names the field)."""
         data = configs.apply_form(base or self.default(kind), kinds.get(kind).fields, values, self.ws)

@@ -23,7 +23,9 @@ def build(page) -> None:
         with gr.Row():
             with gr.Column():
                 model = gr.Textbox(label="Base model", value="tiny", elem_id="gen-model",
-                                   info="'tiny', a diffusers folder / .safetensors in the workspace, or a hub id")
+                                   info="'tiny' / 'tiny-sd2' / 'tiny-sdxl', a diffusers folder / .safetensors / "
+                                        ".ckpt in the workspace (SD 1.x, 2.x, SDXL), or a hub id")
+                arch = gr.Markdown(elem_id="gen-model-note")
                 pick, scale, add, table = adapter_picker(ctrl)
                 with gr.Row():
                     fit = gr.Button("Fits the base model?", size="sm", elem_id="gen-fit", scale=1)
@@ -55,6 +57,8 @@ def build(page) -> None:
     def generate(base, rows, *values):
         return ctrl.generation.images(base, rows, *values)
 
+    model.change(lambda text: ctrl.configs.arch_note(text)[1], [model], [arch])
+    page.on_load([arch], lambda: ctrl.configs.arch_note(model.value)[1])
     add.click(add_adapter, [table, pick, scale, model], [table])
     table.select(row_badge, [model], [fit_html, report])
     fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [pick, model], [fit_html, report])

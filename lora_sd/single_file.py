@@ -1,0 +1,550 @@
+"""Single-file Stable Diffusion checkpoints: the one .safetensors / .ckpt file of AUTOMATIC1111, ComfyUI
+and model-sharing sites, in the original LDM (SD 1.x / 2.x) or SGM (SDXL) key layout.
+
+- `detect_checkpoint(path) -> (arch, reason)`: sd1 / sd2 / sdxl from the keys and shapes, torch-free
+  (a .safetensors header; a .ckpt's pickle is scanned as opcodes, never run), so the GUI can show it.
+- `load_single_file(path, ...)`: a diffusers pipeline, offline. Component configs come from, in this
+  order: `config` (a diffusers folder or hub id), the file's own metadata (files this module wrote), or
+  the real models' configs shipped in lora_sd/model_configs (SD 1.5, SD 2.1 base / 768-v, SDXL base).
+- `save_single_file(pipe, out)`: the pipeline in the original layout, its configs in the metadata.
+
+One name map serves both directions: for each diffusers parameter, the original key and how the tensor
+differs there ("T": transposed; "conv": a 1x1 conv weight; ("qkv", i): slice i of a fused in_proj).
+.ckpt files are read with torch.load(weights_only=True) only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from lora_core.cli_errors import ModelLoadError, one_line
+
+from .unet_names import to_original
+
+log = logging.getLogger("lora_sd")
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+META_CONFIGS = "lora_sd.configs"          # JSON: {"arch", component configs, "pad_tokens", "index"}
+META_RANDOM = "lora_sd.random_weights"
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+# component -> (original prefix, layout), per architecture
+LAYOUT = {
+    "sd1": {"unet": (UNET, "unet"), "vae": (VAE, "vae"),
+            "text_encoder": ("cond_stage_model.transformer.text_model.", "clip")},
+    "sd2": {"unet": (UNET, "unet"), "vae": (VAE, "vae"), "text_encoder": ("cond_stage_model.model.", "openclip")},
+    "sdxl": {"unet": (UNET, "unet"), "vae": (VAE, "vae"),
+             "text_encoder": ("conditioner.embedders.0.transformer.text_model.", "clip"),
+             "text_encoder_2": ("conditioner.embedders.1.model.", "openclip")},
+}
+TITLE = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+             "sdxl": "stable-diffusion-xl-v1-base"}
+# keys real checkpoints carry that diffusers models do not: skipped without a warning
+_HARMLESS = re.compile(r"(position_ids|logit_scale|attn_mask)$|^cond_stage_model\.model\.(text_projection$|"
+                       r"transformer\.resblocks\.23\.)")
+
+
+# ------------------------------------------------------------------ the name map
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _unet_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    orig = to_original(key, cfg)
+    if ".resnets." in key:      # block prefixes come from unet_names; ResNet internals are renamed here
+        head, inner, leaf = orig.rsplit(".", 2)
+        orig = f"{head}.{_RESNET[inner]}.{leaf}"
+    return orig, None
+
+
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _vae_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    n_up = len(cfg["up_block_types"])
+    k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
+    k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
+    k = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{n_up - 1 - int(m[1])}.block.", k)
+    k = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{n_up - 1 - int(m[1])}.upsample.", k)
+    k = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
+    m = re.fullmatch(r"(\w+)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", k)
+    if m:
+        how = "conv" if m[2] != "group_norm" and m[3] == "weight" else None
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}", how
+    return k, None
+
+
+def _clip_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    return key.removeprefix("text_model."), None     # the prefix holds text_model. (flat or not in transformers)
+
+
+_OPENCLIP_FIXED = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                   "embeddings.position_embedding.weight": "positional_embedding",
+                   "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+
+
+def _openclip_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    k = key.removeprefix("text_model.")
+    if k in _OPENCLIP_FIXED:
+        return _OPENCLIP_FIXED[k], None
+    if k == "text_projection.weight":
+        return "text_projection", "T"        # OpenCLIP multiplies x @ P: the transpose of nn.Linear's weight
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k)
+    if m is None:
+        raise KeyError(key)
+    block = f"transformer.resblocks.{m[1]}."
+    qkv = re.fullmatch(r"self_attn\.([qkv])_proj", m[2])
+    if qkv:                                    # q, k, v are one fused in_proj in OpenCLIP
+        return f"{block}attn.in_proj_{m[3]}", ("qkv", "qkv".index(qkv[1]))
+    return f"{block}{_OPENCLIP_LAYER[m[2]]}.{m[3]}", None
+
+
+_NAMERS = {"unet": _unet_name, "vae": _vae_name, "clip": _clip_name, "openclip": _openclip_name}
+
+
+def name_map(arch: str, component: str, keys, cfg: Mapping) -> dict[str, tuple[str, Any]]:
+    """{diffusers key: (original key, how)} for the state-dict `keys` of one component."""
+    prefix, layout = LAYOUT[arch][component]
+    namer = _NAMERS[layout]
+    out = {}
+    for k in keys:
+        orig, how = namer(k, cfg)
+        out[k] = (prefix + orig, how)
+    return out
+
+
+def to_original_state(pipe, arch: str) -> dict:
+    """The pipeline's weights under their original (LDM / SGM) names."""
+    import torch
+    out, fused = {}, {}
+    for comp in LAYOUT[arch]:
+        model = getattr(pipe, comp)
+        sd = model.state_dict()
+        for k, (orig, how) in name_map(arch, comp, sd, dict(model.config) if comp in ("unet", "vae") else {}).items():
+            t = sd[k]
+            if how == "T":
+                out[orig] = t.T.contiguous()
+            elif how == "conv":
+                out[orig] = t.reshape(*t.shape, 1, 1)
+            elif isinstance(how, tuple):
+                fused.setdefault(orig, {})[how[1]] = t
+            else:
+                out[orig] = t
+    for orig, parts in fused.items():
+        out[orig] = torch.cat([parts[i] for i in range(3)], dim=0)
+    return out
+
+
+def _from_original(tensor, how):
+    if how == "T":
+        return tensor.T
+    if how == "conv":
+        return tensor.reshape(tensor.shape[0], tensor.shape[1]) if tensor.ndim == 4 else tensor
+    if isinstance(how, tuple):
+        return tensor.chunk(3, dim=0)[how[1]]
+    return tensor
+
+
+# ------------------------------------------------------------------ reading a checkpoint
+class Checkpoint:
+    """A checkpoint file's tensor shapes and metadata (torch-free), and its tensors on demand."""
+
+    def __init__(self, path: Path, shapes: dict[str, list[int]], metadata: dict[str, str], global_step=None):
+        self.path, self.shapes, self.metadata, self.global_step = path, shapes, metadata, global_step
+        self._tensors: Optional[dict] = None
+
+    def tensors(self) -> Mapping:
+        """name -> tensor (safetensors: read lazily; .ckpt: torch.load(weights_only=True))."""
+        if self._tensors is None:
+            self._tensors = (_LazySafetensors(self.path) if self.path.suffix.lower() == ".safetensors"
+                             else _load_ckpt(self.path)[0])
+        return self._tensors
+
+
+class _LazySafetensors(dict):
+    def __init__(self, path: Path):
+        super().__init__()
+        from safetensors import safe_open
+        self._file = safe_open(str(path), framework="pt")
+
+    def __missing__(self, key):
+        return self._file.get_tensor(key)
+
+
+def open_checkpoint(path, torch_free: bool = False) -> Checkpoint:
+    """The shapes and metadata of a .safetensors or .ckpt file; a file that is none raises one line.
+    A .ckpt is loaded with torch.load(weights_only=True), or with `torch_free` only scanned for its key names."""
+    from lora_core.adapter_files import LoraLoadError, read_header
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a .safetensors or .ckpt checkpoint was expected)")
+    if path.suffix.lower() == ".ckpt":
+        if torch_free:
+            return Checkpoint(path, _ckpt_key_names(path), {})
+        tensors, step = _load_ckpt(path)
+        ck = Checkpoint(path, {k: list(v.shape) for k, v in tensors.items()}, {}, step)
+        ck._tensors = tensors
+        return ck
+    try:
+        h = read_header(path)
+    except LoraLoadError as e:
+        raise ModelLoadError(f"{one_line(str(e))} (a Stable Diffusion .safetensors checkpoint was expected)") from None
+    return Checkpoint(path, {k: list(v["shape"]) for k, v in h.tensors.items()}, h.metadata)
+
+
+def _ckpt_key_names(path: Path) -> dict[str, list[int]]:
+    """Key names of a .ckpt without torch: the strings of its pickle, read as opcodes (never executed);
+    shapes stay unknown ([]). Zip format: data.pkl; legacy format: the first four pickles of the file."""
+    import pickletools
+
+    def strings(source) -> set:
+        return {arg for _, arg, _ in pickletools.genops(source) if isinstance(arg, str) and "." in arg}
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                found = strings(z.read(name) if name else b"")
+        else:
+            with open(path, "rb") as f:
+                found = set().union(*(strings(f) for _ in range(4)))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ModelLoadError(f"{path}: not a PyTorch checkpoint, or truncated ({one_line(str(e))[:100]}); "
+                             "a Stable Diffusion .ckpt or .safetensors file was expected") from None
+    return {s: [] for s in found}
+
+
+def _load_ckpt(path: Path) -> tuple[dict, Any]:
+    """Tensors of a .ckpt by torch.load(weights_only=True) (nested "state_dict" unwrapped)."""
+    import pickle
+
+    import torch
+    try:
+        try:     # mmap: a 4-8 GB checkpoint is not read into memory twice
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)   # the legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it names {found[1]}" if found else one_line(str(e))[:120]
+        raise ModelLoadError(f"{path}: refused: this .ckpt holds more than tensors ({what}); lora_sd reads .ckpt "
+                             "files only with torch.load(weights_only=True) and never runs code from a pickle; "
+                             "use the model's .safetensors release instead") from None
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint, or truncated "
+                             f"({one_line(str(e)).split('. ')[0][:120]}); "
+                             "a Stable Diffusion .ckpt or .safetensors file was expected") from None
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors "
+                             "(a Stable Diffusion checkpoint was expected)")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, step
+
+
+# ------------------------------------------------------------------ which architecture
+_LORA_KEY = re.compile(r"(^lora_(unet|te\d?)_)|\.lora_(down|up|A|B)\.|\.(hada|lokr)_|\.alpha$")
+
+
+def _fail(path: Path, what: str, expected: str = "a Stable Diffusion 1.x / 2.x / SDXL checkpoint (UNet, VAE and text "
+                                                  "encoder in one file; model.config may give configs for other sizes)"
+          ) -> ModelLoadError:
+    return ModelLoadError(f"{path}: {what}; {expected} was expected")
+
+
+def _check_parts(ck: Checkpoint) -> None:
+    """Refuse files that are no whole base model: empty, an adapter, a VAE or UNet alone."""
+    keys = ck.shapes
+    if not keys:
+        raise _fail(ck.path, "holds no tensors")
+    lora = [k for k in keys if _LORA_KEY.search(k)]
+    if lora:
+        raise _fail(ck.path, f"a LoRA / adapter file (keys like {lora[0]}), not a base model (load adapters with "
+                             "--lora or sample.lora)")
+    if not any(k.startswith(UNET) for k in keys):
+        if any(k.startswith(("encoder.", "decoder.", VAE, "quant_conv", "post_quant_conv")) for k in keys):
+            raise _fail(ck.path, "a VAE-only file (encoder/decoder keys, no UNet model.diffusion_model.*)")
+        if any(k.startswith(("down_blocks.", "unet.", "text_model.")) for k in keys):
+            raise _fail(ck.path, "one component in the diffusers layout (keys like down_blocks.*), not a single-file "
+                                 "checkpoint", "its whole diffusers folder (with model_index.json) or a single-file "
+                                               "checkpoint")
+        raise _fail(ck.path, f"not a Stable Diffusion model (no UNet keys model.diffusion_model.*; keys like "
+                             f"{next(iter(keys))})")
+    if not any(k.startswith(VAE) for k in keys):
+        raise _fail(ck.path, "has a UNet but no VAE (first_stage_model.*)")
+
+
+def _classify(ck: Checkpoint) -> tuple[str, str]:
+    keys = ck.shapes
+    in_conv = keys.get(UNET + "input_blocks.0.0.weight") or []
+    if len(in_conv) == 4 and in_conv[1] != 4:
+        raise _fail(ck.path, f"a UNet with {in_conv[1]} input channels (an inpainting or other special model)",
+                    "a text-to-image model (4 latent channels)")
+    ctx = next((s[-1] for k, s in keys.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight") and s), None)
+    width = f", cross-attention width {ctx}" if ctx else ""
+    if any(k.startswith("conditioner.embedders.") for k in keys) or UNET + "label_emb.0.0.weight" in keys:
+        if not any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+            raise _fail(ck.path, "an SDXL model without the OpenCLIP bigG encoder as conditioner.embedders.1 "
+                                 "(the SDXL refiner?)", "an SDXL base model")
+        return "sdxl", ("conditioner.embedders.0/1: CLIP ViT-L + OpenCLIP bigG text encoders, label_emb: "
+                        "size/crop conditioning" + width)
+    proj = keys.get(UNET + "input_blocks.1.1.proj_in.weight") or []
+    proj_kind = {2: ", linear proj_in", 4: ", conv proj_in"}.get(len(proj), "")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2", f"cond_stage_model.model.*: OpenCLIP ViT-H text encoder{proj_kind}{width}"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1", f"cond_stage_model.transformer.*: CLIP ViT-L text encoder{proj_kind}{width}"
+    raise _fail(ck.path, "a UNet without a known text encoder (no cond_stage_model.* or conditioner.embedders.*): "
+                         "unknown architecture")
+
+
+def classify(ck: Checkpoint) -> tuple[str, str]:
+    """(arch, why) of an opened checkpoint, or ModelLoadError."""
+    _check_parts(ck)
+    return _classify(ck)
+
+
+def detect_checkpoint(path) -> tuple[str, str]:
+    """("sd1" | "sd2" | "sdxl", the reason) of a single-file checkpoint, without torch; ModelLoadError
+    (one line naming the file and what was expected) for anything else."""
+    ck = open_checkpoint(path, torch_free=True)
+    arch, why = classify(ck)
+    if META_CONFIGS in ck.metadata:
+        why += "; its component configs are in its metadata (written by lora-sd save-single-file)"
+    return arch, why
+
+
+def _folder_arch(folder: Path) -> tuple[str, str]:
+    """(arch, why) of a diffusers folder from its model_index.json and unet/config.json."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder}: not a readable diffusers pipeline folder ({one_line(str(e))[:120]})") from e
+    name = index.get("_class_name", "?")
+    if unet.get("addition_embed_type") == "text_time":
+        return "sdxl", f"diffusers folder, {name}, UNet with size/crop conditioning"
+    if unet.get("use_linear_projection"):
+        return "sd2", f"diffusers folder, {name}, UNet with linear projections"
+    return "sd1", f"diffusers folder, {name}"
+
+
+def model_arch(pretrained: str) -> tuple[str, str]:
+    """("sd1" | "sd2" | "sdxl" | "", why) of a model.pretrained value without torch or network: a tiny
+    model's name, a diffusers folder, a single file; "" for a hub id (known once it is loaded).
+    ModelLoadError for a file or folder that is not a model lora_sd trains."""
+    from .config import TINY_ARCHS
+    if pretrained in TINY_ARCHS:
+        return TINY_ARCHS[pretrained], f"'{pretrained}': the tiny offline test model (random weights)"
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return _folder_arch(path)
+    if path.suffix in (".safetensors", ".ckpt") or path.is_file():
+        return detect_checkpoint(path)
+    return "", "a hub id: its architecture is read when it is loaded"
+
+
+# ------------------------------------------------------------------ configs
+_CONFIG_FILES = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
+                 "text_encoder_2": "text_encoder_2/config.json", "scheduler": "scheduler/scheduler_config.json"}
+
+
+def _read_config_folder(folder: Path) -> dict:
+    """Component configs of a diffusers folder (model_index.json, <component>/config.json, tokenizer files)."""
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"model.config = {folder}: no model_index.json there (a diffusers folder with the "
+                             "component configs was expected)")
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    out = {"index": index, "pad_tokens": index.get("_lora_sd_pad_tokens", {})}
+    for comp, rel in _CONFIG_FILES.items():
+        if (folder / rel).is_file():
+            out[comp] = json.loads((folder / rel).read_text(encoding="utf-8"))
+    for tok in ("tokenizer", "tokenizer_2"):
+        if (folder / tok / "vocab.json").is_file():
+            out[f"{tok}_dir"] = str(folder / tok)
+    return out
+
+
+def _shipped(arch: str, prediction_type: str, global_step) -> tuple[str, str]:
+    """The shipped config folder for `arch`, and why (SD 2.x: v-prediction cannot be seen in weights)."""
+    if arch != "sd2":
+        return {"sd1": "sd15", "sdxl": "sdxl-base"}[arch], ""
+    if prediction_type:
+        return ("sd21-base" if prediction_type == "epsilon" else "sd21-v"), f"; model.prediction_type = {prediction_type}"
+    if global_step == 875000:
+        return "sd21-base", "; global_step 875000: the 512-base model (as diffusers tells them apart)"
+    return "sd21-v", ("; v-prediction cannot be seen in the weights: the 768-v model is assumed, as diffusers does; "
+                      "set model.prediction_type = \"epsilon\" for a 512-base model")
+
+
+def _config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) -> tuple[dict, str, str]:
+    """(configs, where from, why): model.config, else the file's metadata, else the shipped configs."""
+    from lora_core.cli_errors import check_local_path, hub_error
+    if config:
+        check_local_path(config, "model.config")
+        folder = Path(config).expanduser()
+        if not folder.is_dir():
+            try:
+                from huggingface_hub import snapshot_download
+                folder = Path(snapshot_download(config, allow_patterns=["*.json", "*/*.json", "tokenizer*/*.txt"]))
+            except Exception as e:
+                raise hub_error("model.config", config, e) from e
+        return _read_config_folder(folder), f"configs from model.config = {config}", ""
+    if META_CONFIGS in ck.metadata:
+        try:
+            return json.loads(ck.metadata[META_CONFIGS]), "configs from the file's metadata", ""
+        except json.JSONDecodeError:
+            raise _fail(ck.path, f"its {META_CONFIGS} metadata is not JSON") from None
+    name, why = _shipped(arch, prediction_type, ck.global_step)
+    configs = _read_config_folder(CONFIG_DIR / name)
+    return configs, f"shipped configs {name}", f" ({configs['index'].get('_lora_sd_note', name)}){why}"
+
+
+def _check_configs(configs: dict, arch: str, source: str, path: Path) -> None:
+    missing = [c for c in list(LAYOUT[arch]) + ["scheduler"] if c not in configs]
+    if missing:
+        raise ModelLoadError(f"{path}: {source}: no {', '.join(missing)} config ({TITLE[arch]} needs "
+                             f"{', '.join(LAYOUT[arch])} and scheduler)")
+    is_xl = configs["unet"].get("addition_embed_type") == "text_time"
+    if is_xl != (arch == "sdxl"):
+        raise ModelLoadError(f"{path}: the file is {TITLE[arch]} but the {source} are "
+                             f"{'SDXL' if is_xl else 'not SDXL'}; give matching configs")
+
+
+# ------------------------------------------------------------------ loading
+def _make_component(comp: str, cfg: dict):
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    if comp == "unet":
+        return diffusers.UNet2DConditionModel.from_config(cfg)
+    if comp == "vae":
+        return diffusers.AutoencoderKL.from_config(cfg)
+    cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
+    return cls(CLIPTextConfig.from_dict(cfg))
+
+
+def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str, dtype, used: set):
+    """The diffusers component `comp`, built from `cfg` on the meta device and filled from the file."""
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        model = _make_component(comp, cfg)
+    expected = model.state_dict()
+    names = name_map(arch, comp, expected, dict(model.config) if comp in ("unet", "vae") else {})
+    missing = sorted({orig for orig, _ in names.values() if orig not in ck.shapes})
+    if missing:
+        raise _fail(ck.path, f"{len(missing)} {comp} tensor(s) missing for the {source}, e.g. {missing[0]}",
+                    f"a complete {TITLE[arch]} checkpoint (a model of another size: set model.config to a folder "
+                    "or hub id with its diffusers configs)")
+    tensors, state = ck.tensors(), {}
+    for k, (orig, how) in names.items():
+        t = _from_original(tensors[orig], how)
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise ModelLoadError(f"{ck.path}: {orig} has shape {list(t.shape)} but the {source} need "
+                                 f"{list(expected[k].shape)} for {comp}.{k}; set model.config to a folder (or hub id) "
+                                 "with this model's diffusers configs")
+        state[k] = t.to(dtype).contiguous() if dtype is not None and t.is_floating_point() else t.contiguous()
+        used.add(orig)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _tokenizer(configs: dict, name: str):
+    from transformers import CLIPTokenizer
+
+    from .models import MAX_TOKENS, load_tokenizer
+    if configs.get(f"{name}_dir"):
+        tok = CLIPTokenizer.from_pretrained(configs[f"{name}_dir"])
+        tok.model_max_length = MAX_TOKENS
+        return tok
+    tok = load_tokenizer()
+    pad = configs.get("pad_tokens", {}).get(name)
+    if pad and pad in tok.get_vocab():
+        tok.pad_token = pad
+    return tok
+
+
+def _warn_unused(ck: Checkpoint, arch: str, used: set) -> None:
+    prefixes = tuple(p for p, _ in LAYOUT[arch].values())
+    extra = [k for k in ck.shapes if k.startswith(prefixes) and k not in used and not _HARMLESS.search(k)]
+    if extra:
+        log.warning("%s: %d tensor(s) of the model's components were not used, e.g. %s", ck.path, len(extra), extra[0])
+
+
+def load_single_file(path, config: str = "", dtype=None, prediction_type: str = ""):
+    """The diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) of a single-file
+    checkpoint, offline unless `config` names a hub id. Logs one line: what was detected and why."""
+    import diffusers
+
+    from .models import RANDOM_WEIGHTS_NOTE, assemble_pipeline
+    ck = open_checkpoint(path)
+    arch, why = classify(ck)
+    configs, source, note = _config_source(ck, arch, config, prediction_type)
+    _check_configs(configs, arch, source, ck.path)
+    log.info("%s: detected %s (%s); %s%s", ck.path, TITLE[arch], why, source, note)
+    used: set = set()
+    comps = {c: _load_component(ck, arch, c, configs[c], source, dtype, used) for c in LAYOUT[arch]}
+    _warn_unused(ck, arch, used)
+    sched_cfg = configs["scheduler"]
+    sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
+    if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
+        raise ModelLoadError(f"{ck.path}: {source}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
+    tokenizers = {t: _tokenizer(configs, t) for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
+    if len(tokenizers["tokenizer"]) < comps["text_encoder"].config.vocab_size // 2 and META_RANDOM not in ck.metadata:
+        log.warning("%s: the CLIP BPE tokenizer files are absent (../shared/tokenizers/clip), so prompts are split "
+                    "into characters this model was not trained on; set model.config to a folder with tokenizer/ "
+                    "files for real prompts", ck.path)
+    pipe = assemble_pipeline(arch, scheduler=sched_cls.from_config(sched_cfg), **comps, **tokenizers,
+                             force_zeros_for_empty_prompt=configs.get("index", {}).get("force_zeros_for_empty_prompt", True))
+    if ck.metadata.get(META_RANDOM) == "true":
+        log.warning("%s: %s", ck.path, RANDOM_WEIGHTS_NOTE)
+        pipe._lora_sd_random_weights = True
+    return pipe
+
+
+# ------------------------------------------------------------------ writing
+def _config_json(obj) -> dict:
+    if hasattr(obj, "to_json_string"):                    # diffusers models and schedulers
+        return json.loads(obj.to_json_string())
+    return json.loads(obj.config.to_json_string(use_diff=False))
+
+
+def save_single_file(pipe, out, half: bool = False) -> dict:
+    """Write `pipe` as one .safetensors file in the original layout (the name map above), with its
+    diffusers component configs in the metadata so that load_single_file rebuilds it exactly."""
+    import os
+
+    from lora_core.io import atomic_save_safetensors
+
+    from .models import arch_of, is_random_weights
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the output must be a .safetensors file")
+    arch = arch_of(pipe)
+    state = to_original_state(pipe, arch)
+    if half:
+        import torch
+        state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+    toks = ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",)
+    configs = {"arch": arch, "scheduler": _config_json(pipe.scheduler),
+               "pad_tokens": {t: getattr(pipe, t).pad_token for t in toks},
+               "index": {"_class_name": type(pipe).__name__,
+                         "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True))}}
+    configs.update({c: _config_json(getattr(pipe, c)) for c in LAYOUT[arch]})
+    pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+    meta = {"format": "pt", META_CONFIGS: json.dumps(configs, sort_keys=True), "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": MODELSPEC["sd2-v" if arch == "sd2" and pred == "v_prediction" else arch],
+            "modelspec.prediction_type": pred}
+    if is_random_weights(pipe):
+        meta[META_RANDOM] = "true"
+    atomic_save_safetensors(out, state, meta)
+    return {"out": str(out), "arch": arch, "tensors": len(state), "bytes": os.path.getsize(out)}

@@ -1,0 +1,97 @@
+"""Issue 10 in the GUI: the SD base-model inputs show the architecture lora_sd detects (tiny names,
+diffusers folders, single files; without torch in the GUI process), the SDXL section's field turns
+SDXL's second text-encoder LoRA on, and a rank of 0 leaves the optional table out."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from lora_gui import configs
+from lora_gui.forms import SD_FIELDS, Field
+from lora_gui.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
+
+
+def test_arch_note_in_a_torch_free_process(tmp_path):
+    from lora_sd.models import build_tiny_pipeline, save_tiny_pipeline
+    from lora_sd.single_file import save_single_file
+    ws = tmp_path / "ws"
+    (ws / "models").mkdir(parents=True)
+    save_tiny_pipeline(ws / "models" / "xl", arch="sdxl")
+    save_single_file(build_tiny_pipeline(arch="sd2"), ws / "models" / "sd2.safetensors")
+    (ws / "models" / "notes.safetensors").write_text("not a checkpoint")
+    code = textwrap.dedent(f"""
+        import json, sys
+        from lora_gui.controller import Controller
+        from lora_gui.workspace import Workspace
+        ctrl = Controller(Workspace({str(ws)!r}))
+        notes = {{m: ctrl.configs.arch_note(m) for m in
+                 ("tiny", "tiny-sdxl", "models/xl", "models/sd2.safetensors", "models/notes.safetensors",
+                  "owner/some-model", "models/missing.safetensors")}}
+        print(json.dumps({{"notes": notes, "heavy": [h for h in {HEAVY!r} if h in sys.modules]}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["heavy"] == []
+    n = res["notes"]
+    assert n["tiny"][0] == "sd1" and "SD 1.x" in n["tiny"][1]
+    assert n["tiny-sdxl"][0] == "sdxl" and "SDXL" in n["tiny-sdxl"][1]
+    assert n["models/xl"][0] == "sdxl" and "StableDiffusionXLPipeline" in n["models/xl"][1]
+    assert n["models/sd2.safetensors"][0] == "sd2" and "OpenCLIP" in n["models/sd2.safetensors"][1]
+    arch, line = n["models/notes.safetensors"]
+    assert arch == "" and line.startswith("⚠") and "notes.safetensors" in line and "\n" not in line
+    assert n["owner/some-model"] == ["", "Architecture: a hub id: its architecture is read when it is loaded"]
+    arch, line = n["models/missing.safetensors"]
+    assert arch == "" and line.startswith("⚠") and "missing.safetensors" in line
+
+
+def _sd_form(ctrl, base=None, **values):
+    """The SD form as the GUI fills it from a config (`base`: the GUI's default, model tiny-sdxl)."""
+    fields = list(SD_FIELDS)
+    if base is None:
+        base = ctrl.configs.default("sd-train")
+        base["model"]["pretrained"] = "tiny-sdxl"
+    shown = ctrl.configs.form_values("sd-train", base)
+    for key, v in values.items():
+        shown[[f.key for f in fields].index(key)] = v
+    return fields, base, shown
+
+
+def test_text_encoder_rank_fields_make_or_drop_the_optional_tables(tmp_path):
+    from lora_gui.controller import Controller
+    ctrl = Controller(Workspace(tmp_path / "ws"))
+    fields, base, shown = _sd_form(ctrl)
+    te2 = next(f for f in fields if f.key == "text_encoder_2_lora.r")
+    assert te2.group == "sdxl" and te2.kind == "table_rank"
+    assert configs.field_value(te2, base) == 0            # no table: shown as 0 (off)
+    data = configs.apply_form(base, fields, shown, ctrl.ws)
+    assert "text_encoder_lora" not in data and "text_encoder_2_lora" not in data
+    fields, base, shown = _sd_form(ctrl, **{"text_encoder_2_lora.r": 4, "text_encoder_lora.r": ""})
+    data = configs.apply_form(base, fields, shown, ctrl.ws)
+    assert data["text_encoder_2_lora"] == {"r": 4} and "text_encoder_lora" not in data
+    cfg = ctrl.configs.build("sd-train", base, shown)
+    assert cfg.text_encoder_2_lora.r == 4 and cfg.text_encoder_lora is None
+    # the table a loaded config has is shown with its rank, and set back to 0 it is removed
+    base = {**base, "text_encoder_2_lora": {"r": 8, "alpha": 8.0}}
+    fields, base, shown = _sd_form(ctrl, base)
+    assert shown[[f.key for f in fields].index("text_encoder_2_lora.r")] == 8
+    shown[[f.key for f in fields].index("text_encoder_2_lora.r")] = 0
+    assert "text_encoder_2_lora" not in configs.apply_form(base, fields, shown, ctrl.ws)
+
+
+def test_a_bad_rank_names_the_field(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    f = Field("text_encoder_lora.r", "Text-encoder LoRA rank (0 = off)", "table_rank")
+    try:
+        configs.coerce(f, "2.5", ws)
+    except configs.ConfigError as e:
+        assert "text_encoder_lora.r" in str(e) and "whole number" in str(e)
+    else:
+        raise AssertionError("2.5 accepted as a rank")
