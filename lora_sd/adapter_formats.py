@@ -25,6 +25,7 @@ from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
 from lora_sd import unet_names
+from lora_sd.single_file import _RESNET   # torch-free; the one diffusers -> SGM ResNet table
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
@@ -45,8 +46,7 @@ SDXL_LAYOUT = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "Cros
 SD_LAYOUT = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
              "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2}
 _SGM_TOP = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
-_RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-               "conv_shortcut": "skip_connection"}   # inside a ResNet block: diffusers -> SGM
+_RESNET_SGM = _RESNET   # inside a ResNet block: diffusers -> SGM (conv1 -> in_layers.2), single_file's table
 _SGM_RESNET = re.compile(r"((?:input_blocks\.\d+|output_blocks\.\d+)\.0|middle_block\.[02])\.("
                          + "|".join(re.escape(v) for v in _RESNET_SGM.values()) + ")")
 
