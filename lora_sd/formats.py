@@ -151,7 +151,7 @@ def fit_names(adapter: Adapter, components: dict[str, nn.Module]) -> Adapter:
 
 
 def _text_model_names(adapter: Adapter) -> Adapter:
-    """The inverse of fit_names for SDXL files: every text-encoder path under `text_model.`."""
+    """The inverse of fit_names (for every file we write): every text-encoder path under `text_model.`."""
     out = Adapter(arch=getattr(adapter, "arch", ""), layout=getattr(adapter, "layout", None))
     for key, ml in adapter.items():
         comp, _, path = key.partition(".")
@@ -427,8 +427,8 @@ def write_adapter(path, adapter: Adapter, fmt: str, metadata: Optional[dict] = N
     or the metadata): kohya's SGM names, kohya's SDXL metadata, and the UNet layout in `lora_sd.unet_layout`."""
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     arch, layout = target_naming(adapter, meta, unet_config)
-    if layout is not None:   # SDXL: text encoders named as kohya, ComfyUI, A1111 and diffusers' files do
-        adapter = _text_model_names(adapter)
+    adapter = _text_model_names(adapter)   # text encoders named as kohya, ComfyUI, A1111 and diffusers' files do
+    if layout is not None:   # SDXL
         meta[LAYOUT_KEY] = json.dumps(layout, sort_keys=True)
         if fmt == KOHYA:
             meta.setdefault("ss_base_model_version", SDXL_BASE_VERSION)

@@ -188,13 +188,26 @@ def test_broken_files_give_one_clear_line(tmp_path, kind, message):
                 [f.get_tensor(k) for k in f.keys()]
 
 
+def test_our_sd1_files_name_the_text_encoder_as_kohya_comfyui_and_a1111_read_it(files):
+    """SD 1.x text-encoder keys carry transformers' `text_model` level (lora_te_text_model_encoder_layers_N_...,
+    text_encoder.text_model.encoder.layers.N...), as kohya's, ComfyUI's and AUTOMATIC1111's readers expect,
+    even where this transformers' CLIPTextModel has no such level."""
+    from safetensors import safe_open
+    with safe_open(str(files["ours_kohya"][0]), "pt") as f:
+        te = [k for k in f.keys() if k.startswith("lora_te")]
+    assert te and all(k.startswith("lora_te_text_model_encoder_layers_") for k in te)
+    with safe_open(str(files["ours_diffusers"][0]), "pt") as f:
+        te = [k for k in f.keys() if k.startswith("text_encoder.")]
+    assert te and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te)
+
+
 # ------------------------------------------------------------------ inspect: one description
 def test_inspect_describes_each_format(files):
     k = af.inspect(files["ours_kohya"][0])
     assert (k["format"], k["tool"], k["cli"], k["base_model"], k["steps"]) == ("kohya", "lora-sd", "lora_sd.cli", "tiny", "7")
     assert k["ranks"] == [2, 4] and k["alphas"] == [1.0, 8.0] and k["targets"] == 40 and k["dtype"] == "F32"
     assert k["modules_by_component"] == {"unet": 28, "text_encoder": 12} and k["architecture"] == "sd1"
-    assert "unet.mid_block" in k["blocks"] and "text_encoder.encoder.layers.0" in k["blocks"]
+    assert "unet.mid_block" in k["blocks"] and "text_encoder.text_model.encoder.layers.0" in k["blocks"]   # kohya names: text_model.
     assert k["convert_to"] == ["kohya", "diffusers"]
     d = af.inspect(files["ours_diffusers"][0])
     assert (d["ranks"], d["alphas"], d["target_modules"]) == (k["ranks"], k["alphas"], k["target_modules"])
