@@ -216,7 +216,8 @@ def test_6_generate_with_the_adapter(page, server):
     page.keyboard.press("Enter")
     fill(page, "gen-adapter-scale", 0.8)
     page.locator("#gen-adapter-add").click()
-    wait_for(page, lambda: adapter.name in page.locator("#gen-adapters").inner_text(), 20, "adapter-row")
+    # the row's fit label describes the base once (`lora-sd inspect --base tiny`, a subprocess): slow on a busy CPU
+    wait_for(page, lambda: adapter.name in page.locator("#gen-adapters").inner_text(), 90, "adapter-row")
     page.locator("#gen-go").click()
     page.locator("#gen-gallery img").first.wait_for(timeout=120_000)
     assert "saved to outputs/generate/" in page.locator("#gen-message").inner_text()

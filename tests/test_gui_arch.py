@@ -95,3 +95,14 @@ def test_a_bad_rank_names_the_field(tmp_path):
         assert "text_encoder_lora.r" in str(e) and "whole number" in str(e)
     else:
         raise AssertionError("2.5 accepted as a rank")
+
+
+def test_fit_badge_maps_text_encoder_names_with_and_without_text_model():
+    """Our and kohya's files name CLIP modules text_model.encoder...; this transformers' CLIPTextModel has
+    no text_model level: the header-only fit check maps both spellings (and kohya's) onto the base's module."""
+    from lora_gui.services.adapters import _aliases
+    names = _aliases("text_encoder.encoder.layers.0.self_attn.q_proj")
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in names
+    assert {"lora_te_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= set(names)
+    assert _aliases("unet.mid_block.attentions.0.proj_in") == ["lora_unet_mid_block_attentions_0_proj_in"]

@@ -75,7 +75,8 @@ def test_advanced_fields_reach_the_config(ctrl):
     adv = [k for k, f in fields.items() if f.group == "advanced"]
     assert adv == ["lora.use_dora", "lora.conv_r", "lora.conv_alpha", "lora.rank_pattern", "lora.alpha_pattern",
                    *(f.key for f in ADVANCED_SD_DATA),    # captions / masks / reg images: test_sd_technique_data
-                   *(f.key for f in ADVANCED_SD_TRAIN)]   # optimizers, EMA, validation: test_sd_technique_ema
+                   *(f.key for f in ADVANCED_SD_TRAIN),   # optimizers, EMA, validation: test_sd_technique_ema
+                   "text_encoder_lora.r"]                 # issue 10's text-encoder LoRA: test_gui_arch
     specs = {s.path: s for s in field_specs(kinds.get("sd-train").config_class())}
     assert specs["lora.use_dora"].help in fields["lora.use_dora"].info      # help from the declarations
     assert specs["lora.conv_r"].help in fields["lora.conv_r"].info

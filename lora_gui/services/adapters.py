@@ -105,11 +105,21 @@ def base_modules(ws: Workspace, cli: str, base: str, compute: bool = True) -> Op
     return out["modules"]
 
 
+def _aliases(module: str) -> list[str]:
+    """The names a file may give a base module: kohya's (lora_unet_down_blocks_0_...), and for text encoders
+    also with transformers' `text_model` level, which our files and kohya's write even where the loaded
+    CLIPTextModel has none."""
+    comp, _, rest = module.partition(".")
+    rests = [rest] + ([f"text_model.{rest}"] if comp.startswith("text_encoder") and
+                      not rest.startswith("text_model.") else [])
+    return [f"{comp}.{r}" for r in rests[1:]] + [pre + r.replace(".", "_") for r in rests
+                                                  for pre in _KOHYA.get(comp, ())]
+
+
 def adapter_shapes(path: Path, modules: dict) -> dict[str, tuple[int, int]]:
     """{module: (in, out)} of an adapter file from its header alone (A / lora_down: [r, in, ...], B / lora_up:
     [out, r, ...]); kohya names (lora_unet_down_blocks_0_...) are mapped onto the base's module names."""
-    kohya = {pre + k.partition(".")[2].replace(".", "_"): k for k in modules
-             for pre in _KOHYA.get(k.partition(".")[0], ())}
+    kohya = {alias: k for k in modules for alias in _aliases(k)}
     h = open_view(path).header
     own: dict[str, list[int]] = {}
     for key in h.tensors:

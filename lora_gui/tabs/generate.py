@@ -58,7 +58,7 @@ def build(page) -> None:
         return ctrl.generation.images(base, rows, *values)
 
     model.change(lambda text: ctrl.configs.arch_note(text)[1], [model], [arch])
-    page.on_load([arch], lambda: ctrl.configs.arch_note(model.value)[1])
+    page.on_load([arch], lambda: [ctrl.configs.arch_note(model.value)[1]])
     add.click(add_adapter, [table, pick, scale, model], [table])
     table.select(row_badge, [model], [fit_html, report])
     fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [pick, model], [fit_html, report])
