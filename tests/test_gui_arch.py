@@ -1,19 +1,13 @@
 """Issue 10 in the GUI: the SD base-model inputs show the architecture lora_sd detects (tiny names,
 diffusers folders, single files; without torch in the GUI process), the SDXL section's field turns
 SDXL's second text-encoder LoRA on, and a rank of 0 leaves the optional table out."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 from lora_gui import configs
 from lora_gui.forms import SD_FIELDS, Field
 from lora_gui.workspace import Workspace
 
-ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
+from test_gui_process import HEAVY, run_python_json
 
 
 def test_arch_note_in_a_torch_free_process(tmp_path):
@@ -34,11 +28,7 @@ def test_arch_note_in_a_torch_free_process(tmp_path):
                   "owner/some-model", "models/missing.safetensors")}}
         print(json.dumps({{"notes": notes, "heavy": [h for h in {HEAVY!r} if h in sys.modules]}}))
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_python_json(code)
     assert res["heavy"] == []
     n = res["notes"]
     assert n["tiny"][0] == "sd1" and "SD 1.x" in n["tiny"][1]

@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
 
 
+def run_python_json(code: str) -> dict:
+    """Run `code` in a fresh Python process (the checkout on its path) and parse its last stdout line as JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_the_gui_process_imports_no_torch(tmp_path):
     """Import app, lora_gui and every lora_gui module, build the page, load every job kind's config
     class and list the saved configs: none of the heavy libraries is loaded."""
@@ -45,11 +54,7 @@ def test_the_gui_process_imports_no_torch(tmp_path):
             ctrl.configs.choices(k.name)
         print(json.dumps({{"modules": mods, "heavy": [h for h in {HEAVY!r} if h in sys.modules]}}))
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_python_json(code)
     assert {"lora_gui.ui", "lora_gui.tabs.train", "lora_gui.services.runs", "lora_gui.kinds"} <= set(res["modules"])
     assert res["heavy"] == []
 
