@@ -91,7 +91,8 @@ TEXT_ENCODER_SD = [
 
 SD_FIELDS = [
     Field("model.pretrained", "Base model", path="model", note="arch",
-          info="'tiny' / 'tiny-sd2' / 'tiny-sdxl' (offline test models), a diffusers folder or .safetensors / .ckpt "
+          info="'tiny' (offline, pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl' (offline, "
+               "random weights), a diffusers folder or .safetensors / .ckpt "
                "file in the workspace (SD 1.x, 2.x, SDXL), or a hub id"),
     Field("data.path", "Dataset folder", path="dir", info="images with .txt captions or metadata.jsonl"),
     Field("data.resolution", "Resolution", "int"),

@@ -68,7 +68,7 @@ def _fields(form: tuple, config: str) -> tuple:
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("sd-train", "lora_sd.config:SDTrainConfig", "lora_sd.cli", "train", tuple(SD_FIELDS), "sd",
-            default_file="sd_tiny_demo.toml"),
+            default_file="sd_synth_purple.toml"),
     JobKind("llm-train", "lora_llm.config:LLMTrainConfig", "lora_llm.cli", "train", tuple(LLM_FIELDS), "llm",
             default_file="llm_tiny_demo.toml"),
     # the suite's [base] table is the text-task form; tasks and steps per task come from its own inputs

@@ -107,7 +107,8 @@ def check(image, prompt: str) -> dict[str, Optional[bool]]:
     return {a: (None if want[a] is None else got[a] == want[a]) for a in ATTRIBUTES}
 
 
-def _fractions(checks: list[dict]) -> dict:
+def fractions(checks: list[dict]) -> dict:
+    """{"n", each attribute's fraction of True among the checks naming it, "all"}."""
     out: dict = {"n": len(checks)}
     for a in ATTRIBUTES:
         vals = [c[a] for c in checks if c[a] is not None]
@@ -120,7 +121,7 @@ def _fractions(checks: list[dict]) -> dict:
 def score(pairs: Iterable[tuple[object, str]]) -> dict:
     """{"n", "colour", "shape", "background", "all"}: the fraction of (image, prompt) pairs whose image
     shows the prompted colour / shape / background / all of them."""
-    return _fractions([check(img, p) for img, p in pairs])
+    return fractions([check(img, p) for img, p in pairs])
 
 
 def score_generator(make_image: Callable[[str, int], object], prompts: list[str], seeds: list[int]) -> dict:
@@ -134,8 +135,8 @@ def score_generator(make_image: Callable[[str, int], object], prompts: list[str]
             c = check(img, p)
             checks.append(c)
             samples.append({"prompt": p, "seed": s, "read": read_image(img).as_dict(), "ok": c})
-        per_prompt[p] = _fractions(checks)
-    total = _fractions([x["ok"] for x in samples])
+        per_prompt[p] = fractions(checks)
+    total = fractions([x["ok"] for x in samples])
     return {**total, "per_prompt": per_prompt, "samples": samples}
 
 

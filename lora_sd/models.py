@@ -1,5 +1,6 @@
-"""Base models: load a Stable Diffusion 1.x pipeline (hub id, local folder, single file) or build
-the tiny random-weight pipeline used offline by tests, demos and the GUI's default config."""
+"""Base models: load a Stable Diffusion pipeline (hub id, local folder, single file), the tiny pretrained
+pipeline shipped in the package ("tiny": the offline default of demos and the GUI), or build the tiny
+random-weight pipelines used by tests ("tiny-random", "tiny-sd2", "tiny-sdxl")."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,10 @@ from lora_core.cli_errors import ModelLoadError, check_local_path, hub_error
 from lora_core.io import atomic_write_json, atomic_write_text
 from lora_core.paths import shared_path
 
-from .config import ARCHS, TINY_ARCHS
+from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED
 
 log = logging.getLogger("lora_sd")
 
-TINY = "tiny"
 TINY_MARKER = "lora_sd_tiny_model.json"
 RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: this is a tiny Stable-Diffusion-architecture pipeline built from configs "
                        "for offline tests and demos; its images are noise, not pictures")
@@ -173,15 +173,57 @@ def is_random_weights(pipe) -> bool:
     return bool(getattr(pipe, "_lora_sd_random_weights", False))
 
 
+# ------------------------------------------------------------------ the shipped pretrained tiny pipeline
+def tiny_pretrained_dir() -> Path:
+    """The package folder of the pretrained tiny pipeline (written by `lora-sd pretrain-tiny`)."""
+    return Path(__file__).resolve().parent / "pretrained" / "tiny_synth"
+
+
+def verify_pretrained(folder: Path) -> dict:
+    """pretrain.json of `folder`, after checking that every weights file it lists is there with its
+    recorded size and sha256 and that no other weights file is: ModelLoadError otherwise."""
+    import hashlib
+    info_file = folder / "pretrain.json"
+    if not info_file.is_file():
+        raise ModelLoadError(f"model.pretrained = {TINY_PRETRAINED!r}: {info_file} is missing (the package's copy of "
+                             "the tiny model is incomplete): reinstall lora-workbench, or use 'tiny-random'")
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    listed = set(info["files"])
+    present = {str(f.relative_to(folder)) for f in folder.rglob("*.safetensors")}
+    for rel in sorted(listed | present):
+        f, want = folder / rel, info["files"].get(rel)
+        if want is None or not f.is_file() or f.stat().st_size != want["bytes"] or \
+                hashlib.sha256(f.read_bytes()).hexdigest() != want["sha256"]:
+            why = "is not listed in pretrain.json" if want is None else "is missing" if not f.is_file() else \
+                "does not match the sha256 in pretrain.json"
+            raise ModelLoadError(f"model.pretrained = {TINY_PRETRAINED!r}: {f} {why}: the package's copy of the tiny "
+                                 "model is damaged; reinstall lora-workbench, or use 'tiny-random'")
+    return info
+
+
+def load_tiny_pretrained(dtype: torch.dtype = torch.float32):
+    """The shipped pretrained tiny pipeline, hash-checked (verify_pretrained), offline."""
+    from diffusers import StableDiffusionPipeline
+    folder = tiny_pretrained_dir()
+    verify_pretrained(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), **{_dtype_kwarg(): dtype}, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ------------------------------------------------------------------ loading
 def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = None, variant: str = "",
                   dtype: torch.dtype = torch.float32, prediction_type: str = ""):
     """The SD 1.x/2.x or SDXL pipeline from `pretrained`:
-    "tiny" (built in memory), a local diffusers folder, a single-file checkpoint (.safetensors/.ckpt,
+    "tiny" (the shipped pretrained tiny pipeline), "tiny-random" / "tiny-sd2" / "tiny-sdxl" (built in
+    memory, random weights), a local diffusers folder, a single-file checkpoint (.safetensors/.ckpt,
     lora_sd.single_file: offline with shipped configs; `config` may name a diffusers folder or hub id with
     its configs; `prediction_type` tells SD 2.x 512-base from 768-v), or a hub id."""
     if not pretrained:
         raise ValueError("model.pretrained is empty: give a hub id, a local diffusers folder, a .safetensors file or 'tiny'")
+    if pretrained == TINY_PRETRAINED:
+        return load_tiny_pretrained(dtype)
     if pretrained in TINY_ARCHS:
         log.warning("model.pretrained = %r: %s", pretrained, RANDOM_WEIGHTS_NOTE)
         return build_tiny_pipeline(arch=TINY_ARCHS[pretrained]).to(dtype=dtype)

@@ -41,8 +41,8 @@ class PretrainSettings:
     seed: int = 0
     side: int = 64                        # image side; latents are side / 4
     n_images: int = 8192                  # synthetic training images (base concepts only)
-    steps_vae: int = 1000
-    steps_unet: int = 10000
+    steps_vae: int = 600                  # the shipped model's settings (lora_sd/pretrained/tiny_synth/pretrain.json):
+    steps_unet: int = 6500                # about 75 min with 2 torch threads on 2 CPU cores
     batch_size: int = 32
     lr_vae: float = 1e-3
     lr_unet: float = 1e-3
@@ -274,6 +274,7 @@ def model_card(info: dict) -> str:
         f"- Total {info['total_seconds'] / 60:.1f} min with {info['torch_threads']} torch thread(s); weights "
         f"{info['weights_bytes'] / 2**20:.1f} MB (hashes in pretrain.json).\n\n"
         "What it can do: draw the prompted base colour, shape and background, blurrily, at "
-        f"{s['side']}x{s['side']} (measure it: `lora-sd score --model THIS_FOLDER`).\n"
+        f"{s['side']}x{s['side']} (measure it: `lora-sd score --model THIS_FOLDER`; the shipped copy's scores are in "
+        "the project's RESULTS.md, SD section, from results/sd/synth_purple.json).\n"
         f"What it cannot do: anything outside that world. It has never seen the held-out words "
         f"{', '.join(synth.HELD_OUT_COLOURS + synth.HELD_OUT_SHAPES)}: those are what a demo LoRA teaches it.\n")

@@ -343,7 +343,9 @@ def model_arch(pretrained: str) -> tuple[str, str]:
     """("sd1" | "sd2" | "sdxl" | "", why) of a model.pretrained value without torch or network: a tiny
     model's name, a diffusers folder, a single file; "" for a hub id (known once it is loaded).
     ModelLoadError for a file or folder that is not a model lora_sd trains."""
-    from .config import TINY_ARCHS
+    from .config import TINY_ARCHS, TINY_PRETRAINED
+    if pretrained == TINY_PRETRAINED:
+        return "sd1", f"'{pretrained}': the tiny model shipped with lora_sd, pretrained on the synthetic shapes world"
     if pretrained in TINY_ARCHS:
         return TINY_ARCHS[pretrained], f"'{pretrained}': the tiny offline test model (random weights)"
     path = Path(pretrained).expanduser()

@@ -116,7 +116,7 @@ def test_sample_grid_at_the_end_of_a_run(tmp_path):
     from lora_sd.testing import make_images, train_config
     from lora_sd.train import run_training
     make_images(tmp_path / "data", 2)
-    cfg = train_config(tmp_path / "run", "tiny", tmp_path / "data", tmp_path / "cache",
+    cfg = train_config(tmp_path / "run", "tiny-random", tmp_path / "data", tmp_path / "cache",
                        train={"max_steps": 2, "checkpoint_every": 1, "batch_size": 1, "lr_warmup_steps": 0},
                        sample={"prompts": ["a cat", "a dog"], "grid": True, "steps": 2, "grid_scale": 0.5},
                        loss={"min_snr_gamma": 0.0, "noise_offset": 0.0})
@@ -134,7 +134,7 @@ def test_sample_grid_every_n_steps(tmp_path):
     from lora_sd.testing import make_images, train_config
     from lora_sd.train import run_training
     make_images(tmp_path / "data", 2)
-    cfg = train_config(tmp_path / "run", "tiny", tmp_path / "data", tmp_path / "cache",
+    cfg = train_config(tmp_path / "run", "tiny-random", tmp_path / "data", tmp_path / "cache",
                        train={"max_steps": 4, "checkpoint_every": 1, "sample_every": 2, "batch_size": 1,
                               "lr_warmup_steps": 0},
                        sample={"prompts": ["a cat"], "grid_every": 2, "steps": 2, "seed": 3, "guidance_scale": 3.0},

@@ -24,14 +24,15 @@ def test_arch_note_in_a_torch_free_process(tmp_path):
         from lora_gui.workspace import Workspace
         ctrl = Controller(Workspace({str(ws)!r}))
         notes = {{m: ctrl.configs.arch_note(m) for m in
-                 ("tiny", "tiny-sdxl", "models/xl", "models/sd2.safetensors", "models/notes.safetensors",
+                 ("tiny", "tiny-random", "tiny-sdxl", "models/xl", "models/sd2.safetensors", "models/notes.safetensors",
                   "owner/some-model", "models/missing.safetensors")}}
         print(json.dumps({{"notes": notes, "heavy": [h for h in {HEAVY!r} if h in sys.modules]}}))
     """)
     res = run_python_json(code)
     assert res["heavy"] == []
     n = res["notes"]
-    assert n["tiny"][0] == "sd1" and "SD 1.x" in n["tiny"][1]
+    assert n["tiny"][0] == "sd1" and "SD 1.x" in n["tiny"][1] and "pretrained" in n["tiny"][1]
+    assert n["tiny-random"][0] == "sd1" and "random weights" in n["tiny-random"][1]
     assert n["tiny-sdxl"][0] == "sdxl" and "SDXL" in n["tiny-sdxl"][1]
     assert n["models/xl"][0] == "sdxl" and "StableDiffusionXLPipeline" in n["models/xl"][1]
     assert n["models/sd2.safetensors"][0] == "sd2" and "OpenCLIP" in n["models/sd2.safetensors"][1]

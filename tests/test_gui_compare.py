@@ -139,6 +139,28 @@ def test_grid_progress_from_a_half_written_folder(ctrl):
     assert cells[1][1] == "a / scale 1"
     assert ctrl.compare.cell_params("g", 1)["parameters"] == {"seed": 0, "prompt": "a", "scale": 1.0}
     assert ctrl.compare.cell_params("g", 2) == {"row": 1, "col": 0, "state": "not generated yet"}
+    assert ctrl.compare.grid_concept_score("g") == ""   # "a" names nothing of the synthetic world
+
+
+def test_grid_concept_score_line(ctrl):
+    """Issue 14: under a grid whose prompts name synthetic-world concepts, one line per column saying how
+    often its cells show the prompted colour / shape / background (here: drawn ground truth, and a wrong one)."""
+    from PIL.PngImagePlugin import PngInfo
+    from lora_sd import synth
+    prompts = ["a red circle on a grey background", "a blue square on a white background"]
+    args, req = ctrl.compare.grid_args([], [], "0, 1", "\n".join(prompts), "0", size=64)
+    out = ctrl.ws.outputs / "grid" / "cs"
+    (out / "cells").mkdir(parents=True)
+    (out / "request.json").write_text(json.dumps(req))
+    for r, prompt in enumerate(prompts):
+        for c in range(2):   # column 0 draws what the prompt says; column 1 always a red circle on grey
+            info = PngInfo()
+            info.add_text("parameters", json.dumps({"seed": 0, "prompt": prompt, "scale": float(c)}))
+            synth.render(synth.scene_from_prompt(prompts[0] if c else prompt), 64).save(
+                out / "cells" / f"r{r}_c{c}.png", pnginfo=info)
+    lines = ctrl.compare.grid_concept_score("cs").splitlines()
+    assert lines[1] == "- scale 0: colour 100 %, shape 100 %, background 100 % (of 2 cells)"
+    assert lines[2] == "- scale 1: colour 50 %, shape 50 %, background 50 % (of 2 cells)"
 
 
 @needs_grid

@@ -62,8 +62,9 @@ def test_model_references(tmp_path):
 def test_default_sd_config_trains_on_the_seeded_dataset(ctrl):
     data = ctrl.configs.default("sd-train")
     assert Path(data["data"]["path"]) == ctrl.ws.datasets / "demo"
-    assert len(list((ctrl.ws.datasets / "demo").glob("*.png"))) == 8
-    assert len(list((ctrl.ws.datasets / "demo").glob("*.txt"))) == 8
+    assert len(list((ctrl.ws.datasets / "demo").glob("*.png"))) == 20   # the purple demo set (issue 14)
+    captions = [f.read_text() for f in (ctrl.ws.datasets / "demo").glob("*.txt")]
+    assert len(captions) == 20 and all(" purple " in c for c in captions)
     cfg = ctrl.configs.build("sd-train", data, ctrl.configs.form_values("sd-train", data))
     assert cfg.model.pretrained == "tiny" and cfg.lora.target_modules == CROSS_ATTN
 
@@ -107,8 +108,8 @@ def test_config_save_and_load_round_trip(ctrl):
 def test_repo_demo_configs_load(ctrl):
     for choice in ctrl.configs.choices("sd-train"):
         assert choice.startswith(("workspace/", "repo/"))
-    if "repo/sd_tiny_demo.toml" in ctrl.configs.choices("sd-train"):
-        data, vals = ctrl.configs.load("sd-train", "repo/sd_tiny_demo.toml")
+    if "repo/sd_synth_purple.toml" in ctrl.configs.choices("sd-train"):
+        data, vals = ctrl.configs.load("sd-train", "repo/sd_synth_purple.toml")
         assert data["model"]["pretrained"] == "tiny"
 
 

@@ -22,7 +22,7 @@ def _cfg(tmp_path, **sections):
     data = tmp_path / "data"
     if not data.exists():
         make_images(data, 4)
-    return train_config(tmp_path / "run", "tiny", data, tmp_path / "cache", **sections)
+    return train_config(tmp_path / "run", "tiny-random", data, tmp_path / "cache", **sections)
 
 
 def _keys(rep, level):
@@ -51,7 +51,7 @@ def test_broken_data_set_is_audited(tmp_path):
     Image.new("RGB", (16, 16)).save(data / "small.png")   # too small for 32 px
     (data / "small.txt").write_text("tiny")
     rep = PreflightReport("sd-train", "x")
-    items = audit(train_config(tmp_path / "run", "tiny", data, tmp_path / "cache", data={"buckets": True}), rep)
+    items = audit(train_config(tmp_path / "run", "tiny-random", data, tmp_path / "cache", data={"buckets": True}), rep)
     d = rep.data
     assert (d["images"], d["captioned"], d["missing_captions"], d["unreadable"], d["too_small"]) == (4, 3, 1, 1, 1)
     assert sum(d["buckets"].values()) == 3 == len(items) and set(d["buckets"]) <= {"32x32", "40x24", "48x16",
@@ -78,7 +78,7 @@ def test_cli_check_exit_codes(tmp_path, capsys):
     data = tmp_path / "data"
     make_images(data, 2)
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'run_dir = "{tmp_path / "run"}"\n[model]\npretrained = "tiny"\n[data]\npath = "{data}"\n'
+    cfg.write_text(f'run_dir = "{tmp_path / "run"}"\n[model]\npretrained = "tiny-random"\n[data]\npath = "{data}"\n'
                    f'resolution = 32\ncache_dir = "{tmp_path / "cache"}"\n')
     assert main(["check", "--config", str(cfg), "--device", "cpu", "--no-steps"]) == 0
     assert "ok: nothing blocks a run" in capsys.readouterr().out

@@ -15,14 +15,15 @@ RESULTS = ROOT / "results" / "llm"
 FIX = Path(__file__).parent / "fixtures" / "llm"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("llm_real_results", ROOT / "bench" / "llm_real_results.py")
+def _bench(name: str):
+    """bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-L = _bench()
+L = _bench("llm_real_results")
 TASK_RE = re.compile(r"\b(sst-?2|cola|imdb|ag[-_ ]news|wikitext-?2)\b", re.I)
 # metric-like: 0.876, .876, 14.91 (not 5e-4, 16.0, 2.5×, 0.14 s, 1.2 GB, version numbers after a package name)
 NUM_RE = re.compile(r"(?<![\w.])(?<!torch )(?<!transformers )(?<!python )(\d{1,3}\.\d{2,4}|\.\d{2,4})"
@@ -169,3 +170,34 @@ def test_bench_script_writes_a_task_record(tmp_path):
     assert rec["lora"]["layers"] == "top:1" and rec["steps"] == 4 and rec["seed"] == 42
     assert "majority_rate" in rec["baseline"] and "baseline_accuracy" in rec["baseline"]
     assert list((tmp_path / "cache").glob("*/shard_*.npy"))        # the prefix cache was used
+
+
+# ------------------------------------------------------------------ the SD section (issue 14)
+SD = _bench("sd_synth_results")
+PCT_RE = re.compile(r"(\d{1,3}(?:\.\d)?) ?%")
+
+
+def _sd_record() -> dict:
+    return json.loads((ROOT / "results" / "sd" / "synth_purple.json").read_text(encoding="utf-8"))
+
+
+def test_sd_section_is_rendered_from_the_committed_json():
+    rec, text = _sd_record(), (ROOT / "RESULTS.md").read_text(encoding="utf-8")
+    block = SD.BEGIN + text.split(SD.BEGIN, 1)[1].split(SD.END, 1)[0] + SD.END
+    assert block == SD.render(rec), "RESULTS.md's SD section is stale: python bench/sd_synth_results.py --render"
+    assert rec["met"] == SD.verdicts(rec["scores"]) and rec["targets"] == SD.TARGETS
+    shipped = json.loads((ROOT / "lora_sd" / "pretrained" / "tiny_synth" / "pretrain.json").read_text())
+    assert rec["base_model"]["pretrain_settings"] == shipped["settings"]   # scored on the shipped weights' settings
+    assert {"0", "1"} <= set(rec["scores"]) and all(set(g) == {"base", "purple"} for g in rec["scores"].values())
+
+
+def test_sd_percentages_in_readme_come_from_the_json():
+    """Every percentage in a README paragraph about the purple demo is a score of the committed JSON."""
+    rec = _sd_record()
+    pcts = {round(100 * v, 1) for groups in rec["scores"].values() for g in groups.values()
+            for k, v in g.items() if k != "n" and v is not None}
+    pcts |= {round(100 * v) for v in rec["targets"].values()}
+    paras = [p for p in (ROOT / "README.md").read_text(encoding="utf-8").split("\n\n") if "purple" in p.lower()]
+    for p in paras:
+        for s in PCT_RE.findall(p):
+            assert float(s) in pcts or round(float(s)) in {round(x) for x in pcts}, f"README: {s} % is not in the JSON"

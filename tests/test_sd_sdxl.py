@@ -203,7 +203,7 @@ def test_text_encoder_2_lora_gets_gradients(images):
 
 
 def test_text_encoder_2_lora_refused_without_sdxl(images, tmp_path):
-    cfg = train_config(tmp_path / "run", "tiny", images, tmp_path / "cache", text_encoder_2_lora={"r": 2})
+    cfg = train_config(tmp_path / "run", "tiny-random", images, tmp_path / "cache", text_encoder_2_lora={"r": 2})
     with pytest.raises(ConfigError, match=r"^text_encoder_2_lora: .* sd1 model .* SDXL only"):
         run_training(cfg)
 

@@ -183,6 +183,33 @@ class CompareService:
             return {"row": row, "col": col, "state": "not generated yet"}
         return {"row": row, "col": col, "png": self.ws.rel(png), **png_parameters(png)}
 
+    def grid_concept_score(self, name: str) -> str:
+        """A markdown line per grid column whose cells' prompts name colours / shapes / backgrounds of the
+        synthetic shapes world (lora_sd.synth): how often the generated cells show them
+        (lora_sd.concept_score, numpy only); "" when no prompt names any."""
+        from PIL import Image
+        from lora_sd import concept_score
+        out, req = self.grid_dir(name), read_json(self.grid_dir(name) / REQUEST)
+        per_col: dict[int, list] = {}
+        for png in sorted((out / "cells").glob("r*_c*.png")) if (out / "cells").is_dir() else []:
+            col = int(png.stem.split("_c")[1])
+            params = png_parameters(png)
+            prompt = str((params.get("parameters") if isinstance(params.get("parameters"), dict) else params).get("prompt", ""))
+            with Image.open(png) as im:
+                ok = concept_score.check(im, prompt)
+            if any(v is not None for v in ok.values()):
+                per_col.setdefault(col, []).append(ok)
+        if not per_col:
+            return ""
+        labels = req.get("x_labels", [])
+        lines = ["**Concept score** (cells showing the prompted colour / shape / background):"]
+        for col, checks in sorted(per_col.items()):
+            f = concept_score.fractions(checks)
+            parts = [f"{a} {100 * f[a]:.0f} %" for a in concept_score.ATTRIBUTES if f[a] is not None]
+            label = labels[col] if col < len(labels) else f"column {col + 1}"
+            lines.append(f"- {label or 'all'}: {', '.join(parts)} (of {f['n']} cells)")
+        return "\n".join(lines)
+
     # ------------------------------------------------------------ LLM runs
     def llm_runs(self) -> list[str]:
         return [p.name for p in self.ws.run_dirs() if kinds.run_kind(p) == "llm-train"]

@@ -51,18 +51,20 @@ def grid_panel(page, tab) -> None:
                 cells = gr.Gallery(label="Cells (click one for its parameters)", columns=4, height="auto",
                                    elem_id="cmp-grid-cells", allow_preview=False)
                 params = gr.JSON(label="Cell parameters", elem_id="cmp-cell-params")
+                score = gr.Markdown(elem_id="cmp-grid-score")
                 image = gr.Image(label="grid.png", elem_id="cmp-grid-image", interactive=False, type="filepath")
 
     def view(chosen):
         if not chosen:
-            return ['<div class="run-progress">No grid yet: press Make grid.</div>', gr.skip(), gr.skip()]
+            return ['<div class="run-progress">No grid yet: press Make grid.</div>', gr.skip(), gr.skip(), gr.skip()]
         try:
             snap = svc.grid_state(chosen)
             items = svc.grid_cells(chosen)
+            score_line = svc.grid_concept_score(chosen)
         except ValueError:
-            return ["", [], None]
+            return ["", [], "", None]
         grid_png = snap.path / "grid.png"
-        return [runview.progress_html(snap), gr.update(value=items, columns=_cols(svc, chosen)),
+        return [runview.progress_html(snap), gr.update(value=items, columns=_cols(svc, chosen)), score_line,
                 str(grid_png) if snap.state == "done" and grid_png.is_file() else None]
 
     @guard
@@ -77,10 +79,10 @@ def grid_panel(page, tab) -> None:
 
     go.click(start, [sources, steps, scales, prompts, seeds, model, size, n_steps, guidance, sched, name], [select])
     sources.change(guard(lambda s: gr.update(choices=svc.steps(s))), [sources], [steps])
-    select.change(view, [select], [progress, cells, image], show_progress="hidden")
+    select.change(view, [select], [progress, cells, score, image], show_progress="hidden")
     cells.select(pick, [select], [params])
     sig = gr.State({})
-    page.poll([select, sig], [progress, cells, image, sig], _when_changed(svc, view))
+    page.poll([select, sig], [progress, cells, score, image, sig], _when_changed(svc, view))
     refresh = lambda: [gr.update(choices=svc.sd_sources()), gr.update(choices=svc.grid_names())]  # noqa: E731
     page.on_load([sources, select], refresh)
     tab.select(refresh, None, [sources, select], show_progress="hidden")
@@ -102,7 +104,7 @@ def _when_changed(svc, view):
             snap = None
         new = {"grid": chosen, "step": snap.step, "state": snap.state} if snap else {}
         if new == (sig or {}):
-            return [gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+            return [gr.skip()] * 5
         return [*view(chosen), new]
     return poll
 

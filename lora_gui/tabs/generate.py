@@ -23,7 +23,7 @@ def build(page) -> None:
         with gr.Row():
             with gr.Column():
                 model = gr.Textbox(label="Base model", value="tiny", elem_id="gen-model",
-                                   info="'tiny' / 'tiny-sd2' / 'tiny-sdxl', a diffusers folder / .safetensors / "
+                                   info="'tiny' (pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl', a diffusers folder / .safetensors / "
                                         ".ckpt in the workspace (SD 1.x, 2.x, SDXL), or a hub id")
                 arch = gr.Markdown(elem_id="gen-model-note")
                 pick, scale, add, table = adapter_picker(ctrl)
