@@ -215,7 +215,7 @@ def _cmd_score(a) -> int:
 def _cmd_pretrain_tiny(a) -> int:
     from .pretrain import PretrainSettings, pretrain
     given = {"seed": a.seed, "side": a.size, "n_images": a.images, "steps_vae": a.steps_vae,
-             "steps_unet": a.steps_unet, "batch_size": a.batch_size}
+             "steps_decoder": a.steps_decoder, "steps_unet": a.steps_unet, "batch_size": a.batch_size}
     s = PretrainSettings(**{k: v for k, v in given.items() if v is not None})
     try:
         out = pretrain(a.out, s, run_dir=a.run_dir or None, resume=a.resume)
@@ -258,6 +258,7 @@ def _add_score_parsers(sub) -> None:
     pt.add_argument("--size", type=int, help="image side in pixels (default 64)")
     pt.add_argument("--images", type=int, help="synthetic training images (default 8192)")
     pt.add_argument("--steps-vae", type=int, help="VAE steps (default 600)")
+    pt.add_argument("--steps-decoder", type=int, help="VAE decoder steps on every concept's images (default 300)")
     pt.add_argument("--steps-unet", type=int, help="UNet + text encoder steps (default 6500)")
     pt.add_argument("--batch-size", type=int, help="default 32")
     pt.set_defaults(fn=_cmd_pretrain_tiny)

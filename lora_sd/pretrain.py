@@ -42,7 +42,9 @@ class PretrainSettings:
     side: int = 64                        # image side; latents are side / 4
     n_images: int = 8192                  # synthetic training images (base concepts only)
     steps_vae: int = 600                  # the shipped model's settings (lora_sd/pretrained/tiny_synth/pretrain.json):
-    steps_unet: int = 6500                # about 75 min with 2 torch threads on 2 CPU cores
+    steps_decoder: int = 300              # about 75 min in all with 2 torch threads on 2 CPU cores
+    steps_unet: int = 6500
+    n_decoder_images: int = 2048          # phase 1b: every colour x shape, held-out ones included
     batch_size: int = 32
     lr_vae: float = 1e-3
     lr_unet: float = 1e-3
@@ -130,6 +132,19 @@ class VaeLoss(nn.Module):
         return F.mse_loss(recon, batch["pixels"]) + self.kl_weight * dist.kl().mean() / dist.mean[0].numel()
 
 
+class DecoderLoss(nn.Module):
+    """Phase 1b: the decoder (and post_quant_conv) reconstructs images from the frozen encoder's latent means."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.vae.encode(batch["pixels"]).latent_dist.mode()
+        return F.mse_loss(self.vae.decode(z).sample, batch["pixels"])
+
+
 def _run_phase(run: RunDir, module: nn.Module, ds: Batches, settings: TrainSettings, resume, export) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -188,6 +203,30 @@ def train_vae(s: PretrainSettings, vae, pixels: torch.Tensor, run: RunDir, resum
     return _phase_stats(run, time.process_time() - cpu)
 
 
+def decoder_data(s: PretrainSettings) -> torch.Tensor:
+    """Phase 1b's images: every colour, shape and background of the world, held-out ones included."""
+    scenes = synth.sample_scenes(s.n_decoder_images, s.seed + 3, colours=tuple(synth.COLOURS), shapes=synth.SHAPES)
+    px = np.stack([np.asarray(synth.render(sc, s.side)) for sc in scenes])
+    return torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def finetune_decoder(s: PretrainSettings, vae, run: RunDir, resume) -> dict:
+    """Phase 1b; leaves the VAE with its fine-tuned decoder in `vae` and in run/vae_final."""
+    final = run.path / "vae_final"
+    if resume and (final / "config.json").is_file():
+        vae.load_state_dict(type(vae).from_pretrained(str(final)).state_dict())
+        return _phase_stats(run)
+    cpu = time.process_time()
+    vae.requires_grad_(False)
+    for part in (vae.decoder, vae.post_quant_conv):
+        part.requires_grad_(True)
+    ds = Batches({"pixels": decoder_data(s)}, s.batch_size, s.seed + 3)
+    _run_phase(run, DecoderLoss(vae), ds, _settings(s, s.steps_decoder, s.lr_vae, s.seed + 3), resume, None)
+    vae.eval().requires_grad_(False)
+    vae.save_pretrained(str(final), safe_serialization=True)
+    return _phase_stats(run, time.process_time() - cpu)
+
+
 def train_denoiser(s: PretrainSettings, pipe, pixels: torch.Tensor, captions: list[str], run: RunDir, resume) -> dict:
     """Phase 2: UNet + text encoder on the frozen VAE's latents."""
     from .data import tokenize
@@ -221,6 +260,7 @@ def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Op
     pixels, captions = make_data(s)
     t_data = time.time() - t0
     vae_stats = train_vae(s, vae, pixels, RunDir(run_dir / "vae"), resume)
+    decoder_stats = finetune_decoder(s, vae, RunDir(run_dir / "decoder"), resume)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -229,7 +269,8 @@ def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Op
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     info = {"settings": asdict(s), "tokenizer": _tokenizer_name(tokenizer), "data_seconds": round(t_data, 1),
-            "total_seconds": round(time.time() - t0, 1), "vae": vae_stats, "denoiser": unet_stats,
+            "total_seconds": round(time.time() - t0, 1), "vae": vae_stats, "decoder": decoder_stats,
+            "denoiser": unet_stats,
             "latent_scaling_factor": float(vae.config.scaling_factor), "files": _file_hashes(tmp),
             "torch_threads": torch.get_num_threads()}
     info["weights_bytes"] = sum(f["bytes"] for f in info["files"].values())
@@ -256,7 +297,7 @@ def _file_hashes(folder: Path) -> dict:
 
 
 def model_card(info: dict) -> str:
-    s, v, d = info["settings"], info["vae"], info["denoiser"]
+    s, v, d, dec = info["settings"], info["vae"], info["denoiser"], info.get("decoder") or {}
     fmt = lambda x: "-" if x is None else f"{x:.4f}"   # noqa: E731
     return (
         "---\ntags: [stable-diffusion, tiny, synthetic, lora-workbench]\n---\n"
@@ -269,6 +310,9 @@ def model_card(info: dict) -> str:
         "background\".\n\n"
         f"- VAE: {s['steps_vae']} steps, batch {s['batch_size']}, loss {fmt(v['first_loss'])} -> {fmt(v['final_loss'])}, "
         f"{fmt(v['median_step_s'])} s/step (wall); latent scaling factor {info['latent_scaling_factor']:.4f}.\n"
+        f"- VAE decoder alone, on {s.get('n_decoder_images')} images of every colour and shape, the held-out ones "
+        f"included, without captions (the encoder, and so the latent space, is unchanged): {s.get('steps_decoder')} "
+        f"steps, loss {fmt(dec.get('first_loss'))} -> {fmt(dec.get('final_loss'))}.\n"
         f"- UNet + text encoder: {s['steps_unet']} steps, batch {s['batch_size']}, caption dropout "
         f"{s['caption_dropout']}, loss {fmt(d['first_loss'])} -> {fmt(d['final_loss'])}, {fmt(d['median_step_s'])} s/step (wall).\n"
         f"- Total {info['total_seconds'] / 60:.1f} min with {info['torch_threads']} torch thread(s); weights "
@@ -276,5 +320,7 @@ def model_card(info: dict) -> str:
         "What it can do: draw the prompted base colour, shape and background, blurrily, at "
         f"{s['side']}x{s['side']} (measure it: `lora-sd score --model THIS_FOLDER`; the shipped copy's scores are in "
         "the project's RESULTS.md, SD section, from results/sd/synth_purple.json).\n"
-        f"What it cannot do: anything outside that world. It has never seen the held-out words "
-        f"{', '.join(synth.HELD_OUT_COLOURS + synth.HELD_OUT_SHAPES)}: those are what a demo LoRA teaches it.\n")
+        f"What it cannot do: anything outside that world. Its UNet and text encoder have never seen the held-out "
+        f"words {', '.join(synth.HELD_OUT_COLOURS + synth.HELD_OUT_SHAPES)} nor their images (only the VAE's "
+        "decoder saw their pixels): those are what a demo LoRA teaches it.\n"
+        + (f"\n{info['note']}\n" if info.get("note") else ""))

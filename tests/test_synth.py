@@ -141,11 +141,16 @@ def test_default_architecture_fits_the_budget():
 @pytest.mark.filterwarnings("ignore")
 def test_pretrain_tiny_two_steps_is_loadable_and_reproducible(tmp_path):
     from diffusers import StableDiffusionPipeline
-    args = ["--images", "8", "--steps-vae", "2", "--steps-unet", "2", "--batch-size", "4", "--size", "32", "--seed", "1"]
+    args = ["--images", "8", "--steps-vae", "2", "--steps-decoder", "2", "--steps-unet", "2", "--batch-size", "4", "--size", "32", "--seed", "1"]
     assert cli(["pretrain-tiny", "--out", str(tmp_path / "a")] + args) == 0
     assert cli(["pretrain-tiny", "--out", str(tmp_path / "b")] + args) == 0
     info = json.loads((tmp_path / "a" / "pretrain.json").read_text())
-    assert info["vae"]["steps"] == 2 and info["denoiser"]["steps"] == 2
+    assert info["vae"]["steps"] == info["decoder"]["steps"] == info["denoiser"]["steps"] == 2
+    # phase 1b fine-tunes the decoder only: the encoder (the denoiser's latent space) is phase 1's
+    from diffusers import AutoencoderKL
+    v1, v2 = (AutoencoderKL.from_pretrained(str(tmp_path / "a.run" / ph / "vae_final")) for ph in ("vae", "decoder"))
+    assert all(torch.equal(p, q) for p, q in zip(v1.encoder.parameters(), v2.encoder.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(v1.decoder.parameters(), v2.decoder.parameters()))
     for rel, f in info["files"].items():
         assert hashlib.sha256((tmp_path / "a" / rel).read_bytes()).hexdigest() == f["sha256"]
     assert info["files"] == json.loads((tmp_path / "b" / "pretrain.json").read_text())["files"]   # same seed, same weights
