@@ -102,7 +102,7 @@ def test_bad_spec():
 def test_cli_grid(fake_run, tmp_path, capsys):
     from lora_sd.cli import main
     assert main(["grid", "--x", "step", "--y", "scale=0,1", "--run", str(fake_run), "--steps", "2", "--width", "32",
-                 "--height", "32", "--guidance", "3", "--seed", "5", "--prompt", "a photo of a thing",
+                 "--height", "32", "--guidance", "3", "--seed", "5", "--prompt", "a photo of a thing", "--model", "tiny-random",
                  "--out", str(tmp_path)]) == 0
     index = json.loads((tmp_path / "index.json").read_text())
     assert (index["rows"], index["cols"]) == (2, 3) and (tmp_path / "grid.png").is_file()
