@@ -8,6 +8,7 @@ Ctrl-C stops the app cleanly. Screenshots of every step go to test-output/browse
 """
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -304,6 +305,10 @@ def test_8c_compare_grid_fills_in_and_cells_show_parameters(page, server):
     index = json.loads((server["ws"] / "outputs" / "grid" / "g" / "index.json").read_text())
     cell = next(c for c in index["cells"] if (c["row"], c["col"]) == (0, 1))
     assert cell["params"]["scale"] == 1.0 and "runs/second" in params.inner_text()
+    score = page.locator("#cmp-grid-score")   # issue 14: the concept score of each column, under the grid
+    wait_for(page, lambda: "Concept score" in score.inner_text() and "scale 1:" in score.inner_text(), 20,
+             "concept-score")
+    assert re.search(r"scale 0: colour \d+ %, shape \d+ % \(of 2 cells\)", score.inner_text())
     shot(page, "14-compare-grid")
 
 

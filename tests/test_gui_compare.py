@@ -145,8 +145,8 @@ def test_grid_progress_from_a_half_written_folder(ctrl):
 def test_grid_concept_score_line(ctrl):
     """Issue 14: under a grid whose prompts name synthetic-world concepts, one line per column saying how
     often its cells show the prompted colour / shape / background (here: drawn ground truth, and a wrong one)."""
-    from PIL.PngImagePlugin import PngInfo
     from lora_sd import synth
+    from lora_sd.generate import png_info   # the cell PNGs' text, as `lora-sd grid` writes it
     prompts = ["a red circle on a grey background", "a blue square on a white background"]
     args, req = ctrl.compare.grid_args([], [], "0, 1", "\n".join(prompts), "0", size=64)
     out = ctrl.ws.outputs / "grid" / "cs"
@@ -154,8 +154,8 @@ def test_grid_concept_score_line(ctrl):
     (out / "request.json").write_text(json.dumps(req))
     for r, prompt in enumerate(prompts):
         for c in range(2):   # column 0 draws what the prompt says; column 1 always a red circle on grey
-            info = PngInfo()
-            info.add_text("parameters", json.dumps({"seed": 0, "prompt": prompt, "scale": float(c)}))
+            info = png_info({"seed": 0, "prompt": prompt, "steps": 20, "guidance_scale": 5.0, "width": 64,
+                             "height": 64, "scheduler": "ddim", "model": "tiny", "adapters": []})
             synth.render(synth.scene_from_prompt(prompts[0] if c else prompt), 64).save(
                 out / "cells" / f"r{r}_c{c}.png", pnginfo=info)
     lines = ctrl.compare.grid_concept_score("cs").splitlines()

@@ -193,8 +193,8 @@ class CompareService:
         per_col: dict[int, list] = {}
         for png in sorted((out / "cells").glob("r*_c*.png")) if (out / "cells").is_dir() else []:
             col = int(png.stem.split("_c")[1])
-            params = png_parameters(png)
-            prompt = str((params.get("parameters") if isinstance(params.get("parameters"), dict) else params).get("prompt", ""))
+            meta = png_parameters(png).get("lora_sd")   # the generation parameters lora-sd writes as JSON
+            prompt = str(meta.get("prompt", "")) if isinstance(meta, dict) else ""
             with Image.open(png) as im:
                 ok = concept_score.check(im, prompt)
             if any(v is not None for v in ok.values()):
