@@ -179,25 +179,28 @@ def tiny_pretrained_dir() -> Path:
     return Path(__file__).resolve().parent / "pretrained" / "tiny_synth"
 
 
+def weight_hashes(folder: Path) -> dict:
+    """{relative path: {"bytes", "sha256"}} of every .safetensors file under `folder` (pretrain.json's "files")."""
+    import hashlib
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+            for f in sorted(folder.rglob("*.safetensors"))}
+
+
 def verify_pretrained(folder: Path) -> dict:
     """pretrain.json of `folder`, after checking that every weights file it lists is there with its
     recorded size and sha256 and that no other weights file is: ModelLoadError otherwise."""
-    import hashlib
     info_file = folder / "pretrain.json"
     if not info_file.is_file():
         raise ModelLoadError(f"model.pretrained = {TINY_PRETRAINED!r}: {info_file} is missing (the package's copy of "
                              "the tiny model is incomplete): reinstall lora-workbench, or use 'tiny-random'")
     info = json.loads(info_file.read_text(encoding="utf-8"))
-    listed = set(info["files"])
-    present = {str(f.relative_to(folder)) for f in folder.rglob("*.safetensors")}
-    for rel in sorted(listed | present):
-        f, want = folder / rel, info["files"].get(rel)
-        if want is None or not f.is_file() or f.stat().st_size != want["bytes"] or \
-                hashlib.sha256(f.read_bytes()).hexdigest() != want["sha256"]:
-            why = "is not listed in pretrain.json" if want is None else "is missing" if not f.is_file() else \
+    listed, present = info["files"], weight_hashes(folder)
+    for rel in sorted(set(listed) | set(present)):
+        if listed.get(rel) != present.get(rel):
+            why = "is not listed in pretrain.json" if rel not in listed else "is missing" if rel not in present else \
                 "does not match the sha256 in pretrain.json"
-            raise ModelLoadError(f"model.pretrained = {TINY_PRETRAINED!r}: {f} {why}: the package's copy of the tiny "
-                                 "model is damaged; reinstall lora-workbench, or use 'tiny-random'")
+            raise ModelLoadError(f"model.pretrained = {TINY_PRETRAINED!r}: {folder / rel} {why}: the package's copy of "
+                                 "the tiny model is damaged; reinstall lora-workbench, or use 'tiny-random'")
     return info
 
 

@@ -12,7 +12,6 @@ pretrain.json (settings, timings, losses, file hashes). Everything follows from 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -88,11 +87,16 @@ def noise_scheduler():
                          clip_sample=False, prediction_type="epsilon", steps_offset=1)
 
 
+def _pixels(scenes: list, side: int) -> torch.Tensor:
+    """(N, 3, side, side) pixels in [-1, 1] of the rendered scenes."""
+    px = np.stack([np.asarray(synth.render(sc, side)) for sc in scenes])
+    return torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def make_data(s: PretrainSettings) -> tuple[torch.Tensor, list[str]]:
-    """(N, 3, side, side) pixels in [-1, 1] and the captions of n_images base-concept scenes."""
+    """The pixels and the captions of n_images base-concept scenes."""
     scenes = synth.sample_scenes(s.n_images, s.seed)
-    px = np.stack([np.asarray(synth.render(sc, s.side)) for sc in scenes])
-    return torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1.0, [sc.caption for sc in scenes]
+    return _pixels(scenes, s.side), [sc.caption for sc in scenes]
 
 
 class Batches(torch.utils.data.Dataset):
@@ -205,9 +209,8 @@ def train_vae(s: PretrainSettings, vae, pixels: torch.Tensor, run: RunDir, resum
 
 def decoder_data(s: PretrainSettings) -> torch.Tensor:
     """Phase 1b's images: every colour, shape and background of the world, held-out ones included."""
-    scenes = synth.sample_scenes(s.n_decoder_images, s.seed + 3, colours=tuple(synth.COLOURS), shapes=synth.SHAPES)
-    px = np.stack([np.asarray(synth.render(sc, s.side)) for sc in scenes])
-    return torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return _pixels(synth.sample_scenes(s.n_decoder_images, s.seed + 3, colours=tuple(synth.COLOURS),
+                                       shapes=synth.SHAPES), s.side)
 
 
 def finetune_decoder(s: PretrainSettings, vae, run: RunDir, resume) -> dict:
@@ -247,7 +250,7 @@ def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Op
     phases' run folders; with resume="latest" a stopped pretraining continues where it stopped."""
     from accelerate.utils import set_seed
     from diffusers import StableDiffusionPipeline
-    from .models import load_tokenizer
+    from .models import load_tokenizer, weight_hashes
     s = s or PretrainSettings()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -271,7 +274,7 @@ def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Op
     info = {"settings": asdict(s), "tokenizer": _tokenizer_name(tokenizer), "data_seconds": round(t_data, 1),
             "total_seconds": round(time.time() - t0, 1), "vae": vae_stats, "decoder": decoder_stats,
             "denoiser": unet_stats,
-            "latent_scaling_factor": float(vae.config.scaling_factor), "files": _file_hashes(tmp),
+            "latent_scaling_factor": float(vae.config.scaling_factor), "files": weight_hashes(tmp),
             "torch_threads": torch.get_num_threads()}
     info["weights_bytes"] = sum(f["bytes"] for f in info["files"].values())
     atomic_write_json(tmp / "pretrain.json", info)
@@ -287,13 +290,6 @@ def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Op
 def _tokenizer_name(tokenizer) -> str:
     return "CLIP BPE (openai/clip-vit-large-patch14 vocabulary)" if len(tokenizer) > 10000 else \
         "character-level CLIP tokenizer (the CLIP BPE files were absent)"
-
-
-def _file_hashes(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.rglob("*.safetensors")):
-        out[str(f.relative_to(folder))] = {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-    return out
 
 
 def model_card(info: dict) -> str:
