@@ -26,6 +26,9 @@ class TrainSettings(Checked, section="train"):
                                             "learning_rate is then Prodigy's multiplier, usually 1.0)")
     loraplus_lr_ratio: float = option(0.0, "LoRA+: the lora_B matrices learn at learning_rate x this ratio "
                                            "(the paper suggests 16); 0 disables it", ge=0)
+    head_learning_rate: float = option(0.0, "learning rate of the modules trained in full beside the adapter "
+                                            "(lora.modules_to_save, e.g. a classification head); 0: learning_rate",
+                                       ge=0)
     ema_decay: float = option(0.0, "EMA of the adapter weights, ema = decay*ema + (1-decay)*w after each step "
                                    "(e.g. 0.999); 0 disables it", ge=0, lt=1)
     ema_start_step: int = option(0, "optimizer step from which the EMA is updated (it copies the weights then)",

@@ -82,14 +82,20 @@ class EpochSampler(torch.utils.data.Sampler):
 
 # ------------------------------------------------------------------ optimizer
 def param_groups(named: list[tuple[str, nn.Parameter]], s: TrainSettings) -> list[dict]:
-    """One group, or with LoRA+ (train.loraplus_lr_ratio) two: the lora_B matrices at lr x ratio."""
-    if not s.loraplus_lr_ratio:
-        return [{"params": [p for _, p in named]}]
-    b = [p for n, p in named if ".lora_B." in f".{n}"]
-    rest = [p for n, p in named if ".lora_B." not in f".{n}"]
-    if not b:
-        raise ValueError("train.loraplus_lr_ratio is set but the model has no lora_B parameters; set it to 0")
-    return [g for g in ({"params": rest}, {"params": b, "lr": s.learning_rate * s.loraplus_lr_ratio}) if g["params"]]
+    """One group per learning rate: with LoRA+ (train.loraplus_lr_ratio) the lora_B matrices learn at
+    lr x ratio; with train.head_learning_rate the modules trained in full (modules_to_save) at that rate."""
+    def lr_of(name: str) -> float:
+        name = f".{name}"
+        if s.head_learning_rate and ".modules_to_save." in name:
+            return s.head_learning_rate
+        return s.learning_rate * (s.loraplus_lr_ratio if s.loraplus_lr_ratio and ".lora_B." in name else 1.0)
+    for flag, part in (("loraplus_lr_ratio", ".lora_B."), ("head_learning_rate", ".modules_to_save.")):
+        if getattr(s, flag) and not any(part in f".{n}" for n, _ in named):
+            raise ValueError(f"train.{flag} is set but the model has no {part.strip('.')} parameters; set it to 0")
+    groups: dict[float, list] = {}
+    for n, p in named:
+        groups.setdefault(lr_of(n), []).append(p)
+    return [{"params": ps} if lr == s.learning_rate else {"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
 def make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:

@@ -129,6 +129,9 @@ LLM_FIELDS = [
     Field("lora.target_modules", "Targets", "list", info="comma-separated module names, or re:<regex>"),
     *RANK_AND_STEPS,
     Field("train.seed", "Seed", "int"),
+    Field("data.class_weights", "Class weights", "choice", group="advanced"),
+    Field("train.head_learning_rate", "Head learning rate", "float", group="advanced",
+          info="classification tasks: the head's own learning rate; 0: Learning rate"),
     *ADVANCED_LORA,
 ]
 

@@ -213,8 +213,9 @@ class PrefixCachedClassifier(nn.Module):
             self.stack.backbone.train(was)
         return got["h"]
 
-    def fill(self, seqs: Sequence[Sequence[int]]) -> int:
+    def fill(self, seqs: Sequence[Sequence[int]], progress: bool = False) -> int:
         """Compute and store the prefix of every sequence not yet in the cache; returns how many were computed."""
+        from tqdm.auto import tqdm
         from .data import pad_batch
         amp, pad = _amp_tag(self.device), self.inner.config.pad_token_id
         self.store.refresh()
@@ -222,7 +223,8 @@ class PrefixCachedClassifier(nn.Module):
         todo = [(k, s) for k, s in todo.items() if k not in self.store.index]
         todo.sort(key=lambda ks: len(ks[1]))
         pending, size = [], 0
-        for i in range(0, len(todo), self.fill_batch):
+        for i in tqdm(range(0, len(todo), self.fill_batch), desc="prefix cache", unit="batch",
+                      disable=not progress or not todo):
             chunk = todo[i:i + self.fill_batch]
             ids, mask = (torch.from_numpy(a).to(self.device) for a in pad_batch([s for _, s in chunk], pad))
             h = self._prefix(ids, mask)
@@ -307,7 +309,7 @@ def wrap_for_training(cfg, model, lcfg, items: list[dict], accelerator):
         return model
     model.to(accelerator.device)
     with accelerator.main_process_first(), accelerator.autocast():
-        n = wrapped.fill([it["input_ids"] for it in items])
+        n = wrapped.fill([it["input_ids"] for it in items], progress=accelerator.is_main_process)
     log.info("prefix cache %s: layers 0..%d frozen, %d training prefixes computed, %d reused",
              wrapped.store.folder, wrapped.s - 1, n, len(items) - n)
     return wrapped

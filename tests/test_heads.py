@@ -397,3 +397,33 @@ def test_mindspore_twin_keeps_the_original_head(tmp_path):
         lcm.load_lora(tmp_path / "nan.safetensors", net)
     assert not list(lcm.lora_layers(net)) and isinstance(net.score, msnn.Dense)
     np.testing.assert_array_equal(net(ms.Tensor(x)).asnumpy(), y0)
+
+
+# ------------------------------------------------------------------ a head learning rate (train.head_learning_rate)
+def test_head_learning_rate_moves_the_head_only_at_its_rate():
+    from lora_core.settings import TrainSettings
+    from lora_core.training import make_optimizer
+    x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 3
+
+    def first_delta(**kw):
+        m = _base()
+        add_lora(m, HEADS, "a")
+        _randomize(m)
+        named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        before = {n: p.detach().clone() for n, p in named}
+        opt = make_optimizer(named, TrainSettings(learning_rate=1e-3, **kw))
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        return opt, {n: p.detach() - before[n] for n, p in named}
+    _, plain = first_delta()
+    opt, fast = first_delta(head_learning_rate=1e-2)
+    assert sorted(g.get("lr", 1e-3) for g in opt.param_groups) == [1e-3, 1e-2]
+    heads = [n for n in plain if ".modules_to_save." in n]
+    assert len(heads) == 2 and len(plain) == 4        # score copy's weight and bias; body's lora_A and lora_B
+    for n in plain:     # AdamW's first step moves each weight by ~lr: the head 10x, the adapter as before
+        torch.testing.assert_close(fast[n], plain[n] * (10 if n in heads else 1), rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="head_learning_rate is set but the model has no modules_to_save"):
+        m = _base()
+        add_lora(m, LoraConfig(r=2, alpha=4, target_modules=["body"]), "a")
+        make_optimizer([(n, p) for n, p in m.named_parameters() if p.requires_grad],
+                       TrainSettings(head_learning_rate=1e-2))

@@ -76,7 +76,7 @@ class LoraTrainer:
         from mindspore.experimental.optim import AdamW
         if settings.optimizer != "adamw":
             raise ValueError(f"train.optimizer = {settings.optimizer!r}: the MindSpore backend offers adamw only")
-        for name in ("loraplus_lr_ratio", "ema_decay"):   # torch-engine features (lora_core.training)
+        for name in ("loraplus_lr_ratio", "head_learning_rate", "ema_decay"):   # torch-engine features (lora_core.training)
             if getattr(settings, name, 0):
                 raise ValueError(f"train.{name}: the MindSpore backend does not offer it; set 0 or use backend = torch")
         if settings.mixed_precision != "no":
