@@ -85,7 +85,18 @@ class DataSettings(Checked, section="data"):
 class LossSettings(Checked, section="loss"):
     min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma; 0 = off, 5 is the usual value", ge=0)
     noise_offset: float = option(0.0, "noise offset (e.g. 0.05); 0 = off", ge=0)
+    min_timestep: int = option(0, "timesteps are drawn uniformly from [min_timestep, max_timestep) (kohya's "
+                                  "--min_timestep); a higher minimum trains the noisy steps that set colour and layout",
+                               ge=0, le=999)
+    max_timestep: int = option(1000, "the end of that range (exclusive; kohya's --max_timestep); at most the "
+                                     "scheduler's num_train_timesteps", ge=1, le=1000)
     prior_loss_weight: float = option(1.0, "loss weight of the data.reg_path (prior-preservation) samples", ge=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(f"loss.min_timestep {self.min_timestep} must be below loss.max_timestep "
+                             f"{self.max_timestep} (timesteps are drawn from [min, max))")
 
 
 @dataclass

@@ -42,7 +42,7 @@ class DiffusionLoss(nn.Module):
 
     def __init__(self, unet, noise_scheduler, *, text_encoder=None, vae=None, train_text_encoder=False,
                  scaling_factor: float = 0.18215, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                 prior_loss_weight: float = 1.0, text_encoder_2=None):
+                 prior_loss_weight: float = 1.0, text_encoder_2=None, timesteps: tuple[int, int] = (0, 1000)):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.text_encoder_2 = text_encoder_2
@@ -51,6 +51,7 @@ class DiffusionLoss(nn.Module):
         self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
         self.scaling_factor = scaling_factor
         self.prior_loss_weight = prior_loss_weight
+        self.timesteps = (timesteps[0], min(timesteps[1], noise_scheduler.config.num_train_timesteps))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -92,7 +93,7 @@ class DiffusionLoss(nn.Module):
             noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
                                                             device=latents.device)
         sched = self.noise_scheduler
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        t = torch.randint(*self.timesteps, (latents.shape[0],), device=latents.device)
         noisy = sched.add_noise(latents, noise, t)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             cond, extra = self.condition(batch)
@@ -161,6 +162,7 @@ def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps:
         "ss_lr_scheduler": s.lr_scheduler, "ss_lr_warmup_steps": str(s.lr_warmup_steps),
         "ss_mixed_precision": s.mixed_precision, "ss_optimizer": s.optimizer,
         "ss_min_snr_gamma": str(cfg.loss.min_snr_gamma), "ss_noise_offset": str(cfg.loss.noise_offset),
+        "ss_min_timestep": str(cfg.loss.min_timestep), "ss_max_timestep": str(cfg.loss.max_timestep),
         "ss_output_name": cfg.output.name, "ss_training_finished_at": now,
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": modelspec_architecture(arch, prediction_type),
         "modelspec.implementation": "diffusers", "modelspec.title": cfg.output.name, "modelspec.date": now,
@@ -322,7 +324,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
                            vae=None if d.cache_latents else pipe.vae,
                            scaling_factor=float(pipe.vae.config.scaling_factor),
                            min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset,
-                           prior_loss_weight=cfg.loss.prior_loss_weight)
+                           prior_loss_weight=cfg.loss.prior_loss_weight,
+                           timesteps=(cfg.loss.min_timestep, cfg.loss.max_timestep))
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first,
                                      num_workers=s.num_workers)
 

@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from torch import nn
 
+from lora_core.configfile import ConfigError
 from lora_sd.config import DataSettings
 from lora_sd.data import BatchDataset, load_items, load_sample, scan, vary_caption
 from lora_sd.testing import make_images
@@ -73,22 +74,38 @@ def test_dataset_captions_vary_per_epoch_and_repeat_exactly(tmp_path):
     assert all(c == "" or c.startswith("sks, ") for c in first + other)
 
 
-def _loss_module(out_shape, prior_loss_weight=1.0):
+def _loss_module(out_shape, prior_loss_weight=1.0, **kw):
     class StubUNet(nn.Module):   # its output is a parameter: the gradient w.r.t. the UNet output is .grad
         def __init__(self):
             super().__init__()
             self.out = nn.Parameter(torch.randn(out_shape, generator=torch.Generator().manual_seed(3)))
+            self.seen_t = []
 
         def forward(self, noisy, t, cond):
+            self.seen_t.append(t)
             return SimpleNamespace(sample=self.out + 0 * noisy)
     return DiffusionLoss(StubUNet(), DDPMScheduler(num_train_timesteps=1000), scaling_factor=1.0,
-                         prior_loss_weight=prior_loss_weight)
+                         prior_loss_weight=prior_loss_weight, **kw)
 
 
 def _batch(b=2, c=4, h=8, w=8, **extra):
     mean = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(5))
     return {"latent_params": torch.cat([mean, torch.full_like(mean, -30.0)], 1),
             "text_emb": torch.zeros(b, 3, 8), **extra}
+
+
+def test_timestep_range_bounds_the_drawn_timesteps():
+    from lora_sd.config import load_train_config
+    module = _loss_module((64, 4, 8, 8), timesteps=(800, 1000))
+    for _ in range(20):
+        module(_batch(b=64))
+    t = torch.cat(module.unet.seen_t)
+    assert int(t.min()) >= 800 and int(t.max()) <= 999 and len(t.unique()) > 150   # uniform over [800, 1000)
+    full = _loss_module((64, 4, 8, 8))
+    full(_batch(b=64))
+    assert int(full.unet.seen_t[0].min()) < 800                                       # the default: all 1000
+    with pytest.raises(ConfigError, match="loss.min_timestep 900 must be below loss.max_timestep 500"):
+        load_train_config(None, ['data.path="x"', "loss.min_timestep=900", "loss.max_timestep=500"])
 
 
 def test_masked_loss_zero_gradient_and_masked_mean():
