@@ -17,7 +17,7 @@ from lora_core.fields import field_specs
 from lora_gui import configs, kinds
 from lora_gui.controller import Controller
 from lora_gui.errors import UserError
-from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN, SD_FIELDS, TARGET_PRESETS
+from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN, TARGET_PRESETS
 from lora_gui.services.compare import badge, report_markdown, sweeplib
 from lora_gui.workspace import Workspace
 

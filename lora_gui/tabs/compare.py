@@ -22,7 +22,7 @@ def build(page) -> None:
 
 
 def grid_panel(page, tab) -> None:
-    ctrl, svc = page.ctrl, page.ctrl.compare
+    svc = page.ctrl.compare
     with gr.Accordion("Comparison grid (Stable Diffusion)", open=True):
         with gr.Row():
             with gr.Column():
