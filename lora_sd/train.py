@@ -52,6 +52,9 @@ class DiffusionLoss(nn.Module):
         self.scaling_factor = scaling_factor
         self.prior_loss_weight = prior_loss_weight
         self.timesteps = (timesteps[0], min(timesteps[1], noise_scheduler.config.num_train_timesteps))
+        if self.timesteps[0] >= self.timesteps[1]:
+            raise ValueError(f"loss.min_timestep {timesteps[0]}: the scheduler has only "
+                             f"{noise_scheduler.config.num_train_timesteps} timesteps; lower it")
 
     def train(self, mode: bool = True):
         super().train(mode)

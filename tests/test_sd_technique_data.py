@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from lora_core.configfile import ConfigError
-from lora_sd.config import DataSettings
+from lora_sd.config import DataSettings, load_train_config
 from lora_sd.data import BatchDataset, load_items, load_sample, scan, vary_caption
 from lora_sd.testing import make_images
 from lora_sd.train import DiffusionLoss
@@ -95,7 +95,6 @@ def _batch(b=2, c=4, h=8, w=8, **extra):
 
 
 def test_timestep_range_bounds_the_drawn_timesteps():
-    from lora_sd.config import load_train_config
     module = _loss_module((64, 4, 8, 8), timesteps=(800, 1000))
     for _ in range(20):
         module(_batch(b=64))
