@@ -81,11 +81,16 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # ------------------------------------------------------------------ optimizer
-def param_groups(named: list[tuple[str, nn.Parameter]], s: TrainSettings) -> list[dict]:
+def param_groups(named: list[tuple[str, nn.Parameter]], s: TrainSettings,
+                 part_lrs: Optional[dict[str, float]] = None) -> list[dict]:
     """One group per learning rate: with LoRA+ (train.loraplus_lr_ratio) the lora_B matrices learn at
-    lr x ratio; with train.head_learning_rate the modules trained in full (modules_to_save) at that rate."""
+    lr x ratio; with train.head_learning_rate the modules trained in full (modules_to_save) at that rate;
+    `part_lrs` {name part: lr}: the parameters whose name holds the part at that rate (a trainer's own)."""
     def lr_of(name: str) -> float:
         name = f".{name}"
+        for part, lr in (part_lrs or {}).items():
+            if part in name:
+                return lr
         if s.head_learning_rate and ".modules_to_save." in name:
             return s.head_learning_rate
         return s.learning_rate * (s.loraplus_lr_ratio if s.loraplus_lr_ratio and ".lora_B." in name else 1.0)
@@ -98,12 +103,12 @@ def param_groups(named: list[tuple[str, nn.Parameter]], s: TrainSettings) -> lis
     return [{"params": ps} if lr == s.learning_rate else {"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
-def make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
-    """params: (name, parameter) pairs (or bare parameters: no LoRA+ then)."""
+def make_optimizer(params, s: TrainSettings, part_lrs: Optional[dict[str, float]] = None) -> torch.optim.Optimizer:
+    """params: (name, parameter) pairs (or bare parameters: no LoRA+ then); part_lrs: see param_groups."""
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters")
     named = [p if isinstance(p, tuple) else (str(i), p) for i, p in enumerate(params)]
-    groups = param_groups(named, s)
+    groups = param_groups(named, s, part_lrs)
     if s.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -234,11 +239,11 @@ class TorchEngine:
     backend = "torch"
 
     def __init__(self, accelerator, model: nn.Module, dataloader, loss_fn, settings: TrainSettings,
-                 ema: Optional[EMA] = None):
+                 ema: Optional[EMA] = None, part_lrs: Optional[dict[str, float]] = None):
         self.acc, self.loss_fn, self.s, self.ema = accelerator, loss_fn, settings, ema
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
-        self.optimizer = make_optimizer(named, settings)
+        self.optimizer = make_optimizer(named, settings, part_lrs)
         self.scheduler = make_scheduler(self.optimizer, settings)
         if getattr(dataloader, "generator", None) is None:
             # a DataLoader draws its base seed from the global RNG each time an iterator starts; a
@@ -308,7 +313,7 @@ def train(*, accelerator, run: RunDir, model: nn.Module, dataloader, loss_fn: Ca
           export_fn: Optional[Callable[[Path, int], None]] = None,
           sample_fn: Optional[Callable[[int], None]] = None, status_fields: Optional[dict] = None,
           finish_fn: Optional[Callable[[int], dict]] = None, ema: Optional[EMA] = None,
-          val_fn: Optional[Callable[[int], float]] = None) -> dict:
+          val_fn: Optional[Callable[[int], float]] = None, part_lrs: Optional[dict[str, float]] = None) -> dict:
     """Train the trainable parameters of `model` for settings.max_steps optimizer steps.
 
     export_fn(folder, step): writes the deliverable adapter file(s) into `folder` (main process only;
@@ -320,12 +325,13 @@ def train(*, accelerator, run: RunDir, model: nn.Module, dataloader, loss_fn: Ca
         Updated after each optimizer step and kept in checkpoints; export_fn may write it (ema.swapped()).
     val_fn(step) -> float: validation loss every settings.val_every steps and at the end (all processes);
         logged as val_loss, the best one marked in status.json (best_val_step, best_val_loss).
+    part_lrs: {name part: learning rate} of parameters that learn at their own rate (see param_groups).
     Use an EpochSampler in the DataLoader for a shuffled order that resumes exactly.
     Returns the final status dict. Raises NonFiniteLoss on a NaN/inf loss (after marking the run failed).
     """
     if ema is None:
         ema = make_ema(model, settings)
-    engine = TorchEngine(accelerator, model, dataloader, loss_fn, settings, ema=ema)
+    engine = TorchEngine(accelerator, model, dataloader, loss_fn, settings, ema=ema, part_lrs=part_lrs)
     loop = TrainLoop(run, settings, engine, main=accelerator.is_main_process, export_fn=export_fn,
                      sample_fn=sample_fn, status_fields=status_fields, finish_fn=finish_fn, val_fn=val_fn)
     return loop.run_loop(resume)

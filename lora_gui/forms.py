@@ -71,6 +71,12 @@ ADVANCED_SD_DATA = [
     Field("data.reg_path", "Regularization (class) image folder", group="advanced"),
     Field("data.reg_repeats", "Regularization repeats", "int", group="advanced"),
     Field("loss.prior_loss_weight", "Prior loss weight", "float", group="advanced"),
+    Field("embedding.token", "Trained word embedding (pivotal tuning)", group="advanced",
+          info="also train this caption word's embedding; writes <name>_emb.safetensors; empty: off"),
+    Field("embedding.init_word", "Embedding start word", group="advanced",
+          info="a new word starts from this known word's embedding"),
+    Field("embedding.learning_rate", "Embedding learning rate", "float", group="advanced",
+          info="0: the learning rate above"),
 ]
 
 # the fields both training forms share, in form order

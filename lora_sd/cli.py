@@ -80,9 +80,10 @@ def _cmd_generate(a) -> int:
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
-    report = load_adapters(pipe, specs, fuse=a.fuse)
+    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or ())
     for r in report:
-        print(f"adapter {r['file']} ({r['format']}): {r['matched_modules']} modules matched, scale {r['scale']}")
+        what = f"the word {r['word']!r}" if "word" in r else f"{r['matched_modules']} modules matched"
+        print(f"adapter {r['file']} ({r['format']}): {what}, scale {r['scale']}")
     prompts = a.prompt or ["a photo"]
     res = generate(pipe, prompts, negative_prompt=a.negative_prompt, steps=a.steps, guidance_scale=a.guidance,
                    seed=a.seed, width=a.width, height=a.height, scheduler=a.scheduler, out_dir=a.out, prefix="image_",
@@ -186,19 +187,19 @@ def _cmd_score(a) -> int:
     try:
         groups = [(c, synth.prompts_for(c, tuple(a.background or synth.BACKGROUNDS)))
                   for c in a.concept or ([] if a.prompt else ["base"])]
-        scales = [float(s) for s in a.scales.split(",")] if a.lora else [0.0]
+        scales = [float(s) for s in a.scales.split(",")] if a.lora or a.embedding else [0.0]
     except ValueError as e:
         print(f"lora-sd score: error: {e} (--concept, --background, --scales)", file=sys.stderr)
         return 2
     groups += [("prompts", a.prompt)] if a.prompt else []
     pipe = load_pipeline(a.model, a.model_config)
     pipe.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []])
+    report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or ())
     seeds = list(range(a.seed, a.seed + a.seeds))
     rows = []
     for scale in scales:
         if report:
-            set_adapter_scale(pipe, [f"adapter_{i}" for i in range(len(report))], scale)
+            set_adapter_scale(pipe, [f"adapter_{i}" for i in range(len(a.lora or []))], scale)
         save = Path(a.save_images) / f"scale_{scale:g}" if a.save_images else None
         make = pipeline_images(pipe, steps=a.steps, guidance_scale=a.guidance, side=a.size, scheduler=a.scheduler,
                                save_dir=save)
@@ -235,6 +236,8 @@ def _add_score_parsers(sub) -> None:
     sc.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
     sc.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
     sc.add_argument("--lora", action="append", metavar="FILE", help="adapter file (repeatable; all get each scale)")
+    sc.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file, e.g. a run's "
+                    "<name>_emb.safetensors (repeatable; at each scale too: 0 = the base's embedding)")
     sc.add_argument("--scales", default="0,1", help="comma-separated adapter scales; 0 = the base model")
     sc.add_argument("--concept", action="append", help="prompt set: base, or a held-out word (purple, star); repeatable")
     sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (repeatable; default all)")
@@ -280,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="repeatable; one image per prompt")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="kohya or diffusers file (repeatable)")
+    g.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file for its word, e.g. "
+                   "a run's <name>_emb.safetensors from [embedding] training (repeatable)")
     g.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)

@@ -100,6 +100,16 @@ class LossSettings(Checked, section="loss"):
 
 
 @dataclass
+class EmbeddingSettings(Checked, section="embedding"):
+    token: str = option("", "pivotal tuning: also train this word's input embedding in the text encoder (a word "
+                        "of the vocabulary is trained in place, a new one is added); saved as "
+                        "RUN/<name>_emb.safetensors (textual inversion); '' = off")
+    init_word: str = option("", "start from this one-token word's embedding (needed for a new word); "
+                            "'' = the word's own")
+    learning_rate: float = option(0.0, "learning rate of the embedding; 0 = train.learning_rate", ge=0)
+
+
+@dataclass
 class SampleSettings(Checked, section="sample"):
     prompts: list[str] = option([], "validation prompts (one image each, every train.sample_every steps and at the end)")
     negative_prompt: str = option("", "negative prompt of the validation images")
@@ -147,6 +157,8 @@ class SDTrainConfig(Checked):
                                                      "text encoder too (default targets: its attention)")
     text_encoder_2_lora: Optional[LoraConfig] = option(None, "SDXL only: set this table (same fields as [lora]) to "
                                                        "train the second text encoder (OpenCLIP bigG) too")
+    embedding: EmbeddingSettings = option(help="a trained token embedding beside the LoRA (pivotal tuning)",
+                                          factory=EmbeddingSettings)
     train: TrainSettings = option(help="the training loop", factory=TrainSettings)
     loss: LossSettings = option(help="loss weighting", factory=LossSettings)
     sample: SampleSettings = option(help="validation images", factory=SampleSettings)
@@ -167,7 +179,8 @@ class SDTrainConfig(Checked):
 
     @property
     def trains_text_encoder(self) -> bool:
-        return self.text_encoder_lora is not None or self.text_encoder_2_lora is not None
+        """A text encoder is trained: a LoRA in it, or a token embedding (its outputs are not cached then)."""
+        return self.text_encoder_lora is not None or self.text_encoder_2_lora is not None or bool(self.embedding.token)
 
 
 def load_train_config(path=None, overrides=()) -> SDTrainConfig:

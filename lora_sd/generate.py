@@ -15,6 +15,7 @@ from lora_core.io import atomic_path
 
 from . import formats
 from .config import SAMPLERS
+from .embeddings import load_embedding
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -64,9 +65,10 @@ def pipeline_components(pipe) -> dict:
     return {n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
 
 
-def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -> list[dict]:
+def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, embeddings=()) -> list[dict]:
     """Add each (file, scale) as its own adapter (strict key matching; a file holding NaN or inf, or
-    given twice, is refused); optionally fuse them into the base."""
+    given twice, is refused); optionally fuse them into the base. `embeddings`: textual-inversion files
+    (lora_sd.embeddings, e.g. a run's <name>_emb.safetensors), installed for their words at scale 1."""
     check_adapter_list(adapters)
     comps = pipeline_components(pipe)
     report = []
@@ -82,6 +84,11 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -
     if fuse and adapters:
         for m in comps.values():
             merge_lora(m, safe=True)
+    for path in embeddings:
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            raise LoraLoadError(f"--embedding {path}: embeddings are for SD 1.x / 2.x pipelines (one text encoder)")
+        word = load_embedding(pipe.text_encoder, pipe.tokenizer, path)
+        report.append({"file": str(path), "format": "embedding", "word": word, "scale": 1.0})
     return report
 
 

@@ -27,6 +27,7 @@ from . import formats
 from .config import SDTrainConfig
 from .data import (BatchDataset, DatasetError, LatentCache, default_cache_dir, encode_text, encode_text_xl, first,
                    load_items, sdxl_text, tokenize, varies_captions)
+from .embeddings import TOKEN_VECTORS, add_trained_token, trained_tokens, write_embedding
 from .generate import generate
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
@@ -270,6 +271,12 @@ def _add_adapters(cfg: SDTrainConfig, pipe) -> dict[str, nn.Module]:
         m.requires_grad_(False)
     targets = add_lora(pipe.unet, cfg.lora)
     components = {"unet": pipe.unet}
+    if cfg.embedding.token:
+        if "text_encoder_2" in tes:
+            raise ConfigError(f"embedding.token: model.pretrained = {cfg.model.pretrained} is an SDXL model; trained "
+                              "token embeddings are for SD 1.x / 2.x (one text encoder) only; remove [embedding]")
+        add_trained_token(tes["text_encoder"], pipe.tokenizer, cfg.embedding.token, cfg.embedding.init_word)
+        targets.append(f"text_encoder embedding of {cfg.embedding.token!r}")
     for name, tcfg in (("text_encoder", cfg.text_encoder_lora), ("text_encoder_2", cfg.text_encoder_2_lora)):
         if tcfg is not None:
             targets += [f"{name}.{n}" for n in add_lora(tes[name], tcfg)]
@@ -338,7 +345,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
 
     set_seed(s.seed, device_specific=True)   # different noise on each process
     status = train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
-                   settings=s, resume=resume, export_fn=export, sample_fn=sample, ema=ema, val_fn=val_fn)
+                   settings=s, resume=resume, export_fn=export, sample_fn=sample, ema=ema, val_fn=val_fn,
+                   part_lrs={TOKEN_VECTORS: cfg.embedding.learning_rate} if cfg.embedding.learning_rate else None)
     if accelerator.is_main_process and cfg.sample.grid and status.get("state") == "done":   # [sample] grid: lora_sd.grid
         from .grid import end_of_run_grid
         with accelerator.autocast():
@@ -362,10 +370,16 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
         formats.write_adapter(folder / f"{cfg.output.name}.safetensors", adapter, formats.KOHYA, meta, dtype)
         if cfg.output.save_diffusers:
             formats.write_adapter(folder / DIFFUSERS_FILE, adapter, formats.DIFFUSERS, meta, dtype)
+        tokens = trained_tokens(pipe.text_encoder)
+        if tokens is not None:
+            write_embedding(folder / f"{cfg.output.name}_emb.safetensors", tokens, meta)
         with ema.swapped() if ema is not None else contextlib.nullcontext(False) as used:
             if used:
+                meta = {**meta, "lora_sd.ema_decay": str(ema.decay)}
                 formats.write_adapter(folder / f"{cfg.output.name}_ema.safetensors", formats.from_model(components),
-                                      formats.KOHYA, {**meta, "lora_sd.ema_decay": str(ema.decay)}, dtype)
+                                      formats.KOHYA, meta, dtype)
+                if tokens is not None:
+                    write_embedding(folder / f"{cfg.output.name}_ema_emb.safetensors", tokens, meta)
 
     def sample(step: int) -> None:
         sc = cfg.sample

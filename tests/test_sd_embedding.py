@@ -1,0 +1,140 @@
+"""Trained token embeddings beside the LoRA ([embedding], lora_sd.embeddings): the exported file loads in
+diffusers' own textual-inversion loader with the same text-encoder output, resume stays exact, scales
+interpolate towards the base row, and bad input gets one clear error."""
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_core.adapter_files import LoraLoadError
+from lora_core.settings import TrainSettings
+from lora_core.training import param_groups
+from lora_sd.embeddings import (EMB_KEY, TOKEN_VECTORS, TrainedTokens, add_trained_token, load_embedding,
+                                read_embedding)
+from lora_sd.generate import load_adapters
+from lora_sd.models import load_pipeline, save_tiny_pipeline
+from lora_sd.testing import make_images, train_config
+from lora_sd.train import DiffusionLoss, run_training
+
+WORD, PROMPT = "<sks>", "a <sks> photo"
+EMBEDDING = {"token": WORD, "init_word": "a", "learning_rate": 0.05}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_emb") / "model"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("emb_data")
+    make_images(folder, 4, size=(32, 32), caption=PROMPT)
+    return folder
+
+
+def _config(path, tiny, images, **over):
+    train = {"max_steps": 4, "checkpoint_every": 0, **over.pop("train", {})}
+    return train_config(path, tiny, images, path.parent / "cache", embedding=EMBEDDING, train=train, **over)
+
+
+@torch.no_grad()
+def _text(pipe, prompt=PROMPT):
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def test_trained_embedding_loads_in_diffusers_textual_inversion(tiny, images, tmp_path, capsys):
+    cfg = _config(tmp_path / "run", tiny, images)
+    assert run_training(cfg)["state"] == "done"
+    file = tmp_path / "run" / "test_lora_emb.safetensors"
+    word, vec = read_embedding(file)
+    base = load_pipeline(tiny)
+    init = base.text_encoder.get_input_embeddings().weight[base.tokenizer("a", add_special_tokens=False).input_ids[0]]
+    assert word == WORD and not torch.allclose(vec, init)          # trained away from init_word's row
+    assert set(load_file(str(file))) == {EMB_KEY}
+
+    ref = load_pipeline(tiny)
+    ref.load_textual_inversion(str(file), token=WORD)                 # diffusers' own loader
+    ours = load_pipeline(tiny)
+    report = load_adapters(ours, [], embeddings=[str(file)])
+    assert report == [{"file": str(file), "format": "embedding", "word": WORD, "scale": 1.0}]
+    assert torch.allclose(_text(ours), _text(ref), atol=1e-6)
+    assert not torch.allclose(_text(ours), _text(base, "a a photo"), atol=1e-4)
+    assert torch.equal(_text(ours, "a photo"), _text(base, "a photo"))  # other words untouched
+
+    from lora_sd.cli import main as cli
+    assert cli(["generate", "--model", tiny, "--embedding", str(file), "--prompt", PROMPT, "--steps", "2",
+                "--width", "32", "--height", "32", "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "image_0.png").is_file()
+    assert f"(embedding): the word '{WORD}', scale 1.0" in capsys.readouterr().out
+
+
+def test_embedding_resume_is_exact(tiny, images, tmp_path, monkeypatch):
+    over = {"train": {"max_steps": 6}}
+    full = run_training(_config(tmp_path / "full", tiny, images, **over))
+    calls = {"n": 0}
+    original = DiffusionLoss.forward
+
+    def forward(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(DiffusionLoss, "forward", forward)
+    part = _config(tmp_path / "part", tiny, images, **over)
+    assert run_training(part)["state"] == "stopped"
+    monkeypatch.setattr(DiffusionLoss, "forward", original)
+    done = run_training(part, resume="latest")
+    assert full["state"] == done["state"] == "done"
+    for name in ("test_lora_emb.safetensors", "test_lora.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scale_interpolates_between_base_row_and_vector():
+    base = nn.Embedding(5, 3)
+    vec = torch.tensor([[1.0, 2.0, 3.0]])
+    tt = TrainedTokens(base, [2], vec, ["w"], trainable=False)
+    ids = torch.tensor([[0, 2, 4]])
+    with torch.no_grad():
+        assert torch.equal(tt(ids)[0, 1], vec[0]) and torch.equal(tt(ids)[0, 0], base.weight[0])
+        tt.set_scale("w", 0.0)
+        assert torch.equal(tt(ids), base(ids))
+        tt.set_scale("w", 0.5)
+        assert torch.allclose(tt(ids)[0, 1], (base.weight[2] + vec[0]) / 2)
+
+
+def test_embedding_learning_rate_group():
+    s = TrainSettings(learning_rate=1e-4)
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    groups = param_groups([("unet.x.lora_A.default.weight", a), (f"text_encoder.emb{TOKEN_VECTORS}", b)], s,
+                          {TOKEN_VECTORS: 5e-3})
+    assert groups == [{"params": [a]}, {"params": [b], "lr": 5e-3}]
+
+
+def test_bad_words_and_files_are_refused(tiny, tmp_path):
+    pipe = load_pipeline(tiny)
+    with pytest.raises(ValueError, match="set embedding.init_word"):
+        add_trained_token(pipe.text_encoder, pipe.tokenizer, WORD)
+    with pytest.raises(ValueError, match="one word without spaces"):
+        add_trained_token(pipe.text_encoder, pipe.tokenizer, "two words", "a")
+    with pytest.raises(ValueError, match="init_word 'abc def' is not one token"):
+        add_trained_token(pipe.text_encoder, pipe.tokenizer, WORD, "abc def")
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"a": torch.zeros(dim), "b": torch.zeros(dim)}, str(tmp_path / "two.safetensors"))
+    save_file({EMB_KEY: torch.zeros(1, dim + 1)}, str(tmp_path / "wide.safetensors"))
+    save_file({EMB_KEY: torch.zeros(3, dim)}, str(tmp_path / "multi.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    for name, msg in (("two", "expected one tensor"), ("wide", "made for another model"),
+                      ("multi", "several vectors"), ("junk", "not a readable")):
+        with pytest.raises(LoraLoadError, match=msg):
+            load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / f"{name}.safetensors")
+    save_file({EMB_KEY: torch.zeros(1, dim)}, str(tmp_path / "w.safetensors"))
+    assert load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / "w.safetensors") == "w"   # A1111: file name
+    with pytest.raises(LoraLoadError, match="already loaded"):
+        load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / "w.safetensors")
