@@ -150,10 +150,12 @@ def main():
     ap.add_argument("--variants-only", action="store_true", help="only the DoRA / LoCon table")
     ap.add_argument("--unet-width", type=int, default=320, help="first UNet block width (SD 1.5: 320)")
     ap.add_argument("--json", default=None, help="also write the DoRA / LoCon numbers here")
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds (steps per variant per round: "
+                    "steps / rounds); --rounds = --steps alternates the variants every step")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     parts = [f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads, "
-             f"median of {a.steps} timed steps per variant (round-robin)\n"]
+             f"median of {a.steps} timed steps per variant (round-robin, {a.rounds} rounds)\n"]
     if not a.variants_only:
         res = bench(gpt2_variants(), gpt2_step, a.steps)
         parts.append(report("GPT-2-small-shaped (12x768), batch 8 x 128 tokens, r=8", res,
@@ -163,7 +165,7 @@ def main():
         parts.append(report("SD 1.5 UNet (859.5M, random weights), 256x256, batch 1, r=4 on attn2", res,
                             "frozen base (lower bound)", "peft attn2"))
     if not a.skip_unet:
-        parts.append(variants_report(a, bench(adapter_variants(a.unet_width), unet_step, a.steps)))
+        parts.append(variants_report(a, bench(adapter_variants(a.unet_width), unet_step, a.steps, rounds=a.rounds)))
     text = "\n".join(parts)
     print(text)
     if a.out:
@@ -184,7 +186,8 @@ def variants_report(a, res: dict) -> str:
         lines.append(f"| {k} | {v:.3f} | {v / res[base]:.2f}x | {vs} |")
     if a.json:
         from lora_core.io import atomic_write_json
-        atomic_write_json(a.json, {"unet_block_width": a.unet_width, "steps": a.steps, "torch": torch.__version__,
+        atomic_write_json(a.json, {"unet_block_width": a.unet_width, "steps": a.steps, "rounds": a.rounds,
+                                   "torch": torch.__version__,
                                    "peft": peft.__version__, "threads": torch.get_num_threads(),
                                    "s_per_step": res, "lora_core_vs_peft": ratios})
     return "\n".join(lines) + "\n"
