@@ -118,6 +118,56 @@ def adapter_variants(width: int = 320):
     return out
 
 
+class _AdaptedLayers(torch.nn.Module):
+    """The layers DoRA and LoCon adapt, alone, at SD 1.5's 256x256 sizes (first block): attn2's q / k / out
+    projections (4096 image tokens, 77 text tokens) and two ResNet 3x3 convs (320 ch at 32x32, 640 at 16x16).
+    Without the frozen UNet around them, the adapter's own cost is most of the step, not 2 % of it."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.to_q, self.to_k, self.to_out = nn.Linear(320, 320, bias=False), nn.Linear(768, 320, bias=False), nn.Linear(320, 320)
+        self.conv1, self.conv2 = nn.Conv2d(320, 320, 3, padding=1), nn.Conv2d(640, 640, 3, padding=1)
+
+    def forward(self, tokens, text, x, z):
+        return (self.to_out(self.to_q(tokens)).square().mean() + self.to_k(text).square().mean()
+                + self.conv1(x).square().mean() + self.conv2(z).square().mean())
+
+
+def layer_variants():
+    """DoRA on the projections, LoCon on the convs, ours and PEFT's (r=4, B initialised non-zero)."""
+    torch.manual_seed(0)
+    base = _AdaptedLayers()
+    base.requires_grad_(False)
+    out = {"frozen base (lower bound)": base}
+    for label, targets, dora in (("DoRA q/k/out", ["to_q", "to_k", "to_out"], True), ("LoCon convs", ["conv1", "conv2"], False)):
+        ours = copy.deepcopy(base)
+        add_lora(ours, LoraConfig(r=4, alpha=4, target_modules=targets, use_dora=dora))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
+                                                                          use_dora=dora))
+        for m in (ours, theirs):
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.01)
+        out[f"lora_core {label}"], out[f"peft {label}"] = ours, theirs
+    return out
+
+
+def layers_step(model):
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 4096, 320, generator=g), torch.randn(1, 77, 768, generator=g),
+              torch.randn(1, 320, 32, 32, generator=g), torch.randn(1, 640, 16, 16, generator=g)]
+    opt = _opt(model)
+
+    def step():
+        xs = [t.clone().requires_grad_() for t in inputs]   # inside a network: the input gradient is needed
+        model(*xs).backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
 def unet_step(model, res=256):
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(1, 4, res // 8, res // 8, generator=g)
@@ -150,6 +200,7 @@ def main():
     ap.add_argument("--variants-only", action="store_true", help="only the DoRA / LoCon table")
     ap.add_argument("--unet-width", type=int, default=320, help="first UNet block width (SD 1.5: 320)")
     ap.add_argument("--json", default=None, help="also write the DoRA / LoCon numbers here")
+    ap.add_argument("--layer-steps", type=int, default=40, help="timed steps of the adapted layers alone")
     ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds (steps per variant per round: "
                     "steps / rounds); --rounds = --steps alternates the variants every step")
     a = ap.parse_args()
@@ -165,7 +216,9 @@ def main():
         parts.append(report("SD 1.5 UNet (859.5M, random weights), 256x256, batch 1, r=4 on attn2", res,
                             "frozen base (lower bound)", "peft attn2"))
     if not a.skip_unet:
-        parts.append(variants_report(a, bench(adapter_variants(a.unet_width), unet_step, a.steps, rounds=a.rounds)))
+        layers = bench(layer_variants(), layers_step, a.layer_steps, rounds=a.layer_steps)
+        parts.append(variants_report(a, bench(adapter_variants(a.unet_width), unet_step, a.steps, rounds=a.rounds),
+                                     layers))
     text = "\n".join(parts)
     print(text)
     if a.out:
@@ -174,23 +227,33 @@ def main():
         atomic_write_text(a.out, f"Command: `python bench/core_overhead.py {' '.join(sys.argv[1:])}`\n\n" + text)
 
 
-def variants_report(a, res: dict) -> str:
+def _variant_table(title: str, res: dict) -> tuple[list[str], dict]:
+    """Markdown lines and {variant: ours / PEFT} of one round-robin measurement."""
     base = "frozen base (lower bound)"
     twin = {k: "peft " + k.split(" ", 1)[1] for k in res if k.startswith("lora_core ")}
     twin.update({v: v for v in twin.values()})
     ratios = {k.split(" ", 1)[1]: res[k] / res[v] for k, v in twin.items() if k.startswith("lora_core ")}
-    lines = [f"### UNet (SD 1.5 layout, block width {a.unet_width}, random weights), 256x256, batch 1, r=4: "
-             "DoRA and LoCon", "", "| variant | s/step | vs frozen base | vs PEFT (same variant) |", "|---|---|---|---|"]
+    lines = [title, "", "| variant | s/step | vs frozen base | vs PEFT (same variant) |", "|---|---|---|---|"]
     for k, v in res.items():
         vs = f"{v / res[twin[k]]:.2f}x" if k in twin else ""
-        lines.append(f"| {k} | {v:.3f} | {v / res[base]:.2f}x | {vs} |")
+        lines.append(f"| {k} | {v:.4f} | {v / res[base]:.2f}x | {vs} |")
+    return lines, ratios
+
+
+def variants_report(a, res: dict, layers: dict) -> str:
+    lines, ratios = _variant_table(f"### UNet (SD 1.5 layout, block width {a.unet_width}, random weights), 256x256, "
+                                   f"batch 1, r=4: DoRA and LoCon ({a.steps} steps, {a.rounds} rounds)", res)
+    more, layer_ratios = _variant_table(f"### The adapted layers alone (SD 1.5 sizes, r=4): DoRA on attn2 q/k/out, "
+                                        f"LoCon on two ResNet 3x3 convs ({a.layer_steps} steps, alternating)", layers)
     if a.json:
         from lora_core.io import atomic_write_json
         atomic_write_json(a.json, {"unet_block_width": a.unet_width, "steps": a.steps, "rounds": a.rounds,
                                    "torch": torch.__version__,
                                    "peft": peft.__version__, "threads": torch.get_num_threads(),
-                                   "s_per_step": res, "lora_core_vs_peft": ratios})
-    return "\n".join(lines) + "\n"
+                                   "s_per_step": res, "lora_core_vs_peft": ratios,
+                                   "layers": {"steps": a.layer_steps, "s_per_step": layers,
+                                              "lora_core_vs_peft": layer_ratios}})
+    return "\n".join(lines + [""] + more) + "\n"
 
 
 if __name__ == "__main__":
