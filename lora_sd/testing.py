@@ -60,3 +60,29 @@ def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Pat
     for k, v in sections.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     return from_dict(SDTrainConfig, d)
+
+
+def stop_then_resume(cfg, monkeypatch, at_call: int) -> tuple[dict, dict]:
+    """Run `cfg` with SIGTERM sent during the at_call-th loss forward (what the GUI's Stop button does),
+    then `--resume latest` with the global RNG reseeded (resume must restore it itself); returns the
+    (stopped, resumed) final statuses. `monkeypatch` is pytest's fixture."""
+    import os
+    import signal
+
+    import torch
+
+    from lora_sd.train import DiffusionLoss, run_training
+    calls = {"n": 0}
+    original = DiffusionLoss.forward
+
+    def forward(self, batch):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(DiffusionLoss, "forward", forward)
+    stopped = run_training(cfg)
+    monkeypatch.setattr(DiffusionLoss, "forward", original)
+    torch.manual_seed(999)
+    return stopped, run_training(cfg, resume="latest")

@@ -1,9 +1,6 @@
 """Trained token embeddings beside the LoRA ([embedding], lora_sd.embeddings): the exported file loads in
 diffusers' own textual-inversion loader with the same text-encoder output, resume stays exact, scales
 interpolate towards the base row, and bad input gets one clear error."""
-import os
-import signal
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,8 +13,8 @@ from lora_sd.embeddings import (EMB_KEY, TOKEN_VECTORS, TrainedTokens, add_train
                                 read_embedding)
 from lora_sd.generate import load_adapters
 from lora_sd.models import load_pipeline, save_tiny_pipeline
-from lora_sd.testing import make_images, train_config
-from lora_sd.train import DiffusionLoss, run_training
+from lora_sd.testing import make_images, stop_then_resume, train_config
+from lora_sd.train import run_training
 
 WORD, PROMPT = "<sks>", "a <sks> photo"
 EMBEDDING = {"token": WORD, "init_word": "a", "learning_rate": 0.05}
@@ -76,20 +73,8 @@ def test_trained_embedding_loads_in_diffusers_textual_inversion(tiny, images, tm
 def test_embedding_resume_is_exact(tiny, images, tmp_path, monkeypatch):
     over = {"train": {"max_steps": 6}}
     full = run_training(_config(tmp_path / "full", tiny, images, **over))
-    calls = {"n": 0}
-    original = DiffusionLoss.forward
-
-    def forward(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch)
-
-    monkeypatch.setattr(DiffusionLoss, "forward", forward)
-    part = _config(tmp_path / "part", tiny, images, **over)
-    assert run_training(part)["state"] == "stopped"
-    monkeypatch.setattr(DiffusionLoss, "forward", original)
-    done = run_training(part, resume="latest")
+    stopped, done = stop_then_resume(_config(tmp_path / "part", tiny, images, **over), monkeypatch, at_call=3)
+    assert stopped["state"] == "stopped"
     assert full["state"] == done["state"] == "done"
     for name in ("test_lora_emb.safetensors", "test_lora.safetensors"):
         a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))

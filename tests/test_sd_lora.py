@@ -3,7 +3,6 @@ adapters checked against diffusers' own loader (StableDiffusionPipeline.load_lor
 import contextlib
 import logging
 import os
-import signal
 import warnings
 
 import pytest
@@ -15,7 +14,7 @@ from lora_core.training import RunDir
 from lora_sd import formats
 from lora_sd.config import CROSS_ATTN
 from lora_sd.models import load_pipeline, save_tiny_pipeline
-from lora_sd.testing import make_dataset, train_config
+from lora_sd.testing import make_dataset, stop_then_resume, train_config
 from lora_sd.train import DIFFUSERS_FILE, DiffusionLoss, run_training
 
 
@@ -192,22 +191,9 @@ def test_stop_and_resume_equals_uninterrupted(tiny, dataset, tmp_path, monkeypat
     full = run_training(train_config(tmp_path / "full", tiny, dataset, tmp_path / "cache", **over))
     assert full["state"] == "done"
 
-    calls = {"n": 0}
-    original = DiffusionLoss.forward
-
-    def forward(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:   # what the GUI's Stop button does
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch)
-
-    monkeypatch.setattr(DiffusionLoss, "forward", forward)
     part_cfg = train_config(tmp_path / "part", tiny, dataset, tmp_path / "cache", **over)
-    stopped = run_training(part_cfg)
+    stopped, done = stop_then_resume(part_cfg, monkeypatch, at_call=4)
     assert stopped["state"] == "stopped" and stopped["step"] == 4
-    monkeypatch.setattr(DiffusionLoss, "forward", original)
-    torch.manual_seed(999)   # resume must restore the RNG itself
-    done = run_training(part_cfg, resume="latest")
     assert done["state"] == "done" and done["resumed_from"].endswith("step_00000004")
 
     a = load_file(str(tmp_path / "full" / "test_lora.safetensors"))

@@ -1,8 +1,6 @@
 """SDXL and SD 2.x training and generation on the tiny pipelines (lora_sd.models.build_tiny_pipeline)."""
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +17,7 @@ from lora_sd.config import CROSS_ATTN, DataSettings, SDTrainConfig, load_train_c
 from lora_sd.data import BatchDataset, _crop_box, load_items, sdxl_text, tokenize
 from lora_sd.generate import generate, load_adapters, read_png_params
 from lora_sd.models import build_tiny_pipeline
-from lora_sd.testing import make_images, train_config
+from lora_sd.testing import make_images, stop_then_resume, train_config
 from lora_sd.train import DiffusionLoss, _add_adapters, _dataset, run_training, validation_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,21 +219,9 @@ def test_sdxl_stop_and_resume_equals_uninterrupted(images, tmp_path, monkeypatch
     over = {"text_encoder_2_lora": {"r": 2, "alpha": 2.0}}
     full = run_training(_sdxl_run(tmp_path / "full", images, tmp_path / "cache", **over))
     assert full["state"] == "done"
-    calls = {"n": 0}
-    original = DiffusionLoss.forward
-
-    def forward(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch)
-
-    monkeypatch.setattr(DiffusionLoss, "forward", forward)
     part_cfg = _sdxl_run(tmp_path / "part", images, tmp_path / "cache", **over)
-    assert run_training(part_cfg)["state"] == "stopped"
-    monkeypatch.setattr(DiffusionLoss, "forward", original)
-    torch.manual_seed(999)
-    assert run_training(part_cfg, resume="latest")["state"] == "done"
+    stopped, done = stop_then_resume(part_cfg, monkeypatch, at_call=3)
+    assert stopped["state"] == "stopped" and done["state"] == "done"
     for name in ("test_lora.safetensors", "pytorch_lora_weights.safetensors"):
         a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
