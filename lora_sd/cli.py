@@ -95,6 +95,7 @@ def _cmd_generate(a) -> int:
 
 def _cmd_merge(a) -> int:
     from lora_core import remove_lora
+    from .embeddings import fold_embeddings
     from .generate import load_adapters, pipeline_components
     from .models import load_pipeline
     out = Path(a.out)
@@ -105,6 +106,7 @@ def _cmd_merge(a) -> int:
     load_adapters(pipe, specs)
     for m in pipeline_components(pipe).values():
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
+    fold_embeddings(pipe.text_encoder)   # and the word embeddings trained with them into the token rows
     pipe.save_pretrained(str(out))
     print(f"merged pipeline written to {out}")
     return 0
@@ -236,8 +238,8 @@ def _add_score_parsers(sub) -> None:
     sc.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
     sc.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
     sc.add_argument("--lora", action="append", metavar="FILE", help="adapter file (repeatable; all get each scale)")
-    sc.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file, e.g. a run's "
-                    "<name>_emb.safetensors (repeatable; at each scale too: 0 = the base's embedding)")
+    sc.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file (repeatable; at each "
+                    "scale too: 0 = the base's row); an adapter's own <name>_emb.safetensors loads with it")
     sc.add_argument("--scales", default="0,1", help="comma-separated adapter scales; 0 = the base model")
     sc.add_argument("--concept", action="append", help="prompt set: base, or a held-out word (purple, star); repeatable")
     sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (repeatable; default all)")
@@ -283,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="repeatable; one image per prompt")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="kohya or diffusers file (repeatable)")
-    g.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file for its word, e.g. "
-                   "a run's <name>_emb.safetensors from [embedding] training (repeatable)")
+    g.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file for its word "
+                   "(repeatable); an adapter's own <name>_emb.safetensors ([embedding] training) loads with it")
     g.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)

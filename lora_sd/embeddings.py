@@ -20,6 +20,7 @@ from lora_core.io import atomic_save_safetensors
 
 EMB_KEY = "emb_params"          # kohya / AUTOMATIC1111 textual inversion (safetensors)
 WORD_KEY = "lora_sd.token"      # metadata: the word the vector was trained for
+SIBLING_SUFFIX = "_emb.safetensors"   # a run's <name>.safetensors adapter has its embedding in <name>_emb.safetensors
 TOKEN_VECTORS = ".token_embedding.vectors"   # the trained vectors' parameter name (CLIP's embedding attribute)
 
 
@@ -122,6 +123,33 @@ def read_embedding(path) -> tuple[str, torch.Tensor]:
     if not torch.isfinite(vec).all():
         raise LoraLoadError(f"--embedding {path}: the vector holds NaN or inf")
     return word, vec.reshape(-1).float()
+
+
+def sibling_embedding(adapter_file) -> Optional[Path]:
+    """The trained word embedding written beside an adapter file by [embedding] training, if there is one."""
+    p = Path(adapter_file)
+    emb = p.with_name(p.stem + SIBLING_SUFFIX)
+    return emb if emb.is_file() and emb != p else None
+
+
+def unload_embeddings(text_encoder) -> None:
+    """Put the base embedding layer back (words added to the tokenizer stay, with their base rows)."""
+    tokens = trained_tokens(text_encoder)
+    if tokens is not None:
+        text_encoder.set_input_embeddings(tokens.base)
+
+
+@torch.no_grad()
+def fold_embeddings(text_encoder) -> None:
+    """Write each loaded word's row (at its scale) into the base embedding and put the base layer back: a
+    merged model then reads the words as the adapter's embeddings did."""
+    tokens = trained_tokens(text_encoder)
+    if tokens is None:
+        return
+    w = tokens.base.weight
+    rows = torch.lerp(w[tokens.ids].float(), tokens.vectors.float(), tokens.scales[:, None].float())
+    w[tokens.ids] = rows.to(w.dtype)
+    text_encoder.set_input_embeddings(tokens.base)
 
 
 def load_embedding(text_encoder, tokenizer, path) -> str:

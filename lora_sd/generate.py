@@ -15,7 +15,7 @@ from lora_core.io import atomic_path
 
 from . import formats
 from .config import SAMPLERS
-from .embeddings import load_embedding
+from .embeddings import load_embedding, sibling_embedding, trained_tokens
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -68,7 +68,8 @@ def pipeline_components(pipe) -> dict:
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, embeddings=()) -> list[dict]:
     """Add each (file, scale) as its own adapter (strict key matching; a file holding NaN or inf, or
     given twice, is refused); optionally fuse them into the base. `embeddings`: textual-inversion files
-    (lora_sd.embeddings, e.g. a run's <name>_emb.safetensors), installed for their words at scale 1."""
+    (lora_sd.embeddings) installed for their words at scale 1; an adapter trained with [embedding] brings
+    its own (<name>_emb.safetensors beside it) at the adapter's scale."""
     check_adapter_list(adapters)
     comps = pipeline_components(pipe)
     report = []
@@ -84,11 +85,13 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, e
     if fuse and adapters:
         for m in comps.values():
             merge_lora(m, safe=True)
-    for path in embeddings:
+    own = [(e, scale) for path, scale in adapters if (e := sibling_embedding(path)) is not None]
+    for path, scale in own + [(e, 1.0) for e in embeddings]:
         if getattr(pipe, "text_encoder_2", None) is not None:
             raise LoraLoadError(f"--embedding {path}: embeddings are for SD 1.x / 2.x pipelines (one text encoder)")
         word = load_embedding(pipe.text_encoder, pipe.tokenizer, path)
-        report.append({"file": str(path), "format": "embedding", "word": word, "scale": 1.0})
+        trained_tokens(pipe.text_encoder).set_scale(word, scale)
+        report.append({"file": str(path), "format": "embedding", "word": word, "scale": scale})
     return report
 
 

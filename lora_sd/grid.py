@@ -138,10 +138,12 @@ class _Loader:
 
     def use(self, file: Optional[str], scale: float) -> list[dict]:
         from lora_core import lora_layers, remove_lora, set_scale
+        from .embeddings import trained_tokens, unload_embeddings
         from .generate import load_adapters, pipeline_components
         if file != self.file:
             for m in pipeline_components(self.pipe).values():
                 remove_lora(m)
+            unload_embeddings(self.pipe.text_encoder)   # the word embedding trained with the last adapter
             self.file = None
             if file is not None:
                 self.report = load_adapters(self.pipe, [(file, scale)])
@@ -151,7 +153,10 @@ class _Loader:
         for m in pipeline_components(self.pipe).values():
             if any("adapter_0" in layer.lora_A for _, layer in lora_layers(m)):
                 set_scale(m, "adapter_0", scale)
-        return [{**self.report[0], "scale": scale}]
+        tokens = trained_tokens(self.pipe.text_encoder)
+        for word in tokens.words if tokens is not None else ():
+            tokens.set_scale(word, scale)
+        return [{**r, "scale": scale} for r in self.report]
 
 
 def make_grid(pipe, spec: GridSpec, out_dir, progress: Optional[Callable[[int, int, Cell], None]] = None,
@@ -224,9 +229,11 @@ def end_of_run_grid(cfg, pipe, run_dir, progress=None) -> Optional[dict]:
     if not getattr(sc, "grid", False) or not sc.prompts:
         return None
     from lora_core import remove_lora
+    from .embeddings import unload_embeddings
     from .generate import pipeline_components
     for m in pipeline_components(pipe).values():
         remove_lora(m)
+    unload_embeddings(pipe.text_encoder)   # the word embedding of [embedding] training
     res = cfg.data.resolution
     spec = GridSpec(x="step", x_values=run_steps(run_dir), y="prompt", y_values=list(sc.prompts), run=str(run_dir),
                     scale=sc.grid_scale, seed=sc.seed, negative_prompt=sc.negative_prompt, steps=sc.steps,

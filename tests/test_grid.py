@@ -151,4 +151,5 @@ def test_sample_grid_every_n_steps(tmp_path):
     from lora_sd.grid import adapter_in
     file = adapter_in(ckpt)
     got = _px(Image.open(grids / "step_000004" / cell["png"]))
-    assert (got == _px(_single(file, 1.0, "a cat", 3))).all()
+    # `lora-sd grid` ran in a subprocess (its own thread count): float rounding may move a pixel by one level
+    assert np.abs(got - _px(_single(file, 1.0, "a cat", 3))).max() <= 1

@@ -252,13 +252,3 @@ def test_build_app(ctrl):
                    "eval-go", "eval-table", "adapters-table", "adapters-confirm", "tg-go"):
         assert needed in ids
 
-
-def test_generation_passes_the_word_embedding_beside_an_adapter(ctrl):
-    run = ctrl.ws.runs / "r1"
-    run.mkdir(parents=True)
-    for name in ("demo.safetensors", "demo_emb.safetensors", "other.safetensors"):
-        (run / name).write_bytes(b"x")
-    args, used = ctrl.generation._adapter_args([["runs/r1/demo.safetensors", 0.5], ["runs/r1/other.safetensors", 1]])
-    assert args == ["--lora", f"{run / 'demo.safetensors'}:0.5", "--embedding", str(run / "demo_emb.safetensors"),
-                    "--lora", f"{run / 'other.safetensors'}:1.0"]
-    assert used[1] == "runs/r1/demo_emb.safetensors (word embedding)"

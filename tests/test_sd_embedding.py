@@ -69,6 +69,25 @@ def test_trained_embedding_loads_in_diffusers_textual_inversion(tiny, images, tm
     assert (tmp_path / "gen" / "image_0.png").is_file()
     assert f"(embedding): the word '{WORD}', scale 1.0" in capsys.readouterr().out
 
+    # the adapter brings its own embedding (<name>_emb beside it), at the adapter's scale
+    lora = tmp_path / "run" / "test_lora.safetensors"
+    auto = load_pipeline(tiny)
+    report = load_adapters(auto, [(str(lora), 1.0)])
+    assert report[1] == {"file": str(file), "format": "embedding", "word": WORD, "scale": 1.0}
+    assert torch.allclose(_text(auto), _text(ref), atol=1e-6)      # a UNet-only LoRA: the text is the embedding's
+    # merging folds the word into the merged model's token rows (and its tokenizer)
+    assert cli(["merge", "--model", tiny, "--lora", str(lora), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_pipeline(str(tmp_path / "merged"))
+    assert torch.allclose(_text(merged), _text(ref), atol=1e-6)
+    # the grid's loader swaps adapter and embedding together and leaves the base behind
+    from lora_sd.embeddings import trained_tokens
+    from lora_sd.grid import _Loader
+    loader = _Loader(base)
+    assert [r["format"] for r in loader.use(str(lora), 0.5)] == ["kohya", "embedding"]
+    assert trained_tokens(base.text_encoder).scales.tolist() == [0.5]
+    loader.use(None, 0.0)
+    assert trained_tokens(base.text_encoder) is None
+
 
 def test_embedding_resume_is_exact(tiny, images, tmp_path, monkeypatch):
     over = {"train": {"max_steps": 6}}

@@ -59,8 +59,7 @@ class GenerationService:
         return [(str(p), f"{caption} [{p.name}]") for p in images], f"{caption}; saved to {self.ws.rel(out)}"
 
     def _adapter_args(self, rows: list[list]) -> tuple[list[str], list[str]]:
-        """`--lora PATH:SCALE` per table row (empty rows skipped) and their descriptions; an adapter with a
-        trained word embedding beside it (<name>_emb.safetensors, [embedding] training) brings `--embedding`."""
+        """`--lora PATH:SCALE` per table row (empty rows skipped) and their descriptions."""
         args, used = [], []
         for row in rows or []:
             if not row or not str(row[0] or "").strip():
@@ -72,10 +71,6 @@ class GenerationService:
                 raise UserError(f"adapter {row[0]}: scale {row[1]!r} is not a number") from None
             args += ["--lora", f"{path}:{scale}"]
             used.append(f"{self.ws.rel(path)} x{scale:g}")
-            emb = path.with_name(f"{path.stem}_emb.safetensors")
-            if emb.is_file():
-                args += ["--embedding", str(emb)]
-                used.append(f"{self.ws.rel(emb)} (word embedding)")
         return args, used
 
     def text(self, model: str, adapter: str, prompt: str, max_new_tokens: int) -> str:
