@@ -99,13 +99,19 @@ class LossSettings(Checked, section="loss"):
                              f"{self.max_timestep} (timesteps are drawn from [min, max))")
 
 
+def _one_word_error(word: str) -> Optional[str]:
+    if word and (word != word.strip() or any(c.isspace() for c in word) or any(c in word for c in "/\\\0")):
+        return f"must be one word (no spaces, no slashes); got {word!r}"
+    return None
+
+
 @dataclass
 class EmbeddingSettings(Checked, section="embedding"):
     token: str = option("", "pivotal tuning: also train this word's input embedding in the text encoder (a word "
                         "of the vocabulary is trained in place, a new one is added); saved as "
-                        "RUN/<name>_emb.safetensors (textual inversion); '' = off")
+                        "RUN/<name>_emb.safetensors (textual inversion); '' = off", check=_one_word_error)
     init_word: str = option("", "start from this one-token word's embedding (needed for a new word); "
-                            "'' = the word's own")
+                            "'' = the word's own", check=_one_word_error)
     learning_rate: float = option(0.0, "learning rate of the embedding; 0 = train.learning_rate", ge=0)
 
 

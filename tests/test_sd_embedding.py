@@ -142,3 +142,12 @@ def test_bad_words_and_files_are_refused(tiny, tmp_path):
     assert load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / "w.safetensors") == "w"   # A1111: file name
     with pytest.raises(LoraLoadError, match="already loaded"):
         load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / "w.safetensors")
+
+
+def test_embedding_words_are_checked_when_the_config_loads():
+    from lora_core.configfile import ConfigError
+    from lora_sd.config import load_train_config
+    for bad in ('"two words"', '" sks"', '"a/b"'):
+        with pytest.raises((ConfigError, ValueError), match="embedding.token.*one word"):
+            load_train_config(None, ['data.path="x"', f"embedding.token={bad}"])
+    assert load_train_config(None, ['data.path="x"', 'embedding.token="<sks>"']).trains_text_encoder
