@@ -151,3 +151,15 @@ def test_embedding_words_are_checked_when_the_config_loads():
         with pytest.raises((ConfigError, ValueError), match="embedding.token.*one word"):
             load_train_config(None, ['data.path="x"', f"embedding.token={bad}"])
     assert load_train_config(None, ['data.path="x"', 'embedding.token="<sks>"']).trains_text_encoder
+
+
+def test_ema_run_exports_the_ema_embedding_and_grids_with_it(tiny, images, tmp_path):
+    """EMA covers the trained vector (its own file beside the EMA adapter); the end-of-run grid (which swaps
+    the checkpoints' adapters and embeddings in) completes."""
+    cfg = _config(tmp_path / "run", tiny, images, train={"ema_decay": 0.5, "checkpoint_every": 2},
+                  sample={"prompts": [PROMPT], "steps": 2, "width": 32, "height": 32, "grid": True})
+    assert run_training(cfg)["state"] == "done"
+    run = tmp_path / "run"
+    (word, vec), (ema_word, ema_vec) = (read_embedding(run / f"test_lora{s}_emb.safetensors") for s in ("", "_ema"))
+    assert word == ema_word == WORD and not torch.equal(vec, ema_vec)
+    assert (run / "grid" / "grid.png").is_file()
