@@ -4,8 +4,9 @@ A word's input-embedding row of the text encoder is made trainable: a word of th
 that is one token is trained in place (a word the base model never learned, such as the demo's "purple",
 otherwise keeps its untrained initialisation); a new word is added to the tokenizer and starts from another
 word's embedding. The vector is saved in the textual-inversion file AUTOMATIC1111, ComfyUI and diffusers'
-`load_textual_inversion` read ({"emb_params": (1, dim)}), with the word in the metadata; `lora-sd generate
---embedding` and `lora-sd score --embedding` load it, at the adapters' scale (scale 0 = the base's row).
+`load_textual_inversion` read ({"emb_params": (1, dim)}), with the word in the metadata, as
+RUN/<name>_emb.safetensors beside the adapter: lora_sd.generate.load_adapters loads it with its adapter, at
+the adapter's scale (scale 0 = the base's row); `--embedding FILE` loads any such file.
 """
 from __future__ import annotations
 
