@@ -167,8 +167,15 @@ def diffusers_alpha(packed: dict, comp: str, path: str, r: int) -> float:
 
 
 # ------------------------------------------------------------------ detection
+EMB_KEY = "emb_params"   # the one tensor of a kohya / AUTOMATIC1111 textual-inversion file (lora_sd.embeddings)
+NOT_A_LORA_EMBEDDING = ("a textual-inversion embedding, not a LoRA: load it with `lora-sd generate --embedding FILE` "
+                        "(a run's <name>_emb.safetensors also loads with its <name>.safetensors adapter)")
+
+
 def detect_kohya(view: AdapterView):
     named = [k for k in view.keys if re.match(r"lora_(unet|te\d?)_", k)]
+    if view.keys == [EMB_KEY] or any(k.startswith("string_to_param") for k in view.keys):
+        return NOT_A_LORA_EMBEDDING
     if not named:
         return False
     if any(k.endswith(".lora_down.weight") for k in named):

@@ -19,7 +19,8 @@ from torch import nn
 from lora_core.adapter_files import LoraLoadError
 from lora_core.io import atomic_save_safetensors
 
-EMB_KEY = "emb_params"          # kohya / AUTOMATIC1111 textual inversion (safetensors)
+from .adapter_formats import EMB_KEY
+
 WORD_KEY = "lora_sd.token"      # metadata: the word the vector was trained for
 SIBLING_SUFFIX = "_emb.safetensors"   # a run's <name>.safetensors adapter has its embedding in <name>_emb.safetensors
 TOKEN_VECTORS = ".token_embedding.vectors"   # the trained vectors' parameter name (CLIP's embedding attribute)

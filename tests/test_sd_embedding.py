@@ -121,7 +121,7 @@ def test_embedding_learning_rate_group():
     assert groups == [{"params": [a]}, {"params": [b], "lr": 5e-3}]
 
 
-def test_bad_words_and_files_are_refused(tiny, tmp_path):
+def test_bad_words_and_files_are_refused(tiny, tmp_path, capsys):
     pipe = load_pipeline(tiny)
     with pytest.raises(ValueError, match="set embedding.init_word"):
         add_trained_token(pipe.text_encoder, pipe.tokenizer, WORD)
@@ -142,6 +142,11 @@ def test_bad_words_and_files_are_refused(tiny, tmp_path):
     assert load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / "w.safetensors") == "w"   # A1111: file name
     with pytest.raises(LoraLoadError, match="already loaded"):
         load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / "w.safetensors")
+    from lora_sd.cli import main as cli
+    for args in (["inspect"], ["generate", "--model", tiny, "--lora"]):   # given where a LoRA belongs: one hint
+        assert cli([*args, str(tmp_path / "w.safetensors")]) == 2
+        assert "a textual-inversion embedding, not a LoRA: load it with `lora-sd generate --embedding" in \
+            capsys.readouterr().err
 
 
 def test_embedding_words_are_checked_when_the_config_loads():
