@@ -167,15 +167,13 @@ def set_adapter_scale(pipe, adapters: list[str], scale: float) -> None:
     """Scale every named adapter in the UNet and the text encoder, and every loaded embedding (0 = the
     base model alone)."""
     from lora_core import lora_layers, set_scale
-    from .embeddings import trained_tokens
+    from .embeddings import set_embedding_scale
     for comp in (pipe.unet, pipe.text_encoder):
         present = {a for _, layer in lora_layers(comp) for a in layer.lora_A}
         for name in adapters:
             if name in present:   # an adapter may touch the UNet only
                 set_scale(comp, name, scale)
-    tokens = trained_tokens(pipe.text_encoder)
-    for word in tokens.words if tokens is not None else ():
-        tokens.set_scale(word, scale)
+    set_embedding_scale(pipe.text_encoder, scale)
 
 
 def pipeline_images(pipe, *, steps: int = 20, guidance_scale: float = 5.0, side: int = 64,

@@ -127,11 +127,23 @@ def read_embedding(path) -> tuple[str, torch.Tensor]:
     return word, vec.reshape(-1).float()
 
 
-def sibling_embedding(adapter_file) -> Optional[Path]:
-    """The trained word embedding written beside an adapter file by [embedding] training, if there is one."""
+def embedding_path(adapter_file) -> Path:
+    """Where [embedding] training writes the word embedding of an adapter file: <name>_emb.safetensors beside it."""
     p = Path(adapter_file)
-    emb = p.with_name(p.stem + SIBLING_SUFFIX)
-    return emb if emb.is_file() and emb != p else None
+    return p.with_name(p.stem + SIBLING_SUFFIX)
+
+
+def sibling_embedding(adapter_file) -> Optional[Path]:
+    """The trained word embedding beside an adapter file, if there is one."""
+    emb = embedding_path(adapter_file)
+    return emb if emb.is_file() and emb != Path(adapter_file) else None
+
+
+def set_embedding_scale(text_encoder, scale: float) -> None:
+    """Every loaded word embedding at `scale` (0 = the base's rows), as the adapters they came with."""
+    tokens = trained_tokens(text_encoder)
+    for word in tokens.words if tokens is not None else ():
+        tokens.set_scale(word, scale)
 
 
 def unload_embeddings(text_encoder) -> None:

@@ -138,7 +138,7 @@ class _Loader:
 
     def use(self, file: Optional[str], scale: float) -> list[dict]:
         from lora_core import lora_layers, remove_lora, set_scale
-        from .embeddings import trained_tokens, unload_embeddings
+        from .embeddings import set_embedding_scale, unload_embeddings
         from .generate import load_adapters, pipeline_components
         if file != self.file:
             for m in pipeline_components(self.pipe).values():
@@ -153,9 +153,7 @@ class _Loader:
         for m in pipeline_components(self.pipe).values():
             if any("adapter_0" in layer.lora_A for _, layer in lora_layers(m)):
                 set_scale(m, "adapter_0", scale)
-        tokens = trained_tokens(self.pipe.text_encoder)
-        for word in tokens.words if tokens is not None else ():
-            tokens.set_scale(word, scale)
+        set_embedding_scale(self.pipe.text_encoder, scale)
         return [{**r, "scale": scale} for r in self.report]
 
 

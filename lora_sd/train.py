@@ -27,7 +27,7 @@ from . import formats
 from .config import SDTrainConfig
 from .data import (BatchDataset, DatasetError, LatentCache, default_cache_dir, encode_text, encode_text_xl, first,
                    load_items, sdxl_text, tokenize, varies_captions)
-from .embeddings import TOKEN_VECTORS, add_trained_token, trained_tokens, write_embedding
+from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .generate import generate
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
@@ -367,19 +367,20 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
         if is_random_weights(pipe):
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
         dtype = DTYPES[cfg.output.save_dtype]
-        formats.write_adapter(folder / f"{cfg.output.name}.safetensors", adapter, formats.KOHYA, meta, dtype)
+        main = folder / f"{cfg.output.name}.safetensors"
+        formats.write_adapter(main, adapter, formats.KOHYA, meta, dtype)
         if cfg.output.save_diffusers:
             formats.write_adapter(folder / DIFFUSERS_FILE, adapter, formats.DIFFUSERS, meta, dtype)
         tokens = trained_tokens(pipe.text_encoder)
         if tokens is not None:
-            write_embedding(folder / f"{cfg.output.name}_emb.safetensors", tokens, meta)
+            write_embedding(embedding_path(main), tokens, meta)
         with ema.swapped() if ema is not None else contextlib.nullcontext(False) as used:
             if used:
                 meta = {**meta, "lora_sd.ema_decay": str(ema.decay)}
-                formats.write_adapter(folder / f"{cfg.output.name}_ema.safetensors", formats.from_model(components),
-                                      formats.KOHYA, meta, dtype)
+                ema_file = folder / f"{cfg.output.name}_ema.safetensors"
+                formats.write_adapter(ema_file, formats.from_model(components), formats.KOHYA, meta, dtype)
                 if tokens is not None:
-                    write_embedding(folder / f"{cfg.output.name}_ema_emb.safetensors", tokens, meta)
+                    write_embedding(embedding_path(ema_file), tokens, meta)
 
     def sample(step: int) -> None:
         sc = cfg.sample
