@@ -106,7 +106,8 @@ SD_FIELDS = [
     Field("data.resolution", "Resolution", "int"),
     Field("data.trigger_word", "Trigger word"),
     Field("lora.target_modules", "Targets", choices=tuple(TARGET_PRESETS), presets=tuple(TARGET_PRESETS.items()),
-          info="cross_attn: attn2 q/k/v/out (default); attn: self- and cross-attention; cross_attn+conv: "
+          info="cross_attn: attn2 q/k/v/out (default); cross_attn_kv: attn2 k/v, the text side only; attn: "
+               "self- and cross-attention; cross_attn+conv: "
                "cross-attention plus the ResNet 3x3 convs (LoCon, set Conv rank); or a regex"),
     *RANK_AND_STEPS,
     Field("train.lr_scheduler", "LR schedule", "choice"),

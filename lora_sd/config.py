@@ -11,11 +11,13 @@ from lora_core.run import TrainSettings
 
 # target_modules presets (regex, full match on the UNet module path)
 CROSS_ATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
+CROSS_ATTN_KV = r".*attn2\.(to_k|to_v)"   # the text side only, as Custom Diffusion trains it
 ALL_ATTN = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 TEXT_ENCODER_ATTN = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 # LoCon: the ResNet blocks' 3x3 convs and the down/upsampler convs (kohya's conv_dim targets)
 UNET_CONVS = r".*(resnets\.\d+\.conv[12]|(downsamplers|upsamplers)\.\d+\.conv)"
-TARGET_PRESETS = {"cross_attn": CROSS_ATTN, "attn": ALL_ATTN, "cross_attn+conv": f"{CROSS_ATTN}|{UNET_CONVS}"}
+TARGET_PRESETS = {"cross_attn": CROSS_ATTN, "cross_attn_kv": CROSS_ATTN_KV, "attn": ALL_ATTN,
+                  "cross_attn+conv": f"{CROSS_ATTN}|{UNET_CONVS}"}
 
 
 # the samplers of sample.scheduler and `lora-sd generate --scheduler`: name -> diffusers scheduler class
@@ -157,7 +159,8 @@ class SDTrainConfig(Checked):
     model: ModelSettings = option(help="the base model", factory=ModelSettings)
     data: DataSettings = option(help="the image set", factory=DataSettings)
     lora: LoraConfig = option(help="the UNet adapter; target_modules also takes the presets 'cross_attn' "
-                              "(attn2 q/k/v/out, the default) and 'attn' (self- and cross-attention)",
+                              "(attn2 q/k/v/out, the default), 'cross_attn_kv' (attn2 k/v: the text side only), 'attn' "
+                              "(self- and cross-attention) and 'cross_attn+conv' (LoCon)",
                               factory=_default_lora)
     text_encoder_lora: Optional[LoraConfig] = option(None, "set this table (same fields as [lora]) to train the "
                                                      "text encoder too (default targets: its attention)")

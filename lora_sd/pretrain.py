@@ -1,12 +1,17 @@
 """`lora-sd pretrain-tiny`: train a tiny SD-architecture pipeline from scratch on the synthetic world.
 
-Two phases, each a run of the shared loop (lora_core.training.train: checkpoints, exact resume, NaN
-guard, stop on SIGTERM, metrics.jsonl), in `<run_dir>/vae` and `<run_dir>/denoiser`:
+Its phases are each a run of the shared loop (lora_core.training.train: checkpoints, exact resume, NaN
+guard, stop on SIGTERM, metrics.jsonl), in `<run_dir>/vae`, `decoder`, `denoiser` and `offset`:
 1. the VAE (AutoencoderKL, 4x down) learns to reconstruct the images (MSE + a small KL term);
    its latent scaling factor is then set to 1 / (std of the latents), as SD's 0.18215 is;
 2. the UNet (cross-attention) and the CLIP-architecture text encoder learn together, from scratch,
    to predict the noise (epsilon, SD's 1000-step schedule) on the frozen VAE's cached latents, with
-   10 % of captions dropped to "" so classifier-free guidance works.
+   10 % of captions dropped to "" so classifier-free guidance works;
+2b. the same UNet and text encoder continue with offset noise (a per-channel constant added to the
+   noise) and a fresh, lower cosine schedule. SD's schedule leaves 7 % of the latent in x_T, and on
+   16x16 latents the mean of pure noise is small enough that a model trained without offset noise
+   reads the background from it instead of from the prompt (white prompts came out grey); the offset
+   hides that mean, so the prompt decides.
 The result is a diffusers folder (safetensors) with the CLIP tokenizer, a model card (README.md) and
 pretrain.json (settings, timings, losses, file hashes). Everything follows from the seed.
 """
@@ -41,8 +46,11 @@ class PretrainSettings:
     side: int = 64                        # image side; latents are side / 4
     n_images: int = 8192                  # synthetic training images (base concepts only)
     steps_vae: int = 600                  # the shipped model's settings (lora_sd/pretrained/tiny_synth/pretrain.json):
-    steps_decoder: int = 300              # about 75 min in all with 2 torch threads on 2 CPU cores
+    steps_decoder: int = 300              # about 97 min in all with 2 torch threads on 2 CPU cores
     steps_unet: int = 6500
+    steps_offset: int = 2000              # phase 2b: offset-noise continuation of the UNet + text encoder
+    lr_offset: float = 3e-4
+    noise_offset: float = 0.3
     n_decoder_images: int = 2048          # phase 1b: every colour x shape, held-out ones included
     batch_size: int = 32
     lr_vae: float = 1e-3
@@ -230,18 +238,24 @@ def finetune_decoder(s: PretrainSettings, vae, run: RunDir, resume) -> dict:
     return _phase_stats(run, time.process_time() - cpu)
 
 
-def train_denoiser(s: PretrainSettings, pipe, pixels: torch.Tensor, captions: list[str], run: RunDir, resume) -> dict:
-    """Phase 2: UNet + text encoder on the frozen VAE's latents."""
+def denoiser_data(s: PretrainSettings, pipe, pixels: torch.Tensor, captions: list[str]) -> dict:
+    """Phases 2 and 2b's tensors: the frozen VAE's latent distributions and the token ids."""
+    from .data import tokenize
+    pipe.vae.eval().requires_grad_(False)
+    return {"latent_params": latent_parameters(pipe.vae, pixels), "input_ids": tokenize(pipe.tokenizer, captions)}
+
+
+def train_denoiser(s: PretrainSettings, pipe, tensors: dict, run: RunDir, resume, *, steps: int, lr: float,
+                   seed: int, noise_offset: float = 0.0) -> dict:
+    """Phase 2 (and 2b, with noise_offset): UNet + text encoder on the frozen VAE's latents."""
     from .data import tokenize
     from .train import DiffusionLoss
     cpu = time.process_time()
-    pipe.vae.eval().requires_grad_(False)
-    ids = tokenize(pipe.tokenizer, captions)
-    tensors = {"latent_params": latent_parameters(pipe.vae, pixels), "input_ids": ids}
-    ds = Batches(tensors, s.batch_size, s.seed + 2, s.caption_dropout, tokenize(pipe.tokenizer, [""])[0])
+    ds = Batches(tensors, s.batch_size, seed, s.caption_dropout, tokenize(pipe.tokenizer, [""])[0])
     module = DiffusionLoss(pipe.unet, pipe.scheduler, text_encoder=pipe.text_encoder, train_text_encoder=True,
-                           scaling_factor=float(pipe.vae.config.scaling_factor), min_snr_gamma=s.min_snr_gamma)
-    _run_phase(run, module, ds, _settings(s, s.steps_unet, s.lr_unet, s.seed + 2), resume, None)
+                           scaling_factor=float(pipe.vae.config.scaling_factor), min_snr_gamma=s.min_snr_gamma,
+                           noise_offset=noise_offset)
+    _run_phase(run, module, ds, _settings(s, steps, lr, seed), resume, None)
     return _phase_stats(run, time.process_time() - cpu)
 
 
@@ -267,13 +281,18 @@ def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Op
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    unet_stats = train_denoiser(s, pipe, pixels, captions, RunDir(run_dir / "denoiser"), resume)
+    tensors = denoiser_data(s, pipe, pixels, captions)
+    unet_stats = train_denoiser(s, pipe, tensors, RunDir(run_dir / "denoiser"), resume, steps=s.steps_unet,
+                                lr=s.lr_unet, seed=s.seed + 2)
+    offset_stats = train_denoiser(s, pipe, tensors, RunDir(run_dir / "offset"), resume, steps=s.steps_offset,
+                                  lr=s.lr_offset, seed=s.seed + 4, noise_offset=s.noise_offset) \
+        if s.steps_offset else None
     tmp = out.with_name(f".{out.name}.tmp")   # written beside, renamed into place when complete
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     info = {"settings": asdict(s), "tokenizer": _tokenizer_name(tokenizer), "data_seconds": round(t_data, 1),
             "total_seconds": round(time.time() - t0, 1), "vae": vae_stats, "decoder": decoder_stats,
-            "denoiser": unet_stats,
+            "denoiser": unet_stats, "offset": offset_stats,
             "latent_scaling_factor": float(vae.config.scaling_factor), "files": weight_hashes(tmp),
             "torch_threads": torch.get_num_threads()}
     info["weights_bytes"] = sum(f["bytes"] for f in info["files"].values())
@@ -293,7 +312,7 @@ def _tokenizer_name(tokenizer) -> str:
 
 
 def model_card(info: dict) -> str:
-    s, v, d, dec = info["settings"], info["vae"], info["denoiser"], info.get("decoder") or {}
+    s, v, d, dec, o = info["settings"], info["vae"], info["denoiser"], info.get("decoder") or {}, info.get("offset")
     fmt = lambda x: "-" if x is None else f"{x:.4f}"   # noqa: E731
     return (
         "---\ntags: [stable-diffusion, tiny, synthetic, lora-workbench]\n---\n"
@@ -311,6 +330,9 @@ def model_card(info: dict) -> str:
         f"steps, loss {fmt(dec.get('first_loss'))} -> {fmt(dec.get('final_loss'))}.\n"
         f"- UNet + text encoder: {s['steps_unet']} steps, batch {s['batch_size']}, caption dropout "
         f"{s['caption_dropout']}, loss {fmt(d['first_loss'])} -> {fmt(d['final_loss'])}, {fmt(d['median_step_s'])} s/step (wall).\n"
+        + (f"- Then both again with noise offset {s['noise_offset']} (so the prompt, not the mean of the starting "
+           f"noise, decides the background): {s['steps_offset']} steps from learning rate {s['lr_offset']}, loss "
+           f"{fmt(o['first_loss'])} -> {fmt(o['final_loss'])}.\n" if o else "") +
         f"- Total {info['total_seconds'] / 60:.1f} min with {info['torch_threads']} torch thread(s); weights "
         f"{info['weights_bytes'] / 2**20:.1f} MB (hashes in pretrain.json).\n\n"
         "What it can do: draw the prompted base colour, shape and background, blurrily, at "

@@ -68,18 +68,26 @@ def parse_caption(text: str) -> dict[str, Optional[str]]:
 
 
 def sample_scenes(n: int, seed: int = 0, colours=BASE_COLOURS, shapes=BASE_SHAPES,
-                  backgrounds=tuple(BACKGROUNDS), detail: float = 0.5) -> list[Scene]:
+                  backgrounds=tuple(BACKGROUNDS), detail: float = 0.5, balanced: bool = False) -> list[Scene]:
     """n scenes drawn uniformly from the given concepts; each caption names its size and its position
-    with probability `detail` (each independently)."""
+    with probability `detail` (each independently). balanced: the (colour, shape, background)
+    combinations take turns, each round in a new seeded order, so that a small set shows each of them
+    as often as n allows."""
     for name, given, known in (("colour", colours, COLOURS), ("shape", shapes, SHAPES), ("background", backgrounds, BACKGROUNDS)):
         bad = [w for w in given if w not in known]
         if bad or not given:
             raise ValueError(f"unknown {name}(s) {bad or 'none given'}; choose from {sorted(known)}")
     rng = np.random.default_rng(seed)
     pos_names = list(POSITIONS)
+    combos = [(c, s, b) for c in colours for s in shapes for b in backgrounds]
     out = []
-    for _ in range(n):
-        c, s, b = colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))], backgrounds[rng.integers(len(backgrounds))]
+    for i in range(n):
+        if not balanced:
+            c, s, b = colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))], backgrounds[rng.integers(len(backgrounds))]
+        else:
+            if i % len(combos) == 0:
+                order = rng.permutation(len(combos))
+            c, s, b = combos[order[i % len(combos)]]
         size = list(SIZES)[rng.integers(len(SIZES))]
         pos = pos_names[rng.integers(len(pos_names))]
         jitter = tuple(float(v) for v in rng.uniform(-JITTER, JITTER, 2))
@@ -143,13 +151,13 @@ def render(scene: Scene, side: int = 64) -> "Image.Image":
 # ------------------------------------------------------------------ folders
 def concept_scenes(concept: str, n: int, seed: int = 0) -> list[Scene]:
     """"base": base colours x base shapes; a held-out colour or shape word: that concept with the base
-    shapes (or base colours)."""
+    shapes (or base colours), balanced over them and the backgrounds (a LoRA's few examples show each)."""
     if concept == "base":
         return sample_scenes(n, seed)
     if concept in HELD_OUT_COLOURS:
-        return sample_scenes(n, seed, colours=(concept,))
+        return sample_scenes(n, seed, colours=(concept,), balanced=True)
     if concept in HELD_OUT_SHAPES:
-        return sample_scenes(n, seed, shapes=(concept,))
+        return sample_scenes(n, seed, shapes=(concept,), balanced=True)
     raise ValueError(f"unknown concept {concept!r}; choose base, {', '.join(HELD_OUT_COLOURS + HELD_OUT_SHAPES)}")
 
 

@@ -10,7 +10,7 @@ from lora_core.configfile import ConfigError
 from lora_gui import adapters, configs
 from lora_gui.configs import Field, coerce, resolve_model_ref
 from lora_gui.controller import Controller, UserError
-from lora_gui.forms import CROSS_ATTN, LLM_FIELDS, SD_FIELDS
+from lora_gui.forms import CROSS_ATTN, LLM_FIELDS, SD_FIELDS, TARGET_PRESETS
 from lora_gui.services.evals import eval_rows
 from lora_gui.services.plots import eval_figure
 from lora_gui.workspace import PathError, Workspace
@@ -66,7 +66,8 @@ def test_default_sd_config_trains_on_the_seeded_dataset(ctrl):
     captions = [f.read_text() for f in (ctrl.ws.datasets / "demo").glob("*.txt")]
     assert len(captions) == 20 and all(" purple " in c for c in captions)
     cfg = ctrl.configs.build("sd-train", data, ctrl.configs.form_values("sd-train", data))
-    assert cfg.model.pretrained == "tiny" and cfg.lora.target_modules == CROSS_ATTN
+    assert cfg.model.pretrained == "tiny" and cfg.lora.target_modules == TARGET_PRESETS["cross_attn_kv"]
+    assert cfg.embedding.token == "purple"   # the demo config's pivotal tuning reaches the GUI's job
 
 
 def test_form_values_reach_the_config_and_bad_values_are_refused(ctrl):

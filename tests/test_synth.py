@@ -41,6 +41,22 @@ def test_base_split_never_shows_held_out_concepts():
     assert {sc.colour for sc in synth.concept_scenes("purple", 20)} == {"purple"}
 
 
+def test_held_out_sets_are_balanced():
+    """A LoRA's few examples of a held-out concept show each of its combinations (3 shapes or 4 colours x 3
+    backgrounds) as often as n allows, in a seeded order; base scenes are drawn freely as before."""
+    from collections import Counter
+    for concept, other in (("purple", "shape"), ("star", "colour")):
+        scenes = synth.concept_scenes(concept, 20, 100)
+        combos = Counter((getattr(sc, other), sc.background) for sc in scenes)
+        n_combos = (len(synth.BASE_SHAPES) if other == "shape" else len(synth.BASE_COLOURS)) * len(synth.BACKGROUNDS)
+        assert len(combos) == n_combos and max(combos.values()) - min(combos.values()) <= 1, combos
+        assert [sc.caption for sc in scenes] == [sc.caption for sc in synth.concept_scenes(concept, 20, 100)]
+        assert scenes != synth.concept_scenes(concept, 20, 101)
+    # the free draw (base scenes, and the demo's data before balancing) is unchanged: 10 / 3 / 7
+    free = Counter(sc.background for sc in synth.sample_scenes(20, 100, colours=("purple",)))
+    assert free == {"black": 10, "grey": 3, "white": 7}
+
+
 def test_parse_caption():
     assert synth.parse_caption("a small purple star at the top left on a white background") == \
         {"colour": "purple", "shape": "star", "background": "white"}
@@ -141,11 +157,14 @@ def test_default_architecture_fits_the_budget():
 @pytest.mark.filterwarnings("ignore")
 def test_pretrain_tiny_two_steps_is_loadable_and_reproducible(tmp_path):
     from diffusers import StableDiffusionPipeline
-    args = ["--images", "8", "--steps-vae", "2", "--steps-decoder", "2", "--steps-unet", "2", "--batch-size", "4", "--size", "32", "--seed", "1"]
+    args = ["--images", "8", "--steps-vae", "2", "--steps-decoder", "2", "--steps-unet", "2", "--steps-offset", "2", "--batch-size", "4", "--size", "32", "--seed", "1"]
     assert cli(["pretrain-tiny", "--out", str(tmp_path / "a")] + args) == 0
     assert cli(["pretrain-tiny", "--out", str(tmp_path / "b")] + args) == 0
     info = json.loads((tmp_path / "a" / "pretrain.json").read_text())
-    assert info["vae"]["steps"] == info["decoder"]["steps"] == info["denoiser"]["steps"] == 2
+    assert info["vae"]["steps"] == info["decoder"]["steps"] == info["denoiser"]["steps"] == info["offset"]["steps"] == 2
+    # phase 2b continues phase 2's UNet with offset noise: the shipped UNet is phase 2b's, not phase 2's
+    assert (tmp_path / "a.run" / "offset" / "metrics.jsonl").is_file() and info["settings"]["noise_offset"] == 0.3
+    assert "noise offset 0.3" in (tmp_path / "a" / "README.md").read_text()
     # phase 1b fine-tunes the decoder only: the encoder (the denoiser's latent space) is phase 1's
     from diffusers import AutoencoderKL
     v1, v2 = (AutoencoderKL.from_pretrained(str(tmp_path / "a.run" / ph / "vae_final")) for ph in ("vae", "decoder"))
