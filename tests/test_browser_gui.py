@@ -209,8 +209,10 @@ def test_5_reload_and_second_tab_show_the_same_state(page, browser, server):
 
 
 def _adapters(run) -> list:
-    """The run's adapter files (the demo config also writes its trained word as <name>_emb.safetensors)."""
-    return [p for p in sorted(run.glob("*.safetensors")) if not p.stem.endswith("_emb")]
+    """The run's adapter files, as the GUI's Adapters tab tells them (the demo config also writes its trained
+    word as <name>_emb.safetensors, which is no LoRA)."""
+    from lora_gui.adapters import is_adapter
+    return [p for p in sorted(run.glob("*.safetensors")) if is_adapter(p)]
 
 
 def test_6_generate_with_the_adapter(page, server):
