@@ -113,8 +113,8 @@ def versions() -> dict:
     return out
 
 
-def task_record(task: str, cfg, budget: str, command: str, wall: float, hardware: dict) -> dict:
-    """The committed JSON of one finished task."""
+def task_record(task: str, cfg, budget: str, command: str, wall: float, hardware: dict, vers: dict) -> dict:
+    """The committed JSON of one finished task; `vers` = versions() when the sitting started (the tree it ran)."""
     from lora_core.configfile import to_dict
     run = Path(cfg.run_dir)
     ev = json.loads((run / "eval.json").read_text())
@@ -132,7 +132,7 @@ def task_record(task: str, cfg, budget: str, command: str, wall: float, hardware
         "max_length": cfg.data.block_size if cfg.data.is_lm else cfg.data.max_length,
         "wall_seconds": {"total": round(wall, 1), "setup": _r(ev.get("setup_seconds")),
                          "train": _r(ev.get("train_seconds")), "eval": _r(ev.get("eval_seconds"))},
-        "final_train_loss": _last_loss(run), "versions": versions(), "hardware": hardware,
+        "final_train_loss": _last_loss(run), "versions": vers, "hardware": hardware,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": to_dict(cfg),
     }
     if "generations" in ev:
@@ -291,14 +291,14 @@ def main(argv=None):
     from lora_llm.suite import run_suite
     setup_logging(None)
     command = "python bench/llm_real_results.py " + " ".join(shlex.quote(a) for a in argv)
-    suite, hw = build_suite(args), hardware(args)
+    suite, hw, vers = build_suite(args), hardware(args), versions()
     out = Path(args.runs) / args.budget
     t_all = time.time()
     for task in suite.tasks:
         t0 = time.time()
         run_suite(replace(suite, tasks=[task]), out)
         rec = task_record(task, suite.task_config(task, out), args.budget, command, time.time() - t0,
-                          {**hw, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]})
+                          {**hw, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}, vers)
         atomic_write_json(results / args.budget / f"{task}.json", rec)
         print(f"{task}: {rec['headline']['metric']} {rec['headline']['value']:.4f} -> {results / args.budget / task}.json")
         if not args.no_render and results.resolve() == (ROOT / "results" / "llm").resolve():
