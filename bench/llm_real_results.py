@@ -1,7 +1,7 @@
 """The real-results table: SmolLM2-135M (from its GGUF file) + LoRA on WikiText-2, SST-2, CoLA, AG-News
 and IMDB, from the suite configs in configs/, with one committed JSON file per task.
 
-    python bench/llm_real_results.py --budget cpu                      # configs/llm_suite_results_cpu.toml, ~3 h on 2 cores
+    python bench/llm_real_results.py --budget cpu                      # configs/llm_suite_results_cpu.toml, ~2 h on 2 cores
     python bench/llm_real_results.py --budget gpu --device cuda        # configs/llm_suite_results_gpu.toml, one GPU
     python bench/llm_real_results.py --budget smoke --results /tmp/r   # tiny random GPT-2, seconds (pipeline check)
     python bench/llm_real_results.py --render                          # only rewrite RESULTS.md from the JSON files
