@@ -83,6 +83,12 @@ class DataSettings(Checked, section="data"):
     reg_repeats: int = option(1, "repeats of reg_path images not in an N_name folder", ge=1)
 
 
+def _one_word_error(word: str) -> Optional[str]:
+    if word and (word != word.strip() or any(c.isspace() for c in word) or any(c in word for c in "/\\\0")):
+        return f"must be one word (no spaces, no slashes); got {word!r}"
+    return None
+
+
 @dataclass
 class LossSettings(Checked, section="loss"):
     min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma; 0 = off, 5 is the usual value", ge=0)
@@ -93,18 +99,29 @@ class LossSettings(Checked, section="loss"):
     max_timestep: int = option(1000, "the end of that range (exclusive; kohya's --max_timestep); at most the "
                                      "scheduler's num_train_timesteps", ge=1, le=1000)
     prior_loss_weight: float = option(1.0, "loss weight of the data.reg_path (prior-preservation) samples", ge=0)
+    preserve_weight: float = option(0.0, "differential output preservation (ai-toolkit's DOP): weight of a second "
+                                         "loss that keeps the UNet's prediction, on the same noisy latents, for each "
+                                         "caption with preserve_trigger replaced by preserve_class equal to the base "
+                                         "model's (LoRA off); costs two more UNet passes a step; 0 = off", ge=0)
+    preserve_trigger: str = option("", "the word the captions teach, replaced in the preserved captions; '' = "
+                                       "embedding.token", check=_one_word_error)
+    preserve_class: list[str] = option([], "what replaces it: the nearest concepts the LoRA must not change, one "
+                                           "drawn per sample (e.g. ['blue'] for 'purple')")
+    preserve_empty: float = option(0.0, "fraction of the preserved captions that are the empty prompt instead "
+                                        "(classifier-free guidance's unconditional: keeping it keeps guidance from "
+                                        "pushing every prompt away from the new concept)", ge=0, le=1)
 
     def __post_init__(self):
         super().__post_init__()
+        if not self.preserve_weight and (self.preserve_trigger or self.preserve_class or self.preserve_empty):
+            raise ValueError("loss.preserve_trigger / preserve_class / preserve_empty have no effect while "
+                             "loss.preserve_weight is 0: set a weight (e.g. 0.3) or remove them")
+        if self.preserve_weight and self.preserve_empty < 1 and not self.preserve_class:
+            raise ValueError("loss.preserve_weight is set but loss.preserve_class is empty: name the concept whose "
+                             "output to keep (e.g. ['blue']), or set loss.preserve_empty = 1 to keep only the empty prompt")
         if self.min_timestep >= self.max_timestep:
             raise ValueError(f"loss.min_timestep {self.min_timestep} must be below loss.max_timestep "
                              f"{self.max_timestep} (timesteps are drawn from [min, max))")
-
-
-def _one_word_error(word: str) -> Optional[str]:
-    if word and (word != word.strip() or any(c.isspace() for c in word) or any(c in word for c in "/\\\0")):
-        return f"must be one word (no spaces, no slashes); got {word!r}"
-    return None
 
 
 @dataclass
@@ -185,6 +202,14 @@ class SDTrainConfig(Checked):
             if te is not None and te.target_modules == llm_default:
                 # kohya's attention set (diffusers' kohya reader needs out_proj among the text-encoder keys)
                 te.target_modules = TEXT_ENCODER_ATTN
+        if self.loss.preserve_weight and self.loss.preserve_empty < 1 and not self.preserve_trigger:
+            raise ValueError("loss.preserve_weight: which word do the captions teach? set loss.preserve_trigger, or "
+                             "train its embedding ([embedding] token)")
+
+    @property
+    def preserve_trigger(self) -> str:
+        """The word loss.preserve_class replaces in the preserved captions ('' with loss.preserve_empty = 1)."""
+        return self.loss.preserve_trigger or self.embedding.token
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -122,22 +122,23 @@ def _image_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def resolve_path(path) -> Path:
+def resolve_path(path, key: str = "data.path") -> Path:
     """A folder path; "shared:REL" is REL inside the offline data folder (../shared or $LORA_SHARED_DIR)."""
     text = str(path)
     if text.startswith("shared:"):
         base = shared_dir()
         if base is None:
-            raise DatasetError(f"data.path {text}: the shared data folder is absent (../shared next to the "
+            raise DatasetError(f"{key} {text}: the shared data folder is absent (../shared next to the "
                                "project, or set LORA_SHARED_DIR)")
         return base / text[len("shared:"):]
     return Path(text).expanduser()
 
 
-def scan(root, caption_extension: str = ".txt", default_repeats: int = 1, max_images: int = 0) -> ScanReport:
-    root = resolve_path(root)
+def scan(root, caption_extension: str = ".txt", default_repeats: int = 1, max_images: int = 0,
+         key: str = "data.path") -> ScanReport:
+    root = resolve_path(root, key)
     if not root.is_dir():
-        raise DatasetError(f"data.path {root}: not a folder")
+        raise DatasetError(f"{key} {root}: not a folder")
     report = ScanReport(root)
     folders = [(root, default_repeats)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -192,7 +193,7 @@ def load_items(cfg: DataSettings) -> list[ImageItem]:
 
 def _load_folder(key: str, path, cfg: DataSettings, repeats: int, max_images: int, template: str) -> list[ImageItem]:
     need = "{caption}" in template
-    report = scan(path, cfg.caption_extension, repeats, max_images)
+    report = scan(path, cfg.caption_extension, repeats, max_images, key)
     if report.corrupt:
         for c in report.corrupt:
             log.warning("skipping corrupt or unreadable image %s", c)
@@ -231,6 +232,29 @@ def vary_caption(caption: str, cfg: DataSettings, g: torch.Generator) -> str:
 
 def varies_captions(cfg: DataSettings) -> bool:
     return bool(cfg.shuffle_tags or cfg.caption_dropout)
+
+
+@dataclass(frozen=True)
+class Preservation:
+    """loss.preserve_*: each sample's preserved caption is its caption with `trigger` replaced by one of
+    `words` (drawn per sample), or (with probability `empty`) the empty prompt."""
+    trigger: str
+    words: tuple[str, ...]
+    empty: float
+
+    def caption(self, caption: str, word: str) -> str:
+        return re.sub(rf"(?<!\w){re.escape(self.trigger)}(?!\w)", word, caption) if self.trigger else caption
+
+    def captions(self, captions: list[str]) -> list[str]:
+        """Row n * len(words) + k: caption n with words[k]; the last row: the empty prompt."""
+        return [self.caption(c, w) for c in captions for w in self.words] + [""]
+
+    def check(self, items: list) -> None:
+        """The trigger must be in some caption (else nothing would be preserved but the captions themselves)."""
+        if self.empty < 1 and not any(self.caption(i.caption, "") != i.caption for i in items if not i.is_reg):
+            raise DatasetError(f"loss.preserve_trigger: no caption of the training images has the word "
+                               f"{self.trigger!r}; name the word the captions teach")
+
 
 
 # ------------------------------------------------------------------ sizes and buckets
@@ -414,6 +438,7 @@ class BatchDataset(torch.utils.data.Dataset):
     and, with data.masked_loss, "mask": (B, 1, H, W) in pixels (the loss resizes it to the latents).
     SDXL (a `tokenizer_2`): also "time_ids" (B, 6) (see time_ids) and "pooled" (B, P) beside "text_emb",
     or "input_ids_2" beside "input_ids".
+    With loss.preserve_weight (a `preserve`): the same text keys prefixed "pres_" for the preserved captions.
     With data.shuffle_tags / caption_dropout the captions are varied and tokenized per batch (no text_emb).
     Random flips and crops come from a generator seeded by (seed, epoch, batch), not the global RNG:
     Accelerate fetches one batch ahead, so global draws here would break exact resume.
@@ -421,8 +446,12 @@ class BatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: list[ImageItem], cfg: DataSettings, batch_size: int, seed: int, tokenizer,
-                 text_emb: Optional[torch.Tensor] = None, tokenizer_2=None, pooled: Optional[torch.Tensor] = None):
+                 text_emb: Optional[torch.Tensor] = None, tokenizer_2=None, pooled: Optional[torch.Tensor] = None,
+                 preserve: Optional[Preservation] = None, preserve_text: Optional[tuple] = None):
         self.items, self.cfg, self.seed = items, cfg, seed
+        self.preserve, self.preserve_text = preserve, preserve_text   # preserve_text: (embeddings, pooled or None)
+        # each item's preserved caption, then the empty prompt (the rows of preserve_text when cached)
+        self.preserved_captions = preserve.captions([i.caption for i in items]) if preserve else []
         buckets = make_buckets(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
         self.sizes = [pick_bucket(i.size, buckets) if buckets else (cfg.resolution, cfg.resolution) for i in items]
         self.tokenizer = tokenizer
@@ -492,7 +521,26 @@ class BatchDataset(torch.utils.data.Dataset):
         if self.tokenizer_2 is not None:
             out["time_ids"] = torch.tensor(ids, dtype=torch.float32)
         out.update(self._text(i, idx))
+        if self.preserve is not None:
+            out.update(self._preserved(i, idx))
         return out
+
+    def _preserved(self, i: int, idx: list[int]) -> dict:
+        """The batch's preserved text under "pres_" keys: the preserved caption of each sample, or the empty
+        prompt (drawn from a generator seeded by the batch, as the flips)."""
+        g = torch.Generator().manual_seed(hash((self.seed, self.sampler.epoch, i, 2)) & 0x7FFF_FFFF_FFFF)
+        k = len(self.preserve.words)
+        rows = [len(self.preserved_captions) - 1 if float(torch.rand((), generator=g)) < self.preserve.empty
+                else n * k + int(torch.randint(k, (), generator=g)) for n in idx]
+        if self.preserve_text is not None:
+            emb, pooled = self.preserve_text
+            out = {"text_emb": emb[rows]} if pooled is None else {"text_emb": emb[rows], "pooled": pooled[rows]}
+        else:
+            captions = [self.preserved_captions[r] for r in rows]
+            out = {"input_ids": tokenize(self.tokenizer, captions)}
+            if self.tokenizer_2 is not None:
+                out["input_ids_2"] = tokenize(self.tokenizer_2, captions)
+        return {f"pres_{k}": v for k, v in out.items()}
 
     def _text(self, i: int, idx: list[int]) -> dict:
         """The batch's text: varied captions' token ids, cached embeddings, or the fixed token ids."""

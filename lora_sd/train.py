@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_core import add_lora
+from lora_core import add_lora, lora_disabled
 from lora_core.configfile import ConfigError
 from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, train
 
 from . import formats
 from .config import SDTrainConfig
-from .data import (BatchDataset, DatasetError, LatentCache, default_cache_dir, encode_text, encode_text_xl, first,
-                   load_items, sdxl_text, tokenize, varies_captions)
+from .data import (BatchDataset, DatasetError, LatentCache, Preservation, default_cache_dir, encode_text,
+                   encode_text_xl, first, load_items, sdxl_text, tokenize, varies_captions)
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .generate import generate
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
@@ -43,7 +43,8 @@ class DiffusionLoss(nn.Module):
 
     def __init__(self, unet, noise_scheduler, *, text_encoder=None, vae=None, train_text_encoder=False,
                  scaling_factor: float = 0.18215, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                 prior_loss_weight: float = 1.0, text_encoder_2=None, timesteps: tuple[int, int] = (0, 1000)):
+                 prior_loss_weight: float = 1.0, text_encoder_2=None, timesteps: tuple[int, int] = (0, 1000),
+                 preserve_weight: float = 0.0):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.text_encoder_2 = text_encoder_2
@@ -51,7 +52,7 @@ class DiffusionLoss(nn.Module):
         self.train_text_encoder = train_text_encoder
         self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
         self.scaling_factor = scaling_factor
-        self.prior_loss_weight = prior_loss_weight
+        self.prior_loss_weight, self.preserve_weight = prior_loss_weight, preserve_weight
         self.timesteps = (timesteps[0], min(timesteps[1], noise_scheduler.config.num_train_timesteps))
         if self.timesteps[0] >= self.timesteps[1]:
             raise ValueError(f"loss.min_timestep {timesteps[0]}: the scheduler has only "
@@ -99,8 +100,7 @@ class DiffusionLoss(nn.Module):
         sched = self.noise_scheduler
         t = torch.randint(*self.timesteps, (latents.shape[0],), device=latents.device)
         noisy = sched.add_noise(latents, noise, t)
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            cond, extra = self.condition(batch)
+        cond, extra = self._condition(batch)
         pred = self.unet(noisy, t, cond, **extra).sample.float()
         if sched.config.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise, t)
@@ -116,7 +116,29 @@ class DiffusionLoss(nn.Module):
         if "is_reg" in batch:   # prior preservation (data.reg_path): kohya's per-item weights
             reg = batch["is_reg"].to(loss.device)
             loss = loss * torch.where(reg, self.prior_loss_weight, 1.0)
+        if self.preserve_weight and self.training and any(k.startswith("pres_") for k in batch):
+            return loss.mean() + self.preserve_weight * self.preservation(batch, noisy, t)
         return loss.mean()
+
+    def _condition(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            return self.condition(batch)
+
+    def preservation(self, batch: dict, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Differential output preservation (loss.preserve_weight): the mean squared difference between the
+        UNet's prediction with the adapters and without them (the base model's, the target), on the same
+        noisy latents, for the batch's preserved captions (the "pres_" keys; see BatchDataset)."""
+        pres = {k[len("pres_"):]: v for k, v in batch.items() if k.startswith("pres_")}
+        if "time_ids" in batch:
+            pres["time_ids"] = batch["time_ids"]
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for m in (self.unet, self.text_encoder, self.text_encoder_2):
+                if m is not None:
+                    stack.enter_context(lora_disabled(m))
+            cond, extra = self.condition(pres)
+            target = self.unet(noisy, t, cond, **extra).sample.float()
+        cond, extra = self._condition(pres)
+        return F.mse_loss(self.unet(noisy, t, cond, **extra).sample.float(), target)
 
     @staticmethod
     def _per_item(err: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -242,8 +264,16 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
             text_emb = encode_text(te, tokenize(pipe.tokenizer, captions))
         else:
             text_emb, pooled = encode_text_xl(te, te2, tokenize(pipe.tokenizer, captions), tokenize(tok2, captions))
+    preserve = None
+    if cfg.loss.preserve_weight:
+        preserve = Preservation(cfg.preserve_trigger, tuple(cfg.loss.preserve_class), cfg.loss.preserve_empty)
+        preserve.check(items)
     ds = BatchDataset(items, d, s.batch_size, s.seed, pipe.tokenizer, text_emb=text_emb,
-                      tokenizer_2=tok2 if te2 is not None else None, pooled=pooled)
+                      tokenizer_2=tok2 if te2 is not None else None, pooled=pooled, preserve=preserve)
+    if preserve is not None and text_emb is not None:   # the preserved captions' text, cached alike
+        ids = tokenize(pipe.tokenizer, ds.preserved_captions)
+        ds.preserve_text = ((encode_text(te, ids), None) if te2 is None else
+                            encode_text_xl(te, te2, ids, tokenize(tok2, ds.preserved_captions)))
     if d.cache_latents:
         cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
         n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
@@ -335,7 +365,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
                            scaling_factor=float(pipe.vae.config.scaling_factor),
                            min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset,
                            prior_loss_weight=cfg.loss.prior_loss_weight,
-                           timesteps=(cfg.loss.min_timestep, cfg.loss.max_timestep))
+                           timesteps=(cfg.loss.min_timestep, cfg.loss.max_timestep),
+                           preserve_weight=cfg.loss.preserve_weight)
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first,
                                      num_workers=s.num_workers)
 

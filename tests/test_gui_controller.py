@@ -66,8 +66,12 @@ def test_default_sd_config_trains_on_the_seeded_dataset(ctrl):
     captions = [f.read_text() for f in (ctrl.ws.datasets / "demo").glob("*.txt")]
     assert len(captions) == 20 and all(" purple " in c for c in captions)
     cfg = ctrl.configs.build("sd-train", data, ctrl.configs.form_values("sd-train", data))
-    assert cfg.model.pretrained == "tiny" and cfg.lora.target_modules == TARGET_PRESETS["cross_attn_kv"]
+    assert cfg.model.pretrained == "tiny" and cfg.lora.target_modules == TARGET_PRESETS["cross_attn+conv"]
     assert cfg.embedding.token == "purple"   # the demo config's pivotal tuning reaches the GUI's job
+    assert cfg.loss.preserve_weight > 0 and cfg.loss.preserve_class == ["blue"]   # and its output preservation
+    reg = ctrl.ws.datasets / "demo_base"                                          # with its known-concept images
+    assert Path(cfg.data.reg_path) == reg and len(list(reg.glob("*.png"))) == 40
+    assert not any(" purple " in f.read_text() for f in reg.glob("*.txt"))
 
 
 def test_form_values_reach_the_config_and_bad_values_are_refused(ctrl):

@@ -73,7 +73,7 @@ def test_draws_the_prompted_colour_and_background(pipe):
 
 
 def test_the_demo_lora_teaches_the_held_out_colour(tmp_path):
-    """configs/sd_synth_purple.toml (300 steps, about 45 s; no validation images): on a small fixed sample
+    """configs/sd_synth_purple.toml (600 steps, about 3.5 min; no validation images): on a small fixed sample
     (purple x 3 shapes x grey, white and black, 2 seeds) base + LoRA (with its trained "purple" embedding,
     which loads beside it) shows purple in at least half, and the base model never does."""
     from lora_core.configfile import load_config
@@ -81,8 +81,10 @@ def test_the_demo_lora_teaches_the_held_out_colour(tmp_path):
     from lora_sd.generate import load_adapters
     from lora_sd.train import run_training
     data = synth.write_folder(tmp_path / "data", 20, 100, "purple")
+    reg = synth.write_folder(tmp_path / "reg", 40, 101, "base")
     cfg = load_config(SDTrainConfig, ROOT / "configs" / "sd_synth_purple.toml", overrides=[
-        f'run_dir="{tmp_path / "run"}"', f'data.path="{data}"', "train.sample_every=0", "train.checkpoint_every=0"])
+        f'run_dir="{tmp_path / "run"}"', f'data.path="{data}"', f'data.reg_path="{reg}"', "train.sample_every=0",
+        "train.checkpoint_every=0"])
     assert run_training(cfg)["state"] == "done"
     pipe = models.load_pipeline("tiny")
     prompts = synth.prompts_for("purple", tuple(synth.BACKGROUNDS))

@@ -6,6 +6,7 @@ from pathlib import Path
 from lora_core.configfile import save_config
 
 from .. import configs, kinds
+from ..demo import demo_reg_folder
 from ..errors import UserError
 from ..kinds import REPO_ROOT
 from ..workspace import PathError, Workspace, check_name
@@ -29,6 +30,8 @@ class ConfigService:
                 ok = False
             if not ok:  # the repository's demo data is outside the workspace: use the seeded one
                 configs.set_key(data, "data.path", str(self.demo_dataset))
+                if configs.get_key(data, "data.reg_path", ""):
+                    configs.set_key(data, "data.reg_path", str(demo_reg_folder(self.demo_dataset)))
             if not configs.get_key(data, "sample.prompts"):
                 configs.set_key(data, "sample.prompts", ["a red circle on a grey background"])
         return data
