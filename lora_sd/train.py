@@ -247,7 +247,7 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
                    validate=lambda: load_items(cfg.data))   # dataset errors before anything is written
 
 
-def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
+def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool, preserve: Optional[Preservation] = None):
     """(BatchDataset, cached text embeddings or None): sizes, latent cache, text cache (SDXL: both
     encoders' hidden states and the pooled embedding)."""
     s, d, te, vae = cfg.train, cfg.data, pipe.text_encoder, pipe.vae
@@ -264,10 +264,6 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool):
             text_emb = encode_text(te, tokenize(pipe.tokenizer, captions))
         else:
             text_emb, pooled = encode_text_xl(te, te2, tokenize(pipe.tokenizer, captions), tokenize(tok2, captions))
-    preserve = None
-    if cfg.loss.preserve_weight:
-        preserve = Preservation(cfg.preserve_trigger, tuple(cfg.loss.preserve_class), cfg.loss.preserve_empty)
-        preserve.check(items)
     ds = BatchDataset(items, d, s.batch_size, s.seed, pipe.tokenizer, text_emb=text_emb,
                       tokenizer_2=tok2 if te2 is not None else None, pooled=pooled, preserve=preserve)
     if preserve is not None and text_emb is not None:   # the preserved captions' text, cached alike
@@ -357,7 +353,11 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
     train_te = cfg.trains_text_encoder
     _place(cfg, pipe, components, accelerator)
 
-    ds, text_emb = _dataset(cfg, items, pipe, accelerator, train_te)
+    preserve = None
+    if cfg.loss.preserve_weight:   # the training set only: the validation loss leaves the term out
+        preserve = Preservation(cfg.preserve_trigger, tuple(cfg.loss.preserve_class), cfg.loss.preserve_empty)
+        preserve.check(items)
+    ds, text_emb = _dataset(cfg, items, pipe, accelerator, train_te, preserve)
     module = DiffusionLoss(pipe.unet, noise_scheduler, train_text_encoder=train_te,
                            text_encoder=pipe.text_encoder if (train_te or text_emb is None) else None,
                            text_encoder_2=getattr(pipe, "text_encoder_2", None) if (train_te or text_emb is None) else None,
