@@ -256,7 +256,6 @@ class Preservation:
                                f"{self.trigger!r}; name the word the captions teach")
 
 
-
 # ------------------------------------------------------------------ sizes and buckets
 def make_buckets(resolution: int, step: int) -> list[tuple[int, int]]:
     """(w, h) pairs with w*h <= resolution^2, sides multiples of `step` up to 2*resolution (kohya's scheme)."""
