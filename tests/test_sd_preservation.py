@@ -120,8 +120,9 @@ def test_tiny_run_with_output_preservation(tmp_path, embedding):
     from lora_sd.models import save_tiny_pipeline
     from lora_sd.train import run_training
     tiny = str(save_tiny_pipeline(tmp_path / "model"))
-    make_images(tmp_path / "inst", 2, size=(32, 32), caption="a sks thing")
-    extra = {"embedding": {"token": "sks", "init_word": "thing"}} if embedding else {}
+    word = "<sks>" if embedding else "sks"   # a new word (one token in any tokenizer once added)
+    make_images(tmp_path / "inst", 2, size=(32, 32), caption=f"a {word} thing")
+    extra = {"embedding": {"token": word, "init_word": "a"}} if embedding else {}
     loss = {"preserve_weight": 0.5, "preserve_class": ["dog"], "preserve_empty": 0.5,
             **({} if embedding else {"preserve_trigger": "sks"})}
     cfg = train_config(tmp_path / "run", tiny, tmp_path / "inst", tmp_path / "cache", loss=loss,
