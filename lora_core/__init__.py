@@ -10,20 +10,22 @@ from __future__ import annotations
 import importlib
 
 from .config import LoraConfig
+from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, MergeOverflowError, NonFiniteError,
+                     TargetMatchError, UnknownAdapterError)
 from .files import atomic_path, atomic_write_json, atomic_write_text
 
 _LAZY = {
     "io": ("atomic_save_safetensors", "load_lora", "read_safetensors", "save_lora"),
     "layers": ("LoraLayer", "ModulesToSaveWrapper"),
-    "model": ("DEFAULT", "LoraLoadError", "UnknownAdapterError", "AdapterExistsError", "TargetMatchError",
-              "HeadConflictError", "NonFiniteError", "MergeOverflowError", "adapter_names", "head_state_dict",
+    "model": ("DEFAULT", "adapter_names", "head_state_dict",
               "add_lora", "delete_adapter", "enable_lora", "load_lora_state_dict",
               "lora_config", "lora_disabled", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora",
               "remove_lora", "set_adapter", "set_scale", "unmerge_lora"),
 }
 _WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 
-__all__ = ["LoraConfig", "atomic_path", "atomic_write_text", "atomic_write_json", *_WHERE]
+__all__ = ["LoraConfig", "AdapterExistsError", "HeadConflictError", "LoraLoadError", "MergeOverflowError",
+           "NonFiniteError", "TargetMatchError", "UnknownAdapterError", "atomic_path", "atomic_write_text", "atomic_write_json", *_WHERE]
 __version__ = "0.1.0"
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
+from .errors import LoraLoadError
 
 PROVIDERS = ("lora_sd.adapter_formats", "lora_llm.adapter_formats")
 MAX_HEADER = 100 * 1024 * 1024     # safetensors' own limit
@@ -30,11 +31,6 @@ DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2,
               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _SCALAR = {"F32": "<f", "F64": "<d", "F16": "<e", "I32": "<i", "I64": "<q", "U8": "<B", "I8": "<b"}
 UNKNOWN = "unknown"
-
-
-class LoraLoadError(ValueError):
-    """An adapter file is unreadable, of an unsupported kind, or does not fit the model; the message
-    names the file and the keys at fault."""
 
 
 # ------------------------------------------------------------------ the header

@@ -14,6 +14,7 @@ import sys
 import traceback
 from pathlib import Path, PurePath
 from typing import Callable, Optional
+from .errors import ModelLoadError
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 _FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
@@ -120,12 +121,6 @@ def check_local_path(name: str, field: str) -> None:
     if looks_like_local_path(name) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"{field}: no such file or folder: {name} (local file not found; "
                                 "check the path; a hub id looks like org/name)")
-
-
-class ModelLoadError(RuntimeError, ValueError):
-    """A base model could not be loaded (hub id unknown or offline, checkpoint unreadable); the
-    message names the field and says what to do. A RuntimeError for old callers, a ValueError
-    (an expected error) for the command-line boundary."""
 
 
 def hub_error(field: str, name: str, e: BaseException) -> ModelLoadError:

@@ -19,16 +19,9 @@ import tomli_w
 
 from .fields import check_value
 from .files import atomic_write_text
+from .errors import ConfigError
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the file (or --set) and the dotted key."""
-
-    def __init__(self, message: str, key: Optional[str] = None):
-        super().__init__(message)
-        self.key = key   # the dotted key at fault, when one is
 
 
 class _Bad(Exception):

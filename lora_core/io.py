@@ -13,8 +13,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .files import PathLike, atomic_path, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
-from .model import (DEFAULT, AdapterExistsError, LoraLoadError, NonFiniteError, _atomic, adapter_names, add_lora,
-                    check_finite, load_lora_state_dict, lora_config, lora_layers, lora_state_dict)
+from .model import DEFAULT, _atomic, adapter_names, add_lora, check_finite, load_lora_state_dict, lora_config, lora_layers, lora_state_dict
+from .errors import AdapterExistsError, LoraLoadError, NonFiniteError
 
 FORMAT = "lora_core"
 FORMAT_VERSION = "1"

@@ -192,7 +192,7 @@ class LoraLayer(nn.Module):
         """The base weight with adapters `names` folded in, computed in fp32 and cast to the base
         dtype. Raises NonFiniteError if the result would hold NaN or inf (a non-finite adapter, or
         an fp16/bf16 overflow: MergeOverflowError); nothing is changed here."""
-        from .model import MergeOverflowError, NonFiniteError
+        from .errors import MergeOverflowError, NonFiniteError
         W = self.base_layer.weight
         new = W.data.float()
         W0 = self._unmerged_weight() if any(n in self.lora_magnitude_vector for n in names) else None
@@ -361,7 +361,7 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         owners = self.owners(self.active_adapters)
         if len(owners) > 1:
-            from .model import HeadConflictError
+            from .errors import HeadConflictError
             raise HeadConflictError(f"adapters {owners} are active together and each has its own copy of this "
                                     f"module ({type(self.original_module).__name__}); activate one with set_adapter")
         return self.modules_to_save[owners[0]] if owners else self.original_module

@@ -39,7 +39,8 @@ from mindspore.common.initializer import HeUniform, Normal, initializer
 from .config import LoraConfig, name_matches
 from .fused import block_B
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
-from .model import LoraLoadError, check_finite, state_dict_mismatch
+from .model import check_finite, state_dict_mismatch
+from .errors import LoraLoadError
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
 _TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}

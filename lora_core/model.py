@@ -15,39 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter_files import LoraLoadError  # noqa: F401 (one error type for adapter files and fits)
+from .errors import LoraLoadError
 from .config import LoraConfig, name_matches
 from .layers import LoraLayer, ModulesToSaveWrapper, is_kxk_conv, supported
+from .errors import AdapterExistsError, HeadConflictError, MergeOverflowError, NonFiniteError, TargetMatchError, UnknownAdapterError
 
 DEFAULT = "default"
-
-
-class UnknownAdapterError(KeyError, ValueError):
-    """An adapter name the model does not have (a KeyError for old callers, a ValueError like the
-    other expected errors); the message names it and the known ones."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class AdapterExistsError(ValueError):
-    """add_lora/load_lora with a name the model already has."""
-
-
-class TargetMatchError(ValueError):
-    """lora.target_modules (or modules_to_save) match nothing usable in the model."""
-
-
-class HeadConflictError(ValueError):
-    """Two active adapters own their own copy of the same module to save."""
-
-
-class NonFiniteError(ValueError):
-    """NaN or inf in an adapter tensor (at load) or in a merged weight (at merge)."""
-
-
-class MergeOverflowError(NonFiniteError):
-    """A merge whose fp32 result does not fit the base dtype (fp16/bf16 overflow)."""
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

@@ -120,7 +120,7 @@ def device_conflicts(mixed_precision: str, optimizer: str, device: str, rep: Pre
 
 def begin(job: str, config, overrides, cfg, load: Callable, device: str) -> tuple[PreflightReport, Any, str]:
     """(the report, the loaded config or None when it does not load, the device: default cuda when present)."""
-    from .configfile import ConfigError
+    from .errors import ConfigError
     rep = PreflightReport(job, str(config or "config"))
     try:
         cfg = cfg or load(config, overrides)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 
 from .files import atomic_write_json
 from .settings import TrainSettings  # noqa: F401 (re-exported)
+from .errors import NonFiniteLoss, RunFolderError, RunLockedError, StopRequested
 
 log = logging.getLogger("lora")
 STATES = ("queued", "running", "stopping", "stopped", "failed", "done")
@@ -45,22 +46,6 @@ LOCK_FILE = "run.lock"
 # what a folder may hold and still count as fresh: the GUI queue's config/status/console and a failed start
 _FRESH_FILES = {"config.toml", "status.json", "console.log", "train.log", LOCK_FILE}
 _FRESH_DIRS = {"samples", "checkpoints"}
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class RunFolderError(ValueError):
-    """The run folder cannot be used as asked; the message names the folder and what to do."""
-
-
-class RunLockedError(RunFolderError):
-    """Another live trainer holds the run folder's lock."""
-
-
-class StopRequested(KeyboardInterrupt):
-    """SIGTERM/SIGINT outside the training loop (model loading, evaluation)."""
 
 
 # ------------------------------------------------------------------ run folder

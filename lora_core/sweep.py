@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .configdoc import arg_type
-from .configfile import ConfigError, read_toml
+from .configfile import read_toml
+from .errors import ConfigError
 from .files import atomic_write_json
 from .run import RunDir, mark_queued, settle
 

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .io import atomic_save_safetensors
-from .run import (STATES, NonFiniteLoss, RunDir, StopFlag, TrainLoop, TrainSettings,  # noqa: F401 (re-exported)
-                  resolve_resume, setup_logging)
+from .run import STATES, RunDir, StopFlag, TrainLoop, TrainSettings, resolve_resume, setup_logging
+from .errors import NonFiniteLoss
 
 log = logging.getLogger("lora")
 

@@ -13,7 +13,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
-from lora_core.configfile import ConfigError, from_dict, to_dict
+from lora_core.configfile import from_dict, to_dict
+from lora_core.errors import ConfigError
 
 from . import kinds
 from .forms import Field

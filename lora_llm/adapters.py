@@ -43,7 +43,7 @@ def load_adapter(path: str | Path, model, adapter: str = DEFAULT) -> None:
         path = path / ADAPTER_FILE
     rep = load_report(path, model)   # a file that does not fit fails with its report, before any change
     if not rep.fits:
-        from lora_core.adapter_files import LoraLoadError
+        from lora_core.errors import LoraLoadError
         raise LoraLoadError(rep.text())
     load_lora(path, model, adapter)
 

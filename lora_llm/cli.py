@@ -20,7 +20,7 @@ from lora_core.configdoc import HelpConfig
 
 
 def _cmd_train(a) -> int:
-    from lora_core.run import RunFolderError
+    from lora_core.errors import RunFolderError
     from .config import load_llm_config
     from .train import train_from_config
     cfg = load_llm_config(a.config, [*a.set, *([f'backend="{a.backend}"'] if a.backend else [])])
@@ -159,7 +159,7 @@ def _cmd_merge(a) -> int:
 
 
 def _cmd_inspect(a) -> int:
-    from lora_core.adapter_files import LoraLoadError
+    from lora_core.errors import LoraLoadError
     from .adapters import describe
     try:
         d = describe(a.file)

@@ -27,7 +27,7 @@ EXAMPLES = """examples:
 
 
 def _cmd_train(a) -> int:
-    from lora_core.run import RunFolderError
+    from lora_core.errors import RunFolderError
     from .config import load_train_config
     from .train import run_training
     cfg = load_train_config(a.config, list(a.set or []))

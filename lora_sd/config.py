@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from lora_core.config import LoraConfig
-from lora_core.configfile import ConfigError, load_config
+from lora_core.configfile import load_config
+from lora_core.errors import ConfigError
 from lora_core.fields import Checked, option
 from lora_core.run import TrainSettings
 

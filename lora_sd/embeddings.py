@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lora_core.adapter_files import LoraLoadError
+from lora_core.errors import LoraLoadError
 from lora_core.io import atomic_save_safetensors
 
 from .adapter_formats import EMB_KEY

@@ -62,7 +62,8 @@ class GridSpec:
 def adapter_in(folder) -> Optional[Path]:
     """The SD adapter file a run folder or checkpoint holds: kohya first, else diffusers (formats detected
     from the headers; the checkpoint's own state files are no adapters)."""
-    from lora_core.adapter_files import LoraLoadError, detect
+    from lora_core.adapter_files import detect
+    from lora_core.errors import LoraLoadError
     found = {}
     for p in sorted(Path(folder).glob("*.safetensors")):
         try:

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from lora_core.cli_errors import ModelLoadError, check_local_path, hub_error
+from lora_core.cli_errors import check_local_path, hub_error
+from lora_core.errors import ModelLoadError
 from lora_core.io import atomic_write_json, atomic_write_text
 from lora_core.paths import shared_path
 

@@ -21,7 +21,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from lora_core.cli_errors import ModelLoadError, one_line
+from lora_core.cli_errors import one_line
+from lora_core.errors import ModelLoadError
 
 from .unet_names import to_original
 
@@ -182,7 +183,8 @@ class _LazySafetensors(dict):
 def open_checkpoint(path, torch_free: bool = False) -> Checkpoint:
     """The shapes and metadata of a .safetensors or .ckpt file; a file that is none raises one line.
     A .ckpt is loaded with torch.load(weights_only=True), or with `torch_free` only scanned for its key names."""
-    from lora_core.adapter_files import LoraLoadError, read_header
+    from lora_core.adapter_files import read_header
+    from lora_core.errors import LoraLoadError
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (a .safetensors or .ckpt checkpoint was expected)")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_core import add_lora, lora_disabled
-from lora_core.configfile import ConfigError
+from lora_core.errors import ConfigError
 from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, train
 

@@ -12,7 +12,8 @@ import tomli_w
 
 from lora_core.config import LoraConfig
 from lora_core.configdoc import TITLE, markdown
-from lora_core.configfile import ConfigError, dumps, load_config
+from lora_core.configfile import dumps, load_config
+from lora_core.errors import ConfigError
 from lora_core.fields import field_specs
 from lora_core.settings import LR_SCHEDULERS, TrainSettings
 from lora_llm.config import TASKS, LLMTrainConfig, load_llm_config

@@ -12,7 +12,9 @@ from transformers.pytorch_utils import Conv1D
 from lora_core import (LoraConfig, LoraLoadError, add_lora, delete_adapter, load_lora, load_lora_state_dict,
                        lora_disabled, lora_layers, lora_parameters, lora_state_dict, merge_lora, remove_lora,
                        save_lora, set_adapter, set_scale, unmerge_lora)
-from lora_core.configfile import ConfigError, dumps, load_config
+from lora_core.configfile import dumps, load_config
+from lora_core.errors import UnknownAdapterError
+from lora_core.errors import ConfigError
 
 torch.manual_seed(0)
 
@@ -193,11 +195,11 @@ def test_several_adapters_scale_enable_and_active():
     torch.testing.assert_close(model(ids).logits, yab)
     with lora_disabled(model):
         torch.testing.assert_close(model(ids).logits, base, rtol=1e-6, atol=1e-6)
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(UnknownAdapterError, match="nope"):
         set_adapter(model, "nope")
     delete_adapter(model, "a")
     torch.testing.assert_close(model(ids).logits, yb, rtol=1e-5, atol=1e-5)
-    assert set(lora_state_dict(model, "b")) and pytest.raises(KeyError, lora_state_dict, model, "a")
+    assert set(lora_state_dict(model, "b")) and pytest.raises(UnknownAdapterError, lora_state_dict, model, "a")
 
 
 def test_save_load_roundtrip_exact(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from lora_core.adapter_files import block_names, inspect
-from lora_core.configfile import ConfigError
+from lora_core.errors import ConfigError
 from lora_core.fields import field_specs
 from lora_gui import configs, kinds
 from lora_gui.controller import Controller

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_core.configfile import ConfigError
+from lora_core.errors import ConfigError
 from lora_gui import adapters, configs
 from lora_gui.configs import Field, coerce, resolve_model_ref
 from lora_gui.controller import Controller, UserError

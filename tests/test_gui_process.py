@@ -205,7 +205,7 @@ def test_cli_calls_in_flight_are_stopped_on_exit(tmp_path):
 
 
 def test_form_choices_and_help_come_from_the_config_declarations():
-    from lora_core.configfile import ConfigError
+    from lora_core.errors import ConfigError
     from lora_core.fields import field_specs
     from lora_gui.configs import coerce
     from lora_llm.config import LLMTrainConfig

@@ -171,7 +171,7 @@ def test_msrun_two_cpu_workers_equal_one_process_with_the_global_batch(tmp_path)
 
 
 def test_non_finite_loss_stops_the_run(tmp_path):
-    from lora_core.training import NonFiniteLoss
+    from lora_core.errors import NonFiniteLoss
     cfg = _cfg(tmp_path, "train.learning_rate=1e30", "train.max_steps=4", "train.max_grad_norm=0",
                "eval.enabled=false", 'mindspore.mode="pynative"')
     with pytest.raises(NonFiniteLoss, match="non-finite loss"):

@@ -15,9 +15,11 @@ import torch
 from accelerate import Accelerator
 
 from lora_core import lora_state_dict
-from lora_core.configfile import ConfigError
-from lora_core.run import RunDir, RunFolderError
-from lora_core.training import NonFiniteLoss, TrainSettings, train
+from lora_core.errors import ConfigError
+from lora_core.run import RunDir
+from lora_core.errors import RunFolderError
+from lora_core.training import TrainSettings, train
+from lora_core.errors import NonFiniteLoss
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).parent / "fixtures" / "llm"

@@ -109,7 +109,7 @@ def test_latent_cache_keys(tmp_path):
 
 def test_config_presets_defaults_and_errors(tmp_path):
     import re
-    from lora_core.configfile import ConfigError
+    from lora_core.errors import ConfigError
     from lora_sd.config import ALL_ATTN, CROSS_ATTN, load_train_config
     from lora_sd.models import build_tiny_pipeline, load_pipeline
     f = tmp_path / "c.toml"

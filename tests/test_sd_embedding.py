@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_core.adapter_files import LoraLoadError
+from lora_core.errors import LoraLoadError
 from lora_core.settings import TrainSettings
 from lora_core.training import param_groups
 from lora_sd.embeddings import (EMB_KEY, TOKEN_VECTORS, TrainedTokens, add_trained_token, load_embedding,
@@ -150,7 +150,7 @@ def test_bad_words_and_files_are_refused(tiny, tmp_path, capsys):
 
 
 def test_embedding_words_are_checked_when_the_config_loads():
-    from lora_core.configfile import ConfigError
+    from lora_core.errors import ConfigError
     from lora_sd.config import load_train_config
     for bad in ('"two words"', '" sks"', '"a/b"'):
         with pytest.raises((ConfigError, ValueError), match="embedding.token.*one word"):

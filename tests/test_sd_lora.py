@@ -221,7 +221,7 @@ def test_uncached_text_encoder_lora_v_prediction(tiny, dataset, tmp_path):
 
 
 def test_nan_loss_fails_clearly(tiny, dataset, tmp_path, monkeypatch):
-    from lora_core.training import NonFiniteLoss
+    from lora_core.errors import NonFiniteLoss
     original = DiffusionLoss.forward
     monkeypatch.setattr(DiffusionLoss, "forward", lambda self, b: original(self, b) * float("nan"))
     cfg = train_config(tmp_path / "run", tiny, dataset, tmp_path / "cache", train={"max_steps": 2})

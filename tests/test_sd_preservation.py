@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from lora_core import LoraConfig, add_lora
-from lora_core.configfile import ConfigError
+from lora_core.errors import ConfigError
 from lora_sd.config import DataSettings, load_train_config
 from lora_sd.data import BatchDataset, DatasetError, Preservation, load_items
 from lora_sd.models import build_tiny_pipeline

@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lora_core import LoraConfig, add_lora, lora_layers, lora_parameters
-from lora_core.configfile import ConfigError, from_dict
+from lora_core.configfile import from_dict
+from lora_core.errors import ConfigError
 from lora_sd import formats
 from lora_sd.config import CROSS_ATTN, DataSettings, SDTrainConfig, load_train_config
 from lora_sd.data import BatchDataset, _crop_box, load_items, sdxl_text, tokenize

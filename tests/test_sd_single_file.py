@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_core.cli_errors import ModelLoadError
+from lora_core.errors import ModelLoadError
 from lora_sd import single_file as sf
 from lora_sd.models import build_tiny_pipeline, load_pipeline, save_tiny_pipeline
 

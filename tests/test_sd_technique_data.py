@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from torch import nn
 
-from lora_core.configfile import ConfigError
+from lora_core.errors import ConfigError
 from lora_sd.config import DataSettings, load_train_config
 from lora_sd.data import BatchDataset, load_items, load_sample, scan, vary_caption
 from lora_sd.testing import make_images

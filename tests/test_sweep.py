@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_core.configfile import ConfigError
+from lora_core.errors import ConfigError
 from lora_core.run import RunDir
 from lora_core.sweep import SWEEP_FILE, expand, markdown_table, parse_vary, run_sweep, summary
 from lora_llm.config import LLMTrainConfig, load_llm_config

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_core.cli_errors import ModelLoadError
+from lora_core.errors import ModelLoadError
 from lora_sd import concept_score, models, synth
 
 ROOT = Path(__file__).resolve().parent.parent

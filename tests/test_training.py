@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_core import LoraConfig, add_lora, lora_state_dict
-from lora_core.training import EpochSampler, NonFiniteLoss, RunDir, TrainSettings, train
+from lora_core.training import EpochSampler, RunDir, TrainSettings, train
+from lora_core.errors import NonFiniteLoss
 
 
 class Toy(nn.Module):

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from lora_core.adapter_files import LoraLoadError, block_names, build_report, open_view
+from lora_core.adapter_files import block_names, build_report, open_view
+from lora_core.errors import LoraLoadError
 from lora_core.config import LoraConfig
 from lora_core.files import atomic_write_json
 

@@ -27,7 +27,8 @@ import numpy as np
 from mindspore import nn, ops
 
 import lora_core.mindspore as lcm
-from lora_core.run import NonFiniteLoss, RunDir, TrainLoop, TrainSettings, run_job
+from lora_core.run import RunDir, TrainLoop, TrainSettings, run_job
+from lora_core.errors import NonFiniteLoss
 from lora_core.training import EpochSampler
 
 log = logging.getLogger("lora.llm.mindspore")
