@@ -222,7 +222,7 @@ def main():
     text = "\n".join(parts)
     print(text)
     if a.out:
-        from lora_core.io import atomic_write_text
+        from lora_core.files import atomic_write_text
         import sys
         atomic_write_text(a.out, f"Command: `python bench/core_overhead.py {' '.join(sys.argv[1:])}`\n\n" + text)
 
@@ -246,7 +246,7 @@ def variants_report(a, res: dict, layers: dict) -> str:
     more, layer_ratios = _variant_table(f"### The adapted layers alone (SD 1.5 sizes, r=4): DoRA on attn2 q/k/out, "
                                         f"LoCon on two ResNet 3x3 convs ({a.layer_steps} steps, alternating)", layers)
     if a.json:
-        from lora_core.io import atomic_write_json
+        from lora_core.files import atomic_write_json
         atomic_write_json(a.json, {"unet_block_width": a.unet_width, "steps": a.steps, "rounds": a.rounds,
                                    "torch": torch.__version__,
                                    "peft": peft.__version__, "threads": torch.get_num_threads(),

@@ -287,7 +287,7 @@ def main(argv=None):
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     from lora_core.files import atomic_write_json
-    from lora_core.training import setup_logging
+    from lora_core.run import setup_logging
     from lora_llm.suite import run_suite
     setup_logging(None)
     command = "python bench/llm_real_results.py " + " ".join(shlex.quote(a) for a in argv)

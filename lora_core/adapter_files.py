@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
 from .errors import LoraLoadError
 
 PROVIDERS = ("lora_sd.adapter_formats", "lora_llm.adapter_formats")
@@ -211,11 +214,8 @@ def formats() -> list[AdapterFormat]:
     global _loaded
     if not _loaded:
         _loaded = True
-        for mod in PROVIDERS:
-            try:
-                importlib.import_module(mod)
-            except ImportError:   # a provider package that is not installed ships no formats
-                pass
+        for mod in PROVIDERS:   # they register their formats when imported
+            importlib.import_module(mod)
     return sorted(_FORMATS.values(), key=lambda f: (f.priority, f.name))
 
 
@@ -264,12 +264,6 @@ def detect(path: Union[str, Path]) -> Detection:
     """The format of an adapter file or folder. Unreadable files raise LoraLoadError; readable files
     of no registered format give Detection("unknown", reason)."""
     return detect_view(open_view(path))
-
-
-def detect_format(keys: list[str], metadata: Optional[dict] = None) -> str:
-    """The format name for a bare list of tensor names and metadata (no file needed)."""
-    tensors = {k: {"dtype": "F32", "shape": [], "data_offsets": [0, 0]} for k in keys}
-    return detect_view(AdapterView(Path("<keys>"), Header(Path("<keys>"), tensors, dict(metadata or {}), 0))).format
 
 
 def require(path: Union[str, Path]) -> tuple[AdapterFormat, AdapterView]:
@@ -335,7 +329,7 @@ def block_names(paths: list[str]) -> list[str]:
 def refuse_non_finite(tensors: dict, source: Union[str, Path]) -> None:
     """Raise naming the first tensor holding an inf or a NaN (torch tensors or numpy arrays)."""
     for name, t in tensors.items():
-        ok = t.isfinite().all() if hasattr(t, "isfinite") else __import__("numpy").isfinite(t).all()
+        ok = t.isfinite().all() if hasattr(t, "isfinite") else np.isfinite(t).all()
         if not bool(ok):
             raise LoraLoadError(f"{source}: tensor {name!r} holds non-finite values (inf or NaN); "
                                 f"the adapter is broken: retrain it or take an earlier checkpoint")

@@ -8,13 +8,17 @@ and exit code 1. Ctrl-C: one line and exit code 130. `--debug` adds the tracebac
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
 import traceback
 from pathlib import Path, PurePath
 from typing import Callable, Optional
+from .configdoc import HelpConfig, load_ref
 from .errors import ModelLoadError
+from .preflight import add_check_parser, cli_check
+from .sweep import add_sweep_parser, cli_sweep
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 _FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
@@ -91,7 +95,6 @@ def run_command(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
 
 def add_debug_flag(parser, subparsers=None) -> None:
     """`--debug` before or after the subcommand: show the full traceback of an error."""
-    import argparse
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for sp in (subparsers.choices.values() if subparsers is not None else ()):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -139,7 +142,6 @@ def hub_error(field: str, name: str, e: BaseException) -> ModelLoadError:
 def add_train_parser(sub, help: str, config_class: str, example: str, fn):
     """The `train` subcommand of every trainer CLI: --config, --run-dir, --resume, --overwrite, --set,
     --help-config (the same flags and meanings everywhere). Returns the parser for extra flags."""
-    from .configdoc import HelpConfig
     t = sub.add_parser("train", help=help)
     t.add_argument("--config", required=True, help=f"TOML job file (see {example})")
     t.add_argument("--run-dir", default=None, help="the run folder (default: run_dir of the config)")
@@ -167,7 +169,7 @@ def add_inspect_parser(sub, help: str, fn, prog: str, fit: str):
     ("module:name") tells whether it fits that base model (or, without FILE, lists the base's adaptable modules)."""
     def inspect(a) -> int:
         if a.base:
-            return _ref(fit)(a)
+            return load_ref(fit)(a)
         if not a.file:
             raise SystemExit(f"{prog} inspect: error: give an adapter FILE (or --base MODEL alone: its adaptable modules)")
         return fn(a)
@@ -179,18 +181,9 @@ def add_inspect_parser(sub, help: str, fn, prog: str, fit: str):
     return i
 
 
-def _ref(ref: str):
-    """The object a "module:name" reference names (imported when a command runs, not when the CLI starts)."""
-    import importlib
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def add_sweep_and_check(sub, prog: str, config_class: str, load: str, train: str, preflight: str) -> None:
     """`sweep` and `check` of a trainer CLI: its config class, config loader, train function and preflight,
     as "module:name" references."""
-    from .preflight import add_check_parser, cli_check
-    from .sweep import add_sweep_parser, cli_sweep
     add_sweep_parser(sub, config_class, prog).set_defaults(
-        fn=lambda a: cli_sweep(a, _ref(config_class), _ref(load), _ref(train)))
-    add_check_parser(sub, config_class, lambda a: cli_check(a, _ref(preflight)))
+        fn=lambda a: cli_sweep(a, load_ref(config_class), load_ref(load), load_ref(train)))
+    add_check_parser(sub, config_class, lambda a: cli_check(a, load_ref(preflight)))

@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional, Union
 
-from .fields import Checked, option
+from .fields import Checked, option, values_checked
 
 
 def _targets_error(targets) -> Optional[str]:
@@ -106,11 +106,15 @@ class LoraConfig(Checked, section="lora"):
             k = _top_k(self.layers)
             if k > num_layers:
                 raise ValueError(f"lora.layers = {self.layers!r}: the model has only {num_layers} layers")
-            return replace(self, layers=list(range(num_layers - k, num_layers)))
-        bad = [i for i in self.layers if i >= num_layers]
-        if bad:
-            raise ValueError(f"lora.layers: {bad} out of range for a {num_layers}-layer model (0..{num_layers - 1})")
-        return replace(self, layers=sorted(set(self.layers)))
+            layers = list(range(num_layers - k, num_layers))
+        else:
+            bad = [i for i in self.layers if i >= num_layers]
+            if bad:
+                raise ValueError(f"lora.layers: {bad} out of range for a {num_layers}-layer model "
+                                 f"(0..{num_layers - 1})")
+            layers = sorted(set(self.layers))
+        with values_checked():   # this config's values are checked already; the indices are in range
+            return replace(self, layers=layers)
 
     def matches(self, qualified_name: str) -> bool:
         if any(name_matches(qualified_name, e) for e in self.exclude_modules):

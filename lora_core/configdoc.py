@@ -20,8 +20,9 @@ from .fields import FieldSpec, check_value, field_specs, strip_optional, type_na
 TITLE = "# Config reference"
 
 
-def load_class(ref: str) -> type:
-    """'package.module:ClassName' -> the class."""
+def load_ref(ref: str) -> Any:
+    """'package.module:name' -> that object (a config class, a CLI's loader or train function), its module
+    imported now: the CLIs name them so that building the parser imports no torch."""
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -66,7 +67,7 @@ def markdown(refs: Sequence[str]) -> str:
              "`lora-llm train --help-config` and `lora-llm eval-suite --help-config` print the same lists.", ""]
     done: list[type] = []
     for ref in refs:
-        cls = load_class(ref)
+        cls = load_ref(ref)
         lines += [f"## {cls.__name__} (`{ref}`)", "", (cls.__doc__ or "").strip().splitlines()[0], ""]
         for table, help_, fields in _groups(field_specs(cls, stop_at=tuple(done))):
             if table:
@@ -104,7 +105,7 @@ class HelpConfig(argparse.Action):
         self.config_class = config_class
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(text_help(load_class(self.config_class)))
+        print(text_help(load_ref(self.config_class)))
         parser.exit(0)
 
 

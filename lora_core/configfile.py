@@ -3,8 +3,8 @@
 Every job (SD training, LLM training, evaluation) has one dataclass; the CLI, the GUI and
 `accelerate launch` all load it through `load_config`, so a file means the same everywhere.
 Loading checks every key, type, choice (`Literal`) and range that the fields declare (lora_core.fields)
-before the dataclass is built; a wrong value is one ConfigError line naming the file (or `--set`), the
-dotted key, the value and what is allowed.
+before the dataclass is built, once (the objects built do not check them again); a wrong value is one
+ConfigError line naming the file (or `--set`), the dotted key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Type, TypeVar
 
 import tomli_w
 
-from .fields import check_value
+from .fields import check_value, values_checked
 from .files import atomic_write_text
 from .errors import ConfigError
 
@@ -112,7 +112,8 @@ def _build(cls: Type[T], data: dict, prefix: str) -> T:
         if err:
             raise _Bad(key, f" {err}")
     try:
-        return cls(**kwargs)
+        with values_checked():   # each value was checked above, with its dotted key
+            return cls(**kwargs)
     except (TypeError, ValueError) as e:   # a rule that spans fields (__post_init__)
         raise _Bad(None, str(e)) from e
 
@@ -141,7 +142,15 @@ def dumps(obj) -> str:
 
 
 def save_config(path, obj) -> None:
-    atomic_write_text(path, dumps(obj))
+    """Write config `obj` as TOML, atomically; a file that holds exactly this text already is left as it is
+    (the GUI writes a run's config.toml before the trainer starts: each run's file is written once)."""
+    text, path = dumps(obj), Path(path)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass   # missing or unreadable: written below
+    atomic_write_text(path, text)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -9,6 +9,8 @@ CLIs' `--help-config`, the generated docs (`lora_core.configdoc`) and the GUI's 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -148,6 +150,21 @@ def check_value(value: Any, tp: Any, meta: dict | None = None) -> Optional[str]:
     return f"must be {range_text(meta, integer)}; got {value!r}"
 
 
+_VALUES_CHECKED = contextvars.ContextVar("lora_core_values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked():
+    """Build config objects whose every value has been checked already (lora_core.configfile checks each one
+    as it reads it, naming its dotted key): inside this block `Checked` skips its own field checks, so a
+    loaded value is checked once. Rules that span fields (a subclass's `__post_init__`) still run."""
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
 @functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict:
     return typing.get_type_hints(cls)
@@ -155,7 +172,8 @@ def _hints(cls: type) -> dict:
 
 class Checked:
     """Mixin for config dataclasses: checks every declared choice and range when an instance is built
-    in code (`LoraConfig(r=0)` raises). `section` names the TOML table in messages:
+    in code (`LoraConfig(r=0)` raises; a loaded config is checked by lora_core.configfile instead, see
+    `values_checked`). `section` names the TOML table in messages:
     `class LoraConfig(Checked, section="lora")`. A subclass's own `__post_init__` (for rules that
     span fields) calls `super().__post_init__()` first."""
     _section = ""
@@ -166,6 +184,8 @@ class Checked:
             cls._section = section
 
     def __post_init__(self) -> None:
+        if _VALUES_CHECKED.get():
+            return
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
             err = check_value(getattr(self, f.name), hints[f.name], f.metadata)
@@ -222,5 +242,5 @@ def field_specs(cls: type, stop_at: tuple = (), _prefix: str = "", _obj: Any = N
     return out
 
 
-__all__ = ["option", "Checked", "FieldSpec", "field_specs", "check_value", "choices_of", "type_name", "range_text",
+__all__ = ["option", "Checked", "values_checked", "FieldSpec", "field_specs", "check_value", "choices_of", "type_name", "range_text",
            "strip_optional"]

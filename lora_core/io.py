@@ -1,10 +1,10 @@
-"""Files: atomic writes and the backend-neutral safetensors adapter format."""
+"""The backend-neutral safetensors adapter file (`save_lora` / `load_lora`), and atomic safetensors writes."""
 from __future__ import annotations
 
 import json
-import os
+import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig
-from .files import PathLike, atomic_path, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
-from .model import DEFAULT, _atomic, adapter_names, add_lora, check_finite, load_lora_state_dict, lora_config, lora_layers, lora_state_dict
+from .files import PathLike, atomic_path
+from .model import (DEFAULT, adapter_names, add_lora, check_finite, load_lora_state_dict, lora_config, lora_layers,
+                    lora_state_dict, rollback)
 from .errors import AdapterExistsError, LoraLoadError, NonFiniteError
 
 FORMAT = "lora_core"
@@ -82,10 +83,10 @@ def load_lora(path: PathLike, model: nn.Module, adapter: str = DEFAULT) -> LoraC
     except NonFiniteError as e:
         raise NonFiniteError(f"adapter file {e}") from None
     # adapt exactly the modules named in the file
-    exact = LoraConfig(**{**cfg.to_dict(), "target_modules": "|".join(_re_escape(t) for t in targets) or cfg.target_modules,
+    exact = LoraConfig(**{**cfg.to_dict(), "target_modules": "|".join(re.escape(t) for t in targets) or cfg.target_modules,
                           "exclude_modules": []})
     try:
-        with _atomic(model, adapter):
+        with rollback(model, adapter):
             wrapped = add_lora(model, exact, adapter)
             if sorted(wrapped) != sorted(targets):
                 raise LoraLoadError(f"modules in the file but not in the model: "
@@ -97,8 +98,3 @@ def load_lora(path: PathLike, model: nn.Module, adapter: str = DEFAULT) -> LoraC
     except Exception as e:
         raise LoraLoadError(f"{path}: {e}") from e
     return cfg
-
-
-def _re_escape(name: str) -> str:
-    import re
-    return re.escape(name)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import HeadConflictError, MergeOverflowError, NonFiniteError
 from .fused import block_B
 
 
@@ -192,7 +193,6 @@ class LoraLayer(nn.Module):
         """The base weight with adapters `names` folded in, computed in fp32 and cast to the base
         dtype. Raises NonFiniteError if the result would hold NaN or inf (a non-finite adapter, or
         an fp16/bf16 overflow: MergeOverflowError); nothing is changed here."""
-        from .errors import MergeOverflowError, NonFiniteError
         W = self.base_layer.weight
         new = W.data.float()
         W0 = self._unmerged_weight() if any(n in self.lora_magnitude_vector for n in names) else None
@@ -218,10 +218,9 @@ class LoraLayer(nn.Module):
         W = self.base_layer.weight
         W.data.copy_((W.data.float() + sign * self._delta_like_base(name)).to(W.dtype))
 
-    def merge(self, adapters: Optional[list[str]] = None, safe: bool = True, where: str = "") -> None:
+    def merge(self, adapters: Optional[list[str]] = None, where: str = "") -> None:
         """Fold adapters into the base weight (in fp32, one rounding to the base dtype). Always
-        checked: a non-finite or overflowing result raises and leaves the weight unchanged
-        (`safe` is kept for compatibility)."""
+        checked: a non-finite or overflowing result raises and leaves the weight unchanged."""
         names = [n for n in (adapters if adapters is not None else list(self.active_adapters))
                  if n not in self.merged_adapters]
         if not names:
@@ -361,7 +360,6 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         owners = self.owners(self.active_adapters)
         if len(owners) > 1:
-            from .errors import HeadConflictError
             raise HeadConflictError(f"adapters {owners} are active together and each has its own copy of this "
                                     f"module ({type(self.original_module).__name__}); activate one with set_adapter")
         return self.modules_to_save[owners[0]] if owners else self.original_module

@@ -35,12 +35,13 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Normal, initializer
+from safetensors.numpy import save_file
 
 from .config import LoraConfig, name_matches
 from .fused import block_B
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
 from .model import check_finite, state_dict_mismatch
-from .errors import LoraLoadError
+from .errors import LoraLoadError, NonFiniteError
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
 _TORCH_PARAM_NAMES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}
@@ -137,7 +138,7 @@ class LoraDense(nn.Cell):
             self._dora_norm_merged = np.linalg.norm(W + self.delta_weight(), axis=1)
         return self.lora_magnitude_vector.asnumpy().astype(np.float32) / self._dora_norm_merged
 
-    def _apply_delta(self, sign: float, safe: bool = False) -> None:
+    def _apply_delta(self, sign: float) -> None:
         W = self.base_layer.weight
         old, delta = W.asnumpy().astype(np.float32), self.delta_weight()
         new = old + sign * delta
@@ -146,13 +147,15 @@ class LoraDense(nn.Cell):
             new = f * (old + delta) if sign > 0 else old / f - delta
             if sign < 0:
                 self._dora_norm_merged = None
-        if safe and not np.isfinite(new).all():
-            raise ValueError("merging the adapter produced non-finite weights")
+        if sign > 0 and not np.isfinite(new).all():
+            self._dora_norm_merged = None
+            raise NonFiniteError("merging the adapter would give non-finite weights; nothing was merged")
         ops.assign(W, ms.Tensor(new, W.dtype))
 
-    def merge(self, safe: bool = False) -> None:
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; a non-finite result raises and changes nothing."""
         if not self.merged:
-            self._apply_delta(+1.0, safe)
+            self._apply_delta(+1.0)
             self.merged = True
 
     def unmerge(self) -> None:
@@ -277,11 +280,12 @@ def remove_lora(net: nn.Cell, merge: bool = False) -> nn.Cell:
     return net
 
 
-def merge_lora(net: nn.Cell, safe: bool = False) -> None:
+def merge_lora(net: nn.Cell) -> None:
     """Fold the adapter into the base weights; the forward then skips it. A graph compiled before
-    the merge keeps the old branch: merge before compiling (or use PyNative)."""
+    the merge keeps the old branch: merge before compiling (or use PyNative). A layer whose merged
+    weight would hold NaN or inf raises NonFiniteError, that layer unchanged."""
     for _, layer in lora_layers(net):
-        layer.merge(safe)
+        layer.merge()
 
 
 def unmerge_lora(net: nn.Cell) -> None:
@@ -342,7 +346,6 @@ def load_lora_state_dict(net: nn.Cell, sd: dict[str, np.ndarray]) -> None:
 
 def save_lora(path: Union[str, Path], net: nn.Cell, metadata: Optional[dict] = None) -> None:
     """Write the adapter in the backend-neutral format of lora_core.io.save_lora, atomically."""
-    from safetensors.numpy import save_file
     meta = config_metadata(lora_config(net), [n for n, _ in lora_layers(net)])
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tensors = {k: np.ascontiguousarray(v) for k, v in lora_state_dict(net).items()}

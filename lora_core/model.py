@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LoraLoadError
 from .config import LoraConfig, name_matches
+from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, NonFiniteError, TargetMatchError,
+                     UnknownAdapterError)
 from .layers import LoraLayer, ModulesToSaveWrapper, is_kxk_conv, supported
-from .errors import AdapterExistsError, HeadConflictError, MergeOverflowError, NonFiniteError, TargetMatchError, UnknownAdapterError
 
 DEFAULT = "default"
 
@@ -100,7 +100,7 @@ def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _atomic(model: nn.Module, adapter: str):
+def rollback(model: nn.Module, adapter: str):
     """Undo everything done to `model` inside the block if it raises: modules put in place,
     adapter `adapter` on existing wrappers, requires_grad flags and the adapter configs."""
     children = {m: dict(m._modules) for m in model.modules()}
@@ -139,7 +139,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
         raise AdapterExistsError(f"adapter {adapter!r} exists already on {clash[:5]} (adapters: "
                                  f"{adapter_names(model)}); delete_adapter(model, {adapter!r}) first or choose "
                                  f"another name")
-    with _atomic(model, adapter):
+    with rollback(model, adapter):
         for p in model.parameters():
             p.requires_grad_(False)
         for name in targets:
@@ -192,7 +192,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def merge_lora(model: nn.Module, adapters: Optional[list[str]] = None, safe: bool = True) -> None:
+def merge_lora(model: nn.Module, adapters: Optional[list[str]] = None) -> None:
     """Fold the (active, or named) adapters into the base weights; forward then skips them.
     Computed in fp32; if any merged weight would be NaN/inf (a non-finite adapter, an fp16/bf16
     overflow) NonFiniteError/MergeOverflowError names the module and no weight is changed."""

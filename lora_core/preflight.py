@@ -1,6 +1,7 @@
 """Preflight checks shared by `lora-sd check` and `lora-llm check` (torch-free): the report, its text, the
-peak-memory arithmetic and the CLI subcommand. The trainers fill in the checks of their own job
-(lora_sd.preflight, lora_llm.preflight).
+peak-memory arithmetic and the CLI subcommand. The device checks and the activation measurement need torch:
+lora_core.preflight_torch. The trainers fill in the checks of their own job (lora_sd.preflight,
+lora_llm.preflight).
 
 Peak memory of a LoRA training step is estimated as
     frozen weights (their count x the bytes of their dtype)
@@ -16,6 +17,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .configdoc import HelpConfig
+from .run import RunDir
 
 LEVELS = ("error", "warning", "info")
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}   # optimizer state per trainable parameter
@@ -93,59 +99,9 @@ def print_report(rep: PreflightReport) -> str:
     return "\n".join(out)
 
 
-def device_conflicts(mixed_precision: str, optimizer: str, device: str, rep: PreflightReport) -> None:
-    """Precision and optimizer settings the device cannot run (torch is imported here, on use)."""
-    import torch
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        rep.error(f"device {device!r}: CUDA is not available here; use --device cpu", "device")
-    if mixed_precision == "fp16" and dev.type == "cpu":
-        rep.error("train.mixed_precision = \"fp16\" needs a GPU (fp16 autocast and gradient scaling are not "
-                  "available on CPU); use \"bf16\" or \"no\" on CPU", "train.mixed_precision")
-    if mixed_precision == "bf16" and dev.type == "cuda" and torch.cuda.is_available() \
-            and not torch.cuda.is_bf16_supported():
-        rep.error("train.mixed_precision = \"bf16\": this GPU has no bf16; use \"fp16\"", "train.mixed_precision")
-    if optimizer == "adamw8bit":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            rep.error("train.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes); or use "
-                      "\"adamw\"", "train.optimizer")
-    if optimizer == "prodigy":
-        import importlib.util
-        if importlib.util.find_spec("prodigyopt") is None:
-            rep.error("train.optimizer = \"prodigy\" needs prodigyopt (pip install prodigyopt); or use \"adamw\"",
-                      "train.optimizer")
-
-
-def begin(job: str, config, overrides, cfg, load: Callable, device: str) -> tuple[PreflightReport, Any, str]:
-    """(the report, the loaded config or None when it does not load, the device: default cuda when present)."""
-    from .errors import ConfigError
-    rep = PreflightReport(job, str(config or "config"))
-    try:
-        cfg = cfg or load(config, overrides)
-    except ConfigError as e:
-        rep.error(str(e), getattr(e, "key", "") or "")
-        return rep, None, device
-    if not device:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return rep, cfg, device
-
-
-def common_conflicts(cfg, device: str, rep: PreflightReport) -> None:
-    """The `[train]` settings every trainer shares."""
-    s = cfg.train
-    device_conflicts(s.mixed_precision, s.optimizer, device, rep)
-    if s.lr_warmup_steps >= s.max_steps:
-        rep.warn(f"train.lr_warmup_steps ({s.lr_warmup_steps}) >= train.max_steps ({s.max_steps}): the learning "
-                 "rate never reaches its peak", "train.lr_warmup_steps")
-
-
 def run_steps(rep: PreflightReport, size: str, run_dir, train: Callable[[], dict]) -> None:
     """Run `train()` (the job's normal train path on a reduced copy of the config, in the temporary `run_dir`)
     and record the result in rep.steps; a failure (exception, non-finite loss, failed status) blocks."""
-    from .run import RunDir
     try:
         status = train() or {}
         error = None if status.get("state") == "done" else status.get("error") or f"state {status.get('state')}"
@@ -165,7 +121,6 @@ def fit_activations(points: list[tuple[float, float]], n: float) -> float:
     if len(pts) == 1:
         return pts[0][1] * n / pts[0][0]
     if len(pts) >= 3:
-        import numpy as np
         a, b, c = np.linalg.solve([[1, x, x * x] for x, _ in pts[-3:]], [y for _, y in pts[-3:]])
     else:
         (x1, y1), (x2, y2) = pts
@@ -184,40 +139,8 @@ def memory_estimate(frozen_bytes: int, trainable: int, activations: float, large
     return {"parts": parts, "total_bytes": int(sum(parts.values())), "device": device}
 
 
-class SavedBytes:
-    """Context manager counting the bytes of the tensors autograd saves for backward (each storage once),
-    and the largest one: the activation memory of a training forward pass. The model's own weights, which
-    autograd saves too, are left out with `exclude` (its modules: counted as weights already)."""
-
-    def __init__(self, *exclude):
-        self.total, self.largest = 0, 0
-        self._seen = {p.untyped_storage().data_ptr() for m in exclude for p in m.parameters()}
-
-    def _pack(self, t):
-        try:
-            st = t.untyped_storage()
-            key, size = st.data_ptr(), st.nbytes()
-        except Exception:  # noqa: BLE001 - a tensor without storage (e.g. sparse): count its elements
-            key, size = id(t), t.numel() * t.element_size()
-        if key not in self._seen:
-            self._seen.add(key)
-            self.total += size
-            self.largest = max(self.largest, size)
-        return t
-
-    def __enter__(self):
-        import torch
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-
-
 # ------------------------------------------------------------------ the CLIs' `check`
 def add_check_parser(sub, config_class: str, fn: Callable) -> Any:
-    from .configdoc import HelpConfig
     c = sub.add_parser("check", help="preflight: config conflicts, data audit, parameters, memory estimate and two "
                                      "real optimisation steps at a reduced size; exit 0 only when nothing blocks")
     c.add_argument("--config", required=True)

@@ -35,13 +35,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .configfile import save_config
 from .files import atomic_write_json
-from .settings import TrainSettings  # noqa: F401 (re-exported)
 from .errors import NonFiniteLoss, RunFolderError, RunLockedError, StopRequested
 
 log = logging.getLogger("lora")
-STATES = ("queued", "running", "stopping", "stopped", "failed", "done")
-FINAL_STATES = ("stopped", "failed", "done")
+LIVE_STATES = ("queued", "running", "stopping")    # a job waits, runs or is asked to stop
+FINAL_STATES = ("stopped", "failed", "done")       # a job has ended
+STATES = LIVE_STATES + FINAL_STATES
 LOCK_FILE = "run.lock"
 # what a folder may hold and still count as fresh: the GUI queue's config/status/console and a failed start
 _FRESH_FILES = {"config.toml", "status.json", "console.log", "train.log", LOCK_FILE}
@@ -333,7 +334,7 @@ def _queued_here(run: RunDir, e: BaseException) -> bool:
     if isinstance(e, RunLockedError):
         return False
     try:
-        return run.read_status().get("state") in ("queued", "running", "stopping") and not run.foreign_entries()
+        return run.read_status().get("state") in LIVE_STATES and not run.foreign_entries()
     except OSError:
         return False
 
@@ -358,7 +359,6 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
                 lock.acquire()
                 started = True   # the folder is this job's now: any failure from here is recorded
                 if config is not None:
-                    from .configfile import save_config
                     save_config(run.config, config)
                 run.write_status("running", kind=kind, pid=os.getpid(), host=socket.gethostname(), error=None,
                                  finished=None, eval=None, started=time.time())
@@ -471,7 +471,7 @@ class TrainLoop:
                      started=self.started, error=None, num_processes=self.engine.num_processes,
                      resumed_from=str(ckpt) if ckpt else None, backend=self.engine.backend, **self._best_fields(),
                      **self.status_fields)
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm   # lazy: tqdm.auto takes about 0.1 s to import; the GUI imports this module
         self.bar = tqdm(total=s.max_steps, initial=self.step, disable=not self.main, desc="train", dynamic_ncols=True)
         self.t_read, self.checked = time.time(), self.step
         try:

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .configdoc import arg_type
+from .configdoc import HelpConfig, arg_type
 from .configfile import read_toml
 from .errors import ConfigError
 from .files import atomic_write_json
-from .run import RunDir, mark_queued, settle
+from .run import LIVE_STATES, RunDir, mark_queued, settle
 
 SWEEP_FILE = "sweep.json"
 METRIC_KEYS = ("accuracy", "f1", "macro_f1", "mcc", "perplexity", "baseline_accuracy", "baseline_perplexity")
@@ -173,7 +173,7 @@ def run_sweep(sweep: Sweep, load: Callable[[Optional[str], list[str]], Any], tra
             state, error = status.get("state", "failed"), status.get("error")
         except Exception as e:  # one failed run does not stop the sweep
             state, error = "failed", f"{type(e).__name__}: {e}"
-        if state == "failed" or RunDir(r.run_dir).read_status().get("state") in ("queued", "running"):
+        if state == "failed" or RunDir(r.run_dir).read_status().get("state") in LIVE_STATES:
             settle(r.run_dir, error or "the run ended without a final status")
             state = "failed"
         records[r.name] = {"state": state, "error": error, "started": t0, "finished": time.time(),
@@ -240,7 +240,6 @@ def markdown_table(rows: list[dict]) -> str:
 # ------------------------------------------------------------------ the CLIs' `sweep`
 def add_sweep_parser(sub, config_class: str, tool: str):
     """The `sweep` subcommand of a trainer CLI (`config_class`: 'module:Class' of its job config)."""
-    from .configdoc import HelpConfig
     s = sub.add_parser("sweep", help="train one run per combination of --vary values (in order; a failed run "
                                      "does not stop the others) and print the summary table")
     s.add_argument("--config", required=True, help="the base TOML config")

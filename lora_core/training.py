@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .io import atomic_save_safetensors
-from .run import STATES, RunDir, StopFlag, TrainLoop, TrainSettings, resolve_resume, setup_logging
+from .run import RunDir, TrainLoop
+from .settings import TrainSettings
 from .errors import NonFiniteLoss
 
 log = logging.getLogger("lora")
@@ -111,13 +112,13 @@ def make_optimizer(params, s: TrainSettings, part_lrs: Optional[dict[str, float]
     groups = param_groups(named, s, part_lrs)
     if s.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb   # lazy: an optional package (not a dependency)
         except ImportError:
             raise RuntimeError("train.optimizer = 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
     if s.optimizer == "prodigy":
         try:
-            from prodigyopt import Prodigy
+            from prodigyopt import Prodigy   # lazy: an optional package (the [prodigy] extra)
         except ImportError:
             raise RuntimeError("train.optimizer = 'prodigy' needs prodigyopt (pip install prodigyopt, "
                                "or the [prodigy] extra)") from None
@@ -126,7 +127,7 @@ def make_optimizer(params, s: TrainSettings, part_lrs: Optional[dict[str, float]
 
 
 def make_scheduler(optimizer, s: TrainSettings):
-    from transformers import get_scheduler
+    from transformers import get_scheduler   # lazy: seconds to import; lora_sd.data imports EpochSampler alone
     return get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=s.lr_warmup_steps,
                          num_training_steps=s.max_steps)
 

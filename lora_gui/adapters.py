@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Optional
 
 from lora_core import adapter_files
-from lora_core.adapter_files import detect_format
 from lora_core.errors import LoraLoadError
 
 from .workspace import Workspace

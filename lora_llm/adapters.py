@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from lora_core.io import atomic_save_safetensors, atomic_write_json, load_lora, read_safetensors, save_lora
+from lora_core.files import atomic_write_json
+from lora_core.io import atomic_save_safetensors, load_lora, read_safetensors, save_lora
 from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers
 
 ADAPTER_FILE = "adapter.safetensors"

@@ -43,7 +43,7 @@ def _run_config(adapter: Path, config: str | None, overrides):
 
 
 def _cmd_eval(a) -> int:
-    from lora_core.io import atomic_write_json
+    from lora_core.files import atomic_write_json
     from .train import evaluate_job, load_trained
     adapter = Path(a.adapter)
     cfg = _run_config(adapter, a.config, a.set)
@@ -70,7 +70,7 @@ def _cmd_eval(a) -> int:
 
 
 def _cmd_suite(a) -> int:
-    from lora_core.training import setup_logging
+    from lora_core.run import setup_logging
     from .suite import load_suite, markdown_table, run_suite
     setup_logging(None)
     suite = load_suite(a.config, a.set)

@@ -21,7 +21,7 @@ from lora_core.config import LoraConfig
 from lora_core.configfile import load_config
 from lora_core.errors import ConfigError
 from lora_core.fields import Checked, option
-from lora_core.run import TrainSettings
+from lora_core.settings import TrainSettings
 
 Task = Literal["wikitext2", "sst2", "cola", "imdb", "ag_news"]
 TASKS = get_args(Task)

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from lora_core.preflight import (PreflightReport, SavedBytes, begin, common_conflicts, fit_activations, memory_estimate,
-                                 run_steps)
+from lora_core.preflight import PreflightReport, fit_activations, memory_estimate, run_steps
+from lora_core.preflight_torch import SavedBytes, begin, common_conflicts
 
 from .config import LLMTrainConfig, load_llm_config
 

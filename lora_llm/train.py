@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from lora_core.io import atomic_write_json, atomic_write_text
+from lora_core.files import atomic_write_json, atomic_write_text
 from lora_core.model import add_lora
 from lora_core.run import RunDir, run_job
 from lora_core.training import EpochSampler, train

@@ -8,7 +8,7 @@ from lora_core.config import LoraConfig
 from lora_core.configfile import load_config
 from lora_core.errors import ConfigError
 from lora_core.fields import Checked, option
-from lora_core.run import TrainSettings
+from lora_core.settings import TrainSettings
 
 # target_modules presets (regex, full match on the UNet module path)
 CROSS_ATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"

@@ -13,7 +13,7 @@ import torch
 
 from lora_core.cli_errors import check_local_path, hub_error
 from lora_core.errors import ModelLoadError
-from lora_core.io import atomic_write_json, atomic_write_text
+from lora_core.files import atomic_write_json, atomic_write_text
 from lora_core.paths import shared_path
 
 from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED

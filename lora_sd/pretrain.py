@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_core.files import atomic_write_json, atomic_write_text
-from lora_core.run import RunDir, TrainSettings
+from lora_core.run import RunDir
+from lora_core.settings import TrainSettings
 
 from . import synth
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_core import adapter_files
 from lora_core.errors import ConfigError
 from lora_gui import adapters, configs
 from lora_gui.configs import Field, coerce, resolve_model_ref
@@ -199,9 +200,11 @@ def test_header_reader_matches_safetensors(tmp_path):
     _kohya(p, r=3)
     header, meta = adapters.read_header(p)
     assert header["lora_unet_a_to_q.lora_down.weight"]["shape"] == [3, 8] and meta["ss_network_dim"] == "3"
-    assert adapters.detect_format(list(header), meta) == "kohya"
-    assert adapters.detect_format(["unet.a.lora_A.weight"], {}) == "diffusers"
-    assert adapters.detect_format(["m.lora_A.weight"], {"format": "lora_core"}) == "lora_core"
+    assert adapter_files.detect(p).format == "kohya"
+    save_file({"unet.a.lora_A.weight": torch.zeros(3, 8)}, str(tmp_path / "d.safetensors"))
+    assert adapter_files.detect(tmp_path / "d.safetensors").format == "diffusers"
+    save_file({"m.lora_A.weight": torch.zeros(3, 8)}, str(tmp_path / "c.safetensors"), metadata={"format": "lora_core"})
+    assert adapter_files.detect(tmp_path / "c.safetensors").format == "lora_core"
 
 
 # ---------------------------------------------------------------- evaluation table

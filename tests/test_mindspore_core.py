@@ -111,7 +111,7 @@ def test_merge_unmerge_remove_scale_and_disable():
     x = ms.Tensor(x_in())
     ref = mn(x).asnumpy()
     base_w = mn.blocks[0].base_layer.weight.asnumpy().copy()
-    lcm.merge_lora(mn, safe=True)
+    lcm.merge_lora(mn)
     np.testing.assert_allclose(mn(x).asnumpy(), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="unmerge"):
         lcm.set_scale(mn, 0.5)

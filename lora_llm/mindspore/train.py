@@ -27,7 +27,8 @@ import numpy as np
 from mindspore import nn, ops
 
 import lora_core.mindspore as lcm
-from lora_core.run import RunDir, TrainLoop, TrainSettings, run_job
+from lora_core.run import RunDir, TrainLoop, run_job
+from lora_core.settings import TrainSettings
 from lora_core.errors import NonFiniteLoss
 from lora_core.training import EpochSampler
 
@@ -311,7 +312,7 @@ def evaluate_with_torch(cfg, run: RunDir, step: int) -> dict:
     """Evaluation after a MindSpore run: the adapter file is backend-neutral, so it is loaded into the
     PyTorch model and scored by lora_llm's evaluator (eval.json, same numbers as a PyTorch run), and
     the PEFT folder is exported from there. Returns the status fields {"eval": ...}."""
-    from lora_core.io import atomic_write_json
+    from lora_core.files import atomic_write_json
     from lora_llm.adapters import PEFT_DIR, export_peft
     from lora_llm.train import evaluate_job, load_trained
     model, tok, info = load_trained(run.path, model_section=cfg.model)
