@@ -6,6 +6,7 @@ home. Prints a table and writes JSON (--out).
 """
 import argparse
 import ast
+import dataclasses
 import json
 import pathlib
 import re
@@ -45,39 +46,75 @@ def _internal(name, mods):
     return name or None
 
 
-def scan():
-    mods = modules()
-    inside = internal_inside = 0
-    edges = {m: set() for m in mods}
-    private = []
-    classes, functions = [], []
+@dataclasses.dataclass
+class ImportSite:
+    """One import statement of a project module."""
+    module: str            # the importing module (dotted)
+    where: str             # path:line
+    nested: bool           # inside a function
+    targets: list          # the project modules it imports
+    external: list         # the top-level names of the other packages it imports
+    private: list          # private names (_x) it takes from project modules
+    comment: str           # the comments on its lines and on the line above
+
+
+def _functions(tree):
+    """ids of the nodes inside functions, and every function and class (lines, where)."""
+    inside, functions, classes = set(), [], []
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            functions.append((n.end_lineno - n.lineno + 1, n.lineno, n.name))
+            inside.update(id(x) for x in ast.walk(n) if x is not n)
+        elif isinstance(n, ast.ClassDef):
+            classes.append((n.end_lineno - n.lineno + 1, n.lineno, n.name))
+    return inside, functions, classes
+
+
+def _comments(lines, node) -> str:
+    span = lines[node.lineno - 2:node.end_lineno] if node.lineno > 1 else lines[:node.end_lineno]
+    return " ".join(line.partition("#")[2].strip() for line in span if "#" in line)
+
+
+def import_sites(mods=None):
+    """Every import statement of the project's modules, with what it imports and where."""
+    mods = mods or modules()
+    out = []
     for mod, path in mods.items():
-        tree = ast.parse(path.read_text())
+        text = path.read_text()
+        tree, lines = ast.parse(text), text.splitlines()
         is_pkg = path.name == "__init__.py"
-        func_lines = set()
-        for n in ast.walk(tree):
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                functions.append((n.end_lineno - n.lineno + 1, f"{path.relative_to(ROOT)}:{n.lineno} {n.name}"))
-                func_lines.update(id(x) for x in ast.walk(n) if x is not n)
-            elif isinstance(n, ast.ClassDef):
-                classes.append((n.end_lineno - n.lineno + 1, f"{path.relative_to(ROOT)}:{n.lineno} {n.name}"))
+        inside, _, _ = _functions(tree)
         for n in ast.walk(tree):
             if not isinstance(n, (ast.Import, ast.ImportFrom)):
                 continue
-            targets = {t for t in (_internal(x, mods) for x in _resolve(mod, n, is_pkg)) if t and t != mod}
-            nested = id(n) in func_lines
-            inside += nested
-            internal_inside += bool(nested and targets)
-            for t in targets:
-                edges[mod].add(t)
-            if isinstance(n, ast.ImportFrom) and targets:
-                private += [f"{mod} <- {n.module}.{a.name}" for a in n.names
-                            if a.name.startswith("_") and not a.name.startswith("__")]
+            names = _resolve(mod, n, is_pkg)
+            targets = sorted({t for t in (_internal(x, mods) for x in names) if t and t != mod})
+            external = sorted({x.split(".")[0] for x in names[:1 if isinstance(n, ast.ImportFrom) else None]
+                               if x and _internal(x, mods) is None})
+            private = [f"{n.module}.{a.name}" for a in n.names if isinstance(n, ast.ImportFrom) and targets
+                       and a.name.startswith("_") and not a.name.startswith("__")]
+            out.append(ImportSite(mod, f"{path.relative_to(ROOT)}:{n.lineno}", id(n) in inside, targets,
+                                  external, private, _comments(lines, n)))
+    return out
+
+
+def scan():
+    mods = modules()
+    sites = import_sites(mods)
+    edges = {m: set() for m in mods}
+    for s in sites:
+        edges[s.module].update(s.targets)
+    classes, functions = [], []
+    for mod, path in mods.items():
+        _, fs, cs = _functions(ast.parse(path.read_text()))
+        rel = path.relative_to(ROOT)
+        functions += [(n, f"{rel}:{line} {name}") for n, line, name in fs]
+        classes += [(n, f"{rel}:{line} {name}") for n, line, name in cs]
     return {
-        "imports_inside_functions": inside,
-        "project_imports_inside_functions": internal_inside,
+        "imports_inside_functions": sum(s.nested for s in sites),
+        "project_imports_inside_functions": sum(s.nested and bool(s.targets) for s in sites),
         "import_circles": [sorted(c) for c in _cycles(edges)],
-        "private_names_imported_across_modules": sorted(set(private)),
+        "private_names_imported_across_modules": sorted({f"{s.module} <- {p}" for s in sites for p in s.private}),
         "longest_class": dict(zip(("lines", "where"), max(classes))),
         "longest_function": dict(zip(("lines", "where"), max(functions))),
         "facts": facts(mods),

@@ -14,6 +14,7 @@ from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, Merge
                      TargetMatchError, UnknownAdapterError)
 from .files import atomic_path, atomic_write_json, atomic_write_text
 
+# lazy: the torch API loads on first use, so that the GUI (which imports lora_core.run) never imports torch
 _LAZY = {
     "io": ("atomic_save_safetensors", "load_lora", "read_safetensors", "save_lora"),
     "layers": ("LoraLayer", "ModulesToSaveWrapper"),

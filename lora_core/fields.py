@@ -1,6 +1,6 @@
 """Config fields declared once: type (`Literal[...]` for choices), default, help text and range.
 
-    r: int = option(8, "rank of the update", ge=1)
+    steps: int = option(100, "optimizer steps", ge=1)
     init: Literal["kaiming", "gaussian"] = option("kaiming", "how lora_A starts")
 
 The declaration drives everything else: `lora_core.configfile` validates a loaded file with it,

@@ -376,12 +376,6 @@ def load_lora(path: Union[str, Path], net: nn.Cell) -> LoraConfig:
     return cfg
 
 
-def read_adapter_config(path: Union[str, Path]) -> LoraConfig:
-    """The LoraConfig stored in an adapter file's metadata."""
-    _, meta = read_safetensors(path)
-    return read_lora_config(meta, path)[0]
-
-
 __all__ = ["LoraDense", "ModulesToSaveCell", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
            "lora_layers", "lora_parameters", "lora_config", "lora_state_dict", "load_lora_state_dict",
-           "save_lora", "load_lora", "read_adapter_config", "get_cell"]
+           "save_lora", "load_lora", "get_cell"]

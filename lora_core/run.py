@@ -114,10 +114,6 @@ class RunDir:
         return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
                       and (p / "trainer_state.json").is_file())
 
-    def latest_checkpoint(self) -> Optional[Path]:
-        c = self.checkpoints()
-        return c[-1] if c else None
-
     def foreign_entries(self) -> list[str]:
         """What in the folder belongs to a run (anything but a fresh start's files); [] when fresh."""
         if not self.path.exists():
@@ -185,11 +181,6 @@ def resume_candidates(run: RunDir, resume: Optional[str]) -> list[Path]:
     if not (p / "trainer_state.json").is_file():
         raise RunFolderError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
     return [p]
-
-
-def resolve_resume(run: RunDir, resume: Optional[str]) -> Optional[Path]:
-    found = resume_candidates(run, resume)
-    return found[0] if found else None
 
 
 # ------------------------------------------------------------------ signals

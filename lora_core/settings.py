@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 from .fields import Checked, option
 
 # transformers' get_scheduler names that need nothing beyond warmup and total steps (checked in tests/test_config_fields.py)
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                       "inverse_sqrt"]
-LR_SCHEDULERS = get_args(LRScheduler)
 Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 

@@ -2,9 +2,11 @@
 --help-config, docs/config-reference.md and field_specs (the GUI's choices); every shipped config loads."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,8 @@ from lora_core.config import LoraConfig
 from lora_core.configdoc import TITLE, markdown
 from lora_core.configfile import dumps, load_config
 from lora_core.errors import ConfigError
-from lora_core.fields import field_specs
-from lora_core.settings import LR_SCHEDULERS, TrainSettings
+from lora_core.fields import Checked, field_specs, option
+from lora_core.settings import LRScheduler, TrainSettings
 from lora_llm.config import TASKS, LLMTrainConfig, load_llm_config
 from lora_llm.suite import SuiteConfig, load_suite
 from lora_sd.config import CROSS_ATTN, SAMPLERS, SDTrainConfig, load_train_config
@@ -260,11 +262,29 @@ def test_configs_built_in_code_are_checked_the_same_way():
     assert LoraConfig(fused_slices={"c_attn": [1, 0, 1]}).fused_slices == {"c_attn": [1, 0, 1]}
 
 
+def test_a_loaded_value_is_checked_once_and_a_value_set_in_code_once():
+    seen = []
+
+    @dataclasses.dataclass
+    class Job(Checked, section="job"):
+        rank: int = option(8, "a rank", ge=1, check=lambda v: seen.append(v))
+        inner: LoraConfig = option(help="an adapter", factory=LoraConfig)
+
+    load_config(Job, overrides=["rank=3"])
+    assert seen == [3]
+    Job(rank=5)
+    assert seen == [3, 5]
+    with pytest.raises(ConfigError, match=r"--set: inner\.r must be a positive integer; got 0"):
+        load_config(Job, overrides=["inner.r=0"])   # the nested table's key, checked by the loader
+    with pytest.raises(ValueError, match=r"^job\.rank must be a positive integer; got 0$"):
+        Job(rank=0)
+
+
 # ---------------------------------------------------------------- the declared names are the real ones
 def test_lr_scheduler_names_are_transformers_schedulers_that_need_no_extra_arguments():
     import torch
     from transformers import get_scheduler
-    for name in LR_SCHEDULERS:
+    for name in typing.get_args(LRScheduler):
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = get_scheduler(name, opt, num_warmup_steps=2, num_training_steps=10)
         lrs = []
@@ -298,7 +318,7 @@ def test_field_specs_list_the_jobs_own_defaults_and_choices():
     sd = {s.path: s for s in field_specs(SDTrainConfig)}
     llm = {s.path: s for s in field_specs(LLMTrainConfig)}
     assert sd["lora.target_modules"].default == CROSS_ATTN and llm["lora.target_modules"].default == ["q_proj", "v_proj"]
-    assert sd["train.lr_scheduler"].choices == LR_SCHEDULERS and sd["train.lr_scheduler"].default == "constant"
+    assert sd["train.lr_scheduler"].choices == typing.get_args(LRScheduler) and sd["train.lr_scheduler"].default == "constant"
     assert sd["train.lr_scheduler"].help and all(s.help for s in sd.values())
     assert llm["data.task"].choices == TASKS and llm["data.task"].type == "string"
     s = llm["eval.top_p"]

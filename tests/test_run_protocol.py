@@ -16,7 +16,8 @@ from accelerate import Accelerator
 
 from lora_core import lora_state_dict
 from lora_core.errors import ConfigError
-from lora_core.run import RunDir
+from lora_core.configfile import save_config
+from lora_core.run import RunDir, run_job
 from lora_core.errors import RunFolderError
 from lora_core.training import TrainSettings, train
 from lora_core.errors import NonFiniteLoss
@@ -208,6 +209,18 @@ def test_a_folder_queued_by_the_gui_is_fresh(tmp_path):
     assert st["state"] == "done" and st["kind"] == "llm-train" and st["job"] == "abc"
 
 
+def test_the_config_file_is_written_once_per_run(tmp_path):
+    """The GUI writes RUN/config.toml before the trainer starts; the trainer leaves an identical file alone
+    (same inode: atomic writes replace the file) and writes a config that differs (e.g. --set)."""
+    run = RunDir(tmp_path / "run").create()
+    save_config(run.config, TrainSettings(max_steps=3))
+    inode = run.config.stat().st_ino
+    run_job("test", run, lambda r, _: {}, config=TrainSettings(max_steps=3))
+    assert run.config.stat().st_ino == inode
+    run_job("test", run, lambda r, _: {}, config=TrainSettings(max_steps=4), overwrite=True)
+    assert "max_steps = 4" in run.config.read_text()
+
+
 def test_lock_refuses_a_live_trainer_and_takes_over_a_stale_one(tmp_path, capsys):
     import socket
     run = RunDir(tmp_path / "run")
@@ -314,7 +327,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
 
 def test_every_checkpoint_corrupt_is_one_clear_error(tmp_path):
     _, run, _ = _train(tmp_path, max_steps=2)
-    (run.latest_checkpoint() / "trainer_state.json").write_text("{not json")
+    (run.checkpoints()[-1] / "trainer_state.json").write_text("{not json")
     with pytest.raises(RunFolderError, match="cannot resume from .*step_00000002"):
         _train(tmp_path, resume="latest", max_steps=3)
 
@@ -394,7 +407,6 @@ def test_sd_train_into_another_run_is_refused_before_anything_is_written(tmp_pat
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_atomic_writes_keep_the_umask(tmp_path, mask):
     from lora_core.files import atomic_write_json
-    from lora_core.run import RunDir
     old = os.umask(mask)
     try:
         atomic_write_json(tmp_path / "a.json", {"x": 1})

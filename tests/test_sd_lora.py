@@ -85,7 +85,7 @@ def _reference(tiny, cfg):
     """The trained UNet rebuilt from the raw trainable parameters of the final checkpoint."""
     pipe = load_pipeline(tiny)
     add_lora(pipe.unet, cfg.lora)
-    ckpt = RunDir(cfg.run_dir).latest_checkpoint()
+    ckpt = RunDir(cfg.run_dir).checkpoints()[-1]
     saved = load_file(str(ckpt / "trainable.safetensors"))
     own = dict(pipe.unet.named_parameters())
     assert len(saved) == 2 * len(list(lora_layers(pipe.unet)))
