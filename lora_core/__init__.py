@@ -2,8 +2,9 @@
 
 Knows nothing of Stable Diffusion or GPT-2. The MindSpore twin is `lora_core.mindspore`.
 Importing the package imports no torch: the run contract (`lora_core.run`), atomic files
-(`lora_core.files`), configs (`lora_core.config`, `lora_core.configfile`) are torch-free, and the
-torch API below is loaded on first use.
+(`lora_core.files`), configs (`lora_core.config`, `lora_core.configfile`) and the other modules that
+pyproject.toml's import-linter contract lists are torch-free, and the torch API below is loaded on
+first use.
 """
 from __future__ import annotations
 

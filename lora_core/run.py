@@ -7,8 +7,9 @@ Run folder (the contract with the GUI):
     samples/      validation outputs             checkpoints/step_XXXXXXXX/  full training state
     run.lock      pid + host of the trainer working in the folder
 
-status.json has one writer, `RunDir.write_status`; its states are STATES. A trainer writes
-running -> stopped | failed | done; the GUI queue writes queued and stopping.
+status.json has one writer, `RunDir.write_status`; its states are STATES (LIVE_STATES, then FINAL_STATES).
+A trainer writes running, stopping (a stop signal arrived) and stopped | failed | done; a queue (the GUI's, a
+sweep) writes queued (`mark_queued`) and a final state for a job that ended without one (`settle`).
 
 A step engine (lora_core.training.TorchEngine, lora_llm.mindspore.train.MindSporeEngine) provides:
     backend, num_processes            "torch" / "mindspore", data-parallel processes
