@@ -31,6 +31,7 @@ def _offenders(title: str, items) -> str:
 def test_the_layer_contract_is_kept():
     """lint-imports: lora_gui > lora_sd | lora_llm > lora_core, and no torch in the GUI or the torch-free core."""
     lint = Path(sys.executable).parent / "lint-imports"
+    assert lint.is_file(), f"{lint} is missing: install the dev extra (pip install -e '.[dev]': import-linter)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([str(lint), "--no-cache", "--no-logo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     report = done.stdout + done.stderr
