@@ -242,5 +242,5 @@ def field_specs(cls: type, stop_at: tuple = (), _prefix: str = "", _obj: Any = N
     return out
 
 
-__all__ = ["option", "Checked", "values_checked", "FieldSpec", "field_specs", "check_value", "choices_of", "type_name", "range_text",
-           "strip_optional"]
+__all__ = ["option", "Checked", "values_checked", "FieldSpec", "field_specs", "check_value", "choices_of", "type_name",
+           "range_text", "strip_optional"]
