@@ -13,6 +13,8 @@ import re
 from lora_core.adapter_files import (LORA_CORE, PEFT_CONFIG, AdapterFormat, AdapterView, describe_lora_core,
                                      is_lora_core, register)
 
+ADAPTER_FILE = "adapter.safetensors"   # a run folder's adapter (lora_core format)
+PEFT_DIR = "peft"                      # the run folder's PEFT export, beside it
 PEFT = "peft"
 PEFT_KEY = re.compile(r"base_model\.model\.(.+?)\.lora_[AB](?:\.[^.]+)?\.weight")
 

@@ -139,11 +139,11 @@ def test_save_load_carries_each_head_and_keeps_the_others(tmp_path):
 
 
 def test_llm_adapter_folders_carry_their_heads(tmp_path):
-    from lora_llm.adapters import load_adapter, save_adapter
-    from lora_llm.models import _classifier_from_lm, make_tiny_model
+    from lora_llm.adapter_io import load_adapter, save_adapter
+    from lora_llm.models import classifier_from_lm, make_tiny_model
     peft = pytest.importorskip("peft")
     lm, tok = make_tiny_model()
-    base = _classifier_from_lm(lm, 3, tok.eos_token_id)
+    base = classifier_from_lm(lm, 3, tok.eos_token_id)
     ours = copy.deepcopy(base)
     cfg = LoraConfig(r=2, alpha=4, target_modules=["c_attn"], modules_to_save=["score"])
     add_lora(ours, cfg, "a")
