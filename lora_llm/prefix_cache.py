@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from lora_core.dtypes import torch_dtype
@@ -278,6 +277,7 @@ class PrefixCachedClassifier(nn.Module):
 
 def _causal_mask(config, h, attention_mask, pos):
     """transformers' own mask for these inputs (causal + padding, in the form the attention backend wants)."""
+    from transformers.masking_utils import create_causal_mask   # lazy: new in transformers 4.53; pyproject allows 4.45
     try:
         return create_causal_mask(config=config, inputs_embeds=h, attention_mask=attention_mask, cache=None,
                                   position_ids=pos)
