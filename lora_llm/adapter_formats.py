@@ -1,4 +1,5 @@
-"""The causal-LM adapter formats, registered with lora_core.adapter_files (no torch here).
+"""The causal-LM adapter formats, registered with lora_core.adapter_files, and the file names of a run's
+adapter (ADAPTER_FILE, PEFT_DIR). No torch here: the GUI and `inspect` read headers through it.
 
 lora_core: our `adapter.safetensors` (lora_core.io.save_lora, either backend), with the run's
            `llm_info` (task, num_labels, model section) in its metadata; `lora-llm` loads it.

@@ -1,5 +1,6 @@
 """Models and tokenizers: Hugging Face causal LMs by hub id, local folder or GGUF file, tiny random
-GPT-2 models for tests, sequence classification on a causal LM, and the LoRA targets per architecture.
+GPT-2 models for tests, sequence classification on a causal LM, the LoRA targets per architecture
+(resolve_lora) and the training loss of a job (loss_function).
 """
 from __future__ import annotations
 

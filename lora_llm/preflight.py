@@ -19,7 +19,7 @@ from lora_core.preflight import (PreflightReport, SavedBytes, begin, common_conf
 from .config import LLMTrainConfig, load_llm_config
 from .data import train_items
 from .errors import DataError
-from .models import load_tokenizer
+from .models import count_parameters, load_tokenizer
 from .train import build_model, train_from_config
 
 
@@ -99,8 +99,7 @@ def measure(cfg: LLMTrainConfig, device: str, rep: PreflightReport, tokenizer=No
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     model, lcfg = build_model(cfg, tokenizer)
     model.to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     scale = lcfg.alpha / (math.sqrt(lcfg.r) if lcfg.use_rslora else lcfg.r)
     rep.parameters = {"trainable": trainable, "total": total, "r": lcfg.r, "alpha": lcfg.alpha, "scale": scale,

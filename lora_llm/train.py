@@ -48,18 +48,18 @@ class Collator:
 
 
 # ------------------------------------------------------------------------------ model
-def build_model(cfg: LLMTrainConfig, tokenizer, with_lora: bool = True):
+def build_model(cfg: LLMTrainConfig, tokenizer):
     """(model, resolved LoraConfig): the base model of the task with the adapter added."""
     n = 0 if cfg.data.is_lm else D.num_labels(cfg.data.task)
     model = load_model(cfg.model, n, tokenizer.pad_token_id)
     lcfg = resolve_lora(cfg.lora, model, classification=n > 0)
-    if with_lora:
-        add_lora(model, lcfg)
+    add_lora(model, lcfg)
     return model, lcfg
 
 
 # ------------------------------------------------------------------------------ the job
-def _accelerator(cfg: LLMTrainConfig) -> Accelerator:
+def make_accelerator(cfg: LLMTrainConfig) -> Accelerator:
+    """The Accelerator of a job (its mixed precision and gradient accumulation)."""
     # Accelerate keeps one process-wide state and refuses another mixed precision in the same
     # process (several jobs in one Python: eval-suite, tests); the distributed state is kept
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -74,7 +74,7 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
     if cfg.backend == "mindspore":
         from .mindspore.train import train_from_config as ms_train   # lazy: mindspore is an optional extra
         return ms_train(cfg, run_dir, resume, overwrite=overwrite)
-    accelerator = _accelerator(cfg)
+    accelerator = make_accelerator(cfg)
 
     def body(run: RunDir, _) -> dict:
         return _train_torch(cfg, run, accelerator, resume)
