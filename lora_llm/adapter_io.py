@@ -23,7 +23,7 @@ from lora_core.config import LoraConfig
 from lora_core.errors import LoraLoadError
 from lora_core.io import atomic_save_safetensors, atomic_write_json, load_lora, read_safetensors, save_lora
 from lora_core.layers import LoraLayer, base_dims, supported
-from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers
+from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers, remove_lora
 
 from .adapter_formats import ADAPTER_FILE, PEFT_DIR
 from .config import LLMTrainConfig, ModelSection
@@ -82,6 +82,15 @@ def load_trained(path: str | Path, device: str = "cpu", model_section: Optional[
         model = load_model(ms, info.get("num_labels", 0), tokenizer.pad_token_id)
     load_adapter(file, model)
     return model.to(device).eval(), tokenizer, info
+
+
+def save_merged(path: str | Path, out: str | Path) -> None:
+    """The trained adapter of `path` folded into its base model, saved with its tokenizer as a transformers
+    folder `out` (`lora-llm merge`)."""
+    model, tok, _ = load_trained(path, "cpu")
+    remove_lora(model, merge=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
 
 
 def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", adapter: str = DEFAULT):

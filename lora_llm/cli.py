@@ -146,15 +146,11 @@ def _cmd_tiny(a) -> int:
 
 
 def _cmd_merge(a) -> int:
-    from lora_core.model import remove_lora   # lazy: torch (not for --help or argument errors)
-    from .adapter_io import load_trained       # lazy: torch and transformers (as above)
+    from .adapter_io import save_merged   # lazy: torch and transformers (not for --help or argument errors)
     out = Path(a.out)
     if out.exists():
         raise FileExistsError(f"--out {out}: exists already; give a new folder for the merged model")
-    model, tok, _ = load_trained(_adapter_file(a.adapter)[0], "cpu")
-    remove_lora(model, merge=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
+    save_merged(_adapter_file(a.adapter)[0], out)
     print(f"merged model written to {out} (load it with transformers' from_pretrained)")
     return 0
 
