@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,15 +15,11 @@ from lora_core.model import lora_disabled
 from . import data as D
 from .config import LLMTrainConfig
 from .metrics import BASELINE_LABEL, BASELINE_LABEL_LM, classification_metrics
+from .models import max_positions
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def max_positions(model) -> Optional[int]:
-    cfg = model.config
-    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
 @torch.no_grad()

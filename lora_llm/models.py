@@ -186,6 +186,12 @@ def resolve_lora(cfg: LoraConfig, model, classification: bool) -> LoraConfig:
     return out
 
 
+def max_positions(model) -> Optional[int]:
+    """The length of the model's position table (config.n_positions / max_position_embeddings), if it has one."""
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
 def num_layers(model) -> int:
     """The number of transformer layers (config.num_hidden_layers / n_layer, else counted from module names)."""
     cfg = getattr(model, "config", None)

@@ -19,7 +19,7 @@ from lora_core.preflight import (PreflightReport, SavedBytes, begin, common_conf
 from .config import LLMTrainConfig, load_llm_config
 from .data import train_items
 from .errors import DataError
-from .models import count_parameters, load_tokenizer
+from .models import count_parameters, load_tokenizer, max_positions
 from .train import build_model, train_from_config
 
 
@@ -146,8 +146,7 @@ def preflight(config=None, overrides=(), device: str = "", steps: int = 2,
         rep.error(f"model.pretrained {cfg.model.pretrained!r} cannot be loaded or run: {type(e).__name__}: {e}",
                   "model.pretrained")
         return rep
-    positions(cfg, rep, getattr(model.config, "n_positions", None)
-              or getattr(model.config, "max_position_embeddings", None))
+    positions(cfg, rep, max_positions(model))
     del model
     if steps and items and rep.ok and cfg.backend == "torch":
         with tempfile.TemporaryDirectory(prefix="lora_llm_check_") as tmp:
