@@ -25,7 +25,7 @@ from lora_core.io import atomic_save_safetensors, atomic_write_json, load_lora, 
 from lora_core.layers import LoraLayer, base_dims, supported
 from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers, remove_lora
 
-from .adapter_formats import ADAPTER_FILE, PEFT_DIR
+from .adapter_formats import ADAPTER_FILE, LLM_INFO, PEFT_DIR
 from .config import LLMTrainConfig, ModelSection
 from .data import num_labels
 from .models import load_model, load_tokenizer
@@ -35,7 +35,7 @@ def save_adapter(folder: str | Path, model, info: dict, base_model_name: str = "
     """Write adapter `adapter` (LoRA + its own head) as `adapter.safetensors` and `peft/` into folder.
     `info` (task, num_labels, pretrained, gguf_file, tokenizer, steps, ...) goes into the metadata."""
     folder = Path(folder)
-    save_lora(folder / ADAPTER_FILE, model, metadata={"llm_info": json.dumps(info)}, adapter=adapter)
+    save_lora(folder / ADAPTER_FILE, model, metadata={LLM_INFO: json.dumps(info)}, adapter=adapter)
     export_peft(folder / PEFT_DIR, model, task_type=peft_task_type(info),
                 base_model_name=base_model_name or info.get("pretrained", ""), adapter=adapter)
 
@@ -48,7 +48,7 @@ def peft_task_type(info: dict) -> str:
 def read_adapter_info(path: str | Path) -> dict:
     """The `llm_info` metadata of an adapter.safetensors (task, num_labels, model section, ...)."""
     _, meta = read_safetensors(path)
-    return json.loads(meta.get("llm_info", "{}"))
+    return json.loads(meta.get(LLM_INFO, "{}"))
 
 
 def load_adapter(path: str | Path, model, adapter: str = DEFAULT) -> None:
@@ -165,7 +165,7 @@ def load_report(path: str | Path, model, base: str = "") -> LoadReport:
     shapes = module_dims(model)
     params = {re.sub(r"\.(original_module|modules_to_save\.[^.]+)(?=\.)", "", n): tuple(p.shape)
               for n, p in model.named_parameters()}   # a head wrapped for other adapters: its original names
-    info = json.loads(h.metadata.get("llm_info", "{}") or "{}")
+    info = json.loads(h.metadata.get(LLM_INFO, "{}") or "{}")
     width = sorted({i for i, _ in own.values()})
     made_for = f"{info.get('pretrained') or h.metadata.get('base_model') or 'unknown model'}" + \
         (f" (input widths {'/'.join(map(str, width))}, {len(block_names(list(own)))} adapted layers)" if width else "")

@@ -25,7 +25,7 @@ from lora_core.errors import LoraLoadError, RunFolderError
 from lora_core.files import atomic_write_json
 from lora_core.run import setup_logging
 
-from .adapter_formats import ADAPTER_FILE
+from .adapter_formats import ADAPTER_FILE, LLM_INFO
 from .cli_decide import add_commands
 from .config import ModelSection, load_llm_config
 from .errors import SuiteStopped
@@ -96,11 +96,11 @@ def _adapter_file(spec: str) -> tuple[Path, dict]:
         what = "no such file or folder" if not path.exists() else f"no {ADAPTER_FILE} in this folder (is training done?)"
         raise FileNotFoundError(f"--adapter {spec}: {what}")
     tensors, meta = read_safetensors(file)
-    if "llm_info" not in meta:
+    if LLM_INFO not in meta:
         raise ValueError(f"--adapter {spec}: {file.name} was not written by lora-llm (no llm_info metadata); "
                          "give a lora-llm run folder or its adapter.safetensors")
     refuse_non_finite(tensors, file)
-    return file, json.loads(meta["llm_info"])
+    return file, json.loads(meta[LLM_INFO])
 
 
 def check_sampling(a) -> None:

@@ -6,6 +6,7 @@ import json
 from lora_core.adapter_files import open_view
 from lora_core.cli_errors import add_sweep_and_check
 
+from .adapter_formats import LLM_INFO
 from .config import ModelSection
 
 
@@ -15,7 +16,7 @@ def inspect_base(a) -> int:
     if not a.file:   # the base's adaptable modules {key: [in, out]}, for a header-only fit check (GUI badge)
         return _base_modules(a.base)
     view = open_view(a.file)   # our file / run folder (llm_info says the task) or a PEFT folder
-    info = view.json_metadata.get("llm_info") or {}
+    info = view.json_metadata.get(LLM_INFO) or {}
     if not info and view.config:
         heads = [s[0] for k, s in ((k, view.header.shape(k)) for k in view.keys) if ".score." in k and len(s) == 2]
         info = {"num_labels": heads[0] if heads else 0}

@@ -36,7 +36,7 @@ from lora_core.files import atomic_write_json
 from lora_core.run import RunDir, TrainLoop, TrainSettings, run_job
 from lora_core.training import EpochSampler, make_scheduler
 from lora_llm import data as D
-from lora_llm.adapter_formats import ADAPTER_FILE, PEFT_DIR
+from lora_llm.adapter_formats import ADAPTER_FILE, LLM_INFO, PEFT_DIR
 from lora_llm.adapter_io import adapter_info, export_peft, load_trained, peft_task_type
 from lora_llm.evaluate import evaluate_job
 from lora_llm.models import TINY, load_model, load_tokenizer, resolve_lora, resolve_pretrained
@@ -297,7 +297,7 @@ def _train(cfg, run: RunDir, resume: Optional[str], dp) -> dict:
     engine = MindSporeEngine(trainer, s, seqs, labels, width, pad_id, cfg.data.is_lm, dp)
 
     def export(folder: Path, step: int) -> None:
-        meta = {"llm_info": json.dumps(adapter_info(cfg, steps=step, backend="mindspore"))}
+        meta = {LLM_INFO: json.dumps(adapter_info(cfg, steps=step, backend="mindspore"))}
         lcm.save_lora(folder / ADAPTER_FILE, trainer.net, meta)
 
     finish = (lambda step: evaluate_with_torch(cfg, run, step)) if cfg.eval.enabled else None
