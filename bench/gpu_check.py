@@ -174,19 +174,19 @@ def check_llm_step(ctx: dict, mp: str, cpu: bool) -> dict:
                                  "train.max_steps=3", "train.batch_size=2", f'train.mixed_precision="{mp}"',
                                  "eval.enabled=false", "eval.prompts=[]"])
     probes: list[PrecisionProbe] = []
-    original_build, original_acc = T.build_model, T._accelerator
+    original_build, original_acc = T.build_model, T.make_accelerator
 
-    def build(cfg_, tok, with_lora=True):
-        model, lcfg = original_build(cfg_, tok, with_lora)
+    def build(cfg_, tok):
+        model, lcfg = original_build(cfg_, tok)
         probes.append(PrecisionProbe(model.transformer.h[0].attn.c_attn.base_layer))
         return model, lcfg
 
     T.build_model = build
-    T._accelerator = lambda cfg_: _accelerator(mp, cpu)
+    T.make_accelerator = lambda cfg_: _accelerator(mp, cpu)
     try:
         status = T.train_from_config(cfg)
     finally:
-        T.build_model, T._accelerator = original_build, original_acc
+        T.build_model, T.make_accelerator = original_build, original_acc
     seen = probes[0].close() if probes else {}
     losses = [r["loss"] for r in _metrics(work / "run")]
     want = {"no": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}[mp]

@@ -75,10 +75,10 @@ def prefix_cache_bench(a) -> dict:
     import tempfile
     from types import SimpleNamespace
     from lora_core import LoraConfig, add_lora
-    from lora_llm.models import _classifier_from_lm, resolve_lora
+    from lora_llm.models import classifier_from_lm, resolve_lora
     from lora_llm.prefix_cache import cached_model
     lm, tok, _ = load(a.model)
-    base = _classifier_from_lm(lm, 2, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    base = classifier_from_lm(lm, 2, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     del lm
     n_layers = base.config.num_hidden_layers
     g = torch.Generator().manual_seed(0)

@@ -29,7 +29,7 @@ CONCEPT, N_IMAGES, DATA_SEED = "purple", 20, 100
 REG_IMAGES, REG_SEED = 40, 101             # the base concepts' prior-preservation images (data.reg_path)
 SEEDS = {"base": 6, CONCEPT: 8}            # 12 base prompts x 6 = 72 samples; 9 purple prompts x 8 = 72
 BACKGROUNDS = {"base": ["grey"], CONCEPT: ["grey", "white", "black"]}
-# issue 14's targets (fractions of samples): the base model alone, and with the demo LoRA at scale 1
+# the synthetic-concept demo's targets (fractions of samples): the base model alone, and with the demo LoRA at scale 1
 TARGETS = {"base_colour": 0.90, "base_shape": 0.70, "heldout_base_max": 0.10, "heldout_lora": 0.80,
            "base_drop_max": 0.10}
 

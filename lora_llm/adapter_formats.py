@@ -1,4 +1,5 @@
-"""The causal-LM adapter formats, registered with lora_core.adapter_files (no torch here).
+"""The causal-LM adapter formats, registered with lora_core.adapter_files, and the file names of a run's
+adapter (ADAPTER_FILE, PEFT_DIR). No torch here: the GUI and `inspect` read headers through it.
 
 lora_core: our `adapter.safetensors` (lora_core.io.save_lora, either backend), with the run's
            `llm_info` (task, num_labels, model section) in its metadata; `lora-llm` loads it.
@@ -13,13 +14,16 @@ import re
 from lora_core.adapter_files import (LORA_CORE, PEFT_CONFIG, AdapterFormat, AdapterView, describe_lora_core,
                                      is_lora_core, register)
 
+ADAPTER_FILE = "adapter.safetensors"   # a run folder's adapter (lora_core format)
+PEFT_DIR = "peft"                      # the run folder's PEFT export, beside it
+LLM_INFO = "llm_info"                  # the metadata key of what rebuilds the model (task, labels, [model])
 PEFT = "peft"
 PEFT_KEY = re.compile(r"base_model\.model\.(.+?)\.lora_[AB](?:\.[^.]+)?\.weight")
 
 
 def describe_llm_file(view: AdapterView) -> dict:
     d = describe_lora_core(view)
-    info = view.json_metadata.get("llm_info") or {}
+    info = view.json_metadata.get(LLM_INFO) or {}
     d["info"] = info
     d["base_model"] = d["base_model"] or info.get("pretrained") or info.get("model", {}).get("pretrained", "")
     d["steps"] = d["steps"] or info.get("steps", "")

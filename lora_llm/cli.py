@@ -5,8 +5,11 @@
     lora-llm eval --adapter RUN_DIR [--set eval.max_eval_tokens=0] [--baseline] [--json]
     lora-llm eval-suite --config configs/llm_suite_tiny.toml --out DIR
     lora-llm generate --adapter RUN_DIR --prompt "The history of" [--sample --temperature 0.8 --top-k 50 --top-p 0.9]
+    lora-llm merge RUN_DIR --out MERGED_DIR
+    lora-llm inspect RUN_DIR/adapter.safetensors [--json] [--base MODEL]
+    lora-llm check --config FILE          (config conflicts, data audit, memory estimate, two real steps)
+    lora-llm sweep --config FILE --vary lora.r=4,8 [--dry-run]   (one run per combination of values)
     lora-llm tiny-model OUT_DIR
-    lora-llm inspect RUN_DIR/adapter.safetensors [--json]
 """
 from __future__ import annotations
 
@@ -15,14 +18,22 @@ import json
 import sys
 from pathlib import Path
 
+from lora_core.adapter_files import inspect, refuse_non_finite
 from lora_core.cli_errors import add_debug_flag, add_inspect_parser, add_tiny_model_parser, add_train_parser, run_command
 from lora_core.configdoc import HelpConfig
+from lora_core.errors import LoraLoadError, RunFolderError
+from lora_core.files import atomic_write_json
+from lora_core.run import setup_logging
+
+from .adapter_formats import ADAPTER_FILE, LLM_INFO
+from .cli_decide import add_commands
+from .config import ModelSection, load_llm_config
+from .errors import SuiteStopped
+from .suite import load_suite, markdown_table, run_suite
 
 
 def _cmd_train(a) -> int:
-    from lora_core.errors import RunFolderError
-    from .config import load_llm_config
-    from .train import train_from_config
+    from .train import train_from_config   # lazy: torch and transformers (not for --help or argument errors)
     cfg = load_llm_config(a.config, [*a.set, *([f'backend="{a.backend}"'] if a.backend else [])])
     if a.run_dir:
         cfg.run_dir = a.run_dir   # the path as given; config.toml records where the run is
@@ -36,21 +47,19 @@ def _cmd_train(a) -> int:
 
 def _run_config(adapter: Path, config: str | None, overrides):
     """The job config for evaluating a trained adapter: --config, else the run's config.toml."""
-    from .config import load_llm_config
     run_cfg = adapter / "config.toml" if adapter.is_dir() else adapter.parent / "config.toml"
     path = config or (str(run_cfg) if run_cfg.is_file() else None)
     return load_llm_config(path, overrides)
 
 
 def _cmd_eval(a) -> int:
-    from lora_core.files import atomic_write_json
-    from .train import evaluate_job, load_trained
+    from . import adapter_io, evaluate   # lazy: torch and transformers (not for --help or argument errors)
     adapter = Path(a.adapter)
     cfg = _run_config(adapter, a.config, a.set)
-    model, tok, info = load_trained(adapter, a.device, cfg.model if a.config or a.set else None)
+    model, tok, info = adapter_io.load_trained(adapter, a.device, cfg.model if a.config or a.set else None)
     if info.get("task") and info["task"] != cfg.data.task:
         raise SystemExit(f"{adapter}: the adapter was trained for {info['task']!r}, the config says {cfg.data.task!r}")
-    res = evaluate_job(cfg, model, tok, progress=not a.json, baseline=a.baseline)
+    res = evaluate.evaluate_job(cfg, model, tok, progress=not a.json, baseline=a.baseline)
     if a.out:
         atomic_write_json(a.out, res)
     if a.json:
@@ -70,8 +79,6 @@ def _cmd_eval(a) -> int:
 
 
 def _cmd_suite(a) -> int:
-    from lora_core.run import setup_logging
-    from .suite import load_suite, markdown_table, run_suite
     setup_logging(None)
     suite = load_suite(a.config, a.set)
     rows = run_suite(suite, a.out, a.resume)
@@ -79,23 +86,21 @@ def _cmd_suite(a) -> int:
     return 0
 
 
-def _adapter_file(spec: str) -> Path:
-    """The adapter.safetensors of a run folder or file given on the command line, checked to exist
-    and to hold only finite numbers (before any model is loaded)."""
-    from lora_core.adapter_files import refuse_non_finite
-    from lora_core.io import read_safetensors
-    from .adapters import ADAPTER_FILE
+def _adapter_file(spec: str) -> tuple[Path, dict]:
+    """(file, llm_info) of the adapter.safetensors of a run folder or file given on the command line,
+    checked to exist and to hold only finite numbers (before any model is loaded)."""
+    from lora_core.io import read_safetensors   # lazy: torch (not for --help or argument errors)
     path = Path(spec).expanduser()
     file = path / ADAPTER_FILE if path.is_dir() else path
     if not file.is_file():
         what = "no such file or folder" if not path.exists() else f"no {ADAPTER_FILE} in this folder (is training done?)"
         raise FileNotFoundError(f"--adapter {spec}: {what}")
     tensors, meta = read_safetensors(file)
-    if "llm_info" not in meta:
+    if LLM_INFO not in meta:
         raise ValueError(f"--adapter {spec}: {file.name} was not written by lora-llm (no llm_info metadata); "
                          "give a lora-llm run folder or its adapter.safetensors")
     refuse_non_finite(tensors, file)
-    return file
+    return file, json.loads(meta[LLM_INFO])
 
 
 def check_sampling(a) -> None:
@@ -115,22 +120,18 @@ def check_sampling(a) -> None:
 
 
 def _cmd_generate(a) -> int:
-    from .config import ModelSection
-    from .evaluate import generate
     check_sampling(a)
+    from . import adapter_io, evaluate, models   # lazy: torch and transformers (not for --help or argument errors)
     if a.adapter:
-        from .adapters import read_adapter_info
-        from .train import load_trained
-        file = _adapter_file(a.adapter)
-        if read_adapter_info(file).get("num_labels"):
+        file, info = _adapter_file(a.adapter)
+        if info.get("num_labels"):
             raise ValueError(f"{a.adapter}: a classification adapter; generate needs a language-model adapter")
-        model, tok, _ = load_trained(file, a.device)
+        model, tok, _ = adapter_io.load_trained(file, a.device)
     else:
-        from .models import load_model, load_tokenizer
         ms = ModelSection(pretrained=a.model, gguf_file=a.gguf_file or "")
-        tok = load_tokenizer(ms)
-        model = load_model(ms).to(a.device)
-    for p, t in zip(a.prompt, generate(model, tok, a.prompt, a.max_new_tokens, a.sample, a.temperature,
+        tok = models.load_tokenizer(ms)
+        model = models.load_model(ms).to(a.device)
+    for p, t in zip(a.prompt, evaluate.generate(model, tok, a.prompt, a.max_new_tokens, a.sample, a.temperature,
                                        a.top_k, a.top_p, a.seed)):
         print(p + t)
         print()
@@ -138,31 +139,25 @@ def _cmd_generate(a) -> int:
 
 
 def _cmd_tiny(a) -> int:
-    from .models import make_tiny_model
+    from .models import make_tiny_model   # lazy: torch and transformers (not for --help or argument errors)
     make_tiny_model(a.out_dir, seed=a.seed)
     print(f"tiny GPT-2 written to {a.out_dir} (use model.pretrained = \"{a.out_dir}\")")
     return 0
 
 
 def _cmd_merge(a) -> int:
-    from lora_core import remove_lora
-    from .train import load_trained
+    from .adapter_io import save_merged   # lazy: torch and transformers (not for --help or argument errors)
     out = Path(a.out)
     if out.exists():
         raise FileExistsError(f"--out {out}: exists already; give a new folder for the merged model")
-    model, tok, _ = load_trained(_adapter_file(a.adapter), "cpu")
-    remove_lora(model, merge=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
+    save_merged(_adapter_file(a.adapter)[0], out)
     print(f"merged model written to {out} (load it with transformers' from_pretrained)")
     return 0
 
 
 def _cmd_inspect(a) -> int:
-    from lora_core.errors import LoraLoadError
-    from .adapters import describe
     try:
-        d = describe(a.file)
+        d = inspect(a.file)
     except LoraLoadError as e:
         print(f"lora-llm inspect: error: {e}", file=sys.stderr)
         return 2
@@ -227,15 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_inspect_parser(sub, "describe an adapter file or PEFT folder", _cmd_inspect, "lora-llm",
                        "lora_llm.cli_decide:inspect_base")
-    from .cli_decide import add_commands   # sweep, check
-    add_commands(sub)
+    add_commands(sub)   # sweep, check
     add_debug_flag(p, sub)
     return p
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from .suite import SuiteStopped
 
     def command() -> int:
         try:

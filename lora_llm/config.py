@@ -3,7 +3,7 @@
 A file means the same to the CLI, the GUI, `accelerate launch` and the MindSpore backend:
 
     run_dir = "runs/sst2"
-    backend = "torch"            # or "mindspore" (lora_llm.mindspore.train_from_config)
+    backend = "torch"            # or "mindspore" (lora_llm.mindspore.train.train_from_config)
     [model]  pretrained = "tiny" | hub id | local folder;  gguf_file;  tokenizer;  dtype
     [data]   task = "wikitext2" | "sst2" | "cola" | "imdb" | "ag_news";  data_dir / files / splits ...
     [lora]   lora_core.LoraConfig fields
@@ -19,16 +19,13 @@ from typing import Literal, Optional, Sequence, get_args
 
 from lora_core.config import LoraConfig
 from lora_core.configfile import load_config
-from lora_core.errors import ConfigError
 from lora_core.fields import Checked, option
 from lora_core.settings import TrainSettings
 
 Task = Literal["wikitext2", "sst2", "cola", "imdb", "ag_news"]
 TASKS = get_args(Task)
 Backend = Literal["torch", "mindspore"]
-BACKENDS = get_args(Backend)
 Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPES = get_args(Dtype)
 
 
 @dataclass
@@ -112,7 +109,7 @@ class MindSporeSection(Checked, section="mindspore"):
 class LLMTrainConfig(Checked):
     """The `lora-llm train` / `eval` job."""
     run_dir: str = option("runs/llm", "the run folder")
-    backend: Backend = option("torch", "torch, or mindspore (lora_llm.mindspore.train_from_config; GPT-2 models)")
+    backend: Backend = option("torch", "torch, or mindspore (lora_llm.mindspore.train; GPT-2 models)")
     model: ModelSection = option(help="the base model and tokenizer", factory=ModelSection)
     data: DataSection = option(help="the task and its examples", factory=DataSection)
     lora: LoraConfig = option(help="the adapter; q_proj/k_proj/v_proj on GPT-2 mean those slices of its fused c_attn "
@@ -127,4 +124,4 @@ def load_llm_config(path: Optional[str | Path] = None, overrides: Sequence[str] 
     return load_config(LLMTrainConfig, path, overrides)
 
 
-__all__ = ["LLMTrainConfig", "ModelSection", "DataSection", "EvalSection", "MindSporeSection", "load_llm_config", "ConfigError", "TASKS"]
+__all__ = ["LLMTrainConfig", "ModelSection", "DataSection", "EvalSection", "MindSporeSection", "load_llm_config", "TASKS"]

@@ -1,4 +1,5 @@
-"""Dataset loaders for the five tasks, in their upstream formats, with pure-Python output.
+"""Dataset loaders for the five tasks, in their upstream formats, with pure-Python output, and the
+tokenized training set of a job (train_items).
 
 Nothing here imports torch: records are `Example(text, label)`, tokenized data are lists of token
 ids, and `pad_batch` returns numpy arrays, so the MindSpore backend reuses all of it.
@@ -27,9 +28,8 @@ import numpy as np
 
 from lora_core.paths import shared_path
 
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file (and line)."""
+from .config import LLMTrainConfig
+from .errors import DataError
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ _HF_SPLIT = {"dev": "validation", "valid": "validation"}
 
 def _load_hf(task: str, split: str):
     try:
-        import datasets
+        import datasets   # lazy: an optional package, needed only when no local file is found
     except ImportError:
         raise DataError(f"no local {task} {split!r} file and the `datasets` package is missing") from None
     names, field = _HF[task]
@@ -384,6 +384,20 @@ def head_tail(ids: Sequence[int], max_length: int) -> list[int]:
 def _fallback_token(tokenizer) -> int:
     # an empty text still needs one token for the last-token pooling
     return int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+
+
+def train_items(cfg: LLMTrainConfig, tokenizer) -> list[dict]:
+    """The tokenized training set of a job: {"input_ids": [...], "label": int} (label absent for LM);
+    the same for both backends."""
+    d = cfg.data
+    split = d.train_split or task_info(d.task).train_split
+    if d.is_lm:
+        text = load_text(d.task, split, d.data_dir, d.train_file, d.detokenize)
+        blocks = lm_blocks(tokenize_text(text, tokenizer), d.block_size, d.max_train_examples)
+        return [{"input_ids": b} for b in blocks]
+    ex = load_examples(d.task, split, d.data_dir, d.train_file, d.max_train_examples)
+    ids, labels = tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
+    return [{"input_ids": i, "label": y} for i, y in zip(ids, labels)]
 
 
 def tokenize_text(text: str, tokenizer) -> list[int]:

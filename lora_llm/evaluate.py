@@ -1,23 +1,25 @@
-"""Evaluation: sliding-window perplexity, classification metrics, and text generation."""
+"""Evaluation: sliding-window perplexity, classification metrics, text generation, and the evaluation of
+a job's eval split (evaluate_job: after training, `lora-llm eval`, eval-suite, the MindSpore backend)."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import time
+from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .data import pad_batch
-from .metrics import classification_metrics
+from lora_core.model import lora_disabled
+
+from . import data as D
+from .config import LLMTrainConfig
+from .metrics import BASELINE_LABEL, BASELINE_LABEL_LM, classification_metrics
+from .models import max_positions
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def max_positions(model) -> Optional[int]:
-    cfg = model.config
-    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
 @torch.no_grad()
@@ -43,7 +45,6 @@ def perplexity(model, ids: Sequence[int], max_length: int = 1024, stride: int = 
         raise ValueError("perplexity needs at least 2 tokens")
     nll, count, windows, scored_to = 0.0, 0, 0, 1  # token 0 has no context: never scored
     begins = list(range(0, n - 1, stride))
-    from tqdm.auto import tqdm
     for begin in tqdm(begins, desc="perplexity", disable=not progress):
         end = min(begin + max_length, n)
         window = ids_t[begin:end].to(device).unsqueeze(0)
@@ -71,10 +72,9 @@ def predict(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int =
     device = _device(model)
     order = np.argsort([len(s) for s in seqs], kind="stable")
     preds = np.zeros(len(seqs), dtype=np.int64)
-    from tqdm.auto import tqdm
     for i in tqdm(range(0, len(seqs), batch_size), desc="predict", disable=not progress):
         idx = order[i:i + batch_size]
-        ids, mask = pad_batch([seqs[j] for j in idx], pad_id)
+        ids, mask = D.pad_batch([seqs[j] for j in idx], pad_id)
         logits = model(input_ids=torch.from_numpy(ids).to(device),
                        attention_mask=torch.from_numpy(mask).to(device)).logits
         preds[idx] = logits.argmax(-1).cpu().numpy()
@@ -111,3 +111,47 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 40,
             outs.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     model.train(was_training)
     return outs
+
+
+def evaluate_job(cfg: LLMTrainConfig, model, tokenizer, progress: bool = True, baseline: bool = False) -> dict:
+    """Metrics of the task's eval split: perplexity (+ generations) for LM, accuracy/F1/MCC otherwise.
+    baseline=True also scores the base model with adapters switched off, which for a classifier
+    runs its original, untrained head (not the adapter's trained copy): out["baseline"] holds the
+    label, the metrics and, for classification, the majority-class rate beside them."""
+    d, e = cfg.data, cfg.eval
+    info = D.task_info(d.task)
+    split = d.eval_split or info.eval_split
+    out: dict = {"task": d.task, "split": split}
+    t0 = time.time()
+    if d.is_lm:
+        text = D.load_text(d.task, split, d.data_dir, d.eval_file, d.detokenize)
+        ids = D.tokenize_text(text, tokenizer)
+        out["subset"] = bool(e.max_eval_tokens) and e.max_eval_tokens < len(ids)
+        if e.max_eval_tokens:
+            ids = ids[:e.max_eval_tokens]
+        out["tokenizer"] = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        out.update(perplexity(model, ids, e.ppl_max_length, e.ppl_stride, progress))
+        if baseline:
+            with lora_disabled(model):
+                ppl = perplexity(model, ids, e.ppl_max_length, e.ppl_stride, progress)["perplexity"]
+            out["baseline_perplexity"] = ppl
+            out["baseline"] = {"label": BASELINE_LABEL_LM, "perplexity": ppl}
+        if e.prompts:
+            out["generations"] = [{"prompt": p, "text": t} for p, t in zip(e.prompts, generate(
+                model, tokenizer, e.prompts, e.max_new_tokens, e.do_sample, e.temperature, e.top_k, e.top_p, e.seed))]
+    else:
+        everything = D.load_examples(d.task, split, d.data_dir, d.eval_file)
+        ex = D.subset(everything, d.max_eval_examples)
+        out["subset"] = len(ex) < len(everything)
+        seqs, labels = D.tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
+        n = D.num_labels(d.task)
+        out.update(evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress))
+        out["n_examples"] = len(seqs)
+        if baseline:
+            with lora_disabled(model):
+                b = evaluate_classifier(model, seqs, labels, n, tokenizer.pad_token_id, e.batch_size, progress)
+            out["baseline_accuracy"] = b["accuracy"]
+            out["baseline"] = {"label": BASELINE_LABEL, **{k: b[k] for k in ("accuracy", "macro_f1", "mcc")},
+                               "majority_accuracy": b["majority_accuracy"]}
+    out["eval_seconds"] = time.time() - t0
+    return out

@@ -1,9 +1,13 @@
-"""Classification metrics in numpy (shared by both backends): accuracy, macro-F1, Matthews correlation."""
+"""Classification metrics in numpy (shared by both backends): accuracy, macro-F1, Matthews correlation,
+and the labels of the baseline rows (torch-free: the eval-suite table uses them)."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+
+BASELINE_LABEL = "base model + untrained head"   # classification: the original head, no LoRA
+BASELINE_LABEL_LM = "base model, no LoRA"
 
 
 def confusion(labels: Sequence[int], preds: Sequence[int], n: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Models and tokenizers: Hugging Face causal LMs by hub id, local folder or GGUF file, tiny random
-GPT-2 models for tests, sequence classification on a causal LM, and the LoRA targets per architecture.
+GPT-2 models for tests, sequence classification on a causal LM, the LoRA targets per architecture
+(resolve_lora) and the training loss of a job (loss_function).
 """
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
+                          GPT2LMHeadModel, GPT2TokenizerFast)
 
 from lora_core.cli_errors import check_local_path, hub_error
-from lora_core.config import LoraConfig
+from lora_core.config import LoraConfig, layer_index
+from lora_core.dtypes import torch_dtype
 from lora_core.paths import shared_path
 
+from . import data
 from .config import ModelSection
 
 TINY = "tiny"
 HEAD = "score"   # the classification head of *ForSequenceClassification (GPT-2, LLaMA, ...)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------ where the model is
@@ -45,21 +50,19 @@ def resolve_pretrained(ms: ModelSection) -> tuple[str, Optional[str]]:
 def gpt2_tokenizer():
     """The GPT-2 BPE from ../shared/tokenizers/gpt2; without it, a small byte-level BPE trained here
     (same kind of tokenizer, 2k tokens) so that tests still run on a fresh machine."""
-    from transformers import GPT2TokenizerFast
     folder = shared_path("tokenizers", "gpt2")
     if folder is not None:
         tok = GPT2TokenizerFast.from_pretrained(str(folder))
     else:
-        tok = _train_small_bpe()
+        tok = train_small_bpe()
     tok.pad_token = tok.eos_token
     return tok
 
 
-def _train_small_bpe():
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2TokenizerFast
-    import lora_llm.data as corpus_module
-    text = Path(corpus_module.__file__).read_text(encoding="utf-8")
+def train_small_bpe():
+    """A 2,000-token byte-level BPE (GPT-2 kind) trained on the text of lora_llm/data.py: gpt2_tokenizer's
+    stand-in without ../shared."""
+    text = Path(data.__file__).read_text(encoding="utf-8")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([text] * 4, vocab_size=2000, min_frequency=1, special_tokens=["<|endoftext|>"])
     with tempfile.TemporaryDirectory() as d:
@@ -72,7 +75,6 @@ def load_tokenizer(ms: ModelSection):
     """The tokenizer of the model section; pad = eos when the tokenizer has no pad token (GPT-2)."""
     if ms.pretrained == TINY and not ms.tokenizer:
         return gpt2_tokenizer()
-    from transformers import AutoTokenizer
     if ms.tokenizer:
         check_local_path(ms.tokenizer, "model.tokenizer")
         tok = AutoTokenizer.from_pretrained(ms.tokenizer)
@@ -90,7 +92,6 @@ def load_tokenizer(ms: ModelSection):
 
 # ------------------------------------------------------------------------------ tiny models
 def tiny_gpt2_config(vocab_size: int, **overrides):
-    from transformers import GPT2Config
     kw = dict(vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4, n_inner=128,
               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab_size - 1,
               eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
@@ -101,7 +102,6 @@ def tiny_gpt2_config(vocab_size: int, **overrides):
 def make_tiny_model(out_dir: Optional[str | Path] = None, seed: int = 0, **config_overrides):
     """A small random GPT-2 LM (2 layers, width 64) with the GPT-2 tokenizer; saved as a normal
     Hugging Face folder (config.json, model.safetensors, tokenizer files) when out_dir is given."""
-    from transformers import GPT2LMHeadModel
     tok = gpt2_tokenizer()
     cfg = tiny_gpt2_config(len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
                            pad_token_id=tok.eos_token_id, **config_overrides)
@@ -120,13 +120,12 @@ def make_tiny_model(out_dir: Optional[str | Path] = None, seed: int = 0, **confi
 def load_model(ms: ModelSection, num_labels: int = 0, pad_token_id: Optional[int] = None):
     """A causal LM (num_labels=0) or a sequence classifier on the same backbone (num_labels>0):
     *ForSequenceClassification pools the hidden state of the last non-pad token into `score`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    dtype = _DTYPES[ms.dtype]
+    dtype = torch_dtype(ms.dtype)
     if ms.pretrained == TINY:
         lm, tok = make_tiny_model()
         if not num_labels:
             return lm.to(dtype)
-        return _classifier_from_lm(lm, num_labels, tok.eos_token_id).to(dtype)
+        return classifier_from_lm(lm, num_labels, tok.eos_token_id).to(dtype)
     name, gguf = resolve_pretrained(ms)
     kw = {"dtype": dtype, **({"gguf_file": gguf} if gguf else {})}
     try:
@@ -140,9 +139,8 @@ def load_model(ms: ModelSection, num_labels: int = 0, pad_token_id: Optional[int
     return model
 
 
-def _classifier_from_lm(lm, num_labels: int, pad_token_id: int):
+def classifier_from_lm(lm, num_labels: int, pad_token_id: int):
     """The *ForSequenceClassification model of an in-memory causal LM, sharing its backbone weights."""
-    from transformers import AutoModelForSequenceClassification
     cfg = lm.config.__class__.from_dict(lm.config.to_dict())
     cfg.num_labels, cfg.pad_token_id = num_labels, pad_token_id
     with torch.random.fork_rng(devices=[]):
@@ -188,13 +186,18 @@ def resolve_lora(cfg: LoraConfig, model, classification: bool) -> LoraConfig:
     return out
 
 
+def max_positions(model) -> Optional[int]:
+    """The length of the model's position table (config.n_positions / max_position_embeddings), if it has one."""
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
 def num_layers(model) -> int:
     """The number of transformer layers (config.num_hidden_layers / n_layer, else counted from module names)."""
     cfg = getattr(model, "config", None)
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     if n:
         return int(n)
-    from lora_core.config import layer_index
     names = [n for n, _ in (model.named_modules() if hasattr(model, "named_modules") else model.cells_and_names())]
     found = [i for i in map(layer_index, [n + "." for n in names]) if i is not None]
     if not found:
@@ -207,18 +210,13 @@ def loss_function(cfg, items: list[dict]):
     cross-entropy weighing class c by n / (classes * n_c) of the training examples."""
     if cfg.data.is_lm or cfg.data.class_weights == "none":
         return lambda m, b: m(**b).loss
-    counts = np.bincount([it["label"] for it in items], minlength=cfg_num_labels(cfg)).astype(np.float64)
+    counts = np.bincount([it["label"] for it in items], minlength=data.num_labels(cfg.data.task)).astype(np.float64)
     weights = torch.tensor(len(items) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
 
     def loss_fn(m, b):
         logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         return torch.nn.functional.cross_entropy(logits, b["labels"], weight=weights.to(logits.device))
     return loss_fn
-
-
-def cfg_num_labels(cfg) -> int:
-    from .data import num_labels as n
-    return n(cfg.data.task)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -30,13 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
+from lora_core.dtypes import torch_dtype
 from lora_core.files import atomic_path, atomic_write_json
+
+from .data import pad_batch
 
 log = logging.getLogger("lora.llm")
 
 _NP = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}    # numpy has no bf16: raw bits
-_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SHARD_BYTES = 256 << 20      # a fill writes a shard at least this often
 
 
@@ -140,7 +144,7 @@ class PrefixStore:
         """Store [(key, hidden (len, H))] as one new shard."""
         if not items:
             return
-        t = torch.cat([h for _, h in items]).to(_TORCH[self.dtype])
+        t = torch.cat([h for _, h in items]).to(torch_dtype(self.dtype))
         if not torch.isfinite(t).all():
             raise ValueError(f"prefix cache: hidden states overflow {self.dtype}; set "
                              "model.prefix_cache_dtype = \"bfloat16\" or \"float32\"")
@@ -215,8 +219,6 @@ class PrefixCachedClassifier(nn.Module):
 
     def fill(self, seqs: Sequence[Sequence[int]], progress: bool = False) -> int:
         """Compute and store the prefix of every sequence not yet in the cache; returns how many were computed."""
-        from tqdm.auto import tqdm
-        from .data import pad_batch
         amp, pad = _amp_tag(self.device), self.inner.config.pad_token_id
         self.store.refresh()
         todo = {self.store.key(s, amp): list(s) for s in seqs}
@@ -229,7 +231,7 @@ class PrefixCachedClassifier(nn.Module):
             ids, mask = (torch.from_numpy(a).to(self.device) for a in pad_batch([s for _, s in chunk], pad))
             h = self._prefix(ids, mask)
             for j, (k, s) in enumerate(chunk):
-                pending.append((k, h[j, :len(s)].detach().to("cpu", _TORCH[self.store.dtype])))
+                pending.append((k, h[j, :len(s)].detach().to("cpu", torch_dtype(self.store.dtype))))
                 size += pending[-1][1].numel() * pending[-1][1].element_size()
             if size >= SHARD_BYTES:
                 self.store.write(pending)
@@ -241,7 +243,6 @@ class PrefixCachedClassifier(nn.Module):
     # -- the trained top
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **_):
-        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lengths = attention_mask.sum(1).tolist()
@@ -276,7 +277,7 @@ class PrefixCachedClassifier(nn.Module):
 
 def _causal_mask(config, h, attention_mask, pos):
     """transformers' own mask for these inputs (causal + padding, in the form the attention backend wants)."""
-    from transformers.masking_utils import create_causal_mask
+    from transformers.masking_utils import create_causal_mask   # lazy: new in transformers 4.53; pyproject allows 4.45
     try:
         return create_causal_mask(config=config, inputs_embeds=h, attention_mask=attention_mask, cache=None,
                                   position_ids=pos)

@@ -12,12 +12,15 @@ from typing import Optional
 
 import torch
 
+from lora_core.dtypes import autocast_dtype
 from lora_core.preflight import PreflightReport, fit_activations, memory_estimate, run_steps
 from lora_core.preflight_torch import SavedBytes, begin, common_conflicts
 
 from .config import LLMTrainConfig, load_llm_config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .data import train_items
+from .errors import DataError
+from .models import count_parameters, load_tokenizer, max_positions
+from .train import build_model, train_from_config
 
 
 def conflicts(cfg: LLMTrainConfig, device: str, rep: PreflightReport) -> None:
@@ -44,8 +47,6 @@ def positions(cfg: LLMTrainConfig, rep: PreflightReport, positions: Optional[int
 
 def audit(cfg: LLMTrainConfig, tokenizer, rep: PreflightReport) -> list[dict]:
     """The tokenized training set as the trainer sees it: counts, lengths, truncation, labels."""
-    from .data import DataError
-    from .train import train_items
     try:
         items = train_items(cfg, tokenizer)
     except (DataError, FileNotFoundError, OSError, ValueError) as e:
@@ -74,7 +75,7 @@ def audit(cfg: LLMTrainConfig, tokenizer, rep: PreflightReport) -> list[dict]:
 def _activations(cfg: LLMTrainConfig, model, device: str, length: int) -> tuple[float, float]:
     """(saved bytes of a training forward at the chosen batch and length, the largest saved tensor): measured
     at batch 1 at that length (up to 2,048 tokens), else at 1/4 and 1/2 of it and extrapolated."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision)
+    dtype = autocast_dtype(cfg.train.mixed_precision)
     lengths = [length] if length <= 2048 else [length // 4, length // 2]
     points, largest = [], 0.0
     was = model.training
@@ -95,13 +96,10 @@ def _activations(cfg: LLMTrainConfig, model, device: str, length: int) -> tuple[
 
 def measure(cfg: LLMTrainConfig, device: str, rep: PreflightReport, tokenizer=None, items=None):
     """Trainable parameters, alpha/r and the memory estimate; returns the model (with its adapter)."""
-    from .models import load_tokenizer
-    from .train import build_model
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     model, lcfg = build_model(cfg, tokenizer)
     model.to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     scale = lcfg.alpha / (math.sqrt(lcfg.r) if lcfg.use_rslora else lcfg.r)
     rep.parameters = {"trainable": trainable, "total": total, "r": lcfg.r, "alpha": lcfg.alpha, "scale": scale,
@@ -132,8 +130,6 @@ def _small_config(cfg: LLMTrainConfig, work: Path) -> LLMTrainConfig:
 def preflight(config=None, overrides=(), device: str = "", steps: int = 2,
               cfg: Optional[LLMTrainConfig] = None) -> PreflightReport:
     """Check a `lora-llm train` config (a file with overrides, or `cfg`)."""
-    from .models import load_tokenizer
-    from .train import train_from_config
     rep, cfg, device = begin("llm-train", config, overrides, cfg, load_llm_config, device)
     if cfg is None:
         return rep
@@ -150,8 +146,7 @@ def preflight(config=None, overrides=(), device: str = "", steps: int = 2,
         rep.error(f"model.pretrained {cfg.model.pretrained!r} cannot be loaded or run: {type(e).__name__}: {e}",
                   "model.pretrained")
         return rep
-    positions(cfg, rep, getattr(model.config, "n_positions", None)
-              or getattr(model.config, "max_position_embeddings", None))
+    positions(cfg, rep, max_positions(model))
     del model
     if steps and items and rep.ok and cfg.backend == "torch":
         with tempfile.TemporaryDirectory(prefix="lora_llm_check_") as tmp:

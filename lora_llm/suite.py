@@ -23,12 +23,10 @@ from lora_core.fields import Checked, option
 from lora_core.files import atomic_write_json, atomic_write_text
 
 from .config import TASKS, LLMTrainConfig, Task
+from .errors import SuiteStopped
+from .metrics import BASELINE_LABEL, BASELINE_LABEL_LM
 
 log = logging.getLogger("lora.llm")
-
-
-class SuiteStopped(RuntimeError):
-    """A task's training was stopped (SIGTERM/SIGINT: the GUI's Stop button): the suite stops too."""
 
 
 @dataclass
@@ -54,12 +52,12 @@ def load_suite(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Sui
     return load_config(SuiteConfig, path, overrides)
 
 
-def _row(task: str, res: dict, cfg: LLMTrainConfig, wall: float, source: str) -> list[dict]:
+def result_rows(task: str, res: dict, cfg: LLMTrainConfig, wall: float, source: str) -> list[dict]:
+    """The table rows of one task's evaluation result (the baseline rows first, when scored)."""
     common = {"task": task, "split": res.get("split"), "trainable_params": res.get("trainable_params"),
               "steps": res.get("steps"), "wall_s": round(wall, 1), "n": res.get("n") or res.get("tokens"),
               "subset": bool(res.get("subset")),
               "source": source}
-    from .train import BASELINE_LABEL, BASELINE_LABEL_LM
     if cfg.data.is_lm:
         rows = [{**common, "metric": "perplexity", "value": res["perplexity"]}]
         if "baseline_perplexity" in res:
@@ -115,7 +113,7 @@ def run_suite(suite: SuiteConfig, out: str | Path, resume: Optional[str] = None)
                          "trainable_params": 0, "steps": 0, "wall_s": round(time.time() - t0, 1), "n": None,
                          "source": cfg.run_dir})
         else:
-            rows.extend(_row(task, res, cfg, time.time() - t0, source))
+            rows.extend(result_rows(task, res, cfg, time.time() - t0, source))
         atomic_write_json(out / "results.json", {"rows": rows, "note": suite.note})
         atomic_write_text(out / "results.md", markdown_table(rows, suite.note))
         log.info("suite: %s finished in %.0f s", task, time.time() - t0)
@@ -126,7 +124,9 @@ def run_suite(suite: SuiteConfig, out: str | Path, resume: Optional[str] = None)
 
 def _run_task(suite: SuiteConfig, task: str, cfg: LLMTrainConfig, resume: Optional[str]) -> tuple[dict, str]:
     """(evaluation result, where the adapter is): load suite.adapters[task], or train one."""
-    from .train import evaluate_job, load_trained, train_from_config
+    from .adapter_io import load_trained   # lazy: torch; the GUI imports SuiteConfig from this torch-free module
+    from .evaluate import evaluate_job     # lazy: as above
+    from .train import train_from_config   # lazy: as above
     if task in suite.adapters:
         model, tok, info = load_trained(suite.adapters[task], model_section=cfg.model)
         res = evaluate_job(cfg, model, tok, baseline=cfg.eval.baseline)

@@ -79,7 +79,7 @@ def files(pipe, tmp_path_factory):
     out["peft_gpt2_folder"] = (d / "peft_gpt2", "peft")
     out["peft_gpt2_file"] = (d / "peft_gpt2" / "adapter_model.safetensors", "peft")
     # ours: the lora_core file (lora-llm's adapter.safetensors) and our PEFT export of fused slices
-    from lora_llm.adapters import export_peft
+    from lora_llm.adapter_io import export_peft
     m = _tiny_gpt2()
     add_lora(m, LoraConfig(r=2, alpha=4, target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]}))
     save_lora(d / "adapter.safetensors", m, metadata={"llm_info": json.dumps({"task": "wikitext2", "steps": 3,
@@ -319,7 +319,7 @@ def test_fused_block_B_equals_loralib_in_torch(mask):
 
 
 def test_peft_export_uses_the_same_block_B():
-    from lora_llm.adapters import peft_tensors_and_config
+    from lora_llm.adapter_io import peft_tensors_and_config
     m = _tiny_gpt2()
     add_lora(m, LoraConfig(r=2, alpha=4, target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]}))
     for _, layer in lora_layers(m):

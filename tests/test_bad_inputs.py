@@ -90,7 +90,7 @@ def _poisoned(src: Path, dst: Path, value: float, key_part: str = "lora_up", met
 
 def _llm_adapters(root: Path) -> dict:
     from lora_core.io import save_lora
-    from lora_llm.adapters import ADAPTER_FILE
+    from lora_llm.adapter_formats import ADAPTER_FILE
     from lora_llm.config import ModelSection
     from lora_llm.models import make_tiny_model
     folder = root / "llm_model"
@@ -428,7 +428,8 @@ def test_api_generate_refuses_zero_steps_and_duplicate_adapters_leave_the_pipe_a
 
 
 def test_api_single_class_training_set(world):
-    from lora_llm.data import DataError, load_examples
+    from lora_llm.data import load_examples
+    from lora_llm.errors import DataError
     with pytest.raises(DataError, match="two classes"):
         load_examples("sst2", "train", str(world["single"]))
     assert len(load_examples("sst2", "dev", str(world["single"]))) == 2   # an eval split may be small

@@ -434,7 +434,7 @@ def _randomize(model, seed=4):
 
 
 def test_our_file_and_peft_export_keep_dora_locon_and_patterns(tmp_path):
-    from lora_llm.adapters import export_peft
+    from lora_llm.adapter_io import export_peft
     cfg = LoraConfig(r=4, alpha=8, conv_r=2, conv_alpha=5, use_dora=True, target_modules=["fc", "c1d", "pw", "conv"],
                      rank_pattern={"pw": 3}, alpha_pattern={"c1d": 2.0})
     model = Mixed()

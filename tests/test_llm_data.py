@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lora_llm import data as D
+from lora_llm.errors import DataError
 from lora_llm.metrics import classification_metrics
 
 FIX = Path(__file__).parent / "fixtures" / "llm"
@@ -54,7 +55,7 @@ def test_load_via_data_dir_and_split_defaults():
     assert len(D.load_examples("sst2", data_dir=str(FIX / "sst2"))) == 2           # default eval split: dev
     assert len(D.load_examples("sst2", "train", data_dir=str(FIX / "sst2"))) == 4
     assert "Lantern" in D.load_text("wikitext2", "valid", data_dir=str(FIX / "wikitext2"))
-    with pytest.raises(D.DataError, match="no 'train' split of ag_news"):
+    with pytest.raises(DataError, match="no 'train' split of ag_news"):
         D.load_examples("ag_news", "train", data_dir=str(FIX / "sst2"))
 
 
@@ -66,14 +67,14 @@ def test_load_via_data_dir_and_split_defaults():
 ])
 def test_malformed_row_names_file_and_line(task, file, line, what):
     path = FIX / "bad" / file
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(DataError) as e:
         D.READERS[task](path)
     assert f"{path}:{line}:" in str(e.value) and what in str(e.value)
 
 
 def test_bad_encoding_names_line():
     path = FIX / "bad" / "wiki.test.tokens"
-    with pytest.raises(D.DataError, match=f"{path}:2: not valid UTF-8"):
+    with pytest.raises(DataError, match=f"{path}:2: not valid UTF-8"):
         D.read_wikitext(path)
 
 
@@ -88,7 +89,7 @@ def test_pad_batch_dynamic_and_blocks():
     ids, mask = D.pad_batch([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert D.lm_blocks(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    with pytest.raises(D.DataError, match="fewer than data.block_size"):
+    with pytest.raises(DataError, match="fewer than data.block_size"):
         D.lm_blocks([1, 2], 4)
 
 

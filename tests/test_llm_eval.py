@@ -87,8 +87,8 @@ def test_tiny_model_folder_loads_like_any_local_model(tmp_path):
 
 def test_fallback_tokenizer_without_shared_files():
     """A fresh machine without ../shared still gets a byte-level BPE tokenizer for tiny models."""
-    from lora_llm.models import _train_small_bpe
-    tok = _train_small_bpe()
+    from lora_llm.models import train_small_bpe
+    tok = train_small_bpe()
     text = "The tokenizer loads examples, pads batches and counts tokens."
     ids = tok(text)["input_ids"]
     assert 1 < len(ids) < len(text) and tok.decode(ids) == text and tok.eos_token_id is not None
@@ -113,8 +113,10 @@ def test_baseline_is_the_base_model_with_its_untrained_head(tmp_path):
     from lora_llm.config import load_llm_config
     from lora_llm.evaluate import evaluate_classifier
     from lora_llm.models import load_model, load_tokenizer
-    from lora_llm.suite import _row
-    from lora_llm.train import BASELINE_LABEL, build_model, evaluate_job
+    from lora_llm.evaluate import evaluate_job
+    from lora_llm.metrics import BASELINE_LABEL
+    from lora_llm.suite import result_rows
+    from lora_llm.train import build_model
     cfg = load_llm_config(None, [f'run_dir="{tmp_path / "run"}"', 'data.task="sst2"',
                                  f'data.data_dir="{_unbalanced_sst2(tmp_path / "data")}"', "eval.prompts=[]"])
     tok = load_tokenizer(cfg.model)
@@ -141,7 +143,7 @@ def test_baseline_is_the_base_model_with_its_untrained_head(tmp_path):
     assert (b["accuracy"], b["macro_f1"], b["mcc"]) == (ref["accuracy"], ref["macro_f1"], ref["mcc"])
     assert res["baseline_accuracy"] == ref["accuracy"]
     assert b["majority_accuracy"] == res["majority_accuracy"] == 0.75
-    rows = _row("sst2", res, cfg, 1.0, "x")
+    rows = result_rows("sst2", res, cfg, 1.0, "x")
     assert [r["metric"] for r in rows[:3]] == ["accuracy (base model + untrained head)", "majority-class rate",
                                                "accuracy"]
     assert rows[0]["value"] == ref["accuracy"] and rows[1]["value"] == 0.75

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_core.errors import ConfigError
 from lora_llm import data as D
 from lora_llm.cli import main as cli
-from lora_llm.config import ConfigError, load_llm_config
+from lora_llm.config import load_llm_config
 from lora_llm.models import gpt2_tokenizer, loss_function
 from lora_llm.train import train_from_config
 

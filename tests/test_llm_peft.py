@@ -7,8 +7,9 @@ import torch
 peft = pytest.importorskip("peft")
 
 from lora_core import LoraConfig, add_lora  # noqa: E402
-from lora_llm.adapters import ADAPTER_FILE, export_peft, load_adapter, read_adapter_info, save_adapter  # noqa: E402
-from lora_llm.models import _classifier_from_lm, make_tiny_model, resolve_lora  # noqa: E402
+from lora_llm.adapter_formats import ADAPTER_FILE  # noqa: E402
+from lora_llm.adapter_io import export_peft, load_adapter, read_adapter_info, save_adapter  # noqa: E402
+from lora_llm.models import classifier_from_lm, make_tiny_model, resolve_lora  # noqa: E402
 
 
 def _randomize(model, seed=1):
@@ -44,7 +45,7 @@ def test_peft_roundtrip_gpt2_lm(tmp_path, targets):
 
 def test_peft_roundtrip_gpt2_classifier_with_head(tmp_path):
     lm, tok = make_tiny_model()
-    base = _classifier_from_lm(lm, 3, tok.eos_token_id)
+    base = classifier_from_lm(lm, 3, tok.eos_token_id)
     ours = copy.deepcopy(base)
     cfg = resolve_lora(LoraConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj"], use_rslora=True), ours, True)
     assert cfg.modules_to_save == ["score"] and cfg.fused_slices == {"c_attn": [True, False, True]}

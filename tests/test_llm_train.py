@@ -10,7 +10,8 @@ from lora_core.model import lora_state_dict
 from lora_core.training import RunDir
 from lora_llm.cli import main as cli
 from lora_llm.config import load_llm_config
-from lora_llm.train import load_trained, train_from_config
+from lora_llm.adapter_io import load_trained
+from lora_llm.train import train_from_config
 
 FIX = Path(__file__).parent / "fixtures" / "llm"
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -65,7 +66,7 @@ def test_classifier_learns_synthetic_task_and_reloads(tmp_path):
     # the adapter (LoRA + head) reloads into a fresh model and gives the same metric
     model, tok, info = load_trained(run)
     assert info["task"] == "sst2" and info["num_labels"] == 2
-    from lora_llm.train import evaluate_job
+    from lora_llm.evaluate import evaluate_job
     assert evaluate_job(cfg, model, tok, progress=False)["accuracy"] == status["eval"]["accuracy"]
 
 
@@ -146,7 +147,6 @@ def test_cli_tiny_model_train_inspect_generate(tmp_path, capsys):
     assert out.startswith("Hello")
     # merge: a plain transformers folder with the same logits as base + adapter
     from transformers import AutoModelForCausalLM
-    from lora_llm.train import load_trained
     assert cli(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
     lora_model, tok, _ = load_trained(str(tmp_path / "run"), "cpu")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))

@@ -83,7 +83,7 @@ def test_cli_inspect_base(tmp_path, capsys):
 
 
 def test_llm_report_and_load(tmp_path):
-    from lora_llm.adapters import load_adapter, load_report
+    from lora_llm.adapter_io import load_adapter, load_report
     from lora_llm.models import make_tiny_model
     src, _ = make_tiny_model(n_layer=3)
     add_lora(src, LoraConfig(r=2, target_modules=["c_attn", "c_proj"]))
@@ -103,7 +103,7 @@ def test_llm_report_and_load(tmp_path):
 
 def test_llm_fused_slices_fit(tmp_path):
     """GPT-2's q,v slices of c_attn (B has 2/3 of its rows) fit; on a wider model they do not."""
-    from lora_llm.adapters import load_adapter, load_report
+    from lora_llm.adapter_io import load_adapter, load_report
     from lora_llm.models import make_tiny_model
     src, _ = make_tiny_model()
     add_lora(src, LoraConfig(r=2, target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]}))
@@ -115,7 +115,7 @@ def test_llm_fused_slices_fit(tmp_path):
 
 
 def test_llm_cli_inspect_base(tmp_path, capsys):
-    from lora_llm.adapters import save_adapter
+    from lora_llm.adapter_io import save_adapter
     from lora_llm.cli import main
     from lora_llm.models import make_tiny_model
     model, _ = make_tiny_model()

@@ -14,9 +14,8 @@ from lora_core.training import RunDir  # noqa: E402
 from lora_llm.cli import main as cli  # noqa: E402
 from lora_llm.config import load_llm_config  # noqa: E402
 from lora_llm.data import pad_batch  # noqa: E402
-from lora_llm.mindspore import train_from_config  # noqa: E402
-from lora_llm.mindspore.train import build_base  # noqa: E402
-from lora_llm.train import load_trained  # noqa: E402
+from lora_llm.adapter_io import load_trained  # noqa: E402
+from lora_llm.mindspore.train import build_base, train_from_config  # noqa: E402
 
 pytestmark = pytest.mark.mindspore
 FIX = Path(__file__).parent / "fixtures" / "llm"
@@ -102,7 +101,7 @@ def test_wikitext2_lm_pynative_with_perplexity(tmp_path):
     # training lowers the loss on one fixed batch, the training blocks (the losses of 3 different batches
     # need not fall: they do not on the synthetic fixture of a machine without ../shared)
     from lora_core.model import lora_disabled
-    from lora_llm.train import train_items
+    from lora_llm.data import train_items
     blocks = torch.tensor([it["input_ids"] for it in train_items(cfg, tok)])
     with torch.no_grad():
         after = model(blocks, labels=blocks).loss.item()

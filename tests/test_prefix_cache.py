@@ -11,7 +11,7 @@ import torch
 
 from lora_core import LoraConfig, add_lora, lora_layers
 from lora_llm.config import load_llm_config
-from lora_llm.models import _classifier_from_lm, make_tiny_model, resolve_lora
+from lora_llm.models import classifier_from_lm, make_tiny_model, resolve_lora
 from lora_llm.prefix_cache import cached_model, fingerprint
 from lora_llm.train import train_from_config
 
@@ -29,7 +29,7 @@ def _tiny_llama(vocab: int, seed: int = 0):
 
 def _tiny_gpt2(seed: int = 0):
     lm, tok = make_tiny_model(seed=seed, n_layer=4)
-    return _classifier_from_lm(lm, 3, tok.eos_token_id)
+    return classifier_from_lm(lm, 3, tok.eos_token_id)
 
 
 def _with_lora(model, layers):

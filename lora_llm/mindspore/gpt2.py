@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, fields
-from typing import ClassVar
 from pathlib import Path
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import mindspore as ms
 import numpy as np
+from huggingface_hub import snapshot_download
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
+from safetensors.numpy import load_file
 
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 _LAYERNORM = {"gamma": "weight", "beta": "bias"}
@@ -243,7 +244,6 @@ def load_hf_state_dict(net: nn.Cell, sd: dict[str, np.ndarray], source: str = "s
 
 def read_weights(path: Union[str, Path]) -> dict[str, np.ndarray]:
     """A safetensors file, or a folder holding model.safetensors (or sharded model-0000x-of-0000y)."""
-    from safetensors.numpy import load_file
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.glob("model*.safetensors"))
     if not files:
@@ -259,7 +259,6 @@ def resolve_model_dir(pretrained: str) -> Path:
     p = Path(pretrained).expanduser()
     if p.exists():
         return p
-    from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(pretrained, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:

@@ -24,16 +24,27 @@ from typing import Callable, Optional, Sequence
 
 import mindspore as ms
 import numpy as np
+import torch
 from mindspore import nn, ops
+from mindspore.communication import get_group_size, get_rank, init
+from mindspore.experimental.optim import AdamW
+from safetensors.numpy import load_file, save_file
 
 import lora_core.mindspore as lcm
+from lora_core.errors import NonFiniteLoss
+from lora_core.files import atomic_write_json
 from lora_core.run import RunDir, TrainLoop, run_job
 from lora_core.settings import TrainSettings
-from lora_core.errors import NonFiniteLoss
-from lora_core.training import EpochSampler
+from lora_core.training import EpochSampler, make_scheduler
+from lora_llm import data as D
+from lora_llm.adapter_formats import ADAPTER_FILE, LLM_INFO, PEFT_DIR
+from lora_llm.adapter_io import adapter_info, export_peft, load_trained, peft_task_type
+from lora_llm.evaluate import evaluate_job
+from lora_llm.models import TINY, load_model, load_tokenizer, resolve_lora, resolve_pretrained
+
+from .gpt2 import GPT2Config, build_gpt2, load_gpt2, load_hf_state_dict
 
 log = logging.getLogger("lora.llm.mindspore")
-ADAPTER_FILE = "adapter.safetensors"
 
 
 # ------------------------------------------------------------------ context
@@ -50,8 +61,6 @@ def set_device(device_target: str = "CPU", device_id: int = 0) -> None:
 
 def lr_schedule(settings: TrainSettings) -> Callable[[int], float]:
     """lr(step) for step = 0..max_steps, exactly as the PyTorch trainer's scheduler."""
-    import torch
-    from lora_core.training import make_scheduler
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.learning_rate)
     sched = make_scheduler(opt, settings)
     lrs = []
@@ -75,7 +84,6 @@ class LoraTrainer:
                  all_workers: Callable[[bool], bool] = bool):
         """reducer averages gradients over data-parallel workers; all_workers(flag) is True when the flag
         is True on every worker (so that all of them stop together on a NaN loss)."""
-        from mindspore.experimental.optim import AdamW
         if settings.optimizer != "adamw":
             raise ValueError(f"train.optimizer = {settings.optimizer!r}: the MindSpore backend offers adamw only")
         for name in ("loraplus_lr_ratio", "head_learning_rate", "ema_decay"):   # torch-engine features (lora_core.training)
@@ -145,8 +153,7 @@ class LoraTrainer:
 def fixed_batch(seqs: Sequence[Sequence[int]], labels, width: int, pad_id: int, lm: bool) -> tuple:
     """(ids, mask, labels) MindSpore tensors, right-padded to `width` (one shape: one graph compile).
     LM labels are the ids with -100 on padding (the loss shifts them)."""
-    from lora_llm.data import pad_batch
-    ids, mask = pad_batch(seqs, pad_id)
+    ids, mask = D.pad_batch(seqs, pad_id)
     if ids.shape[1] < width:
         extra = width - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id)
@@ -157,8 +164,7 @@ def fixed_batch(seqs: Sequence[Sequence[int]], labels, width: int, pad_id: int, 
 
 def build_data(cfg, tokenizer) -> tuple[list[list[int]], list[int], int]:
     """(sequences, labels, padded width) of the training split: the PyTorch trainer's items."""
-    from lora_llm.train import train_items
-    items = train_items(cfg, tokenizer)
+    items = D.train_items(cfg, tokenizer)
     seqs = [it["input_ids"] for it in items]
     return seqs, [it.get("label", 0) for it in items], max(len(x) for x in seqs)
 
@@ -167,8 +173,6 @@ def build_data(cfg, tokenizer) -> tuple[list[list[int]], list[int], int]:
 def build_base(model_section, num_labels: int, pad_id: int) -> nn.Cell:
     """The MindSpore GPT-2 of a [model] section: "tiny" is the very model the PyTorch trainer builds
     (same seed), converted; a folder, file or hub id is read from its safetensors weights."""
-    from lora_llm.models import TINY, load_model, resolve_pretrained
-    from .gpt2 import GPT2Config, build_gpt2, load_gpt2, load_hf_state_dict
     if model_section.dtype != "float32":
         raise ValueError(f"model.dtype = {model_section.dtype!r}: the MindSpore backend runs float32 only")
     if model_section.gguf_file:
@@ -183,7 +187,6 @@ def build_base(model_section, num_labels: int, pad_id: int) -> nn.Cell:
 
 def build_model(cfg, num_labels: int, pad_id: int) -> nn.Cell:
     """build_base + LoRA, targets resolved by lora_llm.models.resolve_lora (q_proj/v_proj -> c_attn slices)."""
-    from lora_llm.models import resolve_lora
     net = build_base(cfg.model, num_labels, pad_id)
     lcm.add_lora(net, resolve_lora(cfg.lora, net, classification=bool(num_labels)))
     return net
@@ -241,13 +244,11 @@ class MindSporeEngine:
         pass   # only the main process writes files
 
     def save(self, folder: Path) -> None:
-        from safetensors.numpy import save_file
         if self.rank == 0:
             save_file({p.name: p.asnumpy() for p in self.trainer.params}, str(folder / "trainable.safetensors"))
             save_file(self.trainer.optimizer_state(), str(folder / "optimizer.safetensors"))
 
     def load(self, path: Path, state: dict) -> None:
-        from safetensors.numpy import load_file
         trainer = self.trainer
         saved = load_file(str(path / "trainable.safetensors"))
         own = {p.name: p for p in trainer.params}
@@ -282,9 +283,6 @@ def train_from_config(cfg, run_dir, resume: Optional[str] = None, overwrite: boo
 
 
 def _train(cfg, run: RunDir, resume: Optional[str], dp) -> dict:
-    from lora_llm import data as D
-    from lora_llm.models import load_tokenizer
-    from lora_llm.train import adapter_info
     s, mcfg = cfg.train, cfg.mindspore
     ms.set_seed(s.seed)
     tok = load_tokenizer(cfg.model)
@@ -300,7 +298,7 @@ def _train(cfg, run: RunDir, resume: Optional[str], dp) -> dict:
     engine = MindSporeEngine(trainer, s, seqs, labels, width, pad_id, cfg.data.is_lm, dp)
 
     def export(folder: Path, step: int) -> None:
-        meta = {"llm_info": json.dumps(adapter_info(cfg, steps=step, backend="mindspore"))}
+        meta = {LLM_INFO: json.dumps(adapter_info(cfg, steps=step, backend="mindspore"))}
         lcm.save_lora(folder / ADAPTER_FILE, trainer.net, meta)
 
     finish = (lambda step: evaluate_with_torch(cfg, run, step)) if cfg.eval.enabled else None
@@ -312,12 +310,8 @@ def evaluate_with_torch(cfg, run: RunDir, step: int) -> dict:
     """Evaluation after a MindSpore run: the adapter file is backend-neutral, so it is loaded into the
     PyTorch model and scored by lora_llm's evaluator (eval.json, same numbers as a PyTorch run), and
     the PEFT folder is exported from there. Returns the status fields {"eval": ...}."""
-    from lora_core.files import atomic_write_json
-    from lora_llm.adapters import PEFT_DIR, export_peft
-    from lora_llm.train import evaluate_job, load_trained
     model, tok, info = load_trained(run.path, model_section=cfg.model)
-    export_peft(run.path / PEFT_DIR, model, task_type="SEQ_CLS" if info.get("num_labels") else "CAUSAL_LM",
-                base_model_name=cfg.model.pretrained)
+    export_peft(run.path / PEFT_DIR, model, task_type=peft_task_type(info), base_model_name=cfg.model.pretrained)
     result = evaluate_job(cfg, model, tok, progress=False)
     result.update(steps=step, backend="mindspore")
     atomic_write_json(run.path / "eval.json", result)
@@ -332,7 +326,6 @@ class DataParallel:
     gradients averaged over workers, loss and stop flag shared."""
 
     def __init__(self):
-        from mindspore.communication import get_group_size, get_rank, init
         init()
         self.rank, self.size = get_rank(), get_group_size()
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)

@@ -1,5 +1,7 @@
-"""Adapter files of an LLM run: our `adapter.safetensors` (lora_core format + what is needed to
-rebuild the model) and a PEFT folder (`peft/adapter_config.json` + `adapter_model.safetensors`).
+"""Reading and writing an LLM run's adapter: our `adapter.safetensors` (lora_core format + the `llm_info`
+needed to rebuild the model) and a PEFT folder (`peft/adapter_config.json` + `adapter_model.safetensors`);
+loading a trained adapter back onto its base model (load_trained), and the load report of a file
+against a model (load_report, for `lora-llm inspect --base` and load_adapter's check).
 
 PEFT export of fused slices: our q,v adapter on GPT-2's c_attn (A: (k*r, in), B: (k*out/3, r) per
 enabled slice) is exactly a rank-k*r PEFT LoRA on c_attn with A = [A_q; A_v] and a block-structured
@@ -9,31 +11,45 @@ written per module as our scale * rank (rank_pattern / alpha_pattern), never rsL
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from lora_core.adapter_files import LoadReport, block_names, build_report, open_view
+from lora_core.config import LoraConfig
+from lora_core.errors import LoraLoadError
 from lora_core.files import atomic_write_json
 from lora_core.io import atomic_save_safetensors, load_lora, read_safetensors, save_lora
-from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers
+from lora_core.layers import LoraLayer, base_dims, supported
+from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers, remove_lora
 
-ADAPTER_FILE = "adapter.safetensors"
-PEFT_DIR = "peft"
+from .adapter_formats import ADAPTER_FILE, LLM_INFO, PEFT_DIR
+from .config import LLMTrainConfig, ModelSection
+from .data import num_labels
+from .models import load_model, load_tokenizer
 
 
 def save_adapter(folder: str | Path, model, info: dict, base_model_name: str = "", adapter: str = DEFAULT) -> None:
     """Write adapter `adapter` (LoRA + its own head) as `adapter.safetensors` and `peft/` into folder.
     `info` (task, num_labels, pretrained, gguf_file, tokenizer, steps, ...) goes into the metadata."""
     folder = Path(folder)
-    save_lora(folder / ADAPTER_FILE, model, metadata={"llm_info": json.dumps(info)}, adapter=adapter)
-    export_peft(folder / PEFT_DIR, model, task_type="SEQ_CLS" if info.get("num_labels") else "CAUSAL_LM",
+    save_lora(folder / ADAPTER_FILE, model, metadata={LLM_INFO: json.dumps(info)}, adapter=adapter)
+    export_peft(folder / PEFT_DIR, model, task_type=peft_task_type(info),
                 base_model_name=base_model_name or info.get("pretrained", ""), adapter=adapter)
+
+
+def peft_task_type(info: dict) -> str:
+    """PEFT's task_type of an adapter with this `llm_info`: SEQ_CLS for a classifier, else CAUSAL_LM."""
+    return "SEQ_CLS" if info.get("num_labels") else "CAUSAL_LM"
 
 
 def read_adapter_info(path: str | Path) -> dict:
     """The `llm_info` metadata of an adapter.safetensors (task, num_labels, model section, ...)."""
     _, meta = read_safetensors(path)
-    return json.loads(meta.get("llm_info", "{}"))
+    return json.loads(meta.get(LLM_INFO, "{}"))
 
 
 def load_adapter(path: str | Path, model, adapter: str = DEFAULT) -> None:
@@ -44,12 +60,41 @@ def load_adapter(path: str | Path, model, adapter: str = DEFAULT) -> None:
         path = path / ADAPTER_FILE
     rep = load_report(path, model)   # a file that does not fit fails with its report, before any change
     if not rep.fits:
-        from lora_core.errors import LoraLoadError
         raise LoraLoadError(rep.text())
     load_lora(path, model, adapter)
 
 
-def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", adapter: str = "default"):
+def adapter_info(cfg: LLMTrainConfig, **extra) -> dict:
+    """The `llm_info` of a run's adapter file: what load_trained needs to rebuild the model (+ `extra`)."""
+    return {"task": cfg.data.task, "num_labels": 0 if cfg.data.is_lm else num_labels(cfg.data.task),
+            "model": asdict(cfg.model), "pretrained": cfg.model.pretrained, **extra}
+
+
+def load_trained(path: str | Path, device: str = "cpu", model_section: Optional[ModelSection] = None):
+    """(model with adapter, tokenizer, info) from a run folder or adapter.safetensors.
+    model_section overrides where the base model is found (e.g. another machine's path)."""
+    path = Path(path)
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    info = read_adapter_info(file)
+    ms = model_section or ModelSection(**info["model"])
+    tokenizer = load_tokenizer(ms)
+    with torch.random.fork_rng(devices=[]):   # a reproducible untrained head (the --baseline one)
+        torch.manual_seed(0)
+        model = load_model(ms, info.get("num_labels", 0), tokenizer.pad_token_id)
+    load_adapter(file, model)
+    return model.to(device).eval(), tokenizer, info
+
+
+def save_merged(path: str | Path, out: str | Path) -> None:
+    """The trained adapter of `path` folded into its base model, saved with its tokenizer as a transformers
+    folder `out` (`lora-llm merge`)."""
+    model, tok, _ = load_trained(path, "cpu")
+    remove_lora(model, merge=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+
+
+def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", adapter: str = DEFAULT):
     """(state dict with PEFT key names, adapter_config dict) equivalent to our adapter."""
     cfg = lora_config(model, adapter)
     tensors: dict[str, torch.Tensor] = {}
@@ -87,7 +132,8 @@ def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", ad
 
 
 def export_peft(folder: str | Path, model, task_type: str = "CAUSAL_LM", base_model_name: str = "",
-                adapter: str = "default") -> Path:
+                adapter: str = DEFAULT) -> Path:
+    """Write adapter `adapter` of `model` as a PEFT folder (adapter_model.safetensors + adapter_config.json)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, config = peft_tensors_and_config(model, task_type, base_model_name, adapter)
@@ -96,18 +142,16 @@ def export_peft(folder: str | Path, model, task_type: str = "CAUSAL_LM", base_mo
     return folder
 
 
-def describe(path: str | Path) -> dict:
-    """`lora-llm inspect`: lora_core.adapter_files.inspect (the description every CLI and the GUI show)."""
-    from lora_core.adapter_files import inspect
-    return inspect(path)
+def module_dims(model) -> dict[str, tuple[int, int]]:
+    """(in, out) of every module of `model` LoRA can adapt (an adapted one: of its base layer), by name."""
+    return {name: base_dims(mod.base_layer if isinstance(mod, LoraLayer) else mod)
+            for name, mod in model.named_modules()
+            if name and (isinstance(mod, LoraLayer) or supported(mod)) and ".base_layer" not in f".{name}"}
 
 
-def load_report(path: str | Path, model, base: str = ""):
+def load_report(path: str | Path, model, base: str = "") -> LoadReport:
     """The load report (lora_core.adapter_files.LoadReport) of our adapter file against `model`: each
     adapted module's (in, out) and each saved head's shape, per layer; reads the file's header only."""
-    import re
-    from lora_core.adapter_files import block_names, build_report, open_view
-    from lora_core.layers import LoraLayer, base_dims, supported
     path = Path(path)
     h = open_view(path).header   # our file, a run folder, or a PEFT folder
     own, heads = {}, {}
@@ -119,18 +163,13 @@ def load_report(path: str | Path, model, base: str = ""):
             own.setdefault(m.group(1), [0, 0])[i] = shape[1] if i == 0 else shape[0]
         elif not k.endswith("lora_magnitude_vector"):   # DoRA magnitudes go with their module's A and B
             heads[k.removeprefix("base_model.model.").replace(".modules_to_save.default", "")] = tuple(h.shape(k))
-    shapes = {}
-    for name, mod in model.named_modules():
-        base_mod = mod.base_layer if isinstance(mod, LoraLayer) else mod
-        if name and (isinstance(mod, LoraLayer) or supported(mod)) and ".base_layer" not in f".{name}":
-            shapes[name] = base_dims(base_mod)
+    shapes = module_dims(model)
     params = {re.sub(r"\.(original_module|modules_to_save\.[^.]+)(?=\.)", "", n): tuple(p.shape)
               for n, p in model.named_parameters()}   # a head wrapped for other adapters: its original names
-    info = json.loads(h.metadata.get("llm_info", "{}") or "{}")
+    info = json.loads(h.metadata.get(LLM_INFO, "{}") or "{}")
     width = sorted({i for i, _ in own.values()})
     made_for = f"{info.get('pretrained') or h.metadata.get('base_model') or 'unknown model'}" + \
         (f" (input widths {'/'.join(map(str, width))}, {len(block_names(list(own)))} adapted layers)" if width else "")
-    from lora_core.config import LoraConfig
     cfg = json.loads(h.metadata.get("lora_config", "{}") or "{}")
     lcfg = LoraConfig(fused_slices=cfg.get("fused_slices") or {})
     rep = build_report(str(path), made_for, {k: tuple(v) for k, v in own.items()}, shapes,
