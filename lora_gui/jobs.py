@@ -12,11 +12,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lora_core.configfile import read_toml
 from lora_core.run import STATES
 
 from . import kinds
@@ -45,8 +45,6 @@ class Job:
 
     def __post_init__(self):
         kinds.get(self.kind)  # an unknown kind raises ValueError
-        if self.state == "pending":  # a queue.json written before the queue used the run states
-            self.state = "queued"
         if self.state not in STATES:
             raise ValueError(f"job {self.id}: unknown state {self.state!r}; known: {list(STATES)}")
         if self.launcher not in LAUNCHERS:
@@ -79,8 +77,8 @@ def accelerate_prefix(mixed_precision: str = "no") -> list[str]:
 def _mixed_precision(config: Path) -> str:
     """The job's train.mixed_precision (so that accelerate launch agrees with the config)."""
     try:
-        value = tomllib.loads(config.read_text(encoding="utf-8")).get("train", {}).get("mixed_precision", "no")
-    except (OSError, tomllib.TOMLDecodeError):
+        value = read_toml(config).get("train", {}).get("mixed_precision", "no")
+    except ValueError:   # ConfigError: missing or not valid TOML
         return "no"
     return value if value in ("no", "fp16", "bf16") else "no"
 

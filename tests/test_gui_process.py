@@ -16,6 +16,7 @@ import pytest
 
 from lora_core.run import RunDir
 from lora_gui import clirun, kinds
+from lora_gui.errors import CliError
 from lora_gui.queue import JobQueue
 from lora_gui.workspace import Workspace
 
@@ -174,7 +175,7 @@ def test_app_exits_promptly_on_sigterm_during_a_generation(tmp_path):
 # ---------------------------------------------------------------- CLI errors as one line
 def test_cli_failure_is_the_clis_one_line_message(tmp_path):
     missing = tmp_path / "missing.safetensors"
-    with pytest.raises(clirun.CliError) as e:
+    with pytest.raises(CliError) as e:
         clirun.run_cli("lora_sd.cli", ["convert", str(missing), str(tmp_path / "out.safetensors"), "--to", "kohya"],
                        tmp_path, timeout=300)
     msg = str(e.value)
@@ -190,7 +191,7 @@ def test_cli_calls_in_flight_are_stopped_on_exit(tmp_path):
     def call():
         try:
             clirun.run_cli("timeit", ["-n", "1", "-r", "1", "import time; time.sleep(60)"], tmp_path, timeout=120)
-        except clirun.CliError as e:
+        except CliError as e:
             errors.append(str(e))
 
     t = threading.Thread(target=call)
@@ -207,7 +208,7 @@ def test_cli_calls_in_flight_are_stopped_on_exit(tmp_path):
 def test_form_choices_and_help_come_from_the_config_declarations():
     from lora_core.errors import ConfigError
     from lora_core.fields import field_specs
-    from lora_gui.configs import coerce
+    from lora_gui.config_data import apply_form, default_config_dict, validate
     from lora_llm.config import LLMTrainConfig
     from lora_sd.config import SDTrainConfig
     for kind, cls, keys in (("sd-train", SDTrainConfig, ("train.lr_scheduler", "train.mixed_precision")),
@@ -220,8 +221,8 @@ def test_form_choices_and_help_come_from_the_config_declarations():
             assert specs[key].help and specs[key].help in fields[key].info, key
     lr = next(f for f in kinds.get("sd-train").fields if f.key == "train.lr_scheduler")
     assert "cosine_with_restarts" in lr.choices  # the trainers' whole list, not a GUI copy of part of it
-    with pytest.raises(ConfigError, match="not one of"):
-        coerce(lr, "exponential")
+    with pytest.raises(ConfigError, match="train.lr_scheduler must be one of"):   # the config's own check
+        validate("sd-train", apply_form(default_config_dict("sd-train"), [lr], {"train.lr_scheduler": "exponential"}))
 
 
 def test_guard_shows_file_errors_as_one_line(tmp_path):

@@ -11,14 +11,14 @@ from .. import jobs, kinds, runview
 from ..errors import UserError
 from ..queue import JobQueue
 from ..workspace import Workspace, check_name
-from .configs import ConfigService
+from .job_configs import ConfigService
 
 
 class RunService:
     def __init__(self, ws: Workspace, queue: JobQueue, configs: ConfigService):
         self.ws, self.queue, self.configs = ws, queue, configs
 
-    def preview(self, kind: str, base: dict, values: list, run_name: str, launcher: str) -> tuple[str, str]:
+    def preview(self, kind: str, base: dict, values: dict, run_name: str, launcher: str) -> tuple[str, str]:
         """(config TOML, exact command) of the run the Start button would queue."""
         run_dir = self.ws.new_run_dir(run_name)
         cfg = self.configs.build(kind, base, values)
@@ -26,7 +26,7 @@ class RunService:
         job = jobs.Job(id="preview", kind=kind, run_dir=str(run_dir), launcher=launcher)
         return dumps(cfg), jobs.preview(job)
 
-    def start(self, kind: str, base: dict, values: list, run_name: str, launcher: str) -> tuple[str, str]:
+    def start(self, kind: str, base: dict, values: dict, run_name: str, launcher: str) -> tuple[str, str]:
         """Write RUN/config.toml and queue the training; returns (run name, message)."""
         cfg = self.configs.build(kind, base, values)
         run_dir = self.ws.new_run_dir(run_name)

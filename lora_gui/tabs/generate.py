@@ -1,4 +1,5 @@
-"""Generate: images from a base model with any number of adapters at their scales (`lora-sd generate`)."""
+"""Generate: images from a base model with any number of adapters at their scales (`lora-sd generate`), each
+adapter's fit badge against the base model, and the base model's detected SD architecture."""
 from __future__ import annotations
 
 import gradio as gr
@@ -6,7 +7,7 @@ import gradio as gr
 from lora_core.fields import field_specs
 
 from .. import kinds
-from ..services.compare import badge
+from ..services.fit import badge
 from ..widgets import guard
 from .adapters import fit_badge, quick_badge
 
