@@ -14,17 +14,17 @@ from typing import Optional
 from lora_core.configfile import from_dict, read_toml, to_dict
 from lora_core.errors import ConfigError
 
-from . import kinds
+from . import job_kinds
 from .workspace import Workspace
 
 
 def default_config_dict(kind: str) -> dict:
     """The repository's demo config of job kind `kind` (e.g. configs/sd_synth_purple.toml) or the
     config class's defaults."""
-    path = kinds.get(kind).default_path()
+    path = job_kinds.get(kind).default_path()
     if path is not None:
         return complete(kind, read_toml(path))
-    return to_dict(kinds.get(kind).config_class()())
+    return to_dict(job_kinds.get(kind).config_class()())
 
 
 def complete(kind: str, data: dict) -> dict:
@@ -38,7 +38,7 @@ def complete(kind: str, data: dict) -> dict:
 
 def form_values(kind: str, data: dict, ws: Optional[Workspace] = None) -> dict:
     """{key: what its input shows} of job kind `kind`'s form for config data `data`."""
-    return {f.key: f.shown(data, ws) for f in kinds.get(kind).fields}
+    return {f.key: f.shown(data, ws) for f in job_kinds.get(kind).fields}
 
 
 def apply_form(base: dict, fields, values: dict, ws: Optional[Workspace] = None) -> dict:
@@ -56,4 +56,4 @@ def apply_form(base: dict, fields, values: dict, ws: Optional[Workspace] = None)
 
 def validate(kind: str, data: dict, where: str = "config"):
     """The typed config object of job kind `kind` (ConfigError names the key at fault)."""
-    return from_dict(kinds.get(kind).config_class(), data, where)
+    return from_dict(job_kinds.get(kind).config_class(), data, where)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lora_core.fields import FieldSpec, field_specs
-from lora_sd.config import ALL_ATTN, CROSS_ATTN, TARGET_PRESETS  # noqa: F401 (the SD trainer's target presets)
+from lora_sd.config import TARGET_PRESETS   # the SD trainer's target presets (name -> regex)
 
 from .field_kinds import FOLDER, MODEL, NAMES, TABLE_RANK, FieldKind, get_key, kind_for
 from .workspace import Workspace

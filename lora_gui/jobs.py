@@ -19,15 +19,15 @@ from typing import Optional
 from lora_core.configfile import read_toml
 from lora_core.run import STATES
 
-from . import kinds
-from .kinds import REPO_ROOT
+from . import job_kinds
+from .job_kinds import REPO_ROOT
 
 LAUNCHERS = ("accelerate", "python")
 
 
 @dataclass
 class Job:
-    """One queued command. `run_dir` is absolute; `kind` is a lora_gui.kinds name; `state` is one
+    """One queued command. `run_dir` is absolute; `kind` is a lora_gui.job_kinds name; `state` is one
     of the run states (lora_core.run.STATES): queued, running, stopping, stopped, failed, done."""
     id: str
     kind: str
@@ -44,15 +44,15 @@ class Job:
     extra: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        kinds.get(self.kind)  # an unknown kind raises ValueError
+        job_kinds.get(self.kind)  # an unknown kind raises ValueError
         if self.state not in STATES:
             raise ValueError(f"job {self.id}: unknown state {self.state!r}; known: {list(STATES)}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
 
     @property
-    def spec(self) -> kinds.JobKind:
-        return kinds.get(self.kind)
+    def spec(self) -> job_kinds.JobKind:
+        return job_kinds.get(self.kind)
 
     @property
     def is_train(self) -> bool:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from typing import Optional
 
 import gradio as gr
 
-from . import kinds, runview
+from . import job_kinds, runview
 from .forms import Field
 from .jobs import LAUNCHERS
 from .services.plots import loss_figure
@@ -45,49 +44,57 @@ def named(values: dict, components: dict) -> dict:
 
 def field_input(f: Field, value, prefix: str):
     """The input of form field `f`: the component its kind names, with the kind's arguments."""
-    comp = getattr(gr, f.kind.component)(label=f.label, info=f.info or None, value=value,
+    return getattr(gr, f.kind.component)(label=f.label, info=f.info or None, value=value,
                                          elem_id=f"{prefix}-{f.key.replace('.', '-')}", **f.kind.widget(f))
-    comp._lora_field = f
-    return comp
 
 
 SECTIONS = {"advanced": dict(label="Advanced", open=False),   # group -> its collapsible section
             "sdxl": dict(label="SDXL", open=True, visible=False)}   # shown when the base model is SDXL
 
 
-def form(fields, values: dict, prefix: str, sections: Optional[dict] = None) -> dict:
-    """The inputs of a form ({key: component}, in the order of `fields`), two per row (wide kinds get a
-    row of their own); the fields of a group go into that group's section (SECTIONS) below the others;
-    `sections` receives each section's component (group -> Accordion)."""
-    out = _rows([f for f in fields if f.group not in SECTIONS], values, prefix)
+@dataclass
+class Form:
+    """A form's components: `inputs` {key: input} in the order of the fields, `notes` {key: the line below
+    an input with a `note`}, `sections` {group: its Accordion}."""
+    inputs: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+    sections: dict = field(default_factory=dict)
+
+
+def form(fields, values: dict, prefix: str) -> Form:
+    """The inputs of a form, two per row (wide kinds get a row of their own); the fields of a group go into
+    that group's section (SECTIONS) below the others."""
+    out = Form()
+    _rows([f for f in fields if f.group not in SECTIONS], values, prefix, out)
     for group, kw in SECTIONS.items():
         grouped = [f for f in fields if f.group == group]
         if grouped:
-            with gr.Accordion(elem_id=f"{prefix}-{group}", **kw) as acc:
-                out += _rows(grouped, values, prefix)
-            if sections is not None:
-                sections[group] = acc
-    by_key = {c._lora_field.key: c for c in out}
-    return {f.key: by_key[f.key] for f in fields}
+            with gr.Accordion(elem_id=f"{prefix}-{group}", **kw) as out.sections[group]:
+                _rows(grouped, values, prefix, out)
+    out.inputs = {f.key: out.inputs[f.key] for f in fields}
+    return out
 
 
-def _rows(fields, values: dict, prefix: str) -> list:
-    out, row = [], []
+def _rows(fields, values: dict, prefix: str, out: Form) -> None:
+    row = []
     for f in fields:
         if f.kind.wide:
-            out.append(field_input(f, values[f.key], prefix))
+            out.inputs[f.key] = field_input(f, values[f.key], prefix)
             if f.note:   # a line below the input (e.g. the detected architecture), filled by JobForm.wire
-                out[-1]._lora_note = gr.Markdown(elem_id=f"{prefix}-{f.key.replace('.', '-')}-note")
+                out.notes[f.key] = gr.Markdown(elem_id=f"{prefix}-{f.key.replace('.', '-')}-note")
             continue
         row.append(f)
         if len(row) == 2:
-            with gr.Row():
-                out += [field_input(x, values[x.key], prefix) for x in row]
+            _row(row, values, prefix, out)
             row = []
     if row:
-        with gr.Row():
-            out += [field_input(x, values[x.key], prefix) for x in row]
-    return out
+        _row(row, values, prefix, out)
+
+
+def _row(fields, values: dict, prefix: str, out: Form) -> None:
+    with gr.Row():
+        for f in fields:
+            out.inputs[f.key] = field_input(f, values[f.key], prefix)
 
 
 class JobForm:
@@ -96,7 +103,7 @@ class JobForm:
 
     def __init__(self, ctrl, kind: str, start_label: str, extra=None):
         self.ctrl, self.kind = ctrl, kind
-        p = kinds.get(kind).prefix
+        p = job_kinds.get(kind).prefix
         base = ctrl.configs.default(kind)
         self.base = gr.State(base)
         with gr.Accordion("Config file (save / load, the configs/ TOML format)", open=False):
@@ -107,8 +114,8 @@ class JobForm:
             with gr.Row():
                 self.cfg_name = gr.Textbox(label="Save as (name)", scale=3, elem_id=f"{p}-config-name")
                 self.save = gr.Button("Save", scale=1, elem_id=f"{p}-config-save")
-        self.sections: dict = {}
-        self.inputs = form(kinds.get(kind).fields, ctrl.configs.form_values(kind, base), p, self.sections)
+        self.form = form(job_kinds.get(kind).fields, ctrl.configs.form_values(kind, base), p)
+        self.inputs = self.form.inputs
         if extra is not None:  # the tab's own inputs below the fields (e.g. the dataset tools)
             extra(self)
         with gr.Row():
@@ -165,11 +172,11 @@ class JobForm:
 
     def wire_arch_note(self, page) -> None:
         """The base model's detected SD architecture below its input; the SDXL section only for SDXL."""
-        for comp in self.inputs.values():
-            if comp._lora_field.note != "arch":
+        for f in job_kinds.get(self.kind).fields:
+            if f.note != "arch":
                 continue
-            sdxl = self.sections.get("sdxl")
-            outputs = [comp._lora_note] + ([sdxl] if sdxl is not None else [])
+            comp, sdxl = self.inputs[f.key], self.form.sections.get("sdxl")
+            outputs = [self.form.notes[f.key]] + ([sdxl] if sdxl is not None else [])
 
             def update(text, n=len(outputs)):
                 arch, line = self.ctrl.configs.arch_note(text)
@@ -183,7 +190,7 @@ class Monitor:
 
     def __init__(self, ctrl, kind: str, gallery: bool):
         self.ctrl, self.kind = ctrl, kind
-        p = kinds.get(kind).prefix + "-"
+        p = job_kinds.get(kind).prefix + "-"
         with gr.Row():
             self.select = gr.Dropdown(choices=[ACTIVE] + ctrl.runs.names(kind), value=ACTIVE, label="Run",
                                       elem_id=p + "run-select", scale=4)

@@ -7,7 +7,7 @@ from lora_core.errors import ConfigError
 from lora_gui.config_data import apply_form
 from lora_gui.field_kinds import TABLE_RANK
 from lora_gui.forms import Field
-from lora_gui.kinds import KINDS
+from lora_gui.job_kinds import KINDS
 from lora_gui.workspace import Workspace
 
 from test_gui_process import HEAVY, run_python_json

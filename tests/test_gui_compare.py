@@ -15,16 +15,17 @@ from lora_core.adapter_files import block_names, inspect
 from lora_core.configfile import read_toml, save_config, to_dict
 from lora_core.errors import ConfigError
 from lora_core.fields import field_specs
-from lora_gui import kinds
+from lora_gui import job_kinds
 from lora_gui.controller import Controller
 from lora_gui.errors import UserError
-from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN, TARGET_PRESETS
+from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN
 from lora_gui.services.fit import badge
 from lora_gui.services.grid_request import GridRequest
 from lora_gui.services.grid_scores import concept_score_lines
 from lora_gui.services.preflight import report_markdown
 from lora_gui.services.text_compare import metric_curves
 from lora_gui.workspace import Workspace
+from lora_sd.config import TARGET_PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,13 +75,13 @@ def sd_run(tmp_path_factory):
 
 # ---------------------------------------------------------------- the Advanced section
 def test_advanced_fields_reach_the_config(ctrl):
-    fields = {f.key: f for f in kinds.get("sd-train").fields}
+    fields = {f.key: f for f in job_kinds.get("sd-train").fields}
     adv = [k for k, f in fields.items() if f.group == "advanced"]
     assert adv == ["lora.use_dora", "lora.conv_r", "lora.conv_alpha", "lora.rank_pattern", "lora.alpha_pattern",
                    *(f.key for f in ADVANCED_SD_DATA),    # captions / masks / reg images: test_sd_technique_data
                    *(f.key for f in ADVANCED_SD_TRAIN),   # optimizers, EMA, validation: test_sd_technique_ema
                    "text_encoder_lora.r"]                 # the text-encoder LoRA: test_gui_arch
-    specs = {s.path: s for s in field_specs(kinds.get("sd-train").config_class())}
+    specs = {s.path: s for s in field_specs(job_kinds.get("sd-train").config_class())}
     assert specs["lora.use_dora"].help in fields["lora.use_dora"].info      # help from the declarations
     assert specs["lora.conv_r"].help in fields["lora.conv_r"].info
     assert "cross_attn+conv" in fields["lora.target_modules"].choices
@@ -94,7 +95,7 @@ def test_advanced_fields_reach_the_config(ctrl):
     shown = ctrl.configs.form_values("sd-train", to_dict(cfg))
     assert shown["lora.target_modules"] == "cross_attn+conv"
     assert json.loads(shown["lora.rank_pattern"]) == {"up_blocks.*attn2.to_q": 8}
-    assert "lora.use_dora" in [f.key for f in kinds.get("llm-train").fields]
+    assert "lora.use_dora" in [f.key for f in job_kinds.get("llm-train").fields]
 
 
 def test_advanced_bad_values_name_the_field(ctrl):

@@ -12,12 +12,13 @@ from lora_gui.adapter_scan import is_adapter
 from lora_gui.controller import Controller
 from lora_gui.errors import PathError, UserError
 from lora_gui.field_kinds import CHOICE, INTEGER, LINES, NAMES
-from lora_gui.forms import CROSS_ATTN, Field, TARGET_PRESETS
-from lora_gui.kinds import KINDS
+from lora_gui.forms import Field
+from lora_gui.job_kinds import KINDS
 from lora_gui.model_refs import resolve_model_ref
 from lora_gui.services.evals import eval_rows
 from lora_gui.services.plots import eval_figure
 from lora_gui.workspace import Workspace
+from lora_sd.config import CROSS_ATTN, TARGET_PRESETS
 
 
 @pytest.fixture

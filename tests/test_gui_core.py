@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lora_core.run import RunDir
-from lora_gui import jobs, kinds, runview
+from lora_gui import job_kinds, jobs, runview
 from lora_gui.demo import ensure_demo_dataset
 from lora_gui.errors import PathError, QueueError
 from lora_gui.jobs import Job
@@ -161,7 +161,7 @@ def fake(tmp_path, monkeypatch):
     (mod / "fake_job.py").write_text(FAKE_JOB)
     monkeypatch.setenv("PYTHONPATH", str(mod))
     for name in ("sd-train", "eval-suite"):
-        monkeypatch.setitem(kinds.KINDS, name, dataclasses.replace(kinds.KINDS[name], cli="fake_job"))
+        monkeypatch.setitem(job_kinds.KINDS, name, dataclasses.replace(job_kinds.KINDS[name], cli="fake_job"))
     return _queue(tmp_path)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lora_core.configfile import from_dict, read_toml, save_config, to_dict
 
-from .. import jobs, kinds, runview
+from .. import job_kinds, jobs, runview
 from ..errors import UserError
 from ..queue import JobQueue
 from ..workspace import Workspace, check_name
@@ -32,7 +32,7 @@ class EvalService:
         cfg = self.configs.build("llm-train", base, values)
         data = {"tasks": list(tasks), "base": to_dict(cfg),
                 "overrides": {t: [f"train.max_steps={int(steps)}"] for t in tasks}}
-        suite = from_dict(kinds.get(KIND).config_class(), data, "evaluation suite")
+        suite = from_dict(job_kinds.get(KIND).config_class(), data, "evaluation suite")
         out = self.ws.fresh_dir(self.folder, name)
         out.mkdir(parents=True)
         save_config(out / "config.toml", suite)

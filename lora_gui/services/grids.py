@@ -11,7 +11,7 @@ from lora_core import adapter_files
 from lora_core.files import atomic_write_json
 from lora_core.run import RunDir
 
-from .. import clirun, kinds, runview
+from .. import clirun, job_kinds, runview
 from ..adapter_scan import find_adapters, is_adapter
 from ..workspace import Workspace, check_name
 from .grid_folder import INDEX, PENDING, REQUEST, GridFolder, write_pending_png
@@ -25,7 +25,7 @@ class GridService:
 
     def sources(self) -> list[str]:
         """SD run folders (runs/<name>) and SD adapter files of the workspace."""
-        runs = [self.ws.rel(p) for p in self.ws.run_dirs() if kinds.run_kind(p) == "sd-train"]
+        runs = [self.ws.rel(p) for p in self.ws.run_dirs() if job_kinds.run_kind(p) == "sd-train"]
         files = [self.ws.rel(p) for p in find_adapters(self.ws) if adapter_files.inspect(p).get("cli") == "lora_sd.cli"]
         return runs + files
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from lora_core.configfile import read_toml, save_config, to_dict
 
-from .. import config_data, kinds, model_refs
+from .. import config_data, job_kinds, model_refs
 from ..demo import demo_reg_folder
 from ..errors import PathError, UserError
 from ..field_kinds import get_key, set_key
-from ..kinds import REPO_ROOT
+from ..job_kinds import REPO_ROOT
 from ..workspace import Workspace, check_name
 
 REPO_CONFIGS = REPO_ROOT / "configs"
@@ -48,7 +48,7 @@ class ConfigService:
     def build(self, kind: str, base: dict, values: dict):
         """The validated config object of the form's `values` ({key: value}) over `base` (ConfigError names
         the field)."""
-        data = config_data.apply_form(base or self.default(kind), kinds.get(kind).fields, values, self.ws)
+        data = config_data.apply_form(base or self.default(kind), job_kinds.get(kind).fields, values, self.ws)
         return config_data.validate(kind, data)
 
     def choices(self, kind: str) -> list[str]:

@@ -8,7 +8,7 @@ from lora_core import adapter_files
 from lora_core.configfile import save_config
 from lora_core.files import atomic_write_json
 
-from .. import clirun, kinds
+from .. import clirun, job_kinds
 from ..adapter_scan import find_adapters
 from ..errors import CliError, UserError
 from ..model_refs import resolve_model_ref
@@ -28,7 +28,7 @@ class PreflightService:
         out.mkdir(parents=True)
         save_config(out / "config.toml", cfg)
         args = ["check", "--config", str(out / "config.toml"), "--json"] + ([] if steps else ["--no-steps"])
-        rc, stdout, stderr = clirun.run_cli_rc(kinds.get(kind).cli, args, self.ws.root, 900)
+        rc, stdout, stderr = clirun.run_cli_rc(job_kinds.get(kind).cli, args, self.ws.root, 900)
         rep = _report(stdout, stderr, rc, "check")
         atomic_write_json(out / "report.json", rep)
         return bool(rep.get("ok")) and rc == 0, report_markdown(rep)

@@ -7,7 +7,7 @@ from typing import Optional
 
 from lora_core.configfile import dumps, save_config
 
-from .. import jobs, kinds, runview
+from .. import job_kinds, jobs, runview
 from ..errors import UserError
 from ..queue import JobQueue
 from ..workspace import Workspace, check_name
@@ -40,7 +40,7 @@ class RunService:
 
     def names(self, kind: str) -> list[str]:
         """Run folders of this kind (status.json `kind`), newest first."""
-        return [p.name for p in self.ws.run_dirs() if kinds.run_kind(p) == kind]
+        return [p.name for p in self.ws.run_dirs() if job_kinds.run_kind(p) == kind]
 
     def path(self, name: str) -> Path:
         return self.ws.resolve(Path("runs") / check_name(name, "run name"), must_exist=True)
@@ -67,8 +67,8 @@ class RunService:
             raise UserError(f"{name} is {snap.state}: nothing to resume")
         if snap.state == "done":
             raise UserError(f"{name} has finished all its steps; raise train.max_steps in a new run instead")
-        kind = kinds.run_kind(run)
-        if kind is None or not kinds.get(kind).train:
+        kind = job_kinds.run_kind(run)
+        if kind is None or not job_kinds.get(kind).train:
             raise UserError(f"{name}: its status.json names no training job kind; resume it with the CLI")
         self._wait_until_idle(run)
         job = self.queue.add(kind, run, resume=True, launcher=launcher, front=True)

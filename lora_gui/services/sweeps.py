@@ -9,7 +9,7 @@ from lora_core import sweep as sweeplib
 from lora_core.configfile import save_config, to_dict
 from lora_core.run import mark_queued, settle
 
-from .. import config_data, kinds, runview
+from .. import config_data, job_kinds, runview
 from ..errors import UserError
 from ..field_kinds import set_key
 from ..queue import JobQueue
@@ -61,7 +61,7 @@ class SweepService:
         data = to_dict(self.configs.build(kind, base, values))
         lines = [ln.replace(" ", "") for ln in str(vary or "").splitlines() if ln.strip()]
         try:
-            sweep = sweeplib.expand(kinds.get(kind).config_class(), None, lines)
+            sweep = sweeplib.expand(job_kinds.get(kind).config_class(), None, lines)
         except ValueError as e:
             raise UserError(f"Sweep values: {e}") from None
         prefix = check_name(name or f"sweep-{sweep.id}", "sweep name")

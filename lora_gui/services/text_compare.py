@@ -8,7 +8,7 @@ from typing import Optional
 from lora_core.files import atomic_write_json
 from lora_core.run import RunDir
 
-from .. import clirun, kinds
+from .. import clirun, job_kinds
 from ..errors import UserError
 from ..model_refs import resolve_model_ref
 from ..workspace import Workspace, check_name
@@ -27,7 +27,7 @@ class TextCompareService:
         self.ws = ws
 
     def runs(self) -> list[str]:
-        return [p.name for p in self.ws.run_dirs() if kinds.run_kind(p) == "llm-train"]
+        return [p.name for p in self.ws.run_dirs() if job_kinds.run_kind(p) == "llm-train"]
 
     def _run(self, name: str) -> RunDir:
         return RunDir(self.ws.resolve(Path("runs") / check_name(name, "run name"), must_exist=True))

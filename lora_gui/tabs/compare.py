@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import kinds, runview
+from .. import job_kinds, runview
 from ..services.grid_request import GridRequest
 from ..services.grid_scores import concept_score_lines
 from ..services.plots import curves_figure
@@ -175,7 +175,7 @@ def sweep_panel(page) -> None:
 def form_tools(page, job) -> None:
     """Below a training form: **Check** (`lora-sd check` / `lora-llm check` on the form's config) and
     queueing a sweep (the form's config x a grid of values)."""
-    ctrl, kind, p = page.ctrl, job.kind, kinds.get(job.kind).prefix
+    ctrl, kind, p = page.ctrl, job.kind, job_kinds.get(job.kind).prefix
     with gr.Accordion("Check (preflight) and sweep", open=False, elem_id=f"{p}-tools"):
         with gr.Row():
             steps = gr.Checkbox(value=True, label="Two real optimisation steps", elem_id=f"{p}-check-steps")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import kinds, runview
+from .. import job_kinds, runview
 from ..services.plots import eval_figure
 from ..widgets import ACTIVE, JobForm, guard, job_columns
 from .compare import form_tools
@@ -64,7 +64,7 @@ def eval_suite(page, job: JobForm) -> None:
 
 def task_choices() -> tuple:
     """The tasks the suite can run: the allowed values of the text-task config's data.task."""
-    return next(f.choices for f in kinds.get(KIND).fields if f.key == "data.task")
+    return next(f.choices for f in job_kinds.get(KIND).fields if f.key == "data.task")
 
 
 def text_generation(ctrl) -> None:
