@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import job_kinds, runview
+from ..services.grid_folder import GRID_PNG
 from ..services.grid_request import GridRequest
 from ..services.grid_scores import concept_score_lines
 from ..services.plots import curves_figure
@@ -65,7 +66,7 @@ def grid_panel(page, tab) -> None:
             items, score_line = grid.cells(), concept_score_lines(grid)
         except ValueError:
             return ["", [], "", None]
-        grid_png = snap.path / "grid.png"
+        grid_png = snap.path / GRID_PNG
         return [runview.progress_html(snap), gr.update(value=items, columns=grid.cols), score_line,
                 str(grid_png) if snap.state == "done" and grid_png.is_file() else None]
 
