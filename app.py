@@ -48,7 +48,7 @@ def _install_signals(stop: threading.Event) -> None:
 def _shutdown(scheduler, ctrl, demo, keep_jobs: bool) -> None:
     """Stop the scheduler, the CLI calls in flight and (unless --keep-jobs) the running job, then
     the server. A watchdog ends the process if a worker thread still blocks the exit."""
-    from lora_gui import clirun
+    from lora_gui import clirun   # lazy: main() imports the GUI after argparse (a fast --help, signals from the start)
     print("stopping...", flush=True)
     watchdog = threading.Timer(EXIT_DEADLINE_S, lambda: os._exit(0))
     watchdog.daemon = True
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         os.environ.setdefault(k, "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from lora_gui.controller import Controller  # (slow imports after argparse)
+    from lora_gui.controller import Controller  # lazy: the GUI's slow imports after argparse (a fast --help)
     from lora_gui.queue import Scheduler
     from lora_gui.ui import CSS, build_app
     from lora_gui.workspace import Workspace

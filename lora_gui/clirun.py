@@ -1,6 +1,6 @@
-"""Short CLI calls from the GUI (inspect, convert, merge, check-dataset, generate): every model
-operation runs in a `python -m lora_sd.cli ...` / `lora_llm.cli` subprocess, never in the GUI
-process. A failure becomes the CLI's own one-line message (its last stderr line)."""
+"""CLI calls from the GUI (inspect, convert, merge, check, check-dataset, eval, generate; a grid in the
+background): every model operation runs in a `python -m lora_sd.cli ...` / `lora_llm.cli` subprocess,
+never in the GUI process. A failure becomes the CLI's own one-line message (its last stderr line)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,7 @@ import threading
 from pathlib import Path
 
 from . import jobs
-from .errors import UserError
-
-
-class CliError(UserError):
-    pass
+from .errors import CliError
 
 
 _running: set[subprocess.Popen] = set()  # CLI calls in flight (stopped when the app exits)

@@ -1,21 +1,23 @@
 """The GUI's services over one workspace, built once and handed to the tabs.
 
     ctrl = Controller(Workspace("workspace"))
-    ctrl.configs.build("sd-train", base, values); ctrl.runs.start(...); ctrl.adapters.rows(); ...
+    ctrl.configs.build("sd-train", base, {"lora.r": 8, ...}); ctrl.runs.start(...); ctrl.adapters.rows(); ...
 """
 from __future__ import annotations
 
 from typing import Optional
 
 from .demo import ensure_demo_dataset
-from .errors import UserError  # noqa: F401 (the services' error, re-exported)
 from .queue import JobQueue
-from .services.adapters import AdapterService
-from .services.compare import CompareService
-from .services.configs import ConfigService
+from .services.adapter_files import AdapterService
 from .services.evals import EvalService
 from .services.generation import GenerationService
+from .services.grids import GridService
+from .services.job_configs import ConfigService
+from .services.preflight import PreflightService
 from .services.runs import RunService
+from .services.sweeps import SweepService
+from .services.text_compare import TextCompareService
 from .services.uploads import MAX_UPLOAD_BYTES, UploadService
 from .workspace import Workspace
 
@@ -30,4 +32,7 @@ class Controller:
         self.uploads = UploadService(self.ws, max_upload_bytes)
         self.generation = GenerationService(self.ws)
         self.adapters = AdapterService(self.ws)
-        self.compare = CompareService(self.ws, self.queue, self.configs)
+        self.grids = GridService(self.ws)
+        self.text_compare = TextCompareService(self.ws)
+        self.sweeps = SweepService(self.ws, self.queue, self.configs)
+        self.preflight = PreflightService(self.ws, self.configs)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_sd import synth
+
 from .workspace import Workspace
 
 DEMO_CONCEPT, DEMO_IMAGES, DEMO_SEED = "purple", 20, 100   # = configs/sd_synth_purple.toml's data
@@ -24,7 +26,6 @@ def demo_reg_folder(demo: Path) -> Path:
 
 
 def _ensure(folder: Path, n: int, seed: int, concept: str, size: int) -> Path:
-    from lora_sd import synth
     if folder.is_dir() and any(folder.glob("*.png")):
         return folder
     if folder.is_dir():   # the user's folder without images: add them, delete nothing

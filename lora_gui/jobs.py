@@ -12,22 +12,22 @@ import shlex
 import signal
 import subprocess
 import sys
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lora_core.configfile import read_toml
 from lora_core.run import STATES
 
-from . import kinds
-from .kinds import REPO_ROOT
+from . import job_kinds
+from .job_kinds import REPO_ROOT
 
 LAUNCHERS = ("accelerate", "python")
 
 
 @dataclass
 class Job:
-    """One queued command. `run_dir` is absolute; `kind` is a lora_gui.kinds name; `state` is one
+    """One queued command. `run_dir` is absolute; `kind` is a lora_gui.job_kinds name; `state` is one
     of the run states (lora_core.run.STATES): queued, running, stopping, stopped, failed, done."""
     id: str
     kind: str
@@ -44,17 +44,15 @@ class Job:
     extra: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        kinds.get(self.kind)  # an unknown kind raises ValueError
-        if self.state == "pending":  # a queue.json written before the queue used the run states
-            self.state = "queued"
+        job_kinds.get(self.kind)  # an unknown kind raises ValueError
         if self.state not in STATES:
             raise ValueError(f"job {self.id}: unknown state {self.state!r}; known: {list(STATES)}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
 
     @property
-    def spec(self) -> kinds.JobKind:
-        return kinds.get(self.kind)
+    def spec(self) -> job_kinds.JobKind:
+        return job_kinds.get(self.kind)
 
     @property
     def is_train(self) -> bool:
@@ -79,8 +77,8 @@ def accelerate_prefix(mixed_precision: str = "no") -> list[str]:
 def _mixed_precision(config: Path) -> str:
     """The job's train.mixed_precision (so that accelerate launch agrees with the config)."""
     try:
-        value = tomllib.loads(config.read_text(encoding="utf-8")).get("train", {}).get("mixed_precision", "no")
-    except (OSError, tomllib.TOMLDecodeError):
+        value = read_toml(config).get("train", {}).get("mixed_precision", "no")
+    except ValueError:   # ConfigError: missing or not valid TOML
         return "no"
     return value if value in ("no", "fp16", "bf16") else "no"
 

@@ -18,17 +18,13 @@ from pathlib import Path
 from typing import Optional
 
 from lora_core.files import atomic_write_json
-from lora_core.run import RunDir
+from lora_core.run import FINAL_STATES, RunDir
 
 from . import jobs, runview
+from .errors import QueueError
 from .jobs import Job
 
 log = logging.getLogger("lora_gui")
-FINISHED = ("done", "stopped", "failed")
-
-
-class QueueError(ValueError):
-    pass
 
 
 class JobQueue:
@@ -115,7 +111,7 @@ class JobQueue:
     def clear_finished(self) -> int:
         with self._lock:
             items = self._load()
-            keep = [j for j in items if j.state not in FINISHED]
+            keep = [j for j in items if j.state not in FINAL_STATES]
             self._save(keep)
             return len(items) - len(keep)
 
@@ -148,7 +144,7 @@ class JobQueue:
         rc = proc.poll() if proc is not None else None
         run = RunDir(job.run_dir)
         st = run.read_status().get("state")
-        if st in FINISHED:
+        if st in FINAL_STATES:
             state = st
         elif st == "stopping":  # stopped before the trainer had installed its signal handler
             state = "stopped"

@@ -1,6 +1,6 @@
 """Reading a run folder for the page: progress with ETA, loss curve, validation images, log tail.
 
-Everything comes from the files the trainer writes (lora_core.training.RunDir), so any tab,
+Everything comes from the files the trainer writes (lora_core.run.RunDir), so any tab,
 after any reload, shows the same state.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lora_core.configfile import read_toml
 from lora_core.run import RunDir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -84,10 +85,9 @@ def snapshot(run_dir: Path) -> RunSnapshot:
 
 
 def _max_steps_from_config(path: Path) -> int:
-    import tomllib
     try:
-        return int(tomllib.loads(path.read_text(encoding="utf-8")).get("train", {}).get("max_steps", 0))
-    except (OSError, ValueError, tomllib.TOMLDecodeError):
+        return int(read_toml(path).get("train", {}).get("max_steps", 0))
+    except (ValueError, TypeError):   # ConfigError: missing or not valid TOML
         return 0
 
 

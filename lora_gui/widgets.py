@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from typing import Optional
 
 import gradio as gr
 
-from . import kinds, runview
+from . import job_kinds, runview
 from .forms import Field
 from .jobs import LAUNCHERS
 from .services.plots import loss_figure
@@ -38,60 +37,64 @@ def guard(fn):
     return wrapper
 
 
+def named(values: dict, components: dict) -> dict:
+    """{name: value} of a handler's inputs given as a set (Gradio passes {component: value})."""
+    return {name: values[comp] for name, comp in components.items()}
+
+
 def field_input(f: Field, value, prefix: str):
-    kw = dict(label=f.label, info=f.info or None, value=value, elem_id=f"{prefix}-{f.key.replace('.', '-')}")
-    if f.choices:
-        comp = gr.Dropdown(choices=list(f.choices), allow_custom_value=f.kind != "choice", **kw)
-    elif f.kind in ("int", "float", "table_rank"):
-        comp = gr.Number(precision=None if f.kind == "float" else 0, **kw)
-    elif f.kind == "bool":
-        comp = gr.Checkbox(**kw)
-    else:
-        comp = gr.Textbox(lines=2 if f.kind in ("lines", "mapping") else 1, **kw)
-    comp._lora_field = f
-    return comp
+    """The input of form field `f`: the component its kind names, with the kind's arguments."""
+    return getattr(gr, f.kind.component)(label=f.label, info=f.info or None, value=value,
+                                         elem_id=f"{prefix}-{f.key.replace('.', '-')}", **f.kind.widget(f))
 
 
 SECTIONS = {"advanced": dict(label="Advanced", open=False),   # group -> its collapsible section
             "sdxl": dict(label="SDXL", open=True, visible=False)}   # shown when the base model is SDXL
 
 
-def form(fields, values: list, prefix: str, sections: Optional[dict] = None) -> list:
-    """The inputs of a form, two per row (paths and multi-line fields get a row of their own); the
-    fields of a group go into that group's section (SECTIONS) below the others; `sections` receives
-    each section's component (group -> Accordion)."""
-    pairs = list(zip(fields, values))
-    out = _rows([p for p in pairs if p[0].group not in SECTIONS], prefix)
+@dataclass
+class Form:
+    """A form's components: `inputs` {key: input} in the order of the fields, `notes` {key: the line below
+    an input with a `note`}, `sections` {group: its Accordion}."""
+    inputs: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+    sections: dict = field(default_factory=dict)
+
+
+def form(fields, values: dict, prefix: str) -> Form:
+    """The inputs of a form, two per row (wide kinds get a row of their own); the fields of a group go into
+    that group's section (SECTIONS) below the others."""
+    out = Form()
+    _rows([f for f in fields if f.group not in SECTIONS], values, prefix, out)
     for group, kw in SECTIONS.items():
-        grouped = [p for p in pairs if p[0].group == group]
+        grouped = [f for f in fields if f.group == group]
         if grouped:
-            with gr.Accordion(elem_id=f"{prefix}-{group}", **kw) as acc:
-                out += _rows(grouped, prefix)
-            if sections is not None:
-                sections[group] = acc
-    # keep the order of `fields` (wide fields may have been placed before a pending pair)
-    order = {id(f): i for i, f in enumerate(fields)}
-    return sorted(out, key=lambda c: order[id(c._lora_field)])
+            with gr.Accordion(elem_id=f"{prefix}-{group}", **kw) as out.sections[group]:
+                _rows(grouped, values, prefix, out)
+    out.inputs = {f.key: out.inputs[f.key] for f in fields}
+    return out
 
 
-def _rows(pairs, prefix: str) -> list:
-    out, row = [], []
-    wide = lambda f: bool(f.path) or f.kind in ("lines", "mapping")  # noqa: E731
-    for f, v in pairs:
-        if wide(f):
-            out.append(field_input(f, v, prefix))
+def _rows(fields, values: dict, prefix: str, out: Form) -> None:
+    row = []
+    for f in fields:
+        if f.kind.wide:
+            out.inputs[f.key] = field_input(f, values[f.key], prefix)
             if f.note:   # a line below the input (e.g. the detected architecture), filled by JobForm.wire
-                out[-1]._lora_note = gr.Markdown(elem_id=f"{prefix}-{f.key.replace('.', '-')}-note")
+                out.notes[f.key] = gr.Markdown(elem_id=f"{prefix}-{f.key.replace('.', '-')}-note")
             continue
-        row.append((f, v))
+        row.append(f)
         if len(row) == 2:
-            with gr.Row():
-                out += [field_input(*x, prefix) for x in row]
+            _row(row, values, prefix, out)
             row = []
     if row:
-        with gr.Row():
-            out += [field_input(*x, prefix) for x in row]
-    return out
+        _row(row, values, prefix, out)
+
+
+def _row(fields, values: dict, prefix: str, out: Form) -> None:
+    with gr.Row():
+        for f in fields:
+            out.inputs[f.key] = field_input(f, values[f.key], prefix)
 
 
 class JobForm:
@@ -100,7 +103,7 @@ class JobForm:
 
     def __init__(self, ctrl, kind: str, start_label: str, extra=None):
         self.ctrl, self.kind = ctrl, kind
-        p = kinds.get(kind).prefix
+        p = job_kinds.get(kind).prefix
         base = ctrl.configs.default(kind)
         self.base = gr.State(base)
         with gr.Accordion("Config file (save / load, the configs/ TOML format)", open=False):
@@ -111,8 +114,8 @@ class JobForm:
             with gr.Row():
                 self.cfg_name = gr.Textbox(label="Save as (name)", scale=3, elem_id=f"{p}-config-name")
                 self.save = gr.Button("Save", scale=1, elem_id=f"{p}-config-save")
-        self.sections: dict = {}
-        self.inputs = form(kinds.get(kind).fields, ctrl.configs.form_values(kind, base), p, self.sections)
+        self.form = form(job_kinds.get(kind).fields, ctrl.configs.form_values(kind, base), p)
+        self.inputs = self.form.inputs
         if extra is not None:  # the tab's own inputs below the fields (e.g. the dataset tools)
             extra(self)
         with gr.Row():
@@ -124,20 +127,25 @@ class JobForm:
         self.toml = gr.Code(language=None, label="config.toml", lines=8, max_lines=24, elem_id=f"{p}-toml")
         self.cmd = gr.Textbox(label="Command", lines=2, elem_id=f"{p}-command")
 
-    def input_of(self, key: str):
-        return self.inputs[[f.key for f in kinds.get(self.kind).fields].index(key)]
+    @property
+    def components(self) -> set:
+        """The form's inputs with its base config, run name and launcher: a handler's inputs as a set."""
+        return {self.base, self.run_name, self.launcher, *self.inputs.values()}
+
+    def values(self, given: dict) -> dict:
+        """{key: value} of the form's fields in a handler's {component: value}."""
+        return named(given, self.inputs)
 
     def wire(self, page, monitor: "Monitor") -> None:
         ctrl, kind = self.ctrl, self.kind
-        head = [self.base, self.run_name, self.launcher]
 
         @guard
-        def preview(base, name, launcher, *values):
-            return ctrl.runs.preview(kind, base, list(values), name, launcher)
+        def preview(v):
+            return ctrl.runs.preview(kind, v[self.base], self.values(v), v[self.run_name], v[self.launcher])
 
         @guard
-        def start(base, name, launcher, *values):
-            run, msg = ctrl.runs.start(kind, base, list(values), name, launcher)
+        def start(v):
+            run, msg = ctrl.runs.start(kind, v[self.base], self.values(v), v[self.run_name], v[self.launcher])
             gr.Info(msg)
             return gr.update(choices=[ACTIVE] + ctrl.runs.names(kind), value=run), msg, ctrl.runs.queue_rows()
 
@@ -147,29 +155,28 @@ class JobForm:
                 raise gr.Error("choose a saved config first", print_exception=False)
             data, values = ctrl.configs.load(kind, choice)
             gr.Info(f"loaded {choice}")
-            return [data, *values]
+            return {self.base: data, **{self.inputs[k]: v for k, v in values.items()}}
 
         @guard
-        def save(name, base, *values):
-            msg = ctrl.configs.save(kind, base, list(values), name)
+        def save(v):
+            msg = ctrl.configs.save(kind, v[self.base], self.values(v), v[self.cfg_name])
             gr.Info(msg)
             return gr.update(choices=ctrl.configs.choices(kind))
 
         self.wire_arch_note(page)
-        self.preview.click(preview, [*head, *self.inputs], [self.toml, self.cmd])
-        self.start.click(start, [*head, *self.inputs], [monitor.select, monitor.message, page.queue_table])
-        self.load.click(load, [self.choice], [self.base, *self.inputs])
-        self.save.click(save, [self.cfg_name, self.base, *self.inputs], [self.choice])
+        self.preview.click(preview, self.components, [self.toml, self.cmd])
+        self.start.click(start, self.components, [monitor.select, monitor.message, page.queue_table])
+        self.load.click(load, [self.choice], [self.base, *self.inputs.values()])
+        self.save.click(save, {self.cfg_name, *self.components}, [self.choice])
         page.on_load([self.choice], lambda: [gr.update(choices=ctrl.configs.choices(kind))])
-
 
     def wire_arch_note(self, page) -> None:
         """The base model's detected SD architecture below its input; the SDXL section only for SDXL."""
-        for comp in self.inputs:
-            if getattr(comp._lora_field, "note", "") != "arch":
+        for f in job_kinds.get(self.kind).fields:
+            if f.note != "arch":
                 continue
-            sdxl = self.sections.get("sdxl")
-            outputs = [comp._lora_note] + ([sdxl] if sdxl is not None else [])
+            comp, sdxl = self.inputs[f.key], self.form.sections.get("sdxl")
+            outputs = [self.form.notes[f.key]] + ([sdxl] if sdxl is not None else [])
 
             def update(text, n=len(outputs)):
                 arch, line = self.ctrl.configs.arch_note(text)
@@ -183,7 +190,7 @@ class Monitor:
 
     def __init__(self, ctrl, kind: str, gallery: bool):
         self.ctrl, self.kind = ctrl, kind
-        p = kinds.get(kind).prefix + "-"
+        p = job_kinds.get(kind).prefix + "-"
         with gr.Row():
             self.select = gr.Dropdown(choices=[ACTIVE] + ctrl.runs.names(kind), value=ACTIVE, label="Run",
                                       elem_id=p + "run-select", scale=4)

@@ -17,12 +17,10 @@ import re
 import time
 from pathlib import Path
 
+from .errors import PathError
+
 SUBDIRS = ("runs", "configs", "models", "datasets", "outputs")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class PathError(ValueError):
-    """A user path is outside the workspace (or otherwise refused); the message says why."""
 
 
 def confine(root: Path, user_path: str | os.PathLike, *, must_exist: bool = False) -> Path:

@@ -28,6 +28,7 @@ from lora_sd import unet_names
 from lora_sd.single_file import _RESNET   # torch-free; the one diffusers -> SGM ResNet table
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
+KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"))
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 KOHYA, DIFFUSERS = "kohya", "diffusers"

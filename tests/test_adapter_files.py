@@ -231,7 +231,8 @@ def test_inspect_describes_each_format(files):
 
 
 def test_gui_and_both_clis_show_the_same_description(files, capsys):
-    from lora_gui import adapters as gui
+    from lora_gui.adapter_scan import describe
+    from lora_gui.workspace import Workspace
     from lora_llm.cli import main as llm_cli
     from lora_sd.cli import main as sd_cli
     for name, cli in (("ours_kohya", sd_cli), ("diffusers_saved", sd_cli), ("lora_core", llm_cli),
@@ -239,8 +240,10 @@ def test_gui_and_both_clis_show_the_same_description(files, capsys):
         path = files[name][0]
         capsys.readouterr()
         assert cli(["inspect", str(path), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out) == gui.inspect(path)
-        assert gui.cli_for(gui.inspect(path)) == af.get_format(files[name][1]).cli
+        shown = describe(path, Workspace(path.parent))   # the GUI's table row: the description, rank and alpha
+        desc = json.loads(capsys.readouterr().out)
+        assert {k: v for k, v in shown.items() if k not in ("rank", "alpha")} == {**desc, "file": path.name}
+        assert shown["cli"] == af.get_format(files[name][1]).cli
 
 
 def test_lora_sd_refuses_an_llm_file_by_naming_its_tool(files):
@@ -353,7 +356,7 @@ def test_header_reader_detector_and_inspect_import_no_torch(files):
     code = (
         "import sys, json\n"
         "from lora_core import adapter_files as af\n"
-        "import lora_gui.adapters as gui\n"
+        "import lora_gui.adapter_scan as gui\n"
         f"paths = {[str(files[n][0]) for n in ('ours_kohya', 'lora_core', 'peft_gpt2_folder', 'diffusers_saved')]!r}\n"
         "print(json.dumps([af.inspect(p)['format'] for p in paths] + [af.detect(p).format for p in paths]))\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'mindspore', 'safetensors.torch') if m in sys.modules]\n"

@@ -135,7 +135,7 @@ def test_1_path_traversal_is_refused(page, server):
 
 
 def test_1b_base_model_architecture_and_the_sdxl_section(page):
-    """Issue 10: the Train tab says which architecture the base model is; the SDXL section (second
+    """SD architectures: the Train tab says which architecture the base model is; the SDXL section (second
     text-encoder LoRA) appears only for an SDXL model."""
     note, section = page.locator("#sd-model-pretrained-note"), page.locator("#sd-sdxl")
     fill(page, "sd-model-pretrained", "tiny-sdxl")
@@ -211,7 +211,7 @@ def test_5_reload_and_second_tab_show_the_same_state(page, browser, server):
 def _adapters(run) -> list:
     """The run's adapter files, as the GUI's Adapters tab tells them (the demo config also writes its trained
     word as <name>_emb.safetensors, which is no LoRA)."""
-    from lora_gui.adapters import is_adapter
+    from lora_gui.adapter_scan import is_adapter
     return [p for p in sorted(run.glob("*.safetensors")) if is_adapter(p)]
 
 
@@ -312,7 +312,7 @@ def test_8c_compare_grid_fills_in_and_cells_show_parameters(page, server):
     index = json.loads((server["ws"] / "outputs" / "grid" / "g" / "index.json").read_text())
     cell = next(c for c in index["cells"] if (c["row"], c["col"]) == (0, 1))
     assert cell["params"]["scale"] == 1.0 and "runs/second" in params.inner_text()
-    score = page.locator("#cmp-grid-score")   # issue 14: the concept score of each column, under the grid
+    score = page.locator("#cmp-grid-score")   # the concept score of each column, under the grid
     wait_for(page, lambda: "Concept score" in score.inner_text() and "scale 1:" in score.inner_text(), 20,
              "concept-score")
     assert re.search(r"scale 0: colour \d+ %, shape \d+ % \(of 2 cells\)", score.inner_text())

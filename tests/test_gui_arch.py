@@ -1,10 +1,13 @@
-"""Issue 10 in the GUI: the SD base-model inputs show the architecture lora_sd detects (tiny names,
+"""SD architectures in the GUI: the SD base-model inputs show the architecture lora_sd detects (tiny names,
 diffusers folders, single files; without torch in the GUI process), the SDXL section's field turns
 SDXL's second text-encoder LoRA on, and a rank of 0 leaves the optional table out."""
 import textwrap
 
-from lora_gui import configs
-from lora_gui.forms import SD_FIELDS, Field
+from lora_core.errors import ConfigError
+from lora_gui.config_data import apply_form
+from lora_gui.field_kinds import TABLE_RANK
+from lora_gui.forms import Field
+from lora_gui.job_kinds import KINDS
 from lora_gui.workspace import Workspace
 
 from test_gui_process import HEAVY, run_python_json
@@ -45,13 +48,14 @@ def test_arch_note_in_a_torch_free_process(tmp_path):
 
 def _sd_form(ctrl, base=None, **values):
     """The SD form as the GUI fills it from a config (`base`: the GUI's default, model tiny-sdxl)."""
-    fields = list(SD_FIELDS)
+    fields = list(KINDS["sd-train"].fields)
     if base is None:
         base = ctrl.configs.default("sd-train")
         base["model"]["pretrained"] = "tiny-sdxl"
     shown = ctrl.configs.form_values("sd-train", base)
     for key, v in values.items():
-        shown[[f.key for f in fields].index(key)] = v
+        assert key in shown
+        shown[key] = v
     return fields, base, shown
 
 
@@ -60,29 +64,29 @@ def test_text_encoder_rank_fields_make_or_drop_the_optional_tables(tmp_path):
     ctrl = Controller(Workspace(tmp_path / "ws"))
     fields, base, shown = _sd_form(ctrl)
     te2 = next(f for f in fields if f.key == "text_encoder_2_lora.r")
-    assert te2.group == "sdxl" and te2.kind == "table_rank"
-    assert configs.field_value(te2, base) == 0            # no table: shown as 0 (off)
-    data = configs.apply_form(base, fields, shown, ctrl.ws)
+    assert te2.group == "sdxl" and te2.kind is TABLE_RANK
+    assert te2.shown(base) == 0 and shown["text_encoder_2_lora.r"] == 0   # no table: shown as 0 (off)
+    data = apply_form(base, fields, shown, ctrl.ws)
     assert "text_encoder_lora" not in data and "text_encoder_2_lora" not in data
     fields, base, shown = _sd_form(ctrl, **{"text_encoder_2_lora.r": 4, "text_encoder_lora.r": ""})
-    data = configs.apply_form(base, fields, shown, ctrl.ws)
+    data = apply_form(base, fields, shown, ctrl.ws)
     assert data["text_encoder_2_lora"] == {"r": 4} and "text_encoder_lora" not in data
     cfg = ctrl.configs.build("sd-train", base, shown)
     assert cfg.text_encoder_2_lora.r == 4 and cfg.text_encoder_lora is None
     # the table a loaded config has is shown with its rank, and set back to 0 it is removed
     base = {**base, "text_encoder_2_lora": {"r": 8, "alpha": 8.0}}
     fields, base, shown = _sd_form(ctrl, base)
-    assert shown[[f.key for f in fields].index("text_encoder_2_lora.r")] == 8
-    shown[[f.key for f in fields].index("text_encoder_2_lora.r")] = 0
-    assert "text_encoder_2_lora" not in configs.apply_form(base, fields, shown, ctrl.ws)
+    assert shown["text_encoder_2_lora.r"] == 8
+    shown["text_encoder_2_lora.r"] = 0
+    assert "text_encoder_2_lora" not in apply_form(base, fields, shown, ctrl.ws)
 
 
 def test_a_bad_rank_names_the_field(tmp_path):
     ws = Workspace(tmp_path / "ws")
-    f = Field("text_encoder_lora.r", "Text-encoder LoRA rank (0 = off)", "table_rank")
+    f = Field("text_encoder_lora.r", "Text-encoder LoRA rank (0 = off)", TABLE_RANK)
     try:
-        configs.coerce(f, "2.5", ws)
-    except configs.ConfigError as e:
+        f.parse("2.5", ws)
+    except ConfigError as e:
         assert "text_encoder_lora.r" in str(e) and "whole number" in str(e)
     else:
         raise AssertionError("2.5 accepted as a rank")
@@ -91,9 +95,9 @@ def test_a_bad_rank_names_the_field(tmp_path):
 def test_fit_badge_maps_text_encoder_names_with_and_without_text_model():
     """Our and kohya's files name CLIP modules text_model.encoder...; this transformers' CLIPTextModel has
     no text_model level: the header-only fit check maps both spellings (and kohya's) onto the base's module."""
-    from lora_gui.services.adapters import _aliases
-    names = _aliases("text_encoder.encoder.layers.0.self_attn.q_proj")
+    from lora_gui.services.fit import module_aliases
+    names = module_aliases("text_encoder.encoder.layers.0.self_attn.q_proj")
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in names
     assert {"lora_te_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= set(names)
-    assert _aliases("unet.mid_block.attentions.0.proj_in") == ["lora_unet_mid_block_attentions_0_proj_in"]
+    assert module_aliases("unet.mid_block.attentions.0.proj_in") == ["lora_unet_mid_block_attentions_0_proj_in"]

@@ -1,4 +1,4 @@
-"""The GUI's issue 11/12 services without a browser: the Advanced form fields, the Compare tab's grid
+"""The GUI's Advanced form fields and Compare services without a browser: the Advanced form fields, the Compare tab's grid
 (`lora-sd grid` in the background, read as it fills in), LLM metrics, sweeps (table, queueing), the
 Check button (`lora-sd check`) and the fit badge (`inspect --base`). Real CLIs on the tiny models, 32 px."""
 import json
@@ -12,14 +12,20 @@ import pytest
 from PIL import Image
 
 from lora_core.adapter_files import block_names, inspect
+from lora_core.configfile import read_toml, save_config, to_dict
 from lora_core.errors import ConfigError
 from lora_core.fields import field_specs
-from lora_gui import configs, kinds
+from lora_gui import job_kinds
 from lora_gui.controller import Controller
 from lora_gui.errors import UserError
-from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN, TARGET_PRESETS
-from lora_gui.services.compare import badge, report_markdown, sweeplib
+from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN
+from lora_gui.services.fit import badge
+from lora_gui.services.grid_request import GridRequest
+from lora_gui.services.grid_scores import concept_score_lines
+from lora_gui.services.preflight import report_markdown
+from lora_gui.services.text_compare import metric_curves
 from lora_gui.workspace import Workspace
+from lora_sd.config import TARGET_PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +39,6 @@ HAS_GRID = _has("lora_sd.cli", "grid")
 HAS_CHECK = _has("lora_sd.cli", "check")
 needs_grid = pytest.mark.skipif(not HAS_GRID, reason="lora-sd grid is not on this branch yet (helper 'decide')")
 needs_check = pytest.mark.skipif(not HAS_CHECK, reason="lora-sd check / inspect --base not on this branch yet")
-needs_sweep = pytest.mark.skipif(sweeplib is None, reason="lora_core.sweep is not on this branch yet")
 
 
 @pytest.fixture
@@ -42,10 +47,10 @@ def ctrl(tmp_path):
 
 
 def _values(ctrl, kind="sd-train", **changes):
-    fields = kinds.get(kind).fields
     vals = ctrl.configs.form_values(kind, ctrl.configs.default(kind))
     for key, v in changes.items():
-        vals[[f.key for f in fields].index(key.replace("__", "."))] = v
+        assert key.replace("__", ".") in vals
+        vals[key.replace("__", ".")] = v
     return vals
 
 
@@ -61,7 +66,6 @@ def sd_run(tmp_path_factory):
                                      train__checkpoint_every=1, train__sample_every=0, sample__prompts="a cat"))
     cfg.run_dir = str(run)
     cfg.train.keep_checkpoints = 3
-    from lora_core.configfile import save_config
     save_config(run / "config.toml", cfg)
     (run / "status.json").write_text(json.dumps({"state": "queued", "kind": "sd-train"}))
     subprocess.run([sys.executable, "-m", "lora_sd.cli", "train", "--config", str(run / "config.toml")],
@@ -69,15 +73,15 @@ def sd_run(tmp_path_factory):
     return ctrl
 
 
-# ---------------------------------------------------------------- issue 11: the Advanced section
+# ---------------------------------------------------------------- the Advanced section
 def test_advanced_fields_reach_the_config(ctrl):
-    fields = {f.key: f for f in kinds.get("sd-train").fields}
+    fields = {f.key: f for f in job_kinds.get("sd-train").fields}
     adv = [k for k, f in fields.items() if f.group == "advanced"]
     assert adv == ["lora.use_dora", "lora.conv_r", "lora.conv_alpha", "lora.rank_pattern", "lora.alpha_pattern",
                    *(f.key for f in ADVANCED_SD_DATA),    # captions / masks / reg images: test_sd_technique_data
                    *(f.key for f in ADVANCED_SD_TRAIN),   # optimizers, EMA, validation: test_sd_technique_ema
-                   "text_encoder_lora.r"]                 # issue 10's text-encoder LoRA: test_gui_arch
-    specs = {s.path: s for s in field_specs(kinds.get("sd-train").config_class())}
+                   "text_encoder_lora.r"]                 # the text-encoder LoRA: test_gui_arch
+    specs = {s.path: s for s in field_specs(job_kinds.get("sd-train").config_class())}
     assert specs["lora.use_dora"].help in fields["lora.use_dora"].info      # help from the declarations
     assert specs["lora.conv_r"].help in fields["lora.conv_r"].info
     assert "cross_attn+conv" in fields["lora.target_modules"].choices
@@ -88,12 +92,10 @@ def test_advanced_fields_reach_the_config(ctrl):
     assert cfg.lora.target_modules == TARGET_PRESETS["cross_attn+conv"]
     assert cfg.lora.rank_pattern == {"up_blocks.*attn2.to_q": 8} and cfg.lora.alpha_pattern == {"down_blocks.*": 2.0}
     # the form shows the loaded values back (a saved config loads into the same inputs)
-    data = configs.to_dict(cfg)
-    shown = ctrl.configs.form_values("sd-train", data)
-    keys = [f.key for f in kinds.get("sd-train").fields]
-    assert shown[keys.index("lora.target_modules")] == "cross_attn+conv"
-    assert json.loads(shown[keys.index("lora.rank_pattern")]) == {"up_blocks.*attn2.to_q": 8}
-    assert "lora.use_dora" in [f.key for f in kinds.get("llm-train").fields]
+    shown = ctrl.configs.form_values("sd-train", to_dict(cfg))
+    assert shown["lora.target_modules"] == "cross_attn+conv"
+    assert json.loads(shown["lora.rank_pattern"]) == {"up_blocks.*attn2.to_q": 8}
+    assert "lora.use_dora" in [f.key for f in job_kinds.get("llm-train").fields]
 
 
 def test_advanced_bad_values_name_the_field(ctrl):
@@ -105,25 +107,25 @@ def test_advanced_bad_values_name_the_field(ctrl):
 
 # ---------------------------------------------------------------- the grid's arguments
 def test_grid_args_pick_the_axes(sd_run):
-    svc = sd_run.compare
-    assert "runs/tiny" in svc.sd_sources()
+    svc, ws = sd_run.grids, sd_run.ws
+    assert "runs/tiny" in svc.sources()
     assert svc.steps(["runs/tiny"]) == ["0 (base)", "step 1", "step 2", "final"]
-    args, req = svc.grid_args(["runs/tiny"], ["0 (base)", "step 1", "final"], "0, 1", "a cat", "3", size=32)
+    args, req = GridRequest(["runs/tiny"], ["0 (base)", "step 1", "final"], "0, 1", "a cat", "3", size=32).cli_args(ws)
     assert args[:5] == ["grid", "--x", "step=0,1,final", "--y", "scale=0.0,1.0"]
     assert args[args.index("--run") + 1] == str(sd_run.ws.runs / "tiny") and args[args.index("--seed") + 1] == "3"
     assert req == {"x": "step", "y": "scale", "x_labels": ["0 (base)", "step 1", "final"],
                    "y_labels": ["scale 0", "scale 1"], "cols": 3, "rows": 2}
     with pytest.raises(UserError, match="two axes"):
-        svc.grid_args(["runs/tiny"], ["step 1", "final"], "0, 1", "a\nb", "0")
+        GridRequest(["runs/tiny"], ["step 1", "final"], "0, 1", "a\nb", "0").cli_args(ws)
     with pytest.raises(UserError, match="exactly one run folder"):
-        svc.grid_args([], ["step 1", "final"], "1", "a", "0")
+        GridRequest([], ["step 1", "final"], "1", "a", "0").cli_args(ws)
     with pytest.raises(ValueError, match=r"'\.\.' is not allowed"):
-        svc.grid_args(["../x"], [], "1", "a", "0")
+        GridRequest(["../x"], [], "1", "a", "0").cli_args(ws)
 
 
 def test_grid_progress_from_a_half_written_folder(ctrl):
     """The page's view of a grid is the folder: 1 of 4 cells, grey placeholders, the cell's PNG parameters."""
-    args, req = ctrl.compare.grid_args([], [], "0, 1", "a\nb", "0", size=32)
+    args, req = GridRequest([], [], "0, 1", "a\nb", "0", size=32).cli_args(ctrl.ws)
     out = ctrl.ws.outputs / "grid" / "g"
     (out / "cells").mkdir(parents=True)
     (out / "request.json").write_text(json.dumps(req))
@@ -132,23 +134,24 @@ def test_grid_progress_from_a_half_written_folder(ctrl):
     info = PngInfo()
     info.add_text("parameters", json.dumps({"seed": 0, "prompt": "a", "scale": 1.0}))
     Image.new("RGB", (32, 32), "red").save(out / "cells" / "r0_c1.png", pnginfo=info)
-    snap = ctrl.compare.grid_state("g")
+    snap = ctrl.grids.state("g")
     assert (snap.step, snap.max_steps, snap.state) == (1, 4, "stopped")
-    cells = ctrl.compare.grid_cells("g")
+    grid = ctrl.grids.folder("g")
+    cells = grid.cells()
     assert [Path(p).name for p, _ in cells] == ["pending.png", "r0_c1.png", "pending.png", "pending.png"]
     assert cells[1][1] == "a / scale 1"
-    assert ctrl.compare.cell_params("g", 1)["parameters"] == {"seed": 0, "prompt": "a", "scale": 1.0}
-    assert ctrl.compare.cell_params("g", 2) == {"row": 1, "col": 0, "state": "not generated yet"}
-    assert ctrl.compare.grid_concept_score("g") == ""   # "a" names nothing of the synthetic world
+    assert grid.cell_params(1)["parameters"] == {"seed": 0, "prompt": "a", "scale": 1.0}
+    assert grid.cell_params(2) == {"row": 1, "col": 0, "state": "not generated yet"}
+    assert concept_score_lines(grid) == ""   # "a" names nothing of the synthetic world
 
 
 def test_grid_concept_score_line(ctrl):
-    """Issue 14: under a grid whose prompts name synthetic-world concepts, one line per column saying how
+    """The concept score: under a grid whose prompts name synthetic-world concepts, one line per column saying how
     often its cells show the prompted colour / shape / background (here: drawn ground truth, and a wrong one)."""
     from lora_sd import synth
     from lora_sd.generate import png_info   # the cell PNGs' text, as `lora-sd grid` writes it
     prompts = ["a red circle on a grey background", "a blue square on a white background"]
-    args, req = ctrl.compare.grid_args([], [], "0, 1", "\n".join(prompts), "0", size=64)
+    args, req = GridRequest([], [], "0, 1", "\n".join(prompts), "0", size=64).cli_args(ctrl.ws)
     out = ctrl.ws.outputs / "grid" / "cs"
     (out / "cells").mkdir(parents=True)
     (out / "request.json").write_text(json.dumps(req))
@@ -158,32 +161,33 @@ def test_grid_concept_score_line(ctrl):
                              "height": 64, "scheduler": "ddim", "model": "tiny", "adapters": []})
             synth.render(synth.scene_from_prompt(prompts[0] if c else prompt), 64).save(
                 out / "cells" / f"r{r}_c{c}.png", pnginfo=info)
-    lines = ctrl.compare.grid_concept_score("cs").splitlines()
+    lines = concept_score_lines(ctrl.grids.folder("cs")).splitlines()
     assert lines[1] == "- scale 0: colour 100 %, shape 100 %, background 100 % (of 2 cells)"
     assert lines[2] == "- scale 1: colour 50 %, shape 50 %, background 50 % (of 2 cells)"
 
 
 @needs_grid
 def test_grid_fills_in_and_each_cell_has_its_parameters(sd_run):
-    svc = sd_run.compare
-    name = svc.start_grid("g1", ["runs/tiny"], ["0 (base)", "final"], "1", "a cat\na dog", "5", "tiny", 32, 2,
-                          7.5, "ddim")
+    svc = sd_run.grids
+    name = svc.start("g1", GridRequest(["runs/tiny"], ["0 (base)", "final"], "1", "a cat\na dog", "5", "tiny", 32, 2,
+                                       7.5, "ddim"))
     seen, end = set(), time.time() + 300
     while time.time() < end:
-        snap = svc.grid_state(name)
+        snap = svc.state(name)
         seen.add(snap.step)
         if snap.state != "running":
             break
         time.sleep(0.3)
     assert snap.state == "done", snap.error
     assert (snap.step, snap.max_steps) == (4, 4) and 4 in seen
-    cells = svc.grid_cells(name)
+    grid = svc.folder(name)
+    cells = grid.cells()
     assert [Path(p).name for p, _ in cells] == ["r0_c0.png", "r0_c1.png", "r1_c0.png", "r1_c1.png"]
-    index = json.loads((svc.grid_dir(name) / "index.json").read_text())
-    cell = svc.cell_params(name, 3)   # row 1 (a dog), column 1 (final)
+    index = json.loads((grid.path / "index.json").read_text())
+    cell = grid.cell_params(3)   # row 1 (a dog), column 1 (final)
     want = next(c for c in index["cells"] if (c["row"], c["col"]) == (1, 1))
     assert cell["params"] == want["params"] and cell["params"]["prompt"] == "a dog" and cell["params"]["seed"] == 5
-    assert svc.cell_params(name, 0)["file"] is None   # step 0 = the base model
+    assert grid.cell_params(0)["file"] is None   # step 0 = the base model
 
 
 # ---------------------------------------------------------------- LLM runs, sweeps
@@ -203,18 +207,17 @@ def _fake_run(ws, name, kind, losses, ev=None, **status):
 def test_llm_metrics_table(ctrl):
     _fake_run(ctrl.ws, "a", "llm-train", [1.0, 0.5], {"accuracy": 0.75, "mcc": 0.2})
     _fake_run(ctrl.ws, "b", "llm-train", [1.0])
-    assert sorted(ctrl.compare.llm_runs()) == ["a", "b"]
-    rows = ctrl.compare.llm_metrics(["a", "b"])
+    assert sorted(ctrl.text_compare.runs()) == ["a", "b"]
+    rows = ctrl.text_compare.metrics(["a", "b"])
     assert rows[0] == {"run": "a", "step": 1, "accuracy": 0.5}
     assert rows[1] == {"run": "a", "step": 2, "state": "done", "accuracy": 0.75, "mcc": 0.2, "final_loss": 0.5}
     assert rows[2] == {"run": "b", "step": "1 (no eval)", "state": "done", "final_loss": 1.0}
 
 
-@needs_sweep
 def test_sweep_table_and_queueing(ctrl, monkeypatch):
     monkeypatch.setattr(ctrl.queue, "tick", lambda: None)  # queue only: nothing starts in this test
-    queued, msg = ctrl.compare.queue_sweep("sd-train", ctrl.configs.default("sd-train"), _values(ctrl),
-                                           "lora.r = 4, 8\ntrain.learning_rate = 1e-4, 5e-4", "sw")
+    queued, msg = ctrl.sweeps.queue_sweep("sd-train", ctrl.configs.default("sd-train"), _values(ctrl),
+                                          "lora.r = 4, 8\ntrain.learning_rate = 1e-4, 5e-4", "sw")
     assert len(queued) == 4 and "4 runs queued" in msg
     jobs = ctrl.queue.jobs()
     assert [Path(j.run_dir).name for j in jobs] == queued
@@ -223,7 +226,7 @@ def test_sweep_table_and_queueing(ctrl, monkeypatch):
     for name in queued:
         st = json.loads((ctrl.ws.runs / name / "status.json").read_text())
         assert st["sweep"] == sid and st["kind"] == "sd-train" and st["state"] == "queued"
-        cfg = configs.read_toml(ctrl.ws.runs / name / "config.toml")
+        cfg = read_toml(ctrl.ws.runs / name / "config.toml")
         assert st["sweep_params"] == {"lora.r": cfg["lora"]["r"], "train.learning_rate": cfg["train"]["learning_rate"]}
         params.append((cfg["lora"]["r"], cfg["train"]["learning_rate"]))
     assert params == [(4, 1e-4), (4, 5e-4), (8, 1e-4), (8, 5e-4)]
@@ -233,39 +236,39 @@ def test_sweep_table_and_queueing(ctrl, monkeypatch):
             json.dumps({"step": s, "loss": 1.0 / (s + i)}) + "\n" for s in (1, 2, 3)))
         st = json.loads((ctrl.ws.runs / name / "status.json").read_text())
         (ctrl.ws.runs / name / "status.json").write_text(json.dumps({**st, "state": "done"}))
-    folder = ctrl.compare.sweeps()[0]
-    cols, rows, curves = ctrl.compare.sweep_table(folder)
+    folder = ctrl.sweeps.folders()[0]
+    cols, rows, curves = ctrl.sweeps.table(folder)
     assert cols[:5] == ["run", "state", "lora.r", "train.learning_rate", "final_loss"]
     assert [r[1:4] for r in rows] == [["done", 4, 1e-4], ["done", 4, 5e-4], ["queued", 8, 1e-4], ["queued", 8, 5e-4]]
     assert rows[0][4] == round(1 / 3, 4) and rows[1][4] == round(1 / 4, 4)
     assert [len(c[1]) for c in curves] == [3, 3, 0, 0]
-    assert ctrl.compare.sweep_runs(folder) == [f"runs/{n}" for n in queued]
+    assert ctrl.sweeps.runs(folder) == [f"runs/{n}" for n in queued]
     with pytest.raises(UserError, match="Sweep values"):
-        ctrl.compare.queue_sweep("sd-train", ctrl.configs.default("sd-train"), _values(ctrl), "lora.rank = 4, 8", "x")
+        ctrl.sweeps.queue_sweep("sd-train", ctrl.configs.default("sd-train"), _values(ctrl), "lora.rank = 4, 8", "x")
 
 
 # ---------------------------------------------------------------- Check and the fit badge
 @needs_check
 def test_check_button_passes_and_flags_a_broken_dataset(ctrl):
     base = ctrl.configs.default("sd-train")
-    ok, text = ctrl.compare.check("sd-train", base, _values(ctrl, data__resolution=32, train__batch_size=1), False)
+    ok, text = ctrl.preflight.check("sd-train", base, _values(ctrl, data__resolution=32, train__batch_size=1), False)
     assert ok and text.startswith("**Check passed")
     empty = ctrl.ws.root / "datasets" / "empty"
     empty.mkdir(parents=True)
-    ok, text = ctrl.compare.check("sd-train", base, _values(ctrl, data__path="datasets/empty", data__resolution=32),
-                                  False)
+    ok, text = ctrl.preflight.check("sd-train", base, _values(ctrl, data__path="datasets/empty", data__resolution=32),
+                                    False)
     assert not ok and text.startswith("**Check failed") and "- **error** `data" in text
     assert len(list((ctrl.ws.outputs / "check").glob("*/report.json"))) == 2
 
 
 @needs_check
 def test_fit_badge(sd_run, tmp_path):
-    file = next(f for f in sd_run.compare.sd_sources() if f.endswith(".safetensors"))
-    fits, rep = sd_run.compare.fit(file, "tiny")
+    file = next(f for f in sd_run.grids.sources() if f.endswith(".safetensors"))
+    fits, rep = sd_run.preflight.fit(file, "tiny")
     assert fits and rep["fits"] and rep["matched"] > 0
     assert 'data-fits="yes"' in badge(fits, rep)
     with pytest.raises(UserError, match="not an adapter file"):
-        sd_run.compare.fit("runs/tiny/config.toml", "tiny")
+        sd_run.preflight.fit("runs/tiny/config.toml", "tiny")
 
 
 @needs_check
@@ -273,8 +276,8 @@ def test_quick_fit_badge_from_headers_and_the_cached_base(sd_run):
     """The badge on every adapter row: header shapes against `lora-sd inspect --base tiny`'s module list, made
     once and cached; it agrees with the full load report, also for a kohya copy, and names a mismatched block."""
     ad = sd_run.adapters
-    file = next(f for f in sd_run.compare.sd_sources() if f.endswith(".safetensors"))
-    full_fits, full = sd_run.compare.fit(file, "tiny")
+    file = next(f for f in sd_run.grids.sources() if f.endswith(".safetensors"))
+    full_fits, full = sd_run.preflight.fit(file, "tiny")
     fits, rep = ad.fit(file, "tiny")
     assert fits is full_fits is True and rep["matched"] == full["matched"] and rep["unmatched"] == {}
     cache = list((sd_run.ws.outputs / "base-modules").glob("*.json"))
@@ -307,10 +310,10 @@ def test_badge_and_report_rendering():
 
 def test_llm_generations_side_by_side(ctrl):
     """`lora-llm generate` per source (the bare tiny base model here): the prompt continued, greedy."""
-    rows = ctrl.compare.generations([], "The history of", 5)
+    rows = ctrl.text_compare.generations([], "The history of", 5)
     assert [r[0] for r in rows] == ["base: tiny"] and rows[0][1].startswith("The history of")
     with pytest.raises(UserError, match="prompt"):
-        ctrl.compare.generations([], " ", 5)
+        ctrl.text_compare.generations([], " ", 5)
 
 
 @needs_check
@@ -318,14 +321,13 @@ def test_check_button_on_the_text_form(ctrl):
     from lora_core.paths import shared_dir
     if shared_dir() is None:
         pytest.skip("../shared is absent: the demo's SST-2 data is not available offline")
-    ok, text = ctrl.compare.check("llm-train", ctrl.configs.default("llm-train"), _values(ctrl, "llm-train"), True)
+    ok, text = ctrl.preflight.check("llm-train", ctrl.configs.default("llm-train"), _values(ctrl, "llm-train"), True)
     assert ok and "**data**: task sst2" in text and "**steps**: ok True" in text
 
 
 def test_llm_checkpoints_on_eval_metrics(ctrl):
     """A real 4-step tiny GPT-2 run (checkpoint_every=2): each checkpoint is evaluated by `lora-llm eval`
     once (cached in the checkpoint), equals a direct `lora-llm eval` of it, and is plotted against its step."""
-    from lora_gui.services.compare import metric_curves
     run = ctrl.ws.runs / "lm"
     run.mkdir(parents=True)
     (run / "config.toml").write_text(
@@ -335,7 +337,7 @@ def test_llm_checkpoints_on_eval_metrics(ctrl):
     subprocess.run([sys.executable, "-m", "lora_llm.cli", "train", "--config", str(run / "config.toml")],
                    cwd=ROOT, check=True, capture_output=True)
     told = []
-    rows = ctrl.compare.checkpoint_metrics(["lm"], lambda i, n, what: told.append((i, n, what)))
+    rows = ctrl.text_compare.checkpoint_metrics(["lm"], lambda i, n, what: told.append((i, n, what)))
     assert [r["step"] for r in rows] == [2, 4] and [t[:2] for t in told] == [(0, 2), (1, 2)]
     ck2 = run / "checkpoints" / "step_00000002"
     assert rows[0]["source"] == "runs/lm/checkpoints/step_00000002" and (ck2 / "eval.json").is_file()
@@ -349,11 +351,11 @@ def test_llm_checkpoints_on_eval_metrics(ctrl):
     # cached: a second call runs no CLI (a marked cache value comes back as is)
     cached = json.loads((ck2 / "eval.json").read_text())
     (ck2 / "eval.json").write_text(json.dumps({**cached, "accuracy": 0.123}))
-    assert ctrl.compare.checkpoint_metrics(["lm"])[0]["accuracy"] == 0.123
+    assert ctrl.text_compare.checkpoint_metrics(["lm"])[0]["accuracy"] == 0.123
     # the fit badge of its adapter (header shapes vs `lora-llm inspect --base tiny`'s module list) = the full report
     fits, rep = ctrl.adapters.fit("runs/lm/adapter.safetensors", "tiny")
     full = json.loads(subprocess.run([sys.executable, "-m", "lora_llm.cli", "inspect", str(run / "adapter.safetensors"),
                                       "--base", "tiny", "--json"], cwd=ROOT, capture_output=True, text=True).stdout)
     assert fits is True and full["fits"] and rep["blocks"] == {k: v for k, v in full["blocks"].items() if k != "score"}
-    metric, curves = metric_curves(rows + ctrl.compare.llm_metrics(["lm"]), ["lm"])
+    metric, curves = metric_curves(rows + ctrl.text_compare.metrics(["lm"]), ["lm"])
     assert metric == "accuracy" and curves == [("lm", [2, 4], [rows[0]["accuracy"], rows[1]["accuracy"]])]

@@ -8,13 +8,17 @@ from safetensors.torch import save_file
 
 from lora_core import adapter_files
 from lora_core.errors import ConfigError
-from lora_gui import adapters, configs
-from lora_gui.configs import Field, coerce, resolve_model_ref
-from lora_gui.controller import Controller, UserError
-from lora_gui.forms import CROSS_ATTN, LLM_FIELDS, SD_FIELDS, TARGET_PRESETS
+from lora_gui.adapter_scan import is_adapter
+from lora_gui.controller import Controller
+from lora_gui.errors import PathError, UserError
+from lora_gui.field_kinds import CHOICE, INTEGER, LINES, NAMES
+from lora_gui.forms import Field
+from lora_gui.job_kinds import KINDS
+from lora_gui.model_refs import resolve_model_ref
 from lora_gui.services.evals import eval_rows
 from lora_gui.services.plots import eval_figure
-from lora_gui.workspace import PathError, Workspace
+from lora_gui.workspace import Workspace
+from lora_sd.config import CROSS_ATTN, TARGET_PRESETS
 
 
 @pytest.fixture
@@ -23,28 +27,40 @@ def ctrl(tmp_path):
 
 
 def _values(ctrl, kind, **changes):
-    fields = SD_FIELDS if kind == "sd-train" else LLM_FIELDS
     vals = ctrl.configs.form_values(kind, ctrl.configs.default(kind))
     for key, v in changes.items():
-        vals[[f.key for f in fields].index(key.replace("__", "."))] = v
+        assert key.replace("__", ".") in vals
+        vals[key.replace("__", ".")] = v
     return vals
 
 
 # ---------------------------------------------------------------- fields
-def test_coerce_names_the_bad_field():
+def test_parse_names_the_bad_field():
     with pytest.raises(ConfigError, match=r"Rank \(lora.r\): 'x' is not a number"):
-        coerce(Field("lora.r", "Rank", "int"), "x")
+        Field("lora.r", "Rank", INTEGER).parse("x")
     with pytest.raises(ConfigError, match="not a whole number"):
-        coerce(Field("lora.r", "Rank", "int"), 2.5)
-    assert coerce(Field("lora.r", "Rank", "int"), 4.0) == 4
-    assert coerce(Field("t", "T", "list"), "q_proj, v_proj") == ["q_proj", "v_proj"]
-    assert coerce(Field("t", "T", "list"), "re:.*attn") == ".*attn"
-    assert coerce(Field("p", "P", "lines"), "a, b\n\n c ") == ["a, b", "c"]
-    with pytest.raises(ConfigError, match="not one of"):
-        coerce(Field("b", "Backend", "choice", choices=("torch",)), "jax")
-    targets = next(f for f in SD_FIELDS if f.key == "lora.target_modules")
-    assert coerce(targets, "cross_attn") == CROSS_ATTN
-    assert configs.field_value(targets, {"lora": {"target_modules": CROSS_ATTN}}) == "cross_attn"
+        Field("lora.r", "Rank", INTEGER).parse(2.5)
+    assert Field("lora.r", "Rank", INTEGER).parse(4.0) == 4
+    assert Field("t", "T", NAMES).parse("q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert Field("t", "T", NAMES).parse("re:.*attn") == ".*attn"
+    assert Field("p", "P", LINES).parse("a, b\n\n c ") == ["a, b", "c"]
+    assert Field("b", "Backend", CHOICE, choices=("torch",)).parse("jax") == "jax"   # the config refuses it
+    targets = next(f for f in KINDS["sd-train"].fields if f.key == "lora.target_modules")
+    assert targets.parse("cross_attn") == CROSS_ATTN
+    assert targets.shown({"lora": {"target_modules": CROSS_ATTN}}) == "cross_attn"
+
+
+def test_fields_take_kind_bounds_and_choices_from_the_declaration():
+    """A form names keys; the kind of input, its range and allowed values come from the config class."""
+    fields = {f.key: f for f in KINDS["sd-train"].fields}
+    assert fields["lora.r"].kind is INTEGER and fields["lora.r"].kind.widget(fields["lora.r"]) == {
+        "precision": 0, "minimum": 1, "maximum": None}
+    assert fields["lora.dropout"].kind.widget(fields["lora.dropout"]) == {"precision": None, "minimum": 0, "maximum": 1}
+    assert fields["train.seed"].kind.widget(fields["train.seed"])["maximum"] == 2 ** 32
+    assert fields["train.lr_scheduler"].kind is CHOICE and "cosine" in fields["train.lr_scheduler"].choices
+    assert fields["sample.prompts"].kind is LINES and fields["lora.use_dora"].kind.component == "Checkbox"
+    assert fields["lora.rank_pattern"].kind.name == "mapping"
+    assert {f.kind.name for f in KINDS["llm-train"].fields if f.key == "lora.target_modules"} == {"names"}
 
 
 def test_model_references(tmp_path):
@@ -63,7 +79,7 @@ def test_model_references(tmp_path):
 def test_default_sd_config_trains_on_the_seeded_dataset(ctrl):
     data = ctrl.configs.default("sd-train")
     assert Path(data["data"]["path"]) == ctrl.ws.datasets / "demo"
-    assert len(list((ctrl.ws.datasets / "demo").glob("*.png"))) == 20   # the purple demo set (issue 14)
+    assert len(list((ctrl.ws.datasets / "demo").glob("*.png"))) == 20   # the purple demo set
     captions = [f.read_text() for f in (ctrl.ws.datasets / "demo").glob("*.txt")]
     assert len(captions) == 20 and all(" purple " in c for c in captions)
     cfg = ctrl.configs.build("sd-train", data, ctrl.configs.form_values("sd-train", data))
@@ -198,8 +214,9 @@ def test_adapters_are_listed_described_and_deleted_with_care(ctrl, tmp_path):
 def test_header_reader_matches_safetensors(tmp_path):
     p = tmp_path / "a.safetensors"
     _kohya(p, r=3)
-    header, meta = adapters.read_header(p)
-    assert header["lora_unet_a_to_q.lora_down.weight"]["shape"] == [3, 8] and meta["ss_network_dim"] == "3"
+    h = adapter_files.read_header(p)
+    assert h.tensors["lora_unet_a_to_q.lora_down.weight"]["shape"] == [3, 8] and h.metadata["ss_network_dim"] == "3"
+    assert is_adapter(p) and adapter_files.inspect(p)["format"] == "kohya"   # what the GUI lists and shows
     assert adapter_files.detect(p).format == "kohya"
     save_file({"unet.a.lora_A.weight": torch.zeros(3, 8)}, str(tmp_path / "d.safetensors"))
     assert adapter_files.detect(tmp_path / "d.safetensors").format == "diffusers"

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from lora_core.run import RunDir
-from lora_gui import jobs, kinds, runview
+from lora_gui import job_kinds, jobs, runview
 from lora_gui.demo import ensure_demo_dataset
+from lora_gui.errors import PathError, QueueError
 from lora_gui.jobs import Job
-from lora_gui.queue import JobQueue, QueueError
+from lora_gui.queue import JobQueue
 from lora_gui.services.plots import loss_figure
-from lora_gui.workspace import PathError, Workspace, check_name, confine
+from lora_gui.workspace import Workspace, check_name, confine
 
 FAKE_JOB = textwrap.dedent('''
     """A stand-in job: `CMD --config C (--run-dir R | --out R)`; prints a line and exits with config `exit`."""
@@ -160,7 +161,7 @@ def fake(tmp_path, monkeypatch):
     (mod / "fake_job.py").write_text(FAKE_JOB)
     monkeypatch.setenv("PYTHONPATH", str(mod))
     for name in ("sd-train", "eval-suite"):
-        monkeypatch.setitem(kinds.KINDS, name, dataclasses.replace(kinds.KINDS[name], cli="fake_job"))
+        monkeypatch.setitem(job_kinds.KINDS, name, dataclasses.replace(job_kinds.KINDS[name], cli="fake_job"))
     return _queue(tmp_path)
 
 
@@ -300,13 +301,10 @@ def test_restarted_app_picks_up_a_running_job(real):
     assert other.get(job.id).state == "stopped"
 
 
-def test_old_queue_file_with_pending_jobs_reads_as_queued(tmp_path):
-    ws, q = _queue(tmp_path)
-    ws.queue_file.write_text(json.dumps({"jobs": [{"id": "x", "kind": "sd-train", "run_dir": str(ws.runs / "a"),
-                                                   "state": "pending"}]}))
-    assert [j.state for j in q.jobs()] == ["queued"]
-    with pytest.raises(ValueError, match="unknown state"):
-        Job(id="y", kind="sd-train", run_dir="/r", state="paused")
+def test_a_job_state_is_a_run_state():
+    for state in ("paused", "pending"):
+        with pytest.raises(ValueError, match="unknown state"):
+            Job(id="y", kind="sd-train", run_dir="/r", state=state)
 
 
 # ---------------------------------------------------------------- run view

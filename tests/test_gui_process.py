@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from lora_core.run import RunDir
-from lora_gui import clirun, kinds
+from lora_gui import clirun, job_kinds
+from lora_gui.errors import CliError
 from lora_gui.queue import JobQueue
 from lora_gui.workspace import Workspace
 
@@ -43,30 +44,30 @@ def test_the_gui_process_imports_no_torch(tmp_path):
         mods = [m.name for m in pkgutil.walk_packages(lora_gui.__path__, "lora_gui.")]
         for m in mods:
             importlib.import_module(m)
-        from lora_gui import kinds
+        from lora_gui import job_kinds
         from lora_gui.controller import Controller
         from lora_gui.ui import build_app
         from lora_gui.workspace import Workspace
         ctrl = Controller(Workspace({str(tmp_path / 'ws')!r}))
         build_app(ctrl)
-        for k in kinds.KINDS.values():
+        for k in job_kinds.KINDS.values():
             k.config_class()
             ctrl.configs.choices(k.name)
         print(json.dumps({{"modules": mods, "heavy": [h for h in {HEAVY!r} if h in sys.modules]}}))
     """)
     res = run_python_json(code)
-    assert {"lora_gui.ui", "lora_gui.tabs.train", "lora_gui.services.runs", "lora_gui.kinds"} <= set(res["modules"])
+    assert {"lora_gui.ui", "lora_gui.tabs.train", "lora_gui.services.runs", "lora_gui.job_kinds"} <= set(res["modules"])
     assert res["heavy"] == []
 
 
 def test_job_kinds_registry():
-    assert sorted(kinds.KINDS) == ["eval-suite", "llm-train", "sd-train"]
-    assert kinds.get("sd-train").config_class().__name__ == "SDTrainConfig"
-    assert kinds.get("llm-train").config_class().__name__ == "LLMTrainConfig"
-    assert kinds.get("eval-suite").config_class().__name__ == "SuiteConfig"
-    assert (kinds.get("eval-suite").cli, kinds.get("eval-suite").command) == ("lora_llm.cli", "eval-suite")
+    assert sorted(job_kinds.KINDS) == ["eval-suite", "llm-train", "sd-train"]
+    assert job_kinds.get("sd-train").config_class().__name__ == "SDTrainConfig"
+    assert job_kinds.get("llm-train").config_class().__name__ == "LLMTrainConfig"
+    assert job_kinds.get("eval-suite").config_class().__name__ == "SuiteConfig"
+    assert (job_kinds.get("eval-suite").cli, job_kinds.get("eval-suite").command) == ("lora_llm.cli", "eval-suite")
     with pytest.raises(ValueError, match="unknown job kind"):
-        kinds.get("llm-eval")
+        job_kinds.get("llm-eval")
 
 
 def test_run_kind_is_read_from_status_not_guessed(tmp_path):
@@ -74,11 +75,11 @@ def test_run_kind_is_read_from_status_not_guessed(tmp_path):
     run = ws.runs / "r"
     run.mkdir()
     (run / "config.toml").write_text('[output]\nname = "x"\n')  # looks like an SD config: not used
-    assert kinds.run_kind(run) is None
+    assert job_kinds.run_kind(run) is None
     RunDir(run).write_status("done", kind="llm-train")
-    assert kinds.run_kind(run) == "llm-train"
+    assert job_kinds.run_kind(run) == "llm-train"
     RunDir(run).write_status("done", kind="bogus")
-    assert kinds.run_kind(run) is None
+    assert job_kinds.run_kind(run) is None
 
 
 # ---------------------------------------------------------------- SIGTERM
@@ -174,7 +175,7 @@ def test_app_exits_promptly_on_sigterm_during_a_generation(tmp_path):
 # ---------------------------------------------------------------- CLI errors as one line
 def test_cli_failure_is_the_clis_one_line_message(tmp_path):
     missing = tmp_path / "missing.safetensors"
-    with pytest.raises(clirun.CliError) as e:
+    with pytest.raises(CliError) as e:
         clirun.run_cli("lora_sd.cli", ["convert", str(missing), str(tmp_path / "out.safetensors"), "--to", "kohya"],
                        tmp_path, timeout=300)
     msg = str(e.value)
@@ -190,7 +191,7 @@ def test_cli_calls_in_flight_are_stopped_on_exit(tmp_path):
     def call():
         try:
             clirun.run_cli("timeit", ["-n", "1", "-r", "1", "import time; time.sleep(60)"], tmp_path, timeout=120)
-        except clirun.CliError as e:
+        except CliError as e:
             errors.append(str(e))
 
     t = threading.Thread(target=call)
@@ -207,21 +208,21 @@ def test_cli_calls_in_flight_are_stopped_on_exit(tmp_path):
 def test_form_choices_and_help_come_from_the_config_declarations():
     from lora_core.errors import ConfigError
     from lora_core.fields import field_specs
-    from lora_gui.configs import coerce
+    from lora_gui.config_data import apply_form, default_config_dict, validate
     from lora_llm.config import LLMTrainConfig
     from lora_sd.config import SDTrainConfig
     for kind, cls, keys in (("sd-train", SDTrainConfig, ("train.lr_scheduler", "train.mixed_precision")),
                             ("llm-train", LLMTrainConfig, ("backend", "data.task")),
                             ("eval-suite", LLMTrainConfig, ("backend", "data.task"))):
         specs = {s.path: s for s in field_specs(cls)}
-        fields = {f.key: f for f in kinds.get(kind).fields}
+        fields = {f.key: f for f in job_kinds.get(kind).fields}
         for key in keys:
             assert fields[key].choices == specs[key].choices and len(fields[key].choices) >= 2, key
             assert specs[key].help and specs[key].help in fields[key].info, key
-    lr = next(f for f in kinds.get("sd-train").fields if f.key == "train.lr_scheduler")
+    lr = next(f for f in job_kinds.get("sd-train").fields if f.key == "train.lr_scheduler")
     assert "cosine_with_restarts" in lr.choices  # the trainers' whole list, not a GUI copy of part of it
-    with pytest.raises(ConfigError, match="not one of"):
-        coerce(lr, "exponential")
+    with pytest.raises(ConfigError, match="train.lr_scheduler must be one of"):   # the config's own check
+        validate("sd-train", apply_form(default_config_dict("sd-train"), [lr], {"train.lr_scheduler": "exponential"}))
 
 
 def test_guard_shows_file_errors_as_one_line(tmp_path):

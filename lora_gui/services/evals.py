@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_core.configfile import from_dict, save_config
+from lora_core.configfile import from_dict, read_toml, save_config, to_dict
 
-from .. import configs, jobs, kinds, runview
+from .. import job_kinds, jobs, runview
 from ..errors import UserError
 from ..queue import JobQueue
 from ..workspace import Workspace, check_name
-from .configs import ConfigService
+from .job_configs import ConfigService
 
 KIND = "eval-suite"
 # the seed project's numbers the evaluation suite is compared against (accuracy; CoLA: majority class)
@@ -25,14 +25,14 @@ class EvalService:
     def folder(self) -> Path:
         return self.ws.outputs / "eval"
 
-    def start(self, base: dict, values: list, tasks: list[str], steps: int, name: str) -> tuple[str, str]:
+    def start(self, base: dict, values: dict, tasks: list[str], steps: int, name: str) -> tuple[str, str]:
         """Queue `lora-llm eval-suite`: one adapter per task trained from the Text-tasks form, then evaluated."""
         if not tasks:
             raise UserError("choose at least one task")
         cfg = self.configs.build("llm-train", base, values)
-        data = {"tasks": list(tasks), "base": configs.to_dict(cfg),
+        data = {"tasks": list(tasks), "base": to_dict(cfg),
                 "overrides": {t: [f"train.max_steps={int(steps)}"] for t in tasks}}
-        suite = from_dict(kinds.get(KIND).config_class(), data, "evaluation suite")
+        suite = from_dict(job_kinds.get(KIND).config_class(), data, "evaluation suite")
         out = self.ws.fresh_dir(self.folder, name)
         out.mkdir(parents=True)
         save_config(out / "config.toml", suite)
@@ -48,7 +48,7 @@ class EvalService:
         out = self.ws.resolve(Path("outputs") / "eval" / check_name(name, "evaluation name"), must_exist=True)
         rows = eval_rows(read_json(out / "results.json"))
         snap = runview.snapshot(out)
-        tasks = configs.get_key(configs.read_toml(out / "config.toml"), "tasks", []) or []
+        tasks = read_toml(out / "config.toml").get("tasks") or []
         snap.step, snap.max_steps = len({r[0] for r in rows}), len(tasks)  # progress in tasks
         return snap, rows
 

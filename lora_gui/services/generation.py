@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 
 from lora_core.files import atomic_write_json
 
-from .. import configs
 from ..clirun import run_cli
 from ..errors import UserError
+from ..model_refs import resolve_model_ref
 from ..workspace import Workspace
 
 
@@ -45,7 +45,7 @@ class GenerationService:
             raise UserError("write a prompt first")
         if not 1 <= int(num_images) <= 16:
             raise UserError("Images: 1 to 16 per click")
-        model = configs.resolve_model_ref(self.ws, base, "Base model")
+        model = resolve_model_ref(self.ws, base, "Base model")
         params = ImageParams(prompt, negative or "", int(seed), int(steps), float(guidance), int(width), int(height),
                              scheduler)
         lora_args, used = self._adapter_args(adapter_rows)
@@ -80,6 +80,6 @@ class GenerationService:
         if (adapter or "").strip():
             args = ["generate", "--adapter", str(self.ws.resolve(adapter, must_exist=True))]
         else:
-            args = ["generate", "--model", configs.resolve_model_ref(self.ws, model, "Base model")]
+            args = ["generate", "--model", resolve_model_ref(self.ws, model, "Base model")]
         args += ["--prompt", prompt, "--max-new-tokens", str(int(max_new_tokens))]
         return run_cli("lora_llm.cli", args, self.ws.root, timeout=900).strip()

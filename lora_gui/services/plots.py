@@ -1,14 +1,17 @@
 """Plotting: the loss curve of a run and the evaluation suite's accuracy chart (matplotlib, Agg)."""
 from __future__ import annotations
 
+import matplotlib
+from matplotlib.figure import Figure
+
 from ..runview import RunSnapshot
 from .evals import SEED_NUMBERS
 
 
+matplotlib.use("Agg")   # figures are drawn off-screen, into the page
+
+
 def _figure():
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 3), dpi=90)
     return fig, fig.add_subplot()
 

@@ -7,18 +7,18 @@ from typing import Optional
 
 from lora_core.configfile import dumps, save_config
 
-from .. import jobs, kinds, runview
+from .. import job_kinds, jobs, runview
 from ..errors import UserError
 from ..queue import JobQueue
 from ..workspace import Workspace, check_name
-from .configs import ConfigService
+from .job_configs import ConfigService
 
 
 class RunService:
     def __init__(self, ws: Workspace, queue: JobQueue, configs: ConfigService):
         self.ws, self.queue, self.configs = ws, queue, configs
 
-    def preview(self, kind: str, base: dict, values: list, run_name: str, launcher: str) -> tuple[str, str]:
+    def preview(self, kind: str, base: dict, values: dict, run_name: str, launcher: str) -> tuple[str, str]:
         """(config TOML, exact command) of the run the Start button would queue."""
         run_dir = self.ws.new_run_dir(run_name)
         cfg = self.configs.build(kind, base, values)
@@ -26,7 +26,7 @@ class RunService:
         job = jobs.Job(id="preview", kind=kind, run_dir=str(run_dir), launcher=launcher)
         return dumps(cfg), jobs.preview(job)
 
-    def start(self, kind: str, base: dict, values: list, run_name: str, launcher: str) -> tuple[str, str]:
+    def start(self, kind: str, base: dict, values: dict, run_name: str, launcher: str) -> tuple[str, str]:
         """Write RUN/config.toml and queue the training; returns (run name, message)."""
         cfg = self.configs.build(kind, base, values)
         run_dir = self.ws.new_run_dir(run_name)
@@ -40,7 +40,7 @@ class RunService:
 
     def names(self, kind: str) -> list[str]:
         """Run folders of this kind (status.json `kind`), newest first."""
-        return [p.name for p in self.ws.run_dirs() if kinds.run_kind(p) == kind]
+        return [p.name for p in self.ws.run_dirs() if job_kinds.run_kind(p) == kind]
 
     def path(self, name: str) -> Path:
         return self.ws.resolve(Path("runs") / check_name(name, "run name"), must_exist=True)
@@ -67,8 +67,8 @@ class RunService:
             raise UserError(f"{name} is {snap.state}: nothing to resume")
         if snap.state == "done":
             raise UserError(f"{name} has finished all its steps; raise train.max_steps in a new run instead")
-        kind = kinds.run_kind(run)
-        if kind is None or not kinds.get(kind).train:
+        kind = job_kinds.run_kind(run)
+        if kind is None or not job_kinds.get(kind).train:
             raise UserError(f"{name}: its status.json names no training job kind; resume it with the CLI")
         self._wait_until_idle(run)
         job = self.queue.add(kind, run, resume=True, launcher=launcher, front=True)

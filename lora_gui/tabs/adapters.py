@@ -1,9 +1,10 @@
-"""Adapters: every adapter file of the workspace; inspect, convert, merge, delete (after a confirmation)."""
+"""Adapters: every adapter file of the workspace with its fit badge against a base model; inspect, convert,
+merge, delete (after a confirmation)."""
 from __future__ import annotations
 
 import gradio as gr
 
-from ..services.compare import badge
+from ..services.fit import badge
 from ..widgets import guard
 
 HEADERS = ["file", "format", "base model", "rank", "alpha", "targets", "steps", "size (KB)", "fit (base model)"]
@@ -90,7 +91,7 @@ class AdaptersTab:
 
 def fit_badge(ctrl, file: str, base: str) -> tuple[str, dict]:
     """The fit badge of `file` against `base` (`inspect --base`) and its load report."""
-    fits, rep = ctrl.compare.fit(file, base)
+    fits, rep = ctrl.preflight.fit(file, base)
     return badge(fits, rep), rep
 
 

@@ -1,19 +1,20 @@
-"""Generate: images from a base model with any number of adapters at their scales (`lora-sd generate`)."""
+"""Generate: images from a base model with any number of adapters at their scales (`lora-sd generate`), each
+adapter's fit badge against the base model, and the base model's detected SD architecture."""
 from __future__ import annotations
 
 import gradio as gr
 
 from lora_core.fields import field_specs
 
-from .. import kinds
-from ..services.compare import badge
+from .. import job_kinds
+from ..services.fit import badge
 from ..widgets import guard
 from .adapters import fit_badge, quick_badge
 
 
 def schedulers() -> list[str]:
     """The sampler names the SD config declares (sample.scheduler), the ones `lora-sd generate` accepts."""
-    spec = next(s for s in field_specs(kinds.get("sd-train").config_class()) if s.path == "sample.scheduler")
+    spec = next(s for s in field_specs(job_kinds.get("sd-train").config_class()) if s.path == "sample.scheduler")
     return list(spec.choices)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import kinds, runview
+from .. import job_kinds, runview
 from ..services.plots import eval_figure
 from ..widgets import ACTIVE, JobForm, guard, job_columns
 from .compare import form_tools
@@ -49,13 +49,13 @@ def eval_suite(page, job: JobForm) -> None:
         return [runview.progress_html(snap), rows, eval_figure(rows)]
 
     @guard
-    def start(base, chosen_tasks, n_steps, eval_name, *values):
-        out, msg = ctrl.evals.start(base, list(values), chosen_tasks, n_steps, eval_name)
+    def start(v):
+        out, msg = ctrl.evals.start(v[job.base], job.values(v), v[tasks], v[steps], v[name])
         gr.Info(msg)
         return gr.update(choices=[ACTIVE] + ctrl.evals.names(), value=out), ctrl.runs.queue_rows()
 
     names = lambda: gr.update(choices=[ACTIVE] + ctrl.evals.names())  # noqa: E731
-    go.click(start, [job.base, tasks, steps, name, *job.inputs], [select, page.queue_table])
+    go.click(start, {job.base, tasks, steps, name, *job.inputs.values()}, [select, page.queue_table])
     refresh.click(lambda _sel: names(), [select], [select])
     select.change(view, [select], [status, table, plot], show_progress="hidden")
     page.poll([select], [status, table, plot], view)
@@ -64,7 +64,7 @@ def eval_suite(page, job: JobForm) -> None:
 
 def task_choices() -> tuple:
     """The tasks the suite can run: the allowed values of the text-task config's data.task."""
-    return next(f.choices for f in kinds.get(KIND).fields if f.key == "data.task")
+    return next(f.choices for f in job_kinds.get(KIND).fields if f.key == "data.task")
 
 
 def text_generation(ctrl) -> None:

@@ -35,7 +35,7 @@ def dataset_tools(page, job: JobForm) -> None:
         gr.Info(f"uploaded into {rel}")
         return rel, ctrl.uploads.check(rel)
 
-    data_path = job.input_of("data.path")
+    data_path = job.inputs["data.path"]
     check.click(check_dataset, [data_path], [report])
     upload.click(upload_dataset, [files, name], [data_path, report])
 

@@ -1,11 +1,10 @@
-"""Adapter files in the workspace: find them, describe them from the safetensors header alone
-(lora_core.adapter_files: one detector, one `inspect`, no torch in the GUI process). The CLI calls
-on them (convert, merge) are lora_gui.clirun."""
+"""The adapter files of the workspace: find them under runs/, outputs/ and adapters/ and describe each
+from its safetensors header alone (lora_core.adapter_files.inspect, the description `lora-sd inspect` and
+`lora-llm inspect` print; no torch in the GUI process)."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 from lora_core import adapter_files
 from lora_core.errors import LoraLoadError
@@ -16,24 +15,9 @@ SKIP_NAMES = re.compile(r"^(trainable|rng_rank\d+)\.safetensors$")
 SCAN_DIRS = ("runs", "outputs", "adapters")
 
 
-class AdapterError(ValueError):
-    pass
-
-
-def read_header(path: Path) -> tuple[dict, dict]:
-    """(tensor entries {name: {"dtype", "shape", "data_offsets"}}, metadata) of a safetensors file."""
-    h = adapter_files.read_header(path)
-    return h.tensors, h.metadata
-
-
-def inspect(path: Path) -> dict:
-    """The description `lora-sd inspect --json` / `lora-llm inspect --json` print (the same function)."""
-    return adapter_files.inspect(path)
-
-
 def describe(path: Path, ws: Workspace) -> dict:
     """One table row: file, format, base model, rank(s), alpha(s), number of targets, steps, size."""
-    d = inspect(path)
+    d = adapter_files.inspect(path)
     return {**d, "file": ws.rel(path), "rank": ",".join(map(str, d["ranks"])),
             "alpha": ",".join(map(str, d["alphas"]))}
 
@@ -65,17 +49,3 @@ def is_adapter(path: Path) -> bool:
 
 def adapter_table(ws: Workspace) -> list[dict]:
     return [describe(p, ws) for p in find_adapters(ws)]
-
-
-def cli_for(desc: dict) -> str:
-    """The CLI module that reads this adapter, as its format's registration says."""
-    return desc["cli"]
-
-
-def safe_delete(path: Path, ws: Workspace) -> Optional[str]:
-    """Delete one adapter file that lives in the workspace (and a sibling peft/ export stays)."""
-    p = ws.resolve(path, must_exist=True)
-    if p not in find_adapters(ws):
-        raise AdapterError(f"{ws.rel(p)} is not an adapter file of this workspace")
-    p.unlink()
-    return ws.rel(p)

@@ -1,15 +1,16 @@
-"""Configs and forms: the form's default values, form -> validated config, saved configs."""
+"""Job configs and their forms: the form's default values, form values -> validated config, saved configs."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from lora_core.configfile import save_config
+from lora_core.configfile import read_toml, save_config, to_dict
 
-from .. import configs, kinds
+from .. import config_data, job_kinds, model_refs
 from ..demo import demo_reg_folder
-from ..errors import UserError
-from ..kinds import REPO_ROOT
-from ..workspace import PathError, Workspace, check_name
+from ..errors import PathError, UserError
+from ..field_kinds import get_key, set_key
+from ..job_kinds import REPO_ROOT
+from ..workspace import Workspace, check_name
 
 REPO_CONFIGS = REPO_ROOT / "configs"
 
@@ -21,38 +22,34 @@ class ConfigService:
 
     def default(self, kind: str) -> dict:
         """The config a fresh form shows (SD: trains the tiny model on the seeded demo dataset)."""
-        data = configs.default_config_dict(kind)
+        data = config_data.default_config_dict(kind)
         if kind == "sd-train":
-            path = configs.get_key(data, "data.path", "")
+            path = get_key(data, "data.path", "")
             try:
                 ok = bool(path) and self.ws.resolve(path).is_dir()
             except PathError:
                 ok = False
             if not ok:  # the repository's demo data is outside the workspace: use the seeded one
-                configs.set_key(data, "data.path", str(self.demo_dataset))
-                if configs.get_key(data, "data.reg_path", ""):
-                    configs.set_key(data, "data.reg_path", str(demo_reg_folder(self.demo_dataset)))
-            if not configs.get_key(data, "sample.prompts"):
-                configs.set_key(data, "sample.prompts", ["a red circle on a grey background"])
+                set_key(data, "data.path", str(self.demo_dataset))
+                if get_key(data, "data.reg_path", ""):
+                    set_key(data, "data.reg_path", str(demo_reg_folder(self.demo_dataset)))
+            if not get_key(data, "sample.prompts"):
+                set_key(data, "sample.prompts", ["a red circle on a grey background"])
         return data
 
-    def form_values(self, kind: str, data: dict) -> list:
-        out = []
-        for f in kinds.get(kind).fields:
-            v = configs.field_value(f, data)
-            if f.path == "dir" and isinstance(v, str) and v:
-                v = self.ws.rel(v)
-            out.append(v)
-        return out
+    def form_values(self, kind: str, data: dict) -> dict:
+        """{key: value} the form's inputs show for config data `data`."""
+        return config_data.form_values(kind, data, self.ws)
 
     def arch_note(self, text: str) -> tuple[str, str]:
-        """(arch, a markdown line): the SD architecture of a base-model input (lora_gui.configs.arch_note)."""
-        return configs.arch_note(self.ws, text)
+        """(arch, a markdown line): the SD architecture of a base-model input (lora_gui.model_refs.arch_note)."""
+        return model_refs.arch_note(self.ws, text)
 
-    def build(self, kind: str, base: dict, values: list):
-        """The validated config object of the form (ConfigError names the field)."""
-        data = configs.apply_form(base or self.default(kind), kinds.get(kind).fields, values, self.ws)
-        return configs.validate(kind, data)
+    def build(self, kind: str, base: dict, values: dict):
+        """The validated config object of the form's `values` ({key: value}) over `base` (ConfigError names
+        the field)."""
+        data = config_data.apply_form(base or self.default(kind), job_kinds.get(kind).fields, values, self.ws)
+        return config_data.validate(kind, data)
 
     def choices(self, kind: str) -> list[str]:
         """Saved configs of this kind: the workspace's configs/ and (read-only) the repository's
@@ -73,21 +70,20 @@ class ConfigService:
 
     def _fits(self, kind: str, choice: str) -> bool:
         try:
-            configs.validate(kind, configs.read_toml(self.path(choice)))
+            config_data.validate(kind, read_toml(self.path(choice)))
         except (ValueError, OSError):
             return False
         return True
 
-    def load(self, kind: str, choice: str) -> tuple[dict, list]:
+    def load(self, kind: str, choice: str) -> tuple[dict, dict]:
+        """(config data, the form's values) of a saved config; refuses bad keys or the other kind's file."""
         path = self.path(choice)
-        data = configs.read_toml(path)
-        data = configs.to_dict(configs.validate(kind, data, path.name))  # refuses bad keys / the other kind
+        data = to_dict(config_data.validate(kind, read_toml(path), path.name))
         return data, self.form_values(kind, data)
 
-    def save(self, kind: str, base: dict, values: list, name: str) -> str:
+    def save(self, kind: str, base: dict, values: dict, name: str) -> str:
         name = check_name((name or "").removesuffix(".toml"), "config name")
         cfg = self.build(kind, base, values)
         path = self.ws.configs / f"{name}.toml"
         save_config(path, cfg)
         return f"saved {self.ws.rel(path)}"
-

@@ -17,7 +17,7 @@ from typing import Optional
 
 from lora_core.run import RunDir
 
-from .forms import LLM_FIELDS, SD_FIELDS, with_specs
+from .forms import LLM_FIELDS, SD_FIELDS, bind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,8 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class JobKind:
     """name: the value of status.json `kind`; config: "module:Class" of the typed config;
-    cli/command: `python -m <cli> <command>`; form: the form's fields (forms.py; `fields` adds
-    their choices and help from the form's config class, `form_config`); prefix: the page's
+    cli/command: `python -m <cli> <command>`; form: the form's fields (forms.py; `fields` binds
+    them to the declarations of the form's config class, `form_config`); prefix: the page's
     element-id prefix; train: a training run (resumable, launched with accelerate, writes its
     own status, run folder under runs/) rather than a one-shot job writing into `--out`;
     default_file: the repository config the form starts from (absent: the dataclass defaults)."""
@@ -63,7 +63,7 @@ def _load(ref: str) -> type:
 
 @functools.lru_cache(maxsize=None)
 def _fields(form: tuple, config: str) -> tuple:
-    return with_specs(form, _load(config))
+    return bind(form, _load(config))
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
