@@ -95,7 +95,9 @@ def _cmd_generate(a) -> int:
 
 def _cmd_merge(a) -> int:
     from lora_core import remove_lora
+    from lora_core.files import atomic_write_json
     from .embeddings import fold_embeddings
+    from .formats import MERGED_ADAPTERS, file_metadata
     from .generate import load_adapters, pipeline_components
     from .models import load_pipeline
     out = Path(a.out)
@@ -103,12 +105,15 @@ def _cmd_merge(a) -> int:
         raise FileExistsError(f"--out {out}: exists already; give a new folder for the merged pipeline")
     specs = _adapter_specs(a)
     pipe = load_pipeline(a.model, a.model_config)
+    comps = pipeline_components(pipe)
+    merged = [{"file": path, "scale": scale, "metadata": file_metadata(path, comps)} for path, scale in specs]
     load_adapters(pipe, specs)
-    for m in pipeline_components(pipe).values():
+    for m in comps.values():
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     fold_embeddings(pipe.text_encoder)   # and the word embeddings trained with them into the token rows
     pipe.save_pretrained(str(out))
-    print(f"merged pipeline written to {out}")
+    atomic_write_json(out / MERGED_ADAPTERS, merged)
+    print(f"merged pipeline written to {out} (the adapters folded in: {MERGED_ADAPTERS})")
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 from lora_core.cli_errors import one_line
 from lora_core.errors import ModelLoadError
 
-from .unet_names import to_original
+from .unet_names import RESNET, to_original
 
 log = logging.getLogger("lora_sd")
 
@@ -51,15 +51,11 @@ _HARMLESS = re.compile(r"(position_ids|logit_scale|attn_mask)$|^cond_stage_model
 
 
 # ------------------------------------------------------------------ the name map
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
 def _unet_name(key: str, cfg: Mapping) -> tuple[str, Any]:
     orig = to_original(key, cfg)
     if ".resnets." in key:      # block prefixes come from unet_names; ResNet internals are renamed here
         head, inner, leaf = orig.rsplit(".", 2)
-        orig = f"{head}.{_RESNET[inner]}.{leaf}"
+        orig = f"{head}.{RESNET[inner]}.{leaf}"
     return orig, None
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_core import add_lora, lora_disabled
+from lora_core.dtypes import torch_dtype
 from lora_core.errors import ConfigError
 from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, train
@@ -33,7 +34,6 @@ from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeli
 
 log = logging.getLogger("lora_sd")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 
 class DiffusionLoss(nn.Module):
@@ -157,28 +157,16 @@ def _cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-# kohya's ss_base_model_version and the SAI model spec's architecture of each lora_sd.models.arch_of
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-
-
-def modelspec_architecture(arch: str, prediction_type: str) -> str:
-    if arch == "sd2":
-        return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
-    return {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[arch]
-
-
-def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps: int, arch: str = "sd1",
+def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps: int,
                       prediction_type: str = "") -> dict[str, str]:
-    """kohya ss_* and modelspec.* keys (strings), plus our exact LoRA config. `arch` is the base model's
-    (lora_sd.models.arch_of); `prediction_type` the scheduler's (default: model.prediction_type or epsilon)."""
+    """The run's facts as kohya ss_* and modelspec.* keys (strings), plus our exact LoRA config;
+    formats.adapter_metadata adds the base's and the network's keys from the adapter written.
+    `prediction_type` is the scheduler's (default: model.prediction_type or epsilon)."""
     prediction_type = prediction_type or cfg.model.prediction_type or "epsilon"
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    s, lora = cfg.train, cfg.lora
-    alpha = lora.alpha * (lora.r ** 0.5 if lora.use_rslora else 1.0)   # kohya alpha: scale = alpha / r
+    s = cfg.train
     meta = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(lora.r), "ss_network_alpha": str(alpha),
-        "ss_network_args": json.dumps({"target_modules": lora.target_modules, "dropout": lora.dropout}),
-        "ss_base_model_version": BASE_MODEL_VERSION[arch], "ss_v2": str(arch == "sd2"),
+        "ss_network_dropout": str(cfg.lora.dropout),
         "ss_v_parameterization": str(prediction_type == "v_prediction"), "ss_sd_model_name": cfg.model.pretrained,
         "ss_resolution": f"({resolution}, {resolution})", "ss_num_train_images": str(n_images),
         "ss_learning_rate": str(s.learning_rate), "ss_unet_lr": str(s.learning_rate),
@@ -190,8 +178,7 @@ def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps:
         "ss_min_snr_gamma": str(cfg.loss.min_snr_gamma), "ss_noise_offset": str(cfg.loss.noise_offset),
         "ss_min_timestep": str(cfg.loss.min_timestep), "ss_max_timestep": str(cfg.loss.max_timestep),
         "ss_output_name": cfg.output.name, "ss_training_finished_at": now,
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": modelspec_architecture(arch, prediction_type),
-        "modelspec.implementation": "diffusers", "modelspec.title": cfg.output.name, "modelspec.date": now,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "diffusers", "modelspec.title": cfg.output.name, "modelspec.date": now,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": prediction_type,
         "lora_sd.lora_config": json.dumps(cfg.lora.to_dict()),
@@ -317,7 +304,7 @@ def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
     """Frozen weights in the mixed-precision dtype, the VAE in fp32 or bf16 (never fp16: SD's VAEs, SDXL's
     above all, give NaN latents in fp16), gradient checkpointing, the device."""
     s = cfg.train
-    weight_dtype = DTYPES[s.mixed_precision]
+    weight_dtype = torch_dtype(s.mixed_precision)
     for m in (pipe.unet, *_text_encoders(pipe).values()):
         _cast_frozen(m, weight_dtype)
     vae = pipe.vae
@@ -393,11 +380,10 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
 
     def export(folder: Path, step: int) -> None:
         adapter = formats.from_model(components)
-        meta = training_metadata(cfg, n_images, resolution, step, arch_of(pipe),
-                                 pipe.scheduler.config.get("prediction_type", ""))
+        meta = training_metadata(cfg, n_images, resolution, step, pipe.scheduler.config.get("prediction_type", ""))
         if is_random_weights(pipe):
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
-        dtype = DTYPES[cfg.output.save_dtype]
+        dtype = torch_dtype(cfg.output.save_dtype)
         main = folder / f"{cfg.output.name}.safetensors"
         formats.write_adapter(main, adapter, formats.KOHYA, meta, dtype)
         if cfg.output.save_diffusers:

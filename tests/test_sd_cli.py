@@ -39,7 +39,7 @@ def adapter_file(tiny, tmp_path_factory):
             torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     path = tmp_path_factory.mktemp("adapters") / "style.safetensors"
     ad = formats.from_model({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-    formats.write_adapter(path, ad, formats.KOHYA, {"ss_network_dim": "4", "ss_network_alpha": "8.0"})
+    formats.write_adapter(path, ad, formats.KOHYA)
     return path
 
 
