@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers
+from lora_core.errors import ModelLoadError
 from lora_core.io import read_safetensors
 from lora_sd import formats
 from lora_sd.cli import main as cli
@@ -177,12 +178,12 @@ checkpoint_every = 2
 
 
 def test_single_file_checkpoint_errors_name_the_file_and_the_config_field(tmp_path):
-    """No SD single-file checkpoint exists offline, so only the path through diffusers'
-    from_single_file and its error reporting are checked here."""
+    """A .safetensors file that is no SD checkpoint, and a missing one: one error naming the file (and
+    model.config, for configs of other model sizes)."""
     from safetensors.torch import save_file
     bad = tmp_path / "model.safetensors"
     save_file({"not.a.unet": torch.zeros(2)}, str(bad))
-    with pytest.raises(RuntimeError, match=r"model\.safetensors.*model\.config"):
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors.*model\.config"):
         load_pipeline(str(bad))
     with pytest.raises(FileNotFoundError, match="file not found"):
         load_pipeline(str(tmp_path / "missing.safetensors"))

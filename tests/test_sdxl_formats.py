@@ -335,7 +335,8 @@ def test_sd2_and_sd1_files_keep_diffusers_names(tmp_path):
     d = inspect(tmp_path / "sd2.safetensors")
     assert d["architecture"] == "sd2" and d["blocks_original"] == []
     sd1, meta1 = _unet_file("sd1", tmp_path / "sd1.safetensors", {})
-    assert meta1 == {} and inspect(tmp_path / "sd1.safetensors")["architecture"] == "sd1"
+    assert "lora_sd.unet_layout" not in meta1 and meta1["ss_base_model_version"] == "sd_v1"
+    assert inspect(tmp_path / "sd1.safetensors")["architecture"] == "sd1"
     assert all(k.startswith("lora_unet_down_blocks_") or k.startswith(("lora_unet_up_blocks_", "lora_unet_mid_block_"))
                for k in sd1)
 
