@@ -43,7 +43,8 @@ def make_dataset(root: Path, n_real: int = 3) -> Path:
 
 
 def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Path, **sections) -> "SDTrainConfig":
-    """A 6-step tiny run at 32 px; `sections` update tables, e.g. train={"max_steps": 2}."""
+    """A 6-step tiny run at 32 px (LoraConfig's default r, alpha 2); `sections` update tables, e.g.
+    train={"max_steps": 2}."""
     from lora_core.configfile import from_dict
     from lora_sd.config import SDTrainConfig
     d = {
@@ -51,7 +52,7 @@ def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Pat
         "model": {"pretrained": pretrained},
         "data": {"path": str(data_dir), "resolution": 32, "bucket_step": 16, "cache_dir": str(cache_dir),
                  "random_flip": True},
-        "lora": {"r": 4, "alpha": 2.0, "target_modules": "cross_attn"},
+        "lora": {"alpha": 2.0, "target_modules": "cross_attn"},   # LoraConfig's r (8): alpha != r
         "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 5e-3, "lr_scheduler": "cosine",
                   "lr_warmup_steps": 2, "checkpoint_every": 3, "keep_checkpoints": 3, "seed": 7},
         "loss": {"min_snr_gamma": 5.0, "noise_offset": 0.05},
