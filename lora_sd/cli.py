@@ -118,8 +118,7 @@ def _cmd_merge(a) -> int:
 
 
 def _cmd_save_single_file(a) -> int:
-    from .models import load_pipeline
-    from .single_file import save_single_file
+    from .models import load_pipeline, save_single_file
     if Path(a.out).exists():
         raise FileExistsError(17, "exists already; choose another name or move it away", a.out)
     r = save_single_file(load_pipeline(a.model, a.model_config), a.out, half=a.half)

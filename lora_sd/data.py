@@ -31,15 +31,12 @@ from lora_core.paths import shared_dir
 from lora_core.training import EpochSampler
 
 from .config import DataSettings
+from .errors import DatasetError
 
 log = logging.getLogger("lora_sd")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
 MASK_SUFFIX = "_mask"   # img.png's loss mask is img_mask.png (data.masked_loss)
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be trained on; the message names the folder and files at fault."""
 
 
 @dataclass

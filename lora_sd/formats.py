@@ -29,7 +29,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers
+from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers, set_scale
 from lora_core import adapter_files
 from lora_core.io import atomic_save_safetensors, read_safetensors  # noqa: F401 (read_safetensors re-exported)
 from lora_core.layers import LoraLayer, base_dims, supported
@@ -39,6 +39,7 @@ from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_ME
                               diffusers_alpha, diffusers_path, file_arch, known_layout, kohya_key, kohya_name,
                               layout_of, made_for, sd_block, unet_layout)
 from .metadata import NETWORK_KEYS, base_metadata, network_metadata, prediction_type_of
+from .models import arch_of
 
 
 @dataclass
@@ -83,7 +84,6 @@ class Adapter(dict):
 def _components_arch(components: dict[str, nn.Module]) -> tuple[str, Optional[dict]]:
     """(arch, UNet layout) of a components dict (lora_sd.models.arch_of on its UNet); ("", None) when
     there is no diffusers UNet."""
-    from .models import arch_of
     try:
         unet = components["unet"]
         return arch_of(unet), unet_layout(unet.config)
@@ -206,7 +206,6 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
                         scale: float = 1.0, source: str = "adapter", made_for: str = "") -> int:
     """Add `adapter` as lora_core adapter `name` (strict: any unmatched key raises LoraLoadError and
     nothing is changed). Returns the number of matched modules."""
-    from lora_core import set_scale
     adapter = fit_names(adapter, components)
     rep = load_report(adapter, components, source, made_for)
     if not rep.fits:
@@ -417,7 +416,6 @@ def target_naming(adapter: dict, metadata: dict[str, str], unet_config=None) -> 
     """(arch, UNet layout for kohya's SGM names or None) of a file to write: from `unet_config` (a UNet's
     config), else what the adapter knows (its model's or its file's), else the metadata and module names."""
     if unet_config is not None:
-        from .models import arch_of
         cfg = SimpleNamespace(**unet_config) if isinstance(unet_config, dict) else unet_config
         arch, layout = arch_of(SimpleNamespace(config=cfg)), unet_layout(unet_config)
     else:

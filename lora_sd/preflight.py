@@ -22,7 +22,8 @@ from lora_core.preflight import (PreflightReport, SavedBytes, begin, common_conf
                                  run_steps)
 
 from .config import SDTrainConfig, load_train_config
-from .data import DatasetError, make_buckets, pick_bucket, scan
+from .data import make_buckets, pick_bucket, scan
+from .errors import DatasetError
 
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 

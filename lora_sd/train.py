@@ -26,9 +26,10 @@ from lora_core.training import EMA, make_ema, train
 
 from . import formats
 from .config import SDTrainConfig
-from .data import (BatchDataset, DatasetError, LatentCache, Preservation, default_cache_dir, encode_text,
+from .data import (BatchDataset, LatentCache, Preservation, default_cache_dir, encode_text,
                    encode_text_xl, first, load_items, sdxl_text, tokenize, varies_captions)
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
+from .errors import DatasetError
 from .generate import generate
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 

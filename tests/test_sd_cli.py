@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers
 from lora_core.errors import ModelLoadError
@@ -95,7 +96,6 @@ def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
 
 
 def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys):
-    from lora_sd.generate import read_png_params
     out = tmp_path / "out"
     second = tmp_path / "style2.safetensors"   # the same file twice is refused (tests/test_bad_inputs.py)
     second.write_bytes(adapter_file.read_bytes())
@@ -105,7 +105,7 @@ def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys
     assert cli(args + ["--out", str(out)]) == 0
     text = capsys.readouterr()
     assert "RANDOM WEIGHTS" in text.err and "40 modules matched" in text.out
-    p = read_png_params(out / "image_1.png")
+    p = json.loads(Image.open(out / "image_1.png").text["lora_sd"])   # the parameters PNG chunk png_info writes
     assert p["prompt"] == "a cat" and p["seed"] == 6 and p["steps"] == 2 and p["scheduler"] == "euler"
     assert [a["scale"] for a in p["adapters"]] == [0.5, 1.0]
     from PIL import Image

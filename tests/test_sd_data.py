@@ -8,7 +8,8 @@ from PIL import Image
 
 from lora_sd.cli import main as cli
 from lora_sd.config import DataSettings
-from lora_sd.data import DatasetError, LatentCache, load_items, make_buckets, pick_bucket
+from lora_sd.data import LatentCache, load_items, make_buckets, pick_bucket
+from lora_sd.errors import DatasetError
 from lora_sd.testing import make_images, train_config
 
 
