@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from lora_core.io import atomic_save_safetensors
 from lora_core.paths import shared_dir
@@ -383,7 +384,6 @@ class LatentCache:
         return len(todo)
 
     def load(self, item: ImageItem, size: tuple[int, int], flip: bool) -> torch.Tensor:
-        from safetensors.torch import load_file
         return load_file(str(self.path(item, size, flip)))["parameters"]
 
 

@@ -136,7 +136,7 @@ def _base_shape(m: nn.Module) -> tuple[int, int]:
     return out_f, in_f
 
 
-def _model_shapes(components: dict[str, nn.Module]):
+def model_shapes(components: dict[str, nn.Module]):
     """({"<comp>.<path>": (in, out)} of every adaptable module, {key: type name} of the other modules,
     {key: (kh, kw)} kernel of each adaptable conv)."""
     shapes, others, kernels = {}, {}, {}
@@ -177,7 +177,7 @@ def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str 
                 base: str = "this pipeline") -> adapter_files.LoadReport:
     """Module by module, whether `adapter` fits the pipeline's components (lora_core.adapter_files.LoadReport):
     (in, out) per module, then each matched module's rank and kernel (LoCon: down [r, in, k, k])."""
-    shapes, others, kernels = _model_shapes(components)
+    shapes, others, kernels = model_shapes(components)
     adapter = fit_names(adapter, components)
     own = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()}
     rep = adapter_files.build_report(str(source), made_for or made_for_shapes(adapter), own, shapes, sd_block,

@@ -166,6 +166,11 @@ def save_tiny_pipeline(out_dir, seed: int = 0, arch: str = "sd1") -> Path:
     return out
 
 
+def pick_device(device: str = "") -> str:
+    """`device` when given (a --device flag), else cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def arch_of(pipe_or_unet) -> str:
     """sd1 / sd2 / sdxl from a pipeline or its UNet's config."""
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)

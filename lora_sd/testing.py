@@ -1,12 +1,18 @@
 """Test and demo helpers: a tiny image-caption folder and a small training config (used by tests/test_sd_*.py)."""
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from lora_core.configfile import from_dict
 from lora_core.paths import shared_path
+from lora_sd.config import SDTrainConfig
+from lora_sd.train import DiffusionLoss, run_training
 
 
 def make_images(folder: Path, n: int = 4, size=(40, 32), seed: int = 0, caption: str = "a photo of a thing") -> list[Path]:
@@ -42,11 +48,9 @@ def make_dataset(root: Path, n_real: int = 3) -> Path:
     return root
 
 
-def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Path, **sections) -> "SDTrainConfig":
+def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Path, **sections) -> SDTrainConfig:
     """A 6-step tiny run at 32 px (LoraConfig's default r, alpha 2); `sections` update tables, e.g.
     train={"max_steps": 2}."""
-    from lora_core.configfile import from_dict
-    from lora_sd.config import SDTrainConfig
     d = {
         "run_dir": str(run_path),
         "model": {"pretrained": pretrained},
@@ -67,12 +71,6 @@ def stop_then_resume(cfg, monkeypatch, at_call: int) -> tuple[dict, dict]:
     """Run `cfg` with SIGTERM sent during the at_call-th loss forward (what the GUI's Stop button does),
     then `--resume latest` with the global RNG reseeded (resume must restore it itself); returns the
     (stopped, resumed) final statuses. `monkeypatch` is pytest's fixture."""
-    import os
-    import signal
-
-    import torch
-
-    from lora_sd.train import DiffusionLoss, run_training
     calls = {"n": 0}
     original = DiffusionLoss.forward
 

@@ -16,6 +16,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 from lora_core import add_lora, lora_disabled
@@ -31,6 +36,7 @@ from .data import (BatchDataset, LatentCache, Preservation, default_cache_dir, e
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .errors import DatasetError
 from .generate import generate
+from .grid import end_of_run_grid, grid_so_far
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
 log = logging.getLogger("lora_sd")
@@ -109,7 +115,6 @@ class DiffusionLoss(nn.Module):
             target = noise
         loss = self._per_item(F.mse_loss(pred, target.float(), reduction="none"), batch.get("mask"))
         if self.min_snr_gamma:
-            from diffusers.training_utils import compute_snr
             snr = compute_snr(sched, t)
             w = snr.clamp(max=self.min_snr_gamma)
             w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
@@ -202,7 +207,7 @@ class _MetricsRun(RunDir):
         super().append_metrics(record)
         if self._tb is None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter   # lazy: tensorboard is optional
                 self._tb = SummaryWriter(str(self.path / "tensorboard"))
             except ImportError:
                 self._tb = False
@@ -218,17 +223,14 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
     """Train as configured; returns the final status dict (see lora_core.run). The run folder's rules
     (refusing another run's files, --overwrite, the lock, final states) are lora_core.run.run_job's.
     `pipe` replaces loading cfg.model.pretrained (an in-memory pipeline, e.g. the benchmark's)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     s = cfg.train
     if accelerator is None:
         # a second run in the same process may use another precision: AcceleratorState is a singleton
-        from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation_steps)
 
     def body(run: RunDir, items) -> dict:
-        return _run(cfg, run, accelerator, resume, set_seed, pipe, items)
+        return _run(cfg, run, accelerator, resume, pipe, items)
 
     return run_job("sd-train", _MetricsRun(cfg.run_dir), body, config=cfg, resume=resume, overwrite=overwrite,
                    main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
@@ -324,7 +326,7 @@ def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
     pipe.to(accelerator.device)
 
 
-def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, items) -> dict:
+def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> dict:
     s, d = cfg.train, cfg.data
     items, val_items = split_val(cfg, items)
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
@@ -335,7 +337,6 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
                              prediction_type=cfg.model.prediction_type)
     if cfg.model.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
-    from diffusers import DDPMScheduler
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     components = _add_adapters(cfg, pipe)
     train_te = cfg.trains_text_encoder
@@ -367,7 +368,6 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
                    settings=s, resume=resume, export_fn=export, sample_fn=sample, ema=ema, val_fn=val_fn,
                    part_lrs={TOKEN_VECTORS: cfg.embedding.learning_rate} if cfg.embedding.learning_rate else None)
     if accelerator.is_main_process and cfg.sample.grid and status.get("state") == "done":   # [sample] grid: lora_sd.grid
-        from .grid import end_of_run_grid
         with accelerator.autocast():
             end_of_run_grid(cfg, pipe, run.path)
     return status
@@ -418,7 +418,6 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
             module.train(was_training)
         log.info("step %d: %d validation image(s) in %s", step, len(results), run.samples)
         if sc.grid_every:   # [sample] grid_every: lora_sd.grid
-            from .grid import grid_so_far
             grid_so_far(cfg, run.path, step, str(accelerator.device))
 
     return export, sample

@@ -45,6 +45,22 @@ def adapter_file(tiny, tmp_path_factory):
     return path
 
 
+def test_help_lists_every_command_and_loads_no_torch():
+    """The module docstring names every subcommand of the parser, and `lora-sd --help` (like an argument
+    error) imports neither torch nor diffusers."""
+    import argparse
+    import lora_sd.cli
+    sub = next(a for a in lora_sd.cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = {line.split()[0] for line in lora_sd.cli.__doc__.splitlines()[1:] if line.startswith("  ")}
+    assert listed == set(sub.choices) and len(listed) == 13
+    code = ("import sys\nfrom lora_sd.cli import main\nfor argv in (['--help'], ['convert', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
 def test_tiny_model_says_random_weights(tiny, capsys):
     d = Path(tiny)
     assert (d / "model_index.json").is_file() and json.loads((d / TINY_MARKER).read_text())["random_weights"]
