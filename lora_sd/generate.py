@@ -83,7 +83,7 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, e
         report.append({"file": str(path), "format": fmt, "scale": scale, "matched_modules": n})
     if fuse and adapters:
         for m in comps.values():
-            merge_lora(m, safe=True)
+            merge_lora(m)
     own = [(e, scale) for path, scale in adapters if (e := sibling_embedding(path)) is not None]
     for path, scale in own + [(e, 1.0) for e in embeddings]:
         if getattr(pipe, "text_encoder_2", None) is not None:

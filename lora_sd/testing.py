@@ -1,4 +1,5 @@
-"""Test and demo helpers: a tiny image-caption folder and a small training config (used by tests/test_sd_*.py)."""
+"""Test and benchmark helpers: tiny image-caption folders, a small training config, and a stop-then-resume
+run (used by the SD tests and bench/)."""
 from __future__ import annotations
 
 import os

@@ -1,8 +1,10 @@
-"""`lora-sd train`: LoRA on a Stable Diffusion UNet's attention (cross-attention by default).
+"""`lora-sd train`: LoRA on a Stable Diffusion 1.x / 2.x / SDXL UNet (cross-attention by default, LoCon
+on k×k convs, DoRA), optionally the text encoder(s) and a trained token embedding.
 
 Everything loop-related (optimizer, schedule, accumulation, checkpoints, exact resume, NaN guard,
 stop, metrics, status) is lora_core.training.train; this module supplies the model, the data and
-the diffusion loss, and writes the adapters.
+the diffusion loss (min-SNR, noise offset, prior preservation, masks, output preservation), the
+validation loss and images, and writes the adapters (their metadata: lora_sd.formats.adapter_metadata).
 """
 from __future__ import annotations
 

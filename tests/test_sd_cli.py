@@ -124,7 +124,6 @@ def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys
     p = json.loads(Image.open(out / "image_1.png").text["lora_sd"])   # the parameters PNG chunk png_info writes
     assert p["prompt"] == "a cat" and p["seed"] == 6 and p["steps"] == 2 and p["scheduler"] == "euler"
     assert [a["scale"] for a in p["adapters"]] == [0.5, 1.0]
-    from PIL import Image
     with Image.open(out / "image_0.png") as im:
         assert "Steps: 2, Sampler: euler" in im.text["parameters"] and "<lora:style:0.5>" in im.text["parameters"]
     # fusing the adapters into the base gives the same image

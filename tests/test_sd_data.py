@@ -110,7 +110,7 @@ def test_latent_cache_keys(tmp_path):
 
 def test_config_presets_defaults_and_errors(tmp_path):
     import re
-    from lora_core.errors import ConfigError
+    from lora_core.errors import ConfigError, ModelLoadError
     from lora_sd.config import ALL_ATTN, CROSS_ATTN, load_train_config
     from lora_sd.models import build_tiny_pipeline, load_pipeline
     f = tmp_path / "c.toml"
@@ -127,7 +127,7 @@ def test_config_presets_defaults_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.path is empty"):
         f.write_text("[lora]\nr = 4\n")
         load_train_config(f)
-    with pytest.raises(RuntimeError, match="not a local folder or file"):
+    with pytest.raises(ModelLoadError, match="not a local folder or file"):
         load_pipeline("no-such-org/no-such-model")
 
 
