@@ -33,10 +33,10 @@ from torch import nn
 
 from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers, set_scale
 from lora_core import adapter_files
-from lora_core.io import atomic_save_safetensors, read_safetensors  # noqa: F401 (read_safetensors re-exported)
+from lora_core.io import atomic_save_safetensors, read_safetensors
 from lora_core.layers import LoraLayer, base_dims, supported
 
-from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,  # noqa: F401 (re-exported)
+from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,
                               KOHYA, KOHYA_KEY, KOHYA_PREFIXES, LAYOUT_KEY, SDXL_LAYOUT,
                               diffusers_alpha, diffusers_path, file_arch, known_layout, kohya_key, kohya_name,
                               layout_of, made_for, sd_block, unet_layout)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Mapping
+from typing import Mapping, Optional
 
 MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES = "lora_sd.module_ranks", "lora_sd.module_alphas", "lora_sd.dora_modules"
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
@@ -25,11 +25,15 @@ NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_n
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
-def modelspec_architecture(arch: str, prediction_type: str) -> str:
-    """The SAI model spec's architecture of a LoRA for `arch`."""
-    if arch == "sd2":
-        return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
-    return {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[arch]
+# the SAI model spec's architecture of each base model (SD 2.x: 512-base or 768-v by its prediction type)
+MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+             "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+def modelspec_architecture(arch: str, prediction_type: str, lora: bool = True) -> str:
+    """The SAI model spec's architecture of `arch` (sd1 / sd2 / sdxl): of a LoRA for it, or of the model."""
+    base = MODELSPEC["sd2-v" if arch == "sd2" and prediction_type == "v_prediction" else arch]
+    return f"{base}/lora" if lora else base
 
 
 def prediction_type_of(metadata: Mapping[str, str]) -> str:
@@ -50,6 +54,21 @@ def _commonest(modules) -> tuple[int, float]:
     return Counter((m.rank, m.alpha) for m in modules).most_common(1)[0][0]
 
 
+def _network_args(conv: Optional[tuple[int, float]], dora: bool) -> dict[str, str]:
+    """kohya's / LyCORIS' network_args (strings, as given on their command lines)."""
+    args = {"conv_dim": str(conv[0]), "conv_alpha": str(conv[1])} if conv else {}
+    return {"algo": "locon", **args, "dora_wd": "True"} if dora else args
+
+
+def _differing(groups) -> tuple[dict, dict]:
+    """({module: rank}, {module: alpha}) of the modules whose rank / alpha is not their group's (rank, alpha)."""
+    ranks, alphas = {}, {}
+    for modules, (r, alpha) in groups:
+        ranks.update({k: m.rank for k, m in modules.items() if m.rank != r})
+        alphas.update({k: m.alpha for k, m in modules.items() if m.alpha != alpha})
+    return dict(sorted(ranks.items())), dict(sorted(alphas.items()))
+
+
 def network_metadata(modules: Mapping) -> dict[str, str]:
     """The network keys (see the module docstring) of {module name: ModuleLora}."""
     if not modules:
@@ -57,25 +76,18 @@ def network_metadata(modules: Mapping) -> dict[str, str]:
     kxk = {k: m for k, m in modules.items() if m.is_kxk}
     linear = {k: m for k, m in modules.items() if not m.is_kxk}
     r, alpha = _commonest((linear or kxk).values())
-    args = {}
-    if kxk:
-        conv_r, conv_alpha = _commonest(kxk.values())
-        args.update(conv_dim=str(conv_r), conv_alpha=str(conv_alpha))
+    conv = _commonest(kxk.values()) if kxk else None
     dora = sorted(k for k, m in modules.items() if m.magnitude is not None)
-    if dora:
-        args = {"algo": "locon", **args, "dora_wd": "True"}
     meta = {"ss_network_module": "lycoris.kohya" if dora else "networks.lora", "ss_network_dim": str(r),
             "ss_network_alpha": str(alpha)}
+    args = _network_args(conv, bool(dora))
     if args:
         meta["ss_network_args"] = json.dumps(args)
-    ranks, alphas = {}, {}
-    for group, (gr, ga) in ((linear, (r, alpha)), (kxk, (conv_r, conv_alpha) if kxk else (r, alpha))):
-        ranks.update({k: m.rank for k, m in group.items() if m.rank != gr})
-        alphas.update({k: m.alpha for k, m in group.items() if m.alpha != ga})
+    ranks, alphas = _differing(((linear, (r, alpha)), (kxk, conv or (r, alpha))))
     if ranks:
-        meta[MODULE_RANKS] = json.dumps(dict(sorted(ranks.items())))
+        meta[MODULE_RANKS] = json.dumps(ranks)
     if alphas:
-        meta[MODULE_ALPHAS] = json.dumps(dict(sorted(alphas.items())))
+        meta[MODULE_ALPHAS] = json.dumps(alphas)
     if dora and len(dora) < len(modules):
         meta[DORA_MODULES] = json.dumps(dora)
     return meta

@@ -27,7 +27,8 @@ from lora_core.io import atomic_save_safetensors, atomic_write_json, atomic_writ
 from lora_core.paths import shared_path
 
 from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED
-from .single_file import (HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, MODELSPEC, TITLE, Checkpoint, check_configs,
+from .metadata import modelspec_architecture
+from .single_file import (HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, TITLE, Checkpoint, check_configs,
                           checkpoint_error, classify, config_source, from_original, name_map, open_checkpoint,
                           to_original_state)
 
@@ -405,7 +406,7 @@ def save_single_file(pipe, out, half: bool = False) -> dict:
     configs.update({c: _config_json(getattr(pipe, c)) for c in LAYOUT[arch]})
     pred = pipe.scheduler.config.get("prediction_type", "epsilon")
     meta = {"format": "pt", META_CONFIGS: json.dumps(configs, sort_keys=True), "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": MODELSPEC["sd2-v" if arch == "sd2" and pred == "v_prediction" else arch],
+            "modelspec.architecture": modelspec_architecture(arch, pred, lora=False),
             "modelspec.prediction_type": pred}
     if is_random_weights(pipe):
         meta[META_RANDOM] = "true"

@@ -53,8 +53,6 @@ LAYOUT = {
              "text_encoder_2": ("conditioner.embedders.1.model.", "openclip")},
 }
 TITLE = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
-MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-             "sdxl": "stable-diffusion-xl-v1-base"}
 # keys real checkpoints carry that diffusers models do not: skipped without a warning
 HARMLESS = re.compile(r"(position_ids|logit_scale|attn_mask)$|^cond_stage_model\.model\.(text_projection$|"
                        r"transformer\.resblocks\.23\.)")

@@ -98,3 +98,18 @@ def test_convert_and_merge_record_the_same_metadata(run, tmp_path):
     assert cli(["merge", "--model", tiny, "--lora", str(kohya), "--out", str(tmp_path / "merged")]) == 0
     (merged,) = json.loads((tmp_path / "merged" / MERGED_ADAPTERS).read_text())
     assert merged["file"] == str(kohya) and merged["metadata"] == {k: v for k, v in meta.items() if k != "format"}
+
+
+def test_a_plain_lora_is_kohyas_networks_lora_with_nothing_else():
+    """One rank and alpha on linear modules only: kohya's plain LoRA keys, no args, no per-module lists;
+    k×k convs alone give network_dim from the convs."""
+    from types import SimpleNamespace
+    from lora_sd.metadata import network_metadata
+
+    def mod(r, alpha, kxk=False):
+        return SimpleNamespace(rank=r, alpha=alpha, is_kxk=kxk, magnitude=None)
+    assert network_metadata({"unet.a": mod(8, 4.0), "unet.b": mod(8, 4.0)}) == {
+        "ss_network_module": "networks.lora", "ss_network_dim": "8", "ss_network_alpha": "4.0"}
+    convs = network_metadata({"unet.c": mod(2, 1.0, True), "unet.d": mod(4, 1.0, True), "unet.e": mod(2, 1.0, True)})
+    assert (convs["ss_network_dim"], json.loads(convs["ss_network_args"])) == ("2", {"conv_dim": "2", "conv_alpha": "1.0"})
+    assert json.loads(convs["lora_sd.module_ranks"]) == {"unet.d": 4} and "lora_sd.module_alphas" not in convs
