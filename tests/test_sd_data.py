@@ -50,7 +50,7 @@ def test_dataset_errors_come_before_training(tmp_path):
     cfg = train_config(tmp_path / "run", str(tmp_path / "no_model"), tmp_path / "d", tmp_path / "cache")
     with pytest.raises(DatasetError, match=r"(?s)1 image\(s\) .* have no caption.*img_0_1.png"):
         run_training(cfg)
-    # validated before anything is written (issue 15): a bad data set leaves no run folder behind
+    # validated before anything is written: a bad data set leaves no run folder behind
     assert not (tmp_path / "run").exists()
     # a template without {caption} needs no captions
     assert len(load_items(DataSettings(path=str(tmp_path / "d"), caption_template="a photo of sks"))) == 2

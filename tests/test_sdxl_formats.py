@@ -1,4 +1,4 @@
-"""SDXL and SD 2.x adapter files (issue 10, §1 "Adapter files" and §5).
+"""SDXL and SD 2.x adapter files: kohya's SGM names, the UNet layout, reading and writing both formats.
 
 The tiny SDXL pipeline (lora_sd.models) is laid out like the released SDXL UNet, so kohya's SGM names
 (input_blocks_4_1, middle_block_1, output_blocks_0_1) exist in it. Independent references:
