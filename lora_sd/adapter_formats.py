@@ -24,12 +24,16 @@ from collections import Counter
 from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
-from lora_sd import unet_names
-from lora_sd.single_file import _RESNET   # torch-free; the one diffusers -> SGM ResNet table
+from lora_sd.unet_names import RESNET, to_diffusers, to_original
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
-KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"))
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+# kohya's module-name prefixes, (prefix, component): the one table (the GUI reads it too)
+KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+                  ("lora_te2_", "text_encoder_2"))
+# the prefix each component is written with: SD 1.x/2.x a component's first (lora_te_), SDXL its last (lora_te1_)
+KOHYA_PREFIX = {c: p for p, c in reversed(KOHYA_PREFIXES)}
+SDXL_PREFIX = {c: p for p, c in KOHYA_PREFIXES}
+SDXL_TEXT_PREFIXES = tuple(p for c, p in SDXL_PREFIX.items() if c != "unet")   # names only SDXL files use
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
@@ -37,9 +41,7 @@ DIFFUSERS_KEY = re.compile(
     r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector)")
 PEFT_UNET_PREFIX = "base_model.model."      # PEFT save_pretrained of a UNet
 _UNET_TOP = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
-SDXL_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 LAYOUT_KEY = "lora_sd.unet_layout"
-SDXL_BASE_VERSION, SDXL_SPEC = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
 # the UNet block layouts of the released models, assumed for SGM-named files that do not record theirs
 _LAYOUT_FIELDS = ("down_block_types", "up_block_types", "layers_per_block")
 SDXL_LAYOUT = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -47,9 +49,8 @@ SDXL_LAYOUT = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "Cros
 SD_LAYOUT = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
              "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2}
 _SGM_TOP = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
-_RESNET_SGM = _RESNET   # inside a ResNet block: diffusers -> SGM (conv1 -> in_layers.2), single_file's table
 _SGM_RESNET = re.compile(r"((?:input_blocks\.\d+|output_blocks\.\d+)\.0|middle_block\.[02])\.("
-                         + "|".join(re.escape(v) for v in _RESNET_SGM.values()) + ")")
+                         + "|".join(re.escape(v) for v in RESNET.values()) + ")")
 
 # diffusers / transformers module names that contain "_" (to undo kohya's "." -> "_" without a model)
 _COMPOUND = {
@@ -86,17 +87,17 @@ def layout_of(metadata: Mapping[str, str], arch: str) -> dict:
 
 def to_sgm(path: str, layout: Mapping) -> str:
     """A diffusers UNet module path -> the SGM one ('down_blocks.1.attentions.0.proj_in' -> 'input_blocks.4.1.proj_in')."""
-    orig = unet_names.to_original(path, layout)
+    orig = to_original(path, layout)
     head, _, leaf = orig.rpartition(".")
-    return f"{head}.{_RESNET_SGM[leaf]}" if ".resnets." in f".{path}" and leaf in _RESNET_SGM else orig
+    return f"{head}.{RESNET[leaf]}" if ".resnets." in f".{path}" and leaf in RESNET else orig
 
 
 def from_sgm(path: str, layout: Mapping) -> str:
     """The inverse of to_sgm; KeyError for a name outside the layout's blocks."""
     m = _SGM_RESNET.fullmatch(path)
     if m:
-        path = f"{m.group(1)}.{next(d for d, o in _RESNET_SGM.items() if o == m.group(2))}"
-    return unet_names.to_diffusers(path, layout)
+        path = f"{m.group(1)}.{next(d for d, o in RESNET.items() if o == m.group(2))}"
+    return to_diffusers(path, layout)
 
 
 def is_sgm(path: str) -> bool:
@@ -125,14 +126,10 @@ def undo_underscores(flat: str) -> str:
     return ".".join(parts)
 
 
-_PREFIXES = (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
-             ("lora_te2_", "text_encoder_2"))
-
-
 def kohya_key(base: str, layout: Optional[Mapping] = None) -> str:
     """A kohya base name -> "<component>.<module path>" by diffusers' naming rules; SGM-named UNet
     modules through `layout` (default: the released SDXL's)."""
-    for prefix, comp in _PREFIXES:
+    for prefix, comp in KOHYA_PREFIXES:
         if base.startswith(prefix):
             path = undo_underscores(base[len(prefix):])
             if comp == "unet" and is_sgm(path):
@@ -204,7 +201,7 @@ def file_arch(metadata: Mapping[str, str], widths: Mapping[str, int]) -> str:
     modules (kohya's SDXL), then the cross-attention width (1024: SD 2.x, 2048: SDXL); else sd1."""
     ver, spec = metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", "")
     if ver.startswith("sdxl") or "-xl-" in spec or any(
-            n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in widths):
+            n.startswith((*SDXL_TEXT_PREFIXES, "text_encoder_2.")) for n in widths):
         return "sdxl"
     if metadata.get("ss_v2") == "True" or ver.startswith("sd_v2") or spec.startswith("stable-diffusion-v2"):
         return "sd2"

@@ -1,6 +1,19 @@
-"""`lora-sd`: train, tiny-model, generate, convert, inspect, check-dataset.
-
-Also runs as `accelerate launch -m lora_sd.cli train --config FILE` on several processes.
+"""`lora-sd`, the Stable Diffusion commands:
+  train             train a LoRA from a TOML config (lora_sd.train; also under `accelerate launch`)
+  tiny-model        write a tiny SD 1.x / 2.x / SDXL pipeline with random weights (offline tests and demos)
+  generate          images with adapters and embeddings (lora_sd.generate)
+  merge             fold adapters into the base and save it as a diffusers folder
+  save-single-file  write a model as one .safetensors file in the original (LDM / SGM) layout
+  convert           kohya <-> diffusers adapter files (lora_sd.formats)
+  inspect           rank, alpha, targets, metadata of an adapter file; with --base, whether it fits a model
+  check-dataset     count images and captions, list problems (lora_sd.data)
+  score             concept score of a model with adapters at scales (lora_sd.concept_score)
+  pretrain-tiny     pretrain the tiny pipeline on the synthetic shapes world (lora_sd.pretrain)
+  grid              comparison grid over steps, scales, prompts, seeds or adapters (lora_sd.grid)
+  sweep             one run per combination of --vary values
+  check             preflight: conflicts, data, memory estimate and two real steps (lora_sd.preflight)
+(grid, sweep and check are added by lora_sd.cli_decide). Also runs as
+`accelerate launch -m lora_sd.cli train --config FILE` on several processes.
 """
 from __future__ import annotations
 
@@ -9,8 +22,15 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ARCHS
 from lora_core.cli_errors import add_debug_flag, add_inspect_parser, add_tiny_model_parser, add_train_parser, run_command
+from lora_core.adapter_files import inspect
+from lora_core.errors import RunFolderError
+from lora_core.files import atomic_write_json
+
+from . import synth
+from .cli_decide import add_commands
+from .concept_score import format_table, pipeline_images, score_generator, set_adapter_scale
+from .config import ARCHS, load_train_config
 
 EXAMPLES = """examples:
   lora-sd tiny-model workspace/models/tiny-sd
@@ -27,9 +47,7 @@ EXAMPLES = """examples:
 
 
 def _cmd_train(a) -> int:
-    from lora_core.errors import RunFolderError
-    from .config import load_train_config
-    from .train import run_training
+    from .train import run_training  # lazy: torch (--help stays torch-free)
     cfg = load_train_config(a.config, list(a.set or []))
     if a.run_dir:
         cfg.run_dir = a.run_dir   # the path as given (not re-parsed as TOML)
@@ -44,7 +62,7 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_tiny_model(a) -> int:
-    from .models import RANDOM_WEIGHTS_NOTE, save_tiny_pipeline
+    from .models import RANDOM_WEIGHTS_NOTE, save_tiny_pipeline  # lazy: torch (--help stays torch-free)
     out = save_tiny_pipeline(a.out_dir, seed=a.seed, arch=a.arch)
     print(f"wrote {out} ({a.arch})\n{RANDOM_WEIGHTS_NOTE}.")
     return 0
@@ -61,25 +79,23 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 
 def _adapter_specs(a) -> list[tuple[str, float]]:
-    from .generate import check_adapter_list
+    from .generate import check_adapter_list  # lazy: torch (--help stays torch-free)
     specs = [_parse_lora(s) for s in a.lora or []]
     check_adapter_list(specs)
     return specs
 
 
 def _cmd_generate(a) -> int:
-    import torch
-    from .generate import check_generation, generate, load_adapters
-    from .models import RANDOM_WEIGHTS_NOTE, is_random_weights, load_pipeline
+    from lora_core.dtypes import torch_dtype  # lazy: torch (--help stays torch-free)
+    from .generate import check_generation, generate, load_adapters  # lazy: torch (--help stays torch-free)
+    from .models import RANDOM_WEIGHTS_NOTE, is_random_weights, load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
     check_generation(steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=a.seed,
                      scheduler=a.scheduler)
     specs = _adapter_specs(a)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    pipe = load_pipeline(a.model, a.model_config, dtype=dtype)
+    pipe = load_pipeline(a.model, a.model_config, dtype=torch_dtype(a.dtype))
     if is_random_weights(pipe):
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.to(device)
+    pipe.to(pick_device(a.device))
     report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or ())
     for r in report:
         what = f"the word {r['word']!r}" if "word" in r else f"{r['matched_modules']} modules matched"
@@ -94,27 +110,30 @@ def _cmd_generate(a) -> int:
 
 
 def _cmd_merge(a) -> int:
-    from lora_core import remove_lora
-    from .embeddings import fold_embeddings
-    from .generate import load_adapters, pipeline_components
-    from .models import load_pipeline
+    from lora_core import remove_lora  # lazy: torch (--help stays torch-free)
+    from .embeddings import fold_embeddings  # lazy: torch (--help stays torch-free)
+    from .formats import MERGED_ADAPTERS, file_metadata  # lazy: torch (--help stays torch-free)
+    from .generate import load_adapters, pipeline_components  # lazy: torch (--help stays torch-free)
+    from .models import load_pipeline  # lazy: torch (--help stays torch-free)
     out = Path(a.out)
     if out.exists():
         raise FileExistsError(f"--out {out}: exists already; give a new folder for the merged pipeline")
     specs = _adapter_specs(a)
     pipe = load_pipeline(a.model, a.model_config)
+    comps = pipeline_components(pipe)
+    merged = [{"file": path, "scale": scale, "metadata": file_metadata(path, comps)} for path, scale in specs]
     load_adapters(pipe, specs)
-    for m in pipeline_components(pipe).values():
+    for m in comps.values():
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     fold_embeddings(pipe.text_encoder)   # and the word embeddings trained with them into the token rows
     pipe.save_pretrained(str(out))
-    print(f"merged pipeline written to {out}")
+    atomic_write_json(out / MERGED_ADAPTERS, merged)
+    print(f"merged pipeline written to {out} (the adapters folded in: {MERGED_ADAPTERS})")
     return 0
 
 
 def _cmd_save_single_file(a) -> int:
-    from .models import load_pipeline
-    from .single_file import save_single_file
+    from .models import load_pipeline, save_single_file  # lazy: torch (--help stays torch-free)
     if Path(a.out).exists():
         raise FileExistsError(17, "exists already; choose another name or move it away", a.out)
     r = save_single_file(load_pipeline(a.model, a.model_config), a.out, half=a.half)
@@ -123,16 +142,14 @@ def _cmd_save_single_file(a) -> int:
 
 
 def _cmd_convert(a) -> int:
-    import torch
-    from .formats import convert
-    dtype = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    r = convert(a.input, a.output, a.to, dtype)
+    from lora_core.dtypes import torch_dtype  # lazy: torch (--help stays torch-free)
+    from .formats import convert  # lazy: torch (--help stays torch-free)
+    r = convert(a.input, a.output, a.to, torch_dtype(a.dtype))
     print(f"converted {r['modules']} modules: {r['from']} -> {r['to']}: {r['out']}")
     return 0
 
 
 def _cmd_inspect(a) -> int:
-    from lora_core.adapter_files import inspect
     s = inspect(a.file)
     if a.json:
         print(json.dumps(s, indent=2))
@@ -158,7 +175,7 @@ def _cmd_inspect(a) -> int:
 
 
 def _cmd_check_dataset(a) -> int:
-    from .data import scan
+    from .data import scan  # lazy: torch (--help stays torch-free)
     rep = scan(a.dir, a.caption_extension)
     d = rep.to_dict(need_captions=not a.no_captions_needed)
     if a.json:
@@ -181,11 +198,8 @@ def _cmd_check_dataset(a) -> int:
 
 
 def _cmd_score(a) -> int:
-    import torch
-    from . import synth
-    from .concept_score import format_table, pipeline_images, score_generator, set_adapter_scale
-    from .generate import load_adapters
-    from .models import load_pipeline
+    from .generate import load_adapters  # lazy: torch (--help stays torch-free)
+    from .models import load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
     try:
         groups = [(c, synth.prompts_for(c, tuple(a.background or synth.BACKGROUNDS)))
                   for c in a.concept or ([] if a.prompt else ["base"])]
@@ -195,7 +209,7 @@ def _cmd_score(a) -> int:
         return 2
     groups += [("prompts", a.prompt)] if a.prompt else []
     pipe = load_pipeline(a.model, a.model_config)
-    pipe.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(pick_device(a.device))
     report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or ())
     seeds = list(range(a.seed, a.seed + a.seeds))
     rows = []
@@ -208,7 +222,6 @@ def _cmd_score(a) -> int:
         for name, prompts in groups:
             rows.append({"scale": scale, "group": name, "prompts": prompts, **score_generator(make, prompts, seeds)})
     print(format_table(rows))
-    from lora_core.files import atomic_write_json
     atomic_write_json(a.out, {"model": a.model, "adapters": report, "seeds": seeds, "steps": a.steps,
                               "guidance_scale": a.guidance, "size": a.size, "scheduler": a.scheduler, "rows": rows})
     print(f"wrote {a.out}")
@@ -216,7 +229,7 @@ def _cmd_score(a) -> int:
 
 
 def _cmd_pretrain_tiny(a) -> int:
-    from .pretrain import PretrainSettings, pretrain
+    from .pretrain import PretrainSettings, pretrain  # lazy: torch (--help stays torch-free)
     given = {"seed": a.seed, "side": a.size, "n_images": a.images, "steps_vae": a.steps_vae,
              "steps_decoder": a.steps_decoder, "steps_unet": a.steps_unet, "steps_offset": a.steps_offset,
              "batch_size": a.batch_size}
@@ -335,8 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_check_dataset)
 
     _add_score_parsers(sub)
-    from .cli_decide import add_commands   # grid, sweep, check
-    add_commands(sub)
+    add_commands(sub)   # grid, sweep, check
     add_debug_flag(p, sub)
     return p
 

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import json
 
+from tqdm import tqdm
+
+from lora_core.adapter_files import inspect
+from lora_core.cli_errors import add_sweep_and_check
+
 
 def _axis_values(axis: str, text: str, run: str) -> list:
     """'step' (all of the run's steps), 'step=0,200,final', 'scale=0,0.5,1', 'prompt=a cat|a dog', 'seed=1,2',
     'adapter=A.safetensors,RUN2'."""
-    from .grid import FINAL, run_steps
+    from .grid import FINAL, run_steps  # lazy: torch (--help stays torch-free)
     if axis == "step" and not text:
         if not run:
             raise SystemExit("lora-sd grid: --x/--y step needs --run (the run folder)")
@@ -28,10 +33,8 @@ def _axis_values(axis: str, text: str, run: str) -> list:
 
 
 def _cmd_grid(a) -> int:
-    import torch
-    from tqdm import tqdm
-    from .grid import AXES, GRID_FILE, GridSpec, make_grid
-    from .models import load_pipeline
+    from .grid import AXES, GRID_FILE, GridSpec, make_grid  # lazy: torch (--help stays torch-free)
+    from .models import load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
     axes = []
     for spec in (a.x, a.y):
         if not spec:
@@ -45,7 +48,7 @@ def _cmd_grid(a) -> int:
                     prompt=a.prompt, seed=a.seed, negative_prompt=a.negative_prompt, steps=a.steps,
                     guidance_scale=a.guidance, width=a.width, height=a.height, scheduler=a.scheduler)
     pipe = load_pipeline(a.model, a.model_config)
-    pipe.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(pick_device(a.device))
     bar = tqdm(total=len(xv) * len(yv), desc="grid", unit="cell")
     make_grid(pipe, spec, a.out, progress=lambda done, total, cell: bar.update(1), model=a.model)
     bar.close()
@@ -55,13 +58,12 @@ def _cmd_grid(a) -> int:
 
 def inspect_base(a) -> int:
     """`lora-sd inspect FILE --base MODEL`: the load report of FILE against MODEL, before any load."""
-    from lora_core.adapter_files import inspect
-    from . import formats
-    from .models import load_pipeline
+    from . import formats  # lazy: torch (--help stays torch-free)
+    from .models import load_pipeline  # lazy: torch (--help stays torch-free)
     pipe = load_pipeline(a.base, getattr(a, "model_config", ""))
     comps = {n: getattr(pipe, n) for n in formats.COMPONENTS if getattr(pipe, n, None) is not None}
     if not a.file:   # the base's adaptable modules {key: [in, out]}, for a header-only fit check (GUI badge)
-        print(json.dumps({"base": a.base, "modules": formats._model_shapes(comps)[0]}))
+        print(json.dumps({"base": a.base, "modules": formats.model_shapes(comps)[0]}))
         return 0
     desc = inspect(a.file)
     adapter, _, _ = formats.read_adapter(a.file, comps)
@@ -73,7 +75,6 @@ def inspect_base(a) -> int:
 
 def add_commands(sub) -> None:
     """Add grid, sweep and check to the `lora-sd` subparsers."""
-    from lora_core.cli_errors import add_sweep_and_check
     g = sub.add_parser("grid", help="comparison grid over checkpoint steps, adapter scales, prompts, seeds or adapters")
     g.add_argument("--x", required=True, metavar="AXIS[=V1,V2,...]",
                    help="columns: step (all of --run's, or step=0,200,final), scale=0,0.5,1, prompt=a cat|a dog, "

@@ -21,9 +21,11 @@ At 32 px (clean) shape is 97.7 %: small stars are then about 5 px across.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
+from PIL import Image, ImageFilter
 
 from . import synth
 
@@ -143,7 +145,6 @@ def score_generator(make_image: Callable[[str, int], object], prompts: list[str]
 # ------------------------------------------------------------------ accuracy on ground truth
 def degrade(image, blur: float = 0.0, noise: float = 0.0, seed: int = 0):
     """A blurred (Gaussian radius `blur` px) and noisy (Gaussian, std `noise` in 0..255) copy."""
-    from PIL import Image, ImageFilter
     if blur:
         image = image.filter(ImageFilter.GaussianBlur(blur))
     if noise:
@@ -166,8 +167,8 @@ def measure_accuracy(n: int = 200, seed: int = 1234, side: int = 64, blur: float
 def set_adapter_scale(pipe, adapters: list[str], scale: float) -> None:
     """Scale every named adapter in the UNet and the text encoder, and every loaded embedding (0 = the
     base model alone)."""
-    from lora_core import lora_layers, set_scale
-    from .embeddings import set_embedding_scale
+    from lora_core import lora_layers, set_scale  # lazy: torch (the torch-free GUI imports this module)
+    from .embeddings import set_embedding_scale  # lazy: torch (the torch-free GUI imports this module)
     for comp in (pipe.unet, pipe.text_encoder):
         present = {a for _, layer in lora_layers(comp) for a in layer.lora_A}
         for name in adapters:
@@ -180,8 +181,7 @@ def pipeline_images(pipe, *, steps: int = 20, guidance_scale: float = 5.0, side:
                     scheduler: str = "ddim", save_dir=None) -> Callable[[str, int], object]:
     """make_image(prompt, seed) for score_generator: one image through lora_sd.generate (saved as
     <save_dir>/p<prompt index>_s<seed>_0.png when save_dir is given)."""
-    from pathlib import Path
-    from .generate import generate
+    from .generate import generate  # lazy: torch (the torch-free GUI imports this module)
     index: dict[str, int] = {}
 
     def make_image(prompt: str, seed: int):

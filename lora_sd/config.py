@@ -167,7 +167,7 @@ class OutputSettings(Checked, section="output"):
 
 
 def _default_lora() -> LoraConfig:
-    return LoraConfig(r=4, alpha=4.0, target_modules=CROSS_ATTN)
+    return LoraConfig(target_modules=CROSS_ATTN)   # LoraConfig's r and alpha
 
 
 @dataclass

@@ -25,21 +25,19 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from lora_core.io import atomic_save_safetensors
 from lora_core.paths import shared_dir
 from lora_core.training import EpochSampler
 
 from .config import DataSettings
+from .errors import DatasetError
 
 log = logging.getLogger("lora_sd")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
 MASK_SUFFIX = "_mask"   # img.png's loss mask is img_mask.png (data.masked_loss)
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be trained on; the message names the folder and files at fault."""
 
 
 @dataclass
@@ -386,7 +384,6 @@ class LatentCache:
         return len(todo)
 
     def load(self, item: ImageItem, size: tuple[int, int], flip: bool) -> torch.Tensor:
-        from safetensors.torch import load_file
         return load_file(str(self.path(item, size, flip)))["parameters"]
 
 

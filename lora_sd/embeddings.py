@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from lora_core.errors import LoraLoadError
@@ -107,7 +108,6 @@ def write_embedding(path, tokens: TrainedTokens, metadata: Optional[dict] = None
 def read_embedding(path) -> tuple[str, torch.Tensor]:
     """(word, (dim,) vector) of a one-vector textual-inversion file: {"emb_params": ...} (the word from our
     metadata, else the file name, as AUTOMATIC1111 names embeddings) or diffusers' {word: vector}."""
-    from safetensors import safe_open
     p = Path(path)
     try:
         with safe_open(str(p), framework="pt") as f:

@@ -13,29 +13,35 @@ diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.
            .lora_magnitude_vector in PEFT's shape ((out,), (1, out, 1, 1) for a conv), with
            r / lora_alpha (and rank/alpha patterns) in the `lora_adapter_metadata` JSON that
            diffusers' loader turns into the PEFT LoraConfig, so alpha != r survives.
+Every file written carries adapter_metadata: the run's facts, the base's keys, and the network keys
+generated from the modules it holds (lora_sd.metadata); `train`, `convert` and `merge` all use it.
 Loading into a pipeline is strict: every key must match a module, or nothing is loaded.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
-from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers
+from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers, set_scale
 from lora_core import adapter_files
-from lora_core.io import atomic_save_safetensors, read_safetensors  # noqa: F401 (read_safetensors re-exported)
+from lora_core.io import atomic_save_safetensors, read_safetensors
 from lora_core.layers import LoraLayer, base_dims, supported
 
-from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,  # noqa: F401 (re-exported)
-                              KOHYA, KOHYA_KEY, KOHYA_PREFIX, LAYOUT_KEY, SDXL_BASE_VERSION, SDXL_LAYOUT, SDXL_SPEC,
+from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,
+                              KOHYA, KOHYA_KEY, KOHYA_PREFIXES, LAYOUT_KEY, SDXL_LAYOUT,
                               diffusers_alpha, diffusers_path, file_arch, known_layout, kohya_key, kohya_name,
                               layout_of, made_for, sd_block, unet_layout)
+from .metadata import NETWORK_KEYS, base_metadata, network_metadata, prediction_type_of
+from .models import arch_of
 
 
 @dataclass
@@ -52,6 +58,11 @@ class ModuleLora:
     @property
     def is_conv(self) -> bool:
         return self.down.dim() == 4
+
+    @property
+    def is_kxk(self) -> bool:
+        """A k×k convolution (LoCon; kohya's conv_dim), not a linear or 1×1 conv module."""
+        return self.is_conv and tuple(self.down.shape[2:]) != (1, 1)
 
 
 def _magnitude(t: torch.Tensor, out: int, key: str, source: str, kohya: bool) -> torch.Tensor:
@@ -75,7 +86,6 @@ class Adapter(dict):
 def _components_arch(components: dict[str, nn.Module]) -> tuple[str, Optional[dict]]:
     """(arch, UNet layout) of a components dict (lora_sd.models.arch_of on its UNet); ("", None) when
     there is no diffusers UNet."""
-    from .models import arch_of
     try:
         unet = components["unet"]
         return arch_of(unet), unet_layout(unet.config)
@@ -94,15 +104,21 @@ def from_model(components: dict[str, nn.Module], adapter: str = "default") -> Ad
             if adapter in layer.lora_A:
                 if layer.slices[adapter] is not None:
                     raise ValueError(f"{comp}.{name}: fused-slice adapters have no kohya/diffusers form")
-                r = layer.r[adapter]
                 mag = layer.lora_magnitude_vector[adapter] if adapter in layer.lora_magnitude_vector else None
                 out[f"{comp}.{name}"] = ModuleLora(layer.lora_A[adapter].weight.detach().float().cpu(),
                                                    layer.lora_B[adapter].weight.detach().float().cpu(),
-                                                   layer.scaling[adapter] * r,
+                                                   kohya_alpha(layer, adapter),
                                                    None if mag is None else mag.detach().float().cpu().flatten())
     if not out:
         raise KeyError(f"no LoRA adapter {adapter!r} in {sorted(components)}")
     return out
+
+
+def kohya_alpha(layer: LoraLayer, adapter: str) -> float:
+    """The layer's alpha in kohya's meaning (ΔW = alpha / r · B A): its own alpha, times sqrt(r) for
+    rsLoRA (whose scale is alpha / sqrt(r))."""
+    r, alpha = layer.r[adapter], layer.alpha[adapter]
+    return alpha * math.sqrt(r) if not math.isclose(layer.scaling[adapter], alpha / r) else alpha
 
 
 def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -122,7 +138,7 @@ def _base_shape(m: nn.Module) -> tuple[int, int]:
     return out_f, in_f
 
 
-def _model_shapes(components: dict[str, nn.Module]):
+def model_shapes(components: dict[str, nn.Module]):
     """({"<comp>.<path>": (in, out)} of every adaptable module, {key: type name} of the other modules,
     {key: (kh, kw)} kernel of each adaptable conv)."""
     shapes, others, kernels = {}, {}, {}
@@ -163,7 +179,7 @@ def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str 
                 base: str = "this pipeline") -> adapter_files.LoadReport:
     """Module by module, whether `adapter` fits the pipeline's components (lora_core.adapter_files.LoadReport):
     (in, out) per module, then each matched module's rank and kernel (LoCon: down [r, in, k, k])."""
-    shapes, others, kernels = _model_shapes(components)
+    shapes, others, kernels = model_shapes(components)
     adapter = fit_names(adapter, components)
     own = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()}
     rep = adapter_files.build_report(str(source), made_for or made_for_shapes(adapter), own, shapes, sd_block,
@@ -188,17 +204,10 @@ def made_for_shapes(adapter: Adapter, arch: str = "") -> str:
     return made_for(arch or getattr(adapter, "arch", ""), shapes)
 
 
-def match_report(adapter: Adapter, components: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
-    """(matched, problems): a problem is a key with no module in the pipeline or a wrong shape."""
-    rep = load_report(adapter, components)
-    return rep.matched, [f"{k}: {why}" for k, why in {**rep.unmatched, **rep.mismatched}.items()]
-
-
 def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name: str = "default",
                         scale: float = 1.0, source: str = "adapter", made_for: str = "") -> int:
     """Add `adapter` as lora_core adapter `name` (strict: any unmatched key raises LoraLoadError and
     nothing is changed). Returns the number of matched modules."""
-    from lora_core import set_scale
     adapter = fit_names(adapter, components)
     rep = load_report(adapter, components, source, made_for)
     if not rep.fits:
@@ -276,7 +285,7 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
     bad = []
     for k, t in sd.items():
         m = KOHYA_KEY.fullmatch(k)
-        if m is None or not re.match(r"lora_(unet|te[12]?)_", m.group(1)):
+        if m is None or not m.group(1).startswith(tuple(p for p, _ in KOHYA_PREFIXES)):
             bad.append(k)
             continue
         bases.setdefault(m.group(1), {})[m.group(2)] = t
@@ -310,7 +319,6 @@ def _component_config(items: dict[str, ModuleLora]) -> dict:
     """PEFT LoraConfig kwargs for one component: the commonest (r, alpha) plus per-module patterns. Module
     names drop a leading `text_model.`: PEFT matches them as suffixes, so they fit CLIPTextModel with and
     without it (transformers 5 flattened it; the tensors' keys keep it, diffusers strips it there)."""
-    from collections import Counter
     items = {p[len("text_model."):] if p.startswith("text_model.") else p: m for p, m in items.items()}
     (r, alpha), _ = Counter((m.rank, m.alpha) for m in items.values()).most_common(1)[0]
     dora = {m.magnitude is not None for m in items.values()}
@@ -410,7 +418,6 @@ def target_naming(adapter: dict, metadata: dict[str, str], unet_config=None) -> 
     """(arch, UNet layout for kohya's SGM names or None) of a file to write: from `unet_config` (a UNet's
     config), else what the adapter knows (its model's or its file's), else the metadata and module names."""
     if unet_config is not None:
-        from .models import arch_of
         cfg = SimpleNamespace(**unet_config) if isinstance(unet_config, dict) else unet_config
         arch, layout = arch_of(SimpleNamespace(config=cfg)), unet_layout(unet_config)
     else:
@@ -421,18 +428,28 @@ def target_naming(adapter: dict, metadata: dict[str, str], unet_config=None) -> 
     return arch, layout or layout_of(metadata, arch)
 
 
-def write_adapter(path, adapter: Adapter, fmt: str, metadata: Optional[dict] = None,
-                  dtype: torch.dtype = torch.float32, unet_config=None) -> None:
-    """Write `adapter` as a kohya or diffusers file. SDXL (by `unet_config`, the adapter's model or file,
-    or the metadata): kohya's SGM names, kohya's SDXL metadata, and the UNet layout in `lora_sd.unet_layout`."""
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+def adapter_metadata(adapter: Adapter, facts: Optional[Mapping] = None, unet_config=None) -> dict[str, str]:
+    """Every metadata string of a file holding `adapter`: the run's `facts` (training's ss_* / modelspec.* /
+    lora_sd.* keys, or those of the file converted or merged), the base's keys (ss_base_model_version, ss_v2,
+    modelspec.architecture; SDXL's UNet layout in lora_sd.unet_layout) from the architecture target_naming
+    finds, and the network keys (lora_sd.metadata.network_metadata) from the modules the adapter holds:
+    whatever `facts` says of the network is replaced. What `train`, `convert` and `merge` write."""
+    meta = {str(k): str(v) for k, v in (facts or {}).items() if k not in NETWORK_KEYS}
     arch, layout = target_naming(adapter, meta, unet_config)
-    adapter = _text_model_names(adapter)   # text encoders named as kohya, ComfyUI, A1111 and diffusers' files do
     if layout is not None:   # SDXL
         meta[LAYOUT_KEY] = json.dumps(layout, sort_keys=True)
-        if fmt == KOHYA:
-            meta.setdefault("ss_base_model_version", SDXL_BASE_VERSION)
-            meta.setdefault("modelspec.architecture", SDXL_SPEC)
+    meta.update(base_metadata(arch, prediction_type_of(meta)))
+    meta.update(network_metadata(_text_model_names(adapter)))
+    return meta
+
+
+def write_adapter(path, adapter: Adapter, fmt: str, facts: Optional[Mapping] = None,
+                  dtype: torch.dtype = torch.float32, unet_config=None) -> None:
+    """Write `adapter` as a kohya or diffusers file with adapter_metadata(adapter, facts, unet_config). SDXL
+    (by `unet_config`, the adapter's model or file, or the metadata): kohya's SGM names."""
+    meta = adapter_metadata(adapter, facts, unet_config)
+    _, layout = target_naming(adapter, meta, unet_config)
+    adapter = _text_model_names(adapter)   # text encoders named as kohya, ComfyUI, A1111 and diffusers' files do
     if fmt == KOHYA:
         sd = to_kohya(adapter, dtype, layout)
     elif fmt == DIFFUSERS:
@@ -444,18 +461,23 @@ def write_adapter(path, adapter: Adapter, fmt: str, metadata: Optional[dict] = N
     atomic_save_safetensors(path, sd, meta)
 
 
-_KOHYA_VERSION = {"sd1": {"ss_base_model_version": "sd_v1"}, "sd2": {"ss_base_model_version": "sd_v2", "ss_v2": "True"},
-                  "sdxl": {"ss_base_model_version": SDXL_BASE_VERSION, "modelspec.architecture": SDXL_SPEC}}
+MERGED_ADAPTERS = "merged_adapters.json"   # in a merged pipeline's folder: each adapter folded in, with its metadata
+
+
+def file_metadata(path, components: Optional[dict[str, nn.Module]] = None) -> dict[str, str]:
+    """adapter_metadata of the adapter a file holds, with the file's run facts (what `merge` records)."""
+    adapter, metadata, _ = read_adapter(path, components)
+    return adapter_metadata(adapter, run_facts(metadata))
+
+
+def run_facts(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The keys of a file's metadata that a converted or merged copy carries over (ss_*, modelspec.*,
+    lora_sd.*; adapter_metadata rewrites the network and base keys among them)."""
+    return {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.", "lora_sd."))}
 
 
 def _write(dst, f: AdapterFile, to: str, dtype: Optional[torch.dtype], unet_config=None) -> dict:
-    keep = {k: v for k, v in f.metadata.items() if k.startswith(("ss_", "modelspec.", "lora_sd."))}
-    if to == KOHYA and "ss_network_module" not in keep:
-        arch, _ = target_naming(f.adapter, keep, unet_config)
-        keep.update({"ss_network_module": "networks.lora", **_KOHYA_VERSION[arch],
-                     "ss_network_dim": str(max(m.rank for m in f.adapter.values())),
-                     "ss_network_alpha": str(next(iter(f.adapter.values())).alpha)})
-    write_adapter(dst, f.adapter, to, keep, dtype or f.dtype, unet_config)
+    write_adapter(dst, f.adapter, to, run_facts(f.metadata), dtype or f.dtype, unet_config)
     return {"modules": len(f.adapter)}
 
 

@@ -5,8 +5,8 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
+import diffusers
 import torch
 from PIL import PngImagePlugin
 
@@ -19,7 +19,6 @@ from .embeddings import load_embedding, sibling_embedding, trained_tokens
 
 
 def set_scheduler(pipe, name: str) -> None:
-    import diffusers
     if name not in SAMPLERS:   # the names sample.scheduler declares
         raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SAMPLERS)}")
     pipe.scheduler = getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
@@ -160,10 +159,3 @@ def _vae_outside_autocast(pipe):
         yield
     finally:
         del vae.decode   # the class's method again
-
-
-def read_png_params(path) -> Optional[dict]:
-    from PIL import Image
-    with Image.open(path) as im:
-        text = im.text.get("lora_sd") if hasattr(im, "text") else None
-    return json.loads(text) if text else None

@@ -7,18 +7,28 @@ run), each cell's PNG with its generation parameters, and a JSON index.
 
 Every cell is one call of lora_sd.generate.generate with one prompt and its own seed, so a cell is
 reproducible alone (`lora-sd generate` with the cell's parameters gives the same image). Step 0 is the
-base model (no adapter); scale 0 is the adapter switched off. A GUI tab calls `make_grid` with a progress
-callback and reads `index.json` (cell -> PNG, parameters) to show a cell's parameters on click.
+base model (no adapter); scale 0 is the adapter switched off. The GUI runs `lora-sd grid` (lora_sd.cli_decide)
+and reads `index.json` (cell -> PNG, parameters) to show a cell's parameters on click.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from PIL import Image, ImageDraw, ImageFont
+
+from lora_core import lora_layers, remove_lora, set_scale
+from lora_core.adapter_files import detect
+from lora_core.errors import LoraLoadError
 from lora_core.files import atomic_write_json
+
+from .embeddings import set_embedding_scale, unload_embeddings
+from .generate import generate, load_adapters, pipeline_components, save_png
 
 log = logging.getLogger("lora_sd")
 AXES = ("step", "scale", "prompt", "seed", "adapter")
@@ -62,8 +72,6 @@ class GridSpec:
 def adapter_in(folder) -> Optional[Path]:
     """The SD adapter file a run folder or checkpoint holds: kohya first, else diffusers (formats detected
     from the headers; the checkpoint's own state files are no adapters)."""
-    from lora_core.adapter_files import detect
-    from lora_core.errors import LoraLoadError
     found = {}
     for p in sorted(Path(folder).glob("*.safetensors")):
         try:
@@ -138,9 +146,6 @@ class _Loader:
         self.pipe, self.file = pipe, None
 
     def use(self, file: Optional[str], scale: float) -> list[dict]:
-        from lora_core import lora_layers, remove_lora, set_scale
-        from .embeddings import set_embedding_scale, unload_embeddings
-        from .generate import load_adapters, pipeline_components
         if file != self.file:
             for m in pipeline_components(self.pipe).values():
                 remove_lora(m)
@@ -163,7 +168,6 @@ def make_grid(pipe, spec: GridSpec, out_dir, progress: Optional[Callable[[int, i
     """Generate every cell (grouped by adapter, so each file loads once), write `cells/r<row>_c<col>.png`
     (with its parameters), `grid.png` and `index.json`; `progress(done, total, cell)` after each cell.
     Returns the index. The pipeline's adapters are removed at the end."""
-    from .generate import generate, save_png
     out = Path(out_dir)
     todo = cells(spec)
     loader, done = _Loader(pipe), 0
@@ -199,7 +203,6 @@ def _jsonable(v):
 
 def compose(spec: GridSpec, done: list[Cell]):
     """The labelled grid image: axis titles, column and row labels, cells in place."""
-    from PIL import Image, ImageDraw, ImageFont
     font = ImageFont.load_default()
     w, h = spec.width, spec.height
     left = 12 + max((len(label(spec.y, v)) for v in spec.y_values), default=0) * 6 if spec.y else 8
@@ -227,9 +230,6 @@ def end_of_run_grid(cfg, pipe, run_dir, progress=None) -> Optional[dict]:
     sc = cfg.sample
     if not getattr(sc, "grid", False) or not sc.prompts:
         return None
-    from lora_core import remove_lora
-    from .embeddings import unload_embeddings
-    from .generate import pipeline_components
     for m in pipeline_components(pipe).values():
         remove_lora(m)
     unload_embeddings(pipe.text_encoder)   # the word embedding of [embedding] training
@@ -247,8 +247,6 @@ def grid_so_far(cfg, run_dir, step: int, device: str = "") -> Optional[Path]:
     """`[sample] grid_every = N`: at each validation step that is a multiple of N, RUN/grid/step_<N>/ over the
     checkpoints written so far (step 0 = the base model, each kept checkpoint) and the validation prompts,
     made by `lora-sd grid` in a subprocess (the training adapter stays in this process's model)."""
-    import subprocess
-    import sys
     sc = cfg.sample
     if not (sc.grid_every and sc.prompts and step % sc.grid_every == 0) or any("|" in p for p in sc.prompts):
         return None

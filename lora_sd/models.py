@@ -1,22 +1,37 @@
-"""Base models: load a Stable Diffusion pipeline (hub id, local folder, single file), the tiny pretrained
-pipeline shipped in the package ("tiny": the offline default of demos and the GUI), or build the tiny
-random-weight pipelines used by tests ("tiny-random", "tiny-sd2", "tiny-sdxl")."""
+"""Base models: load a Stable Diffusion 1.x / 2.x / SDXL pipeline (hub id, local folder, or a single-file
+checkpoint: load_single_file / save_single_file, with lora_sd.single_file's name map and detection), the
+tiny pretrained pipeline shipped in the package ("tiny": the offline default of demos and the GUI), or build
+the tiny random-weight pipelines used by tests ("tiny-random", "tiny-sd2", "tiny-sdxl")."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+import diffusers
 import torch
+from accelerate import init_empty_weights
+from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from packaging.version import Version
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from lora_core.cli_errors import check_local_path, hub_error
 from lora_core.errors import ModelLoadError
 from lora_core.files import atomic_write_json, atomic_write_text
+from lora_core.io import atomic_save_safetensors
 from lora_core.paths import shared_path
 
 from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED
+from .metadata import modelspec_architecture
+from .single_file import (HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, TITLE, Checkpoint, check_configs,
+                          checkpoint_error, classify, config_source, from_original, name_map, open_checkpoint,
+                          to_original_state)
 
 log = logging.getLogger("lora_sd")
 
@@ -29,7 +44,6 @@ MAX_TOKENS = 77
 # ------------------------------------------------------------------ tokenizer
 def _char_level_clip_vocab() -> dict[str, int]:
     """A CLIP-compatible BPE vocabulary with no merges: every byte symbol, alone and as a word end."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}
@@ -38,7 +52,6 @@ def _char_level_clip_vocab() -> dict[str, int]:
 def load_tokenizer():
     """The real CLIP BPE from ../shared/tokenizers/clip when present, else a small character-level
     CLIP tokenizer built here (same special tokens, 514 entries)."""
-    from transformers import CLIPTokenizer
     src = shared_path("tokenizers", "clip")
     if src is not None and (src / "vocab.json").is_file():
         tok = CLIPTokenizer.from_pretrained(str(src))
@@ -57,7 +70,6 @@ PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipel
 
 
 def _tiny_text_config(tokenizer, hidden: int, layers: int, projection_dim: int = 0):
-    from transformers import CLIPTextConfig
     extra = {"projection_dim": projection_dim} if projection_dim else {}
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
@@ -70,7 +82,6 @@ def _tiny_unet(arch: str):
     """The UNet of each architecture at toy width. SD 2.x: linear projections, per-block head dims;
     SDXL: a first block without attention, two transformer layers deeper down and the text_time
     micro-conditioning, laid out like the real SDXL UNet (so SGM names such as input_blocks_4_1 exist)."""
-    from diffusers import UNet2DConditionModel
     common = dict(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=32)
     if arch == "sd1":
         return UNet2DConditionModel(
@@ -91,7 +102,6 @@ def _tiny_unet(arch: str):
 
 
 def _tiny_scheduler(arch: str):
-    from diffusers import DDPMScheduler, EulerDiscreteScheduler
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                   steps_offset=1)
     if arch == "sdxl":
@@ -104,8 +114,6 @@ def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
     VAE, CLIP text encoder(s) (SDXL: a second one with projection, whose pooled output conditions the
     UNet), scheduler (SD 2.x: v-prediction as its 768-v models). Random (seeded) weights, a few MB,
     built in about a second."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
@@ -133,7 +141,6 @@ def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
 def assemble_pipeline(arch: str, force_zeros_for_empty_prompt: bool = True, **components):
     """The pipeline of `arch` from its components (unet, vae, text_encoder(_2), tokenizer(_2), scheduler):
     no safety checker, no watermarker."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     if arch == "sdxl":
         pipe = StableDiffusionXLPipeline(**components, add_watermarker=False,
                                          force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
@@ -161,6 +168,11 @@ def save_tiny_pipeline(out_dir, seed: int = 0, arch: str = "sd1") -> Path:
     return out
 
 
+def pick_device(device: str = "") -> str:
+    """`device` when given (a --device flag), else cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def arch_of(pipe_or_unet) -> str:
     """sd1 / sd2 / sdxl from a pipeline or its UNet's config."""
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
@@ -182,7 +194,6 @@ def tiny_pretrained_dir() -> Path:
 
 def weight_hashes(folder: Path) -> dict:
     """{relative path: {"bytes", "sha256"}} of every .safetensors file under `folder` (pretrain.json's "files")."""
-    import hashlib
     return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
             for f in sorted(folder.rglob("*.safetensors"))}
 
@@ -207,7 +218,6 @@ def verify_pretrained(folder: Path) -> dict:
 
 def load_tiny_pretrained(dtype: torch.dtype = torch.float32):
     """The shipped pretrained tiny pipeline, hash-checked (verify_pretrained), offline."""
-    from diffusers import StableDiffusionPipeline
     folder = tiny_pretrained_dir()
     verify_pretrained(folder)
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), **{_dtype_kwarg(): dtype}, safety_checker=None,
@@ -243,14 +253,12 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
             log.warning("%s: %s", path, RANDOM_WEIGHTS_NOTE)
             pipe._lora_sd_random_weights = True
     elif path.suffix.lower() in (".safetensors", ".ckpt"):
-        from .single_file import load_single_file
         pipe = load_single_file(path, config=config, dtype=dtype, prediction_type=prediction_type)
     else:
         kw = dict(common, revision=revision)
         if variant:
             kw["variant"] = variant
         try:
-            from diffusers import DiffusionPipeline
             pipe = DiffusionPipeline.from_pretrained(pretrained, **kw)
         except Exception as e:
             raise hub_error("model.pretrained", pretrained, e) from e
@@ -261,7 +269,6 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
 
 def _pipeline_class(index: dict, source: str):
     """The diffusers pipeline class a model_index.json names, if lora_sd trains it (SD 1.x/2.x, SDXL)."""
-    import diffusers
     name = index.get("_class_name", "")
     if name not in set(PIPELINE_CLASS.values()):
         raise ModelLoadError(f"model.pretrained = {source}: a {name or 'unnamed'} pipeline; lora_sd trains "
@@ -278,14 +285,11 @@ def _pipeline_kwargs(cls, common: dict) -> dict:
 
 def _dtype_kwarg() -> str:
     """diffusers renamed from_pretrained's torch_dtype to dtype (torch_dtype is deprecated in 0.42)."""
-    import diffusers
-    from packaging.version import Version
     return "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
 
 
 def model_identity(module: torch.nn.Module) -> str:
     """A short fingerprint of a module's config and weights (for cache keys)."""
-    import hashlib
     h = hashlib.sha256()
     cfg = getattr(module, "config", None)
     if cfg is not None:
@@ -295,3 +299,117 @@ def model_identity(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ single-file checkpoints (lora_sd.single_file)
+def make_component(comp: str, cfg: dict):
+    if comp == "unet":
+        return diffusers.UNet2DConditionModel.from_config(cfg)
+    if comp == "vae":
+        return diffusers.AutoencoderKL.from_config(cfg)
+    cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
+    return cls(CLIPTextConfig.from_dict(cfg))
+
+
+def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str, dtype, used: set):
+    """The diffusers component `comp`, built from `cfg` on the meta device and filled from the file."""
+    with init_empty_weights():
+        model = make_component(comp, cfg)
+    expected = model.state_dict()
+    names = name_map(arch, comp, expected, dict(model.config) if comp in ("unet", "vae") else {})
+    missing = sorted({orig for orig, _ in names.values() if orig not in ck.shapes})
+    if missing:
+        raise checkpoint_error(ck.path, f"{len(missing)} {comp} tensor(s) missing for the {source}, e.g. {missing[0]}",
+                    f"a complete {TITLE[arch]} checkpoint (a model of another size: set model.config to a folder "
+                    "or hub id with its diffusers configs)")
+    tensors, state = ck.tensors(), {}
+    for k, (orig, how) in names.items():
+        t = from_original(tensors[orig], how)
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise ModelLoadError(f"{ck.path}: {orig} has shape {list(t.shape)} but the {source} need "
+                                 f"{list(expected[k].shape)} for {comp}.{k}; set model.config to a folder (or hub id) "
+                                 "with this model's diffusers configs")
+        state[k] = t.to(dtype).contiguous() if dtype is not None and t.is_floating_point() else t.contiguous()
+        used.add(orig)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _tokenizer(configs: dict, name: str):
+    if configs.get(f"{name}_dir"):
+        tok = CLIPTokenizer.from_pretrained(configs[f"{name}_dir"])
+        tok.model_max_length = MAX_TOKENS
+        return tok
+    tok = load_tokenizer()
+    pad = configs.get("pad_tokens", {}).get(name)
+    if pad and pad in tok.get_vocab():
+        tok.pad_token = pad
+    return tok
+
+
+def _warn_unused(ck: Checkpoint, arch: str, used: set) -> None:
+    prefixes = tuple(p for p, _ in LAYOUT[arch].values())
+    extra = [k for k in ck.shapes if k.startswith(prefixes) and k not in used and not HARMLESS.search(k)]
+    if extra:
+        log.warning("%s: %d tensor(s) of the model's components were not used, e.g. %s", ck.path, len(extra), extra[0])
+
+
+def load_single_file(path, config: str = "", dtype=None, prediction_type: str = ""):
+    """The diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) of a single-file
+    checkpoint, offline unless `config` names a hub id. Logs one line: what was detected and why."""
+    ck = open_checkpoint(path)
+    arch, why = classify(ck)
+    configs, source, note = config_source(ck, arch, config, prediction_type)
+    check_configs(configs, arch, source, ck.path)
+    log.info("%s: detected %s (%s); %s%s", ck.path, TITLE[arch], why, source, note)
+    used: set = set()
+    comps = {c: _load_component(ck, arch, c, configs[c], source, dtype, used) for c in LAYOUT[arch]}
+    _warn_unused(ck, arch, used)
+    sched_cfg = configs["scheduler"]
+    sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
+    if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
+        raise ModelLoadError(f"{ck.path}: {source}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
+    tokenizers = {t: _tokenizer(configs, t) for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
+    if len(tokenizers["tokenizer"]) < comps["text_encoder"].config.vocab_size // 2 and META_RANDOM not in ck.metadata:
+        log.warning("%s: the CLIP BPE tokenizer files are absent (../shared/tokenizers/clip), so prompts are split "
+                    "into characters this model was not trained on; set model.config to a folder with tokenizer/ "
+                    "files for real prompts", ck.path)
+    pipe = assemble_pipeline(arch, scheduler=sched_cls.from_config(sched_cfg), **comps, **tokenizers,
+                             force_zeros_for_empty_prompt=configs.get("index", {}).get("force_zeros_for_empty_prompt", True))
+    if ck.metadata.get(META_RANDOM) == "true":
+        log.warning("%s: %s", ck.path, RANDOM_WEIGHTS_NOTE)
+        pipe._lora_sd_random_weights = True
+    return pipe
+
+
+# ------------------------------------------------------------------ writing
+def _config_json(obj) -> dict:
+    if hasattr(obj, "to_json_string"):                    # diffusers models and schedulers
+        return json.loads(obj.to_json_string())
+    return json.loads(obj.config.to_json_string(use_diff=False))
+
+
+def save_single_file(pipe, out, half: bool = False) -> dict:
+    """Write `pipe` as one .safetensors file in the original layout (lora_sd.single_file's name map), with its
+    diffusers component configs in the metadata so that load_single_file rebuilds it exactly."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the output must be a .safetensors file")
+    arch = arch_of(pipe)
+    state = to_original_state(pipe, arch)
+    if half:
+        state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+    toks = ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",)
+    configs = {"arch": arch, "scheduler": _config_json(pipe.scheduler),
+               "pad_tokens": {t: getattr(pipe, t).pad_token for t in toks},
+               "index": {"_class_name": type(pipe).__name__,
+                         "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True))}}
+    configs.update({c: _config_json(getattr(pipe, c)) for c in LAYOUT[arch]})
+    pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+    meta = {"format": "pt", META_CONFIGS: json.dumps(configs, sort_keys=True), "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": modelspec_architecture(arch, pred, lora=False),
+            "modelspec.prediction_type": pred}
+    if is_random_weights(pipe):
+        meta[META_RANDOM] = "true"
+    atomic_save_safetensors(out, state, meta)
+    return {"out": str(out), "arch": arch, "tensors": len(state), "bytes": os.path.getsize(out)}

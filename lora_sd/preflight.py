@@ -17,12 +17,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
+from lora_core import add_lora, lora_layers
+from lora_core.dtypes import autocast_dtype
 from lora_core.preflight import PreflightReport, fit_activations, memory_estimate, run_steps
 from lora_core.preflight_torch import SavedBytes, begin, common_conflicts
 
 from .config import SDTrainConfig, load_train_config
-from .data import DatasetError, make_buckets, pick_bucket, scan
+from .data import make_buckets, pick_bucket, scan
+from .errors import DatasetError
+from .models import load_pipeline
+from .train import run_training
 
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 
@@ -96,9 +103,6 @@ def _small_config(cfg: SDTrainConfig, work: Path) -> SDTrainConfig:
 
 def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps: int = 2) -> None:
     """Run `steps` real optimisation steps through run_training at a reduced size (a temporary run folder)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from .train import run_training
     with tempfile.TemporaryDirectory(prefix="lora_sd_check_") as tmp:
         small = _small_config(cfg, Path(tmp))
         small.train.max_steps = steps
@@ -129,7 +133,7 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     mult = 2 ** (len(unet.config.block_out_channels) - 1)
     sizes = [target] if target <= 64 else sorted({max(mult, s // mult * mult) for s in (target // 4, target // 2)})
     ctx = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision)
+    dtype = autocast_dtype(cfg.train.mixed_precision)
     points, largest = [], 0.0
     extra = {}
     if unet.config.addition_embed_type == "text_time":   # SDXL: the pooled embedding and the time ids
@@ -155,7 +159,6 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
 
 def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None:
     """Trainable parameters, alpha/r and the memory estimate (adds the adapter to `pipe` if it has none)."""
-    from lora_core import add_lora, lora_layers
     te2 = getattr(pipe, "text_encoder_2", None)   # SDXL
     if not any(True for _ in lora_layers(pipe.unet)):
         for m in (pipe.unet, pipe.text_encoder, pipe.vae, te2):
@@ -184,7 +187,6 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
 def preflight(config=None, overrides=(), device: str = "", steps: int = 2, pipe=None,
               cfg: Optional[SDTrainConfig] = None) -> PreflightReport:
     """Check a `lora-sd train` config (a file with overrides, or `cfg`); `pipe` replaces loading the model."""
-    from .models import load_pipeline
     rep, cfg, device = begin("sd-train", config, overrides, cfg, load_train_config, device)
     if cfg is None:
         return rep

@@ -29,13 +29,21 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from lora_core.files import atomic_write_json, atomic_write_text
 from lora_core.run import RunDir
 from lora_core.settings import TrainSettings
+from lora_core.training import EpochSampler, train
 
 from . import synth
+from .data import first, tokenize
+from .models import load_tokenizer, weight_hashes
+from .train import DiffusionLoss
 
 log = logging.getLogger("lora_sd")
 MAX_BYTES = 20 * 1024 * 1024     # the committed weights' budget
@@ -68,8 +76,6 @@ class PretrainSettings:
 
 def build_components(s: PretrainSettings, tokenizer):
     """(vae, unet, text_encoder) with fresh weights drawn from the current torch RNG."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
     n = len(s.unet_channels)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(s.vae_channels),
                         down_block_types=("DownEncoderBlock2D",) * len(s.vae_channels),
@@ -91,7 +97,6 @@ def build_components(s: PretrainSettings, tokenizer):
 
 
 def noise_scheduler():
-    from diffusers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, prediction_type="epsilon", steps_offset=1)
 
@@ -114,7 +119,6 @@ class Batches(torch.utils.data.Dataset):
 
     def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, dropout: float = 0.0,
                  empty_ids: Optional[torch.Tensor] = None):
-        from lora_core.training import EpochSampler
         n = len(next(iter(tensors.values())))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         self.batches = [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
@@ -159,10 +163,6 @@ class DecoderLoss(nn.Module):
 
 
 def _run_phase(run: RunDir, module: nn.Module, ds: Batches, settings: TrainSettings, resume, export) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from lora_core.training import train
-    from .data import first
     run.create()   # a finished phase resumes from its final checkpoint: its weights load, no step runs
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first)
     set_seed(settings.seed)   # each phase's noise follows from its own seed, whatever ran before it
@@ -241,7 +241,6 @@ def finetune_decoder(s: PretrainSettings, vae, run: RunDir, resume) -> dict:
 
 def denoiser_data(s: PretrainSettings, pipe, pixels: torch.Tensor, captions: list[str]) -> dict:
     """Phases 2 and 2b's tensors: the frozen VAE's latent distributions and the token ids."""
-    from .data import tokenize
     pipe.vae.eval().requires_grad_(False)
     return {"latent_params": latent_parameters(pipe.vae, pixels), "input_ids": tokenize(pipe.tokenizer, captions)}
 
@@ -249,8 +248,6 @@ def denoiser_data(s: PretrainSettings, pipe, pixels: torch.Tensor, captions: lis
 def train_denoiser(s: PretrainSettings, pipe, tensors: dict, run: RunDir, resume, *, steps: int, lr: float,
                    seed: int, noise_offset: float = 0.0) -> dict:
     """Phase 2 (and 2b, with noise_offset): UNet + text encoder on the frozen VAE's latents."""
-    from .data import tokenize
-    from .train import DiffusionLoss
     cpu = time.process_time()
     ds = Batches(tensors, s.batch_size, seed, s.caption_dropout, tokenize(pipe.tokenizer, [""])[0])
     module = DiffusionLoss(pipe.unet, pipe.scheduler, text_encoder=pipe.text_encoder, train_text_encoder=True,
@@ -263,9 +260,6 @@ def train_denoiser(s: PretrainSettings, pipe, tensors: dict, run: RunDir, resume
 def pretrain(out, s: Optional[PretrainSettings] = None, run_dir=None, resume: Optional[str] = None) -> Path:
     """Train and write the pipeline to `out` (a new folder). run_dir (default <out>.run) keeps the two
     phases' run folders; with resume="latest" a stopped pretraining continues where it stopped."""
-    from accelerate.utils import set_seed
-    from diffusers import StableDiffusionPipeline
-    from .models import load_tokenizer, weight_hashes
     s = s or PretrainSettings()
     out = Path(out)
     if out.exists() and any(out.iterdir()):

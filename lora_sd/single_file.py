@@ -3,10 +3,12 @@ and model-sharing sites, in the original LDM (SD 1.x / 2.x) or SGM (SDXL) key la
 
 - `detect_checkpoint(path) -> (arch, reason)`: sd1 / sd2 / sdxl from the keys and shapes, torch-free
   (a .safetensors header; a .ckpt's pickle is scanned as opcodes, never run), so the GUI can show it.
-- `load_single_file(path, ...)`: a diffusers pipeline, offline. Component configs come from, in this
-  order: `config` (a diffusers folder or hub id), the file's own metadata (files this module wrote), or
-  the real models' configs shipped in lora_sd/model_configs (SD 1.5, SD 2.1 base / 768-v, SDXL base).
-- `save_single_file(pipe, out)`: the pipeline in the original layout, its configs in the metadata.
+- `model_arch(pretrained)`: the same for any model.pretrained value (tiny name, folder, file), torch-free.
+- `config_source(...)`: the component configs a file is loaded with, in this order: `config` (a diffusers
+  folder or hub id), the file's own metadata (files lora_sd wrote), or the real models' configs shipped in
+  lora_sd/model_configs (SD 1.5, SD 2.1 base / 768-v, SDXL base).
+- `to_original_state(pipe, arch)`: a pipeline's weights under the original names.
+lora_sd.models builds pipelines from these (load_single_file) and writes them (save_single_file).
 
 One name map serves both directions: for each diffusers parameter, the original key and how the tensor
 differs there ("T": transposed; "conv": a 1x1 conv weight; ("qkv", i): slice i of a fused in_proj).
@@ -16,15 +18,23 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import pickletools
 import re
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from lora_core.cli_errors import one_line
-from lora_core.errors import ModelLoadError
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 
-from .unet_names import to_original
+from lora_core.adapter_files import read_header
+from lora_core.cli_errors import check_local_path, hub_error, one_line
+from lora_core.errors import LoraLoadError, ModelLoadError
+
+from .config import TINY_ARCHS, TINY_PRETRAINED
+
+from .unet_names import RESNET, to_original
 
 log = logging.getLogger("lora_sd")
 
@@ -43,23 +53,17 @@ LAYOUT = {
              "text_encoder_2": ("conditioner.embedders.1.model.", "openclip")},
 }
 TITLE = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
-MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-             "sdxl": "stable-diffusion-xl-v1-base"}
 # keys real checkpoints carry that diffusers models do not: skipped without a warning
-_HARMLESS = re.compile(r"(position_ids|logit_scale|attn_mask)$|^cond_stage_model\.model\.(text_projection$|"
+HARMLESS = re.compile(r"(position_ids|logit_scale|attn_mask)$|^cond_stage_model\.model\.(text_projection$|"
                        r"transformer\.resblocks\.23\.)")
 
 
 # ------------------------------------------------------------------ the name map
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
 def _unet_name(key: str, cfg: Mapping) -> tuple[str, Any]:
     orig = to_original(key, cfg)
     if ".resnets." in key:      # block prefixes come from unet_names; ResNet internals are renamed here
         head, inner, leaf = orig.rsplit(".", 2)
-        orig = f"{head}.{_RESNET[inner]}.{leaf}"
+        orig = f"{head}.{RESNET[inner]}.{leaf}"
     return orig, None
 
 
@@ -124,7 +128,7 @@ def name_map(arch: str, component: str, keys, cfg: Mapping) -> dict[str, tuple[s
 
 def to_original_state(pipe, arch: str) -> dict:
     """The pipeline's weights under their original (LDM / SGM) names."""
-    import torch
+    import torch   # lazy: the torch-free GUI imports this module (model_arch, detect_checkpoint)
     out, fused = {}, {}
     for comp in LAYOUT[arch]:
         model = getattr(pipe, comp)
@@ -144,7 +148,7 @@ def to_original_state(pipe, arch: str) -> dict:
     return out
 
 
-def _from_original(tensor, how):
+def from_original(tensor, how):
     if how == "T":
         return tensor.T
     if how == "conv":
@@ -173,7 +177,6 @@ class Checkpoint:
 class _LazySafetensors(dict):
     def __init__(self, path: Path):
         super().__init__()
-        from safetensors import safe_open
         self._file = safe_open(str(path), framework="pt")
 
     def __missing__(self, key):
@@ -183,8 +186,6 @@ class _LazySafetensors(dict):
 def open_checkpoint(path, torch_free: bool = False) -> Checkpoint:
     """The shapes and metadata of a .safetensors or .ckpt file; a file that is none raises one line.
     A .ckpt is loaded with torch.load(weights_only=True), or with `torch_free` only scanned for its key names."""
-    from lora_core.adapter_files import read_header
-    from lora_core.errors import LoraLoadError
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (a .safetensors or .ckpt checkpoint was expected)")
@@ -205,7 +206,6 @@ def open_checkpoint(path, torch_free: bool = False) -> Checkpoint:
 def _ckpt_key_names(path: Path) -> dict[str, list[int]]:
     """Key names of a .ckpt without torch: the strings of its pickle, read as opcodes (never executed);
     shapes stay unknown ([]). Zip format: data.pkl; legacy format: the first four pickles of the file."""
-    import pickletools
 
     def strings(source) -> set:
         return {arg for _, arg, _ in pickletools.genops(source) if isinstance(arg, str) and "." in arg}
@@ -225,9 +225,7 @@ def _ckpt_key_names(path: Path) -> dict[str, list[int]]:
 
 def _load_ckpt(path: Path) -> tuple[dict, Any]:
     """Tensors of a .ckpt by torch.load(weights_only=True) (nested "state_dict" unwrapped)."""
-    import pickle
-
-    import torch
+    import torch   # lazy: the torch-free GUI imports this module (model_arch, detect_checkpoint)
     try:
         try:     # mmap: a 4-8 GB checkpoint is not read into memory twice
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -258,7 +256,7 @@ def _load_ckpt(path: Path) -> tuple[dict, Any]:
 _LORA_KEY = re.compile(r"(^lora_(unet|te\d?)_)|\.lora_(down|up|A|B)\.|\.(hada|lokr)_|\.alpha$")
 
 
-def _fail(path: Path, what: str, expected: str = "a Stable Diffusion 1.x / 2.x / SDXL checkpoint (UNet, VAE and text "
+def checkpoint_error(path: Path, what: str, expected: str = "a Stable Diffusion 1.x / 2.x / SDXL checkpoint (UNet, VAE and text "
                                                   "encoder in one file; model.config may give configs for other sizes)"
           ) -> ModelLoadError:
     return ModelLoadError(f"{path}: {what}; {expected} was expected")
@@ -268,35 +266,35 @@ def _check_parts(ck: Checkpoint) -> None:
     """Refuse files that are no whole base model: empty, an adapter, a VAE or UNet alone."""
     keys = ck.shapes
     if not keys:
-        raise _fail(ck.path, "holds no tensors")
+        raise checkpoint_error(ck.path, "holds no tensors")
     lora = [k for k in keys if _LORA_KEY.search(k)]
     if lora:
-        raise _fail(ck.path, f"a LoRA / adapter file (keys like {lora[0]}), not a base model (load adapters with "
+        raise checkpoint_error(ck.path, f"a LoRA / adapter file (keys like {lora[0]}), not a base model (load adapters with "
                              "--lora or sample.lora)")
     if not any(k.startswith(UNET) for k in keys):
         if any(k.startswith(("encoder.", "decoder.", VAE, "quant_conv", "post_quant_conv")) for k in keys):
-            raise _fail(ck.path, "a VAE-only file (encoder/decoder keys, no UNet model.diffusion_model.*)")
+            raise checkpoint_error(ck.path, "a VAE-only file (encoder/decoder keys, no UNet model.diffusion_model.*)")
         if any(k.startswith(("down_blocks.", "unet.", "text_model.")) for k in keys):
-            raise _fail(ck.path, "one component in the diffusers layout (keys like down_blocks.*), not a single-file "
+            raise checkpoint_error(ck.path, "one component in the diffusers layout (keys like down_blocks.*), not a single-file "
                                  "checkpoint", "its whole diffusers folder (with model_index.json) or a single-file "
                                                "checkpoint")
-        raise _fail(ck.path, f"not a Stable Diffusion model (no UNet keys model.diffusion_model.*; keys like "
+        raise checkpoint_error(ck.path, f"not a Stable Diffusion model (no UNet keys model.diffusion_model.*; keys like "
                              f"{next(iter(keys))})")
     if not any(k.startswith(VAE) for k in keys):
-        raise _fail(ck.path, "has a UNet but no VAE (first_stage_model.*)")
+        raise checkpoint_error(ck.path, "has a UNet but no VAE (first_stage_model.*)")
 
 
 def _classify(ck: Checkpoint) -> tuple[str, str]:
     keys = ck.shapes
     in_conv = keys.get(UNET + "input_blocks.0.0.weight") or []
     if len(in_conv) == 4 and in_conv[1] != 4:
-        raise _fail(ck.path, f"a UNet with {in_conv[1]} input channels (an inpainting or other special model)",
+        raise checkpoint_error(ck.path, f"a UNet with {in_conv[1]} input channels (an inpainting or other special model)",
                     "a text-to-image model (4 latent channels)")
     ctx = next((s[-1] for k, s in keys.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight") and s), None)
     width = f", cross-attention width {ctx}" if ctx else ""
     if any(k.startswith("conditioner.embedders.") for k in keys) or UNET + "label_emb.0.0.weight" in keys:
         if not any(k.startswith("conditioner.embedders.1.model.") for k in keys):
-            raise _fail(ck.path, "an SDXL model without the OpenCLIP bigG encoder as conditioner.embedders.1 "
+            raise checkpoint_error(ck.path, "an SDXL model without the OpenCLIP bigG encoder as conditioner.embedders.1 "
                                  "(the SDXL refiner?)", "an SDXL base model")
         return "sdxl", ("conditioner.embedders.0/1: CLIP ViT-L + OpenCLIP bigG text encoders, label_emb: "
                         "size/crop conditioning" + width)
@@ -306,7 +304,7 @@ def _classify(ck: Checkpoint) -> tuple[str, str]:
         return "sd2", f"cond_stage_model.model.*: OpenCLIP ViT-H text encoder{proj_kind}{width}"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1", f"cond_stage_model.transformer.*: CLIP ViT-L text encoder{proj_kind}{width}"
-    raise _fail(ck.path, "a UNet without a known text encoder (no cond_stage_model.* or conditioner.embedders.*): "
+    raise checkpoint_error(ck.path, "a UNet without a known text encoder (no cond_stage_model.* or conditioner.embedders.*): "
                          "unknown architecture")
 
 
@@ -345,7 +343,6 @@ def model_arch(pretrained: str) -> tuple[str, str]:
     """("sd1" | "sd2" | "sdxl" | "", why) of a model.pretrained value without torch or network: a tiny
     model's name, a diffusers folder, a single file; "" for a hub id (known once it is loaded).
     ModelLoadError for a file or folder that is not a model lora_sd trains."""
-    from .config import TINY_ARCHS, TINY_PRETRAINED
     if pretrained == TINY_PRETRAINED:
         return "sd1", f"'{pretrained}': the tiny model shipped with lora_sd, pretrained on the synthetic shapes world"
     if pretrained in TINY_ARCHS:
@@ -391,15 +388,13 @@ def _shipped(arch: str, prediction_type: str, global_step) -> tuple[str, str]:
                       "set model.prediction_type = \"epsilon\" for a 512-base model")
 
 
-def _config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) -> tuple[dict, str, str]:
+def config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) -> tuple[dict, str, str]:
     """(configs, where from, why): model.config, else the file's metadata, else the shipped configs."""
-    from lora_core.cli_errors import check_local_path, hub_error
     if config:
         check_local_path(config, "model.config")
         folder = Path(config).expanduser()
         if not folder.is_dir():
             try:
-                from huggingface_hub import snapshot_download
                 folder = Path(snapshot_download(config, allow_patterns=["*.json", "*/*.json", "tokenizer*/*.txt"]))
             except Exception as e:
                 raise hub_error("model.config", config, e) from e
@@ -408,13 +403,13 @@ def _config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str)
         try:
             return json.loads(ck.metadata[META_CONFIGS]), "configs from the file's metadata", ""
         except json.JSONDecodeError:
-            raise _fail(ck.path, f"its {META_CONFIGS} metadata is not JSON") from None
+            raise checkpoint_error(ck.path, f"its {META_CONFIGS} metadata is not JSON") from None
     name, why = _shipped(arch, prediction_type, ck.global_step)
     configs = _read_config_folder(CONFIG_DIR / name)
     return configs, f"shipped configs {name}", f" ({configs['index'].get('_lora_sd_note', name)}){why}"
 
 
-def _check_configs(configs: dict, arch: str, source: str, path: Path) -> None:
+def check_configs(configs: dict, arch: str, source: str, path: Path) -> None:
     missing = [c for c in list(LAYOUT[arch]) + ["scheduler"] if c not in configs]
     if missing:
         raise ModelLoadError(f"{path}: {source}: no {', '.join(missing)} config ({TITLE[arch]} needs "
@@ -423,132 +418,3 @@ def _check_configs(configs: dict, arch: str, source: str, path: Path) -> None:
     if is_xl != (arch == "sdxl"):
         raise ModelLoadError(f"{path}: the file is {TITLE[arch]} but the {source} are "
                              f"{'SDXL' if is_xl else 'not SDXL'}; give matching configs")
-
-
-# ------------------------------------------------------------------ loading
-def _make_component(comp: str, cfg: dict):
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    if comp == "unet":
-        return diffusers.UNet2DConditionModel.from_config(cfg)
-    if comp == "vae":
-        return diffusers.AutoencoderKL.from_config(cfg)
-    cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
-    return cls(CLIPTextConfig.from_dict(cfg))
-
-
-def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str, dtype, used: set):
-    """The diffusers component `comp`, built from `cfg` on the meta device and filled from the file."""
-    from accelerate import init_empty_weights
-    with init_empty_weights():
-        model = _make_component(comp, cfg)
-    expected = model.state_dict()
-    names = name_map(arch, comp, expected, dict(model.config) if comp in ("unet", "vae") else {})
-    missing = sorted({orig for orig, _ in names.values() if orig not in ck.shapes})
-    if missing:
-        raise _fail(ck.path, f"{len(missing)} {comp} tensor(s) missing for the {source}, e.g. {missing[0]}",
-                    f"a complete {TITLE[arch]} checkpoint (a model of another size: set model.config to a folder "
-                    "or hub id with its diffusers configs)")
-    tensors, state = ck.tensors(), {}
-    for k, (orig, how) in names.items():
-        t = _from_original(tensors[orig], how)
-        if tuple(t.shape) != tuple(expected[k].shape):
-            raise ModelLoadError(f"{ck.path}: {orig} has shape {list(t.shape)} but the {source} need "
-                                 f"{list(expected[k].shape)} for {comp}.{k}; set model.config to a folder (or hub id) "
-                                 "with this model's diffusers configs")
-        state[k] = t.to(dtype).contiguous() if dtype is not None and t.is_floating_point() else t.contiguous()
-        used.add(orig)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def _tokenizer(configs: dict, name: str):
-    from transformers import CLIPTokenizer
-
-    from .models import MAX_TOKENS, load_tokenizer
-    if configs.get(f"{name}_dir"):
-        tok = CLIPTokenizer.from_pretrained(configs[f"{name}_dir"])
-        tok.model_max_length = MAX_TOKENS
-        return tok
-    tok = load_tokenizer()
-    pad = configs.get("pad_tokens", {}).get(name)
-    if pad and pad in tok.get_vocab():
-        tok.pad_token = pad
-    return tok
-
-
-def _warn_unused(ck: Checkpoint, arch: str, used: set) -> None:
-    prefixes = tuple(p for p, _ in LAYOUT[arch].values())
-    extra = [k for k in ck.shapes if k.startswith(prefixes) and k not in used and not _HARMLESS.search(k)]
-    if extra:
-        log.warning("%s: %d tensor(s) of the model's components were not used, e.g. %s", ck.path, len(extra), extra[0])
-
-
-def load_single_file(path, config: str = "", dtype=None, prediction_type: str = ""):
-    """The diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) of a single-file
-    checkpoint, offline unless `config` names a hub id. Logs one line: what was detected and why."""
-    import diffusers
-
-    from .models import RANDOM_WEIGHTS_NOTE, assemble_pipeline
-    ck = open_checkpoint(path)
-    arch, why = classify(ck)
-    configs, source, note = _config_source(ck, arch, config, prediction_type)
-    _check_configs(configs, arch, source, ck.path)
-    log.info("%s: detected %s (%s); %s%s", ck.path, TITLE[arch], why, source, note)
-    used: set = set()
-    comps = {c: _load_component(ck, arch, c, configs[c], source, dtype, used) for c in LAYOUT[arch]}
-    _warn_unused(ck, arch, used)
-    sched_cfg = configs["scheduler"]
-    sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
-    if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
-        raise ModelLoadError(f"{ck.path}: {source}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
-    tokenizers = {t: _tokenizer(configs, t) for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
-    if len(tokenizers["tokenizer"]) < comps["text_encoder"].config.vocab_size // 2 and META_RANDOM not in ck.metadata:
-        log.warning("%s: the CLIP BPE tokenizer files are absent (../shared/tokenizers/clip), so prompts are split "
-                    "into characters this model was not trained on; set model.config to a folder with tokenizer/ "
-                    "files for real prompts", ck.path)
-    pipe = assemble_pipeline(arch, scheduler=sched_cls.from_config(sched_cfg), **comps, **tokenizers,
-                             force_zeros_for_empty_prompt=configs.get("index", {}).get("force_zeros_for_empty_prompt", True))
-    if ck.metadata.get(META_RANDOM) == "true":
-        log.warning("%s: %s", ck.path, RANDOM_WEIGHTS_NOTE)
-        pipe._lora_sd_random_weights = True
-    return pipe
-
-
-# ------------------------------------------------------------------ writing
-def _config_json(obj) -> dict:
-    if hasattr(obj, "to_json_string"):                    # diffusers models and schedulers
-        return json.loads(obj.to_json_string())
-    return json.loads(obj.config.to_json_string(use_diff=False))
-
-
-def save_single_file(pipe, out, half: bool = False) -> dict:
-    """Write `pipe` as one .safetensors file in the original layout (the name map above), with its
-    diffusers component configs in the metadata so that load_single_file rebuilds it exactly."""
-    import os
-
-    from lora_core.io import atomic_save_safetensors
-
-    from .models import arch_of, is_random_weights
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: the output must be a .safetensors file")
-    arch = arch_of(pipe)
-    state = to_original_state(pipe, arch)
-    if half:
-        import torch
-        state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
-    toks = ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",)
-    configs = {"arch": arch, "scheduler": _config_json(pipe.scheduler),
-               "pad_tokens": {t: getattr(pipe, t).pad_token for t in toks},
-               "index": {"_class_name": type(pipe).__name__,
-                         "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True))}}
-    configs.update({c: _config_json(getattr(pipe, c)) for c in LAYOUT[arch]})
-    pred = pipe.scheduler.config.get("prediction_type", "epsilon")
-    meta = {"format": "pt", META_CONFIGS: json.dumps(configs, sort_keys=True), "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": MODELSPEC["sd2-v" if arch == "sd2" and pred == "v_prediction" else arch],
-            "modelspec.prediction_type": pred}
-    if is_random_weights(pipe):
-        meta[META_RANDOM] = "true"
-    atomic_save_safetensors(out, state, meta)
-    return {"out": str(out), "arch": arch, "tensors": len(state), "bytes": os.path.getsize(out)}

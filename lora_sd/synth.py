@@ -14,6 +14,7 @@ a folder of base shapes in purple; `concept="star"` one of base colours as stars
 """
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 # RGB of each word. Object colours and background colours are disjoint sets.
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
@@ -139,7 +141,6 @@ def coverage(shape: str, cx: float, cy: float, r: float, side: int, ss: int = SU
 
 
 def render(scene: Scene, side: int = 64) -> "Image.Image":
-    from PIL import Image
     r = SIZES[scene.size] * side
     (px, py), (jx, jy) = POSITIONS[scene.position], scene.jitter
     reach = side / 2 - r - MARGIN * side
@@ -191,7 +192,6 @@ def scene_from_prompt(prompt: str, size: str = "large", position: str = "in the 
 
 def main(argv=None) -> int:
     """`python -m lora_sd.synth OUT --concept purple -n 20`: write a captioned folder."""
-    import argparse
     p = argparse.ArgumentParser(prog="python -m lora_sd.synth", description=main.__doc__)
     p.add_argument("out", help="folder for img_NNNNN.png + .txt")
     p.add_argument("-n", type=int, default=20, help="how many images")

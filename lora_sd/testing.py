@@ -1,12 +1,19 @@
-"""Test and demo helpers: a tiny image-caption folder and a small training config (used by tests/test_sd_*.py)."""
+"""Test and benchmark helpers: tiny image-caption folders, a small training config, and a stop-then-resume
+run (used by the SD tests and bench/)."""
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from lora_core.configfile import from_dict
 from lora_core.paths import shared_path
+from lora_sd.config import SDTrainConfig
+from lora_sd.train import DiffusionLoss, run_training
 
 
 def make_images(folder: Path, n: int = 4, size=(40, 32), seed: int = 0, caption: str = "a photo of a thing") -> list[Path]:
@@ -42,16 +49,15 @@ def make_dataset(root: Path, n_real: int = 3) -> Path:
     return root
 
 
-def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Path, **sections) -> "SDTrainConfig":
-    """A 6-step tiny run at 32 px; `sections` update tables, e.g. train={"max_steps": 2}."""
-    from lora_core.configfile import from_dict
-    from lora_sd.config import SDTrainConfig
+def train_config(run_path: Path, pretrained: str, data_dir: Path, cache_dir: Path, **sections) -> SDTrainConfig:
+    """A 6-step tiny run at 32 px (LoraConfig's default r, alpha 2); `sections` update tables, e.g.
+    train={"max_steps": 2}."""
     d = {
         "run_dir": str(run_path),
         "model": {"pretrained": pretrained},
         "data": {"path": str(data_dir), "resolution": 32, "bucket_step": 16, "cache_dir": str(cache_dir),
                  "random_flip": True},
-        "lora": {"r": 4, "alpha": 2.0, "target_modules": "cross_attn"},
+        "lora": {"alpha": 2.0, "target_modules": "cross_attn"},   # LoraConfig's r (8): alpha != r
         "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 5e-3, "lr_scheduler": "cosine",
                   "lr_warmup_steps": 2, "checkpoint_every": 3, "keep_checkpoints": 3, "seed": 7},
         "loss": {"min_snr_gamma": 5.0, "noise_offset": 0.05},
@@ -66,12 +72,6 @@ def stop_then_resume(cfg, monkeypatch, at_call: int) -> tuple[dict, dict]:
     """Run `cfg` with SIGTERM sent during the at_call-th loss forward (what the GUI's Stop button does),
     then `--resume latest` with the global RNG reseeded (resume must restore it itself); returns the
     (stopped, resumed) final statuses. `monkeypatch` is pytest's fixture."""
-    import os
-    import signal
-
-    import torch
-
-    from lora_sd.train import DiffusionLoss, run_training
     calls = {"n": 0}
     original = DiffusionLoss.forward
 

@@ -1,8 +1,10 @@
-"""`lora-sd train`: LoRA on a Stable Diffusion UNet's attention (cross-attention by default).
+"""`lora-sd train`: LoRA on a Stable Diffusion 1.x / 2.x / SDXL UNet (cross-attention by default, LoCon
+on k×k convs, DoRA), optionally the text encoder(s) and a trained token embedding.
 
 Everything loop-related (optimizer, schedule, accumulation, checkpoints, exact resume, NaN guard,
 stop, metrics, status) is lora_core.training.train; this module supplies the model, the data and
-the diffusion loss, and writes the adapters.
+the diffusion loss (min-SNR, noise offset, prior preservation, masks, output preservation), the
+validation loss and images, and writes the adapters (their metadata: lora_sd.formats.adapter_metadata).
 """
 from __future__ import annotations
 
@@ -16,24 +18,31 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 from lora_core import add_lora, lora_disabled
+from lora_core.dtypes import torch_dtype
 from lora_core.errors import ConfigError
 from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, train
 
 from . import formats
 from .config import SDTrainConfig
-from .data import (BatchDataset, DatasetError, LatentCache, Preservation, default_cache_dir, encode_text,
+from .data import (BatchDataset, LatentCache, Preservation, default_cache_dir, encode_text,
                    encode_text_xl, first, load_items, sdxl_text, tokenize, varies_captions)
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
+from .errors import DatasetError
 from .generate import generate
+from .grid import end_of_run_grid, grid_so_far
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
 log = logging.getLogger("lora_sd")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 
 class DiffusionLoss(nn.Module):
@@ -108,7 +117,6 @@ class DiffusionLoss(nn.Module):
             target = noise
         loss = self._per_item(F.mse_loss(pred, target.float(), reduction="none"), batch.get("mask"))
         if self.min_snr_gamma:
-            from diffusers.training_utils import compute_snr
             snr = compute_snr(sched, t)
             w = snr.clamp(max=self.min_snr_gamma)
             w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
@@ -157,28 +165,16 @@ def _cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-# kohya's ss_base_model_version and the SAI model spec's architecture of each lora_sd.models.arch_of
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-
-
-def modelspec_architecture(arch: str, prediction_type: str) -> str:
-    if arch == "sd2":
-        return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
-    return {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[arch]
-
-
-def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps: int, arch: str = "sd1",
+def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps: int,
                       prediction_type: str = "") -> dict[str, str]:
-    """kohya ss_* and modelspec.* keys (strings), plus our exact LoRA config. `arch` is the base model's
-    (lora_sd.models.arch_of); `prediction_type` the scheduler's (default: model.prediction_type or epsilon)."""
+    """The run's facts as kohya ss_* and modelspec.* keys (strings), plus our exact LoRA config;
+    formats.adapter_metadata adds the base's and the network's keys from the adapter written.
+    `prediction_type` is the scheduler's (default: model.prediction_type or epsilon)."""
     prediction_type = prediction_type or cfg.model.prediction_type or "epsilon"
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    s, lora = cfg.train, cfg.lora
-    alpha = lora.alpha * (lora.r ** 0.5 if lora.use_rslora else 1.0)   # kohya alpha: scale = alpha / r
+    s = cfg.train
     meta = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(lora.r), "ss_network_alpha": str(alpha),
-        "ss_network_args": json.dumps({"target_modules": lora.target_modules, "dropout": lora.dropout}),
-        "ss_base_model_version": BASE_MODEL_VERSION[arch], "ss_v2": str(arch == "sd2"),
+        "ss_network_dropout": str(cfg.lora.dropout),
         "ss_v_parameterization": str(prediction_type == "v_prediction"), "ss_sd_model_name": cfg.model.pretrained,
         "ss_resolution": f"({resolution}, {resolution})", "ss_num_train_images": str(n_images),
         "ss_learning_rate": str(s.learning_rate), "ss_unet_lr": str(s.learning_rate),
@@ -190,8 +186,7 @@ def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps:
         "ss_min_snr_gamma": str(cfg.loss.min_snr_gamma), "ss_noise_offset": str(cfg.loss.noise_offset),
         "ss_min_timestep": str(cfg.loss.min_timestep), "ss_max_timestep": str(cfg.loss.max_timestep),
         "ss_output_name": cfg.output.name, "ss_training_finished_at": now,
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": modelspec_architecture(arch, prediction_type),
-        "modelspec.implementation": "diffusers", "modelspec.title": cfg.output.name, "modelspec.date": now,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "diffusers", "modelspec.title": cfg.output.name, "modelspec.date": now,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": prediction_type,
         "lora_sd.lora_config": json.dumps(cfg.lora.to_dict()),
@@ -214,7 +209,7 @@ class _MetricsRun(RunDir):
         super().append_metrics(record)
         if self._tb is None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter   # lazy: tensorboard is optional
                 self._tb = SummaryWriter(str(self.path / "tensorboard"))
             except ImportError:
                 self._tb = False
@@ -230,17 +225,14 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
     """Train as configured; returns the final status dict (see lora_core.run). The run folder's rules
     (refusing another run's files, --overwrite, the lock, final states) are lora_core.run.run_job's.
     `pipe` replaces loading cfg.model.pretrained (an in-memory pipeline, e.g. the benchmark's)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     s = cfg.train
     if accelerator is None:
         # a second run in the same process may use another precision: AcceleratorState is a singleton
-        from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation_steps)
 
     def body(run: RunDir, items) -> dict:
-        return _run(cfg, run, accelerator, resume, set_seed, pipe, items)
+        return _run(cfg, run, accelerator, resume, pipe, items)
 
     return run_job("sd-train", _MetricsRun(cfg.run_dir), body, config=cfg, resume=resume, overwrite=overwrite,
                    main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
@@ -317,7 +309,7 @@ def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
     """Frozen weights in the mixed-precision dtype, the VAE in fp32 or bf16 (never fp16: SD's VAEs, SDXL's
     above all, give NaN latents in fp16), gradient checkpointing, the device."""
     s = cfg.train
-    weight_dtype = DTYPES[s.mixed_precision]
+    weight_dtype = torch_dtype(s.mixed_precision)
     for m in (pipe.unet, *_text_encoders(pipe).values()):
         _cast_frozen(m, weight_dtype)
     vae = pipe.vae
@@ -336,7 +328,7 @@ def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
     pipe.to(accelerator.device)
 
 
-def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, items) -> dict:
+def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> dict:
     s, d = cfg.train, cfg.data
     items, val_items = split_val(cfg, items)
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
@@ -347,7 +339,6 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
                              prediction_type=cfg.model.prediction_type)
     if cfg.model.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
-    from diffusers import DDPMScheduler
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     components = _add_adapters(cfg, pipe)
     train_te = cfg.trains_text_encoder
@@ -379,7 +370,6 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, set_seed, pipe, i
                    settings=s, resume=resume, export_fn=export, sample_fn=sample, ema=ema, val_fn=val_fn,
                    part_lrs={TOKEN_VECTORS: cfg.embedding.learning_rate} if cfg.embedding.learning_rate else None)
     if accelerator.is_main_process and cfg.sample.grid and status.get("state") == "done":   # [sample] grid: lora_sd.grid
-        from .grid import end_of_run_grid
         with accelerator.autocast():
             end_of_run_grid(cfg, pipe, run.path)
     return status
@@ -393,11 +383,10 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
 
     def export(folder: Path, step: int) -> None:
         adapter = formats.from_model(components)
-        meta = training_metadata(cfg, n_images, resolution, step, arch_of(pipe),
-                                 pipe.scheduler.config.get("prediction_type", ""))
+        meta = training_metadata(cfg, n_images, resolution, step, pipe.scheduler.config.get("prediction_type", ""))
         if is_random_weights(pipe):
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
-        dtype = DTYPES[cfg.output.save_dtype]
+        dtype = torch_dtype(cfg.output.save_dtype)
         main = folder / f"{cfg.output.name}.safetensors"
         formats.write_adapter(main, adapter, formats.KOHYA, meta, dtype)
         if cfg.output.save_diffusers:
@@ -431,7 +420,6 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
             module.train(was_training)
         log.info("step %d: %d validation image(s) in %s", step, len(results), run.samples)
         if sc.grid_every:   # [sample] grid_every: lora_sd.grid
-            from .grid import grid_so_far
             grid_so_far(cfg, run.path, step, str(accelerator.device))
 
     return export, sample

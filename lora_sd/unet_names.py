@@ -4,13 +4,18 @@
 Torch-free: everything is computed from the UNet's config (a dict: layers_per_block, down_block_types,
 up_block_types), so it holds for SD 1.x, SD 2.x, SDXL and the tiny test models alike. Only block
 prefixes are mapped here; what lies inside a transformer block (transformer_blocks.0.attn2.to_q, norm,
-proj_in) is named the same in both layouts, and the renames inside ResNet blocks (norm1 -> in_layers.0,
-...) belong to the single-file converter.
+proj_in) is named the same in both layouts; inside ResNet blocks the leaves are renamed (RESNET: norm1 ->
+in_layers.0, ...), which the single-file converter and kohya's SDXL names apply after the block prefix.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Mapping
+
+
+# inside a ResNet block: diffusers leaf -> original (LDM / SGM) leaf
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
 def _per_block(value, n: int) -> list[int]:
@@ -73,11 +78,6 @@ def _maps(key: tuple) -> tuple[dict[str, str], dict[str, str]]:
     cfg = {"down_block_types": down, "up_block_types": up, "layers_per_block": layers}
     pairs = _down(cfg) + _up(cfg) + _FIXED
     return dict(pairs), {o: d for d, o in pairs}
-
-
-def block_map(cfg: Mapping) -> dict[str, str]:
-    """diffusers block prefix -> original block prefix, for a UNet config."""
-    return dict(_maps(_key(cfg))[0])
 
 
 def _rename(path: str, table: dict[str, str]) -> str:

@@ -437,7 +437,8 @@ def test_api_single_class_training_set(world):
 
 def test_api_zero_repeats_refused_before_training(world):
     from lora_sd.config import DataSettings
-    from lora_sd.data import DatasetError, load_items
+    from lora_sd.data import load_items
+    from lora_sd.errors import DatasetError
     with pytest.raises(DatasetError, match="0 samples"):
         load_items(DataSettings(path=str(world["data"] / "zero")))
 

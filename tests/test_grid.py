@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lora_core import LoraConfig, add_lora
 from lora_sd import formats
-from lora_sd.generate import generate, load_adapters, read_png_params
+from lora_sd.generate import generate, load_adapters
 from lora_sd.grid import FINAL, GridSpec, make_grid, run_steps
 from lora_sd.models import build_tiny_pipeline
 
@@ -63,7 +64,7 @@ def test_grid_cells_equal_single_generations(fake_run, tmp_path):
     index = make_grid(build_tiny_pipeline(), spec, tmp_path, progress=lambda d, t, c: seen.append((d, t)))
     assert seen[-1] == (6, 6) and len(seen) == 6
     cells = {(c["row"], c["col"]): c for c in index["cells"]}
-    img = {k: _px(__import__("PIL.Image").Image.open(tmp_path / c["png"])) for k, c in cells.items()}
+    img = {k: _px(Image.open(tmp_path / c["png"])) for k, c in cells.items()}
     base = _px(_single(None, 1.0, "a photo of a thing", 5))
     ck3 = fake_run / "checkpoints" / "step_00000003" / "lora.safetensors"
     # step 0 column = the base model, at every scale; scale 0 row = the base model at every step
@@ -75,9 +76,9 @@ def test_grid_cells_equal_single_generations(fake_run, tmp_path):
     assert (img[(1, 1)] == _px(_single(ck3, 1.0, "a photo of a thing", 5))).all()
     assert np.abs(img[(1, 1)] - base).max() > 0
     assert cells[(1, 1)]["file"] == str(ck3)
-    params = read_png_params(tmp_path / cells[(1, 2)]["png"])
+    params = json.loads(Image.open(tmp_path / cells[(1, 2)]["png"]).text["lora_sd"])
     assert params["seed"] == 5 and params["grid_cell"]["step"] == 6 and params["adapters"][0]["scale"] == 1.0
-    grid = __import__("PIL.Image").Image.open(tmp_path / "grid.png")
+    grid = Image.open(tmp_path / "grid.png")
     assert grid.width > 3 * 32 and grid.height > 2 * 32
     assert json.loads((tmp_path / "index.json").read_text())["rows"] == 2
 
@@ -88,7 +89,7 @@ def test_prompt_and_seed_axes(fake_run, tmp_path):
     index = make_grid(build_tiny_pipeline(), spec, tmp_path)
     c = next(c for c in index["cells"] if c["row"] == 1 and c["col"] == 0)
     assert c["params"]["prompt"] == "a dog" and c["params"]["seed"] == 1 and c["file"] == str(fake_run / "lora.safetensors")
-    got = _px(__import__("PIL.Image").Image.open(tmp_path / c["png"]))
+    got = _px(Image.open(tmp_path / c["png"]))
     assert (got == _px(_single(fake_run / "lora.safetensors", 0.7, "a dog", 1))).all()
 
 
@@ -107,7 +108,7 @@ def test_cli_grid(fake_run, tmp_path, capsys):
     index = json.loads((tmp_path / "index.json").read_text())
     assert (index["rows"], index["cols"]) == (2, 3) and (tmp_path / "grid.png").is_file()
     cell = next(c for c in index["cells"] if (c["row"], c["col"]) == (1, 2))
-    got = _px(__import__("PIL.Image").Image.open(tmp_path / cell["png"]))
+    got = _px(Image.open(tmp_path / cell["png"]))
     assert (got == _px(_single(fake_run / "checkpoints" / "step_00000006" / "lora.safetensors", 1.0,
                                "a photo of a thing", 5))).all()
 

@@ -14,8 +14,7 @@ from test_gui_process import HEAVY, run_python_json
 
 
 def test_arch_note_in_a_torch_free_process(tmp_path):
-    from lora_sd.models import build_tiny_pipeline, save_tiny_pipeline
-    from lora_sd.single_file import save_single_file
+    from lora_sd.models import build_tiny_pipeline, save_single_file, save_tiny_pipeline
     ws = tmp_path / "ws"
     (ws / "models").mkdir(parents=True)
     save_tiny_pipeline(ws / "models" / "xl", arch="sdxl")

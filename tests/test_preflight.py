@@ -63,7 +63,7 @@ def test_broken_data_set_is_audited(tmp_path):
 def test_two_steps_pass_and_catch_an_injected_nan(tmp_path):
     rep = preflight(cfg=_cfg(tmp_path), device="cpu", pipe=build_tiny_pipeline())
     assert rep.ok and rep.steps["ok"] and len(rep.steps["losses"]) == 2, print_report(rep)
-    assert rep.parameters["trainable"] == 10240 and rep.parameters["scale"] == 0.5   # r=4, alpha=2
+    assert rep.parameters["trainable"] == 20480 and rep.parameters["scale"] == 0.25   # r=8 (the default), alpha=2
     assert rep.memory["total_bytes"] > rep.memory["parts"]["frozen weights"] > 0
     pipe = build_tiny_pipeline()
     with torch.no_grad():

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers
+from lora_core.errors import ModelLoadError
 from lora_core.io import read_safetensors
 from lora_sd import formats
 from lora_sd.cli import main as cli
@@ -39,8 +41,24 @@ def adapter_file(tiny, tmp_path_factory):
             torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     path = tmp_path_factory.mktemp("adapters") / "style.safetensors"
     ad = formats.from_model({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-    formats.write_adapter(path, ad, formats.KOHYA, {"ss_network_dim": "4", "ss_network_alpha": "8.0"})
+    formats.write_adapter(path, ad, formats.KOHYA)
     return path
+
+
+def test_help_lists_every_command_and_loads_no_torch():
+    """The module docstring names every subcommand of the parser, and `lora-sd --help` (like an argument
+    error) imports neither torch nor diffusers."""
+    import argparse
+    import lora_sd.cli
+    sub = next(a for a in lora_sd.cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = {line.split()[0] for line in lora_sd.cli.__doc__.splitlines()[1:] if line.startswith("  ")}
+    assert listed == set(sub.choices) and len(listed) == 13
+    code = ("import sys\nfrom lora_sd.cli import main\nfor argv in (['--help'], ['convert', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 
 
 def test_tiny_model_says_random_weights(tiny, capsys):
@@ -94,7 +112,6 @@ def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
 
 
 def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys):
-    from lora_sd.generate import read_png_params
     out = tmp_path / "out"
     second = tmp_path / "style2.safetensors"   # the same file twice is refused (tests/test_bad_inputs.py)
     second.write_bytes(adapter_file.read_bytes())
@@ -104,10 +121,9 @@ def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys
     assert cli(args + ["--out", str(out)]) == 0
     text = capsys.readouterr()
     assert "RANDOM WEIGHTS" in text.err and "40 modules matched" in text.out
-    p = read_png_params(out / "image_1.png")
+    p = json.loads(Image.open(out / "image_1.png").text["lora_sd"])   # the parameters PNG chunk png_info writes
     assert p["prompt"] == "a cat" and p["seed"] == 6 and p["steps"] == 2 and p["scheduler"] == "euler"
     assert [a["scale"] for a in p["adapters"]] == [0.5, 1.0]
-    from PIL import Image
     with Image.open(out / "image_0.png") as im:
         assert "Steps: 2, Sampler: euler" in im.text["parameters"] and "<lora:style:0.5>" in im.text["parameters"]
     # fusing the adapters into the base gives the same image
@@ -177,12 +193,12 @@ checkpoint_every = 2
 
 
 def test_single_file_checkpoint_errors_name_the_file_and_the_config_field(tmp_path):
-    """No SD single-file checkpoint exists offline, so only the path through diffusers'
-    from_single_file and its error reporting are checked here."""
+    """A .safetensors file that is no SD checkpoint, and a missing one: one error naming the file (and
+    model.config, for configs of other model sizes)."""
     from safetensors.torch import save_file
     bad = tmp_path / "model.safetensors"
     save_file({"not.a.unet": torch.zeros(2)}, str(bad))
-    with pytest.raises(RuntimeError, match=r"model\.safetensors.*model\.config"):
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors.*model\.config"):
         load_pipeline(str(bad))
     with pytest.raises(FileNotFoundError, match="file not found"):
         load_pipeline(str(tmp_path / "missing.safetensors"))

@@ -8,7 +8,8 @@ from PIL import Image
 
 from lora_sd.cli import main as cli
 from lora_sd.config import DataSettings
-from lora_sd.data import DatasetError, LatentCache, load_items, make_buckets, pick_bucket
+from lora_sd.data import LatentCache, load_items, make_buckets, pick_bucket
+from lora_sd.errors import DatasetError
 from lora_sd.testing import make_images, train_config
 
 
@@ -49,7 +50,7 @@ def test_dataset_errors_come_before_training(tmp_path):
     cfg = train_config(tmp_path / "run", str(tmp_path / "no_model"), tmp_path / "d", tmp_path / "cache")
     with pytest.raises(DatasetError, match=r"(?s)1 image\(s\) .* have no caption.*img_0_1.png"):
         run_training(cfg)
-    # validated before anything is written (issue 15): a bad data set leaves no run folder behind
+    # validated before anything is written: a bad data set leaves no run folder behind
     assert not (tmp_path / "run").exists()
     # a template without {caption} needs no captions
     assert len(load_items(DataSettings(path=str(tmp_path / "d"), caption_template="a photo of sks"))) == 2
@@ -109,7 +110,7 @@ def test_latent_cache_keys(tmp_path):
 
 def test_config_presets_defaults_and_errors(tmp_path):
     import re
-    from lora_core.errors import ConfigError
+    from lora_core.errors import ConfigError, ModelLoadError
     from lora_sd.config import ALL_ATTN, CROSS_ATTN, load_train_config
     from lora_sd.models import build_tiny_pipeline, load_pipeline
     f = tmp_path / "c.toml"
@@ -126,7 +127,7 @@ def test_config_presets_defaults_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.path is empty"):
         f.write_text("[lora]\nr = 4\n")
         load_train_config(f)
-    with pytest.raises(RuntimeError, match="not a local folder or file"):
+    with pytest.raises(ModelLoadError, match="not a local folder or file"):
         load_pipeline("no-such-org/no-such-model")
 
 

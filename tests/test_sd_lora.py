@@ -30,7 +30,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(tiny, dataset, tmp_path_factory):
-    """One short training run (alpha 2 != rank 4), shared by the export tests."""
+    """One short training run (alpha 2 != the default rank 8), shared by the export tests."""
     tmp = tmp_path_factory.mktemp("sd_trained")
     cfg = train_config(tmp / "run", tiny, dataset, tmp / "cache")
     status = run_training(cfg)
@@ -109,7 +109,7 @@ def test_training_run_folder(trained):
     # every checkpoint also holds the deliverable adapter
     assert (run.checkpoints()[0] / "test_lora.safetensors").is_file()
     sd, meta = formats.read_safetensors(run.path / "test_lora.safetensors")
-    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_network_dim"] == str(LoraConfig().r) and meta["ss_network_alpha"] == "2.0"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["ss_base_model_version"] == "sd_v1"
     n_attn2 = 4 * 7   # 7 transformer blocks in the tiny UNet x to_q/to_k/to_v/to_out.0
     assert len(sd) == 3 * n_attn2 and all(k.startswith("lora_unet_") and "attn2" in k for k in sd)
@@ -119,7 +119,7 @@ def test_training_run_folder(trained):
 @pytest.mark.parametrize("fname", ["test_lora.safetensors", DIFFUSERS_FILE])
 def test_exported_file_loads_in_diffusers_identically(tiny, trained, fname, caplog):
     """diffusers' own loader: no unmatched keys, every attn2 module adapted, same UNet output as the
-    trained model (alpha 2 != rank 4 included); scale 0 gives the base model back."""
+    trained model (alpha 2 != rank 8 included); scale 0 gives the base model back."""
     ref = _reference(tiny, trained)
     expected = _unet_out(ref)
     base = _unet_out(load_pipeline(tiny))

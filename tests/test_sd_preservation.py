@@ -10,7 +10,8 @@ from diffusers import DDPMScheduler
 from lora_core import LoraConfig, add_lora
 from lora_core.errors import ConfigError
 from lora_sd.config import DataSettings, load_train_config
-from lora_sd.data import BatchDataset, DatasetError, Preservation, load_items
+from lora_sd.data import BatchDataset, Preservation, load_items
+from lora_sd.errors import DatasetError
 from lora_sd.models import build_tiny_pipeline
 from lora_sd.testing import make_images, train_config
 from lora_sd.train import DiffusionLoss

@@ -1,6 +1,7 @@
 """SDXL and SD 2.x training and generation on the tiny pipelines (lora_sd.models.build_tiny_pipeline)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from lora_core.errors import ConfigError
 from lora_sd import formats
 from lora_sd.config import CROSS_ATTN, DataSettings, SDTrainConfig, load_train_config
 from lora_sd.data import BatchDataset, _crop_box, load_items, sdxl_text, tokenize
-from lora_sd.generate import generate, load_adapters, read_png_params
+from lora_sd.generate import generate, load_adapters
 from lora_sd.models import build_tiny_pipeline
 from lora_sd.testing import make_images, stop_then_resume, train_config
 from lora_sd.train import DiffusionLoss, _add_adapters, _dataset, run_training, validation_loss
@@ -233,7 +234,7 @@ def test_sdxl_stop_and_resume_equals_uninterrupted(images, tmp_path, monkeypatch
     assert parts == {"unet", "text_encoder_2"} and sum(k.startswith("text_encoder_2.") for k in adapter) == 12
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
-    assert read_png_params(tmp_path / "part" / "samples" / "step_000003_0.png")["train_step"] == 3
+    assert json.loads(Image.open(tmp_path / "part" / "samples" / "step_000003_0.png").text["lora_sd"])["train_step"] == 3
 
 
 def _random_adapter_file(path, seed: int):
@@ -271,7 +272,7 @@ def test_xl_generation_with_adapters(tmp_path):
     load_adapters(pipe, [(str(f1), 1.0), (str(f2), 0.5)])
     unfused, params = _image(pipe, tmp_path / "png", base={"model": "tiny-sdxl"})
     assert np.abs(unfused - base).max() > 0
-    assert read_png_params(tmp_path / "png" / "0.png") == params and params["model"] == "tiny-sdxl"
+    assert json.loads(Image.open(tmp_path / "png" / "0.png").text["lora_sd"]) == params and params["model"] == "tiny-sdxl"
     pipe = build_tiny_pipeline(0, "sdxl")
     load_adapters(pipe, [(str(f1), 1.0), (str(f2), 0.5)], fuse=True)
     assert np.abs(_image(pipe)[0] - unfused).max() <= 2

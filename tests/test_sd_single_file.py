@@ -20,7 +20,7 @@ import torch
 
 from lora_core.errors import ModelLoadError
 from lora_sd import single_file as sf
-from lora_sd.models import build_tiny_pipeline, load_pipeline, save_tiny_pipeline
+from lora_sd.models import build_tiny_pipeline, load_pipeline, make_component, save_single_file, save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("sd15", "sd21-base", "sd21-v", "sdxl-base")
@@ -41,7 +41,7 @@ def _meta_models(name):
     from accelerate import init_empty_weights
     configs = sf._read_config_folder(sf.CONFIG_DIR / name)
     with init_empty_weights():
-        return {c: sf._make_component(c, configs[c]) for c in _components(ARCH_OF[name])}, configs
+        return {c: make_component(c, configs[c]) for c in _components(ARCH_OF[name])}, configs
 
 
 def _count(m):
@@ -125,7 +125,7 @@ def _assert_same_weights(a, b, arch):
 def test_round_trip_ours_and_diffusers(arch, tmp_path, caplog):
     pipe = build_tiny_pipeline(0, arch)
     out = tmp_path / f"{arch}.safetensors"
-    sf.save_single_file(pipe, out)
+    save_single_file(pipe, out)
     with caplog.at_level("INFO", logger="lora_sd"):
         back = load_pipeline(str(out))
     detected = [r.getMessage() for r in caplog.records if "detected" in r.getMessage()]
@@ -144,7 +144,7 @@ def test_round_trip_ours_and_diffusers(arch, tmp_path, caplog):
     ref.save_pretrained(str(folder))
     if arch == "sdxl":
         out = tmp_path / "sdxl_48.safetensors"
-        sf.save_single_file(ref, out)
+        save_single_file(ref, out)
         _assert_same_weights(ref, load_pipeline(str(out)), arch)
     kw = {} if arch == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     theirs = type(ref).from_single_file(str(out), config=str(folder), local_files_only=True, **kw)
@@ -158,7 +158,7 @@ def test_half_file_and_model_config_folder(tmp_path):
     folder = save_tiny_pipeline(tmp_path / "tiny", arch="sd2")
     pipe = load_pipeline(str(folder))
     half = tmp_path / "half.safetensors"
-    sf.save_single_file(pipe, half, half=True)
+    save_single_file(pipe, half, half=True)
     tensors = load_file(str(half))
     assert {v.dtype for v in tensors.values()} == {torch.float16}
     bare = tmp_path / "bare.safetensors"
@@ -324,7 +324,7 @@ def test_detect_is_torch_free(tmp_path):
 def test_metadata_holds_the_configs(tmp_path):
     from lora_core.adapter_files import read_header
     out = tmp_path / "x.safetensors"
-    sf.save_single_file(build_tiny_pipeline(0, "sdxl"), out)
+    save_single_file(build_tiny_pipeline(0, "sdxl"), out)
     meta = read_header(out).metadata
     configs = json.loads(meta[sf.META_CONFIGS])
     assert configs["arch"] == "sdxl" and configs["text_encoder_2"]["hidden_size"] == 32

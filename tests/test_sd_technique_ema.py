@@ -1,4 +1,4 @@
-"""Training techniques of issue 11: LoRA+, Prodigy, EMA of the adapter, validation loss."""
+"""Training techniques: LoRA+, Prodigy, EMA of the adapter, validation loss."""
 import importlib.util
 import os
 import signal

@@ -1,4 +1,4 @@
-"""SDXL and SD 2.x adapter files (issue 10, §1 "Adapter files" and §5).
+"""SDXL and SD 2.x adapter files: kohya's SGM names, the UNet layout, reading and writing both formats.
 
 The tiny SDXL pipeline (lora_sd.models) is laid out like the released SDXL UNet, so kohya's SGM names
 (input_blocks_4_1, middle_block_1, output_blocks_0_1) exist in it. Independent references:
@@ -335,7 +335,8 @@ def test_sd2_and_sd1_files_keep_diffusers_names(tmp_path):
     d = inspect(tmp_path / "sd2.safetensors")
     assert d["architecture"] == "sd2" and d["blocks_original"] == []
     sd1, meta1 = _unet_file("sd1", tmp_path / "sd1.safetensors", {})
-    assert meta1 == {} and inspect(tmp_path / "sd1.safetensors")["architecture"] == "sd1"
+    assert "lora_sd.unet_layout" not in meta1 and meta1["ss_base_model_version"] == "sd_v1"
+    assert inspect(tmp_path / "sd1.safetensors")["architecture"] == "sd1"
     assert all(k.startswith("lora_unet_down_blocks_") or k.startswith(("lora_unet_up_blocks_", "lora_unet_mid_block_"))
                for k in sd1)
 

@@ -1,4 +1,4 @@
-"""Issue 14: the tiny pretrained SD pipeline shipped in the package (model.pretrained = "tiny") loads offline,
+"""The tiny pretrained SD pipeline shipped in the package (model.pretrained = "tiny") loads offline,
 hash-checked, generates in seconds, draws what its prompts name, and a short LoRA run teaches it a colour word
 it has never seen (the demo of configs/sd_synth_purple.toml, shortened)."""
 import shutil
