@@ -71,9 +71,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from lora_gui.controller import Controller  # lazy: the GUI's slow imports after argparse (a fast --help)
-    from lora_gui.queue import Scheduler
-    from lora_gui.ui import CSS, build_app
-    from lora_gui.workspace import Workspace
+    from lora_gui.queue import Scheduler  # lazy: as above
+    from lora_gui.ui import CSS, build_app  # lazy: as above (gradio)
+    from lora_gui.workspace import Workspace  # lazy: as above
 
     scheduler = ctrl = demo = None
     try:

@@ -159,17 +159,30 @@ FACTS = {
     "kohya prefix tables": r"[\"']lora_te1?_?[\"']\s*[,:)]",
     "TOML readers": r"def\s+_?read_toml\b",
     "final run-state sets": r"(?:FINAL_STATES|FINISHED|FINAL)\s*=\s*[({\[]",
-    "defaults for the LoRA rank": r"\br\s*:\s*int\s*=\s*(?:option\()?\s*\d+|\"r\"\s*:\s*\d+|^r\s*=\s*\d+",
+    # in code (a config file's `r = 16` is a setting the user sees, not a default)
+    "defaults for the LoRA rank": r"\br\s*:\s*int\s*=\s*(?:option\()?\s*\d+|LoraConfig\([^)]*\br\s*=\s*\d+",
 }
+
+
+def _docstring_lines(tree) -> set:
+    """Lines of module, class and function docstrings (their examples are not definitions)."""
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body \
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant) \
+                and isinstance(n.body[0].value.value, str):
+            out.update(range(n.body[0].lineno, n.body[0].end_lineno + 1))
+    return out
 
 
 def facts(mods):
     out = {}
-    files = list(mods.values()) + sorted((ROOT / "configs").glob("*.toml"))
+    texts = {p: p.read_text() for p in mods.values()}
+    skip = {p: _docstring_lines(ast.parse(t)) for p, t in texts.items()}
     for name, pattern in FACTS.items():
         rx = re.compile(pattern, re.M)
-        places = [f"{p.relative_to(ROOT)}:{p.read_text()[:m.start()].count(chr(10)) + 1}"
-                  for p in files for m in rx.finditer(p.read_text())]
+        lines = ((p, t[:m.start()].count("\n") + 1) for p, t in texts.items() for m in rx.finditer(t))
+        places = list(dict.fromkeys(f"{p.relative_to(ROOT)}:{n}" for p, n in lines if n not in skip[p]))
         out[name] = {"count": len(places), "places": places}
     return out
 

@@ -29,7 +29,7 @@ from lora_core.files import atomic_write_json
 
 from . import synth
 from .cli_decide import add_commands
-from .concept_score import format_table, pipeline_images, score_generator, set_adapter_scale
+from .concept_score import format_table, score_generator
 from .config import ARCHS, load_train_config
 
 EXAMPLES = """examples:
@@ -198,7 +198,7 @@ def _cmd_check_dataset(a) -> int:
 
 
 def _cmd_score(a) -> int:
-    from .generate import load_adapters  # lazy: torch (--help stays torch-free)
+    from .generate import load_adapters, pipeline_images, set_adapter_scale  # lazy: torch (--help stays torch-free)
     from .models import load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
     try:
         groups = [(c, synth.prompts_for(c, tuple(a.background or synth.BACKGROUNDS)))

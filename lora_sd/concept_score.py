@@ -21,7 +21,6 @@ At 32 px (clean) shape is 97.7 %: small stars are then about 5 px across.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -161,36 +160,6 @@ def measure_accuracy(n: int = 200, seed: int = 1234, side: int = 64, blur: float
              for k, concept in enumerate(concepts)
              for i, sc in enumerate(synth.concept_scenes(concept, n, seed + 1000 * k))]
     return score(pairs)
-
-
-# ------------------------------------------------------------------ pipelines
-def set_adapter_scale(pipe, adapters: list[str], scale: float) -> None:
-    """Scale every named adapter in the UNet and the text encoder, and every loaded embedding (0 = the
-    base model alone)."""
-    from lora_core import lora_layers, set_scale  # lazy: torch (the torch-free GUI imports this module)
-    from .embeddings import set_embedding_scale  # lazy: torch (the torch-free GUI imports this module)
-    for comp in (pipe.unet, pipe.text_encoder):
-        present = {a for _, layer in lora_layers(comp) for a in layer.lora_A}
-        for name in adapters:
-            if name in present:   # an adapter may touch the UNet only
-                set_scale(comp, name, scale)
-    set_embedding_scale(pipe.text_encoder, scale)
-
-
-def pipeline_images(pipe, *, steps: int = 20, guidance_scale: float = 5.0, side: int = 64,
-                    scheduler: str = "ddim", save_dir=None) -> Callable[[str, int], object]:
-    """make_image(prompt, seed) for score_generator: one image through lora_sd.generate (saved as
-    <save_dir>/p<prompt index>_s<seed>_0.png when save_dir is given)."""
-    from .generate import generate  # lazy: torch (the torch-free GUI imports this module)
-    index: dict[str, int] = {}
-
-    def make_image(prompt: str, seed: int):
-        n = index.setdefault(prompt, len(index))
-        (img, _), = generate(pipe, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed, width=side,
-                             height=side, scheduler=scheduler, out_dir=Path(save_dir) if save_dir else None,
-                             prefix=f"p{n:03d}_s{seed}_")
-        return img
-    return make_image
 
 
 def format_table(rows: list[dict]) -> str:

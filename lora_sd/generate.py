@@ -5,17 +5,18 @@ import contextlib
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import diffusers
 import torch
 from PIL import PngImagePlugin
 
-from lora_core import LoraLoadError, merge_lora
+from lora_core import LoraLoadError, lora_layers, merge_lora, set_scale
 from lora_core.files import atomic_path
 
 from . import formats
 from .config import SAMPLERS
-from .embeddings import load_embedding, sibling_embedding, trained_tokens
+from .embeddings import load_embedding, set_embedding_scale, sibling_embedding, trained_tokens
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -159,3 +160,30 @@ def _vae_outside_autocast(pipe):
         yield
     finally:
         del vae.decode   # the class's method again
+
+
+# ------------------------------------------------------------------ images for the concept score
+def set_adapter_scale(pipe, adapters: list[str], scale: float) -> None:
+    """Scale every named adapter in the UNet and the text encoder, and every loaded embedding (0 = the
+    base model alone)."""
+    for comp in (pipe.unet, pipe.text_encoder):
+        present = {a for _, layer in lora_layers(comp) for a in layer.lora_A}
+        for name in adapters:
+            if name in present:   # an adapter may touch the UNet only
+                set_scale(comp, name, scale)
+    set_embedding_scale(pipe.text_encoder, scale)
+
+
+def pipeline_images(pipe, *, steps: int = 20, guidance_scale: float = 5.0, side: int = 64,
+                    scheduler: str = "ddim", save_dir=None) -> Callable[[str, int], object]:
+    """make_image(prompt, seed) for concept_score.score_generator: one image through lora_sd.generate (saved as
+    <save_dir>/p<prompt index>_s<seed>_0.png when save_dir is given)."""
+    index: dict[str, int] = {}
+
+    def make_image(prompt: str, seed: int):
+        n = index.setdefault(prompt, len(index))
+        (img, _), = generate(pipe, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed, width=side,
+                             height=side, scheduler=scheduler, out_dir=Path(save_dir) if save_dir else None,
+                             prefix=f"p{n:03d}_s{seed}_")
+        return img
+    return make_image

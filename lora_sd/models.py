@@ -8,9 +8,11 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import diffusers
 import torch
@@ -18,10 +20,11 @@ from accelerate import init_empty_weights
 from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from packaging.version import Version
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from lora_core.cli_errors import check_local_path, hub_error
+from lora_core.cli_errors import check_local_path, hub_error, one_line
 from lora_core.errors import ModelLoadError
 from lora_core.files import atomic_write_json, atomic_write_text
 from lora_core.io import atomic_save_safetensors
@@ -30,8 +33,8 @@ from lora_core.paths import shared_path
 from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED
 from .metadata import modelspec_architecture
 from .single_file import (HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, TITLE, Checkpoint, check_configs,
-                          checkpoint_error, classify, config_source, from_original, name_map, open_checkpoint,
-                          to_original_state)
+                          checkpoint_error, checkpoint_file, classify, config_source, from_original, name_map,
+                          open_checkpoint)
 
 log = logging.getLogger("lora_sd")
 
@@ -322,7 +325,7 @@ def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str
         raise checkpoint_error(ck.path, f"{len(missing)} {comp} tensor(s) missing for the {source}, e.g. {missing[0]}",
                     f"a complete {TITLE[arch]} checkpoint (a model of another size: set model.config to a folder "
                     "or hub id with its diffusers configs)")
-    tensors, state = ck.tensors(), {}
+    tensors, state = ck.tensors, {}
     for k, (orig, how) in names.items():
         t = from_original(tensors[orig], how)
         if tuple(t.shape) != tuple(expected[k].shape):
@@ -354,10 +357,80 @@ def _warn_unused(ck: Checkpoint, arch: str, used: set) -> None:
         log.warning("%s: %d tensor(s) of the model's components were not used, e.g. %s", ck.path, len(extra), extra[0])
 
 
+# ------------------------------------------------------------------ checkpoint tensors
+def load_checkpoint(path) -> Checkpoint:
+    """A checkpoint with its tensors: a .safetensors file read lazily, a .ckpt by torch.load(weights_only=True)."""
+    path = checkpoint_file(path)
+    if path.suffix.lower() == ".ckpt":
+        tensors, step = _load_ckpt(path)
+        return Checkpoint(path, {k: list(v.shape) for k, v in tensors.items()}, {}, step, tensors)
+    ck = open_checkpoint(path)
+    ck.tensors = _LazySafetensors(path)
+    return ck
+
+
+class _LazySafetensors(dict):
+    def __init__(self, path: Path):
+        super().__init__()
+        self._file = safe_open(str(path), framework="pt")
+
+    def __missing__(self, key):
+        return self._file.get_tensor(key)
+
+
+def _load_ckpt(path: Path) -> tuple[dict, Any]:
+    """Tensors of a .ckpt by torch.load(weights_only=True) (nested "state_dict" unwrapped)."""
+    try:
+        try:     # mmap: a 4-8 GB checkpoint is not read into memory twice
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)   # the legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it names {found[1]}" if found else one_line(str(e))[:120]
+        raise ModelLoadError(f"{path}: refused: this .ckpt holds more than tensors ({what}); lora_sd reads .ckpt "
+                             "files only with torch.load(weights_only=True) and never runs code from a pickle; "
+                             "use the model's .safetensors release instead") from None
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint, or truncated "
+                             f"({one_line(str(e)).split('. ')[0][:120]}); "
+                             "a Stable Diffusion .ckpt or .safetensors file was expected") from None
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors "
+                             "(a Stable Diffusion checkpoint was expected)")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, step
+
+
+def to_original_state(pipe, arch: str) -> dict:
+    """The pipeline's weights under their original (LDM / SGM) names."""
+    out, fused = {}, {}
+    for comp in LAYOUT[arch]:
+        model = getattr(pipe, comp)
+        sd = model.state_dict()
+        for k, (orig, how) in name_map(arch, comp, sd, dict(model.config) if comp in ("unet", "vae") else {}).items():
+            t = sd[k]
+            if how == "T":
+                out[orig] = t.T.contiguous()
+            elif how == "conv":
+                out[orig] = t.reshape(*t.shape, 1, 1)
+            elif isinstance(how, tuple):
+                fused.setdefault(orig, {})[how[1]] = t
+            else:
+                out[orig] = t
+    for orig, parts in fused.items():
+        out[orig] = torch.cat([parts[i] for i in range(3)], dim=0)
+    return out
+
+
 def load_single_file(path, config: str = "", dtype=None, prediction_type: str = ""):
     """The diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) of a single-file
     checkpoint, offline unless `config` names a hub id. Logs one line: what was detected and why."""
-    ck = open_checkpoint(path)
+    ck = load_checkpoint(path)
     arch, why = classify(ck)
     configs, source, note = config_source(ck, arch, config, prediction_type)
     check_configs(configs, arch, source, ck.path)

@@ -7,7 +7,6 @@ and model-sharing sites, in the original LDM (SD 1.x / 2.x) or SGM (SDXL) key la
 - `config_source(...)`: the component configs a file is loaded with, in this order: `config` (a diffusers
   folder or hub id), the file's own metadata (files lora_sd wrote), or the real models' configs shipped in
   lora_sd/model_configs (SD 1.5, SD 2.1 base / 768-v, SDXL base).
-- `to_original_state(pipe, arch)`: a pipeline's weights under the original names.
 lora_sd.models builds pipelines from these (load_single_file) and writes them (save_single_file).
 
 One name map serves both directions: for each diffusers parameter, the original key and how the tensor
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import pickletools
 import re
 import zipfile
@@ -26,7 +24,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
 
 from lora_core.adapter_files import read_header
 from lora_core.cli_errors import check_local_path, hub_error, one_line
@@ -126,28 +123,6 @@ def name_map(arch: str, component: str, keys, cfg: Mapping) -> dict[str, tuple[s
     return out
 
 
-def to_original_state(pipe, arch: str) -> dict:
-    """The pipeline's weights under their original (LDM / SGM) names."""
-    import torch   # lazy: the torch-free GUI imports this module (model_arch, detect_checkpoint)
-    out, fused = {}, {}
-    for comp in LAYOUT[arch]:
-        model = getattr(pipe, comp)
-        sd = model.state_dict()
-        for k, (orig, how) in name_map(arch, comp, sd, dict(model.config) if comp in ("unet", "vae") else {}).items():
-            t = sd[k]
-            if how == "T":
-                out[orig] = t.T.contiguous()
-            elif how == "conv":
-                out[orig] = t.reshape(*t.shape, 1, 1)
-            elif isinstance(how, tuple):
-                fused.setdefault(orig, {})[how[1]] = t
-            else:
-                out[orig] = t
-    for orig, parts in fused.items():
-        out[orig] = torch.cat([parts[i] for i in range(3)], dim=0)
-    return out
-
-
 def from_original(tensor, how):
     if how == "T":
         return tensor.T
@@ -160,42 +135,29 @@ def from_original(tensor, how):
 
 # ------------------------------------------------------------------ reading a checkpoint
 class Checkpoint:
-    """A checkpoint file's tensor shapes and metadata (torch-free), and its tensors on demand."""
+    """A checkpoint file's tensor shapes and metadata (torch-free); `tensors` (name -> tensor) is filled in by
+    `lora_sd.models.load_checkpoint`."""
 
-    def __init__(self, path: Path, shapes: dict[str, list[int]], metadata: dict[str, str], global_step=None):
+    def __init__(self, path: Path, shapes: dict[str, list[int]], metadata: dict[str, str], global_step=None,
+                 tensors: Optional[Mapping] = None):
         self.path, self.shapes, self.metadata, self.global_step = path, shapes, metadata, global_step
-        self._tensors: Optional[dict] = None
-
-    def tensors(self) -> Mapping:
-        """name -> tensor (safetensors: read lazily; .ckpt: torch.load(weights_only=True))."""
-        if self._tensors is None:
-            self._tensors = (_LazySafetensors(self.path) if self.path.suffix.lower() == ".safetensors"
-                             else _load_ckpt(self.path)[0])
-        return self._tensors
+        self.tensors = tensors
 
 
-class _LazySafetensors(dict):
-    def __init__(self, path: Path):
-        super().__init__()
-        self._file = safe_open(str(path), framework="pt")
-
-    def __missing__(self, key):
-        return self._file.get_tensor(key)
-
-
-def open_checkpoint(path, torch_free: bool = False) -> Checkpoint:
-    """The shapes and metadata of a .safetensors or .ckpt file; a file that is none raises one line.
-    A .ckpt is loaded with torch.load(weights_only=True), or with `torch_free` only scanned for its key names."""
+def checkpoint_file(path) -> Path:
+    """`path` as a Path when it is a file; FileNotFoundError with the one-line reason otherwise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (a .safetensors or .ckpt checkpoint was expected)")
+    return path
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """The shapes and metadata of a .safetensors file, or the key names of a .ckpt (its pickle scanned, never
+    run), without torch; a file that is neither raises one line."""
+    path = checkpoint_file(path)
     if path.suffix.lower() == ".ckpt":
-        if torch_free:
-            return Checkpoint(path, _ckpt_key_names(path), {})
-        tensors, step = _load_ckpt(path)
-        ck = Checkpoint(path, {k: list(v.shape) for k, v in tensors.items()}, {}, step)
-        ck._tensors = tensors
-        return ck
+        return Checkpoint(path, _ckpt_key_names(path), {})
     try:
         h = read_header(path)
     except LoraLoadError as e:
@@ -221,35 +183,6 @@ def _ckpt_key_names(path: Path) -> dict[str, list[int]]:
         raise ModelLoadError(f"{path}: not a PyTorch checkpoint, or truncated ({one_line(str(e))[:100]}); "
                              "a Stable Diffusion .ckpt or .safetensors file was expected") from None
     return {s: [] for s in found}
-
-
-def _load_ckpt(path: Path) -> tuple[dict, Any]:
-    """Tensors of a .ckpt by torch.load(weights_only=True) (nested "state_dict" unwrapped)."""
-    import torch   # lazy: the torch-free GUI imports this module (model_arch, detect_checkpoint)
-    try:
-        try:     # mmap: a 4-8 GB checkpoint is not read into memory twice
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)   # the legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it names {found[1]}" if found else one_line(str(e))[:120]
-        raise ModelLoadError(f"{path}: refused: this .ckpt holds more than tensors ({what}); lora_sd reads .ckpt "
-                             "files only with torch.load(weights_only=True) and never runs code from a pickle; "
-                             "use the model's .safetensors release instead") from None
-    except Exception as e:
-        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint, or truncated "
-                             f"({one_line(str(e)).split('. ')[0][:120]}); "
-                             "a Stable Diffusion .ckpt or .safetensors file was expected") from None
-    step = obj.get("global_step") if isinstance(obj, dict) else None
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors "
-                             "(a Stable Diffusion checkpoint was expected)")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, step
 
 
 # ------------------------------------------------------------------ which architecture
@@ -317,7 +250,7 @@ def classify(ck: Checkpoint) -> tuple[str, str]:
 def detect_checkpoint(path) -> tuple[str, str]:
     """("sd1" | "sd2" | "sdxl", the reason) of a single-file checkpoint, without torch; ModelLoadError
     (one line naming the file and what was expected) for anything else."""
-    ck = open_checkpoint(path, torch_free=True)
+    ck = open_checkpoint(path)
     arch, why = classify(ck)
     if META_CONFIGS in ck.metadata:
         why += "; its component configs are in its metadata (written by lora-sd save-single-file)"

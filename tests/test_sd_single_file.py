@@ -20,7 +20,8 @@ import torch
 
 from lora_core.errors import ModelLoadError
 from lora_sd import single_file as sf
-from lora_sd.models import build_tiny_pipeline, load_pipeline, make_component, save_single_file, save_tiny_pipeline
+from lora_sd.models import (build_tiny_pipeline, load_pipeline, make_component, save_single_file, save_tiny_pipeline,
+                            to_original_state)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("sd15", "sd21-base", "sd21-v", "sdxl-base")
@@ -82,7 +83,7 @@ def test_name_map_at_real_size_is_undone_by_diffusers_and_detected(name):
     key with its shape, and the detector names the architecture from the original keys and shapes."""
     models, _ = _meta_models(name)
     arch = ARCH_OF[name]
-    original = sf.to_original_state(SimpleNamespace(**models), arch)
+    original = to_original_state(SimpleNamespace(**models), arch)
     for comp, model in models.items():
         back = _diffusers_convert(arch, comp, model, original)
         want = model.state_dict()
@@ -177,7 +178,7 @@ def test_extra_keys_of_real_files_are_skipped(tmp_path, caplog):
     from safetensors.torch import save_file
     folder = save_tiny_pipeline(tmp_path / "tiny", arch="sd2")
     pipe = load_pipeline(str(folder))
-    tensors = sf.to_original_state(pipe, "sd2")
+    tensors = to_original_state(pipe, "sd2")
     te = "cond_stage_model.model."
     tensors.update({te + "transformer.resblocks.23.ln_1.weight": torch.ones(32), te + "text_projection": torch.ones(32, 32),
                     te + "logit_scale": torch.ones(()), sf.UNET + "input_blocks.1.1.extra.weight": torch.ones(2),
@@ -195,11 +196,11 @@ def test_ckpt_weights_only_nested_state_dict(tmp_path):
     folder = save_tiny_pipeline(tmp_path / "tiny", arch="sd1")
     pipe = load_pipeline(str(folder))
     ckpt = tmp_path / "model.ckpt"
-    torch.save({"state_dict": sf.to_original_state(pipe, "sd1"), "global_step": 10, "epoch": 1}, str(ckpt))
+    torch.save({"state_dict": to_original_state(pipe, "sd1"), "global_step": 10, "epoch": 1}, str(ckpt))
     assert sf.detect_checkpoint(ckpt)[0] == "sd1"
     _assert_same_weights(pipe, load_pipeline(str(ckpt), config=str(folder)), "sd1")
     legacy = tmp_path / "legacy.ckpt"      # torch's pre-1.6 format: no zip, no mmap
-    torch.save({"state_dict": sf.to_original_state(pipe, "sd1")}, str(legacy), _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": to_original_state(pipe, "sd1")}, str(legacy), _use_new_zipfile_serialization=False)
     assert sf.detect_checkpoint(legacy)[0] == "sd1"
     _assert_same_weights(pipe, load_pipeline(str(legacy), config=str(folder)), "sd1")
 
@@ -215,7 +216,7 @@ class _Evil:
 def test_ckpt_that_runs_code_is_refused_unrun(tmp_path):
     marker = tmp_path / "PWNED"
     ckpt = tmp_path / "evil.ckpt"
-    state = sf.to_original_state(build_tiny_pipeline(0, "sd1"), "sd1")
+    state = to_original_state(build_tiny_pipeline(0, "sd1"), "sd1")
     torch.save({"state_dict": state, "callbacks": _Evil(marker)}, str(ckpt))
     assert sf.detect_checkpoint(ckpt)[0] == "sd1"       # key names only: the pickle is never run
     with pytest.raises(ModelLoadError, match=r"refused: .* names posix\.system.*weights_only=True") as e:
@@ -240,7 +241,7 @@ def _real_layout_file(path, name, drop=(), add=None):
     map) and tiny tensors of the same rank (input conv keeps its 4 latent channels)."""
     from safetensors.torch import save_file
     models, _ = _meta_models(name)
-    original = sf.to_original_state(SimpleNamespace(**models), ARCH_OF[name])
+    original = to_original_state(SimpleNamespace(**models), ARCH_OF[name])
     tensors = {k: torch.zeros([min(d, 4) for d in v.shape]) for k, v in original.items()
                if not k.startswith(drop or ("-",))}
     tensors.update(add or {})

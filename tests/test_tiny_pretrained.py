@@ -9,6 +9,7 @@ import pytest
 
 from lora_core.errors import ModelLoadError
 from lora_sd import concept_score, models, synth
+from lora_sd.generate import pipeline_images
 
 ROOT = Path(__file__).resolve().parent.parent
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -68,7 +69,7 @@ def test_draws_the_prompted_colour_and_background(pipe):
     """A small fixed sample of the base concepts: the checker reads most prompted colours and backgrounds."""
     prompts = ["a red circle on a grey background", "a blue square on a white background",
                "a yellow triangle on a black background", "a green circle on a grey background"]
-    r = concept_score.score_generator(concept_score.pipeline_images(pipe, steps=20), prompts, seeds=[0, 1])
+    r = concept_score.score_generator(pipeline_images(pipe, steps=20), prompts, seeds=[0, 1])
     assert r["colour"] >= 0.75 and r["background"] >= 0.75, r
 
 
@@ -88,7 +89,7 @@ def test_the_demo_lora_teaches_the_held_out_colour(tmp_path):
     assert run_training(cfg)["state"] == "done"
     pipe = models.load_pipeline("tiny")
     prompts = synth.prompts_for("purple", tuple(synth.BACKGROUNDS))
-    make = concept_score.pipeline_images(pipe, steps=20)
+    make = pipeline_images(pipe, steps=20)
     base = concept_score.score_generator(make, prompts, seeds=[0, 1])
     load_adapters(pipe, [(str(tmp_path / "run" / "synth_purple.safetensors"), 1.0)])
     assert (tmp_path / "run" / "synth_purple_emb.safetensors").is_file()
