@@ -7,7 +7,7 @@ from lora_gui import configs
 from lora_gui.forms import SD_FIELDS, Field
 from lora_gui.workspace import Workspace
 
-from test_gui_process import HEAVY, run_python_json
+from helpers import HEAVY, run_python_json
 
 
 def test_arch_note_in_a_torch_free_process(tmp_path):

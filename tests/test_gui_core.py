@@ -16,11 +16,12 @@ import pytest
 
 from lora_core.run import RunDir
 from lora_gui import jobs, kinds, runview
-from lora_gui.demo import ensure_demo_dataset
 from lora_gui.jobs import Job
 from lora_gui.queue import JobQueue, QueueError
 from lora_gui.services.plots import loss_figure
 from lora_gui.workspace import PathError, Workspace, check_name, confine
+
+from helpers import sd_config
 
 FAKE_JOB = textwrap.dedent('''
     """A stand-in job: `CMD --config C (--run-dir R | --out R)`; prints a line and exits with config `exit`."""
@@ -33,21 +34,6 @@ FAKE_JOB = textwrap.dedent('''
     print("Traceback: boom" if cfg.get("exit") else "ok", flush=True)
     sys.exit(cfg.get("exit", 0))
 ''')
-
-
-def sd_config(ws: Workspace, run: Path, max_steps: int, *, prompts=(), sample_every: int = 0,
-              data: Path = None) -> Path:
-    """RUN/config.toml of a real tiny-SD training on the demo dataset."""
-    import tomli_w
-    run.mkdir(parents=True, exist_ok=True)
-    cfg = {"model": {"pretrained": "tiny"},
-           "data": {"path": str(data or ensure_demo_dataset(ws)), "resolution": 32},
-           "lora": {"r": 2, "target_modules": "cross_attn"},
-           "train": {"max_steps": max_steps, "batch_size": 1, "log_every": 1, "checkpoint_every": 0,
-                     "sample_every": sample_every},
-           "sample": {"prompts": list(prompts), "steps": 2}}
-    (run / "config.toml").write_text(tomli_w.dumps(cfg))
-    return run
 
 
 # ---------------------------------------------------------------- path confinement

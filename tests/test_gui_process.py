@@ -19,20 +19,7 @@ from lora_gui import clirun, kinds
 from lora_gui.queue import JobQueue
 from lora_gui.workspace import Workspace
 
-from test_gui_core import sd_config
-
-ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
-
-
-def run_python_json(code: str) -> dict:
-    """Run `code` in a fresh Python process (the checkout on its path) and parse its last stdout line as JSON."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
+from helpers import HEAVY, ROOT, run_python_json, sd_config
 
 def test_the_gui_process_imports_no_torch(tmp_path):
     """Import app, lora_gui and every lora_gui module, build the page, load every job kind's config
