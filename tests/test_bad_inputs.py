@@ -153,12 +153,11 @@ def _configs(root: Path, sd_model: Path, data: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory):
+def world(tiny_sd_model, tmp_path_factory):
     from lora_llm.cli import main as llm
     from lora_sd.models import load_pipeline
     root = tmp_path_factory.mktemp("bad_inputs_world")
-    w = {"root": root, "sd_model": root / "sd_model", "adapters": root / "adapters"}
-    assert sd_cli.main(["tiny-model", str(w["sd_model"])]) == 0
+    w = {"root": root, "sd_model": Path(tiny_sd_model), "adapters": root / "adapters"}
     w["adapters"].mkdir()
     a = w["adapters"]
     _kohya_adapter(load_pipeline(str(w["sd_model"])), a / "style.safetensors")

@@ -56,11 +56,11 @@ def test_run_steps(fake_run):
     assert run_steps(fake_run) == [0, 3, 6]
 
 
-def test_grid_cells_equal_single_generations(fake_run, tmp_path):
+def test_grid_cells_equal_single_generations(fake_run, tmp_path, tiny_pipeline):
     spec = GridSpec(x="step", x_values=[0, 3, 6], y="scale", y_values=[0.0, 1.0], run=str(fake_run),
                     prompt="a photo of a thing", seed=5, **GEN)
     seen = []
-    index = make_grid(build_tiny_pipeline(), spec, tmp_path, progress=lambda d, t, c: seen.append((d, t)))
+    index = make_grid(tiny_pipeline(), spec, tmp_path, progress=lambda d, t, c: seen.append((d, t)))
     assert seen[-1] == (6, 6) and len(seen) == 6
     cells = {(c["row"], c["col"]): c for c in index["cells"]}
     img = {k: _px(__import__("PIL.Image").Image.open(tmp_path / c["png"])) for k, c in cells.items()}
@@ -82,10 +82,10 @@ def test_grid_cells_equal_single_generations(fake_run, tmp_path):
     assert json.loads((tmp_path / "index.json").read_text())["rows"] == 2
 
 
-def test_prompt_and_seed_axes(fake_run, tmp_path):
+def test_prompt_and_seed_axes(fake_run, tmp_path, tiny_pipeline):
     spec = GridSpec(x="seed", x_values=[1, 2], y="prompt", y_values=["a cat", "a dog"], adapter=str(fake_run),
                     scale=0.7, **GEN)
-    index = make_grid(build_tiny_pipeline(), spec, tmp_path)
+    index = make_grid(tiny_pipeline(), spec, tmp_path)
     c = next(c for c in index["cells"] if c["row"] == 1 and c["col"] == 0)
     assert c["params"]["prompt"] == "a dog" and c["params"]["seed"] == 1 and c["file"] == str(fake_run / "lora.safetensors")
     got = _px(__import__("PIL.Image").Image.open(tmp_path / c["png"]))

@@ -10,13 +10,13 @@ from lora_gui.workspace import Workspace
 from helpers import HEAVY, run_python_json
 
 
-def test_arch_note_in_a_torch_free_process(tmp_path):
-    from lora_sd.models import build_tiny_pipeline, save_tiny_pipeline
+def test_arch_note_in_a_torch_free_process(tmp_path, tiny_pipeline):
+    from lora_sd.models import save_tiny_pipeline
     from lora_sd.single_file import save_single_file
     ws = tmp_path / "ws"
     (ws / "models").mkdir(parents=True)
     save_tiny_pipeline(ws / "models" / "xl", arch="sdxl")
-    save_single_file(build_tiny_pipeline(arch="sd2"), ws / "models" / "sd2.safetensors")
+    save_single_file(tiny_pipeline(arch="sd2"), ws / "models" / "sd2.safetensors")
     (ws / "models" / "notes.safetensors").write_text("not a checkpoint")
     code = textwrap.dedent(f"""
         import json, sys

@@ -21,10 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_cli") / "model"
-    assert cli(["tiny-model", str(out)]) == 0
-    return str(out)
+def tiny(tiny_sd_model):
+    """Written by `lora-sd tiny-model` (tests/conftest.py)."""
+    return tiny_sd_model
 
 
 @pytest.fixture(scope="session")

@@ -13,19 +13,19 @@ from lora_core import LoraConfig, add_lora, lora_layers
 from lora_core.training import RunDir
 from lora_sd import formats
 from lora_sd.config import CROSS_ATTN
-from lora_sd.models import load_pipeline, save_tiny_pipeline
-from lora_sd.testing import make_dataset, stop_then_resume, train_config
+from lora_sd.models import load_pipeline
+from lora_sd.testing import stop_then_resume, train_config
 from lora_sd.train import DIFFUSERS_FILE, DiffusionLoss, run_training
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd") / "model"))
+def tiny(tiny_sd_model):
+    return tiny_sd_model
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("sd_data") / "images")
+def dataset(sd_dataset):
+    return sd_dataset
 
 
 @pytest.fixture(scope="session")

@@ -122,8 +122,8 @@ def _assert_same_weights(a, b, arch):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_round_trip_ours_and_diffusers(arch, tmp_path, caplog):
-    pipe = build_tiny_pipeline(0, arch)
+def test_round_trip_ours_and_diffusers(arch, tmp_path, caplog, tiny_pipeline):
+    pipe = tiny_pipeline(0, arch)
     out = tmp_path / f"{arch}.safetensors"
     sf.save_single_file(pipe, out)
     with caplog.at_level("INFO", logger="lora_sd"):
@@ -212,10 +212,10 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_ckpt_that_runs_code_is_refused_unrun(tmp_path):
+def test_ckpt_that_runs_code_is_refused_unrun(tmp_path, tiny_pipeline):
     marker = tmp_path / "PWNED"
     ckpt = tmp_path / "evil.ckpt"
-    state = sf.to_original_state(build_tiny_pipeline(0, "sd1"), "sd1")
+    state = sf.to_original_state(tiny_pipeline(0, "sd1"), "sd1")
     torch.save({"state_dict": state, "callbacks": _Evil(marker)}, str(ckpt))
     assert sf.detect_checkpoint(ckpt)[0] == "sd1"       # key names only: the pickle is never run
     with pytest.raises(ModelLoadError, match=r"refused: .* names posix\.system.*weights_only=True") as e:
@@ -321,10 +321,10 @@ def test_detect_is_torch_free(tmp_path):
     assert r.stdout.split() == ["sd2", "sdxl"]
 
 
-def test_metadata_holds_the_configs(tmp_path):
+def test_metadata_holds_the_configs(tmp_path, tiny_pipeline):
     from lora_core.adapter_files import read_header
     out = tmp_path / "x.safetensors"
-    sf.save_single_file(build_tiny_pipeline(0, "sdxl"), out)
+    sf.save_single_file(tiny_pipeline(0, "sdxl"), out)
     meta = read_header(out).metadata
     configs = json.loads(meta[sf.META_CONFIGS])
     assert configs["arch"] == "sdxl" and configs["text_encoder_2"]["hidden_size"] == 32

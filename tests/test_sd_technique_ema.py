@@ -175,13 +175,11 @@ def test_val_hook_logs_and_marks_best(tmp_path):
 
 # ------------------------------------------------------------------ Stable Diffusion: EMA file, validation loss
 @pytest.fixture(scope="module")
-def sd_tiny(tmp_path_factory):
-    from lora_sd.models import save_tiny_pipeline
+def sd_tiny(tiny_sd_model, tmp_path_factory):
     from lora_sd.testing import make_images
-    root = tmp_path_factory.mktemp("sd_ema")
-    images = root / "images"
+    images = tmp_path_factory.mktemp("sd_ema") / "images"
     make_images(images, 6)
-    return str(save_tiny_pipeline(root / "model")), images
+    return tiny_sd_model, images
 
 
 def test_split_val_fraction_is_seeded_and_disjoint(sd_tiny, tmp_path):
