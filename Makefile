@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:  make run  (the GUI on an offline default)  and  make test.
-# make test-fast is the inner loop: every test module, without the tests marked slow (each over ~10 s).
+# make test-fast is the inner loop: the tests not marked slow (pyproject.toml says which are), under 3 min on 2 cores.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python

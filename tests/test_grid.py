@@ -127,6 +127,7 @@ def test_sample_grid_at_the_end_of_a_run(tmp_path):
     assert (tmp_path / "run" / "grid" / "grid.png").is_file()
 
 
+@pytest.mark.slow
 def test_sample_grid_every_n_steps(tmp_path):
     """`[sample] grid_every = 2` (with sample_every = 2): at steps 2 and 4 a grid over the checkpoints written
     so far (the step-2 checkpoint follows the step-2 validation); its cells equal the adapters' own images."""

@@ -166,6 +166,7 @@ def _wait(pred, timeout=60.0):
     return False
 
 
+@pytest.mark.slow
 def test_queue_runs_jobs_one_after_another(real):
     ws, q = real
     a = q.add("sd-train", sd_config(ws, ws.runs / "a", 6, prompts=["a red circle"], sample_every=5), launcher="python")
@@ -189,6 +190,7 @@ def test_queue_runs_jobs_one_after_another(real):
     assert q.clear_finished() == 2 and q.jobs() == []
 
 
+@pytest.mark.slow
 def test_stop_sends_sigterm_to_the_group_and_resume_continues(real):
     ws, q = real
     run = sd_config(ws, ws.runs / "r", 5000)
@@ -271,6 +273,7 @@ def test_non_train_job_gets_status_from_exit_code(fake):
     assert RunDir(out).read_status()["state"] == "done"
 
 
+@pytest.mark.slow
 def test_restarted_app_picks_up_a_running_job(real):
     """A second JobQueue (the app restarted) sees the running job through its process group."""
     ws, q = real

@@ -104,6 +104,7 @@ def _sigterm_and_time(proc) -> float:
     return time.time() - t0
 
 
+@pytest.mark.slow
 def test_app_exits_promptly_on_sigterm(tmp_path):
     proc, log = _start_app(tmp_path / "ws")
     took = _sigterm_and_time(proc)
@@ -113,6 +114,7 @@ def test_app_exits_promptly_on_sigterm(tmp_path):
     assert "stopping..." in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_app_exits_promptly_on_sigterm_with_a_job_running(tmp_path):
     """The running trainer gets SIGTERM too and ends `stopped` with a checkpoint; the app does not
     wait for more than a few seconds."""
@@ -139,6 +141,7 @@ def _cli_calls_of(ws: Path) -> list[str]:
     return out.split()
 
 
+@pytest.mark.slow
 def test_app_exits_promptly_on_sigterm_during_a_generation(tmp_path):
     """A long `lora-sd generate` started from the page is stopped with the app, not left running."""
     from gradio_client import Client

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -101,6 +102,7 @@ def test_llm_check(capsys):
     assert "data.max_length = 4096 exceeds the model's 256 positions" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_memory_estimate_within_25_percent_on_the_tiny_model():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "preflight_memory.py"), "--case", "tiny-sd", "--json"],

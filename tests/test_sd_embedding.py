@@ -44,6 +44,7 @@ def _text(pipe, prompt=PROMPT):
     return pipe.text_encoder(ids)[0]
 
 
+@pytest.mark.slow
 def test_trained_embedding_loads_in_diffusers_textual_inversion(tiny, images, tmp_path, capsys):
     cfg = _config(tmp_path / "run", tiny, images)
     assert run_training(cfg)["state"] == "done"

@@ -120,6 +120,7 @@ def _sdxl_loss_module(pipe, cfg_data, text_cached=False, latents_cached=False):
     return ds, module
 
 
+@pytest.mark.slow
 def test_sdxl_loss_decreases_on_fixed_batch(images, tmp_path):
     """Cross-attention LoRA on the SDXL UNet with both encoders' conditioning and the time ids: the loss
     with the same noise and timesteps falls."""
@@ -213,6 +214,7 @@ def _sdxl_run(path, images, cache, **over):
                         train={"max_steps": 5, "sample_every": 3, "checkpoint_every": 0}, sample=sample, **over)
 
 
+@pytest.mark.slow
 def test_sdxl_stop_and_resume_equals_uninterrupted(images, tmp_path, monkeypatch, tiny_pipeline):
     """SIGTERM during step 3, then --resume latest: the final adapters (UNet and text_encoder_2 LoRA)
     are bit-identical to an uninterrupted run; the files carry SDXL's kohya / modelspec metadata and

@@ -48,6 +48,7 @@ def _count(m):
     return sum(p.numel() for p in m.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_build_the_real_models(name):
     models, configs = _meta_models(name)
@@ -76,6 +77,7 @@ def _diffusers_convert(arch, comp, model, original):
     return {k.removeprefix("text_model.") if flat else k: v for k, v in sd.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_name_map_at_real_size_is_undone_by_diffusers_and_detected(name):
     """Our map at the real models' size (meta tensors): diffusers' converters give back every diffusers
@@ -248,6 +250,7 @@ def _real_layout_file(path, name, drop=(), add=None):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sd21-v", "sdxl-base"])
 def test_detect_real_layout_headers(tmp_path, name):
     arch, why = sf.detect_checkpoint(_real_layout_file(tmp_path / "m.safetensors", name))
@@ -282,6 +285,7 @@ def _bad_files(tmp_path):
             "truncated_ckpt": (trunc_ckpt, "truncated")}
 
 
+@pytest.mark.slow
 def test_bad_inputs_one_line_each(tmp_path):
     for name, (path, words) in _bad_files(tmp_path).items():
         with pytest.raises(ModelLoadError) as e:
@@ -291,6 +295,7 @@ def test_bad_inputs_one_line_each(tmp_path):
         assert "expected" in msg, (name, msg)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "vae.safetensors"
     from safetensors.torch import save_file
@@ -306,6 +311,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_detect_is_torch_free(tmp_path):
     """The GUI's detector: .safetensors header and .ckpt opcodes, with torch made unimportable."""
     st = _real_layout_file(tmp_path / "m.safetensors", "sd21-v")

@@ -232,6 +232,7 @@ def test_validation_loss_is_repeatable_and_moves_with_training(sd_tiny, tmp_path
     assert v1 != v0 and val(2) == v1
 
 
+@pytest.mark.slow
 def test_sd_run_exports_ema_and_marks_best_val_step(sd_tiny, tmp_path):
     from lora_core.io import read_safetensors
     from lora_sd.testing import train_config

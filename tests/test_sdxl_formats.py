@@ -193,6 +193,7 @@ def test_kohya_sdxl_file_is_named_as_kohya_names_it(base, ours):
     assert {k.split(".")[0] for k in dsd} == {"unet", "text_encoder", "text_encoder_2"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_diffusers_loads_our_file_with_no_unmatched_key(base, ours, fmt):
     pipe, messages = diffusers_load(base, ours[fmt])
@@ -206,6 +207,7 @@ def test_diffusers_loads_our_file_with_no_unmatched_key(base, ours, fmt):
     assert_same(outputs(_components(pipe)), outputs(hand_merged(base, ours[fmt], fmt)), outputs(_fresh(base)))
 
 
+@pytest.mark.slow
 def test_our_importer_matches_the_hand_merge(base, ours):
     want = outputs(hand_merged(base, ours["kohya"], "kohya"))
     for fmt in ("kohya", "diffusers"):
@@ -220,6 +222,7 @@ def test_our_importer_matches_the_hand_merge(base, ours):
         assert rep.made_for.startswith("sdxl")
 
 
+@pytest.mark.slow
 def test_kohya_sdxl_file_built_from_kohya_rules(base, ours, tmp_path):
     """A file another tool wrote (no lora_sd metadata, fp16, alpha != r, SGM names built by hand) loads
     through our importer, with and without the model, to the hand merge; diffusers agrees."""
