@@ -382,6 +382,7 @@ def _subprocess(module, args, cwd):
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,args,needle", [
     ("lora_sd.cli", ["generate", "--model", "./my-model-typo", "--steps", "1"], "no such file or folder: ./my-model-typo"),
     ("lora_llm.cli", ["generate", "--model", "./my-model-typo", "--prompt", "x"], "no such file or folder: ./my-model-typo"),
@@ -560,11 +561,13 @@ def _gui_message(fn) -> str:
     return msg
 
 
+@pytest.mark.slow
 def test_gui_generate_with_zero_steps_shows_the_cli_line(ctrl):
     msg = _gui_message(lambda: ctrl.generation.images("tiny", [], "a photo", "", 0, 0, 7.5, 32, 32, "ddim", 1))
     assert "--steps 0" in msg
 
 
+@pytest.mark.slow
 def test_gui_generate_text_with_a_nan_adapter(ctrl, world):
     import shutil
     dst = ctrl.ws.root / "runs" / "nan"

@@ -246,6 +246,7 @@ def test_crashed_trainer_is_marked_failed_with_its_log(fake):
     assert 'data-state="failed"' in runview.progress_html(snap)
 
 
+@pytest.mark.slow
 def test_failing_real_trainer_shows_its_one_line_error(real):
     """A bad dataset: the run ends failed with the trainer's one-line message, not a traceback."""
     ws, q = real

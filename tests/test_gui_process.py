@@ -21,6 +21,7 @@ from lora_gui.workspace import Workspace
 
 from helpers import HEAVY, ROOT, run_python_json, sd_config
 
+@pytest.mark.slow
 def test_the_gui_process_imports_no_torch(tmp_path):
     """Import app, lora_gui and every lora_gui module, build the page, load every job kind's config
     class and list the saved configs: none of the heavy libraries is loaded."""

@@ -92,6 +92,7 @@ def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
         load_adapters(pipe, [(str(lycoris), 1.0)])
 
 
+@pytest.mark.slow
 def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys):
     from lora_sd.generate import read_png_params
     out = tmp_path / "out"

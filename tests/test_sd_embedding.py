@@ -90,6 +90,7 @@ def test_trained_embedding_loads_in_diffusers_textual_inversion(tiny, images, tm
     assert trained_tokens(base.text_encoder) is None
 
 
+@pytest.mark.slow
 def test_embedding_resume_is_exact(tiny, images, tmp_path, monkeypatch):
     over = {"train": {"max_steps": 6}}
     full = run_training(_config(tmp_path / "full", tiny, images, **over))

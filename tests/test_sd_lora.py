@@ -116,6 +116,7 @@ def test_training_run_folder(trained):
     assert all(float(v) == 2.0 for k, v in sd.items() if k.endswith(".alpha"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fname", ["test_lora.safetensors", DIFFUSERS_FILE])
 def test_exported_file_loads_in_diffusers_identically(tiny, trained, fname, caplog):
     """diffusers' own loader: no unmatched keys, every attn2 module adapted, same UNet output as the
@@ -183,6 +184,7 @@ def test_loss_decreases_on_fixed_batch(tiny, dataset, tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tiny, dataset, tmp_path, monkeypatch):
     """SIGTERM during step 4 (checkpoint + "stopped"), then --resume latest: the final adapter is
     bit-identical to an uninterrupted run (random flips, noise offset, min-SNR, sampling included)."""

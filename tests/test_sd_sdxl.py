@@ -259,6 +259,7 @@ def _image(pipe, tmp_path=None, **kw):
     return np.asarray(img, dtype=np.int16), params
 
 
+@pytest.mark.slow
 def test_xl_generation_with_adapters(tmp_path, tiny_pipeline):
     """StableDiffusionXLPipeline with two adapters: scale 0 gives the base image exactly, scale 1 another;
     the text_encoder_2 part is applied; fusing gives (about) the unfused image; PNG parameters written."""
