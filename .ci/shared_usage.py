@@ -2,7 +2,8 @@
 
 A test may depend on it when something asks `lora_core.paths.shared_dir()` where the shared data is
 (shared_path() asks it too): in the pytest process, during the test or during the setup of any fixture it
-uses; or in a process that the test or such a fixture started, or any process those started in turn.
+uses (a fixture as defined in one module or conftest: another module's fixture of the same name is another
+fixture); or in a process that the test or such a fixture started, or any process those started in turn.
 Child processes report through .ci/sitecustomize.py: they inherit $LORA_SHARED_USAGE_LOG and
 $LORA_SHARED_USAGE_OWNER (the test or fixture running when they started) and log the owner when they ask.
 A child that cannot report counts as asking: one started with an environment without .ci on its
@@ -29,7 +30,7 @@ SKIPS_SITECUSTOMIZE = re.compile(r"(^|\s)-[a-zA-Z]*[IES]")   # python -I / -E / 
 _count = 0
 _tainted_fixtures: set[str] = set()
 _children: list[tuple[subprocess.Popen, str]] = []   # (child, its owner) of those that report
-_tests: dict[str, tuple[str, frozenset]] = {}   # "test NODEID" -> (listed id, fixture names)
+_tests: dict[str, tuple[str, frozenset]] = {}   # "test NODEID" -> (listed id, keys of the fixtures it uses)
 _dependent: set[str] = set()                    # owners: "test NODEID"
 
 
@@ -79,6 +80,17 @@ def pytest_configure(config):
     subprocess.Popen.__init__ = init
 
 
+def _key(fixturedef) -> str:
+    """A fixture as defined in one place (a module's `tiny` is not another module's `tiny`)."""
+    return f"{getattr(fixturedef, 'baseid', '')}::{fixturedef.argname}"
+
+
+def _fixture_keys(item) -> frozenset:
+    """The keys of every fixture the test uses, with each definition an override may reach."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return frozenset(_key(d) for name in getattr(item, "fixturenames", ()) for d in defs.get(name, ()))
+
+
 def _rebind(config) -> None:
     """Modules that did `from lora_core.paths import shared_dir` hold the original: point them to the wrapper."""
     original, wrapper = config._shared_usage
@@ -91,14 +103,14 @@ def _rebind(config) -> None:
 def pytest_fixture_setup(fixturedef, request):
     _rebind(request.config)
     before, owner = _count, os.environ.get(OWNER_VAR)
-    os.environ[OWNER_VAR] = "fixture " + fixturedef.argname
+    os.environ[OWNER_VAR] = "fixture " + _key(fixturedef)
     yield
     if owner is None:
         del os.environ[OWNER_VAR]
     else:
         os.environ[OWNER_VAR] = owner
     if _count != before:
-        _tainted_fixtures.add(fixturedef.argname)
+        _tainted_fixtures.add(_key(fixturedef))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -110,8 +122,7 @@ def pytest_runtest_protocol(item, nextitem):
     # the test file relative to the working directory (the node id is relative to pytest's rootdir,
     # which an option value such as --shared-usage-out /tmp/... can move), then the rest of the id
     rest = item.nodeid.partition("::")[2]
-    _tests[owner] = (os.path.relpath(str(item.path)) + ("::" + rest if rest else ""),
-                     frozenset(getattr(item, "fixturenames", ())))
+    _tests[owner] = (os.path.relpath(str(item.path)) + ("::" + rest if rest else ""), _fixture_keys(item))
     if _count != before:
         _dependent.add(owner)
 
@@ -131,8 +142,8 @@ def pytest_sessionfinish(session, exitstatus):
     fixtures |= _tainted_fixtures
     os.unlink(os.environ.pop(LOG_VAR))
     if out:
-        dependent = [listed for owner, (listed, names) in _tests.items()
-                     if owner in _dependent or owner in tests or names & fixtures]
+        dependent = [listed for owner, (listed, keys) in _tests.items()
+                     if owner in _dependent or owner in tests or keys & fixtures]
         with open(out, "w", encoding="utf-8") as f:
             f.write("".join(n + "\n" for n in dependent))
         print(f"\n{len(dependent)} test(s) may depend on ../shared: listed in {out}")
