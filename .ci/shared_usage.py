@@ -39,7 +39,7 @@ def _note() -> None:
     _count += 1
 
 
-def _reports(popen_args: tuple, popen_kwargs: dict) -> bool:
+def child_reports(popen_args: tuple, popen_kwargs: dict) -> bool:
     """Whether the child (and what it starts) will log its shared_dir() calls under the current owner."""
     try:
         env = popen_kwargs.get("env", popen_args[10] if len(popen_args) > 10 else None)
@@ -72,7 +72,7 @@ def pytest_configure(config):
     popen_init = subprocess.Popen.__init__
 
     def init(self, *a, **k):
-        if _reports(a, k):
+        if child_reports(a, k):
             _children.append((self, os.environ.get(OWNER_VAR, "")))
         else:
             _note()
