@@ -1,11 +1,12 @@
 # Two commands for a fresh machine:  make run  (the GUI on an offline default)  and  make test.
+# make test-fast is the inner loop: the tests not marked slow (pyproject.toml says which are), under 3 min on 2 cores.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 EXTRAS ?= dev,mindspore
 
-.PHONY: run test install clean gpu-check
+.PHONY: run test test-fast install clean gpu-check
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # the CUDA half-precision paths (fp16 + GradScaler, bf16 autocast, exact resume, generation); < 5 min on one GPU.
 # Without CUDA it runs its CPU checks and reports the rest as skipped. Output: bench/results/gpu_check.{json,md}

@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------ files made by us and by others
 @pytest.fixture(scope="module")
-def pipe():
-    from lora_sd.models import build_tiny_pipeline
-    return build_tiny_pipeline()
+def pipe(tiny_pipeline):
+    return tiny_pipeline()
 
 
 def _tiny_gpt2():
@@ -41,13 +40,12 @@ def _tiny_gpt2():
 
 
 @pytest.fixture(scope="module")
-def files(pipe, tmp_path_factory):
+def files(pipe, tiny_pipeline, tmp_path_factory):
     """{name: (path, expected format)} for every kind of adapter file."""
-    from lora_sd.models import build_tiny_pipeline
     d = tmp_path_factory.mktemp("adapters")
     out = {}
     # ours: kohya and diffusers from lora_core-wrapped components, alpha != r
-    p = build_tiny_pipeline()
+    p = tiny_pipeline()
     torch.manual_seed(1)
     add_lora(p.unet, LoraConfig(r=4, alpha=8.0, target_modules=CROSS_ATTN))
     add_lora(p.text_encoder, LoraConfig(r=2, alpha=1.0, target_modules=TEXT_ENCODER_ATTN))
@@ -64,7 +62,7 @@ def files(pipe, tmp_path_factory):
     from diffusers.utils import convert_state_dict_to_kohya
     from peft import LoraConfig as PeftLoraConfig
     from peft.utils import get_peft_model_state_dict
-    unet = build_tiny_pipeline().unet
+    unet = tiny_pipeline().unet
     unet.add_adapter(PeftLoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     peft_sd = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(d / "diffusers_saved", unet_lora_layers=peft_sd)

@@ -153,12 +153,11 @@ def _configs(root: Path, sd_model: Path, data: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory):
+def world(tiny_sd_model, tmp_path_factory):
     from lora_llm.cli import main as llm
     from lora_sd.models import load_pipeline
     root = tmp_path_factory.mktemp("bad_inputs_world")
-    w = {"root": root, "sd_model": root / "sd_model", "adapters": root / "adapters"}
-    assert sd_cli.main(["tiny-model", str(w["sd_model"])]) == 0
+    w = {"root": root, "sd_model": Path(tiny_sd_model), "adapters": root / "adapters"}
     w["adapters"].mkdir()
     a = w["adapters"]
     _kohya_adapter(load_pipeline(str(w["sd_model"])), a / "style.safetensors")
@@ -383,6 +382,7 @@ def _subprocess(module, args, cwd):
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,args,needle", [
     ("lora_sd.cli", ["generate", "--model", "./my-model-typo", "--steps", "1"], "no such file or folder: ./my-model-typo"),
     ("lora_llm.cli", ["generate", "--model", "./my-model-typo", "--prompt", "x"], "no such file or folder: ./my-model-typo"),
@@ -563,11 +563,13 @@ def _gui_message(fn) -> str:
     return msg
 
 
+@pytest.mark.slow
 def test_gui_generate_with_zero_steps_shows_the_cli_line(ctrl):
     msg = _gui_message(lambda: ctrl.generation.images("tiny", [], "a photo", "", 0, 0, 7.5, 32, 32, "ddim", 1))
     assert "--steps 0" in msg
 
 
+@pytest.mark.slow
 def test_gui_generate_text_with_a_nan_adapter(ctrl, world):
     import shutil
     dst = ctrl.ws.root / "runs" / "nan"

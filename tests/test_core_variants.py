@@ -272,9 +272,8 @@ def test_mindspore_dora_matches_torch(conv1d, tmp_path):
 
 # ------------------------------------------------------------------ files through diffusers
 @pytest.fixture(scope="module")
-def tiny_pipe():
-    from lora_sd.models import build_tiny_pipeline
-    return build_tiny_pipeline()
+def tiny_pipe(tiny_pipeline):
+    return tiny_pipeline()
 
 
 def _unet_out(unet, seed=0):
@@ -502,14 +501,13 @@ def test_plain_and_dora_adapters_together_match_peft():
         torch.testing.assert_close(ours.layer.base_layer.weight, w0, rtol=1e-5, atol=1e-6)
 
 
-def test_sd_training_with_dora_and_locon_exports_loadable_files(tiny_pipe, tmp_path, caplog):
+def test_sd_training_with_dora_and_locon_exports_loadable_files(tiny_pipe, tmp_path, caplog, tiny_sd_model):
     """`lora-sd train` with the cross_attn+conv preset, conv_r and DoRA: the magnitudes train, and the
     exported diffusers file gives diffusers' UNet the trained model's output."""
     from lora_sd import formats
-    from lora_sd.models import save_tiny_pipeline
     from lora_sd.testing import make_images, train_config
     from lora_sd.train import DIFFUSERS_FILE, run_training
-    model = save_tiny_pipeline(tmp_path / "tiny")
+    model = tiny_sd_model
     make_images(tmp_path / "data", 2)
     cfg = train_config(tmp_path / "run", str(model), tmp_path / "data", tmp_path / "cache",
                        lora={"target_modules": "cross_attn+conv", "conv_r": 2, "conv_alpha": 1.0, "use_dora": True},

@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +17,7 @@ def _gpu_check():
     return mod
 
 
+@pytest.mark.slow
 def test_cpu_part_passes_and_cuda_part_says_why_it_skipped(tmp_path):
     gc = _gpu_check()
     out = tmp_path / "gpu_check.json"

@@ -57,11 +57,11 @@ def test_run_steps(fake_run):
     assert run_steps(fake_run) == [0, 3, 6]
 
 
-def test_grid_cells_equal_single_generations(fake_run, tmp_path):
+def test_grid_cells_equal_single_generations(fake_run, tmp_path, tiny_pipeline):
     spec = GridSpec(x="step", x_values=[0, 3, 6], y="scale", y_values=[0.0, 1.0], run=str(fake_run),
                     prompt="a photo of a thing", seed=5, **GEN)
     seen = []
-    index = make_grid(build_tiny_pipeline(), spec, tmp_path, progress=lambda d, t, c: seen.append((d, t)))
+    index = make_grid(tiny_pipeline(), spec, tmp_path, progress=lambda d, t, c: seen.append((d, t)))
     assert seen[-1] == (6, 6) and len(seen) == 6
     cells = {(c["row"], c["col"]): c for c in index["cells"]}
     img = {k: _px(Image.open(tmp_path / c["png"])) for k, c in cells.items()}
@@ -83,10 +83,10 @@ def test_grid_cells_equal_single_generations(fake_run, tmp_path):
     assert json.loads((tmp_path / "index.json").read_text())["rows"] == 2
 
 
-def test_prompt_and_seed_axes(fake_run, tmp_path):
+def test_prompt_and_seed_axes(fake_run, tmp_path, tiny_pipeline):
     spec = GridSpec(x="seed", x_values=[1, 2], y="prompt", y_values=["a cat", "a dog"], adapter=str(fake_run),
                     scale=0.7, **GEN)
-    index = make_grid(build_tiny_pipeline(), spec, tmp_path)
+    index = make_grid(tiny_pipeline(), spec, tmp_path)
     c = next(c for c in index["cells"] if c["row"] == 1 and c["col"] == 0)
     assert c["params"]["prompt"] == "a dog" and c["params"]["seed"] == 1 and c["file"] == str(fake_run / "lora.safetensors")
     got = _px(Image.open(tmp_path / c["png"]))
@@ -128,6 +128,7 @@ def test_sample_grid_at_the_end_of_a_run(tmp_path):
     assert (tmp_path / "run" / "grid" / "grid.png").is_file()
 
 
+@pytest.mark.slow
 def test_sample_grid_every_n_steps(tmp_path):
     """`[sample] grid_every = 2` (with sample_every = 2): at steps 2 and 4 a grid over the checkpoints written
     so far (the step-2 checkpoint follows the step-2 validation); its cells equal the adapters' own images."""

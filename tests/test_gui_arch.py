@@ -10,15 +10,15 @@ from lora_gui.forms import Field
 from lora_gui.job_kinds import KINDS
 from lora_gui.workspace import Workspace
 
-from test_gui_process import HEAVY, run_python_json
+from helpers import HEAVY, run_python_json
 
 
-def test_arch_note_in_a_torch_free_process(tmp_path):
-    from lora_sd.models import build_tiny_pipeline, save_single_file, save_tiny_pipeline
+def test_arch_note_in_a_torch_free_process(tmp_path, tiny_pipeline):
+    from lora_sd.models import save_single_file, save_tiny_pipeline
     ws = tmp_path / "ws"
     (ws / "models").mkdir(parents=True)
     save_tiny_pipeline(ws / "models" / "xl", arch="sdxl")
-    save_single_file(build_tiny_pipeline(arch="sd2"), ws / "models" / "sd2.safetensors")
+    save_single_file(tiny_pipeline(arch="sd2"), ws / "models" / "sd2.safetensors")
     (ws / "models" / "notes.safetensors").write_text("not a checkpoint")
     code = textwrap.dedent(f"""
         import json, sys

@@ -106,6 +106,7 @@ def test_advanced_bad_values_name_the_field(ctrl):
 
 
 # ---------------------------------------------------------------- the grid's arguments
+@pytest.mark.slow
 def test_grid_args_pick_the_axes(sd_run):
     svc, ws = sd_run.grids, sd_run.ws
     assert "runs/tiny" in svc.sources()
@@ -166,6 +167,7 @@ def test_grid_concept_score_line(ctrl):
     assert lines[2] == "- scale 1: colour 50 %, shape 50 %, background 50 % (of 2 cells)"
 
 
+@pytest.mark.slow
 @needs_grid
 def test_grid_fills_in_and_each_cell_has_its_parameters(sd_run):
     svc = sd_run.grids
@@ -248,6 +250,7 @@ def test_sweep_table_and_queueing(ctrl, monkeypatch):
 
 
 # ---------------------------------------------------------------- Check and the fit badge
+@pytest.mark.slow
 @needs_check
 def test_check_button_passes_and_flags_a_broken_dataset(ctrl):
     base = ctrl.configs.default("sd-train")
@@ -261,6 +264,7 @@ def test_check_button_passes_and_flags_a_broken_dataset(ctrl):
     assert len(list((ctrl.ws.outputs / "check").glob("*/report.json"))) == 2
 
 
+@pytest.mark.slow
 @needs_check
 def test_fit_badge(sd_run, tmp_path):
     file = next(f for f in sd_run.grids.sources() if f.endswith(".safetensors"))
@@ -271,6 +275,7 @@ def test_fit_badge(sd_run, tmp_path):
         sd_run.preflight.fit("runs/tiny/config.toml", "tiny")
 
 
+@pytest.mark.slow
 @needs_check
 def test_quick_fit_badge_from_headers_and_the_cached_base(sd_run):
     """The badge on every adapter row: header shapes against `lora-sd inspect --base tiny`'s module list, made
@@ -308,6 +313,7 @@ def test_badge_and_report_rendering():
     assert "- **error** `data.path`: no images" in text and "- **warning**: fp16 on cpu" in text
 
 
+@pytest.mark.slow
 def test_llm_generations_side_by_side(ctrl):
     """`lora-llm generate` per source (the bare tiny base model here): the prompt continued, greedy."""
     rows = ctrl.text_compare.generations([], "The history of", 5)
@@ -316,6 +322,7 @@ def test_llm_generations_side_by_side(ctrl):
         ctrl.text_compare.generations([], " ", 5)
 
 
+@pytest.mark.slow
 @needs_check
 def test_check_button_on_the_text_form(ctrl):
     from lora_core.paths import shared_dir
@@ -325,6 +332,7 @@ def test_check_button_on_the_text_form(ctrl):
     assert ok and "**data**: task sst2" in text and "**steps**: ok True" in text
 
 
+@pytest.mark.slow
 def test_llm_checkpoints_on_eval_metrics(ctrl):
     """A real 4-step tiny GPT-2 run (checkpoint_every=2): each checkpoint is evaluated by `lora-llm eval`
     once (cached in the checkpoint), equals a direct `lora-llm eval` of it, and is plotted against its step."""

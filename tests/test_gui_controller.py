@@ -242,6 +242,7 @@ def test_eval_rows_and_chart():
 
 
 # ---------------------------------------------------------------- error display and entry point
+@pytest.mark.slow
 def test_guard_shows_messages_not_tracebacks():
     import gradio as gr
     from lora_gui.ui import guard

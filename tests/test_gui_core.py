@@ -16,12 +16,13 @@ import pytest
 
 from lora_core.run import RunDir
 from lora_gui import job_kinds, jobs, runview
-from lora_gui.demo import ensure_demo_dataset
 from lora_gui.errors import PathError, QueueError
 from lora_gui.jobs import Job
 from lora_gui.queue import JobQueue
 from lora_gui.services.plots import loss_figure
 from lora_gui.workspace import Workspace, check_name, confine
+
+from helpers import sd_config
 
 FAKE_JOB = textwrap.dedent('''
     """A stand-in job: `CMD --config C (--run-dir R | --out R)`; prints a line and exits with config `exit`."""
@@ -34,21 +35,6 @@ FAKE_JOB = textwrap.dedent('''
     print("Traceback: boom" if cfg.get("exit") else "ok", flush=True)
     sys.exit(cfg.get("exit", 0))
 ''')
-
-
-def sd_config(ws: Workspace, run: Path, max_steps: int, *, prompts=(), sample_every: int = 0,
-              data: Path = None) -> Path:
-    """RUN/config.toml of a real tiny-SD training on the demo dataset."""
-    import tomli_w
-    run.mkdir(parents=True, exist_ok=True)
-    cfg = {"model": {"pretrained": "tiny"},
-           "data": {"path": str(data or ensure_demo_dataset(ws)), "resolution": 32},
-           "lora": {"r": 2, "target_modules": "cross_attn"},
-           "train": {"max_steps": max_steps, "batch_size": 1, "log_every": 1, "checkpoint_every": 0,
-                     "sample_every": sample_every},
-           "sample": {"prompts": list(prompts), "steps": 2}}
-    (run / "config.toml").write_text(tomli_w.dumps(cfg))
-    return run
 
 
 # ---------------------------------------------------------------- path confinement
@@ -181,6 +167,7 @@ def _wait(pred, timeout=60.0):
     return False
 
 
+@pytest.mark.slow
 def test_queue_runs_jobs_one_after_another(real):
     ws, q = real
     a = q.add("sd-train", sd_config(ws, ws.runs / "a", 6, prompts=["a red circle"], sample_every=5), launcher="python")
@@ -204,6 +191,7 @@ def test_queue_runs_jobs_one_after_another(real):
     assert q.clear_finished() == 2 and q.jobs() == []
 
 
+@pytest.mark.slow
 def test_stop_sends_sigterm_to_the_group_and_resume_continues(real):
     ws, q = real
     run = sd_config(ws, ws.runs / "r", 5000)
@@ -259,6 +247,7 @@ def test_crashed_trainer_is_marked_failed_with_its_log(fake):
     assert 'data-state="failed"' in runview.progress_html(snap)
 
 
+@pytest.mark.slow
 def test_failing_real_trainer_shows_its_one_line_error(real):
     """A bad dataset: the run ends failed with the trainer's one-line message, not a traceback."""
     ws, q = real
@@ -286,6 +275,7 @@ def test_non_train_job_gets_status_from_exit_code(fake):
     assert RunDir(out).read_status()["state"] == "done"
 
 
+@pytest.mark.slow
 def test_restarted_app_picks_up_a_running_job(real):
     """A second JobQueue (the app restarted) sees the running job through its process group."""
     ws, q = real

@@ -20,21 +20,9 @@ from lora_gui.errors import CliError
 from lora_gui.queue import JobQueue
 from lora_gui.workspace import Workspace
 
-from test_gui_core import sd_config
+from helpers import HEAVY, ROOT, run_python_json, sd_config
 
-ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
-
-
-def run_python_json(code: str) -> dict:
-    """Run `code` in a fresh Python process (the checkout on its path) and parse its last stdout line as JSON."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
+@pytest.mark.slow
 def test_the_gui_process_imports_no_torch(tmp_path):
     """Import app, lora_gui and every lora_gui module, build the page, load every job kind's config
     class and list the saved configs: none of the heavy libraries is loaded."""
@@ -118,6 +106,7 @@ def _sigterm_and_time(proc) -> float:
     return time.time() - t0
 
 
+@pytest.mark.slow
 def test_app_exits_promptly_on_sigterm(tmp_path):
     proc, log = _start_app(tmp_path / "ws")
     took = _sigterm_and_time(proc)
@@ -127,6 +116,7 @@ def test_app_exits_promptly_on_sigterm(tmp_path):
     assert "stopping..." in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_app_exits_promptly_on_sigterm_with_a_job_running(tmp_path):
     """The running trainer gets SIGTERM too and ends `stopped` with a checkpoint; the app does not
     wait for more than a few seconds."""
@@ -153,6 +143,7 @@ def _cli_calls_of(ws: Path) -> list[str]:
     return out.split()
 
 
+@pytest.mark.slow
 def test_app_exits_promptly_on_sigterm_during_a_generation(tmp_path):
     """A long `lora-sd generate` started from the page is stopped with the app, not left running."""
     from gradio_client import Client

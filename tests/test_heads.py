@@ -138,11 +138,11 @@ def test_save_load_carries_each_head_and_keeps_the_others(tmp_path):
         assert torch.equal(fresh(x), base(x))
 
 
-def test_llm_adapter_folders_carry_their_heads(tmp_path):
+def test_llm_adapter_folders_carry_their_heads(tmp_path, tiny_lm):
     from lora_llm.adapter_io import load_adapter, save_adapter
-    from lora_llm.models import classifier_from_lm, make_tiny_model
+    from lora_llm.models import classifier_from_lm
     peft = pytest.importorskip("peft")
-    lm, tok = make_tiny_model()
+    lm, tok = tiny_lm()
     base = classifier_from_lm(lm, 3, tok.eos_token_id)
     ours = copy.deepcopy(base)
     cfg = LoraConfig(r=2, alpha=4, target_modules=["c_attn"], modules_to_save=["score"])

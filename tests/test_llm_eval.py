@@ -11,8 +11,8 @@ from lora_llm.models import make_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model, tok = make_tiny_model(n_positions=64)
+def tiny(tiny_lm):
+    model, tok = tiny_lm(n_positions=64)
     return model, tok
 
 

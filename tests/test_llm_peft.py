@@ -9,7 +9,7 @@ peft = pytest.importorskip("peft")
 from lora_core import LoraConfig, add_lora  # noqa: E402
 from lora_llm.adapter_formats import ADAPTER_FILE  # noqa: E402
 from lora_llm.adapter_io import export_peft, load_adapter, read_adapter_info, save_adapter  # noqa: E402
-from lora_llm.models import classifier_from_lm, make_tiny_model, resolve_lora  # noqa: E402
+from lora_llm.models import classifier_from_lm, resolve_lora  # noqa: E402
 
 
 def _randomize(model, seed=1):
@@ -29,8 +29,8 @@ def _ids(vocab_size: int, pad: int):
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn"]])
-def test_peft_roundtrip_gpt2_lm(tmp_path, targets):
-    base, tok = make_tiny_model()
+def test_peft_roundtrip_gpt2_lm(tmp_path, targets, tiny_lm):
+    base, tok = tiny_lm()
     ours = copy.deepcopy(base)
     cfg = resolve_lora(LoraConfig(r=4, alpha=12.0, target_modules=targets), ours, classification=False)
     add_lora(ours, cfg)
@@ -43,8 +43,8 @@ def test_peft_roundtrip_gpt2_lm(tmp_path, targets):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_peft_roundtrip_gpt2_classifier_with_head(tmp_path):
-    lm, tok = make_tiny_model()
+def test_peft_roundtrip_gpt2_classifier_with_head(tmp_path, tiny_lm):
+    lm, tok = tiny_lm()
     base = classifier_from_lm(lm, 3, tok.eos_token_id)
     ours = copy.deepcopy(base)
     cfg = resolve_lora(LoraConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj"], use_rslora=True), ours, True)

@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from lora_core.model import lora_state_dict
@@ -110,6 +111,7 @@ def test_bf16_mixed_precision_keeps_lora_fp32(tmp_path, monkeypatch):
     assert len(calls) == 2 and set(calls) == {(torch.bfloat16, torch.bfloat16)}   # bf16 autocast really ran
 
 
+@pytest.mark.slow
 def test_eval_suite_tiny_writes_table(tmp_path):
     overrides = []
     for t in ("sst2", "cola", "ag_news", "imdb"):
@@ -127,6 +129,7 @@ def test_eval_suite_tiny_writes_table(tmp_path):
     assert md.startswith("| task | split | metric | value |") and "| ag_news | dev | accuracy |" in md
 
 
+@pytest.mark.slow
 def test_cli_tiny_model_train_inspect_generate(tmp_path, capsys):
     assert cli(["tiny-model", str(tmp_path / "tiny")]) == 0
     assert cli(["train", "--config", str(CONFIGS / "llm_wikitext2_tiny.toml"), "--run-dir", str(tmp_path / "run"),

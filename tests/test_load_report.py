@@ -3,14 +3,13 @@ mismatched blocks and fails to load with the report; a fitting adapter reports a
 import json
 
 import pytest
-import torch
 
 from lora_core import LoraConfig, LoraLoadError, add_lora
 from lora_core.io import save_lora
 from lora_sd import formats
 from lora_sd.cli import main as sd_cli
 from lora_sd.generate import load_adapters
-from lora_sd.models import build_tiny_pipeline, save_tiny_pipeline
+from lora_sd.models import build_tiny_pipeline
 
 ATTN = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 
@@ -70,8 +69,8 @@ def test_other_architecture_names_the_mismatched_blocks(tmp_path):
     assert [n for n, _ in pipe.unet.named_modules()] == before   # nothing was loaded
 
 
-def test_cli_inspect_base(tmp_path, capsys):
-    base = save_tiny_pipeline(tmp_path / "tiny")
+def test_cli_inspect_base(tmp_path, capsys, tiny_sd_model):
+    base = tiny_sd_model
     good = _write(_pipe(), tmp_path / "good.safetensors")
     bad = _write(_pipe(cross=48), tmp_path / "bad.safetensors")
     assert sd_cli(["inspect", str(good), "--base", str(base)]) == 0
@@ -82,43 +81,41 @@ def test_cli_inspect_base(tmp_path, capsys):
     assert "cross-attention width 48" in d["made_for"]
 
 
-def test_llm_report_and_load(tmp_path):
+def test_llm_report_and_load(tmp_path, tiny_lm):
     from lora_llm.adapter_io import load_adapter, load_report
-    from lora_llm.models import make_tiny_model
-    src, _ = make_tiny_model(n_layer=3)
+    src, _ = tiny_lm(n_layer=3)
     add_lora(src, LoraConfig(r=2, target_modules=["c_attn", "c_proj"]))
     save_lora(tmp_path / "a.safetensors", src, {"llm_info": json.dumps({"pretrained": "tiny-3-layers"})})
-    same, _ = make_tiny_model(n_layer=3)
+    same, _ = tiny_lm(n_layer=3)
     assert load_report(tmp_path / "a.safetensors", same).fits
-    two, _ = make_tiny_model(n_layer=2)
+    two, _ = tiny_lm(n_layer=2)
     rep = load_report(tmp_path / "a.safetensors", two, base="tiny")
     assert not rep.fits and rep.bad_blocks == ["transformer.h.2"] and rep.made_for.startswith("tiny-3-layers")
     assert all("no such module" in why for why in rep.unmatched.values()) and len(rep.unmatched) == 3
     with pytest.raises(LoraLoadError, match=r"transformer\.h\.2"):
         load_adapter(tmp_path / "a.safetensors", two)
-    wide, _ = make_tiny_model(n_layer=3, n_embd=96)
+    wide, _ = tiny_lm(n_layer=3, n_embd=96)
     rep = load_report(tmp_path / "a.safetensors", wide)
     assert len(rep.mismatched) == len(rep.matched) + len(rep.mismatched) == 9
 
 
-def test_llm_fused_slices_fit(tmp_path):
+def test_llm_fused_slices_fit(tmp_path, tiny_lm):
     """GPT-2's q,v slices of c_attn (B has 2/3 of its rows) fit; on a wider model they do not."""
     from lora_llm.adapter_io import load_adapter, load_report
-    from lora_llm.models import make_tiny_model
-    src, _ = make_tiny_model()
+    src, _ = tiny_lm()
     add_lora(src, LoraConfig(r=2, target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]}))
     save_lora(tmp_path / "qv.safetensors", src)
-    model, _ = make_tiny_model()
+    model, _ = tiny_lm()
     rep = load_report(tmp_path / "qv.safetensors", model)
     assert rep.fits and len(rep.matched) == 2
     load_adapter(tmp_path / "qv.safetensors", model)
 
 
-def test_llm_cli_inspect_base(tmp_path, capsys):
+def test_llm_cli_inspect_base(tmp_path, capsys, tiny_lm):
     from lora_llm.adapter_io import save_adapter
     from lora_llm.cli import main
     from lora_llm.models import make_tiny_model
-    model, _ = make_tiny_model()
+    model, _ = tiny_lm()
     add_lora(model, LoraConfig(r=2, target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]}))
     save_adapter(tmp_path / "run", model, {"task": "wikitext2", "num_labels": 0, "pretrained": "tiny",
                                            "model": {"pretrained": "tiny"}})

@@ -183,6 +183,7 @@ def test_file_roundtrip_between_backends(tmp_path):
     np.testing.assert_allclose(m2(ms.Tensor(x)).asnumpy(), a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_project_imports_do_not_load_mindspore():
     """MindSpore is imported only when a MindSpore job runs (the rest works without it)."""
     import subprocess

@@ -193,6 +193,7 @@ def _torch_steps(tm, batches, s: TrainSettings):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_training_steps_match_torch(mode):
     """AdamW + warmup/linear schedule + clipping, 4 steps from the same start: same losses, same adapter."""
@@ -216,6 +217,7 @@ def test_training_steps_match_torch(mode):
         assert rel(v, ref_sd[k]) < 1e-4, k
 
 
+@pytest.mark.slow
 def test_graph_gradients_only_for_trainable_params():
     """The trainer differentiates trainable_params() only; frozen weights do not move in graph mode."""
     tm, net = pair()

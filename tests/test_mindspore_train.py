@@ -28,6 +28,7 @@ def _cfg(run, *overrides):
     return load_llm_config(None, [f'run_dir="{run}"', *COMMON, *overrides])
 
 
+@pytest.mark.slow
 def test_cli_graph_run_folder_and_adapter_in_torch(tmp_path):
     run = tmp_path / "run"
     cfg_file = tmp_path / "job.toml"
@@ -60,6 +61,7 @@ def test_cli_graph_run_folder_and_adapter_in_torch(tmp_path):
     assert np.abs(base(ms.Tensor(ids, ms.int32), ms.Tensor(mask, ms.int32)).asnumpy() - out).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_pynative(tmp_path):
     extra = ['mindspore.mode="pynative"', "eval.enabled=false", "train.checkpoint_every=2",
              "train.gradient_accumulation_steps=2", 'train.lr_scheduler="constant_with_warmup"', "train.lr_warmup_steps=1", "train.batch_size=1"]
@@ -83,6 +85,7 @@ def cfg_vocab(cfg) -> int:
     return len(load_tokenizer(cfg.model))
 
 
+@pytest.mark.slow
 def test_wikitext2_lm_pynative_with_perplexity(tmp_path):
     cfg = load_llm_config(None, [f'run_dir="{tmp_path}"', 'backend="mindspore"', 'data.task="wikitext2"',
                                  f'data.data_dir="{FIX / "wikitext2"}"', 'data.train_split="valid"',
@@ -169,6 +172,7 @@ def test_msrun_two_cpu_workers_equal_one_process_with_the_global_batch(tmp_path)
     shutil.rmtree(tmp_path / "rank_0", ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run(tmp_path):
     from lora_core.errors import NonFiniteLoss
     cfg = _cfg(tmp_path, "train.learning_rate=1e30", "train.max_steps=4", "train.max_grad_norm=0",

@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
 from lora_core.preflight import PreflightReport, print_report
-from lora_sd.models import build_tiny_pipeline
 from lora_sd.preflight import audit, conflicts, preflight
 from lora_sd.testing import make_images, train_config
 
@@ -60,12 +60,12 @@ def test_broken_data_set_is_audited(tmp_path):
     assert any("unreadable" in f.message for f in rep.findings) and any("smaller" in f.message for f in rep.findings)
 
 
-def test_two_steps_pass_and_catch_an_injected_nan(tmp_path):
-    rep = preflight(cfg=_cfg(tmp_path), device="cpu", pipe=build_tiny_pipeline())
+def test_two_steps_pass_and_catch_an_injected_nan(tmp_path, tiny_pipeline):
+    rep = preflight(cfg=_cfg(tmp_path), device="cpu", pipe=tiny_pipeline())
     assert rep.ok and rep.steps["ok"] and len(rep.steps["losses"]) == 2, print_report(rep)
     assert rep.parameters["trainable"] == 20480 and rep.parameters["scale"] == 0.25   # r=8 (the default), alpha=2
     assert rep.memory["total_bytes"] > rep.memory["parts"]["frozen weights"] > 0
-    pipe = build_tiny_pipeline()
+    pipe = tiny_pipeline()
     with torch.no_grad():
         pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
     rep = preflight(cfg=_cfg(tmp_path), device="cpu", pipe=pipe)
@@ -102,6 +102,7 @@ def test_llm_check(capsys):
     assert "data.max_length = 4096 exceeds the model's 256 positions" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_memory_estimate_within_25_percent_on_the_tiny_model():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "preflight_memory.py"), "--case", "tiny-sd", "--json"],

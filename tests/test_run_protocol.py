@@ -136,6 +136,7 @@ def test_sigterm_during_model_loading_leaves_a_final_state(tmp_path, monkeypatch
     assert signal.getsignal(signal.SIGTERM) == handler   # the job's handler is gone again
 
 
+@pytest.mark.slow
 def test_sigterm_during_model_loading_in_a_real_process(tmp_path):
     """The CLI as the GUI starts it: SIGTERM while the process is still importing / loading."""
     job = _llm_job(tmp_path)

@@ -23,10 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_cli") / "model"
-    assert cli(["tiny-model", str(out)]) == 0
-    return str(out)
+def tiny(tiny_sd_model):
+    """Written by `lora-sd tiny-model` (tests/conftest.py)."""
+    return tiny_sd_model
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +110,7 @@ def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
         load_adapters(pipe, [(str(lycoris), 1.0)])
 
 
+@pytest.mark.slow
 def test_generate_two_adapters_png_metadata(tiny, adapter_file, tmp_path, capsys):
     out = tmp_path / "out"
     second = tmp_path / "style2.safetensors"   # the same file twice is refused (tests/test_bad_inputs.py)

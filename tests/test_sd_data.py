@@ -86,11 +86,11 @@ def test_buckets():
     assert pick_bucket((300, 300), buckets) == (512, 512)
 
 
-def test_latent_cache_keys(tmp_path):
+def test_latent_cache_keys(tmp_path, tiny_pipeline):
     from lora_sd.data import ImageItem
-    from lora_sd.models import build_tiny_pipeline, model_identity
+    from lora_sd.models import model_identity
     (p,) = make_images(tmp_path / "img", 1, size=(32, 32))
-    vae = build_tiny_pipeline().vae
+    vae = tiny_pipeline().vae
     cache = LatentCache(tmp_path / "cache", vae, model_identity(vae))
     item = ImageItem(p, "x", 1, (32, 32))
     assert cache.ensure([(item, (32, 32), False), (item, (32, 32), True)]) == 2
@@ -108,17 +108,17 @@ def test_latent_cache_keys(tmp_path):
     assert cache3.ensure([(item, (32, 32), False)]) == 1               # changed image bytes: new key
 
 
-def test_config_presets_defaults_and_errors(tmp_path):
+def test_config_presets_defaults_and_errors(tmp_path, tiny_pipeline):
     import re
     from lora_core.errors import ConfigError, ModelLoadError
     from lora_sd.config import ALL_ATTN, CROSS_ATTN, load_train_config
-    from lora_sd.models import build_tiny_pipeline, load_pipeline
+    from lora_sd.models import load_pipeline
     f = tmp_path / "c.toml"
     f.write_text('[data]\npath = "x"\n[lora]\nr = 8\n')           # no target_modules: SD default, not the LLM one
     assert load_train_config(f).lora.target_modules == CROSS_ATTN
     cfg = load_train_config(f, ['lora.target_modules="attn"', "train.max_steps=9"])
     assert cfg.lora.target_modules == ALL_ATTN and cfg.train.max_steps == 9
-    names = [n for n, _ in build_tiny_pipeline().unet.named_modules()]
+    names = [n for n, _ in tiny_pipeline().unet.named_modules()]
     both = [n for n in names if re.fullmatch(ALL_ATTN, n)]
     assert {".attn1." in n for n in both} == {True, False}   # self and cross attention
     assert len(both) == 2 * len([n for n in names if re.fullmatch(CROSS_ATTN, n)])

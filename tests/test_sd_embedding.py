@@ -12,7 +12,7 @@ from lora_core.training import param_groups
 from lora_sd.embeddings import (EMB_KEY, TOKEN_VECTORS, TrainedTokens, add_trained_token, load_embedding,
                                 read_embedding)
 from lora_sd.generate import load_adapters
-from lora_sd.models import load_pipeline, save_tiny_pipeline
+from lora_sd.models import load_pipeline
 from lora_sd.testing import make_images, stop_then_resume, train_config
 from lora_sd.train import run_training
 
@@ -20,9 +20,9 @@ WORD, PROMPT = "<sks>", "a <sks> photo"
 EMBEDDING = {"token": WORD, "init_word": "a", "learning_rate": 0.05}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_emb") / "model"))
+@pytest.fixture(scope="session")
+def tiny(tiny_sd_model):
+    return tiny_sd_model
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,7 @@ def _text(pipe, prompt=PROMPT):
     return pipe.text_encoder(ids)[0]
 
 
+@pytest.mark.slow
 def test_trained_embedding_loads_in_diffusers_textual_inversion(tiny, images, tmp_path, capsys):
     cfg = _config(tmp_path / "run", tiny, images)
     assert run_training(cfg)["state"] == "done"
@@ -89,6 +90,7 @@ def test_trained_embedding_loads_in_diffusers_textual_inversion(tiny, images, tm
     assert trained_tokens(base.text_encoder) is None
 
 
+@pytest.mark.slow
 def test_embedding_resume_is_exact(tiny, images, tmp_path, monkeypatch):
     over = {"train": {"max_steps": 6}}
     full = run_training(_config(tmp_path / "full", tiny, images, **over))

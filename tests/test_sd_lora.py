@@ -13,19 +13,19 @@ from lora_core import LoraConfig, add_lora, lora_layers
 from lora_core.training import RunDir
 from lora_sd import formats
 from lora_sd.config import CROSS_ATTN
-from lora_sd.models import load_pipeline, save_tiny_pipeline
-from lora_sd.testing import make_dataset, stop_then_resume, train_config
+from lora_sd.models import load_pipeline
+from lora_sd.testing import stop_then_resume, train_config
 from lora_sd.train import DIFFUSERS_FILE, DiffusionLoss, run_training
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd") / "model"))
+def tiny(tiny_sd_model):
+    return tiny_sd_model
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("sd_data") / "images")
+def dataset(sd_dataset):
+    return sd_dataset
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +116,7 @@ def test_training_run_folder(trained):
     assert all(float(v) == 2.0 for k, v in sd.items() if k.endswith(".alpha"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fname", ["test_lora.safetensors", DIFFUSERS_FILE])
 def test_exported_file_loads_in_diffusers_identically(tiny, trained, fname, caplog):
     """diffusers' own loader: no unmatched keys, every attn2 module adapted, same UNet output as the
@@ -183,6 +184,7 @@ def test_loss_decreases_on_fixed_batch(tiny, dataset, tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tiny, dataset, tmp_path, monkeypatch):
     """SIGTERM during step 4 (checkpoint + "stopped"), then --resume latest: the final adapter is
     bit-identical to an uninterrupted run (random flips, noise offset, min-SNR, sampling included)."""

@@ -79,10 +79,10 @@ def test_dataset_serves_preserved_captions_drawn_per_sample_and_repeatably(tmp_p
     assert _decoded(only_empty[0], tok) == ["", "", ""]
 
 
-def test_preservation_term_is_the_mse_against_the_base_unet():
+def test_preservation_term_is_the_mse_against_the_base_unet(tiny_pipeline):
     """loss(preserve_weight=w) - loss(0) == w * MSE(UNet with LoRA, an untouched copy of the base UNet) on the
     same noisy latents and timesteps, for the preserved captions' conditioning."""
-    pipe = build_tiny_pipeline(0)
+    pipe = tiny_pipeline(0)
     unet = pipe.unet.requires_grad_(False)
     base = copy.deepcopy(unet).eval()
     add_lora(unet, LoraConfig(r=4, alpha=4.0, target_modules=r".*attn2\.(to_k|to_v)|.*resnets\.\d+\.conv1"))
@@ -116,11 +116,10 @@ def test_preservation_term_is_the_mse_against_the_base_unet():
 
 
 @pytest.mark.parametrize("embedding", [False, True])
-def test_tiny_run_with_output_preservation(tmp_path, embedding):
+def test_tiny_run_with_output_preservation(tmp_path, embedding, tiny_sd_model):
     """Both text paths: cached text (preserved captions encoded once) and a trained embedding (encoded each step)."""
-    from lora_sd.models import save_tiny_pipeline
     from lora_sd.train import run_training
-    tiny = str(save_tiny_pipeline(tmp_path / "model"))
+    tiny = tiny_sd_model
     word = "<sks>" if embedding else "sks"   # a new word (one token in any tokenizer once added)
     make_images(tmp_path / "inst", 2, size=(32, 32), caption=f"a {word} thing")
     extra = {"embedding": {"token": word, "init_word": "a"}} if embedding else {}

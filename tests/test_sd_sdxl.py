@@ -121,6 +121,7 @@ def _sdxl_loss_module(pipe, cfg_data, text_cached=False, latents_cached=False):
     return ds, module
 
 
+@pytest.mark.slow
 def test_sdxl_loss_decreases_on_fixed_batch(images, tmp_path):
     """Cross-attention LoRA on the SDXL UNet with both encoders' conditioning and the time ids: the loss
     with the same noise and timesteps falls."""
@@ -214,7 +215,8 @@ def _sdxl_run(path, images, cache, **over):
                         train={"max_steps": 5, "sample_every": 3, "checkpoint_every": 0}, sample=sample, **over)
 
 
-def test_sdxl_stop_and_resume_equals_uninterrupted(images, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_sdxl_stop_and_resume_equals_uninterrupted(images, tmp_path, monkeypatch, tiny_pipeline):
     """SIGTERM during step 3, then --resume latest: the final adapters (UNet and text_encoder_2 LoRA)
     are bit-identical to an uninterrupted run; the files carry SDXL's kohya / modelspec metadata and
     read back with both parts."""
@@ -227,7 +229,7 @@ def test_sdxl_stop_and_resume_equals_uninterrupted(images, tmp_path, monkeypatch
     for name in ("test_lora.safetensors", "pytorch_lora_weights.safetensors"):
         a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    pipe = build_tiny_pipeline(0, "sdxl")
+    pipe = tiny_pipeline(0, "sdxl")
     comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     adapter, meta, _ = formats.read_adapter(tmp_path / "full" / "test_lora.safetensors", comps)
     parts = {k.split(".")[0] for k in adapter}
@@ -258,30 +260,31 @@ def _image(pipe, tmp_path=None, **kw):
     return np.asarray(img, dtype=np.int16), params
 
 
-def test_xl_generation_with_adapters(tmp_path):
+@pytest.mark.slow
+def test_xl_generation_with_adapters(tmp_path, tiny_pipeline):
     """StableDiffusionXLPipeline with two adapters: scale 0 gives the base image exactly, scale 1 another;
     the text_encoder_2 part is applied; fusing gives (about) the unfused image; PNG parameters written."""
     f1, f2 = _random_adapter_file(tmp_path / "a.safetensors", 1), _random_adapter_file(tmp_path / "b.safetensors", 2)
-    base, _ = _image(build_tiny_pipeline(0, "sdxl"))
-    pipe = build_tiny_pipeline(0, "sdxl")
+    base, _ = _image(tiny_pipeline(0, "sdxl"))
+    pipe = tiny_pipeline(0, "sdxl")
     rep = load_adapters(pipe, [(str(f1), 0.0), (str(f2), 0.0)])
     assert [r["matched_modules"] for r in rep] == [17 * 4 + 3 * 2] * 2   # 17 attn2 x q/k/v/out, 3 layers x q/v
     assert {n for n, _ in lora_layers(pipe.text_encoder_2)} and not list(lora_layers(pipe.text_encoder))
     assert np.array_equal(_image(pipe)[0], base)
-    pipe = build_tiny_pipeline(0, "sdxl")
+    pipe = tiny_pipeline(0, "sdxl")
     load_adapters(pipe, [(str(f1), 1.0), (str(f2), 0.5)])
     unfused, params = _image(pipe, tmp_path / "png", base={"model": "tiny-sdxl"})
     assert np.abs(unfused - base).max() > 0
     assert json.loads(Image.open(tmp_path / "png" / "0.png").text["lora_sd"]) == params and params["model"] == "tiny-sdxl"
-    pipe = build_tiny_pipeline(0, "sdxl")
+    pipe = tiny_pipeline(0, "sdxl")
     load_adapters(pipe, [(str(f1), 1.0), (str(f2), 0.5)], fuse=True)
     assert np.abs(_image(pipe)[0] - unfused).max() <= 2
 
 
-def test_xl_images_decode_outside_autocast():
+def test_xl_images_decode_outside_autocast(tiny_pipeline):
     """Validation images under the training autocast: SDXL's VAE decodes in its own dtype (fp32 here),
     autocast off (its fp16 gives NaN); afterwards the VAE's decode is the class's again."""
-    pipe = build_tiny_pipeline(0, "sdxl")
+    pipe = tiny_pipeline(0, "sdxl")
     seen = []
     hook = pipe.vae.post_quant_conv.register_forward_pre_hook(
         lambda m, a: seen.append((a[0].dtype, torch.is_autocast_enabled("cpu"))))

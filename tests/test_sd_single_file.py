@@ -49,6 +49,7 @@ def _count(m):
     return sum(p.numel() for p in m.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_build_the_real_models(name):
     models, configs = _meta_models(name)
@@ -77,6 +78,7 @@ def _diffusers_convert(arch, comp, model, original):
     return {k.removeprefix("text_model.") if flat else k: v for k, v in sd.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_name_map_at_real_size_is_undone_by_diffusers_and_detected(name):
     """Our map at the real models' size (meta tensors): diffusers' converters give back every diffusers
@@ -123,8 +125,8 @@ def _assert_same_weights(a, b, arch):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_round_trip_ours_and_diffusers(arch, tmp_path, caplog):
-    pipe = build_tiny_pipeline(0, arch)
+def test_round_trip_ours_and_diffusers(arch, tmp_path, caplog, tiny_pipeline):
+    pipe = tiny_pipeline(0, arch)
     out = tmp_path / f"{arch}.safetensors"
     save_single_file(pipe, out)
     with caplog.at_level("INFO", logger="lora_sd"):
@@ -213,10 +215,10 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_ckpt_that_runs_code_is_refused_unrun(tmp_path):
+def test_ckpt_that_runs_code_is_refused_unrun(tmp_path, tiny_pipeline):
     marker = tmp_path / "PWNED"
     ckpt = tmp_path / "evil.ckpt"
-    state = to_original_state(build_tiny_pipeline(0, "sd1"), "sd1")
+    state = to_original_state(tiny_pipeline(0, "sd1"), "sd1")
     torch.save({"state_dict": state, "callbacks": _Evil(marker)}, str(ckpt))
     assert sf.detect_checkpoint(ckpt)[0] == "sd1"       # key names only: the pickle is never run
     with pytest.raises(ModelLoadError, match=r"refused: .* names posix\.system.*weights_only=True") as e:
@@ -249,6 +251,7 @@ def _real_layout_file(path, name, drop=(), add=None):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sd21-v", "sdxl-base"])
 def test_detect_real_layout_headers(tmp_path, name):
     arch, why = sf.detect_checkpoint(_real_layout_file(tmp_path / "m.safetensors", name))
@@ -283,6 +286,7 @@ def _bad_files(tmp_path):
             "truncated_ckpt": (trunc_ckpt, "truncated")}
 
 
+@pytest.mark.slow
 def test_bad_inputs_one_line_each(tmp_path):
     for name, (path, words) in _bad_files(tmp_path).items():
         with pytest.raises(ModelLoadError) as e:
@@ -292,6 +296,7 @@ def test_bad_inputs_one_line_each(tmp_path):
         assert "expected" in msg, (name, msg)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "vae.safetensors"
     from safetensors.torch import save_file
@@ -307,6 +312,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_detect_is_torch_free(tmp_path):
     """The GUI's detector: .safetensors header and .ckpt opcodes, with torch made unimportable."""
     st = _real_layout_file(tmp_path / "m.safetensors", "sd21-v")
@@ -322,10 +328,10 @@ def test_detect_is_torch_free(tmp_path):
     assert r.stdout.split() == ["sd2", "sdxl"]
 
 
-def test_metadata_holds_the_configs(tmp_path):
+def test_metadata_holds_the_configs(tmp_path, tiny_pipeline):
     from lora_core.adapter_files import read_header
     out = tmp_path / "x.safetensors"
-    save_single_file(build_tiny_pipeline(0, "sdxl"), out)
+    save_single_file(tiny_pipeline(0, "sdxl"), out)
     meta = read_header(out).metadata
     configs = json.loads(meta[sf.META_CONFIGS])
     assert configs["arch"] == "sdxl" and configs["text_encoder_2"]["hidden_size"] == 32

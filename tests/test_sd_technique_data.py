@@ -177,11 +177,10 @@ def test_prior_loss_weight_scales_reg_items_exactly(weight):
 
 
 @pytest.mark.parametrize("cache_latents", [True, False])
-def test_tiny_run_with_masks_reg_images_and_varied_captions(tmp_path, cache_latents):
-    from lora_sd.models import save_tiny_pipeline
+def test_tiny_run_with_masks_reg_images_and_varied_captions(tmp_path, cache_latents, tiny_sd_model):
     from lora_sd.testing import train_config
     from lora_sd.train import run_training
-    tiny = str(save_tiny_pipeline(tmp_path / "model"))
+    tiny = tiny_sd_model
     imgs = make_images(tmp_path / "inst", 2, size=(32, 32), caption="sks, a, b, c")
     Image.new("L", (32, 32), 255).save(imgs[0].with_name(imgs[0].stem + "_mask.png"))
     make_images(tmp_path / "reg", 2, seed=1, size=(32, 32), caption="a thing")

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from lora_core import lora_state_dict
 from lora_core.training import EMA, RunDir, TrainSettings, make_optimizer, train
 
-from test_training import _loss, _setup
+from helpers import toy_loss, toy_setup
 
 HAS_PRODIGY = importlib.util.find_spec("prodigyopt") is not None
 
 
 def _run(tmp, max_steps, resume=None, stop_at_call=None, val_fn=None, on_step=None, **settings):
-    model, dl = _setup(tmp)
+    model, dl = toy_setup(tmp)
     calls = {"n": 0}
 
     def loss_fn(m, batch):
@@ -26,7 +26,7 @@ def _run(tmp, max_steps, resume=None, stop_at_call=None, val_fn=None, on_step=No
             on_step(m, calls["n"])
         if calls["n"] == stop_at_call:
             os.kill(os.getpid(), signal.SIGTERM)
-        return _loss(m, batch)
+        return toy_loss(m, batch)
 
     kw = dict(max_steps=max_steps, learning_rate=5e-2, checkpoint_every=3, keep_checkpoints=2)
     s = TrainSettings(**{**kw, **settings})
@@ -52,7 +52,7 @@ def _resume_is_exact(tmp_path, **settings):
 
 # ------------------------------------------------------------------ LoRA+ and Prodigy
 def test_loraplus_groups_give_b_the_ratio():
-    model, _ = _setup(None)
+    model, _ = toy_setup(None)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = make_optimizer(named, TrainSettings(learning_rate=1e-3, loraplus_lr_ratio=16))
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 16e-3]
@@ -67,11 +67,11 @@ def test_loraplus_groups_give_b_the_ratio():
 def test_loraplus_first_step_moves_b_ratio_times_faster(tmp_path):
     # AdamW's first step moves each weight by ~lr (sign of the gradient): B by ratio x that of a plain run
     def first_delta(ratio):
-        model, dl = _setup(tmp_path)
+        model, dl = toy_setup(tmp_path)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         before = {n: p.detach().clone() for n, p in named}
         opt = make_optimizer(named, TrainSettings(learning_rate=1e-3, loraplus_lr_ratio=ratio))
-        _loss(model, next(iter(dl))).backward()
+        toy_loss(model, next(iter(dl))).backward()
         opt.step()
         return {n: (p.detach() - before[n]) for n, p in named}
     plain, plus = first_delta(0), first_delta(4)
@@ -100,7 +100,7 @@ def test_prodigy_missing_is_one_clear_line(monkeypatch):
             raise ImportError(name)
         return real(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_prodigy)
-    model, _ = _setup(None)
+    model, _ = toy_setup(None)
     with pytest.raises(RuntimeError, match="needs prodigyopt"):
         make_optimizer(list(model.parameters()), TrainSettings(optimizer="prodigy"))
 
@@ -124,7 +124,7 @@ def test_ema_follows_formula_over_three_steps(tmp_path):
 
 
 def test_ema_start_step_and_swap():
-    model, _ = _setup(None)
+    model, _ = toy_setup(None)
     ema = EMA(model, 0.5, start_step=2)
     p = next(x for x in model.parameters() if x.requires_grad)
     ema.update(1)
@@ -161,7 +161,7 @@ def test_val_hook_logs_and_marks_best(tmp_path):
         was = model.training
         model.eval()   # no dropout: the same weights give the same number
         with torch.no_grad():
-            out = _loss(model, (xv, yv)).item()
+            out = toy_loss(model, (xv, yv)).item()
         model.train(was)
         return out
     model, run = _run(tmp_path / "v", 12, val_fn=val, val_every=4)
@@ -175,13 +175,11 @@ def test_val_hook_logs_and_marks_best(tmp_path):
 
 # ------------------------------------------------------------------ Stable Diffusion: EMA file, validation loss
 @pytest.fixture(scope="module")
-def sd_tiny(tmp_path_factory):
-    from lora_sd.models import save_tiny_pipeline
+def sd_tiny(tiny_sd_model, tmp_path_factory):
     from lora_sd.testing import make_images
-    root = tmp_path_factory.mktemp("sd_ema")
-    images = root / "images"
+    images = tmp_path_factory.mktemp("sd_ema") / "images"
     make_images(images, 6)
-    return str(save_tiny_pipeline(root / "model")), images
+    return tiny_sd_model, images
 
 
 def test_split_val_fraction_is_seeded_and_disjoint(sd_tiny, tmp_path):
@@ -234,6 +232,7 @@ def test_validation_loss_is_repeatable_and_moves_with_training(sd_tiny, tmp_path
     assert v1 != v0 and val(2) == v1
 
 
+@pytest.mark.slow
 def test_sd_run_exports_ema_and_marks_best_val_step(sd_tiny, tmp_path):
     from lora_core.io import read_safetensors
     from lora_sd.testing import train_config

@@ -61,8 +61,8 @@ def _components(pipe) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base():
-    return build_tiny_pipeline(seed=0, arch="sdxl")
+def base(tiny_pipeline):
+    return tiny_pipeline(arch="sdxl")
 
 
 def _fresh(base) -> dict:
@@ -193,6 +193,7 @@ def test_kohya_sdxl_file_is_named_as_kohya_names_it(base, ours):
     assert {k.split(".")[0] for k in dsd} == {"unet", "text_encoder", "text_encoder_2"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_diffusers_loads_our_file_with_no_unmatched_key(base, ours, fmt):
     pipe, messages = diffusers_load(base, ours[fmt])
@@ -206,6 +207,7 @@ def test_diffusers_loads_our_file_with_no_unmatched_key(base, ours, fmt):
     assert_same(outputs(_components(pipe)), outputs(hand_merged(base, ours[fmt], fmt)), outputs(_fresh(base)))
 
 
+@pytest.mark.slow
 def test_our_importer_matches_the_hand_merge(base, ours):
     want = outputs(hand_merged(base, ours["kohya"], "kohya"))
     for fmt in ("kohya", "diffusers"):
@@ -220,6 +222,7 @@ def test_our_importer_matches_the_hand_merge(base, ours):
         assert rep.made_for.startswith("sdxl")
 
 
+@pytest.mark.slow
 def test_kohya_sdxl_file_built_from_kohya_rules(base, ours, tmp_path):
     """A file another tool wrote (no lora_sd metadata, fp16, alpha != r, SGM names built by hand) loads
     through our importer, with and without the model, to the hand merge; diffusers agrees."""
@@ -341,11 +344,11 @@ def test_sd2_and_sd1_files_keep_diffusers_names(tmp_path):
                for k in sd1)
 
 
-def test_a_recorded_unet_layout_drives_the_names(tmp_path):
+def test_a_recorded_unet_layout_drives_the_names(tmp_path, tiny_pipeline):
     """An SDXL-type UNet with one layer per level: SGM numbers follow its layout, recorded in the file,
     so conversion and import without the model give the same modules back."""
     from diffusers import UNet2DConditionModel
-    cfg = dict(build_tiny_pipeline(arch="sdxl").unet.config)
+    cfg = dict(tiny_pipeline(arch="sdxl").unet.config)
     unet = UNet2DConditionModel.from_config({**cfg, "layers_per_block": 1})
     sd, meta = _unet_file("sdxl", tmp_path / "lpb1.safetensors", {}, unet)
     assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_q.lora_down.weight" in sd   # 1 + 1 + downsample
@@ -358,8 +361,8 @@ def test_a_recorded_unet_layout_drives_the_names(tmp_path):
     assert formats.read_safetensors(tmp_path / "k.safetensors")[0].keys() == sd.keys()
 
 
-def test_sdxl_file_against_an_sd1_pipeline_is_refused(ours):
-    sd1 = build_tiny_pipeline(arch="sd1")
+def test_sdxl_file_against_an_sd1_pipeline_is_refused(ours, tiny_pipeline):
+    sd1 = tiny_pipeline(arch="sd1")
     comps = {"unet": sd1.unet, "text_encoder": sd1.text_encoder}
     adapter, _, _ = formats.read_adapter(ours["kohya"], comps)
     rep = formats.load_report(adapter, comps, "kohya.safetensors")
@@ -368,10 +371,10 @@ def test_sdxl_file_against_an_sd1_pipeline_is_refused(ours):
         formats.apply_to_components(adapter, comps)
 
 
-def test_text_model_names_fit_a_flattened_clip(tmp_path):
+def test_text_model_names_fit_a_flattened_clip(tmp_path, tiny_pipeline):
     """kohya's and diffusers' files name CLIP modules text_model.encoder.layers.N (transformers 4); a
     CLIPTextModel that transformers 5 flattened has encoder.layers.N: both SD 1.x and SDXL files fit it."""
-    sd1 = build_tiny_pipeline(arch="sd1")
+    sd1 = tiny_pipeline(arch="sd1")
     comps = {"unet": sd1.unet, "text_encoder": copy.deepcopy(sd1.text_encoder)}
     path = _strip(comps["text_encoder"], "text_model.encoder.layers.1.self_attn.v_proj")
     lin = comps["text_encoder"].get_submodule(path)

@@ -125,6 +125,7 @@ def adapter_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_score_cli_end_to_end(tmp_path, adapter_file, capsys):
     prompts = ["a red circle on a grey background", "a green triangle on a black background"]
     out, imgs = tmp_path / "score.json", tmp_path / "images"
@@ -154,6 +155,7 @@ def test_default_architecture_fits_the_budget():
     assert 4 * n <= MAX_BYTES
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_pretrain_tiny_two_steps_is_loadable_and_reproducible(tmp_path):
     from diffusers import StableDiffusionPipeline

@@ -65,6 +65,7 @@ def test_loads_offline_and_generates_in_seconds(monkeypatch):
     assert not models.is_random_weights(p)
 
 
+@pytest.mark.slow
 def test_draws_the_prompted_colour_and_background(pipe):
     """A small fixed sample of the base concepts: the checker reads most prompted colours and backgrounds."""
     prompts = ["a red circle on a grey background", "a blue square on a white background",
@@ -73,6 +74,7 @@ def test_draws_the_prompted_colour_and_background(pipe):
     assert r["colour"] >= 0.75 and r["background"] >= 0.75, r
 
 
+@pytest.mark.slow
 def test_the_demo_lora_teaches_the_held_out_colour(tmp_path):
     """configs/sd_synth_purple.toml (600 steps, about 3.5 min; no validation images): on a small fixed sample
     (purple x 3 shapes x grey, white and black, 2 seeds) base + LoRA (with its trained "purple" embedding,

@@ -6,49 +6,23 @@ import signal
 import pytest
 import torch
 from accelerate import Accelerator
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lora_core import LoraConfig, add_lora, lora_state_dict
-from lora_core.training import EpochSampler, RunDir, TrainSettings, train
+from lora_core import lora_state_dict
+from lora_core.training import RunDir, TrainSettings, train
 from lora_core.errors import NonFiniteLoss
 
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def _setup(tmp, seed=0, dropout=0.1):
-    torch.manual_seed(seed)
-    model = Toy()
-    add_lora(model, LoraConfig(r=2, alpha=4, dropout=dropout, target_modules=["net.0", "net.2"]))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 8, generator=g)
-    y = x[:, :1] * 2 - x[:, 1:2]
-    ds = TensorDataset(x, y)
-    dl = DataLoader(ds, batch_size=4, sampler=EpochSampler(len(ds), seed=3))
-    return model, dl
-
-
-def _loss(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
+from helpers import toy_loss, toy_setup
 
 
 def _run(tmp, max_steps, resume=None, stop_at_call=None, accum=1):
-    model, dl = _setup(tmp)
+    model, dl = toy_setup(tmp)
     calls = {"n": 0}
 
     def loss_fn(m, batch):
         calls["n"] += 1
         if calls["n"] == stop_at_call:  # what the GUI's Stop button does: SIGTERM to the process
             os.kill(os.getpid(), signal.SIGTERM)
-        return _loss(m, batch)
+        return toy_loss(m, batch)
 
     s = TrainSettings(max_steps=max_steps, learning_rate=5e-2, lr_scheduler="linear", lr_warmup_steps=2,
                       gradient_accumulation_steps=accum, checkpoint_every=3, keep_checkpoints=2)
@@ -85,12 +59,12 @@ def test_resume_equals_uninterrupted(tmp_path, accum):
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
-    model, dl = _setup(tmp_path)
+    model, dl = toy_setup(tmp_path)
     calls = {"n": 0}
 
     def loss_fn(m, batch):
         calls["n"] += 1
-        loss = _loss(m, batch)
+        loss = toy_loss(m, batch)
         return loss * float("nan") if calls["n"] == 5 else loss
 
     run = RunDir(tmp_path).create()

@@ -36,9 +36,8 @@ def test_known_names_both_ways(cfg, diffusers_name, original):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_every_unet_module_of_the_tiny_models_maps_one_to_one(arch):
-    from lora_sd.models import build_tiny_pipeline
-    unet = build_tiny_pipeline(arch=arch).unet
+def test_every_unet_module_of_the_tiny_models_maps_one_to_one(arch, tiny_pipeline):
+    unet = tiny_pipeline(arch=arch).unet
     cfg = dict(unet.config)
     names = {n.rsplit(".", 1)[0] for n in unet.state_dict()}
     originals = {to_original(n, cfg) for n in names}

@@ -1,0 +1,76 @@
+"""Helpers shared by several test modules (not a test module itself: pytest collects nothing here).
+
+The tiny models and data sets are pytest fixtures in conftest.py; what lives here are plain functions
+that tests call with their own arguments."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import tomli_w
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lora_core import LoraConfig, add_lora
+from lora_core.training import EpochSampler
+from lora_gui.demo import ensure_demo_dataset
+from lora_gui.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")   # what the GUI process must not import
+
+
+def run_python_json(code: str) -> dict:
+    """Run `code` in a fresh Python process (the checkout on its path) and parse its last stdout line as JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sd_config(ws: Workspace, run: Path, max_steps: int, *, prompts=(), sample_every: int = 0,
+              data: Path = None) -> Path:
+    """RUN/config.toml of a real tiny-SD training on the demo dataset."""
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = {"model": {"pretrained": "tiny"},
+           "data": {"path": str(data or ensure_demo_dataset(ws)), "resolution": 32},
+           "lora": {"r": 2, "target_modules": "cross_attn"},
+           "train": {"max_steps": max_steps, "batch_size": 1, "log_every": 1, "checkpoint_every": 0,
+                     "sample_every": sample_every},
+           "sample": {"prompts": list(prompts), "steps": 2}}
+    (run / "config.toml").write_text(tomli_w.dumps(cfg))
+    return run
+
+
+class Toy(nn.Module):
+    """A two-layer regression net for the shared training loop's tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def toy_setup(tmp, seed=0, dropout=0.1):
+    """A seeded Toy with LoRA on both linears, and a 40-sample regression loader (batch 4, seeded epochs).
+    `tmp` is unused: callers pass their run folder for symmetry with their own runners."""
+    torch.manual_seed(seed)
+    model = Toy()
+    add_lora(model, LoraConfig(r=2, alpha=4, dropout=dropout, target_modules=["net.0", "net.2"]))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 8, generator=g)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    ds = TensorDataset(x, y)
+    dl = DataLoader(ds, batch_size=4, sampler=EpochSampler(len(ds), seed=3))
+    return model, dl
+
+
+def toy_loss(model, batch):
+    """Mean squared error of `model` on an (x, y) batch."""
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
