@@ -1,4 +1,4 @@
-"""The extra cost of the adapter EMA (train.ema_decay) per optimizer step (issue 11 goal: under 2 %).
+"""The extra cost of the adapter EMA (train.ema_decay) per optimizer step (goal: under 2 %).
 
 A Stable Diffusion UNet from its config (random weights; `--unet-width 320` is SD 1.5, the default 64
 keeps a CPU run under a minute) with LoRA r=4 on attn2 q/k/v/out. One step = forward, backward and

@@ -178,7 +178,7 @@ def render_table(records: list[dict]) -> str:
         return ("No result is committed yet: `results/llm/<budget>/` holds no JSON file. Run "
                 "`python bench/llm_real_results.py --budget cpu` (and `--budget gpu --device cuda`) to fill this table.\n")
     head = ("| budget | task | trained on | scored on | metric | base model + untrained head ² | majority-class rate "
-            "| **LoRA** | other metrics | number to beat | target (issue 13) | LoRA layers · steps × batch (max tokens) "
+            "| **LoRA** | other metrics | number to beat | target (CPU budget) | LoRA layers · steps × batch (max tokens) "
             "| wall time: train / total | hardware |\n|" + "---|" * 14 + "\n")
     notes = {f"{NAMES[r['task']]} {d['split']}: {d['note']}" for r in records for d in (r["train_data"], r["eval_data"])
              if "note" in d}

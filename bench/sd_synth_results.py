@@ -142,7 +142,7 @@ def render(record: dict) -> str:
                          f"{_pct(r['colour'])} | {_pct(r['shape'])} | {_pct(r['background'])} | {_pct(r['all'])} |")
     met = record["met"]
     yes = lambda k: "met" if met[k] else "**not met**"   # noqa: E731
-    lines += ["", "Targets (issue 14): base colour ≥ {:.0f} % ({}), base shape ≥ {:.0f} % ({}); purple with the base "
+    lines += ["", "Targets of the demo LoRA: base colour ≥ {:.0f} % ({}), base shape ≥ {:.0f} % ({}); purple with the base "
               "alone ≤ {:.0f} % ({}), with the LoRA ≥ {:.0f} % ({}); base concepts drop by ≤ {:.0f} points with the "
               "LoRA ({}).".format(100 * t["base_colour"], yes("base_colour"), 100 * t["base_shape"], yes("base_shape"),
                                   100 * t["heldout_base_max"], yes("heldout_base_max"), 100 * t["heldout_lora"],

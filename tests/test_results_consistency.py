@@ -181,7 +181,7 @@ def test_bench_script_writes_a_task_record(tmp_path):
     assert list((tmp_path / "cache").glob("*/shard_*.npy"))        # the prefix cache was used
 
 
-# ------------------------------------------------------------------ the SD section (issue 14)
+# ------------------------------------------------------------------ the SD section (the demo LoRA)
 SD = _bench("sd_synth_results")
 PCT_RE = re.compile(r"(\d{1,3}(?:\.\d)?) ?%")
 
