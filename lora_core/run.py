@@ -186,9 +186,14 @@ def resume_candidates(run: RunDir, resume: Optional[str]) -> list[Path]:
 
 # ------------------------------------------------------------------ signals
 class StopFlag:
-    """Context manager: SIGTERM/SIGINT set `.stop` (a second signal interrupts at once)."""
+    """Context manager: SIGTERM/SIGINT set `.stop`. A second signal interrupts at once, unless it comes
+    within SAME_STOP_S of the first: that is the same stop reaching the trainer twice (a launcher such as
+    `accelerate launch` forwards the SIGTERM or Ctrl-C that its process group also received)."""
+    SAME_STOP_S = 2.0
+
     def __init__(self):
         self.stop = False
+        self._since: Optional[float] = None
         self._old = {}
 
     def __enter__(self):
@@ -200,10 +205,13 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.stop:  # second signal: give up at once
-            raise KeyboardInterrupt
+        if self.stop:
+            if time.monotonic() - self._since < self.SAME_STOP_S:
+                log.info("signal %s received again (the same stop, forwarded): still saving a checkpoint", signum)
+                return
+            raise KeyboardInterrupt   # a second stop: give up at once
         log.warning("signal %s received: stopping after this step and saving a checkpoint", signum)
-        self.stop = True
+        self.stop, self._since = True, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, h in self._old.items():

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from lora_core import lora_state_dict
 from lora_core.errors import ConfigError
 from lora_core.configfile import save_config
-from lora_core.run import RunDir, run_job
+from lora_core.run import RunDir, StopFlag, run_job
 from lora_core.errors import RunFolderError
 from lora_core.training import TrainSettings, train
 from lora_core.errors import NonFiniteLoss
@@ -416,3 +416,15 @@ def test_atomic_writes_keep_the_umask(tmp_path, mask):
         os.umask(old)
     for f in (tmp_path / "a.json", tmp_path / "run" / "status.json"):
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, oct(f.stat().st_mode)
+
+
+def test_one_stop_forwarded_twice_is_one_stop_and_a_later_one_interrupts(monkeypatch):
+    """`accelerate launch` (and a terminal's Ctrl-C) deliver one stop twice: the trainer must still save its
+    checkpoint; only a second stop after StopFlag.SAME_STOP_S gives up at once."""
+    with StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)   # the launcher's forwarded copy
+        assert flag.stop
+        monkeypatch.setattr(StopFlag, "SAME_STOP_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
