@@ -391,3 +391,22 @@ def test_merge_of_a_non_finite_adapter_changes_nothing(type_):
     with pytest.raises(NonFiniteError, match=r"adapter\(s\) \['default'\] hold NaN or inf"):
         lc.merge_lora(net)
     assert torch.equal(net.layer.base_layer.weight, w0) and net.layer.merged_adapters == []
+
+
+def test_the_trainers_refuse_the_new_types_in_one_line():
+    """lora_core has the types; the SD and LLM trainers (which write LoRA files) and the MindSpore twin not yet."""
+    from lora_core.errors import ConfigError
+    from lora_llm.config import load_llm_config
+    from lora_sd.config import load_train_config
+    with pytest.raises(ConfigError, match=r"lora.type = 'loha': lora-sd train writes LoRA files only so far"):
+        load_train_config(None, ["data.path=x", "lora.type=loha"])
+    with pytest.raises(ConfigError, match=r"text_encoder_lora.type = 'oft': lora-sd train"):
+        load_train_config(None, ["data.path=x", "text_encoder_lora.type=oft"])
+    with pytest.raises(ConfigError, match=r"lora.type = 'lokr': lora-llm train writes LoRA adapters only so far"):
+        load_llm_config(None, ["lora.type=lokr"])
+
+
+def test_the_mindspore_twin_refuses_the_new_types():
+    ms_core = pytest.importorskip("lora_core.mindspore")
+    with pytest.raises(ValueError, match="lora.type = 'loha': the MindSpore backend has LoRA only"):
+        ms_core.add_lora(ms_core.nn.SequentialCell(), LoraConfig(type="loha"))
