@@ -410,3 +410,26 @@ def test_the_mindspore_twin_refuses_the_new_types():
     ms_core = pytest.importorskip("lora_core.mindspore")
     with pytest.raises(ValueError, match="lora.type = 'loha': the MindSpore backend has LoRA only"):
         ms_core.add_lora(ms_core.nn.SequentialCell(), LoraConfig(type="loha"))
+
+
+@pytest.mark.parametrize("type_", list(TYPES))
+def test_float64_parity_and_low_precision_adapters(type_):
+    """Moved with .double() (nn.Module's own machinery: an adapter module must not shadow it), ours equals PEFT to
+    1e-10; bf16 adapter weights on an fp32 base run, keep the base dtype and merge to what they compute."""
+    cfg = LoraConfig(target_modules=["layer"], **TYPES[type_])
+    ours, ref = twins("conv3x3" if type_ != "oft" else "conv1x1", cfg)
+    ours.double()
+    ref.double()
+    x = torch.randn(2, IN, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-10, atol=1e-10)
+    net = Net("conv3x3")
+    lc.add_lora(net, cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in lc.lora_parameters(net):
+            p.normal_(0, 0.1)
+        x = torch.randn(2, IN, 6, 6)
+        y = net(x)
+        assert y.dtype == torch.float32 and next(net.layer.lycoris.parameters()).dtype == torch.bfloat16
+        lc.merge_lora(net)
+        torch.testing.assert_close(net(x), y, rtol=2e-2, atol=2e-2)
