@@ -1,6 +1,7 @@
 """The LoRA configuration: one typed object, shared by every job and both backends."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, replace
@@ -59,6 +60,11 @@ class LoraConfig(Checked, section="lora"):
     """What to adapt and how (the `[lora]` table). Matching follows PEFT; fused slices follow loralib's
     MergedLinear. Each field's help and range is declared below (docs/config-reference.md lists them)."""
 
+    type: Literal["lora", "loha", "lokr", "oft"] = option(
+        "lora", "the adapter: lora (B A; DoRA, LoCon and fused slices are its options), loha (LoHa: (w1_a w1_b) ⊙ "
+        "(w2_a w2_b) · alpha/r), lokr (LoKr: w1 ⊗ w2 · alpha/r, Kronecker factors), oft (OFT: the frozen weight "
+        "rotated by a block-diagonal orthogonal matrix; r and alpha unused). LoHa, LoKr and OFT are PEFT's "
+        "LoHaConfig / LoKrConfig / OFTConfig (LyCORIS's algorithms)")
     r: int = option(8, "rank of the update B A", ge=1)
     alpha: float = option(8.0, "scaling numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)", gt=0)
     dropout: float = option(0.0, "dropout on the LoRA input path only", ge=0, lt=1)
@@ -85,6 +91,21 @@ class LoraConfig(Checked, section="lora"):
     alpha_pattern: dict[str, float] = option(
         {}, "{regex: alpha} per module (PEFT's alpha_pattern, same matching as rank_pattern)",
         check=lambda p: _pattern_error(p, float))
+    decompose_factor: int = option(
+        -1, "LoKr: the size of the first Kronecker factor of each dimension when it divides it (PEFT's "
+        "decompose_factor, LyCORIS's factor); -1 = the divisor pair nearest the square root", ge=-1,
+        check=lambda f: "must be -1 or a positive integer" if f == 0 else None)
+    decompose_both: bool = option(False, "LoKr: also write the first factor w1 as w1_a w1_b of rank r when r < half "
+                                  "its larger side (PEFT's and LyCORIS's decompose_both)")
+    oft_block_size: int = option(32, "OFT: the size of each orthogonal block (PEFT's oft_block_size); must divide "
+                                 "every adapted layer's input size (in_channels·kh·kw for a Conv2d)", ge=2)
+    coft: bool = option(False, "OFT: the constrained variant (COFT, PEFT's coft): each block's generator is kept "
+                        "within coft_eps of zero")
+    coft_eps: float = option(6e-5, "OFT with coft: the radius of the constraint (PEFT's eps)", gt=0)
+    block_share: bool = option(False, "OFT: one block shared by all blocks of a layer (PEFT's block_share)")
+    use_cayley_neumann: bool = option(True, "OFT: approximate the Cayley transform by a Neumann series (PEFT's "
+                                      "use_cayley_neumann); false = the exact transform (a linear solve)")
+    num_cayley_neumann_terms: int = option(5, "OFT: terms of that series (PEFT's num_cayley_neumann_terms)", ge=1)
     layers: Union[list[int], str] = option(
         [], "adapt only modules of these layers (PEFT's layers_to_transform): a list of indices, or 'top:K' for the "
         "last K layers; [] = all. LoRA on the top K layers only lets lora_llm cache the frozen layers below them",
@@ -95,6 +116,10 @@ class LoraConfig(Checked, section="lora"):
         if self.use_dora and self.fused_slices:
             raise ValueError("lora.use_dora does not work with lora.fused_slices (PEFT has no DoRA for fused "
                              "slices): drop one")
+        for key, owner in _OWNED.items():
+            if self.type not in owner and getattr(self, key) != _default(key):
+                raise ValueError(f"lora.{key} applies to lora.type = {' or '.join(map(repr, owner))} only; this config "
+                                 f"has lora.type = {self.type!r}: remove lora.{key} or change the type")
 
     @property
     def scale(self) -> float:
@@ -152,6 +177,20 @@ class LoraConfig(Checked, section="lora"):
         if key is not None:
             alpha = self.alpha_pattern[key]
         return r, float(alpha)
+
+
+# fields that only some adapter types use (the others refuse a value other than the default)
+_LORA_ONLY = ("use_dora", "use_rslora", "init", "dropout", "fused_slices")
+_OWNED = {**{k: ("lora",) for k in _LORA_ONLY},
+          **{k: ("lora", "loha", "lokr") for k in ("conv_r", "conv_alpha", "rank_pattern", "alpha_pattern")},
+          **{k: ("lokr",) for k in ("decompose_factor", "decompose_both")},
+          **{k: ("oft",) for k in ("oft_block_size", "coft", "coft_eps", "block_share", "use_cayley_neumann",
+                                   "num_cayley_neumann_terms")}}
+
+
+def _default(key: str):
+    f = LoraConfig.__dataclass_fields__[key]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def name_matches(qualified_name: str, name: str) -> bool:

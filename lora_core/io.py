@@ -54,7 +54,7 @@ def save_lora(path: PathLike, model: nn.Module, metadata: Optional[dict] = None,
     """Write one adapter (and modules_to_save) with its config to a safetensors file, atomically.
     `metadata` adds string fields (e.g. base_model, steps)."""
     cfg = lora_config(model, adapter)
-    targets = [n for n, l in lora_layers(model) if adapter in l.lora_A]
+    targets = [n for n, l in lora_layers(model) if adapter in l.adapters]
     meta = config_metadata(cfg, targets)
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     atomic_save_safetensors(path, lora_state_dict(model, adapter), meta)

@@ -10,6 +10,9 @@ With `use_dora` (PEFT's DoRA) the adapter also holds a magnitude m per output (`
 norm taken per output row and detached from the graph (DoRA paper §4.3, as PEFT).
 With `slices` the output is cut into equal slices and only the enabled ones are adapted
 (loralib's MergedLinear): A is (k*r, in), B is (k*out_slice, r) for k enabled slices.
+Adapters of the LyCORIS types (LoHa, LoKr, OFT) live in `lycoris`, one lora_core.variants module each, which
+holds their weights and math; the layer runs them on the base weight's rows: y += op(x, ΔW) for LoHa / LoKr,
+y = op(x, W Rᵀ) + bias for OFT, which therefore shares a layer only with other OFT adapters.
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()   # DoRA adapters only
+        self.lycoris = nn.ModuleDict()                    # LoHa / LoKr / OFT adapters (lora_core.variants)
         self._dora_norms: dict[str, torch.Tensor] = {}     # ||W0 + ΔW|| of each merged DoRA adapter
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
@@ -88,11 +92,31 @@ class LoraLayer(nn.Module):
         self.disabled = False
 
     # ----------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the adapters on this layer, of every type."""
+        return [*self.lora_A.keys(), *self.lycoris.keys()]
+
+    def _check_new(self, name: str, kind: str) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        kinds = {self.lycoris[n].kind if n in self.lycoris else "lora" for n in self.adapters}
+        if kinds and "oft" in kinds | {kind} and kinds != {kind}:
+            raise ValueError(f"adapter {name!r} ({kind}) cannot share a layer with adapters {self.adapters} "
+                             f"({', '.join(sorted(kinds))}): OFT rotates the base weight, the other types add to it")
+
+    def add_variant(self, name: str, variant: nn.Module) -> None:
+        """Add a LoHa / LoKr / OFT adapter (a lora_core.variants module)."""
+        self._check_new(name, variant.kind)
+        self.lycoris[name] = variant
+        self.user_scale[name] = 1.0
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "kaiming", slices: Optional[list[bool]] = None,
                     dtype: torch.dtype = torch.float32, use_dora: bool = False) -> None:
-        if name in self.lora_A:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self._check_new(name, "lora")
         if use_dora and slices is not None:
             raise ValueError(f"adapter {name!r}: DoRA does not work on fused slices (no per-output norm of a "
                              "partly adapted layer in PEFT either); set use_dora = false or drop fused_slices")
@@ -133,7 +157,7 @@ class LoraLayer(nn.Module):
 
     def discard(self, name: str) -> None:
         """Forget adapter `name` if present (no checks: used to undo a failed add)."""
-        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lycoris):
             if name in d:
                 del d[name]
         if name in self.lora_magnitude_vector:
@@ -162,12 +186,36 @@ class LoraLayer(nn.Module):
         B = self._B_full(name)
         return F.conv2d(h, B[:, :, None, None]) if self.is_conv2d else F.linear(h, B)
 
+    def _op(self, x: torch.Tensor, rows: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The base layer's operation with weight rows `rows` ((out, in·kh·kw), see _weight_rows)."""
+        if self.is_conv2d:
+            return self.base_layer._conv_forward(x, rows.reshape(self.base_layer.weight.shape), bias)
+        return F.linear(x, rows, bias)
+
+    def _rotated(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output with the rotations of OFT adapters `names` folded into its weight in turn
+        (the order of PEFT's merge)."""
+        rows = self._weight_rows(self.base_layer.weight).to(self.lycoris[names[0]].dtype)
+        for name in names:
+            rows = self.lycoris[name].fold(rows, self.user_scale[name])
+        bias = self.base_layer.bias
+        return self._op(x.to(rows.dtype), rows, None if bias is None else bias.to(rows.dtype))
+
+    def _variant_out(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + op(x, ΔW) for a LoHa / LoKr adapter (PEFT's forward: F.linear / F.conv2d with ΔW)."""
+        v = self.lycoris[name]
+        d = v.delta_rows(self.user_scale[name], v.dtype)
+        return y + self._op(x.to(d.dtype), d).to(y.dtype)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return y
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
+            return self.base_layer(x, *args, **kwargs)
+        live = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.adapters]
+        oft = [n for n in live if n in self.lycoris and self.lycoris[n].rotates]
+        y = self._rotated(oft, x).to(x.dtype) if oft else self.base_layer(x, *args, **kwargs)
+        for name in live:
+            if name in self.lycoris:
+                y = y if name in oft else self._variant_out(name, x, y)
                 continue
             if name in self.lora_magnitude_vector:
                 y = self._dora_apply(name, x, y)
@@ -179,7 +227,9 @@ class LoraLayer(nn.Module):
 
     # ----------------------------------------------------------------- merge
     def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW in nn.Linear layout (out, in), fp32, including scale and user scale."""
+        """ΔW in nn.Linear layout (out, in), fp32, including scale and user scale (for OFT: W Rᵀ - W)."""
+        if name in self.lycoris:
+            return self.lycoris[name].delta(self._weight_rows(self.base_layer.weight.float()), self.user_scale[name])
         A = self.lora_A[name].weight.float().flatten(1)   # (k*r, in)
         return (self._B_full(name).float() @ A) * (self.scaling[name] * self.user_scale[name])
 
@@ -200,8 +250,7 @@ class LoraLayer(nn.Module):
             new = self._fold(name, new, W0)
         where = where or type(self.base_layer).__name__
         if not torch.isfinite(new).all():
-            bad = [n for n in names if not all(torch.isfinite(getattr(self, d)[n].weight).all()
-                                               for d in ("lora_A", "lora_B"))]
+            bad = [n for n in names if not all(torch.isfinite(p).all() for p in self._params(n))]
             raise NonFiniteError(f"merging adapter(s) {names} into {where} would give non-finite weights"
                                  + (f": adapter(s) {bad} hold NaN or inf" if bad else "") + "; nothing was merged")
         out = new.to(W.dtype)
@@ -212,10 +261,24 @@ class LoraLayer(nn.Module):
                 f"float32 (model.float()) or lower the adapter's scale")
         return out
 
+    def _params(self, name: str) -> list[torch.Tensor]:
+        if name in self.lycoris:
+            return list(self.lycoris[name].parameters())
+        return [self.lora_A[name].weight, self.lora_B[name].weight]
+
+    def _variant_fold(self, name: str, W: torch.Tensor, undo: bool = False) -> torch.Tensor:
+        """W (base layout, fp32) with LyCORIS adapter `name` folded in (or, undo, taken out)."""
+        v, s = self.lycoris[name], self.user_scale[name]
+        rows = v.unfold(self._weight_rows(W), s) if undo else v.fold(self._weight_rows(W), s)
+        return rows.T if self.fan_in_fan_out else rows.reshape(W.shape)
+
     def _apply_delta(self, name: str, sign: float) -> None:
         if name in self.lora_magnitude_vector:
             return self._unfold_dora(name)
         W = self.base_layer.weight
+        if name in self.lycoris:
+            W.data.copy_(self._variant_fold(name, W.data.float(), undo=sign < 0).to(W.dtype))
+            return
         W.data.copy_((W.data.float() + sign * self._delta_like_base(name)).to(W.dtype))
 
     def merge(self, adapters: Optional[list[str]] = None, where: str = "") -> None:
@@ -238,7 +301,7 @@ class LoraLayer(nn.Module):
             self._apply_delta(name, -1.0)
 
     def extra_repr(self) -> str:
-        return f"adapters={list(self.lora_A.keys())}, active={self.active_adapters}, merged={self.merged_adapters}"
+        return f"adapters={self.adapters}, active={self.active_adapters}, merged={self.merged_adapters}"
 
     # ----------------------------------------------------------------- DoRA
     def _out_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -282,8 +345,7 @@ class LoraLayer(nn.Module):
             return (out if bias is None else out + bias.to(out.dtype)).to(y0.dtype)
         x = drop(x)
         w = W.to(x.dtype)
-        base = (self.base_layer._conv_forward(x, w, None) if self.is_conv2d
-                else F.linear(x, self._weight_rows(w)))
+        base = self._op(x, self._weight_rows(w))
         h = self.lora_B[name](A(x))
         return y0 + ((f - 1) * base + f * h * s).to(y0.dtype)
 
@@ -297,6 +359,8 @@ class LoraLayer(nn.Module):
 
     def _fold(self, name: str, W: torch.Tensor, W0: Optional[torch.Tensor]) -> torch.Tensor:
         """W (fp32) with adapter `name` merged: W + ΔW, or for DoRA m/||W0 + ΔW|| · (W + ΔW)."""
+        if name in self.lycoris:
+            return self._variant_fold(name, W)
         d = self._delta_like_base(name)
         if name not in self.lora_magnitude_vector:
             return W + d

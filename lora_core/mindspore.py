@@ -244,6 +244,8 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
     parameters and config.modules_to_save. Returns the qualified names of the adapted cells."""
     if any(True for _ in lora_layers(net)):
         raise ValueError("the network already has a LoRA adapter (the MindSpore backend holds one)")
+    if config.type != "lora":
+        raise ValueError(f"lora.type = {config.type!r}: the MindSpore backend has LoRA only; use the torch backend")
     cells = list(net.cells_and_names())
     targets = [n for n, c in cells if n and isinstance(c, nn.Dense) and config.matches(n)]
     if not targets:

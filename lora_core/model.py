@@ -19,6 +19,7 @@ from .config import LoraConfig, name_matches
 from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, NonFiniteError, TargetMatchError,
                      UnknownAdapterError)
 from .layers import LoraLayer, ModulesToSaveWrapper, is_kxk_conv, supported
+from .variants import make_variant
 
 DEFAULT = "default"
 
@@ -39,7 +40,7 @@ def head_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]
 def adapter_names(model: nn.Module) -> list[str]:
     names = set(getattr(model, "_lora_configs", {}))
     for _, layer in lora_layers(model):
-        names.update(layer.lora_A.keys())
+        names.update(layer.adapters)
     for _, w in head_wrappers(model):
         names.update(w.modules_to_save.keys())
     return sorted(names)
@@ -149,8 +150,11 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
                 _set_submodule(model, name, layer)
             try:
                 r, alpha = config.rank_alpha(name, is_kxk_conv(layer.base_layer))
-                layer.add_adapter(adapter, r, alpha, config.dropout, config.use_rslora,
-                                  config.init, config.slices_for(name), dtype, use_dora=config.use_dora)
+                if config.type == "lora":
+                    layer.add_adapter(adapter, r, alpha, config.dropout, config.use_rslora,
+                                      config.init, config.slices_for(name), dtype, use_dora=config.use_dora)
+                else:
+                    layer.add_variant(adapter, make_variant(config, layer.base_layer, r, alpha, dtype))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
         for name in heads:
@@ -166,14 +170,15 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
 
 def _adapters_of(module: nn.Module):
     if isinstance(module, LoraLayer):
-        return module.lora_A.keys()
+        return module.adapters
     return module.modules_to_save.keys() if isinstance(module, ModulesToSaveWrapper) else ()
 
 
 def _set_trainable(model: nn.Module) -> None:
     """LoRA parameters and every adapter's copy of the modules to save train; nothing else."""
     for _, layer in lora_layers(model):
-        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters(), *layer.lora_magnitude_vector.parameters()]:
+        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters(), *layer.lora_magnitude_vector.parameters(),
+                  *layer.lycoris.parameters()]:
             p.requires_grad_(True)
     for _, w in head_wrappers(model):
         w.original_module.requires_grad_(False)
@@ -202,7 +207,7 @@ def merge_lora(model: nn.Module, adapters: Optional[list[str]] = None) -> None:
         _check_known(model, adapters)
     plan = []
     for name, layer in lora_layers(model):
-        names = [a for a in adapters if a in layer.lora_A] if adapters is not None else list(layer.active_adapters)
+        names = [a for a in adapters if a in layer.adapters] if adapters is not None else list(layer.active_adapters)
         names = [a for a in names if a not in layer.merged_adapters]
         if names:
             layer.merged_weight(names, name)   # check every layer first (fp32, discarded) ...
@@ -250,7 +255,7 @@ def set_adapter(model: nn.Module, adapters) -> None:
             raise HeadConflictError(f"adapters {w.owners(names)} each have their own copy of {hname!r}; "
                                     f"only one of them can be active")
     for _, layer in lora_layers(model):
-        layer.active_adapters = [a for a in names if a in layer.lora_A]
+        layer.active_adapters = [a for a in names if a in layer.adapters]
     for _, w in head_wrappers(model):
         w.active_adapters = w.owners(names)
 
@@ -264,7 +269,7 @@ def set_scale(model: nn.Module, adapter: str, scale: float) -> None:
     if any(adapter in layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError(f"unmerge before changing the scale of merged adapter {adapter!r}")
     for _, layer in lora_layers(model):
-        if adapter in layer.lora_A:
+        if adapter in layer.adapters:
             layer.user_scale[adapter] = scale
 
 
@@ -307,10 +312,14 @@ def head_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch
 
 def lora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch.Tensor]:
     """`<module>.lora_A.weight` / `<module>.lora_B.weight` (PEFT's names, no adapter name in
-    them) plus the full parameters of the adapter's copies of modules_to_save."""
+    them; LoHa, LoKr, OFT: PEFT's `hada_w1_a`, `lokr_w1`, `oft_R.weight` ...) plus the full parameters of the
+    adapter's copies of modules_to_save."""
     sd = {}
     for name, layer in lora_layers(model):
-        if adapter in layer.lora_A:
+        if adapter in layer.lycoris:
+            v = layer.lycoris[adapter]
+            sd.update({f"{name}.{v.key_prefix}{k}": p.detach() for k, p in v.named_parameters()})
+        elif adapter in layer.lora_A:
             sd[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
             sd[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
             if adapter in layer.lora_magnitude_vector:   # DoRA, PEFT's name and shape

@@ -118,6 +118,12 @@ class LLMTrainConfig(Checked):
     eval: EvalSection = option(help="evaluation and generation", factory=EvalSection)
     mindspore: MindSporeSection = option(help="the MindSpore backend", factory=MindSporeSection)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lora.type != "lora":
+            raise ValueError(f"lora.type = {self.lora.type!r}: lora-llm train writes LoRA adapters only so far; "
+                             "LoHa, LoKr and OFT are in lora_core but not yet in the LLM trainer")
+
 
 def load_llm_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> LLMTrainConfig:
     """Read a job file (or the defaults when path is None) and apply `section.key=value` overrides."""

@@ -203,6 +203,11 @@ class SDTrainConfig(Checked):
             if te is not None and te.target_modules == llm_default:
                 # kohya's attention set (diffusers' kohya reader needs out_proj among the text-encoder keys)
                 te.target_modules = TEXT_ENCODER_ATTN
+        for key in ("lora", "text_encoder_lora", "text_encoder_2_lora"):
+            lora = getattr(self, key)
+            if lora is not None and lora.type != "lora":
+                raise ValueError(f"{key}.type = {lora.type!r}: lora-sd train writes LoRA files only so far; "
+                                 "LoHa, LoKr and OFT adapters are in lora_core but not yet in the SD trainer")
         if self.loss.preserve_weight and self.loss.preserve_empty < 1 and not self.preserve_trigger:
             raise ValueError("loss.preserve_weight: which word do the captions teach? set loss.preserve_trigger, or "
                              "train its embedding ([embedding] token)")

@@ -1,0 +1,216 @@
+"""The LyCORIS adapter types beside LoRA (`lora.type`): LoHa, LoKr and OFT, one small module each holding its
+weights (PEFT's parameter names, shapes and initialisation) and its math. The formulas are PEFT 0.21.2's
+(peft/tuners/loha, lokr, oft), which for LoHa and LoKr are LyCORIS's.
+
+Each works on the base weight as rows: an (out, in·kh·kw) matrix (nn.Linear's layout; a Conv2d weight
+flattened; an HF Conv1D weight transposed). LoHa and LoKr add ΔW to the rows; OFT multiplies them by a
+block-diagonal rotation: W' = W Rᵀ, i.e. the input is rotated before the frozen layer (y = x R Wᵀ).
+`scale` is the user scale (set_scale): it multiplies ΔW, and for OFT the skew-symmetric generator of the
+rotation (0 = identity, 1 = as trained; PEFT has no OFT scale).
+"""
+from __future__ import annotations
+
+import math
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layers import base_dims
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n), m <= n, m·n = dimension: m = factor when it divides, else the pair nearest the square root with
+    m <= factor (LyCORIS's and PEFT's LoKr factorization, same loop)."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def _param(*shape: int, device, dtype, kaiming: bool) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
+    with torch.no_grad():
+        if kaiming:
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(p)
+    return p
+
+
+class Variant(nn.Module):
+    """One adapter of a LyCORIS type on one layer. `key_prefix` goes before the parameter names in files."""
+    kind = ""
+    rotates = False
+    key_prefix = ""
+
+    def __init__(self, r: int, alpha: float):
+        super().__init__()
+        self.r, self.alpha = r, float(alpha)
+        self.scaling = alpha / r
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        """ΔW for base rows `rows` (what folding adds to them), in rows' dtype."""
+        return self.delta_rows(scale, rows.dtype)
+
+    def fold(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        return rows + self.delta_rows(scale, rows.dtype)
+
+    def unfold(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        return rows - self.delta_rows(scale, rows.dtype)
+
+
+class LoHa(Variant):
+    """ΔW = (w1_a w1_b) ⊙ (w2_a w2_b) · alpha/r; w2_b starts at zero, the others Kaiming-uniform (PEFT)."""
+    kind = "loha"
+
+    def __init__(self, out: int, fan_in: int, r: int, alpha: float, device=None, dtype=None):
+        super().__init__(r, alpha)
+        kw = dict(device=device, dtype=dtype)
+        self.hada_w1_a, self.hada_w1_b = _param(out, r, **kw, kaiming=True), _param(r, fan_in, **kw, kaiming=True)
+        self.hada_w2_a, self.hada_w2_b = _param(out, r, **kw, kaiming=True), _param(r, fan_in, **kw, kaiming=False)
+
+    def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        w1 = self.hada_w1_a.to(dtype) @ self.hada_w1_b.to(dtype)
+        return w1 * (self.hada_w2_a.to(dtype) @ self.hada_w2_b.to(dtype)) * (self.scaling * scale)
+
+
+class LoKr(Variant):
+    """ΔW = w1 ⊗ w2 · alpha/r. out = a·b and in = c·d are split by `factorization`; w1 (a, c) is full unless
+    decompose_both and r < max(a, c)/2 (then w1_a w1_b); w2 (b, d[, kh, kw]) is full when r >= max(b, d)/2, else
+    w2_a (b, r) w2_b (r, d·kh·kw). w1 (or w1_a) starts at zero, the rest Kaiming-uniform (PEFT's init_weights=True)."""
+    kind = "lokr"
+
+    def __init__(self, out: int, in_ch: int, kernel: tuple[int, ...], r: int, alpha: float, factor: int = -1,
+                 decompose_both: bool = False, device=None, dtype=None):
+        super().__init__(r, alpha)
+        kw = dict(device=device, dtype=dtype)
+        (a, b), (c, d) = factorization(out, factor), factorization(in_ch, factor)
+        if decompose_both and r < max(a, c) / 2:
+            self.lokr_w1_a, self.lokr_w1_b = _param(a, r, **kw, kaiming=False), _param(r, c, **kw, kaiming=True)
+        else:
+            self.lokr_w1 = _param(a, c, **kw, kaiming=False)
+        if r >= max(b, d) / 2:
+            self.lokr_w2 = _param(b, d, *kernel, **kw, kaiming=True)
+        else:
+            self.lokr_w2_a = _param(b, r, **kw, kaiming=True)
+            self.lokr_w2_b = _param(r, d * math.prod(kernel), **kw, kaiming=True)
+
+    def _factor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        full = getattr(self, name, None)
+        if full is not None:
+            return full.to(dtype)
+        return getattr(self, name + "_a").to(dtype) @ getattr(self, name + "_b").to(dtype)
+
+    def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        w1, w2 = self._factor("lokr_w1", dtype), self._factor("lokr_w2", dtype)
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, w2.contiguous()).flatten(1) * (self.scaling * scale)
+
+
+class OFT(Variant):
+    """W' = W Rᵀ, R block-diagonal with n/block_size blocks (one shared block with block_share), each the Cayley
+    transform of a skew-symmetric matrix Q built from `oft_R.weight` (upper triangle; zero at the start):
+    the exact (I - Q)(I + Q)⁻¹, or PEFT's default Neumann series I + 2Q + 2Q² + ... + Q^(t-1) with t terms.
+    COFT (coft) first clips each block's ||Q||_F to eps/sqrt(blocks), in place, as PEFT does on every use."""
+    kind = "oft"
+    rotates = True
+    key_prefix = "oft_R."
+
+    def __init__(self, n: int, config: LoraConfig, device=None, dtype=None):
+        bs = config.oft_block_size
+        super().__init__(n // bs, 1.0)
+        self.block_size, self.blocks = bs, n // bs
+        self.coft, self.eps, self.terms = config.coft, config.coft_eps, config.num_cayley_neumann_terms
+        self.neumann = config.use_cayley_neumann
+        self.weight = _param(1 if config.block_share else self.blocks, bs * (bs - 1) // 2, device=device, dtype=dtype,
+                             kaiming=False)
+        rows, cols = torch.triu_indices(bs, bs, 1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    def _skew(self, vec: torch.Tensor) -> torch.Tensor:
+        m = vec.new_zeros(vec.shape[0], self.block_size, self.block_size)
+        m[:, self.rows, self.cols] = vec
+        return m - m.transpose(-2, -1)
+
+    def _project(self) -> None:
+        """COFT: each block's skew matrix clipped to Frobenius norm eps/sqrt(blocks) (PEFT's _project_batch)."""
+        with torch.no_grad():
+            q = self._skew(self.weight)
+            eps = self.eps / math.sqrt(q.shape[0])
+            norm = q.norm(dim=(1, 2), keepdim=True)
+            q = torch.where(norm <= eps, q, eps * (q / norm))
+            self.weight.copy_(q[:, self.rows, self.cols])
+
+    def rotation(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """The blocks of R, (blocks, bs, bs)."""
+        if self.coft:
+            self._project()
+        q = self._skew(self.weight.to(dtype) * scale)
+        eye = torch.eye(self.block_size, device=q.device, dtype=dtype).expand_as(q)
+        if not self.neumann:
+            R = torch.linalg.solve(eye + q, eye - q, left=False)
+        else:
+            R = self._neumann(q, eye)
+        return R.expand(self.blocks, -1, -1) if R.shape[0] == 1 else R
+
+    def _neumann(self, q: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+        """PEFT's truncated series, term for term (the last term has weight 1)."""
+        R, t = eye.clone(), self.terms
+        if t > 1:
+            R = R + 2 * q
+        if t > 2:
+            power = q @ q
+            R = R + 2 * power
+            for _ in range(3, t - 1):
+                power = power @ q
+                R = R + 2 * power
+            R = R + power @ q
+        return R
+
+    def _rotate(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """rows @ block_diag(blocks)ᵀ."""
+        out = rows.reshape(rows.shape[0], self.blocks, self.block_size)
+        return torch.einsum("obj,bij->obi", out, blocks).reshape(rows.shape)
+
+    def fold(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        return self._rotate(rows, self.rotation(scale, rows.dtype))
+
+    def unfold(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        return self._rotate(rows, torch.linalg.inv(self.rotation(scale, rows.dtype)))
+
+    def delta(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.fold(rows, scale) - rows
+
+
+def make_variant(config: LoraConfig, base: nn.Module, r: int, alpha: float, dtype: torch.dtype) -> Variant:
+    """The adapter of config.type (not 'lora') for base layer `base`; a bad fit raises one ValueError line."""
+    in_ch, out = base_dims(base)
+    kernel = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else ()
+    fan_in, kw = in_ch * math.prod(kernel), dict(device=base.weight.device, dtype=dtype)
+    if config.type == "loha":
+        return LoHa(out, fan_in, r, alpha, **kw)
+    if config.type == "lokr":
+        return LoKr(out, in_ch, kernel, r, alpha, config.decompose_factor, config.decompose_both, **kw)
+    if fan_in % config.oft_block_size:
+        raise ValueError(f"lora.oft_block_size = {config.oft_block_size} does not divide this layer's input size "
+                         f"{fan_in} (in_channels·kh·kw for a Conv2d): choose a divisor of it")
+    return OFT(fan_in, config, **kw)
