@@ -244,3 +244,23 @@ def test_a_refused_resume_leaves_the_run_byte_identical(tmp_path, capsys):
                            "--set", "train.max_steps=3"], capsys)
     assert rc == 0, line
     assert json.loads((tmp_path / "run" / "status.json").read_text())["step"] == 3
+
+
+@pytest.mark.slow
+def test_gui_convert_and_merge_replace_nothing(owned, tmp_path):
+    """The Adapters tab writes under outputs/: a taken name (the input's own included) is refused, the tree unchanged."""
+    from lora_gui.controller import Controller
+    from lora_gui.errors import UserError
+    from lora_gui.workspace import Workspace
+    ctrl = Controller(Workspace(tmp_path / "ws"))
+    mine = ctrl.ws.outputs / "adapters" / "style.safetensors"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(owned["adapter"].read_bytes())
+    (ctrl.ws.outputs / "merged" / "m").mkdir(parents=True)
+    (ctrl.ws.outputs / "merged" / "m" / "keep.txt").write_text("an earlier merge")
+    before = tree(ctrl.ws.root)
+    with pytest.raises(UserError, match="style.safetensors exists already"):
+        ctrl.adapters.convert("outputs/adapters/style.safetensors", "diffusers", "style")   # onto its input
+    with pytest.raises(UserError, match="merged/m exists already"):
+        ctrl.adapters.merge("outputs/adapters/style.safetensors", "tiny", "m")
+    assert tree(ctrl.ws.root) == before
