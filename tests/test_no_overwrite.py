@@ -22,6 +22,7 @@ from lora_sd import cli as sd_cli
 
 MAIN = {"sd": (sd_cli.main, "lora-sd"), "llm": (llm_cli.main, "lora-llm")}
 ASIDE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?")
+ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).parent / "fixtures" / "llm"
 
 
@@ -99,6 +100,10 @@ CASES = {
               ["--lora", "{out}/style2.safetensors:0.5"], "merged"),
     "save-single-file": ("sd", ["save-single-file", "{model}", "{out}/single.safetensors"], ["--half"],
                          "single.safetensors"),
+    "eval-suite": ("llm", ["eval-suite", "--config", ROOT / "configs" / "llm_suite_tiny.toml", "--out", "{out}/suite",
+                           "--set", 'tasks=["sst2"]', "--set", "base.train.max_steps=1", "--set",
+                           f'overrides.sst2=["data.data_dir=\'{FIX / "sst2"}\'", "data.train_split=\'train\'"]'],
+                   ["--set", "base.train.seed=1"], "suite"),
     "llm-merge": ("llm", ["merge", "{llm_run}", "--out", "{out}/llm_merged"], [], "llm_merged"),   # no other options
 }
 
