@@ -63,6 +63,10 @@ class Header:
         return float(struct.unpack(_SCALAR[t["dtype"]], raw)[0])
 
 
+# how a torch.save file starts: a zip archive (torch >= 1.6), or a pickle of protocol 2 to 5
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
 def _bad(path: Path, what: str) -> LoraLoadError:
     return LoraLoadError(f"{path}: {what}")
 
@@ -94,6 +98,9 @@ def read_header(path: Union[str, Path]) -> Header:
             size = path.stat().st_size
             if len(raw) < 8:
                 raise _bad(path, f"not a safetensors file (only {len(raw)} bytes)")
+            if raw.startswith(_PICKLE_MAGIC):
+                raise _bad(path, "a PyTorch pickle checkpoint (.ckpt / .pt / .bin), not a safetensors file; "
+                                 "pickles are never loaded here: give the .safetensors version of the file")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or n > size - 8:
                 raise _bad(path, f"not a safetensors file, or truncated (header length {n:,}, file size {size:,})")

@@ -155,6 +155,18 @@ def add_train_parser(sub, help: str, config_class: str, example: str, fn):
     return t
 
 
+def add_overwrite_flag(parser, what: str = "the output") -> None:
+    """`--overwrite` of every command that writes files: without it, earlier results there are refused."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} if it exists (the old one is moved aside to NAME.old-<time>, not deleted)")
+
+
+def moved_note(moved) -> None:
+    """Tell on stderr where --overwrite moved each earlier result."""
+    for old, aside in moved:
+        print(f"--overwrite: the old {old} is now {aside}", file=sys.stderr)
+
+
 def add_tiny_model_parser(sub, help: str, fn):
     """`tiny-model OUT_DIR [--seed N]`: a tiny model built from configs, for offline tests and demos."""
     m = sub.add_parser("tiny-model", help=help)
@@ -171,7 +183,7 @@ def add_inspect_parser(sub, help: str, fn, prog: str, fit: str):
         if a.base:
             return load_ref(fit)(a)
         if not a.file:
-            raise SystemExit(f"{prog} inspect: error: give an adapter FILE (or --base MODEL alone: its adaptable modules)")
+            raise ValueError("give an adapter FILE (or --base MODEL alone: its adaptable modules)")
         return fn(a)
     i = sub.add_parser("inspect", help=help)
     i.add_argument("file", nargs="?", default="", help="omitted with --base: list the base's adaptable modules")

@@ -86,9 +86,12 @@ def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
             raise _Bad(key, f": expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        if isinstance(value, float) and value.is_integer():
+            raise _Bad(key, f": expected an integer, got the number {value!r}; write it without a decimal point "
+                            "or exponent")
+        if isinstance(value, bool) or not isinstance(value, int):
             raise _Bad(key, f": expected an integer, got {value!r}")
-        return int(value)
+        return value
     if tp is bool and not isinstance(value, bool):
         raise _Bad(key, f": expected true or false, got {value!r}")
     if tp is str and not isinstance(value, str):
@@ -200,15 +203,35 @@ def _overridden(key: Optional[str], override_keys: list[str]) -> bool:
     return bool(key) and any(key == k or key.startswith((k + ".", k + "[")) for k in override_keys)
 
 
-def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> T:
+def _other_tool(data: dict, other: Optional[tuple[str, Sequence[str]]]) -> Optional[str]:
+    """When `data` has keys that only the other tool's configs have: what to say instead of "unknown key"."""
+    if other is None:
+        return None
+    tool, marks = other
+
+    def has(mark: str) -> bool:
+        section, _, key = mark.partition(".")
+        return section in data if not key else isinstance(data.get(section), dict) and key in data[section]
+    found = [m for m in marks if has(m)]
+    if not found:
+        return None
+    return f"a {tool} config (it has {', '.join(found[:3])}), not one of this tool: run it with `{tool}`"
+
+
+def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                other: Optional[tuple[str, Sequence[str]]] = None) -> T:
     """The typed config of a TOML file (or the defaults) with `section.key=value` overrides, validated
-    completely: a bad value raises ConfigError naming the file (or --set), the dotted key and what is allowed."""
+    completely: a bad value raises ConfigError naming the file (or --set), the dotted key and what is allowed.
+    other: (the other tool, the keys that only its configs have): a file of the other tool is named as such."""
     data = read_toml(path) if path is not None else {}
     where = str(path) if path is not None else "config"
     data = apply_overrides(data, overrides)
     try:
         return _build(cls, data, "")
     except _Bad as e:
+        hint = _other_tool(data, other) if "unknown key" in e.text else None
+        if hint:
+            raise ConfigError(f"{where}: {hint}", e.key) from None
         keys = [".".join(parse_override(o)[0]) for o in overrides]
         if _overridden(e.key, keys):
             where = "--set"

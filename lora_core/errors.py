@@ -13,6 +13,14 @@ class RunFolderError(ValueError):
     """The run folder cannot be used as asked; the message names the folder and what to do."""
 
 
+class OutputExistsError(ValueError):
+    """A command's output would replace earlier results (without --overwrite) or one of its inputs."""
+
+
+class MissingPackageError(ValueError):
+    """An optional package that a setting needs is not installed; the message names the install command."""
+
+
 class RunLockedError(RunFolderError):
     """Another live trainer holds the run folder's lock."""
 

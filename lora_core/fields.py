@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 RANGE_KEYS = ("ge", "gt", "le", "lt", "multiple_of")
+# the largest value of an integer field that declares no upper bound: beyond it no run could hold the number
+# (a rank, a step count, a size); a field that needs more declares its own le/lt
+INT_LIMIT = 2**31 - 1
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, ge=None, gt=None, le=None, lt=None,
@@ -141,6 +144,8 @@ def check_value(value: Any, tp: Any, meta: dict | None = None) -> Optional[str]:
     err = meta["check"](value) if "check" in meta else None
     if err:
         return err
+    if tp is int and isinstance(value, int) and abs(value) > INT_LIMIT and not ("le" in meta or "lt" in meta):
+        return f"must be {range_text({**meta, 'le': INT_LIMIT}, True)} (no run can use more); got {value}"
     if not any(k in meta for k in RANGE_KEYS):
         return None
     integer = tp is int

@@ -16,12 +16,22 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, name_matches
-from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, NonFiniteError, TargetMatchError,
-                     UnknownAdapterError)
+from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, ModelLoadError, NonFiniteError,
+                     TargetMatchError, UnknownAdapterError)
 from .layers import LoraLayer, ModulesToSaveWrapper, is_kxk_conv, supported
 from .variants import make_variant
 
 DEFAULT = "default"
+
+
+def refuse_non_finite_base(modules: dict[str, nn.Module], source: str) -> None:
+    """Before training: raise ModelLoadError naming the first base weight (component.tensor) that holds an
+    inf or a NaN, which would otherwise show as a non-finite loss at step 1."""
+    for comp, module in modules.items():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point() and not bool(t.isfinite().all()):
+                raise ModelLoadError(f"{source}: the base model's weight {comp}.{name} holds non-finite values "
+                                     "(inf or NaN); the checkpoint is damaged: download or convert it again")
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .configfile import save_config
-from .files import atomic_write_json
+from .files import atomic_write_json, move_aside
 from .errors import NonFiniteLoss, RunFolderError, RunLockedError, StopRequested
 
 log = logging.getLogger("lora")
@@ -48,6 +48,8 @@ LOCK_FILE = "run.lock"
 # what a folder may hold and still count as fresh: the GUI queue's config/status/console and a failed start
 _FRESH_FILES = {"config.toml", "status.json", "console.log", "train.log", LOCK_FILE}
 _FRESH_DIRS = {"samples", "checkpoints"}
+# what a job writes in a run folder before its resume has loaded: given back byte for byte when it is refused
+_HELD_FILES = ("config.toml", "status.json", "train.log", "metrics.jsonl", LOCK_FILE)
 
 
 # ------------------------------------------------------------------ run folder
@@ -61,6 +63,7 @@ class RunDir:
         self.samples = self.path / "samples"
         self.checkpoints_dir = self.path / "checkpoints"
         self.lock_file = self.path / LOCK_FILE
+        self.held: Optional[dict] = None   # see hold()
 
     def create(self) -> "RunDir":
         for d in (self.path, self.samples, self.checkpoints_dir):
@@ -92,6 +95,30 @@ class RunDir:
             finally:
                 os.close(fd)
         return status
+
+    def hold(self) -> None:
+        """Before a resume writes anything: remember what it may change (the _HELD_FILES, the folders that
+        create() adds), so that a refused resume leaves the run byte-identical (give_back)."""
+        self.held = {"files": {n: (self.path / n).read_bytes() if (self.path / n).is_file() else None
+                               for n in _HELD_FILES},
+                     "dirs": [d for d in (self.samples, self.checkpoints_dir) if not d.exists()]}
+
+    def commit(self) -> None:
+        """The resume has loaded (or there is nothing to resume): from here the run's changes are kept."""
+        self.held = None
+
+    def give_back(self) -> None:
+        """Put back what hold() remembered: each file's bytes (in place), no file that was not there."""
+        for name, data in self.held["files"].items():
+            path = self.path / name
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(data)
+        for d in self.held["dirs"]:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        self.held = None
 
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics, "a", encoding="utf-8") as f:
@@ -287,17 +314,7 @@ class RunLock:
 
 
 # ------------------------------------------------------------------ the job wrapper
-def _move_aside(run: RunDir) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside, n = run.path.with_name(f"{run.path.name}.old-{stamp}"), 1
-    while aside.exists():
-        n += 1
-        aside = run.path.with_name(f"{run.path.name}.old-{stamp}-{n}")
-    os.rename(run.path, aside)
-    return aside
-
-
-def check_folder(run: RunDir, resume: Optional[str], overwrite: bool) -> Optional[Path]:
+def check_folder(run: RunDir, resume: Optional[str], overwrite: bool, kind: str = "") -> Optional[Path]:
     """Read-only checks of the run folder before a job writes anything; with overwrite, the old run
     is moved aside (returns where). Raises RunFolderError."""
     if resume and overwrite:
@@ -305,6 +322,10 @@ def check_folder(run: RunDir, resume: Optional[str], overwrite: bool) -> Optiona
     if run.path.exists() and not run.path.is_dir():
         raise RunFolderError(f"{run.path} is a file, not a folder: choose another --run-dir")
     RunLock(run).check()
+    other = run.read_status().get("kind")
+    if kind and other and other != kind and not overwrite:
+        raise RunFolderError(f"{run.path} holds a {other} run (status.json), not a {kind} one: continue it with "
+                             f"the tool that made it ({other}), or choose another --run-dir")
     if resume:
         resume_candidates(run, resume)
         return None
@@ -315,7 +336,7 @@ def check_folder(run: RunDir, resume: Optional[str], overwrite: bool) -> Optiona
         shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
         raise RunFolderError(f"{run.path} holds another run ({shown}): continue it with --resume latest, "
                              "or start a new one there with --overwrite (the old run is moved aside)")
-    return _move_aside(run)
+    return move_aside(run.path)
 
 
 def _final_reason(e: BaseException) -> tuple[str, str]:
@@ -346,7 +367,10 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
     run's files, a live lock, a resume without a run; --overwrite moves the old run aside), then create
     it, lock it, save the resolved config, set up logging, mark it running (with `kind`), and run
     body(run, validated). Any exception ends the run in a final state with the reason; a stop signal
-    outside the training loop ends it "stopped" (and returns the status)."""
+    outside the training loop ends it "stopped" (and returns the status). A resume of an existing run is
+    held (RunDir.hold) until TrainLoop.resume has loaded its checkpoint: a refusal or failure before that
+    (a checkpoint that does not fit the new config, a stop while loading) leaves the run folder
+    byte-identical and raises."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     lock = RunLock(run)
     started, aside = False, None
@@ -354,7 +378,9 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
         try:
             prepared = validate()
             if main:
-                aside = check_folder(run, resume, overwrite)
+                aside = check_folder(run, resume, overwrite, kind)
+                if resume and run.foreign_entries():
+                    run.hold()   # until the checkpoint has loaded, a refusal gives the run back as it was
                 run.create()
                 lock.acquire()
                 started = True   # the folder is this job's now: any failure from here is recorded
@@ -368,6 +394,10 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
                 log.warning("--overwrite: the old run in %s was moved to %s", run.path, aside)
             return body(run, prepared)
         except BaseException as e:
+            if main and run.held is not None:   # a resume that never started: nothing of it stays
+                setup_logging(None, main)
+                run.give_back()
+                raise
             if main and not started and _queued_here(run, e):
                 started = True   # a folder the GUI queued: its status gets the reason the job never started
             if main and started:
@@ -443,10 +473,14 @@ class TrainLoop:
             self.best_val = state.get("best_val")
             self.last_ckpt = str(path)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+            self.run.commit()
             return path
         if failed:
             path, e = failed[0]
-            raise RunFolderError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
+            why = " ".join(str(e).split())   # one line (a load error may span several)
+            raise RunFolderError(f"cannot resume from {path}: {type(e).__name__}: {why[:400]}; the run folder is "
+                                 "left as it was") from e
+        self.run.commit()
         return None
 
     def _check_state(self, path: Path, state: dict) -> None:

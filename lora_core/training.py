@@ -24,7 +24,7 @@ from torch import nn
 from .io import atomic_save_safetensors
 from .run import RunDir, TrainLoop
 from .settings import TrainSettings
-from .errors import NonFiniteLoss
+from .errors import MissingPackageError, NonFiniteLoss
 
 log = logging.getLogger("lora")
 
@@ -114,14 +114,15 @@ def make_optimizer(params, s: TrainSettings, part_lrs: Optional[dict[str, float]
         try:
             import bitsandbytes as bnb   # lazy: an optional package (not a dependency)
         except ImportError:
-            raise RuntimeError("train.optimizer = 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from None
+            raise MissingPackageError("train.optimizer = 'adamw8bit' needs bitsandbytes, which is not installed: "
+                                      "pip install bitsandbytes (or choose optimizer = 'adamw')") from None
         return bnb.optim.AdamW8bit(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
     if s.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy   # lazy: an optional package (the [prodigy] extra)
         except ImportError:
-            raise RuntimeError("train.optimizer = 'prodigy' needs prodigyopt (pip install prodigyopt, "
-                               "or the [prodigy] extra)") from None
+            raise MissingPackageError("train.optimizer = 'prodigy' needs prodigyopt, which is not installed: "
+                                      "pip install prodigyopt (or the [prodigy] extra)") from None
         return Prodigy(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
     return torch.optim.AdamW(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
 

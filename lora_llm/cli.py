@@ -19,17 +19,18 @@ import sys
 from pathlib import Path
 
 from lora_core.adapter_files import inspect, refuse_non_finite
-from lora_core.cli_errors import add_debug_flag, add_inspect_parser, add_tiny_model_parser, add_train_parser, run_command
+from lora_core.cli_errors import (add_debug_flag, add_inspect_parser, add_overwrite_flag, add_tiny_model_parser,
+                                  add_train_parser, moved_note, run_command)
 from lora_core.configdoc import HelpConfig
 from lora_core.errors import LoraLoadError, RunFolderError
-from lora_core.files import atomic_write_json
+from lora_core.files import atomic_write_json, check_output, room_for
 from lora_core.run import setup_logging
 
 from .adapter_formats import ADAPTER_FILE, LLM_INFO
 from .cli_decide import add_commands
 from .config import ModelSection, load_llm_config
 from .errors import SuiteStopped
-from .suite import load_suite, markdown_table, run_suite
+from .suite import RESULT_FILES, load_suite, markdown_table, run_suite
 
 
 def _cmd_train(a) -> int:
@@ -55,13 +56,17 @@ def _run_config(adapter: Path, config: str | None, overrides):
 def _cmd_eval(a) -> int:
     from . import adapter_io, evaluate   # lazy: torch and transformers (not for --help or argument errors)
     adapter = Path(a.adapter)
+    found = check_output(a.out, inputs=[adapter], overwrite=a.overwrite, flag="--out") if a.out else []
     cfg = _run_config(adapter, a.config, a.set)
     model, tok, info = adapter_io.load_trained(adapter, a.device, cfg.model if a.config or a.set else None)
     if info.get("task") and info["task"] != cfg.data.task:
-        raise SystemExit(f"{adapter}: the adapter was trained for {info['task']!r}, the config says {cfg.data.task!r}")
+        raise ValueError(f"{adapter}: the adapter was trained for {info['task']!r}, the config says {cfg.data.task!r}; "
+                         "evaluate it with its own task")
     res = evaluate.evaluate_job(cfg, model, tok, progress=not a.json, baseline=a.baseline)
     if a.out:
-        atomic_write_json(a.out, res)
+        with room_for(found) as moved:
+            atomic_write_json(a.out, res)
+        moved_note(moved)
     if a.json:
         print(json.dumps(res, indent=2))
     else:
@@ -81,7 +86,14 @@ def _cmd_eval(a) -> int:
 def _cmd_suite(a) -> int:
     setup_logging(None)
     suite = load_suite(a.config, a.set)
-    rows = run_suite(suite, a.out, a.resume)
+    if a.resume and a.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: choose one")
+    found = [] if a.resume else check_output(
+        a.out, inputs=[a.config, *suite.adapters.values()], overwrite=a.overwrite, flag="--out",
+        results=[*RESULT_FILES, *suite.tasks])   # --resume continues the earlier results there
+    with room_for(found) as moved:
+        moved_note(moved)
+        rows = run_suite(suite, a.out, a.resume)
     print(markdown_table(rows, suite.note))
     return 0
 
@@ -147,11 +159,12 @@ def _cmd_tiny(a) -> int:
 
 def _cmd_merge(a) -> int:
     from .adapter_io import save_merged   # lazy: torch and transformers (not for --help or argument errors)
-    out = Path(a.out)
-    if out.exists():
-        raise FileExistsError(f"--out {out}: exists already; give a new folder for the merged model")
-    save_merged(_adapter_file(a.adapter)[0], out)
-    print(f"merged model written to {out} (load it with transformers' from_pretrained)")
+    found = check_output(a.out, inputs=[a.adapter], overwrite=a.overwrite, flag="--out")
+    file = _adapter_file(a.adapter)[0]
+    with room_for(found) as moved:
+        save_merged(file, a.out)
+    moved_note(moved)
+    print(f"merged model written to {a.out} (load it with transformers' from_pretrained)")
     return 0
 
 
@@ -187,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the majority-class rate")
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default=None, help="write the result as JSON here")
+    add_overwrite_flag(e, "the --out file")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_cmd_eval)
 
@@ -195,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. base.train.max_steps=10")
     s.add_argument("--resume", default=None, help="'latest': continue unfinished task runs")
+    add_overwrite_flag(s, "earlier results there (results.json, results.md, the task run folders)")
     s.add_argument("--help-config", action=HelpConfig, config_class="lora_llm.suite:SuiteConfig")
     s.set_defaults(fn=_cmd_suite)
 
@@ -218,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="fold an adapter into its base model and save a transformers folder")
     mg.add_argument("adapter", help="run folder or adapter.safetensors")
     mg.add_argument("--out", required=True, help="new folder for the merged model")
+    add_overwrite_flag(mg, "the --out folder")
     mg.set_defaults(fn=_cmd_merge)
 
     add_inspect_parser(sub, "describe an adapter file or PEFT folder", _cmd_inspect, "lora-llm",

@@ -24,6 +24,8 @@ from lora_core.settings import TrainSettings
 
 Task = Literal["wikitext2", "sst2", "cola", "imdb", "ag_news"]
 TASKS = get_args(Task)
+# keys that only lora-sd configs have (an image job given to lora-llm is named as such)
+SD_KEYS = ("sample", "loss", "embedding", "text_encoder_lora", "output", "data.path", "data.resolution")
 Backend = Literal["torch", "mindspore"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -127,7 +129,7 @@ class LLMTrainConfig(Checked):
 
 def load_llm_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> LLMTrainConfig:
     """Read a job file (or the defaults when path is None) and apply `section.key=value` overrides."""
-    return load_config(LLMTrainConfig, path, overrides)
+    return load_config(LLMTrainConfig, path, overrides, other=("lora-sd", SD_KEYS))
 
 
 __all__ = ["LLMTrainConfig", "ModelSection", "DataSection", "EvalSection", "MindSporeSection", "load_llm_config", "TASKS"]

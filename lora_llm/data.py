@@ -285,7 +285,8 @@ def _load_hf(task: str, split: str):
     try:
         import datasets   # lazy: an optional package, needed only when no local file is found
     except ImportError:
-        raise DataError(f"no local {task} {split!r} file and the `datasets` package is missing") from None
+        raise DataError(f"no local {task} {split!r} file (set data.data_dir or data.*_file), and the `datasets` "
+                        "package that would download it is not installed: pip install datasets") from None
     names, field = _HF[task]
     hf_split = _HF_SPLIT.get(split, split)
     if task == "ag_news" and hf_split == "validation":

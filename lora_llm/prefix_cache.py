@@ -128,9 +128,20 @@ class PrefixStore:
         return h.hexdigest()
 
     def refresh(self) -> None:
-        """Read the shard indexes on disk (another process may have added shards)."""
+        """Read the shard indexes on disk (another process may have added shards). A damaged shard (its index
+        unreadable, its .npy truncated) is named in a warning and dropped: its prefixes are computed again."""
         for f in sorted(self.folder.glob("shard_*.json")):
-            entries = json.loads(f.read_text())["entries"]
+            try:
+                entries = json.loads(f.read_text())["entries"]
+                rows = np.load(f.with_suffix(".npy"), mmap_mode="r").shape[0]
+                if any(off + n > rows for off, n in entries.values()):
+                    raise ValueError(f"the index reaches past the {rows} rows of {f.stem}.npy")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+                log.warning("prefix cache: %s is damaged (%s: %s); it is removed and its prefixes are computed "
+                            "again", f.with_suffix(".npy"), type(e).__name__, e)
+                for p in (f, f.with_suffix(".npy")):
+                    p.unlink(missing_ok=True)
+                continue
             self.index.update({k: (f.stem, off, n) for k, (off, n) in entries.items()})
 
     def get(self, key: str) -> torch.Tensor:

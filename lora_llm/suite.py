@@ -27,6 +27,7 @@ from .errors import SuiteStopped
 from .metrics import BASELINE_LABEL, BASELINE_LABEL_LM
 
 log = logging.getLogger("lora.llm")
+RESULT_FILES = ("results.json", "results.md")   # in OUT, rewritten after each task
 
 
 @dataclass
@@ -114,11 +115,11 @@ def run_suite(suite: SuiteConfig, out: str | Path, resume: Optional[str] = None)
                          "source": cfg.run_dir})
         else:
             rows.extend(result_rows(task, res, cfg, time.time() - t0, source))
-        atomic_write_json(out / "results.json", {"rows": rows, "note": suite.note})
-        atomic_write_text(out / "results.md", markdown_table(rows, suite.note))
+        atomic_write_json(out / RESULT_FILES[0], {"rows": rows, "note": suite.note})
+        atomic_write_text(out / RESULT_FILES[1], markdown_table(rows, suite.note))
         log.info("suite: %s finished in %.0f s", task, time.time() - t0)
     if failed:
-        raise RuntimeError(f"eval-suite: task(s) {failed} failed (see the log and {out / 'results.md'})")
+        raise RuntimeError(f"eval-suite: task(s) {failed} failed (see the log and {out / RESULT_FILES[1]})")
     return rows
 
 

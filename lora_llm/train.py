@@ -15,7 +15,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from lora_core.files import atomic_write_json, atomic_write_text
-from lora_core.model import add_lora
+from lora_core.errors import MissingPackageError
+from lora_core.model import add_lora, refuse_non_finite_base
 from lora_core.run import RunDir, run_job
 from lora_core.training import EpochSampler, train
 
@@ -52,6 +53,7 @@ def build_model(cfg: LLMTrainConfig, tokenizer):
     """(model, resolved LoraConfig): the base model of the task with the adapter added."""
     n = 0 if cfg.data.is_lm else D.num_labels(cfg.data.task)
     model = load_model(cfg.model, n, tokenizer.pad_token_id)
+    refuse_non_finite_base({"model": model}, cfg.model.pretrained)
     lcfg = resolve_lora(cfg.lora, model, classification=n > 0)
     add_lora(model, lcfg)
     return model, lcfg
@@ -72,7 +74,13 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
     """Train (and evaluate) one job; everything lands in the run folder. Returns the final status
     dict (with "eval" when evaluation ran). The folder rules are lora_core.run.run_job's."""
     if cfg.backend == "mindspore":
-        from .mindspore.train import train_from_config as ms_train   # lazy: mindspore is an optional extra
+        try:
+            from .mindspore.train import train_from_config as ms_train   # lazy: mindspore is an optional extra
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] != "mindspore":
+                raise
+            raise MissingPackageError('backend = "mindspore" needs MindSpore, which is not installed: '
+                                      'pip install ".[mindspore]" (or backend = "torch")') from None
         return ms_train(cfg, run_dir, resume, overwrite=overwrite)
     accelerator = make_accelerator(cfg)
 

@@ -22,10 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-from lora_core.cli_errors import add_debug_flag, add_inspect_parser, add_tiny_model_parser, add_train_parser, run_command
+from lora_core.cli_errors import (add_debug_flag, add_inspect_parser, add_overwrite_flag, add_tiny_model_parser,
+                                  add_train_parser, moved_note, run_command)
 from lora_core.adapter_files import inspect
 from lora_core.errors import RunFolderError
-from lora_core.files import atomic_write_json
+from lora_core.files import atomic_write_json, check_output, room_for
 
 from . import synth
 from .cli_decide import add_commands
@@ -74,7 +75,9 @@ def _parse_lora(spec: str) -> tuple[str, float]:
         try:
             return path, float(scale)
         except ValueError:
-            pass
+            if Path(path).expanduser().exists() and not Path(spec).expanduser().exists():
+                raise ValueError(f"--lora {spec}: the scale {scale!r} is not a number; write FILE:SCALE, "
+                                 "e.g. FILE:0.8") from None
     return spec, 1.0
 
 
@@ -92,6 +95,9 @@ def _cmd_generate(a) -> int:
     check_generation(steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=a.seed,
                      scheduler=a.scheduler)
     specs = _adapter_specs(a)
+    prompts = a.prompt or ["a photo"]
+    found = check_output(a.out, inputs=[f for f, _ in specs], overwrite=a.overwrite, flag="--out",
+                         results=[f"image_{i}.png" for i in range(len(prompts))])
     pipe = load_pipeline(a.model, a.model_config, dtype=torch_dtype(a.dtype))
     if is_random_weights(pipe):
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
@@ -100,10 +106,11 @@ def _cmd_generate(a) -> int:
     for r in report:
         what = f"the word {r['word']!r}" if "word" in r else f"{r['matched_modules']} modules matched"
         print(f"adapter {r['file']} ({r['format']}): {what}, scale {r['scale']}")
-    prompts = a.prompt or ["a photo"]
-    res = generate(pipe, prompts, negative_prompt=a.negative_prompt, steps=a.steps, guidance_scale=a.guidance,
-                   seed=a.seed, width=a.width, height=a.height, scheduler=a.scheduler, out_dir=a.out, prefix="image_",
-                   base={"model": a.model, "adapters": report, "fused": a.fuse})
+    with room_for(found) as moved:
+        res = generate(pipe, prompts, negative_prompt=a.negative_prompt, steps=a.steps, guidance_scale=a.guidance,
+                       seed=a.seed, width=a.width, height=a.height, scheduler=a.scheduler, out_dir=a.out,
+                       prefix="image_", base={"model": a.model, "adapters": report, "fused": a.fuse})
+    moved_note(moved)
     for i in range(len(res)):
         print(Path(a.out) / f"image_{i}.png")
     return 0
@@ -116,9 +123,8 @@ def _cmd_merge(a) -> int:
     from .generate import load_adapters, pipeline_components  # lazy: torch (--help stays torch-free)
     from .models import load_pipeline  # lazy: torch (--help stays torch-free)
     out = Path(a.out)
-    if out.exists():
-        raise FileExistsError(f"--out {out}: exists already; give a new folder for the merged pipeline")
     specs = _adapter_specs(a)
+    found = check_output(out, inputs=[a.model, *(f for f, _ in specs)], overwrite=a.overwrite, flag="--out")
     pipe = load_pipeline(a.model, a.model_config)
     comps = pipeline_components(pipe)
     merged = [{"file": path, "scale": scale, "metadata": file_metadata(path, comps)} for path, scale in specs]
@@ -126,25 +132,32 @@ def _cmd_merge(a) -> int:
     for m in comps.values():
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     fold_embeddings(pipe.text_encoder)   # and the word embeddings trained with them into the token rows
-    pipe.save_pretrained(str(out))
-    atomic_write_json(out / MERGED_ADAPTERS, merged)
+    with room_for(found) as moved:
+        pipe.save_pretrained(str(out))
+        atomic_write_json(out / MERGED_ADAPTERS, merged)
+    moved_note(moved)
     print(f"merged pipeline written to {out} (the adapters folded in: {MERGED_ADAPTERS})")
     return 0
 
 
 def _cmd_save_single_file(a) -> int:
     from .models import load_pipeline, save_single_file  # lazy: torch (--help stays torch-free)
-    if Path(a.out).exists():
-        raise FileExistsError(17, "exists already; choose another name or move it away", a.out)
-    r = save_single_file(load_pipeline(a.model, a.model_config), a.out, half=a.half)
+    found = check_output(a.out, inputs=[a.model], overwrite=a.overwrite, flag="save-single-file OUT")
+    pipe = load_pipeline(a.model, a.model_config)
+    with room_for(found) as moved:
+        r = save_single_file(pipe, a.out, half=a.half)
+    moved_note(moved)
     print(f"wrote {r['out']} ({r['arch']}, original single-file layout, {r['tensors']} tensors, {r['bytes']:,} bytes)")
     return 0
 
 
 def _cmd_convert(a) -> int:
+    found = check_output(a.output, inputs=[a.input], overwrite=a.overwrite, flag="convert OUTPUT")
     from lora_core.dtypes import torch_dtype  # lazy: torch (--help stays torch-free)
     from .formats import convert  # lazy: torch (--help stays torch-free)
-    r = convert(a.input, a.output, a.to, torch_dtype(a.dtype))
+    with room_for(found) as moved:
+        r = convert(a.input, a.output, a.to, torch_dtype(a.dtype))
+    moved_note(moved)
     print(f"converted {r['modules']} modules: {r['from']} -> {r['to']}: {r['out']}")
     return 0
 
@@ -197,8 +210,24 @@ def _cmd_check_dataset(a) -> int:
     return 0 if d["ok"] else 1   # a report that finds problems (as the existing tests expect)
 
 
+def _score_outputs(a, scales: list[float]) -> tuple[Path, list[Path]]:
+    """(the JSON report's path, the earlier results that --overwrite replaces): --out, else
+    <adapter>.score.json beside the first --lora (or --embedding); never the shell's current folder."""
+    beside = (a.lora or a.embedding or [None])[0]
+    if not a.out and beside is None:
+        raise ValueError("--out: give the JSON report's path (with no --lora or --embedding there is no adapter "
+                         "to write it beside)")
+    out = Path(a.out) if a.out else Path(beside).with_suffix(".score.json")
+    inputs = [*(a.lora or []), *(a.embedding or [])]
+    found = check_output(out, inputs=inputs, overwrite=a.overwrite, flag="--out")
+    if a.save_images:
+        found += check_output(a.save_images, inputs=inputs, overwrite=a.overwrite, flag="--save-images",
+                              results=[f"scale_{s:g}" for s in scales])
+    return out, found
+
+
 def _cmd_score(a) -> int:
-    from .generate import load_adapters, pipeline_images, set_adapter_scale  # lazy: torch (--help stays torch-free)
+    from .generate import load_adapters  # lazy: torch (--help stays torch-free)
     from .models import load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
     try:
         groups = [(c, synth.prompts_for(c, tuple(a.background or synth.BACKGROUNDS)))
@@ -208,10 +237,23 @@ def _cmd_score(a) -> int:
         print(f"lora-sd score: error: {e} (--concept, --background, --scales)", file=sys.stderr)
         return 2
     groups += [("prompts", a.prompt)] if a.prompt else []
+    out, found = _score_outputs(a, scales)
     pipe = load_pipeline(a.model, a.model_config)
     pipe.to(pick_device(a.device))
     report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or ())
     seeds = list(range(a.seed, a.seed + a.seeds))
+    with room_for(found) as moved:
+        rows = _score_rows(a, pipe, report, groups, scales, seeds)
+        atomic_write_json(out, {"model": a.model, "adapters": report, "seeds": seeds, "steps": a.steps,
+                                "guidance_scale": a.guidance, "size": a.size, "scheduler": a.scheduler, "rows": rows})
+    moved_note(moved)
+    print(format_table(rows))
+    print(f"wrote {out}")
+    return 0
+
+
+def _score_rows(a, pipe, report, groups, scales, seeds) -> list[dict]:
+    from .generate import pipeline_images, set_adapter_scale  # lazy: torch (--help stays torch-free)
     rows = []
     for scale in scales:
         if report:
@@ -221,11 +263,7 @@ def _cmd_score(a) -> int:
                                save_dir=save)
         for name, prompts in groups:
             rows.append({"scale": scale, "group": name, "prompts": prompts, **score_generator(make, prompts, seeds)})
-    print(format_table(rows))
-    atomic_write_json(a.out, {"model": a.model, "adapters": report, "seeds": seeds, "steps": a.steps,
-                              "guidance_scale": a.guidance, "size": a.size, "scheduler": a.scheduler, "rows": rows})
-    print(f"wrote {a.out}")
-    return 0
+    return rows
 
 
 def _cmd_pretrain_tiny(a) -> int:
@@ -266,7 +304,9 @@ def _add_score_parsers(sub) -> None:
     sc.add_argument("--scheduler", default="ddim")
     sc.add_argument("--device", default="", help="default: cuda when available, else cpu")
     sc.add_argument("--save-images", default="", help="folder for the images (scale_<s>/p<i>_s<seed>_0.png)")
-    sc.add_argument("--out", default="score.json", help="JSON report")
+    sc.add_argument("--out", default="", help="JSON report (default: <adapter>.score.json beside the first --lora "
+                    "or --embedding)")
+    add_overwrite_flag(sc, "the report and earlier scale_<s> image folders")
     sc.set_defaults(fn=_cmd_score)
 
     pt = sub.add_parser("pretrain-tiny", help="train the tiny SD pipeline from scratch on the synthetic shapes world")
@@ -313,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     g.add_argument("--device", default="", help="default: cuda when available, else cpu")
     g.add_argument("--out", default="outputs", help="folder for image_<i>.png")
+    add_overwrite_flag(g, "earlier image_<i>.png files there")
     g.set_defaults(fn=_cmd_generate)
 
     mg = sub.add_parser("merge", help="fold adapters into the base model and save it as a diffusers folder")
@@ -320,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
     mg.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]", help="repeatable")
     mg.add_argument("--out", required=True, help="new folder for the merged pipeline")
+    add_overwrite_flag(mg, "the --out folder")
     mg.set_defaults(fn=_cmd_merge)
 
     sf = sub.add_parser("save-single-file", help="write a model as one .safetensors file in the original "
@@ -328,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("out", help="the new .safetensors file")
     sf.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
     sf.add_argument("--half", action="store_true", help="store the weights as float16")
+    add_overwrite_flag(sf, "the output file")
     sf.set_defaults(fn=_cmd_save_single_file)
 
     c = sub.add_parser("convert", help="convert between kohya and diffusers LoRA files (refuses inf/NaN tensors)")
@@ -335,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output")
     c.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     c.add_argument("--dtype", default="keep", choices=["keep", "fp32", "fp16", "bf16"])
+    add_overwrite_flag(c, "the output file")
     c.set_defaults(fn=_cmd_convert)
 
     add_inspect_parser(sub, "rank, alpha, targets, metadata and size of a LoRA file", _cmd_inspect, "lora-sd",

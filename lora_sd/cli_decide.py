@@ -6,7 +6,9 @@ import json
 from tqdm import tqdm
 
 from lora_core.adapter_files import inspect
-from lora_core.cli_errors import add_sweep_and_check
+from lora_core.cli_errors import add_overwrite_flag, add_sweep_and_check, moved_note
+from lora_core.errors import ConfigError
+from lora_core.files import check_output, room_for
 
 
 def _axis_values(axis: str, text: str, run: str) -> list:
@@ -15,10 +17,10 @@ def _axis_values(axis: str, text: str, run: str) -> list:
     from .grid import FINAL, run_steps  # lazy: torch (--help stays torch-free)
     if axis == "step" and not text:
         if not run:
-            raise SystemExit("lora-sd grid: --x/--y step needs --run (the run folder)")
+            raise ConfigError("--x/--y step needs --run (the run folder)")
         return run_steps(run)
     if not text:
-        raise SystemExit(f"lora-sd grid: give the {axis} values, e.g. --x {axis}=...")
+        raise ConfigError(f"give the {axis} values, e.g. --x {axis}=...")
     parts = [t.strip() for t in text.split("|" if axis == "prompt" else ",")]
     try:
         if axis == "step":
@@ -28,12 +30,12 @@ def _axis_values(axis: str, text: str, run: str) -> list:
         if axis == "seed":
             return [int(p) for p in parts]
     except ValueError as e:
-        raise SystemExit(f"lora-sd grid: bad {axis} value ({e})") from None
+        raise ConfigError(f"--x/--y: bad {axis} value ({e})") from None
     return parts
 
 
 def _cmd_grid(a) -> int:
-    from .grid import AXES, GRID_FILE, GridSpec, make_grid  # lazy: torch (--help stays torch-free)
+    from .grid import AXES, CELLS, GRID_FILE, INDEX_FILE, GridSpec, make_grid  # lazy: torch (--help stays torch-free)
     from .models import load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
     axes = []
     for spec in (a.x, a.y):
@@ -41,17 +43,21 @@ def _cmd_grid(a) -> int:
             continue
         axis, _, text = spec.partition("=")
         if axis not in AXES:
-            raise SystemExit(f"lora-sd grid: unknown axis {axis!r}; choose from {', '.join(AXES)}")
+            raise ConfigError(f"--x/--y: unknown axis {axis!r}; choose from {', '.join(AXES)}")
         axes.append((axis, _axis_values(axis, text, a.run)))
     (x, xv), (y, yv) = axes[0], (axes[1] if len(axes) > 1 else ("", [None]))
+    found = check_output(a.out, overwrite=a.overwrite, flag="--out", results=[GRID_FILE, INDEX_FILE, CELLS],
+                         inputs=[a.run, a.adapter, a.model])
     spec = GridSpec(x=x, x_values=xv, y=y, y_values=yv, run=a.run, adapter=a.adapter, step=a.step, scale=a.scale,
                     prompt=a.prompt, seed=a.seed, negative_prompt=a.negative_prompt, steps=a.steps,
                     guidance_scale=a.guidance, width=a.width, height=a.height, scheduler=a.scheduler)
     pipe = load_pipeline(a.model, a.model_config)
     pipe.to(pick_device(a.device))
     bar = tqdm(total=len(xv) * len(yv), desc="grid", unit="cell")
-    make_grid(pipe, spec, a.out, progress=lambda done, total, cell: bar.update(1), model=a.model)
+    with room_for(found) as moved:
+        make_grid(pipe, spec, a.out, progress=lambda done, total, cell: bar.update(1), model=a.model)
     bar.close()
+    moved_note(moved)
     print(f"{a.out}/{GRID_FILE} ({len(yv)} x {len(xv)} cells; index.json lists each cell's parameters)")
     return 0
 
@@ -96,6 +102,7 @@ def add_commands(sub) -> None:
     g.add_argument("--scheduler", default="ddim")
     g.add_argument("--device", default="")
     g.add_argument("--out", required=True, help="folder for grid.png, cells/ and index.json")
+    add_overwrite_flag(g, "an earlier grid there (grid.png, cells/, index.json)")
     g.set_defaults(fn=_cmd_grid)
 
     add_sweep_and_check(sub, "lora-sd", "lora_sd.config:SDTrainConfig",

@@ -11,6 +11,8 @@ from lora_core.fields import Checked, option
 from lora_core.settings import TrainSettings
 
 # target_modules presets (regex, full match on the UNet module path)
+# keys that only lora-llm configs have (a text job or eval suite given to lora-sd is named as such)
+LLM_KEYS = ("backend", "eval", "mindspore", "tasks", "data.task", "data.data_dir", "data.max_length")
 CROSS_ATTN = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
 CROSS_ATTN_KV = r".*attn2\.(to_k|to_v)"   # the text side only, as Custom Diffusion trains it
 ALL_ATTN = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -224,7 +226,7 @@ class SDTrainConfig(Checked):
 
 
 def load_train_config(path=None, overrides=()) -> SDTrainConfig:
-    cfg = load_config(SDTrainConfig, path, overrides)
+    cfg = load_config(SDTrainConfig, path, overrides, other=("lora-llm", LLM_KEYS))
     if not cfg.data.path:
         raise ConfigError(f"{path or 'config'}: data.path is empty (the image folder to train on)")
     return cfg

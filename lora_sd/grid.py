@@ -33,7 +33,7 @@ from .generate import generate, load_adapters, pipeline_components, save_png
 log = logging.getLogger("lora_sd")
 AXES = ("step", "scale", "prompt", "seed", "adapter")
 FINAL = -1          # the step value of a run's final adapter (RUN/<name>.safetensors)
-INDEX_FILE, GRID_FILE = "index.json", "grid.png"
+INDEX_FILE, GRID_FILE, CELLS = "index.json", "grid.png", "cells"
 
 
 @dataclass
@@ -174,7 +174,7 @@ def make_grid(pipe, spec: GridSpec, out_dir, progress: Optional[Callable[[int, i
     try:
         for cell in sorted(todo, key=lambda c: (c.file or "", c.row, c.col)):
             adapters = loader.use(cell.file, float(cell.params["scale"]))
-            cell.png = f"cells/r{cell.row}_c{cell.col}.png"
+            cell.png = f"{CELLS}/r{cell.row}_c{cell.col}.png"
             (image, params), = generate(
                 pipe, [str(cell.params["prompt"])], negative_prompt=spec.negative_prompt, steps=spec.steps,
                 guidance_scale=spec.guidance_scale, seed=int(cell.params["seed"]), width=spec.width,
@@ -257,7 +257,8 @@ def grid_so_far(cfg, run_dir, step: int, device: str = "") -> Optional[Path]:
             "--seed", str(sc.seed), "--negative-prompt", sc.negative_prompt, "--model", cfg.model.pretrained,
             "--model-config", cfg.model.config,
             "--steps", str(sc.steps), "--guidance", str(sc.guidance_scale), "--width", str(sc.width or res),
-            "--height", str(sc.height or res), "--scheduler", sc.scheduler, "--device", device, "--out", str(out)]
+            "--height", str(sc.height or res), "--scheduler", sc.scheduler, "--device", device, "--out", str(out),
+            "--overwrite"]   # a resumed run makes the same grid again: the earlier one is moved aside
     done = subprocess.run([sys.executable, "-m", "lora_sd.cli", "grid", *args], capture_output=True, text=True)
     if done.returncode:
         log.warning("step %d: the comparison grid failed: %s", step, (done.stderr.strip().splitlines() or ["?"])[-1])

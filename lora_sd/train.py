@@ -28,6 +28,7 @@ from torch import nn
 from lora_core import add_lora, lora_disabled
 from lora_core.dtypes import torch_dtype
 from lora_core.errors import ConfigError
+from lora_core.model import refuse_non_finite_base
 from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, train
 
@@ -337,6 +338,8 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
     if pipe is None:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
                              prediction_type=cfg.model.prediction_type)
+    refuse_non_finite_base({n: getattr(pipe, n) for n in (*formats.COMPONENTS, "vae") if getattr(pipe, n, None)
+                            is not None}, cfg.model.pretrained)
     if cfg.model.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

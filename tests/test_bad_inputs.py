@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -164,6 +165,7 @@ def world(tiny_sd_model, tmp_path_factory):
     w["nan_key"] = _poisoned(a / "style.safetensors", a / "nan.safetensors", float("nan"))
     w["inf_key"] = _poisoned(a / "style.safetensors", a / "inf.safetensors", float("inf"), "lora_down")
     (a / "garbage.safetensors").write_bytes(b"\x00\x01 this is not a safetensors file")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, a / "model.ckpt")
     from safetensors.torch import save_file
     save_file({"foo.weight": torch.zeros(2)}, str(a / "notlora.safetensors"))
     save_file({"lora_unet_no_such_block_to_q.lora_down.weight": torch.zeros(2, 4),
@@ -175,6 +177,16 @@ def world(tiny_sd_model, tmp_path_factory):
     (root / "a_file").write_text("I am a file")
     (root / "merged").mkdir()
     (root / "merged" / "keep.txt").write_text("an earlier merge")
+    shutil.copytree(w["sd_model"], root / "nan_model")
+    unet = root / "nan_model" / "unet" / "diffusion_pytorch_model.safetensors"
+    w["sd_nan_key"] = _poisoned(Path(shutil.copy(unet, root / "unet.tmp")), unet, float("nan"), "conv_in.weight")
+    (root / "unet.tmp").unlink()
+    shutil.copytree(w["llm_model"], root / "llm_nan_model")
+    lm = root / "llm_nan_model" / "model.safetensors"
+    w["llm_nan_base_key"] = _poisoned(Path(shutil.copy(lm, root / "lm.tmp")), lm, float("nan"), "wte")
+    (root / "lm.tmp").unlink()
+    (root / "suite_out").mkdir()
+    (root / "suite_out" / "results.json").write_text('{"rows": []}')
     assert llm  # imported: the CLI module loads without torch errors
     return w
 
@@ -254,6 +266,42 @@ SD_CASES = [
      ["nope.safetensors"]),
     ("convert-nan", ["convert", "{adapters}/nan.safetensors", "{tmp}/x.safetensors", "--to", "diffusers"], 2,
      ["nan.safetensors", "NaN"]),
+    # outputs never replace what exists (an input never, even with --overwrite)
+    ("convert-onto-its-input", ["convert", "{adapters}/style.safetensors", "{adapters}/style.safetensors", "--to",
+                                "kohya"], 2, ["style.safetensors", "is the input"]),
+    ("convert-onto-its-input-overwrite", ["convert", "{adapters}/style.safetensors", "{adapters}/style.safetensors",
+                                          "--to", "kohya", "--overwrite"], 2, ["style.safetensors", "is the input"]),
+    ("convert-onto-a-text-file", ["convert", "{adapters}/style.safetensors", "{root}/a_file", "--to", "diffusers"], 2,
+     ["a_file", "exists already", "--overwrite"]),
+    ("merge-into-the-adapters-folder", ["merge", "--model", "{sd_model}", "--lora", "{adapters}/style.safetensors",
+                                        "--out", "{adapters}", "--overwrite"], 2, ["adapters", "is the input"]),
+    ("single-file-exists", ["save-single-file", "{sd_model}", "{root}/a_file"], 2, ["a_file", "exists already"]),
+    ("single-file-onto-the-model", ["save-single-file", "{sd_model}", "{sd_model}", "--overwrite"], 2,
+     ["is the input"]),
+    ("score-no-adapter-no-out", ["score", "--model", "{sd_model}", "--prompt", "a"], 2, ["--out"]),
+    ("grid-out-is-a-file", ["grid", "--x", "seed=0", "--adapter", "{adapters}/style.safetensors", "--out",
+                            "{adapters}/style.safetensors"], 2, ["style.safetensors", "is a file"]),
+    # messages that name the real cause; argument errors exit 2
+    ("lora-a-pickle", [*SD_GEN, "--lora", "{adapters}/model.ckpt"], 2, ["model.ckpt", "pickle", "safetensors"]),
+    ("convert-a-pickle", ["convert", "{adapters}/model.ckpt", "{tmp}/x.safetensors", "--to", "diffusers"], 2,
+     ["model.ckpt", "pickle"]),
+    ("lora-scale-not-a-number", [*SD_GEN, "--lora", "{adapters}/style.safetensors:abc"], 2,
+     ["'abc'", "not a number"]),
+    ("grid-step-without-run", ["grid", "--x", "step", "--out", "{tmp}/g"], 2, ["--run"]),
+    ("grid-unknown-axis", ["grid", "--x", "colour=red", "--out", "{tmp}/g"], 2, ["colour", "seed"]),
+    ("grid-bad-value", ["grid", "--x", "seed=one", "--out", "{tmp}/g"], 2, ["seed", "one"]),
+    ("inspect-no-file", ["inspect"], 2, ["FILE"]),
+    ("train-rank-beyond-any-run", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run", "--set",
+                                   "lora.r=99999999999999999999"], 2, ["lora.r", "2147483647"]),
+    ("train-steps-1e308", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run", "--set",
+                           "train.max_steps=1e308"], 2, ["train.max_steps", "expected an integer"]),
+    ("train-an-llm-config", ["train", "--config", str(ROOT / "configs" / "llm_sst2_tiny.toml"), "--run-dir",
+                             "{tmp}/run"], 2, ["llm_sst2_tiny.toml", "a lora-llm config", "data.task"]),
+    ("train-nan-in-the-base-model", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run", "--set",
+                                     'model.pretrained="{root}/nan_model"'], 2,
+     ["nan_model", "unet.{sd_nan_key}", "non-finite"]),
+    ("train-float-for-an-integer", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run", "--set",
+                                    "train.batch_size=2.0"], 2, ["train.batch_size", "expected an integer", "2.0"]),
 ]
 
 
@@ -323,6 +371,21 @@ LLM_CASES = [
      ["no-suite.toml"]),
     ("inspect-missing", ["inspect", "{root}/nope.safetensors"], 2, ["nope.safetensors"]),
     ("inspect-garbage", ["inspect", "{adapters}/garbage.safetensors"], 2, ["garbage.safetensors"]),
+    ("merge-into-its-run", ["merge", "{llm_run}", "--out", "{llm_run}", "--overwrite"], 2, ["llm_run", "is the input"]),
+    ("eval-out-exists", ["eval", "--adapter", "{llm_run}", "--out", "{root}/a_file"], 2, ["a_file", "exists already"]),
+    ("eval-suite-out-holds-results", ["eval-suite", "--config", str(ROOT / "configs" / "llm_suite_tiny.toml"),
+                                      "--out", "{root}/suite_out"], 2, ["suite_out", "results.json", "--overwrite"]),
+    ("eval-suite-resume-and-overwrite", ["eval-suite", "--config", str(ROOT / "configs" / "llm_suite_tiny.toml"),
+                                         "--out", "{root}/suite_out", "--resume", "latest", "--overwrite"], 2,
+     ["--resume", "--overwrite"]),
+    ("train-rank-beyond-any-run", ["train", "--config", "{cfg}/llm_typo_model.toml", "--run-dir", "{tmp}/run",
+                                   "--set", "lora.r=99999999999999999999"], 2, ["lora.r", "2147483647"]),
+    ("train-an-sd-config", ["train", "--config", str(ROOT / "configs" / "sd_tiny_demo.toml"), "--run-dir",
+                            "{tmp}/run"], 2, ["sd_tiny_demo.toml", "a lora-sd config"]),
+    ("train-nan-in-the-base-model", ["train", "--config", "{cfg}/llm_typo_model.toml", "--run-dir", "{tmp}/run",
+                                     "--set", 'model.pretrained="{root}/llm_nan_model"', "--set", 'data.task="sst2"',
+                                     "--set", f'data.data_dir="{FIX / "sst2"}"', "--set", "train.max_steps=1"], 2,
+     ["llm_nan_model", "{llm_nan_base_key}", "non-finite"]),
 ]
 
 
@@ -522,6 +585,26 @@ def test_failed_attempt_leaves_a_finished_run_alone(world, finished_sd_run, caps
     assert snapshot(finished_sd_run) == before
 
 
+def test_refused_resume_leaves_a_finished_run_byte_identical(world, finished_sd_run, capsys):
+    """A resume whose checkpoint does not fit (another rank) is refused after the model has loaded: the run's
+    config.toml, status.json (still done) and train.log are given back byte for byte."""
+    before = snapshot(finished_sd_run)
+    rc, err = run_cli("sd", ["train", "--config", finished_sd_run / "config.toml", "--resume", "latest",
+                             "--set", "lora.r=3"], capsys)
+    line = error_line(err, "lora-sd")
+    assert rc == 2 and "cannot resume from" in line and "step_00000002" in line and "left as it was" in line
+    assert snapshot(finished_sd_run) == before
+
+
+def test_a_run_of_the_other_tool_is_named(world, finished_sd_run, capsys):
+    before = snapshot(finished_sd_run)
+    rc, err = run_cli("llm", ["train", "--config", world["cfg"] / "llm_typo_model.toml", "--run-dir", finished_sd_run,
+                              "--resume", "latest"], capsys)
+    line = error_line(err, "lora-llm")
+    assert rc == 2 and "holds a sd-train run" in line and str(finished_sd_run) in line
+    assert snapshot(finished_sd_run) == before
+
+
 def test_resume_latest_on_a_folder_without_a_run(world, tmp_path, capsys):
     rc, err = run_cli("sd", ["train", "--config", str(world["cfg"] / "sd_ok.toml"), "--run-dir",
                              str(tmp_path / "no-run"), "--resume", "latest"], capsys)
@@ -578,3 +661,29 @@ def test_gui_generate_text_with_a_nan_adapter(ctrl, world):
     msg = _gui_message(lambda: ctrl.generation.text("tiny", str(dst), "Hello", 2))
     assert "NaN" in msg and world["llm_nan_key"] in msg
     assert snapshot(dst) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated-npy", "index-not-json", "index-too-long"])
+def test_a_damaged_prefix_cache_shard_is_named_and_computed_again(damage, tmp_path, caplog):
+    from lora_llm.prefix_cache import PrefixStore
+    store = PrefixStore(tmp_path, "float32", 8)
+    store.write([("a", torch.ones(3, 4)), ("b", torch.zeros(2, 4))])
+    npy, index = next(tmp_path.glob("shard_*.npy")), next(tmp_path.glob("shard_*.json"))
+    if damage == "truncated-npy":
+        npy.write_bytes(npy.read_bytes()[:-16])
+    elif damage == "index-not-json":
+        index.write_text("{not json")
+    else:
+        index.write_text(json.dumps({"entries": {"a": [0, 3], "b": [3, 9]}}))
+    with caplog.at_level("WARNING", logger="lora.llm"):
+        again = PrefixStore(tmp_path, "float32", 8)
+    assert again.index == {} and list(tmp_path.iterdir()) == []   # dropped: fill() computes them again
+    assert any(npy.name in r.getMessage() and "computed again" in r.getMessage() for r in caplog.records)
+
+
+def test_mindspore_backend_without_mindspore_is_one_line_with_the_install_command(world, tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setitem(sys.modules, "mindspore", None)   # `import mindspore` fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "lora_llm.mindspore.train", raising=False)
+    check("llm", ["train", "--config", str(ROOT / "configs" / "llm_sst2_tiny.toml"), "--run-dir", str(tmp_path / "r"),
+                  "--backend", "mindspore"], capsys, world, 2, "MindSpore", "pip install")

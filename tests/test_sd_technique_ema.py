@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from lora_core import lora_state_dict
+from lora_core.errors import MissingPackageError
 from lora_core.training import EMA, RunDir, TrainSettings, make_optimizer, train
 
 from helpers import toy_loss, toy_setup
@@ -101,7 +102,7 @@ def test_prodigy_missing_is_one_clear_line(monkeypatch):
         return real(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_prodigy)
     model, _ = toy_setup(None)
-    with pytest.raises(RuntimeError, match="needs prodigyopt"):
+    with pytest.raises(MissingPackageError, match="needs prodigyopt.*pip install prodigyopt"):
         make_optimizer(list(model.parameters()), TrainSettings(optimizer="prodigy"))
 
 

@@ -85,5 +85,7 @@ class ConfigService:
         name = check_name((name or "").removesuffix(".toml"), "config name")
         cfg = self.build(kind, base, values)
         path = self.ws.configs / f"{name}.toml"
+        if path.exists():
+            raise UserError(f"{self.ws.rel(path)} exists already: choose another name")
         save_config(path, cfg)
         return f"saved {self.ws.rel(path)}"

@@ -39,6 +39,10 @@ class UploadService:
                 raise UserError(f"{src.name}: only {', '.join(UPLOAD_SUFFIXES)} files can be uploaded")
             if src.stat().st_size > self.max_upload_bytes:
                 raise UserError(f"{src.name}: larger than {self.max_upload_bytes // (1024 * 1024)} MB")
+        taken = sorted(Path(f).name for f in files if (dest / Path(f).name).exists())
+        if taken:
+            raise UserError(f"{self.ws.rel(dest)} holds {', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''} "
+                            "already: rename the files or upload into another dataset name")
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copyfile(f, dest / check_name(Path(f).name, "file name"))
