@@ -74,3 +74,29 @@ def toy_loss(model, batch):
     """Mean squared error of `model` on an (x, y) batch."""
     x, y = batch
     return ((model(x) - y) ** 2).mean()
+
+
+# ---------------------------------------------------------------- one small layer of each kind LoRA wraps
+def layer_kinds(n_in: int, n_out: int, sides: tuple[int, int]) -> dict:
+    """{kind: (make the layer, an input shape)}: Linear, GPT-2's Conv1D (weight (in, out)), Conv2d 1x1, 3x3 and
+    3x3 with stride 2 (inputs of sides[0] and sides[1] pixels)."""
+    from transformers.pytorch_utils import Conv1D
+    return {
+        "linear": (lambda: nn.Linear(n_in, n_out), (4, n_in)),
+        "conv1d": (lambda: Conv1D(n_out, n_in), (4, n_in)),
+        "conv1x1": (lambda: nn.Conv2d(n_in, n_out, 1), (2, n_in, 5, 5)),
+        "conv3x3": (lambda: nn.Conv2d(n_in, n_out, 3, padding=1), (2, n_in, sides[0], sides[0])),
+        "conv3x3_stride2": (lambda: nn.Conv2d(n_in, n_out, 3, stride=2, padding=1), (2, n_in, sides[1], sides[1])),
+    }
+
+
+class OneLayerNet(nn.Module):
+    """The layer of `kind` (seeded) followed by tanh and a small head, so gradients reach every weight."""
+    def __init__(self, layers: dict, kind: str, n_out: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = layers[kind][0]()
+        self.post = nn.Linear(n_out, 3) if kind in ("linear", "conv1d") else nn.Conv2d(n_out, 3, 1)
+
+    def forward(self, x):
+        return self.post(torch.tanh(self.layer(x)))

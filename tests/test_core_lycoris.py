@@ -12,33 +12,17 @@ import lora_core as lc
 from lora_core.config import LoraConfig
 from lora_core.errors import NonFiniteError
 
+from helpers import OneLayerNet, layer_kinds
+
 peft = pytest.importorskip("peft")
 IN, OUT, TOL = 8, 12, 1e-6
 
 
-def _hf_conv1d():
-    from transformers.pytorch_utils import Conv1D
-    return Conv1D(OUT, IN)
+LAYERS = layer_kinds(IN, OUT, (6, 7))
 
 
-LAYERS = {
-    "linear": (lambda: nn.Linear(IN, OUT), (4, IN)),
-    "conv1d": (_hf_conv1d, (4, IN)),              # GPT-2's c_attn layout: weight (in, out)
-    "conv1x1": (lambda: nn.Conv2d(IN, OUT, 1), (2, IN, 5, 5)),
-    "conv3x3": (lambda: nn.Conv2d(IN, OUT, 3, padding=1), (2, IN, 6, 6)),
-    "conv3x3_stride2": (lambda: nn.Conv2d(IN, OUT, 3, stride=2, padding=1), (2, IN, 7, 7)),
-}
-
-
-class Net(nn.Module):
-    def __init__(self, kind):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layer = LAYERS[kind][0]()
-        self.post = nn.Linear(OUT, 3) if kind in ("linear", "conv1d") else nn.Conv2d(OUT, 3, 1)
-
-    def forward(self, x):
-        return self.post(torch.tanh(self.layer(x)))
+def Net(kind):
+    return OneLayerNet(LAYERS, kind, OUT)
 
 
 def _reference_base(net):

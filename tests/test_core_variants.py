@@ -6,37 +6,22 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import lora_core as lc
 from lora_core.config import LoraConfig
+
+from helpers import OneLayerNet, layer_kinds
 
 peft = pytest.importorskip("peft")
 IN, OUT = 6, 10
 
 
-def _conv1d(out, inp):
-    from transformers.pytorch_utils import Conv1D
-    return Conv1D(out, inp)
+LAYERS = layer_kinds(IN, OUT, (7, 9))
 
 
-LAYERS = {
-    "linear": (lambda: nn.Linear(IN, OUT), (4, IN)),
-    "conv1d": (lambda: _conv1d(OUT, IN), (4, IN)),
-    "conv1x1": (lambda: nn.Conv2d(IN, OUT, 1), (2, IN, 5, 5)),
-    "conv3x3": (lambda: nn.Conv2d(IN, OUT, 3, padding=1), (2, IN, 7, 7)),
-    "conv3x3_stride2": (lambda: nn.Conv2d(IN, OUT, 3, stride=2, padding=1), (2, IN, 9, 9)),
-}
-
-
-class Net(nn.Module):
-    def __init__(self, kind):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layer = LAYERS[kind][0]()
-        self.post = nn.Linear(OUT, 3) if kind in ("linear", "conv1d") else nn.Conv2d(OUT, 3, 1)
-
-    def forward(self, x):
-        return self.post(torch.tanh(self.layer(x)))
+def Net(kind):
+    return OneLayerNet(LAYERS, kind, OUT)
 
 
 def _peft_config(cfg: LoraConfig, fan_in_fan_out=False):
@@ -201,7 +186,7 @@ class TorchPair(nn.Module):
 
     def __init__(self, conv1d: bool):
         super().__init__()
-        self.proj = _conv1d(OUT, IN) if conv1d else nn.Linear(IN, OUT)
+        self.proj = Conv1D(OUT, IN) if conv1d else nn.Linear(IN, OUT)
         self.head = nn.Linear(OUT, 3)
 
     def forward(self, x):
@@ -414,7 +399,7 @@ class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.fc, self.c1d = nn.Linear(8, 8), _conv1d(8, 8)
+        self.fc, self.c1d = nn.Linear(8, 8), Conv1D(8, 8)
         self.pw, self.conv = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):                      # x: (N, 8, H, W)
