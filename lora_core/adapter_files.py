@@ -94,16 +94,17 @@ def read_header(path: Union[str, Path]) -> Header:
         raise _bad(path, "is a folder, not a .safetensors file")
     try:
         with open(path, "rb") as f:
-            raw = f.read(8)
+            raw = f.read(9)   # the header's length (8 bytes), then its JSON's "{"
             size = path.stat().st_size
             if len(raw) < 8:
                 raise _bad(path, f"not a safetensors file (only {len(raw)} bytes)")
-            if raw.startswith(_PICKLE_MAGIC):
+            if raw.startswith(_PICKLE_MAGIC) and raw[8:9] != b"{":   # a length such as 640 starts with 80 02
                 raise _bad(path, "a PyTorch pickle checkpoint (.ckpt / .pt / .bin), not a safetensors file; "
                                  "pickles are never loaded here: give the .safetensors version of the file")
-            (n,) = struct.unpack("<Q", raw)
+            (n,) = struct.unpack("<Q", raw[:8])
             if n > MAX_HEADER or n > size - 8:
                 raise _bad(path, f"not a safetensors file, or truncated (header length {n:,}, file size {size:,})")
+            f.seek(8)
             text = f.read(n)
     except FileNotFoundError:
         raise LoraLoadError(f"{path}: no such file") from None

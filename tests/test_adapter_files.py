@@ -364,3 +364,21 @@ def test_header_reader_detector_and_inspect_import_no_torch(files):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout) == ["kohya", "lora_core", "peft", "diffusers"] * 2
+
+
+@pytest.mark.parametrize("header_len", [640, 768, 1152, 1280])   # lengths whose first bytes are 80 02..80 05
+def test_a_header_length_that_looks_like_a_pickle_opcode_is_read(tmp_path, header_len):
+    """A safetensors file starts with its header's length: 640 is the bytes 80 02, the start of a protocol-2
+    pickle; the header's "{" that follows tells them apart, so such a file is read (and a real pickle is not)."""
+    from safetensors.torch import save_file
+    meta = {"pad": ""}
+    save_file({"w": torch.ones(2)}, str(tmp_path / "probe.safetensors"), metadata=meta)
+    base = int.from_bytes((tmp_path / "probe.safetensors").read_bytes()[:8], "little")
+    meta["pad"] = "x" * (header_len - base)
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata=meta)
+    assert int.from_bytes(path.read_bytes()[:8], "little") == header_len
+    assert af.read_header(path).tensors["w"]["shape"] == [2]
+    torch.save({"w": torch.ones(2)}, str(tmp_path / "p.safetensors"), _use_new_zipfile_serialization=False)
+    with pytest.raises(af.LoraLoadError, match="pickle"):
+        af.read_header(tmp_path / "p.safetensors")

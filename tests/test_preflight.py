@@ -65,12 +65,14 @@ def test_two_steps_pass_and_catch_an_injected_nan(tmp_path, tiny_pipeline):
     assert rep.ok and rep.steps["ok"] and len(rep.steps["losses"]) == 2, print_report(rep)
     assert rep.parameters["trainable"] == 20480 and rep.parameters["scale"] == 0.25   # r=8 (the default), alpha=2
     assert rep.memory["total_bytes"] > rep.memory["parts"]["frozen weights"] > 0
-    pipe = tiny_pipeline()
+    rep = preflight(cfg=_cfg(tmp_path, train={"learning_rate": 1e30}), device="cpu", pipe=tiny_pipeline())
+    assert not rep.ok and not rep.steps["ok"] and "non-finite loss" in rep.steps["error"]   # the second step's
+    assert "NOT ready" in print_report(rep)
+    pipe = tiny_pipeline()   # a damaged base: named before any step
     with torch.no_grad():
         pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
     rep = preflight(cfg=_cfg(tmp_path), device="cpu", pipe=pipe)
-    assert not rep.ok and not rep.steps["ok"] and "non-finite loss" in rep.steps["error"]
-    assert "NOT ready" in print_report(rep)
+    assert not rep.ok and not rep.steps["ok"] and "unet.conv_in.weight holds non-finite" in rep.steps["error"]
 
 
 def test_cli_check_exit_codes(tmp_path, capsys):
