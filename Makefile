@@ -5,6 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 EXTRAS ?= dev,mindspore
+# test processes (pytest-xdist; one test file stays in one process); TEST_WORKERS=0 runs them in this one
+TEST_WORKERS ?= 2
+XDIST  := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: run test test-fast install clean gpu-check
 
@@ -22,10 +25,10 @@ run: $(STAMP)
 	$(VENV)/bin/lora-gui --workspace workspace
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # the CUDA half-precision paths (fp16 + GradScaler, bf16 autocast, exact resume, generation); < 5 min on one GPU.
 # Without CUDA it runs its CPU checks and reports the rest as skipped. Output: bench/results/gpu_check.{json,md}

@@ -9,8 +9,9 @@ $LORA_SHARED_USAGE_OWNER (the test or fixture running when they started) and log
 A child that cannot report counts as asking: one started with an environment without .ci on its
 PYTHONPATH or without the owner, or with a Python flag that skips sitecustomize (-I, -E, -S); and one still
 running when the run ends counts for its owner. Every other test provably never looks at ../shared, so its
-outcome does not depend on it. The list (one node id a line) goes to --shared-usage-out; .ci/run reruns
-exactly those tests with LORA_SHARED_DIR pointing to a missing folder.
+outcome does not depend on it. The list (one node id a line) goes to --shared-usage-out (under pytest-xdist
+each worker writes its part and the main process joins them); .ci/run reruns exactly those tests with
+LORA_SHARED_DIR pointing to a missing folder.
 """
 from __future__ import annotations
 
@@ -136,14 +137,27 @@ def _children_asked() -> tuple[set[str], set[str]]:
             {o.removeprefix("fixture ") for o in owners if o.startswith("fixture ")})
 
 
+def _worker(config) -> str:
+    """The pytest-xdist worker id ("gw0", ...) of this process; "" in the main process."""
+    return getattr(config, "workerinput", {}).get("workerid", "")
+
+
 def pytest_sessionfinish(session, exitstatus):
     out = session.config.getoption("--shared-usage-out")
     tests, fixtures = _children_asked()
     fixtures |= _tainted_fixtures
     os.unlink(os.environ.pop(LOG_VAR))
-    if out:
-        dependent = [listed for owner, (listed, keys) in _tests.items()
-                     if owner in _dependent or owner in tests or keys & fixtures]
-        with open(out, "w", encoding="utf-8") as f:
-            f.write("".join(n + "\n" for n in dependent))
-        print(f"\n{len(dependent)} test(s) may depend on ../shared: listed in {out}")
+    if not out:
+        return
+    dependent = [listed for owner, (listed, keys) in _tests.items()
+                 if owner in _dependent or owner in tests or keys & fixtures]
+    worker = _worker(session.config)
+    if worker:   # under pytest-xdist each worker lists its own tests; the main process joins the lists
+        Path(f"{out}.{worker}").write_text("".join(n + "\n" for n in dependent), encoding="utf-8")
+        return
+    for part in sorted(Path(out).parent.glob(Path(out).name + ".gw*")):
+        dependent += part.read_text(encoding="utf-8").splitlines()
+        part.unlink()
+    with open(out, "w", encoding="utf-8") as f:
+        f.write("".join(n + "\n" for n in dependent))
+    print(f"\n{len(dependent)} test(s) may depend on ../shared: listed in {out}")
