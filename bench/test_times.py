@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from lora_core.paths import shared_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(r"^=*\s*(\d+ passed.*?) in [\d.]+s", re.M)
 
@@ -32,8 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     rows = [run(t) for t in args.targets]
+    shared = shared_dir()
     out = {"commit": commit.strip(), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
-           "shared_data": os.environ.get("LORA_SHARED_DIR") or "../shared when present", "runs": rows}
+           "shared_data": str(shared) if shared else None, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
