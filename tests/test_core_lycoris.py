@@ -163,7 +163,7 @@ def test_lokr_matches_peft(kind, opts):
 
 
 OFT = {"neumann": dict(), "exact cayley": dict(use_cayley_neumann=False), "coft": dict(coft=True, coft_eps=0.3),
-       "block_share": dict(block_share=True), "3 terms": dict(num_cayley_neumann_terms=3)}
+       "block_share": {"block_share": True}, "3 terms": dict(num_cayley_neumann_terms=3)}
 
 
 class RotatedReference(nn.Module):
@@ -200,11 +200,8 @@ def test_oft_matches_peft(kind, opts):
 
 
 # ------------------------------------------------------------------ several adapters, scales, patterns
-@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
-@pytest.mark.parametrize("type_", ["loha", "lokr"])
-def test_two_named_adapters_with_scales_match_peft(kind, type_):
-    cfg_a = LoraConfig(type=type_, r=2, alpha=3, target_modules=["layer"])
-    cfg_b = LoraConfig(type=type_, r=3, alpha=2, target_modules=["layer"])
+def _two_adapters(kind, cfg_a, cfg_b):
+    """Our net and PEFT's with adapters "one" (cfg_a) and "two" (cfg_b), both active, with the same random weights."""
     ours = Net(kind)
     ref = _reference_base(ours)
     lc.add_lora(ours, cfg_a, "one")
@@ -214,6 +211,15 @@ def test_two_named_adapters_with_scales_match_peft(kind, type_):
     ref.base_model.set_adapter(["one", "two"])
     randomize(ours, ref, "one")
     randomize(ours, ref, "two", gen=torch.Generator().manual_seed(5))
+    return ours, ref
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+@pytest.mark.parametrize("type_", ["loha", "lokr"])
+def test_two_named_adapters_with_scales_match_peft(kind, type_):
+    cfg_a = LoraConfig(type=type_, r=2, alpha=3, target_modules=["layer"])
+    cfg_b = LoraConfig(type=type_, r=3, alpha=2, target_modules=["layer"])
+    ours, ref = _two_adapters(kind, cfg_a, cfg_b)
     lc.set_scale(ours, "one", 0.5)
     ref.base_model.model.layer.set_scale("one", 0.5)
     x = torch.randn(LAYERS[kind][1])
@@ -236,15 +242,7 @@ def test_two_oft_adapters_with_scales_match_peft_merge():
     rotations compose in the order of PEFT's merge (W R₁ᵀ R₂ᵀ); PEFT's unmerged forward applies them the other
     way round (x R₁ R₂ Wᵀ), so ours is checked against PEFT's merged weight."""
     cfg = LoraConfig(type="oft", oft_block_size=4, target_modules=["layer"])
-    ours = Net("linear")
-    ref = _reference_base(ours)
-    lc.add_lora(ours, cfg, "one")
-    lc.add_lora(ours, cfg, "two")
-    ref = peft.get_peft_model(ref, peft_config(cfg), adapter_name="one")
-    ref.add_adapter("two", peft_config(cfg))
-    ref.base_model.set_adapter(["one", "two"])
-    randomize(ours, ref, "one")
-    randomize(ours, ref, "two", gen=torch.Generator().manual_seed(5))
+    ours, ref = _two_adapters("linear", cfg, cfg)
     lc.set_scale(ours, "one", 0.5)
     x = torch.randn(4, IN)
     w0 = ours.layer.base_layer.weight.detach().clone()
