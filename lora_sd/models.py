@@ -17,11 +17,13 @@ from typing import Any, Optional
 import diffusers
 import torch
 from accelerate import init_empty_weights
-from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from packaging.version import Version
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from lora_core.cli_errors import check_local_path, hub_error, one_line
@@ -69,7 +71,7 @@ def load_tokenizer():
 
 # ------------------------------------------------------------------ tiny pipelines
 PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                  "sdxl": "StableDiffusionXLPipeline"}
+                  "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
 
 
 def _tiny_text_config(tokenizer, hidden: int, layers: int, projection_dim: int = 0):
@@ -112,11 +114,45 @@ def _tiny_scheduler(arch: str):
     return DDPMScheduler(clip_sample=False, prediction_type="v_prediction" if arch == "sd2" else "epsilon", **common)
 
 
+def _tiny_sd3(tokenizer) -> dict:
+    """SD 3.5's components at toy width: an SD3Transformer2DModel laid out like Medium (the first blocks with
+    the dual attention `attn2`, qk RMS-norm, the last block context-pre-only), CLIP-L and CLIP-G with
+    projections (different widths, so their pooled outputs concatenate as in the real model), a T5 encoder
+    (tokenized with the CLIP BPE here: the tiny model has no T5 vocabulary), a 16-channel VAE with SD 3.5's
+    shift and scaling factors, the flow-match Euler scheduler."""
+    clip_l = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 2, projection_dim=32))
+    clip_g = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 48, 2, projection_dim=48))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80,
+        pos_embed_max_size=32, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
+        sample_size=64, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
+    return dict(transformer=transformer, vae=vae, text_encoder=clip_l, text_encoder_2=clip_g, text_encoder_3=t5,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def _tiny_unet_parts(arch: str, tokenizer) -> dict:
+    """The UNet architectures' components at toy width (see _tiny_unet); the VAE is 4x (3 blocks)."""
+    parts = dict(unet=_tiny_unet(arch), vae=AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32, sample_size=64), text_encoder=CLIPTextModel(_tiny_text_config(tokenizer, 32, 3)))
+    if arch == "sdxl":
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 3, projection_dim=32))
+    return dict(parts, scheduler=_tiny_scheduler(arch))
+
+
 def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
-    """A small pipeline of architecture `arch` (sd1, sd2 or sdxl) from configs: cross-attention UNet,
+    """A small pipeline of architecture `arch` (sd1, sd2, sdxl or sd3) from configs: cross-attention UNet,
     VAE, CLIP text encoder(s) (SDXL: a second one with projection, whose pooled output conditions the
-    UNet), scheduler (SD 2.x: v-prediction as its 768-v models). Random (seeded) weights, a few MB,
-    built in about a second."""
+    UNet), scheduler (SD 2.x: v-prediction as its 768-v models); sd3: see _tiny_sd3. Random (seeded)
+    weights, a few MB, built in about a second."""
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
@@ -124,19 +160,13 @@ def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
     g_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        unet = _tiny_unet(arch)
-        vae = AutoencoderKL(   # 3 blocks: images are 4x the latent size (SD's VAE: 8x)
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            norm_num_groups=32, sample_size=64)
-        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32, 3))
-        if arch == "sdxl":
-            text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 3, projection_dim=32))
+        parts = _tiny_sd3(tokenizer) if arch == "sd3" else _tiny_unet_parts(arch, tokenizer)
     finally:
         torch.random.set_rng_state(g_state)
-    extra = dict(text_encoder_2=text_encoder_2, tokenizer_2=load_tokenizer()) if arch == "sdxl" else {}
-    pipe = assemble_pipeline(arch, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             scheduler=_tiny_scheduler(arch), **extra)
+    for name in ("text_encoder_2", "text_encoder_3"):
+        if name in parts:
+            parts[name.replace("text_encoder", "tokenizer")] = load_tokenizer()
+    pipe = assemble_pipeline(arch, tokenizer=tokenizer, **parts)
     pipe._lora_sd_random_weights = True
     return pipe
 
@@ -144,7 +174,9 @@ def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
 def assemble_pipeline(arch: str, force_zeros_for_empty_prompt: bool = True, **components):
     """The pipeline of `arch` from its components (unet, vae, text_encoder(_2), tokenizer(_2), scheduler):
     no safety checker, no watermarker."""
-    if arch == "sdxl":
+    if arch == "sd3":
+        pipe = StableDiffusion3Pipeline(**components)
+    elif arch == "sdxl":
         pipe = StableDiffusionXLPipeline(**components, add_watermarker=False,
                                          force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
     else:
@@ -152,6 +184,17 @@ def assemble_pipeline(arch: str, force_zeros_for_empty_prompt: bool = True, **co
                                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+_TINY_PARTS = {   # what the model card of a saved tiny pipeline lists
+    "sd1": "a toy-width UNet2DConditionModel with cross-attention, AutoencoderKL (3 blocks, 4x), CLIPTextModel "
+           "(3 layers, hidden 32)",
+    "sdxl": "a toy-width SDXL-layout UNet2DConditionModel, AutoencoderKL (3 blocks, 4x), CLIPTextModel and "
+            "CLIPTextModelWithProjection as text_encoder_2 (3 layers, hidden 32)",
+    "sd3": "a toy-width SD3Transformer2DModel (3 joint blocks, the first two with dual attention, qk RMS-norm), "
+           "a 16-channel AutoencoderKL (4x), CLIP-L and CLIP-G with projections, a T5 encoder (2 layers) "
+           "tokenized with the CLIP BPE, FlowMatchEulerDiscreteScheduler",
+}
 
 
 def save_tiny_pipeline(out_dir, seed: int = 0, arch: str = "sd1") -> Path:
@@ -164,10 +207,8 @@ def save_tiny_pipeline(out_dir, seed: int = 0, arch: str = "sd1") -> Path:
     atomic_write_text(out / "README.md", (
         "---\ntags: [stable-diffusion, tiny, random-weights, lora-workbench]\n---\n"
         f"# Tiny Stable Diffusion pipeline ({arch}, random weights)\n\n{RANDOM_WEIGHTS_NOTE}.\n\n"
-        f"Built by `lora-sd tiny-model --arch {arch}` from configs (lora_sd.models._tiny_unet): a toy-width "
-        "UNet2DConditionModel with cross-attention, AutoencoderKL (3 blocks, 4x), CLIPTextModel (3 layers, hidden 32"
-        + ("; plus CLIPTextModelWithProjection as text_encoder_2" if arch == "sdxl" else "") +
-        "). Use it to test the training and export machinery offline.\n"))
+        f"Built by `lora-sd tiny-model --arch {arch}` from configs (lora_sd.models.build_tiny_pipeline): "
+        + _TINY_PARTS.get(arch, _TINY_PARTS["sd1"]) + ". Use it to test the training and export machinery offline.\n"))
     return out
 
 
@@ -177,7 +218,10 @@ def pick_device(device: str = "") -> str:
 
 
 def arch_of(pipe_or_unet) -> str:
-    """sd1 / sd2 / sdxl from a pipeline or its UNet's config."""
+    """sd1 / sd2 / sdxl / sd3 from a pipeline or its denoiser's config."""
+    denoiser = getattr(pipe_or_unet, "transformer", None) or pipe_or_unet
+    if isinstance(denoiser, SD3Transformer2DModel):
+        return "sd3"
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     cfg = unet.config
     if getattr(cfg, "addition_embed_type", None) == "text_time":
@@ -271,17 +315,18 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
 
 
 def _pipeline_class(index: dict, source: str):
-    """The diffusers pipeline class a model_index.json names, if lora_sd trains it (SD 1.x/2.x, SDXL)."""
+    """The diffusers pipeline class a model_index.json names, if lora_sd trains it (SD 1.x/2.x, SDXL, SD 3.5)."""
     name = index.get("_class_name", "")
     if name not in set(PIPELINE_CLASS.values()):
         raise ModelLoadError(f"model.pretrained = {source}: a {name or 'unnamed'} pipeline; lora_sd trains "
-                             "StableDiffusionPipeline (SD 1.x / 2.x) and StableDiffusionXLPipeline (SDXL) models")
+                             "StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL) and "
+                             "StableDiffusion3Pipeline (SD 3.5) models")
     return getattr(diffusers, name)
 
 
 def _pipeline_kwargs(cls, common: dict) -> dict:
-    """SD 1.x/2.x take safety-checker switches; SDXL has none."""
-    if cls.__name__ == PIPELINE_CLASS["sdxl"]:
+    """SD 1.x/2.x take safety-checker switches; SDXL and SD 3.5 have none."""
+    if cls.__name__ in (PIPELINE_CLASS["sdxl"], PIPELINE_CLASS["sd3"]):
         return {k: v for k, v in common.items() if k not in ("safety_checker", "requires_safety_checker")}
     return common
 
