@@ -26,6 +26,7 @@ from .config import LLMTrainConfig
 from .evaluate import evaluate_job, generate
 from .models import count_parameters, load_model, load_tokenizer, loss_function, resolve_lora
 from .prefix_cache import wrap_for_training
+from .resume_rules import LLM_RESUME
 
 log = logging.getLogger("lora.llm")
 
@@ -88,7 +89,7 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
         return _train_torch(cfg, run, accelerator, resume)
 
     return run_job("llm-train", run_dir or cfg.run_dir, body, config=cfg, resume=resume, overwrite=overwrite,
-                   main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+                   resume_rules=LLM_RESUME, main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
 
 
 def _train_torch(cfg: LLMTrainConfig, run: RunDir, accelerator, resume: Optional[str]) -> dict:

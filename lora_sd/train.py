@@ -39,6 +39,7 @@ from .data import (BatchDataset, LatentCache, Preservation, default_cache_dir, e
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .errors import DatasetError
 from .generate import generate
+from .resume_rules import SD_RESUME
 from .grid import end_of_run_grid, grid_so_far
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
@@ -236,7 +237,7 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
         return _run(cfg, run, accelerator, resume, pipe, items)
 
     return run_job("sd-train", _MetricsRun(cfg.run_dir), body, config=cfg, resume=resume, overwrite=overwrite,
-                   main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+                   resume_rules=SD_RESUME, main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
                    validate=lambda: load_items(cfg.data))   # dataset errors before anything is written
 
 

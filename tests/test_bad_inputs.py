@@ -586,13 +586,14 @@ def test_failed_attempt_leaves_a_finished_run_alone(world, finished_sd_run, caps
 
 
 def test_refused_resume_leaves_a_finished_run_byte_identical(world, finished_sd_run, capsys):
-    """A resume whose checkpoint does not fit (another rank) is refused after the model has loaded: the run's
-    config.toml, status.json (still done) and train.log are given back byte for byte."""
+    """A resume with another rank (or data folder, resolution: lora_core.resume) is refused before anything is
+    written, naming each changed field with its old and new value: the run folder stays byte-identical."""
     before = snapshot(finished_sd_run)
     rc, err = run_cli("sd", ["train", "--config", finished_sd_run / "config.toml", "--resume", "latest",
-                             "--set", "lora.r=3"], capsys)
+                             "--set", "lora.r=3", "--set", "data.resolution=64"], capsys)
     line = error_line(err, "lora-sd")
-    assert rc == 2 and "cannot resume from" in line and "step_00000002" in line and "left as it was" in line
+    assert rc == 2 and "would not continue this run exactly" in line and "lora.r 8 -> 3" in line
+    assert "data.resolution 32 -> 64" in line
     assert snapshot(finished_sd_run) == before
 
 

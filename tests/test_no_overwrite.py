@@ -243,7 +243,14 @@ def test_a_refused_resume_leaves_the_run_byte_identical(tmp_path, capsys):
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "done"
     refused("llm", ["train", "--config", job, *sets, "--resume", "latest", "--set", "lora.r=3"], capsys,
-            tmp_path / "run", "cannot resume", "step_00000002")
+            tmp_path / "run", "would not continue this run exactly", "lora.r 8 -> 3")
+    # a checkpoint that fails to load (after the model has loaded) is refused too, the folder given back
+    weights = tmp_path / "run" / "checkpoints" / "step_00000002" / "trainable.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    refused("llm", ["train", "--config", job, *sets, "--resume", "latest"], capsys, tmp_path / "run",
+            "cannot resume", "step_00000002")
+    weights.write_bytes(good)
     # the run is still its own: resumed with its own config.toml (the GUI's Resume), it goes on
     rc, line = run("llm", ["train", "--config", tmp_path / "run" / "config.toml", "--resume", "latest",
                            "--set", "train.max_steps=3"], capsys)
