@@ -23,6 +23,7 @@ from lora_core.training import EpochSampler, train
 from . import data as D
 from .adapter_io import adapter_info, save_adapter
 from .config import LLMTrainConfig
+from .errors import MINDSPORE_MISSING
 from .evaluate import evaluate_job, generate
 from .models import count_parameters, load_model, load_tokenizer, loss_function, resolve_lora
 from .prefix_cache import wrap_for_training
@@ -56,7 +57,7 @@ def build_model(cfg: LLMTrainConfig, tokenizer):
     model = load_model(cfg.model, n, tokenizer.pad_token_id)
     refuse_non_finite_base({"model": model}, cfg.model.pretrained)
     lcfg = resolve_lora(cfg.lora, model, classification=n > 0)
-    add_lora(model, lcfg)
+    add_lora(model, lcfg, strict="lora")
     return model, lcfg
 
 
@@ -80,8 +81,7 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] != "mindspore":
                 raise
-            raise MissingPackageError('backend = "mindspore" needs MindSpore, which is not installed: '
-                                      'pip install ".[mindspore]" (or backend = "torch")') from None
+            raise MissingPackageError(MINDSPORE_MISSING) from None
         return ms_train(cfg, run_dir, resume, overwrite=overwrite)
     accelerator = make_accelerator(cfg)
 
