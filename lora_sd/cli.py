@@ -64,7 +64,10 @@ def _cmd_train(a) -> int:
 
 def _cmd_tiny_model(a) -> int:
     from .models import RANDOM_WEIGHTS_NOTE, save_tiny_pipeline  # lazy: torch (--help stays torch-free)
-    out = save_tiny_pipeline(a.out_dir, seed=a.seed, arch=a.arch)
+    found = check_output(a.out_dir, overwrite=a.overwrite, flag="OUT_DIR")
+    with room_for(found) as moved:
+        out = save_tiny_pipeline(a.out_dir, seed=a.seed, arch=a.arch)
+    moved_note(moved)
     print(f"wrote {out} ({a.arch})\n{RANDOM_WEIGHTS_NOTE}.")
     return 0
 

@@ -105,7 +105,36 @@ CASES = {
                            f'overrides.sst2=["data.data_dir=\'{FIX / "sst2"}\'", "data.train_split=\'train\'"]'],
                    ["--set", "base.train.seed=1"], "suite"),
     "llm-merge": ("llm", ["merge", "{llm_run}", "--out", "{out}/llm_merged"], [], "llm_merged"),   # no other options
+    "llm-eval": ("llm", ["eval", "--adapter", "{llm_run}", "--out", "{out}/eval.json", "--set", 'data.task="wikitext2"',
+                         "--set", f'data.data_dir="{FIX / "wikitext2"}"', "--set", 'data.eval_split="valid"',
+                         "--set", "eval.max_eval_tokens=64", "--set", "eval.ppl_max_length=32",
+                         "--set", "eval.ppl_stride=16", "--set", "eval.prompts=[]"],
+                 ["--set", "eval.max_eval_tokens=48"], "eval.json"),
+    "sd-tiny-model": ("sd", ["tiny-model", "{out}/tiny_sd"], ["--seed", "1"], "tiny_sd"),
+    "llm-tiny-model": ("llm", ["tiny-model", "{out}/tiny_lm"], ["--seed", "1"], "tiny_lm"),
 }
+# the commands that write files and are not in CASES, and why (`sweep` takes no output: it writes a new
+# sweep_<id> folder of fresh run folders each time)
+NOT_IN_CASES = {
+    ("sd", "train"): "a run folder: lora_core.run's rules (tests/test_run_protocol.py, test_resume_rules.py)",
+    ("llm", "train"): "a run folder: as above",
+    ("sd", "pretrain-tiny"): "an existing --out is refused (FileExistsError); a run takes an hour and a half",
+}
+
+
+def _writers(which: str) -> set:
+    """(cli, subcommand) of every subcommand that takes an output (--out, OUT_DIR, --run-dir) or --overwrite."""
+    parser = {"sd": sd_cli, "llm": llm_cli}[which].build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return {(which, name) for name, p in subs.choices.items()
+            if {"out", "out_dir", "run_dir", "overwrite"} & {a.dest for a in p._actions}}
+
+
+def test_every_command_that_writes_files_is_a_case():
+    cases = {(which, argv[0]) for which, argv, _, _ in CASES.values()}
+    missing = (_writers("sd") | _writers("llm")) - cases - set(NOT_IN_CASES)
+    assert not missing, f"output-writing commands without a case in CASES: {sorted(missing)}"
+    assert set(NOT_IN_CASES) <= _writers("sd") | _writers("llm")
 
 
 @pytest.mark.slow
