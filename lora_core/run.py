@@ -180,6 +180,31 @@ def _metrics_step(line: str) -> float:
     return step if isinstance(step, int) else math.inf
 
 
+def why_not_resumable(run_dir) -> Optional[str]:
+    """Why `--resume latest` has nothing to continue in run_dir (None: it has): a live run, no checkpoint, a
+    run that has done all its steps. The GUI asks it before it offers Resume; torch-free, reads only."""
+    run = RunDir(run_dir)
+    status = run.read_status()
+    state = status.get("state")
+    if state in LIVE_STATES:
+        return f"it is {state}"
+    holder = RunLock(run).holder()
+    if holder and RunLock.alive(holder):
+        return f"a trainer is working in it (pid {holder.get('pid')})"
+    if state == "done":
+        return "it has finished all its steps"
+    found = run.checkpoints()
+    if not found:
+        return "it has no checkpoint (it ended before writing one): start it again instead"
+    try:
+        step = json.loads((found[-1] / "trainer_state.json").read_text()).get("step")
+    except (OSError, ValueError):
+        return None   # TrainLoop.resume passes over a damaged checkpoint to an older one
+    if isinstance(step, int) and isinstance(status.get("max_steps"), int) and step >= status["max_steps"]:
+        return f"its last checkpoint is at its final step ({step})"
+    return None
+
+
 def mark_queued(run_dir, **fields) -> dict:
     """A queue (the GUI's, a sweep) reserves a fresh run folder: state `queued` with its own fields."""
     return RunDir(run_dir).create().write_status("queued", error=None, **fields)

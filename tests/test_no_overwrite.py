@@ -257,6 +257,33 @@ def test_gui_saves_and_uploads_replace_nothing(tmp_path):
     assert tree(ctrl.ws.root) == before
 
 
+def test_a_refused_upload_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A file name the workspace refuses, or a copy that fails half-way: no dataset folder, no file of it."""
+    from lora_gui.controller import Controller
+    from lora_gui.services import uploads
+    from lora_gui.workspace import Workspace
+    ctrl = Controller(Workspace(tmp_path / "ws"))
+    good, bad = tmp_path / "b.png", tmp_path / "my photo.png"
+    good.write_bytes(b"an image")
+    bad.write_bytes(b"another")
+    before = tree(ctrl.ws.root)
+    with pytest.raises(ValueError, match="my photo.png"):
+        ctrl.uploads.upload([str(good), str(bad)], "dogs")
+    assert tree(ctrl.ws.root) == before and not (ctrl.ws.datasets / "dogs").exists()
+    real, calls = uploads.shutil.copyfile, []
+
+    def failing(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+    monkeypatch.setattr(uploads.shutil, "copyfile", failing)
+    (tmp_path / "c.png").write_bytes(b"a third")
+    with pytest.raises(OSError, match="No space"):
+        ctrl.uploads.upload([str(good), str(tmp_path / "c.png")], "dogs")
+    assert tree(ctrl.ws.root) == before and not (ctrl.ws.datasets / "dogs").exists()
+
+
 # ------------------------------------------------------------------ a refused resume leaves no trace
 LLM = ['data.task="sst2"', f'data.data_dir="{FIX / "sst2"}"', "data.max_length=24", "data.max_train_examples=16",
        "train.batch_size=4", "train.max_steps=2", "train.log_every=1", "eval.enabled=false", "eval.prompts=[]",

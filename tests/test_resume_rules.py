@@ -16,9 +16,12 @@ from accelerate import Accelerator
 from lora_core.configfile import save_config
 from lora_core.errors import RunFolderError
 from lora_core.resume import FREE, LORA_RESUME, resume_changes, unclassified
-from lora_core.run import RunDir, run_job
+from lora_core.run import RunDir, run_job, why_not_resumable
 from lora_core.sweep import cli_sweep
 from lora_core.training import TrainSettings, train
+from lora_gui.controller import Controller
+from lora_gui.errors import UserError
+from lora_gui.workspace import Workspace
 from lora_llm import cli as llm_cli
 from lora_llm.config import LLMTrainConfig, load_llm_config
 from lora_llm.resume_rules import LLM_RESUME
@@ -207,3 +210,24 @@ def test_sigterm_between_two_runs_starts_no_further_run(tmp_path, capsys):
     rc, err, runs = _sweep(tmp_path, capsys, _sweep_train(stop_in_run="none"), on_signal_between=True)
     assert rc == 1 and "2 run(s) not started" in err
     assert [r.read_status()["state"] for r in runs] == ["done", "queued", "queued"]
+
+
+# ------------------------------------------------------------------ Resume only when there is something to resume
+def test_resume_is_offered_only_when_there_is_something_to_resume(tmp_path):
+    assert "no checkpoint" in why_not_resumable(tmp_path / "never")
+    st = run_job("llm-train", tmp_path / "a", lambda r, _: _toy_run(r.path, 8, sigterm_at_call=2))
+    assert st["state"] == "stopped" and why_not_resumable(tmp_path / "a") is None
+    _toy_run(tmp_path / "a", 8, resume="latest")
+    assert why_not_resumable(tmp_path / "a") == "it has finished all its steps"
+    RunDir(tmp_path / "b").create().write_status("stopped", error="stopped while starting")
+    assert "no checkpoint" in why_not_resumable(tmp_path / "b")
+    RunDir(tmp_path / "b").write_status("running")
+    assert why_not_resumable(tmp_path / "b") == "it is running"
+
+
+def test_the_gui_does_not_queue_a_resume_with_nothing_to_resume(tmp_path):
+    ctrl = Controller(Workspace(tmp_path / "ws"))
+    RunDir(ctrl.ws.runs / "early").create().write_status("stopped", kind="sd-train", error="stopped while starting")
+    with pytest.raises(UserError, match="early: nothing to resume: it has no checkpoint"):
+        ctrl.runs.resume("early", "python")
+    assert ctrl.queue.jobs() == []
