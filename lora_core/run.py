@@ -410,11 +410,13 @@ def _queued_here(run: RunDir, e: BaseException) -> bool:
 def _resume_changes(run: RunDir, resume: Optional[str], config, rules: Optional[dict]) -> list[str]:
     """The allowed config changes of a resume (lora_core.resume.resume_changes against the config saved with
     the checkpoint's run); [] without one to compare."""
-    if not resume or config is None or rules is None or not resume_candidates(run, resume):
+    found = resume_candidates(run, resume) if resume and config is not None and rules is not None else []
+    if not found:
         return []
-    latest = resume in ("latest", "auto")
-    saved = run.config if latest else Path(resume).parent.parent / "config.toml"
-    if not latest and not saved.is_file():
+    # the config the checkpoint was made under (a copy in it: the run's own config.toml may have been edited)
+    latest, own = resume in ("latest", "auto"), found[0] / "config.toml"
+    saved = own if own.is_file() else run.config if latest else found[0].parent.parent / "config.toml"
+    if not saved.is_file() and not latest:
         return []   # a checkpoint folder kept on its own: nothing to compare with
     return resume_changes(saved, config, rules)
 
@@ -702,6 +704,8 @@ class TrainLoop:
         if self.main:
             if self.export_fn is not None:
                 self.export_fn(tmp, step)
+            if run.config.is_file():   # the config this checkpoint was made under: what a resume is compared with
+                shutil.copyfile(run.config, tmp / "config.toml")
             atomic_write_json(tmp / "trainer_state.json", {
                 "step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.s.seed,
                 "backend": e.backend, "num_processes": e.num_processes, "best_val": self.best_val})

@@ -126,6 +126,12 @@ def test_an_llm_run_resumed_on_another_task_is_refused_and_more_steps_are_allowe
     assert rc == 2 and len(lines) == 1, err
     assert "data.task 'sst2' -> 'cola'" in lines[0] and "train.learning_rate 0.0001 -> 0.01" in lines[0]
     assert _tree(run) == before
+    # the run's own config.toml edited (the GUI's Resume passes it): compared with the checkpoint's copy
+    (run / "config.toml").write_text((run / "config.toml").read_text().replace('task = "sst2"', 'task = "cola"'))
+    before = _tree(run)
+    rc, err = _llm(["train", "--config", run / "config.toml", "--resume", "latest"], capsys)
+    assert rc == 2 and "data.task 'sst2' -> 'cola'" in err and _tree(run) == before
+    (run / "config.toml").write_text((run / "config.toml").read_text().replace('task = "cola"', 'task = "sst2"'))
     rc, err = _llm(["train", "--config", job, *sets, "--resume", "latest", "--set", "train.max_steps=3",
                     "--set", "train.checkpoint_every=1"], capsys)
     assert rc == 0, err
