@@ -168,10 +168,11 @@ def moved_note(moved) -> None:
 
 
 def add_tiny_model_parser(sub, help: str, fn):
-    """`tiny-model OUT_DIR [--seed N]`: a tiny model built from configs, for offline tests and demos."""
+    """`tiny-model OUT_DIR [--seed N] [--overwrite]`: a tiny model built from configs, for offline tests and demos."""
     m = sub.add_parser("tiny-model", help=help)
     m.add_argument("out_dir")
     m.add_argument("--seed", type=int, default=0)
+    add_overwrite_flag(m, "OUT_DIR when it holds anything")
     m.set_defaults(fn=fn)
     return m
 

@@ -9,15 +9,17 @@ owns a copy, the original is kept and runs when adapters are disabled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import LoraConfig, name_matches
+from .config import LoraConfig, name_matches, pattern_key
 from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, ModelLoadError, NonFiniteError,
                      TargetMatchError, UnknownAdapterError)
+from .fields import values_checked
 from .layers import LoraLayer, ModulesToSaveWrapper, is_kxk_conv, supported
 from .variants import make_variant
 
@@ -96,6 +98,35 @@ def _find_targets(model: nn.Module, config: LoraConfig, heads: list[str]) -> lis
     return targets
 
 
+def idle_entries(model: nn.Module, config: LoraConfig, targets: list[str], table: str = "lora") -> list[str]:
+    """What in `config` would do nothing on `model` (targets: the adapted modules): rank_pattern / alpha_pattern
+    keys that set no targeted module (PEFT: the first matching key wins), exclude_modules entries that exclude
+    no module the targets would match, conv_r / conv_alpha without a k×k convolution among the targets."""
+    out = []
+    for key, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        unused = set(patterns) - {pattern_key(patterns, t) for t in targets}
+        if unused:
+            out.append(f"{table}.{key}: {sorted(unused)} set(s) no targeted module ({len(targets)} targets, e.g. "
+                       f"{targets[0]}): fix the pattern or remove it")
+    if config.exclude_modules:
+        with values_checked():
+            loose = dataclasses.replace(config, exclude_modules=[])
+        matched = [n for n, m in model.named_modules()
+                   if n and loose.matches(n) and (supported(m) or isinstance(m, LoraLayer))]
+        unused = [e for e in config.exclude_modules if not any(name_matches(n, e) for n in matched)]
+        if unused:
+            out.append(f"{table}.exclude_modules: {unused} exclude(s) no module that {table}.target_modules matches: fix "
+                       "the names or remove them")
+    if (config.conv_r or config.conv_alpha) and not any(is_kxk_conv(_base(model.get_submodule(t))) for t in targets):
+        out.append(f"{table}.conv_r / conv_alpha apply to k×k convolutions, and {table}.target_modules targets none: add "
+                   "convolutions to the targets (e.g. 'cross_attn+conv') or remove them")
+    return out
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
 def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     """Qualified names of the modules to save (outermost matches, existing wrappers included)."""
     inside = _wrapped_prefixes(model)
@@ -137,14 +168,18 @@ def rollback(model: nn.Module, adapter: str):
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
-             dtype: torch.dtype = torch.float32) -> list[str]:
+             dtype: torch.dtype = torch.float32, strict: Optional[str] = None) -> list[str]:
     """Wrap every module matched by `config` with a LoRA layer (or add `adapter` to an existing
     wrapper) and give `adapter` its own trainable copy of each of config.modules_to_save. Freezes
     everything else. Returns the qualified names of the adapted modules. An existing adapter name
     is refused on modules that hold it already (other modules extend it: how files with per-module
-    ranks load). On any error the model is left exactly as it was."""
+    ranks load). strict (the trainers, with their config table's name, e.g. "lora"): an entry that would
+    do nothing on this model is refused (idle_entries). On any error the model is left exactly as it was."""
     heads = _modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
     targets = _find_targets(model, config, heads)
+    idle = idle_entries(model, config, targets, strict) if strict else []
+    if idle:
+        raise TargetMatchError(idle[0])
     clash = [n for n in targets + heads if adapter in _adapters_of(model.get_submodule(n))]
     if clash:
         raise AdapterExistsError(f"adapter {adapter!r} exists already on {clash[:5]} (adapters: "

@@ -107,10 +107,14 @@ def run_steps(rep: PreflightReport, size: str, run_dir, train: Callable[[], dict
         error = None if status.get("state") == "done" else status.get("error") or f"state {status.get('state')}"
     except Exception as e:  # noqa: BLE001 - any error of the real train path is the finding
         error = f"{type(e).__name__}: {e}"
-    losses = [round(m["loss"], 6) for m in RunDir(run_dir).read_metrics() if "loss" in m]
+    raw = [m["loss"] for m in RunDir(run_dir).read_metrics() if "loss" in m]
+    losses = [round(x, 6) for x in raw]
     rep.steps = {"ok": error is None, "size": size, "losses": losses, "error": error}
     if error:
         rep.error(f"the {size} failed: {error}", "train")
+    elif len(raw) >= 2 and not any(raw):
+        rep.error(f"the {size} ran, but the loss is exactly 0 at every step: nothing would be trained (every loss "
+                  "mask black, every label ignored?)", "train")
 
 
 # ------------------------------------------------------------------ memory

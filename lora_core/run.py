@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .configfile import save_config
-from .files import atomic_write_json, move_aside
+from .files import atomic_write_json, atomic_write_text, move_aside
+from .resume import resume_changes
 from .errors import NonFiniteLoss, RunFolderError, RunLockedError, StopRequested
 
 log = logging.getLogger("lora")
@@ -124,6 +125,18 @@ class RunDir:
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def drop_metrics_after(self, step: int) -> int:
+        """A resume from a checkpoint at `step` trains the later steps again: their metrics lines (and a line
+        cut short by a kill) go, so that each step is in metrics.jsonl once. Returns how many lines went."""
+        try:
+            lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return 0
+        keep = [line for line in lines if _metrics_step(line) <= step]
+        if len(keep) < len(lines):
+            atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
+        return len(lines) - len(keep)
+
     def read_metrics(self) -> list[dict]:
         out = []
         try:
@@ -156,6 +169,40 @@ class RunDir:
         if not out and self.read_status().get("state") == "done":
             out.append("status.json (done)")
         return out
+
+
+def _metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not a complete record."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
+def why_not_resumable(run_dir) -> Optional[str]:
+    """Why `--resume latest` has nothing to continue in run_dir (None: it has): a live run, no checkpoint, a
+    run that has done all its steps. The GUI asks it before it offers Resume; torch-free, reads only."""
+    run = RunDir(run_dir)
+    status = run.read_status()
+    state = status.get("state")
+    if state in LIVE_STATES:
+        return f"it is {state}"
+    holder = RunLock(run).holder()
+    if holder and RunLock.alive(holder):
+        return f"a trainer is working in it (pid {holder.get('pid')})"
+    if state == "done":
+        return "it has finished all its steps"
+    found = run.checkpoints()
+    if not found:
+        return "it has no checkpoint (it ended before writing one): start it again instead"
+    try:
+        step = json.loads((found[-1] / "trainer_state.json").read_text()).get("step")
+    except (OSError, ValueError):
+        return None   # TrainLoop.resume passes over a damaged checkpoint to an older one
+    if isinstance(step, int) and isinstance(status.get("max_steps"), int) and step >= status["max_steps"]:
+        return f"its last checkpoint is at its final step ({step})"
+    return None
 
 
 def mark_queued(run_dir, **fields) -> dict:
@@ -360,9 +407,23 @@ def _queued_here(run: RunDir, e: BaseException) -> bool:
         return False
 
 
+def _resume_changes(run: RunDir, resume: Optional[str], config, rules: Optional[dict]) -> list[str]:
+    """The allowed config changes of a resume (lora_core.resume.resume_changes against the config saved with
+    the checkpoint's run); [] without one to compare."""
+    found = resume_candidates(run, resume) if resume and config is not None and rules is not None else []
+    if not found:
+        return []
+    # the config the checkpoint was made under (a copy in it: the run's own config.toml may have been edited)
+    latest, own = resume in ("latest", "auto"), found[0] / "config.toml"
+    saved = own if own.is_file() else run.config if latest else found[0].parent.parent / "config.toml"
+    if not saved.is_file() and not latest:
+        return []   # a checkpoint folder kept on its own: nothing to compare with
+    return resume_changes(saved, config, rules)
+
+
 def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=None, resume: Optional[str] = None,
             overwrite: bool = False, main: bool = True, barrier: Callable[[], None] = lambda: None,
-            validate: Callable[[], Any] = lambda: None) -> dict:
+            validate: Callable[[], Any] = lambda: None, resume_rules: Optional[dict] = None) -> dict:
     """The job wrapper of every trainer: validate (nothing written yet), check the folder (refuse another
     run's files, a live lock, a resume without a run; --overwrite moves the old run aside), then create
     it, lock it, save the resolved config, set up logging, mark it running (with `kind`), and run
@@ -370,15 +431,17 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
     outside the training loop ends it "stopped" (and returns the status). A resume of an existing run is
     held (RunDir.hold) until TrainLoop.resume has loaded its checkpoint: a refusal or failure before that
     (a checkpoint that does not fit the new config, a stop while loading) leaves the run folder
-    byte-identical and raises."""
+    byte-identical and raises. With `resume_rules` (lora_core.resume), a resume whose config changes a field that
+    must not change is refused before anything is written; the allowed changes are logged."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     lock = RunLock(run)
-    started, aside = False, None
+    started, aside, changed = False, None, []
     with StopAtOnce():
         try:
             prepared = validate()
             if main:
                 aside = check_folder(run, resume, overwrite, kind)
+                changed = _resume_changes(run, resume, config, resume_rules)
                 if resume and run.foreign_entries():
                     run.hold()   # until the checkpoint has loaded, a refusal gives the run back as it was
                 run.create()
@@ -392,6 +455,8 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
             setup_logging(run, main)
             if main and aside is not None:
                 log.warning("--overwrite: the old run in %s was moved to %s", run.path, aside)
+            if main and changed:
+                log.info("resume: changed settings (allowed, they keep the run exact): %s", "; ".join(changed))
             return body(run, prepared)
         except BaseException as e:
             if main and run.held is not None:   # a resume that never started: nothing of it stays
@@ -474,6 +539,9 @@ class TrainLoop:
             self.last_ckpt = str(path)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
             self.run.commit()
+            dropped = self.run.drop_metrics_after(self.step) if self.main else 0
+            if dropped:
+                log.info("metrics.jsonl: %d line(s) past step %d dropped (those steps run again)", dropped, self.step)
             return path
         if failed:
             path, e = failed[0]
@@ -636,6 +704,8 @@ class TrainLoop:
         if self.main:
             if self.export_fn is not None:
                 self.export_fn(tmp, step)
+            if run.config.is_file():   # the config this checkpoint was made under: what a resume is compared with
+                shutil.copyfile(run.config, tmp / "config.toml")
             atomic_write_json(tmp / "trainer_state.json", {
                 "step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.s.seed,
                 "backend": e.backend, "num_processes": e.num_processes, "best_val": self.best_val})

@@ -16,9 +16,11 @@ import dataclasses
 import datetime as _dt
 import itertools
 import json
+import logging
 import math
 import re
 import secrets
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -29,8 +31,9 @@ from .configdoc import HelpConfig, arg_type
 from .configfile import read_toml
 from .errors import ConfigError
 from .files import atomic_write_json
-from .run import LIVE_STATES, RunDir, mark_queued, settle
+from .run import LIVE_STATES, RunDir, StopFlag, mark_queued, settle
 
+log = logging.getLogger("lora")
 SWEEP_FILE = "sweep.json"
 METRIC_KEYS = ("accuracy", "f1", "macro_f1", "mcc", "perplexity", "baseline_accuracy", "baseline_perplexity")
 
@@ -155,33 +158,52 @@ def write_sweep(sweep: Sweep, records: Optional[dict] = None) -> None:
     atomic_write_json(sweep.root / SWEEP_FILE, {**sweep.to_dict(), "records": records or {}})
 
 
+class SweepStop(StopFlag):
+    """A stop signal between two runs of a sweep (a run's own signal handler stops the run itself): no
+    further run starts."""
+
+    def _handle(self, signum, frame):
+        if not self.stop:
+            log.warning("signal %s received: the sweep starts no further run", signum)
+        self.stop = True
+
+
 def run_sweep(sweep: Sweep, load: Callable[[Optional[str], list[str]], Any], train: Callable[[Any], dict],
               on_run: Optional[Callable[[SweepRun, dict], None]] = None) -> dict[str, dict]:
     """Run every combination in order through `load(config, overrides)` (the job's config loader) and
     `train(cfg)` (its normal train path, returning the final status). A run that fails (bad combination,
-    an exception, a failed status) is recorded as failed and the sweep goes on. Returns name -> record
-    {state, error, started, finished, wall_s}; `on_run(run, record)` is called after each."""
+    an exception, a failed status) is recorded as failed and the sweep goes on. A stop signal (SIGTERM,
+    Ctrl-C) stops the sweep: the running run ends `stopped` with its checkpoint, the runs not started stay
+    `queued` (no record). Returns name -> record {state, error, started, finished, wall_s}; `on_run(run,
+    record)` is called after each."""
     sweep.root.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     for r in sweep.runs:
         mark_queued(r.run_dir, sweep=sweep.id, sweep_params=r.params)
     write_sweep(sweep, records)
-    for r in sweep.runs:
-        t0 = time.time()
-        try:
-            status = train(load(sweep.config, [*sweep.base_overrides, *r.overrides])) or {}
-            state, error = status.get("state", "failed"), status.get("error")
-        except Exception as e:  # one failed run does not stop the sweep
-            state, error = "failed", f"{type(e).__name__}: {e}"
-        if state == "failed" or RunDir(r.run_dir).read_status().get("state") in LIVE_STATES:
-            settle(r.run_dir, error or "the run ended without a final status")
-            state = "failed"
-        records[r.name] = {"state": state, "error": error, "started": t0, "finished": time.time(),
-                           "wall_s": round(time.time() - t0, 3)}
-        write_sweep(sweep, records)
-        if on_run is not None:
-            on_run(r, records[r.name])
+    with SweepStop() as flag:
+        for r in sweep.runs:
+            if flag.stop:
+                break
+            records[r.name] = _one_run(sweep, r, load, train)
+            write_sweep(sweep, records)
+            if on_run is not None:
+                on_run(r, records[r.name])
+            flag.stop = flag.stop or records[r.name]["state"] == "stopped"
     return records
+
+
+def _one_run(sweep: Sweep, r: SweepRun, load: Callable, train: Callable) -> dict:
+    t0 = time.time()
+    try:
+        status = train(load(sweep.config, [*sweep.base_overrides, *r.overrides])) or {}
+        state, error = status.get("state", "failed"), status.get("error")
+    except Exception as e:  # one failed run does not stop the sweep
+        state, error = "failed", f"{type(e).__name__}: {e}"
+    if state == "failed" or RunDir(r.run_dir).read_status().get("state") in LIVE_STATES:
+        settle(r.run_dir, error or "the run ended without a final status")
+        state = "failed"
+    return {"state": state, "error": error, "started": t0, "finished": time.time(), "wall_s": round(time.time() - t0, 3)}
 
 
 # ------------------------------------------------------------------ the summary table
@@ -266,7 +288,10 @@ def cli_sweep(a, cls: type, load: Callable, train: Callable) -> int:
         flush=True))
     rows = summary(sweep.root)
     print(json.dumps(rows, indent=2) if a.json else markdown_table(rows))
-    return 0 if all(r["state"] in ("done", "stopped") for r in records.values()) else 1
+    if len(records) < len(sweep.runs) or any(r["state"] == "stopped" for r in records.values()):
+        print(f"sweep stopped: {len(sweep.runs) - len(records)} run(s) not started (still queued)", file=sys.stderr)
+        return 1
+    return 0 if all(r["state"] == "done" for r in records.values()) else 1
 
 
 __all__ = ["Sweep", "SweepRun", "expand", "parse_vary", "parse_values", "run_sweep", "summary", "markdown_table",

@@ -6,6 +6,7 @@ after any reload, shows the same state.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ from lora_core.configfile import read_toml
 from lora_core.run import RunDir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CLI_LINE = re.compile(r"lora-(sd|llm) [\w-]+: ")   # how the CLIs' one-line messages start (lora_core.cli_errors)
 
 
 @dataclass
@@ -55,9 +57,12 @@ def tail(path: Path, max_bytes: int = 6000, max_lines: int = 12) -> str:
 
 
 def last_line(path: Path) -> str:
-    """The last non-empty line of a text file ("" when there is none): a CLI's one-line error."""
+    """A job's own last word in its console: the last line of the CLI's own (`lora-sd train: error: ...`), not
+    the launcher's traceback after it (`accelerate launch` ends with CalledProcessError); else the last
+    non-empty line ("" when there is none)."""
     lines = [ln.strip() for ln in tail(path, max_lines=40).splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+    own = [ln for ln in lines if CLI_LINE.match(ln)]
+    return (own or lines or [""])[-1]
 
 
 def snapshot(run_dir: Path) -> RunSnapshot:

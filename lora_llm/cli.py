@@ -152,7 +152,10 @@ def _cmd_generate(a) -> int:
 
 def _cmd_tiny(a) -> int:
     from .models import make_tiny_model   # lazy: torch and transformers (not for --help or argument errors)
-    make_tiny_model(a.out_dir, seed=a.seed)
+    found = check_output(a.out_dir, overwrite=a.overwrite, flag="OUT_DIR")
+    with room_for(found) as moved:
+        make_tiny_model(a.out_dir, seed=a.seed)
+    moved_note(moved)
     print(f"tiny GPT-2 written to {a.out_dir} (use model.pretrained = \"{a.out_dir}\")")
     return 0
 

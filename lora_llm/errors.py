@@ -7,3 +7,8 @@ class DataError(ValueError):
 
 class SuiteStopped(RuntimeError):
     """A task's training was stopped (SIGTERM/SIGINT: the GUI's Stop button): the suite stops too."""
+
+
+# the one line of a MindSpore run without MindSpore (the trainer raises it, `lora-llm check` reports it)
+MINDSPORE_MISSING = ('backend = "mindspore" needs MindSpore, which is not installed: pip install ".[mindspore]" '
+                     '(or backend = "torch")')

@@ -4,7 +4,9 @@ The report, the memory arithmetic and the CLI command are lora_core.preflight's.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -18,9 +20,16 @@ from lora_core.preflight_torch import SavedBytes, begin, common_conflicts
 
 from .config import LLMTrainConfig, load_llm_config
 from .data import train_items
-from .errors import DataError
+from .errors import MINDSPORE_MISSING, DataError
 from .models import count_parameters, load_tokenizer, max_positions
 from .train import build_model, train_from_config
+
+
+def importable(name: str) -> bool:
+    """The package can be imported (found, without importing it: MindSpore takes seconds)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def conflicts(cfg: LLMTrainConfig, device: str, rep: PreflightReport) -> None:
@@ -28,7 +37,9 @@ def conflicts(cfg: LLMTrainConfig, device: str, rep: PreflightReport) -> None:
     if cfg.model.dtype == "float16" and torch.device(device).type == "cpu":
         rep.warn("model.dtype = \"float16\" on CPU: half-precision matmuls there are slow or missing; use "
                  "\"bfloat16\" or \"float32\"", "model.dtype")
-    if cfg.backend == "mindspore":
+    if cfg.backend == "mindspore" and not importable("mindspore"):
+        rep.error(MINDSPORE_MISSING, "backend")
+    elif cfg.backend == "mindspore":
         rep.add("info", "backend = \"mindspore\": the memory estimate and the two steps use the PyTorch model of "
                 "the same config", "backend")
 

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_core.adapter_files import read_header
 from lora_core.configfile import apply_overrides, from_dict, load_config, to_dict
 from lora_core.fields import Checked, option
 from lora_core.files import atomic_write_json, atomic_write_text
 
+from .adapter_formats import ADAPTER_FILE, LLM_INFO
 from .config import TASKS, LLMTrainConfig, Task
 from .errors import SuiteStopped
 from .metrics import BASELINE_LABEL, BASELINE_LABEL_LM
@@ -41,12 +43,30 @@ class SuiteConfig(Checked):
                                        "instead of training one")
     note: str = option("", "printed under the table (budgets, subsets, hardware)")
 
+    def __post_init__(self):
+        super().__post_init__()
+        idle = [t for t in self.adapters if t not in self.tasks]   # ([overrides] may cover tasks left out of a run)
+        if idle:
+            raise ValueError(f"adapters.{idle[0]}: task {idle[0]!r} is not in tasks {list(self.tasks)}, so this "
+                             "adapter would not be scored; add the task to tasks or remove the entry")
+
     def task_config(self, task: str, out: Path) -> LLMTrainConfig:
         data = to_dict(self.base)
         data["data"] = {**data.get("data", {}), "task": task}
         data["run_dir"] = str(out / task)
         apply_overrides(data, self.overrides.get(task, []))
         return from_dict(LLMTrainConfig, data, f"suite task {task}")
+
+
+def check_adapters(suite: SuiteConfig) -> None:
+    """Each [adapters] entry holds an adapter trained on its own task (read from its header, torch-free):
+    an SST-2 adapter is never scored as CoLA's."""
+    for task, path in suite.adapters.items():
+        file = Path(path) / ADAPTER_FILE if Path(path).is_dir() else Path(path)
+        trained = json.loads(read_header(file).metadata.get(LLM_INFO) or "{}").get("task")
+        if trained and trained != task:
+            raise ValueError(f"adapters.{task} = {path}: that adapter was trained on {trained!r}, not {task!r}; "
+                             f"give a {task} adapter, or remove the entry to train one")
 
 
 def load_suite(path: Optional[str | Path], overrides: Sequence[str] = ()) -> SuiteConfig:
@@ -95,6 +115,7 @@ def markdown_table(rows: list[dict], note: str = "") -> str:
 def run_suite(suite: SuiteConfig, out: str | Path, resume: Optional[str] = None) -> list[dict]:
     """Train/evaluate every task, writing OUT/results.{md,json} after each task (partial tables survive;
     a failed task gets a FAILED row and the others still run)."""
+    check_adapters(suite)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -23,9 +23,11 @@ from lora_core.training import EpochSampler, train
 from . import data as D
 from .adapter_io import adapter_info, save_adapter
 from .config import LLMTrainConfig
+from .errors import MINDSPORE_MISSING
 from .evaluate import evaluate_job, generate
 from .models import count_parameters, load_model, load_tokenizer, loss_function, resolve_lora
 from .prefix_cache import wrap_for_training
+from .resume_rules import LLM_RESUME
 
 log = logging.getLogger("lora.llm")
 
@@ -55,7 +57,7 @@ def build_model(cfg: LLMTrainConfig, tokenizer):
     model = load_model(cfg.model, n, tokenizer.pad_token_id)
     refuse_non_finite_base({"model": model}, cfg.model.pretrained)
     lcfg = resolve_lora(cfg.lora, model, classification=n > 0)
-    add_lora(model, lcfg)
+    add_lora(model, lcfg, strict="lora")
     return model, lcfg
 
 
@@ -79,8 +81,7 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] != "mindspore":
                 raise
-            raise MissingPackageError('backend = "mindspore" needs MindSpore, which is not installed: '
-                                      'pip install ".[mindspore]" (or backend = "torch")') from None
+            raise MissingPackageError(MINDSPORE_MISSING) from None
         return ms_train(cfg, run_dir, resume, overwrite=overwrite)
     accelerator = make_accelerator(cfg)
 
@@ -88,7 +89,7 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
         return _train_torch(cfg, run, accelerator, resume)
 
     return run_job("llm-train", run_dir or cfg.run_dir, body, config=cfg, resume=resume, overwrite=overwrite,
-                   main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+                   resume_rules=LLM_RESUME, main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
 
 
 def _train_torch(cfg: LLMTrainConfig, run: RunDir, accelerator, resume: Optional[str]) -> dict:

@@ -64,7 +64,10 @@ def _cmd_train(a) -> int:
 
 def _cmd_tiny_model(a) -> int:
     from .models import RANDOM_WEIGHTS_NOTE, save_tiny_pipeline  # lazy: torch (--help stays torch-free)
-    out = save_tiny_pipeline(a.out_dir, seed=a.seed, arch=a.arch)
+    found = check_output(a.out_dir, overwrite=a.overwrite, flag="OUT_DIR")
+    with room_for(found) as moved:
+        out = save_tiny_pipeline(a.out_dir, seed=a.seed, arch=a.arch)
+    moved_note(moved)
     print(f"wrote {out} ({a.arch})\n{RANDOM_WEIGHTS_NOTE}.")
     return 0
 
@@ -228,7 +231,7 @@ def _score_outputs(a, scales: list[float]) -> tuple[Path, list[Path]]:
 
 def _cmd_score(a) -> int:
     from .generate import load_adapters  # lazy: torch (--help stays torch-free)
-    from .models import load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
+    from .models import is_random_weights, load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
     try:
         groups = [(c, synth.prompts_for(c, tuple(a.background or synth.BACKGROUNDS)))
                   for c in a.concept or ([] if a.prompt else ["base"])]
@@ -239,6 +242,9 @@ def _cmd_score(a) -> int:
     groups += [("prompts", a.prompt)] if a.prompt else []
     out, found = _score_outputs(a, scales)
     pipe = load_pipeline(a.model, a.model_config)
+    if is_random_weights(pipe):
+        raise ValueError(f"--model {a.model} has random weights: its images are noise, which the concept score would "
+                         "read as colours and shapes; score a trained model (e.g. --model tiny)")
     pipe.to(pick_device(a.device))
     report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or ())
     seeds = list(range(a.seed, a.seed + a.seeds))

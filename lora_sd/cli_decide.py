@@ -11,6 +11,9 @@ from lora_core.errors import ConfigError
 from lora_core.files import check_output, room_for
 
 
+CONFIRM_CELLS = 1000   # a larger grid (hours of generation) is made only with --yes
+
+
 def _axis_values(axis: str, text: str, run: str) -> list:
     """'step' (all of the run's steps), 'step=0,200,final', 'scale=0,0.5,1', 'prompt=a cat|a dog', 'seed=1,2',
     'adapter=A.safetensors,RUN2'."""
@@ -18,7 +21,11 @@ def _axis_values(axis: str, text: str, run: str) -> list:
     if axis == "step" and not text:
         if not run:
             raise ConfigError("--x/--y step needs --run (the run folder)")
-        return run_steps(run)
+        steps = run_steps(run)
+        if steps == [0]:
+            raise ConfigError(f"--x/--y step: {run} has no checkpoint and no final adapter, so the grid would show "
+                              "only the base model; give a run that has written a checkpoint")
+        return steps
     if not text:
         raise ConfigError(f"give the {axis} values, e.g. --x {axis}=...")
     parts = [t.strip() for t in text.split("|" if axis == "prompt" else ",")]
@@ -46,6 +53,9 @@ def _cmd_grid(a) -> int:
             raise ConfigError(f"--x/--y: unknown axis {axis!r}; choose from {', '.join(AXES)}")
         axes.append((axis, _axis_values(axis, text, a.run)))
     (x, xv), (y, yv) = axes[0], (axes[1] if len(axes) > 1 else ("", [None]))
+    if len(xv) * len(yv) > CONFIRM_CELLS and not a.yes:
+        raise ConfigError(f"the grid has {len(xv) * len(yv):,} cells ({len(yv)} x {len(xv)}), each a full generation "
+                          f"of {a.steps} steps: pass --yes to make it, or give fewer values")
     found = check_output(a.out, overwrite=a.overwrite, flag="--out", results=[GRID_FILE, INDEX_FILE, CELLS],
                          inputs=[a.run, a.adapter, a.model])
     spec = GridSpec(x=x, x_values=xv, y=y, y_values=yv, run=a.run, adapter=a.adapter, step=a.step, scale=a.scale,
@@ -102,6 +112,7 @@ def add_commands(sub) -> None:
     g.add_argument("--scheduler", default="ddim")
     g.add_argument("--device", default="")
     g.add_argument("--out", required=True, help="folder for grid.png, cells/ and index.json")
+    g.add_argument("--yes", action="store_true", help=f"make a grid of more than {CONFIRM_CELLS:,} cells")
     add_overwrite_flag(g, "an earlier grid there (grid.png, cells/, index.json)")
     g.set_defaults(fn=_cmd_grid)
 

@@ -1,6 +1,7 @@
 """The `lora-sd train` job config: one typed object, loaded from TOML with `section.key=value` overrides."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -8,6 +9,7 @@ from lora_core.config import LoraConfig
 from lora_core.configfile import load_config
 from lora_core.errors import ConfigError
 from lora_core.fields import Checked, option
+from lora_core.files import same_path
 from lora_core.settings import TrainSettings
 
 # target_modules presets (regex, full match on the UNet module path)
@@ -85,6 +87,27 @@ class DataSettings(Checked, section="data"):
                            "mixed into the batches; '' = none")
     reg_repeats: int = option(1, "repeats of reg_path images not in an N_name folder", ge=1)
 
+    def __post_init__(self):
+        super().__post_init__()
+        idle = idle_data_settings(self)
+        if idle:
+            raise ValueError(idle[0])
+
+
+def idle_data_settings(d: "DataSettings") -> list[str]:
+    """What in the [data] table would do nothing (each a one-line refusal)."""
+    out = []
+    if d.reg_path and d.path and (os.path.normpath(d.reg_path) == os.path.normpath(d.path)
+                                  or same_path(d.reg_path, d.path)):
+        out.append(f"data.reg_path is data.path ({d.path}): the training images would be their own regularization "
+                   "images; give a folder of class images, or remove reg_path")
+    if d.reg_repeats != 1 and not d.reg_path:
+        out.append("data.reg_repeats has no effect without data.reg_path: remove it or set a regularization folder")
+    if d.keep_tokens and not d.shuffle_tags:
+        out.append("data.keep_tokens has no effect without data.shuffle_tags = true (it keeps the first tags in "
+                   "place while the others are shuffled): remove it or turn shuffle_tags on")
+    return out
+
 
 def _one_word_error(word: str) -> Optional[str]:
     if word and (word != word.strip() or any(c.isspace() for c in word) or any(c in word for c in "/\\\0")):
@@ -136,6 +159,12 @@ class EmbeddingSettings(Checked, section="embedding"):
                             "'' = the word's own", check=_one_word_error)
     learning_rate: float = option(0.0, "learning rate of the embedding; 0 = train.learning_rate", ge=0)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.token and (self.init_word or self.learning_rate):
+            raise ValueError("embedding.init_word / learning_rate have no effect without embedding.token (the word "
+                             "to train): set a token or remove them")
+
 
 @dataclass
 class SampleSettings(Checked, section="sample"):
@@ -153,6 +182,15 @@ class SampleSettings(Checked, section="sample"):
     use_ema: bool = option(False, "validation images with the EMA weights (train.ema_decay > 0) once it has started")
     grid_every: int = option(0, "also write RUN/grid/step_N/ over the checkpoints so far at every validation step "
                              "that is a multiple of N (a multiple of train.sample_every); 0: off", ge=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.grid or self.grid_every) and not self.prompts:
+            raise ValueError("sample.grid / grid_every would write nothing: sample.prompts (the grid's rows) is "
+                             "empty; add prompts or turn the grid off")
+        if self.grid_every and any("|" in p for p in self.prompts):
+            raise ValueError("sample.grid_every: a prompt holds '|', which separates the grid's rows (no grid would "
+                             "be written); remove it from the prompt")
 
 
 def _plain_name_error(name: str) -> Optional[str]:

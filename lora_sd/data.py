@@ -551,3 +551,45 @@ class BatchDataset(torch.utils.data.Dataset):
             return {**out, "pooled": self.pooled[idx]} if xl else out
         out = {"input_ids": self.input_ids[idx]}
         return {**out, "input_ids_2": self.input_ids_2[idx]} if xl else out
+
+
+# ------------------------------------------------------------------ settings the data set would make idle
+def _mask_extrema(item: ImageItem) -> Optional[tuple[int, int]]:
+    """(min, max) of the item's loss mask (its _mask file, else its alpha channel); None: no mask (all white)."""
+    with Image.open(item.mask or item.path) as im:
+        if item.mask is None and "A" not in im.getbands():
+            return None
+        return (im.convert("L") if item.mask else im.getchannel("A")).getextrema()
+
+
+def idle_settings(items: list[ImageItem], d: DataSettings, token: str = "") -> list[str]:
+    """What the loaded data set makes do nothing (each a one-line refusal): every loss mask black, a mask of
+    another size than its image, a trained word (embedding.token) in no caption, keep_tokens that keep every tag."""
+    out, train = [], [i for i in items if not i.is_reg]
+    if d.masked_loss:
+        for it in (i for i in items if i.mask is not None):
+            with Image.open(it.mask) as m:
+                if m.size != tuple(it.size):
+                    out.append(f"data.masked_loss: the mask {it.mask} is {m.size[0]}x{m.size[1]} but its image is "
+                               f"{it.size[0]}x{it.size[1]}: make the mask the image's size")
+        if items and all((e := _mask_extrema(i)) is not None and e[1] == 0 for i in items):
+            out.append("data.masked_loss: every loss mask is black (nothing would be trained); white marks what to "
+                       "train: fix the masks, or set data.masked_loss = false")
+    word = re.compile(rf"(?<!\w){re.escape(token)}(?!\w)") if token else None
+    if word is not None and not any(word.search(i.caption) for i in train):
+        out.append(f"embedding.token {token!r} is in no caption of the training images, so it would never be "
+                   "trained: put the word in the captions (or data.trigger_word)")
+    if d.shuffle_tags and train and d.keep_tokens >= max(len(i.caption.split(",")) for i in train):
+        most = max(len(i.caption.split(",")) for i in train)
+        out.append(f"data.keep_tokens = {d.keep_tokens} keeps every tag of every caption in place (the longest has "
+                   f"{most}): shuffle_tags would shuffle nothing; lower keep_tokens")
+    return out
+
+
+def checked_items(d: DataSettings, token: str = "") -> list[ImageItem]:
+    """load_items, refused (DatasetError, one line) when the data set leaves a setting nothing to do."""
+    items = load_items(d)
+    idle = idle_settings(items, d, token)
+    if idle:
+        raise DatasetError(idle[0])
+    return items

@@ -258,7 +258,7 @@ def grid_so_far(cfg, run_dir, step: int, device: str = "") -> Optional[Path]:
             "--model-config", cfg.model.config,
             "--steps", str(sc.steps), "--guidance", str(sc.guidance_scale), "--width", str(sc.width or res),
             "--height", str(sc.height or res), "--scheduler", sc.scheduler, "--device", device, "--out", str(out),
-            "--overwrite"]   # a resumed run makes the same grid again: the earlier one is moved aside
+            "--overwrite", "--yes"]   # a resumed run makes the same grid again: the earlier one is moved aside
     done = subprocess.run([sys.executable, "-m", "lora_sd.cli", "grid", *args], capture_output=True, text=True)
     if done.returncode:
         log.warning("step %d: the comparison grid failed: %s", step, (done.stderr.strip().splitlines() or ["?"])[-1])

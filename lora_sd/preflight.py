@@ -26,7 +26,7 @@ from lora_core.preflight import PreflightReport, fit_activations, memory_estimat
 from lora_core.preflight_torch import SavedBytes, begin, common_conflicts
 
 from .config import SDTrainConfig, load_train_config
-from .data import make_buckets, pick_bucket, scan
+from .data import idle_settings, load_items, make_buckets, pick_bucket, scan
 from .errors import DatasetError
 from .models import load_pipeline
 from .train import run_training
@@ -44,8 +44,6 @@ def conflicts(cfg: SDTrainConfig, device: str, rep: PreflightReport) -> None:
         rep.warn("data.center_crop = false (random crop) with data.cache_latents = true: latents are cached "
                  "center-cropped, so no random crop happens; set data.cache_latents = false to crop at random",
                  "data.center_crop")
-    if cfg.sample.grid and not cfg.sample.prompts:
-        rep.warn("sample.grid = true but sample.prompts is empty: no grid will be made", "sample.grid")
     if cfg.sample.grid and not s.checkpoint_every:
         rep.add("info", "sample.grid: with train.checkpoint_every = 0 the grid has two columns (base, final)",
                 "train.checkpoint_every")
@@ -81,6 +79,12 @@ def audit(cfg: SDTrainConfig, rep: PreflightReport) -> list:
                  f"(e.g. {small[0].path}: {small[0].size[0]}x{small[0].size[1]})", "data.resolution")
     if items and cfg.train.batch_size > sum(i.repeats for i in items):
         rep.warn(f"train.batch_size ({cfg.train.batch_size}) exceeds the samples per epoch", "train.batch_size")
+    try:
+        loaded = load_items(d)   # as the trainer reads it: captions templated, class images added
+    except DatasetError:
+        loaded = []              # reported above
+    for line in idle_settings(loaded, d, cfg.embedding.token):
+        rep.error(line, line.split(" ", 1)[0].rstrip(":"))
     return items
 
 

@@ -35,10 +35,11 @@ from lora_core.training import EMA, make_ema, train
 from . import formats
 from .config import SDTrainConfig
 from .data import (BatchDataset, LatentCache, Preservation, default_cache_dir, encode_text,
-                   encode_text_xl, first, load_items, sdxl_text, tokenize, varies_captions)
+                   checked_items, encode_text_xl, first, load_items, sdxl_text, tokenize, varies_captions)
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .errors import DatasetError
 from .generate import generate
+from .resume_rules import SD_RESUME
 from .grid import end_of_run_grid, grid_so_far
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
@@ -236,8 +237,8 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
         return _run(cfg, run, accelerator, resume, pipe, items)
 
     return run_job("sd-train", _MetricsRun(cfg.run_dir), body, config=cfg, resume=resume, overwrite=overwrite,
-                   main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
-                   validate=lambda: load_items(cfg.data))   # dataset errors before anything is written
+                   resume_rules=SD_RESUME, main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+                   validate=lambda: checked_items(cfg.data, cfg.embedding.token))   # dataset errors before anything is written
 
 
 def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool, preserve: Optional[Preservation] = None):
@@ -288,7 +289,7 @@ def _add_adapters(cfg: SDTrainConfig, pipe) -> dict[str, nn.Module]:
                           "use [text_encoder_lora])")
     for m in (pipe.unet, pipe.vae, *tes.values()):
         m.requires_grad_(False)
-    targets = add_lora(pipe.unet, cfg.lora)
+    targets = add_lora(pipe.unet, cfg.lora, strict="lora")
     components = {"unet": pipe.unet}
     if cfg.embedding.token:
         if "text_encoder_2" in tes:
@@ -298,7 +299,7 @@ def _add_adapters(cfg: SDTrainConfig, pipe) -> dict[str, nn.Module]:
         targets.append(f"text_encoder embedding of {cfg.embedding.token!r}")
     for name, tcfg in (("text_encoder", cfg.text_encoder_lora), ("text_encoder_2", cfg.text_encoder_2_lora)):
         if tcfg is not None:
-            targets += [f"{name}.{n}" for n in add_lora(tes[name], tcfg)]
+            targets += [f"{name}.{n}" for n in add_lora(tes[name], tcfg, strict=f"{name}_lora")]
             components[name] = tes[name]
     log.info("%s: LoRA r=%d alpha=%g on %d modules (%d trainable parameters)", arch_of(pipe), cfg.lora.r,
              cfg.lora.alpha, len(targets),
@@ -433,7 +434,7 @@ def split_val(cfg: SDTrainConfig, items: list) -> tuple[list, list]:
     """(training items, held-out items): data.val_path, or data.val_fraction of the images chosen with train.seed."""
     d = cfg.data
     if d.val_path:
-        return items, load_items(replace(d, path=d.val_path, max_images=0, reg_path=""))
+        return items, load_items(replace(d, path=d.val_path, max_images=0, reg_path="", reg_repeats=1))
     if not d.val_fraction:
         return items, []
     own = [k for k, it in enumerate(items) if not it.is_reg]   # class images are never held out
@@ -489,7 +490,8 @@ def _val_fn(cfg: SDTrainConfig, val_items: list, pipe, accelerator, train_te: bo
             log.warning("train.val_every is set but there is no validation split (data.val_path / data.val_fraction)")
         return None
     # fixed images and captions: no flip, no random crop, no caption dropout or tag shuffling
-    d = replace(cfg.data, random_flip=False, center_crop=True, caption_dropout=0.0, shuffle_tags=False, reg_path="")
+    d = replace(cfg.data, random_flip=False, center_crop=True, caption_dropout=0.0, shuffle_tags=False, keep_tokens=0,
+                reg_path="", reg_repeats=1)
     vds, _ = _dataset(replace(cfg, data=d), [replace(i, repeats=1) for i in val_items], pipe, accelerator, train_te)
     log.info("validation loss on %d held-out image(s) at %d timesteps", len(val_items), cfg.data.val_timesteps)
 

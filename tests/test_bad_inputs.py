@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from lora_core import LoraConfig, add_lora, lora_layers
 from lora_core.cli_errors import describe, looks_like_local_path
@@ -120,6 +121,9 @@ def _datasets(root: Path) -> dict:
     make_images(d / "zero" / "0_thing", 2)
     make_images(d / "badcap", 2)
     (d / "badcap" / "img_0_1.txt").write_bytes(b"a caf\xe9 photo")
+    for folder, size, shade in (("black", (40, 32), 0), ("masksize", (16, 16), 255)):   # black masks; another size
+        for img in make_images(d / folder, 2):   # 40x32 images
+            Image.new("L", size, shade).save(img.with_name(img.stem + "_mask.png"))
     make_images(d / "badmeta", 1)
     (d / "badmeta" / "img_0_0.txt").unlink()
     (d / "badmeta" / "metadata.jsonl").write_text('{"file_name": "img_0_0.png", "text": oops}\n')
@@ -279,6 +283,8 @@ SD_CASES = [
     ("single-file-onto-the-model", ["save-single-file", "{sd_model}", "{sd_model}", "--overwrite"], 2,
      ["is the input"]),
     ("score-no-adapter-no-out", ["score", "--model", "{sd_model}", "--prompt", "a"], 2, ["--out"]),
+    ("score-a-random-weight-model", ["score", "--model", "{sd_model}", "--prompt", "a purple circle", "--out",
+                                     "{tmp}/s.json"], 2, ["random weights", "noise"]),
     ("grid-out-is-a-file", ["grid", "--x", "seed=0", "--adapter", "{adapters}/style.safetensors", "--out",
                             "{adapters}/style.safetensors"], 2, ["style.safetensors", "is a file"]),
     # messages that name the real cause; argument errors exit 2
@@ -302,6 +308,33 @@ SD_CASES = [
      ["nan_model", "unet.{sd_nan_key}", "non-finite"]),
     ("train-float-for-an-integer", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run", "--set",
                                     "train.batch_size=2.0"], 2, ["train.batch_size", "expected an integer", "2.0"]),
+    # a setting that would do nothing is refused
+    ("grid-over-a-run-without-checkpoints", ["grid", "--x", "step", "--run", "{tmp}/fresh-run", "--out", "{tmp}/g"], 2,
+     ["fresh-run", "no checkpoint", "only the base model"]),
+    ("grid-of-thousands-of-cells", ["grid", "--x", "seed=" + ",".join(map(str, range(50))), "--y",
+                                    "scale=" + ",".join(str(i / 10) for i in range(25)), "--out", "{tmp}/g"], 2,
+     ["1,250 cells", "--yes"]),
+    *[(f"train-idle-{name}", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run",
+                              *[x for s in sets for x in ("--set", s)]], 2, needles) for name, sets, needles in [
+        ("reg-path-is-data-path", ['data.reg_path="{data}/ok"'], ["data.reg_path", "data.path", "ok"]),
+        ("reg-repeats-without-reg-path", ["data.reg_repeats=3"], ["data.reg_repeats", "data.reg_path"]),
+        ("keep-tokens-without-shuffle", ["data.keep_tokens=1"], ["data.keep_tokens", "shuffle_tags"]),
+        ("keep-tokens-keep-every-tag", ["data.shuffle_tags=true", "data.keep_tokens=3"],
+         ["data.keep_tokens = 3", "shuffle nothing"]),
+        ("grid-without-prompts", ["sample.grid=true"], ["sample.grid", "sample.prompts"]),
+        ("embedding-options-without-token", ['embedding.init_word="a"'], ["embedding.init_word", "embedding.token"]),
+        ("embedding-token-in-no-caption", ['embedding.token="sks"', 'embedding.init_word="a"'],
+         ["embedding.token 'sks'", "no caption"]),
+        ("masks-all-black", ['data.path="{data}/black"', "data.masked_loss=true"],
+         ["data.masked_loss", "every loss mask is black"]),
+        ("mask-of-another-size", ['data.path="{data}/masksize"', "data.masked_loss=true"],
+         ["_mask.png", "16x16", "40x32"]),
+        ("rank-pattern-matches-nothing", ["lora.rank_pattern={{no_such_block=4}}"], ["lora.rank_pattern", "no_such_block"]),
+        ("alpha-pattern-matches-nothing", ["lora.alpha_pattern={{no_such_block=4.0}}"],
+         ["lora.alpha_pattern", "no_such_block"]),
+        ("exclude-matches-nothing", ['lora.exclude_modules=["nope"]'], ["lora.exclude_modules", "nope"]),
+        ("conv-rank-without-conv-targets", ["lora.conv_r=4"], ["lora.conv_r", "convolutions"]),
+    ]],
 ]
 
 
@@ -386,6 +419,18 @@ LLM_CASES = [
                                      "--set", 'model.pretrained="{root}/llm_nan_model"', "--set", 'data.task="sst2"',
                                      "--set", f'data.data_dir="{FIX / "sst2"}"', "--set", "train.max_steps=1"], 2,
      ["llm_nan_model", "{llm_nan_base_key}", "non-finite"]),
+    ("eval-suite-adapter-for-a-task-not-run", ["eval-suite", "--config", str(ROOT / "configs" / "llm_suite_tiny.toml"),
+                                               "--out", "{tmp}/s", "--set", 'tasks=["sst2"]', "--set",
+                                               'adapters={{cola="{llm_run}"}}'], 2, ["adapters.cola", "not in tasks"]),
+    ("eval-suite-adapter-of-another-task", ["eval-suite", "--config", str(ROOT / "configs" / "llm_suite_tiny.toml"),
+                                            "--out", "{tmp}/s", "--set", 'tasks=["cola"]', "--set",
+                                            'adapters={{cola="{llm_run}"}}'], 2,
+     ["adapters.cola", "llm_run", "trained on 'wikitext2', not 'cola'"]),
+    ("train-idle-rank-pattern-on-fused-slices", ["train", "--config", "{cfg}/llm_typo_model.toml", "--run-dir",
+                                                 "{tmp}/run", "--set", 'model.pretrained="tiny"', "--set",
+                                                 'data.task="sst2"', "--set", f'data.data_dir="{FIX / "sst2"}"',
+                                                 "--set", "lora.rank_pattern={{q_proj=4}}", "--set", "train.max_steps=1"],
+     2, ["lora.rank_pattern", "q_proj", "c_attn"]),
 ]
 
 
@@ -586,13 +631,14 @@ def test_failed_attempt_leaves_a_finished_run_alone(world, finished_sd_run, caps
 
 
 def test_refused_resume_leaves_a_finished_run_byte_identical(world, finished_sd_run, capsys):
-    """A resume whose checkpoint does not fit (another rank) is refused after the model has loaded: the run's
-    config.toml, status.json (still done) and train.log are given back byte for byte."""
+    """A resume with another rank (or data folder, resolution: lora_core.resume) is refused before anything is
+    written, naming each changed field with its old and new value: the run folder stays byte-identical."""
     before = snapshot(finished_sd_run)
     rc, err = run_cli("sd", ["train", "--config", finished_sd_run / "config.toml", "--resume", "latest",
-                             "--set", "lora.r=3"], capsys)
+                             "--set", "lora.r=3", "--set", "data.resolution=64"], capsys)
     line = error_line(err, "lora-sd")
-    assert rc == 2 and "cannot resume from" in line and "step_00000002" in line and "left as it was" in line
+    assert rc == 2 and "would not continue this run exactly" in line and "lora.r 8 -> 3" in line
+    assert "data.resolution 32 -> 64" in line
     assert snapshot(finished_sd_run) == before
 
 

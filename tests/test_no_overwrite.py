@@ -105,7 +105,36 @@ CASES = {
                            f'overrides.sst2=["data.data_dir=\'{FIX / "sst2"}\'", "data.train_split=\'train\'"]'],
                    ["--set", "base.train.seed=1"], "suite"),
     "llm-merge": ("llm", ["merge", "{llm_run}", "--out", "{out}/llm_merged"], [], "llm_merged"),   # no other options
+    "llm-eval": ("llm", ["eval", "--adapter", "{llm_run}", "--out", "{out}/eval.json", "--set", 'data.task="wikitext2"',
+                         "--set", f'data.data_dir="{FIX / "wikitext2"}"', "--set", 'data.eval_split="valid"',
+                         "--set", "eval.max_eval_tokens=64", "--set", "eval.ppl_max_length=32",
+                         "--set", "eval.ppl_stride=16", "--set", "eval.prompts=[]"],
+                 ["--set", "eval.max_eval_tokens=48"], "eval.json"),
+    "sd-tiny-model": ("sd", ["tiny-model", "{out}/tiny_sd"], ["--seed", "1"], "tiny_sd"),
+    "llm-tiny-model": ("llm", ["tiny-model", "{out}/tiny_lm"], ["--seed", "1"], "tiny_lm"),
 }
+# the commands that write files and are not in CASES, and why (`sweep` takes no output: it writes a new
+# sweep_<id> folder of fresh run folders each time)
+NOT_IN_CASES = {
+    ("sd", "train"): "a run folder: lora_core.run's rules (tests/test_run_protocol.py, test_resume_rules.py)",
+    ("llm", "train"): "a run folder: as above",
+    ("sd", "pretrain-tiny"): "an existing --out is refused (FileExistsError); a run takes an hour and a half",
+}
+
+
+def _writers(which: str) -> set:
+    """(cli, subcommand) of every subcommand that takes an output (--out, OUT_DIR, --run-dir) or --overwrite."""
+    parser = {"sd": sd_cli, "llm": llm_cli}[which].build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return {(which, name) for name, p in subs.choices.items()
+            if {"out", "out_dir", "run_dir", "overwrite"} & {a.dest for a in p._actions}}
+
+
+def test_every_command_that_writes_files_is_a_case():
+    cases = {(which, argv[0]) for which, argv, _, _ in CASES.values()}
+    missing = (_writers("sd") | _writers("llm")) - cases - set(NOT_IN_CASES)
+    assert not missing, f"output-writing commands without a case in CASES: {sorted(missing)}"
+    assert set(NOT_IN_CASES) <= _writers("sd") | _writers("llm")
 
 
 @pytest.mark.slow
@@ -228,6 +257,33 @@ def test_gui_saves_and_uploads_replace_nothing(tmp_path):
     assert tree(ctrl.ws.root) == before
 
 
+def test_a_refused_upload_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A file name the workspace refuses, or a copy that fails half-way: no dataset folder, no file of it."""
+    from lora_gui.controller import Controller
+    from lora_gui.services import uploads
+    from lora_gui.workspace import Workspace
+    ctrl = Controller(Workspace(tmp_path / "ws"))
+    good, bad = tmp_path / "b.png", tmp_path / "my photo.png"
+    good.write_bytes(b"an image")
+    bad.write_bytes(b"another")
+    before = tree(ctrl.ws.root)
+    with pytest.raises(ValueError, match="my photo.png"):
+        ctrl.uploads.upload([str(good), str(bad)], "dogs")
+    assert tree(ctrl.ws.root) == before and not (ctrl.ws.datasets / "dogs").exists()
+    real, calls = uploads.shutil.copyfile, []
+
+    def failing(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+    monkeypatch.setattr(uploads.shutil, "copyfile", failing)
+    (tmp_path / "c.png").write_bytes(b"a third")
+    with pytest.raises(OSError, match="No space"):
+        ctrl.uploads.upload([str(good), str(tmp_path / "c.png")], "dogs")
+    assert tree(ctrl.ws.root) == before and not (ctrl.ws.datasets / "dogs").exists()
+
+
 # ------------------------------------------------------------------ a refused resume leaves no trace
 LLM = ['data.task="sst2"', f'data.data_dir="{FIX / "sst2"}"', "data.max_length=24", "data.max_train_examples=16",
        "train.batch_size=4", "train.max_steps=2", "train.log_every=1", "eval.enabled=false", "eval.prompts=[]",
@@ -243,7 +299,14 @@ def test_a_refused_resume_leaves_the_run_byte_identical(tmp_path, capsys):
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "done"
     refused("llm", ["train", "--config", job, *sets, "--resume", "latest", "--set", "lora.r=3"], capsys,
-            tmp_path / "run", "cannot resume", "step_00000002")
+            tmp_path / "run", "would not continue this run exactly", "lora.r 8 -> 3")
+    # a checkpoint that fails to load (after the model has loaded) is refused too, the folder given back
+    weights = tmp_path / "run" / "checkpoints" / "step_00000002" / "trainable.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    refused("llm", ["train", "--config", job, *sets, "--resume", "latest"], capsys, tmp_path / "run",
+            "cannot resume", "step_00000002")
+    weights.write_bytes(good)
     # the run is still its own: resumed with its own config.toml (the GUI's Resume), it goes on
     rc, line = run("llm", ["train", "--config", tmp_path / "run" / "config.toml", "--resume", "latest",
                            "--set", "train.max_steps=3"], capsys)

@@ -11,7 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_core.preflight import PreflightReport, print_report
+from lora_core.preflight import PreflightReport, print_report, run_steps
+from lora_core.run import RunDir
+from lora_llm.config import load_llm_config
+from lora_llm.preflight import conflicts as llm_conflicts
 from lora_sd.preflight import audit, conflicts, preflight
 from lora_sd.testing import make_images, train_config
 
@@ -32,9 +35,8 @@ def _keys(rep, level):
 def test_conflicts_are_flagged(tmp_path):
     rep = PreflightReport("sd-train", "x")
     conflicts(_cfg(tmp_path, text_encoder_lora={"r": 2}, data={"center_crop": False, "cache_latents": True},
-                   train={"mixed_precision": "fp16", "lr_warmup_steps": 10, "max_steps": 5},
-                   sample={"grid": True}), "cpu", rep)
-    assert {"data.cache_text", "data.center_crop", "train.lr_warmup_steps", "sample.grid"} <= _keys(rep, "warning")
+                   train={"mixed_precision": "fp16", "lr_warmup_steps": 10, "max_steps": 5}), "cpu", rep)
+    assert {"data.cache_text", "data.center_crop", "train.lr_warmup_steps"} <= _keys(rep, "warning")
     assert _keys(rep, "error") == {"train.mixed_precision"} and not rep.ok
     fp16 = next(f for f in rep.findings if f.key == "train.mixed_precision")
     assert "needs a GPU" in fp16.message and "bf16" in fp16.message
@@ -111,3 +113,33 @@ def test_memory_estimate_within_25_percent_on_the_tiny_model():
                          capture_output=True, text=True, env=env, timeout=600, check=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
     assert 0.75 <= res["ratio"] <= 1.25, res
+
+
+def test_settings_the_data_set_would_make_idle_are_errors(tmp_path):
+    """Every loss mask black (nothing would train), a trained word in no caption, keep_tokens keeping every tag:
+    reported by the audit as errors naming the field (the trainer refuses them in the same words)."""
+    data = tmp_path / "masked"
+    for img in make_images(data, 2, size=(32, 32), caption="a, b"):
+        Image.new("L", (32, 32), 0).save(img.with_name(img.stem + "_mask.png"))
+    rep = PreflightReport("sd-train", "x")
+    audit(train_config(tmp_path / "run", "tiny-random", data, tmp_path / "cache", embedding={"token": "sks"},
+                       data={"masked_loss": True, "shuffle_tags": True, "keep_tokens": 2}), rep)
+    assert _keys(rep, "error") == {"data.masked_loss", "embedding.token", "data.keep_tokens"}, rep.findings
+
+
+def test_two_steps_with_a_loss_of_exactly_zero_block(tmp_path):
+    def train():
+        run = RunDir(tmp_path).create()
+        for step in (1, 2):
+            run.append_metrics({"step": step, "loss": 0.0})
+        return {"state": "done"}
+    rep = PreflightReport("sd-train", "x")
+    run_steps(rep, "2 steps", tmp_path, train)
+    assert not rep.ok and "exactly 0 at every step" in rep.errors[0].message
+
+
+def test_llm_check_names_a_backend_that_cannot_be_imported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mindspore", None)   # as if MindSpore were not installed
+    rep = PreflightReport("llm-train", "x")
+    llm_conflicts(load_llm_config(None, ['backend="mindspore"']), "cpu", rep)
+    assert _keys(rep, "error") == {"backend"} and "pip install" in rep.errors[0].message

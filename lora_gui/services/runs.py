@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from lora_core.configfile import dumps, save_config
+from lora_core.run import why_not_resumable
 
 from .. import job_kinds, jobs, runview
 from ..errors import UserError
@@ -67,6 +68,9 @@ class RunService:
             raise UserError(f"{name} is {snap.state}: nothing to resume")
         if snap.state == "done":
             raise UserError(f"{name} has finished all its steps; raise train.max_steps in a new run instead")
+        why = why_not_resumable(run)
+        if why:
+            raise UserError(f"{name}: nothing to resume: {why}")
         kind = job_kinds.run_kind(run)
         if kind is None or not job_kinds.get(kind).train:
             raise UserError(f"{name}: its status.json names no training job kind; resume it with the CLI")

@@ -33,6 +33,7 @@ class UploadService:
         if len(files) > MAX_UPLOAD_FILES:
             raise UserError(f"at most {MAX_UPLOAD_FILES} files per upload")
         dest = self.ws.datasets / name
+        names = [check_name(Path(f).name, "file name") for f in files]   # every refusal before anything is written
         for f in files:
             src = Path(f)
             if src.suffix.lower() not in UPLOAD_SUFFIXES:
@@ -43,9 +44,19 @@ class UploadService:
         if taken:
             raise UserError(f"{self.ws.rel(dest)} holds {', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''} "
                             "already: rename the files or upload into another dataset name")
+        fresh = not dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            shutil.copyfile(f, dest / check_name(Path(f).name, "file name"))
+        written = []
+        try:
+            for f, n in zip(files, names):
+                shutil.copyfile(f, dest / n)
+                written.append(dest / n)
+        except BaseException:   # a failed copy (disk full, a file gone): the upload leaves nothing behind
+            for p in written:
+                p.unlink(missing_ok=True)
+            if fresh:
+                shutil.rmtree(dest, ignore_errors=True)
+            raise
         return self.ws.rel(dest)
 
 

@@ -42,6 +42,7 @@ from lora_llm.adapter_io import adapter_info, export_peft, load_trained, peft_ta
 from lora_llm.evaluate import evaluate_job
 from lora_llm.models import TINY, load_model, load_tokenizer, resolve_lora, resolve_pretrained
 
+from ..resume_rules import LLM_RESUME
 from .gpt2 import GPT2Config, build_gpt2, load_gpt2, load_hf_state_dict
 
 log = logging.getLogger("lora.llm.mindspore")
@@ -279,7 +280,7 @@ def train_from_config(cfg, run_dir, resume: Optional[str] = None, overwrite: boo
         return _train(cfg, run, resume, dp)
 
     return run_job("llm-train", run_dir or cfg.run_dir, body, config=cfg, resume=resume, overwrite=overwrite,
-                   main=dp is None or dp.rank == 0)
+                   resume_rules=LLM_RESUME, main=dp is None or dp.rank == 0)
 
 
 def _train(cfg, run: RunDir, resume: Optional[str], dp) -> dict:
