@@ -53,7 +53,7 @@ LYCORIS_UNSUPPORTED = {
 LYCORIS_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.("
                          + "|".join(n for names in (*LYCORIS_FACTORS.values(), LYCORIS_UNSUPPORTED) for n in names) + ")")
 DIFFUSERS_KEY = re.compile(
-    r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector)")
+    r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector(?:\.weight)?)")
 PEFT_UNET_PREFIX = "base_model.model."      # PEFT save_pretrained of a UNet
 _UNET_TOP = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 LAYOUT_KEY = "lora_sd.unet_layout"
@@ -376,7 +376,7 @@ def describe(view: AdapterView, modules: Modules, arch: str, layout: Optional[di
 def variants(view: AdapterView) -> dict:
     """DoRA (a magnitude per module), LoCon (k×k conv down weights) and the adapter types of the modules
     ({lora / loha / lokr / oft...: count}, LyCORIS' tensor names), from the header alone."""
-    dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in view.keys)
+    dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")) for k in view.keys)
     conv = sum(1 for k in view.keys if k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight"))
                and len(view.header.shape(k)) == 4 and view.header.shape(k)[2:] != [1, 1])
     types = Counter(lycoris_type(parts) for parts in lycoris_parts(view.keys).values())

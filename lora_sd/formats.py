@@ -10,7 +10,8 @@ kohya:     lora_unet_<path . -> _>.lora_down.weight [r, in] / .lora_up.weight [o
            [r, in, k, k], up [out, r, 1, 1]. DoRA: .dora_scale, LyCORIS' output-axis layout [out, 1]
            ([out, 1, 1, 1] for a conv); diffusers' SD loaders drop dora_scale (with a warning).
 diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.lora.up), DoRA's
-           .lora_magnitude_vector in PEFT's shape ((out,), (1, out, 1, 1) for a conv), with
+           .lora_magnitude_vector in PEFT's shape ((out,), (1, out, 1, 1) for a conv; text encoders:
+           .lora_magnitude_vector.weight, which transformers' load_adapter needs), with
            r / lora_alpha (and rank/alpha patterns) in the `lora_adapter_metadata` JSON that
            diffusers' loader turns into the PEFT LoraConfig, so alpha != r survives.
 Every file written carries adapter_metadata: the run's facts, the base's keys, and the network keys
@@ -453,6 +454,14 @@ def _component_config(items: dict[str, ModuleLora]) -> dict:
     return cfg
 
 
+def _magnitude_name(comp: str) -> str:
+    """The DoRA magnitude's tensor name in a diffusers file: the UNet's PEFT name (diffusers loads it through
+    PEFT's set_peft_model_state_dict, which adds `.weight`); a text encoder's with `.weight` already, as
+    transformers' load_adapter (what diffusers' text-encoder loader calls) needs it: without it the magnitudes
+    stay at their initial values (diffusers' own save_lora_weights writes it so, and loses them the same way)."""
+    return "lora_magnitude_vector" if comp == "unet" else "lora_magnitude_vector.weight"
+
+
 def to_diffusers(adapter: Adapter, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     kinds = sorted({ml.kind for ml in adapter.values()} - {"lora"})
     if kinds:
@@ -469,7 +478,7 @@ def to_diffusers(adapter: Adapter, dtype: torch.dtype = torch.float32) -> tuple[
             sd[f"{comp}.{path}.lora_B.weight"] = ml.up.to(dtype).contiguous()
             if ml.magnitude is not None:   # PEFT's shape
                 shape = (1, -1, 1, 1) if ml.is_conv else (-1,)
-                sd[f"{comp}.{path}.lora_magnitude_vector"] = ml.magnitude.reshape(shape).to(dtype).contiguous()
+                sd[f"{comp}.{path}.{_magnitude_name(comp)}"] = ml.magnitude.reshape(shape).to(dtype).contiguous()
         packed.update({f"{comp}.{k}": v for k, v in _component_config(items).items()})
     return sd, {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, sort_keys=True)}
 
@@ -484,7 +493,8 @@ def from_diffusers(sd: dict[str, torch.Tensor], metadata: dict[str, str], source
         if path.split(".", 1)[0] not in COMPONENTS:
             bad.append(k)
             continue
-        part = {"lora_A.weight": "down", "lora.down.weight": "down", "lora_magnitude_vector": "magnitude"}.get(m.group(2), "up")
+        part = {"lora_A.weight": "down", "lora.down.weight": "down", "lora_magnitude_vector": "magnitude",
+                "lora_magnitude_vector.weight": "magnitude"}.get(m.group(2), "up")
         mods.setdefault(path, {})[part] = t
     if bad:
         raise LoraLoadError(f"{source}: {len(bad)} key(s) are not diffusers LoRA keys for unet/text_encoder/"
