@@ -307,3 +307,37 @@ def test_oft_and_diffusers_layout_refused(tiny_pipeline, tmp_path):
     a, _ = formats.read_safetensors(tmp_path / "k.safetensors")
     b, _ = formats.read_safetensors(tmp_path / "k2.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_merge_and_load_report_of_loha_and_lokr_files(tiny_sd_model, tiny_pipeline, tmp_path):
+    """`lora-sd merge` folds a LoHa (UNet) + LoKr (text encoder) file at scale 0.7 into a plain pipeline with the
+    loaded adapter's outputs; the load report matches every module on its base, and finds the modules whose
+    shapes differ in SDXL's UNet."""
+    from lora_sd import formats
+    from lora_sd.cli import main
+    from lora_sd.generate import load_adapters
+    from lora_sd.models import load_pipeline
+    pipe = load_pipeline(tiny_sd_model)
+    lc.add_lora(pipe.unet, _unet_configs()["loha"])
+    lc.add_lora(pipe.text_encoder, LoraConfig(type="lokr", r=2, alpha=3, target_modules=TE))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in [*lc.lora_parameters(pipe.unet), *lc.lora_parameters(pipe.text_encoder)]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path = tmp_path / "mixed.safetensors"
+    adapter = formats.from_model({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    formats.write_adapter(path, adapter, "kohya")
+    meta = formats.read_safetensors(path)[1]
+    assert json.loads(meta["ss_network_args"])["algo"] == "loha" and set(json.loads(meta["lora_sd.module_types"]).values()) == {"lokr"}
+    assert main(["merge", "--model", tiny_sd_model, "--lora", f"{path}:0.7", "--out", str(tmp_path / "merged")]) == 0
+    merged = load_pipeline(str(tmp_path / "merged"))
+    assert not list(lc.lora_layers(merged.unet)) and not list(lc.lora_layers(merged.text_encoder))
+    ref = load_pipeline(tiny_sd_model)
+    load_adapters(ref, [(str(path), 0.7)])
+    _assert_same(_outputs(ref), _outputs(merged), "merged")
+    rep = formats.load_report(formats.read_adapter(path)[0], _components(load_pipeline(tiny_sd_model)))
+    assert rep.fits and len(rep.matched) == len(adapter)
+    sdxl = tiny_pipeline(arch="sdxl")
+    rep = formats.load_report(formats.read_adapter(path)[0], _components(sdxl))
+    assert not rep.fits and any(k.startswith("unet.") for k in rep.mismatched)
