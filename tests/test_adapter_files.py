@@ -240,8 +240,8 @@ def test_gui_and_both_clis_show_the_same_description(files, capsys):
         assert cli(["inspect", str(path), "--json"]) == 0
         shown = describe(path, Workspace(path.parent))   # the GUI's table row: the description, rank and alpha
         desc = json.loads(capsys.readouterr().out)
-        assert {k: v for k, v in shown.items() if k not in ("rank", "alpha")} == {**desc, "file": path.name}
-        assert shown["cli"] == af.get_format(files[name][1]).cli
+        assert {k: v for k, v in shown.items() if k not in ("rank", "alpha", "type")} == {**desc, "file": path.name}
+        assert shown["cli"] == af.get_format(files[name][1]).cli and shown["type"] == "lora"
 
 
 def test_lora_sd_refuses_an_llm_file_by_naming_its_tool(files):

@@ -115,6 +115,10 @@ def test_peft_roundtrip_llama_lycoris_types(tmp_path, fields):
     from safetensors.torch import load_file
     written = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert set(written) == set(get_peft_model_state_dict(theirs))
+    from lora_core.adapter_files import inspect   # inspect knows the folder and its type
+    for path in (tmp_path / "peft", tmp_path / ADAPTER_FILE):
+        info = inspect(path)
+        assert info["adapter_types"] == {fields["type"]: 4} and len(info["target_modules"]) == 4, (path, info)
 
 
 def test_lycoris_types_on_gpt2_conv1d_have_no_peft_folder(tmp_path, tiny_lm):

@@ -273,6 +273,8 @@ def test_files_built_from_lycoris_naming_rules(tiny_pipeline, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         info = inspect(path)
         assert info["adapter_types"] == {kind: 1} and info["ranks"] == [2]
+        from lora_gui.adapter_scan import adapter_type   # the GUI's adapter table names the type
+        assert adapter_type(info) == kind
 
 
 @pytest.mark.parametrize("parts,message", [
@@ -329,7 +331,8 @@ def test_merge_and_load_report_of_loha_and_lokr_files(tiny_sd_model, tiny_pipeli
     adapter = formats.from_model({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     formats.write_adapter(path, adapter, "kohya")
     meta = formats.read_safetensors(path)[1]
-    assert json.loads(meta["ss_network_args"])["algo"] == "loha" and set(json.loads(meta["lora_sd.module_types"]).values()) == {"lokr"}
+    assert json.loads(meta["ss_network_args"])["algo"] == "loha"
+    assert set(json.loads(meta["lora_sd.module_types"]).values()) == {"lokr"}
     assert main(["merge", "--model", tiny_sd_model, "--lora", f"{path}:0.7", "--out", str(tmp_path / "merged")]) == 0
     merged = load_pipeline(str(tmp_path / "merged"))
     assert not list(lc.lora_layers(merged.unet)) and not list(lc.lora_layers(merged.text_encoder))
