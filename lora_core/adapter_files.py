@@ -376,7 +376,8 @@ def describe_lora_core(view: AdapterView) -> dict:
         [float(cfg["conv_alpha"])] if cfg.get("conv_alpha") else [])
     return {"ranks": ranks, "alphas": alphas, "target_modules": list(targets), "lora": cfg,
             "base_model": meta.get("base_model", ""), "steps": meta.get("steps", ""),
-            "dora": bool(cfg.get("use_dora")) or any(k.endswith(".lora_magnitude_vector") for k in view.keys)}
+            "dora": bool(cfg.get("use_dora")) or any(k.endswith(".lora_magnitude_vector") for k in view.keys),
+            "adapter_types": {cfg.get("type", "lora"): len(targets)}}
 
 
 # ------------------------------------------------------------------ the load report

@@ -55,6 +55,12 @@ def _pattern_error(patterns: dict, kind: type) -> Optional[str]:
     return None
 
 
+# The factors (parameter names) of each additive LyCORIS type, as lora_core.variants holds them and as LyCORIS'
+# kohya files name them; a LoKr factor is full (lokr_w1) or split in two (lokr_w1_a, lokr_w1_b)
+LYCORIS_FACTORS = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+                   "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
+
+
 @dataclass
 class LoraConfig(Checked, section="lora"):
     """What to adapt and how (the `[lora]` table). Matching follows PEFT; fused slices follow loralib's

@@ -40,7 +40,7 @@ class PreflightReport:
     config: str
     findings: list[Finding] = field(default_factory=list)
     data: dict = field(default_factory=dict)         # the data audit
-    parameters: dict = field(default_factory=dict)   # trainable, frozen, total, alpha, r, scale
+    parameters: dict = field(default_factory=dict)   # trainable, frozen, total, type (lora.type), alpha, r, scale
     memory: dict = field(default_factory=dict)       # estimate parts in bytes, total_bytes, device
     steps: dict = field(default_factory=dict)        # the two real optimisation steps: ok, losses, error, size
 
@@ -82,8 +82,8 @@ def print_report(rep: PreflightReport) -> str:
                 out.append(f"  {k}: " + ", ".join(f"{a}: {b}" for a, b in v.items()))
     if rep.parameters:
         p = rep.parameters
-        out.append(f"parameters: {p.get('trainable', 0):,} trainable of {p.get('total', 0):,}; "
-                   f"scale alpha/r = {p.get('alpha')}/{p.get('r')} = {p.get('scale', 0):g}")
+        out.append(f"parameters ({p.get('type', 'lora')}): {p.get('trainable', 0):,} trainable of "
+                   f"{p.get('total', 0):,}; scale alpha/r = {p.get('alpha')}/{p.get('r')} = {p.get('scale', 0):g}")
     if rep.memory:
         m = rep.memory
         parts = ", ".join(f"{k} {_mb(v)}" for k, v in m.get("parts", {}).items())

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import LYCORIS_FACTORS, LoraConfig
 from .layers import base_dims
 
 
@@ -214,3 +214,18 @@ def make_variant(config: LoraConfig, base: nn.Module, r: int, alpha: float, dtyp
         raise ValueError(f"lora.oft_block_size = {config.oft_block_size} does not divide this layer's input size "
                          f"{fan_in} (in_channels·kh·kw for a Conv2d): choose a divisor of it")
     return OFT(fan_in, config, **kw)
+
+
+def set_factors(variant: Variant, tensors: dict[str, torch.Tensor]) -> None:
+    """Give a LoHa or LoKr exactly these factors, by parameter name (LyCORIS' names, as a file holds them),
+    replacing its own: a file may split a LoKr factor that this config keeps full, or the other way round.
+    Each keeps the variant's dtype and device; ValueError (one line) for a name the type does not have."""
+    allowed = LYCORIS_FACTORS.get(variant.kind, ())
+    unknown = sorted(set(tensors) - set(allowed))
+    if unknown:
+        raise ValueError(f"{variant.kind} has no factor(s) {unknown} (it has {list(allowed)})")
+    like = next(variant.parameters())
+    for name in [n for n, _ in variant.named_parameters(recurse=False)]:
+        delattr(variant, name)
+    for name, t in tensors.items():
+        setattr(variant, name, nn.Parameter(t.detach().to(device=like.device, dtype=like.dtype).clone()))

@@ -16,10 +16,16 @@ SCAN_DIRS = ("runs", "outputs", "adapters")
 
 
 def describe(path: Path, ws: Workspace) -> dict:
-    """One table row: file, format, base model, rank(s), alpha(s), number of targets, steps, size."""
+    """One table row: file, format, base model, rank(s), alpha(s), number of targets, steps, size, and the
+    adapter type(s) ("lora", "loha", "lokr", "oft"; "loha+lokr" for a file that mixes them)."""
     d = adapter_files.inspect(path)
     return {**d, "file": ws.rel(path), "rank": ",".join(map(str, d["ranks"])),
-            "alpha": ",".join(map(str, d["alphas"]))}
+            "alpha": ",".join(map(str, d["alphas"])), "type": adapter_type(d)}
+
+
+def adapter_type(description: dict) -> str:
+    """The adapter type(s) of an inspect description (its `adapter_types`; lora when it names none)."""
+    return "+".join(t for t, n in sorted((description.get("adapter_types") or {"lora": 1}).items()) if n) or "lora"
 
 
 def find_adapters(ws: Workspace) -> list[Path]:

@@ -19,6 +19,9 @@ PEFT_DIR = "peft"                      # the run folder's PEFT export, beside it
 LLM_INFO = "llm_info"                  # the metadata key of what rebuilds the model (task, labels, [model])
 PEFT = "peft"
 PEFT_KEY = re.compile(r"base_model\.model\.(.+?)\.lora_[AB](?:\.[^.]+)?\.weight")
+PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft"}   # peft_type -> lora.type
+# the module of a LoHa / LoKr / OFT tensor in a PEFT folder (lora_llm.adapter_io.export_peft writes them)
+PEFT_LYCORIS_KEY = re.compile(r"base_model\.model\.(.+?)\.(?:hada_\w+|lokr_\w+|oft_R(?:\.[^.]+)?\.weight)")
 
 
 def describe_llm_file(view: AdapterView) -> dict:
@@ -31,24 +34,27 @@ def describe_llm_file(view: AdapterView) -> dict:
 
 
 def detect_peft(view: AdapterView) -> bool:
-    if view.config is not None and str(view.config.get("peft_type", "")).upper() == "LORA":
+    if view.config is not None and str(view.config.get("peft_type", "")).upper() in PEFT_TYPES:
         return True
     return any(PEFT_KEY.fullmatch(k) for k in view.keys)
 
 
 def describe_peft(view: AdapterView) -> dict:
     cfg = view.config or {}
-    targets = sorted({m.group(1) for m in map(PEFT_KEY.fullmatch, view.keys) if m})
+    kind = PEFT_TYPES.get(str(cfg.get("peft_type", "LORA")).upper(), "lora")
+    targets = sorted({m.group(1) for k in view.keys for m in [PEFT_KEY.fullmatch(k) or PEFT_LYCORIS_KEY.fullmatch(k)]
+                      if m})
     shapes = {m.group(1): view.header.shape(k) for k in view.keys
               for m in [PEFT_KEY.fullmatch(k)] if m and ".lora_A" in k}
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     ranks = [shape[0] for shape in shapes.values()] or ([cfg["r"]] if "r" in cfg else [])
     alphas = {float(a) for a in alpha_pattern.values()}
-    if "lora_alpha" in cfg and (not alpha_pattern or len(alpha_pattern) < len(targets)):
-        alphas.add(float(cfg["lora_alpha"]))
+    alpha = cfg.get("lora_alpha", cfg.get("alpha"))   # LoHa / LoKr: PEFT's `alpha`
+    if alpha is not None and (not alpha_pattern or len(alpha_pattern) < len(targets)):
+        alphas.add(float(alpha))
     return {"ranks": ranks, "alphas": sorted(alphas), "target_modules": targets, "config": cfg,
             "base_model": cfg.get("base_model_name_or_path") or "", "task_type": cfg.get("task_type") or "",
-            "rank_pattern": rank_pattern}
+            "rank_pattern": rank_pattern, "adapter_types": {kind: len(targets)}}
 
 
 register(AdapterFormat(LORA_CORE, "lora_core adapter (lora-llm run, PyTorch or MindSpore)", tool="lora-llm",

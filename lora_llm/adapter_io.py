@@ -11,6 +11,7 @@ written per module as our scale * rank (rank_pattern / alpha_pattern), never rsL
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -31,12 +32,18 @@ from .config import LLMTrainConfig, ModelSection
 from .data import num_labels
 from .models import load_model, load_tokenizer
 
+log = logging.getLogger("lora.llm")
+
 
 def save_adapter(folder: str | Path, model, info: dict, base_model_name: str = "", adapter: str = DEFAULT) -> None:
     """Write adapter `adapter` (LoRA + its own head) as `adapter.safetensors` and `peft/` into folder.
     `info` (task, num_labels, pretrained, gguf_file, tokenizer, steps, ...) goes into the metadata."""
     folder = Path(folder)
     save_lora(folder / ADAPTER_FILE, model, metadata={LLM_INFO: json.dumps(info)}, adapter=adapter)
+    why = peft_refusal(model, adapter)
+    if why:
+        log.info(why)
+        return
     export_peft(folder / PEFT_DIR, model, task_type=peft_task_type(info),
                 base_model_name=base_model_name or info.get("pretrained", ""), adapter=adapter)
 
@@ -94,9 +101,61 @@ def save_merged(path: str | Path, out: str | Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", adapter: str = DEFAULT):
-    """(state dict with PEFT key names, adapter_config dict) equivalent to our adapter."""
+def peft_refusal(model, adapter: str = DEFAULT) -> str:
+    """Why adapter `adapter` has no PEFT folder ("" when it has one): PEFT 0.21's LoHa, LoKr and OFT do not
+    take HF Conv1D layers (GPT-2's attention and MLP)."""
     cfg = lora_config(model, adapter)
+    conv1d = [n for n, layer in lora_layers(model) if adapter in layer.lycoris and layer.fan_in_fan_out]
+    if cfg.type != "lora" and conv1d:
+        return (f"PEFT's {cfg.type} does not adapt HF Conv1D layers ({conv1d[0]}, ...: GPT-2's): no PEFT folder; "
+                f"adapter.safetensors holds the adapter")
+    return ""
+
+
+def _lycoris_peft(model, cfg: LoraConfig, adapter: str):
+    """(tensors, targets, rank_pattern, alpha_pattern) of a LoHa / LoKr / OFT adapter under PEFT's key names."""
+    tensors, targets, rank_pattern, alpha_pattern = {}, [], {}, {}
+    for name, layer in lora_layers(model):
+        if adapter not in layer.lycoris:
+            continue
+        v = layer.lycoris[adapter]
+        targets.append(name)
+        tensors.update({f"base_model.model.{name}.{v.key_prefix}{k}": p.detach() for k, p in v.named_parameters()})
+        if not v.rotates and v.r != cfg.r:
+            rank_pattern[name] = v.r
+        if not v.rotates and v.alpha != cfg.alpha:
+            alpha_pattern[name] = v.alpha
+    return tensors, targets, rank_pattern, alpha_pattern
+
+
+def _lycoris_peft_config(cfg: LoraConfig) -> dict:
+    """The fields of PEFT's LoHaConfig / LoKrConfig / OFTConfig beside the common ones."""
+    if cfg.type == "oft":
+        return {"peft_type": "OFT", "r": 0, "oft_block_size": cfg.oft_block_size, "coft": cfg.coft, "eps": cfg.coft_eps,
+                "block_share": cfg.block_share, "use_cayley_neumann": cfg.use_cayley_neumann,
+                "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "module_dropout": 0.0, "bias": "none",
+                "init_weights": True}
+    extra = {"decompose_both": cfg.decompose_both, "decompose_factor": cfg.decompose_factor} if cfg.type == "lokr" else {}
+    return {"peft_type": cfg.type.upper(), "r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+            "use_effective_conv2d": False, "init_weights": True, **extra}
+
+
+def peft_tensors_and_config(model, task_type: str, base_model_name: str = "", adapter: str = DEFAULT):
+    """(state dict with PEFT key names, adapter_config dict) equivalent to our adapter (of any lora.type;
+    see peft_refusal for what PEFT cannot hold)."""
+    cfg = lora_config(model, adapter)
+    why = peft_refusal(model, adapter)
+    if why:
+        raise ValueError(why)
+    if cfg.type != "lora":
+        tensors, targets, rank_pattern, alpha_pattern = _lycoris_peft(model, cfg, adapter)
+        tensors.update({f"base_model.model.{k}": p.detach() for k, p in head_state_dict(model, adapter).items()})
+        config = {**_lycoris_peft_config(cfg), "task_type": task_type, "target_modules": sorted(targets),
+                  "base_model_name_or_path": base_model_name or None, "inference_mode": True,
+                  "modules_to_save": list(cfg.modules_to_save) or None}
+        if cfg.type != "oft":
+            config.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        return tensors, config
     tensors: dict[str, torch.Tensor] = {}
     targets, rank_pattern, alpha_pattern = [], {}, {}
     fan_in_fan_out = False

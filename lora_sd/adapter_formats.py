@@ -18,12 +18,15 @@ header-only description `lora-sd inspect` and the GUI show.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
 from collections import Counter
 from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
+from lora_core.config import LYCORIS_FACTORS
 from lora_sd.unet_names import RESNET, to_diffusers, to_original
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
@@ -37,8 +40,20 @@ SDXL_TEXT_PREFIXES = tuple(p for c, p in SDXL_PREFIX.items() if c != "unet")   #
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
+# LyCORIS' tensors in kohya files (lycoris.kohya) are lora_core.variants' parameter names (LYCORIS_FACTORS, per
+# type); alpha and dora_scale are KOHYA_KEY's.
+# LyCORIS tensors of layouts we read no adapter from: {tensor: why}
+LYCORIS_UNSUPPORTED = {
+    "hada_t1": "Tucker LoHa (hada_t1/hada_t2) is not supported", "hada_t2": "Tucker LoHa (hada_t1/hada_t2) is not supported",
+    "lokr_t1": "Tucker LoKr (lokr_t2) is not supported", "lokr_t2": "Tucker LoKr (lokr_t2) is not supported",
+    "oft_blocks": "LyCORIS/kohya OFT (oft_blocks) rotates blocks of the output; lora.type = oft is PEFT's, which "
+                  "rotates the input: the two cannot be converted", "rescale": "LyCORIS OFT (rescale) is not supported",
+    "oft_diag": "LyCORIS OFT (oft_diag) is not supported",
+}
+LYCORIS_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.("
+                         + "|".join(n for names in (*LYCORIS_FACTORS.values(), LYCORIS_UNSUPPORTED) for n in names) + ")")
 DIFFUSERS_KEY = re.compile(
-    r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector)")
+    r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector(?:\.weight)?)")
 PEFT_UNET_PREFIX = "base_model.model."      # PEFT save_pretrained of a UNet
 _UNET_TOP = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 LAYOUT_KEY = "lora_sd.unet_layout"
@@ -176,10 +191,39 @@ def detect_kohya(view: AdapterView):
         return NOT_A_LORA_EMBEDDING
     if not named:
         return False
-    if any(k.endswith(".lora_down.weight") for k in named):
+    if any(k.endswith(".lora_down.weight") or LYCORIS_KEY.fullmatch(k) for k in named):
         return True
-    return (f"kohya-named keys without lora_down/lora_up (LyCORIS LoHa/LoKr or another network; "
-            f"e.g. {named[0]}): only LoRA is supported")
+    return (f"kohya-named keys without lora_down/lora_up or LyCORIS' LoHa/LoKr tensors (another network; "
+            f"e.g. {named[0]}): LoRA, DoRA, LoCon, LoHa and LoKr are supported")
+
+
+def lycoris_shape(shapes: Mapping[str, tuple], alpha: Optional[float]) -> tuple[str, int, float, int, int]:
+    """(type, rank, alpha, out, fan_in) of one module from its LyCORIS tensors' shapes {tensor name: shape} and
+    its file alpha (None: absent). fan_in is in·kh·kw. As LyCORIS and ComfyUI read them: ΔW scales by alpha/rank
+    (no or zero alpha: alpha = rank); a LoKr whose two factors are both full scales by 1, so its rank and alpha
+    are both given as the file's alpha (rounded, at least 1). LoKr: w1 (a, c) ⊗ w2 (b, d[·kh·kw]) -> out a·b,
+    fan_in c·d·kh·kw. ValueError (one line) for a missing tensor."""
+    def two(name: str) -> tuple[int, int]:
+        if name in shapes:
+            s = tuple(shapes[name])
+            return s[0], math.prod(s[1:])
+        if name + "_a" not in shapes or name + "_b" not in shapes:
+            raise ValueError(f"LoKr with neither {name} nor {name}_a/{name}_b")
+        return shapes[name + "_a"][0], shapes[name + "_b"][1]
+
+    if "hada_w1_a" in shapes or "hada_w2_a" in shapes:
+        missing = [n for n in LYCORIS_FACTORS["loha"] if n not in shapes]
+        if missing:
+            raise ValueError(f"LoHa without {', '.join(missing)}")
+        kind, rank, out, fan_in = "loha", shapes["hada_w1_b"][0], shapes["hada_w1_a"][0], shapes["hada_w1_b"][1]
+    else:
+        (a, c), (b, d) = two("lokr_w1"), two("lokr_w2")
+        ranks = [shapes[n][1] for n in ("lokr_w1_a", "lokr_w2_a") if n in shapes]
+        if not ranks:   # both factors full: scale 1
+            rank = max(1, round(alpha or 1))
+            return "lokr", rank, float(rank), a * b, c * d
+        kind, rank, out, fan_in = "lokr", ranks[0], a * b, c * d
+    return kind, rank, float(alpha) if alpha else float(rank), out, fan_in
 
 
 def _is_diffusers_path(path: str) -> bool:
@@ -225,17 +269,37 @@ def known_layout(metadata: Mapping[str, str], arch: str, names) -> Optional[dict
 Modules = dict[str, tuple[int, float]]   # "<component>.<path>" -> (rank, alpha)
 
 
+def lycoris_parts(keys) -> dict[str, dict[str, str]]:
+    """{base name: {LyCORIS tensor name: key}} of the LoHa / LoKr (and unsupported LyCORIS) tensors among `keys`."""
+    out: dict[str, dict[str, str]] = {}
+    for k in keys:
+        m = LYCORIS_KEY.fullmatch(k)
+        if m:
+            out.setdefault(m.group(1), {})[m.group(2)] = k
+    return out
+
+
 def modules_kohya(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
     """(modules, architecture, UNet layout or None); alpha read from the file's 0-dim tensors."""
+    def alpha(base: str) -> Optional[float]:
+        return view.header.scalar(f"{base}.alpha") if f"{base}.alpha" in view.header.tensors else None
+
     downs = {m.group(1): k for k in view.keys for m in [KOHYA_KEY.fullmatch(k)] if m and m.group(2) == "lora_down.weight"}
-    arch = file_arch(view.metadata, {b: view.header.shape(k)[1] for b, k in downs.items()})
+    lyco = {}
+    for base, parts in lycoris_parts(view.keys).items():
+        bad = [LYCORIS_UNSUPPORTED[n] for n in parts if n in LYCORIS_UNSUPPORTED]
+        if not bad:
+            with contextlib.suppress(ValueError):   # inspect describes what it can read
+                lyco[base] = lycoris_shape({n: view.header.shape(k) for n, k in parts.items()}, alpha(base))
+    widths = {b: view.header.shape(k)[1] for b, k in downs.items()} | {b: v[4] for b, v in lyco.items()}
+    arch = file_arch(view.metadata, widths)
     layout = layout_of(view.metadata, arch)
     out = {}
     for base, k in downs.items():
         rank = view.header.shape(k)[0]
-        alpha = view.header.scalar(f"{base}.alpha") if f"{base}.alpha" in view.header.tensors else float(rank)
-        out[kohya_key(base, layout)] = (rank, alpha)
-    return out, arch, known_layout(view.metadata, arch, downs)
+        out[kohya_key(base, layout)] = (rank, alpha(base) if alpha(base) is not None else float(rank))
+    out.update({kohya_key(base, layout): (rank, a) for base, (_, rank, a, _, _) in lyco.items()})
+    return out, arch, known_layout(view.metadata, arch, widths)
 
 
 def modules_diffusers(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
@@ -310,11 +374,23 @@ def describe(view: AdapterView, modules: Modules, arch: str, layout: Optional[di
 
 
 def variants(view: AdapterView) -> dict:
-    """DoRA (a magnitude per module) and LoCon (k×k conv down weights), from the header alone."""
-    dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in view.keys)
+    """DoRA (a magnitude per module), LoCon (k×k conv down weights) and the adapter types of the modules
+    ({lora / loha / lokr / oft...: count}, LyCORIS' tensor names), from the header alone."""
+    dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")) for k in view.keys)
     conv = sum(1 for k in view.keys if k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight"))
                and len(view.header.shape(k)) == 4 and view.header.shape(k)[2:] != [1, 1])
-    return {"dora": dora, "conv_modules": conv}
+    types = Counter(lycoris_type(parts) for parts in lycoris_parts(view.keys).values())
+    lora = sum(1 for k in view.keys if k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight")))
+    if lora or not types:
+        types["lora"] = lora
+    return {"dora": dora, "conv_modules": conv, "adapter_types": dict(sorted(types.items()))}
+
+
+def lycoris_type(parts) -> str:
+    """loha / lokr / oft (LyCORIS' OFT) / other of one module's LyCORIS tensor names."""
+    names = set(parts)
+    return "loha" if names & {"hada_w1_a", "hada_w2_a"} else "lokr" if any(n.startswith("lokr_") for n in names) \
+        else "oft" if names & {"oft_blocks", "oft_diag"} else "other"
 
 
 _SD = dict(tool="lora-sd", cli="lora_sd.cli", family="sd", commands=("inspect", "convert", "generate", "merge"),

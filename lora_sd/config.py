@@ -245,9 +245,13 @@ class SDTrainConfig(Checked):
                 te.target_modules = TEXT_ENCODER_ATTN
         for key in ("lora", "text_encoder_lora", "text_encoder_2_lora"):
             lora = getattr(self, key)
-            if lora is not None and lora.type != "lora":
-                raise ValueError(f"{key}.type = {lora.type!r}: lora-sd train writes LoRA files only so far; "
-                                 "LoHa, LoKr and OFT adapters are in lora_core but not yet in the SD trainer")
+            if lora is not None and lora.type == "oft":
+                raise ValueError(f"{key}.type = 'oft': lora-sd train writes kohya/LyCORIS files, and lora.type = oft "
+                                 "(PEFT's, which rotates the input) has no such form (LyCORIS' and kohya's OFT rotate "
+                                 "the output): choose lora, loha or lokr")
+            if lora is not None and lora.type != "lora" and self.output.save_diffusers:
+                raise ValueError(f"{key}.type = {lora.type!r} has no diffusers LoRA form: set output.save_diffusers = "
+                                 "false (the kohya/LyCORIS file loads in ComfyUI, A1111/Forge and LyCORIS)")
         if self.loss.preserve_weight and self.loss.preserve_empty < 1 and not self.preserve_trigger:
             raise ValueError("loss.preserve_weight: which word do the captions teach? set loss.preserve_trigger, or "
                              "train its embedding ([embedding] token)")

@@ -10,7 +10,8 @@ kohya:     lora_unet_<path . -> _>.lora_down.weight [r, in] / .lora_up.weight [o
            [r, in, k, k], up [out, r, 1, 1]. DoRA: .dora_scale, LyCORIS' output-axis layout [out, 1]
            ([out, 1, 1, 1] for a conv); diffusers' SD loaders drop dora_scale (with a warning).
 diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.lora.up), DoRA's
-           .lora_magnitude_vector in PEFT's shape ((out,), (1, out, 1, 1) for a conv), with
+           .lora_magnitude_vector in PEFT's shape ((out,), (1, out, 1, 1) for a conv; text encoders:
+           .lora_magnitude_vector.weight, which transformers' load_adapter needs), with
            r / lora_alpha (and rank/alpha patterns) in the `lora_adapter_metadata` JSON that
            diffusers' loader turns into the PEFT LoraConfig, so alpha != r survives.
 Every file written carries adapter_metadata: the run's facts, the base's keys, and the network keys
@@ -26,7 +27,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Mapping, Optional
+from typing import ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -35,11 +36,12 @@ from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers, set_scal
 from lora_core import adapter_files
 from lora_core.io import atomic_save_safetensors, read_safetensors
 from lora_core.layers import LoraLayer, base_dims, supported
+from lora_core.variants import set_factors
 
 from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,
-                              KOHYA, KOHYA_KEY, KOHYA_PREFIXES, LAYOUT_KEY, SDXL_LAYOUT,
-                              diffusers_alpha, diffusers_path, file_arch, known_layout, kohya_key, kohya_name,
-                              layout_of, made_for, sd_block, unet_layout)
+                              KOHYA, KOHYA_KEY, KOHYA_PREFIXES, LAYOUT_KEY, LYCORIS_KEY, LYCORIS_UNSUPPORTED,
+                              SDXL_LAYOUT, diffusers_alpha, diffusers_path, file_arch, known_layout, kohya_key, kohya_name,
+                              layout_of, lycoris_shape, made_for, sd_block, unet_layout)
 from .metadata import NETWORK_KEYS, base_metadata, network_metadata, prediction_type_of
 from .models import arch_of
 
@@ -50,10 +52,19 @@ class ModuleLora:
     up: torch.Tensor     # (out, r) or (out, r, 1, 1)
     alpha: float         # ΔW = alpha / r · up @ down
     magnitude: Optional[torch.Tensor] = None   # DoRA: m per output, (out,)
+    kind: ClassVar[str] = "lora"
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    @property
+    def in_width(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def out_width(self) -> int:
+        return self.up.shape[0]
 
     @property
     def is_conv(self) -> bool:
@@ -63,6 +74,41 @@ class ModuleLora:
     def is_kxk(self) -> bool:
         """A k×k convolution (LoCon; kohya's conv_dim), not a linear or 1×1 conv module."""
         return self.is_conv and tuple(self.down.shape[2:]) != (1, 1)
+
+
+@dataclass
+class ModuleLyco:
+    """A LoHa or LoKr module: its factors under LyCORIS' names (lora_core.config.LYCORIS_FACTORS), ΔW scaled by
+    alpha / rank as LyCORIS and ComfyUI read it (a LoKr with both factors full: rank = alpha, scale 1)."""
+    kind: str                        # loha / lokr
+    tensors: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    kernel: tuple = ()               # (kh, kw) of a conv when known (the model's, or a full 4-d lokr_w2's)
+    magnitude: ClassVar[None] = None   # no DoRA on these types
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, fan_in = in·kh·kw)."""
+        _, _, _, out, fan_in = lycoris_shape({n: tuple(t.shape) for n, t in self.tensors.items()}, self.alpha)
+        return out, fan_in
+
+    @property
+    def out_width(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_width(self) -> int:
+        """The input width (fan_in / (kh·kw); fan_in when the kernel is unknown)."""
+        return self.shape[1] // math.prod(self.kernel or (1,))
+
+    @property
+    def is_conv(self) -> bool:
+        return bool(self.kernel)
+
+    @property
+    def is_kxk(self) -> bool:
+        return self.is_conv and tuple(self.kernel) != (1, 1)
 
 
 def _magnitude(t: torch.Tensor, out: int, key: str, source: str, kohya: bool) -> torch.Tensor:
@@ -109,9 +155,27 @@ def from_model(components: dict[str, nn.Module], adapter: str = "default") -> Ad
                                                    layer.lora_B[adapter].weight.detach().float().cpu(),
                                                    kohya_alpha(layer, adapter),
                                                    None if mag is None else mag.detach().float().cpu().flatten())
+            elif adapter in layer.lycoris:
+                out[f"{comp}.{name}"] = lycoris_module(layer, adapter, f"{comp}.{name}")
     if not out:
         raise KeyError(f"no LoRA adapter {adapter!r} in {sorted(components)}")
     return out
+
+
+def lycoris_module(layer: LoraLayer, adapter: str, where: str) -> ModuleLyco:
+    """A layer's LoHa / LoKr adapter as a ModuleLyco. A LoKr with both factors full gets alpha / r folded into
+    lokr_w2 (LyCORIS and ComfyUI scale such a module by 1). OFT is refused: ours (PEFT's) rotates the input,
+    LyCORIS', kohya's and ComfyUI's rotate blocks of the output, and neither converts to the other."""
+    v = layer.lycoris[adapter]
+    if v.kind not in ("loha", "lokr"):
+        raise ValueError(f"{where}: a {v.kind} adapter has no kohya/LyCORIS or diffusers file form (PEFT's OFT "
+                         f"rotates the input, LyCORIS/kohya OFT the output): keep the run's lora_core file")
+    tensors = {n: p.detach().float().cpu() for n, p in v.named_parameters()}
+    kernel = tuple(layer.base_layer.kernel_size) if layer.is_conv2d else ()
+    if "lokr_w1" in tensors and "lokr_w2" in tensors:
+        tensors["lokr_w2"] = tensors["lokr_w2"] * v.scaling if v.scaling != 1 else tensors["lokr_w2"]
+        return ModuleLyco(v.kind, tensors, v.r, float(v.r), kernel)
+    return ModuleLyco(v.kind, tensors, v.r, v.alpha, kernel)
 
 
 def kohya_alpha(layer: LoraLayer, adapter: str) -> float:
@@ -181,15 +245,15 @@ def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str 
     (in, out) per module, then each matched module's rank and kernel (LoCon: down [r, in, k, k])."""
     shapes, others, kernels = model_shapes(components)
     adapter = fit_names(adapter, components)
-    own = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()}
+    own = {k: _own_shape(ml, kernels.get(k)) for k, ml in adapter.items()}
     rep = adapter_files.build_report(str(source), made_for or made_for_shapes(adapter), own, shapes, sd_block,
                                      base, others)
     for k in list(rep.matched):
         ml, (in_f, out_f), (kh, kw) = adapter[k], shapes[k], kernels[k]
-        if ml.up.shape[1] != ml.rank or ml.down.numel() != ml.rank * in_f * kh * kw or ml.up.numel() != out_f * ml.rank:
+        why = _misfit(ml, in_f, out_f, (kh, kw))
+        if why:
             rep.matched.remove(k)
-            rep.mismatched[k] = (f"down {tuple(ml.down.shape)} / up {tuple(ml.up.shape)} do not fit the module "
-                                 f"({out_f} out, {in_f} in, kernel {kh}x{kw})")
+            rep.mismatched[k] = f"{why} do not fit the module ({out_f} out, {in_f} in, kernel {kh}x{kw})"
             counts = rep.blocks[sd_block(k)]
             counts["matched"], counts["mismatched"] = counts["matched"] - 1, counts["mismatched"] + 1
     for k in adapter:
@@ -199,8 +263,29 @@ def load_report(adapter: Adapter, components: dict[str, nn.Module], source: str 
     return rep
 
 
+def _own_shape(ml: Union[ModuleLora, ModuleLyco], kernel: Optional[tuple]) -> tuple[int, int]:
+    """(in, out) of a module of the file; a LoHa / LoKr's input width through the model module's kernel."""
+    if isinstance(ml, ModuleLyco) and kernel:
+        out, fan_in = ml.shape
+        return (fan_in // math.prod(kernel) if fan_in % math.prod(kernel) == 0 else fan_in), out
+    return ml.in_width, ml.out_width
+
+
+def _misfit(ml: Union[ModuleLora, ModuleLyco], in_f: int, out_f: int, kernel: tuple) -> str:
+    """What of a module of the file does not fit a model module of (in, out, kernel); "" when it fits."""
+    if isinstance(ml, ModuleLyco):
+        out, fan_in = ml.shape
+        if out != out_f or fan_in != in_f * math.prod(kernel) or (ml.kernel and tuple(ml.kernel) != kernel):
+            return f"{ml.kind} factors {', '.join(f'{n} {tuple(t.shape)}' for n, t in ml.tensors.items())}"
+        return ""
+    if ml.up.shape[1] != ml.rank or ml.down.numel() != ml.rank * in_f * math.prod(kernel) or \
+            ml.up.numel() != out_f * ml.rank:
+        return f"down {tuple(ml.down.shape)} / up {tuple(ml.up.shape)}"
+    return ""
+
+
 def made_for_shapes(adapter: Adapter, arch: str = "") -> str:
-    shapes = {k: (ml.down.shape[1], ml.up.shape[0]) for k, ml in adapter.items()}
+    shapes = {k: (ml.in_width, ml.out_width) for k, ml in adapter.items()}
     return made_for(arch or getattr(adapter, "arch", ""), shapes)
 
 
@@ -220,17 +305,20 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
     matched = rep.matched
     for comp, model in components.items():
         keys = [k for k in matched if k.startswith(comp + ".")]
-        groups: dict[tuple[int, float, bool], list[str]] = {}
+        groups: dict[tuple[str, int, float, bool], list[str]] = {}
         for k in keys:
             ml = adapter[k]
-            groups.setdefault((ml.rank, ml.alpha, ml.magnitude is not None), []).append(k.split(".", 1)[1])
-        for (r, alpha, dora), paths in groups.items():
+            groups.setdefault((ml.kind, ml.rank, ml.alpha, ml.magnitude is not None), []).append(k.split(".", 1)[1])
+        for (kind, r, alpha, dora), paths in groups.items():
             regex = "|".join(re.escape(p) for p in paths)
-            add_lora(model, LoraConfig(r=r, alpha=alpha, target_modules=regex, use_dora=dora), adapter=name)
+            add_lora(model, LoraConfig(type=kind, r=r, alpha=alpha, target_modules=regex, use_dora=dora), adapter=name)
         layers = dict(lora_layers(model))
         with torch.no_grad():
             for k in keys:
                 layer = layers[k.split(".", 1)[1]]
+                if isinstance(adapter[k], ModuleLyco):
+                    set_factors(layer.lycoris[name], adapter[k].tensors)
+                    continue
                 A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
                 A.copy_(adapter[k].down.reshape(A.shape).to(A.dtype))
                 B.copy_(adapter[k].up.reshape(B.shape).to(B.dtype))
@@ -250,6 +338,10 @@ def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float32, layout: Optio
     sd = {}
     for key, ml in adapter.items():
         base = kohya_name(key, layout)
+        if isinstance(ml, ModuleLyco):   # LyCORIS' names (lycoris.kohya)
+            sd.update({f"{base}.{n}": t.to(dtype).contiguous() for n, t in ml.tensors.items()})
+            sd[f"{base}.alpha"] = torch.tensor(float(ml.alpha), dtype=dtype)
+            continue
         sd[f"{base}.lora_down.weight"] = ml.down.to(dtype).contiguous()
         sd[f"{base}.lora_up.weight"] = ml.up.to(dtype).contiguous()
         sd[f"{base}.alpha"] = torch.tensor(float(ml.alpha), dtype=dtype)
@@ -284,34 +376,60 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
     bases: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for k, t in sd.items():
-        m = KOHYA_KEY.fullmatch(k)
+        m = KOHYA_KEY.fullmatch(k) or LYCORIS_KEY.fullmatch(k)
         if m is None or not m.group(1).startswith(tuple(p for p, _ in KOHYA_PREFIXES)):
             bad.append(k)
             continue
         bases.setdefault(m.group(1), {})[m.group(2)] = t
     if bad:
         raise LoraLoadError(f"{source}: {len(bad)} key(s) are not SD 1.x kohya LoRA keys, nor SD 2.x / SDXL ones (lora_unet_, "
-                            f"lora_te_, lora_te1_, lora_te2_ with lora_down/lora_up/alpha; LyCORIS LoHa/LoKr and "
-                            f"other networks are not supported): {bad[:8]}")
-    arch = file_arch(metadata, {b: p["lora_down.weight"].shape[1] for b, p in bases.items() if "lora_down.weight" in p})
+                            f"lora_te_, lora_te1_, lora_te2_ with lora_down/lora_up/alpha, or LyCORIS' LoHa/LoKr "
+                            f"tensors; other networks are not supported): {bad[:8]}")
+    lyco = {b: _lycoris_from_file(b, p, source) for b, p in bases.items() if "lora_down.weight" not in p
+            and any(LYCORIS_KEY.fullmatch(f"{b}.{n}") for n in p)}
+    arch = file_arch(metadata, {b: p["lora_down.weight"].shape[1] for b, p in bases.items() if "lora_down.weight" in p}
+                     | {b: ml.in_width for b, ml in lyco.items()})
     try:
         layout = layout_of(metadata, arch)
     except ValueError as e:
         raise LoraLoadError(f"{source}: {e}") from None
     out = Adapter(arch=arch, layout=layout)
     for base, parts in bases.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+        if base not in lyco and ("lora_down.weight" not in parts or "lora_up.weight" not in parts):
             raise LoraLoadError(f"{source}: {base} lacks lora_down or lora_up")
         try:
             key = names[base] if names is not None and base in names else kohya_key(base, layout)
         except ValueError as e:
             raise LoraLoadError(f"{source}: {e}") from None
+        if base in lyco:
+            out[key] = lyco[base]
+            continue
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])  # kohya: no alpha => r
         mag = parts.get("dora_scale")
         out[key] = ModuleLora(down, up, alpha,
                               None if mag is None else _magnitude(mag, up.shape[0], f"{base}.dora_scale", source, True))
     return out
+
+
+def _lycoris_from_file(base: str, parts: dict[str, torch.Tensor], source: str) -> ModuleLyco:
+    """A LoHa / LoKr module from its tensors in a kohya file (LyCORIS' names); Tucker factors, OFT and DoRA on
+    these types are refused in one line."""
+    bad = sorted({LYCORIS_UNSUPPORTED[n] for n in parts if n in LYCORIS_UNSUPPORTED})
+    if "dora_scale" in parts:
+        bad.append("DoRA (dora_scale) on LoHa / LoKr is not supported")
+    if any(n in parts for n in ("lora_down.weight", "lora_up.weight")):
+        bad.append("lora_down/lora_up beside LyCORIS tensors")
+    if bad:
+        raise LoraLoadError(f"{source}: {base}: {'; '.join(bad)}")
+    tensors = {n: t.float() for n, t in parts.items() if n != "alpha"}
+    try:
+        kind, rank, alpha, _, _ = lycoris_shape({n: tuple(t.shape) for n, t in tensors.items()},
+                                                float(parts["alpha"]) if "alpha" in parts else None)
+    except ValueError as e:
+        raise LoraLoadError(f"{source}: {base}: {e}") from None
+    w2 = tensors.get("lokr_w2")
+    return ModuleLyco(kind, tensors, rank, alpha, tuple(w2.shape[2:]) if w2 is not None and w2.dim() == 4 else ())
 
 
 # ------------------------------------------------------------------ diffusers / PEFT
@@ -336,7 +454,20 @@ def _component_config(items: dict[str, ModuleLora]) -> dict:
     return cfg
 
 
+def _magnitude_name(comp: str) -> str:
+    """The DoRA magnitude's tensor name in a diffusers file: the UNet's PEFT name (diffusers loads it through
+    PEFT's set_peft_model_state_dict, which adds `.weight`); a text encoder's with `.weight` already, as
+    transformers' load_adapter (what diffusers' text-encoder loader calls) needs it: without it the magnitudes
+    stay at their initial values (diffusers' own save_lora_weights writes it so, and loses them the same way)."""
+    return "lora_magnitude_vector" if comp == "unet" else "lora_magnitude_vector.weight"
+
+
 def to_diffusers(adapter: Adapter, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    kinds = sorted({ml.kind for ml in adapter.values()} - {"lora"})
+    if kinds:
+        raise ValueError(f"a {'/'.join(kinds)} adapter has no diffusers LoRA form (diffusers' layout holds lora_A / "
+                         f"lora_B only): write the kohya/LyCORIS format (--to kohya), which ComfyUI, A1111/Forge and "
+                         f"LyCORIS load")
     sd, packed = {}, {}
     for comp in COMPONENTS:
         items = {k.split(".", 1)[1]: m for k, m in adapter.items() if k.startswith(comp + ".")}
@@ -347,7 +478,7 @@ def to_diffusers(adapter: Adapter, dtype: torch.dtype = torch.float32) -> tuple[
             sd[f"{comp}.{path}.lora_B.weight"] = ml.up.to(dtype).contiguous()
             if ml.magnitude is not None:   # PEFT's shape
                 shape = (1, -1, 1, 1) if ml.is_conv else (-1,)
-                sd[f"{comp}.{path}.lora_magnitude_vector"] = ml.magnitude.reshape(shape).to(dtype).contiguous()
+                sd[f"{comp}.{path}.{_magnitude_name(comp)}"] = ml.magnitude.reshape(shape).to(dtype).contiguous()
         packed.update({f"{comp}.{k}": v for k, v in _component_config(items).items()})
     return sd, {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, sort_keys=True)}
 
@@ -362,7 +493,8 @@ def from_diffusers(sd: dict[str, torch.Tensor], metadata: dict[str, str], source
         if path.split(".", 1)[0] not in COMPONENTS:
             bad.append(k)
             continue
-        part = {"lora_A.weight": "down", "lora.down.weight": "down", "lora_magnitude_vector": "magnitude"}.get(m.group(2), "up")
+        part = {"lora_A.weight": "down", "lora.down.weight": "down", "lora_magnitude_vector": "magnitude",
+                "lora_magnitude_vector.weight": "magnitude"}.get(m.group(2), "up")
         mods.setdefault(path, {})[part] = t
     if bad:
         raise LoraLoadError(f"{source}: {len(bad)} key(s) are not diffusers LoRA keys for unet/text_encoder/"
@@ -422,7 +554,7 @@ def target_naming(adapter: dict, metadata: dict[str, str], unet_config=None) -> 
         arch, layout = arch_of(SimpleNamespace(config=cfg)), unet_layout(unet_config)
     else:
         arch, layout = getattr(adapter, "arch", ""), getattr(adapter, "layout", None)
-        arch = arch or file_arch(metadata, {k: ml.down.shape[1] for k, ml in adapter.items()})
+        arch = arch or file_arch(metadata, {k: ml.in_width for k, ml in adapter.items()})
     if arch != "sdxl":
         return arch or "sd1", None
     return arch, layout or layout_of(metadata, arch)

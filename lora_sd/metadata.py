@@ -2,12 +2,14 @@
 
 lora_sd.formats.adapter_metadata (the one entry, used by `train`, `convert` and `merge`) joins them with
 the run's facts. Network keys, from the modules an adapter holds (each with .rank, .alpha, .is_kxk and
-.magnitude, lora_sd.formats.ModuleLora), as kohya sd-scripts and LyCORIS write them:
-  ss_network_module  networks.lora (kohya's LoRA / LoCon), lycoris.kohya with DoRA (kohya has none)
+.magnitude and .kind, lora_sd.formats.ModuleLora / ModuleLyco), as kohya sd-scripts and LyCORIS write them:
+  ss_network_module  networks.lora (kohya's LoRA / LoCon), lycoris.kohya with DoRA (kohya has none), LoHa or LoKr
   ss_network_dim     the commonest rank of the linear and 1×1 modules (network_dim), k×k convs alone otherwise
   ss_network_alpha   the commonest alpha of those modules, read from the modules (never recomputed)
   ss_network_args    JSON of strings: conv_dim / conv_alpha (commonest of the k×k convs) when k×k convs are
-                     adapted; algo = locon and dora_wd = True with DoRA (LyCORIS' names)
+                     adapted; algo = locon and dora_wd = True with DoRA, algo = loha / lokr (LyCORIS' names;
+                     the commonest type when a file mixes them)
+  lora_sd.module_types                           JSON {module: type} of the modules whose type is not algo's
   lora_sd.module_ranks / lora_sd.module_alphas   JSON {module: value} of the modules that differ from those
   lora_sd.dora_modules                           JSON [module] when DoRA is on some modules only
 Base keys, from the architecture (sd1 / sd2 / sdxl): ss_base_model_version, ss_v2, modelspec.architecture.
@@ -19,8 +21,9 @@ from collections import Counter
 from typing import Mapping, Optional
 
 MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES = "lora_sd.module_ranks", "lora_sd.module_alphas", "lora_sd.dora_modules"
+MODULE_TYPES = "lora_sd.module_types"
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
-                MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES)
+                MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES, MODULE_TYPES)
 # kohya's ss_base_model_version of each lora_sd.models.arch_of
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
@@ -54,9 +57,11 @@ def _commonest(modules) -> tuple[int, float]:
     return Counter((m.rank, m.alpha) for m in modules).most_common(1)[0][0]
 
 
-def _network_args(conv: Optional[tuple[int, float]], dora: bool) -> dict[str, str]:
-    """kohya's / LyCORIS' network_args (strings, as given on their command lines)."""
+def _network_args(conv: Optional[tuple[int, float]], dora: bool, algo: str = "lora") -> dict[str, str]:
+    """kohya's / LyCORIS' network_args (strings, as given on their command lines); `algo`: the LyCORIS type."""
     args = {"conv_dim": str(conv[0]), "conv_alpha": str(conv[1])} if conv else {}
+    if algo != "lora":
+        return {"algo": algo, **args}
     return {"algo": "locon", **args, "dora_wd": "True"} if dora else args
 
 
@@ -78,9 +83,10 @@ def network_metadata(modules: Mapping) -> dict[str, str]:
     r, alpha = _commonest((linear or kxk).values())
     conv = _commonest(kxk.values()) if kxk else None
     dora = sorted(k for k, m in modules.items() if m.magnitude is not None)
-    meta = {"ss_network_module": "lycoris.kohya" if dora else "networks.lora", "ss_network_dim": str(r),
-            "ss_network_alpha": str(alpha)}
-    args = _network_args(conv, bool(dora))
+    algo = Counter(m.kind for m in modules.values()).most_common(1)[0][0]
+    meta = {"ss_network_module": "lycoris.kohya" if dora or algo != "lora" else "networks.lora",
+            "ss_network_dim": str(r), "ss_network_alpha": str(alpha)}
+    args = _network_args(conv, bool(dora), algo)
     if args:
         meta["ss_network_args"] = json.dumps(args)
     ranks, alphas = _differing(((linear, (r, alpha)), (kxk, conv or (r, alpha))))
@@ -90,4 +96,7 @@ def network_metadata(modules: Mapping) -> dict[str, str]:
         meta[MODULE_ALPHAS] = json.dumps(alphas)
     if dora and len(dora) < len(modules):
         meta[DORA_MODULES] = json.dumps(dora)
+    others = {k: m.kind for k, m in sorted(modules.items()) if m.kind != algo}
+    if others:
+        meta[MODULE_TYPES] = json.dumps(others)
     return meta

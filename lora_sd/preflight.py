@@ -179,8 +179,8 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
     total = sum(p.numel() for m in mods for p in m.parameters())
     lo = cfg.lora
     scale = lo.alpha / (math.sqrt(lo.r) if lo.use_rslora else lo.r)
-    rep.parameters = {"trainable": trainable, "total": total, "r": lo.r, "alpha": lo.alpha, "scale": scale,
-                      "use_rslora": lo.use_rslora}
+    rep.parameters = {"trainable": trainable, "total": total, "type": lo.type, "r": lo.r, "alpha": lo.alpha,
+                      "scale": scale, "use_rslora": lo.use_rslora}
     acts, largest = _activations(cfg, pipe, device)
     rep.memory = memory_estimate(_frozen_bytes(cfg, pipe), trainable, acts, largest, cfg.train.optimizer,
                                  torch.device(device).type)

@@ -301,8 +301,8 @@ def _add_adapters(cfg: SDTrainConfig, pipe) -> dict[str, nn.Module]:
         if tcfg is not None:
             targets += [f"{name}.{n}" for n in add_lora(tes[name], tcfg, strict=f"{name}_lora")]
             components[name] = tes[name]
-    log.info("%s: LoRA r=%d alpha=%g on %d modules (%d trainable parameters)", arch_of(pipe), cfg.lora.r,
-             cfg.lora.alpha, len(targets),
+    log.info("%s: %s r=%d alpha=%g on %d modules (%d trainable parameters)", arch_of(pipe), cfg.lora.type,
+             cfg.lora.r, cfg.lora.alpha, len(targets),
              sum(p.numel() for m in (pipe.unet, *tes.values()) for p in m.parameters() if p.requires_grad))
     return components
 

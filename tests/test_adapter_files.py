@@ -134,11 +134,11 @@ def test_unknown_files_say_why(tmp_path):
     save_file({"conv_in.weight": torch.zeros(2, 2)}, str(model))
     det = af.detect(model)
     assert det.format == "unknown" and "no LoRA tensors" in det.reason
-    lyco = tmp_path / "loha.safetensors"
-    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(lyco))
+    lyco = tmp_path / "ia3.safetensors"   # LyCORIS' IA3: one .weight per module
+    save_file({"lora_unet_x.weight": torch.zeros(2)}, str(lyco))
     det = af.detect(lyco)
-    assert det.format == "unknown" and "LyCORIS" in det.reason
-    with pytest.raises(af.LoraLoadError, match=r"loha\.safetensors: not a LoRA adapter.*LyCORIS"):
+    assert det.format == "unknown" and "LyCORIS" in det.reason and "LoKr" in det.reason
+    with pytest.raises(af.LoraLoadError, match=r"ia3\.safetensors: not a LoRA adapter.*LyCORIS"):
         af.inspect(lyco)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(af.LoraLoadError, match="holds no adapter"):
@@ -240,8 +240,8 @@ def test_gui_and_both_clis_show_the_same_description(files, capsys):
         assert cli(["inspect", str(path), "--json"]) == 0
         shown = describe(path, Workspace(path.parent))   # the GUI's table row: the description, rank and alpha
         desc = json.loads(capsys.readouterr().out)
-        assert {k: v for k, v in shown.items() if k not in ("rank", "alpha")} == {**desc, "file": path.name}
-        assert shown["cli"] == af.get_format(files[name][1]).cli
+        assert {k: v for k, v in shown.items() if k not in ("rank", "alpha", "type")} == {**desc, "file": path.name}
+        assert shown["cli"] == af.get_format(files[name][1]).cli and shown["type"] == "lora"
 
 
 def test_lora_sd_refuses_an_llm_file_by_naming_its_tool(files):

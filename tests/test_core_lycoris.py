@@ -375,14 +375,16 @@ def test_merge_of_a_non_finite_adapter_changes_nothing(type_):
     assert torch.equal(net.layer.base_layer.weight, w0) and net.layer.merged_adapters == []
 
 
-def test_the_trainers_refuse_the_new_types_in_one_line():
-    """lora_core has the types; the SD and LLM trainers (which write LoRA files) and the MindSpore twin not yet."""
+def test_the_trainers_refuse_what_their_files_cannot_hold_in_one_line():
+    """The SD trainer takes LoHa and LoKr (kohya/LyCORIS files) but not OFT, nor a diffusers copy of LoHa / LoKr;
+    the LLM trainer and the MindSpore twin have LoRA only so far."""
     from lora_core.errors import ConfigError
     from lora_llm.config import load_llm_config
     from lora_sd.config import load_train_config
-    with pytest.raises(ConfigError, match=r"lora.type = 'loha': lora-sd train writes LoRA files only so far"):
-        load_train_config(None, ["data.path=x", "lora.type=loha"])
-    with pytest.raises(ConfigError, match=r"text_encoder_lora.type = 'oft': lora-sd train"):
+    assert load_train_config(None, ["data.path=x", "lora.type=loha", "output.save_diffusers=false"]).lora.type == "loha"
+    with pytest.raises(ConfigError, match=r"lora.type = 'lokr' has no diffusers LoRA form: set output.save_diffusers"):
+        load_train_config(None, ["data.path=x", "lora.type=lokr"])
+    with pytest.raises(ConfigError, match=r"text_encoder_lora.type = 'oft': lora-sd train writes kohya/LyCORIS"):
         load_train_config(None, ["data.path=x", "text_encoder_lora.type=oft"])
     with pytest.raises(ConfigError, match=r"lora.type = 'lokr': lora-llm train writes LoRA adapters only so far"):
         load_llm_config(None, ["lora.type=lokr"])

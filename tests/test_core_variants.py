@@ -527,3 +527,34 @@ def test_dora_with_dropout_in_training_matches_peft(kind):
     torch.testing.assert_close(y, ref(x), rtol=1e-6, atol=1e-6)
     ours.eval()
     assert (ours(x) - y).abs().max() > 1e-3      # the dropout did something
+
+
+def test_dora_text_encoder_diffusers_file_loads_its_magnitudes(tiny_pipe, tmp_path):
+    """DoRA on the UNet and the text encoder in the diffusers layout: StableDiffusionPipeline.load_lora_weights
+    gives both our outputs (the text encoder's magnitudes are `.lora_magnitude_vector.weight`, what transformers'
+    load_adapter needs; PEFT's bare name leaves them at their initial values), and our reader reads it back."""
+    from lora_sd import formats
+    pipe = copy.deepcopy(tiny_pipe)
+    lc.add_lora(pipe.unet, _locon_dora_config(True))
+    lc.add_lora(pipe.text_encoder, LoraConfig(r=2, alpha=2, use_dora=True, target_modules=r".*(q_proj|v_proj)$"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(p * (1 + 0.3 * torch.rand(p.shape, generator=g)) if "magnitude" in name
+                            else torch.randn(p.shape, generator=g) * 0.2)
+    path = tmp_path / "dora_te.safetensors"
+    formats.write_adapter(path, formats.from_model({"unet": pipe.unet, "text_encoder": pipe.text_encoder}), "diffusers")
+    ids = torch.randint(0, 1000, (1, 7), generator=g)
+    with torch.no_grad():
+        te_out = pipe.text_encoder(ids).last_hidden_state
+    theirs = copy.deepcopy(tiny_pipe)
+    theirs.load_lora_weights(str(path), adapter_name="ours")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.text_encoder(ids).last_hidden_state, te_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_unet_out(theirs.unet), _unet_out(pipe.unet), rtol=1e-4, atol=1e-5)
+    back = copy.deepcopy(tiny_pipe)
+    formats.apply_to_components(formats.read_adapter(path)[0], {"unet": back.unet, "text_encoder": back.text_encoder})
+    with torch.no_grad():
+        torch.testing.assert_close(back.text_encoder(ids).last_hidden_state, te_out, rtol=1e-5, atol=1e-6)

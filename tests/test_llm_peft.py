@@ -78,3 +78,55 @@ def test_peft_roundtrip_llama_q_v(tmp_path):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours.eval()(ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.parametrize("fields", [
+    dict(type="loha", r=4, alpha=8.0, rank_pattern={r"layers\.1\.self_attn\.v_proj": 2}),
+    dict(type="lokr", r=2, alpha=3.0, decompose_both=True, alpha_pattern={"q_proj": 5.0}),
+    dict(type="lokr", r=8, alpha=4.0, decompose_factor=4),
+    dict(type="oft", oft_block_size=4, coft=True, coft_eps=0.5),
+])
+def test_peft_roundtrip_llama_lycoris_types(tmp_path, fields):
+    """LoHa, LoKr and OFT as PEFT folders (peft_type LOHA / LOKR / OFT): PeftModel.from_pretrained gives the
+    same logits, and the folder's keys are exactly what PEFT expects (nothing missing, nothing unused)."""
+    base = _tiny_llama()
+    ours = copy.deepcopy(base)
+    add_lora(ours, LoraConfig(target_modules=["q_proj", "v_proj"], **fields))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    save_adapter(tmp_path, ours, {"task": "x", "num_labels": 0, "model": {}, "pretrained": "tiny-llama"})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert theirs.peft_config["default"].peft_type.value == fields["type"].upper()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    a = ours.eval()(ids).logits
+    assert not torch.allclose(a, base(ids).logits, atol=1e-4)   # the adapter does something
+    torch.testing.assert_close(a, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    written = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert set(written) == set(get_peft_model_state_dict(theirs))
+    from lora_core.adapter_files import inspect   # inspect knows the folder and its type
+    for path in (tmp_path / "peft", tmp_path / ADAPTER_FILE):
+        info = inspect(path)
+        assert info["adapter_types"] == {fields["type"]: 4} and len(info["target_modules"]) == 4, (path, info)
+
+
+def test_lycoris_types_on_gpt2_conv1d_have_no_peft_folder(tmp_path, tiny_lm):
+    """PEFT's LoHa does not take GPT-2's Conv1D: our file is written, the PEFT folder is not, export says why."""
+    base, _ = tiny_lm()
+    add_lora(base, LoraConfig(type="loha", r=2, target_modules=["c_attn"]))
+    save_adapter(tmp_path, base, {"task": "x", "num_labels": 0, "model": {}, "pretrained": "tiny"})
+    assert (tmp_path / ADAPTER_FILE).is_file() and not (tmp_path / "peft").exists()
+    with pytest.raises(ValueError, match="does not adapt HF Conv1D layers") as e:
+        export_peft(tmp_path / "peft", base)
+    assert "\n" not in str(e.value)

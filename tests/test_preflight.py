@@ -77,6 +77,22 @@ def test_two_steps_pass_and_catch_an_injected_nan(tmp_path, tiny_pipeline):
     assert not rep.ok and not rep.steps["ok"] and "unet.conv_in.weight holds non-finite" in rep.steps["error"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("type_", ["loha", "lokr"])
+def test_preflight_of_loha_and_lokr(tmp_path, tiny_pipeline, type_):
+    """The preflight runs the LyCORIS types' two steps and counts their own parameters."""
+    import lora_core as lc
+    from lora_sd.config import CROSS_ATTN
+    lora = {"type": type_, "r": 4, "alpha": 2.0, "target_modules": "cross_attn"}
+    rep = preflight(cfg=_cfg(tmp_path, lora=lora, output={"name": "x", "save_diffusers": False}), device="cpu",
+                    pipe=tiny_pipeline())
+    assert rep.ok and rep.steps["ok"] and rep.parameters["type"] == type_, print_report(rep)
+    assert f"parameters ({type_}): " in print_report(rep)
+    ref = tiny_pipeline().unet
+    lc.add_lora(ref, lc.LoraConfig(**{**lora, "target_modules": CROSS_ATTN}))
+    assert rep.parameters["trainable"] == sum(p.numel() for p in lc.lora_parameters(ref))
+
+
 def test_cli_check_exit_codes(tmp_path, capsys):
     from lora_sd.cli import main
     data = tmp_path / "data"

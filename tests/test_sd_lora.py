@@ -153,8 +153,10 @@ def test_our_loader_and_scale_zero(tiny, trained):
     assert torch.equal(_unet_out(pipe), base)
 
 
-def test_loss_decreases_on_fixed_batch(tiny, dataset, tmp_path):
-    """The diffusion loss with the same noise and timesteps falls as the LoRA trains."""
+@pytest.mark.parametrize("type_", ["lora", pytest.param("loha", marks=pytest.mark.slow),
+                                   pytest.param("lokr", marks=pytest.mark.slow)])
+def test_loss_decreases_on_fixed_batch(tiny, dataset, tmp_path, type_):
+    """The diffusion loss with the same noise and timesteps falls as the adapter (LoRA, LoHa, LoKr) trains."""
     from diffusers import DDPMScheduler
     from lora_sd.data import BatchDataset, load_items
     cfg = train_config(tmp_path / "run", tiny, dataset, tmp_path / "cache", data={"random_flip": False})
@@ -162,12 +164,13 @@ def test_loss_decreases_on_fixed_batch(tiny, dataset, tmp_path):
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
     torch.manual_seed(0)
-    add_lora(pipe.unet, LoraConfig(r=4, alpha=4.0, target_modules=CROSS_ATTN))
+    add_lora(pipe.unet, LoraConfig(type=type_, r=4, alpha=4.0, target_modules=CROSS_ATTN))
     ds = BatchDataset(load_items(cfg.data), cfg.data, 4, 0, pipe.tokenizer)
     batch = ds[0]
     loss_mod = DiffusionLoss(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), text_encoder=pipe.text_encoder,
                              vae=pipe.vae, min_snr_gamma=5.0)
-    opt = torch.optim.AdamW([p for p in pipe.unet.parameters() if p.requires_grad], lr=1e-2)
+    # LoHa's and LoKr's products of factors move slower than B A: LyCORIS' usual larger learning rate
+    opt = torch.optim.AdamW([p for p in pipe.unet.parameters() if p.requires_grad], lr=1e-2 if type_ == "lora" else 3e-2)
 
     def loss():
         torch.manual_seed(123)   # same latents sample, noise and timesteps every time
@@ -203,6 +206,29 @@ def test_stop_and_resume_equals_uninterrupted(tiny, dataset, tmp_path, monkeypat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "part" / "samples" / "step_000003_0.png").is_file()
     assert (tmp_path / "part" / "samples" / "step_000007_0.png").is_file()
+
+
+@pytest.mark.slow
+def test_loha_and_lokr_train_resume_exactly_and_export(tiny, dataset, tmp_path, monkeypatch):
+    """lora.type = loha on the UNet, lokr on the text encoder: stop during step 3 and resume gives the
+    uninterrupted run's kohya/LyCORIS file bit for bit; the file loads back to the trained adapters."""
+    over = dict(lora={"type": "loha", "r": 4, "alpha": 2.0, "target_modules": "cross_attn"},
+                text_encoder_lora={"type": "lokr", "r": 2, "alpha": 2.0}, output={"name": "test_lora",
+                                                                                  "save_diffusers": False},
+                train={"max_steps": 5, "checkpoint_every": 0})
+    full = run_training(train_config(tmp_path / "full", tiny, dataset, tmp_path / "cache", **over))
+    assert full["state"] == "done"
+    stopped, done = stop_then_resume(train_config(tmp_path / "part", tiny, dataset, tmp_path / "cache", **over),
+                                     monkeypatch, at_call=3)
+    assert stopped["state"] == "stopped" and done["state"] == "done"
+    a = load_file(str(tmp_path / "full" / "test_lora.safetensors"))
+    b = load_file(str(tmp_path / "part" / "test_lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith(".hada_w2_b") for k in a) and any(k.startswith("lora_te_") and ".lokr_w" in k for k in a)
+    assert not (tmp_path / "full" / DIFFUSERS_FILE).exists()
+    adapter, meta, _ = formats.read_adapter(tmp_path / "full" / "test_lora.safetensors")
+    assert {m.kind for k, m in adapter.items() if k.startswith("unet.")} == {"loha"}
+    assert meta["ss_network_module"] == "lycoris.kohya"
 
 
 def test_uncached_text_encoder_lora_v_prediction(tiny, dataset, tmp_path):

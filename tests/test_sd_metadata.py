@@ -107,7 +107,7 @@ def test_a_plain_lora_is_kohyas_networks_lora_with_nothing_else():
     from lora_sd.metadata import network_metadata
 
     def mod(r, alpha, kxk=False):
-        return SimpleNamespace(rank=r, alpha=alpha, is_kxk=kxk, magnitude=None)
+        return SimpleNamespace(rank=r, alpha=alpha, is_kxk=kxk, magnitude=None, kind="lora")
     assert network_metadata({"unet.a": mod(8, 4.0), "unet.b": mod(8, 4.0)}) == {
         "ss_network_module": "networks.lora", "ss_network_dim": "8", "ss_network_alpha": "4.0"}
     convs = network_metadata({"unet.c": mod(2, 1.0, True), "unet.d": mod(4, 1.0, True), "unet.e": mod(2, 1.0, True)})

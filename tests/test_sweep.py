@@ -96,3 +96,16 @@ def test_cli_llm_sweep_end_to_end(tmp_path, capsys):
     assert "ppl_stride" in rows[1]["error"]
     sweep_dir = next(tmp_path.glob("sweep_*"))
     assert (sweep_dir / rows[0]["run"] / "adapter.safetensors").is_file()
+
+
+def test_a_sweep_over_adapter_types(tmp_path):
+    """`--vary lora.type=lora,loha,lokr`: one run per type, each a valid SD config (LoHa / LoKr without the
+    diffusers copy their files cannot have)."""
+    cfg = tmp_path / "base.toml"
+    cfg.write_text(f'run_dir = "{tmp_path / "runs"}"\n[data]\npath = "x"\n[output]\nsave_diffusers = false\n')
+    sw = expand(SDTrainConfig, str(cfg), ["lora.type=lora,loha,lokr"], sweep_id="t")
+    assert [r.params for r in sw.runs] == [{"lora.type": t} for t in ("lora", "loha", "lokr")]
+    from lora_sd.config import load_train_config
+    assert [load_train_config(str(cfg), r.overrides).lora.type for r in sw.runs] == ["lora", "loha", "lokr"]
+    with pytest.raises(ConfigError, match="one of"):
+        parse_vary(SDTrainConfig, ["lora.type=lora,lycoris"])
