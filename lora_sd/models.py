@@ -35,9 +35,9 @@ from lora_core.paths import shared_path
 from .clip_bpe import BPE_PACKAGE, bpe_file, clip_tokenizer_from_bpe
 from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED, TINY_SCHNELL
 from .metadata import MODELSPEC, modelspec_architecture
-from .single_file import (DIFFUSERS_PARTS, HARMLESS, HUB_IDS, LAYOUT, META_CONFIGS, META_RANDOM, MMDIT, MMDIT_CLASS,
+from .single_file import (CONFIG_DIR, UNET, DIFFUSERS_PARTS, HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, MMDIT, MMDIT_CLASS,
                           TITLE, Checkpoint, check_configs, checkpoint_error, checkpoint_file, classify,
-                          components_in_file, config_source, fallback_key, from_original, name_map, open_checkpoint, sd3_size)
+                          components_in_file, config_source, hub_id, fallback_key, from_original, name_map, open_checkpoint)
 
 log = logging.getLogger("lora_sd")
 
@@ -159,26 +159,20 @@ def _tiny_sd3(tokenizer) -> dict:
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
-# FLUX.1's scheduler_config.json: dev shifts the sigmas by the image's sequence length (mu from
-# base/max_shift over base/max_image_seq_len); schnell (timestep-distilled) uses them unshifted
-FLUX_SCHEDULER = {"dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                              max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-                  "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
-                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)}
-
-
 def _tiny_flux(tokenizer, schnell: bool = False) -> dict:
     """FLUX.1's components at toy width: a FluxTransformer2DModel with double-stream (joint) and single-stream
     blocks, rotary position embedding over 3 axes, the guidance embedding (dev; none for schnell), input of
     16-channel latents packed in 2x2 patches (64 features); CLIP-L (its pooled output conditions the
     transformer), a T5 encoder (the sequence), the 16-channel VAE with Flux's shift and scaling factors,
-    the flow-match Euler scheduler with FLUX.1's shift settings."""
+    the flow-match Euler scheduler with FLUX.1's shift settings (the shipped scheduler configs: dev shifts
+    the sigmas by the image's sequence length, schnell does not)."""
     clip_l = CLIPTextModel(_tiny_text_config(tokenizer, 32, 2))
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6))
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER["schnell" if schnell else "dev"])
+    shipped = CONFIG_DIR / ("flux1-schnell" if schnell else "flux1-dev") / "scheduler" / "scheduler_config.json"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads(shipped.read_text(encoding="utf-8")))
     return dict(transformer=transformer, vae=_tiny_vae16(0.1159, 0.3611), text_encoder=clip_l,
                 text_encoder_2=_tiny_t5(tokenizer, 64), scheduler=scheduler)
 
@@ -478,7 +472,7 @@ def _component_from_folder(ck: Checkpoint, arch: str, comp: str, configs: dict, 
         raise ModelLoadError(
             f"{ck.path}: the file holds only the {', '.join(held)} of {TITLE[arch]}, not its {comp} "
             f"({LAYOUT[arch][comp][0]}*): set model.config to the model's diffusers folder (or hub id, e.g. "
-            f"{HUB_IDS[sd3_size(ck)[0] or 'sd35-medium']}) to take the {comp} from there")
+            f"{hub_id(ck, arch)}) to take the {comp} from there")
     model = component_class(comp, configs[comp]).from_pretrained(folder)
     return (model.to(dtype) if dtype is not None else model).eval()
 
@@ -502,19 +496,21 @@ def _tokenizer(configs: dict, name: str, path: Path, tiny: bool):
 
 
 CLIP_TOKENIZERS = {"sd1": ("tokenizer",), "sd2": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2"),
-                   "sd3": ("tokenizer", "tokenizer_2")}
+                   "sd3": ("tokenizer", "tokenizer_2"), "flux": ("tokenizer",)}
+T5_TOKENIZER = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
 
 
-def _t5_tokenizer(configs: dict, path: Path, tiny: bool):
-    """T5's tokenizer (SentencePiece) from model.config's tokenizer_3/ folder: it is not shipped in any
+def _t5_tokenizer(configs: dict, ck: Checkpoint, arch: str, tiny: bool):
+    """T5's tokenizer (SentencePiece) from model.config's tokenizer folder: it is not shipped in any
     package, so a real file without it stops with one line naming the setting (a tiny random-weights file
     uses the CLIP BPE, as the tiny pipelines do)."""
-    if configs.get("tokenizer_3_dir"):
-        return AutoTokenizer.from_pretrained(configs["tokenizer_3_dir"])
+    name = T5_TOKENIZER[arch]
+    if configs.get(f"{name}_dir"):
+        return AutoTokenizer.from_pretrained(configs[f"{name}_dir"])
     if tiny:
         return load_tokenizer()
-    raise ModelLoadError(f"{path}: T5's tokenizer is not available offline (no package ships it): set model.config "
-                         f"to the model's diffusers folder with tokenizer_3/ (or its hub id, e.g. {HUB_IDS['sd35-medium']})")
+    raise ModelLoadError(f"{ck.path}: T5's tokenizer is not available offline (no package ships it): set model.config "
+                         f"to the model's diffusers folder with {name}/ (or its hub id, e.g. {hub_id(ck, arch)})")
 
 
 def _warn_unused(ck: Checkpoint, arch: str, used: set) -> None:
@@ -532,17 +528,19 @@ def load_checkpoint(path) -> Checkpoint:
         tensors, step = _load_ckpt(path)
         return Checkpoint(path, {k: list(v.shape) for k, v in tensors.items()}, {}, step, tensors)
     ck = open_checkpoint(path)
-    ck.tensors = _LazySafetensors(path)
+    ck.tensors = _LazySafetensors(path, UNET if ck.bare else "")
     return ck
 
 
 class _LazySafetensors(dict):
-    def __init__(self, path: Path):
+    """A .safetensors file's tensors, read when asked for (`bare`: a prefix the file's keys lack)."""
+
+    def __init__(self, path: Path, bare: str = ""):
         super().__init__()
-        self._file = safe_open(str(path), framework="pt")
+        self._file, self._bare = safe_open(str(path), framework="pt"), bare
 
     def __missing__(self, key):
-        return self._file.get_tensor(key)
+        return self._file.get_tensor(key.removeprefix(self._bare))
 
 
 def _load_ckpt(path: Path) -> tuple[dict, Any]:
@@ -573,26 +571,32 @@ def _load_ckpt(path: Path) -> tuple[dict, Any]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, step
 
 
-def to_original_state(pipe, arch: str) -> dict:
-    """The pipeline's weights under their original (LDM / SGM) names."""
+def component_to_original(arch: str, comp: str, state: dict, cfg: dict) -> dict:
+    """One component's state dict under its original names (`cfg`: its diffusers config, for the map)."""
     out, fused = {}, {}
+    for k, (orig, how) in name_map(arch, comp, state, cfg).items():
+        t = state[k]
+        if how == "T":
+            out[orig] = t.T.contiguous()
+        elif how == "conv":
+            out[orig] = t.reshape(*t.shape, 1, 1)
+        elif isinstance(how, tuple):
+            fused.setdefault(orig, {})[how[1]] = t
+        elif how == "shared":                 # T5's tied embedding: a second copy, as real files hold it
+            out[orig] = t.clone()
+        else:                                 # "swap" is its own inverse; "eye" is stored as it is
+            out[orig] = from_original(t, how) if how == "swap" else t
+    for orig, parts in fused.items():
+        out[orig] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+    return out
+
+
+def to_original_state(pipe, arch: str) -> dict:
+    """The pipeline's weights under their original (LDM / SGM / MMDiT) names."""
+    out = {}
     for comp in LAYOUT[arch]:
         model = getattr(pipe, comp)
-        sd = model.state_dict()
-        for k, (orig, how) in name_map(arch, comp, sd, _diffusers_config(comp, model)).items():
-            t = sd[k]
-            if how == "T":
-                out[orig] = t.T.contiguous()
-            elif how == "conv":
-                out[orig] = t.reshape(*t.shape, 1, 1)
-            elif isinstance(how, tuple):
-                fused.setdefault(orig, {})[how[1]] = t
-            elif how == "shared":                 # T5's tied embedding: a second copy, as real files hold it
-                out[orig] = t.clone()
-            else:                             # "swap" is its own inverse; "eye" is stored as it is
-                out[orig] = from_original(t, how) if how == "swap" else t
-    for orig, parts in fused.items():
-        out[orig] = torch.cat([parts[i] for i in range(3)], dim=0)
+        out.update(component_to_original(arch, comp, model.state_dict(), _diffusers_config(comp, model)))
     return out
 
 
@@ -617,8 +621,8 @@ def load_single_file(path, config: str = "", dtype=None, prediction_type: str = 
         raise ModelLoadError(f"{ck.path}: {source}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
     tiny = ck.metadata.get(META_RANDOM) == "true"
     tokenizers = {t: _tokenizer(configs, t, ck.path, tiny) for t in CLIP_TOKENIZERS[arch]}
-    if arch == "sd3":
-        tokenizers["tokenizer_3"] = _t5_tokenizer(configs, ck.path, tiny)
+    if arch in T5_TOKENIZER:
+        tokenizers[T5_TOKENIZER[arch]] = _t5_tokenizer(configs, ck, arch, tiny)
     pipe = assemble_pipeline(arch, scheduler=sched_cls.from_config(sched_cfg), **comps, **tokenizers,
                              force_zeros_for_empty_prompt=configs.get("index", {}).get("force_zeros_for_empty_prompt", True))
     if ck.metadata.get(META_RANDOM) == "true":
@@ -645,7 +649,7 @@ def save_single_file(pipe, out, half: bool = False) -> dict:
     state = to_original_state(pipe, arch)
     if half:
         state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
-    toks = CLIP_TOKENIZERS[arch] + (("tokenizer_3",) if arch == "sd3" else ())
+    toks = CLIP_TOKENIZERS[arch] + ((T5_TOKENIZER[arch],) if arch in T5_TOKENIZER else ())
     configs = {"arch": arch, "scheduler": _config_json(pipe.scheduler),
                "pad_tokens": {t: getattr(pipe, t).pad_token for t in toks},
                "index": {"_class_name": type(pipe).__name__,

@@ -53,9 +53,13 @@ LAYOUT["sd3"] = {"transformer": (UNET, "mmdit_sd3"), "vae": (VAE, "vae"),
                  "text_encoder": ("text_encoders.clip_l.transformer.", "hfclip_l"),
                  "text_encoder_2": ("text_encoders.clip_g.transformer.", "hfclip"),
                  "text_encoder_3": ("text_encoders.t5xxl.transformer.", "t5")}
+# Flux: ComfyUI's checkpoint layout (BFL's own transformer file has no prefix: read as if it had one)
+LAYOUT["flux"] = {"transformer": (UNET, "mmdit_flux"), "vae": ("vae.", "vae"),
+                  "text_encoder": ("text_encoders.clip_l.transformer.", "hfclip_l"),
+                  "text_encoder_2": ("text_encoders.t5xxl.transformer.", "t5")}
 TITLE = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
-         "sd3": "Stable Diffusion 3.5"}
-MMDIT_CLASS = {"sd3": "SD3Transformer2DModel"}   # transformer architectures: the file may hold the transformer alone
+         "sd3": "Stable Diffusion 3.5", "flux": "FLUX.1"}
+MMDIT_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}   # transformer architectures: the file may hold the transformer alone
 MMDIT = tuple(MMDIT_CLASS)
 DIFFUSERS_PARTS = ("unet", "vae", "transformer")     # components whose name map reads their diffusers config
 # keys real checkpoints carry that diffusers models do not: skipped without a warning
@@ -176,8 +180,50 @@ def _sd3_name(key: str, cfg: Mapping) -> tuple[str, Any]:
     return (f"joint_blocks.{m[1]}.{orig}" if m else orig) + f".{leaf}", how
 
 
+# FLUX.1 in BFL's layout: the same kind of table; the single blocks fuse q, k, v and the MLP input in
+# linear1 (("split", i, sizes): part i of parts of those sizes); qk-norm weights are called `scale`
+_FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer", "context_embedder": "txt_in",
+             "x_embedder": "img_in", "proj_out": "final_layer.linear",
+             "norm_out.linear": ("final_layer.adaLN_modulation.1", "swap")}
+_FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
+                "attn.to_add_out": "txt_attn.proj", "attn.norm_q": "img_attn.norm.query_norm",
+                "attn.norm_k": "img_attn.norm.key_norm", "attn.norm_added_q": "txt_attn.norm.query_norm",
+                "attn.norm_added_k": "txt_attn.norm.key_norm", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+for _i, _c in enumerate("qkv"):
+    _FLUX_DOUBLE.update({f"attn.to_{_c}": ("img_attn.qkv", ("qkv", _i)),
+                         f"attn.add_{_c}_proj": ("txt_attn.qkv", ("qkv", _i))})
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+                "proj_out": "linear2"}
+
+
+def _flux_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    module, leaf = key.rsplit(".", 1)
+    m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)
+    if m is None:
+        orig, block = _FLUX_TOP.get(module), ""
+    elif m[1] == "transformer_blocks":
+        orig, block = _FLUX_DOUBLE.get(m[3]), f"double_blocks.{m[2]}."
+    else:
+        block = f"single_blocks.{m[2]}."
+        inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+        orig = (("linear1", ("split", parts.index(m[3]), (inner, inner, inner, 4 * inner))) if m[3] in parts
+                else _FLUX_SINGLE.get(m[3]))
+    if orig is None:
+        raise KeyError(key)
+    orig, how = orig if isinstance(orig, tuple) else (orig, None)
+    return f"{block}{orig}.{'scale' if orig.endswith('_norm') else leaf}", how
+
+
 _NAMERS = {"unet": _unet_name, "vae": _vae_name, "clip": _clip_name, "openclip": _openclip_name,
-           "hfclip": _hfclip_name, "hfclip_l": _hfclip_l_name, "t5": _t5_name, "mmdit_sd3": _sd3_name}
+           "hfclip": _hfclip_name, "hfclip_l": _hfclip_l_name, "t5": _t5_name, "mmdit_sd3": _sd3_name,
+           "mmdit_flux": _flux_name}
 
 
 def name_map(arch: str, component: str, keys, cfg: Mapping) -> dict[str, tuple[str, Any]]:
@@ -192,7 +238,8 @@ def name_map(arch: str, component: str, keys, cfg: Mapping) -> dict[str, tuple[s
 
 
 def from_original(tensor, how):
-    """The diffusers tensor from the original one (a fused `how` gives slice how[1] of three)."""
+    """The diffusers tensor from the original one (fused: ("qkv", i) is slice i of three equal ones,
+    ("split", i, sizes) part i of parts of those sizes)."""
     if how == "swap":                       # the two halves exchanged (its own inverse)
         return tensor.roll(tensor.shape[0] // 2, dims=0)
     if how == "T":
@@ -200,7 +247,7 @@ def from_original(tensor, how):
     if how == "conv":
         return tensor.reshape(tensor.shape[0], tensor.shape[1]) if tensor.ndim == 4 else tensor
     if isinstance(how, tuple):
-        return tensor.chunk(3, dim=0)[how[1]]
+        return tensor.split(list(how[2]), dim=0)[how[1]] if how[0] == "split" else tensor.chunk(3, dim=0)[how[1]]
     return tensor
 
 
@@ -213,6 +260,9 @@ class Checkpoint:
                  tensors: Optional[Mapping] = None):
         self.path, self.shapes, self.metadata, self.global_step = path, shapes, metadata, global_step
         self.tensors = tensors
+        self.bare = False       # an MMDiT transformer saved without model.diffusion_model. (BFL's Flux files)
+        if any(k.startswith(tuple(f"{b}." for b in _BLOCKS.values())) for k in shapes):
+            self.shapes, self.bare = {UNET + k: v for k, v in shapes.items()}, True
 
 
 def checkpoint_file(path) -> Path:
@@ -291,17 +341,25 @@ def _check_parts(ck: Checkpoint) -> None:
         raise checkpoint_error(ck.path, "has a UNet but no VAE (first_stage_model.*)")
 
 
-# ------------------------------------------------------------------ MMDiT (SD 3.5) files
-# (joint blocks, width, dual attention) -> the shipped config folder of the released model
-SD3_SIZES = {(24, 1536, True): "sd35-medium", (38, 2432, False): "sd35-large"}
-HUB_IDS = {"sd35-medium": "stabilityai/stable-diffusion-3.5-medium", "sd35-large": "stabilityai/stable-diffusion-3.5-large"}
-_PART_NAMES = {"transformer": "transformer", "vae": "VAE", "text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G",
-               "text_encoder_3": "T5"}
+# ------------------------------------------------------------------ MMDiT (SD 3.5, Flux) files
+# the shipped config folders of the released models, their names and hub ids
+SIZES = {"sd35-medium": ("SD 3.5 Medium", "stabilityai/stable-diffusion-3.5-medium"),
+         "sd35-large": ("SD 3.5 Large", "stabilityai/stable-diffusion-3.5-large"),
+         "flux1-dev": ("FLUX.1 dev", "black-forest-labs/FLUX.1-dev"),
+         "flux1-schnell": ("FLUX.1 schnell", "black-forest-labs/FLUX.1-schnell")}
+# the shape of each released transformer -> its folder: SD 3.x (joint blocks, width, dual attention);
+# Flux (double blocks, single blocks, width, guidance embedding)
+_SHAPES = {("sd3", 24, 1536, True): "sd35-medium", ("sd3", 38, 2432, False): "sd35-large",
+           ("flux", 19, 38, 3072, True): "flux1-dev", ("flux", 19, 38, 3072, False): "flux1-schnell"}
+_BLOCKS = {"sd3": "joint_blocks", "flux": "double_blocks"}       # the key that tells each MMDiT family
+_PART_NAMES = {"mmdit_sd3": "transformer", "mmdit_flux": "transformer", "vae": "VAE", "hfclip_l": "CLIP-L",
+               "hfclip": "CLIP-G", "t5": "T5"}
 
 
 def _mmdit_arch(keys) -> str:
-    """"sd3" for the original / ComfyUI layout of SD 3.x (model.diffusion_model.joint_blocks.*), else ""."""
-    return "sd3" if any(k.startswith(UNET + "joint_blocks.") for k in keys) else ""
+    """"sd3" / "flux" for the original / ComfyUI layout of an MMDiT (model.diffusion_model.joint_blocks.* /
+    double_blocks.*), else ""."""
+    return next((a for a, b in _BLOCKS.items() if any(k.startswith(f"{UNET}{b}.") for k in keys)), "")
 
 
 def components_in_file(ck: Checkpoint, arch: str) -> list[str]:
@@ -309,26 +367,42 @@ def components_in_file(ck: Checkpoint, arch: str) -> list[str]:
     return [c for c, (prefix, _) in LAYOUT[arch].items() if any(k.startswith(prefix) for k in ck.shapes)]
 
 
-def sd3_size(ck: Checkpoint) -> tuple[str, str]:
-    """(the shipped config folder of this SD 3.x transformer, or "" for an unreleased size; its description)
-    from the keys and shapes: joint blocks, width (x_embedder), dual-attention blocks, qk-norm."""
+def _block_count(keys, name: str) -> int:
+    found = {int(k.split(".")[3]) for k in keys if k.startswith(f"{UNET}{name}.")}
+    return 1 + max(found) if found else 0
+
+
+def mmdit_size(ck: Checkpoint, arch: str) -> tuple[str, str]:
+    """(the shipped config folder of this MMDiT, or "" for a size without one; its description) from the
+    keys and shapes: blocks, width, SD 3.x's dual-attention blocks and qk-norm, Flux's guidance embedding."""
     keys = ck.shapes
-    depth = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith(UNET + "joint_blocks."))
-    width = (keys.get(UNET + "x_embedder.proj.weight") or [0])[0]
+    if arch == "flux":
+        double, single = _block_count(keys, "double_blocks"), _block_count(keys, "single_blocks")
+        width, guidance = (keys.get(UNET + "img_in.weight") or [0])[0], UNET + "guidance_in.in_layer.weight" in keys
+        desc = (f"{double} double-stream and {single} single-stream blocks {width or '?'} wide, "
+                + ("a guidance embedding (dev)" if guidance else "no guidance embedding (schnell)"))
+        return _SHAPES.get(("flux", double, single, width, guidance), ""), desc
+    depth, width = _block_count(keys, "joint_blocks"), (keys.get(UNET + "x_embedder.proj.weight") or [0])[0]
     dual = sorted({int(k.split(".")[3]) for k in keys if k.startswith(UNET + "joint_blocks.") and ".x_block.attn2." in k})
     desc = f"{depth} joint blocks {width or '?'} wide"
     if dual:
         desc += f", dual attention in blocks {dual[0]}-{dual[-1]} (MMDiT-X)"
     if any(k.endswith(".attn.ln_q.weight") for k in keys):
         desc += ", qk RMS-norm"
-    return SD3_SIZES.get((depth, width, bool(dual)), ""), desc
+    return _SHAPES.get(("sd3", depth, width, bool(dual)), ""), desc
+
+
+def hub_id(ck: Checkpoint, arch: str) -> str:
+    """The hub id of the released model this file's transformer matches (the first of its family otherwise)."""
+    name = mmdit_size(ck, arch)[0] or next(n for n in SIZES if n.startswith(arch[:4]))
+    return SIZES[name][1]
 
 
 def _mmdit_why(ck: Checkpoint, arch: str) -> str:
-    name, desc = sd3_size(ck)
-    size = {"sd35-medium": "SD 3.5 Medium", "sd35-large": "SD 3.5 Large"}.get(name, "a size lora_sd ships no configs for")
-    held = [_PART_NAMES[c] for c in components_in_file(ck, arch)]
-    return f"{UNET}joint_blocks.*: an MMDiT with {desc}: {size}; the file holds {', '.join(held)}"
+    name, desc = mmdit_size(ck, arch)
+    size = SIZES[name][0] if name else "a size lora_sd ships no configs for"
+    held = [_PART_NAMES[LAYOUT[arch][c][1]] for c in components_in_file(ck, arch)]
+    return f"{UNET}{_BLOCKS[arch]}.*: an MMDiT with {desc}: {size}; the file holds {', '.join(held)}"
 
 
 def _classify(ck: Checkpoint) -> tuple[str, str]:
@@ -462,12 +536,13 @@ def config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) 
         except json.JSONDecodeError:
             raise checkpoint_error(ck.path, f"its {META_CONFIGS} metadata is not JSON") from None
     if arch in MMDIT:
-        name, desc = sd3_size(ck)
+        name, desc = mmdit_size(ck, arch)
         why = ""
         if not name:
-            raise checkpoint_error(ck.path, f"an SD 3.x MMDiT with {desc}, a size lora_sd ships no configs for",
-                                   "SD 3.5 Medium (24 blocks, 1536 wide) or Large (38 blocks, 2432 wide), or "
-                                   "model.config set to a folder or hub id with this model's diffusers configs,")
+            released = " or ".join(SIZES[n][0] for n in SIZES if n.startswith(arch[:4]))
+            raise checkpoint_error(ck.path, f"an MMDiT with {desc}, a size lora_sd ships no configs for",
+                                   f"{released}, or model.config set to a folder or hub id with this model's "
+                                   "diffusers configs,")
     else:
         name, why = _shipped(arch, prediction_type, ck.global_step)
     configs = _read_config_folder(CONFIG_DIR / name)
