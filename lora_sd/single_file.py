@@ -64,7 +64,7 @@ MMDIT = tuple(MMDIT_CLASS)
 DIFFUSERS_PARTS = ("unet", "vae", "transformer")     # components whose name map reads their diffusers config
 # keys real checkpoints carry that diffusers models do not: skipped without a warning
 HARMLESS = re.compile(r"(position_ids|logit_scale|attn_mask)$|^cond_stage_model\.model\.(text_projection$|"
-                       r"transformer\.resblocks\.23\.)")
+                       r"transformer\.resblocks\.23\.)|^text_encoders\.clip_l\.transformer\.text_projection\.")
 
 
 # ------------------------------------------------------------------ the name map
@@ -343,10 +343,10 @@ def _check_parts(ck: Checkpoint) -> None:
 
 # ------------------------------------------------------------------ MMDiT (SD 3.5, Flux) files
 # the shipped config folders of the released models, their names and hub ids
-SIZES = {"sd35-medium": ("SD 3.5 Medium", "stabilityai/stable-diffusion-3.5-medium"),
-         "sd35-large": ("SD 3.5 Large", "stabilityai/stable-diffusion-3.5-large"),
-         "flux1-dev": ("FLUX.1 dev", "black-forest-labs/FLUX.1-dev"),
-         "flux1-schnell": ("FLUX.1 schnell", "black-forest-labs/FLUX.1-schnell")}
+SIZES = {"sd35-medium": ("sd3", "SD 3.5 Medium", "stabilityai/stable-diffusion-3.5-medium"),
+         "sd35-large": ("sd3", "SD 3.5 Large", "stabilityai/stable-diffusion-3.5-large"),
+         "flux1-dev": ("flux", "FLUX.1 dev", "black-forest-labs/FLUX.1-dev"),
+         "flux1-schnell": ("flux", "FLUX.1 schnell", "black-forest-labs/FLUX.1-schnell")}
 # the shape of each released transformer -> its folder: SD 3.x (joint blocks, width, dual attention);
 # Flux (double blocks, single blocks, width, guidance embedding)
 _SHAPES = {("sd3", 24, 1536, True): "sd35-medium", ("sd3", 38, 2432, False): "sd35-large",
@@ -394,13 +394,13 @@ def mmdit_size(ck: Checkpoint, arch: str) -> tuple[str, str]:
 
 def hub_id(ck: Checkpoint, arch: str) -> str:
     """The hub id of the released model this file's transformer matches (the first of its family otherwise)."""
-    name = mmdit_size(ck, arch)[0] or next(n for n in SIZES if n.startswith(arch[:4]))
-    return SIZES[name][1]
+    name = mmdit_size(ck, arch)[0] or next(n for n, size in SIZES.items() if size[0] == arch)
+    return SIZES[name][2]
 
 
 def _mmdit_why(ck: Checkpoint, arch: str) -> str:
     name, desc = mmdit_size(ck, arch)
-    size = SIZES[name][0] if name else "a size lora_sd ships no configs for"
+    size = SIZES[name][1] if name else "a size lora_sd ships no configs for"
     held = [_PART_NAMES[LAYOUT[arch][c][1]] for c in components_in_file(ck, arch)]
     return f"{UNET}{_BLOCKS[arch]}.*: an MMDiT with {desc}: {size}; the file holds {', '.join(held)}"
 
@@ -467,12 +467,16 @@ def _folder_arch(folder: Path) -> tuple[str, str]:
 
 def model_arch(pretrained: str) -> tuple[str, str]:
     """("sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "", why) of a model.pretrained value without torch or network: a tiny
-    model's name, a diffusers folder, a single file; "" for a hub id (known once it is loaded).
+    model's name, a released MMDiT's hub id, a diffusers folder, a single file; "" for other hub ids (known once
+    it is loaded).
     ModelLoadError for a file or folder that is not a model lora_sd trains."""
     if pretrained == TINY_PRETRAINED:
         return "sd1", f"'{pretrained}': the tiny model shipped with lora_sd, pretrained on the synthetic shapes world"
     if pretrained in TINY_ARCHS:
         return TINY_ARCHS[pretrained], f"'{pretrained}': the tiny offline test model (random weights)"
+    released = next((size for size in SIZES.values() if size[2] == pretrained), None)
+    if released:
+        return released[0], f"the hub id of {released[1]}"
     path = Path(pretrained).expanduser()
     if path.is_dir():
         return _folder_arch(path)
@@ -539,7 +543,7 @@ def config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) 
         name, desc = mmdit_size(ck, arch)
         why = ""
         if not name:
-            released = " or ".join(SIZES[n][0] for n in SIZES if n.startswith(arch[:4]))
+            released = " or ".join(title for family, title, _ in SIZES.values() if family == arch)
             raise checkpoint_error(ck.path, f"an MMDiT with {desc}, a size lora_sd ships no configs for",
                                    f"{released}, or model.config set to a folder or hub id with this model's "
                                    "diffusers configs,")

@@ -106,3 +106,12 @@ def test_flux_round_trip_and_bfl_transformer_file(tmp_path, caplog, tiny_pipelin
     folder = tmp_path / "folder"
     pipe.save_pretrained(str(folder))
     _assert_same_weights(pipe, load_pipeline(str(bfl), config=str(folder)))
+
+
+def test_released_hub_ids_are_known_before_loading():
+    from lora_sd.single_file import model_arch
+    assert model_arch("black-forest-labs/FLUX.1-dev") == ("flux", "the hub id of FLUX.1 dev")
+    assert model_arch("black-forest-labs/FLUX.1-schnell")[0] == "flux"
+    assert model_arch("stabilityai/stable-diffusion-3.5-large") == ("sd3", "the hub id of SD 3.5 Large")
+    assert model_arch("stabilityai/stable-diffusion-3.5-medium")[0] == "sd3"
+    assert model_arch("someone/some-model")[0] == ""
