@@ -331,7 +331,7 @@ def _check_parts(ck: Checkpoint) -> None:
     if not any(k.startswith(UNET) for k in keys):
         if any(k.startswith(("encoder.", "decoder.", VAE, "quant_conv", "post_quant_conv")) for k in keys):
             raise checkpoint_error(ck.path, "a VAE-only file (encoder/decoder keys, no UNet model.diffusion_model.*)")
-        if any(k.startswith(("down_blocks.", "unet.", "text_model.")) for k in keys):
+        if any(k.startswith(("down_blocks.", "unet.", "text_model.", "transformer_blocks.", "transformer.")) for k in keys):
             raise checkpoint_error(ck.path, "one component in the diffusers layout (keys like down_blocks.*), not a single-file "
                                  "checkpoint", "its whole diffusers folder (with model_index.json) or a single-file "
                                                "checkpoint")
@@ -545,8 +545,8 @@ def config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) 
         if not name:
             released = " or ".join(title for family, title, _ in SIZES.values() if family == arch)
             raise checkpoint_error(ck.path, f"an MMDiT with {desc}, a size lora_sd ships no configs for",
-                                   f"{released}, or model.config set to a folder or hub id with this model's "
-                                   "diffusers configs,")
+                                   f"{released} (or set model.config to a folder or hub id with this model's "
+                                   "diffusers configs)")
     else:
         name, why = _shipped(arch, prediction_type, ck.global_step)
     configs = _read_config_folder(CONFIG_DIR / name)

@@ -152,3 +152,17 @@ def test_sd3_t5_tokenizer_comes_from_model_config(tmp_path, tiny_pipeline):
     back = load_pipeline(str(real), config=str(folder))
     assert back.tokenizer_3("a red square").input_ids == pipe.tokenizer_3("a red square").input_ids
     assert len(back.tokenizer) == 49408 and not getattr(back, "_lora_sd_random_weights", False)
+
+
+def test_mmdit_bad_inputs_one_line_each(tmp_path):
+    files = {"diffusers_layout": ({"transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2)}, "diffusers layout"),
+             "lora": ({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(2, 2)}, "LoRA"),
+             "odd_size": ({sf.UNET + "joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2),
+                           sf.UNET + "x_embedder.proj.weight": torch.zeros(8, 16, 2, 2)}, "SD 3.5 Medium or SD 3.5 Large")}
+    for name, (tensors, words) in files.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        with pytest.raises(ModelLoadError) as e:
+            load_pipeline(str(path))
+        msg = str(e.value)
+        assert words in msg and str(path) in msg and "\n" not in msg and "expected" in msg, (name, msg)
