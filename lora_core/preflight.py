@@ -24,7 +24,9 @@ from .configdoc import HelpConfig
 from .run import RunDir
 
 LEVELS = ("error", "warning", "info")
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}   # optimizer state per trainable parameter
+# optimizer state per trainable parameter (Adafactor: a row and a column vector per matrix, about 1 byte per
+# parameter of a rank-4..16 LoRA matrix, counted as 1)
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}
 
 
 @dataclass

@@ -38,6 +38,28 @@ TINY_PRETRAINED = "tiny"
 TINY_ARCHS = {TINY_PRETRAINED: "sd1", "tiny-random": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
 
+# how a frozen part's weights are stored in training ("" = the train.mixed_precision dtype; fp8_e4m3 / int8:
+# lora_core.lowmem, dequantized layer by layer in the compute dtype)
+WeightStorage = Literal["", "fp32", "bf16", "fp16", "fp8_e4m3", "int8"]
+# the part of model.weight_dtype -> the pipeline components it covers (the denoiser: a UNet or a transformer)
+WEIGHT_PARTS = {"denoiser": ("unet", "transformer"), "text_encoder": ("text_encoder",),
+                "text_encoder_2": ("text_encoder_2",), "vae": ("vae",)}
+
+
+@dataclass
+class WeightDtypes(Checked, section="model.weight_dtype"):
+    denoiser: WeightStorage = option("", "frozen weights of the denoiser (the UNet, or the transformer of SD 3.5 / "
+                                         "Flux): fp32, bf16, fp16, fp8_e4m3 (float8, one scale per output channel) or "
+                                         "int8 (weight-only, needs torchao); '' = the train.mixed_precision dtype")
+    text_encoder: WeightStorage = option("", "frozen weights of the text encoder (same choices)")
+    text_encoder_2: WeightStorage = option("", "frozen weights of SDXL's second text encoder (same choices)")
+    vae: WeightStorage = option("", "the VAE (same choices); '' = fp32, or bf16 under bf16 (never fp16: NaN latents)")
+
+    def chosen(self) -> dict[str, str]:
+        """{part: storage} of the parts set to something other than the default."""
+        return {k: v for k, v in vars(self).items() if v}
+
+
 @dataclass
 class ModelSettings(Checked, section="model"):
     pretrained: str = option("tiny", "hub id, local diffusers folder, .safetensors/.ckpt file, 'tiny' (the shipped "
@@ -48,6 +70,8 @@ class ModelSettings(Checked, section="model"):
     variant: str = option("", "hub weight-file variant, e.g. 'fp16'")
     prediction_type: Literal["", "epsilon", "v_prediction"] = option(
         "", "what the UNet predicts; '' = the scheduler's own setting")
+    weight_dtype: WeightDtypes = option(help="how each frozen part is stored while training (less memory: "
+                                             "fp8_e4m3 / int8; docs/sd.md, Fitting a GPU)", factory=WeightDtypes)
 
 
 @dataclass
