@@ -192,6 +192,14 @@ class OutputSettings(Checked, section="output"):
     save_dtype: Dtype = option("fp32", "dtype of the saved adapter weights")
 
 
+@dataclass
+class SDTrainSettings(TrainSettings, section="train"):
+    """The loop's settings (lora_core.settings.TrainSettings) and the SD trainer's own memory switch."""
+    offload_blocks: int = option(0, "keep this many of the denoiser's blocks (the largest) on the host and bring "
+                                    "each to the device only while it runs, forward and backward (sd-scripts' "
+                                    "blocks_to_swap); 0 = off", ge=0)
+
+
 def _default_lora() -> LoraConfig:
     return LoraConfig(target_modules=CROSS_ATTN)   # LoraConfig's r and alpha
 
@@ -212,7 +220,7 @@ class SDTrainConfig(Checked):
                                                        "train the second text encoder (OpenCLIP bigG) too")
     embedding: EmbeddingSettings = option(help="a trained token embedding beside the LoRA (pivotal tuning)",
                                           factory=EmbeddingSettings)
-    train: TrainSettings = option(help="the training loop", factory=TrainSettings)
+    train: SDTrainSettings = option(help="the training loop", factory=SDTrainSettings)
     loss: LossSettings = option(help="loss weighting", factory=LossSettings)
     sample: SampleSettings = option(help="validation images", factory=SampleSettings)
     output: OutputSettings = option(help="the adapter files", factory=OutputSettings)

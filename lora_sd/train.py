@@ -30,6 +30,7 @@ from lora_core.dtypes import torch_dtype
 from lora_core.errors import ConfigError
 from lora_core.lowmem import check_storage, store_frozen, stored_bytes
 from lora_core.model import refuse_non_finite_base
+from lora_core.offload import offload_blocks
 from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, optimizer_class, train
 
@@ -329,6 +330,8 @@ def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
             if name != "unet":
                 m.gradient_checkpointing_enable()
         log.info("gradient checkpointing: on for %s", ", ".join(components))
+    if s.offload_blocks:   # before the move: the offloaded blocks' weights never reach the device whole
+        offload_blocks(_denoiser(pipe), s.offload_blocks, accelerator.device)
     pipe.to(accelerator.device)
 
 
@@ -342,6 +345,11 @@ def _store_small(cfg: SDTrainConfig, pipe, weight_dtype: torch.dtype) -> None:
                 n = store_frozen(m, storage, weight_dtype)
                 log.info("model.weight_dtype.%s = %s: %s frozen weights %.1f MiB%s", part, storage, name,
                          stored_bytes(m) / 2**20, f" ({n} layers quantized)" if n else "")
+
+
+def _denoiser(pipe) -> nn.Module:
+    """The pipeline's UNet, or its transformer (SD 3.5 / Flux)."""
+    return next(getattr(pipe, n) for n in WEIGHT_PARTS["denoiser"] if getattr(pipe, n, None) is not None)
 
 
 def check_memory_settings(cfg: SDTrainConfig, device) -> None:

@@ -17,13 +17,16 @@ def test_fp8_denoiser_int8_text_encoder_fused_adafactor_trains(tiny_sd_model, sd
     cfg = train_config(tmp_path / "run", tiny_sd_model, sd_dataset, tmp_path / "cache",
                        model={"weight_dtype": {"denoiser": "fp8_e4m3", "text_encoder": "int8"}},
                        train={"max_steps": 3, "optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0,
-                              "gradient_checkpointing": True, "mixed_precision": "bf16", "checkpoint_every": 0})
+                              "gradient_checkpointing": True, "mixed_precision": "bf16", "checkpoint_every": 0,
+                              "offload_blocks": 2})
     pipe = load_pipeline(tiny_sd_model)
     assert run_training(cfg, pipe=pipe)["state"] == "done"
     unet_layers = [m for m in pipe.unet.modules() if isinstance(m, (QuantizedLinear, QuantizedConv2d))]
     assert unet_layers and all(m.storage == "fp8_e4m3" and m.qweight.dtype == torch.float8_e4m3fn
                                for m in unet_layers)
     assert any(isinstance(m, QuantizedConv2d) for m in unet_layers)
+    # two blocks offloaded: after the last backward pass one of them is back on the host (empty placeholders)
+    assert any(t.numel() == 0 for t in pipe.unet.buffers())
     te_layers = [m for m in pipe.text_encoder.modules() if isinstance(m, QuantizedLinear)]
     assert te_layers and all(m.storage == "int8" for m in te_layers)
     sd = load_file(str(tmp_path / "run" / "test_lora.safetensors"))
@@ -49,3 +52,9 @@ def test_bad_memory_settings_fail_before_the_model_loads(tiny_sd_model, sd_datas
     cfg = train_config(tmp_path / "run", tiny_sd_model, sd_dataset, tmp_path / "cache", **over)
     with pytest.raises(err, match=match):
         run_training(cfg)
+
+
+def test_offloading_more_blocks_than_the_unet_has_is_one_line(tiny_sd_model, sd_dataset, tmp_path, tiny_pipeline):
+    cfg = train_config(tmp_path / "run", tiny_sd_model, sd_dataset, tmp_path / "cache", train={"offload_blocks": 99})
+    with pytest.raises(ConfigError, match="train.offload_blocks = 99: the UNet2DConditionModel has only 5 blocks"):
+        run_training(cfg, pipe=tiny_pipeline())
