@@ -2,7 +2,7 @@
 of real training steps on CPU.
 
     OMP_NUM_THREADS=1 python bench/preflight_memory.py --case tiny-sd [--json]
-    python bench/preflight_memory.py --case sd15-256 | smollm2-16x64
+    python bench/preflight_memory.py --case sd15-256 | smollm2-16x64 | sdxl-256-bf16 | sdxl-256-fp8-ckpt | ...
 
 Each case runs in this process: the model is built and the estimate made; then two optimisation steps run as
 the trainers do (the same loss module, AdamW over the LoRA parameters) under the torch profiler; measured
@@ -139,8 +139,21 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+def run_sdxl_rung(rung: str, scale: int = 1) -> dict:
+    """An SDXL-sized UNet at 256 px with one rung of bench/memory_ladder.py's switches (its estimate and peak)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from memory_ladder import RUNGS, run_rung
+    r = run_rung(rung, RUNGS[rung], 256, scale)
+    return {"estimate_mib": r["estimate_mib"], "measured_mib": r["device_peak_mib"], "ratio": r["estimate_ratio"],
+            "parts_mib": r["estimate_parts_mib"], "steps_s": r["step_s"], "rung": rung}
+
+
 CASES = {
     "tiny-sd": lambda: run_sd(128, 4),
+    "sdxl-256-bf16": lambda: run_sdxl_rung("bf16"),
+    "sdxl-256-fp8-ckpt": lambda: run_sdxl_rung("fp8 + checkpointing"),
+    "sdxl-256-fp8-ckpt-offload": lambda: run_sdxl_rung("fp8 + checkpointing + offload all blocks"),
+    "sdxl/4-256-fp8-ckpt": lambda: run_sdxl_rung("fp8 + checkpointing", scale=4),   # a quick check, not a result
     "sd15-256": lambda: run_sd(256, 1, SD15_UNET),
     "smollm2-16x64": lambda: run_llm(16, 64, smollm2_shaped(Path(tempfile.mkdtemp(prefix="smollm2_")))),
     "tiny-gpt2-16x64": lambda: run_llm(16, 64, "tiny"),

@@ -9,6 +9,7 @@ first use.
 from __future__ import annotations
 
 import importlib
+import logging
 
 from .config import LoraConfig
 from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, MergeOverflowError, NonFiniteError,
@@ -29,6 +30,12 @@ _WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 __all__ = ["LoraConfig", "AdapterExistsError", "HeadConflictError", "LoraLoadError", "MergeOverflowError",
            "NonFiniteError", "TargetMatchError", "UnknownAdapterError", "atomic_path", "atomic_write_text", "atomic_write_json", *_WHERE]
 __version__ = "0.1.0"
+
+# torchao (the [lowmem] extra) is imported by diffusers whenever it is installed; its import warns about CUDA
+# kernels a CPU build cannot load and about torch.compile details, and diffusers about serialization helpers it
+# misses: none of it concerns a run (lora_core.lowmem uses torchao's int8 tensors only), so keep stderr clean
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def __getattr__(name: str):

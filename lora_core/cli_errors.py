@@ -194,9 +194,11 @@ def add_inspect_parser(sub, help: str, fn, prog: str, fit: str):
     return i
 
 
-def add_sweep_and_check(sub, prog: str, config_class: str, load: str, train: str, preflight: str) -> None:
-    """`sweep` and `check` of a trainer CLI: its config class, config loader, train function and preflight,
-    as "module:name" references."""
+def add_sweep_and_check(sub, prog: str, config_class: str, load: str, train: str, preflight: str,
+                        ladder: str = "") -> None:
+    """`sweep` and `check` of a trainer CLI: its config class, config loader, train function, preflight and (when
+    the family has one) the memory ladder of `check --table`, as "module:name" references."""
     add_sweep_parser(sub, config_class, prog).set_defaults(
         fn=lambda a: cli_sweep(a, load_ref(config_class), load_ref(load), load_ref(train)))
-    add_check_parser(sub, config_class, lambda a: cli_check(a, load_ref(preflight)))
+    add_check_parser(sub, config_class, lambda a: cli_check(a, load_ref(preflight), load_ref(ladder) if ladder else None),
+                     ladder=bool(ladder))

@@ -69,3 +69,7 @@ class NonFiniteError(ValueError):
 
 class MergeOverflowError(NonFiniteError):
     """A merge whose fp32 result does not fit the base dtype (fp16/bf16 overflow)."""
+
+
+class QuantizedMergeError(ValueError):
+    """A merge into a base layer whose frozen weight is stored quantized (fp8 / int8: lora_core.lowmem)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HeadConflictError, MergeOverflowError, NonFiniteError
+from .errors import HeadConflictError, MergeOverflowError, NonFiniteError, QuantizedMergeError
 from .fused import block_B
 
 
@@ -243,6 +243,9 @@ class LoraLayer(nn.Module):
         """The base weight with adapters `names` folded in, computed in fp32 and cast to the base
         dtype. Raises NonFiniteError if the result would hold NaN or inf (a non-finite adapter, or
         an fp16/bf16 overflow: MergeOverflowError); nothing is changed here."""
+        if getattr(self.base_layer, "quantized", False):
+            raise QuantizedMergeError(f"{where or 'this layer'}: the base weight is stored {self.base_layer.storage}; "
+                                      "merge into the base loaded in full precision (as lora-sd merge does)")
         W = self.base_layer.weight
         new = W.data.float()
         W0 = self._unmerged_weight() if any(n in self.lora_magnitude_vector for n in names) else None

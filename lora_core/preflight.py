@@ -24,7 +24,10 @@ from .configdoc import HelpConfig
 from .run import RunDir
 
 LEVELS = ("error", "warning", "info")
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}   # optimizer state per trainable parameter
+GPU_SIZES = (8, 12, 16, 24, 48, 80)   # GiB: the cards `check --vram` and the ladder table speak of
+# optimizer state per trainable parameter (Adafactor: a row and a column vector per matrix, about 1 byte per
+# parameter of a rank-4..16 LoRA matrix, counted as 1)
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}
 
 
 @dataclass
@@ -135,16 +138,45 @@ def fit_activations(points: list[tuple[float, float]], n: float) -> float:
 
 
 def memory_estimate(frozen_bytes: int, trainable: int, activations: float, largest: float = 0.0,
-                    optimizer: str = "adamw", device: str = "cpu") -> dict:
-    """The peak-memory estimate (see the module docstring); bytes."""
-    parts = {"frozen weights": int(frozen_bytes), "adapter": 4 * trainable, "gradients": 4 * trainable,
+                    optimizer: str = "adamw", device: str = "cpu", grad_params: Optional[int] = None) -> dict:
+    """The peak-memory estimate (see the module docstring); bytes. `grad_params`: the gradient elements alive at
+    once (train.fused_backward: the largest parameter's; default: every trainable one)."""
+    parts = {"frozen weights": int(frozen_bytes), "adapter": 4 * trainable,
+             "gradients": 4 * (trainable if grad_params is None else grad_params),
              "optimizer state": OPTIMIZER_BYTES.get(optimizer, 8) * trainable,
              "activations": int(activations + 2 * largest)}
     return {"parts": parts, "total_bytes": int(sum(parts.values())), "device": device}
 
 
+def budget_finding(rep: PreflightReport, vram_gib: float) -> None:
+    """`check --vram N`: whether the estimate fits a device of N GiB (an error when it does not)."""
+    if not vram_gib or not rep.memory:
+        return
+    total = rep.memory["total_bytes"]
+    if total > vram_gib * 2**30:
+        rep.error(f"the peak-memory estimate {_mb(total)} exceeds --vram {vram_gib:g} GiB: store the frozen weights "
+                  "smaller (model.weight_dtype), turn on train.gradient_checkpointing, offload blocks "
+                  "(train.offload_blocks), or lower the batch or resolution (docs/sd.md, Fitting a GPU)", "memory")
+    else:
+        rep.add("info", f"the peak-memory estimate {_mb(total)} fits --vram {vram_gib:g} GiB", "memory")
+
+
+def ladder_text(rows: list[dict], vram_gib: float = 0.0) -> str:
+    """The memory ladder (rows of `model`, `weights`, `checkpointing`, `offload`, `total_bytes`) as a table with
+    the smallest usual GPU size each row fits, or, with --vram, whether it fits that."""
+    head = f"| model | frozen weights | checkpointing | offload blocks | peak estimate | {'fits ' + format(vram_gib, 'g') + ' GiB' if vram_gib else 'fits'} |"
+    out = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        gib = r["total_bytes"] / 2**30
+        fit = ("yes" if gib <= vram_gib else "no") if vram_gib else \
+            next((f"{v} GiB" for v in GPU_SIZES if gib <= v), f"> {GPU_SIZES[-1]} GiB")
+        out.append(f"| {r['model']} | {r['weights']} | {'on' if r['checkpointing'] else 'off'} | {r['offload']} | "
+                   f"{gib:.1f} GiB | {fit} |")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------ the CLIs' `check`
-def add_check_parser(sub, config_class: str, fn: Callable) -> Any:
+def add_check_parser(sub, config_class: str, fn: Callable, ladder: bool = False) -> Any:
     c = sub.add_parser("check", help="preflight: config conflicts, data audit, parameters, memory estimate and two "
                                      "real optimisation steps at a reduced size; exit 0 only when nothing blocks")
     c.add_argument("--config", required=True)
@@ -152,12 +184,25 @@ def add_check_parser(sub, config_class: str, fn: Callable) -> Any:
     c.add_argument("--device", default="", help="default: cuda when available, else cpu")
     c.add_argument("--no-steps", action="store_true", help="skip the two optimisation steps")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--vram", type=float, default=0.0, metavar="GIB",
+                   help="the device's memory in GiB (e.g. 8, 12, 16, 24): does the estimate fit it?")
+    if ladder:
+        c.add_argument("--table", action="store_true", help="also print the memory ladder of the real-size models "
+                       "(built on the meta device, no weights needed) at 1024 px, batch 1, with this config's adapter "
+                       "and optimizer: frozen weights bf16 / fp8 / int8 x checkpointing x block offloading")
     c.add_argument("--help-config", action=HelpConfig, config_class=config_class)
     c.set_defaults(fn=fn)
     return c
 
 
-def cli_check(a, preflight: Callable) -> int:
+def cli_check(a, preflight: Callable, ladder: Optional[Callable] = None) -> int:
     rep = preflight(a.config, a.set, device=a.device, steps=0 if a.no_steps else 2)
-    print(json.dumps(rep.to_dict(), indent=2) if a.json else print_report(rep))
+    budget_finding(rep, a.vram)
+    rows = ladder(a.config, a.set) if ladder is not None and getattr(a, "table", False) and rep.memory else None
+    if a.json:
+        print(json.dumps({**rep.to_dict(), **({"ladder": rows} if rows is not None else {})}, indent=2))
+    else:
+        print(print_report(rep) + (f"\n\nmemory ladder ({rows[0]['resolution']} px, batch {rows[0]['batch']}, bf16 compute, "
+                                   "this config's adapter and optimizer; the denoiser's training step: the text "
+                                   f"encoders and the VAE are not counted):\n{ladder_text(rows, a.vram)}" if rows else ""))
     return 0 if rep.ok else 1

@@ -4,12 +4,16 @@ autograd keeps for backward. The report, its text and the memory arithmetic stay
 lora_core.preflight (the CLIs build their `check` parser from it without importing torch)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .errors import ConfigError
+from .offload import choose_blocks
 from .preflight import PreflightReport
 
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}   # optimizer -> the package it needs
@@ -55,22 +59,29 @@ def common_conflicts(cfg, device: str, rep: PreflightReport) -> None:
 class SavedBytes:
     """Context manager counting the bytes of the tensors autograd saves for backward (each storage once),
     and the largest one: the activation memory of a training forward pass. The model's own weights, which
-    autograd saves too, are left out with `exclude` (its modules: counted as weights already)."""
+    autograd saves too, are left out with `exclude` (its modules: counted as weights already). Works on the
+    meta device too (real-size models without weights: storages are told apart by identity there)."""
 
-    def __init__(self, *exclude):
+    def __init__(self, *exclude, seen: Optional[set] = None):
         self.total, self.largest = 0, 0
-        self._seen = {p.untyped_storage().data_ptr() for m in exclude for p in m.parameters()}
+        self._seen = seen if seen is not None else set()
+        self._seen.update(storage_key(p) for m in exclude for p in m.parameters())
 
-    def _pack(self, t):
+    def count(self, t) -> int:
+        """Count tensor `t` unless its storage was counted already; returns the bytes added."""
         try:
-            st = t.untyped_storage()
-            key, size = st.data_ptr(), st.nbytes()
+            key, size = storage_key(t), t.untyped_storage().nbytes()
         except Exception:  # noqa: BLE001 - a tensor without storage (e.g. sparse): count its elements
             key, size = id(t), t.numel() * t.element_size()
-        if key not in self._seen:
-            self._seen.add(key)
-            self.total += size
-            self.largest = max(self.largest, size)
+        if key in self._seen:
+            return 0
+        self._seen.add(key)
+        self.total += size
+        self.largest = max(self.largest, size)
+        return size
+
+    def _pack(self, t):
+        self.count(t)
         return t
 
     def __enter__(self):
@@ -81,3 +92,111 @@ class SavedBytes:
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
 
+
+def storage_key(t: torch.Tensor):
+    """What tells t's storage apart: its address, or on the meta device (address 0) the storage itself."""
+    st = t.untyped_storage()
+    return st.data_ptr() or ("storage", st._cdata)
+
+
+class CheckpointedBytes:
+    """A diffusers `gradient_checkpointing_func` that measures what gradient checkpointing keeps: each
+    checkpointed segment runs plainly under its own SavedBytes; what stays alive is the segments' inputs (kept
+    for the recomputation) and, during the backward pass, the saved tensors of one segment recomputed at a time
+    (the largest counts). Use it inside an outer SavedBytes (`outer`): the rest of the model's saved tensors."""
+
+    def __init__(self, outer: SavedBytes, *exclude):
+        self.outer, self.exclude = outer, exclude
+        self.inputs, self.segment, self.largest = 0, 0, 0
+
+    def __call__(self, fn, *args):
+        self.inputs += sum(self.outer.count(a) for a in args if isinstance(a, torch.Tensor))
+        with SavedBytes(*self.exclude) as seg:
+            out = fn(*args)
+        self.segment, self.largest = max(self.segment, seg.total), max(self.largest, seg.largest)
+        return out
+
+    @property
+    def total(self) -> int:
+        return self.inputs + self.segment
+
+
+# bytes per weight of each storage of lora_core.lowmem / model.weight_dtype
+STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1, "int8": 1}
+
+
+def stored_frozen_bytes(model: nn.Module, storage: str, other_bytes: int) -> int:
+    """Bytes of `model`'s frozen weights and buffers stored as `storage` (a STORAGE_BYTES name), without storing
+    them (a model on the meta device will do): fp8_e4m3 quantizes the Linear and Conv2d weights, int8 the Linear
+    ones (lora_core.lowmem), with a 4-byte scale per output channel (int8: and a 1-byte zero point); everything else takes `other_bytes` per
+    element (the compute dtype's)."""
+    total = 0
+    for m in model.modules():
+        own = [p for p in m.parameters(recurse=False) if not p.requires_grad]
+        w = getattr(m, "weight", None)
+        quantized = (storage == "fp8_e4m3" and type(m) in (nn.Linear, nn.Conv2d)) or \
+                    (storage == "int8" and type(m) is nn.Linear)
+        per = STORAGE_BYTES[storage] if storage in STORAGE_BYTES else other_bytes
+        for p in own:
+            if p is w and quantized:   # 1 byte a weight; per output channel a float32 scale (int8: + a zero point)
+                total += p.numel() + (4 if storage == "fp8_e4m3" else 5) * p.shape[0]
+            else:
+                total += p.numel() * (per if storage in ("fp32", "bf16", "fp16") else other_bytes)
+        total += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False) if b is not None)
+    return total
+
+
+def offloaded_frozen_bytes(model: nn.Module, storage: str, other_bytes: int, n_offload: int = 0) -> int:
+    """stored_frozen_bytes of `model` on the device with its `n_offload` largest blocks offloaded
+    (lora_core.offload): those leave, and two of them (the running one and the one prefetched) are there at once."""
+    total = stored_frozen_bytes(model, storage, other_bytes)
+    if not n_offload:
+        return total
+    sizes = [stored_frozen_bytes(b, storage, other_bytes) for _, b in choose_blocks(model, n_offload)]
+    return total - sum(sizes) + sum(sorted(sizes)[-2:])
+
+
+def saved_activations(model: nn.Module, run: Callable[[], torch.Tensor], checkpointing: bool) -> tuple[int, int]:
+    """(bytes kept for the backward pass by one training forward `run()` of a diffusers `model`, the largest
+    saved tensor), with its gradient checkpointing on (CheckpointedBytes) or off."""
+    was = getattr(model, "is_gradient_checkpointing", False)
+    with SavedBytes(model) as sb:
+        ck = CheckpointedBytes(sb, model) if checkpointing else None
+        if ck is not None:
+            model.enable_gradient_checkpointing(ck)
+        try:
+            run()
+        finally:
+            if ck is not None:
+                model.disable_gradient_checkpointing()
+                if was:
+                    model.enable_gradient_checkpointing()
+    return sb.total + (ck.total if ck else 0), max(sb.largest, ck.largest if ck else 0)
+
+
+class _FlashAttentionShapes(torch.autograd.Function):
+    """Shapes-only scaled dot-product attention that saves for backward what flash attention saves on CUDA (q, k,
+    v, the output and a float32 log-sum-exp per query): on the meta device torch falls back to the math kernel,
+    which would keep the full attention matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, *_ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def flash_attention_shapes():
+    """Within: torch.nn.functional.scaled_dot_product_attention is _FlashAttentionShapes (meta-device models)."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: _FlashAttentionShapes.apply(q, k, v)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original

@@ -9,7 +9,7 @@ from .fields import Checked, option
 # transformers' get_scheduler names that need nothing beyond warmup and total steps (checked in tests/test_config_fields.py)
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                       "inverse_sqrt"]
-Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
@@ -21,8 +21,12 @@ class TrainSettings(Checked, section="train"):
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
     learning_rate: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
     weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
-    optimizer: Optimizer = option("adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; "
-                                            "learning_rate is then Prodigy's multiplier, usually 1.0)")
+    optimizer: Optimizer = option("adamw", "adamw, adamw8bit (needs bitsandbytes), prodigy (needs prodigyopt; "
+                                            "learning_rate is then Prodigy's multiplier, usually 1.0) or adafactor "
+                                            "(torch's: factored second moments, the least optimizer memory)")
+    fused_backward: bool = option(False, "step each parameter's optimizer as soon as its gradient is complete and "
+                                         "free the gradient (less memory); needs max_grad_norm = 0 and "
+                                         "gradient_accumulation_steps = 1")
     loraplus_lr_ratio: float = option(0.0, "LoRA+: the lora_B matrices learn at learning_rate x this ratio "
                                            "(the paper suggests 16); 0 disables it", ge=0)
     head_learning_rate: float = option(0.0, "learning rate of the modules trained in full beside the adapter "
@@ -44,3 +48,13 @@ class TrainSettings(Checked, section="train"):
     sample_every: int = option(0, "validation samples every N steps; 0: only at the end", ge=0)
     val_every: int = option(0, "validation loss every N steps (needs a validation split); 0: only at the end", ge=0)
     num_workers: int = option(0, "data-loader worker processes", ge=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fused_backward and (self.max_grad_norm or self.gradient_accumulation_steps > 1):
+            raise ValueError("train.fused_backward steps each parameter during the backward pass: set "
+                             "train.max_grad_norm = 0 (clipping needs every gradient at once) and "
+                             "train.gradient_accumulation_steps = 1")
+        if self.fused_backward and self.mixed_precision == "fp16":
+            raise ValueError("train.fused_backward cannot unscale fp16 gradients before each step: use "
+                             "train.mixed_precision = \"bf16\" or \"no\"")

@@ -104,27 +104,77 @@ def param_groups(named: list[tuple[str, nn.Parameter]], s: TrainSettings,
     return [{"params": ps} if lr == s.learning_rate else {"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
-def make_optimizer(params, s: TrainSettings, part_lrs: Optional[dict[str, float]] = None) -> torch.optim.Optimizer:
-    """params: (name, parameter) pairs (or bare parameters: no LoRA+ then); part_lrs: see param_groups."""
-    if not params:
-        raise ValueError("nothing to train: the model has no trainable parameters")
-    named = [p if isinstance(p, tuple) else (str(i), p) for i, p in enumerate(params)]
-    groups = param_groups(named, s, part_lrs)
+def optimizer_class(s: TrainSettings):
+    """The optimizer class of train.optimizer; an optional package that is missing is one MissingPackageError
+    line (checked before a model loads)."""
     if s.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb   # lazy: an optional package (not a dependency)
         except ImportError:
             raise MissingPackageError("train.optimizer = 'adamw8bit' needs bitsandbytes, which is not installed: "
-                                      "pip install bitsandbytes (or choose optimizer = 'adamw')") from None
-        return bnb.optim.AdamW8bit(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
+                                      "pip install bitsandbytes (or choose optimizer = 'adamw' or 'adafactor')") from None
+        return bnb.optim.AdamW8bit
     if s.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy   # lazy: an optional package (the [prodigy] extra)
         except ImportError:
             raise MissingPackageError("train.optimizer = 'prodigy' needs prodigyopt, which is not installed: "
                                       "pip install prodigyopt (or the [prodigy] extra)") from None
-        return Prodigy(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
-    return torch.optim.AdamW(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
+        return Prodigy
+    return torch.optim.Adafactor if s.optimizer == "adafactor" else torch.optim.AdamW
+
+
+def make_optimizer(params, s: TrainSettings, part_lrs: Optional[dict[str, float]] = None) -> torch.optim.Optimizer:
+    """params: (name, parameter) pairs (or bare parameters: no LoRA+ then); part_lrs: see param_groups.
+    With train.fused_backward the optimizer steps each parameter in its gradient hook (FusedBackward)."""
+    if not params:
+        raise ValueError("nothing to train: the model has no trainable parameters")
+    named = [p if isinstance(p, tuple) else (str(i), p) for i, p in enumerate(params)]
+    groups = param_groups(named, s, part_lrs)
+    cls = optimizer_class(s)
+    if s.fused_backward:
+        return FusedBackward(groups, cls, lr=s.learning_rate, weight_decay=s.weight_decay)
+    return cls(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+class FusedBackward(torch.optim.Optimizer):
+    """train.fused_backward: one optimizer of class `cls` per parameter, stepped in the parameter's
+    post-accumulate-grad hook as soon as its gradient is complete, which is then freed: the gradients of the
+    whole adapter are never alive at once. step() and zero_grad() do nothing; the LR schedule sets the groups'
+    learning rates here and each hook copies its group's before stepping. The result equals the unfused step
+    (the same per-parameter update; no clipping across parameters, no accumulation: config checks)."""
+
+    def __init__(self, groups: list[dict], cls, **defaults):
+        super().__init__(groups, defaults)
+        self.inner: list[torch.optim.Optimizer] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                opt = cls([{"params": [p], **{k: v for k, v in group.items() if k != "params"}}])
+                self.inner.append(opt)
+                p.register_post_accumulate_grad_hook(self._hook(opt, group))
+
+    @staticmethod
+    def _hook(opt: torch.optim.Optimizer, group: dict):
+        def step(p: torch.Tensor) -> None:
+            opt.param_groups[0]["lr"] = group["lr"]
+            opt.step()
+            p.grad = None
+        return step
+
+    def step(self, closure=None):
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {"fused": [o.state_dict() for o in self.inner], "lrs": [g["lr"] for g in self.param_groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, st in zip(self.inner, state["fused"]):
+            o.load_state_dict(st)
+        for g, lr in zip(self.param_groups, state["lrs"]):
+            g["lr"] = lr
 
 
 def make_scheduler(optimizer, s: TrainSettings):

@@ -10,3 +10,5 @@ with adapters), grid (comparison grids), synth and concept_score (the synthetic 
 score), pretrain (the tiny model's pretraining), preflight (`lora-sd check`), errors, testing (test
 helpers), cli and cli_decide (`lora-sd`). See docs/sd.md.
 """
+
+import lora_core  # noqa: F401,E402 - first: it quiets what optional packages print as diffusers imports them

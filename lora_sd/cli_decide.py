@@ -117,5 +117,6 @@ def add_commands(sub) -> None:
     g.set_defaults(fn=_cmd_grid)
 
     add_sweep_and_check(sub, "lora-sd", "lora_sd.config:SDTrainConfig",
-                        "lora_sd.config:load_train_config", "lora_sd.train:run_training", "lora_sd.preflight:preflight")
+                        "lora_sd.config:load_train_config", "lora_sd.train:run_training", "lora_sd.preflight:preflight",
+                        "lora_sd.preflight:ladder")
 

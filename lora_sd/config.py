@@ -42,6 +42,28 @@ TINY_ARCHS = {TINY_PRETRAINED: "sd1", "tiny-random": "sd1", "tiny-sd2": "sd2", "
 TINY_SCHNELL = "tiny-flux-schnell"   # the Flux schnell layout: no guidance embedding, no dynamic shift
 
 
+# how a frozen part's weights are stored in training ("" = the train.mixed_precision dtype; fp8_e4m3 / int8:
+# lora_core.lowmem, dequantized layer by layer in the compute dtype)
+WeightStorage = Literal["", "fp32", "bf16", "fp16", "fp8_e4m3", "int8"]
+# the part of model.weight_dtype -> the pipeline components it covers (the denoiser: a UNet or a transformer)
+WEIGHT_PARTS = {"denoiser": ("unet", "transformer"), "text_encoder": ("text_encoder",),
+                "text_encoder_2": ("text_encoder_2",), "vae": ("vae",)}
+
+
+@dataclass
+class WeightDtypes(Checked, section="model.weight_dtype"):
+    denoiser: WeightStorage = option("", "frozen weights of the denoiser (the UNet, or the transformer of SD 3.5 / "
+                                         "Flux): fp32, bf16, fp16, fp8_e4m3 (float8, one scale per output channel) or "
+                                         "int8 (weight-only, needs torchao); '' = the train.mixed_precision dtype")
+    text_encoder: WeightStorage = option("", "frozen weights of the text encoder (same choices)")
+    text_encoder_2: WeightStorage = option("", "frozen weights of SDXL's second text encoder (same choices)")
+    vae: WeightStorage = option("", "the VAE (same choices); '' = fp32, or bf16 under bf16 (never fp16: NaN latents)")
+
+    def chosen(self) -> dict[str, str]:
+        """{part: storage} of the parts set to something other than the default."""
+        return {k: v for k, v in vars(self).items() if v}
+
+
 @dataclass
 class ModelSettings(Checked, section="model"):
     pretrained: str = option("tiny", "hub id, local diffusers folder, .safetensors/.ckpt file, 'tiny' (the shipped "
@@ -53,6 +75,8 @@ class ModelSettings(Checked, section="model"):
     variant: str = option("", "hub weight-file variant, e.g. 'fp16'")
     prediction_type: Literal["", "epsilon", "v_prediction"] = option(
         "", "what the UNet predicts; '' = the scheduler's own setting")
+    weight_dtype: WeightDtypes = option(help="how each frozen part is stored while training (less memory: "
+                                             "fp8_e4m3 / int8; docs/sd.md, Fitting a GPU)", factory=WeightDtypes)
 
 
 @dataclass
@@ -209,6 +233,14 @@ class OutputSettings(Checked, section="output"):
     save_dtype: Dtype = option("fp32", "dtype of the saved adapter weights")
 
 
+@dataclass
+class SDTrainSettings(TrainSettings, section="train"):
+    """The loop's settings (lora_core.settings.TrainSettings) and the SD trainer's own memory switch."""
+    offload_blocks: int = option(0, "keep this many of the denoiser's blocks (the largest) on the host and bring "
+                                    "each to the device only while it runs, forward and backward (sd-scripts' "
+                                    "blocks_to_swap); 0 = off", ge=0)
+
+
 def _default_lora() -> LoraConfig:
     return LoraConfig(target_modules=CROSS_ATTN)   # LoraConfig's r and alpha
 
@@ -229,7 +261,7 @@ class SDTrainConfig(Checked):
                                                        "train the second text encoder (OpenCLIP bigG) too")
     embedding: EmbeddingSettings = option(help="a trained token embedding beside the LoRA (pivotal tuning)",
                                           factory=EmbeddingSettings)
-    train: TrainSettings = option(help="the training loop", factory=TrainSettings)
+    train: SDTrainSettings = option(help="the training loop", factory=SDTrainSettings)
     loss: LossSettings = option(help="loss weighting", factory=LossSettings)
     sample: SampleSettings = option(help="validation images", factory=SampleSettings)
     output: OutputSettings = option(help="the adapter files", factory=OutputSettings)

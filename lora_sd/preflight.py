@@ -9,6 +9,7 @@ the memory arithmetic and the CLI command).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import tempfile
@@ -19,16 +20,22 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from diffusers import UNet2DConditionModel
 
 from lora_core import add_lora, lora_layers
 from lora_core.dtypes import autocast_dtype
 from lora_core.preflight import PreflightReport, fit_activations, memory_estimate, run_steps
-from lora_core.preflight_torch import SavedBytes, begin, common_conflicts
+from lora_core.errors import ConfigError
+from lora_core.lowmem import storage_problem
+from lora_core.offload import model_blocks
+from lora_core.preflight_torch import (begin, common_conflicts, flash_attention_shapes, offloaded_frozen_bytes,
+                                      saved_activations)
 
-from .config import SDTrainConfig, load_train_config
+from .config import WEIGHT_PARTS, SDTrainConfig, load_train_config
 from .data import idle_settings, load_items, make_buckets, pick_bucket, scan
 from .errors import DatasetError
 from .models import load_pipeline
+from .single_file import CONFIG_DIR
 from .train import run_training
 
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
@@ -37,6 +44,10 @@ DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 def conflicts(cfg: SDTrainConfig, device: str, rep: PreflightReport) -> None:
     d, s = cfg.data, cfg.train
     common_conflicts(cfg, device, rep)
+    for part, storage in cfg.model.weight_dtype.chosen().items():
+        problem = storage_problem(storage, device)
+        if problem:
+            rep.error(f"model.weight_dtype.{part} = \"{storage}\": {problem}", f"model.weight_dtype.{part}")
     if d.cache_text and cfg.text_encoder_lora is not None:
         rep.warn("data.cache_text = true has no effect while the text encoder is trained ([text_encoder_lora] is "
                  "set): captions are encoded every step; set data.cache_text = false", "data.cache_text")
@@ -117,46 +128,67 @@ def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps
 
 
 def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
-    """Frozen weights in the dtype training keeps them in (UNet/text encoder: the mixed precision; VAE: fp32,
-    bf16 under bf16)."""
+    """Frozen weights as training keeps them on the device: each part in its model.weight_dtype, else the
+    mixed precision (the VAE: fp32, bf16 under bf16), the denoiser's offloaded blocks (train.offload_blocks) but
+    two left out."""
     mp = cfg.train.mixed_precision
     total = 0
-    for name, m, b in (("unet", pipe.unet, DTYPE_BYTES[mp]), ("text_encoder", pipe.text_encoder, DTYPE_BYTES[mp]),
-                       ("text_encoder_2", getattr(pipe, "text_encoder_2", None), DTYPE_BYTES[mp]),
-                       ("vae", pipe.vae, 2 if mp == "bf16" else 4)):
-        total += sum(p.numel() * b for p in m.parameters() if not p.requires_grad) if m is not None else 0
+    for part, names in WEIGHT_PARTS.items():
+        default = (2 if mp == "bf16" else 4) if part == "vae" else DTYPE_BYTES[mp]
+        n_off = cfg.train.offload_blocks if part == "denoiser" else 0
+        for name in names:
+            m = getattr(pipe, name, None)
+            if m is not None:
+                total += offloaded_frozen_bytes(m, getattr(cfg.model.weight_dtype, part), default, n_off)
     return total
+
+
+def unet_inputs(unet, latent: int, batch: int, context: int, device, dtype, resolution: int) -> dict:
+    """Keyword arguments of one UNet call on random inputs: latents of side `latent`, `context` text tokens,
+    SDXL's pooled embedding and time ids."""
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+    kw = {"sample": rand(batch, unet.config.in_channels, latent, latent),
+          "timestep": torch.full((batch,), 500, device=device), "encoder_hidden_states":
+          rand(batch, context, unet.config.cross_attention_dim)}
+    if unet.config.addition_embed_type == "text_time":   # SDXL: the pooled embedding and the time ids
+        n = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        res = float(resolution)
+        kw["added_cond_kwargs"] = {"text_embeds": rand(batch, n), "time_ids": torch.tensor(
+            [[res, res, 0.0, 0.0, res, res]] * batch, device=device, dtype=dtype)}
+    return kw
+
+
+def _unet_activations(unet, inputs: dict, dtype, checkpointing: bool) -> tuple[int, int]:
+    """saved_activations of one UNet training forward on `inputs` under autocast to `dtype` (None: off)."""
+    dev = inputs["sample"].device.type
+
+    def run():
+        with torch.autocast(dev, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            return unet(**inputs).sample.float().pow(2).mean()
+    was = unet.training
+    unet.train()
+    try:
+        return saved_activations(unet, run, checkpointing)
+    finally:
+        unet.train(was)
 
 
 def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     """(saved bytes of one training forward at the chosen batch and resolution, the largest saved tensor),
     measured with batch 1 at the chosen latent size (up to 64x64 latents, 512 px in SD 1.5), else at 1/4 and
-    1/2 of it and extrapolated (lora_core.preflight.fit_activations)."""
+    1/2 of it and extrapolated (lora_core.preflight.fit_activations); with train.gradient_checkpointing as set."""
     unet = pipe.unet
     target = cfg.data.resolution // pipe.vae_scale_factor
     mult = 2 ** (len(unet.config.block_out_channels) - 1)
     sizes = [target] if target <= 64 else sorted({max(mult, s // mult * mult) for s in (target // 4, target // 2)})
-    ctx = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
-    dtype = autocast_dtype(cfg.train.mixed_precision)
     points, largest = [], 0.0
-    extra = {}
-    if unet.config.addition_embed_type == "text_time":   # SDXL: the pooled embedding and the time ids
-        n = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        res = float(cfg.data.resolution)
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, n, device=device),
-                                       "time_ids": torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device)}}
-    was = unet.training
-    unet.train()
-    try:
-        for s in sizes:
-            x = torch.randn(1, unet.config.in_channels, s, s, device=device)
-            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), \
-                    SavedBytes(pipe.unet) as sb:
-                unet(x, torch.tensor([500], device=device), ctx, **extra).sample.float().pow(2).mean()
-            points.append((s * s, sb.total))
-            largest = sb.largest * target * target / (s * s)
-    finally:
-        unet.train(was)
+    for s in sizes:
+        inputs = unet_inputs(unet, s, 1, pipe.tokenizer.model_max_length, device, torch.float32, cfg.data.resolution)
+        total, big = _unet_activations(unet, inputs, autocast_dtype(cfg.train.mixed_precision),
+                                       cfg.train.gradient_checkpointing)
+        points.append((s * s, total))
+        largest = big * target * target / (s * s)
     per_example = fit_activations(points, target * target)
     return per_example * cfg.train.batch_size, largest * cfg.train.batch_size
 
@@ -175,17 +207,72 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
             add_lora(te2, cfg.text_encoder_2_lora)
     pipe.to(device)
     mods = (pipe.unet, pipe.text_encoder, pipe.vae) + ((te2,) if te2 is not None else ())
-    trainable = sum(p.numel() for m in mods for p in m.parameters() if p.requires_grad)
+    params = [p for m in mods for p in m.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for m in mods for p in m.parameters())
     lo = cfg.lora
     scale = lo.alpha / (math.sqrt(lo.r) if lo.use_rslora else lo.r)
     rep.parameters = {"trainable": trainable, "total": total, "type": lo.type, "r": lo.r, "alpha": lo.alpha,
                       "scale": scale, "use_rslora": lo.use_rslora}
+    try:
+        frozen = _frozen_bytes(cfg, pipe)
+    except ConfigError as e:   # more blocks to offload than the model has
+        rep.error(str(e), e.key or "")
+        return
     acts, largest = _activations(cfg, pipe, device)
-    rep.memory = memory_estimate(_frozen_bytes(cfg, pipe), trainable, acts, largest, cfg.train.optimizer,
-                                 torch.device(device).type)
-    rep.memory.update(batch=cfg.train.batch_size, resolution=cfg.data.resolution,
-                      precision=cfg.train.mixed_precision)
+    rep.memory = memory_estimate(frozen, trainable, acts, largest, cfg.train.optimizer, torch.device(device).type,
+                                 max(p.numel() for p in params) if cfg.train.fused_backward else None)
+    s = cfg.train
+    rep.memory.update(batch=s.batch_size, resolution=cfg.data.resolution, precision=s.mixed_precision,
+                      weight_dtype=cfg.model.weight_dtype.chosen(), gradient_checkpointing=s.gradient_checkpointing,
+                      offload_blocks=s.offload_blocks, optimizer=s.optimizer, fused_backward=s.fused_backward)
+
+
+# ------------------------------------------------------------------ `check --table`: the memory ladder
+LADDER_MODELS = {"SD 1.5": "sd15", "SDXL": "sdxl-base"}   # lora_sd/model_configs folders with a unet/
+LADDER_WEIGHTS = ("bf16", "fp8_e4m3", "int8")
+
+
+def ladder(config=None, overrides=(), cfg: Optional[SDTrainConfig] = None, resolution: int = 1024,
+           batch: int = 1) -> list[dict]:
+    """The memory ladder of `check --table`: for each real-size model of LADDER_MODELS, built on the meta device
+    (no weights), with the config's [lora], optimizer and fused_backward, at `resolution` and `batch`, bf16
+    compute: the estimate for frozen weights bf16 / fp8 / int8 x checkpointing off / on x no offloading /
+    every block offloaded (two on the device at a time). The attention is modelled as flash attention (what CUDA
+    runs in bf16). Rows {model, weights, checkpointing, offload, resolution, batch, total_bytes, parts}."""
+    cfg = cfg or load_train_config(config, overrides)
+    rows = []
+    for label, folder in LADDER_MODELS.items():
+        rows += model_ladder(cfg, label, meta_unet(CONFIG_DIR / folder / "unet"), resolution, batch)
+    return rows
+
+
+def meta_unet(folder: Path):
+    """A UNet of the config in `folder`, on the meta device (shapes only)."""
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder)))
+
+
+def model_ladder(cfg: SDTrainConfig, label: str, unet, resolution: int, batch: int) -> list[dict]:
+    unet.requires_grad_(False)
+    add_lora(unet, cfg.lora)
+    for p in unet.parameters():   # bf16 compute (on meta there is no autocast)
+        p.data = p.data.to(torch.bfloat16)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    inputs = unet_inputs(unet, resolution // 8, batch, 77, unet.device, torch.bfloat16, resolution)
+    with flash_attention_shapes():   # the attention CUDA runs (flash), not the meta device's math kernel
+        acts = {ck: _unet_activations(unet, inputs, None, ck) for ck in (False, True)}
+    offloads = (0, len(model_blocks(unet)))
+    rows = []
+    for weights in LADDER_WEIGHTS:
+        for ck in (False, True):
+            for off in offloads:
+                est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off), sum(p.numel() for p in params),
+                                      *acts[ck], cfg.train.optimizer, "cuda",
+                                      max(p.numel() for p in params) if cfg.train.fused_backward else None)
+                rows.append({"model": label, "weights": weights, "checkpointing": ck, "offload": off,
+                             "resolution": resolution, "batch": batch, **est})
+    return rows
 
 
 def preflight(config=None, overrides=(), device: str = "", steps: int = 2, pipe=None,

@@ -28,12 +28,14 @@ from torch import nn
 from lora_core import add_lora, lora_disabled
 from lora_core.dtypes import torch_dtype
 from lora_core.errors import ConfigError
+from lora_core.lowmem import check_storage, store_frozen, stored_bytes
 from lora_core.model import refuse_non_finite_base
+from lora_core.offload import offload_blocks
 from lora_core.run import RunDir, run_job
-from lora_core.training import EMA, make_ema, train
+from lora_core.training import EMA, make_ema, optimizer_class, train
 
 from . import formats
-from .config import SDTrainConfig
+from .config import WEIGHT_PARTS, SDTrainConfig
 from .data import (BatchDataset, LatentCache, Preservation, default_cache_dir, encode_text,
                    checked_items, encode_text_xl, first, load_items, sdxl_text, tokenize, varies_captions)
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
@@ -322,12 +324,40 @@ def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
         vae.to(torch.float32)
     elif weight_dtype == torch.float16 and arch_of(pipe) == "sdxl":
         log.info("train.mixed_precision = fp16: the SDXL VAE stays fp32 (its fp16 gives NaN latents)")
+    _store_small(cfg, pipe, weight_dtype)
     if s.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         for name, m in components.items():
             if name != "unet":
                 m.gradient_checkpointing_enable()
+        log.info("gradient checkpointing: on for %s", ", ".join(components))
+    if s.offload_blocks:   # before the move: the offloaded blocks' weights never reach the device whole
+        offload_blocks(_denoiser(pipe), s.offload_blocks, accelerator.device)
     pipe.to(accelerator.device)
+
+
+def _store_small(cfg: SDTrainConfig, pipe, weight_dtype: torch.dtype) -> None:
+    """model.weight_dtype: each part set there stored so (fp8_e4m3 / int8: lora_core.lowmem), after the
+    adapters are added (they wrap the full-precision layers)."""
+    for part, storage in cfg.model.weight_dtype.chosen().items():
+        for name in WEIGHT_PARTS[part]:
+            m = getattr(pipe, name, None)
+            if m is not None:
+                n = store_frozen(m, storage, weight_dtype)
+                log.info("model.weight_dtype.%s = %s: %s frozen weights %.1f MiB%s", part, storage, name,
+                         stored_bytes(m) / 2**20, f" ({n} layers quantized)" if n else "")
+
+
+def _denoiser(pipe) -> nn.Module:
+    """The pipeline's UNet, or its transformer (SD 3.5 / Flux)."""
+    return next(getattr(pipe, n) for n in WEIGHT_PARTS["denoiser"] if getattr(pipe, n, None) is not None)
+
+
+def check_memory_settings(cfg: SDTrainConfig, device) -> None:
+    """The memory settings this device or this install cannot do, as one line each, before any model loads."""
+    for part, storage in cfg.model.weight_dtype.chosen().items():
+        check_storage(storage, str(device), f"model.weight_dtype.{part}")
+    optimizer_class(cfg.train)
 
 
 def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> dict:
@@ -336,6 +366,7 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
 
     set_seed(s.seed)   # same LoRA init on every process
+    check_memory_settings(cfg, accelerator.device)
     if pipe is None:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
                              prediction_type=cfg.model.prediction_type)

@@ -140,7 +140,8 @@ def test_a_value_outside_its_declaration_is_refused_naming_file_key_value_and_ru
     ("train.learning_rate", 0, "train.learning_rate must be a positive number; got 0.0"),
     ("train.lr_scheduler", "cosine_annealing", "train.lr_scheduler must be one of 'constant', 'constant_with_warmup', "
      "'linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'inverse_sqrt'; got 'cosine_annealing'"),
-    ("train.optimizer", "sgd", "train.optimizer must be one of 'adamw', 'adamw8bit', 'prodigy'; got 'sgd'"),
+    ("train.optimizer", "sgd", "train.optimizer must be one of 'adamw', 'adamw8bit', 'prodigy', 'adafactor'; "
+         "got 'sgd'"),
     ("train.mixed_precision", "fp8", "train.mixed_precision must be one of 'no', 'fp16', 'bf16'; got 'fp8'"),
     ("lora.r", 0, "lora.r must be a positive integer; got 0"),
     ("lora.dropout", 1.0, "lora.dropout must be a number in [0, 1); got 1.0"),

@@ -1,0 +1,189 @@
+"""lora_core.lowmem: frozen weights stored as fp8_e4m3 (a scale per output channel) or int8 (torchao), the LoRA
+around them in fp32, exports exact, merges into them refused."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_core import LoraConfig, add_lora, lora_state_dict
+from lora_core.errors import QuantizedMergeError
+from lora_core.lowmem import (FP8, INT8, QuantizedConv2d, QuantizedLinear, fp8_quantize, quantize_frozen,
+                              storage_problem, stored_bytes)
+from lora_core.model import merge_lora
+from lora_core.preflight_torch import SavedBytes
+
+
+def test_fp8_scale_per_output_channel_and_error_bound():
+    torch.manual_seed(0)
+    w = torch.randn(16, 32) * torch.logspace(-3, 1, 16)[:, None]   # rows of very different magnitude
+    q, scale = fp8_quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (16,)
+    assert torch.equal(q.float().abs().amax(dim=1), torch.full((16,), 448.0))   # each row's max maps to 448
+    deq = q.float() * scale[:, None]
+    # e4m3: 3 mantissa bits, a relative error of at most 2^-4 for normal values, an absolute one of
+    # half the smallest subnormal step (2^-10 x scale) below them
+    bound = torch.maximum(w.abs() * 2 ** -4, scale[:, None] * 2 ** -10)
+    assert ((deq - w).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_quantized_layer_equals_full_layer_with_the_dequantized_weight(kind):
+    """Forward and input gradient equal to the plain layer holding the dequantized weight, in fp32 and under
+    bf16 autocast (the weight dequantized in the compute dtype)."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40) if kind == "linear" else nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    x = torch.randn(3, 24) if kind == "linear" else torch.randn(2, 6, 9, 9)
+    q = (QuantizedLinear if kind == "linear" else QuantizedConv2d)(base, FP8)
+    ref = copy.deepcopy(base)
+    ref.weight.data = q.weight.clone()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = q(xa), ref(xb)
+            assert ya.dtype == yb.dtype
+            torch.testing.assert_close(ya, yb, rtol=0, atol=0 if not autocast else 1e-2)
+            ya.float().square().sum().backward()
+            yb.float().square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=0 if not autocast else 2e-2, atol=0 if not autocast else 2e-2)
+
+
+def test_backward_keeps_the_stored_weight_not_a_dequantized_copy():
+    lin = nn.Linear(512, 512, bias=False).requires_grad_(False)
+    q = QuantizedLinear(lin, FP8)
+    x = torch.randn(2, 512, requires_grad=True)
+    with SavedBytes() as plain:
+        F.linear(x, lin.weight.to(torch.bfloat16).float())   # what autograd keeps without QuantizedOp
+    with SavedBytes() as ours:
+        q(x)
+    assert plain.total >= 512 * 512 * 4
+    assert ours.total < 512 * 512   # nothing of weight size saved (the fp8 weight stays the layer's own buffer)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.proj = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x)).mean(dim=(2, 3))
+        return self.out(torch.tanh(self.proj(h)))
+
+
+def _lora_net():
+    torch.manual_seed(0)
+    net = Net()
+    add_lora(net, LoraConfig(r=2, alpha=2, target_modules=["proj", "out", "conv"]))
+    return net
+
+
+def test_lora_on_an_fp8_base_trains_exports_exactly_and_refuses_merging():
+    net = _lora_net()
+    full = copy.deepcopy(net)
+    before = stored_bytes(net)
+    assert quantize_frozen(net, FP8) == 3
+    assert isinstance(net.proj.base_layer, QuantizedLinear) and isinstance(net.conv.base_layer, QuantizedConv2d)
+    assert stored_bytes(net) < before / 2
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert {n for n, _ in full.named_parameters() if _.requires_grad} == set(trainable)
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(3):
+        net(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    exported = lora_state_dict(net)
+    for n, p in trainable.items():   # the file holds exactly the trained fp32 weights
+        assert torch.equal(exported[n.replace(".default.", ".")], p.detach())
+    assert trainable["proj.lora_B.default.weight"].abs().sum() > 0   # it trained
+    with pytest.raises(QuantizedMergeError, match="full precision"):
+        merge_lora(net)
+    # the same adapter merged into the full-precision base: W + s B A exactly as computed by hand
+    own = dict(full.named_parameters())
+    for n, p in trainable.items():
+        own[n].data.copy_(p.detach())
+    W, A, B = (full.proj.base_layer.weight.detach().clone(), exported["proj.lora_A.weight"],
+               exported["proj.lora_B.weight"])
+    merge_lora(full)
+    torch.testing.assert_close(full.proj.base_layer.weight, W + B @ A * 1.0, rtol=0, atol=1e-7)
+
+
+def test_int8_weight_only_through_torchao():
+    pytest.importorskip("torchao")
+    net = _lora_net()
+    ref_out = net(torch.ones(1, 3, 4, 4))
+    assert quantize_frozen(net, INT8) == 2   # Linear layers only: torchao's int8 has no convolution
+    assert type(net.conv.base_layer) is nn.Conv2d
+    q = net.proj.base_layer
+    assert q.qweight.qdata.dtype == torch.int8 and q.stored_bytes() < 8 * 16 * 4 / 2 + 16 * 8
+    x = torch.ones(1, 3, 4, 4, requires_grad=True)
+    y = net(x)
+    torch.testing.assert_close(y, ref_out, rtol=0, atol=5e-2)
+    y.sum().backward()
+    assert net.proj.lora_A.default.weight.grad is not None and x.grad is not None
+
+
+def test_storage_problems_are_one_line():
+    assert storage_problem(FP8, "cpu") is None
+    assert storage_problem("bf16", "cpu") is None
+    msg = storage_problem(INT8, "cpu")
+    assert msg is None or "pip install torchao" in msg
+
+
+# ------------------------------------------------------------------ optimizers (lora_core.training)
+def _train_toy(tmp, **settings):
+    from accelerate import Accelerator
+    from helpers import toy_loss, toy_setup
+    from lora_core.training import RunDir, TrainSettings, train
+    model, dl = toy_setup(tmp, dropout=0.0)
+    s = TrainSettings(max_steps=6, learning_rate=5e-2, lr_scheduler="linear", lr_warmup_steps=2, max_grad_norm=0,
+                      checkpoint_every=3, **settings)
+    run = RunDir(tmp).create()
+    train(accelerator=Accelerator(cpu=True), run=run, model=model, dataloader=dl, loss_fn=toy_loss, settings=s)
+    return model, run
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_fused_backward_equals_the_unfused_step(tmp_path, optimizer):
+    plain, _ = _train_toy(tmp_path / "plain", optimizer=optimizer)
+    fused, run = _train_toy(tmp_path / "fused", optimizer=optimizer, fused_backward=True)
+    a, b = lora_state_dict(plain), lora_state_dict(fused)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert all(p.grad is None for p in fused.parameters())   # each gradient freed by its step
+    saved = torch.load(run.checkpoints()[-1] / "optimizer.pt", weights_only=True)
+    assert len(saved["fused"]) == sum(1 for p in fused.parameters() if p.requires_grad)
+
+
+def test_adafactor_state_is_factored(tmp_path):
+    model, run = _train_toy(tmp_path, optimizer="adafactor")
+    saved = torch.load(run.checkpoints()[-1] / "optimizer.pt", weights_only=True)["state"]
+    for st in saved.values():   # every LoRA matrix (rows, cols): a row and a column vector, no full-size moment
+        assert set(st) == {"step", "row_var", "col_var"}
+        assert st["row_var"].shape[1] == 1 and st["col_var"].shape[0] == 1
+
+
+@pytest.mark.parametrize("bad, match", [({"max_grad_norm": 1.0}, "max_grad_norm = 0"),
+                                        ({"max_grad_norm": 0, "gradient_accumulation_steps": 2}, "accumulation"),
+                                        ({"max_grad_norm": 0, "mixed_precision": "fp16"}, "fp16")])
+def test_fused_backward_refuses_what_it_cannot_equal(bad, match):
+    from lora_core.training import TrainSettings
+    with pytest.raises(ValueError, match=match):
+        TrainSettings(fused_backward=True, **bad)
+
+
+def test_adamw8bit_without_bitsandbytes_is_one_line():
+    import importlib.util
+    from lora_core.errors import MissingPackageError
+    from lora_core.training import TrainSettings, optimizer_class
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(MissingPackageError, match="pip install bitsandbytes"):
+        optimizer_class(TrainSettings(optimizer="adamw8bit"))

@@ -1,0 +1,89 @@
+"""The preflight's memory model of the low-memory switches: stored sizes, checkpointing, offloading, the ladder
+of `lora-sd check --table` on meta-device models, and `--vram`."""
+import copy
+
+import pytest
+import torch
+
+from lora_core import LoraConfig, add_lora
+from lora_core.configfile import from_dict
+from lora_core.lowmem import FP8, INT8, quantize_frozen, stored_bytes
+from lora_core.preflight import PreflightReport, budget_finding, ladder_text
+from lora_core.preflight_torch import flash_attention_shapes, offloaded_frozen_bytes, stored_frozen_bytes
+from lora_sd.config import SDTrainConfig
+from lora_sd.preflight import _unet_activations, model_ladder, unet_inputs
+
+CROSS = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
+
+
+def _adapted_unet(tiny_pipeline):
+    torch.manual_seed(0)
+    unet = tiny_pipeline().unet
+    unet.requires_grad_(False)
+    add_lora(unet, LoraConfig(r=2, alpha=2, target_modules=CROSS))
+    return unet
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", [FP8, INT8])
+def test_modelled_stored_bytes_equal_the_real_quantized_model(tiny_pipeline, storage):
+    if storage == INT8:
+        pytest.importorskip("torchao")
+    unet = _adapted_unet(tiny_pipeline)
+    modelled = stored_frozen_bytes(unet, storage, 4)
+    with torch.device("meta"):   # the same model on the meta device: the same answer, no weights needed
+        meta = copy.deepcopy(unet).to("meta")
+    assert stored_frozen_bytes(meta, storage, 4) == modelled
+    quantize_frozen(unet, storage)
+    assert stored_bytes(unet) == modelled
+    # int8 leaves the convolutions (most of this tiny UNet) in the compute dtype
+    assert modelled < stored_frozen_bytes(meta, "fp32", 4) * (0.4 if storage == FP8 else 0.8)
+
+
+def test_offloaded_bytes_keep_two_blocks(tiny_pipeline):
+    from lora_core.offload import frozen_bytes, model_blocks
+    unet = _adapted_unet(tiny_pipeline)
+    blocks = sorted(frozen_bytes(b) for _, b in model_blocks(unet))
+    full = offloaded_frozen_bytes(unet, "fp32", 4)
+    assert offloaded_frozen_bytes(unet, "fp32", 4, len(blocks)) == full - sum(blocks) + sum(blocks[-2:])
+
+
+@pytest.mark.slow
+def test_activations_on_the_meta_device_equal_the_real_ones_and_checkpointing_lowers_them(tiny_pipeline):
+    unet = _adapted_unet(tiny_pipeline)
+    meta = copy.deepcopy(unet).to("meta")
+    real = {ck: _unet_activations(unet, unet_inputs(unet, 16, 1, 77, "cpu", torch.float32, 128), None, ck)
+            for ck in (False, True)}
+    with flash_attention_shapes():   # what the CPU's (and CUDA's) flash attention keeps, on the meta device
+        shapes = {ck: _unet_activations(meta, unet_inputs(meta, 16, 1, 77, "meta", torch.float32, 128), None, ck)
+                  for ck in (False, True)}
+    for ck in (False, True):   # within 5 %: the CPU attention kernel keeps a little less than the modelled one
+        assert shapes[ck][0] == pytest.approx(real[ck][0], rel=0.05) and shapes[ck][1] == real[ck][1]
+    assert real[True][0] < 0.7 * real[False][0]
+    assert not unet.is_gradient_checkpointing   # measuring left the model as it was
+
+
+@pytest.mark.slow
+def test_ladder_rows_and_budget_text(tiny_pipeline):
+    cfg = from_dict(SDTrainConfig, {"data": {"path": "."}, "lora": {"r": 2, "target_modules": "cross_attn"}})
+    meta = tiny_pipeline().unet.to("meta")
+    rows = model_ladder(cfg, "tiny", meta, 128, 1)
+    assert len(rows) == 3 * 2 * 2
+    by = {(r["weights"], r["checkpointing"], r["offload"]): r for r in rows}
+    n = max(r["offload"] for r in rows)
+    frozen = {k: r["parts"]["frozen weights"] for k, r in by.items()}
+    assert frozen[("fp8_e4m3", False, 0)] < frozen[("int8", False, 0)] < frozen[("bf16", False, 0)]
+    assert frozen[("bf16", False, n)] < frozen[("bf16", False, 0)]
+    assert by[("bf16", True, 0)]["parts"]["activations"] < by[("bf16", False, 0)]["parts"]["activations"]
+    text = ladder_text(rows, 0.001)
+    assert text.splitlines()[0].endswith("fits 0.001 GiB |") and text.count("| no |") == len(rows)
+    assert "| 8 GiB |" in ladder_text(rows)
+
+
+def test_vram_budget_is_a_finding():
+    rep = PreflightReport("sd-train", "c.toml")
+    rep.memory = {"total_bytes": 9 * 2**30}
+    budget_finding(rep, 12)
+    assert rep.ok and "fits --vram 12 GiB" in rep.findings[-1].message
+    budget_finding(rep, 8)
+    assert not rep.ok and "exceeds --vram 8 GiB" in rep.errors[0].message
