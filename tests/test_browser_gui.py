@@ -145,6 +145,109 @@ def test_1b_base_model_architecture_and_the_sdxl_section(page):
     wait_for(page, lambda: "SD 1.x" in note.inner_text() and not section.is_visible(), 30, "the SD 1.x note")
 
 
+def _no_error_box(pg, elem_id):
+    """The component shows no Gradio error state (the red "Error" box an exception used to leave)."""
+    return "Error" not in pg.locator(f"#{elem_id}").inner_text()
+
+
+def _kohya_file(path, r=2):
+    from safetensors.torch import save_file
+    import torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_a_to_q.lora_down.weight": torch.zeros(r, 8),
+               "lora_unet_a_to_q.lora_up.weight": torch.zeros(8, r)}, str(path))
+
+
+def test_1c_errors_keep_what_the_page_shows(page, server):
+    """A failed action leaves the table, the picker and the form as they were; its message shows once, the
+    form's in its own words beside the buttons with the field marked; a good action clears it."""
+    _kohya_file(server["ws"] / "outputs" / "adapters" / "a.safetensors")
+    _kohya_file(server["ws"] / "outputs" / "adapters" / "b.safetensors")
+    page.get_by_role("tab", name="Adapters").click()
+    page.locator("#adapters-refresh").click()
+    table = page.locator("#adapters-table")
+    wait_for(page, lambda: "outputs/adapters/a.safetensors" in table.inner_text(), 20, "adapter-rows")
+    fill(page, "adapters-file", "outputs/adapters/a.safetensors")
+    page.keyboard.press("Enter")
+    page.locator("#adapters-convert").locator("xpath=..").get_by_label("Output file name").fill("b")
+    page.locator("#adapters-convert").click()
+    toast(page, "outputs/adapters/b.safetensors exists already")
+    assert page.get_by_text("outputs/adapters/b.safetensors exists already").count() == 1   # shown once
+    page.wait_for_timeout(2500)   # a poll later, the table and the picker still show the files
+    assert "outputs/adapters/a.safetensors" in table.inner_text() and _no_error_box(page, "adapters-table")
+    assert page.locator("#adapters-file input").input_value() == "outputs/adapters/a.safetensors"
+    shot(page, "01c-error-keeps-the-table")
+
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+    page.locator("#sd-preview").click()
+    cmd = page.locator("#sd-command textarea")
+    wait_for(page, lambda: "--run-dir" in cmd.input_value(), 20, "good-preview")
+    shown = cmd.input_value()
+    fill(page, "sd-train-learning_rate", 0)
+    page.locator("#sd-preview").click()
+    error = page.locator("#sd-form-error")
+    wait_for(page, lambda: "Learning rate: must be" in error.inner_text(), 20, "form-error")
+    assert "train.learning_rate" not in error.inner_text() and "config:" not in error.inner_text()
+    assert "field-error" in page.locator("#sd-train-learning_rate").get_attribute("class")
+    assert cmd.input_value() == shown and _no_error_box(page, "sd-command")   # the last good preview stays
+    shot(page, "01c-form-error-marks-the-field")
+    fill(page, "sd-train-learning_rate", 0.003)
+    page.locator("#sd-preview").click()
+    wait_for(page, lambda: error.inner_text().strip() == "", 20, "form-error-cleared")
+    assert "field-error" not in (page.locator("#sd-train-learning_rate").get_attribute("class") or "")
+
+
+def test_1d_the_form_follows_the_selected_run(page, server):
+    """Choosing a run fills the form from its config.toml (also after a reload); Stop / Resume are enabled
+    only when they can act; the validation images carry their step and prompt, with a step slider; Clone
+    run and Preview name the folder Start will use; saving over a config needs Overwrite."""
+    ws = server["ws"]
+    run = ws / "runs" / "seven"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.toml").write_text(
+        f'run_dir = "{run}"\n[data]\npath = "{ws / "datasets" / "demo"}"\n[lora]\nr = 7\n'
+        '[train]\nmax_steps = 6\n[sample]\nprompts = ["a purple circle", "a purple square"]\n')
+    (run / "status.json").write_text(json.dumps({"state": "stopped", "kind": "sd-train", "step": 4, "max_steps": 6}))
+    demo = sorted((ws / "datasets" / "demo").glob("*.png"))
+    for step in (2, 4):
+        for i in (0, 1):
+            shutil.copy(demo[step + i], run / "samples" / f"step_{step:06d}_{i}.png")
+    page.reload()
+    page.locator("#sd-start").wait_for()
+    assert page.locator("#sd-lora-r input").input_value() != "7"   # nothing runs: the form keeps its config
+    choose(page, "sd-run-select", "seven")
+    wait_for(page, lambda: page.locator("#sd-lora-r input").input_value() == "7", 20, "form-follows-run")
+    assert page.locator("#sd-train-max_steps input").input_value() == "6"
+    wait_for(page, lambda: page.locator("#sd-resume").is_enabled(), 20, "resume-enabled")
+    assert page.locator("#sd-stop").is_disabled()
+    gallery = page.locator("#sd-gallery")
+    wait_for(page, lambda: "step 4 · a purple square" in gallery.inner_text(), 20, "gallery-labels")
+    assert "step 2" not in gallery.inner_text()
+    fill(page, "sd-sample-step", 2)
+    page.keyboard.press("Enter")
+    wait_for(page, lambda: "step 2 · a purple circle" in gallery.inner_text(), 20, "slider-step-2")
+    shot(page, "01d-form-follows-run")
+    page.locator("#sd-clone").click()
+    wait_for(page, lambda: page.locator("#sd-run-name input, #sd-run-name textarea").first.input_value() == "seven-2", 20, "clone-name")
+    page.locator("#sd-preview").click()
+    cmd = page.locator("#sd-command textarea")
+    wait_for(page, lambda: str(ws / "runs" / "seven-2") in cmd.input_value(), 20, "preview-folder")
+    page.get_by_text("Config file (save / load", exact=False).click()
+    fill(page, "sd-config-name", "seven")
+    page.locator("#sd-config-save").click()
+    toast(page, "saved configs/seven.toml")
+    page.locator("#sd-config-save").click()
+    toast(page, "exists already: tick Overwrite")
+    page.locator("#sd-config-overwrite input").check()
+    page.locator("#sd-config-save").click()
+    toast(page, "the old one is configs/seven.toml.old-")
+    assert "r = 7" in (ws / "configs" / "seven.toml").read_text()
+    page.get_by_text("Config file (save / load", exact=False).click()
+    page.reload()   # back to the default form for the steps below
+    page.locator("#sd-start").wait_for()
+    fill(page, "sd-run-name", "")
+
+
 def test_2_train_shows_loss_plot_and_validation_images(page):
     fill(page, "sd-run-name", "first")
     fill(page, "sd-train-max_steps", 400)  # long enough to be stopped, resumed and queued behind

@@ -12,11 +12,13 @@ from lora_gui.adapter_scan import is_adapter
 from lora_gui.controller import Controller
 from lora_gui.errors import PathError, UserError
 from lora_gui.field_kinds import CHOICE, INTEGER, LINES, NAMES
-from lora_gui.forms import Field
+from lora_gui.config_data import validate
+from lora_gui.forms import Field, blame
 from lora_gui.job_kinds import KINDS
 from lora_gui.model_refs import resolve_model_ref
 from lora_gui.services.evals import eval_rows
 from lora_gui.services.plots import eval_figure
+from lora_gui import runview
 from lora_gui.workspace import Workspace
 from lora_sd.config import CROSS_ATTN, TARGET_PRESETS
 
@@ -125,6 +127,41 @@ def test_config_save_and_load_round_trip(ctrl):
             ctrl.configs.load("sd-train", bad)
     with pytest.raises(PathError):
         ctrl.configs.save("sd-train", None, vals, "../evil")
+
+
+def test_saving_under_a_taken_name_needs_overwrite(ctrl):
+    """A saved config is replaced only with an explicit Overwrite, and the old one is kept aside."""
+    base = ctrl.configs.default("sd-train")
+    ctrl.configs.save("sd-train", base, _values(ctrl, "sd-train", lora__r=16), "mine")
+    with pytest.raises(UserError, match="configs/mine.toml exists already: tick Overwrite"):
+        ctrl.configs.save("sd-train", base, _values(ctrl, "sd-train", lora__r=8), "mine")
+    assert tomllib.loads((ctrl.ws.configs / "mine.toml").read_text())["lora"]["r"] == 16
+    msg = ctrl.configs.save("sd-train", base, _values(ctrl, "sd-train", lora__r=8), "mine", overwrite=True)
+    aside = list(ctrl.ws.configs.glob("mine.toml.old-*"))
+    assert len(aside) == 1 and f"the old one is configs/{aside[0].name}" in msg
+    assert tomllib.loads(aside[0].read_text())["lora"]["r"] == 16
+    assert tomllib.loads((ctrl.ws.configs / "mine.toml").read_text())["lora"]["r"] == 8
+
+
+def test_the_form_follows_a_runs_config(ctrl):
+    """A run's config.toml fills the form (select run / clone); Preview names the folder Start will use."""
+    base = ctrl.configs.default("sd-train")
+    vals = _values(ctrl, "sd-train", lora__r=7, train__max_steps=3, data__resolution=32)
+    cfg = ctrl.configs.build("sd-train", base, vals)
+    run = ctrl.ws.runs / "seven"
+    run.mkdir(parents=True)
+    from lora_core.configfile import save_config
+    save_config(run / "config.toml", cfg)
+    data = ctrl.runs.config("sd-train", "seven")
+    assert ctrl.configs.form_values("sd-train", data) == vals
+    assert ctrl.runs.fresh_name("seven") == "seven-2" and ctrl.runs.fresh_name("new") == "new"
+    toml_text, cmd = ctrl.runs.preview("sd-train", data, vals, "seven-2", "python")
+    assert f"--run-dir {ctrl.ws.runs / 'seven-2'}" in cmd
+    (run / "config.toml").write_text("[lora]\nr = -3\n")
+    with pytest.raises(ConfigError, match="config.toml: lora.r"):
+        ctrl.runs.config("sd-train", "seven")
+    with pytest.raises(PathError):
+        ctrl.runs.config("sd-train", "../seven")
 
 
 def test_repo_demo_configs_load(ctrl):
@@ -243,7 +280,9 @@ def test_eval_rows_and_chart():
 
 # ---------------------------------------------------------------- error display and entry point
 @pytest.mark.slow
-def test_guard_shows_messages_not_tracebacks():
+def test_guard_shows_messages_not_tracebacks_and_keeps_the_outputs():
+    """A failed action shows one line (a toast; outside a page Gradio issues it as a warning) and returns
+    gr.skip(): every output (a table, a picker, a gallery) keeps what it showed."""
     import gradio as gr
     from lora_gui.ui import guard
 
@@ -255,12 +294,25 @@ def test_guard_shows_messages_not_tracebacks():
     def bug():
         raise KeyError("oops")
 
-    with pytest.raises(gr.Error) as e:
-        bad_value()
-    assert e.value.message == "'../x': '..' is not allowed in a path"
-    with pytest.raises(gr.Error) as e:
-        bug()
-    assert e.value.message.startswith("internal error in bug: KeyError")
+    with pytest.warns(UserWarning, match=r"'\.\./x': '\.\.' is not allowed in a path") as w:
+        assert bad_value() == gr.skip()
+    assert len(w) == 1
+    with pytest.warns(UserWarning, match="internal error in bug: KeyError"):
+        assert bug() == gr.skip()
+
+
+def test_errors_speak_the_forms_words():
+    """A config message names the field by its label, not its key: the field is marked on the page."""
+    fields = KINDS["sd-train"].fields
+    f, text = blame(fields, "config: lora.r must be a positive integer; got -3")
+    assert (f.key, text) == ("lora.r", "Rank: must be a positive integer; got -3")
+    f, text = blame(fields, "Dataset folder (data.path): '../x': '..' is not allowed in a path")
+    assert (f.key, text) == ("data.path", "Dataset folder: '../x': '..' is not allowed in a path")
+    assert blame(fields, "config: lora.rank_pattern: bad")[0].key == "lora.rank_pattern"   # not lora.r
+    assert blame(fields, "disk full") == (None, "disk full")
+    with pytest.raises(ConfigError) as e:   # the real message of a bad value, end to end
+        validate("sd-train", {"lora": {"r": -3}})
+    assert blame(fields, str(e.value))[1].startswith("Rank: ")
 
 
 def test_cli_defaults_are_safe():
@@ -278,3 +330,17 @@ def test_build_app(ctrl):
                    "eval-go", "eval-table", "adapters-table", "adapters-confirm", "tg-go"):
         assert needed in ids
 
+
+
+def test_validation_images_carry_their_step_and_prompt(tmp_path):
+    """The gallery shows one step's images (the newest at or below the slider), each "step N · <prompt>"."""
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.toml").write_text('[sample]\nprompts = ["a red circle", "a blue square"]\n')
+    for name in ("step_000002_0", "step_000002_1", "step_000010_0", "step_000010_1"):
+        (run / "samples" / f"{name}.png").write_bytes(b"")
+    snap = runview.snapshot(run)
+    assert runview.sample_steps(snap) == [2, 10]
+    labels = [c for _, c in runview.gallery_items(snap)]
+    assert labels == ["step 10 · a red circle", "step 10 · a blue square"]
+    assert [c for _, c in runview.gallery_items(snap, 9)] == ["step 2 · a red circle", "step 2 · a blue square"]
