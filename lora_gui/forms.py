@@ -77,6 +77,7 @@ ADVANCED_SD_TRAIN = [
           info="a held-out folder (absolute path); empty: none, or use Validation fraction"),
     Field("data.val_fraction", "Validation fraction", group="advanced"),
     Field("train.val_every", "Validation loss every N steps", group="advanced"),
+    Field("train.log_with", "Also log to (TensorBoard / W&B)", group="advanced"),
 ]
 
 
@@ -169,6 +170,7 @@ LLM_FIELDS = [
     Field("data.class_weights", "Class weights", group="advanced"),
     Field("train.head_learning_rate", "Head learning rate", group="advanced",
           info="classification tasks: the head's own learning rate; 0: Learning rate"),
+    Field("train.log_with", "Also log to (TensorBoard / W&B)", group="advanced"),
     *ADVANCED_LORA,
 ]
 

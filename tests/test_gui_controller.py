@@ -344,3 +344,12 @@ def test_validation_images_carry_their_step_and_prompt(tmp_path):
     labels = [c for _, c in runview.gallery_items(snap)]
     assert labels == ["step 10 · a red circle", "step 10 · a blue square"]
     assert [c for _, c in runview.gallery_items(snap, 9)] == ["step 2 · a red circle", "step 2 · a blue square"]
+
+
+def test_log_with_is_a_form_field_of_both_trainers(ctrl):
+    """train.log_with (TensorBoard / W&B through Accelerate's trackers) is chosen in the Advanced section."""
+    for kind in ("sd-train", "llm-train"):
+        field = next(f for f in KINDS[kind].fields if f.key == "train.log_with")
+        assert field.group == "advanced" and field.kind is CHOICE and "tensorboard" in field.choices
+        cfg = ctrl.configs.build(kind, ctrl.configs.default(kind), _values(ctrl, kind, train__log_with="tensorboard"))
+        assert cfg.train.log_with == "tensorboard"
