@@ -106,8 +106,8 @@ STATE_COLORS = {"running": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "s
 
 
 def progress_html(snap: RunSnapshot, unit: str = "step") -> str:
-    """A progress bar with the state and step, loss and ETA (plain HTML, no scripts); `unit` "cells": a
-    grid's cells done of all (no loss, no ETA)."""
+    """A progress bar with the state and step, loss and ETA (plain HTML, no scripts); another `unit` ("cells",
+    "tasks"): the units done of all, without loss and ETA."""
     pct = 100 * snap.fraction
     color = STATE_COLORS.get(snap.state, "#6b7280")
     eta = format_eta(snap.eta_s) if snap.state == "running" else "--"
@@ -143,8 +143,8 @@ def sample_prompts(run_dir: Path) -> list[str]:
 
 def _counts(snap: RunSnapshot, unit: str, loss: str, eta: str) -> str:
     done = f'<span class="run-step">{snap.step}</span> / {snap.max_steps}'
-    if unit == "cells":
-        return f'<span>{done} cells</span>'
+    if unit != "step":   # a grid's cells, a suite's tasks
+        return f'<span>{done} {unit}</span>'
     return f'<span>step {done} &middot; loss {loss} &middot; ETA {eta}</span>'
 
 

@@ -250,7 +250,7 @@ class Monitor:
     """Progress bar, Stop / Resume (enabled when they can act), loss plot, validation gallery (a step slider
     over the run's samples) and log tail of one run, chosen in a dropdown."""
 
-    def __init__(self, ctrl, kind: str, gallery: bool):
+    def __init__(self, ctrl, kind: str, gallery: bool, metrics: bool = False):
         self.ctrl, self.kind = ctrl, kind
         p = job_kinds.get(kind).prefix + "-"
         with gr.Row():
@@ -265,6 +265,8 @@ class Monitor:
             self.resume = gr.Button("Resume", elem_id=p + "resume", interactive=False)
         self.message = gr.Markdown(elem_id=p + "run-message")
         self.plot = gr.Plot(label="Loss", elem_id=p + "loss-plot", format="png")
+        # the run's evaluation metrics beside its loss (text tasks: eval.json / status.json / metrics.jsonl)
+        self.metrics = gr.Markdown(elem_id=p + "metrics") if metrics else None
         self.gallery = self.step = None
         if gallery:
             self.gallery = gr.Gallery(label="Validation images", columns=6, height=220, elem_id=p + "gallery")
@@ -277,20 +279,20 @@ class Monitor:
 
     @property
     def outputs(self):
-        return [o for o in (self.progress, self.plot, self.gallery, self.step, self.log, self.sig, self.stop,
-                            self.resume, self.message) if o is not None]
+        return [o for o in (self.progress, self.plot, self.metrics, self.gallery, self.step, self.log, self.sig,
+                            self.stop, self.resume, self.message) if o is not None]
 
     def run_name(self, selected: str):
         if selected and selected != ACTIVE:
             return selected
         return self.ctrl.runs.active(self.kind)
 
-    def poll(self, selected: str, sig: dict, at=None):
+    def poll(self, selected: str, sig: dict):
         """New values only for what changed since this tab's last poll (gr.skip() for the rest)."""
         name = self.run_name(selected)
         if not name:
-            return self._shown('<div class="run-progress">No run yet: press Start.</div>', None, [], gr.skip(), "",
-                               {}, "none", gr.skip())
+            return self._shown(progress='<div class="run-progress">No run yet: press Start.</div>', plot=None,
+                               metrics="", gallery=[], log="", sig={}, state="none")
         try:
             snap = runview.snapshot(self.ctrl.runs.path(name))
         except ValueError:
@@ -298,22 +300,27 @@ class Monitor:
         new = {"run": name, "n": len(snap.steps), "samples": len(snap.samples), "log": snap.log_tail,
                "state": snap.state}
         same = {k: sig.get(k) == new[k] for k in new}
-        plot = gr.skip() if same["run"] and same["n"] else loss_figure(snap)
-        gallery = step = gr.skip()
+        out = dict(progress=runview.progress_html(snap), sig=new, state=snap.state)
+        if not (same["run"] and same["n"] and same["state"]):
+            out["plot"] = loss_figure(snap)
+            if self.metrics is not None:
+                out["metrics"] = self.ctrl.text_compare.metrics_line(snap.path)
         if not (same["run"] and same["samples"]):   # new samples: the slider follows the newest step
             steps = runview.sample_steps(snap)
-            gallery = runview.gallery_items(snap)
             lo, hi = (steps[0], steps[-1]) if len(steps) > 1 else (0, max(steps or [1]))
-            step = gr.update(minimum=lo, maximum=hi, value=steps[-1] if steps else 0, interactive=len(steps) > 1)
-        logt = gr.skip() if same["run"] and same["log"] else snap.log_tail
-        # a "started" / "queued" message is about the run's start: cleared once it has ended
-        msg = "" if same["run"] and not same["state"] and snap.state in FINAL_STATES else gr.skip()
-        return self._shown(runview.progress_html(snap), plot, gallery, step, logt, new, snap.state, msg)
+            out.update(gallery=runview.gallery_items(snap), step=gr.update(
+                minimum=lo, maximum=hi, value=steps[-1] if steps else 0, interactive=len(steps) > 1))
+        if not (same["run"] and same["log"]):
+            out["log"] = snap.log_tail
+        if same["run"] and not same["state"] and snap.state in FINAL_STATES:
+            out["message"] = ""   # a "started" / "queued" line is about the run's start: cleared once it ended
+        return self._shown(**out)
 
-    def _shown(self, progress, plot, gallery, step, logt, sig, state, msg) -> list:
-        out = [progress, plot, gallery, step, logt, sig, gr.update(interactive=state in STOPPABLE),
-               gr.update(interactive=state in RESUMABLE), msg]
-        return out if self.gallery is not None else out[:2] + out[4:]
+    def _shown(self, state: str, **values) -> list:
+        """The outputs' values: `values` by name, gr.skip() for the others; Stop / Resume from `state`."""
+        values.update(stop=gr.update(interactive=state in STOPPABLE), resume=gr.update(interactive=state in RESUMABLE))
+        names = ("progress", "plot", "metrics", "gallery", "step", "log", "sig", "stop", "resume", "message")
+        return [values.get(n, gr.skip()) for n in names if getattr(self, n) is not None]
 
     def at_step(self, selected: str, step):
         """The validation images of the slider's step."""
@@ -386,14 +393,15 @@ class Monitor:
         page.on_load(targets, load)
 
 
-def job_columns(page, kind: str, start_label: str, gallery: bool, extra=None, below_monitor=None) -> JobForm:
+def job_columns(page, kind: str, start_label: str, gallery: bool, extra=None, below_monitor=None,
+                metrics: bool = False) -> JobForm:
     """A training tab's two columns, wired: the job's form (left; `extra(form)` adds inputs below its
     fields) and its run monitor (right; `below_monitor(page)` adds panels under it)."""
     with gr.Row():
         with gr.Column(scale=1):
             job = JobForm(page.ctrl, kind, start_label, extra=extra)
         with gr.Column(scale=1):
-            monitor = Monitor(page.ctrl, kind, gallery=gallery)
+            monitor = Monitor(page.ctrl, kind, gallery=gallery, metrics=metrics)
             if below_monitor is not None:
                 below_monitor(page)
     job.wire(page, monitor)

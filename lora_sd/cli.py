@@ -102,7 +102,8 @@ def _cmd_generate(a) -> int:
     if is_random_weights(pipe):
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     pipe.to(pick_device(a.device))
-    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or ())
+    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or (),
+                           skip_embeddings=a.skip_embedding or ())
     for r in report:
         what = f"the word {r['word']!r}" if "word" in r else f"{r['matched_modules']} modules matched"
         print(f"adapter {r['file']} ({r['format']}): {what}, scale {r['scale']}")
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="kohya or diffusers file (repeatable)")
     g.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file for its word "
                    "(repeatable); an adapter's own <name>_emb.safetensors ([embedding] training) loads with it")
+    g.add_argument("--skip-embedding", action="append", metavar="FILE", help="a --lora file whose own "
+                   "<name>_emb.safetensors is left out (repeatable): combine adapters trained with the same word")
     g.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)

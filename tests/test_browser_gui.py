@@ -329,11 +329,34 @@ def test_6_generate_with_the_adapter(page, server):
     page.locator("#gen-adapter-add").click()
     # the row's fit label describes the base once (`lora-sd inspect --base tiny`, a subprocess): slow on a busy CPU
     wait_for(page, lambda: adapter.name in page.locator("#gen-adapters").inner_text(), 90, "adapter-row")
+    # a second adapter trained with the same word (a copy of the run's, with its <name>_emb.safetensors):
+    # both embeddings cannot load (one vector per word), so its row leaves its embedding out
+    emb = adapter.with_name(adapter.stem + "_emb.safetensors")
+    assert emb.is_file()   # the demo config trains the word "purple" with its LoRA
+    copies = server["ws"] / "outputs" / "adapters"
+    copies.mkdir(parents=True, exist_ok=True)
+    shutil.copy(adapter, copies / "copy.safetensors")
+    shutil.copy(emb, copies / "copy_emb.safetensors")
+    fill(page, "gen-adapter-pick", "outputs/adapters/copy.safetensors")
+    page.keyboard.press("Enter")
+    fill(page, "gen-adapter-scale", 0)
+    page.locator("#gen-adapter-add").click()
+    wait_for(page, lambda: "copy.safetensors" in page.locator("#gen-adapters").inner_text(), 90, "second-row")
+    boxes = page.locator("#gen-adapters input[type=checkbox]")
+    wait_for(page, lambda: boxes.count() == 2, 20, "embedding-boxes")
+    boxes.nth(1).click()
+    wait_for(page, lambda: not boxes.nth(1).is_checked(), 10, "embedding-unticked")
+    fill(page, "gen-n", 2)
     page.locator("#gen-go").click()
-    page.locator("#gen-gallery img").first.wait_for(timeout=120_000)
+    gallery = page.locator("#gen-gallery")
+    wait_for(page, lambda: gallery.locator("img").count() >= 2, 180, "two-images")
     assert "saved to outputs/generate/" in page.locator("#gen-message").inner_text()
+    assert "seed 0 ·" in gallery.inner_text() and "seed 1 ·" in gallery.inner_text()   # each its own seed
     out = next((server["ws"] / "outputs" / "generate").iterdir())
-    assert '"adapters": [' in (out / "params.json").read_text() and list(out.glob("*.png"))
+    used = json.loads((out / "params.json").read_text())["adapters"]
+    assert [(a["file"], a["scale"], a["embedding"]) for a in used] == [
+        (f"runs/second/{adapter.name}", 0.8, True), ("outputs/adapters/copy.safetensors", 0.0, False)]
+    assert len(list(out.glob("image_*.png"))) == 2
     shot(page, "09-generated-with-adapter")
 
 

@@ -353,3 +353,35 @@ def test_log_with_is_a_form_field_of_both_trainers(ctrl):
         assert field.group == "advanced" and field.kind is CHOICE and "tensorboard" in field.choices
         cfg = ctrl.configs.build(kind, ctrl.configs.default(kind), _values(ctrl, kind, train__log_with="tensorboard"))
         assert cfg.train.log_with == "tensorboard"
+
+
+def test_text_run_panel_shows_its_eval_metrics_rounded(ctrl):
+    """Beside the loss: the final evaluation (status.json `eval`), else the newest metrics line holding one."""
+    run = ctrl.ws.runs / "lm"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 5, "loss": 1.5}\n{"step": 10, "loss": 1.2, "accuracy": 0.61234}\n')
+    assert ctrl.text_compare.metrics_line(run) == "Evaluation (step 10): accuracy **0.6123**"
+    (run / "status.json").write_text('{"state": "done", "step": 20, "eval": {"accuracy": 0.812345, "mcc": 0.25, '
+                                     '"n": 32}}')
+    assert ctrl.text_compare.metrics_line(run) == "Evaluation (step 20): accuracy **0.8123** · mcc **0.25**"
+    (run / "status.json").write_text('{"state": "running", "step": 3}')
+    (run / "metrics.jsonl").write_text('{"step": 3, "loss": 1.5}\n')
+    assert ctrl.text_compare.metrics_line(run) == ""
+
+
+def test_generate_rows_record_every_adapter_and_its_embedding_switch(ctrl):
+    """Each Generate row becomes --lora FILE:SCALE (scale 0 too, recorded in params.json); an adapter trained
+    with a word (<name>_emb.safetensors beside it) whose box is unticked gets --skip-embedding."""
+    for name in ("a", "b", "c"):
+        (ctrl.ws.outputs / "adapters").mkdir(parents=True, exist_ok=True)
+        (ctrl.ws.outputs / "adapters" / f"{name}.safetensors").write_bytes(b"")
+    (ctrl.ws.outputs / "adapters" / "a_emb.safetensors").write_bytes(b"")
+    (ctrl.ws.outputs / "adapters" / "b_emb.safetensors").write_bytes(b"")
+    rows = [["outputs/adapters/a.safetensors", 1.0, True, "?"], ["outputs/adapters/b.safetensors", 0, False, "?"],
+            ["outputs/adapters/c.safetensors", 0.5, True, "?"], ["", "", False, ""]]
+    args, used = ctrl.generation._adapter_args(rows)
+    a, b, c = (str(ctrl.ws.outputs / "adapters" / f"{n}.safetensors") for n in "abc")
+    assert args == ["--lora", f"{a}:1.0", "--lora", f"{b}:0.0", "--skip-embedding", b, "--lora", f"{c}:0.5"]
+    assert used == [{"file": "outputs/adapters/a.safetensors", "scale": 1.0, "has_embedding": True, "embedding": True},
+                    {"file": "outputs/adapters/b.safetensors", "scale": 0.0, "has_embedding": True, "embedding": False},
+                    {"file": "outputs/adapters/c.safetensors", "scale": 0.5, "has_embedding": False, "embedding": False}]
