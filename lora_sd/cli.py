@@ -189,10 +189,12 @@ def _cmd_inspect(a) -> int:
 
 
 def _cmd_check_dataset(a) -> int:
-    from .data import scan  # lazy: torch (--help stays torch-free)
+    from .data import make_buckets, scan  # lazy: torch (--help stays torch-free)
     rep = scan(a.dir, a.caption_extension)
     d = rep.to_dict(need_captions=not a.no_captions_needed)
     if a.json:
+        buckets = make_buckets(a.resolution, a.bucket_step) if a.resolution else None
+        d.update(entries=rep.entries(buckets), corrupt_files=rep.corrupt)
         print(json.dumps(d, indent=2))
     else:
         print(f"{d['root']}: {d['images']} images, {d['captioned']} captioned, {d['corrupt']} corrupt, "
@@ -391,7 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("dir")
     d.add_argument("--caption-extension", default=".txt")
     d.add_argument("--no-captions-needed", action="store_true", help="the caption template has no {caption}")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="the report as JSON, with every image (file, caption, size, "
+                   "bucket, mask) and the unreadable ones with their reason")
+    d.add_argument("--resolution", type=int, default=0, help="with --json: each image's aspect bucket at this "
+                   "data.resolution (data.buckets)")
+    d.add_argument("--bucket-step", type=int, default=64, help="data.bucket_step of those buckets")
     d.set_defaults(fn=_cmd_check_dataset)
 
     _add_score_parsers(sub)

@@ -248,6 +248,41 @@ def test_1d_the_form_follows_the_selected_run(page, server):
     fill(page, "sd-run-name", "")
 
 
+def test_1e_dataset_tab_edits_captions_on_disk(page, server):
+    """Dataset: pages of the demo's images with captions and buckets; a caption edited in place lands in its
+    .txt sidecar and is what the tab shows after a reload."""
+    demo = server["ws"] / "datasets" / "demo"
+    page.get_by_role("tab", name="Dataset").click()
+    choose(page, "ds-folder", "datasets/demo")
+    page.locator("#ds-open").click()
+    gallery = page.locator("#ds-gallery")
+    wait_for(page, lambda: gallery.locator("img").count() == 12, 60, "dataset-page-1")
+    assert "of 2" in page.locator("#ds-pages").inner_text()
+    assert "20 images, 20 captioned" in page.locator("#ds-summary").inner_text()
+    page.locator("#ds-next").click()
+    wait_for(page, lambda: gallery.locator("img").count() == 8, 20, "dataset-page-2")
+    gallery.locator("img").first.click()
+    caption = page.locator("#ds-caption textarea")
+    wait_for(page, lambda: caption.input_value() != "", 20, "caption-shown")
+    image = server["ws"] / page.locator("#ds-file textarea, #ds-file input").first.input_value()
+    assert image.parent == demo and image.with_suffix(".txt").read_text().strip() == caption.input_value()
+    caption.fill("a purple circle, edited in the browser")
+    page.locator("#ds-save").click()
+    toast(page, f"saved datasets/demo/{image.stem}.txt")
+    assert image.with_suffix(".txt").read_text() == "a purple circle, edited in the browser\n"
+    shot(page, "01e-dataset-tab")
+    page.reload()
+    page.get_by_role("tab", name="Dataset").click()
+    choose(page, "ds-folder", "datasets/demo")
+    page.locator("#ds-open").click()
+    wait_for(page, lambda: gallery.locator("img").count() == 12, 60, "dataset-reopened")
+    page.locator("#ds-next").click()
+    wait_for(page, lambda: gallery.locator("img").count() == 8, 20, "dataset-page-2-again")
+    gallery.locator("img").first.click()
+    wait_for(page, lambda: caption.input_value() == "a purple circle, edited in the browser", 20, "caption-kept")
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+
+
 def test_2_train_shows_loss_plot_and_validation_images(page):
     fill(page, "sd-run-name", "first")
     fill(page, "sd-train-max_steps", 400)  # long enough to be stopped, resumed and queued behind

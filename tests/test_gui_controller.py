@@ -385,3 +385,46 @@ def test_generate_rows_record_every_adapter_and_its_embedding_switch(ctrl):
     assert used == [{"file": "outputs/adapters/a.safetensors", "scale": 1.0, "has_embedding": True, "embedding": True},
                     {"file": "outputs/adapters/b.safetensors", "scale": 0.0, "has_embedding": True, "embedding": False},
                     {"file": "outputs/adapters/c.safetensors", "scale": 0.5, "has_embedding": False, "embedding": False}]
+
+
+@pytest.mark.slow
+def test_dataset_tab_shows_buckets_masks_rejects_and_edits_captions(ctrl):
+    """`lora-sd check-dataset --json` gives each image's caption, bucket and mask and the unreadable files; caption
+    edits land in the .txt sidecars (trigger word, find-and-replace, one image), and the check reads them back."""
+    from PIL import Image
+    folder = ctrl.ws.datasets / "mine"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (128, 64)).save(folder / "wide.png")
+    (folder / "wide.txt").write_text("a cat, red, sitting\n")
+    Image.new("RGB", (64, 128)).save(folder / "tall.png")
+    (folder / "tall.txt").write_text("a dog, red\n")
+    Image.new("L", (64, 128)).save(folder / "tall_mask.png")
+    Image.new("RGB", (64, 64)).save(folder / "bare.png")             # no caption
+    (folder / "broken.png").write_bytes(b"not a png")
+    view = ctrl.datasets.view("datasets/mine", resolution=64, bucket_step=16)
+    by_name = {Path(e["file"]).name: e for e in view.entries}
+    assert sorted(by_name) == ["bare.png", "tall.png", "wide.png"]
+    from lora_sd.data import make_buckets, pick_bucket   # the buckets the trainer puts them in
+    wide, tall = (list(pick_bucket(size, make_buckets(64, 16))) for size in ((128, 64), (64, 128)))
+    assert by_name["wide.png"]["bucket"] == wide and by_name["tall.png"]["bucket"] == tall and wide[0] > wide[1]
+    assert by_name["tall.png"]["mask"] == str(folder / "tall_mask.png") and by_name["wide.png"]["mask"] is None
+    assert len(view.rejected) == 1 and view.rejected[0].startswith(f"{folder / 'broken.png'}: ")
+    from lora_gui.services.datasets import summary_markdown
+    text = summary_markdown(ctrl.ws, view)
+    assert "3 images, 2 captioned, 1 with a mask" in text and "no caption: datasets/mine/bare.png" in text
+    assert f"{wide[0]}x{wide[1]} (1)" in text and f"{tall[0]}x{tall[1]} (1)" in text and "64x64 (1)" in text
+    assert ctrl.datasets.page(view, 1)[1] == (str(folder / "tall.png"),
+                                              f"a dog, red · bucket {tall[0]}x{tall[1]} · mask tall_mask.png")
+    assert ctrl.datasets.add_trigger(view, "sks") == "added 'sks' to 2 caption(s)"
+    assert ctrl.datasets.replace_tag(view, "red", "blue") == "replaced 'red' by 'blue' in 2 caption(s)"
+    assert ctrl.datasets.replace_tag(view, "sitting", "") == "removed 'sitting' from 1 caption(s)"
+    ctrl.datasets.set_caption(view, str(folder / "bare.png"), "sks, a  square ")
+    assert (folder / "wide.txt").read_text() == "sks, a cat, blue\n" and (folder / "bare.txt").read_text() == "sks, a square\n"
+    again = {Path(e["file"]).name: e["caption"] for e in ctrl.datasets.view("datasets/mine").entries}
+    assert again == {"bare.png": "sks, a square", "tall.png": "sks, a dog, blue", "wide.png": "sks, a cat, blue"}
+    with pytest.raises(UserError, match="not an image of datasets/mine"):
+        ctrl.datasets.set_caption(view, "datasets/demo/" + sorted(p.name for p in (ctrl.ws.datasets / "demo").glob("*.png"))[0], "x")
+    with pytest.raises(PathError):
+        ctrl.datasets.view("../outside")
+    with pytest.raises(UserError, match="empty caption"):
+        ctrl.datasets.set_caption(view, str(folder / "bare.png"), "  ")
