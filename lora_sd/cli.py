@@ -193,6 +193,9 @@ def _cmd_check_dataset(a) -> int:
     rep = scan(a.dir, a.caption_extension)
     d = rep.to_dict(need_captions=not a.no_captions_needed)
     if a.json:
+        if a.resolution and (a.resolution < 8 or a.bucket_step < 8) or a.resolution < 0:
+            raise ValueError(f"--resolution {a.resolution} --bucket-step {a.bucket_step}: both at least 8 "
+                             "(--resolution 0: no buckets)")
         buckets = make_buckets(a.resolution, a.bucket_step) if a.resolution else None
         d.update(entries=rep.entries(buckets), corrupt_files=rep.corrupt)
         print(json.dumps(d, indent=2))
