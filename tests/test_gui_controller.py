@@ -428,3 +428,21 @@ def test_dataset_tab_shows_buckets_masks_rejects_and_edits_captions(ctrl):
         ctrl.datasets.view("../outside")
     with pytest.raises(UserError, match="empty caption"):
         ctrl.datasets.set_caption(view, str(folder / "bare.png"), "  ")
+
+
+def test_generate_picker_lists_one_entry_per_adapter_with_its_formats(ctrl):
+    """A run's final adapter written in two formats is one entry naming both (its EMA copy is another);
+    a file outside a run folder is an entry of its own."""
+    run = ctrl.ws.runs / "r2"
+    _kohya(run / "lora.safetensors")
+    _kohya(run / "lora_ema.safetensors")
+    save_file({"unet.a.lora_A.weight": torch.zeros(4, 8), "unet.a.lora_B.weight": torch.zeros(8, 4)},
+              str(run / "pytorch_lora_weights.safetensors"))
+    (run / "config.toml").write_text("")
+    _kohya(ctrl.ws.outputs / "adapters" / "c.safetensors")
+    formats = {f: adapter_files.inspect(ctrl.ws.root / f)["format"] for f in ctrl.adapters.files()}
+    assert formats["runs/r2/pytorch_lora_weights.safetensors"] == "diffusers" and len(formats) == 4
+    assert ctrl.adapters.entries() == [
+        ("outputs/adapters/c.safetensors (kohya)", "outputs/adapters/c.safetensors"),
+        ("runs/r2/lora.safetensors (kohya; also diffusers: pytorch_lora_weights.safetensors)", "runs/r2/lora.safetensors"),
+        ("runs/r2/lora_ema.safetensors (kohya)", "runs/r2/lora_ema.safetensors")]

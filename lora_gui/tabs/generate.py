@@ -39,7 +39,7 @@ def build(page) -> None:
             with gr.Column():
                 gallery = gr.Gallery(label="Results", columns=3, height=420, elem_id="gen-gallery")
                 message = gr.Markdown(elem_id="gen-message")
-    page.adapter_lists.append(pick)
+    page.adapter_pickers.append(pick)
     page.refresh_adapters_on_select(tab)
 
     @guard
@@ -72,8 +72,9 @@ def build(page) -> None:
 
 def adapter_picker(ctrl):
     with gr.Row():
-        pick = gr.Dropdown(choices=ctrl.adapters.files(), label="Adapter", scale=3, elem_id="gen-adapter-pick",
-                           allow_custom_value=True)
+        pick = gr.Dropdown(choices=ctrl.adapters.entries(), label="Adapter", scale=3, elem_id="gen-adapter-pick",
+                           allow_custom_value=True,
+                           info="one entry per adapter: a run's kohya file, with the other formats it also wrote")
         scale = gr.Number(value=1.0, label="Scale", scale=1, elem_id="gen-adapter-scale")
         add = gr.Button("Add adapter", scale=1, elem_id="gen-adapter-add")
     table = gr.Dataframe(headers=["adapter", "scale", "with its word embedding", "fit"], value=[], type="array",
