@@ -377,7 +377,7 @@ def test_6_generate_with_the_adapter(page, server):
     fill(page, "gen-adapter-scale", 0)
     page.locator("#gen-adapter-add").click()
     wait_for(page, lambda: "copy.safetensors" in page.locator("#gen-adapters").inner_text(), 90, "second-row")
-    boxes = page.locator("#gen-adapters input[type=checkbox]")
+    boxes = page.locator("#gen-adapters tbody input[type=checkbox]")   # the rows (the header has one too)
     wait_for(page, lambda: boxes.count() == 2, 20, "embedding-boxes")
     boxes.nth(1).click()
     wait_for(page, lambda: not boxes.nth(1).is_checked(), 10, "embedding-unticked")
