@@ -308,8 +308,14 @@ def test_3_stop_and_resume(page, server):
     run = server["ws"] / "runs" / "first"
     assert any((run / "checkpoints").glob("step_*"))
     shot(page, "04-stopped")
+    wait_for(page, lambda: page.locator("#sd-stop").is_disabled(), 10, "stop-disabled-when-stopped")
     page.locator("#sd-resume").click()
     wait_for(page, lambda: state(page)[0] == "running" and state(page)[1] > stopped_at, 120, "resumed")
+    assert page.locator("#sd-resume").is_disabled()   # nothing to resume while it runs
+    page.reload()   # a reload during a run: the form shows that run's config (test_2 set 400 steps, samples every 3)
+    page.locator("#sd-start").wait_for()
+    wait_for(page, lambda: page.locator("#sd-train-max_steps input").input_value() == "400", 20, "form-after-reload")
+    assert page.locator("#sd-train-sample_every input").input_value() == "3"
     resumed_from = json.loads((run / "status.json").read_text())["resumed_from"]
     assert resumed_from == str(run / "checkpoints" / f"step_{stopped_at:08d}")
     shot(page, "05-resumed")
@@ -464,6 +470,7 @@ def test_8c_compare_grid_fills_in_and_cells_show_parameters(page, server):
     progress = page.locator("#cmp-grid-progress .run-progress")
     wait_for(page, lambda: progress.count() and progress.get_attribute("data-state") == "done", 180, "grid-done")
     assert progress.get_attribute("data-step") == "4"
+    assert "4 / 4 cells" in progress.inner_text() and "ETA" not in progress.inner_text()
     cells = page.locator("#cmp-grid-cells img")
     wait_for(page, lambda: cells.count() == 4, 20, "grid-cells")
     page.locator("#cmp-grid-image img").first.wait_for()
@@ -518,6 +525,14 @@ def test_8e_llm_checkpoints_on_eval_metrics(page, server):
     assert (run / "checkpoints" / "step_00000002" / "eval.json").is_file()
     page.locator("#cmp-llm-plot img").first.wait_for()
     shot(page, "16-llm-checkpoint-metrics")
+    page.get_by_role("tab", name="Text tasks").click()   # the run panel: its eval metrics beside the loss
+    page.locator("#llm-refresh").click()
+    choose(page, "llm-run-select", "lm")
+    metrics = page.locator("#llm-metrics")
+    wait_for(page, lambda: "accuracy" in metrics.inner_text(), 20, "llm-panel-metrics")
+    acc = json.loads((run / "eval.json").read_text())["accuracy"]
+    assert f"accuracy {acc:.4g}" in metrics.inner_text()
+    shot(page, "17-llm-run-panel-metrics")
 
 
 def test_9_ctrl_c_stops_cleanly(server):
