@@ -446,3 +446,11 @@ def test_generate_picker_lists_one_entry_per_adapter_with_its_formats(ctrl):
         ("outputs/adapters/c.safetensors (kohya)", "outputs/adapters/c.safetensors"),
         ("runs/r2/lora.safetensors (kohya; also diffusers: pytorch_lora_weights.safetensors)", "runs/r2/lora.safetensors"),
         ("runs/r2/lora_ema.safetensors (kohya)", "runs/r2/lora_ema.safetensors")]
+
+
+def test_the_dataset_browser_gives_a_folder_inside_the_workspace(ctrl, tmp_path):
+    demo = ctrl.ws.datasets / "demo"
+    image = sorted(demo.glob("*.png"))[0]
+    assert ctrl.uploads.folder_of(str(image)) == "datasets/demo" == ctrl.uploads.folder_of(str(demo))
+    with pytest.raises(PathError):
+        ctrl.uploads.folder_of(str(tmp_path))
