@@ -60,6 +60,7 @@ class RunDir:
         self.config = self.path / "config.toml"
         self.status_file = self.path / "status.json"
         self.metrics = self.path / "metrics.jsonl"
+        self.metric_sinks: list = []   # callables given each metrics line after it is written
         self.log_file = self.path / "train.log"
         self.samples = self.path / "samples"
         self.checkpoints_dir = self.path / "checkpoints"
@@ -124,6 +125,8 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.metric_sinks:   # e.g. Accelerate's trackers (train.log_with)
+            sink(record)
 
     def drop_metrics_after(self, step: int) -> int:
         """A resume from a checkpoint at `step` trains the later steps again: their metrics lines (and a line

@@ -11,6 +11,7 @@ LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "c
                       "inverse_sqrt"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+LogWith = Literal["", "tensorboard", "wandb"]   # Accelerate's trackers (lora_core.training.open_trackers)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class TrainSettings(Checked, section="train"):
     seed: int = option(42, "seed of initialisation, data order and dropout", ge=0, lt=2**32)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
     log_every: int = option(1, "write a metrics line every N steps", ge=1)
+    log_with: LogWith = option("", "also send each metrics line to Accelerate's tracker: 'tensorboard' (RUN/tensorboard, "
+                                   "`tensorboard --logdir RUN/tensorboard`; the [tensorboard] extra) or 'wandb' (needs "
+                                   "wandb and `wandb login`); empty: metrics.jsonl only")
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps; 0: only at the end (and on stop)", ge=0)
     keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted); 0: keep all", ge=0)
     sample_every: int = option(0, "validation samples every N steps; 0: only at the end", ge=0)

@@ -386,4 +386,43 @@ def train(*, accelerator, run: RunDir, model: nn.Module, dataloader, loss_fn: Ca
     engine = TorchEngine(accelerator, model, dataloader, loss_fn, settings, ema=ema, part_lrs=part_lrs)
     loop = TrainLoop(run, settings, engine, main=accelerator.is_main_process, export_fn=export_fn,
                      sample_fn=sample_fn, status_fields=status_fields, finish_fn=finish_fn, val_fn=val_fn)
-    return loop.run_loop(resume)
+    trackers = open_trackers(settings.log_with, run) if accelerator.is_main_process else []
+    sinks = [lambda rec: log_to_trackers(trackers, rec)] if trackers else []
+    run.metric_sinks += sinks
+    try:
+        return loop.run_loop(resume)
+    finally:
+        for sink in sinks:
+            run.metric_sinks.remove(sink)
+        for t in trackers:
+            t.finish()
+
+
+# ------------------------------------------------------------------ train.log_with: Accelerate's trackers
+TRACKER_PACKAGES = {"tensorboard": "tensorboard (or the [tensorboard] extra)", "wandb": "wandb, then `wandb login`"}
+
+
+def open_trackers(name: str, run: RunDir) -> list:
+    """The Accelerate tracker train.log_with names, started ([] when empty): TensorBoard writes RUN/tensorboard,
+    W&B a run named after the run folder in the project "lora-workbench"."""
+    if not name:
+        return []
+    from accelerate import tracking   # lazy: it looks for the tracker packages when imported
+    available = {"tensorboard": tracking.is_tensorboard_available, "wandb": tracking.is_wandb_available}[name]
+    if not available():
+        raise MissingPackageError(f"train.log_with = {name!r} needs {name}, which is not installed: pip install "
+                                  f"{TRACKER_PACKAGES[name]}; or leave train.log_with empty")
+    if name == "tensorboard":
+        tracker = tracking.TensorBoardTracker("tensorboard", run.path)
+    else:
+        tracker = tracking.WandBTracker("lora-workbench", name=run.path.name, dir=str(run.path))
+    tracker.start()
+    return [tracker]
+
+
+def log_to_trackers(trackers: list, record: dict) -> None:
+    """A metrics line's numbers (loss, lr, step_time, val_loss, eval metrics) as train/<key> at its step."""
+    values = {f"train/{k}": v for k, v in record.items()
+              if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for t in trackers:
+        t.log(values, step=record.get("step"))

@@ -9,6 +9,7 @@ declarations (lora_core.fields), the same ones that drive validation, the CLIs' 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -76,6 +77,7 @@ ADVANCED_SD_TRAIN = [
           info="a held-out folder (absolute path); empty: none, or use Validation fraction"),
     Field("data.val_fraction", "Validation fraction", group="advanced"),
     Field("train.val_every", "Validation loss every N steps", group="advanced"),
+    Field("train.log_with", "Also log to (TensorBoard / W&B)", group="advanced"),
 ]
 
 
@@ -160,12 +162,15 @@ LLM_FIELDS = [
     Field("data.max_train_examples", "Max training examples", info="0: all"),
     Field("data.max_eval_examples", "Max evaluation examples", info="0: all"),
     Field("data.max_length", "Max tokens per example"),
-    Field("lora.target_modules", "Targets", info="comma-separated module names, or re:<regex>"),
+    Field("lora.target_modules", "Targets",
+          info="comma-separated module names, or re:<regex>; on GPT-2 q_proj / k_proj / v_proj train those "
+               "slices of its fused c_attn (the default q_proj, v_proj = c_attn's q and v slices), o_proj its c_proj"),
     *RANK_AND_STEPS,
     Field("train.seed", "Seed"),
     Field("data.class_weights", "Class weights", group="advanced"),
     Field("train.head_learning_rate", "Head learning rate", group="advanced",
           info="classification tasks: the head's own learning rate; 0: Learning rate"),
+    Field("train.log_with", "Also log to (TensorBoard / W&B)", group="advanced"),
     *ADVANCED_LORA,
 ]
 
@@ -184,3 +189,17 @@ def bind(fields, config_class: type) -> tuple:
                           if spec is not None else "")
         out.append(dataclasses.replace(f, kind=kind, choices=choices, info=info, spec=spec))
     return tuple(out)
+
+
+def blame(fields, message: str) -> tuple[Optional[Field], str]:
+    """(the field a config message is about, the message in the form's words): "config: lora.r must be a
+    positive integer; got -3" and "Rank (lora.r): ..." -> (the Rank field, "Rank: must be a positive integer;
+    got -3"). (None, message) when it names none of `fields`."""
+    for f in sorted(fields, key=lambda f: -len(f.key)):   # the longest key first (lora.r vs lora.rank_pattern)
+        m = re.search(rf"(?:{re.escape(f.where)}|(?:^[\w.-]+: )?(?<![\w.]){re.escape(f.key)}(?![\w.]))[:,]?\s*",
+                      message)
+        if m and m.start() == 0:
+            return f, f"{f.label}: {message[m.end():]}"
+        if m:
+            return f, f"{message[:m.start()]}{f.label} {message[m.end():]}".strip()
+    return None, message

@@ -15,6 +15,7 @@ class Page:
         self.queue_table = None        # set by the tab that shows the queue (Train)
         self.adapter_table = None      # set by the Adapters tab
         self.adapter_lists: list = []  # dropdowns listing the workspace's adapter files
+        self.adapter_pickers: list = []  # dropdowns listing one entry per adapter, with its formats
         self.compare_sources = None    # the Compare tab's runs / adapters picker
         self._polls: list[tuple[list, list, Callable]] = []
         self._loads: list[tuple[list, Callable]] = []
@@ -41,12 +42,14 @@ class Page:
     # ------------------------------------------------------------ adapter lists
     @property
     def adapter_outputs(self) -> list:
-        return ([self.adapter_table] if self.adapter_table is not None else []) + self.adapter_lists
+        return ([self.adapter_table] if self.adapter_table is not None else []) + self.adapter_lists + \
+            self.adapter_pickers
 
     def adapter_values(self) -> list:
-        files = self.ctrl.adapters.files()
+        files, entries = self.ctrl.adapters.files(), self.ctrl.adapters.entries()
         table = [self.ctrl.adapters.rows()] if self.adapter_table is not None else []
-        return table + [gr.update(choices=files) for _ in self.adapter_lists]
+        return table + [gr.update(choices=files) for _ in self.adapter_lists] + \
+            [gr.update(choices=entries) for _ in self.adapter_pickers]
 
     # ------------------------------------------------------------ wiring, once every tab is built
     def finish(self, demo: gr.Blocks) -> None:

@@ -109,8 +109,9 @@ STATE_COLORS = {"running": "#2563eb", "done": "#16a34a", "failed": "#dc2626", "s
                 "stopping": "#d97706", "queued": "#6b7280", "none": "#6b7280"}
 
 
-def progress_html(snap: RunSnapshot) -> str:
-    """A progress bar with step, ETA and the state (plain HTML, no scripts)."""
+def progress_html(snap: RunSnapshot, unit: str = "step") -> str:
+    """A progress bar with the state and step, loss and ETA (plain HTML, no scripts); another `unit` ("cells",
+    "tasks"): the units done of all, without loss and ETA."""
     pct = 100 * snap.fraction
     color = STATE_COLORS.get(snap.state, "#6b7280")
     eta = format_eta(snap.eta_s) if snap.state == "running" else "--"
@@ -122,13 +123,47 @@ def progress_html(snap: RunSnapshot) -> str:
         f'<div style="display:flex;justify-content:space-between;font-size:14px">'
         f'<span><b>{html.escape(snap.path.name)}</b> &middot; <span class="run-state" style="color:{color}">'
         f'{html.escape(snap.state)}</span></span>'
-        f'<span>step <span class="run-step">{snap.step}</span> / {snap.max_steps} &middot; loss {loss} '
-        f'&middot; ETA {eta}</span></div>'
+        f'{_counts(snap, unit, loss, eta)}</div>'
         f'<div style="background:#e5e7eb;border-radius:4px;height:14px;margin-top:4px">'
         f'<div style="width:{pct:.1f}%;background:{color};height:14px;border-radius:4px"></div></div>{err}</div>')
 
 
-def gallery_items(snap: RunSnapshot, limit: int = 24) -> list[tuple[str, str]]:
-    """(path, caption) of the newest validation images, newest last."""
-    return [(str(p), p.stem) for p in snap.samples[-limit:]]
+SAMPLE_NAME = re.compile(r"step_(\d+)_(\d+)$")   # the trainer's samples/step_<step>_<prompt index>.png
 
+
+def sample_steps(snap: RunSnapshot) -> list[int]:
+    """The steps the run has validation images of, in order."""
+    return sorted({int(m.group(1)) for p in snap.samples if (m := SAMPLE_NAME.match(p.stem))})
+
+
+def sample_prompts(run_dir: Path) -> list[str]:
+    """The run's validation prompts (sample.prompts of its config.toml; [] when unreadable)."""
+    try:
+        prompts = read_toml(Path(run_dir) / "config.toml").get("sample", {}).get("prompts", [])
+    except (ValueError, TypeError):
+        return []
+    return [str(p) for p in prompts] if isinstance(prompts, list) else []
+
+
+def _counts(snap: RunSnapshot, unit: str, loss: str, eta: str) -> str:
+    done = f'<span class="run-step">{snap.step}</span> / {snap.max_steps}'
+    if unit != "step":   # a grid's cells, a suite's tasks
+        return f'<span>{done} {unit}</span>'
+    return f'<span>step {done} &middot; loss {loss} &middot; ETA {eta}</span>'
+
+
+def gallery_items(snap: RunSnapshot, step: Optional[int] = None, limit: int = 24) -> list[tuple[str, str]]:
+    """(path, caption) of the validation images at `step` (the newest step at or below it; None: the newest
+    step), each captioned "step N · <its prompt>"; images of another naming: the newest `limit`, by name."""
+    steps = sample_steps(snap)
+    if not steps:
+        return [(str(p), p.stem) for p in snap.samples[-limit:]]
+    at = max([s for s in steps if step is None or s <= step] or steps[:1])
+    prompts = sample_prompts(snap.path)
+    out = []
+    for p in snap.samples:
+        m = SAMPLE_NAME.match(p.stem)
+        if m and int(m.group(1)) == at:
+            i = int(m.group(2))
+            out.append((str(p), f"step {at} · {prompts[i] if i < len(prompts) else f'prompt {i}'}"))
+    return out

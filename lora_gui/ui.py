@@ -6,12 +6,13 @@ from __future__ import annotations
 import gradio as gr
 
 from .page import Page
-from .tabs import adapters, compare, generate, text, train
+from .tabs import adapters, compare, dataset, generate, text, train
 from .widgets import guard  # noqa: F401 (re-exported: the page's error guard)
 
-CSS = ".run-progress{padding:6px 2px}"
+# .field-error: the input a failed form action blames (lora_gui.widgets.JobForm.action)
+CSS = ".run-progress{padding:6px 2px} .field-error{box-shadow:0 0 0 2px #dc2626;border-radius:8px}"
 # the tabs in page order; the Train tab holds the queue table the later tabs update
-TABS = [train, generate, text, adapters, compare]
+TABS = [train, dataset, generate, text, adapters, compare]
 
 
 def build_app(ctrl) -> gr.Blocks:

@@ -3,14 +3,18 @@ and start) and the run monitor (progress, loss plot, gallery, log, stop/resume).
 from __future__ import annotations
 
 import functools
+import html
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
+from lora_core.run import FINAL_STATES
+
 from . import job_kinds, runview
-from .forms import Field
+from .errors import UserError
+from .forms import Field, blame
 from .jobs import LAUNCHERS
 from .services.plots import loss_figure
 
@@ -18,22 +22,38 @@ log = logging.getLogger("lora_gui")
 ACTIVE = "(active run)"
 
 
+def error_text(e: Exception, fn_name: str) -> str:
+    """The one line a failed action shows (a user error's message, a file problem naming the file)."""
+    if isinstance(e, gr.Error):
+        return str(e.message)
+    if isinstance(e, ValueError):   # ConfigError, PathError, QueueError, CliError, UserError
+        return str(e)
+    if isinstance(e, OSError):      # a file or disk problem (permissions, disk full): one line naming the file
+        return (f"{e.filename}: " if e.filename else "") + str(e.strerror or e)
+    log.exception("action %s failed", fn_name)   # a bug: logged in full, one line on the page
+    return f"internal error in {fn_name}: {type(e).__name__}: {e}"
+
+
+def show_error(text: str) -> None:
+    """The error toast (once; the outputs keep what they showed)."""
+    gr.Warning(html.escape(text, quote=False), title="Error")
+
+
+def error_html(text: str) -> str:
+    """The error line below a form's buttons ("" when there is none)."""
+    return f'<div class="form-error" style="color:#dc2626">{html.escape(text)}</div>' if text else ""
+
+
 def guard(fn):
-    """Turn a user error into a visible one-line message (gr.Error), never a stack trace."""
+    """A failed action shows its one-line message once (a toast, never a stack trace) and leaves every output
+    as it was (gr.skip()): an error never replaces a table, a picker or a gallery."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except ValueError as e:  # ConfigError, PathError, QueueError, CliError, UserError
-            raise gr.Error(str(e), print_exception=False) from None
-        except OSError as e:  # a file or disk problem (permissions, disk full): one line naming the file
-            where = f"{e.filename}: " if e.filename else ""
-            raise gr.Error(f"{where}{e.strerror or e}", print_exception=False) from None
-        except Exception as e:  # a bug: log it, show a one-line message
-            log.exception("action %s failed", fn.__name__)
-            raise gr.Error(f"internal error in {fn.__name__}: {type(e).__name__}: {e}", print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 (every failure ends in one line, see error_text)
+            show_error(error_text(e, fn.__name__))
+            return gr.skip()
     return wrapper
 
 
@@ -113,6 +133,8 @@ class JobForm:
                 self.load = gr.Button("Load", scale=1, elem_id=f"{p}-config-load")
             with gr.Row():
                 self.cfg_name = gr.Textbox(label="Save as (name)", scale=3, elem_id=f"{p}-config-name")
+                self.overwrite = gr.Checkbox(False, label="Overwrite", scale=1, elem_id=f"{p}-config-overwrite",
+                                             info="replace a saved config of that name (the old one is kept aside)")
                 self.save = gr.Button("Save", scale=1, elem_id=f"{p}-config-save")
         self.form = form(job_kinds.get(kind).fields, ctrl.configs.form_values(kind, base), p)
         self.inputs = self.form.inputs
@@ -124,6 +146,7 @@ class JobForm:
         with gr.Row():
             self.preview = gr.Button("Preview config + command", elem_id=f"{p}-preview")
             self.start = gr.Button(start_label, variant="primary", elem_id=f"{p}-start")
+        self.error = gr.HTML(elem_id=f"{p}-form-error")   # a failed Preview / Start / Save / Load, next to them
         self.toml = gr.Code(language=None, label="config.toml", lines=8, max_lines=24, elem_id=f"{p}-toml")
         self.cmd = gr.Textbox(label="Command", lines=2, elem_id=f"{p}-command")
 
@@ -136,38 +159,72 @@ class JobForm:
         """{key: value} of the form's fields in a handler's {component: value}."""
         return named(given, self.inputs)
 
+    def fill(self, data: dict) -> dict:
+        """The outputs that show config data `data` in the form: its base and every input."""
+        values = self.ctrl.configs.form_values(self.kind, data)
+        return {self.base: data, **{self.inputs[k]: v for k, v in values.items()}}
+
+    @property
+    def flag_outputs(self) -> list:
+        """What a form action reports its error to: the error line and the inputs (the field at fault is marked)."""
+        return [self.error, *self.inputs.values()]
+
+    def action(self, fn):
+        """Handler `fn` (returning {component: value}) whose failure is shown once: a toast, the line below the
+        buttons in the form's words ("Rank: must be a positive integer; got -3") and the field at fault
+        marked; every other output keeps what it showed."""
+        fields = job_kinds.get(self.kind).fields
+
+        @functools.wraps(fn)
+        def wrapper(*args):
+            try:
+                out, key, text = fn(*args), None, ""
+            except Exception as e:  # noqa: BLE001 (one line, see error_text)
+                f, text = blame(fields, error_text(e, fn.__name__))
+                out, key = {}, f.key if f is not None else None
+                show_error(text)
+            marks = {c: gr.update(elem_classes=["field-error"] if k == key else []) for k, c in self.inputs.items()}
+            for comp, mark in marks.items():
+                if comp in out:   # an input the action fills: its value and its (cleared) mark
+                    out[comp] = gr.update(value=out[comp], elem_classes=[])
+            return {**marks, **out, self.error: error_html(text)}
+        return wrapper
+
     def wire(self, page, monitor: "Monitor") -> None:
         ctrl, kind = self.ctrl, self.kind
 
-        @guard
         def preview(v):
-            return ctrl.runs.preview(kind, v[self.base], self.values(v), v[self.run_name], v[self.launcher])
+            run = v[self.run_name] or ctrl.runs.fresh_name(v[self.run_name])   # Start then uses this folder
+            toml, cmd = ctrl.runs.preview(kind, v[self.base], self.values(v), run, v[self.launcher])
+            return {self.toml: toml, self.cmd: cmd, self.run_name: run}
 
-        @guard
         def start(v):
             run, msg = ctrl.runs.start(kind, v[self.base], self.values(v), v[self.run_name], v[self.launcher])
             gr.Info(msg)
-            return gr.update(choices=[ACTIVE] + ctrl.runs.names(kind), value=run), msg, ctrl.runs.queue_rows()
+            return {monitor.select: gr.update(choices=[ACTIVE] + ctrl.runs.names(kind), value=run),
+                    monitor.message: msg, page.queue_table: ctrl.runs.queue_rows()}
 
-        @guard
         def load(choice):
             if not choice:
-                raise gr.Error("choose a saved config first", print_exception=False)
-            data, values = ctrl.configs.load(kind, choice)
+                raise UserError("choose a saved config first")
+            out = self.fill(ctrl.configs.load(kind, choice)[0])
             gr.Info(f"loaded {choice}")
-            return {self.base: data, **{self.inputs[k]: v for k, v in values.items()}}
+            return out
 
-        @guard
         def save(v):
-            msg = ctrl.configs.save(kind, v[self.base], self.values(v), v[self.cfg_name])
+            msg = ctrl.configs.save(kind, v[self.base], self.values(v), v[self.cfg_name], bool(v[self.overwrite]))
             gr.Info(msg)
-            return gr.update(choices=ctrl.configs.choices(kind))
+            return {self.choice: gr.update(choices=ctrl.configs.choices(kind))}
 
+        flags = self.flag_outputs
         self.wire_arch_note(page)
-        self.preview.click(preview, self.components, [self.toml, self.cmd])
-        self.start.click(start, self.components, [monitor.select, monitor.message, page.queue_table])
-        self.load.click(load, [self.choice], [self.base, *self.inputs.values()])
-        self.save.click(save, {self.cfg_name, *self.components}, [self.choice])
+        self.preview.click(self.action(preview), self.components, [self.toml, self.cmd, self.run_name, *flags],
+                           show_progress_on=[self.toml])
+        self.start.click(self.action(start), self.components,
+                         [monitor.select, monitor.message, page.queue_table, *flags], show_progress_on=[monitor.message])
+        self.load.click(self.action(load), [self.choice], [self.base, *flags], show_progress_on=[self.choice])
+        self.save.click(self.action(save), {self.cfg_name, self.overwrite, *self.components}, [self.choice, *flags],
+                        show_progress_on=[self.choice])
         page.on_load([self.choice], lambda: [gr.update(choices=ctrl.configs.choices(kind))])
 
     def wire_arch_note(self, page) -> None:
@@ -185,24 +242,36 @@ class JobForm:
             page.on_load(outputs, lambda c=comp, u=update: u(c.value))
 
 
-class Monitor:
-    """Progress bar, loss plot, validation gallery and log tail of one run, chosen in a dropdown."""
+STOPPABLE = ("queued", "running", "stopping")   # a second Stop while stopping sends SIGKILL
+RESUMABLE = ("stopped", "failed")
 
-    def __init__(self, ctrl, kind: str, gallery: bool):
+
+class Monitor:
+    """Progress bar, Stop / Resume (enabled when they can act), loss plot, validation gallery (a step slider
+    over the run's samples) and log tail of one run, chosen in a dropdown."""
+
+    def __init__(self, ctrl, kind: str, gallery: bool, metrics: bool = False):
         self.ctrl, self.kind = ctrl, kind
         p = job_kinds.get(kind).prefix + "-"
         with gr.Row():
             self.select = gr.Dropdown(choices=[ACTIVE] + ctrl.runs.names(kind), value=ACTIVE, label="Run",
-                                      elem_id=p + "run-select", scale=4)
+                                      elem_id=p + "run-select", scale=4,
+                                      info="choosing a run fills the form with its config.toml")
             self.refresh = gr.Button("Refresh list", size="sm", scale=1, elem_id=p + "refresh")
+            self.clone = gr.Button("Clone run", size="sm", scale=1, elem_id=p + "clone")
         self.progress = gr.HTML(elem_id=p + "progress")
         with gr.Row():
-            self.stop = gr.Button("Stop", variant="stop", elem_id=p + "stop")
-            self.resume = gr.Button("Resume", elem_id=p + "resume")
+            self.stop = gr.Button("Stop", variant="stop", elem_id=p + "stop", interactive=False)
+            self.resume = gr.Button("Resume", elem_id=p + "resume", interactive=False)
         self.message = gr.Markdown(elem_id=p + "run-message")
         self.plot = gr.Plot(label="Loss", elem_id=p + "loss-plot", format="png")
-        self.gallery = (gr.Gallery(label="Validation images", columns=6, height=220, elem_id=p + "gallery")
-                        if gallery else None)
+        # the run's evaluation metrics beside its loss (text tasks: eval.json / status.json / metrics.jsonl)
+        self.metrics = gr.Markdown(elem_id=p + "metrics") if metrics else None
+        self.gallery = self.step = None
+        if gallery:
+            self.gallery = gr.Gallery(label="Validation images", columns=6, height=220, elem_id=p + "gallery")
+            self.step = gr.Slider(0, 1, value=0, step=1, label="Validation images at step", elem_id=p + "sample-step",
+                                  info="the run's validation images of that step (the newest at or below it)")
         # one log record per line (no wrapping), exactly the tail's 12 lines: the newest is always in view
         self.log = gr.Code(language=None, label="Log (last lines)", lines=12, max_lines=12, wrap_lines=False,
                            interactive=False, show_line_numbers=False, elem_id=p + "log")
@@ -210,7 +279,8 @@ class Monitor:
 
     @property
     def outputs(self):
-        return [o for o in (self.progress, self.plot, self.gallery, self.log, self.sig) if o is not None]
+        return [o for o in (self.progress, self.plot, self.metrics, self.gallery, self.step, self.log, self.sig,
+                            self.stop, self.resume, self.message) if o is not None]
 
     def run_name(self, selected: str):
         if selected and selected != ACTIVE:
@@ -221,19 +291,43 @@ class Monitor:
         """New values only for what changed since this tab's last poll (gr.skip() for the rest)."""
         name = self.run_name(selected)
         if not name:
-            out = ['<div class="run-progress">No run yet: press Start.</div>', None, [], "", {}]
-            return out if self.gallery is not None else out[:2] + out[3:]
+            return self._shown(progress='<div class="run-progress">No run yet: press Start.</div>', plot=None,
+                               metrics="", gallery=[], log="", sig={}, state="none")
         try:
             snap = runview.snapshot(self.ctrl.runs.path(name))
         except ValueError:
             snap = runview.RunSnapshot(path=Path(name))
-        new = {"run": name, "n": len(snap.steps), "samples": len(snap.samples), "log": snap.log_tail}
+        new = {"run": name, "n": len(snap.steps), "samples": len(snap.samples), "log": snap.log_tail,
+               "state": snap.state}
         same = {k: sig.get(k) == new[k] for k in new}
-        plot = gr.skip() if same["run"] and same["n"] else loss_figure(snap)
-        gallery = gr.skip() if same["run"] and same["samples"] else runview.gallery_items(snap)
-        logt = gr.skip() if same["run"] and same["log"] else snap.log_tail
-        out = [runview.progress_html(snap), plot, gallery, logt, new]
-        return out if self.gallery is not None else out[:2] + out[3:]
+        out = dict(progress=runview.progress_html(snap), sig=new, state=snap.state)
+        if not (same["run"] and same["n"] and same["state"]):
+            out["plot"] = loss_figure(snap)
+            if self.metrics is not None:
+                out["metrics"] = self.ctrl.text_compare.metrics_line(snap.path)
+        if not (same["run"] and same["samples"]):   # new samples: the slider follows the newest step
+            steps = runview.sample_steps(snap)
+            lo, hi = (steps[0], steps[-1]) if len(steps) > 1 else (0, max(steps or [1]))
+            out.update(gallery=runview.gallery_items(snap), step=gr.update(
+                minimum=lo, maximum=hi, value=steps[-1] if steps else 0, interactive=len(steps) > 1))
+        if not (same["run"] and same["log"]):
+            out["log"] = snap.log_tail
+        if same["run"] and not same["state"] and snap.state in FINAL_STATES:
+            out["message"] = ""   # a "started" / "queued" line is about the run's start: cleared once it ended
+        return self._shown(**out)
+
+    def _shown(self, state: str, **values) -> list:
+        """The outputs' values: `values` by name, gr.skip() for the others; Stop / Resume from `state`."""
+        values.update(stop=gr.update(interactive=state in STOPPABLE), resume=gr.update(interactive=state in RESUMABLE))
+        names = ("progress", "plot", "metrics", "gallery", "step", "log", "sig", "stop", "resume", "message")
+        return [values.get(n, gr.skip()) for n in names if getattr(self, n) is not None]
+
+    def at_step(self, selected: str, step):
+        """The validation images of the slider's step."""
+        name = self.run_name(selected)
+        if not name:
+            return []
+        return runview.gallery_items(runview.snapshot(self.ctrl.runs.path(name)), int(step or 0))
 
     def choices(self, selected: str = ACTIVE):
         names = self.ctrl.runs.names(self.kind)
@@ -245,7 +339,7 @@ class Monitor:
         def chosen(selected: str, verb: str) -> str:
             name = self.run_name(selected)
             if not name:
-                raise gr.Error(f"no run to {verb}", print_exception=False)
+                raise UserError(f"no run to {verb}")
             return name
 
         @guard
@@ -264,20 +358,53 @@ class Monitor:
         self.resume.click(resume, [self.select, launcher], [self.message, page.queue_table])
         self.refresh.click(self.choices, [self.select], [self.select])
         self.select.change(lambda sel: self.poll(sel, {}), [self.select], self.outputs, show_progress="hidden")
+        if self.step is not None:
+            self.step.change(guard(self.at_step), [self.select, self.step], [self.gallery], show_progress="hidden")
         page.poll([self.select, self.sig], self.outputs, self.poll)
         page.on_load([self.select], lambda: [gr.update(choices=[ACTIVE] + ctrl.runs.names(self.kind))])
 
+    def follow(self, page, job: JobForm) -> None:
+        """The form follows the run: choosing a run (or a page load during one) fills the form from its
+        config.toml; Clone run also gives the run name a fresh one, so Start begins a new run from it."""
+        ctrl, kind = self.ctrl, self.kind
 
-def job_columns(page, kind: str, start_label: str, gallery: bool, extra=None, below_monitor=None) -> JobForm:
+        def run_config(selected):
+            name = selected if selected and selected != ACTIVE else ctrl.runs.running(kind)
+            return (name, job.fill(ctrl.runs.config(kind, name))) if name else (None, {})
+
+        def select(selected):
+            return run_config(selected)[1]
+
+        def clone(selected):
+            name, out = run_config(selected)
+            if name is None:
+                raise UserError("no run to clone: choose one in Run")
+            gr.Info(f"the form holds {name}'s config: press Start for a new run")
+            return {**out, job.run_name: ctrl.runs.fresh_name(name)}
+
+        targets = [job.base, *job.flag_outputs]
+        self.select.input(job.action(select), [self.select], targets, show_progress="hidden")
+        self.clone.click(job.action(clone), [self.select], [job.run_name, *targets], show_progress_on=[job.run_name])
+        on_load = job.action(lambda: select(ACTIVE))
+
+        def load() -> list:   # a page (re)loaded while a run of this kind runs: the form shows its config
+            out = on_load()
+            return [out.get(c, gr.skip()) for c in targets]
+        page.on_load(targets, load)
+
+
+def job_columns(page, kind: str, start_label: str, gallery: bool, extra=None, below_monitor=None,
+                metrics: bool = False) -> JobForm:
     """A training tab's two columns, wired: the job's form (left; `extra(form)` adds inputs below its
     fields) and its run monitor (right; `below_monitor(page)` adds panels under it)."""
     with gr.Row():
         with gr.Column(scale=1):
             job = JobForm(page.ctrl, kind, start_label, extra=extra)
         with gr.Column(scale=1):
-            monitor = Monitor(page.ctrl, kind, gallery=gallery)
+            monitor = Monitor(page.ctrl, kind, gallery=gallery, metrics=metrics)
             if below_monitor is not None:
                 below_monitor(page)
     job.wire(page, monitor)
     monitor.wire(page, job.launcher)
+    monitor.follow(page, job)
     return job

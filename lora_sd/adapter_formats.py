@@ -23,6 +23,7 @@ import json
 import math
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
@@ -181,6 +182,14 @@ def diffusers_alpha(packed: dict, comp: str, path: str, r: int) -> float:
 
 # ------------------------------------------------------------------ detection
 EMB_KEY = "emb_params"   # the one tensor of a kohya / AUTOMATIC1111 textual-inversion file (lora_sd.embeddings)
+SIBLING_SUFFIX = "_emb.safetensors"   # a run's <name>.safetensors adapter has its embedding in <name>_emb.safetensors
+
+
+def embedding_path(adapter_file) -> Path:
+    """Where [embedding] training writes the word embedding of an adapter file: <name>_emb.safetensors beside it
+    (torch-free: the GUI shows which adapters bring one)."""
+    p = Path(adapter_file)
+    return p.with_name(p.stem + SIBLING_SUFFIX)
 NOT_A_LORA_EMBEDDING = ("a textual-inversion embedding, not a LoRA: load it with `lora-sd generate --embedding FILE` "
                         "(a run's <name>_emb.safetensors also loads with its <name>.safetensors adapter)")
 

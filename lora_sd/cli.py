@@ -105,7 +105,8 @@ def _cmd_generate(a) -> int:
     if is_random_weights(pipe):
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     pipe.to(pick_device(a.device))
-    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or ())
+    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or (),
+                           skip_embeddings=a.skip_embedding or ())
     for r in report:
         what = f"the word {r['word']!r}" if "word" in r else f"{r['matched_modules']} modules matched"
         print(f"adapter {r['file']} ({r['format']}): {what}, scale {r['scale']}")
@@ -191,10 +192,15 @@ def _cmd_inspect(a) -> int:
 
 
 def _cmd_check_dataset(a) -> int:
-    from .data import scan  # lazy: torch (--help stays torch-free)
+    from .data import make_buckets, scan  # lazy: torch (--help stays torch-free)
     rep = scan(a.dir, a.caption_extension)
     d = rep.to_dict(need_captions=not a.no_captions_needed)
     if a.json:
+        if a.resolution and (a.resolution < 8 or a.bucket_step < 8) or a.resolution < 0:
+            raise ValueError(f"--resolution {a.resolution} --bucket-step {a.bucket_step}: both at least 8 "
+                             "(--resolution 0: no buckets)")
+        buckets = make_buckets(a.resolution, a.bucket_step) if a.resolution else None
+        d.update(entries=rep.entries(buckets), corrupt_files=rep.corrupt)
         print(json.dumps(d, indent=2))
     else:
         print(f"{d['root']}: {d['images']} images, {d['captioned']} captioned, {d['corrupt']} corrupt, "
@@ -350,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="kohya or diffusers file (repeatable)")
     g.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file for its word "
                    "(repeatable); an adapter's own <name>_emb.safetensors ([embedding] training) loads with it")
+    g.add_argument("--skip-embedding", action="append", metavar="FILE", help="a --lora file whose own "
+                   "<name>_emb.safetensors is left out (repeatable): combine adapters trained with the same word")
     g.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
@@ -395,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("dir")
     d.add_argument("--caption-extension", default=".txt")
     d.add_argument("--no-captions-needed", action="store_true", help="the caption template has no {caption}")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="the report as JSON, with every image (file, caption, size, "
+                   "bucket, mask) and the unreadable ones with their reason")
+    d.add_argument("--resolution", type=int, default=0, help="with --json: each image's aspect bucket at this "
+                   "data.resolution (data.buckets)")
+    d.add_argument("--bucket-step", type=int, default=64, help="data.bucket_step of those buckets")
     d.set_defaults(fn=_cmd_check_dataset)
 
     _add_score_parsers(sub)

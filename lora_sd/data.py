@@ -77,6 +77,14 @@ class ScanReport:
                 "problems": self.problems(need_captions),
                 "ok": self._trainable(need_captions)}
 
+    def entries(self, buckets: Optional[list[tuple[int, int]]] = None) -> list[dict]:
+        """Every readable image in name order: file, caption ("" = none), size (w, h), repeats, the bucket it
+        trains in (with `buckets`; None: a square crop at data.resolution) and its mask file (or None)."""
+        return [{"file": str(i.path), "caption": i.caption, "size": list(i.size), "repeats": i.repeats,
+                 "bucket": list(pick_bucket(i.size, buckets)) if buckets else None,
+                 "mask": str(i.mask) if i.mask else None}
+                for i in sorted(self.items + self.missing_captions, key=lambda i: str(i.path))]
+
     def _usable(self, need_captions: bool) -> list[ImageItem]:
         return self.items + ([] if need_captions else self.missing_captions)
 

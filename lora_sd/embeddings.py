@@ -20,10 +20,9 @@ from torch import nn
 from lora_core.errors import LoraLoadError
 from lora_core.io import atomic_save_safetensors
 
-from .adapter_formats import EMB_KEY
+from .adapter_formats import EMB_KEY, embedding_path
 
 WORD_KEY = "lora_sd.token"      # metadata: the word the vector was trained for
-SIBLING_SUFFIX = "_emb.safetensors"   # a run's <name>.safetensors adapter has its embedding in <name>_emb.safetensors
 TOKEN_VECTORS = ".token_embedding.vectors"   # the trained vectors' parameter name (CLIP's embedding attribute)
 
 
@@ -125,12 +124,6 @@ def read_embedding(path) -> tuple[str, torch.Tensor]:
     if not torch.isfinite(vec).all():
         raise LoraLoadError(f"--embedding {path}: the vector holds NaN or inf")
     return word, vec.reshape(-1).float()
-
-
-def embedding_path(adapter_file) -> Path:
-    """Where [embedding] training writes the word embedding of an adapter file: <name>_emb.safetensors beside it."""
-    p = Path(adapter_file)
-    return p.with_name(p.stem + SIBLING_SUFFIX)
 
 
 def sibling_embedding(adapter_file) -> Optional[Path]:

@@ -65,11 +65,17 @@ def pipeline_components(pipe) -> dict:
     return {n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
 
 
-def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, embeddings=()) -> list[dict]:
+def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, embeddings=(),
+                  skip_embeddings=()) -> list[dict]:
     """Add each (file, scale) as its own adapter (strict key matching; a file holding NaN or inf, or
     given twice, is refused); optionally fuse them into the base. `embeddings`: textual-inversion files
     (lora_sd.embeddings) installed for their words at scale 1; an adapter trained with [embedding] brings
-    its own (<name>_emb.safetensors beside it) at the adapter's scale."""
+    its own (<name>_emb.safetensors beside it) at the adapter's scale, unless it is in `skip_embeddings`
+    (so two adapters trained with the same word combine: one brings the word, the other only its LoRA)."""
+    skip = {Path(p).resolve() for p in skip_embeddings}
+    unknown = skip - {Path(p).resolve() for p, _ in adapters}
+    if unknown:
+        raise LoraLoadError(f"--skip-embedding {sorted(map(str, unknown))[0]}: not one of the --lora files")
     check_adapter_list(adapters)
     comps = pipeline_components(pipe)
     report = []
@@ -85,7 +91,8 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, e
     if fuse and adapters:
         for m in comps.values():
             merge_lora(m)
-    own = [(e, scale) for path, scale in adapters if (e := sibling_embedding(path)) is not None]
+    own = [(e, scale) for path, scale in adapters
+           if (e := sibling_embedding(path)) is not None and Path(path).resolve() not in skip]
     for path, scale in own + [(e, 1.0) for e in embeddings]:
         if getattr(pipe, "text_encoder_2", None) is not None:
             raise LoraLoadError(f"--embedding {path}: embeddings are for SD 1.x / 2.x pipelines (one text encoder)")
@@ -98,11 +105,15 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, e
 def png_info(params: dict) -> PngImagePlugin.PngInfo:
     """`parameters` in AUTOMATIC1111's layout (other tools parse it) plus the full JSON in `lora_sd`."""
     info = PngImagePlugin.PngInfo()
-    loras = " ".join(f"<lora:{Path(a['file']).stem}:{a['scale']}>" for a in params.get("adapters", []))
+    adapters = params.get("adapters", [])
+    loras = " ".join(f"<lora:{Path(a['file']).stem}:{a['scale']}>" for a in adapters if a.get("format") != "embedding")
+    embeddings = ", ".join(f"{a.get('word', '')}: {Path(a['file']).stem} x{a['scale']}" for a in adapters
+                           if a.get("format") == "embedding")   # a word's vector, not a LoRA
     a1111 = (f"{params['prompt']} {loras}".strip() + "\n"
              f"Negative prompt: {params.get('negative_prompt', '')}\n"
              f"Steps: {params['steps']}, Sampler: {params['scheduler']}, CFG scale: {params['guidance_scale']}, "
-             f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, Model: {params.get('model', '')}")
+             f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, Model: {params.get('model', '')}"
+             + (f", Embeddings: \"{embeddings}\"" if embeddings else ""))
     info.add_text("parameters", a1111)
     info.add_text("lora_sd", json.dumps(params, sort_keys=True))
     return info

@@ -202,28 +202,6 @@ def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps:
     return meta
 
 
-class _MetricsRun(RunDir):
-    """The run folder, mirroring each metrics line to TensorBoard (RUN/tensorboard) when it is installed."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self._tb = None
-
-    def append_metrics(self, record: dict) -> None:
-        super().append_metrics(record)
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter   # lazy: tensorboard is optional
-                self._tb = SummaryWriter(str(self.path / "tensorboard"))
-            except ImportError:
-                self._tb = False
-        if self._tb:
-            for k in ("loss", "lr", "step_time", "val_loss"):
-                if k in record:
-                    self._tb.add_scalar(f"train/{k}", record[k], record["step"])
-            self._tb.flush()
-
-
 def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=None, pipe=None,
                  overwrite: bool = False) -> dict:
     """Train as configured; returns the final status dict (see lora_core.run). The run folder's rules
@@ -238,7 +216,7 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
     def body(run: RunDir, items) -> dict:
         return _run(cfg, run, accelerator, resume, pipe, items)
 
-    return run_job("sd-train", _MetricsRun(cfg.run_dir), body, config=cfg, resume=resume, overwrite=overwrite,
+    return run_job("sd-train", RunDir(cfg.run_dir), body, config=cfg, resume=resume, overwrite=overwrite,
                    resume_rules=SD_RESUME, main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
                    validate=lambda: checked_items(cfg.data, cfg.embedding.token))   # dataset errors before anything is written
 

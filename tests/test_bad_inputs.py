@@ -245,6 +245,8 @@ SD_CASES = [
                      "--lora", "{adapters}/style.safetensors", "--out", "{tmp}/m"], 2, ["twice"]),
     ("check-missing-folder", ["check-dataset", "{root}/no-such-data"], 2, ["no-such-data", "not a folder"]),
     ("check-a-file", ["check-dataset", "{root}/a_file"], 2, ["a_file", "not a folder"]),
+    ("check-bad-buckets", ["check-dataset", "{data}/empty", "--json", "--resolution", "4"], 2,
+     ["--resolution 4", "at least 8"]),
     ("check-empty", ["check-dataset", "{data}/empty"], 1, ["empty", "no readable images"]),
     ("check-zero-repeats", ["check-dataset", "{data}/zero"], 1, ["0 samples per epoch"]),
     ("check-caption-not-utf8", ["check-dataset", "{data}/badcap"], 2, ["img_0_1.txt", "UTF-8"]),

@@ -145,6 +145,144 @@ def test_1b_base_model_architecture_and_the_sdxl_section(page):
     wait_for(page, lambda: "SD 1.x" in note.inner_text() and not section.is_visible(), 30, "the SD 1.x note")
 
 
+def _no_error_box(pg, elem_id):
+    """The component shows no Gradio error state (the red "Error" box an exception used to leave)."""
+    return "Error" not in pg.locator(f"#{elem_id}").inner_text()
+
+
+def _kohya_file(path, r=2):
+    from safetensors.torch import save_file
+    import torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_a_to_q.lora_down.weight": torch.zeros(r, 8),
+               "lora_unet_a_to_q.lora_up.weight": torch.zeros(8, r)}, str(path))
+
+
+def test_1c_errors_keep_what_the_page_shows(page, server):
+    """A failed action leaves the table, the picker and the form as they were; its message shows once, the
+    form's in its own words beside the buttons with the field marked; a good action clears it."""
+    _kohya_file(server["ws"] / "outputs" / "adapters" / "a.safetensors")
+    _kohya_file(server["ws"] / "outputs" / "adapters" / "b.safetensors")
+    page.get_by_role("tab", name="Adapters").click()
+    page.locator("#adapters-refresh").click()
+    table = page.locator("#adapters-table")
+    wait_for(page, lambda: "outputs/adapters/a.safetensors" in table.inner_text(), 20, "adapter-rows")
+    fill(page, "adapters-file", "outputs/adapters/a.safetensors")
+    page.keyboard.press("Enter")
+    page.locator("#adapters-convert").locator("xpath=..").get_by_label("Output file name").fill("b")
+    page.locator("#adapters-convert").click()
+    toast(page, "outputs/adapters/b.safetensors exists already")
+    assert page.get_by_text("outputs/adapters/b.safetensors exists already").count() == 1   # shown once
+    page.wait_for_timeout(2500)   # a poll later, the table and the picker still show the files
+    assert "outputs/adapters/a.safetensors" in table.inner_text() and _no_error_box(page, "adapters-table")
+    assert page.locator("#adapters-file input").input_value() == "outputs/adapters/a.safetensors"
+    shot(page, "01c-error-keeps-the-table")
+
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+    page.locator("#sd-preview").click()
+    cmd = page.locator("#sd-command textarea")
+    wait_for(page, lambda: "--run-dir" in cmd.input_value(), 20, "good-preview")
+    shown = cmd.input_value()
+    fill(page, "sd-train-learning_rate", 0)
+    page.locator("#sd-preview").click()
+    error = page.locator("#sd-form-error")
+    wait_for(page, lambda: "Learning rate: must be" in error.inner_text(), 20, "form-error")
+    assert "train.learning_rate" not in error.inner_text() and "config:" not in error.inner_text()
+    assert "field-error" in page.locator("#sd-train-learning_rate").get_attribute("class")
+    assert cmd.input_value() == shown and _no_error_box(page, "sd-command")   # the last good preview stays
+    shot(page, "01c-form-error-marks-the-field")
+    fill(page, "sd-train-learning_rate", 0.003)
+    page.locator("#sd-preview").click()
+    wait_for(page, lambda: error.inner_text().strip() == "", 20, "form-error-cleared")
+    assert "field-error" not in (page.locator("#sd-train-learning_rate").get_attribute("class") or "")
+
+
+def test_1d_the_form_follows_the_selected_run(page, server):
+    """Choosing a run fills the form from its config.toml (also after a reload); Stop / Resume are enabled
+    only when they can act; the validation images carry their step and prompt, with a step slider; Clone
+    run and Preview name the folder Start will use; saving over a config needs Overwrite."""
+    ws = server["ws"]
+    run = ws / "runs" / "seven"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.toml").write_text(
+        f'run_dir = "{run}"\n[data]\npath = "{ws / "datasets" / "demo"}"\n[lora]\nr = 7\n'
+        '[train]\nmax_steps = 6\n[sample]\nprompts = ["a purple circle", "a purple square"]\n')
+    (run / "status.json").write_text(json.dumps({"state": "stopped", "kind": "sd-train", "step": 4, "max_steps": 6}))
+    demo = sorted((ws / "datasets" / "demo").glob("*.png"))
+    for step in (2, 4):
+        for i in (0, 1):
+            shutil.copy(demo[step + i], run / "samples" / f"step_{step:06d}_{i}.png")
+    page.reload()
+    page.locator("#sd-start").wait_for()
+    assert page.locator("#sd-lora-r input").input_value() != "7"   # nothing runs: the form keeps its config
+    choose(page, "sd-run-select", "seven")
+    wait_for(page, lambda: page.locator("#sd-lora-r input").input_value() == "7", 20, "form-follows-run")
+    assert page.locator("#sd-train-max_steps input").input_value() == "6"
+    wait_for(page, lambda: page.locator("#sd-resume").is_enabled(), 20, "resume-enabled")
+    assert page.locator("#sd-stop").is_disabled()
+    gallery = page.locator("#sd-gallery")
+    wait_for(page, lambda: "step 4 · a purple square" in gallery.inner_text(), 20, "gallery-labels")
+    assert "step 2" not in gallery.inner_text()
+    fill(page, "sd-sample-step", 2)
+    page.keyboard.press("Enter")
+    wait_for(page, lambda: "step 2 · a purple circle" in gallery.inner_text(), 20, "slider-step-2")
+    shot(page, "01d-form-follows-run")
+    page.locator("#sd-clone").click()
+    wait_for(page, lambda: page.locator("#sd-run-name input, #sd-run-name textarea").first.input_value() == "seven-2", 20, "clone-name")
+    page.locator("#sd-preview").click()
+    cmd = page.locator("#sd-command textarea")
+    wait_for(page, lambda: str(ws / "runs" / "seven-2") in cmd.input_value(), 20, "preview-folder")
+    page.get_by_text("Config file (save / load", exact=False).click()
+    fill(page, "sd-config-name", "seven")
+    page.locator("#sd-config-save").click()
+    toast(page, "saved configs/seven.toml")
+    page.locator("#sd-config-save").click()
+    toast(page, "exists already: tick Overwrite")
+    page.locator("#sd-config-overwrite input").check()
+    page.locator("#sd-config-save").click()
+    toast(page, "the old one is configs/seven.toml.old-")
+    assert "r = 7" in (ws / "configs" / "seven.toml").read_text()
+    page.get_by_text("Config file (save / load", exact=False).click()
+    page.reload()   # back to the default form for the steps below
+    page.locator("#sd-start").wait_for()
+    fill(page, "sd-run-name", "")
+
+
+def test_1e_dataset_tab_edits_captions_on_disk(page, server):
+    """Dataset: pages of the demo's images with captions and buckets; a caption edited in place lands in its
+    .txt sidecar and is what the tab shows after a reload."""
+    demo = server["ws"] / "datasets" / "demo"
+    page.get_by_role("tab", name="Dataset").click()
+    choose(page, "ds-folder", "datasets/demo")
+    page.locator("#ds-open").click()
+    gallery = page.locator("#ds-gallery")
+    wait_for(page, lambda: gallery.locator("img").count() == 12, 60, "dataset-page-1")
+    assert "of 2" in page.locator("#ds-pages").inner_text()
+    assert "20 images, 20 captioned" in page.locator("#ds-summary").inner_text()
+    page.locator("#ds-next").click()
+    wait_for(page, lambda: gallery.locator("img").count() == 8, 20, "dataset-page-2")
+    gallery.locator("img").first.click()
+    caption = page.locator("#ds-caption textarea")
+    wait_for(page, lambda: caption.input_value() != "", 20, "caption-shown")
+    image = server["ws"] / page.locator("#ds-file textarea, #ds-file input").first.input_value()
+    assert image.parent == demo and image.with_suffix(".txt").read_text().strip() == caption.input_value()
+    caption.fill("a purple circle, edited in the browser")
+    page.locator("#ds-save").click()
+    toast(page, f"saved datasets/demo/{image.stem}.txt")
+    assert image.with_suffix(".txt").read_text() == "a purple circle, edited in the browser\n"
+    shot(page, "01e-dataset-tab")
+    page.reload()
+    page.get_by_role("tab", name="Dataset").click()
+    choose(page, "ds-folder", "datasets/demo")
+    page.locator("#ds-open").click()
+    wait_for(page, lambda: gallery.locator("img").count() == 12, 60, "dataset-reopened")
+    page.locator("#ds-next").click()
+    wait_for(page, lambda: gallery.locator("img").count() == 8, 20, "dataset-page-2-again")
+    gallery.locator("img").first.click()
+    wait_for(page, lambda: caption.input_value() == "a purple circle, edited in the browser", 20, "caption-kept")
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+
+
 def test_2_train_shows_loss_plot_and_validation_images(page):
     fill(page, "sd-run-name", "first")
     fill(page, "sd-train-max_steps", 400)  # long enough to be stopped, resumed and queued behind
@@ -170,8 +308,14 @@ def test_3_stop_and_resume(page, server):
     run = server["ws"] / "runs" / "first"
     assert any((run / "checkpoints").glob("step_*"))
     shot(page, "04-stopped")
+    wait_for(page, lambda: page.locator("#sd-stop").is_disabled(), 10, "stop-disabled-when-stopped")
     page.locator("#sd-resume").click()
     wait_for(page, lambda: state(page)[0] == "running" and state(page)[1] > stopped_at, 120, "resumed")
+    assert page.locator("#sd-resume").is_disabled()   # nothing to resume while it runs
+    page.reload()   # a reload during a run: the form shows that run's config (test_2 set 400 steps, samples every 3)
+    page.locator("#sd-start").wait_for()
+    wait_for(page, lambda: page.locator("#sd-train-max_steps input").input_value() == "400", 20, "form-after-reload")
+    assert page.locator("#sd-train-sample_every input").input_value() == "3"
     resumed_from = json.loads((run / "status.json").read_text())["resumed_from"]
     assert resumed_from == str(run / "checkpoints" / f"step_{stopped_at:08d}")
     shot(page, "05-resumed")
@@ -226,11 +370,34 @@ def test_6_generate_with_the_adapter(page, server):
     page.locator("#gen-adapter-add").click()
     # the row's fit label describes the base once (`lora-sd inspect --base tiny`, a subprocess): slow on a busy CPU
     wait_for(page, lambda: adapter.name in page.locator("#gen-adapters").inner_text(), 90, "adapter-row")
+    # a second adapter trained with the same word (a copy of the run's, with its <name>_emb.safetensors):
+    # both embeddings cannot load (one vector per word), so its row leaves its embedding out
+    emb = adapter.with_name(adapter.stem + "_emb.safetensors")
+    assert emb.is_file()   # the demo config trains the word "purple" with its LoRA
+    copies = server["ws"] / "outputs" / "adapters"
+    copies.mkdir(parents=True, exist_ok=True)
+    shutil.copy(adapter, copies / "copy.safetensors")
+    shutil.copy(emb, copies / "copy_emb.safetensors")
+    fill(page, "gen-adapter-pick", "outputs/adapters/copy.safetensors")
+    page.keyboard.press("Enter")
+    fill(page, "gen-adapter-scale", 0)
+    page.locator("#gen-adapter-add").click()
+    wait_for(page, lambda: "copy.safetensors" in page.locator("#gen-adapters").inner_text(), 90, "second-row")
+    boxes = page.locator("#gen-adapters tbody input[type=checkbox]")   # the rows (the header has one too)
+    wait_for(page, lambda: boxes.count() == 2, 20, "embedding-boxes")
+    boxes.nth(1).click()
+    wait_for(page, lambda: not boxes.nth(1).is_checked(), 10, "embedding-unticked")
+    fill(page, "gen-n", 2)
     page.locator("#gen-go").click()
-    page.locator("#gen-gallery img").first.wait_for(timeout=120_000)
+    gallery = page.locator("#gen-gallery")
+    wait_for(page, lambda: gallery.locator("img").count() >= 2, 180, "two-images")
     assert "saved to outputs/generate/" in page.locator("#gen-message").inner_text()
+    assert "seed 0 ·" in gallery.inner_text() and "seed 1 ·" in gallery.inner_text()   # each its own seed
     out = next((server["ws"] / "outputs" / "generate").iterdir())
-    assert '"adapters": [' in (out / "params.json").read_text() and list(out.glob("*.png"))
+    used = json.loads((out / "params.json").read_text())["adapters"]
+    assert [(a["file"], a["scale"], a["embedding"]) for a in used] == [
+        (f"runs/second/{adapter.name}", 0.8, True), ("outputs/adapters/copy.safetensors", 0.0, False)]
+    assert len(list(out.glob("image_*.png"))) == 2
     shot(page, "09-generated-with-adapter")
 
 
@@ -303,6 +470,7 @@ def test_8c_compare_grid_fills_in_and_cells_show_parameters(page, server):
     progress = page.locator("#cmp-grid-progress .run-progress")
     wait_for(page, lambda: progress.count() and progress.get_attribute("data-state") == "done", 180, "grid-done")
     assert progress.get_attribute("data-step") == "4"
+    assert "4 / 4 cells" in progress.inner_text() and "ETA" not in progress.inner_text()
     cells = page.locator("#cmp-grid-cells img")
     wait_for(page, lambda: cells.count() == 4, 20, "grid-cells")
     page.locator("#cmp-grid-image img").first.wait_for()
@@ -357,6 +525,14 @@ def test_8e_llm_checkpoints_on_eval_metrics(page, server):
     assert (run / "checkpoints" / "step_00000002" / "eval.json").is_file()
     page.locator("#cmp-llm-plot img").first.wait_for()
     shot(page, "16-llm-checkpoint-metrics")
+    page.get_by_role("tab", name="Text tasks").click()   # the run panel: its eval metrics beside the loss
+    page.locator("#llm-refresh").click()
+    choose(page, "llm-run-select", "lm")
+    metrics = page.locator("#llm-metrics")
+    wait_for(page, lambda: "accuracy" in metrics.inner_text(), 20, "llm-panel-metrics")
+    acc = json.loads((run / "eval.json").read_text())["accuracy"]
+    assert f"accuracy {acc:.4g}" in metrics.inner_text()
+    shot(page, "17-llm-run-panel-metrics")
 
 
 def test_9_ctrl_c_stops_cleanly(server):

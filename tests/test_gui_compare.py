@@ -15,7 +15,7 @@ from lora_core.adapter_files import block_names, inspect
 from lora_core.configfile import read_toml, save_config, to_dict
 from lora_core.errors import ConfigError
 from lora_core.fields import field_specs
-from lora_gui import job_kinds
+from lora_gui import job_kinds, runview
 from lora_gui.controller import Controller
 from lora_gui.errors import UserError
 from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN
@@ -137,6 +137,8 @@ def test_grid_progress_from_a_half_written_folder(ctrl):
     Image.new("RGB", (32, 32), "red").save(out / "cells" / "r0_c1.png", pnginfo=info)
     snap = ctrl.grids.state("g")
     assert (snap.step, snap.max_steps, snap.state) == (1, 4, "stopped")
+    shown = runview.progress_html(snap, unit="cells")   # a grid's progress line counts cells, not steps
+    assert '<span class="run-step">1</span> / 4 cells' in shown and "loss" not in shown and "ETA" not in shown
     grid = ctrl.grids.folder("g")
     cells = grid.cells()
     assert [Path(p).name for p, _ in cells] == ["pending.png", "r0_c1.png", "pending.png", "pending.png"]

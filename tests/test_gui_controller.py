@@ -12,11 +12,13 @@ from lora_gui.adapter_scan import is_adapter
 from lora_gui.controller import Controller
 from lora_gui.errors import PathError, UserError
 from lora_gui.field_kinds import CHOICE, INTEGER, LINES, NAMES
-from lora_gui.forms import Field
+from lora_gui.config_data import validate
+from lora_gui.forms import Field, blame
 from lora_gui.job_kinds import KINDS
 from lora_gui.model_refs import resolve_model_ref
 from lora_gui.services.evals import eval_rows
 from lora_gui.services.plots import eval_figure
+from lora_gui import runview
 from lora_gui.workspace import Workspace
 from lora_sd.config import CROSS_ATTN, TARGET_PRESETS
 
@@ -125,6 +127,41 @@ def test_config_save_and_load_round_trip(ctrl):
             ctrl.configs.load("sd-train", bad)
     with pytest.raises(PathError):
         ctrl.configs.save("sd-train", None, vals, "../evil")
+
+
+def test_saving_under_a_taken_name_needs_overwrite(ctrl):
+    """A saved config is replaced only with an explicit Overwrite, and the old one is kept aside."""
+    base = ctrl.configs.default("sd-train")
+    ctrl.configs.save("sd-train", base, _values(ctrl, "sd-train", lora__r=16), "mine")
+    with pytest.raises(UserError, match="configs/mine.toml exists already: tick Overwrite"):
+        ctrl.configs.save("sd-train", base, _values(ctrl, "sd-train", lora__r=8), "mine")
+    assert tomllib.loads((ctrl.ws.configs / "mine.toml").read_text())["lora"]["r"] == 16
+    msg = ctrl.configs.save("sd-train", base, _values(ctrl, "sd-train", lora__r=8), "mine", overwrite=True)
+    aside = list(ctrl.ws.configs.glob("mine.toml.old-*"))
+    assert len(aside) == 1 and f"the old one is configs/{aside[0].name}" in msg
+    assert tomllib.loads(aside[0].read_text())["lora"]["r"] == 16
+    assert tomllib.loads((ctrl.ws.configs / "mine.toml").read_text())["lora"]["r"] == 8
+
+
+def test_the_form_follows_a_runs_config(ctrl):
+    """A run's config.toml fills the form (select run / clone); Preview names the folder Start will use."""
+    base = ctrl.configs.default("sd-train")
+    vals = _values(ctrl, "sd-train", lora__r=7, train__max_steps=3, data__resolution=32)
+    cfg = ctrl.configs.build("sd-train", base, vals)
+    run = ctrl.ws.runs / "seven"
+    run.mkdir(parents=True)
+    from lora_core.configfile import save_config
+    save_config(run / "config.toml", cfg)
+    data = ctrl.runs.config("sd-train", "seven")
+    assert ctrl.configs.form_values("sd-train", data) == vals
+    assert ctrl.runs.fresh_name("seven") == "seven-2" and ctrl.runs.fresh_name("new") == "new"
+    toml_text, cmd = ctrl.runs.preview("sd-train", data, vals, "seven-2", "python")
+    assert f"--run-dir {ctrl.ws.runs / 'seven-2'}" in cmd
+    (run / "config.toml").write_text("[lora]\nr = -3\n")
+    with pytest.raises(ConfigError, match="config.toml: lora.r"):
+        ctrl.runs.config("sd-train", "seven")
+    with pytest.raises(PathError):
+        ctrl.runs.config("sd-train", "../seven")
 
 
 def test_repo_demo_configs_load(ctrl):
@@ -243,7 +280,9 @@ def test_eval_rows_and_chart():
 
 # ---------------------------------------------------------------- error display and entry point
 @pytest.mark.slow
-def test_guard_shows_messages_not_tracebacks():
+def test_guard_shows_messages_not_tracebacks_and_keeps_the_outputs():
+    """A failed action shows one line (a toast; outside a page Gradio issues it as a warning) and returns
+    gr.skip(): every output (a table, a picker, a gallery) keeps what it showed."""
     import gradio as gr
     from lora_gui.ui import guard
 
@@ -255,12 +294,25 @@ def test_guard_shows_messages_not_tracebacks():
     def bug():
         raise KeyError("oops")
 
-    with pytest.raises(gr.Error) as e:
-        bad_value()
-    assert e.value.message == "'../x': '..' is not allowed in a path"
-    with pytest.raises(gr.Error) as e:
-        bug()
-    assert e.value.message.startswith("internal error in bug: KeyError")
+    with pytest.warns(UserWarning, match=r"'\.\./x': '\.\.' is not allowed in a path") as w:
+        assert bad_value() == gr.skip()
+    assert len(w) == 1
+    with pytest.warns(UserWarning, match="internal error in bug: KeyError"):
+        assert bug() == gr.skip()
+
+
+def test_errors_speak_the_forms_words():
+    """A config message names the field by its label, not its key: the field is marked on the page."""
+    fields = KINDS["sd-train"].fields
+    f, text = blame(fields, "config: lora.r must be a positive integer; got -3")
+    assert (f.key, text) == ("lora.r", "Rank: must be a positive integer; got -3")
+    f, text = blame(fields, "Dataset folder (data.path): '../x': '..' is not allowed in a path")
+    assert (f.key, text) == ("data.path", "Dataset folder: '../x': '..' is not allowed in a path")
+    assert blame(fields, "config: lora.rank_pattern: bad")[0].key == "lora.rank_pattern"   # not lora.r
+    assert blame(fields, "disk full") == (None, "disk full")
+    with pytest.raises(ConfigError) as e:   # the real message of a bad value, end to end
+        validate("sd-train", {"lora": {"r": -3}})
+    assert blame(fields, str(e.value))[1].startswith("Rank: ")
 
 
 def test_cli_defaults_are_safe():
@@ -278,3 +330,127 @@ def test_build_app(ctrl):
                    "eval-go", "eval-table", "adapters-table", "adapters-confirm", "tg-go"):
         assert needed in ids
 
+
+
+def test_validation_images_carry_their_step_and_prompt(tmp_path):
+    """The gallery shows one step's images (the newest at or below the slider), each "step N · <prompt>"."""
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.toml").write_text('[sample]\nprompts = ["a red circle", "a blue square"]\n')
+    for name in ("step_000002_0", "step_000002_1", "step_000010_0", "step_000010_1"):
+        (run / "samples" / f"{name}.png").write_bytes(b"")
+    snap = runview.snapshot(run)
+    assert runview.sample_steps(snap) == [2, 10]
+    labels = [c for _, c in runview.gallery_items(snap)]
+    assert labels == ["step 10 · a red circle", "step 10 · a blue square"]
+    assert [c for _, c in runview.gallery_items(snap, 9)] == ["step 2 · a red circle", "step 2 · a blue square"]
+
+
+def test_log_with_is_a_form_field_of_both_trainers(ctrl):
+    """train.log_with (TensorBoard / W&B through Accelerate's trackers) is chosen in the Advanced section."""
+    for kind in ("sd-train", "llm-train"):
+        field = next(f for f in KINDS[kind].fields if f.key == "train.log_with")
+        assert field.group == "advanced" and field.kind is CHOICE and "tensorboard" in field.choices
+        cfg = ctrl.configs.build(kind, ctrl.configs.default(kind), _values(ctrl, kind, train__log_with="tensorboard"))
+        assert cfg.train.log_with == "tensorboard"
+
+
+def test_text_run_panel_shows_its_eval_metrics_rounded(ctrl):
+    """Beside the loss: the final evaluation (status.json `eval`), else the newest metrics line holding one."""
+    run = ctrl.ws.runs / "lm"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 5, "loss": 1.5}\n{"step": 10, "loss": 1.2, "accuracy": 0.61234}\n')
+    assert ctrl.text_compare.metrics_line(run) == "Evaluation (step 10): accuracy **0.6123**"
+    (run / "status.json").write_text('{"state": "done", "step": 20, "eval": {"accuracy": 0.812345, "mcc": 0.25, '
+                                     '"n": 32}}')
+    assert ctrl.text_compare.metrics_line(run) == "Evaluation (step 20): accuracy **0.8123** · mcc **0.25**"
+    (run / "status.json").write_text('{"state": "running", "step": 3}')
+    (run / "metrics.jsonl").write_text('{"step": 3, "loss": 1.5}\n')
+    assert ctrl.text_compare.metrics_line(run) == ""
+
+
+def test_generate_rows_record_every_adapter_and_its_embedding_switch(ctrl):
+    """Each Generate row becomes --lora FILE:SCALE (scale 0 too, recorded in params.json); an adapter trained
+    with a word (<name>_emb.safetensors beside it) whose box is unticked gets --skip-embedding."""
+    for name in ("a", "b", "c"):
+        (ctrl.ws.outputs / "adapters").mkdir(parents=True, exist_ok=True)
+        (ctrl.ws.outputs / "adapters" / f"{name}.safetensors").write_bytes(b"")
+    (ctrl.ws.outputs / "adapters" / "a_emb.safetensors").write_bytes(b"")
+    (ctrl.ws.outputs / "adapters" / "b_emb.safetensors").write_bytes(b"")
+    rows = [["outputs/adapters/a.safetensors", 1.0, True, "?"], ["outputs/adapters/b.safetensors", 0, False, "?"],
+            ["outputs/adapters/c.safetensors", 0.5, True, "?"], ["", "", False, ""]]
+    args, used = ctrl.generation._adapter_args(rows)
+    a, b, c = (str(ctrl.ws.outputs / "adapters" / f"{n}.safetensors") for n in "abc")
+    assert args == ["--lora", f"{a}:1.0", "--lora", f"{b}:0.0", "--skip-embedding", b, "--lora", f"{c}:0.5"]
+    assert used == [{"file": "outputs/adapters/a.safetensors", "scale": 1.0, "has_embedding": True, "embedding": True},
+                    {"file": "outputs/adapters/b.safetensors", "scale": 0.0, "has_embedding": True, "embedding": False},
+                    {"file": "outputs/adapters/c.safetensors", "scale": 0.5, "has_embedding": False, "embedding": False}]
+
+
+@pytest.mark.slow
+def test_dataset_tab_shows_buckets_masks_rejects_and_edits_captions(ctrl):
+    """`lora-sd check-dataset --json` gives each image's caption, bucket and mask and the unreadable files; caption
+    edits land in the .txt sidecars (trigger word, find-and-replace, one image), and the check reads them back."""
+    from PIL import Image
+    folder = ctrl.ws.datasets / "mine"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (128, 64)).save(folder / "wide.png")
+    (folder / "wide.txt").write_text("a cat, red, sitting\n")
+    Image.new("RGB", (64, 128)).save(folder / "tall.png")
+    (folder / "tall.txt").write_text("a dog, red\n")
+    Image.new("L", (64, 128)).save(folder / "tall_mask.png")
+    Image.new("RGB", (64, 64)).save(folder / "bare.png")             # no caption
+    (folder / "broken.png").write_bytes(b"not a png")
+    view = ctrl.datasets.view("datasets/mine", resolution=64, bucket_step=16)
+    by_name = {Path(e["file"]).name: e for e in view.entries}
+    assert sorted(by_name) == ["bare.png", "tall.png", "wide.png"]
+    from lora_sd.data import make_buckets, pick_bucket   # the buckets the trainer puts them in
+    wide, tall = (list(pick_bucket(size, make_buckets(64, 16))) for size in ((128, 64), (64, 128)))
+    assert by_name["wide.png"]["bucket"] == wide and by_name["tall.png"]["bucket"] == tall and wide[0] > wide[1]
+    assert by_name["tall.png"]["mask"] == str(folder / "tall_mask.png") and by_name["wide.png"]["mask"] is None
+    assert len(view.rejected) == 1 and view.rejected[0].startswith(f"{folder / 'broken.png'}: ")
+    from lora_gui.services.datasets import summary_markdown
+    text = summary_markdown(ctrl.ws, view)
+    assert "3 images, 2 captioned, 1 with a mask" in text and "no caption: datasets/mine/bare.png" in text
+    assert f"{wide[0]}x{wide[1]} (1)" in text and f"{tall[0]}x{tall[1]} (1)" in text and "64x64 (1)" in text
+    assert ctrl.datasets.page(view, 1)[1] == (str(folder / "tall.png"),
+                                              f"a dog, red · bucket {tall[0]}x{tall[1]} · mask tall_mask.png")
+    assert ctrl.datasets.add_trigger(view, "sks") == "added 'sks' to 2 caption(s)"
+    assert ctrl.datasets.replace_tag(view, "red", "blue") == "replaced 'red' by 'blue' in 2 caption(s)"
+    assert ctrl.datasets.replace_tag(view, "sitting", "") == "removed 'sitting' from 1 caption(s)"
+    ctrl.datasets.set_caption(view, str(folder / "bare.png"), "sks, a  square ")
+    assert (folder / "wide.txt").read_text() == "sks, a cat, blue\n" and (folder / "bare.txt").read_text() == "sks, a square\n"
+    again = {Path(e["file"]).name: e["caption"] for e in ctrl.datasets.view("datasets/mine").entries}
+    assert again == {"bare.png": "sks, a square", "tall.png": "sks, a dog, blue", "wide.png": "sks, a cat, blue"}
+    with pytest.raises(UserError, match="not an image of datasets/mine"):
+        ctrl.datasets.set_caption(view, "datasets/demo/" + sorted(p.name for p in (ctrl.ws.datasets / "demo").glob("*.png"))[0], "x")
+    with pytest.raises(PathError):
+        ctrl.datasets.view("../outside")
+    with pytest.raises(UserError, match="empty caption"):
+        ctrl.datasets.set_caption(view, str(folder / "bare.png"), "  ")
+
+
+def test_generate_picker_lists_one_entry_per_adapter_with_its_formats(ctrl):
+    """A run's final adapter written in two formats is one entry naming both (its EMA copy is another);
+    a file outside a run folder is an entry of its own."""
+    run = ctrl.ws.runs / "r2"
+    _kohya(run / "lora.safetensors")
+    _kohya(run / "lora_ema.safetensors")
+    save_file({"unet.a.lora_A.weight": torch.zeros(4, 8), "unet.a.lora_B.weight": torch.zeros(8, 4)},
+              str(run / "pytorch_lora_weights.safetensors"))
+    (run / "config.toml").write_text("")
+    _kohya(ctrl.ws.outputs / "adapters" / "c.safetensors")
+    formats = {f: adapter_files.inspect(ctrl.ws.root / f)["format"] for f in ctrl.adapters.files()}
+    assert formats["runs/r2/pytorch_lora_weights.safetensors"] == "diffusers" and len(formats) == 4
+    assert ctrl.adapters.entries() == [
+        ("outputs/adapters/c.safetensors (kohya)", "outputs/adapters/c.safetensors"),
+        ("runs/r2/lora.safetensors (kohya; also diffusers: pytorch_lora_weights.safetensors)", "runs/r2/lora.safetensors"),
+        ("runs/r2/lora_ema.safetensors (kohya)", "runs/r2/lora_ema.safetensors")]
+
+
+def test_the_dataset_browser_gives_a_folder_inside_the_workspace(ctrl, tmp_path):
+    demo = ctrl.ws.datasets / "demo"
+    image = sorted(demo.glob("*.png"))[0]
+    assert ctrl.uploads.folder_of(str(image)) == "datasets/demo" == ctrl.uploads.folder_of(str(demo))
+    with pytest.raises(PathError):
+        ctrl.uploads.folder_of(str(tmp_path))

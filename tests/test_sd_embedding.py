@@ -170,3 +170,42 @@ def test_ema_run_exports_the_ema_embedding_and_grids_with_it(tiny, images, tmp_p
     (word, vec), (ema_word, ema_vec) = (read_embedding(run / f"test_lora{s}_emb.safetensors") for s in ("", "_ema"))
     assert word == ema_word == WORD and not torch.equal(vec, ema_vec)
     assert (run / "grid" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_adapters_trained_with_one_word_combine_when_one_leaves_its_embedding_out(tiny, tmp_path):
+    """Two adapters whose runs trained the same word: loading both embeddings is refused (one per word);
+    --skip-embedding leaves the second one's out, and the word then reads exactly the first one's vector
+    (the same text-encoder output as the first adapter alone). The PNG text names the LoRAs as LoRAs and
+    the word's vector as an embedding."""
+    from lora_core import LoraConfig, add_lora
+    from lora_sd import formats
+    from lora_sd.config import TEXT_ENCODER_ATTN
+    from lora_sd.embeddings import WORD_KEY
+    from lora_sd.generate import png_info
+    pipe = load_pipeline(tiny)
+    add_lora(pipe.text_encoder, LoraConfig(r=2, alpha=2.0, target_modules=TEXT_ENCODER_ATTN))   # B = 0: no change
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    files = []
+    for i, name in enumerate(("a", "b")):
+        path = tmp_path / f"{name}.safetensors"
+        formats.write_adapter(path, formats.from_model({"text_encoder": pipe.text_encoder}), formats.KOHYA)
+        torch.manual_seed(i)
+        save_file({EMB_KEY: torch.randn(1, dim)}, str(tmp_path / f"{name}_emb.safetensors"), metadata={WORD_KEY: WORD})
+        files.append(path)
+    with pytest.raises(LoraLoadError, match="already loaded"):
+        load_adapters(load_pipeline(tiny), [(str(f), 1.0) for f in files])
+    both = load_pipeline(tiny)
+    report = load_adapters(both, [(str(f), 1.0) for f in files], skip_embeddings=[str(files[1])])
+    assert [(r["format"], r["file"]) for r in report if r["format"] == "embedding"] == \
+        [("embedding", str(tmp_path / "a_emb.safetensors"))]
+    alone = load_pipeline(tiny)
+    load_adapters(alone, [(str(files[0]), 1.0)])
+    assert torch.equal(_text(both), _text(alone))
+    with pytest.raises(LoraLoadError, match="--skip-embedding .*c.safetensors: not one of the --lora files"):
+        load_adapters(load_pipeline(tiny), [(str(files[0]), 1.0)], skip_embeddings=[str(tmp_path / "c.safetensors")])
+    text = png_info({"prompt": PROMPT, "steps": 2, "scheduler": "ddim", "guidance_scale": 7.5, "seed": 0, "width": 32,
+                     "height": 32, "adapters": report}).chunks   # the PngInfo's (type, data, ...) chunks
+    parameters = next(c[1] for c in text if c[1].startswith(b"parameters\0")).decode().split("\0", 1)[1]
+    assert "<lora:a:1.0> <lora:b:1.0>" in parameters and "<lora:a_emb" not in parameters
+    assert f'Embeddings: "{WORD}: a_emb x1.0"' in parameters

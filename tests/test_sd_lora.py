@@ -101,11 +101,7 @@ def test_training_run_folder(trained):
     assert [r["step"] for r in m] == list(range(1, 7)) and all("lr" in r and "step_time" in r for r in m)
     assert (run.path / "test_lora.safetensors").is_file() and (run.path / DIFFUSERS_FILE).is_file()
     assert (run.config).is_file() and [p.name for p in run.checkpoints()] == ["step_00000003", "step_00000006"]
-    try:
-        import tensorboard  # noqa: F401
-        assert list((run.path / "tensorboard").glob("events.out.tfevents.*"))
-    except ImportError:
-        pass
+    assert not (run.path / "tensorboard").exists()   # train.log_with is empty: metrics.jsonl alone
     # every checkpoint also holds the deliverable adapter
     assert (run.checkpoints()[0] / "test_lora.safetensors").is_file()
     sd, meta = formats.read_safetensors(run.path / "test_lora.safetensors")

@@ -14,7 +14,7 @@ from lora_core.errors import NonFiniteLoss
 from helpers import toy_loss, toy_setup
 
 
-def _run(tmp, max_steps, resume=None, stop_at_call=None, accum=1):
+def _run(tmp, max_steps, resume=None, stop_at_call=None, accum=1, log_with=""):
     model, dl = toy_setup(tmp)
     calls = {"n": 0}
 
@@ -25,7 +25,7 @@ def _run(tmp, max_steps, resume=None, stop_at_call=None, accum=1):
         return toy_loss(m, batch)
 
     s = TrainSettings(max_steps=max_steps, learning_rate=5e-2, lr_scheduler="linear", lr_warmup_steps=2,
-                      gradient_accumulation_steps=accum, checkpoint_every=3, keep_checkpoints=2)
+                      gradient_accumulation_steps=accum, checkpoint_every=3, keep_checkpoints=2, log_with=log_with)
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     run = RunDir(tmp).create()
     train(accelerator=acc, run=run, model=model, dataloader=dl, loss_fn=loss_fn, settings=s, resume=resume)
@@ -40,6 +40,33 @@ def test_loss_decreases_and_run_folder(tmp_path):
     st = run.read_status()
     assert st["state"] == "done" and st["step"] == 30
     assert [p.name for p in run.checkpoints()] == ["step_00000027", "step_00000030"]  # keep_checkpoints=2
+
+
+@pytest.mark.slow
+def test_log_with_tensorboard_mirrors_the_metrics(tmp_path):
+    """train.log_with = "tensorboard": Accelerate's TensorBoard tracker writes RUN/tensorboard, whose scalars
+    (read back with TensorBoard's own reader) are exactly metrics.jsonl's losses at their steps."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, run = _run(tmp_path / "tb", 6, log_with="tensorboard")
+    files = list((run.path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    events = EventAccumulator(str(files[0].parent))
+    events.Reload()
+    got = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    want = [(r["step"], r["loss"]) for r in run.read_metrics()]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 7))
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert "train/lr" in events.Tags()["scalars"] and not run.metric_sinks   # the tracker is closed
+
+
+def test_log_with_a_missing_tracker_names_the_install(tmp_path, monkeypatch):
+    from accelerate import tracking
+    from lora_core.errors import MissingPackageError
+    monkeypatch.setattr(tracking, "is_wandb_available", lambda: False)
+    with pytest.raises(MissingPackageError, match="train.log_with = 'wandb' needs wandb, which is not installed: "
+                                                  "pip install wandb"):
+        _run(tmp_path / "wb", 2, log_with="wandb")
 
 
 @pytest.mark.parametrize("accum", [1, 3])

@@ -42,6 +42,24 @@ class AdapterService:
     def files(self) -> list[str]:
         return [self.ws.rel(p) for p in find_adapters(self.ws)]
 
+    def entries(self) -> list[tuple[str, str]]:
+        """(label, file) per adapter for the Generate picker: a run folder's final adapter in its formats (the
+        kohya `<output.name>.safetensors` and the diffusers `pytorch_lora_weights.safetensors`; an EMA copy is
+        its own entry) is one entry labelled with each format, loading the first (kohya first); a file
+        outside a run folder is an entry of its own."""
+        groups: dict[tuple, list[dict]] = {}
+        for d in adapter_table(self.ws):
+            path = self.ws.root / d["file"]
+            in_run = (path.parent / "config.toml").is_file()
+            key = (str(path.parent), path.stem.endswith("_ema")) if in_run else (d["file"],)
+            groups.setdefault(key, []).append(d)
+        out = []
+        for same in groups.values():
+            same.sort(key=lambda d: (d["format"] != "kohya", d["file"]))
+            also = "; ".join(f"{d['format']}: {Path(d['file']).name}" for d in same[1:])
+            out.append((f"{same[0]['file']} ({same[0]['format']}{'; also ' + also if also else ''})", same[0]["file"]))
+        return sorted(out, key=lambda e: e[1])
+
     def resolve(self, file: str) -> Path:
         """The adapter file of this workspace named `file` (UserError otherwise)."""
         if not (file or "").strip():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lora_core.files import atomic_write_json
+from lora_sd.adapter_formats import embedding_path
 
 from ..clirun import run_cli
 from ..errors import UserError
@@ -54,12 +55,17 @@ class GenerationService:
         args += ["--prompt", prompt] * int(num_images)  # image i is seeded with seed + i
         run_cli("lora_sd.cli", args, self.ws.root, timeout=1800)
         atomic_write_json(out / "params.json", {"model": base, "adapters": used, **asdict(params)})
-        caption = params.caption() + (f", {'; '.join(used)}" if used else "")
-        images = sorted(out.glob("*.png"))
-        return [(str(p), f"{caption} [{p.name}]") for p in images], f"{caption}; saved to {self.ws.rel(out)}"
+        shown = "; ".join(f"{a['file']} x{a['scale']:g}" + ("" if a["embedding"] or not a["has_embedding"]
+                                                             else " (without its embedding)") for a in used)
+        rest = params.caption() + (f", {shown}" if shown else "")
+        images = sorted(out.glob("image_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+        return ([(str(p), f"seed {params.seed + i} · {rest}") for i, p in enumerate(images)],
+                f"{rest}; saved to {self.ws.rel(out)}")
 
-    def _adapter_args(self, rows: list[list]) -> tuple[list[str], list[str]]:
-        """`--lora PATH:SCALE` per table row (empty rows skipped) and their descriptions."""
+    def _adapter_args(self, rows: list[list]) -> tuple[list[str], list[dict]]:
+        """`--lora PATH:SCALE` per table row (empty rows skipped; `--skip-embedding PATH` where the row leaves
+        its trained word embedding out) and what params.json records of each: file, scale (0 too), whether
+        its embedding was used."""
         args, used = [], []
         for row in rows or []:
             if not row or not str(row[0] or "").strip():
@@ -69,8 +75,10 @@ class GenerationService:
                 scale = float(row[1]) if len(row) > 1 and str(row[1]).strip() != "" else 1.0
             except ValueError:
                 raise UserError(f"adapter {row[0]}: scale {row[1]!r} is not a number") from None
-            args += ["--lora", f"{path}:{scale}"]
-            used.append(f"{self.ws.rel(path)} x{scale:g}")
+            has_emb = embedding_path(path).is_file()
+            with_emb = has_emb and (len(row) < 3 or str(row[2]).lower() not in ("false", "0", "no", ""))
+            args += ["--lora", f"{path}:{scale}"] + (["--skip-embedding", str(path)] if has_emb and not with_emb else [])
+            used.append({"file": self.ws.rel(path), "scale": scale, "has_embedding": has_emb, "embedding": with_emb})
         return args, used
 
     def text(self, model: str, adapter: str, prompt: str, max_new_tokens: int) -> str:

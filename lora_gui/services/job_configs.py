@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_core.configfile import read_toml, save_config, to_dict
+from lora_core.files import move_aside
 
 from .. import config_data, job_kinds, model_refs
 from ..demo import demo_reg_folder
@@ -77,15 +78,23 @@ class ConfigService:
 
     def load(self, kind: str, choice: str) -> tuple[dict, dict]:
         """(config data, the form's values) of a saved config; refuses bad keys or the other kind's file."""
-        path = self.path(choice)
-        data = to_dict(config_data.validate(kind, read_toml(path), path.name))
+        data = self.load_file(kind, self.path(choice))
         return data, self.form_values(kind, data)
 
-    def save(self, kind: str, base: dict, values: dict, name: str) -> str:
+    def load_file(self, kind: str, path: Path) -> dict:
+        """The config data of TOML file `path`, validated as job kind `kind` (ConfigError names file and key)."""
+        return to_dict(config_data.validate(kind, read_toml(path), path.name))
+
+    def save(self, kind: str, base: dict, values: dict, name: str, overwrite: bool = False) -> str:
+        """Write the form's config as configs/<name>.toml; an existing one only with `overwrite` (moved aside)."""
         name = check_name((name or "").removesuffix(".toml"), "config name")
         cfg = self.build(kind, base, values)
         path = self.ws.configs / f"{name}.toml"
+        aside = ""
         if path.exists():
-            raise UserError(f"{self.ws.rel(path)} exists already: choose another name")
+            if not overwrite:
+                raise UserError(f"{self.ws.rel(path)} exists already: tick Overwrite to replace it, or choose "
+                                "another name")
+            aside = f" (the old one is {self.ws.rel(move_aside(path))})"
         save_config(path, cfg)
-        return f"saved {self.ws.rel(path)}"
+        return f"saved {self.ws.rel(path)}{aside}"

@@ -19,6 +19,14 @@ class RunService:
     def __init__(self, ws: Workspace, queue: JobQueue, configs: ConfigService):
         self.ws, self.queue, self.configs = ws, queue, configs
 
+    def fresh_name(self, name: str = "") -> str:
+        """The run folder name Start gives `name` now (a taken name gets a suffix; none: a timestamp)."""
+        return self.ws.new_run_dir(name).name
+
+    def config(self, kind: str, name: str) -> dict:
+        """The config data of run `name` (its config.toml, validated as job kind `kind`): what the form shows."""
+        return self.configs.load_file(kind, self.path(name) / "config.toml")
+
     def preview(self, kind: str, base: dict, values: dict, run_name: str, launcher: str) -> tuple[str, str]:
         """(config TOML, exact command) of the run the Start button would queue."""
         run_dir = self.ws.new_run_dir(run_name)
@@ -48,11 +56,16 @@ class RunService:
 
     def active(self, kind: str) -> Optional[str]:
         """The run to show when none is chosen: the running one of this kind, else the newest."""
-        cur = self.queue.running()
-        if cur is not None and cur.kind == kind:
-            return Path(cur.run_dir).name
+        running = self.running(kind)
+        if running is not None:
+            return running
         names = self.names(kind)
         return names[0] if names else None
+
+    def running(self, kind: str) -> Optional[str]:
+        """The run of this kind the queue is running now (None: none)."""
+        cur = self.queue.running()
+        return Path(cur.run_dir).name if cur is not None and cur.kind == kind else None
 
     def stop(self, name: str) -> str:
         run = str(self.path(name))

@@ -32,6 +32,21 @@ class TextCompareService:
     def _run(self, name: str) -> RunDir:
         return RunDir(self.ws.resolve(Path("runs") / check_name(name, "run name"), must_exist=True))
 
+    def metrics_line(self, run_dir: Path) -> str:
+        """The run's evaluation metrics, rounded, for the run panel beside the loss ("" when it has none):
+        the final evaluation, else the newest metrics.jsonl record holding one."""
+        run = RunDir(run_dir)
+        st, records = run.read_status(), run.read_metrics()
+        ev = read_json(run.path / "eval.json") or st.get("eval") or {}
+        step, found = st.get("step"), {k: ev[k] for k in METRICS if k != "loss" and _num(ev.get(k))}
+        for rec in reversed(records if not found else []):
+            found = {k: rec[k] for k in METRICS if k not in ("loss", "val_loss") and _num(rec.get(k))}
+            if found:
+                step = rec.get("step")
+                break
+        shown = " · ".join(f"{k} **{v:.4g}**" for k, v in found.items())
+        return f"Evaluation (step {step}): {shown}" if found else ""
+
     def metrics(self, names: list[str]) -> list[dict]:
         """One row per run and evaluated checkpoint: run, step, state and the eval metrics (eval.json /
         status.json `eval` for the final one, metrics.jsonl records holding a metric for the others)."""

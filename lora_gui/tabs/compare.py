@@ -67,7 +67,7 @@ def grid_panel(page, tab) -> None:
         except ValueError:
             return ["", [], "", None]
         grid_png = snap.path / GRID_PNG
-        return [runview.progress_html(snap), gr.update(value=items, columns=grid.cols), score_line,
+        return [runview.progress_html(snap, unit="cells"), gr.update(value=items, columns=grid.cols), score_line,
                 str(grid_png) if snap.state == "done" and grid_png.is_file() else None]
 
     request = dict(sources=sources, steps=steps, scales=scales, prompts=prompts, seeds=seeds, model=model, size=size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lora_core.fields import field_specs
+from lora_sd.adapter_formats import embedding_path
 
 from .. import job_kinds
 from ..services.fit import badge
@@ -38,16 +39,17 @@ def build(page) -> None:
             with gr.Column():
                 gallery = gr.Gallery(label="Results", columns=3, height=420, elem_id="gen-gallery")
                 message = gr.Markdown(elem_id="gen-message")
-    page.adapter_lists.append(pick)
+    page.adapter_pickers.append(pick)
     page.refresh_adapters_on_select(tab)
 
     @guard
     def add_adapter(rows, chosen, value, base):
         if not chosen:
             raise gr.Error("choose an adapter file first", print_exception=False)
-        ctrl.ws.resolve(chosen, must_exist=True)
         rows = [r for r in (rows or []) if r and str(r[0]).strip()]
-        return rows + [[chosen, float(value if value is not None else 1.0), ctrl.adapters.fit_label(chosen, base, True)]]
+        path = ctrl.ws.resolve(chosen, must_exist=True)
+        return rows + [[chosen, float(value if value is not None else 1.0), embedding_path(path).is_file(),
+                        ctrl.adapters.fit_label(chosen, base, True)]]
 
     @guard
     def row_badge(base, evt: gr.SelectData):   # a row clicked: its fit badge and report
@@ -70,12 +72,15 @@ def build(page) -> None:
 
 def adapter_picker(ctrl):
     with gr.Row():
-        pick = gr.Dropdown(choices=ctrl.adapters.files(), label="Adapter", scale=3, elem_id="gen-adapter-pick",
-                           allow_custom_value=True)
+        pick = gr.Dropdown(choices=ctrl.adapters.entries(), label="Adapter", scale=3, elem_id="gen-adapter-pick",
+                           allow_custom_value=True,
+                           info="one entry per adapter: a run's kohya file, with the other formats it also wrote")
         scale = gr.Number(value=1.0, label="Scale", scale=1, elem_id="gen-adapter-scale")
         add = gr.Button("Add adapter", scale=1, elem_id="gen-adapter-add")
-    table = gr.Dataframe(headers=["adapter", "scale", "fit"], value=[], type="array", interactive=True,
-                         label="Adapters (edit the scale; clear a row to drop it)", elem_id="gen-adapters")
+    table = gr.Dataframe(headers=["adapter", "scale", "with its word embedding", "fit"], value=[], type="array",
+                         datatype=["str", "number", "bool", "str"], interactive=True, elem_id="gen-adapters",
+                         label="Adapters (edit the scale; clear a row to drop it; untick the embedding of an adapter "
+                               "trained with a word (<name>_emb.safetensors) to leave that word out)")
     return pick, scale, add, table
 
 

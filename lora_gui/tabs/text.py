@@ -9,12 +9,12 @@ from ..widgets import ACTIVE, JobForm, guard, job_columns
 from .compare import form_tools
 
 KIND = "llm-train"
-EVAL_HEADERS = ["task", "metric", "value", "seed", "steps", "examples"]
+EVAL_HEADERS = ["task", "metric", "value", "seed project's number", "steps", "examples"]
 
 
 def build(page) -> None:
     with gr.Tab("Text tasks", id="text"):
-        job = job_columns(page, KIND, "Fine-tune (start or queue)", gallery=False,
+        job = job_columns(page, KIND, "Fine-tune (start or queue)", gallery=False, metrics=True,
                           extra=lambda form: form_tools(page, form))
         eval_suite(page, job)
         text_generation(page.ctrl)
@@ -46,7 +46,7 @@ def eval_suite(page, job: JobForm) -> None:
             snap, rows = ctrl.evals.view(chosen)
         except ValueError:
             return ["", [], None]
-        return [runview.progress_html(snap), rows, eval_figure(rows)]
+        return [runview.progress_html(snap, unit="tasks"), rows, eval_figure(rows)]
 
     @guard
     def start(v):

@@ -18,7 +18,10 @@ def build(page) -> None:
 
 def dataset_tools(page, job: JobForm) -> None:
     ctrl = page.ctrl
-    with gr.Accordion("Dataset: check / upload", open=False):
+    with gr.Accordion("Dataset: choose / check / upload", open=False):
+        browse = gr.FileExplorer(root_dir=str(ctrl.ws.datasets), file_count="single", ignore_glob="**/.*",
+                                 label="datasets/ of the workspace (choose an image or a folder: its folder is used)",
+                                 elem_id="sd-dataset-browser", height=240)
         check = gr.Button("Check dataset folder", elem_id="sd-check-dataset")
         report = gr.Markdown(elem_id="sd-dataset-report")
         files = gr.File(label="Upload images + captions", file_count="multiple")
@@ -36,6 +39,7 @@ def dataset_tools(page, job: JobForm) -> None:
         return rel, ctrl.uploads.check(rel)
 
     data_path = job.inputs["data.path"]
+    browse.change(guard(lambda chosen: ctrl.uploads.folder_of(chosen) if chosen else gr.skip()), [browse], [data_path])
     check.click(check_dataset, [data_path], [report])
     upload.click(upload_dataset, [files, name], [data_path, report])
 
