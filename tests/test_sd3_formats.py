@@ -288,3 +288,18 @@ def test_load_report_and_refusals(base, ours, tmp_path, tiny_pipeline):
                             for k, m in adapter.items() if k.endswith("attn.to_q")}, arch="sd3")
     with pytest.raises(ValueError, match="DoRA on modules that one native module fuses"):
         formats.write_adapter(tmp_path / "dora.safetensors", dora, formats.KOHYA)
+
+
+@pytest.mark.slow
+def test_merge_folds_a_kohya_sd3_file_into_a_plain_pipeline(base, ours, tmp_path):
+    from lora_sd.cli import main as cli
+    from lora_sd.models import load_pipeline
+    out = tmp_path / "merged"
+    assert cli(["merge", "--model", "tiny-sd3", "--lora", f"{ours['kohya']}:0.5", "--out", str(out)]) == 0
+    pipe = load_pipeline(str(out))
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert not any(list(lora_layers(m)) for m in components(pipe).values())
+    half = {k: 0.5 * d for k, d in native_deltas(fresh(base), load_file(str(ours["kohya"]))).items()}
+    assert_same(outputs(components(pipe)), outputs(merged(base, half)), outputs(fresh(base)))
+    info = json.loads((out / "merged_adapters.json").read_text())
+    assert info[0]["metadata"]["ss_base_model_version"] == "sd3"
