@@ -351,6 +351,10 @@ def fuse(group: Group, parts: list[Optional[ModuleLora]]) -> ModuleLora:
     widths = part_widths(group, first.down.shape[1])
     if len(set(group.widths)) == 1:   # q, k, v: as wide as the parts that are there
         widths = [first.up.shape[0]] * len(widths)
+    wrong = [p for p, m, w in zip(group.parts, parts, widths) if m is not None and m.up.shape[0] != w]
+    if wrong:
+        raise ValueError(f"{kohya_unet_name(group)}: {wrong[0]} has {parts[group.parts.index(wrong[0])].up.shape[0]} "
+                         f"outputs, not the {widths} of the native module's parts: save it in diffusers format")
     ups = [None if m is None else m.up * ((m.alpha / m.rank) / (first.alpha / first.rank)) for m in parts]
     ranks = [0 if m is None else m.rank for m in parts]
     up = block_diagonal(ups, widths, ranks, lambda shape, like: like.new_zeros(shape), torch.cat)
