@@ -13,6 +13,8 @@ diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.
            save_pretrained of a UNet writes base_model.model.<path>), with r / lora_alpha (and
            rank/alpha patterns) in the `lora_adapter_metadata` JSON; none means alpha = r; DoRA's
            magnitude as .lora_magnitude_vector (PEFT's name). SDXL adds text_encoder_2.<path>.
+SD 3.x / Flux (the MMDiT transformers): diffusers' transformer.<path> (text_encoder_3.: SD 3's T5) and
+           kohya's native names of lora_sd.mmdit_names (lora_unet_joint_blocks_..., lora_te1_/te2_/te3_).
 Here live the naming rules (shared with lora_sd.formats, which reads and writes the tensors) and the
 header-only description `lora-sd inspect` and the GUI show.
 """

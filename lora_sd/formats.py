@@ -13,6 +13,9 @@ diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.
            .lora_magnitude_vector in PEFT's shape ((out,), (1, out, 1, 1) for a conv), with
            r / lora_alpha (and rank/alpha patterns) in the `lora_adapter_metadata` JSON that
            diffusers' loader turns into the PEFT LoraConfig, so alpha != r survives.
+SD 3.x / Flux: the transformer as `transformer.<path>` in memory and in diffusers files; kohya files name
+           the original checkpoint's modules (lora_sd.mmdit_names), fused q/k/v (and Flux's linear1) as
+           one exact LoRA (fuse / split).
 Every file written carries adapter_metadata: the run's facts, the base's keys, and the network keys
 generated from the modules it holds (lora_sd.metadata); `train`, `convert` and `merge` all use it.
 Loading into a pipeline is strict: every key must match a module, or nothing is loaded.
