@@ -27,6 +27,7 @@ from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
 from lora_core.errors import LoraLoadError
+from lora_sd.metadata import FUSED_RANKS
 from lora_sd import mmdit_names
 from lora_sd.unet_names import RESNET, to_diffusers, to_original
 
@@ -189,7 +190,10 @@ def detect_kohya(view: AdapterView):
 
 
 def _is_diffusers_path(path: str) -> bool:
-    return path.split(".", 1)[0] in COMPONENTS or path.startswith(tuple(PEFT_UNET_PREFIX + t for t in _UNET_TOP))
+    comp, _, rest = path.partition(".")
+    if comp == "transformer":   # an MMDiT's modules, not another model's `transformer.` (GPT-2's transformer.h.)
+        return rest.startswith(mmdit_names.TRANSFORMER_TOP)
+    return comp in COMPONENTS or path.startswith(tuple(PEFT_UNET_PREFIX + t for t in _UNET_TOP))
 
 
 def detect_diffusers(view: AdapterView) -> bool:
@@ -252,8 +256,9 @@ def modules_kohya(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
 
 def modules_native(view: AdapterView, downs: dict[str, str], arch: str) -> Modules:
     """The modules of an SD 3.x / Flux kohya file by diffusers' names, from its header: a fused native
-    module's parts each at an equal share of its rank (the block layout kohya and we write; the exact
-    ranks need the tensors: `convert` or a load report)."""
+    module's parts at the ranks our files record (lora_sd.fused_ranks), else each at an equal share of its
+    rank (the block layout kohya writes; the exact ranks need the tensors: `convert` or a load report)."""
+    fused = view.json_metadata.get(FUSED_RANKS) or {}
     out = {}
     for base, k in downs.items():
         rank = view.header.shape(k)[0]
@@ -268,7 +273,8 @@ def modules_native(view: AdapterView, downs: dict[str, str], arch: str) -> Modul
         except KeyError:
             raise LoraLoadError(f"{view.path}: {base} is no module of {arch} as kohya names it") from None
         share = rank // len(paths) if rank % len(paths) == 0 else rank
-        out.update({p: (share, alpha * share / rank) for p in paths})
+        ranks = fused.get(base) or [share] * len(paths)
+        out.update({p: (r, alpha * r / rank) for p, r in zip(paths, ranks) if r})
     return out
 
 

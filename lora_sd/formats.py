@@ -46,7 +46,7 @@ from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_ME
                               layout_of, made_for, sd_block, undo_underscores, unet_layout)
 from .mmdit_names import (MMDIT_ARCHS, NATIVE_UNET, Group, group_of, kohya_unet_name, native_of, part_widths,
                           swapped, text_component, text_prefix)
-from .metadata import MODULE_ALPHAS, NETWORK_KEYS, base_metadata, network_metadata, prediction_type_of
+from .metadata import FUSED_RANKS, MODULE_ALPHAS, NETWORK_KEYS, base_metadata, network_metadata, prediction_type_of
 from .models import arch_of
 
 
@@ -365,10 +365,14 @@ def fuse(group: Group, parts: list[Optional[ModuleLora]]) -> ModuleLora:
     return ModuleLora(down, up, first.alpha * down.shape[0] / first.rank)
 
 
-def _slice_columns(up: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-    """For each output slice of a fused B, the columns (of A's rows) it uses: kohya's and our block
-    layout (equal ranks, zeros off the diagonal) by equal chunks, else each slice's nonzero columns."""
+def _slice_columns(up: torch.Tensor, widths: list[int], ranks: Optional[list[int]] = None) -> list[torch.Tensor]:
+    """For each output slice of a fused B, the columns (of A's rows) it uses: the `ranks` our files record
+    (lora_sd.fused_ranks), else kohya's block layout (equal ranks, zeros off the diagonal) by equal
+    chunks, else each slice's nonzero columns."""
     n, r = len(widths), up.shape[1]
+    if ranks is not None and len(ranks) == n and sum(ranks) == r:
+        ends = [sum(ranks[:j + 1]) for j in range(n)]
+        return [torch.arange(e - k, e) for e, k in zip(ends, ranks)]
     rows = up.split(widths)
     if r % n == 0:
         k = r // n
@@ -377,9 +381,9 @@ def _slice_columns(up: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
     return [b.any(0).nonzero().flatten() for b in rows]
 
 
-def split(group: Group, ml: ModuleLora, source: str) -> dict[str, ModuleLora]:
+def split(group: Group, ml: ModuleLora, source: str, ranks: Optional[list[int]] = None) -> dict[str, ModuleLora]:
     """{diffusers path: LoRA} of a native module's LoRA, exactly (the inverse of fuse): part i keeps the
-    rows of its output slice and the columns they use, at the module's alpha / r."""
+    rows of its output slice and the columns they use (`ranks`: recorded per part), at the module's alpha / r."""
     in_f, out_f = ml.down.shape[1], ml.up.shape[0]
     if len(group.parts) == 1:
         return {group.parts[0]: _swapped_rows(ml) if swapped(group, in_f, out_f) else ml}
@@ -391,16 +395,16 @@ def split(group: Group, ml: ModuleLora, source: str) -> dict[str, ModuleLora]:
     except ValueError as e:
         raise LoraLoadError(f"{source}: {e}") from None
     out, row = {}, 0
-    for path, w, cols in zip(group.parts, widths, _slice_columns(ml.up, widths)):
+    for path, w, cols in zip(group.parts, widths, _slice_columns(ml.up, widths, ranks)):
         if len(cols):
             out[path] = ModuleLora(ml.down[cols], ml.up[row:row + w][:, cols], ml.alpha * len(cols) / ml.rank)
         row += w
     return out
 
 
-def to_native_kohya(adapter: Adapter, arch: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """kohya's tensors of an SD 3.x / Flux adapter: the transformer under its native names (fused
-    modules as one exact LoRA), the text encoders under lora_te1_ / lora_te2_ / lora_te3_."""
+def to_native_kohya(adapter: Adapter, arch: str, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
+    """(kohya's tensors, {fused module: [rank of each part]}) of an SD 3.x / Flux adapter: the transformer
+    under its native names (fused modules as one exact LoRA), the text encoders under lora_te1_ / _te2_ / _te3_."""
     sd, groups = {}, {}
     for key, ml in adapter.items():
         comp, _, path = key.partition(".")
@@ -414,7 +418,8 @@ def to_native_kohya(adapter: Adapter, arch: str, dtype: torch.dtype = torch.floa
         groups.setdefault(group.native, (group, [None] * len(group.parts)))[1][j] = ml
     for group, parts in groups.values():
         sd.update(kohya_tensors(kohya_unet_name(group), fuse(group, parts), dtype))
-    return sd
+    return sd, {kohya_unet_name(g): [0 if m is None else m.rank for m in parts] for g, parts in groups.values()
+                if len(parts) > 1}
 
 
 def from_native_kohya(sd: dict[str, torch.Tensor], arch: str, source: str = "file",
@@ -422,6 +427,11 @@ def from_native_kohya(sd: dict[str, torch.Tensor], arch: str, source: str = "fil
     """Parse an SD 3.x / Flux kohya file (kohya sd-scripts', ComfyUI's, ours): native names -> diffusers'.
     The parts of a fused module get the alpha the metadata records for them (ss_network_alpha,
     lora_sd.module_alphas), their B rescaled to keep ΔW: our files read back as written."""
+    metadata = metadata or {}
+    try:
+        fused = json.loads(metadata.get(FUSED_RANKS) or "{}")
+    except ValueError:
+        raise LoraLoadError(f"{source}: metadata {FUSED_RANKS} is not JSON: remove it") from None
     bases: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in sd.items():
         m = KOHYA_KEY.fullmatch(k)
@@ -436,8 +446,8 @@ def from_native_kohya(sd: dict[str, torch.Tensor], arch: str, source: str = "fil
         mag = parts.get("dora_scale")
         ml = ModuleLora(down, up, float(parts["alpha"]) if "alpha" in parts else float(down.shape[0]),
                         None if mag is None else _magnitude(mag, up.shape[0], f"{base}.dora_scale", source, True))
-        out.update(_native_modules(arch, base, ml, source))
-    return _recorded_alphas(out, metadata or {})
+        out.update(_native_modules(arch, base, ml, source, fused.get(base)))
+    return _recorded_alphas(out, metadata)
 
 
 def _recorded_alphas(adapter: Adapter, metadata: Mapping[str, str]) -> Adapter:
@@ -456,11 +466,12 @@ def _recorded_alphas(adapter: Adapter, metadata: Mapping[str, str]) -> Adapter:
     return adapter
 
 
-def _native_modules(arch: str, base: str, ml: ModuleLora, source: str) -> dict[str, ModuleLora]:
+def _native_modules(arch: str, base: str, ml: ModuleLora, source: str, ranks=None) -> dict[str, ModuleLora]:
     """{"<component>.<path>": LoRA} of one kohya module of an SD 3.x / Flux file."""
     try:
         if base.startswith(NATIVE_UNET):
-            return {f"transformer.{p}": m for p, m in split(group_of(arch, base[len(NATIVE_UNET):]), ml, source).items()}
+            group = group_of(arch, base[len(NATIVE_UNET):])
+            return {f"transformer.{p}": m for p, m in split(group, ml, source, ranks).items()}
         comp, flat = text_component(arch, base)
     except KeyError:
         raise LoraLoadError(f"{source}: {base} is no module of {arch} as kohya names it (lora_unet_ + the native "
@@ -609,7 +620,9 @@ def write_adapter(path, adapter: Adapter, fmt: str, facts: Optional[Mapping] = N
     adapter = _text_model_names(adapter)   # text encoders named as kohya, ComfyUI, A1111 and diffusers' files do
     arch = file_arch(meta, {})   # what adapter_metadata recorded
     if fmt == KOHYA and arch in MMDIT_ARCHS:
-        sd = to_native_kohya(adapter, arch, dtype)
+        sd, fused = to_native_kohya(adapter, arch, dtype)
+        if fused:
+            meta[FUSED_RANKS] = json.dumps(fused, sort_keys=True)
     elif fmt == KOHYA:
         sd = to_kohya(adapter, dtype, layout)
     elif fmt == DIFFUSERS:

@@ -10,6 +10,8 @@ the run's facts. Network keys, from the modules an adapter holds (each with .ran
                      adapted; algo = locon and dora_wd = True with DoRA (LyCORIS' names)
   lora_sd.module_ranks / lora_sd.module_alphas   JSON {module: value} of the modules that differ from those
   lora_sd.dora_modules                           JSON [module] when DoRA is on some modules only
+  lora_sd.fused_ranks   kohya SD 3.x / Flux files: JSON {kohya module: [rank of each diffusers part, 0 = none]}
+                        of the fused native modules (lora_sd.formats.fuse), so they split back exactly
 Base keys, from the architecture (sd1 / sd2 / sdxl / sd3 / flux): ss_base_model_version, ss_v2, modelspec.architecture.
 """
 from __future__ import annotations
@@ -19,8 +21,9 @@ from collections import Counter
 from typing import Mapping, Optional
 
 MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES = "lora_sd.module_ranks", "lora_sd.module_alphas", "lora_sd.dora_modules"
+FUSED_RANKS = "lora_sd.fused_ranks"   # SD 3.x / Flux kohya files: {native module: [rank of each part]}
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
-                MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES)
+                MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES, FUSED_RANKS)
 # kohya's ss_base_model_version of each lora_sd.models.arch_of
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 

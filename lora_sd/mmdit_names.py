@@ -97,6 +97,9 @@ FLUX_GROUPS = (
     Group("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
 )
 GROUPS = {"sd3": SD3_GROUPS, "flux": FLUX_GROUPS}
+# the first level of diffusers' SD3Transformer2DModel / FluxTransformer2DModel module paths
+TRANSFORMER_TOP = ("transformer_blocks.", "single_transformer_blocks.", "norm_out.", "proj_out", "context_embedder",
+                   "x_embedder", "pos_embed.", "time_text_embed.")
 
 
 def _pattern(template: str, sep: str) -> re.Pattern:

@@ -303,3 +303,27 @@ def test_merge_folds_a_kohya_sd3_file_into_a_plain_pipeline(base, ours, tmp_path
     assert_same(outputs(components(pipe)), outputs(merged(base, half)), outputs(fresh(base)))
     info = json.loads((out / "merged_adapters.json").read_text())
     assert info[0]["metadata"]["ss_base_model_version"] == "sd3"
+
+
+def test_only_mmdit_transformer_keys_read_as_sd3(tmp_path):
+    from lora_core.adapter_files import detect
+    pair = {"lora_A.weight": torch.zeros(2, 4), "lora_B.weight": torch.zeros(4, 2)}
+    for name, module, fmt in (("gpt2", "transformer.h.0.attn.c_attn", "unknown"),
+                              ("mmdit", "transformer.transformer_blocks.0.attn.to_q", "diffusers")):
+        save_file({f"{module}.{k}": t for k, t in pair.items()}, str(tmp_path / f"{name}.safetensors"))
+        assert detect(tmp_path / f"{name}.safetensors").format == fmt, name
+
+
+def test_fresh_and_partial_fused_modules_read_back_by_their_recorded_ranks(base, tmp_path):
+    """B = 0 (an untrained adapter) and q, k without v: nothing in the tensors tells the parts apart; the
+    ranks our files record (lora_sd.fused_ranks) do, for the reader and for the header-only inspect."""
+    t = copy.deepcopy(base.transformer)
+    add_lora(t, LoraConfig(r=3, alpha=3.0, target_modules=r".*\.attn\.(to_q|to_k|add_q_proj)"))
+    adapter = formats.from_model({"transformer": t})
+    formats.write_adapter(tmp_path / "fresh.safetensors", adapter, formats.KOHYA)
+    assert json.loads(_metadata(tmp_path / "fresh.safetensors")["lora_sd.fused_ranks"])[
+        "lora_unet_joint_blocks_0_x_block_attn_qkv"] == [3, 3, 0]
+    back, _, _ = formats.read_adapter(tmp_path / "fresh.safetensors")
+    assert {k: m.rank for k, m in back.items()} == {k: 3 for k in adapter}
+    s = inspect(tmp_path / "fresh.safetensors")
+    assert sorted(s["target_modules"]) == sorted(adapter) and set(s["ranks"]) == {3}
