@@ -185,3 +185,12 @@ def test_import_a_kohya_flux_file_we_did_not_write(flux, tmp_path):
             remove_lora(m)
     assert_same({"transformer": got["transformer"]}, {"transformer": want["transformer"]},
                 {"transformer": flux["base"]["transformer"]})
+
+
+def test_convert_flux_both_ways_exactly(flux, tmp_path):
+    formats.convert(flux["kohya"], tmp_path / "d.safetensors", "diffusers")
+    formats.convert(tmp_path / "d.safetensors", tmp_path / "k.safetensors", "kohya")
+    a, b = load_file(str(flux["kohya"])), load_file(str(tmp_path / "k.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s = inspect(tmp_path / "d.safetensors")
+    assert s["architecture"] == "flux" and s["modules_by_component"] == {"transformer": 16, "text_encoder": 8}
