@@ -25,7 +25,6 @@ from lora_core import LoraConfig, add_lora, lora_layers, remove_lora
 from lora_core.adapter_files import inspect
 from lora_sd import formats
 
-pytestmark = pytest.mark.slow   # a FLUX.1-wide transformer: 0.5 B parameters
 TARGETS = (r".*transformer_blocks\.0\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|ff\.net\.0\.proj|"
            r"norm1_context\.linear)|single_transformer_blocks\.0\.(attn\.to_[qkv]|proj_mlp|proj_out|norm\.linear)")
 # sd-scripts' names of the modules adapted above (BFL's module paths)
@@ -104,6 +103,7 @@ def diffusers_outputs(flux, path) -> tuple[dict, list[str], int]:
         pipe.unload_lora_weights()
 
 
+@pytest.mark.slow   # a FLUX.1-wide transformer: 0.5 B parameters
 def test_kohya_flux_file_is_named_and_fused_as_sd_scripts_does(flux):
     sd = load_file(str(flux["kohya"]))
     assert {k.split(".")[0] for k in sd} == KOHYA_NAMES
@@ -117,6 +117,7 @@ def test_kohya_flux_file_is_named_and_fused_as_sd_scripts_does(flux):
     assert meta["architecture"] == "flux" and meta["streams"] == {"image": 5, "text": 5, "joint": 6}
 
 
+@pytest.mark.slow   # a FLUX.1-wide transformer: 0.5 B parameters
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_flux_pipeline_reads_our_file_to_our_output(flux, fmt):
     got, messages, n = diffusers_outputs(flux, flux[fmt])
@@ -126,6 +127,7 @@ def test_flux_pipeline_reads_our_file_to_our_output(flux, fmt):
     assert_same(got, flux["ours"], flux["base"])
 
 
+@pytest.mark.slow   # a FLUX.1-wide transformer: 0.5 B parameters
 def test_diffusers_file_equals_a_hand_merge(flux):
     sd = load_file(str(flux["diffusers"]))
     with open(flux["diffusers"], "rb") as f:
@@ -149,6 +151,7 @@ def test_diffusers_file_equals_a_hand_merge(flux):
                 w.copy_(old)
 
 
+@pytest.mark.slow   # a FLUX.1-wide transformer: 0.5 B parameters
 def test_flux_files_read_back_exactly(flux):
     for fmt in ("kohya", "diffusers"):
         back, _, _ = formats.read_adapter(flux[fmt])
@@ -160,6 +163,7 @@ def test_flux_files_read_back_exactly(flux):
             assert back[k].alpha == pytest.approx(ml.alpha, rel=1e-6), (fmt, k)
 
 
+@pytest.mark.slow   # a FLUX.1-wide transformer: 0.5 B parameters
 def test_import_a_kohya_flux_file_we_did_not_write(flux, tmp_path):
     """Dense fused LoRAs (sd-scripts without split_qkv: every rank feeds every part) and alpha != rank:
     our reader and diffusers' converter give the same transformer."""
@@ -187,6 +191,7 @@ def test_import_a_kohya_flux_file_we_did_not_write(flux, tmp_path):
                 {"transformer": flux["base"]["transformer"]})
 
 
+@pytest.mark.slow   # a FLUX.1-wide transformer: 0.5 B parameters
 def test_convert_flux_both_ways_exactly(flux, tmp_path):
     formats.convert(flux["kohya"], tmp_path / "d.safetensors", "diffusers")
     formats.convert(tmp_path / "d.safetensors", tmp_path / "k.safetensors", "kohya")
@@ -194,3 +199,45 @@ def test_convert_flux_both_ways_exactly(flux, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     s = inspect(tmp_path / "d.safetensors")
     assert s["architecture"] == "flux" and s["modules_by_component"] == {"transformer": 16, "text_encoder": 8}
+
+
+@pytest.mark.slow
+def test_tiny_flux_kohya_file_loads_through_generate(tiny_pipeline, tmp_path):
+    """tiny-flux (2 double, 3 single blocks): linear1 with unequal ranks, CLIP-L (lora_te1_) and T5 (Flux's
+    text_encoder_2, kohya's lora_te3_); generate's load_adapters gives the trained model's outputs."""
+    from lora_sd.generate import load_adapters
+    pipe = tiny_pipeline(arch="flux")
+    comps = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    base = tiny_outputs(comps)
+    add_lora(pipe.transformer, LoraConfig(r=4, alpha=4.0, rank_pattern={"proj_mlp": 2}, target_modules=(
+        r".*attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|.*single_transformer_blocks\.\d+\.(proj_mlp|proj_out)")))
+    add_lora(pipe.text_encoder, LoraConfig(r=2, alpha=2.0, target_modules=r".*self_attn\.(q_proj|v_proj)"))
+    add_lora(pipe.text_encoder_2, LoraConfig(r=2, alpha=2.0, target_modules=r".*SelfAttention\.[qv]"))
+    torch.manual_seed(2)
+    for m in comps.values():
+        for _, layer in lora_layers(m):
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.2)
+    want = tiny_outputs(comps)
+    formats.write_adapter(tmp_path / "k.safetensors", formats.from_model(comps), formats.KOHYA)
+    names = {k.split(".")[0] for k in load_file(str(tmp_path / "k.safetensors"))}
+    assert {"lora_unet_single_blocks_2_linear1", "lora_te3_encoder_block_0_layer_0_SelfAttention_q",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= names
+    fresh = tiny_pipeline(arch="flux")
+    load_adapters(fresh, [(str(tmp_path / "k.safetensors"), 1.0)])
+    got = tiny_outputs({"transformer": fresh.transformer, "text_encoder": fresh.text_encoder,
+                        "text_encoder_2": fresh.text_encoder_2})
+    assert_same(got, want, base)
+
+
+def tiny_outputs(comps: dict) -> dict:
+    t, cfg = comps["transformer"], comps["transformer"].config
+    for m in comps.values():
+        m.eval()   # T5's dropout
+    g = torch.Generator().manual_seed(5)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(2.0), torch.arange(2.0), indexing="ij"), -1).reshape(4, 3)
+    ids = torch.randint(0, 500, (1, 6), generator=g)
+    with torch.no_grad():
+        out = t(torch.randn(1, 4, cfg.in_channels, generator=g), torch.randn(1, 3, cfg.joint_attention_dim, generator=g),
+                torch.randn(1, cfg.pooled_projection_dim, generator=g), torch.tensor([0.5]), img_ids, torch.zeros(3, 3),
+                torch.tensor([3.5]) if cfg.guidance_embeds else None).sample
+        return {"transformer": out, **{n: comps[n](ids).last_hidden_state for n in ("text_encoder", "text_encoder_2")}}
