@@ -348,9 +348,11 @@ def fuse(group: Group, parts: list[Optional[ModuleLora]]) -> ModuleLora:
     first = present[0]
     if len(group.parts) == 1:
         return _swapped_rows(first) if swapped(group, first.down.shape[1], first.up.shape[0]) else first
-    if any(m.magnitude is not None for m in present):
-        raise ValueError(f"{kohya_unet_name(group)}: DoRA on modules that one native module fuses "
-                         f"({', '.join(group.parts)}) has no kohya form: save it in diffusers format")
+    dora = [m.magnitude is not None for m in parts if m is not None]
+    if any(dora) and not (all(dora) and len(present) == len(parts)):
+        raise ValueError(f"{kohya_unet_name(group)}: DoRA on some of the modules that one native module fuses "
+                         f"({', '.join(group.parts)}) has no kohya form: put DoRA on all of them or none, or "
+                         f"save it in diffusers format")
     widths = part_widths(group, first.down.shape[1])
     if len(set(group.widths)) == 1:   # q, k, v: as wide as the parts that are there
         widths = [first.up.shape[0]] * len(widths)
@@ -362,7 +364,8 @@ def fuse(group: Group, parts: list[Optional[ModuleLora]]) -> ModuleLora:
     ranks = [0 if m is None else m.rank for m in parts]
     up = block_diagonal(ups, widths, ranks, lambda shape, like: like.new_zeros(shape), torch.cat)
     down = torch.cat([m.down for m in present])
-    return ModuleLora(down, up, first.alpha * down.shape[0] / first.rank)
+    mag = torch.cat([m.magnitude for m in present]) if all(dora) else None   # DoRA's norms are per output row
+    return ModuleLora(down, up, first.alpha * down.shape[0] / first.rank, mag)
 
 
 def _slice_columns(up: torch.Tensor, widths: list[int], ranks: Optional[list[int]] = None) -> list[torch.Tensor]:
@@ -387,17 +390,15 @@ def split(group: Group, ml: ModuleLora, source: str, ranks: Optional[list[int]] 
     in_f, out_f = ml.down.shape[1], ml.up.shape[0]
     if len(group.parts) == 1:
         return {group.parts[0]: _swapped_rows(ml) if swapped(group, in_f, out_f) else ml}
-    if ml.magnitude is not None:
-        raise LoraLoadError(f"{source}: {kohya_unet_name(group)}: DoRA on a fused module "
-                            f"({', '.join(group.parts)}) is not supported")
     try:
         widths = part_widths(group, in_f, out_f)
     except ValueError as e:
         raise LoraLoadError(f"{source}: {e}") from None
     out, row = {}, 0
     for path, w, cols in zip(group.parts, widths, _slice_columns(ml.up, widths, ranks)):
+        mag = None if ml.magnitude is None else ml.magnitude[row:row + w]
         if len(cols):
-            out[path] = ModuleLora(ml.down[cols], ml.up[row:row + w][:, cols], ml.alpha * len(cols) / ml.rank)
+            out[path] = ModuleLora(ml.down[cols], ml.up[row:row + w][:, cols], ml.alpha * len(cols) / ml.rank, mag)
         row += w
     return out
 

@@ -286,8 +286,22 @@ def test_load_report_and_refusals(base, ours, tmp_path, tiny_pipeline):
         formats.read_adapter(tmp_path / "bad.safetensors")
     dora = formats.Adapter({k: formats.ModuleLora(m.down, m.up, m.alpha, torch.ones(m.up.shape[0]))
                             for k, m in adapter.items() if k.endswith("attn.to_q")}, arch="sd3")
-    with pytest.raises(ValueError, match="DoRA on modules that one native module fuses"):
+    with pytest.raises(ValueError, match="DoRA on some of the modules that one native module fuses"):
         formats.write_adapter(tmp_path / "dora.safetensors", dora, formats.KOHYA)
+
+
+def test_dora_on_all_of_qkv_fuses_its_magnitudes(ours, tmp_path):
+    """DoRA's norms are per output row, and a fused module's rows are its parts' rows: the magnitudes
+    stack (kohya/LyCORIS dora_scale, [out, 1]) and split back exactly."""
+    g = torch.Generator().manual_seed(4)
+    dora = formats.Adapter({k: formats.ModuleLora(m.down, m.up, m.alpha, torch.rand(m.up.shape[0], generator=g) + 0.5)
+                            for k, m in ours["adapter"].items() if re.search(r"\.attn\.to_[qkv]$", k)}, arch="sd3")
+    formats.write_adapter(tmp_path / "dora.safetensors", dora, formats.KOHYA)
+    sd = load_file(str(tmp_path / "dora.safetensors"))
+    mag = sd["lora_unet_joint_blocks_0_x_block_attn_qkv.dora_scale"]
+    assert mag.shape == (3 * dora["transformer.transformer_blocks.0.attn.to_q"].up.shape[0], 1)
+    back, _, _ = formats.read_adapter(tmp_path / "dora.safetensors")
+    assert set(back) == set(dora) and all(torch.equal(back[k].magnitude, m.magnitude) for k, m in dora.items())
 
 
 @pytest.mark.slow
