@@ -13,6 +13,8 @@ diffusers: unet.<path>.lora_A.weight / .lora_B.weight (or the older .lora.down/.
            save_pretrained of a UNet writes base_model.model.<path>), with r / lora_alpha (and
            rank/alpha patterns) in the `lora_adapter_metadata` JSON; none means alpha = r; DoRA's
            magnitude as .lora_magnitude_vector (PEFT's name). SDXL adds text_encoder_2.<path>.
+SD 3.x / Flux (the MMDiT transformers): diffusers' transformer.<path> (text_encoder_3.: SD 3's T5) and
+           kohya's native names of lora_sd.mmdit_names (lora_unet_joint_blocks_..., lora_te1_/te2_/te3_).
 Here live the naming rules (shared with lora_sd.formats, which reads and writes the tensors) and the
 header-only description `lora-sd inspect` and the GUI show.
 """
@@ -28,9 +30,13 @@ from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
 from lora_core.config import LYCORIS_FACTORS
+from lora_core.errors import LoraLoadError
+from lora_sd.metadata import FUSED_RANKS
+from lora_sd import mmdit_names
 from lora_sd.unet_names import RESNET, to_diffusers, to_original
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2",   # text_encoder_2: SDXL's second text encoder
+              "transformer", "text_encoder_3")             # SD 3.x / Flux (lora_sd.mmdit_names); T5: SD 3's 3rd
 # kohya's module-name prefixes, (prefix, component): the one table (the GUI reads it too)
 KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
                   ("lora_te2_", "text_encoder_2"))
@@ -78,6 +84,7 @@ _COMPOUND = {
     # the original SGM / LDM UNet (kohya's SDXL names)
     "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
     "time_embed", "label_emb",
+    "wi_0", "wi_1",   # T5's gated feed-forward (SD 3, Flux)
 }
 
 
@@ -236,7 +243,10 @@ def lycoris_shape(shapes: Mapping[str, tuple], alpha: Optional[float]) -> tuple[
 
 
 def _is_diffusers_path(path: str) -> bool:
-    return path.split(".", 1)[0] in COMPONENTS or path.startswith(tuple(PEFT_UNET_PREFIX + t for t in _UNET_TOP))
+    comp, _, rest = path.partition(".")
+    if comp == "transformer":   # an MMDiT's modules, not another model's `transformer.` (GPT-2's transformer.h.)
+        return rest.startswith(mmdit_names.TRANSFORMER_TOP)
+    return comp in COMPONENTS or path.startswith(tuple(PEFT_UNET_PREFIX + t for t in _UNET_TOP))
 
 
 def detect_diffusers(view: AdapterView) -> bool:
@@ -251,7 +261,11 @@ def file_arch(metadata: Mapping[str, str], widths: Mapping[str, int]) -> str:
     """sd1 / sd2 / sdxl of an adapter file; `widths`: {module name as the file spells it (kohya base name
     or "<component>.<path>"): its input width}. SDXL's own names (lora_te1_/lora_te2_, text_encoder_2.)
     first, then the metadata (ss_base_model_version, ss_v2, modelspec.architecture), then SGM-named UNet
-    modules (kohya's SDXL), then the cross-attention width (1024: SD 2.x, 2048: SDXL); else sd1."""
+    modules (kohya's SDXL), then the cross-attention width (1024: SD 2.x, 2048: SDXL); else sd1. The
+    MMDiT families (sd3, flux) before all: lora_sd.mmdit_names.file_arch."""
+    mmdit = mmdit_names.file_arch(metadata, widths)
+    if mmdit:
+        return mmdit
     ver, spec = metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", "")
     if ver.startswith("sdxl") or "-xl-" in spec or any(
             n.startswith((*SDXL_TEXT_PREFIXES, "text_encoder_2.")) for n in widths):
@@ -302,6 +316,8 @@ def modules_kohya(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
                 lyco[base] = lycoris_shape({n: view.header.shape(k) for n, k in parts.items()}, alpha(base))
     widths = {b: view.header.shape(k)[1] for b, k in downs.items()} | {b: v[4] for b, v in lyco.items()}
     arch = file_arch(view.metadata, widths)
+    if arch in mmdit_names.MMDIT_ARCHS:
+        return modules_native(view, downs, arch), arch, None
     layout = layout_of(view.metadata, arch)
     out = {}
     for base, k in downs.items():
@@ -309,6 +325,30 @@ def modules_kohya(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
         out[kohya_key(base, layout)] = (rank, alpha(base) if alpha(base) is not None else float(rank))
     out.update({kohya_key(base, layout): (rank, a) for base, (_, rank, a, _, _) in lyco.items()})
     return out, arch, known_layout(view.metadata, arch, widths)
+
+
+def modules_native(view: AdapterView, downs: dict[str, str], arch: str) -> Modules:
+    """The modules of an SD 3.x / Flux kohya file by diffusers' names, from its header: a fused native
+    module's parts at the ranks our files record (lora_sd.fused_ranks), else each at an equal share of its
+    rank (the block layout kohya writes; the exact ranks need the tensors: `convert` or a load report)."""
+    fused = view.json_metadata.get(FUSED_RANKS) or {}
+    out = {}
+    for base, k in downs.items():
+        rank = view.header.shape(k)[0]
+        alpha = view.header.scalar(f"{base}.alpha") if f"{base}.alpha" in view.header.tensors else float(rank)
+        try:
+            if base.startswith(mmdit_names.NATIVE_UNET):
+                parts = mmdit_names.group_of(arch, base[len(mmdit_names.NATIVE_UNET):]).parts
+                paths = [f"transformer.{p}" for p in parts]
+            else:
+                comp, flat = mmdit_names.text_component(arch, base)
+                paths = [f"{comp}.{undo_underscores(flat)}"]
+        except KeyError:
+            raise LoraLoadError(f"{view.path}: {base} is no module of {arch} as kohya names it") from None
+        share = rank // len(paths) if rank % len(paths) == 0 else rank
+        ranks = fused.get(base) or [share] * len(paths)
+        out.update({p: (r, alpha * r / rank) for p, r in zip(paths, ranks) if r})
+    return out
 
 
 def modules_diffusers(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
@@ -379,6 +419,7 @@ def describe(view: AdapterView, modules: Modules, arch: str, layout: Optional[di
         "base_model": meta.get("ss_sd_model_name") or meta.get("base_model") or meta.get("modelspec.architecture", ""),
         "steps": meta.get("ss_steps", ""), "modules": len(keys), "modules_by_component": dict(by_comp),
         "target_leaves": sorted(leaves), "attention": attention, **variants(view),
+        "streams": dict(Counter(mmdit_names.stream(k.partition(".")[2]) for k in keys if k.startswith("transformer."))),
     }
 
 

@@ -181,6 +181,8 @@ def _cmd_inspect(a) -> int:
         print(f"arch:        {s['architecture']}" + (f"; UNet blocks in the SGM layout: {', '.join(sgm)}" if sgm else ""))
     if s.get("target_leaves"):
         print(f"targets:     {', '.join(s['target_leaves'])} in {', '.join(s.get('attention') or []) or '-'}")
+    if s.get("streams"):   # SD 3.x / Flux: the transformer modules per stream
+        print(f"streams:     {', '.join(f'{k} {n}' for k, n in sorted(s['streams'].items()))}")
     if s["convert_to"]:
         print(f"convert to:  {', '.join(s['convert_to'])}")
     if s["metadata"]:

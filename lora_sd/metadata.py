@@ -12,7 +12,9 @@ the run's facts. Network keys, from the modules an adapter holds (each with .ran
   lora_sd.module_types                           JSON {module: type} of the modules whose type is not algo's
   lora_sd.module_ranks / lora_sd.module_alphas   JSON {module: value} of the modules that differ from those
   lora_sd.dora_modules                           JSON [module] when DoRA is on some modules only
-Base keys, from the architecture (sd1 / sd2 / sdxl): ss_base_model_version, ss_v2, modelspec.architecture.
+  lora_sd.fused_ranks   kohya SD 3.x / Flux files: JSON {kohya module: [rank of each diffusers part, 0 = none]}
+                        of the fused native modules (lora_sd.formats.fuse), so they split back exactly
+Base keys, from the architecture (sd1 / sd2 / sdxl / sd3 / flux): ss_base_model_version, ss_v2, modelspec.architecture.
 """
 from __future__ import annotations
 
@@ -22,15 +24,18 @@ from typing import Mapping, Optional
 
 MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES = "lora_sd.module_ranks", "lora_sd.module_alphas", "lora_sd.dora_modules"
 MODULE_TYPES = "lora_sd.module_types"
+FUSED_RANKS = "lora_sd.fused_ranks"   # SD 3.x / Flux kohya files: {native module: [rank of each part]}
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
-                MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES, MODULE_TYPES)
+                MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES, MODULE_TYPES, FUSED_RANKS)
 # kohya's ss_base_model_version of each lora_sd.models.arch_of
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 
 
 # the SAI model spec's architecture of each base model (SD 2.x: 512-base or 768-v by its prediction type)
 MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-             "sdxl": "stable-diffusion-xl-v1-base"}
+             "sdxl": "stable-diffusion-xl-v1-base",
+             # kohya's for an SD 3.x / FLUX.1 whose variant (-5-medium, -dev, ...) is not known
+             "sd3": "stable-diffusion-3", "flux": "flux-1"}
 
 
 def modelspec_architecture(arch: str, prediction_type: str, lora: bool = True) -> str:
