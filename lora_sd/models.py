@@ -37,7 +37,7 @@ from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED, TINY_SCHNELL
 from .metadata import MODELSPEC, modelspec_architecture
 from .single_file import (CONFIG_DIR, UNET, DIFFUSERS_PARTS, HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, MMDIT, MMDIT_CLASS,
                           TITLE, Checkpoint, check_configs, checkpoint_error, checkpoint_file, classify,
-                          components_in_file, config_source, hub_id, fallback_key, from_original, name_map, open_checkpoint)
+                          components_in_file, config_source, hub_id, model_arch, fallback_key, from_original, name_map, open_checkpoint)
 
 log = logging.getLogger("lora_sd")
 
@@ -351,11 +351,13 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
     elif path.suffix.lower() in (".safetensors", ".ckpt"):
         pipe = load_single_file(path, config=config, dtype=dtype, prediction_type=prediction_type)
     else:
-        kw = dict(common, revision=revision)
+        arch = model_arch(pretrained)[0]      # a released MMDiT's hub id: its own class, no safety-checker switches
+        cls = getattr(diffusers, PIPELINE_CLASS[arch]) if arch in MMDIT else DiffusionPipeline
+        kw = dict(_pipeline_kwargs(cls, common), revision=revision)
         if variant:
             kw["variant"] = variant
         try:
-            pipe = DiffusionPipeline.from_pretrained(pretrained, **kw)
+            pipe = cls.from_pretrained(pretrained, **kw)
         except Exception as e:
             raise hub_error("model.pretrained", pretrained, e) from e
         _pipeline_class({"_class_name": type(pipe).__name__}, pretrained)

@@ -166,3 +166,21 @@ def test_mmdit_bad_inputs_one_line_each(tmp_path):
             load_pipeline(str(path))
         msg = str(e.value)
         assert words in msg and str(path) in msg and "\n" not in msg and "expected" in msg, (name, msg)
+
+
+@pytest.mark.slow
+def test_released_hub_id_loads_with_its_pipeline_class(monkeypatch, tiny_pipeline):
+    """stabilityai/stable-diffusion-3.5-medium is read by StableDiffusion3Pipeline, without the SD 1.x
+    safety-checker switches (diffusers would warn that they are not expected)."""
+    from diffusers import StableDiffusion3Pipeline
+    calls = []
+
+    def fake(cls, name, **kw):
+        calls.append((cls.__name__, name, kw))
+        return tiny_pipeline(arch="sd3")
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", classmethod(fake))
+    pipe = load_pipeline("stabilityai/stable-diffusion-3.5-medium", variant="fp16")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    (cls, name, kw), = calls
+    assert (cls, name) == ("StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium")
+    assert "safety_checker" not in kw and kw["variant"] == "fp16"
