@@ -115,11 +115,11 @@ def idle_entries(model: nn.Module, config: LoraConfig, targets: list[str], table
                    if n and loose.matches(n) and (supported(m) or isinstance(m, LoraLayer))]
         unused = [e for e in config.exclude_modules if not any(name_matches(n, e) for n in matched)]
         if unused:
-            out.append(f"{table}.exclude_modules: {unused} exclude(s) no module that {table}.target_modules matches: fix "
-                       "the names or remove them")
+            out.append(f"{table}.exclude_modules: {unused} exclude(s) no module that {table}.target_modules "
+                       "matches: fix the names or remove them")
     if (config.conv_r or config.conv_alpha) and not any(is_kxk_conv(_base(model.get_submodule(t))) for t in targets):
-        out.append(f"{table}.conv_r / conv_alpha apply to k×k convolutions, and {table}.target_modules targets none: add "
-                   "convolutions to the targets (e.g. 'cross_attn+conv') or remove them")
+        out.append(f"{table}.conv_r / conv_alpha apply to k×k convolutions, and {table}.target_modules targets "
+                   "none: add convolutions to the targets (e.g. 'cross_attn+conv') or remove them")
     return out
 
 

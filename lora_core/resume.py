@@ -55,6 +55,11 @@ TRAIN_RESUME: dict[str, Rule] = {
 }
 
 
+# the tables every trainer shares, by the name a message gives them
+SHARED = {id(LORA_RESUME): "LORA_RESUME in lora_core/resume.py",
+          id(TRAIN_RESUME): "TRAIN_RESUME in lora_core/resume.py"}
+
+
 def table_class(tp: Any) -> Any:
     """The dataclass of a table field (Optional unwrapped), else None."""
     tp, _ = strip_optional(tp)
@@ -62,7 +67,8 @@ def table_class(tp: Any) -> Any:
 
 
 def unclassified(cls: type, rules: dict, where: str, prefix: str = "") -> list[str]:
-    """Lines naming each field of config class `cls` with no rule in `rules` (and each rule of no field)."""
+    """Lines naming each field of config class `cls` with no rule in `rules` (and each rule of no field), and
+    where to add it (`where` names `rules`: "SD_RESUME in lora_sd/resume_rules.py")."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     out = [f"{prefix}{k}: a rule for a field that does not exist (remove it from {where})"
@@ -70,13 +76,12 @@ def unclassified(cls: type, rules: dict, where: str, prefix: str = "") -> list[s
     for name in names:
         key, sub = prefix + name, table_class(hints[name])
         if name not in rules:
-            out.append(f"{key}: no resume rule; add {name!r}: FREE, MATCH or RESULT (lora_core.resume) to the "
-                       f"{prefix.rstrip('.') or 'top'} table of {where}")
+            out.append(f"{key}: no resume rule; add {name!r}: FREE, MATCH or RESULT (lora_core.resume) to {where}")
+        elif sub is not None and not isinstance(rules[name], dict):
+            out.append(f"{key}: a table needs a dict of rules in {where}")
         elif sub is not None:
-            if not isinstance(rules[name], dict):
-                out.append(f"{key}: a table needs a dict of rules in {where}")
-            else:
-                out += unclassified(sub, rules[name], where, key + ".")
+            inner = SHARED.get(id(rules[name]), f"{where}[{name!r}]")
+            out += unclassified(sub, rules[name], inner, key + ".")
     return out
 
 

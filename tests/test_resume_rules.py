@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from lora_core.configfile import save_config
 from lora_core.errors import RunFolderError
-from lora_core.resume import FREE, LORA_RESUME, resume_changes, unclassified
+from lora_core.resume import FREE, LORA_RESUME, SHARED, resume_changes, unclassified
 from lora_core.run import RunDir, run_job, why_not_resumable
 from lora_core.sweep import cli_sweep
 from lora_core.training import TrainSettings, train
@@ -42,17 +42,22 @@ def test_every_config_field_has_a_resume_rule(cls, rules, where):
         "\n".join(missing)
 
 
-def test_a_new_field_without_a_rule_is_named_with_where_to_add_it():
+def test_a_new_field_without_a_rule_is_named_with_where_to_add_it(monkeypatch):
     @dataclasses.dataclass
     class Grown(LLMTrainConfig):
         new_knob: int = 0
     missing = unclassified(Grown, {**LLM_RESUME, "gone": FREE}, "LLM_RESUME in lora_llm/resume_rules.py")
     assert missing == ["gone: a rule for a field that does not exist (remove it from LLM_RESUME in "
                        "lora_llm/resume_rules.py)",
-                       "new_knob: no resume rule; add 'new_knob': FREE, MATCH or RESULT (lora_core.resume) to the top "
-                       "table of LLM_RESUME in lora_llm/resume_rules.py"]
-    assert unclassified(LLMTrainConfig, {**LLM_RESUME, "lora": {k: v for k, v in LORA_RESUME.items() if k != "r"}},
-                        "X")[0].startswith("lora.r: no resume rule; add 'r'")
+                       "new_knob: no resume rule; add 'new_knob': FREE, MATCH or RESULT (lora_core.resume) to "
+                       "LLM_RESUME in lora_llm/resume_rules.py"]
+    eval_rules = {k: v for k, v in LLM_RESUME["eval"].items() if k != "seed"}
+    assert unclassified(LLMTrainConfig, {**LLM_RESUME, "eval": eval_rules}, "LLM_RESUME in X") == [
+        "eval.seed: no resume rule; add 'seed': FREE, MATCH or RESULT (lora_core.resume) to LLM_RESUME in X['eval']"]
+    lora_rules = {k: v for k, v in LORA_RESUME.items() if k != "r"}
+    monkeypatch.setitem(SHARED, id(lora_rules), "LORA_RESUME in lora_core/resume.py")   # as if it were the shared one
+    assert unclassified(LLMTrainConfig, {**LLM_RESUME, "lora": lora_rules}, "X") == [
+        "lora.r: no resume rule; add 'r': FREE, MATCH or RESULT (lora_core.resume) to LORA_RESUME in lora_core/resume.py"]
 
 
 def _saved(tmp_path, cfg) -> Path:
