@@ -198,6 +198,7 @@ def test_lycoris_loads_our_kohya_files(tiny_pipeline, tmp_path, lycoris_on_diffu
         assert not any(k.endswith("lora_down.weight") for k in sd)
 
 
+@pytest.mark.slow
 def test_lokr_full_factors_keep_their_scale(tiny_pipeline, tmp_path):
     """A LoKr whose two factors are full: LyCORIS and ComfyUI scale it by 1, so alpha / r goes into lokr_w2."""
     from lora_sd import formats
