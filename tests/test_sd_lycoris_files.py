@@ -5,7 +5,6 @@ from the file's tensors by LyCORIS' formulas. Files written by the `lycoris-lora
 LyCORIS' own weights."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
