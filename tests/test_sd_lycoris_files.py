@@ -5,7 +5,6 @@ from the file's tensors by LyCORIS' formulas. Files written by the `lycoris-lora
 LyCORIS' own weights."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -198,6 +197,7 @@ def test_lycoris_loads_our_kohya_files(tiny_pipeline, tmp_path, lycoris_on_diffu
         assert not any(k.endswith("lora_down.weight") for k in sd)
 
 
+@pytest.mark.slow
 def test_lokr_full_factors_keep_their_scale(tiny_pipeline, tmp_path):
     """A LoKr whose two factors are full: LyCORIS and ComfyUI scale it by 1, so alpha / r goes into lokr_w2."""
     from lora_sd import formats
