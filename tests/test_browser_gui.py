@@ -115,9 +115,9 @@ def choose(pg, elem_id, option):
     pg.get_by_role("option", name=option, exact=True).click()
 
 
-def toast(pg, text):
+def toast(pg, text, timeout=20):
     loc = pg.get_by_text(text, exact=False)
-    loc.first.wait_for(state="visible", timeout=20_000)
+    loc.first.wait_for(state="visible", timeout=timeout * 1000)
     return loc.first
 
 
@@ -235,12 +235,12 @@ def test_1d_the_form_follows_the_selected_run(page, server):
     page.get_by_text("Config file (save / load", exact=False).click()
     fill(page, "sd-config-name", "seven")
     page.locator("#sd-config-save").click()
-    toast(page, "saved configs/seven.toml")
+    toast(page, "saved configs/seven.toml", 60)
     page.locator("#sd-config-save").click()
-    toast(page, "exists already: tick Overwrite")
+    toast(page, "exists already: tick Overwrite", 60)
     page.locator("#sd-config-overwrite input").check()
     page.locator("#sd-config-save").click()
-    toast(page, "the old one is configs/seven.toml.old-")
+    toast(page, "the old one is configs/seven.toml.old-", 60)
     assert "r = 7" in (ws / "configs" / "seven.toml").read_text()
     page.get_by_text("Config file (save / load", exact=False).click()
     page.reload()   # back to the default form for the steps below
