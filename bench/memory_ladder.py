@@ -110,6 +110,9 @@ def run_rung(name: str, rung: dict, resolution: int, scale: int) -> dict:
     torch.manual_seed(0)
     unet = sdxl_unet(scale)
     cfg = settings(rung)
+    if rung.get("offload") == -1:   # every block
+        from lora_core.offload import model_blocks
+        cfg.train.offload_blocks = len(model_blocks(unet))
     unet.requires_grad_(False)
     add_lora(unet, LoraConfig(**{**LORA, "target_modules": r".*attn2\.(to_q|to_k|to_v|to_out\.0)"}))
     est = estimate(cfg, unet, resolution)
