@@ -5,8 +5,9 @@ weights) on the CPU: peak memory and step time for each rung, and the preflight'
 
 Each rung applies its switches through the trainer's own code (lora_core.lowmem.store_frozen, the UNet's
 gradient checkpointing, lora_core.offload.offload_blocks, lora_core.training.make_optimizer) to a fresh UNet of
-lora_sd/model_configs/sdxl-base with LoRA r=16 on attn2 (kohya's usual), runs one warm-up step, one timed step,
-then one step under the torch profiler: peak = the largest sum of live tensor bytes in its memory timeline. With
+lora_sd/model_configs/sdxl-base with LoRA r=16 on attn2 (kohya's usual), runs two steps under the torch profiler
+(peak = the largest sum of live tensor bytes in its memory timeline, as bench/preflight_memory.py), then one
+timed step. With
 block offloading, the host copies of the offloaded blocks are live tensors on a CPU too; on a GPU machine they
 live in host RAM: `device_peak_mib` is the peak without them (the number a GPU would see). `--scale k` divides
 every channel count by k (a quick check that the script works; its numbers are not the SDXL ladder).
@@ -109,6 +110,9 @@ def run_rung(name: str, rung: dict, resolution: int, scale: int) -> dict:
     torch.manual_seed(0)
     unet = sdxl_unet(scale)
     cfg = settings(rung)
+    if rung.get("offload") == -1:   # every block
+        from lora_core.offload import model_blocks
+        cfg.train.offload_blocks = len(model_blocks(unet))
     unet.requires_grad_(False)
     add_lora(unet, LoraConfig(**{**LORA, "target_modules": r".*attn2\.(to_q|to_k|to_v|to_out\.0)"}))
     est = estimate(cfg, unet, resolution)
@@ -124,11 +128,10 @@ def run_rung(name: str, rung: dict, resolution: int, scale: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()   # warm-up: optimizer state, first-use allocations
+    peak = profiled_peak(step)   # two steps from the start (the optimizer state is made in the first)
     t = time.perf_counter()
     step()
     step_s = time.perf_counter() - t
-    peak = profiled_peak(step)
     res = {"rung": name, **rung, "step_s": round(step_s, 2), "peak_mib": round(peak / 2**20, 1),
            "device_peak_mib": round((peak - host) / 2**20, 1),
            "estimate_mib": round(est["total_bytes"] / 2**20, 1),
@@ -140,12 +143,13 @@ def run_rung(name: str, rung: dict, resolution: int, scale: int) -> dict:
 
 
 def profiled_peak(step) -> int:
-    """The largest sum of live tensor bytes during step() (torch profiler memory timeline)."""
+    """The largest sum of live tensor bytes during two step()s (torch profiler memory timeline)."""
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
         step()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     return int(np.array(sizes).sum(axis=1).max())

@@ -168,10 +168,17 @@ def _unet_activations(unet, inputs: dict, dtype, checkpointing: bool) -> tuple[i
             return unet(**inputs).sample.float().pow(2).mean()
     was = unet.training
     unet.train()
+    # the frozen weights in the compute dtype while measuring, as training keeps them: autocast's copies of
+    # fp32 weights are not activations
+    kept = {p: p.data for p in unet.parameters() if not p.requires_grad and dtype is not None and p.dtype != dtype}
+    for p in kept:
+        p.data = p.data.to(dtype)
     try:
         return saved_activations(unet, run, checkpointing)
     finally:
         unet.train(was)
+        for p, data in kept.items():
+            p.data = data
 
 
 def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:

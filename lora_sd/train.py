@@ -320,8 +320,8 @@ def _store_small(cfg: SDTrainConfig, pipe, weight_dtype: torch.dtype) -> None:
     for part, storage in cfg.model.weight_dtype.chosen().items():
         for name in WEIGHT_PARTS[part]:
             m = getattr(pipe, name, None)
-            if m is not None:
-                n = store_frozen(m, storage, weight_dtype)
+            if m is not None:   # the VAE's other weights keep the dtype chosen above (never fp16)
+                n = store_frozen(m, storage, next(m.parameters()).dtype if part == "vae" else weight_dtype)
                 log.info("model.weight_dtype.%s = %s: %s frozen weights %.1f MiB%s", part, storage, name,
                          stored_bytes(m) / 2**20, f" ({n} layers quantized)" if n else "")
 
