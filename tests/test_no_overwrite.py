@@ -75,13 +75,17 @@ def owned(tiny_sd_model, tmp_path_factory):
     for _, layer in lora_layers(pipe.unet):
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     formats.write_adapter(root / "style.safetensors", formats.from_model({"unet": pipe.unet}), formats.KOHYA)
+    trained = load_pipeline("tiny")   # the shipped trained model (score refuses random weights)
+    add_lora(trained.unet, LoraConfig(r=2, alpha=2.0, target_modules=CROSS_ATTN))
+    formats.write_adapter(root / "tiny_style.safetensors", formats.from_model({"unet": trained.unet}), formats.KOHYA)
     lm, _ = make_tiny_model(root / "llm_model")
     add_lora(lm, LoraConfig(r=2, alpha=2.0, target_modules=["c_attn"]))
     (root / "llm_run").mkdir()
     info = {"task": "wikitext2", "num_labels": 0, "model": asdict(ModelSection(pretrained=str(root / "llm_model"))),
             "pretrained": str(root / "llm_model")}
     save_lora(root / "llm_run" / ADAPTER_FILE, lm, metadata={"llm_info": json.dumps(info)})
-    return {"model": tiny_sd_model, "adapter": root / "style.safetensors", "llm_run": root / "llm_run"}
+    return {"model": tiny_sd_model, "adapter": root / "style.safetensors", "llm_run": root / "llm_run",
+            "tiny_adapter": root / "tiny_style.safetensors"}
 
 
 GEN = ["--steps", "1", "--width", "16", "--height", "16"]
@@ -93,9 +97,10 @@ CASES = {
                  ["--seed", "1"], "gen"),
     "grid": ("sd", ["grid", "--x", "seed=0,1", "--prompt", "a", "--model", "{model}", *GEN, "--out", "{out}/grid"],
              ["--scale", "0.5"], "grid"),
-    "score": ("sd", ["score", "--model", "{model}", "--lora", "{out}/style.safetensors", "--scales", "0,1",
+    # score: the shipped trained model (a random-weight one is refused)
+    "score": ("sd", ["score", "--model", "tiny", "--lora", "{out}/tiny_style.safetensors", "--scales", "0,1",
                      "--prompt", "a red circle", "--seeds", "1", "--steps", "1", "--size", "16",
-                     "--save-images", "{out}/images"], ["--seed", "3"], "style.score.json"),
+                     "--save-images", "{out}/images"], ["--seed", "3"], "tiny_style.score.json"),
     "merge": ("sd", ["merge", "--model", "{model}", "--lora", "{out}/style.safetensors", "--out", "{out}/merged"],
               ["--lora", "{out}/style2.safetensors:0.5"], "merged"),
     "save-single-file": ("sd", ["save-single-file", "{model}", "{out}/single.safetensors"], ["--half"],
@@ -143,6 +148,7 @@ def test_a_second_run_replaces_nothing_and_overwrite_moves_aside(name, owned, tm
     which, argv, conflicting, output = CASES[name]
     for name in ("style.safetensors", "style2.safetensors"):   # inputs inside the tree
         (tmp_path / name).write_bytes(owned["adapter"].read_bytes())
+    (tmp_path / "tiny_style.safetensors").write_bytes(owned["tiny_adapter"].read_bytes())
     args = [str(a).format(out=tmp_path, model=owned["model"], llm_run=owned["llm_run"]) for a in argv]
     other = [str(a).format(out=tmp_path) for a in conflicting]
     rc, line = run(which, args, capsys)
