@@ -10,6 +10,8 @@ from lora_core.cli_errors import add_overwrite_flag, add_sweep_and_check, moved_
 from lora_core.errors import ConfigError
 from lora_core.files import check_output, room_for
 
+from .config import AUTO_SAMPLER, SAMPLER_HELP
+
 
 def _axis_values(axis: str, text: str, run: str) -> list:
     """'step' (all of the run's steps), 'step=0,200,final', 'scale=0,0.5,1', 'prompt=a cat|a dog', 'seed=1,2',
@@ -99,7 +101,7 @@ def add_commands(sub) -> None:
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--width", type=int, default=512)
     g.add_argument("--height", type=int, default=512)
-    g.add_argument("--scheduler", default="ddim")
+    g.add_argument("--scheduler", default=AUTO_SAMPLER, help=SAMPLER_HELP)
     g.add_argument("--device", default="")
     g.add_argument("--out", required=True, help="folder for grid.png, cells/ and index.json")
     add_overwrite_flag(g, "an earlier grid there (grid.png, cells/, index.json)")

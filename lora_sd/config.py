@@ -28,10 +28,15 @@ SAMPLERS = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",   # the flow-matching models' sampler (SD 3.5)
 }
-Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]  # the names above, declared once
+FLOW_SAMPLERS = ("flow_euler",)   # the samplers of flow-matching models; the others are the diffusion models'
+AUTO_SAMPLER = "auto"   # the architecture's own: ddim (SD 1.x / 2.x / SDXL), flow_euler (FLOW_ARCHS)
+SAMPLER_HELP = f"{', '.join(SAMPLERS)} or {AUTO_SAMPLER} (ddim for SD 1.x / 2.x / SDXL, flow_euler for SD 3.5)"
+Sampler = Literal[(*SAMPLERS, AUTO_SAMPLER)]  # type: ignore[valid-type]  # the names above, declared once
 Dtype = Literal["fp32", "fp16", "bf16"]
 ARCHS = ("sd1", "sd2", "sdxl", "sd3")   # the architectures lora_sd knows (lora_sd.models.arch_of); sd3: an MMDiT
+FLOW_ARCHS = ("sd3",)   # trained with rectified flow and sampled with a flow-matching sampler
 # model.pretrained names of the offline models: "tiny" = the pretrained tiny pipeline shipped in the package
 # (lora_sd/pretrained/tiny_synth, trained on the synthetic shapes world); the others have random weights
 TINY_PRETRAINED = "tiny"
@@ -146,7 +151,7 @@ class SampleSettings(Checked, section="sample"):
     seed: int = option(0, "seed of image i is seed + i", ge=0)
     width: int = option(0, "image width; 0 = data.resolution", ge=0, multiple_of=8)
     height: int = option(0, "image height; 0 = data.resolution", ge=0, multiple_of=8)
-    scheduler: Sampler = option("ddim", "sampler of the validation images")
+    scheduler: Sampler = option(AUTO_SAMPLER, f"sampler of the validation images: {SAMPLER_HELP}")
     grid: bool = option(False, "at the end of the run write RUN/grid/ (lora_sd.grid): the prompts (rows) at step 0 "
                         "(the base model), every kept checkpoint and the final adapter (columns)")
     grid_scale: float = option(1.0, "adapter scale of that grid", ge=0)

@@ -123,6 +123,7 @@ def _tiny_sd3(tokenizer) -> dict:
     clip_l = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 2, projection_dim=32))
     clip_g = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 48, 2, projection_dim=48))
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 dropout_rate=0.0,   # built in train mode: no dropout, or every encoding differs
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                  decoder_start_token_id=0))
     transformer = SD3Transformer2DModel(

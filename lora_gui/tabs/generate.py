@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lora_core.fields import field_specs
+from lora_sd.config import AUTO_SAMPLER
 
 from .. import job_kinds
 from ..services.fit import badge
@@ -90,6 +91,6 @@ def settings() -> list:
     with gr.Row():
         width = gr.Number(value=64, precision=0, label="Width", elem_id="gen-width")
         height = gr.Number(value=64, precision=0, label="Height", elem_id="gen-height")
-        scheduler = gr.Dropdown(schedulers(), value="ddim", label="Scheduler", elem_id="gen-scheduler")
+        scheduler = gr.Dropdown(schedulers(), value=AUTO_SAMPLER, label="Scheduler", elem_id="gen-scheduler")
         n = gr.Number(value=1, precision=0, label="Images", elem_id="gen-n")
     return [prompt, negative, seed, steps, guidance, width, height, scheduler, n]
