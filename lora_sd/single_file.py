@@ -262,8 +262,8 @@ def _folder_arch(folder: Path) -> tuple[str, str]:
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         name = index.get("_class_name", "?")
-        if name == "StableDiffusion3Pipeline":
-            return "sd3", f"diffusers folder, {name} (an MMDiT transformer)"
+        if name in ("StableDiffusion3Pipeline", "FluxPipeline"):
+            return ("sd3" if name == "StableDiffusion3Pipeline" else "flux"), f"diffusers folder, {name} (an MMDiT transformer)"
         unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{folder}: not a readable diffusers pipeline folder ({one_line(str(e))[:120]})") from e
@@ -275,7 +275,7 @@ def _folder_arch(folder: Path) -> tuple[str, str]:
 
 
 def model_arch(pretrained: str) -> tuple[str, str]:
-    """("sd1" | "sd2" | "sdxl" | "sd3" | "", why) of a model.pretrained value without torch or network: a tiny
+    """("sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "", why) of a model.pretrained value without torch or network: a tiny
     model's name, a diffusers folder, a single file; "" for a hub id (known once it is loaded).
     ModelLoadError for a file or folder that is not a model lora_sd trains."""
     if pretrained == TINY_PRETRAINED:
