@@ -21,7 +21,7 @@ from .models import arch_of
 
 
 def denoiser(pipe):
-    """The pipeline's denoising network: its UNet (SD 1.x / 2.x / SDXL) or its transformer (SD 3.5)."""
+    """The pipeline's denoising network: its UNet (SD 1.x / 2.x / SDXL) or its transformer (SD 3.5, Flux)."""
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
@@ -48,9 +48,16 @@ def set_scheduler(pipe, name: str) -> str:
     return name
 
 
+def size_multiple(pipe) -> int:
+    """What an image side must be a multiple of: the VAE's factor, times the patch size of SD 3.5's transformer
+    or the 2x2 packing of Flux's latents (16 for both at full size)."""
+    packing = 2 if arch_of(pipe) == "flux" else getattr(pipe, "patch_size", 1)
+    return pipe.vae_scale_factor * packing
+
+
 def check_size(pipe, width: int, height: int) -> None:
-    """Refuse a size the pipeline's latent grid does not divide (SD 3.5: VAE factor x patch size, 16)."""
-    multiple = pipe.vae_scale_factor * getattr(pipe, "patch_size", 1)
+    """Refuse a size the pipeline's latent grid does not divide (size_multiple)."""
+    multiple = size_multiple(pipe)
     for name, v in (("--width", width), ("--height", height)):
         if v % multiple:
             raise ValueError(f"{name} {v}: this {arch_of(pipe)} pipeline needs a multiple of {multiple} "
@@ -156,13 +163,14 @@ def generate(pipe, prompts: list[str], *, negative_prompt: str = "", steps: int 
     check_generation(steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed,
                      scheduler=scheduler)
     check_size(pipe, width, height)
+    if negative_prompt and arch_of(pipe) == "flux":
+        raise ValueError("--negative-prompt: Flux takes no negative prompt (its guidance is distilled into the "
+                         "model, set with --guidance); leave it empty")
     scheduler = set_scheduler(pipe, scheduler)
-    net = denoiser(pipe)
     results = []
     for i, prompt in enumerate(prompts):
         g = torch.Generator(device="cpu").manual_seed(seed + i)
-        latents = torch.randn((1, net.config.in_channels, height // pipe.vae_scale_factor,
-                               width // pipe.vae_scale_factor), generator=g).to(net.device, net.dtype)
+        latents = start_latents(pipe, g, width, height)
         with _vae_outside_autocast(pipe):
             image = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
                          guidance_scale=guidance_scale, width=width, height=height, generator=g,
@@ -174,6 +182,18 @@ def generate(pipe, prompts: list[str], *, negative_prompt: str = "", steps: int 
             save_png(image, Path(out_dir) / f"{prefix}{i}.png", params)
         results.append((image, params))
     return results
+
+
+def start_latents(pipe, g: torch.Generator, width: int, height: int) -> torch.Tensor:
+    """The starting noise of one image, drawn on the CPU from `g`, on the denoiser's device and dtype: the
+    latent grid's shape (16 channels for the MMDiTs), or for Flux the pipeline's own packed 2x2 patches."""
+    net = denoiser(pipe)
+    if arch_of(pipe) == "flux":
+        z, _ = pipe.prepare_latents(1, net.config.in_channels // 4, height, width, torch.float32, torch.device("cpu"), g)
+    else:
+        z = torch.randn((1, net.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
+                        generator=g)
+    return z.to(net.device, net.dtype)
 
 
 @contextlib.contextmanager
