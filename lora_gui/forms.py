@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lora_core.fields import FieldSpec, field_specs
+from lora_sd.config import AUTO_SAMPLER, FLOW_ARCHS, FLOW_SAMPLERS, SAMPLERS
 from lora_sd.config import TARGET_PRESETS   # the SD trainer's target presets (name -> regex)
 
 from .field_kinds import FOLDER, MODEL, NAMES, TABLE_RANK, FieldKind, get_key, kind_for
@@ -124,9 +125,9 @@ TEXT_ENCODER_SD = [
 
 SD_FIELDS = [
     Field("model.pretrained", "Base model", MODEL, note="arch",
-          info="'tiny' (offline, pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl' (offline, "
-               "random weights), a diffusers folder or .safetensors / .ckpt "
-               "file in the workspace (SD 1.x, 2.x, SDXL), or a hub id"),
+          info="'tiny' (offline, pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl' / "
+               "'tiny-sd3' (offline, random weights), a diffusers folder or .safetensors / .ckpt "
+               "file in the workspace (SD 1.x, 2.x, SDXL, SD 3.5), or a hub id"),
     Field("data.path", "Dataset folder", FOLDER, info="images with .txt captions or metadata.jsonl"),
     Field("data.resolution", "Resolution"),
     Field("data.trigger_word", "Trigger word"),
@@ -168,6 +169,17 @@ LLM_FIELDS = [
           info="classification tasks: the head's own learning rate; 0: Learning rate"),
     *ADVANCED_LORA,
 ]
+
+
+# form groups shown only while the base model has that architecture (lora_sd.config.ARCHS names)
+ARCH_GROUPS = ("sdxl", "sd3")
+
+
+def sampler_choices(arch: str) -> list:
+    """The samplers that fit `arch` (flow-matching ones for SD 3.5, the others for SD 1.x / 2.x / SDXL) and
+    'auto'; every sampler while the architecture is unknown ("")."""
+    fits = [n for n in SAMPLERS if not arch or (n in FLOW_SAMPLERS) == (arch in FLOW_ARCHS)]
+    return [AUTO_SAMPLER, *fits]
 
 
 def bind(fields, config_class: type) -> tuple:

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import job_kinds, runview
-from .forms import Field
+from .forms import ARCH_GROUPS, Field
 from .jobs import LAUNCHERS
 from .services.plots import loss_figure
 
@@ -49,7 +49,8 @@ def field_input(f: Field, value, prefix: str):
 
 
 SECTIONS = {"advanced": dict(label="Advanced", open=False),   # group -> its collapsible section
-            "sdxl": dict(label="SDXL", open=True, visible=False)}   # shown when the base model is SDXL
+            "sdxl": dict(label="SDXL", open=True, visible=False),   # shown when the base model is SDXL
+            "sd3": dict(label="SD 3.5 (rectified flow)", open=True, visible=False)}   # ... is SD 3.5
 
 
 @dataclass
@@ -171,16 +172,18 @@ class JobForm:
         page.on_load([self.choice], lambda: [gr.update(choices=ctrl.configs.choices(kind))])
 
     def wire_arch_note(self, page) -> None:
-        """The base model's detected SD architecture below its input; the SDXL section only for SDXL."""
+        """The base model's detected SD architecture below its input; each architecture's section (SDXL,
+        SD 3.5) only for it."""
         for f in job_kinds.get(self.kind).fields:
             if f.note != "arch":
                 continue
-            comp, sdxl = self.inputs[f.key], self.form.sections.get("sdxl")
-            outputs = [self.form.notes[f.key]] + ([sdxl] if sdxl is not None else [])
+            comp = self.inputs[f.key]
+            sections = {g: s for g, s in self.form.sections.items() if g in ARCH_GROUPS}
+            outputs = [self.form.notes[f.key], *sections.values()]
 
-            def update(text, n=len(outputs)):
+            def update(text):
                 arch, line = self.ctrl.configs.arch_note(text)
-                return [line, gr.update(visible=arch == "sdxl")][:n]
+                return [line, *(gr.update(visible=arch == g) for g in sections)]
             comp.change(update, [comp], outputs)
             page.on_load(outputs, lambda c=comp, u=update: u(c.value))
 
