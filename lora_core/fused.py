@@ -39,3 +39,16 @@ def block_B(B, slices: Sequence[bool], out_features: int, r: int, zeros: Callabl
             blocks[j] = B[j * slice_out:(j + 1) * slice_out]
         rows.append(cat(blocks, 1))
     return cat(rows, 0)
+
+
+def block_diagonal(blocks: Sequence, rows: Sequence[int], cols: Sequence[int], zeros: Callable, cat: Callable):
+    """The (sum(rows), sum(cols)) matrix with blocks[i] (rows[i], cols[i]) on its diagonal and zeros
+    elsewhere: k LoRAs (A_i, B_i) of one fused module's output slices as one LoRA, A = cat(A_i) and
+    this matrix of the B_i (slices of any widths and ranks; a slice without LoRA: a block of 0 columns).
+
+    zeros(shape, like) -> a zero tensor of like's dtype / device; cat(tensors, axis) -> tensor."""
+    like = next(b for b in blocks if b is not None)
+    out = []
+    for i, n in enumerate(rows):
+        out.append(cat([blocks[i] if j == i and blocks[i] is not None else zeros((n, c), like) for j, c in enumerate(cols)], 1))
+    return cat(out, 0)

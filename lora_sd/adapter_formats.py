@@ -24,9 +24,12 @@ from collections import Counter
 from typing import Mapping, Optional
 
 from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
+from lora_core.errors import LoraLoadError
+from lora_sd import mmdit_names
 from lora_sd.unet_names import RESNET, to_diffusers, to_original
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")   # text_encoder_2: SDXL's second text encoder
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2",   # text_encoder_2: SDXL's second text encoder
+              "transformer", "text_encoder_3")             # SD 3.x / Flux (lora_sd.mmdit_names); T5: SD 3's 3rd
 # kohya's module-name prefixes, (prefix, component): the one table (the GUI reads it too)
 KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
                   ("lora_te2_", "text_encoder_2"))
@@ -62,6 +65,7 @@ _COMPOUND = {
     # the original SGM / LDM UNet (kohya's SDXL names)
     "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
     "time_embed", "label_emb",
+    "wi_0", "wi_1",   # T5's gated feed-forward (SD 3, Flux)
 }
 
 
@@ -198,7 +202,11 @@ def file_arch(metadata: Mapping[str, str], widths: Mapping[str, int]) -> str:
     """sd1 / sd2 / sdxl of an adapter file; `widths`: {module name as the file spells it (kohya base name
     or "<component>.<path>"): its input width}. SDXL's own names (lora_te1_/lora_te2_, text_encoder_2.)
     first, then the metadata (ss_base_model_version, ss_v2, modelspec.architecture), then SGM-named UNet
-    modules (kohya's SDXL), then the cross-attention width (1024: SD 2.x, 2048: SDXL); else sd1."""
+    modules (kohya's SDXL), then the cross-attention width (1024: SD 2.x, 2048: SDXL); else sd1. The
+    MMDiT families (sd3, flux) before all: lora_sd.mmdit_names.file_arch."""
+    mmdit = mmdit_names.file_arch(metadata, widths)
+    if mmdit:
+        return mmdit
     ver, spec = metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", "")
     if ver.startswith("sdxl") or "-xl-" in spec or any(
             n.startswith((*SDXL_TEXT_PREFIXES, "text_encoder_2.")) for n in widths):
@@ -229,6 +237,8 @@ def modules_kohya(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
     """(modules, architecture, UNet layout or None); alpha read from the file's 0-dim tensors."""
     downs = {m.group(1): k for k in view.keys for m in [KOHYA_KEY.fullmatch(k)] if m and m.group(2) == "lora_down.weight"}
     arch = file_arch(view.metadata, {b: view.header.shape(k)[1] for b, k in downs.items()})
+    if arch in mmdit_names.MMDIT_ARCHS:
+        return modules_native(view, downs, arch), arch, None
     layout = layout_of(view.metadata, arch)
     out = {}
     for base, k in downs.items():
@@ -236,6 +246,28 @@ def modules_kohya(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
         alpha = view.header.scalar(f"{base}.alpha") if f"{base}.alpha" in view.header.tensors else float(rank)
         out[kohya_key(base, layout)] = (rank, alpha)
     return out, arch, known_layout(view.metadata, arch, downs)
+
+
+def modules_native(view: AdapterView, downs: dict[str, str], arch: str) -> Modules:
+    """The modules of an SD 3.x / Flux kohya file by diffusers' names, from its header: a fused native
+    module's parts each at an equal share of its rank (the block layout kohya and we write; the exact
+    ranks need the tensors: `convert` or a load report)."""
+    out = {}
+    for base, k in downs.items():
+        rank = view.header.shape(k)[0]
+        alpha = view.header.scalar(f"{base}.alpha") if f"{base}.alpha" in view.header.tensors else float(rank)
+        try:
+            if base.startswith(mmdit_names.NATIVE_UNET):
+                parts = mmdit_names.group_of(arch, base[len(mmdit_names.NATIVE_UNET):]).parts
+                paths = [f"transformer.{p}" for p in parts]
+            else:
+                comp, flat = mmdit_names.text_component(arch, base)
+                paths = [f"{comp}.{undo_underscores(flat)}"]
+        except KeyError:
+            raise LoraLoadError(f"{view.path}: {base} is no module of {arch} as kohya names it") from None
+        share = rank // len(paths) if rank % len(paths) == 0 else rank
+        out.update({p: (share, alpha * share / rank) for p in paths})
+    return out
 
 
 def modules_diffusers(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
@@ -306,6 +338,7 @@ def describe(view: AdapterView, modules: Modules, arch: str, layout: Optional[di
         "base_model": meta.get("ss_sd_model_name") or meta.get("base_model") or meta.get("modelspec.architecture", ""),
         "steps": meta.get("ss_steps", ""), "modules": len(keys), "modules_by_component": dict(by_comp),
         "target_leaves": sorted(leaves), "attention": attention, **variants(view),
+        "streams": dict(Counter(mmdit_names.stream(k.partition(".")[2]) for k in keys if k.startswith("transformer."))),
     }
 
 

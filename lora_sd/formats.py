@@ -33,14 +33,17 @@ from torch import nn
 
 from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers, set_scale
 from lora_core import adapter_files
+from lora_core.fused import block_diagonal
 from lora_core.io import atomic_save_safetensors, read_safetensors
 from lora_core.layers import LoraLayer, base_dims, supported
 
 from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,
                               KOHYA, KOHYA_KEY, KOHYA_PREFIXES, LAYOUT_KEY, SDXL_LAYOUT,
                               diffusers_alpha, diffusers_path, file_arch, known_layout, kohya_key, kohya_name,
-                              layout_of, made_for, sd_block, unet_layout)
-from .metadata import NETWORK_KEYS, base_metadata, network_metadata, prediction_type_of
+                              layout_of, made_for, sd_block, undo_underscores, unet_layout)
+from .mmdit_names import (MMDIT_ARCHS, NATIVE_UNET, Group, group_of, kohya_unet_name, native_of, part_widths,
+                          swapped, text_component, text_prefix)
+from .metadata import MODULE_ALPHAS, NETWORK_KEYS, base_metadata, network_metadata, prediction_type_of
 from .models import arch_of
 
 
@@ -85,7 +88,9 @@ class Adapter(dict):
 
 def _components_arch(components: dict[str, nn.Module]) -> tuple[str, Optional[dict]]:
     """(arch, UNet layout) of a components dict (lora_sd.models.arch_of on its UNet); ("", None) when
-    there is no diffusers UNet."""
+    there is no diffusers UNet; an MMDiT's (sd3 / flux) from its transformer, with no UNet layout."""
+    if "transformer" in components:
+        return arch_of(components["transformer"]), None
     try:
         unet = components["unet"]
         return arch_of(unet), unet_layout(unet.config)
@@ -167,11 +172,13 @@ def fit_names(adapter: Adapter, components: dict[str, nn.Module]) -> Adapter:
 
 
 def _text_model_names(adapter: Adapter) -> Adapter:
-    """The inverse of fit_names (for every file we write): every text-encoder path under `text_model.`."""
+    """The inverse of fit_names (for every file we write): every CLIP text-encoder path under `text_model.`
+    (T5's paths, encoder.block.N..., and the denoisers' stay as they are)."""
     out = Adapter(arch=getattr(adapter, "arch", ""), layout=getattr(adapter, "layout", None))
     for key, ml in adapter.items():
         comp, _, path = key.partition(".")
-        out[key if comp == "unet" or path.startswith("text_model.") else f"{comp}.text_model.{path}"] = ml
+        clip = comp.startswith("text_encoder") and not path.startswith(("text_model.", "encoder.block.", "shared"))
+        out[f"{comp}.text_model.{path}" if clip else key] = ml
     return out
 
 
@@ -249,12 +256,17 @@ def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float32, layout: Optio
     """kohya's tensors; with the UNet `layout`, kohya's SDXL names (SGM UNet, lora_te1_/lora_te2_)."""
     sd = {}
     for key, ml in adapter.items():
-        base = kohya_name(key, layout)
-        sd[f"{base}.lora_down.weight"] = ml.down.to(dtype).contiguous()
-        sd[f"{base}.lora_up.weight"] = ml.up.to(dtype).contiguous()
-        sd[f"{base}.alpha"] = torch.tensor(float(ml.alpha), dtype=dtype)
-        if ml.magnitude is not None:   # LyCORIS' output-axis layout
-            sd[f"{base}.dora_scale"] = ml.magnitude.reshape((-1,) + (1,) * (ml.down.dim() - 1)).to(dtype).contiguous()
+        sd.update(kohya_tensors(kohya_name(key, layout), ml, dtype))
+    return sd
+
+
+def kohya_tensors(base: str, ml: ModuleLora, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One module's kohya tensors: lora_down, lora_up, alpha (and DoRA's dora_scale)."""
+    sd = {f"{base}.lora_down.weight": ml.down.to(dtype).contiguous(),
+          f"{base}.lora_up.weight": ml.up.to(dtype).contiguous(),
+          f"{base}.alpha": torch.tensor(float(ml.alpha), dtype=dtype)}
+    if ml.magnitude is not None:   # LyCORIS' output-axis layout
+        sd[f"{base}.dora_scale"] = ml.magnitude.reshape((-1,) + (1,) * (ml.down.dim() - 1)).to(dtype).contiguous()
     return sd
 
 
@@ -312,6 +324,141 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
         out[key] = ModuleLora(down, up, alpha,
                               None if mag is None else _magnitude(mag, up.shape[0], f"{base}.dora_scale", source, True))
     return out
+
+
+# ------------------------------------------------------------------ kohya, MMDiT (SD 3.x, Flux): native names
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """An adaLN linear's two output chunks exchanged: (shift, scale) <-> (scale, shift)."""
+    return torch.cat(t.chunk(2, 0)[::-1])
+
+
+def _swapped_rows(ml: ModuleLora) -> ModuleLora:
+    mag = None if ml.magnitude is None else _swap_halves(ml.magnitude)
+    return ModuleLora(ml.down, _swap_halves(ml.up), ml.alpha, mag)
+
+
+def fuse(group: Group, parts: list[Optional[ModuleLora]]) -> ModuleLora:
+    """The one LoRA of a native module from its parts' (None: a part without LoRA), exactly: A = the
+    A_i stacked, B = the B_i on the diagonal (lora_core.fused.block_diagonal), alpha / r = the first
+    part's (another part's own alpha / r is folded into its B); an adaLN's chunks swapped."""
+    present = [m for m in parts if m is not None]
+    first = present[0]
+    if len(group.parts) == 1:
+        return _swapped_rows(first) if swapped(group, first.down.shape[1], first.up.shape[0]) else first
+    if any(m.magnitude is not None for m in present):
+        raise ValueError(f"{kohya_unet_name(group)}: DoRA on modules that one native module fuses "
+                         f"({', '.join(group.parts)}) has no kohya form: save it in diffusers format")
+    widths = part_widths(group, first.down.shape[1])
+    if len(set(group.widths)) == 1:   # q, k, v: as wide as the parts that are there
+        widths = [first.up.shape[0]] * len(widths)
+    ups = [None if m is None else m.up * ((m.alpha / m.rank) / (first.alpha / first.rank)) for m in parts]
+    ranks = [0 if m is None else m.rank for m in parts]
+    up = block_diagonal(ups, widths, ranks, lambda shape, like: like.new_zeros(shape), torch.cat)
+    down = torch.cat([m.down for m in present])
+    return ModuleLora(down, up, first.alpha * down.shape[0] / first.rank)
+
+
+def _slice_columns(up: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """For each output slice of a fused B, the columns (of A's rows) it uses: kohya's and our block
+    layout (equal ranks, zeros off the diagonal) by equal chunks, else each slice's nonzero columns."""
+    n, r = len(widths), up.shape[1]
+    rows = up.split(widths)
+    if r % n == 0:
+        k = r // n
+        if all(not b[:, :j * k].any() and not b[:, (j + 1) * k:].any() for j, b in enumerate(rows)):
+            return [torch.arange(j * k, (j + 1) * k) for j in range(n)]
+    return [b.any(0).nonzero().flatten() for b in rows]
+
+
+def split(group: Group, ml: ModuleLora, source: str) -> dict[str, ModuleLora]:
+    """{diffusers path: LoRA} of a native module's LoRA, exactly (the inverse of fuse): part i keeps the
+    rows of its output slice and the columns they use, at the module's alpha / r."""
+    in_f, out_f = ml.down.shape[1], ml.up.shape[0]
+    if len(group.parts) == 1:
+        return {group.parts[0]: _swapped_rows(ml) if swapped(group, in_f, out_f) else ml}
+    if ml.magnitude is not None:
+        raise LoraLoadError(f"{source}: {kohya_unet_name(group)}: DoRA on a fused module "
+                            f"({', '.join(group.parts)}) is not supported")
+    try:
+        widths = part_widths(group, in_f, out_f)
+    except ValueError as e:
+        raise LoraLoadError(f"{source}: {e}") from None
+    out, row = {}, 0
+    for path, w, cols in zip(group.parts, widths, _slice_columns(ml.up, widths)):
+        if len(cols):
+            out[path] = ModuleLora(ml.down[cols], ml.up[row:row + w][:, cols], ml.alpha * len(cols) / ml.rank)
+        row += w
+    return out
+
+
+def to_native_kohya(adapter: Adapter, arch: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """kohya's tensors of an SD 3.x / Flux adapter: the transformer under its native names (fused
+    modules as one exact LoRA), the text encoders under lora_te1_ / lora_te2_ / lora_te3_."""
+    sd, groups = {}, {}
+    for key, ml in adapter.items():
+        comp, _, path = key.partition(".")
+        if comp != "transformer":
+            sd.update(kohya_tensors(text_prefix(arch, comp) + path.replace(".", "_"), ml, dtype))
+            continue
+        try:
+            group, j = native_of(arch, path)
+        except KeyError as e:
+            raise ValueError(f"{e.args[0]}: kohya's {arch} files cannot name it; save it in diffusers format") from None
+        groups.setdefault(group.native, (group, [None] * len(group.parts)))[1][j] = ml
+    for group, parts in groups.values():
+        sd.update(kohya_tensors(kohya_unet_name(group), fuse(group, parts), dtype))
+    return sd
+
+
+def from_native_kohya(sd: dict[str, torch.Tensor], arch: str, source: str = "file",
+                      metadata: Optional[Mapping[str, str]] = None) -> Adapter:
+    """Parse an SD 3.x / Flux kohya file (kohya sd-scripts', ComfyUI's, ours): native names -> diffusers'.
+    The parts of a fused module get the alpha the metadata records for them (ss_network_alpha,
+    lora_sd.module_alphas), their B rescaled to keep ΔW: our files read back as written."""
+    bases: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in sd.items():
+        m = KOHYA_KEY.fullmatch(k)
+        if m is None:
+            raise LoraLoadError(f"{source}: {k} is not a kohya LoRA key (lora_down / lora_up / alpha)")
+        bases.setdefault(m.group(1), {})[m.group(2)] = t
+    out = Adapter(arch=arch)
+    for base, parts in bases.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise LoraLoadError(f"{source}: {base} lacks lora_down or lora_up")
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        mag = parts.get("dora_scale")
+        ml = ModuleLora(down, up, float(parts["alpha"]) if "alpha" in parts else float(down.shape[0]),
+                        None if mag is None else _magnitude(mag, up.shape[0], f"{base}.dora_scale", source, True))
+        out.update(_native_modules(arch, base, ml, source))
+    return _recorded_alphas(out, metadata or {})
+
+
+def _recorded_alphas(adapter: Adapter, metadata: Mapping[str, str]) -> Adapter:
+    """The fused modules' parts at the alphas the metadata records, ΔW unchanged (B · alpha / recorded)."""
+    try:
+        default = float(metadata.get("ss_network_alpha", "nan"))
+        own = json.loads(metadata.get(MODULE_ALPHAS) or "{}")
+    except ValueError:
+        return adapter
+    for key, ml in adapter.items():
+        comp, _, path = key.partition(".")
+        alpha = float(own.get(key, default))
+        if comp == "transformer" and len(native_of(adapter.arch, path)[0].parts) > 1 and alpha > 0 \
+                and alpha != ml.alpha:
+            adapter[key] = ModuleLora(ml.down, ml.up * (ml.alpha / alpha), alpha)
+    return adapter
+
+
+def _native_modules(arch: str, base: str, ml: ModuleLora, source: str) -> dict[str, ModuleLora]:
+    """{"<component>.<path>": LoRA} of one kohya module of an SD 3.x / Flux file."""
+    try:
+        if base.startswith(NATIVE_UNET):
+            return {f"transformer.{p}": m for p, m in split(group_of(arch, base[len(NATIVE_UNET):]), ml, source).items()}
+        comp, flat = text_component(arch, base)
+    except KeyError:
+        raise LoraLoadError(f"{source}: {base} is no module of {arch} as kohya names it (lora_unet_ + the native "
+                            f"transformer name, lora_te1_/lora_te2_/lora_te3_ + a text encoder's)") from None
+    return {f"{comp}.{undo_underscores(flat)}": ml}
 
 
 # ------------------------------------------------------------------ diffusers / PEFT
@@ -398,7 +545,10 @@ def read_view(view: adapter_files.AdapterView, components: Optional[dict[str, nn
     sd, meta = read_safetensors(view.file)
     adapter_files.refuse_non_finite(sd, view.file)
     fmt = adapter_files.detect_view(view).format
-    if fmt == KOHYA:
+    arch = file_arch(meta, {k.partition(".")[0]: 0 for k in sd}) if fmt == KOHYA else ""
+    if arch in MMDIT_ARCHS:
+        adapter = from_native_kohya(sd, arch, str(view.path), meta)
+    elif fmt == KOHYA:
         adapter = from_kohya(sd, kohya_names(components) if components else None, str(view.path), meta)
     else:
         adapter = from_diffusers(sd, meta, str(view.path))
@@ -450,7 +600,10 @@ def write_adapter(path, adapter: Adapter, fmt: str, facts: Optional[Mapping] = N
     meta = adapter_metadata(adapter, facts, unet_config)
     _, layout = target_naming(adapter, meta, unet_config)
     adapter = _text_model_names(adapter)   # text encoders named as kohya, ComfyUI, A1111 and diffusers' files do
-    if fmt == KOHYA:
+    arch = file_arch(meta, {})   # what adapter_metadata recorded
+    if fmt == KOHYA and arch in MMDIT_ARCHS:
+        sd = to_native_kohya(adapter, arch, dtype)
+    elif fmt == KOHYA:
         sd = to_kohya(adapter, dtype, layout)
     elif fmt == DIFFUSERS:
         sd, dmeta = to_diffusers(adapter, dtype)

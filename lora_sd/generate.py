@@ -61,8 +61,8 @@ def check_adapter_list(adapters: list[tuple[str, float]]) -> None:
 
 def pipeline_components(pipe) -> dict:
     """The components an adapter may touch, by lora_sd.formats' component names: unet, text_encoder and,
-    for SDXL, text_encoder_2."""
-    return {n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+    for SDXL, text_encoder_2; SD 3.x / Flux: transformer and their text encoders."""
+    return {n: getattr(pipe, n) for n in formats.COMPONENTS if getattr(pipe, n, None) is not None}
 
 
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, embeddings=()) -> list[dict]:

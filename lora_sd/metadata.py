@@ -10,7 +10,7 @@ the run's facts. Network keys, from the modules an adapter holds (each with .ran
                      adapted; algo = locon and dora_wd = True with DoRA (LyCORIS' names)
   lora_sd.module_ranks / lora_sd.module_alphas   JSON {module: value} of the modules that differ from those
   lora_sd.dora_modules                           JSON [module] when DoRA is on some modules only
-Base keys, from the architecture (sd1 / sd2 / sdxl): ss_base_model_version, ss_v2, modelspec.architecture.
+Base keys, from the architecture (sd1 / sd2 / sdxl / sd3 / flux): ss_base_model_version, ss_v2, modelspec.architecture.
 """
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES = "lora_sd.module_ranks", "lora_sd.mod
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
                 MODULE_RANKS, MODULE_ALPHAS, DORA_MODULES)
 # kohya's ss_base_model_version of each lora_sd.models.arch_of
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 
 
 # the SAI model spec's architecture of each base model (SD 2.x: 512-base or 768-v by its prediction type)
 MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-             "sdxl": "stable-diffusion-xl-v1-base"}
+             "sdxl": "stable-diffusion-xl-v1-base",
+             # kohya's for an SD 3.x / FLUX.1 whose variant (-5-medium, -dev, ...) is not known
+             "sd3": "stable-diffusion-3", "flux": "flux-1"}
 
 
 def modelspec_architecture(arch: str, prediction_type: str, lora: bool = True) -> str:

@@ -18,8 +18,8 @@ import diffusers
 import torch
 from accelerate import init_empty_weights
 from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+                       FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from packaging.version import Version
 from safetensors import safe_open
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
@@ -218,10 +218,12 @@ def pick_device(device: str = "") -> str:
 
 
 def arch_of(pipe_or_unet) -> str:
-    """sd1 / sd2 / sdxl / sd3 from a pipeline or its denoiser's config."""
+    """sd1 / sd2 / sdxl / sd3 / flux from a pipeline or its denoiser's config."""
     denoiser = getattr(pipe_or_unet, "transformer", None) or pipe_or_unet
     if isinstance(denoiser, SD3Transformer2DModel):
         return "sd3"
+    if isinstance(denoiser, FluxTransformer2DModel):
+        return "flux"
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     cfg = unet.config
     if getattr(cfg, "addition_embed_type", None) == "text_time":

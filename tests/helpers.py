@@ -3,9 +3,11 @@
 The tiny models and data sets are pytest fixtures in conftest.py; what lives here are plain functions
 that tests call with their own arguments."""
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import tomli_w
@@ -100,3 +102,32 @@ class OneLayerNet(nn.Module):
 
     def forward(self, x):
         return self.post(torch.tanh(self.layer(x)))
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def load_lora_logged(pipe, path, **kwargs) -> list[str]:
+    """pipe.load_lora_weights(path) (diffusers' own loader); every message diffusers, PEFT and transformers
+    logged (at info level and up) or warned meanwhile."""
+    import diffusers  # lazy: the GUI-only test modules never load diffusers
+    handler, loggers = _Records(), [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    old = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_info()
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(path), **kwargs)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+        diffusers.utils.logging.set_verbosity(old)
+    return handler.messages + [str(w.message) for w in caught]

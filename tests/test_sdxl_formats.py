@@ -13,9 +13,7 @@ The tiny SDXL pipeline (lora_sd.models) is laid out like the released SDXL UNet,
 """
 import copy
 import json
-import logging
 import re
-import warnings
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from lora_core.adapter_files import inspect
 from lora_sd import formats
 from lora_sd.config import CROSS_ATTN, TEXT_ENCODER_ATTN
 from lora_sd.models import build_tiny_pipeline
+from helpers import load_lora_logged
 
 TE = ("text_encoder", "text_encoder_2")
 N_MODULES = {"unet": 68, "text_encoder": 12, "text_encoder_2": 12}   # attn2 q/k/v/out of 17 transformer blocks
@@ -147,34 +146,11 @@ def assert_same(got: dict, want: dict, base_out: dict, atol: float = 1e-5) -> No
         assert torch.allclose(got[k], want[k], atol=atol, rtol=1e-4), f"{k}: max diff {(got[k] - want[k]).abs().max()}"
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def diffusers_load(base, path):
     """Load `path` with diffusers' own loader into a copy of the tiny SDXL pipeline; (pipe, every message
     diffusers, PEFT and transformers logged or warned)."""
-    import diffusers
     pipe = copy.deepcopy(base)
-    handler, loggers = _Records(), [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    old = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_info()
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path))
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-        diffusers.utils.logging.set_verbosity(old)
-    return pipe, handler.messages + [str(w.message) for w in caught]
+    return pipe, load_lora_logged(pipe, path)
 
 
 # ------------------------------------------------------------------ tests
