@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lora_core.fields import FieldSpec, field_specs
-from lora_sd.config import AUTO_SAMPLER, FLOW_ARCHS, FLOW_SAMPLERS, SAMPLERS
+from lora_sd.config import AUTO_SAMPLER, FLOW_ARCHS, FLOW_SAMPLERS, MMDIT_PRESETS, SAMPLERS
 from lora_sd.config import TARGET_PRESETS   # the SD trainer's target presets (name -> regex)
 
 from .field_kinds import FOLDER, MODEL, NAMES, TABLE_RANK, FieldKind, get_key, kind_for
@@ -123,6 +123,16 @@ TEXT_ENCODER_SD = [
           info="SDXL's OpenCLIP bigG text encoder (text_encoder_2); 0: frozen"),
 ]
 
+# SD 3.5's rectified-flow objective ([flow]): its own section, shown for SD 3.5 only
+FLOW_SD3 = [
+    Field("flow.timestep_density", "Timestep density", group="sd3"),
+    Field("flow.loss_weighting", "Loss weighting", group="sd3"),
+    Field("flow.logit_mean", "Logit-normal mean", group="sd3"),
+    Field("flow.logit_std", "Logit-normal std", group="sd3"),
+    Field("flow.mode_scale", "Mode scale (density 'mode')", group="sd3"),
+    Field("flow.shift", "Timestep shift (0 = the scheduler's)", group="sd3"),
+]
+
 SD_FIELDS = [
     Field("model.pretrained", "Base model", MODEL, note="arch",
           info="'tiny' (offline, pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl' / "
@@ -134,7 +144,8 @@ SD_FIELDS = [
     Field("lora.target_modules", "Targets", presets=tuple(TARGET_PRESETS.items()),
           info="cross_attn: attn2 q/k/v/out (default); cross_attn_kv: attn2 k/v, the text side only; attn: "
                "self- and cross-attention; cross_attn+conv: "
-               "cross-attention plus the ResNet 3x3 convs (LoCon, set Conv rank); or a regex"),
+               "cross-attention plus the ResNet 3x3 convs (LoCon, set Conv rank); SD 3.5: joint_attn (both "
+               "streams of the joint attention, default), joint_attn_image, attn+ff, all_linear; or a regex"),
     *RANK_AND_STEPS,
     Field("train.lr_scheduler", "LR schedule"),
     Field("train.mixed_precision", "Mixed precision"),
@@ -150,6 +161,7 @@ SD_FIELDS = [
     *ADVANCED_SD_DATA,
     *ADVANCED_SD_TRAIN,
     *TEXT_ENCODER_SD,
+    *FLOW_SD3,
 ]
 
 LLM_FIELDS = [
@@ -173,6 +185,23 @@ LLM_FIELDS = [
 
 # form groups shown only while the base model has that architecture (lora_sd.config.ARCHS names)
 ARCH_GROUPS = ("sdxl", "sd3")
+
+
+def target_choices(arch: str) -> tuple:
+    """The Targets presets that fit `arch`: the MMDiT ones (joint_attn, ...) for SD 3.5, the UNet ones
+    (cross_attn, ...) for the others; every preset while the architecture is unknown ("")."""
+    if not arch:
+        return tuple(TARGET_PRESETS)
+    mmdit = arch in FLOW_ARCHS
+    return tuple(n for n in TARGET_PRESETS if (n in MMDIT_PRESETS) == mmdit)
+
+
+def target_for(arch: str, shown: str) -> str:
+    """The Targets value for a base model of `arch`: a preset of the other family becomes this family's
+    default (cross_attn <-> joint_attn, as the trainer reads cross_attn on SD 3.5); a fitting preset or a
+    regex is kept."""
+    choices = target_choices(arch)
+    return choices[0] if shown in TARGET_PRESETS and shown not in choices else shown
 
 
 def sampler_choices(arch: str) -> list:

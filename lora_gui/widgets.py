@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import job_kinds, runview
-from .forms import ARCH_GROUPS, Field
+from .forms import ARCH_GROUPS, Field, target_choices, target_for
 from .jobs import LAUNCHERS
 from .services.plots import loss_figure
 
@@ -173,19 +173,22 @@ class JobForm:
 
     def wire_arch_note(self, page) -> None:
         """The base model's detected SD architecture below its input; each architecture's section (SDXL,
-        SD 3.5) only for it."""
+        SD 3.5) only for it; the Targets presets that fit it (forms.target_choices, forms.target_for)."""
         for f in job_kinds.get(self.kind).fields:
             if f.note != "arch":
                 continue
-            comp = self.inputs[f.key]
+            comp, targets = self.inputs[f.key], self.inputs.get("lora.target_modules")
             sections = {g: s for g, s in self.form.sections.items() if g in ARCH_GROUPS}
-            outputs = [self.form.notes[f.key], *sections.values()]
+            outputs = [self.form.notes[f.key], *sections.values()] + ([targets] if targets is not None else [])
 
-            def update(text):
+            def update(text, target=None):
                 arch, line = self.ctrl.configs.arch_note(text)
-                return [line, *(gr.update(visible=arch == g) for g in sections)]
-            comp.change(update, [comp], outputs)
-            page.on_load(outputs, lambda c=comp, u=update: u(c.value))
+                out = [line, *(gr.update(visible=arch == g) for g in sections)]
+                if targets is not None:
+                    out.append(gr.update(choices=list(target_choices(arch)), value=target_for(arch, target)))
+                return out
+            comp.change(update, [comp] + ([targets] if targets is not None else []), outputs)
+            page.on_load(outputs, lambda c=comp, t=targets, u=update: u(c.value, t.value if t is not None else None))
 
 
 class Monitor:

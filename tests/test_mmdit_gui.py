@@ -1,15 +1,18 @@
-"""SD 3.5 and Flux in the GUI: the base-model input detects them, the Generate tab's samplers are the ones that fit
-the detected architecture, and the Compare tab's grid runs on SD 3.5 and Flux."""
+"""SD 3.5 and Flux in the GUI: the base-model input detects them, the Train form's SD 3.5 section holds the [flow]
+fields (shown only for SD 3.5), the Targets presets and the Generate tab's samplers are the ones that fit the
+detected architecture, the form's values build a valid SD 3.5 config, and the Compare tab's grid runs on SD 3.5
+and Flux."""
 import json
 import time
 
 import pytest
 
 from lora_gui.controller import Controller
-from lora_gui.forms import sampler_choices
+from lora_gui.forms import ARCH_GROUPS, sampler_choices, target_choices, target_for
+from lora_gui.job_kinds import KINDS
 from lora_gui.services.grid_request import GridRequest
 from lora_gui.workspace import Workspace
-from lora_sd.config import SAMPLERS
+from lora_sd.config import JOINT_ATTN, SAMPLERS, TARGET_PRESETS
 
 
 def test_mmdits_are_detected_below_the_base_model_input(tmp_path):
@@ -24,6 +27,31 @@ def test_the_generate_tab_offers_the_samplers_that_fit_the_architecture():
     assert sampler_choices("sd3") == sampler_choices("flux") == ["auto", "flow_euler"]
     assert "flow_euler" not in sampler_choices("sdxl") and {"auto", "ddim", "euler"} <= set(sampler_choices("sd1"))
     assert sampler_choices("") == ["auto", *SAMPLERS]   # unknown (a hub id): all of them
+
+
+def test_target_presets_follow_the_architecture():
+    assert target_choices("sd3") == ("joint_attn", "joint_attn_image", "attn+ff", "all_linear")
+    assert "joint_attn" not in target_choices("sdxl") and target_choices("sd1")[0] == "cross_attn"
+    assert set(target_choices("")) == set(TARGET_PRESETS)
+    # a preset of the other family becomes this family's default; a fitting preset or a regex stays
+    assert target_for("sd3", "cross_attn") == "joint_attn" and target_for("sd1", "attn+ff") == "cross_attn"
+    assert target_for("sd3", "attn+ff") == "attn+ff" and target_for("sd3", r".*to_q") == r".*to_q"
+
+
+def test_the_sd3_section_holds_the_flow_fields_and_builds_a_valid_config(tmp_path):
+    ctrl = Controller(Workspace(tmp_path / "ws"))
+    fields = KINDS["sd-train"].fields
+    assert "sd3" in ARCH_GROUPS and {f.key for f in fields if f.group == "sd3"} == {
+        "flow.timestep_density", "flow.logit_mean", "flow.logit_std", "flow.mode_scale", "flow.loss_weighting",
+        "flow.shift"}
+    assert next(f for f in fields if f.key == "flow.timestep_density").choices == ("uniform", "logit_normal", "mode")
+    base = ctrl.configs.default("sd-train")
+    shown = ctrl.configs.form_values("sd-train", base)
+    shown.update({"model.pretrained": "tiny-sd3", "lora.target_modules": target_for("sd3", shown["lora.target_modules"]),
+                  "flow.timestep_density": "mode", "flow.mode_scale": 0.8, "flow.shift": 3.0})
+    cfg = ctrl.configs.build("sd-train", base, shown)
+    assert (cfg.model.pretrained, cfg.lora.target_modules) == ("tiny-sd3", JOINT_ATTN)
+    assert (cfg.flow.timestep_density, cfg.flow.mode_scale, cfg.flow.shift) == ("mode", 0.8, 3.0)
 
 
 @pytest.mark.slow
