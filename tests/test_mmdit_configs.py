@@ -1,0 +1,22 @@
+"""The shipped MMDiT configs: SD 3.5 Medium for GPU users (hub id, 1024 px, bf16, caches, buckets, the joint
+attention) and the offline tiny demo."""
+from pathlib import Path
+
+from lora_sd.config import JOINT_ATTN, load_train_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_sd35_medium_config():
+    cfg = load_train_config(CONFIGS / "sd35_medium_joint_attn.toml")
+    assert (cfg.model.pretrained, cfg.data.resolution, cfg.train.mixed_precision) == (
+        "stabilityai/stable-diffusion-3.5-medium", 1024, "bf16")
+    assert cfg.data.cache_latents and cfg.data.cache_text and cfg.data.buckets and cfg.train.gradient_checkpointing
+    assert cfg.lora.target_modules == JOINT_ATTN and cfg.flow.timestep_density == "logit_normal"
+    assert (cfg.sample.scheduler, cfg.sample.width, cfg.sample.height) == ("auto", 1024, 1024)
+
+
+def test_sd3_tiny_demo_is_offline():
+    cfg = load_train_config(CONFIGS / "sd3_tiny_demo.toml")
+    assert cfg.model.pretrained == "tiny-sd3" and cfg.data.path.startswith("shared:")
+    assert cfg.lora.target_modules == JOINT_ATTN and cfg.data.cache_text and cfg.data.buckets
