@@ -483,6 +483,11 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
     """(export_fn, sample_fn) of the training loop: the adapter files (and <name>_ema.safetensors with
     train.ema_decay), and the validation images (with the EMA weights when sample.use_ema)."""
     resolution = cfg.data.resolution
+    main_format = formats.KOHYA
+    if spec_of(pipe).flow and cfg.lora.use_dora:   # lora_sd.formats: fused q/k/v have no kohya DoRA form
+        log.warning("lora.use_dora on %s: the kohya layout fuses q/k/v, which has no DoRA form; %s.safetensors is "
+                    "written in the diffusers layout", spec_of(pipe).name, cfg.output.name)
+        main_format = formats.DIFFUSERS
 
     def export(folder: Path, step: int) -> None:
         adapter = formats.from_model(components)
@@ -492,7 +497,7 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
         dtype = torch_dtype(cfg.output.save_dtype)
         main = folder / f"{cfg.output.name}.safetensors"
-        formats.write_adapter(main, adapter, formats.KOHYA, meta, dtype)
+        formats.write_adapter(main, adapter, main_format, meta, dtype)
         if cfg.output.save_diffusers:
             formats.write_adapter(folder / DIFFUSERS_FILE, adapter, formats.DIFFUSERS, meta, dtype)
         tokens = trained_tokens(pipe.text_encoder)
@@ -502,7 +507,7 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
             if used:
                 meta = {**meta, "lora_sd.ema_decay": str(ema.decay)}
                 ema_file = folder / f"{cfg.output.name}_ema.safetensors"
-                formats.write_adapter(ema_file, formats.from_model(components), formats.KOHYA, meta, dtype)
+                formats.write_adapter(ema_file, formats.from_model(components), main_format, meta, dtype)
                 if tokens is not None:
                     write_embedding(embedding_path(ema_file), tokens, meta)
 
