@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_sd.testing import make_images, stop_then_resume, train_config
@@ -19,33 +20,44 @@ def images(tmp_path_factory):
     return root
 
 
-def _sd3_run(path, images, cache, **over):
-    return train_config(path, "tiny-sd3", images, cache, loss={"min_snr_gamma": 0.0},
-                        lora={"r": 4, "alpha": 4.0, "target_modules": "joint_attn"},
-                        flow={"timestep_density": "mode", "loss_weighting": "cosmap"},
+FLOWS = {"tiny-sd3": {"timestep_density": "mode", "loss_weighting": "cosmap"},
+         "tiny-flux": {"timestep_density": "sigmoid", "flux_shift": True, "guidance_scale": 3.5}}
+
+
+def _sd3_run(path, images, cache, model="tiny-sd3", **over):
+    return train_config(path, model, images, cache, loss={"min_snr_gamma": 0.0},
+                        lora={"r": 4, "alpha": 4.0, "target_modules": "joint_attn"}, flow=FLOWS[model],
                         train={"max_steps": 5, "checkpoint_every": 0, "val_every": 5},
                         data={"val_fraction": 0.25}, **over)
 
 
 @pytest.mark.slow
-def test_sd3_stop_and_resume_equals_uninterrupted(images, tmp_path, monkeypatch):
-    """SIGTERM during step 3, then --resume latest: the final adapters are bit-identical to an uninterrupted
-    run, the validation loss too; the text encoders were released (cached text) and the metadata records
-    the flow objective."""
-    full = run_training(_sd3_run(tmp_path / "full", images, tmp_path / "cache"))
+@pytest.mark.parametrize("model,n_modules,encoders", [("tiny-sd3", 31, "text_encoder, text_encoder_2, text_encoder_3"),
+                                                      ("tiny-flux", 16, "text_encoder, text_encoder_2")])
+def test_stop_and_resume_equals_uninterrupted(images, tmp_path, monkeypatch, model, n_modules, encoders):
+    """SD 3.5 and Flux dev: SIGTERM during step 3, then --resume latest: the final adapters are bit-identical to an
+    uninterrupted run, the validation loss too; the text encoders were released (cached text) and the
+    metadata records the flow objective."""
+    full = run_training(_sd3_run(tmp_path / "full", images, tmp_path / "cache", model))
     assert full["state"] == "done"
-    stopped, done = stop_then_resume(_sd3_run(tmp_path / "part", images, tmp_path / "cache"), monkeypatch, at_call=3)
+    stopped, done = stop_then_resume(_sd3_run(tmp_path / "part", images, tmp_path / "cache", model), monkeypatch,
+                                     at_call=3)
     assert stopped["state"] == "stopped" and done["state"] == "done"
     for name in ("test_lora.safetensors", "pytorch_lora_weights.safetensors"):
         a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     diffusers = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
-    assert all(k.startswith("transformer.transformer_blocks.") for k in diffusers) and len(diffusers) == 2 * 31
+    assert all(k.startswith("transformer.transformer_blocks.") for k in diffusers) and len(diffusers) == 2 * n_modules
     val = [[json.loads(line)["val_loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
             if "val_loss" in line] for r in ("full", "part")]
     assert val[0] == val[1] and len(val[0]) == 1
     log = (tmp_path / "full" / "train.log").read_text()
-    assert "text_encoder, text_encoder_2, text_encoder_3 released before the first step" in log
+    assert f"{encoders} released before the first step" in log
+    with safe_open(str(tmp_path / "full" / "test_lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    flow = json.loads(meta["lora_sd.flow"])
+    assert all(flow[k] == v for k, v in FLOWS[model].items())
+    assert meta["ss_weighting_scheme"] == FLOWS[model]["timestep_density"]
 
 
 @pytest.mark.slow
