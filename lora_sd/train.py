@@ -463,6 +463,7 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
 
     set_seed(s.seed)   # same LoRA init on every process
+    owned = pipe is None   # a pipeline given by the caller keeps its text encoders
     if pipe is None:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
                              prediction_type=cfg.model.prediction_type)
@@ -486,7 +487,7 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
     ema = make_ema(module, s)
     export, sample = _export_and_sample(cfg, run, accelerator, pipe, module, components, len(items), ema)
     val_fn = _val_fn(cfg, val_items, pipe, accelerator, train_te, module)
-    if text_emb is not None and not train_te:
+    if text_emb is not None and not train_te and owned:
         release_text_encoders(cfg, pipe)
 
     set_seed(s.seed, device_specific=True)   # different noise on each process

@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lora_core.preflight import print_report
+from lora_sd.preflight import preflight
 from lora_sd.testing import make_images, stop_then_resume, train_config
 from lora_sd.train import run_training
 
@@ -87,3 +89,17 @@ def test_sdxl_features_work_for_sd3(images, tmp_path):
     prodigy = dict(loss={"min_snr_gamma": 0.0}, train={"max_steps": 2, "checkpoint_every": 0, "optimizer": "prodigy",
                                                       "learning_rate": 1.0})
     assert run_training(train_config(tmp_path / "prodigy", "tiny-sd3", images, tmp_path / "cache", **prodigy))["state"] == "done"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_preflight_checks_mmdit_runs(images, tmp_path, tiny_pipeline, model):
+    """lora-sd check on SD 3.5 and Flux: two real steps pass, the trainable parameters are the LoRA's on the
+    transformer (the default joint_attn targets), the memory estimate counts the frozen weights."""
+    pipe = tiny_pipeline(arch=model.removeprefix("tiny-"))
+    cfg = _sd3_run(tmp_path / "run", images, tmp_path / "cache", model)
+    rep = preflight(cfg=cfg, device="cpu", pipe=pipe)
+    assert rep.ok and rep.steps["ok"] and len(rep.steps["losses"]) == 2, print_report(rep)
+    lora = sum(p.numel() for n, p in pipe.transformer.named_parameters() if "lora_" in n)
+    assert rep.parameters["trainable"] == lora > 0
+    assert rep.memory["total_bytes"] > rep.memory["parts"]["frozen weights"] > 0
