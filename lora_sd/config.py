@@ -19,14 +19,17 @@ ALL_ATTN = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 TEXT_ENCODER_ATTN = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 # LoCon: the ResNet blocks' 3x3 convs and the down/upsampler convs (kohya's conv_dim targets)
 UNET_CONVS = r".*(resnets\.\d+\.conv[12]|(downsamplers|upsamplers)\.\d+\.conv)"
-# the MMDiT (SD 3.5) presets: the joint attention's image stream (attn, and the dual-attention attn2 of
-# Medium's first blocks) and text stream (add_*_proj, to_add_out); the feed-forwards; the norms' modulation
-JOINT_ATTN_IMAGE = r".*\.attn2?\.(to_q|to_k|to_v|to_out\.0)"
-JOINT_ATTN = r".*\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-MMDIT_FF = r".*\.(ff|ff_context)\.net\.(0\.proj|2)"
-MMDIT_MODULATION = r".*\.(norm1|norm1_context)\.linear"
+# the MMDiT presets (SD 3.5, Flux): the joint (SD 3.5) / double-stream (Flux) blocks' attention, image stream (attn,
+# and the dual-attention attn2 of SD 3.5 Medium's first blocks) and text stream (add_*_proj, to_add_out); their
+# feed-forwards; Flux's single-stream blocks (q/k/v, the MLP input, the output); the norms' modulation linears
+JOINT_ATTN_IMAGE = r"transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0)"
+JOINT_ATTN = r"transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+MMDIT_FF = r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
+SINGLE_BLOCKS = r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
+MMDIT_MODULATION = r"transformer_blocks\.\d+\.(norm1|norm1_context)\.linear|single_transformer_blocks\.\d+\.norm\.linear"
 MMDIT_PRESETS = {"joint_attn": JOINT_ATTN, "joint_attn_image": JOINT_ATTN_IMAGE,
-                 "attn+ff": f"{JOINT_ATTN}|{MMDIT_FF}", "all_linear": f"{JOINT_ATTN}|{MMDIT_FF}|{MMDIT_MODULATION}"}
+                 "attn+ff": f"{JOINT_ATTN}|{MMDIT_FF}|{SINGLE_BLOCKS}",
+                 "all_linear": f"{JOINT_ATTN}|{MMDIT_FF}|{SINGLE_BLOCKS}|{MMDIT_MODULATION}"}
 TARGET_PRESETS = {"cross_attn": CROSS_ATTN, "cross_attn_kv": CROSS_ATTN_KV, "attn": ALL_ATTN,
                   "cross_attn+conv": f"{CROSS_ATTN}|{UNET_CONVS}", **MMDIT_PRESETS}
 
@@ -145,16 +148,22 @@ class LossSettings(Checked, section="loss"):
 
 @dataclass
 class FlowSettings(Checked, section="flow"):
-    timestep_density: Literal["uniform", "logit_normal", "mode"] = option(
-        "logit_normal", "SD 3.5 (rectified flow): how the noise level is drawn (diffusers' weighting_scheme): uniform, "
-        "logit_normal (the SD 3 paper's; logit_mean, logit_std) or mode (mode_scale)")
-    logit_mean: float = option(0.0, "SD 3.5: mean of the logit-normal density")
-    logit_std: float = option(1.0, "SD 3.5: standard deviation of the logit-normal density", gt=0)
-    mode_scale: float = option(1.29, "SD 3.5: scale of the mode density")
+    timestep_density: Literal["uniform", "logit_normal", "mode", "sigmoid"] = option(
+        "logit_normal", "SD 3.5 / Flux (rectified flow): how the noise level is drawn (diffusers' weighting_scheme): "
+        "uniform, logit_normal (the SD 3 paper's; logit_mean, logit_std), mode (mode_scale) or sigmoid (kohya's "
+        "Flux sampling; sigmoid_scale)")
+    logit_mean: float = option(0.0, "SD 3.5 / Flux: mean of the logit-normal density")
+    logit_std: float = option(1.0, "SD 3.5 / Flux: standard deviation of the logit-normal density", gt=0)
+    mode_scale: float = option(1.29, "SD 3.5 / Flux: scale of the mode density")
+    sigmoid_scale: float = option(1.0, "SD 3.5 / Flux: the sigmoid density is sigmoid(sigmoid_scale * N(0, 1))", gt=0)
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
-        "none", "SD 3.5: per-sample loss weight by noise level: none, sigma_sqrt (1/sigma^2) or cosmap")
-    shift: float = option(0.0, "SD 3.5: timestep shift of the noise levels (sigma' = s*sigma / (1 + (s-1)*sigma)); "
-                          "0 = the model scheduler's own (SD 3.5: 3.0)", ge=0)
+        "none", "SD 3.5 / Flux: per-sample loss weight by noise level: none, sigma_sqrt (1/sigma^2) or cosmap")
+    shift: float = option(0.0, "SD 3.5 / Flux: timestep shift of the noise levels (sigma' = s*sigma / (1 + (s-1)*sigma)); "
+                          "0 = the model scheduler's own (SD 3.5: 3.0; Flux: none, see flux_shift)", ge=0)
+    flux_shift: bool = option(False, "Flux: shift the noise levels by the image's size, as diffusers' FluxPipeline "
+                              "computes mu from the packed sequence length (kohya's flux_shift); continuous sigma")
+    guidance_scale: float = option(1.0, "Flux dev: the constant fed to the guidance embedding while training "
+                                   "(1.0 - 3.5); schnell has none", ge=0)
 
 
 @dataclass
@@ -210,9 +219,10 @@ class SDTrainConfig(Checked):
     data: DataSettings = option(help="the image set", factory=DataSettings)
     lora: LoraConfig = option(help="the UNet adapter; target_modules also takes the presets 'cross_attn' "
                               "(attn2 q/k/v/out, the default), 'cross_attn_kv' (attn2 k/v: the text side only), 'attn' "
-                              "(self- and cross-attention) and 'cross_attn+conv' (LoCon); SD 3.5: 'joint_attn' (its default: both "
-                              "streams of the joint attention), 'joint_attn_image', 'attn+ff', 'all_linear'; "
-                              "lora.layers selects SD 3.5's joint blocks by index",
+                              "(self- and cross-attention) and 'cross_attn+conv' (LoCon); SD 3.5 / Flux: 'joint_attn' (their "
+                              "default: both streams of the joint attention), 'joint_attn_image', 'attn+ff' (with the "
+                              "feed-forwards and Flux's single blocks), 'all_linear' (and the modulation); lora.layers "
+                              "selects the joint (Flux: double) blocks by index",
                               factory=_default_lora)
     text_encoder_lora: Optional[LoraConfig] = option(None, "set this table (same fields as [lora]) to train the "
                                                      "text encoder too (default targets: its attention)")
@@ -222,7 +232,8 @@ class SDTrainConfig(Checked):
                                           factory=EmbeddingSettings)
     train: TrainSettings = option(help="the training loop", factory=TrainSettings)
     loss: LossSettings = option(help="loss weighting", factory=LossSettings)
-    flow: FlowSettings = option(help="SD 3.5 only: the rectified-flow objective (lora_sd.flow)", factory=FlowSettings)
+    flow: FlowSettings = option(help="SD 3.5 and Flux only: the rectified-flow objective (lora_sd.flow)",
+                                factory=FlowSettings)
     sample: SampleSettings = option(help="validation images", factory=SampleSettings)
     output: OutputSettings = option(help="the adapter files", factory=OutputSettings)
 

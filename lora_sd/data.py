@@ -395,18 +395,20 @@ def tokenize(tokenizer, captions: list[str], max_length: int = 0) -> torch.Tenso
 @dataclass(frozen=True)
 class Tokenizers:
     """A pipeline's tokenizers as its text encoders read them: ids(captions) -> {"input_ids": ...,
-    "input_ids_2": ... (SDXL, SD 3.5), "input_ids_3": ... (SD 3.5's T5, padded to t5_length)}."""
+    "input_ids_2": ... (SDXL, SD 3.5, Flux), "input_ids_3": ... (SD 3.5)}; the T5 tokenizer (`t5`: SD 3.5's
+    third, Flux's second) pads to t5_length, the CLIP ones to their model_max_length."""
     tokenizer: object
     tokenizer_2: object = None
     tokenizer_3: object = None
     t5_length: int = 0
+    t5: int = 0   # which of them is T5 (1, 2, 3); 0 = none
 
     def ids(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        out = {"input_ids": tokenize(self.tokenizer, captions)}
-        if self.tokenizer_2 is not None:
-            out["input_ids_2"] = tokenize(self.tokenizer_2, captions)
-        if self.tokenizer_3 is not None:
-            out["input_ids_3"] = tokenize(self.tokenizer_3, captions, self.t5_length)
+        out = {}
+        for n, (key, tok) in enumerate((("input_ids", self.tokenizer), ("input_ids_2", self.tokenizer_2),
+                                        ("input_ids_3", self.tokenizer_3)), 1):
+            if tok is not None:
+                out[key] = tokenize(tok, captions, self.t5_length if n == self.t5 else 0)
         return out
 
 
@@ -438,6 +440,13 @@ def sd3_text(encoders: dict, ids: dict):
     clip = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5.dtype)
     return torch.cat([clip, t5], dim=-2), torch.cat([out1[0], out2[0]], dim=-1)
+
+
+def flux_text(encoders: dict, ids: dict):
+    """(prompt embeddings, pooled embedding) as FluxPipeline.encode_prompt builds them: T5's last hidden state
+    (text_encoder_2) and CLIP-L's pooled output (its pooler_output, no projection)."""
+    pooled = encoders["text_encoder"](ids["input_ids"], output_hidden_states=False).pooler_output
+    return encoders["text_encoder_2"](ids["input_ids_2"], output_hidden_states=False)[0], pooled
 
 
 @torch.no_grad()
@@ -472,8 +481,8 @@ class BatchDataset(torch.utils.data.Dataset):
     Returns {"latent_params" | "pixels": (B, ...), "text_emb" | "input_ids": (B, ...), "is_reg": (B,) bool}
     and, with data.masked_loss, "mask": (B, 1, H, W) in pixels (the loss resizes it to the latents).
     SDXL (a `tokenizer_2`): also "time_ids" (B, 6) (see time_ids) and "pooled" (B, P) beside "text_emb",
-    or "input_ids_2" beside "input_ids"; SD 3.5 (a Tokenizers with three): "input_ids_2" and "input_ids_3",
-    or "pooled" beside "text_emb", and no time_ids.
+    or "input_ids_2" beside "input_ids"; SD 3.5 / Flux (a Tokenizers): "input_ids_2" (and SD 3.5's
+    "input_ids_3"), or "pooled" beside "text_emb", and no time_ids.
     With loss.preserve_weight (a `preserve`): the same text keys prefixed "pres_" for the preserved captions.
     With data.shuffle_tags / caption_dropout the captions are varied and tokenized per batch (no text_emb).
     Random flips and crops come from a generator seeded by (seed, epoch, batch), not the global RNG:

@@ -18,11 +18,11 @@ import diffusers
 import torch
 from accelerate import init_empty_weights
 from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from packaging.version import Version
 from safetensors import safe_open
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -34,10 +34,10 @@ from lora_core.paths import shared_path
 
 from .clip_bpe import BPE_PACKAGE, bpe_file, clip_tokenizer_from_bpe
 from .config import ARCHS, TINY_ARCHS, TINY_PRETRAINED, TINY_SCHNELL
-from .metadata import modelspec_architecture
-from .single_file import (HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, TITLE, Checkpoint, check_configs,
-                          checkpoint_error, checkpoint_file, classify, config_source, from_original, name_map,
-                          open_checkpoint)
+from .metadata import MODELSPEC, modelspec_architecture
+from .single_file import (CONFIG_DIR, UNET, DIFFUSERS_PARTS, HARMLESS, LAYOUT, META_CONFIGS, META_RANDOM, MMDIT, MMDIT_CLASS,
+                          TITLE, Checkpoint, check_configs, checkpoint_error, checkpoint_file, classify,
+                          components_in_file, config_source, hub_id, fallback_key, from_original, name_map, open_checkpoint)
 
 log = logging.getLogger("lora_sd")
 
@@ -149,6 +149,7 @@ def _tiny_sd3(tokenizer) -> dict:
     projections (different widths, so their pooled outputs concatenate as in the real model), a T5 encoder,
     a 16-channel VAE with SD 3.5's shift and scaling factors, the flow-match Euler scheduler."""
     clip_l = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 32, 2, projection_dim=32))
+    clip_l.text_projection.weight.data = torch.eye(32)     # SD 3.5 uses CLIP-L's pooled output unprojected
     clip_g = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, 48, 2, projection_dim=48))
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
@@ -159,26 +160,20 @@ def _tiny_sd3(tokenizer) -> dict:
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
-# FLUX.1's scheduler_config.json: dev shifts the sigmas by the image's sequence length (mu from
-# base/max_shift over base/max_image_seq_len); schnell (timestep-distilled) uses them unshifted
-FLUX_SCHEDULER = {"dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                              max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-                  "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
-                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)}
-
-
 def _tiny_flux(tokenizer, schnell: bool = False) -> dict:
     """FLUX.1's components at toy width: a FluxTransformer2DModel with double-stream (joint) and single-stream
     blocks, rotary position embedding over 3 axes, the guidance embedding (dev; none for schnell), input of
     16-channel latents packed in 2x2 patches (64 features); CLIP-L (its pooled output conditions the
     transformer), a T5 encoder (the sequence), the 16-channel VAE with Flux's shift and scaling factors,
-    the flow-match Euler scheduler with FLUX.1's shift settings."""
+    the flow-match Euler scheduler with FLUX.1's shift settings (the shipped scheduler configs: dev shifts
+    the sigmas by the image's sequence length, schnell does not)."""
     clip_l = CLIPTextModel(_tiny_text_config(tokenizer, 32, 2))
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6))
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER["schnell" if schnell else "dev"])
+    shipped = CONFIG_DIR / ("flux1-schnell" if schnell else "flux1-dev") / "scheduler" / "scheduler_config.json"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads(shipped.read_text(encoding="utf-8")))
     return dict(transformer=transformer, vae=_tiny_vae16(0.1159, 0.3611), text_encoder=clip_l,
                 text_encoder_2=_tiny_t5(tokenizer, 64), scheduler=scheduler)
 
@@ -405,13 +400,39 @@ def model_identity(module: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------ single-file checkpoints (lora_sd.single_file)
+_TEXT_MODELS = {"CLIPTextModel": (CLIPTextModel, CLIPTextConfig),
+                "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig),
+                "T5EncoderModel": (T5EncoderModel, T5Config)}
+
+
+def component_class(comp: str, cfg: dict):
+    """The class of the component `comp` of a single-file model: diffusers models by their config's
+    _class_name, text encoders by the config's `architectures` (else CLIP, with projection as SDXL's
+    text_encoder_2)."""
+    if comp in DIFFUSERS_PARTS:
+        default = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}.get(comp, "")
+        name = cfg.get("_class_name", default) if comp == "transformer" else default
+        if name not in (default, *MMDIT_CLASS.values()):
+            raise ModelLoadError(f"{comp} config: class {name!r} is not one lora_sd loads from single files")
+        return getattr(diffusers, name)
+    name = (cfg.get("architectures") or ["CLIPTextModelWithProjection" if comp == "text_encoder_2" else "CLIPTextModel"])[0]
+    if name not in _TEXT_MODELS:
+        raise ModelLoadError(f"{comp} config: {name!r} is not a text encoder lora_sd loads from single files "
+                             f"({', '.join(_TEXT_MODELS)})")
+    return _TEXT_MODELS[name][0]
+
+
 def make_component(comp: str, cfg: dict):
-    if comp == "unet":
-        return diffusers.UNet2DConditionModel.from_config(cfg)
-    if comp == "vae":
-        return diffusers.AutoencoderKL.from_config(cfg)
-    cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
-    return cls(CLIPTextConfig.from_dict(cfg))
+    """The component `comp` built from its config (random weights; build it under init_empty_weights)."""
+    cls = component_class(comp, cfg)
+    if comp in DIFFUSERS_PARTS:
+        return cls.from_config(cfg)
+    return cls(_TEXT_MODELS[cls.__name__][1].from_dict(cfg))
+
+
+def _diffusers_config(comp: str, model) -> dict:
+    """The config the name map of `comp` reads (diffusers models' block layout), {} for text encoders."""
+    return dict(model.config) if comp in DIFFUSERS_PARTS else {}
 
 
 def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str, dtype, used: set):
@@ -419,23 +440,42 @@ def _load_component(ck: Checkpoint, arch: str, comp: str, cfg: dict, source: str
     with init_empty_weights():
         model = make_component(comp, cfg)
     expected = model.state_dict()
-    names = name_map(arch, comp, expected, dict(model.config) if comp in ("unet", "vae") else {})
-    missing = sorted({orig for orig, _ in names.values() if orig not in ck.shapes})
+    names = name_map(arch, comp, expected, _diffusers_config(comp, model))
+    missing = sorted({orig for orig, how in names.values()
+                      if orig not in ck.shapes and how != "eye" and fallback_key(orig, how) not in ck.shapes})
     if missing:
         raise checkpoint_error(ck.path, f"{len(missing)} {comp} tensor(s) missing for the {source}, e.g. {missing[0]}",
                     f"a complete {TITLE[arch]} checkpoint (a model of another size: set model.config to a folder "
                     "or hub id with its diffusers configs)")
     tensors, state = ck.tensors, {}
     for k, (orig, how) in names.items():
-        t = from_original(tensors[orig], how)
+        if orig not in ck.shapes:           # SD 3.5's CLIP-L projection (identity), T5's tied embedding
+            orig = fallback_key(orig, how)
+            t = tensors[orig] if orig else torch.eye(*expected[k].shape)
+        else:
+            t = from_original(tensors[orig], how)
         if tuple(t.shape) != tuple(expected[k].shape):
             raise ModelLoadError(f"{ck.path}: {orig} has shape {list(t.shape)} but the {source} need "
                                  f"{list(expected[k].shape)} for {comp}.{k}; set model.config to a folder (or hub id) "
                                  "with this model's diffusers configs")
         state[k] = t.to(dtype).contiguous() if dtype is not None and t.is_floating_point() else t.contiguous()
-        used.add(orig)
+        used.add(orig or k)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _component_from_folder(ck: Checkpoint, arch: str, comp: str, configs: dict, dtype):
+    """A component the file does not hold, from model.config's diffusers folder; one line naming the
+    setting when there is none."""
+    folder = configs.get(f"{comp}_weights")
+    if folder is None:
+        held = components_in_file(ck, arch)
+        raise ModelLoadError(
+            f"{ck.path}: the file holds only the {', '.join(held)} of {TITLE[arch]}, not its {comp} "
+            f"({LAYOUT[arch][comp][0]}*): set model.config to the model's diffusers folder (or hub id, e.g. "
+            f"{hub_id(ck, arch)}) to take the {comp} from there")
+    model = component_class(comp, configs[comp]).from_pretrained(folder)
+    return (model.to(dtype) if dtype is not None else model).eval()
 
 
 def _tokenizer(configs: dict, name: str, path: Path, tiny: bool):
@@ -456,6 +496,24 @@ def _tokenizer(configs: dict, name: str, path: Path, tiny: bool):
     return tok
 
 
+CLIP_TOKENIZERS = {"sd1": ("tokenizer",), "sd2": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2"),
+                   "sd3": ("tokenizer", "tokenizer_2"), "flux": ("tokenizer",)}
+T5_TOKENIZER = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
+
+
+def _t5_tokenizer(configs: dict, ck: Checkpoint, arch: str, tiny: bool):
+    """T5's tokenizer (SentencePiece) from model.config's tokenizer folder: it is not shipped in any
+    package, so a real file without it stops with one line naming the setting (a tiny random-weights file
+    uses the CLIP BPE, as the tiny pipelines do)."""
+    name = T5_TOKENIZER[arch]
+    if configs.get(f"{name}_dir"):
+        return AutoTokenizer.from_pretrained(configs[f"{name}_dir"])
+    if tiny:
+        return load_tokenizer()
+    raise ModelLoadError(f"{ck.path}: T5's tokenizer is not available offline (no package ships it): set model.config "
+                         f"to the model's diffusers folder with {name}/ (or its hub id, e.g. {hub_id(ck, arch)})")
+
+
 def _warn_unused(ck: Checkpoint, arch: str, used: set) -> None:
     prefixes = tuple(p for p, _ in LAYOUT[arch].values())
     extra = [k for k in ck.shapes if k.startswith(prefixes) and k not in used and not HARMLESS.search(k)]
@@ -471,17 +529,19 @@ def load_checkpoint(path) -> Checkpoint:
         tensors, step = _load_ckpt(path)
         return Checkpoint(path, {k: list(v.shape) for k, v in tensors.items()}, {}, step, tensors)
     ck = open_checkpoint(path)
-    ck.tensors = _LazySafetensors(path)
+    ck.tensors = _LazySafetensors(path, UNET if ck.bare else "")
     return ck
 
 
 class _LazySafetensors(dict):
-    def __init__(self, path: Path):
+    """A .safetensors file's tensors, read when asked for (`bare`: a prefix the file's keys lack)."""
+
+    def __init__(self, path: Path, bare: str = ""):
         super().__init__()
-        self._file = safe_open(str(path), framework="pt")
+        self._file, self._bare = safe_open(str(path), framework="pt"), bare
 
     def __missing__(self, key):
-        return self._file.get_tensor(key)
+        return self._file.get_tensor(key.removeprefix(self._bare))
 
 
 def _load_ckpt(path: Path) -> tuple[dict, Any]:
@@ -512,45 +572,58 @@ def _load_ckpt(path: Path) -> tuple[dict, Any]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, step
 
 
-def to_original_state(pipe, arch: str) -> dict:
-    """The pipeline's weights under their original (LDM / SGM) names."""
+def component_to_original(arch: str, comp: str, state: dict, cfg: dict) -> dict:
+    """One component's state dict under its original names (`cfg`: its diffusers config, for the map)."""
     out, fused = {}, {}
+    for k, (orig, how) in name_map(arch, comp, state, cfg).items():
+        t = state[k]
+        if how == "T":
+            out[orig] = t.T.contiguous()
+        elif how == "conv":
+            out[orig] = t.reshape(*t.shape, 1, 1)
+        elif isinstance(how, tuple):
+            fused.setdefault(orig, {})[how[1]] = t
+        elif how == "shared":                 # T5's tied embedding: a second copy, as real files hold it
+            out[orig] = t.clone()
+        else:                                 # "swap" is its own inverse; "eye" is stored as it is
+            out[orig] = from_original(t, how) if how == "swap" else t
+    for orig, parts in fused.items():
+        out[orig] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+    return out
+
+
+def to_original_state(pipe, arch: str) -> dict:
+    """The pipeline's weights under their original (LDM / SGM / MMDiT) names."""
+    out = {}
     for comp in LAYOUT[arch]:
         model = getattr(pipe, comp)
-        sd = model.state_dict()
-        for k, (orig, how) in name_map(arch, comp, sd, dict(model.config) if comp in ("unet", "vae") else {}).items():
-            t = sd[k]
-            if how == "T":
-                out[orig] = t.T.contiguous()
-            elif how == "conv":
-                out[orig] = t.reshape(*t.shape, 1, 1)
-            elif isinstance(how, tuple):
-                fused.setdefault(orig, {})[how[1]] = t
-            else:
-                out[orig] = t
-    for orig, parts in fused.items():
-        out[orig] = torch.cat([parts[i] for i in range(3)], dim=0)
+        out.update(component_to_original(arch, comp, model.state_dict(), _diffusers_config(comp, model)))
     return out
 
 
 def load_single_file(path, config: str = "", dtype=None, prediction_type: str = ""):
-    """The diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) of a single-file
-    checkpoint, offline unless `config` names a hub id. Logs one line: what was detected and why."""
+    """The diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline)
+    of a single-file checkpoint, offline unless `config` names a hub id. Logs one line: what was detected and
+    why. An MMDiT file may hold the transformer alone: the components it lacks come from model.config's
+    diffusers folder."""
     ck = load_checkpoint(path)
     arch, why = classify(ck)
     configs, source, note = config_source(ck, arch, config, prediction_type)
     check_configs(configs, arch, source, ck.path)
     log.info("%s: detected %s (%s); %s%s", ck.path, TITLE[arch], why, source, note)
     used: set = set()
-    comps = {c: _load_component(ck, arch, c, configs[c], source, dtype, used) for c in LAYOUT[arch]}
+    held = components_in_file(ck, arch)
+    comps = {c: _load_component(ck, arch, c, configs[c], source, dtype, used) if c in held
+             else _component_from_folder(ck, arch, c, configs, dtype) for c in LAYOUT[arch]}
     _warn_unused(ck, arch, used)
     sched_cfg = configs["scheduler"]
     sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
     if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
         raise ModelLoadError(f"{ck.path}: {source}: unknown scheduler class {sched_cfg.get('_class_name')!r}")
     tiny = ck.metadata.get(META_RANDOM) == "true"
-    tokenizers = {t: _tokenizer(configs, t, ck.path, tiny)
-                  for t in (("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",))}
+    tokenizers = {t: _tokenizer(configs, t, ck.path, tiny) for t in CLIP_TOKENIZERS[arch]}
+    if arch in T5_TOKENIZER:
+        tokenizers[T5_TOKENIZER[arch]] = _t5_tokenizer(configs, ck, arch, tiny)
     pipe = assemble_pipeline(arch, scheduler=sched_cls.from_config(sched_cfg), **comps, **tokenizers,
                              force_zeros_for_empty_prompt=configs.get("index", {}).get("force_zeros_for_empty_prompt", True))
     if ck.metadata.get(META_RANDOM) == "true":
@@ -561,9 +634,10 @@ def load_single_file(path, config: str = "", dtype=None, prediction_type: str = 
 
 # ------------------------------------------------------------------ writing
 def _config_json(obj) -> dict:
+    """A component's config as JSON; a text encoder's names its class (`architectures`)."""
     if hasattr(obj, "to_json_string"):                    # diffusers models and schedulers
         return json.loads(obj.to_json_string())
-    return json.loads(obj.config.to_json_string(use_diff=False))
+    return dict(json.loads(obj.config.to_json_string(use_diff=False)), architectures=[type(obj).__name__])
 
 
 def save_single_file(pipe, out, half: bool = False) -> dict:
@@ -576,16 +650,17 @@ def save_single_file(pipe, out, half: bool = False) -> dict:
     state = to_original_state(pipe, arch)
     if half:
         state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
-    toks = ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",)
+    toks = CLIP_TOKENIZERS[arch] + ((T5_TOKENIZER[arch],) if arch in T5_TOKENIZER else ())
     configs = {"arch": arch, "scheduler": _config_json(pipe.scheduler),
                "pad_tokens": {t: getattr(pipe, t).pad_token for t in toks},
                "index": {"_class_name": type(pipe).__name__,
                          "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True))}}
     configs.update({c: _config_json(getattr(pipe, c)) for c in LAYOUT[arch]})
-    pred = pipe.scheduler.config.get("prediction_type", "epsilon")
-    meta = {"format": "pt", META_CONFIGS: json.dumps(configs, sort_keys=True), "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": modelspec_architecture(arch, pred, lora=False),
-            "modelspec.prediction_type": pred}
+    meta = {"format": "pt", META_CONFIGS: json.dumps(configs, sort_keys=True), "modelspec.sai_model_spec": "1.0.0"}
+    if arch in MODELSPEC:                 # the UNet models' prediction type (the MMDiTs predict a flow velocity)
+        pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+        meta.update({"modelspec.architecture": modelspec_architecture(arch, pred, lora=False),
+                     "modelspec.prediction_type": pred})
     if is_random_weights(pipe):
         meta[META_RANDOM] = "true"
     atomic_save_safetensors(out, state, meta)

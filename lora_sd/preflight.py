@@ -28,8 +28,9 @@ from lora_core.preflight_torch import SavedBytes, begin, common_conflicts
 from .config import SDTrainConfig, load_train_config
 from .data import make_buckets, pick_bucket, scan
 from .errors import DatasetError
+from .archs import spec_of
 from .models import load_pipeline
-from .train import run_training
+from .train import lora_for_arch, run_training
 
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 
@@ -113,64 +114,80 @@ def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps
 
 
 def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
-    """Frozen weights in the dtype training keeps them in (UNet/text encoder: the mixed precision; VAE: fp32,
+    """Frozen weights in the dtype training keeps them in (denoiser/text encoders: the mixed precision; VAE: fp32,
     bf16 under bf16)."""
     mp = cfg.train.mixed_precision
+    spec = spec_of(pipe)
+    parts = [(getattr(pipe, n, None), DTYPE_BYTES[mp]) for n in (spec.denoiser, *spec.text_encoders)]
     total = 0
-    for name, m, b in (("unet", pipe.unet, DTYPE_BYTES[mp]), ("text_encoder", pipe.text_encoder, DTYPE_BYTES[mp]),
-                       ("text_encoder_2", getattr(pipe, "text_encoder_2", None), DTYPE_BYTES[mp]),
-                       ("vae", pipe.vae, 2 if mp == "bf16" else 4)):
+    for m, b in parts + [(pipe.vae, 2 if mp == "bf16" else 4)]:
         total += sum(p.numel() * b for p in m.parameters() if not p.requires_grad) if m is not None else 0
     return total
+
+
+def _forward(cfg: SDTrainConfig, pipe, device: str):
+    """(one training forward of the denoiser on (1, C, s, s) latents with random text conditioning, C, the
+    latent side's multiple): the UNet with SDXL's pooled embedding and time ids; an MMDiT with its text sequence
+    (SD 3.5: CLIP's 77 tokens then T5's; Flux: T5's) and pooled embedding (and Flux dev's guidance)."""
+    spec = spec_of(pipe)
+    den = getattr(pipe, spec.denoiser)
+    t = torch.tensor([500.0] if spec.flow else [500], device=device)
+    if spec.flow:
+        n_text = spec.t5_length + (pipe.tokenizer.model_max_length if spec.t5 == 3 else 0)
+        ctx = torch.randn(1, n_text, den.config.joint_attention_dim, device=device)
+        extra = spec.extra(torch.randn(1, den.config.pooled_projection_dim, device=device), {})
+        extra = {**extra, "guidance": cfg.flow.guidance_scale} if spec.guidance else extra
+        return (lambda x: spec.predict(den, x, t, ctx, extra)), pipe.vae.config.latent_channels, 2
+    ctx = torch.randn(1, pipe.tokenizer.model_max_length, den.config.cross_attention_dim, device=device)
+    extra = {}
+    if spec.time_ids:   # SDXL: the pooled embedding and the time ids
+        n = den.config.projection_class_embeddings_input_dim - 6 * den.config.addition_time_embed_dim
+        res = float(cfg.data.resolution)
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, n, device=device),
+                                       "time_ids": torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device)}}
+    mult = 2 ** (len(den.config.block_out_channels) - 1)
+    return (lambda x: spec.predict(den, x, t, ctx, extra)), den.config.in_channels, mult
 
 
 def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     """(saved bytes of one training forward at the chosen batch and resolution, the largest saved tensor),
     measured with batch 1 at the chosen latent size (up to 64x64 latents, 512 px in SD 1.5), else at 1/4 and
     1/2 of it and extrapolated (lora_core.preflight.fit_activations)."""
-    unet = pipe.unet
+    den = getattr(pipe, spec_of(pipe).denoiser)
+    forward, channels, mult = _forward(cfg, pipe, device)
     target = cfg.data.resolution // pipe.vae_scale_factor
-    mult = 2 ** (len(unet.config.block_out_channels) - 1)
     sizes = [target] if target <= 64 else sorted({max(mult, s // mult * mult) for s in (target // 4, target // 2)})
-    ctx = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
     dtype = autocast_dtype(cfg.train.mixed_precision)
     points, largest = [], 0.0
-    extra = {}
-    if unet.config.addition_embed_type == "text_time":   # SDXL: the pooled embedding and the time ids
-        n = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        res = float(cfg.data.resolution)
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, n, device=device),
-                                       "time_ids": torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device)}}
-    was = unet.training
-    unet.train()
+    was = den.training
+    den.train()
     try:
         for s in sizes:
-            x = torch.randn(1, unet.config.in_channels, s, s, device=device)
-            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), \
-                    SavedBytes(pipe.unet) as sb:
-                unet(x, torch.tensor([500], device=device), ctx, **extra).sample.float().pow(2).mean()
+            x = torch.randn(1, channels, s, s, device=device)
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None), SavedBytes(den) as sb:
+                forward(x).pow(2).mean()
             points.append((s * s, sb.total))
             largest = sb.largest * target * target / (s * s)
     finally:
-        unet.train(was)
+        den.train(was)
     per_example = fit_activations(points, target * target)
     return per_example * cfg.train.batch_size, largest * cfg.train.batch_size
 
 
 def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None:
     """Trainable parameters, alpha/r and the memory estimate (adds the adapter to `pipe` if it has none)."""
-    te2 = getattr(pipe, "text_encoder_2", None)   # SDXL
-    if not any(True for _ in lora_layers(pipe.unet)):
-        for m in (pipe.unet, pipe.text_encoder, pipe.vae, te2):
-            if m is not None:
-                m.requires_grad_(False)
-        add_lora(pipe.unet, cfg.lora)
-        if cfg.text_encoder_lora is not None:
-            add_lora(pipe.text_encoder, cfg.text_encoder_lora)
-        if cfg.text_encoder_2_lora is not None and te2 is not None:
-            add_lora(te2, cfg.text_encoder_2_lora)
+    spec = spec_of(pipe)
+    den = getattr(pipe, spec.denoiser)
+    tes = {n: getattr(pipe, n) for n in spec.text_encoders if getattr(pipe, n, None) is not None}
+    if not any(True for _ in lora_layers(den)):
+        for m in (den, pipe.vae, *tes.values()):
+            m.requires_grad_(False)
+        add_lora(den, lora_for_arch(cfg, spec, den))
+        for name, tcfg in (("text_encoder", cfg.text_encoder_lora), ("text_encoder_2", cfg.text_encoder_2_lora)):
+            if tcfg is not None and name in tes:
+                add_lora(tes[name], tcfg)
     pipe.to(device)
-    mods = (pipe.unet, pipe.text_encoder, pipe.vae) + ((te2,) if te2 is not None else ())
+    mods = (den, pipe.vae, *tes.values())
     trainable = sum(p.numel() for m in mods for p in m.parameters() if p.requires_grad)
     total = sum(p.numel() for m in mods for p in m.parameters())
     lo = cfg.lora

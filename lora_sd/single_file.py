@@ -49,7 +49,19 @@ LAYOUT = {
              "text_encoder": ("conditioner.embedders.0.transformer.text_model.", "clip"),
              "text_encoder_2": ("conditioner.embedders.1.model.", "openclip")},
 }
-TITLE = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+LAYOUT["sd3"] = {"transformer": (UNET, "mmdit_sd3"), "vae": (VAE, "vae"),
+                 "text_encoder": ("text_encoders.clip_l.transformer.", "hfclip_l"),
+                 "text_encoder_2": ("text_encoders.clip_g.transformer.", "hfclip"),
+                 "text_encoder_3": ("text_encoders.t5xxl.transformer.", "t5")}
+# Flux: ComfyUI's checkpoint layout (BFL's own transformer file has no prefix: read as if it had one)
+LAYOUT["flux"] = {"transformer": (UNET, "mmdit_flux"), "vae": ("vae.", "vae"),
+                  "text_encoder": ("text_encoders.clip_l.transformer.", "hfclip_l"),
+                  "text_encoder_2": ("text_encoders.t5xxl.transformer.", "t5")}
+TITLE = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+         "sd3": "Stable Diffusion 3.5", "flux": "FLUX.1"}
+MMDIT_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}   # transformer architectures: the file may hold the transformer alone
+MMDIT = tuple(MMDIT_CLASS)
+DIFFUSERS_PARTS = ("unet", "vae", "transformer")     # components whose name map reads their diffusers config
 # keys real checkpoints carry that diffusers models do not: skipped without a warning
 HARMLESS = re.compile(r"(position_ids|logit_scale|attn_mask)$|^cond_stage_model\.model\.(text_projection$|"
                        r"transformer\.resblocks\.23\.)")
@@ -109,7 +121,109 @@ def _openclip_name(key: str, cfg: Mapping) -> tuple[str, Any]:
     return f"{block}{_OPENCLIP_LAYER[m[2]]}.{m[3]}", None
 
 
-_NAMERS = {"unet": _unet_name, "vae": _vae_name, "clip": _clip_name, "openclip": _openclip_name}
+def _hfclip_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    """SD 3.5's CLIP encoders in transformers' own layout (text_model.*, text_projection)."""
+    return (key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key), None
+
+
+def _hfclip_l_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    """CLIP-L of SD 3.5: its pooled output is used unprojected (the reference code's
+    return_projected_pooled=False; diffusers' converter sets the projection to the identity): the file may
+    leave text_projection out ("eye": the identity when absent)."""
+    orig, _ = _hfclip_name(key, cfg)
+    return orig, ("eye" if key == "text_projection.weight" else None)
+
+
+def _t5_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    """T5 in transformers' layout. The encoder's token embedding is the shared one: files hold both keys,
+    a file with shared.weight alone is read too ("shared": that key when this one is absent)."""
+    return key, ("shared" if key == "encoder.embed_tokens.weight" else None)
+
+
+def fallback_key(orig: str, how) -> Optional[str]:
+    """The key a tensor absent from a file is read from instead (T5's tied embedding), else None."""
+    return orig.replace("encoder.embed_tokens.weight", "shared.weight") if how == "shared" else None
+
+
+# SD 3.5's MMDiT: diffusers module -> original module, and how the tensor differs ("swap": the two halves
+# of an adaLN modulation exchanged, shift/scale vs scale/shift; ("qkv", i): slice i of a fused qkv)
+_SD3_TOP = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear",
+            "norm_out.linear": ("final_layer.adaLN_modulation.1", "swap")}
+_SD3_BLOCK = {"norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+              "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+              "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q",
+              "attn2.norm_k": "x_block.attn2.ln_k", "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+              "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"}
+for _i, _c in enumerate("qkv"):
+    _SD3_BLOCK.update({f"attn.to_{_c}": ("x_block.attn.qkv", ("qkv", _i)),
+                       f"attn.add_{_c}_proj": ("context_block.attn.qkv", ("qkv", _i)),
+                       f"attn2.to_{_c}": ("x_block.attn2.qkv", ("qkv", _i))})
+
+
+def _sd3_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    if key == "pos_embed.pos_embed":
+        return "pos_embed", None
+    module, leaf = key.rsplit(".", 1)
+    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
+    orig = _SD3_BLOCK.get(m[2]) if m else _SD3_TOP.get(module)
+    if orig is None:
+        raise KeyError(key)
+    orig, how = orig if isinstance(orig, tuple) else (orig, None)
+    if m and m[2] == "norm1_context.linear" and int(m[1]) == cfg["num_layers"] - 1:
+        how = "swap"         # the context-pre-only last block's modulation: (shift, scale) in the original
+    return (f"joint_blocks.{m[1]}.{orig}" if m else orig) + f".{leaf}", how
+
+
+# FLUX.1 in BFL's layout: the same kind of table; the single blocks fuse q, k, v and the MLP input in
+# linear1 (("split", i, sizes): part i of parts of those sizes); qk-norm weights are called `scale`
+_FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer", "context_embedder": "txt_in",
+             "x_embedder": "img_in", "proj_out": "final_layer.linear",
+             "norm_out.linear": ("final_layer.adaLN_modulation.1", "swap")}
+_FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
+                "attn.to_add_out": "txt_attn.proj", "attn.norm_q": "img_attn.norm.query_norm",
+                "attn.norm_k": "img_attn.norm.key_norm", "attn.norm_added_q": "txt_attn.norm.query_norm",
+                "attn.norm_added_k": "txt_attn.norm.key_norm", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+for _i, _c in enumerate("qkv"):
+    _FLUX_DOUBLE.update({f"attn.to_{_c}": ("img_attn.qkv", ("qkv", _i)),
+                         f"attn.add_{_c}_proj": ("txt_attn.qkv", ("qkv", _i))})
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+                "proj_out": "linear2"}
+
+
+def _flux_name(key: str, cfg: Mapping) -> tuple[str, Any]:
+    module, leaf = key.rsplit(".", 1)
+    m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)
+    if m is None:
+        orig, block = _FLUX_TOP.get(module), ""
+    elif m[1] == "transformer_blocks":
+        orig, block = _FLUX_DOUBLE.get(m[3]), f"double_blocks.{m[2]}."
+    else:
+        block = f"single_blocks.{m[2]}."
+        inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+        orig = (("linear1", ("split", parts.index(m[3]), (inner, inner, inner, 4 * inner))) if m[3] in parts
+                else _FLUX_SINGLE.get(m[3]))
+    if orig is None:
+        raise KeyError(key)
+    orig, how = orig if isinstance(orig, tuple) else (orig, None)
+    return f"{block}{orig}.{'scale' if orig.endswith('_norm') else leaf}", how
+
+
+_NAMERS = {"unet": _unet_name, "vae": _vae_name, "clip": _clip_name, "openclip": _openclip_name,
+           "hfclip": _hfclip_name, "hfclip_l": _hfclip_l_name, "t5": _t5_name, "mmdit_sd3": _sd3_name,
+           "mmdit_flux": _flux_name}
 
 
 def name_map(arch: str, component: str, keys, cfg: Mapping) -> dict[str, tuple[str, Any]]:
@@ -124,12 +238,16 @@ def name_map(arch: str, component: str, keys, cfg: Mapping) -> dict[str, tuple[s
 
 
 def from_original(tensor, how):
+    """The diffusers tensor from the original one (fused: ("qkv", i) is slice i of three equal ones,
+    ("split", i, sizes) part i of parts of those sizes)."""
+    if how == "swap":                       # the two halves exchanged (its own inverse)
+        return tensor.roll(tensor.shape[0] // 2, dims=0)
     if how == "T":
         return tensor.T
     if how == "conv":
         return tensor.reshape(tensor.shape[0], tensor.shape[1]) if tensor.ndim == 4 else tensor
     if isinstance(how, tuple):
-        return tensor.chunk(3, dim=0)[how[1]]
+        return tensor.split(list(how[2]), dim=0)[how[1]] if how[0] == "split" else tensor.chunk(3, dim=0)[how[1]]
     return tensor
 
 
@@ -142,6 +260,9 @@ class Checkpoint:
                  tensors: Optional[Mapping] = None):
         self.path, self.shapes, self.metadata, self.global_step = path, shapes, metadata, global_step
         self.tensors = tensors
+        self.bare = False       # an MMDiT transformer saved without model.diffusion_model. (BFL's Flux files)
+        if any(k.startswith(tuple(f"{b}." for b in _BLOCKS.values())) for k in shapes):
+            self.shapes, self.bare = {UNET + k: v for k, v in shapes.items()}, True
 
 
 def checkpoint_file(path) -> Path:
@@ -196,7 +317,8 @@ def checkpoint_error(path: Path, what: str, expected: str = "a Stable Diffusion 
 
 
 def _check_parts(ck: Checkpoint) -> None:
-    """Refuse files that are no whole base model: empty, an adapter, a VAE or UNet alone."""
+    """Refuse files that are no whole base model: empty, an adapter, a VAE or UNet alone (an MMDiT
+    transformer alone is taken: its other components may come from model.config)."""
     keys = ck.shapes
     if not keys:
         raise checkpoint_error(ck.path, "holds no tensors")
@@ -204,6 +326,8 @@ def _check_parts(ck: Checkpoint) -> None:
     if lora:
         raise checkpoint_error(ck.path, f"a LoRA / adapter file (keys like {lora[0]}), not a base model (load adapters with "
                              "--lora or sample.lora)")
+    if _mmdit_arch(keys):
+        return
     if not any(k.startswith(UNET) for k in keys):
         if any(k.startswith(("encoder.", "decoder.", VAE, "quant_conv", "post_quant_conv")) for k in keys):
             raise checkpoint_error(ck.path, "a VAE-only file (encoder/decoder keys, no UNet model.diffusion_model.*)")
@@ -217,8 +341,75 @@ def _check_parts(ck: Checkpoint) -> None:
         raise checkpoint_error(ck.path, "has a UNet but no VAE (first_stage_model.*)")
 
 
+# ------------------------------------------------------------------ MMDiT (SD 3.5, Flux) files
+# the shipped config folders of the released models, their names and hub ids
+SIZES = {"sd35-medium": ("SD 3.5 Medium", "stabilityai/stable-diffusion-3.5-medium"),
+         "sd35-large": ("SD 3.5 Large", "stabilityai/stable-diffusion-3.5-large"),
+         "flux1-dev": ("FLUX.1 dev", "black-forest-labs/FLUX.1-dev"),
+         "flux1-schnell": ("FLUX.1 schnell", "black-forest-labs/FLUX.1-schnell")}
+# the shape of each released transformer -> its folder: SD 3.x (joint blocks, width, dual attention);
+# Flux (double blocks, single blocks, width, guidance embedding)
+_SHAPES = {("sd3", 24, 1536, True): "sd35-medium", ("sd3", 38, 2432, False): "sd35-large",
+           ("flux", 19, 38, 3072, True): "flux1-dev", ("flux", 19, 38, 3072, False): "flux1-schnell"}
+_BLOCKS = {"sd3": "joint_blocks", "flux": "double_blocks"}       # the key that tells each MMDiT family
+_PART_NAMES = {"mmdit_sd3": "transformer", "mmdit_flux": "transformer", "vae": "VAE", "hfclip_l": "CLIP-L",
+               "hfclip": "CLIP-G", "t5": "T5"}
+
+
+def _mmdit_arch(keys) -> str:
+    """"sd3" / "flux" for the original / ComfyUI layout of an MMDiT (model.diffusion_model.joint_blocks.* /
+    double_blocks.*), else ""."""
+    return next((a for a, b in _BLOCKS.items() if any(k.startswith(f"{UNET}{b}.") for k in keys)), "")
+
+
+def components_in_file(ck: Checkpoint, arch: str) -> list[str]:
+    """The components of `arch` whose tensors the file holds (by their original prefix)."""
+    return [c for c, (prefix, _) in LAYOUT[arch].items() if any(k.startswith(prefix) for k in ck.shapes)]
+
+
+def _block_count(keys, name: str) -> int:
+    found = {int(k.split(".")[3]) for k in keys if k.startswith(f"{UNET}{name}.")}
+    return 1 + max(found) if found else 0
+
+
+def mmdit_size(ck: Checkpoint, arch: str) -> tuple[str, str]:
+    """(the shipped config folder of this MMDiT, or "" for a size without one; its description) from the
+    keys and shapes: blocks, width, SD 3.x's dual-attention blocks and qk-norm, Flux's guidance embedding."""
+    keys = ck.shapes
+    if arch == "flux":
+        double, single = _block_count(keys, "double_blocks"), _block_count(keys, "single_blocks")
+        width, guidance = (keys.get(UNET + "img_in.weight") or [0])[0], UNET + "guidance_in.in_layer.weight" in keys
+        desc = (f"{double} double-stream and {single} single-stream blocks {width or '?'} wide, "
+                + ("a guidance embedding (dev)" if guidance else "no guidance embedding (schnell)"))
+        return _SHAPES.get(("flux", double, single, width, guidance), ""), desc
+    depth, width = _block_count(keys, "joint_blocks"), (keys.get(UNET + "x_embedder.proj.weight") or [0])[0]
+    dual = sorted({int(k.split(".")[3]) for k in keys if k.startswith(UNET + "joint_blocks.") and ".x_block.attn2." in k})
+    desc = f"{depth} joint blocks {width or '?'} wide"
+    if dual:
+        desc += f", dual attention in blocks {dual[0]}-{dual[-1]} (MMDiT-X)"
+    if any(k.endswith(".attn.ln_q.weight") for k in keys):
+        desc += ", qk RMS-norm"
+    return _SHAPES.get(("sd3", depth, width, bool(dual)), ""), desc
+
+
+def hub_id(ck: Checkpoint, arch: str) -> str:
+    """The hub id of the released model this file's transformer matches (the first of its family otherwise)."""
+    name = mmdit_size(ck, arch)[0] or next(n for n in SIZES if n.startswith(arch[:4]))
+    return SIZES[name][1]
+
+
+def _mmdit_why(ck: Checkpoint, arch: str) -> str:
+    name, desc = mmdit_size(ck, arch)
+    size = SIZES[name][0] if name else "a size lora_sd ships no configs for"
+    held = [_PART_NAMES[LAYOUT[arch][c][1]] for c in components_in_file(ck, arch)]
+    return f"{UNET}{_BLOCKS[arch]}.*: an MMDiT with {desc}: {size}; the file holds {', '.join(held)}"
+
+
 def _classify(ck: Checkpoint) -> tuple[str, str]:
     keys = ck.shapes
+    arch = _mmdit_arch(keys)
+    if arch:
+        return arch, _mmdit_why(ck, arch)
     in_conv = keys.get(UNET + "input_blocks.0.0.weight") or []
     if len(in_conv) == 4 and in_conv[1] != 4:
         raise checkpoint_error(ck.path, f"a UNet with {in_conv[1]} input channels (an inpainting or other special model)",
@@ -291,8 +482,10 @@ def model_arch(pretrained: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------ configs
-_CONFIG_FILES = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
-                 "text_encoder_2": "text_encoder_2/config.json", "scheduler": "scheduler/scheduler_config.json"}
+_CONFIG_FILES = {"unet": "unet/config.json", "transformer": "transformer/config.json", "vae": "vae/config.json",
+                 "text_encoder": "text_encoder/config.json", "text_encoder_2": "text_encoder_2/config.json",
+                 "text_encoder_3": "text_encoder_3/config.json", "scheduler": "scheduler/scheduler_config.json"}
+_TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "spiece.model")
 
 
 def _read_config_folder(folder: Path) -> dict:
@@ -305,8 +498,10 @@ def _read_config_folder(folder: Path) -> dict:
     for comp, rel in _CONFIG_FILES.items():
         if (folder / rel).is_file():
             out[comp] = json.loads((folder / rel).read_text(encoding="utf-8"))
-    for tok in ("tokenizer", "tokenizer_2"):
-        if (folder / tok / "vocab.json").is_file():
+            if any((folder / comp).glob("*.safetensors")):
+                out[f"{comp}_weights"] = str(folder / comp)     # a component the file may lack comes from here
+    for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        if any((folder / tok / f).is_file() for f in _TOKENIZER_FILES):
             out[f"{tok}_dir"] = str(folder / tok)
     return out
 
@@ -329,8 +524,9 @@ def config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) 
         check_local_path(config, "model.config")
         folder = Path(config).expanduser()
         if not folder.is_dir():
+            lacking = [f"{c}/*.safetensors" for c in LAYOUT[arch] if c not in components_in_file(ck, arch)]
             try:
-                folder = Path(snapshot_download(config, allow_patterns=["*.json", "*/*.json", "tokenizer*/*.txt"]))
+                folder = Path(snapshot_download(config, allow_patterns=["*.json", "*/*.json", "tokenizer*/*"] + lacking))
             except Exception as e:
                 raise hub_error("model.config", config, e) from e
         return _read_config_folder(folder), f"configs from model.config = {config}", ""
@@ -339,7 +535,16 @@ def config_source(ck: Checkpoint, arch: str, config: str, prediction_type: str) 
             return json.loads(ck.metadata[META_CONFIGS]), "configs from the file's metadata", ""
         except json.JSONDecodeError:
             raise checkpoint_error(ck.path, f"its {META_CONFIGS} metadata is not JSON") from None
-    name, why = _shipped(arch, prediction_type, ck.global_step)
+    if arch in MMDIT:
+        name, desc = mmdit_size(ck, arch)
+        why = ""
+        if not name:
+            released = " or ".join(SIZES[n][0] for n in SIZES if n.startswith(arch[:4]))
+            raise checkpoint_error(ck.path, f"an MMDiT with {desc}, a size lora_sd ships no configs for",
+                                   f"{released}, or model.config set to a folder or hub id with this model's "
+                                   "diffusers configs,")
+    else:
+        name, why = _shipped(arch, prediction_type, ck.global_step)
     configs = _read_config_folder(CONFIG_DIR / name)
     return configs, f"shipped configs {name}", f" ({configs['index'].get('_lora_sd_note', name)}){why}"
 
@@ -349,6 +554,12 @@ def check_configs(configs: dict, arch: str, source: str, path: Path) -> None:
     if missing:
         raise ModelLoadError(f"{path}: {source}: no {', '.join(missing)} config ({TITLE[arch]} needs "
                              f"{', '.join(LAYOUT[arch])} and scheduler)")
+    if arch in MMDIT:
+        found = configs["transformer"].get("_class_name")
+        if found != MMDIT_CLASS[arch]:
+            raise ModelLoadError(f"{path}: the file is {TITLE[arch]} but the {source} have a {found or 'unnamed'} "
+                                 f"transformer ({MMDIT_CLASS[arch]} expected); give matching configs")
+        return
     is_xl = configs["unet"].get("addition_embed_type") == "text_time"
     if is_xl != (arch == "sdxl"):
         raise ModelLoadError(f"{path}: the file is {TITLE[arch]} but the {source} are "

@@ -89,7 +89,7 @@ class DiffusionLoss(nn.Module):
     def __init__(self, denoiser, objective, *, text_encoder=None, vae=None, train_text_encoder=False,
                  scaling_factor: float = 0.18215, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
                  prior_loss_weight: float = 1.0, text_encoder_2=None, timesteps: tuple[int, int] = (0, 1000),
-                 preserve_weight: float = 0.0, text_encoder_3=None, shift_factor: float = 0.0):
+                 preserve_weight: float = 0.0, text_encoder_3=None, shift_factor: float = 0.0, guidance: float = 1.0):
         super().__init__()
         self.spec = spec_of(denoiser)
         setattr(self, self.spec.denoiser, denoiser)   # "unet" / "transformer": the checkpoint's key prefix
@@ -97,7 +97,7 @@ class DiffusionLoss(nn.Module):
         self.text_encoder_2, self.text_encoder_3 = text_encoder_2, text_encoder_3
         self.objective = (objective if isinstance(objective, FlowMatch)
                           else NoiseSchedule(objective, min_snr_gamma, timesteps))
-        self.train_text_encoder = train_text_encoder
+        self.train_text_encoder, self.guidance = train_text_encoder, guidance
         self.noise_offset = noise_offset
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         self.prior_loss_weight, self.preserve_weight = prior_loss_weight, preserve_weight
@@ -121,13 +121,15 @@ class DiffusionLoss(nn.Module):
         """The denoiser's text conditioning: (encoder_hidden_states, extra keyword arguments). The hidden states
         are cached, or encoded here as the architecture's pipeline encodes them (lora_sd.archs: SD 1.x/2.x's last
         hidden state; SDXL's data.sdxl_text; SD 3.5's data.sd3_text); the extra carries the pooled embedding
-        (SDXL's added_cond_kwargs with each sample's time_ids, SD 3.5's pooled_projections)."""
+        (SDXL's added_cond_kwargs with each sample's time_ids, SD 3.5's and Flux's pooled_projections) and
+        Flux dev's guidance constant."""
         if "text_emb" in batch:
             cond, pooled = batch["text_emb"], batch.get("pooled")
         else:
             cond, pooled = self.spec.encode(self.text_encoders(), {k: v for k, v in batch.items()
                                                                    if k.startswith("input_ids")})
-        return cond, self.spec.extra(pooled, batch)
+        extra = self.spec.extra(pooled, batch)
+        return cond, {**extra, "guidance": self.guidance} if self.spec.guidance else extra
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, extra: dict) -> torch.Tensor:
         return self.spec.predict(self.denoiser, noisy, t, cond, extra)
@@ -318,7 +320,7 @@ def lora_for_arch(cfg: SDTrainConfig, spec: ArchSpec, denoiser) -> LoraConfig:
     if not spec.flow:
         if targets in MMDIT_PRESETS.values():
             name = next(k for k, v in MMDIT_PRESETS.items() if v == targets)
-            raise ConfigError(f"lora.target_modules = {name!r} is an SD 3.5 (MMDiT) preset; model.pretrained = "
+            raise ConfigError(f"lora.target_modules = {name!r} is an SD 3.5 / Flux (MMDiT) preset; model.pretrained = "
                               f"{cfg.model.pretrained} is an {spec.name} UNet: use cross_attn, attn or a regex")
         return lora
     if targets == CROSS_ATTN:
@@ -344,6 +346,9 @@ def _add_adapters(cfg: SDTrainConfig, pipe) -> dict[str, nn.Module]:
         raise ConfigError(f"text_encoder_2_lora: model.pretrained = {cfg.model.pretrained} is an {arch_of(pipe)} "
                           "model with one text encoder; [text_encoder_2_lora] is for SDXL and SD 3.5 only (remove the "
                           "table, use [text_encoder_lora])")
+    if cfg.text_encoder_2_lora is not None and spec.t5 == 2:
+        raise ConfigError(f"text_encoder_2_lora: {spec.name}'s second text encoder is T5, which lora-sd does not train; "
+                          "remove the table ([text_encoder_lora] trains CLIP-L)")
     for m in (denoiser, pipe.vae, *tes.values()):
         m.requires_grad_(False)
     targets = add_lora(denoiser, lora_for_arch(cfg, spec, denoiser))
@@ -394,7 +399,7 @@ def _objective(cfg: SDTrainConfig, pipe, spec: ArchSpec):
     if not spec.flow:
         if cfg.flow != type(cfg.flow)():
             raise ConfigError(f"[flow]: model.pretrained = {cfg.model.pretrained} is an {spec.name} UNet model trained "
-                              "with the DDPM noise schedule; [flow] is for SD 3.5 (rectified flow) only: remove it")
+                              "with the DDPM noise schedule; [flow] is for SD 3.5 and Flux (rectified flow) only: remove it")
         if cfg.model.prediction_type:
             pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
         return DDPMScheduler.from_config(pipe.scheduler.config)
@@ -403,8 +408,24 @@ def _objective(cfg: SDTrainConfig, pipe, spec: ArchSpec):
             raise ConfigError(f"{key} = {value!r}: {spec.name} is trained with rectified flow (it predicts the velocity); "
                               f"remove {key} and weight the loss with flow.loss_weighting instead")
     f = cfg.flow
+    if f.guidance_scale != 1.0 and not getattr(pipe.transformer.config, "guidance_embeds", False):
+        raise ConfigError(f"flow.guidance_scale = {f.guidance_scale}: {cfg.model.pretrained} has no guidance embedding "
+                          "(only Flux dev has); remove flow.guidance_scale")
+    if spec.name == "flux":
+        _check_packable(cfg, pipe)
     return FlowMatch(pipe.scheduler.config, f.timestep_density, f.loss_weighting, logit_mean=f.logit_mean,
-                     logit_std=f.logit_std, mode_scale=f.mode_scale, shift=f.shift, timesteps=timesteps)
+                     logit_std=f.logit_std, mode_scale=f.mode_scale, shift=f.shift, timesteps=timesteps,
+                     sigmoid_scale=f.sigmoid_scale, flux_shift=f.flux_shift)
+
+
+def _check_packable(cfg: SDTrainConfig, pipe) -> None:
+    """Flux packs 2x2 latent patches: every image side must be a multiple of twice the VAE's downscale."""
+    unit = 2 * pipe.vae_scale_factor
+    d = cfg.data
+    for key, value in (("data.resolution", d.resolution), ("data.bucket_step", d.bucket_step if d.buckets else unit)):
+        if value % unit:
+            raise ConfigError(f"{key} = {value}: Flux packs 2x2 latent patches, so image sides must be multiples of "
+                              f"{unit}; use a multiple of {unit}")
 
 
 def _loss_module(cfg: SDTrainConfig, pipe, objective, train_te: bool, text_cached: bool) -> DiffusionLoss:
@@ -419,7 +440,7 @@ def _loss_module(cfg: SDTrainConfig, pipe, objective, train_te: bool, text_cache
                          min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset,
                          prior_loss_weight=cfg.loss.prior_loss_weight,
                          timesteps=(cfg.loss.min_timestep, cfg.loss.max_timestep),
-                         preserve_weight=cfg.loss.preserve_weight)
+                         preserve_weight=cfg.loss.preserve_weight, guidance=cfg.flow.guidance_scale)
 
 
 def release_text_encoders(cfg: SDTrainConfig, pipe) -> list[str]:
@@ -442,6 +463,7 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
     log.info("dataset %s: %d images, %d samples per epoch", d.path, len(items), sum(i.repeats for i in items))
 
     set_seed(s.seed)   # same LoRA init on every process
+    owned = pipe is None   # a pipeline given by the caller keeps its text encoders
     if pipe is None:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
                              prediction_type=cfg.model.prediction_type)
@@ -465,7 +487,7 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
     ema = make_ema(module, s)
     export, sample = _export_and_sample(cfg, run, accelerator, pipe, module, components, len(items), ema)
     val_fn = _val_fn(cfg, val_items, pipe, accelerator, train_te, module)
-    if text_emb is not None and not train_te:
+    if text_emb is not None and not train_te and owned:
         release_text_encoders(cfg, pipe)
 
     set_seed(s.seed, device_specific=True)   # different noise on each process
@@ -483,6 +505,11 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
     """(export_fn, sample_fn) of the training loop: the adapter files (and <name>_ema.safetensors with
     train.ema_decay), and the validation images (with the EMA weights when sample.use_ema)."""
     resolution = cfg.data.resolution
+    main_format = formats.KOHYA
+    if spec_of(pipe).flow and cfg.lora.use_dora:   # lora_sd.formats: fused q/k/v have no kohya DoRA form
+        log.warning("lora.use_dora on %s: the kohya layout fuses q/k/v, which has no DoRA form; %s.safetensors is "
+                    "written in the diffusers layout", spec_of(pipe).name, cfg.output.name)
+        main_format = formats.DIFFUSERS
 
     def export(folder: Path, step: int) -> None:
         adapter = formats.from_model(components)
@@ -492,7 +519,7 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
         dtype = torch_dtype(cfg.output.save_dtype)
         main = folder / f"{cfg.output.name}.safetensors"
-        formats.write_adapter(main, adapter, formats.KOHYA, meta, dtype)
+        formats.write_adapter(main, adapter, main_format, meta, dtype)
         if cfg.output.save_diffusers:
             formats.write_adapter(folder / DIFFUSERS_FILE, adapter, formats.DIFFUSERS, meta, dtype)
         tokens = trained_tokens(pipe.text_encoder)
@@ -502,7 +529,7 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
             if used:
                 meta = {**meta, "lora_sd.ema_decay": str(ema.decay)}
                 ema_file = folder / f"{cfg.output.name}_ema.safetensors"
-                formats.write_adapter(ema_file, formats.from_model(components), formats.KOHYA, meta, dtype)
+                formats.write_adapter(ema_file, formats.from_model(components), main_format, meta, dtype)
                 if tokens is not None:
                     write_embedding(embedding_path(ema_file), tokens, meta)
 

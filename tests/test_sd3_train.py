@@ -235,10 +235,10 @@ def test_fields_that_cannot_apply_are_refused(tiny_pipeline, images, tmp_path):
     """An MMDiT preset or [flow] on a UNet model, Min-SNR or a prediction type on SD 3.5: one line each."""
     pipe = tiny_pipeline()
     cfg = train_config(tmp_path / "a", "tiny-random", images, tmp_path, lora={"target_modules": "joint_attn"})
-    with pytest.raises(ConfigError, match=r"^lora.target_modules = 'joint_attn' is an SD 3.5 \(MMDiT\) preset"):
+    with pytest.raises(ConfigError, match=r"^lora.target_modules = 'joint_attn' is an SD 3.5 / Flux \(MMDiT\) preset"):
         _add_adapters(cfg, pipe)
     cfg = train_config(tmp_path / "b", "tiny-random", images, tmp_path, flow={"loss_weighting": "cosmap"})
-    with pytest.raises(ConfigError, match=r"^\[flow\]: .* sd1 UNet model .* SD 3.5 \(rectified flow\) only"):
+    with pytest.raises(ConfigError, match=r"^\[flow\]: .* sd1 UNet model .* SD 3.5 and Flux \(rectified flow\) only"):
         run_training(cfg, pipe=pipe)
     cfg = train_config(tmp_path / "c", "tiny-sd3", images, tmp_path)   # train_config's min_snr_gamma = 5
     with pytest.raises(ConfigError, match=r"^loss.min_snr_gamma = 5.0: sd3 is trained with rectified flow"):
