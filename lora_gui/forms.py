@@ -123,14 +123,17 @@ TEXT_ENCODER_SD = [
           info="SDXL's OpenCLIP bigG text encoder (text_encoder_2); 0: frozen"),
 ]
 
-# SD 3.5's rectified-flow objective ([flow]): its own section, shown for SD 3.5 only
-FLOW_SD3 = [
-    Field("flow.timestep_density", "Timestep density", group="sd3"),
-    Field("flow.loss_weighting", "Loss weighting", group="sd3"),
-    Field("flow.logit_mean", "Logit-normal mean", group="sd3"),
-    Field("flow.logit_std", "Logit-normal std", group="sd3"),
-    Field("flow.mode_scale", "Mode scale (density 'mode')", group="sd3"),
-    Field("flow.shift", "Timestep shift (0 = the scheduler's)", group="sd3"),
+# the rectified-flow objective ([flow]): its own section, shown for SD 3.5 and Flux only; Flux's own fields too
+FLOW_FIELDS = [
+    Field("flow.timestep_density", "Timestep density", group="flow"),
+    Field("flow.loss_weighting", "Loss weighting", group="flow"),
+    Field("flow.logit_mean", "Logit-normal mean", group="flow"),
+    Field("flow.logit_std", "Logit-normal std", group="flow"),
+    Field("flow.mode_scale", "Mode scale (density 'mode')", group="flow"),
+    Field("flow.sigmoid_scale", "Sigmoid scale (density 'sigmoid')", group="flow"),
+    Field("flow.shift", "Timestep shift (0 = the scheduler's)", group="flow"),
+    Field("flow.flux_shift", "Shift by image size (flux_shift)", group="flux"),
+    Field("flow.guidance_scale", "Guidance fed while training (dev)", group="flux"),
 ]
 
 SD_FIELDS = [
@@ -161,7 +164,7 @@ SD_FIELDS = [
     *ADVANCED_SD_DATA,
     *ADVANCED_SD_TRAIN,
     *TEXT_ENCODER_SD,
-    *FLOW_SD3,
+    *FLOW_FIELDS,
 ]
 
 LLM_FIELDS = [
@@ -183,12 +186,18 @@ LLM_FIELDS = [
 ]
 
 
-# form groups shown only while the base model has that architecture (lora_sd.config.ARCHS names)
-ARCH_GROUPS = ("sdxl", "sd3")
+# form groups shown only while the base model has that architecture (lora_sd.config.ARCHS names), or, for
+# "flow", is trained with rectified flow (SD 3.5, Flux: lora_sd.config.FLOW_ARCHS)
+ARCH_GROUPS = ("sdxl", "flow", "flux")
+
+
+def group_shown(group: str, arch: str) -> bool:
+    """Whether the form's section `group` (one of ARCH_GROUPS) shows for a base model of `arch`."""
+    return arch in FLOW_ARCHS if group == "flow" else arch == group
 
 
 def target_choices(arch: str) -> tuple:
-    """The Targets presets that fit `arch`: the MMDiT ones (joint_attn, ...) for SD 3.5, the UNet ones
+    """The Targets presets that fit `arch`: the MMDiT ones (joint_attn, ...) for SD 3.5 and Flux, the UNet ones
     (cross_attn, ...) for the others; every preset while the architecture is unknown ("")."""
     if not arch:
         return tuple(TARGET_PRESETS)
@@ -205,7 +214,7 @@ def target_for(arch: str, shown: str) -> str:
 
 
 def sampler_choices(arch: str) -> list:
-    """The samplers that fit `arch` (flow-matching ones for SD 3.5, the others for SD 1.x / 2.x / SDXL) and
+    """The samplers that fit `arch` (flow-matching ones for SD 3.5 and Flux, the others for SD 1.x / 2.x / SDXL) and
     'auto'; every sampler while the architecture is unknown ("")."""
     fits = [n for n in SAMPLERS if not arch or (n in FLOW_SAMPLERS) == (arch in FLOW_ARCHS)]
     return [AUTO_SAMPLER, *fits]

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import job_kinds, runview
-from .forms import ARCH_GROUPS, Field, target_choices, target_for
+from .forms import ARCH_GROUPS, Field, group_shown, target_choices, target_for
 from .jobs import LAUNCHERS
 from .services.plots import loss_figure
 
@@ -50,7 +50,8 @@ def field_input(f: Field, value, prefix: str):
 
 SECTIONS = {"advanced": dict(label="Advanced", open=False),   # group -> its collapsible section
             "sdxl": dict(label="SDXL", open=True, visible=False),   # shown when the base model is SDXL
-            "sd3": dict(label="SD 3.5 (rectified flow)", open=True, visible=False)}   # ... is SD 3.5
+            "flow": dict(label="SD 3.5 / Flux (rectified flow)", open=True, visible=False),   # ... an MMDiT
+            "flux": dict(label="Flux", open=True, visible=False)}   # ... is Flux (forms.group_shown)
 
 
 @dataclass
@@ -173,7 +174,7 @@ class JobForm:
 
     def wire_arch_note(self, page) -> None:
         """The base model's detected SD architecture below its input; each architecture's section (SDXL,
-        SD 3.5) only for it; the Targets presets that fit it (forms.target_choices, forms.target_for)."""
+        rectified flow for SD 3.5 and Flux, Flux) only for it; the Targets presets that fit it (forms.target_choices, forms.target_for)."""
         for f in job_kinds.get(self.kind).fields:
             if f.note != "arch":
                 continue
@@ -183,7 +184,7 @@ class JobForm:
 
             def update(text, target=None):
                 arch, line = self.ctrl.configs.arch_note(text)
-                out = [line, *(gr.update(visible=arch == g) for g in sections)]
+                out = [line, *(gr.update(visible=group_shown(g, arch)) for g in sections)]
                 if targets is not None:
                     out.append(gr.update(choices=list(target_choices(arch)), value=target_for(arch, target)))
                 return out

@@ -1,5 +1,5 @@
-"""SD 3.5 and Flux in the GUI: the base-model input detects them, the Train form's SD 3.5 section holds the [flow]
-fields (shown only for SD 3.5), the Targets presets and the Generate tab's samplers are the ones that fit the
+"""SD 3.5 and Flux in the GUI: the base-model input detects them, the Train form's rectified-flow section holds the
+[flow] fields (shown only for SD 3.5 and Flux; Flux's own only for Flux), the Targets presets and the Generate tab's samplers are the ones that fit the
 detected architecture, the form's values build a valid SD 3.5 config, and the Compare tab's grid runs on SD 3.5
 and Flux."""
 import json
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from lora_gui.controller import Controller
-from lora_gui.forms import ARCH_GROUPS, sampler_choices, target_choices, target_for
+from lora_gui.forms import ARCH_GROUPS, group_shown, sampler_choices, target_choices, target_for
 from lora_gui.job_kinds import KINDS
 from lora_gui.services.grid_request import GridRequest
 from lora_gui.workspace import Workspace
@@ -30,7 +30,7 @@ def test_the_generate_tab_offers_the_samplers_that_fit_the_architecture():
 
 
 def test_target_presets_follow_the_architecture():
-    assert target_choices("sd3") == ("joint_attn", "joint_attn_image", "attn+ff", "all_linear")
+    assert target_choices("sd3") == target_choices("flux") == ("joint_attn", "joint_attn_image", "attn+ff", "all_linear")
     assert "joint_attn" not in target_choices("sdxl") and target_choices("sd1")[0] == "cross_attn"
     assert set(target_choices("")) == set(TARGET_PRESETS)
     # a preset of the other family becomes this family's default; a fitting preset or a regex stays
@@ -38,13 +38,17 @@ def test_target_presets_follow_the_architecture():
     assert target_for("sd3", "attn+ff") == "attn+ff" and target_for("sd3", r".*to_q") == r".*to_q"
 
 
-def test_the_sd3_section_holds_the_flow_fields_and_builds_a_valid_config(tmp_path):
+def test_the_flow_sections_hold_the_flow_fields_and_build_a_valid_config(tmp_path):
     ctrl = Controller(Workspace(tmp_path / "ws"))
     fields = KINDS["sd-train"].fields
-    assert "sd3" in ARCH_GROUPS and {f.key for f in fields if f.group == "sd3"} == {
-        "flow.timestep_density", "flow.logit_mean", "flow.logit_std", "flow.mode_scale", "flow.loss_weighting",
-        "flow.shift"}
-    assert next(f for f in fields if f.key == "flow.timestep_density").choices == ("uniform", "logit_normal", "mode")
+    assert {f.key for f in fields if f.group == "flow"} == {
+        "flow.timestep_density", "flow.logit_mean", "flow.logit_std", "flow.mode_scale", "flow.sigmoid_scale",
+        "flow.loss_weighting", "flow.shift"}
+    assert {f.key for f in fields if f.group == "flux"} == {"flow.flux_shift", "flow.guidance_scale"}
+    assert next(f for f in fields if f.key == "flow.timestep_density").choices == (
+        "uniform", "logit_normal", "mode", "sigmoid")
+    shown = {arch: [g for g in ARCH_GROUPS if group_shown(g, arch)] for arch in ("sd1", "sdxl", "sd3", "flux", "")}
+    assert shown == {"sd1": [], "sdxl": ["sdxl"], "sd3": ["flow"], "flux": ["flow", "flux"], "": []}
     base = ctrl.configs.default("sd-train")
     shown = ctrl.configs.form_values("sd-train", base)
     shown.update({"model.pretrained": "tiny-sd3", "lora.target_modules": target_for("sd3", shown["lora.target_modules"]),
@@ -52,6 +56,9 @@ def test_the_sd3_section_holds_the_flow_fields_and_builds_a_valid_config(tmp_pat
     cfg = ctrl.configs.build("sd-train", base, shown)
     assert (cfg.model.pretrained, cfg.lora.target_modules) == ("tiny-sd3", JOINT_ATTN)
     assert (cfg.flow.timestep_density, cfg.flow.mode_scale, cfg.flow.shift) == ("mode", 0.8, 3.0)
+    shown.update({"model.pretrained": "tiny-flux", "flow.flux_shift": True, "flow.guidance_scale": 3.5})
+    cfg = ctrl.configs.build("sd-train", base, shown)
+    assert (cfg.model.pretrained, cfg.flow.flux_shift, cfg.flow.guidance_scale) == ("tiny-flux", True, 3.5)
 
 
 @pytest.mark.slow
