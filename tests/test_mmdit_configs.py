@@ -1,5 +1,5 @@
-"""The shipped MMDiT configs: SD 3.5 Medium for GPU users (hub id, 1024 px, bf16, caches, buckets, the joint
-attention) and the offline tiny demo."""
+"""The shipped MMDiT configs: SD 3.5 Medium and FLUX.1-dev for GPU users (hub id, 1024 px, bf16, caches, buckets,
+the joint attention, their flow settings) and the offline tiny demos."""
 from pathlib import Path
 
 from lora_sd.config import JOINT_ATTN, load_train_config
@@ -20,3 +20,19 @@ def test_sd3_tiny_demo_is_offline():
     cfg = load_train_config(CONFIGS / "sd3_tiny_demo.toml")
     assert cfg.model.pretrained == "tiny-sd3" and cfg.data.path.startswith("shared:")
     assert cfg.lora.target_modules == JOINT_ATTN and cfg.data.cache_text and cfg.data.buckets
+
+
+def test_flux_dev_config():
+    cfg = load_train_config(CONFIGS / "flux_dev_joint_attn.toml")
+    assert (cfg.model.pretrained, cfg.data.resolution, cfg.train.mixed_precision) == (
+        "black-forest-labs/FLUX.1-dev", 1024, "bf16")
+    assert cfg.data.cache_latents and cfg.data.cache_text and cfg.data.buckets and cfg.train.gradient_checkpointing
+    assert cfg.lora.target_modules == JOINT_ATTN
+    assert (cfg.flow.timestep_density, cfg.flow.flux_shift, cfg.flow.guidance_scale) == ("sigmoid", True, 1.0)
+    assert (cfg.sample.scheduler, cfg.sample.guidance_scale, cfg.sample.negative_prompt) == ("auto", 3.5, "")
+
+
+def test_flux_tiny_demo_is_offline():
+    cfg = load_train_config(CONFIGS / "flux_tiny_demo.toml")
+    assert cfg.model.pretrained == "tiny-flux" and cfg.data.path.startswith("shared:")
+    assert cfg.lora.target_modules == JOINT_ATTN and cfg.flow.flux_shift and cfg.data.cache_text
