@@ -20,16 +20,24 @@ batch 1, AdamW, fp32 on CPU (or --mixed-precision on a GPU).
                timestep density, x_t = (1 - sigma) x0 + sigma noise, target noise - x0 (precondition_outputs=0),
                the weighting of compute_loss_weighting_for_sd3. `--layers N` keeps the first N joint blocks
                (a quick check at the real width; not the benchmark).
+  --arch flux  FLUX.1-dev's layout at reduced width (333.4 M params with 4 heads; FLUX.1-dev: 11.9 B): its real 19
+               double and 38 single blocks with `--heads` attention heads of 128 instead of 24 (width 512),
+               guidance embedding; CLIP-L and the T5 as for sd3;
+               LoRA on the double blocks' joint attention (lora_sd's joint_attn); the reference follows
+               train_dreambooth_lora_flux.py (latents packed in 2x2 patches with their position ids, timestep
+               sigma, guidance 1.0), with the same logit-normal density.
+  The MMDiTs' transformer, VAE, scheduler and CLIP configs are the released ones shipped in lora_sd/model_configs.
   --size tiny  the tiny pipelines of lora_sd.models instead (a quick check of the script, not a benchmark).
 
 Variants, each in its own subprocess so peak memory is its own:
   reference   diffusers + PEFT (unet.add_adapter), VAE encode + CLIP encode every step
-              (the loop of diffusers' train_text_to_image_lora.py); sd3: see above
+              (the loop of diffusers' train_text_to_image_lora.py); sd3, flux: see above
   ours        lora_sd.train.run_training, data.cache_latents = cache_text = false (same work per step;
-              sd3: cache_text = true, as the reference encodes each prompt once)
+              sd3, flux: cache_text = true, as the reference encodes each prompt once); the run "loads" the
+              model itself (so it releases the text encoders once their outputs are cached, as a real run)
   ours_cached lora_sd.train.run_training with the latent and text-embedding caches
 
-Usage:  python bench/sd_train.py [--arch sd1|sdxl|sd3] [--warmup 3] [--steps 5] [--repeats 2] [--json bench/results/sd.json]
+Usage:  python bench/sd_train.py [--arch sd1|sdxl|sd3|flux] [--warmup 3] [--steps 5] [--repeats 2] [--json bench/results/sd.json]
 """
 from __future__ import annotations
 
@@ -77,43 +85,58 @@ SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast
 CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
                  num_hidden_layers=32, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-# stabilityai/stable-diffusion-3.5-medium's transformer/config.json, vae/config.json, text_encoder_2 (CLIP-G)
-SD35M_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-SD3_VAE = dict(SD15_VAE, latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-               use_quant_conv=False, use_post_quant_conv=False)
-T5_XXL_2_LAYERS = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, dropout_rate=0.0,
-                       feed_forward_proj="gated-gelu", is_encoder_decoder=False)
 TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 # train_dreambooth_lora_sd3.py's default targets (attn's both streams), plus the dual attention attn2 that
 # lora_sd's joint_attn preset also adapts (same work per step)
-SD3_TARGETS = [f"{a}.{m}" for a in ("attn", "attn2") for m in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
-                                                                 "add_k_proj", "add_v_proj", "to_add_out")]
+_JOINT = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# flux: train_dreambooth_lora_flux.py's attention targets in the double blocks only (a regex PEFT matches whole:
+# lora_sd's joint_attn leaves the single blocks out)
+REFERENCE_TARGETS = {"sd3": [f"{a}.{m}" for a in ("attn", "attn2") for m in _JOINT],
+                     "flux": rf"transformer_blocks\.\d+\.attn\.({'|'.join(m.replace('.', '[.]') for m in _JOINT)})"}
 RES, N_IMAGES = 256, 4
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
-def build_sd3(tok, layers: int):
-    """SD 3.5 Medium's transformer (its first `layers` joint blocks) and VAE, CLIP-L/G, a T5 of T5-XXL's width
-    with 2 layers."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+MMDIT_CONFIGS = {"sd3": "sd35-medium", "flux": "flux1-dev"}   # lora_sd/model_configs/<folder>: the released configs
+
+
+def _shipped(arch: str, part: str) -> dict:
+    from lora_sd.single_file import CONFIG_DIR
+    folder = CONFIG_DIR / MMDIT_CONFIGS[arch] / part
+    return json.loads(next(folder.glob("*config.json")).read_text(encoding="utf-8"))
+
+
+def build_mmdit(arch: str, tok, layers: int = 0, heads: int = 0):
+    """SD 3.5 Medium's or FLUX.1-dev's transformer (sd3: its first `layers` joint blocks; flux: `heads` attention
+    heads of 128, the real block counts), VAE and scheduler from the shipped configs; the CLIP encoders at their
+    real sizes; a T5 of T5-XXL's width with 2 of its 24 layers. Random weights."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     from lora_sd.models import load_tokenizer
-    dual = tuple(i for i in SD35M_TRANSFORMER["dual_attention_layers"] if i < layers)
-    return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**dict(SD35M_TRANSFORMER, num_layers=layers, dual_attention_layers=dual)),
-        vae=AutoencoderKL(**SD3_VAE), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**dict(CLIP_L, vocab_size=len(tok)))),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**dict(CLIP_BIGG, vocab_size=len(tok)))),
-        text_encoder_3=T5EncoderModel(T5Config(**T5_XXL_2_LAYERS, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                               eos_token_id=tok.eos_token_id)),
-        tokenizer=tok, tokenizer_2=load_tokenizer(), tokenizer_3=load_tokenizer())
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    t = _shipped(arch, "transformer")
+    if arch == "sd3" and layers:
+        t.update(num_layers=layers, dual_attention_layers=[i for i in t["dual_attention_layers"] if i < layers])
+    if arch == "flux" and heads:
+        t.update(num_attention_heads=heads)
+    parts = {"transformer": getattr(diffusers, t["_class_name"]).from_config(t),
+             "vae": diffusers.AutoencoderKL.from_config(_shipped(arch, "vae")),
+             "scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_config(_shipped(arch, "scheduler")),
+             "text_encoder": (CLIPTextModelWithProjection if arch == "sd3" else CLIPTextModel)(
+                 CLIPTextConfig(**dict(_shipped(arch, "text_encoder"), **ids))), "tokenizer": tok}
+    t5 = "text_encoder_3" if arch == "sd3" else "text_encoder_2"
+    parts[t5] = T5EncoderModel(T5Config(**dict(_shipped(arch, t5), num_layers=2, dropout_rate=0.0, **ids)))
+    if arch == "sd3":
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**dict(_shipped(arch, "text_encoder_2"), **ids)))
+    for name in ("text_encoder_2", "text_encoder_3"):
+        if name in parts:
+            parts[name.replace("text_encoder", "tokenizer")] = load_tokenizer()
+    cls = diffusers.StableDiffusion3Pipeline if arch == "sd3" else diffusers.FluxPipeline
+    return cls(**parts)
 
 
-def build_pipeline(arch: str = "sd1", size: str = "full", layers: int = 0):
+def build_pipeline(arch: str = "sd1", size: str = "full", layers: int = 0, heads: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from lora_sd.models import build_tiny_pipeline, load_tokenizer
@@ -121,8 +144,8 @@ def build_pipeline(arch: str = "sd1", size: str = "full", layers: int = 0):
         return build_tiny_pipeline(0, arch)
     torch.manual_seed(0)
     tok = load_tokenizer()
-    if arch == "sd3":
-        return build_sd3(tok, layers or SD35M_TRANSFORMER["num_layers"])
+    if arch in MMDIT_CONFIGS:
+        return build_mmdit(arch, tok, layers, heads)
     text_encoder = CLIPTextModel(CLIPTextConfig(**dict(CLIP_L, vocab_size=len(tok))))
     if arch == "sdxl":
         from diffusers import StableDiffusionXLPipeline
@@ -179,22 +202,51 @@ def unet_step(pipe, dev: str, arch: str):
     return loss
 
 
-def flow_step(pipe, dev: str, captions: list[str]):
-    """loss(pixels, caption) of train_dreambooth_lora_sd3.py (weighting_scheme logit_normal, precondition_outputs
-    0): each caption's prompt embeddings computed once and the text encoders released, then per step the VAE
-    encode, sigmas from compute_density_for_timestep_sampling, x_t = (1 - sigma) x0 + sigma noise, the weighted
-    squared error against noise - x0."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-    from lora_sd.archs import SPECS   # the T5 length lora_sd encodes (the pipeline's default, 256): same work
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """Flux's 2x2 patches: (b, c, h, w) -> (b, h/2 * w/2, 4c), as FluxPipeline packs latents."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def mmdit_text(pipe, arch: str, dev: str, captions: list[str]) -> dict:
+    """{caption: the transformer's text keyword arguments}, each computed once with the pipeline's encode_prompt
+    (T5 at lora_sd's length: same work); then the text encoders are released, as the scripts delete them."""
+    from lora_sd.archs import SPECS
+    n = SPECS[arch].t5_length
     with torch.no_grad():
-        text = {c: pipe.encode_prompt(c, c, c, device=torch.device(dev), do_classifier_free_guidance=False,
-                                      max_sequence_length=SPECS["sd3"].t5_length) for c in set(captions)}
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None   # the script's `del text_encoder_one, ...`
+        if arch == "sd3":
+            text = {c: dict(zip(("encoder_hidden_states", "pooled_projections"), pipe.encode_prompt(
+                c, c, c, device=torch.device(dev), do_classifier_free_guidance=False, max_sequence_length=n)[::2]))
+                for c in set(captions)}
+        else:
+            text = {c: dict(zip(("encoder_hidden_states", "pooled_projections", "txt_ids"), pipe.encode_prompt(
+                c, c, device=torch.device(dev), max_sequence_length=n))) for c in set(captions)}
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        setattr(pipe, name, None)
+    return text
+
+
+def flow_step(pipe, dev: str, captions: list[str], arch: str):
+    """loss(pixels, caption) of diffusers' train_dreambooth_lora_sd3.py / _flux.py (weighting_scheme logit_normal,
+    sd3: precondition_outputs 0; flux: guidance 1.0): prompt embeddings once (mmdit_text), then per step the VAE
+    encode, sigmas from compute_density_for_timestep_sampling, x_t = (1 - sigma) x0 + sigma noise (flux: packed
+    in 2x2 patches with their position ids), the weighted squared error against noise - x0."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    text = mmdit_text(pipe, arch, dev, captions)
     transformer, vae, sched = pipe.transformer, pipe.vae, pipe.scheduler
     n_train = sched.config.num_train_timesteps
 
+    def predict(noisy, t, kwargs):
+        if arch == "sd3":
+            return transformer(hidden_states=noisy, timestep=t, return_dict=False, **kwargs)[0]
+        b, c, h, w = noisy.shape
+        packed, img_ids = pipe.prepare_latents(b, c, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
+                                               noisy.dtype, noisy.device, None, latents=pack(noisy))
+        guidance = torch.ones(b, device=noisy.device) if transformer.config.guidance_embeds else None
+        return transformer(hidden_states=packed, timestep=t / 1000, guidance=guidance, img_ids=img_ids,
+                           return_dict=False, **kwargs)[0]
+
     def loss(px, caption):
-        emb, _, pooled, _ = text[caption]
         with torch.no_grad():
             lat = (vae.encode(px).latent_dist.sample() - vae.config.shift_factor) * vae.config.scaling_factor
         noise = torch.randn_like(lat)
@@ -202,21 +254,21 @@ def flow_step(pipe, dev: str, captions: list[str]):
         index = (u * n_train).long()
         t = sched.timesteps[index].to(dev)
         sigma = sched.sigmas[index].to(dev, lat.dtype).view(-1, 1, 1, 1)
-        pred = transformer(hidden_states=(1 - sigma) * lat + sigma * noise, timestep=t, encoder_hidden_states=emb,
-                           pooled_projections=pooled, return_dict=False)[0]
-        weight = compute_loss_weighting_for_sd3("logit_normal", sigmas=sigma)
-        return (weight.float() * (pred.float() - (noise - lat).float()) ** 2).reshape(1, -1).mean(1).mean()
+        pred = predict((1 - sigma) * lat + sigma * noise, t, text[caption])
+        target = noise - lat if arch == "sd3" else pack(noise - lat)
+        weight = compute_loss_weighting_for_sd3("logit_normal", sigmas=sigma).view(-1)
+        return (weight.float() * ((pred.float() - target.float()) ** 2).reshape(1, -1).mean(1)).mean()
     return loss
 
 
-def run_reference(warmup: int, steps: int, mp: str, arch: str, size: str, layers: int = 0) -> dict:
+def run_reference(warmup: int, steps: int, mp: str, arch: str, size: str, layers: int = 0, heads: int = 0) -> dict:
     """A plain diffusers + PEFT LoRA loop (train_text_to_image_lora.py's / ..._sdxl.py's inner loop;
     sd3: train_dreambooth_lora_sd3.py's)."""
     from peft import LoraConfig
     from lora_sd.data import load_pixels
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = build_pipeline(arch, size, layers)
-    net = pipe.transformer if arch == "sd3" else pipe.unet
+    pipe = build_pipeline(arch, size, layers, heads)
+    net = pipe.transformer if arch in MMDIT_CONFIGS else pipe.unet
     tes = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None))
            if m is not None]
     for m in (net, pipe.vae, *tes):
@@ -226,7 +278,7 @@ def run_reference(warmup: int, steps: int, mp: str, arch: str, size: str, layers
     for m in tes:
         m.to(dev, dtype)
     net.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                               target_modules=SD3_TARGETS if arch == "sd3" else TARGETS))
+                               target_modules=REFERENCE_TARGETS.get(arch, TARGETS)))
     params = [p for p in net.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -235,7 +287,7 @@ def run_reference(warmup: int, steps: int, mp: str, arch: str, size: str, layers
         make_images(Path(d))
         files = sorted(Path(d).glob("*.png"))
         caps = [f.with_suffix(".txt").read_text() for f in files]
-        step = flow_step(pipe, dev, caps) if arch == "sd3" else unet_step(pipe, dev, arch)
+        step = flow_step(pipe, dev, caps, arch) if arch in MMDIT_CONFIGS else unet_step(pipe, dev, arch)
         times, cpu = [], []
         for i in range(warmup + steps):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -254,7 +306,8 @@ def run_reference(warmup: int, steps: int, mp: str, arch: str, size: str, layers
     return {"step_times": times[warmup:], "cpu_times": cpu[warmup:], "lora_params": n_lora}
 
 
-def run_ours(warmup: int, steps: int, mp: str, cached: bool, arch: str, size: str, layers: int = 0) -> dict:
+def run_ours(warmup: int, steps: int, mp: str, cached: bool, arch: str, size: str, layers: int = 0,
+             heads: int = 0) -> dict:
     from lora_core.training import RunDir
     from lora_sd import train as sd_train
     from lora_sd.testing import train_config
@@ -266,9 +319,10 @@ def run_ours(warmup: int, steps: int, mp: str, cached: bool, arch: str, size: st
         original(self, record)
 
     sd_train._MetricsRun.append_metrics = append_metrics
-    pipe = build_pipeline(arch, size, layers)
-    flow = arch == "sd3"   # the reference's objective: logit-normal density, no loss weighting, the scheduler's shift
-    extra = {"flow": {"timestep_density": "logit_normal", "loss_weighting": "none", "shift": 0.0}} if flow else {}
+    pipe = build_pipeline(arch, size, layers, heads)
+    flow = arch in MMDIT_CONFIGS   # the reference's objective: logit-normal density, no loss weighting, the
+    extra = {"flow": {"timestep_density": "logit_normal", "loss_weighting": "none", "shift": 0.0,   # scheduler's
+                      **({"guidance_scale": 1.0} if arch == "flux" else {})}} if flow else {}   # sigmas
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         make_images(d / "data")
@@ -282,7 +336,10 @@ def run_ours(warmup: int, steps: int, mp: str, cached: bool, arch: str, size: st
                            loss={"min_snr_gamma": 0.0, "noise_offset": 0.0},
                            output={"save_diffusers": False}, **extra)
         t0 = time.perf_counter()
-        sd_train.run_training(cfg, pipe=pipe)
+        # the run loads "its" model (this pipeline), as a real run does, so it also releases the text encoders
+        # once their outputs are cached (as the reference deletes them)
+        sd_train.load_pipeline = lambda *args, **kwargs: pipe
+        sd_train.run_training(cfg)
         total = time.perf_counter() - t0
         m = RunDir(d / "run").read_metrics()
     from lora_core import lora_parameters
@@ -292,12 +349,12 @@ def run_ours(warmup: int, steps: int, mp: str, cached: bool, arch: str, size: st
             "run_training_total_s": total}
 
 
-def child(variant: str, warmup: int, steps: int, mp: str, arch: str, size: str, layers: int) -> None:
+def child(variant: str, warmup: int, steps: int, mp: str, arch: str, size: str, layers: int, heads: int) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     if variant == "reference":
-        r = run_reference(warmup, steps, mp, arch, size, layers)
+        r = run_reference(warmup, steps, mp, arch, size, layers, heads)
     else:
-        r = run_ours(warmup, steps, mp, variant == "ours_cached", arch, size, layers)
+        r = run_ours(warmup, steps, mp, variant == "ours_cached", arch, size, layers, heads)
     st, ct = r["step_times"], r["cpu_times"]
     r.update(variant=variant, mean_step_s=sum(st) / len(st), steps_per_s=len(st) / sum(st), peak_mb=peak_mb(),
              median_step_s=sorted(st)[len(st) // 2], min_step_s=min(st), cpu_s_per_step=sum(ct) / len(ct),
@@ -307,34 +364,36 @@ def child(variant: str, warmup: int, steps: int, mp: str, arch: str, size: str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl", "sd3"],
-                    help="SD 1.5-, SDXL- or SD 3.5 Medium-sized models")
+    ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl", "sd3", "flux"],
+                    help="SD 1.5-, SDXL-, SD 3.5 Medium- or (width-reduced) FLUX.1-dev-sized models")
     ap.add_argument("--layers", type=int, default=0, help="sd3: keep the first N joint blocks (0: all 24)")
+    ap.add_argument("--heads", type=int, default=4, help="flux: attention heads of 128 (FLUX.1-dev: 24; default 4, "
+                    "width 512, the real 19 double and 38 single blocks)")
     ap.add_argument("--size", default="full", choices=["full", "tiny"],
                     help="tiny: lora_sd's tiny pipelines (checks the script in seconds; not a benchmark)")
-    ap.add_argument("--warmup", type=int, help="unmeasured steps first (default 3; sdxl, sd3 1)")
-    ap.add_argument("--steps", type=int, help="measured steps (default 5; sdxl, sd3 1)")
+    ap.add_argument("--warmup", type=int, help="unmeasured steps first (default 3; sdxl, sd3, flux 1)")
+    ap.add_argument("--steps", type=int, help="measured steps (default 5; sdxl, sd3, flux 1)")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     ap.add_argument("--variants", default="reference,ours,ours_cached")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best round per variant counts")
     ap.add_argument("--json", "--out", dest="out", help="the results file (default bench/results/sd.json; "
-                    "sdxl: sdxl.json; sd3: sd3.json; --size tiny: *_tiny.json)")
+                    "sdxl: sdxl.json; sd3: sd3.json; flux: flux.json; --size tiny: *_tiny.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    big = a.arch in ("sdxl", "sd3")
+    big = a.arch in ("sdxl", "sd3", "flux")
     a.warmup = max(1, a.warmup if a.warmup is not None else (1 if big else 3))
     a.steps = a.steps if a.steps is not None else (1 if big else 5)
-    stem = {"sd1": "sd", "sdxl": "sdxl", "sd3": "sd3"}[a.arch] + ("_tiny" if a.size == "tiny" else "")
+    stem = {"sd1": "sd"}.get(a.arch, a.arch) + ("_tiny" if a.size == "tiny" else "")
     a.out = a.out or str(ROOT / "bench" / "results" / f"{stem}.json")
     if a.child:
-        child(a.child, a.warmup, a.steps, a.mixed_precision, a.arch, a.size, a.layers)
+        child(a.child, a.warmup, a.steps, a.mixed_precision, a.arch, a.size, a.layers, a.heads)
         return
     results = []
     for rep in range(a.repeats):   # interleaved rounds: a shared machine's load drifts, best-of is fairest
         for v in a.variants.split(","):
             cmd = [sys.executable, __file__, "--child", v, "--warmup", str(a.warmup), "--steps", str(a.steps),
                    "--mixed-precision", a.mixed_precision, "--arch", a.arch, "--size", a.size,
-                   "--layers", str(a.layers)]
+                   "--layers", str(a.layers), "--heads", str(a.heads)]
             t0 = time.time()
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -364,6 +423,7 @@ def main() -> None:
                  if "ratio_vs_reference" in r else ""))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"arch": a.arch, "size": a.size, "layers": a.layers or None,
+                                       "heads": a.heads if a.arch == "flux" else None,
                                        "resolution": RES, "batch_size": 1,
                                        "warmup": a.warmup, "steps": a.steps,
                                        "mixed_precision": a.mixed_precision, "best": best, "runs": results},
