@@ -59,9 +59,9 @@ def _loader(path: Path):
         return load_suite
     if path.name.startswith("llm_"):
         return load_llm_config
-    if path.name.startswith("sd"):
+    if path.name.startswith(("sd", "flux")):
         return load_train_config
-    raise AssertionError(f"{path.name}: no config class for this file name (llm_suite_*, llm_*, sd*)")
+    raise AssertionError(f"{path.name}: no config class for this file name (llm_suite_*, llm_*, sd*, flux*)")
 
 
 SHIPPED = sorted(CONFIGS.glob("*.toml"))
