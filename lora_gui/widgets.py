@@ -14,7 +14,7 @@ from lora_core.run import FINAL_STATES
 
 from . import job_kinds, runview
 from .errors import UserError
-from .forms import Field, blame
+from .forms import ARCH_GROUPS, Field, blame, group_shown, target_choices, target_for
 from .jobs import LAUNCHERS
 from .services.plots import loss_figure
 
@@ -69,7 +69,9 @@ def field_input(f: Field, value, prefix: str):
 
 
 SECTIONS = {"advanced": dict(label="Advanced", open=False),   # group -> its collapsible section
-            "sdxl": dict(label="SDXL", open=True, visible=False)}   # shown when the base model is SDXL
+            "sdxl": dict(label="SDXL", open=True, visible=False),   # shown when the base model is SDXL
+            "flow": dict(label="SD 3.5 / Flux (rectified flow)", open=True, visible=False),   # ... an MMDiT
+            "flux": dict(label="Flux", open=True, visible=False)}   # ... is Flux (forms.group_shown)
 
 
 @dataclass
@@ -228,18 +230,23 @@ class JobForm:
         page.on_load([self.choice], lambda: [gr.update(choices=ctrl.configs.choices(kind))])
 
     def wire_arch_note(self, page) -> None:
-        """The base model's detected SD architecture below its input; the SDXL section only for SDXL."""
+        """The base model's detected SD architecture below its input; each architecture's section (SDXL,
+        rectified flow for SD 3.5 and Flux, Flux) only for it; the Targets presets that fit it (forms.target_choices, forms.target_for)."""
         for f in job_kinds.get(self.kind).fields:
             if f.note != "arch":
                 continue
-            comp, sdxl = self.inputs[f.key], self.form.sections.get("sdxl")
-            outputs = [self.form.notes[f.key]] + ([sdxl] if sdxl is not None else [])
+            comp, targets = self.inputs[f.key], self.inputs.get("lora.target_modules")
+            sections = {g: s for g, s in self.form.sections.items() if g in ARCH_GROUPS}
+            outputs = [self.form.notes[f.key], *sections.values()] + ([targets] if targets is not None else [])
 
-            def update(text, n=len(outputs)):
+            def update(text, target=None):
                 arch, line = self.ctrl.configs.arch_note(text)
-                return [line, gr.update(visible=arch == "sdxl")][:n]
-            comp.change(update, [comp], outputs)
-            page.on_load(outputs, lambda c=comp, u=update: u(c.value))
+                out = [line, *(gr.update(visible=group_shown(g, arch)) for g in sections)]
+                if targets is not None:
+                    out.append(gr.update(choices=list(target_choices(arch)), value=target_for(arch, target)))
+                return out
+            comp.change(update, [comp] + ([targets] if targets is not None else []), outputs)
+            page.on_load(outputs, lambda c=comp, t=targets, u=update: u(c.value, t.value if t is not None else None))
 
 
 STOPPABLE = ("queued", "running", "stopping")   # a second Stop while stopping sends SIGKILL

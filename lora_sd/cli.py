@@ -31,7 +31,7 @@ from lora_core.files import atomic_write_json, check_output, room_for
 from . import synth
 from .cli_decide import add_commands
 from .concept_score import format_table, score_generator
-from .config import ARCHS, load_train_config
+from .config import ARCHS, AUTO_SAMPLER, SAMPLER_HELP, load_train_config
 
 EXAMPLES = """examples:
   lora-sd tiny-model workspace/models/tiny-sd
@@ -238,7 +238,7 @@ def _score_outputs(a, scales: list[float]) -> tuple[Path, list[Path]]:
 
 
 def _cmd_score(a) -> int:
-    from .generate import load_adapters  # lazy: torch (--help stays torch-free)
+    from .generate import load_adapters, sampler_name  # lazy: torch (--help stays torch-free)
     from .models import is_random_weights, load_pipeline, pick_device  # lazy: torch (--help stays torch-free)
     try:
         groups = [(c, synth.prompts_for(c, tuple(a.background or synth.BACKGROUNDS)))
@@ -259,7 +259,8 @@ def _cmd_score(a) -> int:
     with room_for(found) as moved:
         rows = _score_rows(a, pipe, report, groups, scales, seeds)
         atomic_write_json(out, {"model": a.model, "adapters": report, "seeds": seeds, "steps": a.steps,
-                                "guidance_scale": a.guidance, "size": a.size, "scheduler": a.scheduler, "rows": rows})
+                                "guidance_scale": a.guidance, "size": a.size, "scheduler": sampler_name(pipe, a.scheduler),
+                                "rows": rows})
     moved_note(moved)
     print(format_table(rows))
     print(f"wrote {out}")
@@ -315,7 +316,7 @@ def _add_score_parsers(sub) -> None:
     sc.add_argument("--steps", type=int, default=20)
     sc.add_argument("--guidance", type=float, default=5.0)
     sc.add_argument("--size", type=int, default=64, help="image side in pixels")
-    sc.add_argument("--scheduler", default="ddim")
+    sc.add_argument("--scheduler", default=AUTO_SAMPLER, help=SAMPLER_HELP)
     sc.add_argument("--device", default="", help="default: cuda when available, else cpu")
     sc.add_argument("--save-images", default="", help="folder for the images (scale_<s>/p<i>_s<seed>_0.png)")
     sc.add_argument("--out", default="", help="JSON report (default: <adapter>.score.json beside the first --lora "
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     g.add_argument("--width", type=int, default=512)
     g.add_argument("--height", type=int, default=512)
-    g.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a, dpm++, pndm, ddpm, unipc, lms")
+    g.add_argument("--scheduler", default=AUTO_SAMPLER, help=SAMPLER_HELP)
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     g.add_argument("--device", default="", help="default: cuda when available, else cpu")
     g.add_argument("--out", default="outputs", help="folder for image_<i>.png")

@@ -10,6 +10,8 @@ from lora_core.cli_errors import add_overwrite_flag, add_sweep_and_check, moved_
 from lora_core.errors import ConfigError
 from lora_core.files import check_output, room_for
 
+from .config import AUTO_SAMPLER, SAMPLER_HELP
+
 
 CONFIRM_CELLS = 1000   # a larger grid (hours of generation) is made only with --yes
 
@@ -109,7 +111,7 @@ def add_commands(sub) -> None:
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--width", type=int, default=512)
     g.add_argument("--height", type=int, default=512)
-    g.add_argument("--scheduler", default="ddim")
+    g.add_argument("--scheduler", default=AUTO_SAMPLER, help=SAMPLER_HELP)
     g.add_argument("--device", default="")
     g.add_argument("--out", required=True, help="folder for grid.png, cells/ and index.json")
     g.add_argument("--yes", action="store_true", help=f"make a grid of more than {CONFIRM_CELLS:,} cells")

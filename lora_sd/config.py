@@ -21,8 +21,19 @@ ALL_ATTN = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 TEXT_ENCODER_ATTN = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 # LoCon: the ResNet blocks' 3x3 convs and the down/upsampler convs (kohya's conv_dim targets)
 UNET_CONVS = r".*(resnets\.\d+\.conv[12]|(downsamplers|upsamplers)\.\d+\.conv)"
+# the MMDiT presets (SD 3.5, Flux): the joint (SD 3.5) / double-stream (Flux) blocks' attention, image stream (attn,
+# and the dual-attention attn2 of SD 3.5 Medium's first blocks) and text stream (add_*_proj, to_add_out); their
+# feed-forwards; Flux's single-stream blocks (q/k/v, the MLP input, the output); the norms' modulation linears
+JOINT_ATTN_IMAGE = r"transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0)"
+JOINT_ATTN = r"transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+MMDIT_FF = r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
+SINGLE_BLOCKS = r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
+MMDIT_MODULATION = r"transformer_blocks\.\d+\.(norm1|norm1_context)\.linear|single_transformer_blocks\.\d+\.norm\.linear"
+MMDIT_PRESETS = {"joint_attn": JOINT_ATTN, "joint_attn_image": JOINT_ATTN_IMAGE,
+                 "attn+ff": f"{JOINT_ATTN}|{MMDIT_FF}|{SINGLE_BLOCKS}",
+                 "all_linear": f"{JOINT_ATTN}|{MMDIT_FF}|{SINGLE_BLOCKS}|{MMDIT_MODULATION}"}
 TARGET_PRESETS = {"cross_attn": CROSS_ATTN, "cross_attn_kv": CROSS_ATTN_KV, "attn": ALL_ATTN,
-                  "cross_attn+conv": f"{CROSS_ATTN}|{UNET_CONVS}"}
+                  "cross_attn+conv": f"{CROSS_ATTN}|{UNET_CONVS}", **MMDIT_PRESETS}
 
 
 # the samplers of sample.scheduler and `lora-sd generate --scheduler`: name -> diffusers scheduler class
@@ -30,10 +41,15 @@ SAMPLERS = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",   # the flow-matching models' sampler (SD 3.5, Flux)
 }
-Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]  # the names above, declared once
+FLOW_SAMPLERS = ("flow_euler",)   # the samplers of flow-matching models; the others are the diffusion models'
+AUTO_SAMPLER = "auto"   # the architecture's own: ddim (SD 1.x / 2.x / SDXL), flow_euler (FLOW_ARCHS)
+SAMPLER_HELP = f"{', '.join(SAMPLERS)} or {AUTO_SAMPLER} (ddim for SD 1.x / 2.x / SDXL, flow_euler for SD 3.5 and Flux)"
+Sampler = Literal[(*SAMPLERS, AUTO_SAMPLER)]  # type: ignore[valid-type]  # the names above, declared once
 Dtype = Literal["fp32", "fp16", "bf16"]
 ARCHS = ("sd1", "sd2", "sdxl", "sd3", "flux")   # the architectures lora_sd knows (lora_sd.models.arch_of); sd3, flux: MMDiTs
+FLOW_ARCHS = ("sd3", "flux")   # trained with rectified flow and sampled with a flow-matching sampler
 # model.pretrained names of the offline models: "tiny" = the pretrained tiny pipeline shipped in the package
 # (lora_sd/pretrained/tiny_synth, trained on the synthetic shapes world); the others have random weights
 TINY_PRETRAINED = "tiny"
@@ -47,7 +63,7 @@ TINY_SCHNELL = "tiny-flux-schnell"   # the Flux schnell layout: no guidance embe
 WeightStorage = Literal["", "fp32", "bf16", "fp16", "fp8_e4m3", "int8"]
 # the part of model.weight_dtype -> the pipeline components it covers (the denoiser: a UNet or a transformer)
 WEIGHT_PARTS = {"denoiser": ("unet", "transformer"), "text_encoder": ("text_encoder",),
-                "text_encoder_2": ("text_encoder_2",), "vae": ("vae",)}
+                "text_encoder_2": ("text_encoder_2",), "text_encoder_3": ("text_encoder_3",), "vae": ("vae",)}
 
 
 @dataclass
@@ -56,7 +72,9 @@ class WeightDtypes(Checked, section="model.weight_dtype"):
                                          "Flux): fp32, bf16, fp16, fp8_e4m3 (float8, one scale per output channel) or "
                                          "int8 (weight-only, needs torchao); '' = the train.mixed_precision dtype")
     text_encoder: WeightStorage = option("", "frozen weights of the text encoder (same choices)")
-    text_encoder_2: WeightStorage = option("", "frozen weights of SDXL's second text encoder (same choices)")
+    text_encoder_2: WeightStorage = option("", "frozen weights of the second text encoder: SDXL's and SD 3.5's "
+                                               "CLIP-G, Flux's T5 (same choices)")
+    text_encoder_3: WeightStorage = option("", "frozen weights of SD 3.5's T5 encoder (same choices)")
     vae: WeightStorage = option("", "the VAE (same choices); '' = fp32, or bf16 under bf16 (never fp16: NaN latents)")
 
     def chosen(self) -> dict[str, str]:
@@ -178,6 +196,26 @@ class LossSettings(Checked, section="loss"):
 
 
 @dataclass
+class FlowSettings(Checked, section="flow"):
+    timestep_density: Literal["uniform", "logit_normal", "mode", "sigmoid"] = option(
+        "logit_normal", "SD 3.5 / Flux (rectified flow): how the noise level is drawn (diffusers' weighting_scheme): "
+        "uniform, logit_normal (the SD 3 paper's; logit_mean, logit_std), mode (mode_scale) or sigmoid (kohya's "
+        "Flux sampling; sigmoid_scale)")
+    logit_mean: float = option(0.0, "SD 3.5 / Flux: mean of the logit-normal density")
+    logit_std: float = option(1.0, "SD 3.5 / Flux: standard deviation of the logit-normal density", gt=0)
+    mode_scale: float = option(1.29, "SD 3.5 / Flux: scale of the mode density")
+    sigmoid_scale: float = option(1.0, "SD 3.5 / Flux: the sigmoid density is sigmoid(sigmoid_scale * N(0, 1))", gt=0)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
+        "none", "SD 3.5 / Flux: per-sample loss weight by noise level: none, sigma_sqrt (1/sigma^2) or cosmap")
+    shift: float = option(0.0, "SD 3.5 / Flux: timestep shift of the noise levels (sigma' = s*sigma / (1 + (s-1)*sigma)); "
+                          "0 = the model scheduler's own (SD 3.5: 3.0; Flux: none, see flux_shift)", ge=0)
+    flux_shift: bool = option(False, "Flux: shift the noise levels by the image's size, as diffusers' FluxPipeline "
+                              "computes mu from the packed sequence length (kohya's flux_shift); continuous sigma")
+    guidance_scale: float = option(1.0, "Flux dev: the constant fed to the guidance embedding while training "
+                                   "(1.0 - 3.5); schnell has none", ge=0)
+
+
+@dataclass
 class EmbeddingSettings(Checked, section="embedding"):
     token: str = option("", "pivotal tuning: also train this word's input embedding in the text encoder (a word "
                         "of the vocabulary is trained in place, a new one is added); saved as "
@@ -202,7 +240,7 @@ class SampleSettings(Checked, section="sample"):
     seed: int = option(0, "seed of image i is seed + i", ge=0)
     width: int = option(0, "image width; 0 = data.resolution", ge=0, multiple_of=8)
     height: int = option(0, "image height; 0 = data.resolution", ge=0, multiple_of=8)
-    scheduler: Sampler = option("ddim", "sampler of the validation images")
+    scheduler: Sampler = option(AUTO_SAMPLER, f"sampler of the validation images: {SAMPLER_HELP}")
     grid: bool = option(False, "at the end of the run write RUN/grid/ (lora_sd.grid): the prompts (rows) at step 0 "
                         "(the base model), every kept checkpoint and the final adapter (columns)")
     grid_scale: float = option(1.0, "adapter scale of that grid", ge=0)
@@ -253,7 +291,10 @@ class SDTrainConfig(Checked):
     data: DataSettings = option(help="the image set", factory=DataSettings)
     lora: LoraConfig = option(help="the UNet adapter; target_modules also takes the presets 'cross_attn' "
                               "(attn2 q/k/v/out, the default), 'cross_attn_kv' (attn2 k/v: the text side only), 'attn' "
-                              "(self- and cross-attention) and 'cross_attn+conv' (LoCon)",
+                              "(self- and cross-attention) and 'cross_attn+conv' (LoCon); SD 3.5 / Flux: 'joint_attn' (their "
+                              "default: both streams of the joint attention), 'joint_attn_image', 'attn+ff' (with the "
+                              "feed-forwards and Flux's single blocks), 'all_linear' (and the modulation); lora.layers "
+                              "selects the joint (Flux: double) blocks by index",
                               factory=_default_lora)
     text_encoder_lora: Optional[LoraConfig] = option(None, "set this table (same fields as [lora]) to train the "
                                                      "text encoder too (default targets: its attention)")
@@ -263,6 +304,8 @@ class SDTrainConfig(Checked):
                                           factory=EmbeddingSettings)
     train: SDTrainSettings = option(help="the training loop", factory=SDTrainSettings)
     loss: LossSettings = option(help="loss weighting", factory=LossSettings)
+    flow: FlowSettings = option(help="SD 3.5 and Flux only: the rectified-flow objective (lora_sd.flow)",
+                                factory=FlowSettings)
     sample: SampleSettings = option(help="validation images", factory=SampleSettings)
     output: OutputSettings = option(help="the adapter files", factory=OutputSettings)
 

@@ -395,16 +395,34 @@ class LatentCache:
         return load_file(str(self.path(item, size, flip)))["parameters"]
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def tokenize(tokenizer, captions: list[str], max_length: int = 0) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
 
 
-@torch.no_grad()
-def encode_text(text_encoder, input_ids: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    dev = next(text_encoder.parameters()).device
-    out = [text_encoder(input_ids[i:i + batch].to(dev))[0].float().cpu() for i in range(0, len(input_ids), batch)]
-    return torch.cat(out)
+@dataclass(frozen=True)
+class Tokenizers:
+    """A pipeline's tokenizers as its text encoders read them: ids(captions) -> {"input_ids": ...,
+    "input_ids_2": ... (SDXL, SD 3.5, Flux), "input_ids_3": ... (SD 3.5)}; the T5 tokenizer (`t5`: SD 3.5's
+    third, Flux's second) pads to t5_length, the CLIP ones to their model_max_length."""
+    tokenizer: object
+    tokenizer_2: object = None
+    tokenizer_3: object = None
+    t5_length: int = 0
+    t5: int = 0   # which of them is T5 (1, 2, 3); 0 = none
+
+    def ids(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, (key, tok) in enumerate((("input_ids", self.tokenizer), ("input_ids_2", self.tokenizer_2),
+                                        ("input_ids_3", self.tokenizer_3)), 1):
+            if tok is not None:
+                out[key] = tokenize(tok, captions, self.t5_length if n == self.t5 else 0)
+        return out
+
+
+def sd1_text(encoders: dict, ids: dict):
+    """SD 1.x / 2.x: the text encoder's last hidden state, no pooled embedding."""
+    return encoders["text_encoder"](ids["input_ids"])[0], None
 
 
 def sdxl_text(text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2: torch.Tensor):
@@ -416,17 +434,47 @@ def sdxl_text(text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2
     return torch.cat([h1, out2.hidden_states[-2].to(h1.dtype)], dim=-1), out2.text_embeds
 
 
+def sdxl_cond(encoders: dict, ids: dict):
+    return sdxl_text(encoders["text_encoder"], encoders["text_encoder_2"], ids["input_ids"], ids["input_ids_2"])
+
+
+def sd3_text(encoders: dict, ids: dict):
+    """(prompt embeddings, pooled embedding) as StableDiffusion3Pipeline.encode_prompt builds them (no clip
+    skip): CLIP-L's and CLIP-G's penultimate hidden states side by side, zero-padded to T5's width, then T5's
+    last hidden state after them on the sequence axis; the pooled embedding is both CLIPs' projections."""
+    out1 = encoders["text_encoder"](ids["input_ids"], output_hidden_states=True)
+    out2 = encoders["text_encoder_2"](ids["input_ids_2"], output_hidden_states=True)
+    t5 = encoders["text_encoder_3"](ids["input_ids_3"])[0]
+    clip = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5.dtype)
+    return torch.cat([clip, t5], dim=-2), torch.cat([out1[0], out2[0]], dim=-1)
+
+
+def flux_text(encoders: dict, ids: dict):
+    """(prompt embeddings, pooled embedding) as FluxPipeline.encode_prompt builds them: T5's last hidden state
+    (text_encoder_2) and CLIP-L's pooled output (its pooler_output, no projection)."""
+    pooled = encoders["text_encoder"](ids["input_ids"], output_hidden_states=False).pooler_output
+    return encoders["text_encoder_2"](ids["input_ids_2"], output_hidden_states=False)[0], pooled
+
+
 @torch.no_grad()
-def encode_text_xl(text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2: torch.Tensor,
-                   batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """sdxl_text over all captions, in chunks: (embeddings (N, 77, D1 + D2), pooled (N, P)), fp32 on the CPU."""
-    dev = next(text_encoder.parameters()).device
+def encode_captions(encode, encoders: dict, ids: dict, batch: int = 16):
+    """`encode` (sd1_text, sdxl_cond, sd3_text) over token ids {"input_ids": (N, L), ...} in chunks:
+    (embeddings (N, ...), pooled (N, P) or None), fp32 on the CPU."""
+    dev = next(next(iter(encoders.values())).parameters()).device
+    was = {n: m.training for n, m in encoders.items()}
     embs, pooled = [], []
-    for i in range(0, len(input_ids), batch):
-        e, p = sdxl_text(text_encoder, text_encoder_2, input_ids[i:i + batch].to(dev), input_ids_2[i:i + batch].to(dev))
-        embs.append(e.float().cpu())
-        pooled.append(p.float().cpu())
-    return torch.cat(embs), torch.cat(pooled)
+    try:
+        for m in encoders.values():   # no dropout (T5 has some): the cached text is the pipeline's
+            m.eval()
+        for i in range(0, len(ids["input_ids"]), batch):
+            e, p = encode(encoders, {k: v[i:i + batch].to(dev) for k, v in ids.items()})
+            embs.append(e.float().cpu())
+            pooled.append(None if p is None else p.float().cpu())
+    finally:
+        for n, m in encoders.items():
+            m.train(was[n])
+    return torch.cat(embs), None if pooled[0] is None else torch.cat(pooled)
 
 
 # ------------------------------------------------------------------ the dataset
@@ -441,7 +489,8 @@ class BatchDataset(torch.utils.data.Dataset):
     Returns {"latent_params" | "pixels": (B, ...), "text_emb" | "input_ids": (B, ...), "is_reg": (B,) bool}
     and, with data.masked_loss, "mask": (B, 1, H, W) in pixels (the loss resizes it to the latents).
     SDXL (a `tokenizer_2`): also "time_ids" (B, 6) (see time_ids) and "pooled" (B, P) beside "text_emb",
-    or "input_ids_2" beside "input_ids".
+    or "input_ids_2" beside "input_ids"; SD 3.5 / Flux (a Tokenizers): "input_ids_2" (and SD 3.5's
+    "input_ids_3"), or "pooled" beside "text_emb", and no time_ids.
     With loss.preserve_weight (a `preserve`): the same text keys prefixed "pres_" for the preserved captions.
     With data.shuffle_tags / caption_dropout the captions are varied and tokenized per batch (no text_emb).
     Random flips and crops come from a generator seeded by (seed, epoch, batch), not the global RNG:
@@ -451,18 +500,20 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: list[ImageItem], cfg: DataSettings, batch_size: int, seed: int, tokenizer,
                  text_emb: Optional[torch.Tensor] = None, tokenizer_2=None, pooled: Optional[torch.Tensor] = None,
-                 preserve: Optional[Preservation] = None, preserve_text: Optional[tuple] = None):
+                 preserve: Optional[Preservation] = None, preserve_text: Optional[tuple] = None,
+                 time_ids: Optional[bool] = None):
         self.items, self.cfg, self.seed = items, cfg, seed
         self.preserve, self.preserve_text = preserve, preserve_text   # preserve_text: (embeddings, pooled or None)
         # each item's preserved caption, then the empty prompt (the rows of preserve_text when cached)
         self.preserved_captions = preserve.captions([i.caption for i in items]) if preserve else []
         buckets = make_buckets(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
         self.sizes = [pick_bucket(i.size, buckets) if buckets else (cfg.resolution, cfg.resolution) for i in items]
-        self.tokenizer = tokenizer
-        self.input_ids = tokenize(tokenizer, [i.caption for i in items])
-        self.tokenizer_2, self.pooled = tokenizer_2, pooled
-        if tokenizer_2 is not None:
-            self.input_ids_2 = tokenize(tokenizer_2, [i.caption for i in items])
+        # `tokenizer` may be a Tokenizers (all of a pipeline's); a plain tokenizer (+ tokenizer_2) is wrapped
+        self.tokenizers = tokenizer if isinstance(tokenizer, Tokenizers) else Tokenizers(tokenizer, tokenizer_2)
+        self.input_ids = self.tokenizers.ids([i.caption for i in items])
+        self.pooled = pooled
+        # SDXL's micro-conditioning (default: with a second tokenizer, as SDXL)
+        self.time_ids = self.tokenizers.tokenizer_2 is not None if time_ids is None else time_ids
         self.is_reg = torch.tensor([i.is_reg for i in items], dtype=torch.bool)
         self.masks: Optional[dict] = None     # (item index, flipped) -> mask, with cached latents
         self.text_emb = text_emb
@@ -513,8 +564,7 @@ class BatchDataset(torch.utils.data.Dataset):
             out["latent_params"] = torch.stack([self.latents[(n, f)] for n, f in zip(idx, flips)])
             if masked:
                 out["mask"] = torch.stack([self.masks[(n, f)] for n, f in zip(idx, flips)])
-            xl = self.tokenizer_2 is not None
-            ids = [center_time_ids(self.items[n], self.sizes[n], f) for n, f in zip(idx, flips)] if xl else []
+            ids = [center_time_ids(self.items[n], self.sizes[n], f) for n, f in zip(idx, flips)] if self.time_ids else []
         else:
             loaded = [_sample(self.items[n], self.sizes[n], self.cfg.center_crop, f, g, masked)
                       for n, f in zip(idx, flips)]
@@ -522,7 +572,7 @@ class BatchDataset(torch.utils.data.Dataset):
             if masked:
                 out["mask"] = torch.stack([m for _, m, _ in loaded])
             ids = [t for _, _, t in loaded]
-        if self.tokenizer_2 is not None:
+        if self.time_ids:
             out["time_ids"] = torch.tensor(ids, dtype=torch.float32)
         out.update(self._text(i, idx))
         if self.preserve is not None:
@@ -540,26 +590,18 @@ class BatchDataset(torch.utils.data.Dataset):
             emb, pooled = self.preserve_text
             out = {"text_emb": emb[rows]} if pooled is None else {"text_emb": emb[rows], "pooled": pooled[rows]}
         else:
-            captions = [self.preserved_captions[r] for r in rows]
-            out = {"input_ids": tokenize(self.tokenizer, captions)}
-            if self.tokenizer_2 is not None:
-                out["input_ids_2"] = tokenize(self.tokenizer_2, captions)
+            out = self.tokenizers.ids([self.preserved_captions[r] for r in rows])
         return {f"pres_{k}": v for k, v in out.items()}
 
     def _text(self, i: int, idx: list[int]) -> dict:
         """The batch's text: varied captions' token ids, cached embeddings, or the fixed token ids."""
-        xl = self.tokenizer_2 is not None
         if varies_captions(self.cfg):
             gc = torch.Generator().manual_seed(hash((self.seed, self.sampler.epoch, i, 1)) & 0x7FFF_FFFF_FFFF)
-            captions = [vary_caption(self.items[n].caption, self.cfg, gc) for n in idx]
-            out = {"input_ids": tokenize(self.tokenizer, captions)}
-            return {**out, "input_ids_2": tokenize(self.tokenizer_2, captions)} if xl else out
+            return self.tokenizers.ids([vary_caption(self.items[n].caption, self.cfg, gc) for n in idx])
         if self.text_emb is not None:
             out = {"text_emb": self.text_emb[idx]}
-            return {**out, "pooled": self.pooled[idx]} if xl else out
-        out = {"input_ids": self.input_ids[idx]}
-        return {**out, "input_ids_2": self.input_ids_2[idx]} if xl else out
-
+            return out if self.pooled is None else {**out, "pooled": self.pooled[idx]}
+        return {k: v[idx] for k, v in self.input_ids.items()}
 
 # ------------------------------------------------------------------ settings the data set would make idle
 def _mask_extrema(item: ImageItem) -> Optional[tuple[int, int]]:

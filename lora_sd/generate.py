@@ -15,18 +15,57 @@ from lora_core import LoraLoadError, lora_layers, merge_lora, set_scale
 from lora_core.files import atomic_path
 
 from . import formats
-from .config import SAMPLERS
+from .config import AUTO_SAMPLER, FLOW_ARCHS, FLOW_SAMPLERS, SAMPLERS
 from .embeddings import load_embedding, set_embedding_scale, sibling_embedding, trained_tokens
+from .models import arch_of
 
 
-def set_scheduler(pipe, name: str) -> None:
+def denoiser(pipe):
+    """The pipeline's denoising network: its UNet (SD 1.x / 2.x / SDXL) or its transformer (SD 3.5, Flux)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def sampler_name(pipe, name: str) -> str:
+    """The sampler `name` names for this pipeline ("auto": the architecture's own); a sampler of the other
+    family (a diffusion sampler for a flow-matching model, or the reverse) is refused."""
+    flow = arch_of(pipe) in FLOW_ARCHS
+    if name == AUTO_SAMPLER:
+        return FLOW_SAMPLERS[0] if flow else "ddim"
     if name not in SAMPLERS:   # the names sample.scheduler declares
-        raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SAMPLERS)}")
+        raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SAMPLERS)} or {AUTO_SAMPLER!r}")
+    if (name in FLOW_SAMPLERS) != flow:
+        fits = FLOW_SAMPLERS if flow else tuple(n for n in SAMPLERS if n not in FLOW_SAMPLERS)
+        kind = "a flow-matching model" if flow else "a diffusion model (SD 1.x / 2.x / SDXL)"
+        raise ValueError(f"scheduler {name!r} does not fit this {arch_of(pipe)} pipeline, {kind}: choose one of "
+                         f"{', '.join(fits)} (or {AUTO_SAMPLER!r})")
+    return name
+
+
+def set_scheduler(pipe, name: str) -> str:
+    """Give the pipeline the sampler `name` (sampler_name) with its own scheduler's settings; returns the name."""
+    name = sampler_name(pipe, name)
     pipe.scheduler = getattr(diffusers, SAMPLERS[name]).from_config(pipe.scheduler.config)
+    return name
+
+
+def size_multiple(pipe) -> int:
+    """What an image side must be a multiple of: the VAE's factor, times the patch size of SD 3.5's transformer
+    or the 2x2 packing of Flux's latents (16 for both at full size)."""
+    packing = 2 if arch_of(pipe) == "flux" else getattr(pipe, "patch_size", 1)
+    return pipe.vae_scale_factor * packing
+
+
+def check_size(pipe, width: int, height: int) -> None:
+    """Refuse a size the pipeline's latent grid does not divide (size_multiple)."""
+    multiple = size_multiple(pipe)
+    for name, v in (("--width", width), ("--height", height)):
+        if v % multiple:
+            raise ValueError(f"{name} {v}: this {arch_of(pipe)} pipeline needs a multiple of {multiple} "
+                             f"(e.g. {max(multiple, v - v % multiple)})")
 
 
 def check_generation(*, steps: int, guidance_scale: float, width: int, height: int, seed: int,
-                     scheduler: str = "ddim") -> None:
+                     scheduler: str = AUTO_SAMPLER) -> None:
     """Refuse generation settings that would fail late or give silently wrong images (one ValueError)."""
     if steps < 1:
         raise ValueError(f"--steps {steps}: the number of denoising steps must be at least 1")
@@ -38,8 +77,8 @@ def check_generation(*, steps: int, guidance_scale: float, width: int, height: i
             raise ValueError(f"{name} {v}: must be a positive multiple of 8 (e.g. 512)")
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"--seed {seed}: must be between 0 and 2**63-1")
-    if scheduler not in SAMPLERS:
-        raise ValueError(f"--scheduler {scheduler!r}: unknown; choose from {sorted(SAMPLERS)}")
+    if scheduler not in SAMPLERS and scheduler != AUTO_SAMPLER:
+        raise ValueError(f"--scheduler {scheduler!r}: unknown; choose from {sorted(SAMPLERS)} or {AUTO_SAMPLER!r}")
 
 
 def check_adapter_list(adapters: list[tuple[str, float]]) -> None:
@@ -60,8 +99,8 @@ def check_adapter_list(adapters: list[tuple[str, float]]) -> None:
 
 
 def pipeline_components(pipe) -> dict:
-    """The components an adapter may touch, by lora_sd.formats' component names: unet, text_encoder and,
-    for SDXL, text_encoder_2; SD 3.x / Flux: transformer and their text encoders."""
+    """The components an adapter may touch, by lora_sd.formats' component names (formats.COMPONENTS) that the
+    pipeline has."""
     return {n: getattr(pipe, n) for n in formats.COMPONENTS if getattr(pipe, n, None) is not None}
 
 
@@ -126,23 +165,27 @@ def save_png(image, path, params: dict) -> None:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], *, negative_prompt: str = "", steps: int = 20, guidance_scale: float = 7.5,
-             seed: int = 0, width: int = 512, height: int = 512, scheduler: str = "ddim", out_dir=None,
+             seed: int = 0, width: int = 512, height: int = 512, scheduler: str = AUTO_SAMPLER, out_dir=None,
              prefix: str = "", base: dict | None = None) -> list[tuple[object, dict]]:
     """One image per prompt, image i seeded with seed + i through its own generator (the global RNG is
-    untouched). Saves `<out_dir>/<prefix><i>.png` when out_dir is given. Returns (image, params) pairs."""
+    untouched; the starting latents are drawn on the CPU, so a seed gives the same image on every device).
+    Saves `<out_dir>/<prefix><i>.png` when out_dir is given. Returns (image, params) pairs; params name the
+    sampler used (never "auto")."""
     check_generation(steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed,
                      scheduler=scheduler)
-    set_scheduler(pipe, scheduler)
-    device = pipe.unet.device
+    check_size(pipe, width, height)
+    if negative_prompt and arch_of(pipe) == "flux":
+        raise ValueError("--negative-prompt: Flux takes no negative prompt (its guidance is distilled into the "
+                         "model, set with --guidance); leave it empty")
+    scheduler = set_scheduler(pipe, scheduler)
     results = []
     for i, prompt in enumerate(prompts):
         g = torch.Generator(device="cpu").manual_seed(seed + i)
+        latents = start_latents(pipe, g, width, height)
         with _vae_outside_autocast(pipe):
             image = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
                          guidance_scale=guidance_scale, width=width, height=height, generator=g,
-                         latents=torch.randn((1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-                                              width // pipe.vae_scale_factor), generator=g).to(device, pipe.unet.dtype)
-                         ).images[0]
+                         latents=latents).images[0]
         params = {**(base or {}), "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance_scale": guidance_scale, "seed": seed + i, "width": width, "height": height,
                   "scheduler": scheduler}
@@ -152,12 +195,24 @@ def generate(pipe, prompts: list[str], *, negative_prompt: str = "", steps: int 
     return results
 
 
+def start_latents(pipe, g: torch.Generator, width: int, height: int) -> torch.Tensor:
+    """The starting noise of one image, drawn on the CPU from `g`, on the denoiser's device and dtype: the
+    latent grid's shape (16 channels for the MMDiTs), or for Flux the pipeline's own packed 2x2 patches."""
+    net = denoiser(pipe)
+    if arch_of(pipe) == "flux":
+        z, _ = pipe.prepare_latents(1, net.config.in_channels // 4, height, width, torch.float32, torch.device("cpu"), g)
+    else:
+        z = torch.randn((1, net.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
+                        generator=g)
+    return z.to(net.device, net.dtype)
+
+
 @contextlib.contextmanager
 def _vae_outside_autocast(pipe):
-    """SDXL: the VAE decodes in its own dtype (fp32 or bf16) even under an fp16 autocast (the validation
-    images of an fp16 run): its fp16 gives NaN. Other pipelines are left as they are."""
+    """SDXL and SD 3.5: the VAE decodes in its own dtype (fp32 or bf16) even under an fp16 autocast (the
+    validation images of an fp16 run): SDXL's VAE gives NaN in fp16. SD 1.x / 2.x are left as they are."""
     vae = pipe.vae
-    if getattr(pipe, "text_encoder_2", None) is None or not torch.is_autocast_enabled(pipe.unet.device.type):
+    if getattr(pipe, "text_encoder_2", None) is None or not torch.is_autocast_enabled(denoiser(pipe).device.type):
         yield
         return
     decode = vae.decode
@@ -175,18 +230,18 @@ def _vae_outside_autocast(pipe):
 
 # ------------------------------------------------------------------ images for the concept score
 def set_adapter_scale(pipe, adapters: list[str], scale: float) -> None:
-    """Scale every named adapter in the UNet and the text encoder, and every loaded embedding (0 = the
-    base model alone)."""
-    for comp in (pipe.unet, pipe.text_encoder):
+    """Scale every named adapter in every component (pipeline_components), and every loaded embedding
+    (0 = the base model alone)."""
+    for comp in pipeline_components(pipe).values():
         present = {a for _, layer in lora_layers(comp) for a in layer.lora_A}
         for name in adapters:
-            if name in present:   # an adapter may touch the UNet only
+            if name in present:   # an adapter may touch the denoiser only
                 set_scale(comp, name, scale)
     set_embedding_scale(pipe.text_encoder, scale)
 
 
 def pipeline_images(pipe, *, steps: int = 20, guidance_scale: float = 5.0, side: int = 64,
-                    scheduler: str = "ddim", save_dir=None) -> Callable[[str, int], object]:
+                    scheduler: str = AUTO_SAMPLER, save_dir=None) -> Callable[[str, int], object]:
     """make_image(prompt, seed) for concept_score.score_generator: one image through lora_sd.generate (saved as
     <save_dir>/p<prompt index>_s<seed>_0.png when save_dir is given)."""
     index: dict[str, int] = {}

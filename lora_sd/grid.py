@@ -27,6 +27,7 @@ from lora_core.adapter_files import detect
 from lora_core.errors import LoraLoadError
 from lora_core.files import atomic_write_json
 
+from .config import AUTO_SAMPLER
 from .embeddings import set_embedding_scale, unload_embeddings
 from .generate import generate, load_adapters, pipeline_components, save_png
 
@@ -54,7 +55,7 @@ class GridSpec:
     guidance_scale: float = 7.5
     width: int = 512
     height: int = 512
-    scheduler: str = "ddim"
+    scheduler: str = AUTO_SAMPLER
 
     def __post_init__(self):
         for axis in (self.x, self.y):

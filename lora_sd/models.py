@@ -18,8 +18,8 @@ import diffusers
 import torch
 from accelerate import init_empty_weights
 from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from packaging.version import Version
 from safetensors import safe_open
 from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
@@ -129,7 +129,8 @@ def _tiny_scheduler(arch: str):
 def _tiny_t5(tokenizer, width: int):
     """A 2-layer T5 encoder (tokenized with the CLIP BPE here: the tiny models have no T5 vocabulary)."""
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=64, num_layers=2,
-                                   num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                   num_heads=4, dropout_rate=0.0,   # built in train mode: no dropout, or
+                                   pad_token_id=tokenizer.pad_token_id,   # every encoding would differ
                                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
 
 

@@ -34,9 +34,10 @@ from lora_core.preflight_torch import (begin, common_conflicts, flash_attention_
 from .config import WEIGHT_PARTS, SDTrainConfig, load_train_config
 from .data import idle_settings, load_items, make_buckets, pick_bucket, scan
 from .errors import DatasetError
+from .archs import spec_of
 from .models import load_pipeline
 from .single_file import CONFIG_DIR
-from .train import run_training
+from .train import lora_for_arch, run_training
 
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 
@@ -161,39 +162,67 @@ def unet_inputs(unet, latent: int, batch: int, context: int, device, dtype, reso
 
 def _unet_activations(unet, inputs: dict, dtype, checkpointing: bool) -> tuple[int, int]:
     """saved_activations of one UNet training forward on `inputs` under autocast to `dtype` (None: off)."""
-    dev = inputs["sample"].device.type
+    return _saved(unet, lambda: unet(**inputs).sample, inputs["sample"].device.type, dtype, checkpointing)
 
+
+def _saved(den, forward, dev: str, dtype, checkpointing: bool) -> tuple[int, int]:
+    """saved_activations of one training forward of the denoiser `den` (`forward()` -> its prediction) under
+    autocast to `dtype` (None: off)."""
     def run():
         with torch.autocast(dev, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            return unet(**inputs).sample.float().pow(2).mean()
-    was = unet.training
-    unet.train()
+            return forward().float().pow(2).mean()
+    was = den.training
+    den.train()
     # the frozen weights in the compute dtype while measuring, as training keeps them: autocast's copies of
     # fp32 weights are not activations
-    kept = {p: p.data for p in unet.parameters() if not p.requires_grad and dtype is not None and p.dtype != dtype}
+    kept = {p: p.data for p in den.parameters() if not p.requires_grad and dtype is not None and p.dtype != dtype}
     for p in kept:
         p.data = p.data.to(dtype)
     try:
-        return saved_activations(unet, run, checkpointing)
+        return saved_activations(den, run, checkpointing)
     finally:
-        unet.train(was)
+        den.train(was)
         for p, data in kept.items():
             p.data = data
+
+
+def _forward(cfg: SDTrainConfig, pipe, device: str):
+    """(one training forward of the denoiser on (1, C, s, s) latents with random text conditioning, C, the
+    latent side's multiple): the UNet with SDXL's pooled embedding and time ids; an MMDiT with its text sequence
+    (SD 3.5: CLIP's 77 tokens then T5's; Flux: T5's) and pooled embedding (and Flux dev's guidance)."""
+    spec = spec_of(pipe)
+    den = getattr(pipe, spec.denoiser)
+    t = torch.tensor([500.0] if spec.flow else [500], device=device)
+    if spec.flow:
+        n_text = spec.t5_length + (pipe.tokenizer.model_max_length if spec.t5 == 3 else 0)
+        ctx = torch.randn(1, n_text, den.config.joint_attention_dim, device=device)
+        extra = spec.extra(torch.randn(1, den.config.pooled_projection_dim, device=device), {})
+        extra = {**extra, "guidance": cfg.flow.guidance_scale} if spec.guidance else extra
+        return (lambda x: spec.predict(den, x, t, ctx, extra)), pipe.vae.config.latent_channels, 2
+    ctx = torch.randn(1, pipe.tokenizer.model_max_length, den.config.cross_attention_dim, device=device)
+    extra = {}
+    if spec.time_ids:   # SDXL: the pooled embedding and the time ids
+        n = den.config.projection_class_embeddings_input_dim - 6 * den.config.addition_time_embed_dim
+        res = float(cfg.data.resolution)
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, n, device=device),
+                                       "time_ids": torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device)}}
+    mult = 2 ** (len(den.config.block_out_channels) - 1)
+    return (lambda x: spec.predict(den, x, t, ctx, extra)), den.config.in_channels, mult
 
 
 def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     """(saved bytes of one training forward at the chosen batch and resolution, the largest saved tensor),
     measured with batch 1 at the chosen latent size (up to 64x64 latents, 512 px in SD 1.5), else at 1/4 and
     1/2 of it and extrapolated (lora_core.preflight.fit_activations); with train.gradient_checkpointing as set."""
-    unet = pipe.unet
+    den = getattr(pipe, spec_of(pipe).denoiser)
+    forward, channels, mult = _forward(cfg, pipe, device)
     target = cfg.data.resolution // pipe.vae_scale_factor
-    mult = 2 ** (len(unet.config.block_out_channels) - 1)
     sizes = [target] if target <= 64 else sorted({max(mult, s // mult * mult) for s in (target // 4, target // 2)})
     points, largest = [], 0.0
     for s in sizes:
-        inputs = unet_inputs(unet, s, 1, pipe.tokenizer.model_max_length, device, torch.float32, cfg.data.resolution)
-        total, big = _unet_activations(unet, inputs, autocast_dtype(cfg.train.mixed_precision),
-                                       cfg.train.gradient_checkpointing)
+        x = torch.randn(1, channels, s, s, device=device)
+        total, big = _saved(den, lambda: forward(x), torch.device(device).type,
+                            autocast_dtype(cfg.train.mixed_precision), cfg.train.gradient_checkpointing)
         points.append((s * s, total))
         largest = big * target * target / (s * s)
     per_example = fit_activations(points, target * target)
@@ -202,18 +231,18 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
 
 def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None:
     """Trainable parameters, alpha/r and the memory estimate (adds the adapter to `pipe` if it has none)."""
-    te2 = getattr(pipe, "text_encoder_2", None)   # SDXL
-    if not any(True for _ in lora_layers(pipe.unet)):
-        for m in (pipe.unet, pipe.text_encoder, pipe.vae, te2):
-            if m is not None:
-                m.requires_grad_(False)
-        add_lora(pipe.unet, cfg.lora)
-        if cfg.text_encoder_lora is not None:
-            add_lora(pipe.text_encoder, cfg.text_encoder_lora)
-        if cfg.text_encoder_2_lora is not None and te2 is not None:
-            add_lora(te2, cfg.text_encoder_2_lora)
+    spec = spec_of(pipe)
+    den = getattr(pipe, spec.denoiser)
+    tes = {n: getattr(pipe, n) for n in spec.text_encoders if getattr(pipe, n, None) is not None}
+    if not any(True for _ in lora_layers(den)):
+        for m in (den, pipe.vae, *tes.values()):
+            m.requires_grad_(False)
+        add_lora(den, lora_for_arch(cfg, spec, den))
+        for name, tcfg in (("text_encoder", cfg.text_encoder_lora), ("text_encoder_2", cfg.text_encoder_2_lora)):
+            if tcfg is not None and name in tes:
+                add_lora(tes[name], tcfg)
     pipe.to(device)
-    mods = (pipe.unet, pipe.text_encoder, pipe.vae) + ((te2,) if te2 is not None else ())
+    mods = (den, pipe.vae, *tes.values())
     params = [p for m in mods for p in m.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for m in mods for p in m.parameters())

@@ -12,7 +12,8 @@ import contextlib
 import datetime as _dt
 import json
 import logging
-from dataclasses import replace
+import re
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +26,8 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch import nn
 
-from lora_core import add_lora, lora_disabled
+from lora_core import LoraConfig, add_lora, lora_disabled
+from lora_core.fields import values_checked
 from lora_core.dtypes import torch_dtype
 from lora_core.errors import ConfigError
 from lora_core.lowmem import check_storage, store_frozen, stored_bytes
@@ -35,74 +37,120 @@ from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, optimizer_class, train
 
 from . import formats
-from .config import WEIGHT_PARTS, SDTrainConfig
-from .data import (BatchDataset, LatentCache, Preservation, default_cache_dir, encode_text,
-                   checked_items, encode_text_xl, first, load_items, sdxl_text, tokenize, varies_captions)
+from .config import CROSS_ATTN, MMDIT_PRESETS, WEIGHT_PARTS, SDTrainConfig
+from .archs import ArchSpec, spec_of
+from .data import (BatchDataset, LatentCache, Preservation, checked_items, default_cache_dir, first, load_items,
+                   varies_captions)
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .errors import DatasetError
+from .flow import FlowMatch, Noised
 from .generate import generate
 from .resume_rules import SD_RESUME
 from .grid import end_of_run_grid, grid_so_far
+from .text_cache import TextCache
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
 log = logging.getLogger("lora_sd")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
-class DiffusionLoss(nn.Module):
-    """forward(batch) -> the denoising loss. Holds the UNet (with LoRA), and the VAE / text encoder(s)
-    only when their outputs are not cached (or a text encoder is trained). SDXL: `text_encoder_2` and
-    the pooled embedding and time ids as the UNet's added conditioning (see condition)."""
+class NoiseSchedule:
+    """The DDPM objective of the UNet models (SD 1.x/2.x, SDXL): timesteps drawn uniformly from [lo, hi), the
+    scheduler's forward process, the target ε (or v with v-prediction), Min-SNR weights (min_snr_gamma)."""
 
-    def __init__(self, unet, noise_scheduler, *, text_encoder=None, vae=None, train_text_encoder=False,
+    def __init__(self, scheduler, min_snr_gamma: float = 0.0, timesteps: tuple[int, int] = (0, 1000)):
+        self.scheduler, self.min_snr_gamma = scheduler, min_snr_gamma
+        n = scheduler.config.num_train_timesteps
+        self.timesteps = (timesteps[0], min(timesteps[1], n))
+        if self.timesteps[0] >= self.timesteps[1]:
+            raise ValueError(f"loss.min_timestep {timesteps[0]}: the scheduler has only {n} timesteps; lower it")
+
+    def at(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, weighted: bool = True) -> Noised:
+        sched = self.scheduler
+        v_pred = sched.config.prediction_type == "v_prediction"
+        target = sched.get_velocity(latents, noise, t) if v_pred else noise
+        weight = None
+        if weighted and self.min_snr_gamma:
+            snr = compute_snr(sched, t)
+            weight = snr.clamp(max=self.min_snr_gamma) / (snr + 1 if v_pred else snr)
+        return Noised(sched.add_noise(latents, noise, t), t, target, weight)
+
+    def sample(self, latents: torch.Tensor, noise: torch.Tensor) -> Noised:
+        return self.at(latents, noise, torch.randint(*self.timesteps, (latents.shape[0],), device=latents.device))
+
+    def fixed(self, latents: torch.Tensor, noise: torch.Tensor, k: int, n: int) -> Noised:
+        """The k-th of n evenly spaced timesteps, unweighted."""
+        ts = torch.linspace(0, self.scheduler.config.num_train_timesteps - 1, n + 2)[1:-1].round().long()
+        return self.at(latents, noise, ts[k].to(latents.device).expand(latents.shape[0]), weighted=False)
+
+
+class DiffusionLoss(nn.Module):
+    """forward(batch) -> the denoising loss. Holds the denoiser (UNet or MMDiT, with LoRA), and the VAE / text
+    encoders only when their outputs are not cached (or a text encoder is trained). `objective` is a diffusers
+    noise scheduler (the DDPM objective, NoiseSchedule) or a lora_sd.flow.FlowMatch (rectified flow); the
+    architecture's description (lora_sd.archs, from the denoiser) says how the text conditions it."""
+
+    def __init__(self, denoiser, objective, *, text_encoder=None, vae=None, train_text_encoder=False,
                  scaling_factor: float = 0.18215, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
                  prior_loss_weight: float = 1.0, text_encoder_2=None, timesteps: tuple[int, int] = (0, 1000),
-                 preserve_weight: float = 0.0):
+                 preserve_weight: float = 0.0, text_encoder_3=None, shift_factor: float = 0.0, guidance: float = 1.0):
         super().__init__()
-        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
-        self.text_encoder_2 = text_encoder_2
-        self.noise_scheduler = noise_scheduler
-        self.train_text_encoder = train_text_encoder
-        self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
-        self.scaling_factor = scaling_factor
+        self.spec = spec_of(denoiser)
+        setattr(self, self.spec.denoiser, denoiser)   # "unet" / "transformer": the checkpoint's key prefix
+        self.text_encoder, self.vae = text_encoder, vae
+        self.text_encoder_2, self.text_encoder_3 = text_encoder_2, text_encoder_3
+        self.objective = (objective if isinstance(objective, FlowMatch)
+                          else NoiseSchedule(objective, min_snr_gamma, timesteps))
+        self.train_text_encoder, self.guidance = train_text_encoder, guidance
+        self.noise_offset = noise_offset
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         self.prior_loss_weight, self.preserve_weight = prior_loss_weight, preserve_weight
-        self.timesteps = (timesteps[0], min(timesteps[1], noise_scheduler.config.num_train_timesteps))
-        if self.timesteps[0] >= self.timesteps[1]:
-            raise ValueError(f"loss.min_timestep {timesteps[0]}: the scheduler has only "
-                             f"{noise_scheduler.config.num_train_timesteps} timesteps; lower it")
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self, self.spec.denoiser)
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {n: getattr(self, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(self, n) is not None}
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in (self.vae, self.text_encoder, self.text_encoder_2):   # frozen ones: no dropout
+        for m in (self.vae, *self.text_encoders().values()):   # frozen ones: no dropout
             if m is not None and not (self.train_text_encoder and any(p.requires_grad for p in m.parameters())):
                 m.eval()
         return self
 
     def condition(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """The UNet's text conditioning: (encoder_hidden_states, extra keyword arguments). The hidden states
-        are cached, or the text encoder's last hidden state as SD 1.x/2.x pipelines use it, or SDXL's
-        (data.sdxl_text); SDXL's extra is added_cond_kwargs: the pooled embedding (text_embeds) and
-        each sample's time_ids."""
+        """The denoiser's text conditioning: (encoder_hidden_states, extra keyword arguments). The hidden states
+        are cached, or encoded here as the architecture's pipeline encodes them (lora_sd.archs: SD 1.x/2.x's last
+        hidden state; SDXL's data.sdxl_text; SD 3.5's data.sd3_text); the extra carries the pooled embedding
+        (SDXL's added_cond_kwargs with each sample's time_ids, SD 3.5's and Flux's pooled_projections) and
+        Flux dev's guidance constant."""
         if "text_emb" in batch:
             cond, pooled = batch["text_emb"], batch.get("pooled")
-        elif self.text_encoder_2 is None:
-            cond, pooled = self.text_encoder(batch["input_ids"])[0], None
         else:
-            cond, pooled = sdxl_text(self.text_encoder, self.text_encoder_2, batch["input_ids"], batch["input_ids_2"])
-        if pooled is None:
-            return cond, {}
-        return cond, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"]}}
+            cond, pooled = self.spec.encode(self.text_encoders(), {k: v for k, v in batch.items()
+                                                                   if k.startswith("input_ids")})
+        extra = self.spec.extra(pooled, batch)
+        return cond, {**extra, "guidance": self.guidance} if self.spec.guidance else extra
 
-    def latents(self, batch: dict) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, extra: dict) -> torch.Tensor:
+        return self.spec.predict(self.denoiser, noisy, t, cond, extra)
+
+    def latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
+        """The model's latents: the VAE distribution (cached, or encoded here) sampled (or its mean), shifted
+        and scaled by the VAE's factors (SD 3.5 has a shift; the UNet models' is 0)."""
         if "latent_params" in batch:   # cached VAE distribution: sample it here, as the VAE would
             mean, logvar = batch["latent_params"].float().chunk(2, dim=1)
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            lat = mean + std * torch.randn_like(mean)
+            lat = mean + std * torch.randn_like(mean) if sample else mean
         else:
             px = batch["pixels"].to(next(self.vae.parameters()).dtype)
             with torch.no_grad(), torch.autocast(px.device.type, enabled=False):   # the VAE keeps its own dtype
-                lat = self.vae.encode(px).latent_dist.sample().float()
-        return lat * self.scaling_factor
+                dist = self.vae.encode(px).latent_dist
+                lat = (dist.sample() if sample else dist.mean).float()
+        return (lat - self.shift_factor) * self.scaling_factor
 
     def forward(self, batch: dict) -> torch.Tensor:
         latents = self.latents(batch)
@@ -110,26 +158,17 @@ class DiffusionLoss(nn.Module):
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
                                                             device=latents.device)
-        sched = self.noise_scheduler
-        t = torch.randint(*self.timesteps, (latents.shape[0],), device=latents.device)
-        noisy = sched.add_noise(latents, noise, t)
+        nz = self.objective.sample(latents, noise)
         cond, extra = self._condition(batch)
-        pred = self.unet(noisy, t, cond, **extra).sample.float()
-        if sched.config.prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        loss = self._per_item(F.mse_loss(pred, target.float(), reduction="none"), batch.get("mask"))
-        if self.min_snr_gamma:
-            snr = compute_snr(sched, t)
-            w = snr.clamp(max=self.min_snr_gamma)
-            w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
-            loss = loss * w
+        pred = self.predict(nz.noisy, nz.timestep, cond, extra)
+        loss = self._per_item(F.mse_loss(pred, nz.target.float(), reduction="none"), batch.get("mask"))
+        if nz.weight is not None:
+            loss = loss * nz.weight
         if "is_reg" in batch:   # prior preservation (data.reg_path): kohya's per-item weights
             reg = batch["is_reg"].to(loss.device)
             loss = loss * torch.where(reg, self.prior_loss_weight, 1.0)
         if self.preserve_weight and self.training and any(k.startswith("pres_") for k in batch):
-            return loss.mean() + self.preserve_weight * self.preservation(batch, noisy, t)
+            return loss.mean() + self.preserve_weight * self.preservation(batch, nz.noisy, nz.timestep)
         return loss.mean()
 
     def _condition(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -138,19 +177,16 @@ class DiffusionLoss(nn.Module):
 
     def preservation(self, batch: dict, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Differential output preservation (loss.preserve_weight): the mean squared difference between the
-        UNet's prediction with the adapters and without them (the base model's, the target), on the same
+        denoiser's prediction with the adapters and without them (the base model's, the target), on the same
         noisy latents, for the batch's preserved captions (the "pres_" keys; see BatchDataset)."""
         pres = {k[len("pres_"):]: v for k, v in batch.items() if k.startswith("pres_")}
         if "time_ids" in batch:
             pres["time_ids"] = batch["time_ids"]
         with torch.no_grad(), contextlib.ExitStack() as stack:
-            for m in (self.unet, self.text_encoder, self.text_encoder_2):
-                if m is not None:
-                    stack.enter_context(lora_disabled(m))
-            cond, extra = self.condition(pres)
-            target = self.unet(noisy, t, cond, **extra).sample.float()
-        cond, extra = self._condition(pres)
-        return F.mse_loss(self.unet(noisy, t, cond, **extra).sample.float(), target)
+            for m in (self.denoiser, *self.text_encoders().values()):
+                stack.enter_context(lora_disabled(m))
+            target = self.predict(noisy, t, *self.condition(pres))
+        return F.mse_loss(self.predict(noisy, t, *self._condition(pres)), target)
 
     @staticmethod
     def _per_item(err: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -173,7 +209,7 @@ def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps:
                       prediction_type: str = "") -> dict[str, str]:
     """The run's facts as kohya ss_* and modelspec.* keys (strings), plus our exact LoRA config;
     formats.adapter_metadata adds the base's and the network's keys from the adapter written.
-    `prediction_type` is the scheduler's (default: model.prediction_type or epsilon)."""
+    `prediction_type` is the scheduler's (default: model.prediction_type or epsilon), "flow" for rectified flow."""
     prediction_type = prediction_type or cfg.model.prediction_type or "epsilon"
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     s = cfg.train
@@ -195,6 +231,11 @@ def training_metadata(cfg: SDTrainConfig, n_images: int, resolution: int, steps:
         "modelspec.prediction_type": prediction_type,
         "lora_sd.lora_config": json.dumps(cfg.lora.to_dict()),
     }
+    if prediction_type == "flow":   # rectified flow: kohya's SD 3 keys and our [flow]
+        f = cfg.flow
+        meta.update({"ss_weighting_scheme": f.timestep_density, "ss_logit_mean": str(f.logit_mean),
+                     "ss_logit_std": str(f.logit_std), "ss_mode_scale": str(f.mode_scale),
+                     "lora_sd.flow": json.dumps(asdict(f), sort_keys=True)})
     if cfg.text_encoder_lora is not None:
         meta["lora_sd.text_encoder_lora_config"] = json.dumps(cfg.text_encoder_lora.to_dict())
     if cfg.text_encoder_2_lora is not None:
@@ -222,30 +263,24 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
 
 
 def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool, preserve: Optional[Preservation] = None):
-    """(BatchDataset, cached text embeddings or None): sizes, latent cache, text cache (SDXL: both
-    encoders' hidden states and the pooled embedding)."""
-    s, d, te, vae = cfg.train, cfg.data, pipe.text_encoder, pipe.vae
-    te2, tok2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
+    """(BatchDataset, cached text embeddings or None): sizes, latent cache, text cache (lora_sd.text_cache, on
+    disk: the hidden states and, SDXL / SD 3.5, the pooled embedding)."""
+    s, d, spec = cfg.train, cfg.data, spec_of(pipe)
     if d.cache_latents and not d.center_crop:
         log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
-    text_emb = pooled = None
+    text_emb = pooled = cache = None
     if d.cache_text and not train_te and varies_captions(d):
         log.warning("data.shuffle_tags / caption_dropout vary the captions: the text is encoded every step "
                     "(data.cache_text is not used)")
     elif d.cache_text and not train_te:
-        captions = [i.caption for i in items]
-        if te2 is None:
-            text_emb = encode_text(te, tokenize(pipe.tokenizer, captions))
-        else:
-            text_emb, pooled = encode_text_xl(te, te2, tokenize(pipe.tokenizer, captions), tokenize(tok2, captions))
-    ds = BatchDataset(items, d, s.batch_size, s.seed, pipe.tokenizer, text_emb=text_emb,
-                      tokenizer_2=tok2 if te2 is not None else None, pooled=pooled, preserve=preserve)
-    if preserve is not None and text_emb is not None:   # the preserved captions' text, cached alike
-        ids = tokenize(pipe.tokenizer, ds.preserved_captions)
-        ds.preserve_text = ((encode_text(te, ids), None) if te2 is None else
-                            encode_text_xl(te, te2, ids, tokenize(tok2, ds.preserved_captions)))
+        cache = TextCache(Path(d.cache_dir or default_cache_dir()) / "text", spec, pipe)
+        text_emb, pooled = cache.get([i.caption for i in items])
+    ds = BatchDataset(items, d, s.batch_size, s.seed, spec.tokenizers(pipe), text_emb=text_emb, pooled=pooled,
+                      preserve=preserve, time_ids=spec.time_ids)
+    if preserve is not None and cache is not None:   # the preserved captions' text, cached alike
+        ds.preserve_text = cache.get(ds.preserved_captions)
     if d.cache_latents:
-        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", vae, model_identity(vae))
+        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", pipe.vae, model_identity(pipe.vae))
         n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
         accelerator.wait_for_everyone()
         log.info("latent cache %s: %d encoded by this process", cache.folder, n)
@@ -255,44 +290,73 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool, prese
 
 
 def _text_encoders(pipe) -> dict[str, nn.Module]:
-    """{"text_encoder": ..., "text_encoder_2": ... (SDXL)}: the pipeline's text encoders by component name."""
-    return {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+    """The pipeline's text encoders by component name (those it has: SD 3.5 may come without T5)."""
+    return {n: getattr(pipe, n) for n in spec_of(pipe).text_encoders if getattr(pipe, n, None) is not None}
+
+
+def lora_for_arch(cfg: SDTrainConfig, spec: ArchSpec, denoiser) -> LoraConfig:
+    """[lora] for this architecture: SD 3.5's default targets are the joint attention (the UNet default,
+    cross_attn, names no MMDiT module), the MMDiT presets are refused on a UNet, and lora.layers (indices or
+    'top:K') selects the MMDiT's joint blocks (kohya's train_block_indices)."""
+    lora, targets = cfg.lora, cfg.lora.target_modules
+    if not spec.flow:
+        if targets in MMDIT_PRESETS.values():
+            name = next(k for k, v in MMDIT_PRESETS.items() if v == targets)
+            raise ConfigError(f"lora.target_modules = {name!r} is an SD 3.5 / Flux (MMDiT) preset; model.pretrained = "
+                              f"{cfg.model.pretrained} is an {spec.name} UNet: use cross_attn, attn or a regex")
+        return lora
+    if targets == CROSS_ATTN:
+        log.info("lora.target_modules: %s trains the joint attention by default (preset joint_attn)", spec.name)
+        targets = MMDIT_PRESETS["joint_attn"]
+    if lora.layers:
+        try:
+            blocks = lora.resolve_layers(len(denoiser.transformer_blocks)).layers
+        except ValueError as e:
+            raise ConfigError(f"{e} (lora.layers counts {spec.name}'s joint blocks)") from None
+        inner = targets if isinstance(targets, str) else "|".join(rf".*\b{re.escape(t)}" for t in targets)
+        targets = rf"(?=transformer_blocks\.({'|'.join(map(str, blocks))})\.)(?:{inner})"
+    with values_checked():
+        return replace(lora, target_modules=targets, layers=[])
 
 
 def _add_adapters(cfg: SDTrainConfig, pipe) -> dict[str, nn.Module]:
-    """Freeze the pipeline, add the LoRA of [lora] to the UNet and of [text_encoder_lora] /
+    """Freeze the pipeline, add the LoRA of [lora] to the denoiser (UNet or MMDiT) and of [text_encoder_lora] /
     [text_encoder_2_lora] to the text encoders; returns the adapted components by name."""
-    tes = _text_encoders(pipe)
+    spec, tes = spec_of(pipe), _text_encoders(pipe)
+    denoiser = getattr(pipe, spec.denoiser)
     if cfg.text_encoder_2_lora is not None and "text_encoder_2" not in tes:
         raise ConfigError(f"text_encoder_2_lora: model.pretrained = {cfg.model.pretrained} is an {arch_of(pipe)} "
-                          "model with one text encoder; [text_encoder_2_lora] is for SDXL only (remove the table, "
-                          "use [text_encoder_lora])")
-    for m in (pipe.unet, pipe.vae, *tes.values()):
+                          "model with one text encoder; [text_encoder_2_lora] is for SDXL and SD 3.5 only (remove the "
+                          "table, use [text_encoder_lora])")
+    if cfg.text_encoder_2_lora is not None and spec.t5 == 2:
+        raise ConfigError(f"text_encoder_2_lora: {spec.name}'s second text encoder is T5, which lora-sd does not train; "
+                          "remove the table ([text_encoder_lora] trains CLIP-L)")
+    for m in (denoiser, pipe.vae, *tes.values()):
         m.requires_grad_(False)
-    targets = add_lora(pipe.unet, cfg.lora, strict="lora")
-    components = {"unet": pipe.unet}
+    targets = add_lora(denoiser, lora_for_arch(cfg, spec, denoiser), strict="lora")
+    components = {spec.denoiser: denoiser}
     if cfg.embedding.token:
         if "text_encoder_2" in tes:
-            raise ConfigError(f"embedding.token: model.pretrained = {cfg.model.pretrained} is an SDXL model; trained "
-                              "token embeddings are for SD 1.x / 2.x (one text encoder) only; remove [embedding]")
+            raise ConfigError(f"embedding.token: model.pretrained = {cfg.model.pretrained} is an {spec.name} model; "
+                              "trained token embeddings are for SD 1.x / 2.x (one text encoder) only; remove [embedding]")
         add_trained_token(tes["text_encoder"], pipe.tokenizer, cfg.embedding.token, cfg.embedding.init_word)
         targets.append(f"text_encoder embedding of {cfg.embedding.token!r}")
     for name, tcfg in (("text_encoder", cfg.text_encoder_lora), ("text_encoder_2", cfg.text_encoder_2_lora)):
         if tcfg is not None:
             targets += [f"{name}.{n}" for n in add_lora(tes[name], tcfg, strict=f"{name}_lora")]
             components[name] = tes[name]
-    log.info("%s: %s r=%d alpha=%g on %d modules (%d trainable parameters)", arch_of(pipe), cfg.lora.type,
-             cfg.lora.r, cfg.lora.alpha, len(targets),
-             sum(p.numel() for m in (pipe.unet, *tes.values()) for p in m.parameters() if p.requires_grad))
+    log.info("%s: %s r=%d alpha=%g on %d modules (%d trainable parameters)", spec.name, cfg.lora.type, cfg.lora.r,
+             cfg.lora.alpha, len(targets),
+             sum(p.numel() for m in (denoiser, *tes.values()) for p in m.parameters() if p.requires_grad))
     return components
 
 
 def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
     """Frozen weights in the mixed-precision dtype, the VAE in fp32 or bf16 (never fp16: SD's VAEs, SDXL's
     above all, give NaN latents in fp16), gradient checkpointing, the device."""
-    s = cfg.train
+    s, spec = cfg.train, spec_of(pipe)
     weight_dtype = torch_dtype(s.mixed_precision)
-    for m in (pipe.unet, *_text_encoders(pipe).values()):
+    for m in (getattr(pipe, spec.denoiser), *_text_encoders(pipe).values()):
         _cast_frozen(m, weight_dtype)
     vae = pipe.vae
     if weight_dtype == torch.bfloat16:
@@ -300,17 +364,17 @@ def _place(cfg: SDTrainConfig, pipe, components: dict, accelerator) -> None:
     elif next(vae.parameters()).dtype == torch.float16:
         log.info("the VAE was loaded in fp16: upcast to fp32 (its fp16 gives NaN latents)")
         vae.to(torch.float32)
-    elif weight_dtype == torch.float16 and arch_of(pipe) == "sdxl":
+    elif weight_dtype == torch.float16 and spec.name == "sdxl":
         log.info("train.mixed_precision = fp16: the SDXL VAE stays fp32 (its fp16 gives NaN latents)")
     _store_small(cfg, pipe, weight_dtype)
     if s.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        getattr(pipe, spec.denoiser).enable_gradient_checkpointing()
         for name, m in components.items():
-            if name != "unet":
+            if name != spec.denoiser:
                 m.gradient_checkpointing_enable()
         log.info("gradient checkpointing: on for %s", ", ".join(components))
     if s.offload_blocks:   # before the move: the offloaded blocks' weights never reach the device whole
-        offload_blocks(_denoiser(pipe), s.offload_blocks, accelerator.device)
+        offload_blocks(getattr(pipe, spec.denoiser), s.offload_blocks, accelerator.device)
     pipe.to(accelerator.device)
 
 
@@ -326,16 +390,76 @@ def _store_small(cfg: SDTrainConfig, pipe, weight_dtype: torch.dtype) -> None:
                          stored_bytes(m) / 2**20, f" ({n} layers quantized)" if n else "")
 
 
-def _denoiser(pipe) -> nn.Module:
-    """The pipeline's UNet, or its transformer (SD 3.5 / Flux)."""
-    return next(getattr(pipe, n) for n in WEIGHT_PARTS["denoiser"] if getattr(pipe, n, None) is not None)
-
-
 def check_memory_settings(cfg: SDTrainConfig, device) -> None:
     """The memory settings this device or this install cannot do, as one line each, before any model loads."""
     for part, storage in cfg.model.weight_dtype.chosen().items():
         check_storage(storage, str(device), f"model.weight_dtype.{part}")
     optimizer_class(cfg.train)
+
+
+def _objective(cfg: SDTrainConfig, pipe, spec: ArchSpec):
+    """The training objective: rectified flow (lora_sd.flow, [flow]) for an MMDiT, the DDPM scheduler for a UNet
+    (its [flow] and SD 3.5's its UNet-only fields are refused in one line where they cannot apply)."""
+    timesteps = (cfg.loss.min_timestep, cfg.loss.max_timestep)
+    if not spec.flow:
+        if cfg.flow != type(cfg.flow)():
+            raise ConfigError(f"[flow]: model.pretrained = {cfg.model.pretrained} is an {spec.name} UNet model trained "
+                              "with the DDPM noise schedule; [flow] is for SD 3.5 and Flux (rectified flow) only: remove it")
+        if cfg.model.prediction_type:
+            pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
+        return DDPMScheduler.from_config(pipe.scheduler.config)
+    for key, value in (("loss.min_snr_gamma", cfg.loss.min_snr_gamma), ("model.prediction_type", cfg.model.prediction_type)):
+        if value:
+            raise ConfigError(f"{key} = {value!r}: {spec.name} is trained with rectified flow (it predicts the velocity); "
+                              f"remove {key} and weight the loss with flow.loss_weighting instead")
+    f = cfg.flow
+    if f.guidance_scale != 1.0 and not getattr(pipe.transformer.config, "guidance_embeds", False):
+        raise ConfigError(f"flow.guidance_scale = {f.guidance_scale}: {cfg.model.pretrained} has no guidance embedding "
+                          "(only Flux dev has); remove flow.guidance_scale")
+    if spec.name == "flux":
+        _check_packable(cfg, pipe)
+    return FlowMatch(pipe.scheduler.config, f.timestep_density, f.loss_weighting, logit_mean=f.logit_mean,
+                     logit_std=f.logit_std, mode_scale=f.mode_scale, shift=f.shift, timesteps=timesteps,
+                     sigmoid_scale=f.sigmoid_scale, flux_shift=f.flux_shift)
+
+
+def _check_packable(cfg: SDTrainConfig, pipe) -> None:
+    """Flux packs 2x2 latent patches: every image side must be a multiple of twice the VAE's downscale."""
+    unit = 2 * pipe.vae_scale_factor
+    d = cfg.data
+    for key, value in (("data.resolution", d.resolution), ("data.bucket_step", d.bucket_step if d.buckets else unit)):
+        if value % unit:
+            raise ConfigError(f"{key} = {value}: Flux packs 2x2 latent patches, so image sides must be multiples of "
+                              f"{unit}; use a multiple of {unit}")
+
+
+def _loss_module(cfg: SDTrainConfig, pipe, objective, train_te: bool, text_cached: bool) -> DiffusionLoss:
+    """The DiffusionLoss of the run: the text encoders only where their outputs are not cached (or trained)."""
+    keep = train_te or not text_cached
+    tes = _text_encoders(pipe) if keep else {}
+    vae = pipe.vae
+    return DiffusionLoss(getattr(pipe, spec_of(pipe).denoiser), objective, train_text_encoder=train_te, **tes,
+                         vae=None if cfg.data.cache_latents else vae,
+                         scaling_factor=float(vae.config.scaling_factor),
+                         shift_factor=float(vae.config.get("shift_factor", None) or 0.0),
+                         min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset,
+                         prior_loss_weight=cfg.loss.prior_loss_weight,
+                         timesteps=(cfg.loss.min_timestep, cfg.loss.max_timestep),
+                         preserve_weight=cfg.loss.preserve_weight, guidance=cfg.flow.guidance_scale)
+
+
+def release_text_encoders(cfg: SDTrainConfig, pipe) -> list[str]:
+    """With every caption's text cached and no text encoder trained, the text encoders (T5 above all) need not
+    stay beside the denoiser: drop them from the pipeline before the first step, unless validation images or
+    grids ([sample]) will encode prompts. Returns the names released."""
+    if cfg.sample.prompts or cfg.sample.grid:
+        log.info("text encoders kept for the validation images ([sample] prompts / grid)")
+        return []
+    names = list(_text_encoders(pipe))
+    for name in names:
+        setattr(pipe, name, None)
+    log.info("text outputs cached: %s released before the first step", ", ".join(names))
+    return names
 
 
 def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> dict:
@@ -345,14 +469,14 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
 
     set_seed(s.seed)   # same LoRA init on every process
     check_memory_settings(cfg, accelerator.device)
+    owned = pipe is None   # a pipeline given by the caller keeps its text encoders
     if pipe is None:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
                              prediction_type=cfg.model.prediction_type)
-    refuse_non_finite_base({n: getattr(pipe, n) for n in (*formats.COMPONENTS, "vae") if getattr(pipe, n, None)
-                            is not None}, cfg.model.pretrained)
-    if cfg.model.prediction_type:
-        pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    spec = spec_of(pipe)
+    refuse_non_finite_base({n: getattr(pipe, n) for n in (spec.denoiser, *spec.text_encoders, "vae")
+                            if getattr(pipe, n, None) is not None}, cfg.model.pretrained)
+    objective = _objective(cfg, pipe, spec)
     components = _add_adapters(cfg, pipe)
     train_te = cfg.trains_text_encoder
     _place(cfg, pipe, components, accelerator)
@@ -362,21 +486,15 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
         preserve = Preservation(cfg.preserve_trigger, tuple(cfg.loss.preserve_class), cfg.loss.preserve_empty)
         preserve.check(items)
     ds, text_emb = _dataset(cfg, items, pipe, accelerator, train_te, preserve)
-    module = DiffusionLoss(pipe.unet, noise_scheduler, train_text_encoder=train_te,
-                           text_encoder=pipe.text_encoder if (train_te or text_emb is None) else None,
-                           text_encoder_2=getattr(pipe, "text_encoder_2", None) if (train_te or text_emb is None) else None,
-                           vae=None if d.cache_latents else pipe.vae,
-                           scaling_factor=float(pipe.vae.config.scaling_factor),
-                           min_snr_gamma=cfg.loss.min_snr_gamma, noise_offset=cfg.loss.noise_offset,
-                           prior_loss_weight=cfg.loss.prior_loss_weight,
-                           timesteps=(cfg.loss.min_timestep, cfg.loss.max_timestep),
-                           preserve_weight=cfg.loss.preserve_weight)
+    module = _loss_module(cfg, pipe, objective, train_te, text_emb is not None)
     dl = torch.utils.data.DataLoader(ds, batch_size=1, sampler=ds.sampler, collate_fn=first,
                                      num_workers=s.num_workers)
 
     ema = make_ema(module, s)
     export, sample = _export_and_sample(cfg, run, accelerator, pipe, module, components, len(items), ema)
     val_fn = _val_fn(cfg, val_items, pipe, accelerator, train_te, module)
+    if text_emb is not None and not train_te and owned:
+        release_text_encoders(cfg, pipe)
 
     set_seed(s.seed, device_specific=True)   # different noise on each process
     status = train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
@@ -393,15 +511,21 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
     """(export_fn, sample_fn) of the training loop: the adapter files (and <name>_ema.safetensors with
     train.ema_decay), and the validation images (with the EMA weights when sample.use_ema)."""
     resolution = cfg.data.resolution
+    main_format = formats.KOHYA
+    if spec_of(pipe).flow and cfg.lora.use_dora:   # lora_sd.formats: fused q/k/v have no kohya DoRA form
+        log.warning("lora.use_dora on %s: the kohya layout fuses q/k/v, which has no DoRA form; %s.safetensors is "
+                    "written in the diffusers layout", spec_of(pipe).name, cfg.output.name)
+        main_format = formats.DIFFUSERS
 
     def export(folder: Path, step: int) -> None:
         adapter = formats.from_model(components)
-        meta = training_metadata(cfg, n_images, resolution, step, pipe.scheduler.config.get("prediction_type", ""))
+        prediction = "flow" if spec_of(pipe).flow else pipe.scheduler.config.get("prediction_type", "")
+        meta = training_metadata(cfg, n_images, resolution, step, prediction)
         if is_random_weights(pipe):
             meta["lora_sd.base_model_note"] = RANDOM_WEIGHTS_NOTE
         dtype = torch_dtype(cfg.output.save_dtype)
         main = folder / f"{cfg.output.name}.safetensors"
-        formats.write_adapter(main, adapter, formats.KOHYA, meta, dtype)
+        formats.write_adapter(main, adapter, main_format, meta, dtype)
         if cfg.output.save_diffusers:
             formats.write_adapter(folder / DIFFUSERS_FILE, adapter, formats.DIFFUSERS, meta, dtype)
         tokens = trained_tokens(pipe.text_encoder)
@@ -411,7 +535,7 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
             if used:
                 meta = {**meta, "lora_sd.ema_decay": str(ema.decay)}
                 ema_file = folder / f"{cfg.output.name}_ema.safetensors"
-                formats.write_adapter(ema_file, formats.from_model(components), formats.KOHYA, meta, dtype)
+                formats.write_adapter(ema_file, formats.from_model(components), main_format, meta, dtype)
                 if tokens is not None:
                     write_embedding(embedding_path(ema_file), tokens, meta)
 
@@ -457,34 +581,25 @@ def split_val(cfg: SDTrainConfig, items: list) -> tuple[list, list]:
 
 
 @torch.no_grad()
-def validation_loss(module: DiffusionLoss, ds, n_timesteps: int, seed: int, device) -> float:
-    """The mean denoising MSE over the batches of `ds` at n_timesteps evenly spaced timesteps, with noise
-    from its own generator and the VAE distribution's mean, in eval mode (no dropout): the same weights
-    give the same number, and the global RNG is untouched."""
-    sched = module.noise_scheduler
-    ts = torch.linspace(0, sched.config.num_train_timesteps - 1, n_timesteps + 2)[1:-1].round().long()
+def validation_loss(module: DiffusionLoss, ds, n_points: int, seed: int, device) -> float:
+    """The mean denoising MSE over the batches of `ds` at n_points fixed noise levels (evenly spaced timesteps;
+    rectified flow: evenly spaced draws of its σ table), with noise from its own generator and the VAE
+    distribution's mean, in eval mode (no dropout): the same weights give the same number, and the global RNG
+    is untouched."""
     was = module.training
     module.eval()
     total, count = 0.0, 0
     try:
         for i in range(len(ds)):
             batch = {k: v.to(device) for k, v in ds[i].items()}
-            if "latent_params" in batch:
-                lat = batch["latent_params"].float().chunk(2, dim=1)[0]
-            else:
-                vae = module.vae
-                with torch.autocast(device.type, enabled=False):
-                    lat = vae.encode(batch["pixels"].to(next(vae.parameters()).dtype)).latent_dist.mean.float()
-            lat = lat * module.scaling_factor
+            lat = module.latents(batch, sample=False)
             cond, extra = module.condition(batch)
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            for t in ts:
+            for k in range(n_points):
                 noise = torch.randn(lat.shape, generator=g).to(device)
-                tt = t.to(device).expand(lat.shape[0])
-                pred = module.unet(sched.add_noise(lat, noise, tt), tt, cond, **extra).sample.float()
-                v_pred = sched.config.prediction_type == "v_prediction"
-                target = sched.get_velocity(lat, noise, tt) if v_pred else noise
-                total += F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1).sum().item()
+                nz = module.objective.fixed(lat, noise, k, n_points)
+                pred = module.predict(nz.noisy, nz.timestep, cond, extra)
+                total += F.mse_loss(pred, nz.target.float(), reduction="none").flatten(1).mean(1).sum().item()
                 count += lat.shape[0]
     finally:
         module.train(was)

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -58,9 +59,9 @@ def _loader(path: Path):
         return load_suite
     if path.name.startswith("llm_"):
         return load_llm_config
-    if path.name.startswith("sd"):
+    if path.name.startswith(("sd", "flux")):
         return load_train_config
-    raise AssertionError(f"{path.name}: no config class for this file name (llm_suite_*, llm_*, sd*)")
+    raise AssertionError(f"{path.name}: no config class for this file name (llm_suite_*, llm_*, sd*, flux*)")
 
 
 SHIPPED = sorted(CONFIGS.glob("*.toml"))
@@ -146,7 +147,7 @@ def test_a_value_outside_its_declaration_is_refused_naming_file_key_value_and_ru
     ("lora.r", 0, "lora.r must be a positive integer; got 0"),
     ("lora.dropout", 1.0, "lora.dropout must be a number in [0, 1); got 1.0"),
     ("sample.scheduler", "dpm2", "sample.scheduler must be one of 'ddim', 'ddpm', 'pndm', 'euler', 'euler_a', 'dpm++', "
-     "'unipc', 'lms'; got 'dpm2'"),
+     "'unipc', 'lms', 'flow_euler', 'auto'; got 'dpm2'"),
     ("sample.steps", -1, "sample.steps must be a positive integer; got -1"),
     ("sample.guidance_scale", -2.0, "sample.guidance_scale must be a number >= 0; got -2.0"),
     ("sample.width", 100, "sample.width must be an integer >= 0, a multiple of 8; got 100"),
@@ -300,13 +301,14 @@ def test_lr_scheduler_names_are_transformers_schedulers_that_need_no_extra_argum
 def test_sampler_names_are_diffusers_schedulers_and_generate_uses_them():
     import diffusers
     from lora_sd import generate
-    assert tuple(SAMPLERS) == field_specs(SDTrainConfig)[[s.path for s in field_specs(SDTrainConfig)].index(
+    assert (*SAMPLERS, "auto") == field_specs(SDTrainConfig)[[s.path for s in field_specs(SDTrainConfig)].index(
         "sample.scheduler")].choices
     for cls_name in SAMPLERS.values():
         assert issubclass(getattr(diffusers, cls_name), diffusers.SchedulerMixin)
 
-    class Pipe:
+    class Pipe:   # an SD 1.x pipeline, as lora_sd.models.arch_of reads one
         scheduler = diffusers.DDIMScheduler()
+        unet = types.SimpleNamespace(config=types.SimpleNamespace())
     pipe = Pipe()
     generate.set_scheduler(pipe, "euler_a")
     assert type(pipe.scheduler).__name__ == SAMPLERS["euler_a"]
@@ -340,7 +342,7 @@ def test_generated_reference_is_up_to_date():
 
 
 @pytest.mark.parametrize("cli,argv,expect", [
-    ("lora_sd.cli", ["train", "--help-config"], ["sample.scheduler = \"ddim\"  (string; one of 'ddim', 'ddpm'",
+    ("lora_sd.cli", ["train", "--help-config"], ["sample.scheduler = \"auto\"  (string; one of 'ddim', 'ddpm'",
                                                   "train.batch_size = 1  (integer; a positive integer)"]),
     ("lora_llm.cli", ["train", "--help-config"], ["eval.top_p = 1.0  (number; a number in (0, 1])",
                                                    "data.task = \"sst2\"  (string; one of 'wikitext2'"]),

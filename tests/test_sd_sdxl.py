@@ -205,7 +205,7 @@ def test_text_encoder_2_lora_gets_gradients(images):
 
 def test_text_encoder_2_lora_refused_without_sdxl(images, tmp_path):
     cfg = train_config(tmp_path / "run", "tiny-random", images, tmp_path / "cache", text_encoder_2_lora={"r": 2})
-    with pytest.raises(ConfigError, match=r"^text_encoder_2_lora: .* sd1 model .* SDXL only"):
+    with pytest.raises(ConfigError, match=r"^text_encoder_2_lora: .* sd1 model .* SDXL and SD 3.5 only"):
         run_training(cfg)
 
 

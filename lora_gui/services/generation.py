@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from lora_core.files import atomic_write_json
 from lora_sd.adapter_formats import embedding_path
+from lora_sd.config import AUTO_SAMPLER
 
 from ..clirun import run_cli
 from ..errors import UserError
@@ -22,7 +23,7 @@ class ImageParams:
     guidance: float = 7.5
     width: int = 64
     height: int = 64
-    scheduler: str = "ddim"
+    scheduler: str = AUTO_SAMPLER
 
     def args(self) -> list[str]:
         out = ["--seed", str(self.seed), "--steps", str(self.steps), "--guidance", str(self.guidance),

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_sd.config import AUTO_SAMPLER
+
 from ..errors import UserError
 from ..model_refs import resolve_model_ref
 from ..workspace import Workspace
@@ -51,7 +53,7 @@ class GridRequest:
     size: int = 64
     sample_steps: int = 4
     guidance: float = 7.5
-    scheduler: str = "ddim"
+    scheduler: str = AUTO_SAMPLER
 
     def values(self, ws: Workspace) -> dict[str, list]:
         """The values of each axis (one value: that axis is fixed)."""
@@ -82,7 +84,7 @@ class GridRequest:
                  "--model", resolve_model_ref(ws, self.model, "Base model"),
                  "--width", str(int(self.size)), "--height", str(int(self.size)),
                  "--steps", str(int(self.sample_steps)), "--guidance", str(float(self.guidance)),
-                 "--scheduler", self.scheduler or "ddim"]
+                 "--scheduler", self.scheduler or AUTO_SAMPLER]
         request = {"x": x, "y": y, "x_labels": [_label(x, v, ws) for v in dims[x]],
                    "y_labels": [_label(y, v, ws) for v in dims[y]] if y else [""],
                    "cols": len(dims[x]), "rows": len(dims[y]) if y else 1}

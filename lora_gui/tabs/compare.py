@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from lora_sd.config import AUTO_SAMPLER
+
 from .. import job_kinds, runview
 from ..services.grid_folder import GRID_PNG
 from ..services.grid_request import GridRequest
@@ -45,7 +47,7 @@ def grid_panel(page, tab) -> None:
                     size = gr.Number(value=64, precision=0, label="Size (px)", elem_id="cmp-size")
                     n_steps = gr.Number(value=4, precision=0, label="Sampling steps", elem_id="cmp-sample-steps")
                     guidance = gr.Number(value=7.5, label="Guidance", elem_id="cmp-guidance")
-                    sched = gr.Dropdown(schedulers(), value="ddim", label="Scheduler", elem_id="cmp-scheduler")
+                    sched = gr.Dropdown(schedulers(), value=AUTO_SAMPLER, label="Scheduler", elem_id="cmp-scheduler")
                 with gr.Row():
                     name = gr.Textbox(label="Grid name", placeholder="(a timestamp)", elem_id="cmp-grid-name")
                     go = gr.Button("Make grid", variant="primary", elem_id="cmp-grid-go")

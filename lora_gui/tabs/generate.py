@@ -6,8 +6,10 @@ import gradio as gr
 
 from lora_core.fields import field_specs
 from lora_sd.adapter_formats import embedding_path
+from lora_sd.config import AUTO_SAMPLER
 
 from .. import job_kinds
+from ..forms import sampler_choices
 from ..services.fit import badge
 from ..widgets import guard
 from .adapters import fit_badge, quick_badge
@@ -25,8 +27,8 @@ def build(page) -> None:
         with gr.Row():
             with gr.Column():
                 model = gr.Textbox(label="Base model", value="tiny", elem_id="gen-model",
-                                   info="'tiny' (pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl', a diffusers folder / .safetensors / "
-                                        ".ckpt in the workspace (SD 1.x, 2.x, SDXL), or a hub id")
+                                   info="'tiny' (pretrained on synthetic shapes), 'tiny-random' / 'tiny-sd2' / 'tiny-sdxl' / 'tiny-sd3', a diffusers folder / .safetensors / "
+                                        ".ckpt in the workspace (SD 1.x, 2.x, SDXL, SD 3.5), or a hub id")
                 arch = gr.Markdown(elem_id="gen-model-note")
                 pick, scale, add, table = adapter_picker(ctrl)
                 with gr.Row():
@@ -60,8 +62,14 @@ def build(page) -> None:
     def generate(base, rows, *values):
         return ctrl.generation.images(base, rows, *values)
 
-    model.change(lambda text: ctrl.configs.arch_note(text)[1], [model], [arch])
-    page.on_load([arch], lambda: [ctrl.configs.arch_note(model.value)[1]])
+    def arch_view(text, chosen):   # the detected architecture, and the samplers that fit it (forms.sampler_choices)
+        kind, line = ctrl.configs.arch_note(text)
+        names = sampler_choices(kind)
+        return line, gr.update(choices=names, value=chosen if chosen in names else AUTO_SAMPLER)
+
+    sampler = params[7]
+    model.change(arch_view, [model, sampler], [arch, sampler])
+    page.on_load([arch, sampler], lambda: list(arch_view(model.value, sampler.value)))
     add.click(add_adapter, [table, pick, scale, model], [table])
     table.select(row_badge, [model], [fit_html, report])
     fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [pick, model], [fit_html, report])
@@ -95,6 +103,6 @@ def settings() -> list:
     with gr.Row():
         width = gr.Number(value=64, precision=0, label="Width", elem_id="gen-width")
         height = gr.Number(value=64, precision=0, label="Height", elem_id="gen-height")
-        scheduler = gr.Dropdown(schedulers(), value="ddim", label="Scheduler", elem_id="gen-scheduler")
+        scheduler = gr.Dropdown(schedulers(), value=AUTO_SAMPLER, label="Scheduler", elem_id="gen-scheduler")
         n = gr.Number(value=1, precision=0, label="Images", elem_id="gen-n")
     return [prompt, negative, seed, steps, guidance, width, height, scheduler, n]
