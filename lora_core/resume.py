@@ -50,8 +50,9 @@ TRAIN_RESUME: dict[str, Rule] = {
     **{k: RESULT for k in ("batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
                            "loraplus_lr_ratio", "head_learning_rate", "ema_decay", "ema_start_step", "lr_scheduler",
                            "lr_warmup_steps", "max_grad_norm", "mixed_precision", "seed")},
+    # fused_backward gives the same result bit for bit (tests/test_lowmem.py)
     **{k: FREE for k in ("gradient_checkpointing", "log_every", "checkpoint_every", "keep_checkpoints",
-                         "sample_every", "val_every", "num_workers")},
+                         "sample_every", "val_every", "num_workers", "log_with", "fused_backward")},
 }
 
 
