@@ -37,7 +37,7 @@ from lora_core.training import EMA, make_ema, train
 from . import formats
 from .config import CROSS_ATTN, MMDIT_PRESETS, SDTrainConfig
 from .archs import ArchSpec, spec_of
-from .data import BatchDataset, LatentCache, Preservation, default_cache_dir, first, load_items, varies_captions
+from .data import BatchDataset, LatentCache, Preservation, default_cache_dir, first, load_items
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .errors import DatasetError
 from .flow import FlowMatch, Noised
@@ -287,12 +287,12 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool, prese
     if d.cache_latents and not d.center_crop:
         log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
     text_emb = pooled = cache = None
-    if d.cache_text and not train_te and varies_captions(d):
-        log.warning("data.shuffle_tags / caption_dropout vary the captions: the text is encoded every step "
+    if d.cache_text and not train_te and d.shuffle_tags:
+        log.warning("data.shuffle_tags varies the captions: the text is encoded every step "
                     "(data.cache_text is not used)")
-    elif d.cache_text and not train_te:
+    elif d.cache_text and not train_te:   # caption dropout: the empty caption's row comes last (BatchDataset)
         cache = TextCache(Path(d.cache_dir or default_cache_dir()) / "text", spec, pipe)
-        text_emb, pooled = cache.get([i.caption for i in items])
+        text_emb, pooled = cache.get([i.caption for i in items] + ([""] if d.caption_dropout else []))
     ds = BatchDataset(items, d, s.batch_size, s.seed, spec.tokenizers(pipe), text_emb=text_emb, pooled=pooled,
                       preserve=preserve, time_ids=spec.time_ids)
     if preserve is not None and cache is not None:   # the preserved captions' text, cached alike

@@ -17,7 +17,7 @@ from lora_core import add_lora, lora_layers, lora_parameters
 from lora_core.errors import ConfigError
 from lora_sd.archs import SPECS
 from lora_sd.config import DataSettings, FlowSettings
-from lora_sd.data import load_items
+from lora_sd.data import load_items, tokenize
 from lora_sd.flow import FlowMatch, loss_weight, timestep_density
 from lora_sd.testing import make_images, train_config
 from lora_sd.text_cache import TextCache
@@ -244,3 +244,39 @@ def test_fields_that_cannot_apply_are_refused(tiny_pipeline, images, tmp_path):
     with pytest.raises(ConfigError, match=r"^loss.min_snr_gamma = 5.0: sd3 is trained with rectified flow"):
         run_training(cfg, pipe=_frozen(tiny_pipeline))
     assert FlowSettings().timestep_density == "logit_normal" and FlowSettings().shift == 0.0
+
+
+@pytest.mark.slow
+def test_caption_dropout_over_cached_text(tiny_pipeline, images, tmp_path):
+    """Caption dropout no longer needs the encoders: with cached text a dropped caption takes the cached empty
+    caption's row. The draws are those of the uncached path (same seed, epoch, batch), and every row equals
+    the text encoded from the varied captions."""
+    pipe = _frozen(tiny_pipeline)
+    common = dict(path=str(images), resolution=32, cache_latents=False, caption_dropout=0.5,
+                  cache_dir=str(tmp_path / "cache"))
+    run = SimpleNamespace(train=SimpleNamespace(batch_size=4, seed=0))
+    datasets = []
+    for cached in (True, False):
+        d = DataSettings(**common, cache_text=cached)
+        ds, text_emb = _dataset(SimpleNamespace(data=d, **vars(run)), load_items(d), pipe, NO_ACCELERATOR, False)
+        assert (text_emb is not None) == cached
+        datasets.append(ds)
+    cached, plain = datasets
+    empty, empty_pooled = cached.text_emb[-1], cached.pooled[-1]
+    empty_ids = tokenize(pipe.tokenizer, [""])[0]
+    dropped = kept = 0
+    for epoch in range(3):
+        for ds in datasets:
+            ds.sampler.set_epoch(epoch)
+        a, b = cached[0], plain[0]
+        with torch.no_grad():
+            emb, pooled = SPECS["sd3"].encode(
+                {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")},
+                {k: v for k, v in b.items() if k.startswith("input_ids")})
+        assert torch.allclose(a["text_emb"], emb, atol=1e-5) and torch.allclose(a["pooled"], pooled, atol=1e-5)
+        for row, ids in zip(a["text_emb"], b["input_ids"]):
+            is_empty = torch.equal(ids, empty_ids)
+            dropped += is_empty
+            kept += not is_empty
+            assert torch.equal(row, empty) == is_empty
+    assert dropped and kept and torch.equal(empty_pooled, cached.pooled[-1])
