@@ -411,21 +411,21 @@ def _objective(cfg: SDTrainConfig, pipe, spec: ArchSpec):
     if f.guidance_scale != 1.0 and not getattr(pipe.transformer.config, "guidance_embeds", False):
         raise ConfigError(f"flow.guidance_scale = {f.guidance_scale}: {cfg.model.pretrained} has no guidance embedding "
                           "(only Flux dev has); remove flow.guidance_scale")
-    if spec.name == "flux":
-        _check_packable(cfg, pipe)
+    _check_patches(cfg, pipe, spec)
     return FlowMatch(pipe.scheduler.config, f.timestep_density, f.loss_weighting, logit_mean=f.logit_mean,
                      logit_std=f.logit_std, mode_scale=f.mode_scale, shift=f.shift, timesteps=timesteps,
                      sigmoid_scale=f.sigmoid_scale, flux_shift=f.flux_shift)
 
 
-def _check_packable(cfg: SDTrainConfig, pipe) -> None:
-    """Flux packs 2x2 latent patches: every image side must be a multiple of twice the VAE's downscale."""
+def _check_patches(cfg: SDTrainConfig, pipe, spec: ArchSpec) -> None:
+    """The MMDiTs take 2x2 latent patches as tokens (SD 3.5's patch_size, Flux's packing): every image side must
+    be a multiple of twice the VAE's downscale."""
     unit = 2 * pipe.vae_scale_factor
     d = cfg.data
     for key, value in (("data.resolution", d.resolution), ("data.bucket_step", d.bucket_step if d.buckets else unit)):
         if value % unit:
-            raise ConfigError(f"{key} = {value}: Flux packs 2x2 latent patches, so image sides must be multiples of "
-                              f"{unit}; use a multiple of {unit}")
+            raise ConfigError(f"{key} = {value}: {spec.name} takes 2x2 latent patches, so image sides must be "
+                              f"multiples of {unit}; use a multiple of {unit}")
 
 
 def _loss_module(cfg: SDTrainConfig, pipe, objective, train_te: bool, text_cached: bool) -> DiffusionLoss:

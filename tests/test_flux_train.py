@@ -191,5 +191,5 @@ def test_flux_presets_and_refusals(tiny_pipeline, images, tmp_path):
                        data={"resolution": 40})
     pipe = _frozen(tiny_pipeline)
     pipe.vae_scale_factor = 8   # FLUX.1's VAE (the tiny one downscales 4x): sides must be multiples of 16
-    with pytest.raises(ConfigError, match=r"^data.resolution = 40: Flux packs 2x2 latent patches, so image sides must be multiples of 16"):
+    with pytest.raises(ConfigError, match=r"^data.resolution = 40: flux takes 2x2 latent patches, so image sides must be multiples of 16"):
         run_training(odd, pipe=pipe)
