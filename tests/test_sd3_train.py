@@ -21,9 +21,9 @@ from lora_sd.data import load_items, tokenize
 from lora_sd.flow import FlowMatch, loss_weight, timestep_density
 from lora_sd.testing import make_images, train_config
 from lora_sd.text_cache import TextCache
-from lora_sd.train import DiffusionLoss, _add_adapters, _dataset, lora_for_arch, run_training
+from lora_sd.train import _add_adapters, _dataset, lora_for_arch, run_training
+from helpers import NO_ACCELERATOR, fit_fixed_batch, flow_loss_module, frozen_pipeline
 
-NO_ACCELERATOR = SimpleNamespace(process_index=0, num_processes=1, wait_for_everyone=lambda: None)
 CAPTIONS = ["a photo of a thing 0", "a red square on a blue field", ""]
 
 
@@ -35,11 +35,7 @@ def images(tmp_path_factory):
 
 
 def _frozen(tiny_pipeline):
-    """The tiny SD 3.5 pipeline frozen and in eval mode (as from_pretrained loads it: T5 has dropout)."""
-    pipe = tiny_pipeline(arch="sd3")
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        getattr(pipe, name).requires_grad_(False).eval()
-    return pipe
+    return frozen_pipeline(tiny_pipeline, "sd3")
 
 
 @pytest.mark.parametrize("density", ["uniform", "logit_normal", "mode"])
@@ -115,16 +111,7 @@ def test_cached_text_equals_the_pipelines_encode_prompt(tiny_pipeline, tmp_path)
 
 
 def _loss_module(pipe, images, tmp_path, *, text_cached: bool, **flow):
-    d = DataSettings(path=str(images), resolution=32, cache_latents=text_cached, cache_text=text_cached,
-                     cache_dir=str(tmp_path / "cache"))
-    ds, text_emb = _dataset(SimpleNamespace(data=d, train=SimpleNamespace(batch_size=4, seed=0)), load_items(d), pipe,
-                            NO_ACCELERATOR, False)
-    assert (text_emb is not None) == text_cached
-    tes = {} if text_cached else {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")}
-    vae = pipe.vae
-    return ds, DiffusionLoss(pipe.transformer, FlowMatch(pipe.scheduler.config, **flow), **tes,
-                             vae=None if text_cached else vae, scaling_factor=vae.config.scaling_factor,
-                             shift_factor=vae.config.shift_factor)
+    return flow_loss_module(pipe, images, tmp_path / "cache", text_cached=text_cached, **flow)
 
 
 @pytest.mark.slow
@@ -176,20 +163,7 @@ def test_sd3_loss_decreases_on_fixed_batch(tiny_pipeline, images, tmp_path):
     batch = ds[0]
     assert set(batch) >= {"pixels", "input_ids", "input_ids_2", "input_ids_3"} and "time_ids" not in batch
     assert batch["input_ids_3"].shape[1] == 256
-    opt = torch.optim.AdamW(list(lora_parameters(pipe.transformer)), lr=3e-2)
-
-    def loss():
-        torch.manual_seed(123)
-        return module(batch)
-
-    with torch.no_grad():
-        before = loss().item()
-    for _ in range(20):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    with torch.no_grad():
-        after = loss().item()
+    before, after = fit_fixed_batch(module, batch, lora_parameters(pipe.transformer), steps=20, lr=3e-2)
     # the toy MMDiT at 8x8 latents (16 tokens) has little room: about 0.89 x after 20 steps (fixed seeds)
     assert after < 0.92 * before, (before, after)
 
