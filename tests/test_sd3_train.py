@@ -108,6 +108,13 @@ def test_cached_text_equals_the_pipelines_encode_prompt(tiny_pipeline, tmp_path)
     again.encoders = {}   # nothing to encode with: every caption must come from the files
     emb2, pooled2 = again.get(CAPTIONS)
     assert torch.equal(emb2, emb) and torch.equal(pooled2, pooled)
+    # another tokenizer or other weights: other files
+    pipe.tokenizer.model_max_length = 76
+    assert TextCache(tmp_path / "text", SPECS["sd3"], pipe).identity != cache.identity
+    pipe.tokenizer.model_max_length = 77
+    with torch.no_grad():
+        pipe.text_encoder_3.shared.weight[0, 0] += 1
+    assert TextCache(tmp_path / "text", SPECS["sd3"], pipe).identity != cache.identity
 
 
 def _loss_module(pipe, images, tmp_path, *, text_cached: bool, **flow):
