@@ -119,10 +119,11 @@ class DataSettings(Checked, section="data"):
     buckets: bool = option(False, "aspect-ratio bucketing around resolution^2 pixels")
     bucket_step: int = option(64, "bucket sides are multiples of this", ge=8, multiple_of=8)
     cache_latents: bool = option(True, "VAE-encode each image once (on disk, see cache_dir)")
-    cache_text: bool = option(True, "encode each caption once (only while the text encoder is frozen)")
-    cache_dir: str = option("", "latent cache folder; '' = $XDG_CACHE_HOME/lora_sd (or ~/.cache/lora_sd)")
+    cache_text: bool = option(True, "encode each caption once, on disk (only while the text encoders are frozen); "
+                              "the text encoders are then released before the first step")
+    cache_dir: str = option("", "latent and text cache folder; '' = $XDG_CACHE_HOME/lora_sd (or ~/.cache/lora_sd)")
     caption_dropout: float = option(0.0, "rate at which a whole caption is replaced by '' (drawn per sample from "
-                                    "seed, epoch and batch); with cache_text the text is encoded every step", ge=0, le=1)
+                                    "seed, epoch and batch); with cache_text the empty caption's cached text replaces it", ge=0, le=1)
     shuffle_tags: bool = option(False, "shuffle the comma-separated tags of each caption every step (except the "
                                 "first keep_tokens); with cache_text the text is encoded every step")
     keep_tokens: int = option(0, "leading comma-separated tags that shuffle_tags never moves", ge=0)

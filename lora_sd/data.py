@@ -492,7 +492,9 @@ class BatchDataset(torch.utils.data.Dataset):
     or "input_ids_2" beside "input_ids"; SD 3.5 / Flux (a Tokenizers): "input_ids_2" (and SD 3.5's
     "input_ids_3"), or "pooled" beside "text_emb", and no time_ids.
     With loss.preserve_weight (a `preserve`): the same text keys prefixed "pres_" for the preserved captions.
-    With data.shuffle_tags / caption_dropout the captions are varied and tokenized per batch (no text_emb).
+    With data.shuffle_tags / caption_dropout the captions are varied and tokenized per batch; with cached text
+    and caption_dropout alone, text_emb (and pooled) carry one more row, the empty caption's, which a dropped
+    caption takes.
     Random flips and crops come from a generator seeded by (seed, epoch, batch), not the global RNG:
     Accelerate fetches one batch ahead, so global draws here would break exact resume.
     Use `self.sampler` (an EpochSampler) in the DataLoader; it carries the epoch.
@@ -595,12 +597,17 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def _text(self, i: int, idx: list[int]) -> dict:
         """The batch's text: varied captions' token ids, cached embeddings, or the fixed token ids."""
+        rows = idx
         if varies_captions(self.cfg):
             gc = torch.Generator().manual_seed(hash((self.seed, self.sampler.epoch, i, 1)) & 0x7FFF_FFFF_FFFF)
-            return self.tokenizers.ids([vary_caption(self.items[n].caption, self.cfg, gc) for n in idx])
+            captions = [vary_caption(self.items[n].caption, self.cfg, gc) for n in idx]
+            if self.text_emb is None:
+                return self.tokenizers.ids(captions)
+            # caption dropout over cached text (tags are never shuffled then): the empty caption is the last row
+            rows = [n if c else len(self.items) for n, c in zip(idx, captions)]
         if self.text_emb is not None:
-            out = {"text_emb": self.text_emb[idx]}
-            return out if self.pooled is None else {**out, "pooled": self.pooled[idx]}
+            out = {"text_emb": self.text_emb[rows]}
+            return out if self.pooled is None else {**out, "pooled": self.pooled[rows]}
         return {k: v[idx] for k, v in self.input_ids.items()}
 
 # ------------------------------------------------------------------ settings the data set would make idle

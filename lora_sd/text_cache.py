@@ -31,14 +31,16 @@ def _weights_digest(module) -> str:
 
 class TextCache:
     """get(captions) -> (embeddings (N, ...), pooled (N, P) or None), fp32 on the CPU: the cached files, the
-    missing captions encoded (in chunks) and written first. The key covers the caption, the architecture,
-    each encoder's config, weights fingerprint and dtype, and the tokenizers' lengths."""
+    missing captions encoded and written first. The key covers the caption, the architecture, each encoder's
+    config, weights fingerprint and dtype, and the tokenizers (their ids of a probe sentence, padded lengths)."""
 
     def __init__(self, folder: Path, spec: ArchSpec, pipe):
         self.folder, self.spec = Path(folder), spec
         self.encoders = {n: getattr(pipe, n) for n in spec.text_encoders}
         self.tokenizers = spec.tokenizers(pipe)
         parts = [spec.name, str(spec.t5_length)]
+        probe = self.tokenizers.ids(["a photo of sks, 1girl: Ünïcode"])   # another tokenizer: another key
+        parts += [f"{k}={v.tolist()}" for k, v in sorted(probe.items())]
         for name, enc in self.encoders.items():
             parts += [name, enc.config.to_json_string(use_diff=False), str(next(enc.parameters()).dtype),
                       _weights_digest(enc)]

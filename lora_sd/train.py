@@ -39,8 +39,7 @@ from lora_core.training import EMA, make_ema, optimizer_class, train
 from . import formats
 from .config import CROSS_ATTN, MMDIT_PRESETS, WEIGHT_PARTS, SDTrainConfig
 from .archs import ArchSpec, spec_of
-from .data import (BatchDataset, LatentCache, Preservation, checked_items, default_cache_dir, first, load_items,
-                   varies_captions)
+from .data import BatchDataset, LatentCache, Preservation, checked_items, default_cache_dir, first, load_items
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .errors import DatasetError
 from .flow import FlowMatch, Noised
@@ -269,12 +268,12 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool, prese
     if d.cache_latents and not d.center_crop:
         log.warning("data.center_crop = false (random crop) cannot be cached: latents are cached center-cropped")
     text_emb = pooled = cache = None
-    if d.cache_text and not train_te and varies_captions(d):
-        log.warning("data.shuffle_tags / caption_dropout vary the captions: the text is encoded every step "
+    if d.cache_text and not train_te and d.shuffle_tags:
+        log.warning("data.shuffle_tags varies the captions: the text is encoded every step "
                     "(data.cache_text is not used)")
-    elif d.cache_text and not train_te:
+    elif d.cache_text and not train_te:   # caption dropout: the empty caption's row comes last (BatchDataset)
         cache = TextCache(Path(d.cache_dir or default_cache_dir()) / "text", spec, pipe)
-        text_emb, pooled = cache.get([i.caption for i in items])
+        text_emb, pooled = cache.get([i.caption for i in items] + ([""] if d.caption_dropout else []))
     ds = BatchDataset(items, d, s.batch_size, s.seed, spec.tokenizers(pipe), text_emb=text_emb, pooled=pooled,
                       preserve=preserve, time_ids=spec.time_ids)
     if preserve is not None and cache is not None:   # the preserved captions' text, cached alike
@@ -416,21 +415,21 @@ def _objective(cfg: SDTrainConfig, pipe, spec: ArchSpec):
     if f.guidance_scale != 1.0 and not getattr(pipe.transformer.config, "guidance_embeds", False):
         raise ConfigError(f"flow.guidance_scale = {f.guidance_scale}: {cfg.model.pretrained} has no guidance embedding "
                           "(only Flux dev has); remove flow.guidance_scale")
-    if spec.name == "flux":
-        _check_packable(cfg, pipe)
+    _check_patches(cfg, pipe, spec)
     return FlowMatch(pipe.scheduler.config, f.timestep_density, f.loss_weighting, logit_mean=f.logit_mean,
                      logit_std=f.logit_std, mode_scale=f.mode_scale, shift=f.shift, timesteps=timesteps,
                      sigmoid_scale=f.sigmoid_scale, flux_shift=f.flux_shift)
 
 
-def _check_packable(cfg: SDTrainConfig, pipe) -> None:
-    """Flux packs 2x2 latent patches: every image side must be a multiple of twice the VAE's downscale."""
+def _check_patches(cfg: SDTrainConfig, pipe, spec: ArchSpec) -> None:
+    """The MMDiTs take 2x2 latent patches as tokens (SD 3.5's patch_size, Flux's packing): every image side must
+    be a multiple of twice the VAE's downscale."""
     unit = 2 * pipe.vae_scale_factor
     d = cfg.data
     for key, value in (("data.resolution", d.resolution), ("data.bucket_step", d.bucket_step if d.buckets else unit)):
         if value % unit:
-            raise ConfigError(f"{key} = {value}: Flux packs 2x2 latent patches, so image sides must be multiples of "
-                              f"{unit}; use a multiple of {unit}")
+            raise ConfigError(f"{key} = {value}: {spec.name} takes 2x2 latent patches, so image sides must be "
+                              f"multiples of {unit}; use a multiple of {unit}")
 
 
 def _loss_module(cfg: SDTrainConfig, pipe, objective, train_te: bool, text_cached: bool) -> DiffusionLoss:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import tomli_w
 import torch
@@ -131,3 +132,55 @@ def load_lora_logged(pipe, path, **kwargs) -> list[str]:
             lg.removeHandler(handler)
         diffusers.utils.logging.set_verbosity(old)
     return handler.messages + [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------- the MMDiT (SD 3.5, Flux) training tests
+NO_ACCELERATOR = SimpleNamespace(process_index=0, num_processes=1, wait_for_everyone=lambda: None)
+
+
+def frozen_pipeline(tiny_pipeline, arch: str):
+    """The tiny pipeline of `arch` frozen and in eval mode (as from_pretrained loads it: T5 has dropout)."""
+    pipe = tiny_pipeline(arch=arch)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False).eval()
+    return pipe
+
+
+def flow_loss_module(pipe, images, cache_dir, *, text_cached: bool, guidance: float = 1.0, **flow):
+    """(BatchDataset at 32 px, batch 4, DiffusionLoss with a FlowMatch(**flow) objective) of an MMDiT pipeline:
+    latents and text cached (the encoders left out) or encoded each step."""
+    from lora_sd.archs import spec_of  # lazy: the GUI-only test modules never load diffusers
+    from lora_sd.config import DataSettings
+    from lora_sd.data import load_items
+    from lora_sd.flow import FlowMatch
+    from lora_sd.train import DiffusionLoss, _dataset
+    d = DataSettings(path=str(images), resolution=32, cache_latents=text_cached, cache_text=text_cached,
+                     cache_dir=str(cache_dir))
+    ds, text_emb = _dataset(SimpleNamespace(data=d, train=SimpleNamespace(batch_size=4, seed=0)), load_items(d), pipe,
+                            NO_ACCELERATOR, False)
+    assert (text_emb is not None) == text_cached
+    tes = {} if text_cached else {n: getattr(pipe, n) for n in spec_of(pipe).text_encoders}
+    vae = pipe.vae
+    return ds, DiffusionLoss(pipe.transformer, FlowMatch(pipe.scheduler.config, **flow), **tes,
+                             vae=None if text_cached else vae, scaling_factor=vae.config.scaling_factor,
+                             shift_factor=vae.config.shift_factor, guidance=guidance)
+
+
+def fit_fixed_batch(module, batch, params, steps: int, lr: float) -> tuple[float, float]:
+    """(loss before, loss after) `steps` AdamW steps on one batch, the loss drawn with the same seed (same
+    latent sample, noise and noise levels) every time."""
+    opt = torch.optim.AdamW(list(params), lr=lr)
+
+    def loss():
+        torch.manual_seed(123)
+        return module(batch)
+
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        return before, loss().item()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,14 +15,12 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from lora_core import add_lora, lora_layers, lora_parameters
 from lora_core.errors import ConfigError
 from lora_sd.archs import SPECS, image_ids, pack_latents, unpack_latents
-from lora_sd.config import DataSettings
-from lora_sd.data import load_items
 from lora_sd.flow import FlowMatch, flux_mu, time_shift, timestep_density
 from lora_sd.testing import make_images, train_config
 from lora_sd.text_cache import TextCache
-from lora_sd.train import DiffusionLoss, _add_adapters, _dataset, lora_for_arch, run_training
+from lora_sd.train import _add_adapters, lora_for_arch, run_training
+from helpers import fit_fixed_batch, flow_loss_module, frozen_pipeline
 
-NO_ACCELERATOR = SimpleNamespace(process_index=0, num_processes=1, wait_for_everyone=lambda: None)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +31,7 @@ def images(tmp_path_factory):
 
 
 def _frozen(tiny_pipeline):
-    """The tiny Flux dev pipeline frozen and in eval mode (as from_pretrained loads it: T5 has dropout)."""
-    pipe = tiny_pipeline(arch="flux")
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        getattr(pipe, name).requires_grad_(False).eval()
-    return pipe
+    return frozen_pipeline(tiny_pipeline, "flux")
 
 
 def test_packing_and_position_ids_equal_the_pipelines():
@@ -89,15 +82,7 @@ def test_cached_text_equals_the_pipelines_encode_prompt(tiny_pipeline, tmp_path)
 
 
 def _loss_module(pipe, images, tmp_path, *, text_cached: bool, guidance: float = 1.0, **flow):
-    d = DataSettings(path=str(images), resolution=32, cache_latents=text_cached, cache_text=text_cached,
-                     cache_dir=str(tmp_path / "cache"))
-    ds, text_emb = _dataset(SimpleNamespace(data=d, train=SimpleNamespace(batch_size=4, seed=0)), load_items(d), pipe,
-                            NO_ACCELERATOR, False)
-    tes = {} if text_cached else {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    vae = pipe.vae
-    return ds, DiffusionLoss(pipe.transformer, FlowMatch(pipe.scheduler.config, **flow), **tes,
-                             vae=None if text_cached else vae, scaling_factor=vae.config.scaling_factor,
-                             shift_factor=vae.config.shift_factor, guidance=guidance)
+    return flow_loss_module(pipe, images, tmp_path / "cache", text_cached=text_cached, guidance=guidance, **flow)
 
 
 @pytest.mark.slow
@@ -140,20 +125,7 @@ def test_flux_loss_decreases_on_fixed_batch(tiny_pipeline, images, tmp_path):
     ds, module = _loss_module(pipe, images, tmp_path, text_cached=False, guidance=3.5)
     batch = ds[0]
     assert batch["input_ids_2"].shape[1] == 512 and "input_ids_3" not in batch
-    opt = torch.optim.AdamW(list(lora_parameters(pipe.transformer)), lr=3e-2)
-
-    def loss():
-        torch.manual_seed(123)
-        return module(batch)
-
-    with torch.no_grad():
-        before = loss().item()
-    for _ in range(20):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    with torch.no_grad():
-        after = loss().item()
+    before, after = fit_fixed_batch(module, batch, lora_parameters(pipe.transformer), steps=20, lr=3e-2)
     assert after < 0.9 * before, (before, after)
 
 
@@ -191,5 +163,5 @@ def test_flux_presets_and_refusals(tiny_pipeline, images, tmp_path):
                        data={"resolution": 40})
     pipe = _frozen(tiny_pipeline)
     pipe.vae_scale_factor = 8   # FLUX.1's VAE (the tiny one downscales 4x): sides must be multiples of 16
-    with pytest.raises(ConfigError, match=r"^data.resolution = 40: Flux packs 2x2 latent patches, so image sides must be multiples of 16"):
+    with pytest.raises(ConfigError, match=r"^data.resolution = 40: flux takes 2x2 latent patches, so image sides must be multiples of 16"):
         run_training(odd, pipe=pipe)

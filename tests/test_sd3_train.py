@@ -17,13 +17,13 @@ from lora_core import add_lora, lora_layers, lora_parameters
 from lora_core.errors import ConfigError
 from lora_sd.archs import SPECS
 from lora_sd.config import DataSettings, FlowSettings
-from lora_sd.data import load_items
+from lora_sd.data import load_items, tokenize
 from lora_sd.flow import FlowMatch, loss_weight, timestep_density
 from lora_sd.testing import make_images, train_config
 from lora_sd.text_cache import TextCache
-from lora_sd.train import DiffusionLoss, _add_adapters, _dataset, lora_for_arch, run_training
+from lora_sd.train import _add_adapters, _dataset, lora_for_arch, run_training
+from helpers import NO_ACCELERATOR, fit_fixed_batch, flow_loss_module, frozen_pipeline
 
-NO_ACCELERATOR = SimpleNamespace(process_index=0, num_processes=1, wait_for_everyone=lambda: None)
 CAPTIONS = ["a photo of a thing 0", "a red square on a blue field", ""]
 
 
@@ -35,11 +35,7 @@ def images(tmp_path_factory):
 
 
 def _frozen(tiny_pipeline):
-    """The tiny SD 3.5 pipeline frozen and in eval mode (as from_pretrained loads it: T5 has dropout)."""
-    pipe = tiny_pipeline(arch="sd3")
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        getattr(pipe, name).requires_grad_(False).eval()
-    return pipe
+    return frozen_pipeline(tiny_pipeline, "sd3")
 
 
 @pytest.mark.parametrize("density", ["uniform", "logit_normal", "mode"])
@@ -112,19 +108,17 @@ def test_cached_text_equals_the_pipelines_encode_prompt(tiny_pipeline, tmp_path)
     again.encoders = {}   # nothing to encode with: every caption must come from the files
     emb2, pooled2 = again.get(CAPTIONS)
     assert torch.equal(emb2, emb) and torch.equal(pooled2, pooled)
+    # another tokenizer or other weights: other files
+    pipe.tokenizer.model_max_length = 76
+    assert TextCache(tmp_path / "text", SPECS["sd3"], pipe).identity != cache.identity
+    pipe.tokenizer.model_max_length = 77
+    with torch.no_grad():
+        pipe.text_encoder_3.shared.weight[0, 0] += 1
+    assert TextCache(tmp_path / "text", SPECS["sd3"], pipe).identity != cache.identity
 
 
 def _loss_module(pipe, images, tmp_path, *, text_cached: bool, **flow):
-    d = DataSettings(path=str(images), resolution=32, cache_latents=text_cached, cache_text=text_cached,
-                     cache_dir=str(tmp_path / "cache"))
-    ds, text_emb = _dataset(SimpleNamespace(data=d, train=SimpleNamespace(batch_size=4, seed=0)), load_items(d), pipe,
-                            NO_ACCELERATOR, False)
-    assert (text_emb is not None) == text_cached
-    tes = {} if text_cached else {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")}
-    vae = pipe.vae
-    return ds, DiffusionLoss(pipe.transformer, FlowMatch(pipe.scheduler.config, **flow), **tes,
-                             vae=None if text_cached else vae, scaling_factor=vae.config.scaling_factor,
-                             shift_factor=vae.config.shift_factor)
+    return flow_loss_module(pipe, images, tmp_path / "cache", text_cached=text_cached, **flow)
 
 
 @pytest.mark.slow
@@ -176,20 +170,7 @@ def test_sd3_loss_decreases_on_fixed_batch(tiny_pipeline, images, tmp_path):
     batch = ds[0]
     assert set(batch) >= {"pixels", "input_ids", "input_ids_2", "input_ids_3"} and "time_ids" not in batch
     assert batch["input_ids_3"].shape[1] == 256
-    opt = torch.optim.AdamW(list(lora_parameters(pipe.transformer)), lr=3e-2)
-
-    def loss():
-        torch.manual_seed(123)
-        return module(batch)
-
-    with torch.no_grad():
-        before = loss().item()
-    for _ in range(20):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    with torch.no_grad():
-        after = loss().item()
+    before, after = fit_fixed_batch(module, batch, lora_parameters(pipe.transformer), steps=20, lr=3e-2)
     # the toy MMDiT at 8x8 latents (16 tokens) has little room: about 0.89 x after 20 steps (fixed seeds)
     assert after < 0.92 * before, (before, after)
 
@@ -244,3 +225,39 @@ def test_fields_that_cannot_apply_are_refused(tiny_pipeline, images, tmp_path):
     with pytest.raises(ConfigError, match=r"^loss.min_snr_gamma = 5.0: sd3 is trained with rectified flow"):
         run_training(cfg, pipe=_frozen(tiny_pipeline))
     assert FlowSettings().timestep_density == "logit_normal" and FlowSettings().shift == 0.0
+
+
+@pytest.mark.slow
+def test_caption_dropout_over_cached_text(tiny_pipeline, images, tmp_path):
+    """Caption dropout no longer needs the encoders: with cached text a dropped caption takes the cached empty
+    caption's row. The draws are those of the uncached path (same seed, epoch, batch), and every row equals
+    the text encoded from the varied captions."""
+    pipe = _frozen(tiny_pipeline)
+    common = dict(path=str(images), resolution=32, cache_latents=False, caption_dropout=0.5,
+                  cache_dir=str(tmp_path / "cache"))
+    run = SimpleNamespace(train=SimpleNamespace(batch_size=4, seed=0))
+    datasets = []
+    for cached in (True, False):
+        d = DataSettings(**common, cache_text=cached)
+        ds, text_emb = _dataset(SimpleNamespace(data=d, **vars(run)), load_items(d), pipe, NO_ACCELERATOR, False)
+        assert (text_emb is not None) == cached
+        datasets.append(ds)
+    cached, plain = datasets
+    empty, empty_pooled = cached.text_emb[-1], cached.pooled[-1]
+    empty_ids = tokenize(pipe.tokenizer, [""])[0]
+    dropped = kept = 0
+    for epoch in range(3):
+        for ds in datasets:
+            ds.sampler.set_epoch(epoch)
+        a, b = cached[0], plain[0]
+        with torch.no_grad():
+            emb, pooled = SPECS["sd3"].encode(
+                {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")},
+                {k: v for k, v in b.items() if k.startswith("input_ids")})
+        assert torch.allclose(a["text_emb"], emb, atol=1e-5) and torch.allclose(a["pooled"], pooled, atol=1e-5)
+        for row, ids in zip(a["text_emb"], b["input_ids"]):
+            is_empty = torch.equal(ids, empty_ids)
+            dropped += is_empty
+            kept += not is_empty
+            assert torch.equal(row, empty) == is_empty
+    assert dropped and kept and torch.equal(empty_pooled, cached.pooled[-1])
