@@ -327,6 +327,19 @@ def modules_kohya(view: AdapterView) -> tuple[Modules, str, Optional[dict]]:
     return out, arch, known_layout(view.metadata, arch, widths)
 
 
+def native_split(arch: str, base: str, in_features: int,
+                 out_features: Optional[int] = None) -> dict[str, Optional[int]]:
+    """{"<component>.<path>": output width} of the modules a kohya-named SD 3.x / Flux module holds, in
+    order (a fused one's parts by mmdit_names.part_widths); KeyError when `arch` has no such module,
+    ValueError when `out_features` does not fit its parts."""
+    if base.startswith(mmdit_names.NATIVE_UNET):
+        group = mmdit_names.group_of(arch, base[len(mmdit_names.NATIVE_UNET):])
+        widths = mmdit_names.part_widths(group, in_features, out_features) if len(group.parts) > 1 else [out_features]
+        return {f"transformer.{p}": w for p, w in zip(group.parts, widths)}
+    comp, flat = mmdit_names.text_component(arch, base)
+    return {f"{comp}.{undo_underscores(flat)}": out_features}
+
+
 def modules_native(view: AdapterView, downs: dict[str, str], arch: str) -> Modules:
     """The modules of an SD 3.x / Flux kohya file by diffusers' names, from its header: a fused native
     module's parts at the ranks our files record (lora_sd.fused_ranks), else each at an equal share of its
@@ -334,15 +347,10 @@ def modules_native(view: AdapterView, downs: dict[str, str], arch: str) -> Modul
     fused = view.json_metadata.get(FUSED_RANKS) or {}
     out = {}
     for base, k in downs.items():
-        rank = view.header.shape(k)[0]
+        rank, in_features = view.header.shape(k)[:2]
         alpha = view.header.scalar(f"{base}.alpha") if f"{base}.alpha" in view.header.tensors else float(rank)
         try:
-            if base.startswith(mmdit_names.NATIVE_UNET):
-                parts = mmdit_names.group_of(arch, base[len(mmdit_names.NATIVE_UNET):]).parts
-                paths = [f"transformer.{p}" for p in parts]
-            else:
-                comp, flat = mmdit_names.text_component(arch, base)
-                paths = [f"{comp}.{undo_underscores(flat)}"]
+            paths = list(native_split(arch, base, in_features))
         except KeyError:
             raise LoraLoadError(f"{view.path}: {base} is no module of {arch} as kohya names it") from None
         share = rank // len(paths) if rank % len(paths) == 0 else rank

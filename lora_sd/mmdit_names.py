@@ -11,6 +11,8 @@ SD 3.x   joint_blocks.{i}.{x_block|context_block}.{attn.qkv|attn.proj|mlp.fc1|ml
 Flux     double_blocks.{i}.{img|txt}_{attn.qkv|attn.proj|mlp.0|mlp.2|mod.lin},
          single_blocks.{i}.{linear1|linear2|modulation.lin} (linear1 = q, k, v and the MLP input),
          img_in, txt_in, time_in / vector_in / guidance_in.{in_layer|out_layer}, final_layer.*
+Whole checkpoints also hold the qk RMS-norms (SD 3.x: attn.ln_q / ln_k weights; Flux: attn.norm.query_norm /
+key_norm scales) and SD 3's pos_embed (checkpoint_param, read by lora_sd.single_file).
 kohya:   "lora_unet_" + the native name with "." -> "_"; text encoders lora_te1_ (CLIP-L), lora_te2_
          (SD 3's CLIP-G), lora_te3_ (T5) + transformers' module path with "." -> "_".
 A fused module's output is its parts' outputs stacked in order; its widths are fixed multiples of its
@@ -97,6 +99,22 @@ FLUX_GROUPS = (
     Group("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
 )
 GROUPS = {"sd3": SD3_GROUPS, "flux": FLUX_GROUPS}
+# what a whole checkpoint holds beyond the linears adapters target: the qk RMS-norms (their parameter is
+# `weight` in SD 3.x and diffusers, `scale` in Flux) and SD 3's positional embedding (a parameter)
+SD3_NORMS = tuple(Group(f"joint_blocks.{{i}}.{native}", (f"{_J}.{path}",)) for native, path in (
+    ("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
+    ("context_block.attn.ln_q", "attn.norm_added_q"), ("context_block.attn.ln_k", "attn.norm_added_k"),
+    ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k")))
+FLUX_NORMS = tuple(Group(native, (path,)) for native, path in (
+    ("double_blocks.{i}.img_attn.norm.query_norm", f"{_D}.attn.norm_q"),
+    ("double_blocks.{i}.img_attn.norm.key_norm", f"{_D}.attn.norm_k"),
+    ("double_blocks.{i}.txt_attn.norm.query_norm", f"{_D}.attn.norm_added_q"),
+    ("double_blocks.{i}.txt_attn.norm.key_norm", f"{_D}.attn.norm_added_k"),
+    ("single_blocks.{i}.norm.query_norm", f"{_S}.attn.norm_q"),
+    ("single_blocks.{i}.norm.key_norm", f"{_S}.attn.norm_k")))
+NORMS = {"sd3": SD3_NORMS, "flux": FLUX_NORMS}
+NORM_PARAM = {"sd3": "weight", "flux": "scale"}
+PARAMETERS = {"sd3": {"pos_embed.pos_embed": "pos_embed"}, "flux": {}}   # diffusers parameter -> native one
 # the first level of diffusers' SD3Transformer2DModel / FluxTransformer2DModel module paths
 TRANSFORMER_TOP = ("transformer_blocks.", "single_transformer_blocks.", "norm_out.", "proj_out", "context_embedder",
                    "x_embedder", "pos_embed.", "time_text_embed.")
@@ -107,17 +125,42 @@ def _pattern(template: str, sep: str) -> re.Pattern:
     return re.compile(re.escape(head) + (r"(\d+)" + re.escape(tail) if "{i}" in template else ""))
 
 
-_BY_PART = {arch: [(_pattern(p, "."), g, j) for g in groups for j, p in enumerate(g.parts)] for arch, groups in GROUPS.items()}
+def _by_part(groups) -> list:
+    return [(_pattern(p, "."), g, j) for g in groups for j, p in enumerate(g.parts)]
+
+
+_BY_PART = {arch: _by_part(groups) for arch, groups in GROUPS.items()}
+_NORMS_BY_PART = {arch: _by_part(groups) for arch, groups in NORMS.items()}
 _BY_NATIVE = {arch: [(_pattern(g.native, "_"), g) for g in groups] for arch, groups in GROUPS.items()}
+
+
+def _find(table, arch: str, path: str) -> Optional[tuple[Group, int]]:
+    for pat, group, j in table[arch]:
+        m = pat.fullmatch(path)
+        if m:
+            return group.at(m.group(1) if m.groups() else None), j
+    return None
 
 
 def native_of(arch: str, path: str) -> tuple[Group, int]:
     """(the native group holding diffusers transformer module `path`, the part it is); KeyError if none."""
-    for pat, group, j in _BY_PART[arch]:
-        m = pat.fullmatch(path)
-        if m:
-            return group.at(m.group(1) if m.groups() else None), j
-    raise KeyError(f"transformer.{path} has no native {arch} module name")
+    found = _find(_BY_PART, arch, path)
+    if found is None:
+        raise KeyError(f"transformer.{path} has no native {arch} module name")
+    return found
+
+
+def checkpoint_param(arch: str, key: str) -> tuple[str, Group, int]:
+    """(the native parameter name, the native group of its module, the part) of a diffusers transformer
+    parameter, for whole checkpoints: the groups' linears, the qk-norms and other parameters; KeyError if none."""
+    if key in PARAMETERS[arch]:
+        return PARAMETERS[arch][key], Group(PARAMETERS[arch][key], (key,)), 0
+    module, leaf = key.rsplit(".", 1)
+    norm = _find(_NORMS_BY_PART, arch, module)
+    if norm:
+        return f"{norm[0].native}.{NORM_PARAM[arch]}", norm[0], 0
+    group, j = native_of(arch, module)
+    return f"{group.native}.{leaf}", group, j
 
 
 def group_of(arch: str, flat: str) -> Group:

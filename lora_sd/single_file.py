@@ -10,7 +10,9 @@ and model-sharing sites, in the original LDM (SD 1.x / 2.x) or SGM (SDXL) key la
 lora_sd.models builds pipelines from these (load_single_file) and writes them (save_single_file).
 
 One name map serves both directions: for each diffusers parameter, the original key and how the tensor
-differs there ("T": transposed; "conv": a 1x1 conv weight; ("qkv", i): slice i of a fused in_proj).
+differs there ("T": transposed; "conv": a 1x1 conv weight; ("fused", i, widths): part i of a fused linear such
+as OpenCLIP's in_proj; "swap": adaLN halves exchanged). SD 3.x / Flux transformer names come from
+lora_sd.mmdit_names, the one home of the native MMDiT names (adapter files use it too).
 .ckpt files are read with torch.load(weights_only=True) only.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lora_core.adapter_files import read_header
 from lora_core.cli_errors import check_local_path, hub_error, one_line
 from lora_core.errors import LoraLoadError, ModelLoadError
 
+from . import mmdit_names
 from .config import TINY_ARCHS, TINY_PRETRAINED
 
 from .unet_names import RESNET, to_original
@@ -49,12 +52,12 @@ LAYOUT = {
              "text_encoder": ("conditioner.embedders.0.transformer.text_model.", "clip"),
              "text_encoder_2": ("conditioner.embedders.1.model.", "openclip")},
 }
-LAYOUT["sd3"] = {"transformer": (UNET, "mmdit_sd3"), "vae": (VAE, "vae"),
+LAYOUT["sd3"] = {"transformer": (UNET, "mmdit"), "vae": (VAE, "vae"),
                  "text_encoder": ("text_encoders.clip_l.transformer.", "hfclip_l"),
                  "text_encoder_2": ("text_encoders.clip_g.transformer.", "hfclip"),
                  "text_encoder_3": ("text_encoders.t5xxl.transformer.", "t5")}
 # Flux: ComfyUI's checkpoint layout (BFL's own transformer file has no prefix: read as if it had one)
-LAYOUT["flux"] = {"transformer": (UNET, "mmdit_flux"), "vae": ("vae.", "vae"),
+LAYOUT["flux"] = {"transformer": (UNET, "mmdit"), "vae": ("vae.", "vae"),
                   "text_encoder": ("text_encoders.clip_l.transformer.", "hfclip_l"),
                   "text_encoder_2": ("text_encoders.t5xxl.transformer.", "t5")}
 TITLE = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
@@ -117,7 +120,7 @@ def _openclip_name(key: str, cfg: Mapping) -> tuple[str, Any]:
     block = f"transformer.resblocks.{m[1]}."
     qkv = re.fullmatch(r"self_attn\.([qkv])_proj", m[2])
     if qkv:                                    # q, k, v are one fused in_proj in OpenCLIP
-        return f"{block}attn.in_proj_{m[3]}", ("qkv", "qkv".index(qkv[1]))
+        return f"{block}attn.in_proj_{m[3]}", ("fused", "qkv".index(qkv[1]), (1, 1, 1))
     return f"{block}{_OPENCLIP_LAYER[m[2]]}.{m[3]}", None
 
 
@@ -145,101 +148,37 @@ def fallback_key(orig: str, how) -> Optional[str]:
     return orig.replace("encoder.embed_tokens.weight", "shared.weight") if how == "shared" else None
 
 
-# SD 3.5's MMDiT: diffusers module -> original module, and how the tensor differs ("swap": the two halves
-# of an adaLN modulation exchanged, shift/scale vs scale/shift; ("qkv", i): slice i of a fused qkv)
-_SD3_TOP = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
-            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear",
-            "norm_out.linear": ("final_layer.adaLN_modulation.1", "swap")}
-_SD3_BLOCK = {"norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
-              "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
-              "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
-              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
-              "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q",
-              "attn2.norm_k": "x_block.attn2.ln_k", "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
-              "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"}
-for _i, _c in enumerate("qkv"):
-    _SD3_BLOCK.update({f"attn.to_{_c}": ("x_block.attn.qkv", ("qkv", _i)),
-                       f"attn.add_{_c}_proj": ("context_block.attn.qkv", ("qkv", _i)),
-                       f"attn2.to_{_c}": ("x_block.attn2.qkv", ("qkv", _i))})
-
-
-def _sd3_name(key: str, cfg: Mapping) -> tuple[str, Any]:
-    if key == "pos_embed.pos_embed":
-        return "pos_embed", None
-    module, leaf = key.rsplit(".", 1)
-    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
-    orig = _SD3_BLOCK.get(m[2]) if m else _SD3_TOP.get(module)
-    if orig is None:
-        raise KeyError(key)
-    orig, how = orig if isinstance(orig, tuple) else (orig, None)
-    if m and m[2] == "norm1_context.linear" and int(m[1]) == cfg["num_layers"] - 1:
-        how = "swap"         # the context-pre-only last block's modulation: (shift, scale) in the original
-    return (f"joint_blocks.{m[1]}.{orig}" if m else orig) + f".{leaf}", how
-
-
-# FLUX.1 in BFL's layout: the same kind of table; the single blocks fuse q, k, v and the MLP input in
-# linear1 (("split", i, sizes): part i of parts of those sizes); qk-norm weights are called `scale`
-_FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer", "context_embedder": "txt_in",
-             "x_embedder": "img_in", "proj_out": "final_layer.linear",
-             "norm_out.linear": ("final_layer.adaLN_modulation.1", "swap")}
-_FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
-                "attn.to_add_out": "txt_attn.proj", "attn.norm_q": "img_attn.norm.query_norm",
-                "attn.norm_k": "img_attn.norm.key_norm", "attn.norm_added_q": "txt_attn.norm.query_norm",
-                "attn.norm_added_k": "txt_attn.norm.key_norm", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
-                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
-for _i, _c in enumerate("qkv"):
-    _FLUX_DOUBLE.update({f"attn.to_{_c}": ("img_attn.qkv", ("qkv", _i)),
-                         f"attn.add_{_c}_proj": ("txt_attn.qkv", ("qkv", _i))})
-_FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
-                "proj_out": "linear2"}
-
-
-def _flux_name(key: str, cfg: Mapping) -> tuple[str, Any]:
-    module, leaf = key.rsplit(".", 1)
-    m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)
-    if m is None:
-        orig, block = _FLUX_TOP.get(module), ""
-    elif m[1] == "transformer_blocks":
-        orig, block = _FLUX_DOUBLE.get(m[3]), f"double_blocks.{m[2]}."
-    else:
-        block = f"single_blocks.{m[2]}."
+def _mmdit_name(arch: str, key: str, state: Mapping, cfg: Mapping) -> tuple[str, Any]:
+    """An SD 3.x / Flux transformer parameter's original key (lora_sd.mmdit_names, the home of the native
+    names): a part of a fused linear is ("fused", part, widths); an adaLN linear whose (shift, scale)
+    halves the original stores the other way round is "swap" (by its output width: its input is the
+    transformer's inner width)."""
+    orig, group, j = mmdit_names.checkpoint_param(arch, key)
+    if len(group.parts) > 1:
+        return orig, ("fused", j, group.widths)
+    if group.swap:
         inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
-        orig = (("linear1", ("split", parts.index(m[3]), (inner, inner, inner, 4 * inner))) if m[3] in parts
-                else _FLUX_SINGLE.get(m[3]))
-    if orig is None:
-        raise KeyError(key)
-    orig, how = orig if isinstance(orig, tuple) else (orig, None)
-    return f"{block}{orig}.{'scale' if orig.endswith('_norm') else leaf}", how
+        return orig, ("swap" if mmdit_names.swapped(group, inner, state[key].shape[0]) else None)
+    return orig, None
 
 
 _NAMERS = {"unet": _unet_name, "vae": _vae_name, "clip": _clip_name, "openclip": _openclip_name,
-           "hfclip": _hfclip_name, "hfclip_l": _hfclip_l_name, "t5": _t5_name, "mmdit_sd3": _sd3_name,
-           "mmdit_flux": _flux_name}
+           "hfclip": _hfclip_name, "hfclip_l": _hfclip_l_name, "t5": _t5_name}
 
 
-def name_map(arch: str, component: str, keys, cfg: Mapping) -> dict[str, tuple[str, Any]]:
-    """{diffusers key: (original key, how)} for the state-dict `keys` of one component."""
+def name_map(arch: str, component: str, state: Mapping, cfg: Mapping) -> dict[str, tuple[str, Any]]:
+    """{diffusers key: (original key, how)} for the state dict (name -> tensor, meta ones too) of one component."""
     prefix, layout = LAYOUT[arch][component]
-    namer = _NAMERS[layout]
     out = {}
-    for k in keys:
-        orig, how = namer(k, cfg)
+    for k in state:
+        orig, how = _mmdit_name(arch, k, state, cfg) if layout == "mmdit" else _NAMERS[layout](k, cfg)
         out[k] = (prefix + orig, how)
     return out
 
 
 def from_original(tensor, how):
-    """The diffusers tensor from the original one (fused: ("qkv", i) is slice i of three equal ones,
-    ("split", i, sizes) part i of parts of those sizes)."""
+    """The diffusers tensor from the original one (("fused", i, widths): part i of the rows, split in
+    proportion to the parts' widths)."""
     if how == "swap":                       # the two halves exchanged (its own inverse)
         return tensor.roll(tensor.shape[0] // 2, dims=0)
     if how == "T":
@@ -247,7 +186,9 @@ def from_original(tensor, how):
     if how == "conv":
         return tensor.reshape(tensor.shape[0], tensor.shape[1]) if tensor.ndim == 4 else tensor
     if isinstance(how, tuple):
-        return tensor.split(list(how[2]), dim=0)[how[1]] if how[0] == "split" else tensor.chunk(3, dim=0)[how[1]]
+        _, part, widths = how
+        unit = tensor.shape[0] // sum(widths)
+        return tensor.split([w * unit for w in widths], dim=0)[part]
     return tensor
 
 
@@ -352,7 +293,7 @@ SIZES = {"sd35-medium": ("sd3", "SD 3.5 Medium", "stabilityai/stable-diffusion-3
 _SHAPES = {("sd3", 24, 1536, True): "sd35-medium", ("sd3", 38, 2432, False): "sd35-large",
            ("flux", 19, 38, 3072, True): "flux1-dev", ("flux", 19, 38, 3072, False): "flux1-schnell"}
 _BLOCKS = {"sd3": "joint_blocks", "flux": "double_blocks"}       # the key that tells each MMDiT family
-_PART_NAMES = {"mmdit_sd3": "transformer", "mmdit_flux": "transformer", "vae": "VAE", "hfclip_l": "CLIP-L",
+_PART_NAMES = {"mmdit": "transformer", "vae": "VAE", "hfclip_l": "CLIP-L",
                "hfclip": "CLIP-G", "t5": "T5"}
 
 

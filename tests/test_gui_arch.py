@@ -3,6 +3,8 @@ diffusers folders, single files; without torch in the GUI process), the SDXL sec
 SDXL's second text-encoder LoRA on, and a rank of 0 leaves the optional table out."""
 import textwrap
 
+import pytest
+
 from lora_core.errors import ConfigError
 from lora_gui.config_data import apply_form
 from lora_gui.field_kinds import TABLE_RANK
@@ -100,3 +102,43 @@ def test_fit_badge_maps_text_encoder_names_with_and_without_text_model():
     assert {"lora_te_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= set(names)
     assert module_aliases("unet.mid_block.attentions.0.proj_in") == ["lora_unet_mid_block_attentions_0_proj_in"]
+
+
+
+# kohya's MMDiT names, spelled here by sd-scripts' rule ("lora_unet_" + the original module, "." -> "_"), and
+# the diffusers modules each holds (diffusers' single-file converters): fused ones are cut into their parts
+_J, _S = "transformer.transformer_blocks.0.", "transformer.single_transformer_blocks.0."
+KOHYA_MMDIT = {
+    "sd3": {"lora_unet_joint_blocks_0_x_block_attn_qkv": (_J + "attn.to_q", _J + "attn.to_k", _J + "attn.to_v"),
+            "lora_unet_joint_blocks_0_context_block_mlp_fc1": (_J + "ff_context.net.0.proj",)},
+    "flux": {"lora_unet_single_blocks_0_linear1": (_S + "attn.to_q", _S + "attn.to_k", _S + "attn.to_v", _S + "proj_mlp"),
+             "lora_unet_double_blocks_0_txt_attn_qkv": (_J + "attn.add_q_proj", _J + "attn.add_k_proj",
+                                                        _J + "attn.add_v_proj")}}
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_fit_places_kohya_mmdit_names_on_their_fused_parts(arch, tiny_pipeline, tmp_path):
+    """The header-only fit check reads an SD 3 / Flux kohya file's native names: a fused module (q, k, v;
+    Flux's linear1 = q, k, v + the MLP input) is each of its parts at the base's own shapes; a text encoder's
+    lora_te1_ name lands on CLIP-L; a fused module of the wrong width stays as the file names it (unmatched)."""
+    import torch
+    from safetensors.torch import save_file
+    from lora_gui.services.fit import adapter_shapes
+    from lora_sd.formats import model_shapes
+    pipe = tiny_pipeline(arch=arch)
+    modules = model_shapes({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})[0]
+    te = next(k for k in modules if k.startswith("text_encoder.") and k.endswith("layers.0.self_attn.q_proj"))
+    flat = "lora_te1_text_model_" + te.partition(".")[2].removeprefix("text_model.").replace(".", "_")
+    tensors, want = {}, {}
+    for name, paths in {**KOHYA_MMDIT[arch], flat: (te,)}.items():
+        want.update({p: tuple(modules[p]) for p in paths})
+        tensors[f"{name}.lora_down.weight"] = torch.zeros(2, modules[paths[0]][0])
+        tensors[f"{name}.lora_up.weight"] = torch.zeros(sum(modules[p][1] for p in paths), 2)
+    save_file(tensors, tmp_path / "k.safetensors")
+    assert adapter_shapes(tmp_path / "k.safetensors", modules) == want
+
+    first, paths = next(iter(KOHYA_MMDIT[arch].items()))
+    tensors[f"{first}.lora_up.weight"] = torch.zeros(sum(modules[p][1] for p in paths) + 1, 2)
+    save_file(tensors, tmp_path / "bad.safetensors")
+    got = adapter_shapes(tmp_path / "bad.safetensors", modules)
+    assert first in got and not set(paths) & set(got) and len(got) == len(want) - len(paths) + 1

@@ -15,7 +15,8 @@ from lora_core.adapter_files import block_names, build_report, open_view
 from lora_core.config import LoraConfig
 from lora_core.errors import LoraLoadError
 from lora_core.files import atomic_write_json
-from lora_sd.adapter_formats import KOHYA_PREFIXES
+from lora_sd.adapter_formats import KOHYA_PREFIXES, file_arch, native_split
+from lora_sd.mmdit_names import MMDIT_ARCHS
 
 from .. import clirun
 from ..clirun import run_cli
@@ -53,16 +54,33 @@ def module_aliases(module: str) -> list[str]:
 
 def adapter_shapes(path: Path, modules: dict) -> dict[str, tuple[int, int]]:
     """{module: (in, out)} of an adapter file from its header alone (A / lora_down: [r, in, ...], B / lora_up:
-    [out, r, ...]); kohya names (lora_unet_down_blocks_0_...) are mapped onto the base's module names."""
-    kohya = {alias: k for k in modules for alias in module_aliases(k)}
-    h = open_view(path).header
+    [out, r, ...]); kohya names (lora_unet_down_blocks_0_...) are mapped onto the base's module names, SD 3.x /
+    Flux native ones (a fused qkv: its parts) by lora_sd.adapter_formats' native reader."""
+    view = open_view(path)
     own: dict[str, list[int]] = {}
-    for key in h.tensors:
+    for key in view.header.tensors:
         m = LORA_KEY.fullmatch(key)
         if m:
-            name, down = kohya.get(m.group(1), m.group(1)), m.group(2) in ("A", "down")
-            own.setdefault(name, [0, 0])[0 if down else 1] = h.shape(key)[1 if down else 0]
-    return {k: (v[0], v[1]) for k, v in own.items()}
+            down = m.group(2) in ("A", "down")
+            own.setdefault(m.group(1), [0, 0])[0 if down else 1] = view.header.shape(key)[1 if down else 0]
+    arch = file_arch(view.metadata, {name: shape[0] for name, shape in own.items()})
+    if arch in MMDIT_ARCHS:
+        own = dict(kv for name, (i, o) in own.items() for kv in _native_shapes(arch, name, i, o))
+    kohya = {alias: k for k in modules for alias in module_aliases(k)}
+    return {kohya.get(name, name): (i, o) for name, (i, o) in own.items()}
+
+
+def _native_shapes(arch: str, name: str, in_features: int, out_features: int) -> list[tuple[str, tuple[int, int]]]:
+    """[(base module, (in, out))] of one module of an SD 3.x / Flux file: a kohya name's parts, else the name
+    itself (diffusers' names; a name or shape the architecture does not have stays as the file spells it, and
+    the report shows it unmatched)."""
+    if not name.startswith("lora_"):
+        return [(name, (in_features, out_features))]
+    try:
+        parts = native_split(arch, name, in_features, out_features)
+    except (KeyError, ValueError):
+        return [(name, (in_features, out_features))]
+    return [(module, (in_features, width)) for module, width in parts.items()]
 
 
 def header_fit(ws: Workspace, path: Path, base: str, compute: bool = True) -> tuple[Optional[bool], dict]:
