@@ -106,8 +106,12 @@ def test_third_party_mismatch_fails_loudly(tiny, adapter_file, tmp_path):
     assert not list(lora_layers(pipe.unet)) and not list(lora_layers(pipe.text_encoder))   # nothing half-loaded
     lycoris = tmp_path / "lycoris.safetensors"
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lycoris))
-    with pytest.raises(LoraLoadError, match="not SD 1.x kohya LoRA keys"):
+    with pytest.raises(LoraLoadError, match="lora_unet_x lacks lora_down or lora_up"):   # a LoHa half, a LoRA half
         load_adapters(pipe, [(str(lycoris), 1.0)])
+    other = tmp_path / "other_network.safetensors"
+    save_file({"lora_unet_x.glora_a1.weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(LoraLoadError, match="not a LoRA adapter of a supported format.*another network"):
+        load_adapters(pipe, [(str(other), 1.0)])
 
 
 @pytest.mark.slow
