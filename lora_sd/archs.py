@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from .config import FLOW_ARCHS
 from .data import Tokenizers, flux_text, sd1_text, sd3_text, sdxl_cond
 from .models import arch_of
 
@@ -76,11 +77,15 @@ class ArchSpec:
     encode: Callable                   # (encoders by name, token ids by batch key) -> (embeddings, pooled or None)
     extra: Callable = _no_extra        # (pooled, batch) -> the denoiser's further keyword arguments
     call: Callable = unet_call         # (denoiser, noisy latents, timestep, embeddings, extra) -> prediction
-    flow: bool = False                 # rectified flow (lora_sd.flow) instead of the DDPM noise schedule
     time_ids: bool = False             # SDXL's micro-conditioning (original size, crop, target size)
     t5: int = 0                        # which text encoder is T5 (1-based; 0: none) and its padded length
     t5_length: int = 0
     guidance: bool = False             # a guidance embedding fed a constant (Flux dev: flow.guidance_scale)
+
+    @property
+    def flow(self) -> bool:
+        """Rectified flow (lora_sd.flow) instead of the DDPM noise schedule (lora_sd.config.FLOW_ARCHS)."""
+        return self.name in FLOW_ARCHS
 
     def predict(self, denoiser, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, extra: dict) -> torch.Tensor:
         """The denoiser's output in fp32."""
@@ -97,9 +102,9 @@ SPECS = {
     "sd2": ArchSpec("sd2", "unet", _CLIP, sd1_text),
     "sdxl": ArchSpec("sdxl", "unet", ("text_encoder", "text_encoder_2"), sdxl_cond, _sdxl_extra, time_ids=True),
     "sd3": ArchSpec("sd3", "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"), sd3_text,
-                    _pooled_projections, mmdit_call, flow=True, t5=3, t5_length=256),
+                    _pooled_projections, mmdit_call, t5=3, t5_length=256),
     "flux": ArchSpec("flux", "transformer", ("text_encoder", "text_encoder_2"), flux_text, _pooled_projections, flux_call,
-                     flow=True, t5=2, t5_length=512, guidance=True),
+                     t5=2, t5_length=512, guidance=True),
 }
 
 

@@ -185,8 +185,9 @@ def test_queue_runs_jobs_one_after_another(real):
     assert snap.samples == []  # no validation prompts: no sample
     snap_a = runview.snapshot(ws.runs / "a")
     samples = ws.runs / "a" / "samples"  # every sample_every steps, and at the end
-    assert runview.gallery_items(snap_a) == [(str(samples / "step_000005_0.png"), "step_000005_0"),
-                                             (str(samples / "step_000006_0.png"), "step_000006_0")]
+    assert sorted(p.name for p in snap_a.samples) == ["step_000005_0.png", "step_000006_0.png"]
+    assert runview.gallery_items(snap_a) == [(str(samples / "step_000006_0.png"), "step 6 · a red circle")]
+    assert runview.gallery_items(snap_a, step=5) == [(str(samples / "step_000005_0.png"), "step 5 · a red circle")]
     assert RunDir(ws.runs / "b").read_status()["kind"] == "sd-train"  # the trainer keeps the queue's kind
     assert q.clear_finished() == 2 and q.jobs() == []
 
