@@ -184,3 +184,12 @@ def fit_fixed_batch(module, batch, params, steps: int, lr: float) -> tuple[float
         opt.step()
     with torch.no_grad():
         return before, loss().item()
+
+
+def assert_same_weights(a, b, comps) -> None:
+    """The components `comps` of pipelines (or namespaces) `a` and `b` hold the same tensors under the same names."""
+    for comp in comps:
+        sa, sb = getattr(a, comp).state_dict(), getattr(b, comp).state_dict()
+        assert sa.keys() == sb.keys(), comp
+        bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+        assert not bad, (comp, bad[:3])

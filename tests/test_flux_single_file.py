@@ -20,6 +20,8 @@ from lora_core.errors import ModelLoadError
 from lora_sd import single_file as sf
 from lora_sd.models import component_to_original, load_pipeline, make_component, save_single_file, to_original_state
 
+from helpers import assert_same_weights
+
 COMPONENTS = list(sf.LAYOUT["flux"])
 PARAMS = {"flux1-dev": 11_901_408_320, "flux1-schnell": 11_891_178_560}   # the transformers as diffusers builds them
 OTHERS = {"vae": 83_819_683, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656}
@@ -74,14 +76,6 @@ def test_flux_map_is_undone_by_diffusers_at_flux_width():
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
-def _assert_same_weights(a, b, comps=COMPONENTS):
-    for comp in comps:
-        sa, sb = getattr(a, comp).state_dict(), getattr(b, comp).state_dict()
-        assert sa.keys() == sb.keys(), comp
-        bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
-        assert not bad, (comp, bad[:3])
-
-
 @pytest.mark.slow
 def test_flux_round_trip_and_bfl_transformer_file(tmp_path, caplog, tiny_pipeline):
     pipe = tiny_pipeline(arch="flux")
@@ -92,7 +86,7 @@ def test_flux_round_trip_and_bfl_transformer_file(tmp_path, caplog, tiny_pipelin
     detected = [r.getMessage() for r in caplog.records if "detected" in r.getMessage()]
     assert len(detected) == 1 and "FLUX.1" in detected[0] and "a guidance embedding (dev)" in detected[0]
     assert type(back).__name__ == "FluxPipeline" and back._lora_sd_random_weights
-    _assert_same_weights(pipe, back)
+    assert_same_weights(pipe, back, COMPONENTS)
 
     # BFL's layout: the transformer alone, no prefix, no metadata: the rest (and the configs) from model.config
     with safe_open(str(out), "pt") as f:
@@ -105,7 +99,7 @@ def test_flux_round_trip_and_bfl_transformer_file(tmp_path, caplog, tiny_pipelin
     assert "\n" not in str(e.value) and "FLUX.1 dev or FLUX.1 schnell" in str(e.value)
     folder = tmp_path / "folder"
     pipe.save_pretrained(str(folder))
-    _assert_same_weights(pipe, load_pipeline(str(bfl), config=str(folder)))
+    assert_same_weights(pipe, load_pipeline(str(bfl), config=str(folder)), COMPONENTS)
 
 
 def test_released_hub_ids_are_known_before_loading():

@@ -42,11 +42,12 @@ def test_flux_tiny_demo_is_offline():
 
 
 @pytest.mark.slow
-def test_sd3_sweep_end_to_end(tmp_path, capsys):
-    """`lora-sd sweep` over an SD 3.5 field ([flow] timestep_density) from the tiny demo config: one trained run
-    folder per value, each with its adapter, and the summary rows naming the value."""
+def test_sd3_sweep_end_to_end(tmp_path, capsys, sd_dataset):
+    """`lora-sd sweep` over an SD 3.5 field ([flow] timestep_density) from the tiny demo config (on the tests'
+    generated images: no ../shared needed): one trained run folder per value, each with its adapter, and the
+    summary rows naming the value."""
     from lora_sd.cli import main
-    sets = [f'run_dir="{tmp_path}"', "train.max_steps=2", "train.batch_size=1", "train.checkpoint_every=0",
+    sets = [f'run_dir="{tmp_path}"', f'data.path="{sd_dataset}"', "train.max_steps=2", "train.batch_size=1", "train.checkpoint_every=0",
             "train.sample_every=0", "train.lr_warmup_steps=0", "data.max_images=2", "data.resolution=32",
             "data.buckets=false", "sample.prompts=[]", f'data.cache_dir="{tmp_path / "cache"}"']
     rc = main(["sweep", "--config", str(CONFIGS / "sd3_tiny_demo.toml"), "--vary",

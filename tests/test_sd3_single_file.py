@@ -22,6 +22,8 @@ from lora_core.errors import ModelLoadError
 from lora_sd import single_file as sf
 from lora_sd.models import load_pipeline, make_component, save_single_file, to_original_state
 
+from helpers import assert_same_weights
+
 COMPONENTS = list(sf.LAYOUT["sd3"])
 # the released sizes: the transformer's parameters + its positional embedding (a parameter in the original
 # MMDiT, a buffer in diffusers): SD 3.5 Medium 2.47 B ("2.5 B"), Large 8.15 B ("8.1 B")
@@ -70,14 +72,6 @@ def test_shipped_sd35_configs_build_the_released_sizes_and_are_detected(name, bi
     assert arch == "sd3" and why.endswith("the file holds transformer")
 
 
-def _assert_same_weights(a, b, comps=COMPONENTS):
-    for comp in comps:
-        sa, sb = getattr(a, comp).state_dict(), getattr(b, comp).state_dict()
-        assert sa.keys() == sb.keys(), comp
-        bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
-        assert not bad, (comp, bad[:3])
-
-
 @pytest.mark.slow
 def test_sd3_round_trip_ours_and_diffusers(tmp_path, caplog, tiny_pipeline):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -94,17 +88,17 @@ def test_sd3_round_trip_ours_and_diffusers(tmp_path, caplog, tiny_pipeline):
     detected = [r.getMessage() for r in caplog.records if "detected" in r.getMessage()]
     assert len(detected) == 1 and "Stable Diffusion 3.5" in detected[0] and "3 joint blocks" in detected[0]
     assert type(back).__name__ == "StableDiffusion3Pipeline" and back._lora_sd_random_weights
-    _assert_same_weights(pipe, back)
+    assert_same_weights(pipe, back, COMPONENTS)
     assert sf.detect_checkpoint(out)[0] == "sd3"
 
     # the independent reader: diffusers' from_single_file, given the tiny model's folder as config
     folder = tmp_path / "folder"
     pipe.save_pretrained(str(folder))
     theirs = StableDiffusion3Pipeline.from_single_file(str(out), config=str(folder), local_files_only=True)
-    _assert_same_weights(pipe, theirs)
+    assert_same_weights(pipe, theirs, COMPONENTS)
     transformer = SD3Transformer2DModel.from_single_file(str(out), config=str(folder), subfolder="transformer",
                                                          local_files_only=True)
-    _assert_same_weights(pipe, SimpleNamespace(transformer=transformer), ["transformer"])
+    assert_same_weights(pipe, SimpleNamespace(transformer=transformer), ["transformer"])
 
 
 def _rewrite(src: Path, dst: Path, keep=lambda k: True, metadata=None):
@@ -131,7 +125,7 @@ def test_sd3_transformer_only_file_takes_the_rest_from_model_config(tmp_path, ti
     folder = tmp_path / "folder"
     pipe.save_pretrained(str(folder))
     back = load_pipeline(str(alone), config=str(folder))
-    _assert_same_weights(pipe, back)
+    assert_same_weights(pipe, back, COMPONENTS)
     assert type(back.tokenizer_3).__name__ == type(pipe.tokenizer_3).__name__
 
 
