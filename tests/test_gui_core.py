@@ -339,3 +339,16 @@ def test_validation_loss_is_plotted_beside_the_training_loss(tmp_path):
     assert list(lines["validation loss"].get_xdata()) == [2, 4, 6]
     assert list(lines["validation loss"].get_ydata()) == [0.9, 0.7, 0.8]
     assert list(lines["best (step 4)"].get_xdata()) == [4] and list(lines["best (step 4)"].get_ydata()) == [0.7]
+
+
+def test_the_step_slider_clamps_a_stale_step_instead_of_failing_the_event():
+    """A poll narrows the slider to a resumed run's steps while the browser still sends the old step (seen in CI as
+    gradio's 'Value 9 is greater than maximum value 1' traceback): the value is clamped, the frontend's slider draws it."""
+    import gradio as gr
+    from lora_gui.widgets import StepSlider
+    with gr.Blocks():
+        s = StepSlider(0, 1, value=0, step=1)
+        assert s.get_block_name() == "slider"
+        assert (s.preprocess(9), s.preprocess(-3), s.preprocess(1)) == (1, 0, 1)
+        with pytest.raises(gr.Error):
+            gr.Slider(0, 1, value=0, step=1).preprocess(9)   # what the plain slider does
