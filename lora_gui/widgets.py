@@ -253,17 +253,6 @@ STOPPABLE = ("queued", "running", "stopping")   # a second Stop while stopping s
 RESUMABLE = ("stopped", "failed")
 
 
-class StepSlider(gr.Slider):
-    """A gr.Slider that clamps a value outside its range into it instead of failing the event: a poll narrows the
-    range (a resumed or another run) while the browser may still send the step it showed before."""
-    is_template = True   # drawn by the frontend's own slider
-
-    def preprocess(self, payload):
-        if payload is not None:
-            payload = min(max(payload, self.minimum), self.maximum)
-        return super().preprocess(payload)
-
-
 class Monitor:
     """Progress bar, Stop / Resume (enabled when they can act), loss plot, validation gallery (a step slider
     over the run's samples) and log tail of one run, chosen in a dropdown."""
@@ -288,7 +277,7 @@ class Monitor:
         self.gallery = self.step = None
         if gallery:
             self.gallery = gr.Gallery(label="Validation images", columns=6, height=220, elem_id=p + "gallery")
-            self.step = StepSlider(0, 1, value=0, step=1, label="Validation images at step", elem_id=p + "sample-step",
+            self.step = gr.Slider(0, 1, value=0, step=1, label="Validation images at step", elem_id=p + "sample-step",
                                   info="the run's validation images of that step (the newest at or below it)")
         # one log record per line (no wrapping), exactly the tail's 12 lines: the newest is always in view
         self.log = gr.Code(language=None, label="Log (last lines)", lines=12, max_lines=12, wrap_lines=False,
@@ -377,7 +366,10 @@ class Monitor:
         self.refresh.click(self.choices, [self.select], [self.select])
         self.select.change(lambda sel: self.poll(sel, {}), [self.select], self.outputs, show_progress="hidden")
         if self.step is not None:
-            self.step.change(guard(self.at_step), [self.select, self.step], [self.gallery], show_progress="hidden")
+            # raw values (preprocess=False): a poll may narrow the slider (a resumed or another run) while the browser
+            # still sends the step it showed, which gradio's bounds check would turn into an error; at_step clamps
+            self.step.change(guard(self.at_step), [self.select, self.step], [self.gallery], show_progress="hidden",
+                             preprocess=False)
         page.poll([self.select, self.sig], self.outputs, self.poll)
         page.on_load([self.select], lambda: [gr.update(choices=[ACTIVE] + ctrl.runs.names(self.kind))])
 

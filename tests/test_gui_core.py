@@ -341,14 +341,17 @@ def test_validation_loss_is_plotted_beside_the_training_loss(tmp_path):
     assert list(lines["best (step 4)"].get_xdata()) == [4] and list(lines["best (step 4)"].get_ydata()) == [0.7]
 
 
-def test_the_step_slider_clamps_a_stale_step_instead_of_failing_the_event():
-    """A poll narrows the slider to a resumed run's steps while the browser still sends the old step (seen in CI as
-    gradio's 'Value 9 is greater than maximum value 1' traceback): the value is clamped, the frontend's slider draws it."""
-    import gradio as gr
-    from lora_gui.widgets import StepSlider
-    with gr.Blocks():
-        s = StepSlider(0, 1, value=0, step=1)
-        assert s.get_block_name() == "slider"
-        assert (s.preprocess(9), s.preprocess(-3), s.preprocess(1)) == (1, 0, 1)
-        with pytest.raises(gr.Error):
-            gr.Slider(0, 1, value=0, step=1).preprocess(9)   # what the plain slider does
+def test_a_stale_slider_step_shows_the_nearest_images_instead_of_failing(tmp_path):
+    """A poll narrows the step slider to a resumed run's steps while the browser still sends the old step (seen in
+    CI as gradio's 'Value 9 is greater than maximum value 1'): the event takes raw values and the step is read as
+    the newest at or below it, else the first."""
+    import inspect
+    from lora_gui import widgets
+    assert "preprocess=False" in inspect.getsource(widgets).split("self.step.change(", 1)[1].split("\n\n", 1)[0]
+    samples = tmp_path / "run" / "samples"
+    samples.mkdir(parents=True)
+    for n in (3, 5):
+        (samples / f"step_{n:06d}_0.png").write_bytes(b"")
+    snap = runview.RunSnapshot(path=tmp_path / "run", samples=sorted(samples.iterdir()))
+    assert [c for _, c in runview.gallery_items(snap, 9)] == ["step 5 · prompt 0"]
+    assert [c for _, c in runview.gallery_items(snap, 1)] == ["step 3 · prompt 0"]
