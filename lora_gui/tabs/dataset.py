@@ -11,9 +11,8 @@ from ..services.datasets import CAPTIONING_HINT, PER_PAGE, summary_markdown
 from ..widgets import guard
 
 
-def build(page) -> None:
-    ctrl = page.ctrl
-    svc = ctrl.datasets
+def _layout(svc) -> tuple:
+    """The Dataset tab's controls, in the order build unpacks them."""
     with gr.Tab("Dataset", id="dataset") as tab:
         with gr.Row():
             folder = gr.Dropdown(choices=svc.folders(), value=next(iter(svc.folders()), None), label="Dataset folder",
@@ -46,6 +45,14 @@ def build(page) -> None:
             go = gr.Button("Replace in every caption", scale=1, elem_id="ds-replace-go")
         message = gr.Markdown(elem_id="ds-message")
         gr.Markdown(CAPTIONING_HINT, elem_id="ds-captioning")
+
+    return (tab, folder, resolution, step, show, view, summary, prev, page_no, pages, nxt, gallery, file, caption, save, mask, trigger, add, find, repl, go, message)
+
+
+def build(page) -> None:
+    ctrl = page.ctrl
+    svc = ctrl.datasets
+    (tab, folder, resolution, step, show, view, summary, prev, page_no, pages, nxt, gallery, file, caption, save, mask, trigger, add, find, repl, go, message) = _layout(svc)
 
     def shown(v, n):
         n = min(max(1, int(n or 1)), v.pages)
