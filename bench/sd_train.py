@@ -312,13 +312,13 @@ def run_ours(warmup: int, steps: int, mp: str, cached: bool, arch: str, size: st
     from lora_sd import train as sd_train
     from lora_sd.testing import train_config
     cpu_marks = []   # process CPU time at each step's metrics line (one per optimizer step)
-    original = sd_train._MetricsRun.append_metrics
+    original = RunDir.append_metrics
 
     def append_metrics(self, record):
         cpu_marks.append(time.process_time())
         original(self, record)
 
-    sd_train._MetricsRun.append_metrics = append_metrics
+    RunDir.append_metrics = append_metrics
     pipe = build_pipeline(arch, size, layers, heads)
     flow = arch in MMDIT_CONFIGS   # the reference's objective: logit-normal density, no loss weighting, the
     extra = {"flow": {"timestep_density": "logit_normal", "loss_weighting": "none", "shift": 0.0,   # scheduler's
