@@ -11,6 +11,12 @@ DoRA (`use_dora`, PEFT's semantics as the torch core): a magnitude m per output
 (`<module>.lora_magnitude_vector`, shape (out,)) and y = base(x) + (m/n - 1) · W x + m/n · s · B A x with
 n = ||W + s B A|| per output row, held constant in the backward (stop_gradient), as PEFT.
 
+LoHa and LoKr (`lora.type`, `LycorisDense`): the factors are parameters of the wrapper itself, under PEFT's
+names (`<module>.hada_w1_a`, `<module>.lokr_w1`, ...), shapes and initialisation
+(lora_core.variants.factor_shapes), and y = base(x) + x ΔWᵀ with lora_core.variants' ΔW: (w1_a w1_b) ⊙
+(w2_a w2_b) · alpha/r, or w1 ⊗ w2 · alpha/r.
+OFT (a rotation of the frozen weight) stays torch-only.
+
 Differences from the PyTorch core, on purpose: one adapter per model (no set_adapter / multi-adapter
 stacking), and only `nn.Dense` bases (a GPT-2 written for MindSpore stores Conv1D weights as Dense).
 Modules to save (a classification head) get the core's semantics for that one adapter: the original
@@ -41,6 +47,7 @@ from .config import LoraConfig, name_matches
 from .fused import block_B
 from .io import atomic_path, config_metadata, read_lora_config, read_safetensors
 from .model import check_finite, state_dict_mismatch
+from .variants import factor_shapes
 from .errors import LoraLoadError, NonFiniteError
 
 # MindSpore spells some parameters differently from PyTorch; adapter files use the PyTorch names
@@ -51,36 +58,78 @@ def _ms_zeros(shape, like):
     return ops.zeros(shape, like.dtype)
 
 
-class LoraDense(nn.Cell):
+def _kaiming():
+    """torch's kaiming_uniform_(a=sqrt(5)) (bound 1/sqrt(fan_in)), the initialisation of lora_core's factors."""
+    return HeUniform(negative_slope=math.sqrt(5))
+
+
+class AdapterDense(nn.Cell):
+    """What every adapter wrapper shares: the frozen `nn.Dense`, the user scale, merge / unmerge, disabling."""
+
+    def __init__(self, base_layer: nn.Dense, kind: str):
+        super().__init__()
+        if not isinstance(base_layer, nn.Dense):
+            raise TypeError(f"{kind} (MindSpore) can wrap nn.Dense only, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        w = base_layer.weight.dtype
+        self.adapter_dtype = w if w in (ms.float32, ms.float64) else ms.float32
+        self.user_scale = 1.0
+        self.merged = False
+        self.disabled = False
+
+    def delta_weight(self) -> np.ndarray:
+        """ΔW in Dense layout (out, in), fp32 numpy, including scale and user scale."""
+        raise NotImplementedError
+
+    def adapter_params(self) -> dict[str, ms.Parameter]:
+        """The adapter's parameters by their file name after `<module>.` (lora_core.lora_state_dict's)."""
+        raise NotImplementedError
+
+    def _apply_delta(self, sign: float) -> None:
+        self._write_weight(self.base_layer.weight.asnumpy().astype(np.float32) + sign * self.delta_weight(), sign > 0)
+
+    def _write_weight(self, new: np.ndarray, check: bool) -> None:
+        if check and not np.isfinite(new).all():
+            raise NonFiniteError("merging the adapter would give non-finite weights; nothing was merged")
+        W = self.base_layer.weight
+        ops.assign(W, ms.Tensor(new, W.dtype))
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; a non-finite result raises and changes nothing."""
+        if not self.merged:
+            self._apply_delta(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._apply_delta(-1.0)
+            self.merged = False
+
+
+class LoraDense(AdapterDense):
     """A frozen `nn.Dense` plus one low-rank adapter (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Dense, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming", slices: Optional[list[bool]] = None, use_dora: bool = False):
-        super().__init__()
         if use_dora and slices is not None:
             raise ValueError("DoRA does not work on fused slices; set use_dora = false or drop fused_slices")
-        if not isinstance(base_layer, nn.Dense):
-            raise TypeError(f"LoRA (MindSpore) can wrap nn.Dense only, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        super().__init__(base_layer, "LoRA")
         n_on, out = 1, self.out_features
         if slices is not None:
             if self.out_features % len(slices):
                 raise ValueError(f"output size {self.out_features} is not divisible into {len(slices)} slices")
             n_on = sum(bool(s) for s in slices)
             out = self.out_features // len(slices) * n_on
-        a_init = HeUniform(negative_slope=math.sqrt(5)) if init == "kaiming" else Normal(sigma=1.0 / r)
-        dtype = base_layer.weight.dtype if base_layer.weight.dtype in (ms.float32, ms.float64) else ms.float32
+        a_init = _kaiming() if init == "kaiming" else Normal(sigma=1.0 / r)
+        dtype = self.adapter_dtype
         self.lora_A = nn.Dense(self.in_features, r * n_on, weight_init=initializer(a_init, (r * n_on, self.in_features), dtype),
                                has_bias=False, dtype=dtype)
         self.lora_B = nn.Dense(r, out, weight_init="zeros", has_bias=False, dtype=dtype)
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha = r, float(alpha)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.user_scale = 1.0
         self.slices = tuple(bool(s) for s in slices) if slices is not None else None
-        self.merged = False
-        self.disabled = False
         self.use_dora = use_dora
         self._dora_norm_merged = None
         if use_dora:   # m = ||W|| per output (B is zero), PEFT's start
@@ -108,8 +157,13 @@ class LoraDense(nn.Cell):
             delta = ops.matmul(h, self.full_B().T)
         return y + (delta * (self.scaling * self.user_scale)).astype(y.dtype)
 
+    def adapter_params(self) -> dict[str, ms.Parameter]:
+        params = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        if self.use_dora:
+            params["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return params
+
     def delta_weight(self) -> np.ndarray:
-        """ΔW in Dense layout (out, in), fp32 numpy, including scale and user scale."""
         B = self.full_B().asnumpy().astype(np.float32)
         A = self.lora_A.weight.asnumpy().astype(np.float32)
         return (B @ A) * np.float32(self.scaling * self.user_scale)
@@ -139,32 +193,68 @@ class LoraDense(nn.Cell):
         return self.lora_magnitude_vector.asnumpy().astype(np.float32) / self._dora_norm_merged
 
     def _apply_delta(self, sign: float) -> None:
-        W = self.base_layer.weight
-        old, delta = W.asnumpy().astype(np.float32), self.delta_weight()
-        new = old + sign * delta
-        if self.use_dora:   # merge: f · (W + ΔW); unmerge: W' / f - ΔW
-            f = self._dora_factor(old)[:, None]
-            new = f * (old + delta) if sign > 0 else old / f - delta
-            if sign < 0:
-                self._dora_norm_merged = None
-        if sign > 0 and not np.isfinite(new).all():
+        if not self.use_dora:
+            return super()._apply_delta(sign)
+        old, delta = self.base_layer.weight.asnumpy().astype(np.float32), self.delta_weight()
+        f = self._dora_factor(old)[:, None]   # merge: f · (W + ΔW); unmerge: W' / f - ΔW
+        if sign < 0:
             self._dora_norm_merged = None
-            raise NonFiniteError("merging the adapter would give non-finite weights; nothing was merged")
-        ops.assign(W, ms.Tensor(new, W.dtype))
-
-    def merge(self) -> None:
-        """Fold the adapter into the base weight; a non-finite result raises and changes nothing."""
-        if not self.merged:
-            self._apply_delta(+1.0)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            self._apply_delta(-1.0)
-            self.merged = False
+            return self._write_weight(old / f - delta, False)
+        try:
+            self._write_weight(f * (old + delta), True)
+        except NonFiniteError:
+            self._dora_norm_merged = None
+            raise
 
     def extend_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, slices={self.slices}, merged={self.merged}"
+
+
+def _kron(a, b):
+    """The Kronecker product of two matrices (torch.kron's layout)."""
+    (m, n), (p, q) = a.shape, b.shape
+    return (a.reshape(m, 1, n, 1) * b.reshape(1, p, 1, q)).reshape(m * p, n * q)
+
+
+class LycorisDense(AdapterDense):
+    """A frozen `nn.Dense` plus one LoHa or LoKr adapter (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Dense, kind: str, r: int, alpha: float, factor: int = -1,
+                 decompose_both: bool = False):
+        super().__init__(base_layer, kind)
+        self.kind, self.r, self.alpha = kind, r, float(alpha)
+        self.scaling = alpha / r
+        shapes = factor_shapes(kind, self.out_features, self.in_features, (), r, factor, decompose_both)
+        for name, (shape, kaiming) in shapes.items():
+            init = _kaiming() if kaiming else "zeros"
+            setattr(self, name, ms.Parameter(initializer(init, shape, self.adapter_dtype), name=name))
+        self.factor_names = tuple(shapes)
+        self.w1_split, self.w2_split = "lokr_w1_a" in shapes, "lokr_w2_a" in shapes
+
+    def adapter_params(self) -> dict[str, ms.Parameter]:
+        return {n: getattr(self, n) for n in self.factor_names}
+
+    def delta(self) -> ms.Tensor:
+        """ΔW (out, in) with scale and user scale, lora_core.variants' formulas."""
+        s = self.scaling * self.user_scale
+        if self.kind == "loha":
+            return ops.matmul(self.hada_w1_a, self.hada_w1_b) * ops.matmul(self.hada_w2_a, self.hada_w2_b) * s
+        w1 = ops.matmul(self.lokr_w1_a, self.lokr_w1_b) if self.w1_split else self.lokr_w1
+        w2 = ops.matmul(self.lokr_w2_a, self.lokr_w2_b) if self.w2_split else self.lokr_w2
+        return _kron(w1, w2) * s
+
+    def delta_weight(self) -> np.ndarray:
+        return self.delta().asnumpy().astype(np.float32)
+
+    def construct(self, x):
+        y = self.base_layer(x)
+        if self.disabled or self.merged:
+            return y
+        d = self.delta()
+        return y + ops.matmul(x.astype(d.dtype), d.T).astype(y.dtype)
+
+    def extend_repr(self) -> str:
+        return f"{self.kind}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
 class ModulesToSaveCell(nn.Cell):
@@ -206,9 +296,10 @@ def _set_cell(net: nn.Cell, name: str, new: nn.Cell) -> None:
         p.name = pname
 
 
-def lora_layers(net: nn.Cell) -> Iterator[tuple[str, LoraDense]]:
+def lora_layers(net: nn.Cell) -> Iterator[tuple[str, AdapterDense]]:
+    """The adapted cells (LoraDense or LycorisDense) by qualified name."""
     for name, cell in net.cells_and_names():
-        if isinstance(cell, LoraDense):
+        if isinstance(cell, AdapterDense):
             yield name, cell
 
 
@@ -244,8 +335,9 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
     parameters and config.modules_to_save. Returns the qualified names of the adapted cells."""
     if any(True for _ in lora_layers(net)):
         raise ValueError("the network already has a LoRA adapter (the MindSpore backend holds one)")
-    if config.type != "lora":
-        raise ValueError(f"lora.type = {config.type!r}: the MindSpore backend has LoRA only; use the torch backend")
+    if config.type == "oft":
+        raise ValueError("lora.type = 'oft': the MindSpore backend has lora, loha and lokr (OFT rotates the frozen "
+                         "weight); use the torch backend")
     cells = list(net.cells_and_names())
     targets = [n for n, c in cells if n and isinstance(c, nn.Dense) and config.matches(n)]
     if not targets:
@@ -256,10 +348,7 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
     for p in net.get_parameters():
         p.requires_grad = False
     for name in targets:
-        r, alpha = config.rank_alpha(name)
-        layer = LoraDense(get_cell(net, name), r, alpha, config.dropout, config.use_rslora,
-                          config.init, config.slices_for(name), config.use_dora)
-        _set_cell(net, name, layer)
+        _set_cell(net, name, _adapter_cell(get_cell(net, name), config, name))
     for name in save:
         head = ModulesToSaveCell(get_cell(net, name))
         _set_cell(net, name, head)
@@ -268,6 +357,14 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
             p.requires_grad = True
     net._lora_config = config
     return sorted(targets)
+
+
+def _adapter_cell(base: nn.Dense, config: LoraConfig, name: str) -> AdapterDense:
+    r, alpha = config.rank_alpha(name)
+    if config.type == "lora":
+        return LoraDense(base, r, alpha, config.dropout, config.use_rslora, config.init, config.slices_for(name),
+                         config.use_dora)
+    return LycorisDense(base, config.type, r, alpha, config.decompose_factor, config.decompose_both)
 
 
 def remove_lora(net: nn.Cell, merge: bool = False) -> nn.Cell:
@@ -313,10 +410,7 @@ def _param_items(net: nn.Cell) -> dict[str, ms.Parameter]:
     """adapter-file key -> Parameter, in the PyTorch names of lora_core.lora_state_dict."""
     items = {}
     for name, layer in lora_layers(net):
-        items[f"{name}.lora_A.weight"] = layer.lora_A.weight
-        items[f"{name}.lora_B.weight"] = layer.lora_B.weight
-        if layer.use_dora:
-            items[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+        items.update({f"{name}.{k}": p for k, p in layer.adapter_params().items()})
     cfg = getattr(net, "_lora_config", None)
     if cfg is not None:
         for mname in _modules_to_save(net, cfg.modules_to_save):
@@ -378,6 +472,6 @@ def load_lora(path: Union[str, Path], net: nn.Cell) -> LoraConfig:
     return cfg
 
 
-__all__ = ["LoraDense", "ModulesToSaveCell", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
+__all__ = ["AdapterDense", "LoraDense", "LycorisDense", "ModulesToSaveCell", "add_lora", "remove_lora", "merge_lora", "unmerge_lora", "enable_lora", "set_scale",
            "lora_layers", "lora_parameters", "lora_config", "lora_state_dict", "load_lora_state_dict",
            "save_lora", "load_lora", "get_cell"]

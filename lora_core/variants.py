@@ -47,6 +47,29 @@ def _param(*shape: int, device, dtype, kaiming: bool) -> nn.Parameter:
     return p
 
 
+def factor_shapes(kind: str, out: int, in_ch: int, kernel: tuple[int, ...], r: int, factor: int = -1,
+                  decompose_both: bool = False) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """The factors of a LoHa / LoKr adapter in creation order: name -> (shape, Kaiming-uniform init, else zero);
+    the rules are in LoHa's and LoKr's docstrings (PEFT's). The MindSpore twin builds its factors from this too."""
+    fan_in = in_ch * math.prod(kernel)
+    if kind == "loha":
+        return {"hada_w1_a": ((out, r), True), "hada_w1_b": ((r, fan_in), True),
+                "hada_w2_a": ((out, r), True), "hada_w2_b": ((r, fan_in), False)}
+    (a, b), (c, d) = factorization(out, factor), factorization(in_ch, factor)
+    if decompose_both and r < max(a, c) / 2:
+        shapes = {"lokr_w1_a": ((a, r), False), "lokr_w1_b": ((r, c), True)}
+    else:
+        shapes = {"lokr_w1": ((a, c), False)}
+    if r >= max(b, d) / 2:
+        return {**shapes, "lokr_w2": ((b, d, *kernel), True)}
+    return {**shapes, "lokr_w2_a": ((b, r), True), "lokr_w2_b": ((r, d * math.prod(kernel)), True)}
+
+
+def _add_factors(module: nn.Module, shapes: dict[str, tuple[tuple[int, ...], bool]], device, dtype) -> None:
+    for name, (shape, kaiming) in shapes.items():
+        setattr(module, name, _param(*shape, device=device, dtype=dtype, kaiming=kaiming))
+
+
 class Variant(nn.Module):
     """One adapter of a LyCORIS type on one layer. `key_prefix` goes before the parameter names in files."""
     kind = ""
@@ -82,9 +105,7 @@ class LoHa(Variant):
 
     def __init__(self, out: int, fan_in: int, r: int, alpha: float, device=None, dtype=None):
         super().__init__(r, alpha)
-        kw = dict(device=device, dtype=dtype)
-        self.hada_w1_a, self.hada_w1_b = _param(out, r, **kw, kaiming=True), _param(r, fan_in, **kw, kaiming=True)
-        self.hada_w2_a, self.hada_w2_b = _param(out, r, **kw, kaiming=True), _param(r, fan_in, **kw, kaiming=False)
+        _add_factors(self, factor_shapes("loha", out, fan_in, (), r), device, dtype)
 
     def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
         w1 = self.hada_w1_a.to(dtype) @ self.hada_w1_b.to(dtype)
@@ -100,17 +121,7 @@ class LoKr(Variant):
     def __init__(self, out: int, in_ch: int, kernel: tuple[int, ...], r: int, alpha: float, factor: int = -1,
                  decompose_both: bool = False, device=None, dtype=None):
         super().__init__(r, alpha)
-        kw = dict(device=device, dtype=dtype)
-        (a, b), (c, d) = factorization(out, factor), factorization(in_ch, factor)
-        if decompose_both and r < max(a, c) / 2:
-            self.lokr_w1_a, self.lokr_w1_b = _param(a, r, **kw, kaiming=False), _param(r, c, **kw, kaiming=True)
-        else:
-            self.lokr_w1 = _param(a, c, **kw, kaiming=False)
-        if r >= max(b, d) / 2:
-            self.lokr_w2 = _param(b, d, *kernel, **kw, kaiming=True)
-        else:
-            self.lokr_w2_a = _param(b, r, **kw, kaiming=True)
-            self.lokr_w2_b = _param(r, d * math.prod(kernel), **kw, kaiming=True)
+        _add_factors(self, factor_shapes("lokr", out, in_ch, kernel, r, factor, decompose_both), device, dtype)
 
     def _factor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         full = getattr(self, name, None)

@@ -193,3 +193,85 @@ def assert_same_weights(a, b, comps) -> None:
         assert sa.keys() == sb.keys(), comp
         bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
         assert not bad, (comp, bad[:3])
+
+
+# ------------------------------------------------------------------ LyCORIS' own loader on a diffusers pipeline
+def text_encoders(pipe) -> dict:
+    return {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+
+
+def components(pipe) -> dict:
+    return {"unet": pipe.unet, **text_encoders(pipe)}
+
+
+def unet_te_outputs(pipe) -> dict[str, torch.Tensor]:
+    """The UNet's and each text encoder's output on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (1, 7), generator=g)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = torch.randn(1, 7, pipe.unet.config.cross_attention_dim, generator=g)
+    extra = {}
+    if pipe.unet.config.addition_embed_type == "text_time":
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32, generator=g),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
+    with torch.no_grad():
+        out = {"unet": pipe.unet(x, torch.tensor([500]), ctx, **extra).sample}
+        out.update({n: te(ids).last_hidden_state for n, te in text_encoders(pipe).items()})
+    return out
+
+
+def assert_same_outputs(a: dict, b: dict, what: str) -> None:
+    """Outputs of unet_te_outputs equal to 1e-4 of their largest value."""
+    for name in a:
+        scale = a[name].abs().max()
+        assert (a[name] - b[name]).abs().max() <= 1e-4 * scale, f"{what}: {name} differs"
+
+
+def for_lycoris(sd: dict, pipe) -> dict:
+    """The file's tensors under the names LyCORIS 4.1.3 looks for on a diffusers pipeline (workarounds, not
+    format changes): it names modules from the diffusers UNet's own paths, so SDXL's SGM-named UNet keys
+    (kohya's) are renamed to diffusers' paths; and from the text encoders' module paths, which transformers 5
+    flattened for CLIPTextModel (no `.text_model`), so there `lora_te*_text_model_` becomes `lora_te*_`."""
+    from lora_sd import formats  # lazy: the GUI-only test modules never load diffusers
+    from lora_sd.adapter_formats import KOHYA_PREFIXES, kohya_name
+    unet_names = {sgm: kohya_name(key) for sgm, key in formats.kohya_names({"unet": pipe.unet}).items()}
+    tes = text_encoders(pipe)
+    flat = [p for p, comp in KOHYA_PREFIXES if comp in tes and not hasattr(tes[comp], "text_model")]
+    out = {}
+    for k, t in sd.items():
+        base, _, part = k.partition(".")
+        base = unet_names.get(base, base)
+        for prefix in flat:
+            if base.startswith(prefix + "text_model_"):
+                base = prefix + base[len(prefix + "text_model_"):]
+        out[f"{base}.{part}"] = t
+    return out
+
+
+def lycoris_on_diffusers(monkeypatch) -> None:
+    """LyCORIS 4.1.3's kohya network over a diffusers UNet (its loader builds one too) targets
+    time_embedding.linear_1/2 twice, by name and inside the "TimestepEmbedding" block it lists for Anima, and
+    stops on the duplicate name: that block is left out of its lists for the test (a LyCORIS bug, not the file's).
+    `monkeypatch` is pytest's fixture."""
+    import lycoris.kohya as lycoris_kohya  # lazy: lycoris-lora is a dev extra; its tests skip without it
+    cls = lycoris_kohya.LycorisNetworkKohya
+    keep = lambda blocks: [b for b in blocks if b != "TimestepEmbedding"]   # noqa: E731
+    monkeypatch.setattr(cls, "UNET_TARGET_REPLACE_MODULE", keep(cls.UNET_TARGET_REPLACE_MODULE))
+    full = lycoris_kohya.PRESET["full"]
+    monkeypatch.setitem(lycoris_kohya.PRESET, "full", {**full, "unet_target_module": keep(full["unet_target_module"])})
+
+
+def lycoris_load(pipe, sd: dict, merge: bool) -> None:
+    """Load `sd` with LyCORIS' own kohya loader (every key must be used), then hook it into the pipeline's
+    modules (apply_to) or fold it into their weights (merge_to). Needs lycoris_on_diffusers first."""
+    import lycoris.kohya as lycoris_kohya  # lazy: lycoris-lora is a dev extra; its tests skip without it
+    tes = list(text_encoders(pipe).values())
+    sd = for_lycoris(sd, pipe)
+    net, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, tes if len(tes) > 1 else tes[0], pipe.unet,
+                                                       weights_sd=sd)
+    used = {f"{m.lora_name}.{k}" for m in net.unet_loras + net.text_encoder_loras for k in m.state_dict()}
+    assert used == set(sd), sorted(set(sd) ^ used)[:5]
+    if merge:
+        net.merge_to(tes, pipe.unet, sd, torch.float32, "cpu")
+    else:
+        net.apply_to(tes, pipe.unet, apply_text_encoder=True, apply_unet=True)

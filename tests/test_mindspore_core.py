@@ -194,3 +194,72 @@ def test_project_imports_do_not_load_mindspore():
                          cwd=__import__("pathlib").Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ LoHa and LoKr (LycorisDense)
+LYCO = {"loha": LoraConfig(type="loha", r=3, alpha=5, target_modules=["blocks.0", "blocks.1"],
+                           modules_to_save=["head"]),
+        "lokr": LoraConfig(type="lokr", r=2, alpha=3, target_modules=["blocks.0", "blocks.1"]),
+        "lokr_both": LoraConfig(type="lokr", r=2, alpha=3, decompose_both=True, target_modules=["blocks.0"]),
+        "lokr_full": LoraConfig(type="lokr", r=8, alpha=2, decompose_factor=4, target_modules=r"blocks\.1")}
+
+
+@pytest.mark.parametrize("kind", LYCO)
+def test_loha_and_lokr_match_torch(kind):
+    """Same weights, same factor names and shapes as the torch core: forward, ΔW and merge/unmerge equal to 1e-5."""
+    cfg = LYCO[kind]
+    mn, tn = twins(cfg)
+    x = x_in()
+    a, b = run(mn, tn, x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.abs(a - run(*make_nets(base_weights()), x)[0]).max() > 1e-2   # the adapter does something
+    for (name, ml), (tname, tl) in zip(lcm.lora_layers(mn), lc.lora_layers(tn), strict=True):
+        assert name == tname and isinstance(ml, lcm.LycorisDense)
+        want = tl.delta_weight("default").detach().numpy()
+        np.testing.assert_allclose(ml.delta_weight(), want, rtol=1e-5, atol=1e-6)
+    shapes = {k: v.shape for k, v in lcm.lora_state_dict(mn).items()}
+    assert shapes == {k: tuple(v.shape) for k, v in lc.lora_state_dict(tn).items()}
+    assert {p.name for p in mn.trainable_params()} == set(shapes)
+    lcm.merge_lora(mn)
+    lc.merge_lora(tn)
+    merged = {n: p.asnumpy() for n, p in mn.parameters_and_names() if "base_layer.weight" in n}
+    for n, p in tn.named_parameters():
+        if "base_layer.weight" in n:
+            np.testing.assert_allclose(merged[n], p.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mn(ms.Tensor(x)).asnumpy(), a, rtol=1e-5, atol=1e-5)
+    lcm.unmerge_lora(mn)
+    np.testing.assert_allclose(mn(ms.Tensor(x)).asnumpy(), a, rtol=1e-5, atol=1e-6)
+    lcm.remove_lora(mn, merge=True)
+    np.testing.assert_allclose(mn(ms.Tensor(x)).asnumpy(), a, rtol=1e-5, atol=1e-5)
+
+
+def test_loha_and_lokr_start_as_the_identity():
+    """PEFT's initialisation: LoHa's w2_b and LoKr's w1 are zero, the other factors Kaiming-uniform."""
+    x = ms.Tensor(x_in())
+    for kind in ("loha", "lokr_both"):
+        mn, _ = make_nets(base_weights())
+        ref = mn(x).asnumpy()
+        lcm.add_lora(mn, LYCO[kind])
+        np.testing.assert_array_equal(mn(x).asnumpy(), ref)
+        sd = {k: v for k, v in lcm.lora_state_dict(mn).items() if ".hada_" in k or ".lokr_" in k}
+        zero = {k for k, v in sd.items() if not v.any()}
+        assert zero == {k for k in sd if k.endswith(("hada_w2_b", "lokr_w1_a"))} != set()
+        for k in set(sd) - zero:
+            bound = 1 / math.sqrt(sd[k].shape[1])
+            assert 0.2 * bound < np.abs(sd[k]).max() <= bound, k
+
+
+def test_loha_file_roundtrip_between_backends_and_oft_refused(tmp_path):
+    mn, tn = twins(LYCO["loha"])
+    x = x_in(1)
+    lcm.save_lora(tmp_path / "ms.safetensors", mn)
+    m2, t2 = make_nets(base_weights())
+    assert lc.load_lora(tmp_path / "ms.safetensors", t2) == LYCO["loha"]
+    a, b = run(mn, t2, x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    lc.save_lora(tmp_path / "pt.safetensors", tn)
+    assert lcm.load_lora(tmp_path / "pt.safetensors", m2) == LYCO["loha"]
+    np.testing.assert_allclose(m2(ms.Tensor(x)).asnumpy(), a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="^lora.type = 'oft': the MindSpore backend has lora, loha and lokr") as e:
+        lcm.add_lora(MSNet(), LoraConfig(type="oft", oft_block_size=4, target_modules=["blocks.0"]))
+    assert "\n" not in str(e.value)

@@ -12,6 +12,7 @@ import torch
 
 import lora_core as lc
 from lora_core import LoraConfig, LoraLoadError
+import helpers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -29,23 +30,15 @@ def _unet_configs():
             "lokr": LoraConfig(type="lokr", r=2, alpha=3, target_modules=targets)}
 
 
-def _text_encoders(pipe) -> dict:
-    return {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
-
-
-def _components(pipe) -> dict:
-    return {"unet": pipe.unet, **_text_encoders(pipe)}
-
-
 def _train(pipe, kind: str, seed: int = 3):
     """The pipeline with a random (non-trivial) adapter of `kind` on its UNet and text encoders."""
     cfg = _unet_configs()[kind]
     lc.add_lora(pipe.unet, cfg)
-    for te in _text_encoders(pipe).values():
+    for te in helpers.text_encoders(pipe).values():
         lc.add_lora(te, LoraConfig(**{**cfg.__dict__, "target_modules": TE, "conv_r": None, "conv_alpha": None}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for model in _components(pipe).values():
+        for model in helpers.components(pipe).values():
             for name, p in model.named_parameters():
                 if "lora_magnitude_vector" in name:
                     p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
@@ -54,74 +47,9 @@ def _train(pipe, kind: str, seed: int = 3):
     return pipe
 
 
-def _outputs(pipe) -> dict[str, torch.Tensor]:
-    """The UNet's and each text encoder's output on fixed inputs."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (1, 7), generator=g)
-    x = torch.randn(1, 4, 16, 16, generator=g)
-    ctx = torch.randn(1, 7, pipe.unet.config.cross_attention_dim, generator=g)
-    extra = {}
-    if pipe.unet.config.addition_embed_type == "text_time":
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32, generator=g),
-                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
-    with torch.no_grad():
-        out = {"unet": pipe.unet(x, torch.tensor([500]), ctx, **extra).sample}
-        out.update({n: te(ids).last_hidden_state for n, te in _text_encoders(pipe).items()})
-    return out
-
-
-def _assert_same(a: dict, b: dict, what: str) -> None:
-    for name in a:
-        scale = a[name].abs().max()
-        assert (a[name] - b[name]).abs().max() <= 1e-4 * scale, f"{what}: {name} differs"
-
-
-def _for_lycoris(sd: dict, pipe) -> dict:
-    """The file's tensors under the names LyCORIS 4.1.3 looks for on a diffusers pipeline (workarounds, not
-    format changes): it names modules from the diffusers UNet's own paths, so SDXL's SGM-named UNet keys
-    (kohya's) are renamed to diffusers' paths; and from the text encoders' module paths, which transformers 5
-    flattened for CLIPTextModel (no `.text_model`), so there `lora_te*_text_model_` becomes `lora_te*_`."""
-    from lora_sd import formats
-    from lora_sd.adapter_formats import KOHYA_PREFIXES, kohya_name
-    unet_names = {sgm: kohya_name(key) for sgm, key in formats.kohya_names({"unet": pipe.unet}).items()}
-    tes = _text_encoders(pipe)
-    flat = [p for p, comp in KOHYA_PREFIXES if comp in tes and not hasattr(tes[comp], "text_model")]
-    out = {}
-    for k, t in sd.items():
-        base, _, part = k.partition(".")
-        base = unet_names.get(base, base)
-        for prefix in flat:
-            if base.startswith(prefix + "text_model_"):
-                base = prefix + base[len(prefix + "text_model_"):]
-        out[f"{base}.{part}"] = t
-    return out
-
-
 @pytest.fixture
 def lycoris_on_diffusers(monkeypatch):
-    """LyCORIS 4.1.3's kohya network over a diffusers UNet (its loader builds one too) targets
-    time_embedding.linear_1/2 twice, by name and inside the "TimestepEmbedding" block it lists for Anima, and
-    stops on the duplicate name: that block is left out of its lists for the test (a LyCORIS bug, not the file's)."""
-    cls = lycoris_kohya.LycorisNetworkKohya
-    keep = lambda blocks: [b for b in blocks if b != "TimestepEmbedding"]   # noqa: E731
-    monkeypatch.setattr(cls, "UNET_TARGET_REPLACE_MODULE", keep(cls.UNET_TARGET_REPLACE_MODULE))
-    full = lycoris_kohya.PRESET["full"]
-    monkeypatch.setitem(lycoris_kohya.PRESET, "full", {**full, "unet_target_module": keep(full["unet_target_module"])})
-
-
-def _lycoris_load(pipe, sd: dict, merge: bool) -> None:
-    """Load `sd` with LyCORIS' own kohya loader (every key must be used), then hook it into the pipeline's
-    modules (apply_to) or fold it into their weights (merge_to)."""
-    tes = list(_text_encoders(pipe).values())
-    sd = _for_lycoris(sd, pipe)
-    net, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, tes if len(tes) > 1 else tes[0], pipe.unet,
-                                                       weights_sd=sd)
-    used = {f"{m.lora_name}.{k}" for m in net.unet_loras + net.text_encoder_loras for k in m.state_dict()}
-    assert used == set(sd), sorted(set(sd) ^ used)[:5]
-    if merge:
-        net.merge_to(tes, pipe.unet, sd, torch.float32, "cpu")
-    else:
-        net.apply_to(tes, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    helpers.lycoris_on_diffusers(monkeypatch)
 
 
 def _hand_delta(parts: dict, weight: torch.Tensor) -> torch.Tensor:
@@ -150,12 +78,12 @@ def _hand_delta(parts: dict, weight: torch.Tensor) -> torch.Tensor:
 def _hand_merge(pipe, sd: dict) -> None:
     """Merge the file's tensors into the pipeline by _hand_delta (module names as LyCORIS finds them)."""
     from lora_sd import formats
-    names = formats.kohya_names(_components(pipe))
+    names = formats.kohya_names(helpers.components(pipe))
     by_base: dict[str, dict] = {}
-    for k, t in _for_lycoris(sd, pipe).items():
+    for k, t in helpers.for_lycoris(sd, pipe).items():
         base, _, part = k.partition(".")
         by_base.setdefault(base, {})[part] = t.float()
-    comps = _components(pipe)
+    comps = helpers.components(pipe)
     with torch.no_grad():
         for base, parts in by_base.items():
             comp, _, path = names[base].partition(".")
@@ -170,28 +98,28 @@ def test_lycoris_loads_our_kohya_files(tiny_pipeline, tmp_path, lycoris_on_diffu
     from lora_sd import formats
     trained = _train(tiny_pipeline(arch=arch), kind)
     path = tmp_path / f"{kind}.safetensors"
-    formats.write_adapter(path, formats.from_model(_components(trained)), "kohya")
+    formats.write_adapter(path, formats.from_model(helpers.components(trained)), "kohya")
     sd, meta = formats.read_safetensors(path)
-    expected = _outputs(trained)
-    assert expected.keys() == {"unet", *_text_encoders(trained)}
+    expected = helpers.unet_te_outputs(trained)
+    assert expected.keys() == {"unet", *helpers.text_encoders(trained)}
 
     ours = tiny_pipeline(arch=arch)
-    formats.apply_to_components(formats.read_adapter(path)[0], _components(ours))
-    _assert_same(expected, _outputs(ours), "our loader")
+    formats.apply_to_components(formats.read_adapter(path)[0], helpers.components(ours))
+    helpers.assert_same_outputs(expected, helpers.unet_te_outputs(ours), "our loader")
 
     theirs = tiny_pipeline(arch=arch)
-    _lycoris_load(theirs, sd, merge=False)
-    _assert_same(expected, _outputs(theirs), "LyCORIS' loader (apply_to)")
+    helpers.lycoris_load(theirs, sd, merge=False)
+    helpers.assert_same_outputs(expected, helpers.unet_te_outputs(theirs), "LyCORIS' loader (apply_to)")
     # LyCORIS 4.1.3's LohaModule / LokrModule.merge_to scale ΔW by alpha/r twice (get_weight and get_diff_weight
     # both apply it; their forward, above, once): its merge is checked for LoRA and DoRA/LoCon only
     if kind not in ("loha", "lokr"):
         theirs = tiny_pipeline(arch=arch)
-        _lycoris_load(theirs, sd, merge=True)
-        _assert_same(expected, _outputs(theirs), "LyCORIS' loader (merge_to)")
+        helpers.lycoris_load(theirs, sd, merge=True)
+        helpers.assert_same_outputs(expected, helpers.unet_te_outputs(theirs), "LyCORIS' loader (merge_to)")
 
     by_hand = tiny_pipeline(arch=arch)
     _hand_merge(by_hand, sd)
-    _assert_same(expected, _outputs(by_hand), "the hand merge")
+    helpers.assert_same_outputs(expected, helpers.unet_te_outputs(by_hand), "the hand merge")
     if kind in ("loha", "lokr"):
         assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == kind
         assert not any(k.endswith("lora_down.weight") for k in sd)
@@ -212,7 +140,8 @@ def test_lokr_full_factors_keep_their_scale(tiny_pipeline, tmp_path):
     assert all(float(v) == 8.0 for k, v in sd.items() if k.endswith(".alpha"))
     fresh = tiny_pipeline()
     formats.apply_to_components(formats.read_adapter(tmp_path / "a.safetensors")[0], {"unet": fresh.unet})
-    torch.testing.assert_close(_outputs(fresh)["unet"], _outputs(pipe)["unet"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(helpers.unet_te_outputs(fresh)["unet"], helpers.unet_te_outputs(pipe)["unet"],
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -229,15 +158,16 @@ def test_files_written_by_lycoris_load_exactly(tiny_pipeline, tmp_path, lycoris_
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    expected = _outputs(pipe)
+    expected = helpers.unet_te_outputs(pipe)
     net.save_weights(str(tmp_path / "lyco.safetensors"), torch.float32, None)
     sd, _ = formats.read_safetensors(tmp_path / "lyco.safetensors")
     assert any(k.startswith("lora_te_") for k in sd) and not any(k.endswith("lora_down.weight") for k in sd)
     fresh = tiny_pipeline()
-    adapter, _, fmt = formats.read_adapter(tmp_path / "lyco.safetensors", _components(fresh))
+    adapter, _, fmt = formats.read_adapter(tmp_path / "lyco.safetensors", helpers.components(fresh))
     assert fmt == "kohya" and {m.kind for m in adapter.values()} == {algo}
-    assert formats.apply_to_components(adapter, _components(fresh)) == len(net.unet_loras + net.text_encoder_loras)
-    _assert_same(expected, _outputs(fresh), "our loader")
+    n_modules = len(net.unet_loras + net.text_encoder_loras)
+    assert formats.apply_to_components(adapter, helpers.components(fresh)) == n_modules
+    helpers.assert_same_outputs(expected, helpers.unet_te_outputs(fresh), "our loader")
 
 
 def _named_file(tmp_path, parts: dict, name: str = "named"):
@@ -338,9 +268,9 @@ def test_merge_and_load_report_of_loha_and_lokr_files(tiny_sd_model, tiny_pipeli
     assert not list(lc.lora_layers(merged.unet)) and not list(lc.lora_layers(merged.text_encoder))
     ref = load_pipeline(tiny_sd_model)
     load_adapters(ref, [(str(path), 0.7)])
-    _assert_same(_outputs(ref), _outputs(merged), "merged")
-    rep = formats.load_report(formats.read_adapter(path)[0], _components(load_pipeline(tiny_sd_model)))
+    helpers.assert_same_outputs(helpers.unet_te_outputs(ref), helpers.unet_te_outputs(merged), "merged")
+    rep = formats.load_report(formats.read_adapter(path)[0], helpers.components(load_pipeline(tiny_sd_model)))
     assert rep.fits and len(rep.matched) == len(adapter)
     sdxl = tiny_pipeline(arch="sdxl")
-    rep = formats.load_report(formats.read_adapter(path)[0], _components(sdxl))
+    rep = formats.load_report(formats.read_adapter(path)[0], helpers.components(sdxl))
     assert not rep.fits and any(k.startswith("unet.") for k in rep.mismatched)
