@@ -20,7 +20,9 @@ def _targets_error(targets) -> Optional[str]:
     return None if targets else "is empty: name the modules to adapt"
 
 
-def _layers_error(layers) -> Optional[str]:
+def layers_error(layers) -> Optional[str]:
+    """What is wrong with a layer selection (a list of indices or 'top:K'), or None: the check of lora.layers and
+    of any other field that selects layers the same way."""
     if isinstance(layers, str):
         return None if _top_k(layers) else f"must be a list of layer indices or 'top:K' (K >= 1); got {layers!r}"
     bad = [i for i in layers if i < 0]
@@ -30,6 +32,20 @@ def _layers_error(layers) -> Optional[str]:
 def _top_k(text: str) -> Optional[int]:
     m = re.fullmatch(r"top:(\d+)", text.strip())
     return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
+
+
+def resolve_indices(layers: Union[list[int], str], num_layers: int, key: str = "lora.layers") -> list[int]:
+    """A layer selection checked by layers_error (indices or 'top:K') as the sorted indices it picks among
+    num_layers layers; an index or K beyond them is a ValueError naming `key`."""
+    if isinstance(layers, str):
+        k = _top_k(layers)
+        if k > num_layers:
+            raise ValueError(f"{key} = {layers!r}: the model has only {num_layers} layers")
+        return list(range(num_layers - k, num_layers))
+    bad = [i for i in layers if i >= num_layers]
+    if bad:
+        raise ValueError(f"{key}: {bad} out of range for a {num_layers}-layer model (0..{num_layers - 1})")
+    return sorted(set(layers))
 
 
 def layer_index(qualified_name: str) -> Optional[int]:
@@ -115,7 +131,7 @@ class LoraConfig(Checked, section="lora"):
     layers: Union[list[int], str] = option(
         [], "adapt only modules of these layers (PEFT's layers_to_transform): a list of indices, or 'top:K' for the "
         "last K layers; [] = all. LoRA on the top K layers only lets lora_llm cache the frozen layers below them",
-        check=_layers_error)
+        check=layers_error)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,17 +149,7 @@ class LoraConfig(Checked, section="lora"):
 
     def resolve_layers(self, num_layers: int) -> "LoraConfig":
         """This config with `layers` as a sorted list of indices of a num_layers-layer model ('top:K' resolved)."""
-        if isinstance(self.layers, str):
-            k = _top_k(self.layers)
-            if k > num_layers:
-                raise ValueError(f"lora.layers = {self.layers!r}: the model has only {num_layers} layers")
-            layers = list(range(num_layers - k, num_layers))
-        else:
-            bad = [i for i in self.layers if i >= num_layers]
-            if bad:
-                raise ValueError(f"lora.layers: {bad} out of range for a {num_layers}-layer model "
-                                 f"(0..{num_layers - 1})")
-            layers = sorted(set(self.layers))
+        layers = resolve_indices(self.layers, num_layers)
         with values_checked():   # this config's values are checked already; the indices are in range
             return replace(self, layers=layers)
 

@@ -3,7 +3,8 @@ keyword arguments, so this module needs no Gradio), how a config value is shown 
 value is parsed back into a config value.
 
 A field's kind follows from its declared type (`kind_for`): integer -> INTEGER, number -> NUMBER, boolean
--> TOGGLE, a string with allowed values -> CHOICE, a list of strings -> LINES, a table -> MAPPING. A form
+-> TOGGLE, a string with allowed values -> CHOICE, a list of strings -> LINES, a table -> MAPPING, a layer
+selection (indices or 'top:K') -> INDICES. A form
 names a kind only where the declared type does not say how it is typed in (a model reference, a folder of
 the workspace, a comma-separated list, the rank of an optional table). Parsing turns text into the
 declared type and nothing more: ranges and allowed values are the config's own check on load, whose
@@ -162,6 +163,23 @@ class Names(FieldKind):
         return [x.strip() for x in text.split(",") if x.strip()]
 
 
+class Indices(FieldKind):
+    """A layer selection: comma-separated indices, or 'top:K' (kept as text; the config checks it)."""
+    name = "indices"
+
+    def shown(self, f, value, ws):
+        return ", ".join(map(str, value)) if isinstance(value, list) else str(value or "")
+
+    def parse(self, f, value, ws):
+        text = str(value or "").strip()
+        if text.startswith("top:"):
+            return text
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"{f.where}: write indices such as 0, 2, 5 or top:K, not {text[:60]!r}") from None
+
+
 class Lines(FieldKind):
     """A list of strings, one per line."""
     name, wide = "lines", True
@@ -238,12 +256,12 @@ def _needs(f, ws: Optional[Workspace]) -> Workspace:
 
 TEXT, CHOICE, PRESET, TOGGLE = FieldKind(), Choice(), Preset(), Toggle()
 NUMBER, INTEGER, TABLE_RANK = Number(), Integer(), TableRank()
-NAMES, LINES, MAPPING, MODEL, FOLDER = Names(), Lines(), Mapping(), ModelRef(), Folder()
+NAMES, INDICES, LINES, MAPPING, MODEL, FOLDER = Names(), Indices(), Lines(), Mapping(), ModelRef(), Folder()
 
 # declared type (lora_core.fields.type_name, without " (optional)") -> its kind of input
 BY_TYPE = {"string": TEXT, "integer": INTEGER, "number": NUMBER, "boolean": TOGGLE, "list of strings": LINES,
-           "list of strings or string": NAMES, "table of integers": MAPPING, "table of numbers": MAPPING,
-           "table of strings": MAPPING}
+           "list of strings or string": NAMES, "list of integers or string": INDICES, "table of integers": MAPPING,
+           "table of numbers": MAPPING, "table of strings": MAPPING}
 
 
 def kind_for(key: str, spec: Optional[FieldSpec], presets: tuple = ()) -> FieldKind:

@@ -136,6 +136,8 @@ FLOW_FIELDS = [
     Field("flow.shift", "Timestep shift (0 = the scheduler's)", group="flow"),
     Field("flow.flux_shift", "Shift by image size (flux_shift)", group="flux"),
     Field("flow.guidance_scale", "Guidance fed while training (dev)", group="flux"),
+    Field("flow.single_layers", "Single blocks trained", group="flux",
+          info="indices such as 0, 5, 9 or top:K (the last K); empty: all. Targets must name them (attn+ff, all_linear)"),
 ]
 
 SD_FIELDS = [

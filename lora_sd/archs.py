@@ -81,6 +81,9 @@ class ArchSpec:
     t5: int = 0                        # which text encoder is T5 (1-based; 0: none) and its padded length
     t5_length: int = 0
     guidance: bool = False             # a guidance embedding fed a constant (Flux dev: flow.guidance_scale)
+    # the MMDiT's block lists that a config selects by index: (the transformer's attribute, the config key that
+    # selects them, what they are called); the UNets' lora.layers is PEFT's layers_to_transform (lora_core)
+    blocks: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def flow(self) -> bool:
@@ -102,9 +105,12 @@ SPECS = {
     "sd2": ArchSpec("sd2", "unet", _CLIP, sd1_text),
     "sdxl": ArchSpec("sdxl", "unet", ("text_encoder", "text_encoder_2"), sdxl_cond, _sdxl_extra, time_ids=True),
     "sd3": ArchSpec("sd3", "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"), sd3_text,
-                    _pooled_projections, mmdit_call, t5=3, t5_length=256),
+                    _pooled_projections, mmdit_call, t5=3, t5_length=256,
+                    blocks=(("transformer_blocks", "lora.layers", "joint"),)),
     "flux": ArchSpec("flux", "transformer", ("text_encoder", "text_encoder_2"), flux_text, _pooled_projections, flux_call,
-                     t5=2, t5_length=512, guidance=True),
+                     t5=2, t5_length=512, guidance=True,
+                     blocks=(("transformer_blocks", "lora.layers", "double"),
+                             ("single_transformer_blocks", "flow.single_layers", "single"))),
 }
 
 

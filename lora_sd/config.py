@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from lora_core.config import LoraConfig
+from lora_core.config import LoraConfig, layers_error
 from lora_core.configfile import load_config
 from lora_core.errors import ConfigError
 from lora_core.fields import Checked, option
@@ -214,6 +214,10 @@ class FlowSettings(Checked, section="flow"):
                               "computes mu from the packed sequence length (kohya's flux_shift); continuous sigma")
     guidance_scale: float = option(1.0, "Flux dev: the constant fed to the guidance embedding while training "
                                    "(1.0 - 3.5); schnell has none", ge=0)
+    single_layers: Union[list[int], str] = option(
+        [], "Flux: train only these single-stream blocks (kohya's train_single_block_indices): a list of indices or "
+        "'top:K' for the last K; [] = all. lora.layers picks the double-stream blocks the same way; each leaves the "
+        "other kind of block alone", check=layers_error)
 
 
 @dataclass
@@ -295,7 +299,7 @@ class SDTrainConfig(Checked):
                               "(self- and cross-attention) and 'cross_attn+conv' (LoCon); SD 3.5 / Flux: 'joint_attn' (their "
                               "default: both streams of the joint attention), 'joint_attn_image', 'attn+ff' (with the "
                               "feed-forwards and Flux's single blocks), 'all_linear' (and the modulation); lora.layers "
-                              "selects the joint (Flux: double) blocks by index",
+                              "selects the joint (Flux: double) blocks by index, flow.single_layers Flux's single blocks",
                               factory=_default_lora)
     text_encoder_lora: Optional[LoraConfig] = option(None, "set this table (same fields as [lora]) to train the "
                                                      "text encoder too (default targets: its attention)")
@@ -305,7 +309,8 @@ class SDTrainConfig(Checked):
                                           factory=EmbeddingSettings)
     train: SDTrainSettings = option(help="the training loop", factory=SDTrainSettings)
     loss: LossSettings = option(help="loss weighting", factory=LossSettings)
-    flow: FlowSettings = option(help="SD 3.5 and Flux only: the rectified-flow objective (lora_sd.flow)",
+    flow: FlowSettings = option(help="SD 3.5 and Flux only: the rectified-flow objective (lora_sd.flow) and Flux's "
+                                     "single-block selection",
                                 factory=FlowSettings)
     sample: SampleSettings = option(help="validation images", factory=SampleSettings)
     output: OutputSettings = option(help="the adapter files", factory=OutputSettings)

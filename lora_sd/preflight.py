@@ -3,7 +3,8 @@ the memory arithmetic and the CLI command).
 
 1. the config loads (every field validated) and its settings do not conflict;
 2. the data set: counts, captions, unreadable and too-small images, the bucket histogram (lora_sd.data.scan);
-3. trainable parameters, alpha/r, and the peak-memory estimate at the chosen batch, resolution and precision;
+3. the adapter fits the model (lora.layers, flow.single_layers within its blocks); trainable parameters, alpha/r,
+   and the peak-memory estimate at the chosen batch, resolution and precision;
 4. two real optimisation steps through the normal train path (lora_sd.train.run_training) at a reduced size on
    the chosen device: shape errors and non-finite losses show here, not at step 3,000.
 """
@@ -326,7 +327,21 @@ def preflight(config=None, overrides=(), device: str = "", steps: int = 2, pipe=
         except Exception as e:  # noqa: BLE001 - a model that cannot load blocks the run
             rep.error(f"model.pretrained {cfg.model.pretrained!r} cannot be loaded: {e}", "model.pretrained")
             return rep
+    if not adapter_fits(cfg, pipe, rep):
+        return rep
     if steps and items and rep.ok:
         two_steps(cfg, pipe, device, rep, steps)
     measure(cfg, pipe, device, rep)
     return rep
+
+
+def adapter_fits(cfg: SDTrainConfig, pipe, rep: PreflightReport) -> bool:
+    """[lora] fits the loaded model: its block selection (lora.layers, flow.single_layers) within the model's
+    blocks and holding targeted modules; else one error line, before any step."""
+    spec = spec_of(pipe)
+    try:
+        lora_for_arch(cfg, spec, getattr(pipe, spec.denoiser))
+    except ConfigError as e:
+        rep.error(str(e), e.key or "lora.target_modules")
+        return False
+    return True

@@ -20,8 +20,9 @@ SD_RESUME = {
     "lora": LORA_RESUME,
     "text_encoder_lora": LORA_RESUME,
     "text_encoder_2_lora": LORA_RESUME,
-    "flow": {k: RESULT for k in ("timestep_density", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
-                                 "loss_weighting", "shift", "flux_shift", "guidance_scale")},
+    "flow": {**{k: RESULT for k in ("timestep_density", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
+                                    "loss_weighting", "shift", "flux_shift", "guidance_scale")},
+             "single_layers": MATCH},   # which blocks carry the adapter, as lora.layers
     "embedding": {"token": MATCH, "init_word": MATCH, "learning_rate": RESULT},
     "train": {**TRAIN_RESUME, "offload_blocks": FREE},   # offloading is bit-identical (tests/test_offload.py)
     "loss": {k: RESULT for k in ("min_snr_gamma", "noise_offset", "min_timestep", "max_timestep", "prior_loss_weight",

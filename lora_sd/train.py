@@ -27,7 +27,9 @@ from diffusers.training_utils import compute_snr
 from torch import nn
 
 from lora_core import LoraConfig, add_lora, lora_disabled
+from lora_core.config import resolve_indices
 from lora_core.fields import values_checked
+from lora_core.layers import supported
 from lora_core.dtypes import torch_dtype
 from lora_core.errors import ConfigError
 from lora_core.lowmem import check_storage, store_frozen, stored_bytes
@@ -295,9 +297,13 @@ def _text_encoders(pipe) -> dict[str, nn.Module]:
 
 def lora_for_arch(cfg: SDTrainConfig, spec: ArchSpec, denoiser) -> LoraConfig:
     """[lora] for this architecture: SD 3.5's default targets are the joint attention (the UNet default,
-    cross_attn, names no MMDiT module), the MMDiT presets are refused on a UNet, and lora.layers (indices or
-    'top:K') selects the MMDiT's joint blocks (kohya's train_block_indices)."""
+    cross_attn, names no MMDiT module), the MMDiT presets are refused on a UNet, and the MMDiT's blocks are
+    selected by index (_select_blocks)."""
     lora, targets = cfg.lora, cfg.lora.target_modules
+    if cfg.flow.single_layers and not any(key == "flow.single_layers" for _, key, _ in spec.blocks):
+        raise ConfigError(f"flow.single_layers = {cfg.flow.single_layers!r}: model.pretrained = {cfg.model.pretrained} "
+                          f"is an {spec.name} model, which has no single-stream blocks (Flux has): remove "
+                          "flow.single_layers", "flow.single_layers")
     if not spec.flow:
         if targets in MMDIT_PRESETS.values():
             name = next(k for k, v in MMDIT_PRESETS.items() if v == targets)
@@ -307,15 +313,41 @@ def lora_for_arch(cfg: SDTrainConfig, spec: ArchSpec, denoiser) -> LoraConfig:
     if targets == CROSS_ATTN:
         log.info("lora.target_modules: %s trains the joint attention by default (preset joint_attn)", spec.name)
         targets = MMDIT_PRESETS["joint_attn"]
-    if lora.layers:
-        try:
-            blocks = lora.resolve_layers(len(denoiser.transformer_blocks)).layers
-        except ValueError as e:
-            raise ConfigError(f"{e} (lora.layers counts {spec.name}'s joint blocks)") from None
-        inner = targets if isinstance(targets, str) else "|".join(rf".*\b{re.escape(t)}" for t in targets)
-        targets = rf"(?=transformer_blocks\.({'|'.join(map(str, blocks))})\.)(?:{inner})"
     with values_checked():
-        return replace(lora, target_modules=targets, layers=[])
+        return _select_blocks(cfg, spec, denoiser, replace(lora, target_modules=targets, layers=[]))
+
+
+def _select_blocks(cfg: SDTrainConfig, spec: ArchSpec, denoiser, lora: LoraConfig) -> LoraConfig:
+    """`lora` narrowed to the blocks picked by index (kohya's train_double_block_indices /
+    train_single_block_indices): lora.layers picks the joint (Flux: double) blocks, flow.single_layers Flux's
+    single blocks, each a list of indices or 'top:K'; each leaves the other kind of block, and the modules outside
+    the blocks, as lora.target_modules names them. An index beyond the blocks, or a selection that holds no
+    targeted module, is one line."""
+    picked = {}   # block attribute -> the indices picked
+    for attr, key, kind in spec.blocks:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not value:
+            continue
+        blocks = getattr(denoiser, attr)
+        try:
+            picked[attr] = resolve_indices(value, len(blocks), key)
+        except ValueError as e:
+            raise ConfigError(f"{e} ({key} counts {spec.name}'s {kind} blocks)", key) from None
+        if not any(lora.matches(f"{attr}.{i}.{n}") for i in picked[attr] for n, m in blocks[i].named_modules()
+                   if supported(m)):
+            hint = " (the presets attn+ff and all_linear train them, joint_attn does not)" if kind == "single" else ""
+            raise ConfigError(f"{key} = {value!r} picks {spec.name}'s {kind} blocks {picked[attr]}, but "
+                              f"lora.target_modules names no module in them{hint}: target them or remove {key}", key)
+    if not picked:
+        return lora
+    targets = lora.target_modules
+    if not isinstance(targets, str):   # PEFT's list matching: equal, or ending with "." + a name
+        targets = rf"(?:.*\.)?(?:{'|'.join(map(re.escape, targets))})"
+    inside = "|".join(rf"{re.escape(attr)}\.({'|'.join(map(str, picked[attr]))})\." if attr in picked
+                      else rf"{re.escape(attr)}\." for attr, _, _ in spec.blocks)
+    outside = "|".join(re.escape(attr) for attr, _, _ in spec.blocks)
+    return replace(lora, target_modules=rf"(?:(?={inside})|(?!(?:{outside})\.))(?:{targets})")
 
 
 def _add_adapters(cfg: SDTrainConfig, pipe) -> dict[str, nn.Module]:

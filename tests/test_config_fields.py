@@ -153,6 +153,8 @@ def test_a_value_outside_its_declaration_is_refused_naming_file_key_value_and_ru
     ("sample.width", 100, "sample.width must be an integer >= 0, a multiple of 8; got 100"),
     ("data.resolution", 0, "data.resolution must be an integer >= 8, a multiple of 8; got 0"),
     ("output.save_dtype", "fp8", "output.save_dtype must be one of 'fp32', 'fp16', 'bf16'; got 'fp8'"),
+    ("flow.single_layers", "top:0", "flow.single_layers must be a list of layer indices or 'top:K' (K >= 1); got 'top:0'"),
+    ("flow.single_layers", [-1, 2], "flow.single_layers has negative layer indices [-1]"),
 ])
 def test_sd_config_messages(tmp_path, key, value, expected):
     p = _write(tmp_path, {"data": {"path": "x"}, **_nested(key, value)} if not key.startswith("data.") else

@@ -6,8 +6,12 @@ text_encoders.clip_l / t5xxl.*).
   map at that size is undone by diffusers' Flux converter (keys and shapes), and at FLUX.1's width (the
   converter hard-codes 3072) it gives back every value in place, the fused single-block linear1 included;
 - the tiny Flux pipeline round-trips through one file; a BFL transformer file takes the rest from
-  model.config.
+  model.config;
+- diffusers' own reader, FluxTransformer2DModel.from_single_file, loads our files of a LoRA-merged transformer
+  at FLUX.1's width (one block of each kind) to the same tensors: the ComfyUI checkpoint and BFL's layout.
 """
+import gc
+import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lora_core import LoraConfig, add_lora, lora_layers, remove_lora
 from lora_core.errors import ModelLoadError
 from lora_sd import single_file as sf
+from lora_sd.config import JOINT_ATTN, SINGLE_BLOCKS
 from lora_sd.models import component_to_original, load_pipeline, make_component, save_single_file, to_original_state
 
 from helpers import assert_same_weights
@@ -100,6 +106,64 @@ def test_flux_round_trip_and_bfl_transformer_file(tmp_path, caplog, tiny_pipelin
     folder = tmp_path / "folder"
     pipe.save_pretrained(str(folder))
     assert_same_weights(pipe, load_pipeline(str(bfl), config=str(folder)), COMPONENTS)
+
+
+def _wide_merged_transformer(cfg: dict):
+    """A transformer of `cfg` in bf16 (built on the meta device: no fp32 copy) with random weights and a lora_core
+    LoRA merged into its attention and single blocks."""
+    with torch.device("meta"):
+        t = make_component("transformer", cfg)
+    t = t.to(torch.bfloat16).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    assert not list(t.buffers())   # nothing left unset
+    add_lora(t, LoraConfig(r=4, alpha=4.0, target_modules=f"{JOINT_ATTN}|{SINGLE_BLOCKS}"))
+    for _, layer in lora_layers(t):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02, generator=g)
+    return remove_lora(t, merge=True)
+
+
+@pytest.mark.slow
+def test_diffusers_from_single_file_reads_our_files_at_flux_width(tmp_path, tiny_pipeline):
+    """FluxTransformer2DModel.from_single_file (diffusers' reader; its converter hard-codes FLUX.1's 3072 width)
+    with a local config folder loads every tensor of a LoRA-merged FLUX.1-wide transformer (one double and one
+    single block, bf16: 1.1 GB) exactly as we hold it, from BFL's layout (our name map, the transformer alone, no
+    prefix) and from the ComfyUI checkpoint save_single_file writes (model.diffusion_model.*, VAE and text
+    encoders beside it)."""
+    from diffusers import FluxTransformer2DModel
+    cfg = dict(_configs("flux1-dev")["transformer"], num_layers=1, num_single_layers=1)
+    ours = _wide_merged_transformer(cfg)
+    folder = tmp_path / "config"
+    ours.save_config(str(folder))
+    bfl = tmp_path / "flux1-wide.safetensors"
+    save_file({k.removeprefix(sf.UNET): v for k, v in component_to_original("flux", "transformer", ours.state_dict(),
+                                                                            dict(ours.config)).items()}, str(bfl))
+    pipe = tiny_pipeline(arch="flux")
+    pipe.transformer = ours
+    comfy = tmp_path / "flux1-wide-comfy.safetensors"
+    save_single_file(pipe, comfy)
+    with safe_open(str(bfl), "pt") as f:
+        assert "single_blocks.0.linear1.weight" in f.keys() and "double_blocks.0.img_attn.qkv.weight" in f.keys()
+    with safe_open(str(comfy), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"model", "vae", "text_encoders"}
+    want = _fingerprints(ours)
+    del pipe, ours   # under 3 GB: ours and theirs never held at once
+    gc.collect()
+    for path in (bfl, comfy):
+        theirs = FluxTransformer2DModel.from_single_file(str(path), config=str(folder), torch_dtype=torch.bfloat16,
+                                                         local_files_only=True)
+        got = _fingerprints(theirs)
+        assert got.keys() == want.keys() and not [k for k in want if got[k] != want[k]], path.name
+        del theirs
+
+
+def _fingerprints(module) -> dict:
+    """Each tensor of the state dict as (dtype, shape, SHA-256 of its bytes): equal fingerprints, equal tensors (a
+    tensor left on the meta device has no bytes and fails)."""
+    return {k: (v.dtype, tuple(v.shape), hashlib.sha256(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+                .hexdigest()) for k, v in module.state_dict().items()}
 
 
 def test_released_hub_ids_are_known_before_loading():

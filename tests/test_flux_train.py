@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from safetensors.torch import load_file
 
 from lora_core import add_lora, lora_layers, lora_parameters
 from lora_core.errors import ConfigError
@@ -129,29 +130,41 @@ def test_flux_loss_decreases_on_fixed_batch(tiny_pipeline, images, tmp_path):
     assert after < 0.9 * before, (before, after)
 
 
+# the adapted module names of one block of the tiny Flux transformer (2 double blocks, 3 single blocks)
+ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+
+
+def _double(*blocks, ff: bool = True) -> set:
+    return {f"transformer_blocks.{i}.{n}" for i in blocks for n in (*(f"attn.{a}" for a in ATTN), *(FF if ff else ()))}
+
+
+def _single(*blocks) -> set:
+    return {f"single_transformer_blocks.{i}.{n}" for i in blocks for n in SINGLE}
+
+
+def _adapted(transformer, flow=None, arch: str = "flux", **lora) -> set:
+    """The modules that [lora] (and [flow]) of a tiny-<arch> config adapt on a copy of `transformer`."""
+    t = copy.deepcopy(transformer)
+    cfg = train_config(Path("u"), f"tiny-{arch}", Path("u"), Path("u"), lora=lora, flow=flow or {})
+    add_lora(t, lora_for_arch(cfg, SPECS[arch], t))
+    return {n for n, _ in lora_layers(t)}
+
+
 @pytest.mark.slow
 def test_flux_presets_and_refusals(tiny_pipeline, images, tmp_path):
     """joint_attn (the default): the double blocks' attention, both streams; attn+ff adds ff / ff_context and the
     single blocks' q/k/v, proj_mlp, proj_out; all_linear the modulation linears; lora.layers picks double
     blocks. A T5 LoRA, a guidance scale without a guidance embedding, sides that do not pack: one line each."""
     tr = tiny_pipeline(arch="flux").transformer
-
-    def adapted(**lora):
-        t = copy.deepcopy(tr)
-        add_lora(t, lora_for_arch(train_config(Path("u"), "tiny-flux", Path("u"), Path("u"), lora=lora), SPECS["flux"], t))
-        return {n for n, _ in lora_layers(t)}
-    attn = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-    joint = {f"transformer_blocks.{i}.attn.{n}" for i in (0, 1) for n in attn}
-    assert adapted() == joint
-    ff = {f"transformer_blocks.{i}.{n}" for i in (0, 1) for n in ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                                                                   "ff_context.net.2")}
-    single = {f"single_transformer_blocks.{i}.{n}" for i in range(3) for n in ("attn.to_q", "attn.to_k", "attn.to_v",
-                                                                               "proj_mlp", "proj_out")}
-    assert adapted(target_modules="attn+ff") == joint | ff | single
+    joint = _double(0, 1, ff=False)
+    assert _adapted(tr) == joint
+    assert _adapted(tr, target_modules="attn+ff") == _double(0, 1) | _single(0, 1, 2)
     modulation = {f"transformer_blocks.{i}.{n}" for i in (0, 1) for n in ("norm1.linear", "norm1_context.linear")}
-    assert adapted(target_modules="all_linear") == joint | ff | single | modulation | {
+    assert _adapted(tr, target_modules="all_linear") == _double(0, 1) | _single(0, 1, 2) | modulation | {
         f"single_transformer_blocks.{i}.norm.linear" for i in range(3)}
-    assert adapted(layers=[1]) == {n for n in joint if n.startswith("transformer_blocks.1.")}
+    assert _adapted(tr, layers=[1]) == _double(1, ff=False)
     with pytest.raises(ConfigError, match=r"^text_encoder_2_lora: flux's second text encoder is T5"):
         _add_adapters(train_config(tmp_path, "tiny-flux", images, tmp_path, text_encoder_2_lora={"r": 2}),
                       _frozen(tiny_pipeline))
@@ -165,3 +178,75 @@ def test_flux_presets_and_refusals(tiny_pipeline, images, tmp_path):
     pipe.vae_scale_factor = 8   # FLUX.1's VAE (the tiny one downscales 4x): sides must be multiples of 16
     with pytest.raises(ConfigError, match=r"^data.resolution = 40: flux takes 2x2 latent patches, so image sides must be multiples of 16"):
         run_training(odd, pipe=pipe)
+
+
+@pytest.mark.slow
+def test_double_and_single_blocks_are_selected_apart(tiny_pipeline):
+    """lora.layers picks the double blocks and flow.single_layers the single blocks (kohya's
+    train_double_block_indices / train_single_block_indices), indices or 'top:K', each leaving the other kind
+    alone; list targets too. An index beyond the blocks, a selection holding no targeted module, single_layers on
+    SD 3.5: one line each, naming the key."""
+    tr = tiny_pipeline(arch="flux").transformer
+    assert _adapted(tr, target_modules="attn+ff", layers=[1]) == _double(1) | _single(0, 1, 2)
+    assert _adapted(tr, {"single_layers": [2, 0]}, target_modules="attn+ff") == _double(0, 1) | _single(0, 2)
+    assert _adapted(tr, {"single_layers": "top:1"}, target_modules="all_linear", layers="top:1") == (
+        _double(1) | {"transformer_blocks.1.norm1.linear", "transformer_blocks.1.norm1_context.linear"}
+        | _single(2) | {"single_transformer_blocks.2.norm.linear"})
+    assert _adapted(tr, {"single_layers": [1]}, target_modules=["to_q", "proj_out"]) == {
+        "transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_q", "single_transformer_blocks.1.attn.to_q",
+        "single_transformer_blocks.1.proj_out", "proj_out"}   # the final proj_out is outside the blocks
+    refusals = [
+        (dict(flow={"single_layers": [3]}, target_modules="attn+ff"),
+         r"flow.single_layers: [3] out of range for a 3-layer model (0..2) (flow.single_layers counts flux's single blocks)"),
+        (dict(flow={"single_layers": "top:4"}, target_modules="attn+ff"),
+         r"flow.single_layers = 'top:4': the model has only 3 layers (flow.single_layers counts flux's single blocks)"),
+        (dict(layers=[2]), "lora.layers: [2] out of range for a 2-layer model (0..1) (lora.layers counts flux's double blocks)"),
+        (dict(flow={"single_layers": [0]}),
+         "flow.single_layers = [0] picks flux's single blocks [0], but lora.target_modules names no module in them (the "
+         "presets attn+ff and all_linear train them, joint_attn does not): target them or remove flow.single_layers"),
+        (dict(layers=[0], target_modules=r"single_transformer_blocks\..*"),
+         "lora.layers = [0] picks flux's double blocks [0], but lora.target_modules names no module in them: target "
+         "them or remove lora.layers"),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(ConfigError) as e:
+            _adapted(tr, **kwargs)
+        assert str(e.value) == message and e.value.key == message.split()[0].rstrip(":")
+    with pytest.raises(ConfigError) as e:
+        _adapted(tiny_pipeline(arch="sd3").transformer, {"single_layers": [0]}, "sd3")
+    assert str(e.value) == ("flow.single_layers = [0]: model.pretrained = tiny-sd3 is an sd3 model, which has no "
+                            "single-stream blocks (Flux has): remove flow.single_layers")
+
+
+@pytest.mark.slow
+def test_a_run_on_picked_blocks_writes_only_those_blocks(images, tmp_path):
+    """A 2-step tiny-flux run, attn+ff on double block 1 and single blocks 0 and 2: its kohya file holds
+    sd-scripts' names of exactly those blocks (lora_flux.py: "lora_unet_" + the BFL path, "." -> "_"; q, k, v and
+    the MLP input fused in linear1), its diffusers file exactly those modules."""
+    cfg = train_config(tmp_path / "run", "tiny-flux", images, tmp_path / "cache", loss={"min_snr_gamma": 0.0},
+                       lora={"r": 2, "alpha": 2.0, "target_modules": "attn+ff", "layers": [1]},
+                       flow={"single_layers": [0, 2]}, train={"max_steps": 2, "checkpoint_every": 0, "lr_warmup_steps": 0})
+    assert run_training(cfg)["state"] == "done"
+    kohya = {k.split(".")[0] for k in load_file(str(tmp_path / "run" / "test_lora.safetensors"))}
+    assert kohya == {f"lora_unet_double_blocks_1_{s}_{m}" for s in ("img", "txt")
+                     for m in ("attn_qkv", "attn_proj", "mlp_0", "mlp_2")} | {
+        f"lora_unet_single_blocks_{i}_{m}" for i in (0, 2) for m in ("linear1", "linear2")}
+    diffusers = load_file(str(tmp_path / "run" / "pytorch_lora_weights.safetensors"))
+    assert {k.rsplit(".lora_", 1)[0] for k in diffusers} == {f"transformer.{n}" for n in _double(1) | _single(0, 2)}
+
+
+@pytest.mark.slow
+def test_check_names_a_block_index_beyond_the_model_in_one_line(images, tmp_path, capsys):
+    """`lora-sd check` loads the model and reports flow.single_layers beyond its single blocks as one error line,
+    before any step."""
+    from lora_sd.cli import main
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'run_dir = "{tmp_path / "run"}"\n[model]\npretrained = "tiny-flux"\n[data]\npath = "{images}"\n'
+                   f'resolution = 32\ncache_dir = "{tmp_path / "cache"}"\n[lora]\ntarget_modules = "attn+ff"\n'
+                   '[flow]\nsingle_layers = [1, 3]\n')
+    assert main(["check", "--config", str(cfg), "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("error")] == [
+        "error: flow.single_layers: [3] out of range for a 3-layer model (0..2) (flow.single_layers counts flux's "
+        "single blocks)"]
+    assert "steps:" not in out

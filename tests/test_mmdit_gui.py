@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from lora_core.errors import ConfigError
 from lora_gui.controller import Controller
 from lora_gui.forms import ARCH_GROUPS, group_shown, sampler_choices, target_choices, target_for
 from lora_gui.job_kinds import KINDS
@@ -44,7 +45,7 @@ def test_the_flow_sections_hold_the_flow_fields_and_build_a_valid_config(tmp_pat
     assert {f.key for f in fields if f.group == "flow"} == {
         "flow.timestep_density", "flow.logit_mean", "flow.logit_std", "flow.mode_scale", "flow.sigmoid_scale",
         "flow.loss_weighting", "flow.shift"}
-    assert {f.key for f in fields if f.group == "flux"} == {"flow.flux_shift", "flow.guidance_scale"}
+    assert {f.key for f in fields if f.group == "flux"} == {"flow.flux_shift", "flow.guidance_scale", "flow.single_layers"}
     assert next(f for f in fields if f.key == "flow.timestep_density").choices == (
         "uniform", "logit_normal", "mode", "sigmoid")
     shown = {arch: [g for g in ARCH_GROUPS if group_shown(g, arch)] for arch in ("sd1", "sdxl", "sd3", "flux", "")}
@@ -56,9 +57,17 @@ def test_the_flow_sections_hold_the_flow_fields_and_build_a_valid_config(tmp_pat
     cfg = ctrl.configs.build("sd-train", base, shown)
     assert (cfg.model.pretrained, cfg.lora.target_modules) == ("tiny-sd3", JOINT_ATTN)
     assert (cfg.flow.timestep_density, cfg.flow.mode_scale, cfg.flow.shift) == ("mode", 0.8, 3.0)
-    shown.update({"model.pretrained": "tiny-flux", "flow.flux_shift": True, "flow.guidance_scale": 3.5})
+    assert shown["flow.single_layers"] == ""   # all single blocks
+    shown.update({"model.pretrained": "tiny-flux", "flow.flux_shift": True, "flow.guidance_scale": 3.5,
+                  "flow.single_layers": "2, 0"})
     cfg = ctrl.configs.build("sd-train", base, shown)
     assert (cfg.model.pretrained, cfg.flow.flux_shift, cfg.flow.guidance_scale) == ("tiny-flux", True, 3.5)
+    assert cfg.flow.single_layers == [2, 0]
+    assert ctrl.configs.build("sd-train", base, {**shown, "flow.single_layers": "top:3"}).flow.single_layers == "top:3"
+    with pytest.raises(ConfigError, match=r"^Single blocks trained \(flow.single_layers\): write indices such as"):
+        ctrl.configs.build("sd-train", base, {**shown, "flow.single_layers": "0, two"})
+    with pytest.raises(ConfigError, match=r"flow.single_layers must be a list of layer indices or 'top:K'"):
+        ctrl.configs.build("sd-train", base, {**shown, "flow.single_layers": "top:0"})
 
 
 @pytest.mark.slow
