@@ -107,13 +107,13 @@ def peft_refusal(model, adapter: str = DEFAULT) -> str:
     """Why adapter `adapter` has no PEFT folder ("" when it has one): PEFT has LoHa, LoKr and OFT on whole modules
     only (no fused slices), and PEFT 0.21's do not take HF Conv1D layers (GPT-2's attention and MLP)."""
     cfg = lora_config(model, adapter)
-    sliced = [n for n, layer in lora_layers(model) if adapter in layer.lycoris and isinstance(layer.lycoris[adapter],
-                                                                                              Sliced)]
+    lyco = {n: layer for n, layer in lora_layers(model) if adapter in layer.lycoris}
+    sliced = [n for n, layer in lyco.items() if isinstance(layer.lycoris[adapter], Sliced)]
     if sliced:
         return (f"PEFT has no {cfg.type} on slices of a fused layer ({sliced[0]}, ...: lora.fused_slices, GPT-2's "
                 f"q,v of c_attn): no PEFT folder; adapter.safetensors holds the adapter")
-    conv1d = [n for n, layer in lora_layers(model) if adapter in layer.lycoris and layer.fan_in_fan_out]
-    if cfg.type != "lora" and conv1d:
+    conv1d = [n for n, layer in lyco.items() if layer.fan_in_fan_out]
+    if conv1d:
         return (f"PEFT's {cfg.type} does not adapt HF Conv1D layers ({conv1d[0]}, ...: GPT-2's): no PEFT folder; "
                 f"adapter.safetensors holds the adapter")
     return ""
