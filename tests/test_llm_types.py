@@ -18,6 +18,7 @@ import lora_core as lc
 from lora_core.config import LoraConfig
 from lora_core.errors import ConfigError
 from lora_core.preflight import print_report
+from lora_core.run import RunDir
 from lora_core.sweep import expand
 from lora_llm.adapter_io import export_peft, load_report, load_trained, save_adapter, save_merged
 from lora_llm.cli import main as cli
@@ -360,3 +361,20 @@ def test_prefix_cache_with_loha_on_the_top_layer(tmp_path):
     assert set(got) == set(grads) and any(n.endswith("c_attn.lycoris.default.parts.1.hada_w2_b") for n in got)
     for n, g in got.items():
         torch.testing.assert_close(g, grads[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_training_with_loha_on_the_top_layer_uses_the_prefix_cache(tmp_path):
+    """Through lora-llm train: LoHa with lora.layers = "top:1" fills the frozen-prefix cache and trains to the same
+    losses as without it."""
+    common = [*SST2, 'lora.type="loha"', "lora.r=2", 'lora.layers="top:1"', "train.max_steps=3",
+              'model.prefix_cache_dtype="float32"']
+    train_from_config(_cfg(tmp_path / "on", *common, f'model.prefix_cache_dir="{tmp_path / "cache"}"'))
+    train_from_config(_cfg(tmp_path / "off", *common, 'model.prefix_cache="off"'))
+    assert list((tmp_path / "cache").glob("*/shard_*.json"))
+    on, off = ([r["loss"] for r in RunDir(tmp_path / run).read_metrics()] for run in ("on", "off"))
+    assert len(on) == 3 and on == pytest.approx(off, rel=1e-4, abs=1e-5)
+    a, b = lc.lora_state_dict(load_trained(tmp_path / "on")[0]), lc.lora_state_dict(load_trained(tmp_path / "off")[0])
+    assert {k.split(".")[2] for k in a if "hada_" in k} == {"1"}   # only the top layer of the tiny GPT-2
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=1e-4, atol=1e-5)
