@@ -136,6 +136,16 @@ def test_types_on_fused_slices_equal_peft_on_separate_projections(name):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
     for p, theirs in pairs:
         torch.testing.assert_close(p.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+    if not ours.c_attn.lycoris["default"].rotates:   # a user scale (PEFT has none for OFT)
+        lc.set_scale(ours, "default", 0.5)
+        for name in "qv":
+            getattr(ref.base_model.model, name).set_scale("default", 0.5)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(ours(x), y, atol=1e-4)
+        lc.set_scale(ours, "default", 1.0)
+        for name in "qv":
+            getattr(ref.base_model.model, name).set_scale("default", 1.0)
     w0 = ours.c_attn.base_layer.weight.detach().clone()
     with torch.no_grad():
         lc.merge_lora(ours)
