@@ -358,8 +358,8 @@ def head_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch
 
 def lora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch.Tensor]:
     """`<module>.lora_A.weight` / `<module>.lora_B.weight` (PEFT's names, no adapter name in
-    them; LoHa, LoKr, OFT: PEFT's `hada_w1_a`, `lokr_w1`, `oft_R.weight` ..., on fused slices `slice<i>.hada_w1_a` ...) plus the full parameters of the
-    adapter's copies of modules_to_save."""
+    them; LoHa, LoKr, OFT: PEFT's `hada_w1_a`, `lokr_w1`, `oft_R.weight` ..., on fused slices
+    `slice<i>.hada_w1_a` ...) plus the full parameters of the adapter's copies of modules_to_save."""
     sd = {}
     for name, layer in lora_layers(model):
         if adapter in layer.lycoris:
