@@ -388,3 +388,12 @@ def test_training_with_loha_on_the_top_layer_uses_the_prefix_cache(tmp_path):
     assert {k.split(".")[2] for k in a if "hada_" in k} == {"1"}   # only the top layer of the tiny GPT-2
     for k, v in a.items():
         torch.testing.assert_close(v, b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_kohya_writer_refuses_sliced_adapters_in_one_line():
+    """lora.fused_slices now takes every type; the SD writers (kohya/LyCORIS names) cannot hold slices and say so."""
+    from lora_sd.formats import lycoris_module   # lazy: lora_sd loads diffusers (seconds); only this test needs it
+    net = Fused()
+    lc.add_lora(net, LoraConfig(type="loha", target_modules=["c_attn"], fused_slices={"c_attn": [True, False, True]}))
+    with pytest.raises(ValueError, match=r"^c_attn: fused-slice adapters have no kohya/diffusers form$"):
+        lycoris_module(net.c_attn, "default", "c_attn")
