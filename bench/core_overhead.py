@@ -7,14 +7,20 @@ The adapter variants on the same UNet: DoRA (use_dora) on attn2, and LoCon (the 
 preset: attn2 plus the ResNet and down/upsampler 3x3 convs), ours against PEFT's. `--unet-width` shrinks
 the UNet (SD 1.5: 320) for a quick run. Variants are timed round-robin in the same process so machine
 noise hits them alike.
+The LyCORIS types (`--lycoris`): LoHa, LoKr and OFT, ours against PEFT's LoHaConfig / LoKrConfig / OFTConfig, on
+the GPT-2-small shape (on the whole c_attn as an nn.Linear, since PEFT's types take no HF Conv1D; ours on GPT-2's
+own c_attn q,v slices beside them, which PEFT cannot express) and on the SD 1.5-width UNet's attn2. `--quick`
+shrinks every model so that the code runs in seconds (its numbers mean nothing).
 
     python bench/core_overhead.py [--steps 5] [--skip-unet] [--out bench/results/core.md]
     python bench/core_overhead.py --variants-only --unet-width 64 --json bench/results/core_variants.json
+    python bench/core_overhead.py --lycoris [--json bench/results/core_lycoris.json]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 
@@ -83,6 +89,80 @@ def gpt2_step(model, batch=8, seq=128):
             opt.step()
             opt.zero_grad(set_to_none=True)
     return step
+
+
+# each LyCORIS type as (our config fields, PEFT's config) at the same rank, alpha and block size
+def lycoris_types(r: int, alpha: float, targets) -> dict:
+    return {"LoHa": (dict(type="loha", r=r, alpha=alpha), peft.LoHaConfig(r=r, alpha=alpha, target_modules=targets)),
+            "LoKr": (dict(type="lokr", r=r, alpha=alpha), peft.LoKrConfig(r=r, alpha=alpha, target_modules=targets)),
+            "OFT": (dict(type="oft", oft_block_size=32, use_cayley_neumann=True),
+                    peft.OFTConfig(r=0, oft_block_size=32, use_cayley_neumann=True, target_modules=targets))}
+
+
+def linear_c_attn(model):
+    """GPT-2 with every c_attn (an HF Conv1D) as the nn.Linear it is: the layer PEFT's LyCORIS types can take."""
+    for block in model.transformer.h:
+        conv = block.attn.c_attn
+        lin = torch.nn.Linear(*conv.weight.shape)
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.T)
+            lin.bias.copy_(conv.bias)
+        block.attn.c_attn = lin.requires_grad_(False)
+    return model
+
+
+def gpt2_lycoris_variants(layers: int = 12):
+    """LoHa / LoKr / OFT (r=8) on the whole c_attn as nn.Linear, ours and PEFT's; ours on GPT-2's c_attn q,v too."""
+    torch.manual_seed(0)
+    conv = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_positions=256))
+    conv.requires_grad_(False)
+    base = linear_c_attn(copy.deepcopy(conv))
+    out = {"frozen base (lower bound)": base}
+    for label, (ours_cfg, peft_cfg) in lycoris_types(8, 16, ["c_attn"]).items():
+        ours, sliced = copy.deepcopy(base), copy.deepcopy(conv)
+        add_lora(ours, LoraConfig(target_modules=["c_attn"], **ours_cfg))
+        add_lora(sliced, LoraConfig(target_modules=["c_attn"], fused_slices={"c_attn": [1, 0, 1]}, **ours_cfg))
+        out[f"lora_core {label} c_attn"] = ours
+        out[f"peft {label} c_attn"] = peft.get_peft_model(copy.deepcopy(base), peft_cfg)
+        out[f"ours {label} c_attn q,v slices (no PEFT twin)"] = sliced
+    return out
+
+
+def unet_lycoris_variants(width: int = 320):
+    """LoHa / LoKr / OFT (r=4) on the UNet's attn2 projections, ours and PEFT's."""
+    from lora_sd.config import CROSS_ATTN
+    base = _unet(width)
+    base.requires_grad_(False)
+    out = {"frozen base (lower bound)": base}
+    for label, (ours_cfg, peft_cfg) in lycoris_types(4, 4, CROSS_ATTN).items():
+        ours = copy.deepcopy(base)
+        add_lora(ours, LoraConfig(target_modules=CROSS_ATTN, **ours_cfg))
+        out[f"lora_core {label} attn2"], out[f"peft {label} attn2"] = ours, peft.get_peft_model(copy.deepcopy(base),
+                                                                                                 peft_cfg)
+    return out
+
+
+def lycoris_report(a) -> str:
+    """The LyCORIS types' tables (and JSON with --json)."""
+    layers, batch, seq, width = (1, 1, 32, 32) if a.quick else (12, 8, 128, a.unet_width)
+    gpt2 = bench(gpt2_lycoris_variants(layers), functools.partial(gpt2_step, batch=batch, seq=seq), a.steps,
+                 rounds=a.rounds)
+    lines, gpt2_ratios = _variant_table(f"### GPT-2-small shape ({layers}x768), batch {batch} x {seq} tokens, r=8 "
+                                        f"(OFT: blocks of 32): LoHa, LoKr, OFT ({a.steps} steps, {a.rounds} rounds)", gpt2)
+    unet = {} if a.skip_unet else bench(unet_lycoris_variants(width), unet_step, a.steps, rounds=a.rounds)
+    if unet:
+        more, unet_ratios = _variant_table(f"### UNet (SD 1.5 layout, block width {width}), 256x256, batch 1, r=4 on "
+                                           f"attn2: LoHa, LoKr, OFT ({a.steps} steps, {a.rounds} rounds)", unet)
+        lines += [""] + more
+    if a.json:
+        from lora_core.files import atomic_write_json
+        atomic_write_json(a.json, {"quick": a.quick, "steps": a.steps, "rounds": a.rounds, "torch": torch.__version__,
+                                   "peft": peft.__version__, "threads": torch.get_num_threads(),
+                                   "gpt2": {"layers": layers, "batch": batch, "seq": seq, "s_per_step": gpt2,
+                                            "lora_core_vs_peft": gpt2_ratios},
+                                   "unet": unet and {"block_width": width, "s_per_step": unet,
+                                                     "lora_core_vs_peft": unet_ratios}})
+    return "\n".join(lines) + "\n"
 
 
 def _unet(width: int = 320):
@@ -199,14 +279,29 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants-only", action="store_true", help="only the DoRA / LoCon table")
     ap.add_argument("--unet-width", type=int, default=320, help="first UNet block width (SD 1.5: 320)")
-    ap.add_argument("--json", default=None, help="also write the DoRA / LoCon numbers here")
+    ap.add_argument("--json", default=None, help="also write the DoRA / LoCon (with --lycoris: LoHa / LoKr / OFT) "
+                    "numbers here")
     ap.add_argument("--layer-steps", type=int, default=40, help="timed steps of the adapted layers alone")
     ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds (steps per variant per round: "
                     "steps / rounds); --rounds = --steps alternates the variants every step")
+    ap.add_argument("--lycoris", action="store_true", help="only the LoHa / LoKr / OFT tables")
+    ap.add_argument("--quick", action="store_true", help="with --lycoris: tiny shapes, to check that the code runs")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     parts = [f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads, "
              f"median of {a.steps} timed steps per variant (round-robin, {a.rounds} rounds)\n"]
+    parts += [lycoris_report(a)] if a.lycoris else lora_tables(a)
+    text = "\n".join(parts)
+    print(text)
+    if a.out:
+        from lora_core.files import atomic_write_text
+        import sys
+        atomic_write_text(a.out, f"Command: `python bench/core_overhead.py {' '.join(sys.argv[1:])}`\n\n" + text)
+
+
+def lora_tables(a) -> list[str]:
+    """The LoRA tables (GPT-2, UNet) and the DoRA / LoCon ones."""
+    parts = []
     if not a.variants_only:
         res = bench(gpt2_variants(), gpt2_step, a.steps)
         parts.append(report("GPT-2-small-shaped (12x768), batch 8 x 128 tokens, r=8", res,
@@ -219,12 +314,7 @@ def main():
         layers = bench(layer_variants(), layers_step, a.layer_steps, rounds=a.layer_steps)
         parts.append(variants_report(a, bench(adapter_variants(a.unet_width), unet_step, a.steps, rounds=a.rounds),
                                      layers))
-    text = "\n".join(parts)
-    print(text)
-    if a.out:
-        from lora_core.files import atomic_write_text
-        import sys
-        atomic_write_text(a.out, f"Command: `python bench/core_overhead.py {' '.join(sys.argv[1:])}`\n\n" + text)
+    return parts
 
 
 def _variant_table(title: str, res: dict) -> tuple[list[str], dict]:

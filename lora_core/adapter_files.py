@@ -433,7 +433,8 @@ class LoadReport:
 def build_report(file: str, made_for: str, adapter: dict[str, Shape], model: dict[str, Shape],
                  block_of: Callable[[str], str], base: str = "", others: Optional[dict[str, str]] = None,
                  slices: Optional[Callable[[str], Optional[list]]] = None) -> LoadReport:
-    """Compare the adapter's modules {key: (in, out)} with the model's adaptable modules {key: (in, out)}.
+    """Compare the adapter's modules {key: (in, out)} with the model's adaptable modules {key: (in, out)}; a size
+    the adapter does not fix is None (an OFT rotation fixes no output size).
     `others`: model modules that exist but cannot be adapted {key: type name}. `slices(key)`: the fused-slice
     mask of a module (its B stacks the enabled slices' rows, so out = model out * enabled / slices)."""
     rep = LoadReport(file, made_for, base)
@@ -446,7 +447,8 @@ def build_report(file: str, made_for: str, adapter: dict[str, Shape], model: dic
         else:
             (a_in, a_out), (m_in, m_out) = adapter[key], model[key]
             mask = slices(key) if slices else None
-            ok = a_in == m_in and a_out == (m_out * sum(map(bool, mask)) // len(mask) if mask else m_out)
+            want_out = m_out * sum(map(bool, mask)) // len(mask) if mask else m_out
+            ok = a_in in (m_in, None) and a_out in (want_out, None)
             if ok:
                 rep.matched.append(key)
                 kind = "matched"

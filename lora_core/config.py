@@ -99,7 +99,7 @@ class LoraConfig(Checked, section="lora"):
         "lora_B starts at zero")
     fused_slices: dict[str, list[bool]] = option(
         {}, "{module: [bool, ...]}: split that module's output into equal slices and adapt the true ones "
-        "(GPT-2 c_attn q,v: [true, false, true])", check=_slices_error)
+        "(GPT-2 c_attn q,v: [true, false, true]); LoHa / LoKr / OFT: one adapter per true slice", check=_slices_error)
     modules_to_save: list[str] = option([], "modules trained in full and saved with the adapter (e.g. a head)")
     exclude_modules: list[str] = option([], "module names never adapted (same matching rules as target_modules)")
     use_dora: bool = option(False, "DoRA (weight-decomposed LoRA, PEFT's use_dora): a trained magnitude per output "
@@ -192,7 +192,7 @@ class LoraConfig(Checked, section="lora"):
 
 
 # fields that only some adapter types use (the others refuse a value other than the default)
-_LORA_ONLY = ("use_dora", "use_rslora", "init", "dropout", "fused_slices")
+_LORA_ONLY = ("use_dora", "use_rslora", "init", "dropout")
 _OWNED = {**{k: ("lora",) for k in _LORA_ONLY},
           **{k: ("lora", "loha", "lokr") for k in ("conv_r", "conv_alpha", "rank_pattern", "alpha_pattern")},
           **{k: ("lokr",) for k in ("decompose_factor", "decompose_both")},

@@ -187,9 +187,10 @@ class LoraLayer(nn.Module):
         return F.conv2d(h, B[:, :, None, None]) if self.is_conv2d else F.linear(h, B)
 
     def _op(self, x: torch.Tensor, rows: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The base layer's operation with weight rows `rows` ((out, in·kh·kw), see _weight_rows)."""
+        """The base layer's operation with weight rows `rows` ((out, in·kh·kw), see _weight_rows; any number of
+        output rows)."""
         if self.is_conv2d:
-            return self.base_layer._conv_forward(x, rows.reshape(self.base_layer.weight.shape), bias)
+            return self.base_layer._conv_forward(x, rows.reshape(-1, *self.base_layer.weight.shape[1:]), bias)
         return F.linear(x, rows, bias)
 
     def _rotated(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
@@ -203,9 +204,8 @@ class LoraLayer(nn.Module):
 
     def _variant_out(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + op(x, ΔW) for a LoHa / LoKr adapter (PEFT's forward: F.linear / F.conv2d with ΔW)."""
-        v = self.lycoris[name]
-        d = v.delta_rows(self.user_scale[name], v.dtype)
-        return y + self._op(x.to(d.dtype), d).to(y.dtype)
+        out = self.lycoris[name].output(x, self._op, self.user_scale[name], 1 if self.is_conv2d else -1)
+        return y + out.to(y.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:

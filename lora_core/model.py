@@ -199,7 +199,8 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
                     layer.add_adapter(adapter, r, alpha, config.dropout, config.use_rslora,
                                       config.init, config.slices_for(name), dtype, use_dora=config.use_dora)
                 else:
-                    layer.add_variant(adapter, make_variant(config, layer.base_layer, r, alpha, dtype))
+                    layer.add_variant(adapter, make_variant(config, layer.base_layer, r, alpha, dtype,
+                                                            config.slices_for(name)))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
         for name in heads:
@@ -357,13 +358,12 @@ def head_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch
 
 def lora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> dict[str, torch.Tensor]:
     """`<module>.lora_A.weight` / `<module>.lora_B.weight` (PEFT's names, no adapter name in
-    them; LoHa, LoKr, OFT: PEFT's `hada_w1_a`, `lokr_w1`, `oft_R.weight` ...) plus the full parameters of the
-    adapter's copies of modules_to_save."""
+    them; LoHa, LoKr, OFT: PEFT's `hada_w1_a`, `lokr_w1`, `oft_R.weight` ..., on fused slices
+    `slice<i>.hada_w1_a` ...) plus the full parameters of the adapter's copies of modules_to_save."""
     sd = {}
     for name, layer in lora_layers(model):
         if adapter in layer.lycoris:
-            v = layer.lycoris[adapter]
-            sd.update({f"{name}.{v.key_prefix}{k}": p.detach() for k, p in v.named_parameters()})
+            sd.update({f"{name}.{k}": p.detach() for k, p in layer.lycoris[adapter].named_tensors().items()})
         elif adapter in layer.lora_A:
             sd[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
             sd[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()

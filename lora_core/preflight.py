@@ -85,8 +85,10 @@ def print_report(rep: PreflightReport) -> str:
                 out.append(f"  {k}: " + ", ".join(f"{a}: {b}" for a, b in v.items()))
     if rep.parameters:
         p = rep.parameters
+        size = (f"rotation blocks of {p['oft_block_size']}" if "oft_block_size" in p else   # OFT: no r, no alpha
+                f"scale alpha/r = {p.get('alpha')}/{p.get('r')} = {p.get('scale', 0):g}")
         out.append(f"parameters ({p.get('type', 'lora')}): {p.get('trainable', 0):,} trainable of "
-                   f"{p.get('total', 0):,}; scale alpha/r = {p.get('alpha')}/{p.get('r')} = {p.get('scale', 0):g}")
+                   f"{p.get('total', 0):,}; {size}")
     if rep.memory:
         m = rep.memory
         parts = ", ".join(f"{k} {_mb(v)}" for k, v in m.get("parts", {}).items())

@@ -7,14 +7,19 @@ flattened; an HF Conv1D weight transposed). LoHa and LoKr add ΔW to the rows; O
 block-diagonal rotation: W' = W Rᵀ, i.e. the input is rotated before the frozen layer (y = x R Wᵀ).
 `scale` is the user scale (set_scale): it multiplies ΔW, and for OFT the skew-symmetric generator of the
 rotation (0 = identity, 1 = as trained; PEFT has no OFT scale).
+On fused slices (lora.fused_slices, e.g. GPT-2's c_attn q,v) `Sliced` holds one adapter of the type per enabled
+output slice, over that slice's rows (lora_core.fused.by_slices): equal to the type on separate q / v layers.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
 from .config import LYCORIS_FACTORS, LoraConfig
+from .fused import by_slices, slice_size
 from .layers import base_dims
 
 
@@ -85,8 +90,18 @@ class Variant(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def named_tensors(self) -> dict[str, nn.Parameter]:
+        """The parameters under their file names (`key_prefix` + name)."""
+        return {self.key_prefix + k: p for k, p in self.named_parameters()}
+
     def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
+
+    def output(self, x: torch.Tensor, op: Callable, scale: float, axis: int) -> torch.Tensor:
+        """op(x, ΔW), the adapter's share of the output of a LoHa / LoKr layer (op: the base layer's operation
+        with weight rows; axis: the output channels' axis)."""
+        d = self.delta_rows(scale, self.dtype)
+        return op(x.to(d.dtype), d)
 
     def delta(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
         """ΔW for base rows `rows` (what folding adds to them), in rows' dtype."""
@@ -212,11 +227,62 @@ class OFT(Variant):
         return self.fold(rows, scale) - rows
 
 
-def make_variant(config: LoraConfig, base: nn.Module, r: int, alpha: float, dtype: torch.dtype) -> Variant:
-    """The adapter of config.type (not 'lora') for base layer `base`; a bad fit raises one ValueError line."""
+class Sliced(Variant):
+    """One adapter of a type per enabled output slice of a fused layer, each over its slice's rows; in files
+    `slice<i>.` (i: the slice's index in the layer) goes before its names. LoHa / LoKr: ΔW is each slice's
+    dense ΔW in its rows, zero rows elsewhere; OFT: each enabled slice's rows get their own rotation."""
+
+    def __init__(self, parts: list[Variant], slices: list[bool]):
+        super().__init__(parts[0].r, parts[0].alpha)
+        self.kind, self.rotates, self.slices = parts[0].kind, parts[0].rotates, [bool(s) for s in slices]
+        self.parts = nn.ModuleList(parts)
+        self.on = [i for i, s in enumerate(self.slices) if s]
+
+    def named_tensors(self) -> dict[str, nn.Parameter]:
+        return {f"slice{i}.{k}": p for i, part in zip(self.on, self.parts) for k, p in part.named_tensors().items()}
+
+    def _block(self, rows: torch.Tensor, i: int) -> torch.Tensor:
+        n = rows.shape[0] // len(self.slices)
+        return rows[i * n:(i + 1) * n]
+
+    def _each(self, rows: torch.Tensor, on, off) -> torch.Tensor:
+        """rows, slice by slice: on(part, block) for an enabled slice, off(block) for the others."""
+        return by_slices(self.slices, lambda i, j: on(self.parts[j], self._block(rows, i)),
+                         lambda i: off(self._block(rows, i)), torch.cat)
+
+    def output(self, x: torch.Tensor, op: Callable, scale: float, axis: int) -> torch.Tensor:
+        """op with the enabled slices' rows only (no matmul with zero rows), spread into the full output."""
+        h = op(x.to(self.dtype), torch.cat([p.delta_rows(scale, self.dtype) for p in self.parts]))
+        chunks = h.chunk(len(self.parts), dim=axis)
+        return by_slices(self.slices, lambda i, j: chunks[j], lambda i: torch.zeros_like(chunks[0]),
+                         lambda t, _: torch.cat(t, axis))
+
+    def delta(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        return self._each(rows, lambda p, b: p.delta(b, scale), torch.zeros_like)
+
+    def fold(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        return self._each(rows, lambda p, b: p.fold(b, scale), lambda b: b)
+
+    def unfold(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        return self._each(rows, lambda p, b: p.unfold(b, scale), lambda b: b)
+
+
+def make_variant(config: LoraConfig, base: nn.Module, r: int, alpha: float, dtype: torch.dtype,
+                 slices: Optional[list[bool]] = None) -> Variant:
+    """The adapter of config.type (not 'lora') for base layer `base` (on its enabled output `slices` when given:
+    a Sliced); a bad fit raises one ValueError line."""
     in_ch, out = base_dims(base)
     kernel = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else ()
-    fan_in, kw = in_ch * math.prod(kernel), dict(device=base.weight.device, dtype=dtype)
+    kw = dict(device=base.weight.device, dtype=dtype)
+    if slices is None:
+        return _variant(config, out, in_ch, kernel, r, alpha, kw)
+    n = slice_size(out, slices)
+    return Sliced([_variant(config, n, in_ch, kernel, r, alpha, kw) for on in slices if on], slices)
+
+
+def _variant(config: LoraConfig, out: int, in_ch: int, kernel: tuple[int, ...], r: int, alpha: float,
+             kw: dict) -> Variant:
+    fan_in = in_ch * math.prod(kernel)
     if config.type == "loha":
         return LoHa(out, fan_in, r, alpha, **kw)
     if config.type == "lokr":

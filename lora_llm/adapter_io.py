@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,7 @@ from lora_core.files import atomic_write_json
 from lora_core.io import atomic_save_safetensors, load_lora, read_safetensors, save_lora
 from lora_core.layers import LoraLayer, base_dims, supported
 from lora_core.model import DEFAULT, head_state_dict, lora_config, lora_layers, remove_lora
+from lora_core.variants import Sliced
 
 from .adapter_formats import ADAPTER_FILE, LLM_INFO, PEFT_DIR
 from .config import LLMTrainConfig, ModelSection
@@ -102,11 +104,16 @@ def save_merged(path: str | Path, out: str | Path) -> None:
 
 
 def peft_refusal(model, adapter: str = DEFAULT) -> str:
-    """Why adapter `adapter` has no PEFT folder ("" when it has one): PEFT 0.21's LoHa, LoKr and OFT do not
-    take HF Conv1D layers (GPT-2's attention and MLP)."""
+    """Why adapter `adapter` has no PEFT folder ("" when it has one): PEFT has LoHa, LoKr and OFT on whole modules
+    only (no fused slices), and PEFT 0.21's do not take HF Conv1D layers (GPT-2's attention and MLP)."""
     cfg = lora_config(model, adapter)
-    conv1d = [n for n, layer in lora_layers(model) if adapter in layer.lycoris and layer.fan_in_fan_out]
-    if cfg.type != "lora" and conv1d:
+    lyco = {n: layer for n, layer in lora_layers(model) if adapter in layer.lycoris}
+    sliced = [n for n, layer in lyco.items() if isinstance(layer.lycoris[adapter], Sliced)]
+    if sliced:
+        return (f"PEFT has no {cfg.type} on slices of a fused layer ({sliced[0]}, ...: lora.fused_slices, GPT-2's "
+                f"q,v of c_attn): no PEFT folder; adapter.safetensors holds the adapter")
+    conv1d = [n for n, layer in lyco.items() if layer.fan_in_fan_out]
+    if conv1d:
         return (f"PEFT's {cfg.type} does not adapt HF Conv1D layers ({conv1d[0]}, ...: GPT-2's): no PEFT folder; "
                 f"adapter.safetensors holds the adapter")
     return ""
@@ -120,7 +127,7 @@ def _lycoris_peft(model, cfg: LoraConfig, adapter: str):
             continue
         v = layer.lycoris[adapter]
         targets.append(name)
-        tensors.update({f"base_model.model.{name}.{v.key_prefix}{k}": p.detach() for k, p in v.named_parameters()})
+        tensors.update({f"base_model.model.{name}.{k}": p.detach() for k, p in v.named_tensors().items()})
         if not v.rotates and v.r != cfg.r:
             rank_pattern[name] = v.r
         if not v.rotates and v.alpha != cfg.alpha:
@@ -212,26 +219,19 @@ def load_report(path: str | Path, model, base: str = "") -> LoadReport:
     """The load report (lora_core.adapter_files.LoadReport) of our adapter file against `model`: each
     adapted module's (in, out) and each saved head's shape, per layer; reads the file's header only."""
     path = Path(path)
-    h = open_view(path).header   # our file, a run folder, or a PEFT folder
-    own, heads = {}, {}
-    for k in h.tensors:
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.default)?\.weight", k)
-        if m:
-            shape = h.shape(k)
-            i = 0 if m.group(2) == "A" else 1
-            own.setdefault(m.group(1), [0, 0])[i] = shape[1] if i == 0 else shape[0]
-        elif not k.endswith("lora_magnitude_vector"):   # DoRA magnitudes go with their module's A and B
-            heads[k.removeprefix("base_model.model.").replace(".modules_to_save.default", "")] = tuple(h.shape(k))
+    view = open_view(path)   # our file, a run folder, or a PEFT folder
+    h = view.header
+    cfg = json.loads(h.metadata.get("lora_config", "{}") or "{}") or view.config or {}
+    own, heads = adapter_dims(h, bool(cfg.get("block_share")), str(path))
     shapes = module_dims(model)
     params = {re.sub(r"\.(original_module|modules_to_save\.[^.]+)(?=\.)", "", n): tuple(p.shape)
               for n, p in model.named_parameters()}   # a head wrapped for other adapters: its original names
     info = json.loads(h.metadata.get(LLM_INFO, "{}") or "{}")
-    width = sorted({i for i, _ in own.values()})
+    width = sorted({i for i, _ in own.values() if i})
     made_for = f"{info.get('pretrained') or h.metadata.get('base_model') or 'unknown model'}" + \
         (f" (input widths {'/'.join(map(str, width))}, {len(block_names(list(own)))} adapted layers)" if width else "")
-    cfg = json.loads(h.metadata.get("lora_config", "{}") or "{}")
     lcfg = LoraConfig(fused_slices=cfg.get("fused_slices") or {})
-    rep = build_report(str(path), made_for, {k: tuple(v) for k, v in own.items()}, shapes,
+    rep = build_report(str(path), made_for, own, shapes,
                        lambda k: block_names([k])[0], base, slices=lcfg.slices_for)
     for k, shape in heads.items():   # saved heads (modules_to_save): the parameter must exist with this shape
         block = rep.blocks.setdefault(block_names([k])[0], {"matched": 0, "unmatched": 0, "mismatched": 0})
@@ -245,3 +245,49 @@ def load_report(path: str | Path, model, base: str = "") -> LoadReport:
             kind = "matched"
         block[kind] += 1
     return rep
+
+
+_LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.default)?\.weight")
+# a LoHa / LoKr / OFT factor (our files, PEFT folders), `slice<i>.` before it on fused slices (lora_core.variants)
+_LYCORIS_KEY = re.compile(r"(?:base_model\.model\.)?(.+?)(?:\.slice(\d+))?\.(hada_w[12]_[ab]|lokr_w[12](?:_[ab])?|"
+                          r"oft_R)(?:\.default)?(?:\.weight)?")
+
+
+def adapter_dims(h, block_share: bool = False, where: str = "") -> tuple[dict, dict]:
+    """({module: (in, out)} of the adapted modules, {parameter: shape} of the saved heads) from a file's header
+    `h`: LoRA's A and B, or the LoHa / LoKr / OFT factors (lycoris_dims; on fused slices the enabled slices'
+    outputs added up). None where the file does not fix a size (OFT's output)."""
+    own, lyco, heads = {}, {}, {}
+    for k in h.tensors:
+        shape = tuple(h.shape(k))
+        lora, factor = _LORA_KEY.fullmatch(k), _LYCORIS_KEY.fullmatch(k)
+        if lora:
+            a_side = lora.group(2) == "A"
+            own.setdefault(lora.group(1), [0, 0])[0 if a_side else 1] = shape[1] if a_side else shape[0]
+        elif factor:
+            lyco.setdefault(factor.group(1), {}).setdefault(factor.group(2), {})[factor.group(3)] = shape
+        elif not k.endswith("lora_magnitude_vector"):   # DoRA magnitudes go with their module's A and B
+            heads[k.removeprefix("base_model.model.").replace(".modules_to_save.default", "")] = shape
+    own = {k: tuple(v) for k, v in own.items()}
+    for module, slices in lyco.items():
+        dims = [lycoris_dims(parts, block_share, f"{where}: {module}") for parts in slices.values()]
+        outs = [o for _, o in dims]
+        own[module] = (dims[0][0], None if None in outs else sum(outs))
+    return own, heads
+
+
+def lycoris_dims(parts: dict[str, tuple], block_share: bool, where: str) -> tuple[Optional[int], Optional[int]]:
+    """(in, out) of one LoHa / LoKr / OFT adapter from its factors' shapes (lora_core.variants): LoHa w1_b (r, in),
+    w1_a (out, r); LoKr out = a·b, in = c·d from w1 (a, c) and w2 (b, d), each full or as _a (·, r) _b (r, ·); OFT
+    (blocks, bs(bs-1)/2): in = blocks·bs (unknown with block_share), out unknown."""
+    try:
+        if "oft_R" in parts:
+            n, k = parts["oft_R"]
+            return (None if block_share else n * round((1 + math.sqrt(1 + 8 * k)) / 2)), None
+        if "hada_w1_a" in parts:
+            return parts["hada_w1_b"][1], parts["hada_w1_a"][0]
+        a, c = parts["lokr_w1"] if "lokr_w1" in parts else (parts["lokr_w1_a"][0], parts["lokr_w1_b"][1])
+        b, d = parts["lokr_w2"][:2] if "lokr_w2" in parts else (parts["lokr_w2_a"][0], parts["lokr_w2_b"][1])
+    except KeyError as e:
+        raise LoraLoadError(f"{where}: an incomplete adapter: it has {sorted(parts)}, not {e}") from None
+    return c * d, a * b

@@ -122,9 +122,9 @@ class LLMTrainConfig(Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.lora.type != "lora":
-            raise ValueError(f"lora.type = {self.lora.type!r}: lora-llm train writes LoRA adapters only so far; "
-                             "LoHa, LoKr and OFT are in lora_core but not yet in the LLM trainer")
+        if self.lora.type != "lora" and self.backend == "mindspore":
+            raise ValueError(f"lora.type = {self.lora.type!r}: the MindSpore backend trains LoRA only; set "
+                             "backend = \"torch\" or lora.type = \"lora\"")
 
 
 def load_llm_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> LLMTrainConfig:

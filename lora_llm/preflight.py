@@ -113,8 +113,9 @@ def measure(cfg: LLMTrainConfig, device: str, rep: PreflightReport, tokenizer=No
     trainable, total = count_parameters(model)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     scale = lcfg.alpha / (math.sqrt(lcfg.r) if lcfg.use_rslora else lcfg.r)
-    rep.parameters = {"trainable": trainable, "total": total, "r": lcfg.r, "alpha": lcfg.alpha, "scale": scale,
-                      "use_rslora": lcfg.use_rslora, "targets": lcfg.target_modules}
+    rep.parameters = {"trainable": trainable, "total": total, "type": lcfg.type, "r": lcfg.r, "alpha": lcfg.alpha, "scale": scale,
+                      "use_rslora": lcfg.use_rslora, "targets": lcfg.target_modules,
+                      **({"oft_block_size": lcfg.oft_block_size} if lcfg.type == "oft" else {})}
     d = cfg.data
     length = d.block_size if d.is_lm else min(d.max_length, max((len(i["input_ids"]) for i in items or []),
                                                                  default=d.max_length))

@@ -40,7 +40,7 @@ from lora_core import adapter_files
 from lora_core.fused import block_diagonal
 from lora_core.io import atomic_save_safetensors, read_safetensors
 from lora_core.layers import LoraLayer, base_dims, supported
-from lora_core.variants import set_factors
+from lora_core.variants import Sliced, set_factors
 
 from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,
                               KOHYA, KOHYA_KEY, KOHYA_PREFIXES, LAYOUT_KEY, LYCORIS_KEY, LYCORIS_UNSUPPORTED,
@@ -175,6 +175,8 @@ def lycoris_module(layer: LoraLayer, adapter: str, where: str) -> ModuleLyco:
     lokr_w2 (LyCORIS and ComfyUI scale such a module by 1). OFT is refused: ours (PEFT's) rotates the input,
     LyCORIS', kohya's and ComfyUI's rotate blocks of the output, and neither converts to the other."""
     v = layer.lycoris[adapter]
+    if isinstance(v, Sliced):
+        raise ValueError(f"{where}: fused-slice adapters have no kohya/diffusers form")
     if v.kind not in ("loha", "lokr"):
         raise ValueError(f"{where}: a {v.kind} adapter has no kohya/LyCORIS or diffusers file form (PEFT's OFT "
                          f"rotates the input, LyCORIS/kohya OFT the output): keep the run's lora_core file")
