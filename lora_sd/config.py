@@ -118,9 +118,10 @@ class DataSettings(Checked, section="data"):
     random_flip: bool = option(False, "flip images horizontally at random")
     buckets: bool = option(False, "aspect-ratio bucketing around resolution^2 pixels")
     bucket_step: int = option(64, "bucket sides are multiples of this", ge=8, multiple_of=8)
-    cache_latents: bool = option(True, "VAE-encode each image once (on disk, see cache_dir)")
-    cache_text: bool = option(True, "encode each caption once, on disk (only while the text encoders are frozen); "
-                              "the text encoders are then released before the first step")
+    cache_latents: bool = option(True, "VAE-encode each image once (see cache_to_disk); the VAE then leaves the "
+                                 "device before the first step")
+    cache_text: bool = option(True, "encode each caption once (only while the text encoders are frozen; see "
+                              "cache_to_disk); the text encoders then leave the device before the first step")
     cache_dir: str = option("", "latent and text cache folder; '' = $XDG_CACHE_HOME/lora_sd (or ~/.cache/lora_sd)")
     cache_to_disk: bool = option(True, "keep the latent and text caches as files in cache_dir, reused by later runs "
                                  "(keyed by image bytes, size, crop, flip, caption and model; a damaged file is "
