@@ -90,7 +90,8 @@ def print_report(rep: PreflightReport) -> str:
     if rep.memory:
         m = rep.memory
         parts = ", ".join(f"{k} {_mb(v)}" for k, v in m.get("parts", {}).items())
-        out.append(f"memory:     about {_mb(m.get('total_bytes'))} peak on {m.get('device', '?')} ({parts})")
+        out.append(f"memory:     about {_mb(m.get('total_bytes'))} peak on {m.get('device', '?')} ({parts})"
+                   + (f"; off the device while training: {', '.join(m['off_device'])}" if m.get("off_device") else ""))
     if rep.steps:
         s = rep.steps
         out.append(f"steps:      {'ok' if s.get('ok') else 'FAILED'}: {s.get('size', '')}"

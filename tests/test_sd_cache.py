@@ -76,6 +76,26 @@ def test_cached_parts_leave_the_device_and_the_losses_are_unchanged(images, tmp_
     assert len(_losses(released)) == 3 and _losses(released) == _losses(kept)
 
 
+def test_the_estimate_leaves_out_the_parts_off_the_device(images, tmp_path, tiny_pipeline):
+    """`lora-sd check`: with cached text and latents the frozen weights on the device are the UNet's alone: the
+    estimate is lower by exactly the text encoder's and the VAE's bytes (fp32), and the report names them."""
+    from lora_core.preflight import print_report
+    from lora_sd.preflight import preflight
+
+    def estimate(cached: bool):
+        data = {"cache_text": cached, "cache_latents": cached}
+        cfg = train_config(tmp_path / "run", "tiny-random", images, tmp_path / "cache", **QUICK, data=data)
+        return preflight(cfg=cfg, device="cpu", steps=0, pipe=tiny_pipeline())
+    off, on = estimate(True), estimate(False)
+    pipe = tiny_pipeline()
+    parts = [getattr(pipe, n) for n in ("text_encoder", "vae")]
+    expected = sum(p.numel() * 4 for m in parts for p in m.parameters()) + \
+        sum(b.numel() * b.element_size() for m in parts for b in m.buffers())
+    assert on.memory["parts"]["frozen weights"] - off.memory["parts"]["frozen weights"] == expected
+    assert off.memory["off_device"] == ["text_encoder", "vae"] and on.memory["off_device"] == []
+    assert "off the device while training: text_encoder, vae" in print_report(off)
+
+
 def _counted_pipeline(tiny_pipeline) -> tuple[object, dict]:
     """A tiny SD 1.x pipeline whose VAE encodings and text-encoder calls are counted (images / captions)."""
     pipe, counts = tiny_pipeline(), {"vae": 0, "text": 0}
