@@ -92,7 +92,8 @@ def print_report(rep: PreflightReport) -> str:
     if rep.memory:
         m = rep.memory
         parts = ", ".join(f"{k} {_mb(v)}" for k, v in m.get("parts", {}).items())
-        out.append(f"memory:     about {_mb(m.get('total_bytes'))} peak on {m.get('device', '?')} ({parts})")
+        out.append(f"memory:     about {_mb(m.get('total_bytes'))} peak on {m.get('device', '?')} ({parts})"
+                   + (f"; off the device while training: {', '.join(m['off_device'])}" if m.get("off_device") else ""))
     if rep.steps:
         s = rep.steps
         out.append(f"steps:      {'ok' if s.get('ok') else 'FAILED'}: {s.get('size', '')}"
@@ -150,12 +151,17 @@ def memory_estimate(frozen_bytes: int, trainable: int, activations: float, large
     return {"parts": parts, "total_bytes": int(sum(parts.values())), "device": device}
 
 
+def fits_budget(total_bytes: float, vram_gib: float) -> bool:
+    """Whether a peak-memory estimate fits a device of `vram_gib` GiB (`check --vram`, the ladder, the GUI)."""
+    return total_bytes <= vram_gib * 2**30
+
+
 def budget_finding(rep: PreflightReport, vram_gib: float) -> None:
     """`check --vram N`: whether the estimate fits a device of N GiB (an error when it does not)."""
     if not vram_gib or not rep.memory:
         return
     total = rep.memory["total_bytes"]
-    if total > vram_gib * 2**30:
+    if not fits_budget(total, vram_gib):
         rep.error(f"the peak-memory estimate {_mb(total)} exceeds --vram {vram_gib:g} GiB: store the frozen weights "
                   "smaller (model.weight_dtype), turn on train.gradient_checkpointing, offload blocks "
                   "(train.offload_blocks), or lower the batch or resolution (docs/sd.md, Fitting a GPU)", "memory")
@@ -170,7 +176,7 @@ def ladder_text(rows: list[dict], vram_gib: float = 0.0) -> str:
     out = [head, "|---|---|---|---|---|---|"]
     for r in rows:
         gib = r["total_bytes"] / 2**30
-        fit = ("yes" if gib <= vram_gib else "no") if vram_gib else \
+        fit = ("yes" if fits_budget(r["total_bytes"], vram_gib) else "no") if vram_gib else \
             next((f"{v} GiB" for v in GPU_SIZES if gib <= v), f"> {GPU_SIZES[-1]} GiB")
         out.append(f"| {r['model']} | {r['weights']} | {'on' if r['checkpointing'] else 'off'} | {r['offload']} | "
                    f"{gib:.1f} GiB | {fit} |")

@@ -24,9 +24,10 @@ from .workspace import Workspace
 @dataclass(frozen=True)
 class Field:
     """One form input bound to `key` ("section.name"). `kind`: how it is typed in (None: from the declared
-    type); `presets`: (shown name, config value) pairs, e.g. ("cross_attn", <regex>); `group`: "advanced"
-    (the form's collapsed "Advanced" section) or "sdxl" (a section shown for SDXL only); `note`: "arch" (a
-    line below the input with the detected SD architecture). `choices` and `spec` are filled by `bind`."""
+    type); `presets`: (shown name, config value) pairs, e.g. ("cross_attn", <regex>); `group`: "advanced" or
+    "memory" (the form's collapsed "Advanced" / "Memory" sections, lora_gui.widgets.SECTIONS) or "sdxl" (a
+    section shown for SDXL only); `note`: "arch" (a line below the input with the detected SD architecture).
+    `choices` and `spec` are filled by `bind`."""
     key: str
     label: str
     kind: Optional[FieldKind] = None
@@ -67,7 +68,6 @@ ADVANCED_LORA = [
 
 # the SD trainer's optimizers, EMA and validation loss, in the SD form's "Advanced" section
 ADVANCED_SD_TRAIN = [
-    Field("train.optimizer", "Optimizer", group="advanced"),
     Field("train.loraplus_lr_ratio", "LoRA+ ratio (B learning rate x)", group="advanced"),
     Field("loss.min_timestep", "Min timestep", group="advanced"),
     Field("loss.max_timestep", "Max timestep", group="advanced"),
@@ -79,6 +79,22 @@ ADVANCED_SD_TRAIN = [
     Field("data.val_fraction", "Validation fraction", group="advanced"),
     Field("train.val_every", "Validation loss every N steps", group="advanced"),
     Field("train.log_with", "Also log to (TensorBoard / W&B)", group="advanced"),
+]
+
+
+# the SD trainer's memory switches (docs/sd.md, Fitting a GPU), the "Memory" section, beside the peak-memory
+# estimate of the form's settings (lora_gui.tabs.train.memory_tools)
+MEMORY_SD = [
+    Field("model.weight_dtype.denoiser", "Frozen denoiser weights", group="memory"),
+    Field("model.weight_dtype.text_encoder", "Frozen text-encoder weights", group="memory"),
+    Field("model.weight_dtype.text_encoder_2", "Frozen 2nd text-encoder weights", group="memory"),
+    Field("model.weight_dtype.text_encoder_3", "Frozen 3rd text-encoder weights (SD 3.5's T5)", group="memory"),
+    Field("model.weight_dtype.vae", "Frozen VAE weights", group="memory"),
+    Field("train.gradient_checkpointing", "Gradient checkpointing", group="memory"),
+    Field("train.offload_blocks", "Denoiser blocks offloaded to the host", group="memory"),
+    Field("train.optimizer", "Optimizer", group="memory"),
+    Field("train.fused_backward", "Fused backward (step in the gradient hook)", group="memory"),
+    Field("data.cache_to_disk", "Keep the latent / text caches on disk", group="memory"),
 ]
 
 
@@ -165,6 +181,7 @@ SD_FIELDS = [
     Field("lora.conv_r", "Conv rank (LoCon, kohya conv_dim)", group="advanced"),
     Field("lora.conv_alpha", "Conv alpha (kohya conv_alpha)", group="advanced"),
     *ADVANCED_LORA[1:],
+    *MEMORY_SD,
     *ADVANCED_SD_DATA,
     *ADVANCED_SD_TRAIN,
     *TEXT_ENCODER_SD,

@@ -68,7 +68,8 @@ def field_input(f: Field, value, prefix: str):
                                          elem_id=f"{prefix}-{f.key.replace('.', '-')}", **f.kind.widget(f))
 
 
-SECTIONS = {"advanced": dict(label="Advanced", open=False),   # group -> its collapsible section
+SECTIONS = {"memory": dict(label="Memory", open=False),       # group -> its collapsible section
+            "advanced": dict(label="Advanced", open=False),
             "sdxl": dict(label="SDXL", open=True, visible=False),   # shown when the base model is SDXL
             "flow": dict(label="SD 3.5 / Flux (rectified flow)", open=True, visible=False),   # ... an MMDiT
             "flux": dict(label="Flux", open=True, visible=False)}   # ... is Flux (forms.group_shown)

@@ -4,14 +4,17 @@ schedule or rectified flow, lora_sd.flow), and SDXL's micro-conditioning. lora_s
 description of the pipeline at hand (`spec_of`) instead of asking which architecture it is."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from .config import FLOW_ARCHS
 from .data import Tokenizers, flux_text, sd1_text, sd3_text, sdxl_cond
 from .models import arch_of
+from .single_file import CONFIG_DIR, SIZES
 
 
 def _no_extra(pooled, batch: dict) -> dict:
@@ -94,6 +97,12 @@ class ArchSpec:
         """The denoiser's output in fp32."""
         return self.call(denoiser, noisy, t, cond, extra).float()
 
+    def cached_parts(self, cfg) -> tuple[str, ...]:
+        """The frozen parts whose outputs a run of `cfg` caches before the first step, which then need not stay on
+        the device (lora_sd.text_cache.CachedParts): the text encoders (SDTrainConfig.caches_text), the VAE
+        (data.cache_latents)."""
+        return (self.text_encoders if cfg.caches_text else ()) + (("vae",) if cfg.data.cache_latents else ())
+
     def tokenizers(self, pipe) -> Tokenizers:
         names = [n.replace("text_encoder", "tokenizer") for n in self.text_encoders]
         return Tokenizers(*(getattr(pipe, n) for n in names), t5_length=self.t5_length, t5=self.t5)
@@ -120,3 +129,24 @@ def spec_of(pipe_or_denoiser) -> ArchSpec:
     if getattr(pipe_or_denoiser, "config", None) is None and not hasattr(pipe_or_denoiser, "components"):
         return SPECS["sd1"]
     return SPECS[arch_of(pipe_or_denoiser)]
+
+
+def denoiser_config(pretrained: str, config: str = "") -> tuple[Optional[dict], str]:
+    """(the denoiser's diffusers config, the file it was read from), read before any model loads: from a diffusers
+    folder (model.config, else model.pretrained) or a released model's shipped configs; (None, "") where only
+    loading tells (a tiny model, another hub id, a single file without model.config)."""
+    released = [CONFIG_DIR / name for name, size in SIZES.items() if size[2] == pretrained]
+    for folder in [Path(p).expanduser() for p in (config, pretrained) if p] + released:
+        for part in ("unet", "transformer"):
+            path = folder / part / "config.json"
+            if path.is_file():
+                return json.loads(path.read_text(encoding="utf-8")), str(path)
+    return None, ""
+
+
+def config_blocks(den: dict) -> int:
+    """How many blocks block offloading (lora_core.offload.model_blocks) finds in the denoiser of diffusers config
+    `den`: a UNet's down, mid and up blocks; an MMDiT's transformer blocks (Flux: and its single blocks)."""
+    if "down_block_types" in den:
+        return len(den["down_block_types"]) + len(den["up_block_types"]) + (den.get("mid_block_type") is not None)
+    return den.get("num_layers", 0) + den.get("num_single_layers", 0)

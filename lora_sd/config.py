@@ -118,10 +118,14 @@ class DataSettings(Checked, section="data"):
     random_flip: bool = option(False, "flip images horizontally at random")
     buckets: bool = option(False, "aspect-ratio bucketing around resolution^2 pixels")
     bucket_step: int = option(64, "bucket sides are multiples of this", ge=8, multiple_of=8)
-    cache_latents: bool = option(True, "VAE-encode each image once (on disk, see cache_dir)")
-    cache_text: bool = option(True, "encode each caption once, on disk (only while the text encoders are frozen); "
-                              "the text encoders are then released before the first step")
+    cache_latents: bool = option(True, "VAE-encode each image once (see cache_to_disk); the VAE then leaves the "
+                                 "device before the first step")
+    cache_text: bool = option(True, "encode each caption once (only while the text encoders are frozen; see "
+                              "cache_to_disk); the text encoders then leave the device before the first step")
     cache_dir: str = option("", "latent and text cache folder; '' = $XDG_CACHE_HOME/lora_sd (or ~/.cache/lora_sd)")
+    cache_to_disk: bool = option(True, "keep the latent and text caches as files in cache_dir, reused by later runs "
+                                 "(keyed by image bytes, size, crop, flip, caption and model; a damaged file is "
+                                 "encoded again); false: in memory, for this run only")
     caption_dropout: float = option(0.0, "rate at which a whole caption is replaced by '' (drawn per sample from "
                                     "seed, epoch and batch); with cache_text the empty caption's cached text replaces it", ge=0, le=1)
     shuffle_tags: bool = option(False, "shuffle the comma-separated tags of each caption every step (except the "
@@ -346,9 +350,20 @@ class SDTrainConfig(Checked):
         return self.loss.preserve_trigger or self.embedding.token
 
     @property
+    def caches_text(self) -> bool:
+        """The run caches its captions' text-encoder outputs (text_is_cached)."""
+        return text_is_cached(self.data, self.trains_text_encoder)
+
+    @property
     def trains_text_encoder(self) -> bool:
         """A text encoder is trained: a LoRA in it, or a token embedding (its outputs are not cached then)."""
         return self.text_encoder_lora is not None or self.text_encoder_2_lora is not None or bool(self.embedding.token)
+
+
+def text_is_cached(d: DataSettings, trains_text_encoder: bool) -> bool:
+    """Whether the captions' text-encoder outputs are cached before the first step: data.cache_text, no text
+    encoder trained, and no data.shuffle_tags (which varies the captions every step)."""
+    return d.cache_text and not trains_text_encoder and not d.shuffle_tags
 
 
 def load_train_config(path=None, overrides=()) -> SDTrainConfig:

@@ -365,34 +365,85 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-class LatentCache:
-    """VAE latent distributions on disk, one safetensors file per (image bytes, size, flip, VAE)."""
+class CacheFiles:
+    """The entries of a cache (latents, text outputs), each a dict of tensors under a key string that names
+    everything it was computed from: with data.cache_to_disk one safetensors file per key in `folder`, reused by
+    later runs; without, held in memory for this run only. An entry file that cannot be read (damaged, cut
+    short) is named in a warning and counts as missing, so it is encoded again and rewritten."""
 
-    def __init__(self, folder: Path, vae, vae_id: str):
-        self.folder, self.vae, self.vae_id = Path(folder), vae, vae_id
-        self._digests: dict[Path, str] = {}
+    def __init__(self, folder: Path, to_disk: bool = True):
+        self.folder, self.to_disk = Path(folder), to_disk
+        self.held: dict[str, dict[str, torch.Tensor]] = {}   # without cache_to_disk: the entries of this run
 
-    def path(self, item: ImageItem, size: tuple[int, int], flip: bool) -> Path:
-        if item.path not in self._digests:
-            self._digests[item.path] = file_digest(item.path)
-        key = f"{self._digests[item.path]}|{size[0]}x{size[1]}|center|flip={int(flip)}|vae={self.vae_id}"
+    def path(self, key: str) -> Path:
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
-    @torch.no_grad()
+    def get(self, key: str, names: tuple[str, ...]) -> Optional[dict[str, torch.Tensor]]:
+        """The entry of `key` (it must hold the tensors `names`), or None when it is missing or damaged."""
+        if not self.to_disk:
+            return self.held.get(key)
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+            absent = [n for n in names if n not in tensors]
+            if absent:
+                raise ValueError(f"no tensor {absent[0]!r}")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            log.warning("damaged cache file %s (%s): encoding it again", path, str(e).splitlines()[0][:200])
+            return None
+        return tensors
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        if self.to_disk:
+            atomic_save_safetensors(self.path(key), tensors, metadata)
+        else:
+            self.held[key] = {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+class LatentCache:
+    """VAE latent distributions, one entry per (image bytes, size, center crop, flip, VAE) (see CacheFiles)."""
+
+    def __init__(self, folder: Path, vae, vae_id: str, to_disk: bool = True):
+        self.files, self.vae, self.vae_id = CacheFiles(folder, to_disk), vae, vae_id
+        self._digests: dict[Path, str] = {}
+
+    @property
+    def folder(self) -> Path:
+        return self.files.folder
+
+    def key(self, item: ImageItem, size: tuple[int, int], flip: bool) -> str:
+        if item.path not in self._digests:
+            self._digests[item.path] = file_digest(item.path)
+        return f"{self._digests[item.path]}|{size[0]}x{size[1]}|center|flip={int(flip)}|vae={self.vae_id}"
+
+    def path(self, item: ImageItem, size: tuple[int, int], flip: bool) -> Path:
+        return self.files.path(self.key(item, size, flip))
+
     def ensure(self, jobs: list[tuple[ImageItem, tuple[int, int], bool]], rank: int = 0, world: int = 1) -> int:
-        """Encode the missing entries (this process's share of them); returns how many it encoded."""
-        todo = [j for j in jobs[rank::world] if not self.path(*j).is_file()]
-        p = next(self.vae.parameters())
+        """Encode the missing (or damaged) entries, this process's share of them (all of them when the cache is
+        in memory: another process's would not be seen); returns how many it encoded."""
+        if not self.files.to_disk:
+            rank, world = 0, 1
+        todo = [j for j in jobs[rank::world] if self.files.get(self.key(*j), ("parameters",)) is None]
         for item, size, flip in todo:
-            pixels = load_pixels(item.path, size, True, flip).unsqueeze(0).to(p.device, p.dtype)
-            params = self.vae.encode(pixels).latent_dist.parameters[0].float().cpu()
-            atomic_save_safetensors(self.path(item, size, flip), {"parameters": params},
-                                    {"image": str(item.path), "size": f"{size[0]}x{size[1]}", "flip": str(flip),
-                                     "vae": self.vae_id})
+            self._encode(item, size, flip)
         return len(todo)
 
+    @torch.no_grad()
+    def _encode(self, item: ImageItem, size: tuple[int, int], flip: bool) -> dict[str, torch.Tensor]:
+        p = next(self.vae.parameters())
+        pixels = load_pixels(item.path, size, True, flip).unsqueeze(0).to(p.device, p.dtype)
+        entry = {"parameters": self.vae.encode(pixels).latent_dist.parameters[0].float().cpu()}
+        self.files.put(self.key(item, size, flip), entry, {"image": str(item.path), "size": f"{size[0]}x{size[1]}",
+                                                           "flip": str(flip), "vae": self.vae_id})
+        return entry
+
     def load(self, item: ImageItem, size: tuple[int, int], flip: bool) -> torch.Tensor:
-        return load_file(str(self.path(item, size, flip)))["parameters"]
+        """The entry's latent distribution parameters (encoded now if it was damaged after ensure)."""
+        entry = self.files.get(self.key(item, size, flip), ("parameters",))
+        return (entry or self._encode(item, size, flip))["parameters"]
 
 
 def tokenize(tokenizer, captions: list[str], max_length: int = 0) -> torch.Tensor:

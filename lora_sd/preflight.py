@@ -132,15 +132,16 @@ def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps
 def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
     """Frozen weights as training keeps them on the device: each part in its model.weight_dtype, else the
     mixed precision (the VAE: fp32, bf16 under bf16), the denoiser's offloaded blocks (train.offload_blocks) but
-    two left out."""
+    two left out, the parts whose outputs are cached (they leave the device: ArchSpec.cached_parts) left out."""
     mp = cfg.train.mixed_precision
+    gone = set(spec_of(pipe).cached_parts(cfg))
     total = 0
     for part, names in WEIGHT_PARTS.items():
         default = (2 if mp == "bf16" else 4) if part == "vae" else DTYPE_BYTES[mp]
         n_off = cfg.train.offload_blocks if part == "denoiser" else 0
         for name in names:
             m = getattr(pipe, name, None)
-            if m is not None:
+            if m is not None and name not in gone:
                 total += offloaded_frozen_bytes(m, getattr(cfg.model.weight_dtype, part), default, n_off)
     return total
 
@@ -262,7 +263,8 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
     s = cfg.train
     rep.memory.update(batch=s.batch_size, resolution=cfg.data.resolution, precision=s.mixed_precision,
                       weight_dtype=cfg.model.weight_dtype.chosen(), gradient_checkpointing=s.gradient_checkpointing,
-                      offload_blocks=s.offload_blocks, optimizer=s.optimizer, fused_backward=s.fused_backward)
+                      offload_blocks=s.offload_blocks, optimizer=s.optimizer, fused_backward=s.fused_backward,
+                      off_device=list(spec.cached_parts(cfg)))
 
 
 # ------------------------------------------------------------------ `check --table`: the memory ladder

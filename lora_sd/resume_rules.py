@@ -15,7 +15,7 @@ SD_RESUME = {
                                "max_images", "val_fraction", "resolution", "center_crop", "random_flip", "buckets",
                                "bucket_step", "cache_latents", "cache_text", "caption_dropout", "shuffle_tags",
                                "keep_tokens", "masked_loss", "reg_path", "reg_repeats")},
-        **{k: FREE for k in ("val_path", "val_timesteps", "cache_dir")},
+        **{k: FREE for k in ("val_path", "val_timesteps", "cache_dir", "cache_to_disk")},
     },
     "lora": LORA_RESUME,
     "text_encoder_lora": LORA_RESUME,

@@ -39,8 +39,8 @@ from lora_core.run import RunDir, run_job
 from lora_core.training import EMA, make_ema, optimizer_class, train
 
 from . import formats
-from .config import CROSS_ATTN, MMDIT_PRESETS, WEIGHT_PARTS, SDTrainConfig
-from .archs import ArchSpec, spec_of
+from .config import CROSS_ATTN, MMDIT_PRESETS, WEIGHT_PARTS, SDTrainConfig, text_is_cached
+from .archs import ArchSpec, config_blocks, denoiser_config, spec_of
 from .data import BatchDataset, LatentCache, Preservation, checked_items, default_cache_dir, first, load_items
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .errors import DatasetError
@@ -48,7 +48,7 @@ from .flow import FlowMatch, Noised
 from .generate import generate
 from .resume_rules import SD_RESUME
 from .grid import end_of_run_grid, grid_so_far
-from .text_cache import TextCache
+from .text_cache import CachedParts, TextCache
 from .models import RANDOM_WEIGHTS_NOTE, arch_of, is_random_weights, load_pipeline, model_identity
 
 log = logging.getLogger("lora_sd")
@@ -273,15 +273,16 @@ def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool, prese
     if d.cache_text and not train_te and d.shuffle_tags:
         log.warning("data.shuffle_tags varies the captions: the text is encoded every step "
                     "(data.cache_text is not used)")
-    elif d.cache_text and not train_te:   # caption dropout: the empty caption's row comes last (BatchDataset)
-        cache = TextCache(Path(d.cache_dir or default_cache_dir()) / "text", spec, pipe)
+    elif text_is_cached(d, train_te):   # caption dropout: the empty caption's row comes last (BatchDataset)
+        cache = TextCache(Path(d.cache_dir or default_cache_dir()) / "text", spec, pipe, d.cache_to_disk)
         text_emb, pooled = cache.get([i.caption for i in items] + ([""] if d.caption_dropout else []))
     ds = BatchDataset(items, d, s.batch_size, s.seed, spec.tokenizers(pipe), text_emb=text_emb, pooled=pooled,
                       preserve=preserve, time_ids=spec.time_ids)
     if preserve is not None and cache is not None:   # the preserved captions' text, cached alike
         ds.preserve_text = cache.get(ds.preserved_captions)
     if d.cache_latents:
-        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", pipe.vae, model_identity(pipe.vae))
+        cache = LatentCache(Path(d.cache_dir or default_cache_dir()) / "latents", pipe.vae, model_identity(pipe.vae),
+                            d.cache_to_disk)
         n = cache.ensure(ds.latent_jobs(), accelerator.process_index, accelerator.num_processes)
         accelerator.wait_for_everyone()
         log.info("latent cache %s: %d encoded by this process", cache.folder, n)
@@ -426,6 +427,12 @@ def check_memory_settings(cfg: SDTrainConfig, device) -> None:
     for part, storage in cfg.model.weight_dtype.chosen().items():
         check_storage(storage, str(device), f"model.weight_dtype.{part}")
     optimizer_class(cfg.train)
+    n = cfg.train.offload_blocks
+    den, path = denoiser_config(cfg.model.pretrained, cfg.model.config) if n else (None, "")
+    most = config_blocks(den) if den is not None else n   # no config file: lora_core.offload says it once loaded
+    if n > most:
+        raise ConfigError(f"train.offload_blocks = {n}: the {den.get('_class_name', 'denoiser')} has only {most} "
+                          f"blocks ({path}); use at most {most}", "train.offload_blocks")
 
 
 def _objective(cfg: SDTrainConfig, pipe, spec: ArchSpec):
@@ -479,20 +486,6 @@ def _loss_module(cfg: SDTrainConfig, pipe, objective, train_te: bool, text_cache
                          preserve_weight=cfg.loss.preserve_weight, guidance=cfg.flow.guidance_scale)
 
 
-def release_text_encoders(cfg: SDTrainConfig, pipe) -> list[str]:
-    """With every caption's text cached and no text encoder trained, the text encoders (T5 above all) need not
-    stay beside the denoiser: drop them from the pipeline before the first step, unless validation images or
-    grids ([sample]) will encode prompts. Returns the names released."""
-    if cfg.sample.prompts or cfg.sample.grid:
-        log.info("text encoders kept for the validation images ([sample] prompts / grid)")
-        return []
-    names = list(_text_encoders(pipe))
-    for name in names:
-        setattr(pipe, name, None)
-    log.info("text outputs cached: %s released before the first step", ", ".join(names))
-    return names
-
-
 def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> dict:
     s, d = cfg.train, cfg.data
     items, val_items = split_val(cfg, items)
@@ -500,7 +493,7 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
 
     set_seed(s.seed)   # same LoRA init on every process
     check_memory_settings(cfg, accelerator.device)
-    owned = pipe is None   # a pipeline given by the caller keeps its text encoders
+    owned = pipe is None   # a pipeline given by the caller is returned whole (CachedParts)
     if pipe is None:
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.config, cfg.model.revision, cfg.model.variant,
                              prediction_type=cfg.model.prediction_type)
@@ -522,25 +515,32 @@ def _run(cfg: SDTrainConfig, run: RunDir, accelerator, resume, pipe, items) -> d
                                      num_workers=s.num_workers)
 
     ema = make_ema(module, s)
-    export, sample = _export_and_sample(cfg, run, accelerator, pipe, module, components, len(items), ema)
+    # the parts whose outputs are cached leave the device; dropped unless validation images will need them (or
+    # the pipeline is the caller's)
+    parts = CachedParts(pipe, spec.cached_parts(cfg), accelerator.device,
+                        drop=owned and not (cfg.sample.prompts or cfg.sample.grid))
+    export, sample = _export_and_sample(cfg, run, accelerator, pipe, module, components, len(items), ema, parts)
     val_fn = _val_fn(cfg, val_items, pipe, accelerator, train_te, module)
-    if text_emb is not None and not train_te and owned:
-        release_text_encoders(cfg, pipe)
+    parts.leave()
 
     set_seed(s.seed, device_specific=True)   # different noise on each process
-    status = train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
-                   settings=s, resume=resume, export_fn=export, sample_fn=sample, ema=ema, val_fn=val_fn,
-                   part_lrs={TOKEN_VECTORS: cfg.embedding.learning_rate} if cfg.embedding.learning_rate else None)
-    if accelerator.is_main_process and cfg.sample.grid and status.get("state") == "done":   # [sample] grid: lora_sd.grid
-        with accelerator.autocast():
-            end_of_run_grid(cfg, pipe, run.path)
+    try:
+        status = train(accelerator=accelerator, run=run, model=module, dataloader=dl, loss_fn=lambda m, b: m(b),
+                       settings=s, resume=resume, export_fn=export, sample_fn=sample, ema=ema, val_fn=val_fn,
+                       part_lrs={TOKEN_VECTORS: cfg.embedding.learning_rate} if cfg.embedding.learning_rate else None)
+        if accelerator.is_main_process and cfg.sample.grid and status.get("state") == "done":   # lora_sd.grid
+            with accelerator.autocast(), parts.on_device():
+                end_of_run_grid(cfg, pipe, run.path)
+    finally:
+        parts.restore()
     return status
 
 
 def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, module, components, n_images: int,
-                       ema: Optional[EMA]):
+                       ema: Optional[EMA], parts: CachedParts):
     """(export_fn, sample_fn) of the training loop: the adapter files (and <name>_ema.safetensors with
-    train.ema_decay), and the validation images (with the EMA weights when sample.use_ema)."""
+    train.ema_decay), and the validation images (with the EMA weights when sample.use_ema; the parked text
+    encoders and VAE on the device meanwhile)."""
     resolution = cfg.data.resolution
     main_format = formats.KOHYA
     if spec_of(pipe).flow and cfg.lora.use_dora:   # lora_sd.formats: fused q/k/v have no kohya DoRA form
@@ -578,7 +578,7 @@ def _export_and_sample(cfg: SDTrainConfig, run: RunDir, accelerator, pipe, modul
         module.eval()
         use_ema = ema is not None and sc.use_ema
         try:
-            with accelerator.autocast(), ema.swapped() if use_ema else contextlib.nullcontext():
+            with accelerator.autocast(), ema.swapped() if use_ema else contextlib.nullcontext(), parts.on_device():
                 # fp16/bf16 UNet and text encoder, fp32 VAE and LoRA weights
                 results = generate(pipe, sc.prompts, negative_prompt=sc.negative_prompt, steps=sc.steps,
                                    guidance_scale=sc.guidance_scale, seed=sc.seed, width=sc.width or resolution,

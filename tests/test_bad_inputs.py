@@ -308,6 +308,9 @@ SD_CASES = [
     ("train-nan-in-the-base-model", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run", "--set",
                                      'model.pretrained="{root}/nan_model"'], 2,
      ["nan_model", "unet.{sd_nan_key}", "non-finite"]),
+    ("train-offload-more-blocks-than-the-unet", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run",
+                                               "--set", "train.offload_blocks=6"], 2,
+     ["train.offload_blocks = 6", "UNet2DConditionModel has only 5 blocks", "unet/config.json", "use at most 5"]),
     ("train-float-for-an-integer", ["train", "--config", "{cfg}/sd_ok.toml", "--run-dir", "{tmp}/run", "--set",
                                     "train.batch_size=2.0"], 2, ["train.batch_size", "expected an integer", "2.0"]),
     # a setting that would do nothing is refused

@@ -18,11 +18,11 @@ from lora_core.fields import field_specs
 from lora_gui import job_kinds, runview
 from lora_gui.controller import Controller
 from lora_gui.errors import UserError
-from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN
+from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN, MEMORY_SD
 from lora_gui.services.fit import badge
 from lora_gui.services.grid_request import GridRequest
 from lora_gui.services.grid_scores import concept_score_lines
-from lora_gui.services.preflight import report_markdown
+from lora_gui.services.preflight import memory_markdown, report_markdown
 from lora_gui.services.text_compare import metric_curves
 from lora_gui.workspace import Workspace
 from lora_sd.config import TARGET_PRESETS
@@ -103,6 +103,66 @@ def test_advanced_bad_values_name_the_field(ctrl):
         ctrl.configs.build("sd-train", ctrl.configs.default("sd-train"), _values(ctrl, lora__rank_pattern="[1, 2"))
     with pytest.raises(ConfigError, match="rank_pattern"):  # the config's own check: a rank must be a whole number
         ctrl.configs.build("sd-train", ctrl.configs.default("sd-train"), _values(ctrl, lora__rank_pattern='{"a": "x"}'))
+
+
+# ---------------------------------------------------------------- the Memory section
+def test_memory_section_switches_reach_the_config(ctrl):
+    fields = {f.key: f for f in job_kinds.get("sd-train").fields}
+    assert [k for k, f in fields.items() if f.group == "memory"] == [f.key for f in MEMORY_SD]
+    assert {"model.weight_dtype.denoiser", "model.weight_dtype.text_encoder", "model.weight_dtype.vae",
+            "train.gradient_checkpointing", "train.offload_blocks", "train.optimizer", "train.fused_backward",
+            "data.cache_to_disk"} <= set(fields)
+    assert {"", "bf16", "fp8_e4m3", "int8"} <= set(fields["model.weight_dtype.denoiser"].choices)
+    assert {"adamw8bit", "adafactor"} <= set(fields["train.optimizer"].choices)
+    cfg = ctrl.configs.build("sd-train", ctrl.configs.default("sd-train"), _values(
+        ctrl, model__weight_dtype__denoiser="fp8_e4m3", model__weight_dtype__text_encoder="int8",
+        train__gradient_checkpointing=True, train__offload_blocks=2, train__optimizer="adafactor",
+        data__cache_to_disk=False))
+    assert cfg.model.weight_dtype.chosen() == {"denoiser": "fp8_e4m3", "text_encoder": "int8"}
+    assert cfg.train.gradient_checkpointing and cfg.train.offload_blocks == 2 and cfg.train.optimizer == "adafactor"
+    assert cfg.data.cache_to_disk is False
+
+
+@pytest.mark.slow
+def test_memory_estimate_sits_beside_the_switches(ctrl):
+    from lora_gui.ui import build_app
+    demo = build_app(ctrl)
+    section = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "sd-memory")
+
+    def ids(block):
+        return {getattr(block, "elem_id", None)} | {i for c in getattr(block, "children", []) for i in ids(c)}
+    assert {"sd-train-optimizer", "sd-data-cache_to_disk", "sd-vram", "sd-memory-estimate",
+            "sd-memory-report"} <= ids(section)
+
+
+def test_memory_markdown_says_whether_it_fits():
+    memory = {"total_bytes": 3 * 2**30, "device": "cuda", "parts": {"frozen weights": 2 * 2**30,
+                                                                    "activations": 2**30},
+              "off_device": ["text_encoder", "vae"]}
+    fits = memory_markdown(memory, 8)
+    assert fits.splitlines()[0] == "**Peak memory: about 3.00 GiB** (a training step on cuda): fits 8 GiB"
+    assert "- frozen weights: 2.00 GiB" in fits and "outputs cached): text_encoder, vae" in fits
+    tight = memory_markdown(memory, 2)
+    assert tight.splitlines()[0].endswith("**does not fit** 2 GiB") and "Fitting a GPU" in tight
+    assert "fit" not in memory_markdown(memory).splitlines()[0]
+
+
+@pytest.mark.slow
+@needs_check
+def test_memory_estimate_follows_the_switches(ctrl):
+    """The button's service: `lora-sd check --no-steps` on the form's config; fp8 frozen weights and checkpointing
+    lower the estimate; a budget says fit / does not fit."""
+    base = ctrl.configs.default("sd-train")
+    fits, text, plain = ctrl.preflight.memory("sd-train", base, _values(ctrl, data__resolution=32,
+                                                                         train__gradient_checkpointing=False), 8)
+    assert fits is True and "fits 8 GiB" in text.splitlines()[0]
+    assert plain["off_device"] == ["vae"]   # cached latents: off the device (the demo trains a word: not the text)
+    lean = _values(ctrl, data__resolution=32, model__weight_dtype__denoiser="fp8_e4m3",
+                   train__gradient_checkpointing=True)
+    fits, text, small = ctrl.preflight.memory("sd-train", base, lean, plain["total_bytes"] / 2**30 * 0.999)
+    assert small["parts"]["frozen weights"] < plain["parts"]["frozen weights"]   # the UNet in fp8
+    assert small["parts"]["activations"] < plain["parts"]["activations"]
+    assert fits is True and "**does not fit**" in memory_markdown(plain, plain["total_bytes"] / 2**30 * 0.999)
 
 
 # ---------------------------------------------------------------- the grid's arguments

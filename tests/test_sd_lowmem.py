@@ -6,6 +6,8 @@ from safetensors.torch import load_file
 
 from lora_core.errors import ConfigError, MissingPackageError
 from lora_core.lowmem import QuantizedConv2d, QuantizedLinear
+from lora_core.offload import model_blocks
+from lora_sd.archs import config_blocks, spec_of
 from lora_sd.models import load_pipeline
 from lora_sd.testing import train_config
 from lora_sd.train import run_training
@@ -58,3 +60,23 @@ def test_offloading_more_blocks_than_the_unet_has_is_one_line(tiny_sd_model, sd_
     cfg = train_config(tmp_path / "run", tiny_sd_model, sd_dataset, tmp_path / "cache", train={"offload_blocks": 99})
     with pytest.raises(ConfigError, match="train.offload_blocks = 99: the UNet2DConditionModel has only 5 blocks"):
         run_training(cfg, pipe=tiny_pipeline())
+
+
+def test_offloading_more_blocks_than_the_config_names_is_one_line_before_the_model_loads(tiny_sd_model, sd_dataset,
+                                                                                       tmp_path, monkeypatch):
+    import lora_sd.train as train_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(train_mod, "load_pipeline", no_load)
+    cfg = train_config(tmp_path / "run", tiny_sd_model, sd_dataset, tmp_path / "cache", train={"offload_blocks": 6})
+    with pytest.raises(ConfigError, match=r"train.offload_blocks = 6: the UNet2DConditionModel has only 5 blocks "
+                                          r"\(.*unet/config.json\); use at most 5$"):
+        run_training(cfg)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl", "sd3", "flux"])
+def test_blocks_counted_from_the_config_are_the_blocks_offloading_finds(tiny_pipeline, arch):
+    pipe = tiny_pipeline(arch=arch)
+    den = getattr(pipe, spec_of(pipe).denoiser)
+    assert config_blocks(dict(den.config)) == len(model_blocks(den)) > 0

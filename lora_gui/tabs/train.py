@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+from lora_core.preflight import GPU_SIZES
+
+from .. import job_kinds
+from ..services.preflight import memory_markdown
 from ..widgets import JobForm, guard, job_columns
 from .compare import form_tools
 
@@ -12,7 +16,8 @@ QUEUE_HEADERS = ["id", "run", "kind", "state", "progress", "added"]
 
 def build(page) -> None:
     with gr.Tab("Train (Stable Diffusion)", id="train"):
-        job_columns(page, KIND, "Start (or queue)", gallery=True, extra=lambda form: (dataset_tools(page, form), form_tools(page, form)),
+        job_columns(page, KIND, "Start (or queue)", gallery=True,
+                    extra=lambda form: (dataset_tools(page, form), memory_tools(page, form), form_tools(page, form)),
                     below_monitor=queue_panel)
 
 
@@ -42,6 +47,30 @@ def dataset_tools(page, job: JobForm) -> None:
     browse.change(guard(lambda chosen: ctrl.uploads.folder_of(chosen) if chosen else gr.skip()), [browse], [data_path])
     check.click(check_dataset, [data_path], [report])
     upload.click(upload_dataset, [files, name], [data_path, report])
+
+
+def memory_tools(page, job: JobForm) -> None:
+    """In the form's Memory section, beside its switches: the peak-memory estimate of the form's settings
+    (`lora-sd check --no-steps`, refreshed by a button) and whether it fits the chosen GPU memory."""
+    ctrl, p = page.ctrl, job_kinds.get(job.kind).prefix
+    with job.form.sections["memory"]:   # the section the form built: these go below its switches
+        with gr.Row():
+            vram = gr.Dropdown([("no budget", 0)] + [(f"{g} GiB", g) for g in GPU_SIZES], value=0,
+                               label="GPU memory", elem_id=f"{p}-vram")
+            refresh = gr.Button("Estimate peak memory", elem_id=f"{p}-memory-estimate")
+        estimate = gr.State({})
+        shown = gr.Markdown(elem_id=f"{p}-memory-report")
+
+    @guard
+    def measure(v):
+        _, text, memory = ctrl.preflight.memory(job.kind, v[job.base], job.values(v), float(v[vram] or 0))
+        return memory, text
+
+    def budget(memory, gib):   # another budget: the same estimate, judged again
+        return memory_markdown(memory, float(gib or 0)) if memory else gr.skip()
+
+    page.later(lambda: refresh.click(measure, {vram, *job.components}, [estimate, shown]))   # once the form is whole
+    vram.change(budget, [estimate, vram], [shown])
 
 
 def queue_panel(page) -> None:
