@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 
 from .configfile import save_config
 from .files import atomic_write_json, atomic_write_text, move_aside
+from .fingerprint import FINGERPRINT_FILE, DataFile, change_line, fingerprint, read_fingerprint
 from .resume import resume_changes
 from .errors import NonFiniteLoss, RunFolderError, RunLockedError, StopRequested
 
@@ -47,7 +48,7 @@ FINAL_STATES = ("stopped", "failed", "done")       # a job has ended
 STATES = LIVE_STATES + FINAL_STATES
 LOCK_FILE = "run.lock"
 # what a folder may hold and still count as fresh: the GUI queue's config/status/console and a failed start
-_FRESH_FILES = {"config.toml", "status.json", "console.log", "train.log", LOCK_FILE}
+_FRESH_FILES = {"config.toml", "status.json", "console.log", "train.log", LOCK_FILE, FINGERPRINT_FILE}
 _FRESH_DIRS = {"samples", "checkpoints"}
 # what a job writes in a run folder before its resume has loaded: given back byte for byte when it is refused
 _HELD_FILES = ("config.toml", "status.json", "train.log", "metrics.jsonl", LOCK_FILE)
@@ -58,6 +59,7 @@ class RunDir:
     def __init__(self, path):
         self.path = Path(path)
         self.config = self.path / "config.toml"
+        self.fingerprint = self.path / FINGERPRINT_FILE   # the training data it started on (lora_core.fingerprint)
         self.status_file = self.path / "status.json"
         self.metrics = self.path / "metrics.jsonl"
         self.metric_sinks: list = []   # callables given each metrics line after it is written
@@ -410,23 +412,52 @@ def _queued_here(run: RunDir, e: BaseException) -> bool:
         return False
 
 
+def _made_under(run: RunDir, found: list[Path], resume: str, name: str) -> Path:
+    """The file `name` (config.toml, the data fingerprint) that the checkpoint to resume was made under: its
+    copy in the checkpoint (the run's own config.toml may have been edited), else the run folder's."""
+    own = found[0] / name
+    if own.is_file():
+        return own
+    return run.path / name if resume in ("latest", "auto") else found[0].parent.parent / name
+
+
 def _resume_changes(run: RunDir, resume: Optional[str], config, rules: Optional[dict]) -> list[str]:
     """The allowed config changes of a resume (lora_core.resume.resume_changes against the config saved with
     the checkpoint's run); [] without one to compare."""
     found = resume_candidates(run, resume) if resume and config is not None and rules is not None else []
     if not found:
         return []
-    # the config the checkpoint was made under (a copy in it: the run's own config.toml may have been edited)
-    latest, own = resume in ("latest", "auto"), found[0] / "config.toml"
-    saved = own if own.is_file() else run.config if latest else found[0].parent.parent / "config.toml"
-    if not saved.is_file() and not latest:
+    saved = _made_under(run, found, resume, "config.toml")
+    if not saved.is_file() and resume not in ("latest", "auto"):
         return []   # a checkpoint folder kept on its own: nothing to compare with
     return resume_changes(saved, config, rules)
 
 
+def _data_fingerprint(run: RunDir, resume: Optional[str], files: Optional[Callable[[], list[DataFile]]]
+                      ) -> tuple[Optional[dict], str]:
+    """(the fingerprint a fresh run records, a note for the log). A resume takes the data's fingerprint again
+    and compares it with the one its checkpoint was made under: data that changed raises RunFolderError naming
+    what changed (lora_core.fingerprint)."""
+    if files is None:
+        return None, ""
+    found = resume_candidates(run, resume) if resume else []
+    if not found:
+        return fingerprint(files()), ""
+    saved = read_fingerprint(_made_under(run, found, resume, FINGERPRINT_FILE))
+    if saved is None:
+        return None, "resume: the run records no data fingerprint (an earlier version made it): the training data " \
+                     "cannot be compared with what it started on"
+    changed = change_line(saved, fingerprint(files(), known=saved))
+    if changed:
+        raise RunFolderError(f"--resume would not continue this run exactly: its training data changed since it "
+                             f"started: {changed}; put the data back as it was, or start a new run in another folder")
+    return None, ""
+
+
 def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=None, resume: Optional[str] = None,
             overwrite: bool = False, main: bool = True, barrier: Callable[[], None] = lambda: None,
-            validate: Callable[[], Any] = lambda: None, resume_rules: Optional[dict] = None) -> dict:
+            validate: Callable[[], Any] = lambda: None, resume_rules: Optional[dict] = None,
+            data_files: Optional[Callable[[Any], list[DataFile]]] = None) -> dict:
     """The job wrapper of every trainer: validate (nothing written yet), check the folder (refuse another
     run's files, a live lock, a resume without a run; --overwrite moves the old run aside), then create
     it, lock it, save the resolved config, set up logging, mark it running (with `kind`), and run
@@ -435,16 +466,20 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
     held (RunDir.hold) until TrainLoop.resume has loaded its checkpoint: a refusal or failure before that
     (a checkpoint that does not fit the new config, a stop while loading) leaves the run folder
     byte-identical and raises. With `resume_rules` (lora_core.resume), a resume whose config changes a field that
-    must not change is refused before anything is written; the allowed changes are logged."""
+    must not change is refused before anything is written; the allowed changes are logged. With `data_files`
+    (the validated value -> the training data's files), a fresh run records the data's fingerprint
+    (lora_core.fingerprint) and a resume whose data changed since is refused, before anything is written."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     lock = RunLock(run)
-    started, aside, changed = False, None, []
+    started, aside, changed, data_note = False, None, [], ""
     with StopAtOnce():
         try:
             prepared = validate()
             if main:
                 aside = check_folder(run, resume, overwrite, kind)
                 changed = _resume_changes(run, resume, config, resume_rules)
+                files = None if data_files is None else lambda: data_files(prepared)
+                data_fp, data_note = _data_fingerprint(run, resume, files)
                 if resume and run.foreign_entries():
                     run.hold()   # until the checkpoint has loaded, a refusal gives the run back as it was
                 run.create()
@@ -452,6 +487,8 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
                 started = True   # the folder is this job's now: any failure from here is recorded
                 if config is not None:
                     save_config(run.config, config)
+                if data_fp is not None:
+                    atomic_write_json(run.fingerprint, data_fp)
                 run.write_status("running", kind=kind, pid=os.getpid(), host=socket.gethostname(), error=None,
                                  finished=None, eval=None, started=time.time())
             barrier()
@@ -460,6 +497,8 @@ def run_job(kind: str, run_dir, body: Callable[[RunDir, Any], dict], *, config=N
                 log.warning("--overwrite: the old run in %s was moved to %s", run.path, aside)
             if main and changed:
                 log.info("resume: changed settings (allowed, they keep the run exact): %s", "; ".join(changed))
+            if main and data_note:
+                log.warning(data_note)
             return body(run, prepared)
         except BaseException as e:
             if main and run.held is not None:   # a resume that never started: nothing of it stays
@@ -707,8 +746,9 @@ class TrainLoop:
         if self.main:
             if self.export_fn is not None:
                 self.export_fn(tmp, step)
-            if run.config.is_file():   # the config this checkpoint was made under: what a resume is compared with
-                shutil.copyfile(run.config, tmp / "config.toml")
+            for made_under in (run.config, run.fingerprint):   # what a resume of this checkpoint is compared with
+                if made_under.is_file():
+                    shutil.copyfile(made_under, tmp / made_under.name)
             atomic_write_json(tmp / "trainer_state.json", {
                 "step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.s.seed,
                 "backend": e.backend, "num_processes": e.num_processes, "best_val": self.best_val})

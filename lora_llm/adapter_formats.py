@@ -9,10 +9,12 @@ peft:      a PEFT adapter folder (`adapter_config.json` + `adapter_model.safeten
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from lora_core.adapter_files import (LORA_CORE, PEFT_CONFIG, AdapterFormat, AdapterView, describe_lora_core,
-                                     is_lora_core, register)
+                                     is_lora_core, read_header, register)
 
 ADAPTER_FILE = "adapter.safetensors"   # a run folder's adapter (lora_core format)
 PEFT_DIR = "peft"                      # the run folder's PEFT export, beside it
@@ -22,6 +24,23 @@ PEFT_KEY = re.compile(r"base_model\.model\.(.+?)\.lora_[AB](?:\.[^.]+)?\.weight"
 PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft"}   # peft_type -> lora.type
 # the module of a LoHa / LoKr / OFT tensor in a PEFT folder (lora_llm.adapter_io.export_peft writes them)
 PEFT_LYCORIS_KEY = re.compile(r"base_model\.model\.(.+?)\.(?:hada_\w+|lokr_\w+|oft_R(?:\.[^.]+)?\.weight)")
+
+
+def check_trained_task(file: Path, task: str, where: str, fix: str) -> str:
+    """Refuse (ValueError, one line naming both tasks, and `fix`) an adapter file whose `llm_info` says it was
+    trained on another task than `task`, from its header: an SST-2 adapter is never scored as CoLA's. Returns a
+    note ("" when checked) for a file whose metadata names no task, so that it cannot be checked."""
+    raw = read_header(file).metadata.get(LLM_INFO) or "{}"
+    try:
+        trained = json.loads(raw).get("task")
+    except (ValueError, AttributeError):   # llm_info that is not a JSON object
+        trained = None
+    if not trained:
+        return (f"{where}: {Path(file).name} does not say which task it was trained on (no task in its {LLM_INFO} "
+                f"metadata), so it cannot be checked that it was trained on {task!r}")
+    if trained != task:
+        raise ValueError(f"{where}: that adapter was trained on {trained!r}, not {task!r}; {fix}")
+    return ""
 
 
 def describe_llm_file(view: AdapterView) -> dict:

@@ -26,7 +26,7 @@ from lora_core.errors import LoraLoadError, RunFolderError
 from lora_core.files import atomic_write_json, check_output, room_for
 from lora_core.run import setup_logging
 
-from .adapter_formats import ADAPTER_FILE, LLM_INFO
+from .adapter_formats import ADAPTER_FILE, LLM_INFO, check_trained_task
 from .cli_decide import add_commands
 from .config import ModelSection, load_llm_config
 from .errors import SuiteStopped
@@ -58,10 +58,14 @@ def _cmd_eval(a) -> int:
     adapter = Path(a.adapter)
     found = check_output(a.out, inputs=[adapter], overwrite=a.overwrite, flag="--out") if a.out else []
     cfg = _run_config(adapter, a.config, a.set)
-    model, tok, info = adapter_io.load_trained(adapter, a.device, cfg.model if a.config or a.set else None)
-    if info.get("task") and info["task"] != cfg.data.task:
-        raise ValueError(f"{adapter}: the adapter was trained for {info['task']!r}, the config says {cfg.data.task!r}; "
-                         "evaluate it with its own task")
+    file = adapter / ADAPTER_FILE if adapter.is_dir() else adapter
+    if file.is_file():   # before the model loads (a missing file: load_trained says so)
+        note = check_trained_task(file, cfg.data.task, f"--adapter {a.adapter}",
+                                  "evaluate it on its own task (--set data.task=...), or give a "
+                                  f"{cfg.data.task} adapter")
+        if note:
+            print(f"lora-llm eval: note: {note}", file=sys.stderr)
+    model, tok, _ = adapter_io.load_trained(adapter, a.device, cfg.model if a.config or a.set else None)
     res = evaluate.evaluate_job(cfg, model, tok, progress=not a.json, baseline=a.baseline)
     if a.out:
         with room_for(found) as moved:

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from lora_core.fingerprint import DataFile
 from lora_core.paths import shared_path
 
 from .config import LLMTrainConfig
@@ -391,7 +392,7 @@ def train_items(cfg: LLMTrainConfig, tokenizer) -> list[dict]:
     """The tokenized training set of a job: {"input_ids": [...], "label": int} (label absent for LM);
     the same for both backends."""
     d = cfg.data
-    split = d.train_split or task_info(d.task).train_split
+    split = _train_split(cfg)
     if d.is_lm:
         text = load_text(d.task, split, d.data_dir, d.train_file, d.detokenize)
         blocks = lm_blocks(tokenize_text(text, tokenizer), d.block_size, d.max_train_examples)
@@ -399,6 +400,23 @@ def train_items(cfg: LLMTrainConfig, tokenizer) -> list[dict]:
     ex = load_examples(d.task, split, d.data_dir, d.train_file, d.max_train_examples)
     ids, labels = tokenize_examples(ex, tokenizer, d.max_length, d.truncation)
     return [{"input_ids": i, "label": y} for i, y in zip(ids, labels)]
+
+
+def _train_split(cfg: LLMTrainConfig) -> str:
+    return cfg.data.train_split or task_info(cfg.data.task).train_split
+
+
+def data_files(cfg: LLMTrainConfig) -> list[DataFile]:
+    """The training split's files, for the run's data fingerprint (lora_core.fingerprint): its local file, an
+    aclImdb folder's reviews, or with no local file the Hugging Face dataset split (compared by its name)."""
+    d, split = cfg.data, _train_split(cfg)
+    src = resolve_source(d.task, split, d.data_dir, d.train_file)
+    if src is None:
+        return [DataFile("dataset split", f"datasets:{'/'.join(_HF[d.task][0])}:{split}", None)]
+    if src.is_dir():   # read_imdb_folder reads these
+        return [DataFile("file", f.relative_to(src).as_posix(), f) for sub in ("neg", "pos")
+                for f in sorted((src / sub).glob("*.txt"))]
+    return [DataFile("file", src.name, src)]
 
 
 def tokenize_text(text: str, tokenizer) -> list[int]:

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lora_core.adapter_files import read_header
 from lora_core.configfile import apply_overrides, from_dict, load_config, to_dict
 from lora_core.fields import Checked, option
 from lora_core.files import atomic_write_json, atomic_write_text
 
-from .adapter_formats import ADAPTER_FILE, LLM_INFO
+from .adapter_formats import ADAPTER_FILE, check_trained_task
 from .config import TASKS, LLMTrainConfig, Task
 from .errors import SuiteStopped
 from .metrics import BASELINE_LABEL, BASELINE_LABEL_LM
@@ -58,15 +57,15 @@ class SuiteConfig(Checked):
         return from_dict(LLMTrainConfig, data, f"suite task {task}")
 
 
-def check_adapters(suite: SuiteConfig) -> None:
+def check_adapters(suite: SuiteConfig) -> list[str]:
     """Each [adapters] entry holds an adapter trained on its own task (read from its header, torch-free):
-    an SST-2 adapter is never scored as CoLA's."""
+    an SST-2 adapter is never scored as CoLA's. Returns a note for each adapter that does not say its task."""
+    notes = []
     for task, path in suite.adapters.items():
         file = Path(path) / ADAPTER_FILE if Path(path).is_dir() else Path(path)
-        trained = json.loads(read_header(file).metadata.get(LLM_INFO) or "{}").get("task")
-        if trained and trained != task:
-            raise ValueError(f"adapters.{task} = {path}: that adapter was trained on {trained!r}, not {task!r}; "
-                             f"give a {task} adapter, or remove the entry to train one")
+        notes.append(check_trained_task(file, task, f"adapters.{task} = {path}",
+                                        f"give a {task} adapter, or remove the entry to train one"))
+    return [n for n in notes if n]
 
 
 def load_suite(path: Optional[str | Path], overrides: Sequence[str] = ()) -> SuiteConfig:
@@ -115,7 +114,8 @@ def markdown_table(rows: list[dict], note: str = "") -> str:
 def run_suite(suite: SuiteConfig, out: str | Path, resume: Optional[str] = None) -> list[dict]:
     """Train/evaluate every task, writing OUT/results.{md,json} after each task (partial tables survive;
     a failed task gets a FAILED row and the others still run)."""
-    check_adapters(suite)
+    for note in check_adapters(suite):
+        log.warning("suite: %s", note)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

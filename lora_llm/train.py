@@ -89,7 +89,8 @@ def train_from_config(cfg: LLMTrainConfig, run_dir: Optional[str | Path] = None,
         return _train_torch(cfg, run, accelerator, resume)
 
     return run_job("llm-train", run_dir or cfg.run_dir, body, config=cfg, resume=resume, overwrite=overwrite,
-                   resume_rules=LLM_RESUME, main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+                   resume_rules=LLM_RESUME, main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+                   data_files=lambda _: D.data_files(cfg))
 
 
 def _train_torch(cfg: LLMTrainConfig, run: RunDir, accelerator, resume: Optional[str]) -> dict:

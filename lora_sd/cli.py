@@ -30,7 +30,7 @@ from lora_core.files import atomic_write_json, check_output, room_for
 
 from . import synth
 from .cli_decide import add_commands
-from .concept_score import format_table, score_generator
+from .concept_score import format_table, noise_refusal, score_generator
 from .config import ARCHS, AUTO_SAMPLER, SAMPLER_HELP, load_train_config
 
 EXAMPLES = """examples:
@@ -251,8 +251,7 @@ def _cmd_score(a) -> int:
     out, found = _score_outputs(a, scales)
     pipe = load_pipeline(a.model, a.model_config)
     if is_random_weights(pipe):
-        raise ValueError(f"--model {a.model} has random weights: its images are noise, which the concept score would "
-                         "read as colours and shapes; score a trained model (e.g. --model tiny)")
+        raise ValueError(noise_refusal(f"--model {a.model}"))
     pipe.to(pick_device(a.device))
     report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or ())
     seeds = list(range(a.seed, a.seed + a.seeds))

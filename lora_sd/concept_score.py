@@ -29,6 +29,7 @@ from PIL import Image, ImageFilter
 from . import synth
 
 ATTRIBUTES = ("colour", "shape", "background")
+RANDOM_WEIGHTS = "random_weights"   # the generation parameter lora_sd.generate sets on a random-weight model's images
 MIN_CONTRAST = 60.0      # RGB distance: below it the image shows no object at all
 MAX_COLOUR_DIST = 60.0   # RGB distance from the nearest named colour: farther, the colour has no name (None)
 
@@ -42,6 +43,12 @@ class Reading:
 
     def as_dict(self) -> dict:
         return {"colour": self.colour, "shape": self.shape, "background": self.background}
+
+
+def noise_refusal(model: str) -> str:
+    """Why the images of a random-weight model are not scored: `lora-sd score` refuses them, the GUI's grid says so."""
+    return (f"{model} has random weights: its images are noise, which the concept score would read as colours and "
+            "shapes; score images of a trained model (e.g. the model 'tiny')")
 
 
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple]) -> Optional[str]:

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from lora_core.fingerprint import DataFile, file_digest
 from lora_core.io import atomic_save_safetensors
 from lora_core.paths import shared_dir
 from lora_core.training import EpochSampler
@@ -357,14 +358,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "lora_sd"
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class CacheFiles:
     """The entries of a cache (latents, text outputs), each a dict of tensors under a key string that names
     everything it was computed from: with data.cache_to_disk one safetensors file per key in `folder`, reused by
@@ -692,6 +685,30 @@ def idle_settings(items: list[ImageItem], d: DataSettings, token: str = "") -> l
         out.append(f"data.keep_tokens = {d.keep_tokens} keeps every tag of every caption in place (the longest has "
                    f"{most}): shuffle_tags would shuffle nothing; lower keep_tokens")
     return out
+
+
+def data_files(items: list[ImageItem], d: DataSettings) -> list[DataFile]:
+    """The files a run trains on, for its data fingerprint (lora_core.fingerprint): every image, its caption
+    file (sidecar, or its folder's metadata.jsonl) where the captions are used, its mask with data.masked_loss;
+    named relative to data.path, the regularization images' under "reg:" relative to data.reg_path."""
+    roots = {False: (resolve_path(d.path), ""), True: (resolve_path(d.reg_path, "data.reg_path"), "reg:")
+             if d.reg_path else None}
+    files: dict[str, DataFile] = {}
+
+    def add(kind: str, path: Path, is_reg: bool) -> None:
+        root, prefix = roots[is_reg]
+        name = prefix + path.relative_to(root).as_posix()
+        files[name] = DataFile(("reg " if is_reg else "") + kind, name, path)
+
+    for it in items:
+        add("image", it.path, it.is_reg)
+        sidecar, meta = it.path.with_suffix(d.caption_extension), it.path.parent / "metadata.jsonl"
+        caption = sidecar if sidecar.is_file() else meta if meta.is_file() else None   # as scan reads it
+        if caption is not None and (it.is_reg or "{caption}" in d.caption_template):
+            add("caption", caption, it.is_reg)
+        if d.masked_loss and it.mask is not None:
+            add("mask", it.mask, it.is_reg)
+    return list(files.values())
 
 
 def checked_items(d: DataSettings, token: str = "") -> list[ImageItem]:

@@ -17,7 +17,8 @@ from lora_core.files import atomic_path
 from . import formats
 from .config import AUTO_SAMPLER, FLOW_ARCHS, FLOW_SAMPLERS, SAMPLERS
 from .embeddings import load_embedding, set_embedding_scale, sibling_embedding, trained_tokens
-from .models import arch_of
+from .concept_score import RANDOM_WEIGHTS
+from .models import arch_of, is_random_weights
 
 
 def denoiser(pipe):
@@ -188,7 +189,7 @@ def generate(pipe, prompts: list[str], *, negative_prompt: str = "", steps: int 
                          latents=latents).images[0]
         params = {**(base or {}), "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance_scale": guidance_scale, "seed": seed + i, "width": width, "height": height,
-                  "scheduler": scheduler}
+                  "scheduler": scheduler, **({RANDOM_WEIGHTS: True} if is_random_weights(pipe) else {})}
         if out_dir is not None:
             save_png(image, Path(out_dir) / f"{prefix}{i}.png", params)
         results.append((image, params))

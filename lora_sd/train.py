@@ -41,7 +41,8 @@ from lora_core.training import EMA, make_ema, optimizer_class, train
 from . import formats
 from .config import CROSS_ATTN, MMDIT_PRESETS, WEIGHT_PARTS, SDTrainConfig, text_is_cached
 from .archs import ArchSpec, config_blocks, denoiser_config, spec_of
-from .data import BatchDataset, LatentCache, Preservation, checked_items, default_cache_dir, first, load_items
+from .data import (BatchDataset, LatentCache, Preservation, checked_items, data_files, default_cache_dir, first,
+                   load_items)
 from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
 from .errors import DatasetError
 from .flow import FlowMatch, Noised
@@ -260,7 +261,8 @@ def run_training(cfg: SDTrainConfig, resume: Optional[str] = None, accelerator=N
 
     return run_job("sd-train", RunDir(cfg.run_dir), body, config=cfg, resume=resume, overwrite=overwrite,
                    resume_rules=SD_RESUME, main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
-                   validate=lambda: checked_items(cfg.data, cfg.embedding.token))   # dataset errors before anything is written
+                   validate=lambda: checked_items(cfg.data, cfg.embedding.token),   # dataset errors before anything is written
+                   data_files=lambda items: data_files(items, cfg.data))   # a resume on changed data is refused
 
 
 def _dataset(cfg: SDTrainConfig, items, pipe, accelerator, train_te: bool, preserve: Optional[Preservation] = None):

@@ -431,6 +431,10 @@ LLM_CASES = [
                                             "--out", "{tmp}/s", "--set", 'tasks=["cola"]', "--set",
                                             'adapters={{cola="{llm_run}"}}'], 2,
      ["adapters.cola", "llm_run", "trained on 'wikitext2', not 'cola'"]),
+    ("eval-an-sst2-adapter-as-cola", ["eval", "--adapter", "{root}/llm_clf.safetensors", "--set", 'data.task="cola"'],
+     2, ["--adapter", "llm_clf.safetensors", "trained on 'sst2', not 'cola'"]),
+    ("eval-an-lm-adapter-as-sst2", ["eval", "--adapter", "{llm_run}", "--set", 'data.task="sst2"'],
+     2, ["llm_run", "trained on 'wikitext2', not 'sst2'"]),
     ("train-idle-rank-pattern-on-fused-slices", ["train", "--config", "{cfg}/llm_typo_model.toml", "--run-dir",
                                                  "{tmp}/run", "--set", 'model.pretrained="tiny"', "--set",
                                                  'data.task="sst2"', "--set", f'data.data_dir="{FIX / "sst2"}"',
@@ -443,6 +447,33 @@ LLM_CASES = [
 def test_lora_llm_bad_input(case, argv, rc, needles, world, tmp_path, capsys):
     check("llm", fmt(argv, world, tmp_path), capsys, world, rc, *fmt(needles, world, tmp_path))
     assert not (tmp_path / "m").exists()
+
+
+def _untold_adapter(world, tmp_path) -> Path:
+    """The world's LM adapter with an llm_info that names no task."""
+    from lora_llm.adapter_formats import ADAPTER_FILE
+    out = tmp_path / "untold.safetensors"
+    _poisoned(world["llm_run"] / ADAPTER_FILE, out, None, "lora_A", metadata={"llm_info": "{}"})
+    return out
+
+
+def test_a_suite_adapter_that_does_not_say_its_task_is_noted_as_unchecked(world, tmp_path):
+    from lora_llm.suite import check_adapters, load_suite
+    untold = _untold_adapter(world, tmp_path)
+    suite = load_suite(ROOT / "configs" / "llm_suite_tiny.toml", ['tasks=["cola"]', f'adapters={{cola="{untold}"}}'])
+    assert check_adapters(suite) == [
+        f"adapters.cola = {untold}: untold.safetensors does not say which task it was trained on (no task in its "
+        "llm_info metadata), so it cannot be checked that it was trained on 'cola'"]
+
+
+def test_eval_of_an_adapter_that_does_not_say_its_task_notes_it_and_scores(world, tmp_path, capsys):
+    untold = _untold_adapter(world, tmp_path)
+    rc, err = run_cli("llm", ["eval", "--adapter", untold, "--set", f'model.pretrained="{world["llm_model"]}"',
+                              "--set", 'data.task="wikitext2"', "--set", f'data.data_dir="{FIX / "wikitext2"}"',
+                              "--set", "eval.max_eval_tokens=64", "--set", "eval.ppl_max_length=32",
+                              "--set", "eval.ppl_stride=16", "--set", "eval.prompts=[]", "--json"], capsys)
+    assert rc == 0, err
+    assert "lora-llm eval: note: --adapter" in err and "cannot be checked that it was trained on 'wikitext2'" in err
 
 
 # ------------------------------------------------------------------ the boundary itself

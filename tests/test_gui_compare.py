@@ -229,6 +229,27 @@ def test_grid_concept_score_line(ctrl):
     assert lines[2] == "- scale 1: colour 50 %, shape 50 %, background 50 % (of 2 cells)"
 
 
+def test_grid_concept_score_refuses_a_random_weight_models_images(ctrl, tiny_pipeline):
+    """As `lora-sd score` refuses it: the images of a random-weight model (noise, marked so by lora_sd.generate)
+    get no concept score under a grid, one line saying why; the same image unmarked would be scored."""
+    from lora_sd.concept_score import RANDOM_WEIGHTS
+    from lora_sd.generate import generate, save_png
+    prompt = "a purple circle on a grey background"
+    (image, params), = generate(tiny_pipeline(), [prompt], steps=2, width=32, height=32, scheduler="ddim",
+                                base={"model": "tiny-random", "adapters": []})
+    assert params[RANDOM_WEIGHTS] is True
+    for name, marked in (("noise", params), ("unmarked", {k: v for k, v in params.items() if k != RANDOM_WEIGHTS})):
+        args, req = GridRequest([], [], "0", prompt, "0", size=32).cli_args(ctrl.ws)
+        out = ctrl.ws.outputs / "grid" / name
+        (out / "cells").mkdir(parents=True)
+        (out / "request.json").write_text(json.dumps(req))
+        save_png(image, out / "cells" / "r0_c0.png", marked)
+    assert concept_score_lines(ctrl.grids.folder("unmarked")).splitlines()[1].startswith("- scale 0: colour")
+    assert concept_score_lines(ctrl.grids.folder("noise")) == (
+        "**Concept score**: not scored: tiny-random has random weights: its images are noise, which the concept score "
+        "would read as colours and shapes; score images of a trained model (e.g. the model 'tiny').")
+
+
 @pytest.mark.slow
 @needs_grid
 def test_grid_fills_in_and_each_cell_has_its_parameters(sd_run):

@@ -11,18 +11,24 @@ from .grid_folder import GridFolder, png_parameters
 
 
 def concept_score_lines(grid: GridFolder) -> str:
-    """A markdown line per column whose prompts name concepts of the synthetic world; "" when none does."""
+    """A markdown line per column whose prompts name concepts of the synthetic world; "" when none does. A grid
+    of a random-weight model's images (noise) gets one line saying why it is not scored, as `lora-sd score`."""
     per_col: dict[int, list] = {}
+    noise_of = None   # the random-weight model of a scored cell
     for png in grid.cell_pngs():
         col = int(png.stem.split("_c")[1])
         meta = png_parameters(png).get("lora_sd")   # the generation parameters lora-sd writes as JSON
-        prompt = str(meta.get("prompt", "")) if isinstance(meta, dict) else ""
+        meta = meta if isinstance(meta, dict) else {}
         with Image.open(png) as im:
-            ok = concept_score.check(im, prompt)
+            ok = concept_score.check(im, str(meta.get("prompt", "")))
         if any(v is not None for v in ok.values()):
             per_col.setdefault(col, []).append(ok)
+            if meta.get(concept_score.RANDOM_WEIGHTS):
+                noise_of = str(meta.get("model") or "the model")
     if not per_col:
         return ""
+    if noise_of is not None:
+        return f"**Concept score**: not scored: {concept_score.noise_refusal(noise_of)}."
     labels = grid.request.get("x_labels", [])
     lines = ["**Concept score** (cells showing the prompted colour / shape / background):"]
     for col, checks in sorted(per_col.items()):

@@ -280,7 +280,7 @@ def train_from_config(cfg, run_dir, resume: Optional[str] = None, overwrite: boo
         return _train(cfg, run, resume, dp)
 
     return run_job("llm-train", run_dir or cfg.run_dir, body, config=cfg, resume=resume, overwrite=overwrite,
-                   resume_rules=LLM_RESUME, main=dp is None or dp.rank == 0)
+                   resume_rules=LLM_RESUME, main=dp is None or dp.rank == 0, data_files=lambda _: D.data_files(cfg))
 
 
 def _train(cfg, run: RunDir, resume: Optional[str], dp) -> dict:
