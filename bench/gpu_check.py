@@ -18,7 +18,6 @@ runs them in CI). Exit code 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys

@@ -20,7 +20,6 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from .config import LoraConfig
 from .configfile import from_dict, read_toml, to_dict
 from .errors import ConfigError, RunFolderError
 from .fields import strip_optional

@@ -24,7 +24,7 @@ from torch import nn
 from .io import atomic_save_safetensors
 from .run import RunDir, TrainLoop
 from .settings import TrainSettings
-from .errors import MissingPackageError, NonFiniteLoss
+from .errors import MissingPackageError
 
 log = logging.getLogger("lora")
 

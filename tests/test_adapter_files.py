@@ -282,7 +282,7 @@ def test_convert_refuses_non_finite_tensors(files, tmp_path, capsys, culprit):
     capsys.readouterr()
     assert sd_cli(["convert", str(src), str(dst), "--to", "diffusers", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"tensor '" in err and "non-finite" in err
+    assert len(err.splitlines()) == 1 and "tensor '" in err and "non-finite" in err
     assert (mod if culprit != "fp16_overflow" else "lora_B.weight") in err
     assert not dst.exists() and not list(tmp_path.glob("*.tmp*"))
 

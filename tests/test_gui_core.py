@@ -98,7 +98,7 @@ def _queue(tmp_path):
 def test_queue_persists_orders_and_removes(tmp_path):
     ws, q = _queue(tmp_path)
     a = q.add("sd-train", ws.runs / "a")
-    b = q.add("sd-train", ws.runs / "b")
+    q.add("sd-train", ws.runs / "b")
     c = q.add("llm-train", ws.runs / "c", launcher="python")
     assert RunDir(ws.runs / "a").read_status()["state"] == "queued"
     q.move(c.id, -2)

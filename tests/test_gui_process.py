@@ -1,6 +1,5 @@
 """The GUI process: it imports no torch / diffusers / transformers, it exits promptly on SIGTERM
 (idle, and with a training job running), and CLI failures reach the page as the CLI's one line."""
-import json
 import os
 import signal
 import socket

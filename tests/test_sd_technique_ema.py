@@ -136,7 +136,6 @@ def test_ema_start_step_and_swap():
     with torch.no_grad():
         p.add_(1.0)
     ema.update(3)
-    name = next(n for n, x in model.named_parameters() if x is p)
     before = p.detach().clone()
     with ema.swapped() as used:
         assert used
