@@ -62,3 +62,12 @@ class TrainSettings(Checked, section="train"):
         if self.fused_backward and self.mixed_precision == "fp16":
             raise ValueError("train.fused_backward cannot unscale fp16 gradients before each step: use "
                              "train.mixed_precision = \"bf16\" or \"no\"")
+
+
+def loraplus_error(train: TrainSettings, types: list[str]) -> str:
+    """Why train.loraplus_lr_ratio would do nothing ("" when it acts): LoRA+ speeds up lora_B matrices, which
+    only adapters of type lora have; `types` are the run's adapters' lora.type values."""
+    if train.loraplus_lr_ratio and "lora" not in types:
+        return (f"train.loraplus_lr_ratio acts on lora_B matrices, which lora.type = {types[0]!r} has none of: set "
+                "it to 0 (or lora.type = \"lora\")")
+    return ""

@@ -20,7 +20,7 @@ from typing import Literal, Optional, Sequence, get_args
 from lora_core.config import LoraConfig
 from lora_core.configfile import load_config
 from lora_core.fields import Checked, option
-from lora_core.settings import TrainSettings
+from lora_core.settings import TrainSettings, loraplus_error
 
 Task = Literal["wikitext2", "sst2", "cola", "imdb", "ag_news"]
 TASKS = get_args(Task)
@@ -125,6 +125,8 @@ class LLMTrainConfig(Checked):
         if self.lora.type != "lora" and self.backend == "mindspore":
             raise ValueError(f"lora.type = {self.lora.type!r}: the MindSpore backend trains LoRA only; set "
                              "backend = \"torch\" or lora.type = \"lora\"")
+        if why := loraplus_error(self.train, [self.lora.type]):
+            raise ValueError(why)
 
 
 def load_llm_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> LLMTrainConfig:

@@ -10,7 +10,7 @@ from lora_core.configfile import load_config
 from lora_core.errors import ConfigError
 from lora_core.fields import Checked, option
 from lora_core.files import same_path
-from lora_core.settings import TrainSettings
+from lora_core.settings import TrainSettings, loraplus_error
 
 # target_modules presets (regex, full match on the UNet module path)
 # keys that only lora-llm configs have (a text job or eval suite given to lora-sd is named as such)
@@ -340,6 +340,9 @@ class SDTrainConfig(Checked):
             if lora is not None and lora.type != "lora" and self.output.save_diffusers:
                 raise ValueError(f"{key}.type = {lora.type!r} has no diffusers LoRA form: set output.save_diffusers = "
                                  "false (the kohya/LyCORIS file loads in ComfyUI, A1111/Forge and LyCORIS)")
+        if why := loraplus_error(self.train, [a.type for a in (self.lora, self.text_encoder_lora,
+                                                               self.text_encoder_2_lora) if a is not None]):
+            raise ValueError(why)
         if self.loss.preserve_weight and self.loss.preserve_empty < 1 and not self.preserve_trigger:
             raise ValueError("loss.preserve_weight: which word do the captions teach? set loss.preserve_trigger, or "
                              "train its embedding ([embedding] token)")

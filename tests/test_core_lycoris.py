@@ -390,6 +390,13 @@ def test_the_trainers_refuse_what_their_files_cannot_hold_in_one_line():
     assert load_llm_config(None, ["lora.type=lokr"]).lora.type == "lokr"
     with pytest.raises(ConfigError, match=r"lora.type = 'lokr': the MindSpore backend trains LoRA only"):
         load_llm_config(None, ["lora.type=lokr", "backend=mindspore"])
+    # LoRA+ speeds up lora_B matrices: with no LoRA-type adapter it would do nothing, refused at load
+    with pytest.raises(ConfigError, match=r"train.loraplus_lr_ratio acts on lora_B matrices, which lora.type = 'loha'"):
+        load_llm_config(None, ["lora.type=loha", "train.loraplus_lr_ratio=16"])
+    sd = ["data.path=x", "lora.type=lokr", "output.save_diffusers=false", "train.loraplus_lr_ratio=16"]
+    with pytest.raises(ConfigError, match=r"train.loraplus_lr_ratio acts on lora_B matrices, which lora.type = 'lokr'"):
+        load_train_config(None, sd)
+    assert load_train_config(None, [*sd, "text_encoder_lora.r=4"]).train.loraplus_lr_ratio == 16   # the TE's LoRA
 
 
 @pytest.mark.parametrize("type_", list(TYPES))
