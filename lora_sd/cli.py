@@ -7,6 +7,7 @@
   convert           kohya <-> diffusers adapter files (lora_sd.formats)
   inspect           rank, alpha, targets, metadata of an adapter file; with --base, whether it fits a model
   check-dataset     count images and captions, list problems (lora_sd.data)
+  caption           caption a data folder's images with a local BLIP model (lora_sd.caption)
   score             concept score of a model with adapters at scales (lora_sd.concept_score)
   pretrain-tiny     pretrain the tiny pipeline on the synthetic shapes world (lora_sd.pretrain)
   grid              comparison grid over steps, scales, prompts, seeds or adapters (lora_sd.grid)
@@ -29,6 +30,7 @@ from lora_core.errors import RunFolderError
 from lora_core.files import atomic_write_json, check_output, room_for
 
 from . import synth
+from .adapter_formats import embeddings_used
 from .cli_decide import add_commands
 from .concept_score import format_table, score_generator
 from .config import ARCHS, AUTO_SAMPLER, SAMPLER_HELP, load_train_config
@@ -98,6 +100,7 @@ def _cmd_generate(a) -> int:
     check_generation(steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=a.seed,
                      scheduler=a.scheduler)
     specs = _adapter_specs(a)
+    embeddings_used([f for f, _ in specs], a.skip_embedding or (), a.embedding_from or ())   # before any model loads
     prompts = a.prompt or ["a photo"]
     found = check_output(a.out, inputs=[f for f, _ in specs], overwrite=a.overwrite, flag="--out",
                          results=[f"image_{i}.png" for i in range(len(prompts))])
@@ -106,7 +109,7 @@ def _cmd_generate(a) -> int:
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     pipe.to(pick_device(a.device))
     report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or (),
-                           skip_embeddings=a.skip_embedding or ())
+                           skip_embeddings=a.skip_embedding or (), embedding_from=a.embedding_from or ())
     for r in report:
         what = f"the word {r['word']!r}" if "word" in r else f"{r['matched_modules']} modules matched"
         print(f"adapter {r['file']} ({r['format']}): {what}, scale {r['scale']}")
@@ -219,6 +222,17 @@ def _cmd_check_dataset(a) -> int:
         print(f"lora-sd check-dataset: error: {a.dir}: not trainable as is ({len(problems)} problem(s)), "
               f"e.g. {problems[-1]}", file=sys.stderr)
     return 0 if d["ok"] else 1   # a report that finds problems (as the existing tests expect)
+
+
+def _cmd_caption(a) -> int:
+    from .caption import MISSING_ONLY, NEW, OVERWRITE, caption_folder  # lazy: torch, transformers (--help stays torch-free)
+    mode = OVERWRITE if a.overwrite else MISSING_ONLY if a.missing_only else NEW
+    rep = caption_folder(a.dir, a.model, mode=mode, prefix=a.prefix, caption_extension=a.caption_extension,
+                         max_tokens=a.max_tokens, device=a.device, report=lambda line: print(line, flush=True))
+    print(f"captioned {rep['captioned']} image(s) of {a.dir}" +
+          (f"; {rep['moved_aside']} earlier caption(s) moved aside as NAME.old-<time>" if rep["moved_aside"] else "") +
+          (f"; {len(rep['empty'])} left without one (the model wrote nothing)" if rep["empty"] else ""))
+    return 0
 
 
 def _score_outputs(a, scales: list[float]) -> tuple[Path, list[Path]]:
@@ -361,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable); an adapter's own <name>_emb.safetensors ([embedding] training) loads with it")
     g.add_argument("--skip-embedding", action="append", metavar="FILE", help="a --lora file whose own "
                    "<name>_emb.safetensors is left out (repeatable): combine adapters trained with the same word")
+    g.add_argument("--embedding-from", action="append", metavar="FILE", help="a --lora file whose own "
+                   "<name>_emb.safetensors gives its word when several --lora files bring one for the same word "
+                   "(repeatable, one per word): the others' embedding of that word is left out")
     g.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
@@ -412,6 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "data.resolution (data.buckets)")
     d.add_argument("--bucket-step", type=int, default=64, help="data.bucket_step of those buckets")
     d.set_defaults(fn=_cmd_check_dataset)
+
+    cp = sub.add_parser("caption", help="caption a data folder's images with a local BLIP captioning model")
+    cp.add_argument("dir", help="the data folder (its images get <image>.txt captions)")
+    cp.add_argument("--model", required=True, help="a local folder holding a BLIP captioning model "
+                    "(transformers' BlipForConditionalGeneration, .safetensors weights); nothing is downloaded")
+    keep = cp.add_mutually_exclusive_group()
+    keep.add_argument("--missing-only", action="store_true", help="caption only the images without a caption")
+    keep.add_argument("--overwrite", action="store_true", help="caption every image; the old captions are moved "
+                      "aside as NAME.old-<time> (without either flag a folder with captions is refused)")
+    cp.add_argument("--prefix", default="", help="a trigger word put first in every caption ('WORD, caption')")
+    cp.add_argument("--caption-extension", default=".txt")
+    cp.add_argument("--max-tokens", type=int, default=30, help="the longest caption, in tokens")
+    cp.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    cp.set_defaults(fn=_cmd_caption)
 
     _add_score_parsers(sub)
     add_commands(sub)   # grid, sweep, check

@@ -40,7 +40,8 @@ from . import formats
 from .config import CROSS_ATTN, MMDIT_PRESETS, WEIGHT_PARTS, SDTrainConfig
 from .archs import ArchSpec, spec_of
 from .data import BatchDataset, LatentCache, Preservation, checked_items, default_cache_dir, first, load_items
-from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
+from .adapter_formats import embedding_path
+from .embeddings import TOKEN_VECTORS, add_trained_token, trained_tokens, write_embedding
 from .errors import DatasetError
 from .flow import FlowMatch, Noised
 from .generate import generate
