@@ -295,6 +295,34 @@ def test_1e_dataset_tab_edits_captions_on_disk(page, server):
     page.get_by_role("tab", name="Train (Stable Diffusion)").click()
 
 
+def test_1f_dataset_tab_captions_with_a_model_in_the_workspace(page, server):
+    """Captioning with a model: with none in models/ the tab says what to install and its button is disabled; a
+    (tiny random) BLIP put into models/ is offered once the tab is entered again, and *Caption the folder* writes
+    the captions (trigger word first) of the images that had none."""
+    from lora_sd.testing import make_images, save_tiny_blip
+    ws = server["ws"]
+    page.get_by_role("tab", name="Dataset").click()
+    page.get_by_text("Caption with a model").click()
+    hint, go = page.locator("#ds-captioning"), page.locator("#ds-caption-go")
+    wait_for(page, lambda: "No captioning model" in hint.inner_text() and go.is_disabled(), 20, "install-hint")
+    save_tiny_blip(ws / "models" / "blip")
+    images = make_images(ws / "datasets" / "tocaption", 2, size=(32, 32))
+    for image in images:
+        image.with_suffix(".txt").unlink()
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+    page.get_by_role("tab", name="Dataset").click()
+    wait_for(page, lambda: "models/blip" in hint.inner_text() and go.is_enabled(), 20, "captioner-offered")
+    choose(page, "ds-folder", "datasets/tocaption")
+    choose(page, "ds-caption-model", "models/blip")
+    fill(page, "ds-caption-prefix", "sks")
+    go.click()
+    toast(page, "captioned 2 image(s)", timeout=180)
+    assert all(p.with_suffix(".txt").read_text().startswith("sks") for p in images)
+    wait_for(page, lambda: page.locator("#ds-gallery img").count() == 2, 30, "captioned-folder-shown")
+    shot(page, "01f-dataset-captioned")
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+
+
 def test_2_train_shows_loss_plot_and_validation_images(page):
     fill(page, "sd-run-name", "first")
     fill(page, "sd-train-max_steps", 400)  # long enough to be stopped, resumed and queued behind

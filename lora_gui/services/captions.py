@@ -55,7 +55,7 @@ class CaptionService:
         _report(log, on_progress)
         if proc.returncode != 0:
             raise CliError(runview.last_line(log) or f"lora-sd caption exited with code {proc.returncode}")
-        return runview.last_line(log)
+        return runview.last_line(log).replace(str(path), self.ws.rel(path))   # the folder as the page names it
 
 
 def progress(text: str) -> Optional[tuple[int, int, str]]:
