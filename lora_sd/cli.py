@@ -93,6 +93,22 @@ def _adapter_specs(a) -> list[tuple[str, float]]:
     return specs
 
 
+def _add_embedding_choice(p) -> None:
+    """--skip-embedding / --embedding-from: which --lora files' own word embeddings load (generate, merge, score)."""
+    p.add_argument("--skip-embedding", action="append", metavar="FILE", help="a --lora file whose own "
+                   "<name>_emb.safetensors is left out (repeatable): combine adapters trained with the same word")
+    p.add_argument("--embedding-from", action="append", metavar="FILE", help="a --lora file whose own "
+                   "<name>_emb.safetensors gives its word when several --lora files bring one for the same word "
+                   "(repeatable, one per word): the others' embedding of that word is left out")
+
+
+def _embedding_choice(a, files) -> dict:
+    """load_adapters' keyword arguments for the choice, checked from the files' headers before any model loads."""
+    choice = {"skip_embeddings": a.skip_embedding or (), "embedding_from": a.embedding_from or ()}
+    embeddings_used(files, choice["skip_embeddings"], choice["embedding_from"])
+    return choice
+
+
 def _cmd_generate(a) -> int:
     from lora_core.dtypes import torch_dtype  # lazy: torch (--help stays torch-free)
     from .generate import check_generation, generate, load_adapters  # lazy: torch (--help stays torch-free)
@@ -100,7 +116,7 @@ def _cmd_generate(a) -> int:
     check_generation(steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=a.seed,
                      scheduler=a.scheduler)
     specs = _adapter_specs(a)
-    embeddings_used([f for f, _ in specs], a.skip_embedding or (), a.embedding_from or ())   # before any model loads
+    choice = _embedding_choice(a, [f for f, _ in specs])
     prompts = a.prompt or ["a photo"]
     found = check_output(a.out, inputs=[f for f, _ in specs], overwrite=a.overwrite, flag="--out",
                          results=[f"image_{i}.png" for i in range(len(prompts))])
@@ -108,8 +124,7 @@ def _cmd_generate(a) -> int:
     if is_random_weights(pipe):
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     pipe.to(pick_device(a.device))
-    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or (),
-                           skip_embeddings=a.skip_embedding or (), embedding_from=a.embedding_from or ())
+    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or (), **choice)
     for r in report:
         what = f"the word {r['word']!r}" if "word" in r else f"{r['matched_modules']} modules matched"
         print(f"adapter {r['file']} ({r['format']}): {what}, scale {r['scale']}")
@@ -132,10 +147,11 @@ def _cmd_merge(a) -> int:
     out = Path(a.out)
     specs = _adapter_specs(a)
     found = check_output(out, inputs=[a.model, *(f for f, _ in specs)], overwrite=a.overwrite, flag="--out")
+    choice = _embedding_choice(a, [f for f, _ in specs])
     pipe = load_pipeline(a.model, a.model_config)
     comps = pipeline_components(pipe)
     merged = [{"file": path, "scale": scale, "metadata": file_metadata(path, comps)} for path, scale in specs]
-    load_adapters(pipe, specs)
+    load_adapters(pipe, specs, **choice)
     for m in comps.values():
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     fold_embeddings(pipe.text_encoder)   # and the word embeddings trained with them into the token rows
@@ -263,12 +279,13 @@ def _cmd_score(a) -> int:
         return 2
     groups += [("prompts", a.prompt)] if a.prompt else []
     out, found = _score_outputs(a, scales)
+    choice = _embedding_choice(a, a.lora or [])
     pipe = load_pipeline(a.model, a.model_config)
     if is_random_weights(pipe):
         raise ValueError(f"--model {a.model} has random weights: its images are noise, which the concept score would "
                          "read as colours and shapes; score a trained model (e.g. --model tiny)")
     pipe.to(pick_device(a.device))
-    report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or ())
+    report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or (), **choice)
     seeds = list(range(a.seed, a.seed + a.seeds))
     with room_for(found) as moved:
         rows = _score_rows(a, pipe, report, groups, scales, seeds)
@@ -321,6 +338,7 @@ def _add_score_parsers(sub) -> None:
     sc.add_argument("--lora", action="append", metavar="FILE", help="adapter file (repeatable; all get each scale)")
     sc.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file (repeatable; at each "
                     "scale too: 0 = the base's row); an adapter's own <name>_emb.safetensors loads with it")
+    _add_embedding_choice(sc)
     sc.add_argument("--scales", default="0,1", help="comma-separated adapter scales; 0 = the base model")
     sc.add_argument("--concept", action="append", help="prompt set: base, or a held-out word (purple, star); repeatable")
     sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (repeatable; default all)")
@@ -373,11 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="kohya or diffusers file (repeatable)")
     g.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file for its word "
                    "(repeatable); an adapter's own <name>_emb.safetensors ([embedding] training) loads with it")
-    g.add_argument("--skip-embedding", action="append", metavar="FILE", help="a --lora file whose own "
-                   "<name>_emb.safetensors is left out (repeatable): combine adapters trained with the same word")
-    g.add_argument("--embedding-from", action="append", metavar="FILE", help="a --lora file whose own "
-                   "<name>_emb.safetensors gives its word when several --lora files bring one for the same word "
-                   "(repeatable, one per word): the others' embedding of that word is left out")
+    _add_embedding_choice(g)
     g.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
@@ -396,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
     mg.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]", help="repeatable")
     mg.add_argument("--out", required=True, help="new folder for the merged pipeline")
+    _add_embedding_choice(mg)
     add_overwrite_flag(mg, "the --out folder")
     mg.set_defaults(fn=_cmd_merge)
 

@@ -240,6 +240,22 @@ def test_the_word_uses_the_embedding_of_the_adapter_picked_for_it(tiny, tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"both bring a word embedding for '{WORD}'" in err
     assert "--embedding-from FILE" in err and not (tmp_path / "x").exists()
+    for refused in (["merge", "--out", tmp_path / "m0"], ["score"]):   # the same choice, before any model loads
+        capsys.readouterr()
+        assert cli([*map(str, refused), "--model", tiny, "--lora", str(a), "--lora", str(b)]) == 2
+        assert f"both bring a word embedding for '{WORD}'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_merge_folds_the_picked_adapters_embedding(tiny, tmp_path):
+    """`merge --embedding-from b` folds b's vector for the word (and both LoRAs): the merged text encoder reads the
+    prompt as the base with a's embedding left out does."""
+    a, b = _two_adapters(tiny, tmp_path)
+    assert cli(["merge", "--model", tiny, "--lora", str(a), "--lora", str(b), "--embedding-from", str(b),
+                "--out", str(tmp_path / "merged")]) == 0
+    ref = load_pipeline(tiny)
+    load_adapters(ref, [(str(a), 1.0), (str(b), 1.0)], skip_embeddings=[str(a)])
+    assert torch.allclose(_text(load_pipeline(str(tmp_path / "merged"))), _text(ref), atol=1e-6)
 
 
 def test_embedding_choices_are_checked(tmp_path):
