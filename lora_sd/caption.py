@@ -74,6 +74,8 @@ def caption_folder(folder, model_dir, *, mode: str = NEW, prefix: str = "", capt
                    max_tokens: int = 30, device: str = "", report: Callable[[str], None] = print) -> dict:
     """Caption the images of `folder` (see the module doc); returns {"captioned", "empty", "moved_aside"}."""
     check_captioner(model_dir)
+    if max_tokens < 1:
+        raise CaptionError(f"--max-tokens {max_tokens}: at least 1")
     prefix = (prefix or "").strip()
     if "," in prefix:
         raise CaptionError(f"--prefix {prefix!r}: one trigger word or phrase, without commas")

@@ -79,7 +79,8 @@ def test_bad_inputs_end_in_one_line(blip, tmp_path, capsys):
                       ([data, "--model", tmp_path / "wd14"], "a WD14-style ONNX tagger"),
                       ([tmp_path / "nodata", "--model", blip], "nodata: not a folder"),
                       ([tmp_path / "gpt2", "--model", blip], "no readable images to caption"),
-                      ([data, "--model", blip, "--prefix", "a, b"], "--prefix 'a, b': one trigger word")):
+                      ([data, "--model", blip, "--prefix", "a, b"], "--prefix 'a, b': one trigger word"),
+                      ([data, "--model", blip, "--max-tokens", "0"], "--max-tokens 0: at least 1")):
         rc, _, err = _run(capsys, *args)
         assert rc == 2 and len(err.splitlines()) == 1 and msg in err, err
     assert not list(data.glob("*.txt"))

@@ -391,7 +391,8 @@ def test_generate_rows_record_every_adapter_and_its_embedding_switch(ctrl):
                     {"file": "outputs/adapters/b.safetensors", "scale": 0.0, "has_embedding": True, "embedding": False},
                     {"file": "outputs/adapters/c.safetensors", "scale": 0.5, "has_embedding": False, "embedding": False}]
     rows[1][2] = True
-    assert ctrl.generation.embedding_choices(rows) == ["outputs/adapters/a.safetensors", "outputs/adapters/b.safetensors"]
+    assert ctrl.generation.embedding_choices(rows + [["/etc/passwd", 1, True, ""]]) == [
+        "outputs/adapters/a.safetensors", "outputs/adapters/b.safetensors"]
     with pytest.raises(ValueError, match="both bring a word embedding for '<sks>'"):
         ctrl.generation._adapter_args(rows)
     args, used = ctrl.generation._adapter_args(rows, ["outputs/adapters/b.safetensors"])

@@ -9,7 +9,7 @@ from lora_sd.adapter_formats import embedding_path, embeddings_used
 from lora_sd.config import AUTO_SAMPLER
 
 from ..clirun import run_cli
-from ..errors import UserError
+from ..errors import PathError, UserError
 from ..model_refs import resolve_model_ref
 from ..workspace import Workspace
 
@@ -94,8 +94,14 @@ class GenerationService:
 
     def embedding_choices(self, rows: list[list]) -> list[str]:
         """The table's adapters that bring a word embedding (the Generate tab's *Word embedding from* choices)."""
-        files = [str(r[0]).strip() for r in rows or [] if r and str(r[0] or "").strip()]
-        return [f for f in files if embedding_path(self.ws.resolve(f)).is_file()]
+        found = []
+        for f in [str(r[0]).strip() for r in rows or [] if r and str(r[0] or "").strip()]:
+            try:
+                if embedding_path(self.ws.resolve(f)).is_file():
+                    found.append(f)
+            except PathError:   # a row typed outside the workspace: Generate refuses it, in one line
+                continue
+        return found
 
     def text(self, model: str, adapter: str, prompt: str, max_new_tokens: int) -> str:
         """`lora-llm generate` with an adapter (a run folder or adapter file) or with the bare base model."""
