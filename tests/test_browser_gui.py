@@ -323,6 +323,29 @@ def test_1f_dataset_tab_captions_with_a_model_in_the_workspace(page, server):
     page.get_by_role("tab", name="Train (Stable Diffusion)").click()
 
 
+def test_1g_base_model_chosen_in_the_workspace_browser(page, server):
+    """Train's workspace browser: a file inside a diffusers folder chosen there makes that folder the base model."""
+    pipe = server["ws"] / "models" / "sd"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "unet" / "config.json").write_text("{}")
+    page.get_by_text("Base model: choose from the workspace").click()
+    browser = page.locator("#sd-model-browser")
+
+    def item(name):
+        return browser.locator("li").filter(has=page.locator(".item-name", has_text=name)).last
+
+    for folder in ("models", "sd"):
+        item(folder).locator("[aria-label='expand directory']").first.click()
+        item("model_index.json" if folder == "sd" else "sd").wait_for()
+    item("model_index.json").locator("input[type=checkbox]").first.click()
+    model = page.locator("#sd-model-pretrained input, #sd-model-pretrained textarea").first
+    wait_for(page, lambda: model.input_value() == "models/sd", 20, "model-from-browser")
+    shot(page, "01g-model-browser")
+    fill(page, "sd-model-pretrained", "tiny")
+    wait_for(page, lambda: "SD 1.x" in page.locator("#sd-model-pretrained-note").inner_text(), 30, "tiny-again")
+
+
 def test_2_train_shows_loss_plot_and_validation_images(page):
     fill(page, "sd-run-name", "first")
     fill(page, "sd-train-max_steps", 400)  # long enough to be stopped, resumed and queued behind
