@@ -463,6 +463,18 @@ def test_6_generate_with_the_adapter(page, server):
         (f"runs/second/{adapter.name}", 0.8, True), ("outputs/adapters/copy.safetensors", 0.0, False)]
     assert len(list(out.glob("image_*.png"))) == 2
     shot(page, "09-generated-with-adapter")
+    # or the word's embedding picked from the copy (its box ticked again): the run's adapter keeps only its LoRA
+    boxes.nth(2).click()
+    wait_for(page, lambda: boxes.nth(2).is_checked(), 10, "embedding-ticked")
+    choose(page, "gen-embedding-from", "outputs/adapters/copy.safetensors")
+    fill(page, "gen-n", 1)
+    page.locator("#gen-go").click()
+    done = lambda: sorted(p for p in out.parent.iterdir() if (p / "params.json").is_file())  # noqa: E731
+    wait_for(page, lambda: len(done()) == 2, 180, "generated-with-the-picked-embedding")
+    used = json.loads((done()[-1] / "params.json").read_text())["adapters"]
+    assert [(a["file"], a["embedding"]) for a in used] == [(f"runs/second/{adapter.name}", False),
+                                                           ("outputs/adapters/copy.safetensors", True)]
+    shot(page, "09b-generated-with-the-picked-embedding")
 
 
 def test_7_config_save_and_load(page, server):
