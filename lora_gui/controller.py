@@ -10,6 +10,8 @@ from typing import Optional
 from .demo import ensure_demo_dataset
 from .queue import JobQueue
 from .services.adapter_files import AdapterService
+from .services.browse import BrowseService
+from .services.captions import CaptionService
 from .services.datasets import DatasetService
 from .services.evals import EvalService
 from .services.generation import GenerationService
@@ -31,7 +33,9 @@ class Controller:
         self.runs = RunService(self.ws, self.queue, self.configs)
         self.evals = EvalService(self.ws, self.queue, self.configs)
         self.uploads = UploadService(self.ws, max_upload_bytes)
+        self.browse = BrowseService(self.ws)
         self.datasets = DatasetService(self.ws)
+        self.captions = CaptionService(self.ws)
         self.generation = GenerationService(self.ws)
         self.adapters = AdapterService(self.ws)
         self.grids = GridService(self.ws)

@@ -57,6 +57,13 @@ def guard(fn):
     return wrapper
 
 
+def workspace_browser(root, label: str, elem_id: str):
+    """A file browser rooted at `root` (the workspace or one of its folders): it lists nothing above it, and what is
+    chosen in it still goes through the workspace's confinement (lora_gui.services.browse)."""
+    return gr.FileExplorer(root_dir=str(root), file_count="single", ignore_glob="**/.*", label=label,
+                           elem_id=elem_id, height=240)
+
+
 def named(values: dict, components: dict) -> dict:
     """{name: value} of a handler's inputs given as a set (Gradio passes {component: value})."""
     return {name: values[comp] for name, comp in components.items()}

@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, Optional
 
-from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, register
+from lora_core.adapter_files import AdapterFormat, AdapterView, block_names, read_header, register
 from lora_core.config import LYCORIS_FACTORS
 from lora_core.errors import LoraLoadError
 from lora_sd.metadata import FUSED_RANKS
@@ -189,6 +189,7 @@ def diffusers_alpha(packed: dict, comp: str, path: str, r: int) -> float:
 
 # ------------------------------------------------------------------ detection
 EMB_KEY = "emb_params"   # the one tensor of a kohya / AUTOMATIC1111 textual-inversion file (lora_sd.embeddings)
+WORD_KEY = "lora_sd.token"      # its metadata: the word the vector was trained for
 SIBLING_SUFFIX = "_emb.safetensors"   # a run's <name>.safetensors adapter has its embedding in <name>_emb.safetensors
 
 
@@ -197,6 +198,55 @@ def embedding_path(adapter_file) -> Path:
     (torch-free: the GUI shows which adapters bring one)."""
     p = Path(adapter_file)
     return p.with_name(p.stem + SIBLING_SUFFIX)
+
+
+def word_of(key: str, metadata: Mapping[str, str], path) -> str:
+    """The word of a one-vector textual-inversion file whose tensor is `key`: {"emb_params"} names it in our
+    metadata, else by the file name (as AUTOMATIC1111 names embeddings); diffusers' {word: vector} by its key."""
+    return (metadata.get(WORD_KEY) or Path(path).stem) if key == EMB_KEY else key
+
+
+def embedding_word(path) -> str:
+    """The word a textual-inversion file is for, from its header (torch-free)."""
+    header = read_header(path)
+    if len(header.tensors) != 1:
+        raise LoraLoadError(f"{path}: expected one tensor ({EMB_KEY!r} or the word) in a word embedding, "
+                            f"found {len(header.tensors)}")
+    return word_of(next(iter(header.tensors)), header.metadata, path)
+
+
+def embeddings_used(adapters, skip=(), prefer=()) -> list[Path]:
+    """The adapter files (resolved) whose own word embedding (<name>_emb.safetensors) loads with them: every one
+    that has one, except those in `skip` (--skip-embedding); when several bring an embedding for the same word,
+    only the one in `prefer` (--embedding-from). Two for one word without a pick, or two picks for one word, are
+    refused in one line (a word reads one vector)."""
+    files = [Path(a).resolve() for a in adapters]
+    skip, prefer = {Path(p).resolve() for p in skip}, {Path(p).resolve() for p in prefer}
+    for flag, given in (("--skip-embedding", skip), ("--embedding-from", prefer)):
+        if given - set(files):
+            raise LoraLoadError(f"{flag} {sorted(map(str, given - set(files)))[0]}: not one of the --lora files")
+    for f in sorted(prefer):
+        if f in skip:
+            raise LoraLoadError(f"--embedding-from {f}: also given to --skip-embedding; give it to one of them")
+        if not embedding_path(f).is_file():
+            raise LoraLoadError(f"--embedding-from {f}: it has no word embedding ({embedding_path(f).name} beside "
+                                "it); pick an adapter trained with [embedding]")
+    by_word: dict[str, list[Path]] = {}
+    for f in files:
+        if f not in skip and embedding_path(f).is_file() and embedding_path(f) != f:
+            by_word.setdefault(embedding_word(embedding_path(f)), []).append(f)
+    keep = set()
+    for word, group in by_word.items():
+        chosen = [f for f in group if f in prefer]
+        if len(chosen) > 1 or not chosen and len(group) > 1:
+            how = ("give --embedding-from only one of them" if chosen else
+                   "pick the one it uses with --embedding-from FILE, or leave one out with --skip-embedding FILE")
+            a, b = (chosen or group)[:2]
+            raise LoraLoadError(f"{a} and {b} both bring a word embedding for {word!r}; {how}")
+        keep.add((chosen or group)[0])
+    return [f for f in files if f in keep]
+
+
 NOT_A_LORA_EMBEDDING = ("a textual-inversion embedding, not a LoRA: load it with `lora-sd generate --embedding FILE` "
                         "(a run's <name>_emb.safetensors also loads with its <name>.safetensors adapter)")
 

@@ -7,6 +7,7 @@
   convert           kohya <-> diffusers adapter files (lora_sd.formats)
   inspect           rank, alpha, targets, metadata of an adapter file; with --base, whether it fits a model
   check-dataset     count images and captions, list problems (lora_sd.data)
+  caption           caption a data folder's images with a local BLIP model (lora_sd.caption)
   score             concept score of a model with adapters at scales (lora_sd.concept_score)
   pretrain-tiny     pretrain the tiny pipeline on the synthetic shapes world (lora_sd.pretrain)
   grid              comparison grid over steps, scales, prompts, seeds or adapters (lora_sd.grid)
@@ -29,6 +30,7 @@ from lora_core.errors import RunFolderError
 from lora_core.files import atomic_write_json, check_output, room_for
 
 from . import synth
+from .adapter_formats import embeddings_used
 from .cli_decide import add_commands
 from .concept_score import format_table, noise_refusal, score_generator
 from .config import ARCHS, AUTO_SAMPLER, SAMPLER_HELP, load_train_config
@@ -91,6 +93,22 @@ def _adapter_specs(a) -> list[tuple[str, float]]:
     return specs
 
 
+def _add_embedding_choice(p) -> None:
+    """--skip-embedding / --embedding-from: which --lora files' own word embeddings load (generate, merge, score)."""
+    p.add_argument("--skip-embedding", action="append", metavar="FILE", help="a --lora file whose own "
+                   "<name>_emb.safetensors is left out (repeatable): combine adapters trained with the same word")
+    p.add_argument("--embedding-from", action="append", metavar="FILE", help="a --lora file whose own "
+                   "<name>_emb.safetensors gives its word when several --lora files bring one for the same word "
+                   "(repeatable, one per word): the others' embedding of that word is left out")
+
+
+def _embedding_choice(a, files) -> dict:
+    """load_adapters' keyword arguments for the choice, checked from the files' headers before any model loads."""
+    choice = {"skip_embeddings": a.skip_embedding or (), "embedding_from": a.embedding_from or ()}
+    embeddings_used(files, choice["skip_embeddings"], choice["embedding_from"])
+    return choice
+
+
 def _cmd_generate(a) -> int:
     from lora_core.dtypes import torch_dtype  # lazy: torch (--help stays torch-free)
     from .generate import check_generation, generate, load_adapters  # lazy: torch (--help stays torch-free)
@@ -98,6 +116,7 @@ def _cmd_generate(a) -> int:
     check_generation(steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=a.seed,
                      scheduler=a.scheduler)
     specs = _adapter_specs(a)
+    choice = _embedding_choice(a, [f for f, _ in specs])
     prompts = a.prompt or ["a photo"]
     found = check_output(a.out, inputs=[f for f, _ in specs], overwrite=a.overwrite, flag="--out",
                          results=[f"image_{i}.png" for i in range(len(prompts))])
@@ -105,8 +124,7 @@ def _cmd_generate(a) -> int:
     if is_random_weights(pipe):
         print(f"note: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     pipe.to(pick_device(a.device))
-    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or (),
-                           skip_embeddings=a.skip_embedding or ())
+    report = load_adapters(pipe, specs, fuse=a.fuse, embeddings=a.embedding or (), **choice)
     for r in report:
         what = f"the word {r['word']!r}" if "word" in r else f"{r['matched_modules']} modules matched"
         print(f"adapter {r['file']} ({r['format']}): {what}, scale {r['scale']}")
@@ -129,10 +147,11 @@ def _cmd_merge(a) -> int:
     out = Path(a.out)
     specs = _adapter_specs(a)
     found = check_output(out, inputs=[a.model, *(f for f, _ in specs)], overwrite=a.overwrite, flag="--out")
+    choice = _embedding_choice(a, [f for f, _ in specs])
     pipe = load_pipeline(a.model, a.model_config)
     comps = pipeline_components(pipe)
     merged = [{"file": path, "scale": scale, "metadata": file_metadata(path, comps)} for path, scale in specs]
-    load_adapters(pipe, specs)
+    load_adapters(pipe, specs, **choice)
     for m in comps.values():
         remove_lora(m, merge=True)   # fold every loaded adapter (at its scale) into the base weights
     fold_embeddings(pipe.text_encoder)   # and the word embeddings trained with them into the token rows
@@ -221,6 +240,17 @@ def _cmd_check_dataset(a) -> int:
     return 0 if d["ok"] else 1   # a report that finds problems (as the existing tests expect)
 
 
+def _cmd_caption(a) -> int:
+    from .caption import MISSING_ONLY, NEW, OVERWRITE, caption_folder  # lazy: torch, transformers (--help stays torch-free)
+    mode = OVERWRITE if a.overwrite else MISSING_ONLY if a.missing_only else NEW
+    rep = caption_folder(a.dir, a.model, mode=mode, prefix=a.prefix, caption_extension=a.caption_extension,
+                         max_tokens=a.max_tokens, device=a.device, report=lambda line: print(line, flush=True))
+    print(f"captioned {rep['captioned']} image(s) of {a.dir}" +
+          (f"; {rep['moved_aside']} earlier caption(s) moved aside as NAME.old-<time>" if rep["moved_aside"] else "") +
+          (f"; {len(rep['empty'])} left without one (the model wrote nothing)" if rep["empty"] else ""))
+    return 0
+
+
 def _score_outputs(a, scales: list[float]) -> tuple[Path, list[Path]]:
     """(the JSON report's path, the earlier results that --overwrite replaces): --out, else
     <adapter>.score.json beside the first --lora (or --embedding); never the shell's current folder."""
@@ -249,11 +279,12 @@ def _cmd_score(a) -> int:
         return 2
     groups += [("prompts", a.prompt)] if a.prompt else []
     out, found = _score_outputs(a, scales)
+    choice = _embedding_choice(a, a.lora or [])
     pipe = load_pipeline(a.model, a.model_config)
     if is_random_weights(pipe):
         raise ValueError(noise_refusal(f"--model {a.model}"))
     pipe.to(pick_device(a.device))
-    report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or ())
+    report = load_adapters(pipe, [(f, 1.0) for f in a.lora or []], embeddings=a.embedding or (), **choice)
     seeds = list(range(a.seed, a.seed + a.seeds))
     with room_for(found) as moved:
         rows = _score_rows(a, pipe, report, groups, scales, seeds)
@@ -306,6 +337,7 @@ def _add_score_parsers(sub) -> None:
     sc.add_argument("--lora", action="append", metavar="FILE", help="adapter file (repeatable; all get each scale)")
     sc.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file (repeatable; at each "
                     "scale too: 0 = the base's row); an adapter's own <name>_emb.safetensors loads with it")
+    _add_embedding_choice(sc)
     sc.add_argument("--scales", default="0,1", help="comma-separated adapter scales; 0 = the base model")
     sc.add_argument("--concept", action="append", help="prompt set: base, or a held-out word (purple, star); repeatable")
     sc.add_argument("--background", action="append", default=None, help="backgrounds of the concept prompts (repeatable; default all)")
@@ -358,8 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="kohya or diffusers file (repeatable)")
     g.add_argument("--embedding", action="append", metavar="FILE", help="textual-inversion file for its word "
                    "(repeatable); an adapter's own <name>_emb.safetensors ([embedding] training) loads with it")
-    g.add_argument("--skip-embedding", action="append", metavar="FILE", help="a --lora file whose own "
-                   "<name>_emb.safetensors is left out (repeatable): combine adapters trained with the same word")
+    _add_embedding_choice(g)
     g.add_argument("--fuse", action="store_true", help="merge the adapters into the base weights")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
@@ -378,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--model-config", default="", help="configs folder/hub id for a single-file checkpoint")
     mg.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]", help="repeatable")
     mg.add_argument("--out", required=True, help="new folder for the merged pipeline")
+    _add_embedding_choice(mg)
     add_overwrite_flag(mg, "the --out folder")
     mg.set_defaults(fn=_cmd_merge)
 
@@ -411,6 +443,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "data.resolution (data.buckets)")
     d.add_argument("--bucket-step", type=int, default=64, help="data.bucket_step of those buckets")
     d.set_defaults(fn=_cmd_check_dataset)
+
+    cp = sub.add_parser("caption", help="caption a data folder's images with a local BLIP captioning model")
+    cp.add_argument("dir", help="the data folder (its images get <image>.txt captions)")
+    cp.add_argument("--model", required=True, help="a local folder holding a BLIP captioning model "
+                    "(transformers' BlipForConditionalGeneration, .safetensors weights); nothing is downloaded")
+    keep = cp.add_mutually_exclusive_group()
+    keep.add_argument("--missing-only", action="store_true", help="caption only the images without a caption")
+    keep.add_argument("--overwrite", action="store_true", help="caption every image; the old captions are moved "
+                      "aside as NAME.old-<time> (without either flag a folder with captions is refused)")
+    cp.add_argument("--prefix", default="", help="a trigger word put first in every caption ('WORD, caption')")
+    cp.add_argument("--caption-extension", default=".txt")
+    cp.add_argument("--max-tokens", type=int, default=30, help="the longest caption, in tokens")
+    cp.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    cp.set_defaults(fn=_cmd_caption)
 
     _add_score_parsers(sub)
     add_commands(sub)   # grid, sweep, check

@@ -20,9 +20,8 @@ from torch import nn
 from lora_core.errors import LoraLoadError
 from lora_core.io import atomic_save_safetensors
 
-from .adapter_formats import EMB_KEY, embedding_path
+from .adapter_formats import EMB_KEY, WORD_KEY, word_of
 
-WORD_KEY = "lora_sd.token"      # metadata: the word the vector was trained for
 TOKEN_VECTORS = ".token_embedding.vectors"   # the trained vectors' parameter name (CLIP's embedding attribute)
 
 
@@ -117,19 +116,13 @@ def read_embedding(path) -> tuple[str, torch.Tensor]:
     if len(keys) != 1:
         raise LoraLoadError(f"--embedding {path}: expected one tensor ({EMB_KEY!r} or the word), found {len(keys)}")
     key, vec = keys[0], tensors[keys[0]]
-    word = (meta.get(WORD_KEY) or p.stem) if key == EMB_KEY else key
+    word = word_of(key, meta, p)
     if vec.dim() == 2 and vec.shape[0] != 1 or vec.dim() > 2:
         raise LoraLoadError(f"--embedding {path}: {tuple(vec.shape)} holds several vectors; only one-vector "
                             "embeddings are supported")
     if not torch.isfinite(vec).all():
         raise LoraLoadError(f"--embedding {path}: the vector holds NaN or inf")
     return word, vec.reshape(-1).float()
-
-
-def sibling_embedding(adapter_file) -> Optional[Path]:
-    """The trained word embedding beside an adapter file, if there is one."""
-    emb = embedding_path(adapter_file)
-    return emb if emb.is_file() and emb != Path(adapter_file) else None
 
 
 def set_embedding_scale(text_encoder, scale: float) -> None:

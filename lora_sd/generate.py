@@ -16,7 +16,8 @@ from lora_core.files import atomic_path
 
 from . import formats
 from .config import AUTO_SAMPLER, FLOW_ARCHS, FLOW_SAMPLERS, SAMPLERS
-from .embeddings import load_embedding, set_embedding_scale, sibling_embedding, trained_tokens
+from .adapter_formats import embedding_path, embeddings_used
+from .embeddings import load_embedding, set_embedding_scale, trained_tokens
 from .concept_score import RANDOM_WEIGHTS
 from .models import arch_of, is_random_weights
 
@@ -106,17 +107,16 @@ def pipeline_components(pipe) -> dict:
 
 
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, embeddings=(),
-                  skip_embeddings=()) -> list[dict]:
+                  skip_embeddings=(), embedding_from=()) -> list[dict]:
     """Add each (file, scale) as its own adapter (strict key matching; a file holding NaN or inf, or
     given twice, is refused); optionally fuse them into the base. `embeddings`: textual-inversion files
     (lora_sd.embeddings) installed for their words at scale 1; an adapter trained with [embedding] brings
-    its own (<name>_emb.safetensors beside it) at the adapter's scale, unless it is in `skip_embeddings`
-    (so two adapters trained with the same word combine: one brings the word, the other only its LoRA)."""
-    skip = {Path(p).resolve() for p in skip_embeddings}
-    unknown = skip - {Path(p).resolve() for p, _ in adapters}
-    if unknown:
-        raise LoraLoadError(f"--skip-embedding {sorted(map(str, unknown))[0]}: not one of the --lora files")
+    its own (<name>_emb.safetensors beside it) at the adapter's scale, unless it is in `skip_embeddings`;
+    when several bring one for the same word, the word uses the one of the adapter in `embedding_from`
+    (so two adapters trained with the same word combine: one brings the word, the other only its LoRA;
+    adapter_formats.embeddings_used)."""
     check_adapter_list(adapters)
+    with_embedding = set(embeddings_used([p for p, _ in adapters], skip_embeddings, embedding_from))
     comps = pipeline_components(pipe)
     report = []
     for i, (path, scale) in enumerate(adapters):
@@ -131,8 +131,7 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False, e
     if fuse and adapters:
         for m in comps.values():
             merge_lora(m)
-    own = [(e, scale) for path, scale in adapters
-           if (e := sibling_embedding(path)) is not None and Path(path).resolve() not in skip]
+    own = [(embedding_path(path), scale) for path, scale in adapters if Path(path).resolve() in with_embedding]
     for path, scale in own + [(e, 1.0) for e in embeddings]:
         if getattr(pipe, "text_encoder_2", None) is not None:
             raise LoraLoadError(f"--embedding {path}: embeddings are for SD 1.x / 2.x pipelines (one text encoder)")

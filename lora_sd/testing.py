@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
 from lora_core.configfile import from_dict
 from lora_core.paths import shared_path
@@ -86,3 +87,24 @@ def stop_then_resume(cfg, monkeypatch, at_call: int) -> tuple[dict, dict]:
     monkeypatch.setattr(DiffusionLoss, "forward", original)
     torch.manual_seed(999)
     return stopped, run_training(cfg, resume="latest")
+
+
+TINY_BLIP_WORDS = ("a", "red", "green", "blue", "circle", "square", "on", "the", "grey", "background", "photo", "of")
+
+
+def save_tiny_blip(folder: Path, seed: int = 0) -> Path:
+    """A BLIP captioning model with random weights (a 32 px vision tower, one text layer, a 17-token vocabulary:
+    its captions are nonsense) saved as `save_pretrained` writes a real one: for tests of `lora-sd caption`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") + TINY_BLIP_WORDS
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor, tokenizer).save_pretrained(str(folder))
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = BlipConfig(vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=32,
+                        text_config=dict(vocab_size=5 + len(TINY_BLIP_WORDS), encoder_hidden_size=32,
+                                         max_position_embeddings=64, bos_token_id=2, sep_token_id=3, eos_token_id=3,
+                                         pad_token_id=0, **small))
+    torch.manual_seed(seed)
+    BlipForConditionalGeneration(config).save_pretrained(str(folder))
+    return folder

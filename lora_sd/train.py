@@ -43,7 +43,8 @@ from .config import CROSS_ATTN, MMDIT_PRESETS, WEIGHT_PARTS, SDTrainConfig, text
 from .archs import ArchSpec, config_blocks, denoiser_config, spec_of
 from .data import (BatchDataset, LatentCache, Preservation, checked_items, data_files, default_cache_dir, first,
                    load_items)
-from .embeddings import TOKEN_VECTORS, add_trained_token, embedding_path, trained_tokens, write_embedding
+from .adapter_formats import embedding_path
+from .embeddings import TOKEN_VECTORS, add_trained_token, trained_tokens, write_embedding
 from .errors import DatasetError
 from .flow import FlowMatch, Noised
 from .generate import generate

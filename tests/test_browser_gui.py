@@ -295,6 +295,57 @@ def test_1e_dataset_tab_edits_captions_on_disk(page, server):
     page.get_by_role("tab", name="Train (Stable Diffusion)").click()
 
 
+def test_1f_dataset_tab_captions_with_a_model_in_the_workspace(page, server):
+    """Captioning with a model: with none in models/ the tab says what to install and its button is disabled; a
+    (tiny random) BLIP put into models/ is offered once the tab is entered again, and *Caption the folder* writes
+    the captions (trigger word first) of the images that had none."""
+    from lora_sd.testing import make_images, save_tiny_blip
+    ws = server["ws"]
+    page.get_by_role("tab", name="Dataset").click()
+    page.get_by_text("Caption with a model").click()
+    hint, go = page.locator("#ds-captioning"), page.locator("#ds-caption-go")
+    wait_for(page, lambda: "No captioning model" in hint.inner_text() and go.is_disabled(), 20, "install-hint")
+    save_tiny_blip(ws / "models" / "blip")
+    images = make_images(ws / "datasets" / "tocaption", 2, size=(32, 32))
+    for image in images:
+        image.with_suffix(".txt").unlink()
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+    page.get_by_role("tab", name="Dataset").click()
+    wait_for(page, lambda: "models/blip" in hint.inner_text() and go.is_enabled(), 20, "captioner-offered")
+    choose(page, "ds-folder", "datasets/tocaption")
+    choose(page, "ds-caption-model", "models/blip")
+    fill(page, "ds-caption-prefix", "sks")
+    go.click()
+    toast(page, "captioned 2 image(s)", timeout=180)
+    assert all(p.with_suffix(".txt").read_text().startswith("sks") for p in images)
+    wait_for(page, lambda: page.locator("#ds-gallery img").count() == 2, 30, "captioned-folder-shown")
+    shot(page, "01f-dataset-captioned")
+    page.get_by_role("tab", name="Train (Stable Diffusion)").click()
+
+
+def test_1g_base_model_chosen_in_the_workspace_browser(page, server):
+    """Train's workspace browser: a file inside a diffusers folder chosen there makes that folder the base model."""
+    pipe = server["ws"] / "models" / "sd"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "unet" / "config.json").write_text("{}")
+    page.get_by_text("Base model: choose from the workspace").click()
+    browser = page.locator("#sd-model-browser")
+
+    def item(name):
+        return browser.locator("li").filter(has=page.locator(".item-name", has_text=name)).last
+
+    for folder in ("models", "sd"):
+        item(folder).locator("[aria-label='expand directory']").first.click()
+        item("model_index.json" if folder == "sd" else "sd").wait_for()
+    item("model_index.json").locator("input[type=checkbox]").first.click()
+    model = page.locator("#sd-model-pretrained input, #sd-model-pretrained textarea").first
+    wait_for(page, lambda: model.input_value() == "models/sd", 20, "model-from-browser")
+    shot(page, "01g-model-browser")
+    fill(page, "sd-model-pretrained", "tiny")
+    wait_for(page, lambda: "SD 1.x" in page.locator("#sd-model-pretrained-note").inner_text(), 30, "tiny-again")
+
+
 def test_2_train_shows_loss_plot_and_validation_images(page):
     fill(page, "sd-run-name", "first")
     fill(page, "sd-train-max_steps", 400)  # long enough to be stopped, resumed and queued behind
@@ -412,6 +463,18 @@ def test_6_generate_with_the_adapter(page, server):
         (f"runs/second/{adapter.name}", 0.8, True), ("outputs/adapters/copy.safetensors", 0.0, False)]
     assert len(list(out.glob("image_*.png"))) == 2
     shot(page, "09-generated-with-adapter")
+    # or the word's embedding picked from the copy (its box ticked again): the run's adapter keeps only its LoRA
+    boxes.nth(2).click()
+    wait_for(page, lambda: boxes.nth(2).is_checked(), 10, "embedding-ticked")
+    choose(page, "gen-embedding-from", "outputs/adapters/copy.safetensors")
+    fill(page, "gen-n", 1)
+    page.locator("#gen-go").click()
+    done = lambda: sorted(p for p in out.parent.iterdir() if (p / "params.json").is_file())  # noqa: E731
+    wait_for(page, lambda: len(done()) == 2, 180, "generated-with-the-picked-embedding")
+    used = json.loads((done()[-1] / "params.json").read_text())["adapters"]
+    assert [(a["file"], a["embedding"]) for a in used] == [(f"runs/second/{adapter.name}", False),
+                                                           ("outputs/adapters/copy.safetensors", True)]
+    shot(page, "09b-generated-with-the-picked-embedding")
 
 
 def test_7_config_save_and_load(page, server):

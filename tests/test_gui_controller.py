@@ -10,7 +10,7 @@ from lora_core import adapter_files
 from lora_core.errors import ConfigError
 from lora_gui.adapter_scan import is_adapter
 from lora_gui.controller import Controller
-from lora_gui.errors import PathError, UserError
+from lora_gui.errors import CliError, PathError, UserError
 from lora_gui.field_kinds import CHOICE, INTEGER, LINES, NAMES
 from lora_gui.config_data import validate
 from lora_gui.forms import Field, blame
@@ -20,7 +20,9 @@ from lora_gui.services.evals import eval_rows
 from lora_gui.services.plots import eval_figure
 from lora_gui import runview
 from lora_gui.workspace import Workspace
+from lora_sd.adapter_formats import EMB_KEY, WORD_KEY
 from lora_sd.config import CROSS_ATTN, TARGET_PRESETS
+from lora_sd.testing import make_images, save_tiny_blip
 
 
 @pytest.fixture
@@ -327,7 +329,8 @@ def test_build_app(ctrl):
     demo = build_app(ctrl)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     for needed in ("sd-start", "sd-stop", "sd-resume", "sd-loss-plot", "sd-gallery", "queue-table", "gen-go",
-                   "eval-go", "eval-table", "adapters-table", "adapters-confirm", "tg-go"):
+                   "eval-go", "eval-table", "adapters-table", "adapters-confirm", "tg-go", "ds-caption-go",
+                   "gen-embedding-from", "sd-model-browser", "gen-adapter-browser", "adapters-browser"):
         assert needed in ids
 
 
@@ -371,20 +374,56 @@ def test_text_run_panel_shows_its_eval_metrics_rounded(ctrl):
 
 def test_generate_rows_record_every_adapter_and_its_embedding_switch(ctrl):
     """Each Generate row becomes --lora FILE:SCALE (scale 0 too, recorded in params.json); an adapter trained
-    with a word (<name>_emb.safetensors beside it) whose box is unticked gets --skip-embedding."""
+    with a word (<name>_emb.safetensors beside it) whose box is unticked gets --skip-embedding; two that bring
+    the same word need *Word embedding from* (--embedding-from), checked before any model loads."""
+    folder = ctrl.ws.outputs / "adapters"
+    folder.mkdir(parents=True, exist_ok=True)
     for name in ("a", "b", "c"):
-        (ctrl.ws.outputs / "adapters").mkdir(parents=True, exist_ok=True)
-        (ctrl.ws.outputs / "adapters" / f"{name}.safetensors").write_bytes(b"")
-    (ctrl.ws.outputs / "adapters" / "a_emb.safetensors").write_bytes(b"")
-    (ctrl.ws.outputs / "adapters" / "b_emb.safetensors").write_bytes(b"")
+        (folder / f"{name}.safetensors").write_bytes(b"")
+    for name in ("a", "b"):   # both trained the word "<sks>"
+        save_file({EMB_KEY: torch.zeros(1, 4)}, str(folder / f"{name}_emb.safetensors"), metadata={WORD_KEY: "<sks>"})
     rows = [["outputs/adapters/a.safetensors", 1.0, True, "?"], ["outputs/adapters/b.safetensors", 0, False, "?"],
             ["outputs/adapters/c.safetensors", 0.5, True, "?"], ["", "", False, ""]]
     args, used = ctrl.generation._adapter_args(rows)
-    a, b, c = (str(ctrl.ws.outputs / "adapters" / f"{n}.safetensors") for n in "abc")
+    a, b, c = (str(folder / f"{n}.safetensors") for n in "abc")
     assert args == ["--lora", f"{a}:1.0", "--lora", f"{b}:0.0", "--skip-embedding", b, "--lora", f"{c}:0.5"]
     assert used == [{"file": "outputs/adapters/a.safetensors", "scale": 1.0, "has_embedding": True, "embedding": True},
                     {"file": "outputs/adapters/b.safetensors", "scale": 0.0, "has_embedding": True, "embedding": False},
                     {"file": "outputs/adapters/c.safetensors", "scale": 0.5, "has_embedding": False, "embedding": False}]
+    rows[1][2] = True
+    assert ctrl.generation.embedding_choices(rows + [["/etc/passwd", 1, True, ""]]) == [
+        "outputs/adapters/a.safetensors", "outputs/adapters/b.safetensors"]
+    with pytest.raises(ValueError, match="both bring a word embedding for '<sks>'"):
+        ctrl.generation._adapter_args(rows)
+    args, used = ctrl.generation._adapter_args(rows, ["outputs/adapters/b.safetensors"])
+    assert args[-2:] == ["--embedding-from", b] and "--skip-embedding" not in args
+    assert [u["embedding"] for u in used] == [False, True, False]
+
+
+@pytest.mark.slow
+def test_caption_with_a_model_installed_in_the_workspace(ctrl, tmp_path):
+    """No model in models/: the hint says what to put there. With a (tiny random) BLIP there: `lora-sd caption`
+    captions the images without one (trigger word first), keeps the existing caption, reports its progress per
+    image; a model outside the workspace or none chosen is refused, the CLI's own refusal is its one line."""
+    assert ctrl.captions.models() == [] and "huggingface-cli download" in ctrl.captions.hint()
+    save_tiny_blip(ctrl.ws.models / "blip")
+    assert ctrl.captions.models() == ["models/blip"] and "models/blip" in ctrl.captions.hint()
+    images = make_images(ctrl.ws.datasets / "new", 3, size=(32, 32))
+    images[0].with_suffix(".txt").write_text("kept\n")
+    for p in images[1:]:
+        p.with_suffix(".txt").unlink()
+    seen = []
+    msg = ctrl.captions.caption("datasets/new", "models/blip", "images without a caption", "sks",
+                                lambda n, total, line: seen.append((n, total)))
+    assert msg == "captioned 2 image(s) of datasets/new" and seen[-1] == (2, 2)
+    assert images[0].with_suffix(".txt").read_text() == "kept\n"
+    assert all(p.with_suffix(".txt").read_text().startswith("sks") for p in images[1:])
+    with pytest.raises(UserError, match="Captioning model: choose one"):
+        ctrl.captions.caption("datasets/new", "", "images without a caption")
+    with pytest.raises(PathError):
+        ctrl.captions.caption("datasets/new", str(tmp_path), "images without a caption")
+    with pytest.raises(CliError, match="^lora-sd caption: error: --prefix 'a, b': one trigger word"):
+        ctrl.captions.caption("datasets/new", "models/blip", "images without a caption", "a, b")
 
 
 @pytest.mark.slow
@@ -448,9 +487,30 @@ def test_generate_picker_lists_one_entry_per_adapter_with_its_formats(ctrl):
         ("runs/r2/lora_ema.safetensors (kohya)", "runs/r2/lora_ema.safetensors")]
 
 
-def test_the_dataset_browser_gives_a_folder_inside_the_workspace(ctrl, tmp_path):
+def test_the_workspace_browsers_give_a_dataset_model_or_adapter_inside_the_workspace(ctrl, tmp_path):
+    """A path chosen in a browser: an image or a folder gives its dataset folder; a file or folder of a diffusers
+    pipeline gives the pipeline folder, a single-file checkpoint itself; an adapter file itself; anything else,
+    and any path outside the workspace, is refused in one line."""
+    browse = ctrl.browse
     demo = ctrl.ws.datasets / "demo"
     image = sorted(demo.glob("*.png"))[0]
-    assert ctrl.uploads.folder_of(str(image)) == "datasets/demo" == ctrl.uploads.folder_of(str(demo))
-    with pytest.raises(PathError):
-        ctrl.uploads.folder_of(str(tmp_path))
+    assert browse.dataset(str(image)) == "datasets/demo" == browse.dataset(str(demo))
+    pipe = ctrl.ws.models / "sd15"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "unet" / "config.json").write_text("{}")
+    save_file({"model.diffusion_model.w": torch.zeros(2)}, str(ctrl.ws.models / "single.safetensors"))
+    _kohya(ctrl.ws.outputs / "adapters" / "a.safetensors")
+    assert browse.model(str(pipe / "unet" / "config.json")) == "models/sd15" == browse.model("models/sd15/unet")
+    assert browse.model(str(ctrl.ws.models / "single.safetensors")) == "models/single.safetensors"
+    assert browse.adapter(str(ctrl.ws.outputs / "adapters" / "a.safetensors")) == "outputs/adapters/a.safetensors"
+    for fn, chosen, msg in ((browse.model, "outputs/adapters/a.safetensors", "not a base model"),
+                            (browse.model, str(image), "not a base model"),
+                            (browse.adapter, "models/single.safetensors", "not an adapter file"),
+                            (browse.adapter, "models/sd15", "not an adapter file")):
+        with pytest.raises(UserError, match=msg):
+            fn(chosen)
+    (tmp_path / "outside.safetensors").write_bytes((ctrl.ws.outputs / "adapters" / "a.safetensors").read_bytes())
+    for fn in (browse.dataset, browse.model, browse.adapter):
+        with pytest.raises(PathError, match="outside the workspace"):
+            fn(str(tmp_path / "outside.safetensors"))

@@ -151,7 +151,7 @@ def test_app_exits_promptly_on_sigterm_during_a_generation(tmp_path):
     proc, log = _start_app(ws, port)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     rows = {"headers": ["adapter", "scale"], "data": []}
-    job = client.submit("tiny-random", rows, "a long one", "", 0, 500, 7.5, 256, 256, "ddim", 16, api_name="/generate")
+    job = client.submit("tiny-random", rows, [], "a long one", "", 0, 500, 7.5, 256, 256, "ddim", 16, api_name="/generate")
     end = time.time() + 120
     while not _cli_calls_of(ws) and time.time() < end and not job.done():
         time.sleep(0.2)

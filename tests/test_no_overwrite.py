@@ -124,6 +124,8 @@ NOT_IN_CASES = {
     ("sd", "train"): "a run folder: lora_core.run's rules (tests/test_run_protocol.py, test_resume_rules.py)",
     ("llm", "train"): "a run folder: as above",
     ("sd", "pretrain-tiny"): "an existing --out is refused (FileExistsError); a run takes an hour and a half",
+    ("sd", "caption"): "writes captions beside a folder's images, no output path: tests/test_caption.py checks that a "
+                       "captioned folder is refused unchanged and that --overwrite moves every old caption aside",
 }
 
 

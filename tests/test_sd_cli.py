@@ -51,7 +51,7 @@ def test_help_lists_every_command_and_loads_no_torch():
     import lora_sd.cli
     sub = next(a for a in lora_sd.cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     listed = {line.split()[0] for line in lora_sd.cli.__doc__.splitlines()[1:] if line.startswith("  ")}
-    assert listed == set(sub.choices) and len(listed) == 13
+    assert listed == set(sub.choices) and len(listed) == 14
     code = ("import sys\nfrom lora_sd.cli import main\nfor argv in (['--help'], ['convert', 'x']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")

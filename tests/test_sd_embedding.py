@@ -1,17 +1,24 @@
 """Trained token embeddings beside the LoRA ([embedding], lora_sd.embeddings): the exported file loads in
 diffusers' own textual-inversion loader with the same text-encoder output, resume stays exact, scales
 interpolate towards the base row, and bad input gets one clear error."""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_core import LoraConfig, add_lora
 from lora_core.errors import LoraLoadError
 from lora_core.settings import TrainSettings
 from lora_core.training import param_groups
-from lora_sd.embeddings import (EMB_KEY, TOKEN_VECTORS, TrainedTokens, add_trained_token, load_embedding,
+from lora_sd import formats
+from lora_sd.adapter_formats import embeddings_used
+from lora_sd.cli import main as cli
+from lora_sd.config import TEXT_ENCODER_ATTN
+from lora_sd.embeddings import (EMB_KEY, TOKEN_VECTORS, WORD_KEY, TrainedTokens, add_trained_token, load_embedding,
                                 read_embedding)
-from lora_sd.generate import load_adapters
+from lora_sd.generate import load_adapters, png_info
 from lora_sd.models import load_pipeline
 from lora_sd.testing import make_images, stop_then_resume, train_config
 from lora_sd.train import run_training
@@ -144,7 +151,6 @@ def test_bad_words_and_files_are_refused(tiny, tmp_path, capsys):
     assert load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / "w.safetensors") == "w"   # A1111: file name
     with pytest.raises(LoraLoadError, match="already loaded"):
         load_embedding(pipe.text_encoder, pipe.tokenizer, tmp_path / "w.safetensors")
-    from lora_sd.cli import main as cli
     for args in (["inspect"], ["generate", "--model", tiny, "--lora"]):   # given where a LoRA belongs: one hint
         assert cli([*args, str(tmp_path / "w.safetensors")]) == 2
         assert "a textual-inversion embedding, not a LoRA: load it with `lora-sd generate --embedding" in \
@@ -172,28 +178,30 @@ def test_ema_run_exports_the_ema_embedding_and_grids_with_it(tiny, images, tmp_p
     assert (run / "grid" / "grid.png").is_file()
 
 
+def _two_adapters(tiny, folder) -> list:
+    """a.safetensors and b.safetensors (a text-encoder LoRA with B = 0: no change), each with its own random vector
+    for WORD in <name>_emb.safetensors, as two runs trained with the same word write them."""
+    pipe = load_pipeline(tiny)
+    add_lora(pipe.text_encoder, LoraConfig(r=2, alpha=2.0, target_modules=TEXT_ENCODER_ATTN))   # B = 0: no change
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    files = []
+    for i, name in enumerate(("a", "b")):
+        path = folder / f"{name}.safetensors"
+        formats.write_adapter(path, formats.from_model({"text_encoder": pipe.text_encoder}), formats.KOHYA)
+        torch.manual_seed(i)
+        save_file({EMB_KEY: torch.randn(1, dim)}, str(folder / f"{name}_emb.safetensors"), metadata={WORD_KEY: WORD})
+        files.append(path)
+    return files
+
+
 @pytest.mark.slow
 def test_two_adapters_trained_with_one_word_combine_when_one_leaves_its_embedding_out(tiny, tmp_path):
     """Two adapters whose runs trained the same word: loading both embeddings is refused (one per word);
     --skip-embedding leaves the second one's out, and the word then reads exactly the first one's vector
     (the same text-encoder output as the first adapter alone). The PNG text names the LoRAs as LoRAs and
     the word's vector as an embedding."""
-    from lora_core import LoraConfig, add_lora
-    from lora_sd import formats
-    from lora_sd.config import TEXT_ENCODER_ATTN
-    from lora_sd.embeddings import WORD_KEY
-    from lora_sd.generate import png_info
-    pipe = load_pipeline(tiny)
-    add_lora(pipe.text_encoder, LoraConfig(r=2, alpha=2.0, target_modules=TEXT_ENCODER_ATTN))   # B = 0: no change
-    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    files = []
-    for i, name in enumerate(("a", "b")):
-        path = tmp_path / f"{name}.safetensors"
-        formats.write_adapter(path, formats.from_model({"text_encoder": pipe.text_encoder}), formats.KOHYA)
-        torch.manual_seed(i)
-        save_file({EMB_KEY: torch.randn(1, dim)}, str(tmp_path / f"{name}_emb.safetensors"), metadata={WORD_KEY: WORD})
-        files.append(path)
-    with pytest.raises(LoraLoadError, match="already loaded"):
+    files = _two_adapters(tiny, tmp_path)
+    with pytest.raises(LoraLoadError, match=f"both bring a word embedding for '{WORD}'; pick the one it uses"):
         load_adapters(load_pipeline(tiny), [(str(f), 1.0) for f in files])
     both = load_pipeline(tiny)
     report = load_adapters(both, [(str(f), 1.0) for f in files], skip_embeddings=[str(files[1])])
@@ -209,3 +217,63 @@ def test_two_adapters_trained_with_one_word_combine_when_one_leaves_its_embeddin
     parameters = next(c[1] for c in text if c[1].startswith(b"parameters\0")).decode().split("\0", 1)[1]
     assert "<lora:a:1.0> <lora:b:1.0>" in parameters and "<lora:a_emb" not in parameters
     assert f'Embeddings: "{WORD}: a_emb x1.0"' in parameters
+
+
+@pytest.mark.slow
+def test_the_word_uses_the_embedding_of_the_adapter_picked_for_it(tiny, tmp_path, capsys):
+    """Two adapters trained with the same word: `generate --embedding-from b` gives exactly the images of
+    `--skip-embedding a` (the word reads b's vector), and other images than a's; without a choice the CLI
+    refuses in one line that says how to choose."""
+    a, b = _two_adapters(tiny, tmp_path)
+
+    def image(*choice):
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        assert cli(["generate", "--model", tiny, "--lora", str(a), "--lora", str(b), *choice, "--prompt", PROMPT,
+                    "--steps", "2", "--width", "32", "--height", "32", "--out", str(out)]) == 0
+        return np.asarray(Image.open(out / "image_0.png"))
+
+    picked = image("--embedding-from", str(b))
+    assert np.array_equal(picked, image("--skip-embedding", str(a)))
+    assert not np.array_equal(picked, image("--embedding-from", str(a)))
+    capsys.readouterr()
+    assert cli(["generate", "--model", tiny, "--lora", str(a), "--lora", str(b), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"both bring a word embedding for '{WORD}'" in err
+    assert "--embedding-from FILE" in err and not (tmp_path / "x").exists()
+    for refused in (["merge", "--out", tmp_path / "m0"], ["score"]):   # the same choice, before any model loads
+        capsys.readouterr()
+        assert cli([*map(str, refused), "--model", tiny, "--lora", str(a), "--lora", str(b)]) == 2
+        assert f"both bring a word embedding for '{WORD}'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_merge_folds_the_picked_adapters_embedding(tiny, tmp_path):
+    """`merge --embedding-from b` folds b's vector for the word (and both LoRAs): the merged text encoder reads the
+    prompt as the base with a's embedding left out does."""
+    a, b = _two_adapters(tiny, tmp_path)
+    assert cli(["merge", "--model", tiny, "--lora", str(a), "--lora", str(b), "--embedding-from", str(b),
+                "--out", str(tmp_path / "merged")]) == 0
+    ref = load_pipeline(tiny)
+    load_adapters(ref, [(str(a), 1.0), (str(b), 1.0)], skip_embeddings=[str(a)])
+    assert torch.allclose(_text(load_pipeline(str(tmp_path / "merged"))), _text(ref), atol=1e-6)
+
+
+def test_embedding_choices_are_checked(tmp_path):
+    """embeddings_used (header only): which adapters' embeddings load, and the one-line refusals."""
+    tmp_path, files = tmp_path.resolve(), []
+    for name, word in (("a", WORD), ("b", WORD), ("c", "other"), ("d", None)):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(b"")   # only its name matters here
+        if word:
+            save_file({EMB_KEY: torch.zeros(1, 4)}, str(tmp_path / f"{name}_emb.safetensors"), metadata={WORD_KEY: word})
+        files.append(path)
+    a, b, c, d = files
+    assert embeddings_used(files, prefer=[b]) == [b, c]
+    assert embeddings_used(files, skip=[a, c]) == [b]
+    for kw, msg in ((dict(), "both bring a word embedding for '<sks>'; pick the one"),
+                    (dict(prefer=[a, b]), "give --embedding-from only one of them"),
+                    (dict(prefer=[d]), "--embedding-from .*d.safetensors: it has no word embedding"),
+                    (dict(prefer=[a], skip=[a]), "also given to --skip-embedding"),
+                    (dict(prefer=[tmp_path / "e.safetensors"]), "--embedding-from .*e.safetensors: not one of")):
+        with pytest.raises(LoraLoadError, match=msg):
+            embeddings_used(files, **kw)

@@ -14,9 +14,6 @@ from ..workspace import Workspace
 
 PER_PAGE = 12
 CAPTION_SUFFIX = ".txt"   # the sidecar the trainer reads first (data.caption_extension's default)
-CAPTIONING_HINT = ("Captioning with a model is not built into the GUI (nothing is downloaded for you): write captions "
-                   "here, or caption the folder with a model you install yourself (e.g. BLIP through transformers, "
-                   "or a WD14 tagger) so each image has a `.txt` beside it.")
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lora_core.files import atomic_write_json
-from lora_sd.adapter_formats import embedding_path
+from lora_sd.adapter_formats import embedding_path, embeddings_used
 from lora_sd.config import AUTO_SAMPLER
 
 from ..clirun import run_cli
-from ..errors import UserError
+from ..errors import PathError, UserError
 from ..model_refs import resolve_model_ref
 from ..workspace import Workspace
 
@@ -41,8 +41,10 @@ class GenerationService:
         self.ws = ws
 
     def images(self, base: str, adapter_rows: list[list], prompt: str, negative: str, seed: int, steps: int,
-               guidance: float, width: int, height: int, scheduler: str, num_images: int) -> tuple[list, str]:
-        """Run `lora-sd generate`; images and a params.json land in outputs/generate/<time>/."""
+               guidance: float, width: int, height: int, scheduler: str, num_images: int,
+               embedding_from=()) -> tuple[list, str]:
+        """Run `lora-sd generate`; images and a params.json land in outputs/generate/<time>/. `embedding_from`:
+        the adapters whose word embedding a word uses when several bring one for it (`--embedding-from`)."""
         if not (prompt or "").strip():
             raise UserError("write a prompt first")
         if not 1 <= int(num_images) <= 16:
@@ -50,7 +52,7 @@ class GenerationService:
         model = resolve_model_ref(self.ws, base, "Base model")
         params = ImageParams(prompt, negative or "", int(seed), int(steps), float(guidance), int(width), int(height),
                              scheduler)
-        lora_args, used = self._adapter_args(adapter_rows)
+        lora_args, used = self._adapter_args(adapter_rows, embedding_from)
         out = self.ws.fresh_dir(self.ws.outputs / "generate")
         args = ["generate", "--model", model, "--out", str(out), *params.args(), *lora_args]
         args += ["--prompt", prompt] * int(num_images)  # image i is seeded with seed + i
@@ -63,11 +65,12 @@ class GenerationService:
         return ([(str(p), f"seed {params.seed + i} · {rest}") for i, p in enumerate(images)],
                 f"{rest}; saved to {self.ws.rel(out)}")
 
-    def _adapter_args(self, rows: list[list]) -> tuple[list[str], list[dict]]:
+    def _adapter_args(self, rows: list[list], embedding_from=()) -> tuple[list[str], list[dict]]:
         """`--lora PATH:SCALE` per table row (empty rows skipped; `--skip-embedding PATH` where the row leaves
-        its trained word embedding out) and what params.json records of each: file, scale (0 too), whether
-        its embedding was used."""
-        args, used = [], []
+        its trained word embedding out; `--embedding-from PATH` for each adapter in `embedding_from`) and what
+        params.json records of each: file, scale (0 too), whether it has a word embedding and whether it was
+        used. Two embeddings for one word without a choice are refused here, before any model loads."""
+        args, used, skip = [], [], []
         for row in rows or []:
             if not row or not str(row[0] or "").strip():
                 continue
@@ -77,10 +80,28 @@ class GenerationService:
             except ValueError:
                 raise UserError(f"adapter {row[0]}: scale {row[1]!r} is not a number") from None
             has_emb = embedding_path(path).is_file()
-            with_emb = has_emb and (len(row) < 3 or str(row[2]).lower() not in ("false", "0", "no", ""))
-            args += ["--lora", f"{path}:{scale}"] + (["--skip-embedding", str(path)] if has_emb and not with_emb else [])
-            used.append({"file": self.ws.rel(path), "scale": scale, "has_embedding": has_emb, "embedding": with_emb})
+            if has_emb and len(row) > 2 and str(row[2]).lower() in ("false", "0", "no", ""):
+                skip.append(path)
+            args += ["--lora", f"{path}:{scale}"] + (["--skip-embedding", str(path)] if path in skip else [])
+            used.append({"file": self.ws.rel(path), "scale": scale, "has_embedding": has_emb, "path": path})
+        prefer = [self.ws.resolve(str(f), must_exist=True) for f in embedding_from or []]
+        loaded = embeddings_used([u["path"] for u in used], skip, prefer)
+        for f in prefer:
+            args += ["--embedding-from", str(f)]
+        for u in used:
+            u["embedding"] = u.pop("path") in loaded
         return args, used
+
+    def embedding_choices(self, rows: list[list]) -> list[str]:
+        """The table's adapters that bring a word embedding (the Generate tab's *Word embedding from* choices)."""
+        found = []
+        for f in [str(r[0]).strip() for r in rows or [] if r and str(r[0] or "").strip()]:
+            try:
+                if embedding_path(self.ws.resolve(f)).is_file():
+                    found.append(f)
+            except PathError:   # a row typed outside the workspace: Generate refuses it, in one line
+                continue
+        return found
 
     def text(self, model: str, adapter: str, prompt: str, max_new_tokens: int) -> str:
         """`lora-llm generate` with an adapter (a run folder or adapter file) or with the bare base model."""

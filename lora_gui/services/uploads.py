@@ -25,12 +25,6 @@ class UploadService:
         rep = run_cli_json("lora_sd.cli", ["check-dataset", str(folder), "--json"], self.ws.root, timeout=120)
         return dataset_report_markdown(self.ws.rel(folder), rep)
 
-    def folder_of(self, chosen: str) -> str:
-        """The dataset folder of a path chosen in the workspace browser (a folder, or an image's folder),
-        relative to the workspace; a path outside it is refused (lora_gui.workspace.confine)."""
-        path = self.ws.resolve(chosen, must_exist=True)
-        return self.ws.rel(path if path.is_dir() else path.parent)
-
     def upload(self, files: list[str], name: str) -> str:
         """Copy uploaded images/captions into datasets/<name> (size- and type-limited)."""
         name = check_name(name, "dataset name")

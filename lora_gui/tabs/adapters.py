@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..services.fit import badge
-from ..widgets import guard
+from ..widgets import guard, workspace_browser
 
 HEADERS = ["file", "format", "base model", "rank", "alpha", "targets", "steps", "size (KB)", "fit (base model)"]
 
@@ -25,6 +25,9 @@ class AdaptersTab:
                                               type="array", elem_id="adapters-table")
             self.file = gr.Dropdown(choices=ctrl.adapters.files(), label="Adapter file", elem_id="adapters-file",
                                     allow_custom_value=True)
+            with gr.Accordion("Adapter file: choose from the workspace", open=False):
+                self.browse = workspace_browser(ctrl.ws.root, "the workspace (choose an adapter .safetensors)",
+                                                "adapters-browser")
             with gr.Row():
                 self.inspect = gr.Button("Inspect", elem_id="adapters-inspect")
                 self.to = gr.Radio(["kohya", "diffusers"], value="kohya", label="Convert to")
@@ -70,6 +73,8 @@ class AdaptersTab:
 
         hide = lambda: ("cancelled", gr.update(visible=False), gr.update(visible=False))  # noqa: E731
         self.refresh.click(page.adapter_values, None, lists)
+        self.browse.change(guard(lambda chosen: ctrl.browse.adapter(chosen) if chosen else gr.skip()), [self.browse],
+                           [self.file])
         self.inspect.click(guard(ctrl.adapters.inspect), [self.file], [self.details])
         self.fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [self.file, self.base], [self.badge, self.details])
 

@@ -1,13 +1,15 @@
 """Dataset: browse a folder's images with their captions (pages of thumbnails), the aspect bucket each trains
 in, masks and the images the data check rejects; edit one caption, add a trigger word to all, find and
-replace a tag (lora_gui.services.datasets)."""
+replace a tag (lora_gui.services.datasets); caption the folder with a model installed in models/
+(lora_gui.services.captions)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import gradio as gr
 
-from ..services.datasets import CAPTIONING_HINT, PER_PAGE, summary_markdown
+from ..services.captions import MODES
+from ..services.datasets import PER_PAGE, summary_markdown
 from ..widgets import guard
 
 
@@ -44,15 +46,29 @@ def _layout(svc) -> tuple:
             repl = gr.Textbox(label="Replace with (empty: remove)", scale=2, elem_id="ds-replace")
             go = gr.Button("Replace in every caption", scale=1, elem_id="ds-replace-go")
         message = gr.Markdown(elem_id="ds-message")
-        gr.Markdown(CAPTIONING_HINT, elem_id="ds-captioning")
-
     return (tab, folder, resolution, step, show, view, summary, prev, page_no, pages, nxt, gallery, file, caption, save, mask, trigger, add, find, repl, go, message)
+
+
+def _captioning(captions) -> tuple:
+    """The *Caption with a model* section: a model of models/ (or what to install), which images, a trigger word."""
+    models = captions.models()
+    with gr.Accordion("Caption with a model", open=False):
+        hint = gr.Markdown(captions.hint(), elem_id="ds-captioning")
+        with gr.Row():
+            model = gr.Dropdown(choices=models, value=next(iter(models), None), label="Captioning model (models/)",
+                                elem_id="ds-caption-model", scale=2)
+            mode = gr.Radio(list(MODES), value=next(iter(MODES)), label="Caption", elem_id="ds-caption-mode", scale=2)
+            prefix = gr.Textbox(label="Trigger word first (optional)", elem_id="ds-caption-prefix", scale=1)
+        go = gr.Button("Caption the folder", elem_id="ds-caption-go", interactive=bool(models))
+    return hint, model, mode, prefix, go
 
 
 def build(page) -> None:
     ctrl = page.ctrl
     svc = ctrl.datasets
     (tab, folder, resolution, step, show, view, summary, prev, page_no, pages, nxt, gallery, file, caption, save, mask, trigger, add, find, repl, go, message) = _layout(svc)
+    with tab:
+        hint, cap_model, cap_mode, cap_prefix, cap_go = _captioning(ctrl.captions)
 
     def shown(v, n):
         n = min(max(1, int(n or 1)), v.pages)
@@ -99,7 +115,24 @@ def build(page) -> None:
     save.click(edit, [view, page_no, file, caption], outs)
     add.click(lambda v, n, w: rewrite(v, n, svc.add_trigger, w), [view, page_no, trigger], [*outs, message])
     go.click(lambda v, n, a, b: rewrite(v, n, svc.replace_tag, a, b), [view, page_no, find, repl], [*outs, message])
-    refresh = lambda: [gr.update(choices=svc.folders())]  # noqa: E731
-    page.on_load([folder], refresh)
-    tab.select(refresh, None, [folder], show_progress="hidden")
+
+    @guard
+    def caption_folder(chosen, res, bstep, model, mode, prefix, progress=gr.Progress()):
+        if not chosen:
+            raise gr.Error("choose a dataset folder first", print_exception=False)
+        progress(0, desc="starting lora-sd caption")
+        msg = ctrl.captions.caption(chosen, model, mode, prefix,
+                                    lambda n, total, line: progress((n, max(total, 1)), desc=line[:80]))
+        gr.Info(msg)
+        return [*shown(svc.view(chosen, int(res or 0), int(bstep or 64)), 1), msg]
+
+    cap_go.click(caption_folder, [folder, resolution, step, cap_model, cap_mode, cap_prefix], [*outs, message])
+
+    def refresh():
+        models = ctrl.captions.models()
+        return [gr.update(choices=svc.folders()), gr.update(choices=models), ctrl.captions.hint(),
+                gr.update(interactive=bool(models))]
+    lists = [folder, cap_model, hint, cap_go]
+    page.on_load(lists, refresh)
+    tab.select(refresh, None, lists, show_progress="hidden")
 

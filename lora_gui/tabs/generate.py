@@ -11,7 +11,7 @@ from lora_sd.config import AUTO_SAMPLER
 from .. import job_kinds
 from ..forms import sampler_choices
 from ..services.fit import badge
-from ..widgets import guard
+from ..widgets import guard, workspace_browser
 from .adapters import fit_badge, quick_badge
 
 
@@ -31,6 +31,10 @@ def build(page) -> None:
                                         ".ckpt in the workspace (SD 1.x, 2.x, SDXL, SD 3.5), or a hub id")
                 arch = gr.Markdown(elem_id="gen-model-note")
                 pick, scale, add, table = adapter_picker(ctrl)
+                emb_from = gr.Dropdown(choices=[], value=[], multiselect=True, label="Word embedding from",
+                                       elem_id="gen-embedding-from",
+                                       info="when two adapters bring an embedding for the same word: the one whose "
+                                            "embedding the word uses (the other keeps only its LoRA)")
                 with gr.Row():
                     fit = gr.Button("Fits the base model?", size="sm", elem_id="gen-fit", scale=1)
                     fit_html = gr.HTML(badge(None), elem_id="gen-badge")
@@ -59,8 +63,13 @@ def build(page) -> None:
         return quick_badge(ctrl, file, base) if file else (gr.skip(), gr.skip())
 
     @guard
-    def generate(base, rows, *values):
-        return ctrl.generation.images(base, rows, *values)
+    def generate(base, rows, chosen, *values):
+        return ctrl.generation.images(base, rows, *values, embedding_from=chosen or ())
+
+    @guard
+    def embedding_choices(rows, chosen):   # the table's adapters with a word embedding; a removed one is unpicked
+        names = ctrl.generation.embedding_choices(rows)
+        return gr.update(choices=names, value=[c for c in chosen or [] if c in names])
 
     def arch_view(text, chosen):   # the detected architecture, and the samplers that fit it (forms.sampler_choices)
         kind, line = ctrl.configs.arch_note(text)
@@ -75,7 +84,8 @@ def build(page) -> None:
     fit.click(guard(lambda f, b: fit_badge(ctrl, f, b)), [pick, model], [fit_html, report])
     quick = guard(lambda f, b: quick_badge(ctrl, f, b) if f else (badge(None), None))
     pick.change(quick, [pick, model], [fit_html, report])    # the picked adapter's badge, without a model load
-    go.click(generate, [model, table, *params], [gallery, message])
+    table.change(embedding_choices, [table, emb_from], [emb_from], show_progress="hidden")
+    go.click(generate, [model, table, emb_from, *params], [gallery, message])
 
 
 def adapter_picker(ctrl):
@@ -85,6 +95,10 @@ def adapter_picker(ctrl):
                            info="one entry per adapter: a run's kohya file, with the other formats it also wrote")
         scale = gr.Number(value=1.0, label="Scale", scale=1, elem_id="gen-adapter-scale")
         add = gr.Button("Add adapter", scale=1, elem_id="gen-adapter-add")
+    with gr.Accordion("Adapter: choose from the workspace", open=False):
+        browse = workspace_browser(ctrl.ws.root, "the workspace (choose an adapter .safetensors: it becomes the "
+                                   "Adapter above)", "gen-adapter-browser")
+    browse.change(guard(lambda chosen: ctrl.browse.adapter(chosen) if chosen else gr.skip()), [browse], [pick])
     table = gr.Dataframe(headers=["adapter", "scale", "with its word embedding", "fit"], value=[], type="array",
                          datatype=["str", "number", "bool", "str"], interactive=True, elem_id="gen-adapters",
                          label="Adapters (edit the scale; clear a row to drop it; untick the embedding of an adapter "

@@ -7,7 +7,7 @@ from lora_core.preflight import GPU_SIZES
 
 from .. import job_kinds
 from ..services.preflight import memory_markdown
-from ..widgets import JobForm, guard, job_columns
+from ..widgets import JobForm, guard, job_columns, workspace_browser
 from .compare import form_tools
 
 KIND = "sd-train"
@@ -23,10 +23,12 @@ def build(page) -> None:
 
 def dataset_tools(page, job: JobForm) -> None:
     ctrl = page.ctrl
+    with gr.Accordion("Base model: choose from the workspace", open=False):
+        models = workspace_browser(ctrl.ws.root, "the workspace (choose a diffusers folder or a file in it, or a "
+                                   "single-file .safetensors / .ckpt; a hub id is typed in Base model)", "sd-model-browser")
     with gr.Accordion("Dataset: choose / check / upload", open=False):
-        browse = gr.FileExplorer(root_dir=str(ctrl.ws.datasets), file_count="single", ignore_glob="**/.*",
-                                 label="datasets/ of the workspace (choose an image or a folder: its folder is used)",
-                                 elem_id="sd-dataset-browser", height=240)
+        browse = workspace_browser(ctrl.ws.datasets, "datasets/ of the workspace (choose an image or a folder: its "
+                                   "folder is used)", "sd-dataset-browser")
         check = gr.Button("Check dataset folder", elem_id="sd-check-dataset")
         report = gr.Markdown(elem_id="sd-dataset-report")
         files = gr.File(label="Upload images + captions", file_count="multiple")
@@ -44,7 +46,9 @@ def dataset_tools(page, job: JobForm) -> None:
         return rel, ctrl.uploads.check(rel)
 
     data_path = job.inputs["data.path"]
-    browse.change(guard(lambda chosen: ctrl.uploads.folder_of(chosen) if chosen else gr.skip()), [browse], [data_path])
+    browse.change(guard(lambda chosen: ctrl.browse.dataset(chosen) if chosen else gr.skip()), [browse], [data_path])
+    models.change(guard(lambda chosen: ctrl.browse.model(chosen) if chosen else gr.skip()), [models],
+                  [job.inputs["model.pretrained"]])
     check.click(check_dataset, [data_path], [report])
     upload.click(upload_dataset, [files, name], [data_path, report])
 
