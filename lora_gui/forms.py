@@ -66,6 +66,19 @@ ADVANCED_LORA = [
           info="regex -> alpha, as JSON or one `regex = alpha` per line; empty: every module uses Alpha"),
 ]
 
+# the adapter type (lora_core LoraConfig.type) and the fields LoKr and OFT add, "Advanced" in both forms; the SD
+# trainer writes kohya/LyCORIS files, which hold LoHa and LoKr but not PEFT's OFT (docs/sd.md)
+ADAPTER_TYPE = Field("lora.type", "Adapter type", group="advanced",
+                     info="lora (LoRA; DoRA / LoCon are its options), loha (LoHa), lokr (LoKr), oft (OFT, text tasks only)")
+LOKR_FIELDS = [
+    Field("lora.decompose_factor", "LoKr: factor", group="advanced"),
+    Field("lora.decompose_both", "LoKr: split both factors", group="advanced"),
+]
+OFT_FIELDS = [
+    Field("lora.oft_block_size", "OFT: block size", group="advanced"),
+    Field("lora.coft", "OFT: constrained (COFT)", group="advanced"),
+]
+
 # the SD trainer's optimizers, EMA and validation loss, in the SD form's "Advanced" section
 ADVANCED_SD_TRAIN = [
     Field("train.loraplus_lr_ratio", "LoRA+ ratio (B learning rate x)", group="advanced"),
@@ -177,6 +190,11 @@ SD_FIELDS = [
     Field("train.checkpoint_every", "Checkpoint every N steps", info="0: only at the end and on Stop"),
     Field("sample.prompts", "Validation prompts", info="one per line"),
     Field("output.name", "Adapter file name"),
+    Field("lora.type", "Adapter type", presets=(("lora", "lora"), ("loha", "loha"), ("lokr", "lokr")),
+          group="advanced", info="lora (LoRA; DoRA / LoCon are its options), loha (LoHa), lokr (LoKr): LoHa and "
+                                 "LoKr are written as kohya/LyCORIS files only (untick the diffusers file below)"),
+    *LOKR_FIELDS,
+    Field("output.save_diffusers", "Also write the diffusers-layout file", group="advanced"),
     *ADVANCED_LORA[:1],
     Field("lora.conv_r", "Conv rank (LoCon, kohya conv_dim)", group="advanced"),
     Field("lora.conv_alpha", "Conv alpha (kohya conv_alpha)", group="advanced"),
@@ -206,6 +224,9 @@ LLM_FIELDS = [
     Field("train.head_learning_rate", "Head learning rate", group="advanced",
           info="classification tasks: the head's own learning rate; 0: Learning rate"),
     Field("train.log_with", "Also log to (TensorBoard / W&B)", group="advanced"),
+    ADAPTER_TYPE,
+    *LOKR_FIELDS,
+    *OFT_FIELDS,
     *ADVANCED_LORA,
 ]
 
