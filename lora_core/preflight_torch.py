@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .lowmem import FP8, QUANTIZED, quantizable_layers
 from .offload import choose_blocks
 from .preflight import PreflightReport
 
@@ -64,6 +65,7 @@ class SavedBytes:
 
     def __init__(self, *exclude, seen: Optional[set] = None):
         self.total, self.largest = 0, 0
+        self._kept: list = []
         self._seen = seen if seen is not None else set()
         self._seen.update(storage_key(p) for m in exclude for p in m.parameters())
 
@@ -76,6 +78,7 @@ class SavedBytes:
         if key in self._seen:
             return 0
         self._seen.add(key)
+        self._kept.append(t)   # alive while measuring: a freed tensor's address, reused, would look counted
         self.total += size
         self.largest = max(self.largest, size)
         return size
@@ -127,21 +130,22 @@ STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1, "int8": 1}
 
 def stored_frozen_bytes(model: nn.Module, storage: str, other_bytes: int) -> int:
     """Bytes of `model`'s frozen weights and buffers stored as `storage` (a STORAGE_BYTES name), without storing
-    them (a model on the meta device will do): fp8_e4m3 quantizes the Linear and Conv2d weights, int8 the Linear
-    ones (lora_core.lowmem), with a 4-byte scale per output channel (int8: and a 1-byte zero point); everything else takes `other_bytes` per
-    element (the compute dtype's)."""
+    them (a model on the meta device will do): fp8_e4m3 / int8 quantize the layers lora_core.lowmem quantizes
+    (quantizable_layers), 1 byte a weight with a 4-byte scale per output channel (int8: and a 1-byte zero point),
+    their biases as they are; everything else takes `other_bytes` per element (the compute dtype's)."""
+    quantized = {id(m) for _, m in quantizable_layers(model, storage)} if storage in QUANTIZED else set()
+    per = STORAGE_BYTES[storage] if storage in ("fp32", "bf16", "fp16") else other_bytes
     total = 0
     for m in model.modules():
-        own = [p for p in m.parameters(recurse=False) if not p.requires_grad]
-        w = getattr(m, "weight", None)
-        quantized = (storage == "fp8_e4m3" and type(m) in (nn.Linear, nn.Conv2d)) or \
-                    (storage == "int8" and type(m) is nn.Linear)
-        per = STORAGE_BYTES[storage] if storage in STORAGE_BYTES else other_bytes
-        for p in own:
-            if p is w and quantized:   # 1 byte a weight; per output channel a float32 scale (int8: + a zero point)
-                total += p.numel() + (4 if storage == "fp8_e4m3" else 5) * p.shape[0]
+        for p in m.parameters(recurse=False):
+            if p.requires_grad:
+                continue
+            if id(m) in quantized and p is m.weight:
+                total += p.numel() + (4 if storage == FP8 else 5) * p.shape[0]
+            elif id(m) in quantized:   # the bias: kept as it was (lowmem's QuantizedLayer copies it)
+                total += p.numel() * p.element_size()
             else:
-                total += p.numel() * (per if storage in ("fp32", "bf16", "fp16") else other_bytes)
+                total += p.numel() * per
         total += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False) if b is not None)
     return total
 
@@ -200,3 +204,38 @@ def flash_attention_shapes():
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+class _SavesNothing(torch.autograd.Function):
+    """A frozen layer run as lora_core.lowmem.QuantizedOp runs a quantized one: its output, with nothing saved for
+    the backward pass (the quantized layer dequantizes its stored weight again there; the input is not needed).
+    For measuring what a forward pass saves only: it has no backward."""
+
+    @staticmethod
+    def forward(ctx, x, run):
+        return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("a stand-in for measuring saved activations: it has no backward pass")
+
+
+@contextlib.contextmanager
+def saved_as_stored(model: nn.Module, storage: str):
+    """Within: the layers of `model` that weight storage `storage` quantizes (lora_core.lowmem.quantizable_layers)
+    save for backward what the quantized layers save, nothing, while keeping their weights as they are (a model
+    on the meta device will do). Other storages change nothing."""
+    layers = [m for _, m in quantizable_layers(model, storage)] if storage in QUANTIZED else []
+    for m in layers:
+        m.forward = _saving_nothing(m.forward)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
+def _saving_nothing(run: Callable) -> Callable:
+    def forward(x):
+        return _SavesNothing.apply(x, run) if torch.is_grad_enabled() and x.requires_grad else run(x)
+    return forward

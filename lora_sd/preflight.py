@@ -29,7 +29,7 @@ from lora_core.errors import ConfigError
 from lora_core.lowmem import storage_problem
 from lora_core.offload import model_blocks
 from lora_core.preflight_torch import (begin, common_conflicts, flash_attention_shapes, offloaded_frozen_bytes,
-                                      saved_activations)
+                                      saved_activations, saved_as_stored)
 
 from .config import WEIGHT_PARTS, SDTrainConfig, load_train_config
 from .data import idle_settings, load_items, make_buckets, pick_bucket, scan
@@ -37,7 +37,7 @@ from .errors import DatasetError
 from .archs import spec_of
 from .models import load_pipeline
 from .single_file import CONFIG_DIR
-from .train import lora_for_arch, run_training
+from .train import lora_for_arch, run_training, text_encoders_released
 
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 
@@ -128,20 +128,20 @@ def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps
                   lambda: run_training(small, accelerator=acc, pipe=pipe))
 
 
-def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
-    """Frozen weights as training keeps them on the device: each part in its model.weight_dtype, else the
-    mixed precision (the VAE: fp32, bf16 under bf16), the denoiser's offloaded blocks (train.offload_blocks) but
-    two left out."""
+def _frozen_bytes(cfg: SDTrainConfig, pipe) -> dict[str, int]:
+    """Frozen weights as training keeps them on the device, by component name: each part in its
+    model.weight_dtype, else the mixed precision (the VAE: fp32, bf16 under bf16), the denoiser's offloaded blocks
+    (train.offload_blocks) but two left out."""
     mp = cfg.train.mixed_precision
-    total = 0
+    out = {}
     for part, names in WEIGHT_PARTS.items():
         default = (2 if mp == "bf16" else 4) if part == "vae" else DTYPE_BYTES[mp]
         n_off = cfg.train.offload_blocks if part == "denoiser" else 0
         for name in names:
             m = getattr(pipe, name, None)
             if m is not None:
-                total += offloaded_frozen_bytes(m, getattr(cfg.model.weight_dtype, part), default, n_off)
-    return total
+                out[name] = offloaded_frozen_bytes(m, getattr(cfg.model.weight_dtype, part), default, n_off)
+    return out
 
 
 def unet_inputs(unet, latent: int, batch: int, context: int, device, dtype, resolution: int) -> dict:
@@ -160,14 +160,16 @@ def unet_inputs(unet, latent: int, batch: int, context: int, device, dtype, reso
     return kw
 
 
-def _unet_activations(unet, inputs: dict, dtype, checkpointing: bool) -> tuple[int, int]:
-    """saved_activations of one UNet training forward on `inputs` under autocast to `dtype` (None: off)."""
-    return _saved(unet, lambda: unet(**inputs).sample, inputs["sample"].device.type, dtype, checkpointing)
+def _unet_activations(unet, inputs: dict, dtype, checkpointing: bool, storage: str = "") -> tuple[int, int]:
+    """saved_activations of one UNet training forward on `inputs` under autocast to `dtype` (None: off), its frozen
+    weights stored as `storage` (model.weight_dtype)."""
+    return _saved(unet, lambda: unet(**inputs).sample, inputs["sample"].device.type, dtype, checkpointing, storage)
 
 
-def _saved(den, forward, dev: str, dtype, checkpointing: bool) -> tuple[int, int]:
+def _saved(den, forward, dev: str, dtype, checkpointing: bool, storage: str = "") -> tuple[int, int]:
     """saved_activations of one training forward of the denoiser `den` (`forward()` -> its prediction) under
-    autocast to `dtype` (None: off)."""
+    autocast to `dtype` (None: off), with what its layers save when its frozen weights are stored as `storage`
+    (fp8 / int8 layers save nothing: lora_core.preflight_torch.saved_as_stored)."""
     def run():
         with torch.autocast(dev, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             return forward().float().pow(2).mean()
@@ -179,7 +181,8 @@ def _saved(den, forward, dev: str, dtype, checkpointing: bool) -> tuple[int, int
     for p in kept:
         p.data = p.data.to(dtype)
     try:
-        return saved_activations(den, run, checkpointing)
+        with saved_as_stored(den, storage):
+            return saved_activations(den, run, checkpointing)
     finally:
         den.train(was)
         for p, data in kept.items():
@@ -222,7 +225,8 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     for s in sizes:
         x = torch.randn(1, channels, s, s, device=device)
         total, big = _saved(den, lambda: forward(x), torch.device(device).type,
-                            autocast_dtype(cfg.train.mixed_precision), cfg.train.gradient_checkpointing)
+                            autocast_dtype(cfg.train.mixed_precision), cfg.train.gradient_checkpointing,
+                            cfg.model.weight_dtype.denoiser)
         points.append((s * s, total))
         largest = big * target * target / (s * s)
     per_example = fit_activations(points, target * target)
@@ -255,9 +259,16 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
     except ConfigError as e:   # more blocks to offload than the model has
         rep.error(str(e), e.key or "")
         return
+    # the text encoders leave before the first step when their outputs are cached: on the device with the rest
+    # while caching (no activations then), not while training
+    released = set(tes) if text_encoders_released(cfg) else set()
     acts, largest = _activations(cfg, pipe, device)
-    rep.memory = memory_estimate(frozen, trainable, acts, largest, cfg.train.optimizer, torch.device(device).type,
+    rep.memory = memory_estimate(sum(v for k, v in frozen.items() if k not in released), trainable, acts, largest,
+                                 cfg.train.optimizer, torch.device(device).type,
                                  max(p.numel() for p in params) if cfg.train.fused_backward else None)
+    caching = sum(frozen.values()) + rep.memory["parts"]["adapter"]
+    rep.memory.update(released=sorted(released), caching_bytes=caching,
+                      total_bytes=max(rep.memory["total_bytes"], caching))
     s = cfg.train
     rep.memory.update(batch=s.batch_size, resolution=cfg.data.resolution, precision=s.mixed_precision,
                       weight_dtype=cfg.model.weight_dtype.chosen(), gradient_checkpointing=s.gradient_checkpointing,
@@ -297,14 +308,14 @@ def model_ladder(cfg: SDTrainConfig, label: str, unet, resolution: int, batch: i
     params = [p for p in unet.parameters() if p.requires_grad]
     inputs = unet_inputs(unet, resolution // 8, batch, 77, unet.device, torch.bfloat16, resolution)
     with flash_attention_shapes():   # the attention CUDA runs (flash), not the meta device's math kernel
-        acts = {ck: _unet_activations(unet, inputs, None, ck) for ck in (False, True)}
+        acts = {(w, ck): _unet_activations(unet, inputs, None, ck, w) for w in LADDER_WEIGHTS for ck in (False, True)}
     offloads = (0, len(model_blocks(unet)))
     rows = []
     for weights in LADDER_WEIGHTS:
         for ck in (False, True):
             for off in offloads:
                 est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off), sum(p.numel() for p in params),
-                                      *acts[ck], cfg.train.optimizer, "cuda",
+                                      *acts[weights, ck], cfg.train.optimizer, "cuda",
                                       max(p.numel() for p in params) if cfg.train.fused_backward else None)
                 rows.append({"model": label, "weights": weights, "checkpointing": ck, "offload": off,
                              "resolution": resolution, "batch": batch, **est})

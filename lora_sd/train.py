@@ -447,11 +447,19 @@ def _loss_module(cfg: SDTrainConfig, pipe, objective, train_te: bool, text_cache
                          preserve_weight=cfg.loss.preserve_weight, guidance=cfg.flow.guidance_scale)
 
 
+def text_encoders_released(cfg: SDTrainConfig) -> bool:
+    """Whether a run drops its text encoders before the first step (release_text_encoders): every caption's text
+    cached (data.cache_text, no text encoder trained, captions not shuffled) and no [sample] prompts or grid."""
+    d = cfg.data
+    return (d.cache_text and not d.shuffle_tags and not cfg.trains_text_encoder
+            and not (cfg.sample.prompts or cfg.sample.grid))
+
+
 def release_text_encoders(cfg: SDTrainConfig, pipe) -> list[str]:
     """With every caption's text cached and no text encoder trained, the text encoders (T5 above all) need not
     stay beside the denoiser: drop them from the pipeline before the first step, unless validation images or
     grids ([sample]) will encode prompts. Returns the names released."""
-    if cfg.sample.prompts or cfg.sample.grid:
+    if not text_encoders_released(cfg):
         log.info("text encoders kept for the validation images ([sample] prompts / grid)")
         return []
     names = list(_text_encoders(pipe))

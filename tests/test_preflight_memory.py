@@ -7,7 +7,7 @@ import torch
 
 from lora_core import LoraConfig, add_lora
 from lora_core.configfile import from_dict
-from lora_core.lowmem import FP8, INT8, quantize_frozen, stored_bytes
+from lora_core.lowmem import FP8, INT8, quantize_frozen, store_frozen, stored_bytes
 from lora_core.preflight import PreflightReport, budget_finding, ladder_text
 from lora_core.preflight_torch import flash_attention_shapes, offloaded_frozen_bytes, stored_frozen_bytes
 from lora_sd.config import SDTrainConfig
@@ -34,8 +34,11 @@ def test_modelled_stored_bytes_equal_the_real_quantized_model(tiny_pipeline, sto
     with torch.device("meta"):   # the same model on the meta device: the same answer, no weights needed
         meta = copy.deepcopy(unet).to("meta")
     assert stored_frozen_bytes(meta, storage, 4) == modelled
+    bf16 = copy.deepcopy(unet)
     quantize_frozen(unet, storage)
     assert stored_bytes(unet) == modelled
+    store_frozen(bf16, storage, torch.bfloat16)   # as the trainer stores it under bf16: the rest in bf16
+    assert stored_bytes(bf16) == stored_frozen_bytes(meta, storage, 2)
     # int8 leaves the convolutions (most of this tiny UNet) in the compute dtype
     assert modelled < stored_frozen_bytes(meta, "fp32", 4) * (0.4 if storage == FP8 else 0.8)
 
@@ -64,6 +67,25 @@ def test_activations_on_the_meta_device_equal_the_real_ones_and_checkpointing_lo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("storage", [FP8, INT8])
+def test_activations_of_a_quantized_base_are_modelled_without_quantizing(tiny_pipeline, storage):
+    """A quantized layer saves nothing for backward (lora_core.lowmem.QuantizedOp): the estimate, measured on the
+    full-precision model with its quantizable layers saving nothing, equals what the quantized model saves."""
+    if storage == INT8:
+        pytest.importorskip("torchao")
+    unet = _adapted_unet(tiny_pipeline)
+    inputs = unet_inputs(unet, 8, 1, 77, "cpu", torch.float32, 64)
+    plain = _unet_activations(unet, inputs, None, False)
+    modelled = {ck: _unet_activations(unet, inputs, None, ck, storage) for ck in (False, True)}
+    assert _unet_activations(unet, inputs, None, False) == plain   # the model is left as it was
+    quantize_frozen(unet, storage)
+    for ck in (False, True):
+        assert _unet_activations(unet, inputs, None, ck) == modelled[ck]
+    # fp8's convolutions no longer keep their inputs (int8 quantizes only the Linears, whose inputs other ops keep)
+    assert modelled[False][0] < plain[0] if storage == FP8 else modelled[False][0] <= plain[0]
+
+
+@pytest.mark.slow
 def test_ladder_rows_and_budget_text(tiny_pipeline):
     cfg = from_dict(SDTrainConfig, {"data": {"path": "."}, "lora": {"r": 2, "target_modules": "cross_attn"}})
     meta = tiny_pipeline().unet.to("meta")
@@ -78,6 +100,29 @@ def test_ladder_rows_and_budget_text(tiny_pipeline):
     text = ladder_text(rows, 0.001)
     assert text.splitlines()[0].endswith("fits 0.001 GiB |") and text.count("| no |") == len(rows)
     assert "| 8 GiB |" in ladder_text(rows)
+
+
+@pytest.mark.slow
+def test_text_encoders_released_after_caching_count_only_while_caching(tiny_pipeline):
+    """Cached text and no [sample] prompts: the trainer drops the text encoders before the first step
+    (lora_sd.train.release_text_encoders), so the training phase's frozen weights leave them out; the caching
+    phase, every frozen weight at once, is the floor of the total."""
+    from lora_sd.preflight import measure
+    cfg = from_dict(SDTrainConfig, {"data": {"path": ".", "resolution": 64}, "train": {"mixed_precision": "no"},
+                                    "lora": {"r": 2, "target_modules": "cross_attn"}})
+    kept = copy.deepcopy(cfg)
+    kept.sample.prompts = ["a red circle"]   # validation images encode prompts: the text encoder stays
+    reps = {}
+    for name, c in (("released", cfg), ("kept", kept)):
+        reps[name] = PreflightReport("sd-train", name)
+        measure(c, tiny_pipeline(), "cpu", reps[name])
+    released, kept_m = reps["released"].memory, reps["kept"].memory
+    te = stored_frozen_bytes(tiny_pipeline().text_encoder.requires_grad_(False), "fp32", 4)
+    assert released["released"] == ["text_encoder"] and kept_m["released"] == []
+    assert kept_m["parts"]["frozen weights"] - released["parts"]["frozen weights"] == te
+    assert released["caching_bytes"] == kept_m["caching_bytes"] == \
+        kept_m["parts"]["frozen weights"] + kept_m["parts"]["adapter"]
+    assert released["total_bytes"] == max(sum(released["parts"].values()), released["caching_bytes"])
 
 
 def test_vram_budget_is_a_finding():
