@@ -6,8 +6,8 @@ weights) on the CPU: peak memory and step time for each rung, and the preflight'
 Each rung applies its switches through the trainer's own code (lora_core.lowmem.store_frozen, the UNet's
 gradient checkpointing, lora_core.offload.offload_blocks, lora_core.training.make_optimizer) to a fresh UNet of
 lora_sd/model_configs/sdxl-base with LoRA r=16 on attn2 (kohya's usual), runs two steps under the torch profiler
-(peak = the largest sum of live tensor bytes in its memory timeline, as bench/preflight_memory.py), then one
-timed step. With
+(peak = the tensors alive at the start, counted, plus the largest running sum of its raw allocation events), then
+one timed step. With
 block offloading, the host copies of the offloaded blocks are live tensors on a CPU too; on a GPU machine they
 live in host RAM: `device_peak_mib` is the peak without them (the number a GPU would see). `--size` w2-t2 / w4 / w8
 divides every channel count by 2 / 4 / 8 (w2-t2: and keeps at most 2 transformer layers per block): reduced
@@ -146,10 +146,10 @@ def run_rung(name: str, rung: dict, resolution: int, size: str = "full", categor
 
     # two steps from the start (the optimizer state is made in the first)
     gc.collect()
-    peak = allocation_peak(step, sum(held_bytes(unet, opt, host).values()) + host + sum(
+    peak = allocation_peak(step, sum(held_bytes(unet, opt).values()) + host + sum(
         t.numel() * t.element_size() for t in _tensors(inputs)))
     by_kind = profiled_peak(step)[1] if categories else {}
-    held = held_bytes(unet, opt, host)
+    held = held_bytes(unet, opt)
     reset_peak_rss()
     rss0 = status_bytes("VmRSS")
     t = time.perf_counter()
@@ -171,14 +171,15 @@ def run_rung(name: str, rung: dict, resolution: int, size: str = "full", categor
     return res
 
 
-def held_bytes(unet, opt, host: int) -> dict:
+def held_bytes(unet, opt) -> dict:
     """What the model and the optimizer hold between steps, counted exactly: the frozen weights and buffers as
-    stored on the device (the offloaded blocks' host copies left out), the adapter, the optimizer state."""
+    stored on the device (offloaded blocks: the ones resident now; their host copies are not the model's tensors),
+    the adapter, the optimizer state."""
     from lora_core.lowmem import stored_bytes
     adapter = sum(p.numel() * p.element_size() for p in unet.parameters() if p.requires_grad)
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if hasattr(t, "numel") and t.dim() > 0)
-    return {"frozen weights": stored_bytes(unet) - host, "adapter": adapter, "optimizer state": state}
+    return {"frozen weights": stored_bytes(unet), "adapter": adapter, "optimizer state": state}
 
 
 def status_bytes(field: str) -> int:

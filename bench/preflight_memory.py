@@ -2,14 +2,23 @@
 of real training steps on CPU.
 
     OMP_NUM_THREADS=1 python bench/preflight_memory.py --case tiny-sd [--json]
-    python bench/preflight_memory.py --case sd15-256 | smollm2-16x64 | sdxl-256-bf16 | sdxl-256-fp8-ckpt | ...
+    python bench/preflight_memory.py --case sd15-256 | smollm2-16x64 | tiny-gpt2-16x64
+    python bench/preflight_memory.py --case sdxl-256 --size w8 | w4 | w2-t2 | full [--rungs "bf16,fp8 + checkpointing"]
 
 Each case runs in this process: the model is built and the estimate made; then two optimisation steps run as
 the trainers do (the same loss module, AdamW over the LoRA parameters) under the torch profiler; measured
 peak = the largest sum of live tensor bytes in its memory timeline (parameters, gradients, optimizer state,
 activations, temporaries: what the estimate models). The peak RSS above the RSS after imports is printed
 too (rss_peak_mib): on CPU it adds library code loaded on first use and heap glibc keeps after frees.
-Linux only.
+
+`--case sdxl-256`: an SDXL-like UNet at 256 px (`--size`: SDXL-base's own, `full`, or reduced: channel counts
+divided by 8 / 4 / 2, w2-t2 with at most 2 transformer layers per block) with each rung of
+bench/memory_ladder.py (its switches applied by the trainer's own code), one JSON entry per rung named
+"sdxl-<size>-256: <rung>": the estimate and its parts; the measured peak (the tensors alive at the start, counted,
+plus the largest running sum of the profiler's raw allocation events over two steps; the host copies of offloaded
+blocks left out); `held_mib`, what the model and the optimizer hold between steps, counted exactly; and a cross-check
+from the process RSS (`rss_peak_mib`: held + the RSS growth of one more step, glibc's mmap threshold fixed so
+freed tensors leave the RSS). Linux only.
 """
 from __future__ import annotations
 
@@ -152,6 +161,20 @@ def _merge_result(path: Path, res: dict) -> None:
     atomic_write_json(path, dict(sorted(cases.items())))
 
 
+def sdxl_table(cases: dict) -> str:
+    """BENCHMARKS.md's table of the sdxl-256 entries of a results file."""
+    out = ["| UNet (256², batch 1, LoRA r=16 attn2) | rung | estimate MiB | measured MiB | estimate / measured | "
+           "RSS cross-check MiB |", "|---|---|---:|---:|---:|---:|"]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from memory_ladder import RUNGS, SIZES
+    rows = sorted((r for r in cases.values() if r["case"].startswith("sdxl-")),
+                  key=lambda r: (list(SIZES).index(r["size"]), list(RUNGS).index(r["rung"])))
+    for r in rows:
+        out.append(f"| {r['size']} ({r['unet_parameters'] / 1e6:,.0f} M) | {r['rung']} | {r['estimate_mib']:,.1f} | "
+                   f"{r['measured_mib']:,.1f} | {r['ratio']:.3f} | {r['rss_peak_mib']:,.1f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", choices=sorted([*CASES, SDXL_CASE]), default="tiny-sd")
@@ -162,7 +185,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default="", help="merge this case's result into a JSON file (one entry per case), "
                    "e.g. bench/results/preflight_memory.json")
+    p.add_argument("--table", metavar="JSON", help="print the SDXL entries of a results file as a markdown table")
     a = p.parse_args(argv)
+    if a.table:
+        print(sdxl_table(json.loads(Path(a.table).read_text())))
+        return 0
     import torch  # noqa: F401 - the imports belong to the baseline
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
