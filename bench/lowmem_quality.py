@@ -11,7 +11,8 @@ dequantized layer by layer in the compute dtype) with OVERRIDES: fp32 compute an
 600-step bf16 runs did not fit the session), no validation images, no checkpoints. Each adapter is scored at scale
 1 with `lora-sd score` on the full-precision base, as a user loads it, on the held-out purple prompts (3 shapes x 3
 backgrounds x 8 seeds, the demo's). Each storage's result is merged into the JSON as soon as it is scored.
-Target: every small storage within 5 points of the full-precision base run (purple colour, the concept taught).
+Target: every small storage reaches to within 5 points of the full-precision base run, or above it (purple colour,
+the concept taught).
 """
 from __future__ import annotations
 
@@ -58,9 +59,10 @@ def train_and_score(storage: str, work: Path, data: Path, reg: Path) -> dict:
 
 
 def verdicts(runs: dict) -> dict:
-    """{storage: held-out colour within MAX_POINTS of the reference's} for every storage but the reference."""
+    """{storage: its held-out colour reaches to within MAX_POINTS of the reference's (or above it)} for every
+    storage but the reference."""
     ref = runs[REFERENCE]["scores"][CONCEPT]["colour"]
-    return {s: abs(100 * (r["scores"][CONCEPT]["colour"] - ref)) <= MAX_POINTS + 1e-9
+    return {s: 100 * (r["scores"][CONCEPT]["colour"] - ref) >= -MAX_POINTS - 1e-9
             for s, r in runs.items() if s != REFERENCE}
 
 
@@ -83,17 +85,16 @@ def record_run(out: Path, run: dict) -> dict:
 def render(rec: dict) -> str:
     ref = rec["runs"].get(rec["reference"])
     lines = [BEGIN, "", f"| UNet frozen weights | purple: colour | vs {rec['reference']} (points) | shape | background | "
-             "all three | final loss | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "all three | final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
     for s, r in rec["runs"].items():
         p = r["scores"][CONCEPT]
         delta = "" if ref is None or s == rec["reference"] else \
             f"{100 * (p['colour'] - ref['scores'][CONCEPT]['colour']):+.1f}"
         lines.append(f"| {s} | {100 * p['colour']:.1f} % | {delta} | {100 * p['shape']:.1f} % | "
-                     f"{100 * p['background']:.1f} % | {100 * p['all']:.1f} % | {r['final_train_loss']} | "
-                     f"{r['wall_seconds']['train']:.0f} |")
+                     f"{100 * p['background']:.1f} % | {100 * p['all']:.1f} % | {r['final_train_loss']} |")
     ok = rec["within_max_points"]
     if ok:
-        lines += ["", "Within {:g} points of the {} base on purple colour ({} samples each): {}.".format(
+        lines += ["", "Purple colour at most {:g} points below the {} base's ({} samples each): {}.".format(
             rec["max_points"], rec["reference"], ref["scores"][CONCEPT]["n"],
             ", ".join(f"{s} {'yes' if v else '**no**'}" for s, v in ok.items()))]
     lines += ["", END]

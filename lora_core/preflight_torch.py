@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .lowmem import FP8, QUANTIZED, quantizable_layers
-from .offload import choose_blocks
+from .offload import choose_blocks, model_blocks
 from .preflight import PreflightReport
 
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}   # optimizer -> the package it needs
@@ -150,14 +150,38 @@ def stored_frozen_bytes(model: nn.Module, storage: str, other_bytes: int) -> int
     return total
 
 
-def offloaded_frozen_bytes(model: nn.Module, storage: str, other_bytes: int, n_offload: int = 0) -> int:
+def offloaded_frozen_bytes(model: nn.Module, storage: str, other_bytes: int, n_offload: int = 0,
+                           order: Optional[list] = None) -> int:
     """stored_frozen_bytes of `model` on the device with its `n_offload` largest blocks offloaded
-    (lora_core.offload): those leave, and two of them (the running one and the one prefetched) are there at once."""
+    (lora_core.offload): those leave, and two of them are there at once, a block and the one prefetched beside it
+    in the order they run (`order`: the offloaded blocks' names so, as block_order records them; without it, the
+    two largest)."""
     total = stored_frozen_bytes(model, storage, other_bytes)
     if not n_offload:
         return total
-    sizes = [stored_frozen_bytes(b, storage, other_bytes) for _, b in choose_blocks(model, n_offload)]
-    return total - sum(sizes) + sum(sorted(sizes)[-2:])
+    sizes = {name: stored_frozen_bytes(b, storage, other_bytes) for name, b in choose_blocks(model, n_offload)}
+    run = [n for n in (order or []) if n in sizes]
+    if len(run) == len(sizes) > 1:
+        resident = max(sizes[a] + sizes[b] for a, b in zip(run, run[1:]))
+    else:
+        resident = sum(sorted(sizes.values())[-2:])
+    return total - sum(sizes.values()) + resident
+
+
+@contextlib.contextmanager
+def block_order(model: nn.Module):
+    """Within: the list yielded gets the names of `model`'s blocks (lora_core.offload.model_blocks) in the order
+    they first run, as the block offloader learns it."""
+    order: list = []
+
+    def hook(name):
+        return lambda module, args: None if name in order else order.append(name)
+    hooks = [b.register_forward_pre_hook(hook(n)) for n, b in model_blocks(model)]
+    try:
+        yield order
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def saved_activations(model: nn.Module, run: Callable[[], torch.Tensor], checkpointing: bool) -> tuple[int, int]:

@@ -28,8 +28,8 @@ from lora_core.preflight import PreflightReport, fit_activations, memory_estimat
 from lora_core.errors import ConfigError
 from lora_core.lowmem import storage_problem
 from lora_core.offload import model_blocks
-from lora_core.preflight_torch import (begin, common_conflicts, flash_attention_shapes, offloaded_frozen_bytes,
-                                      saved_activations, saved_as_stored)
+from lora_core.preflight_torch import (begin, block_order, common_conflicts, flash_attention_shapes,
+                                      offloaded_frozen_bytes, saved_activations, saved_as_stored)
 
 from .config import WEIGHT_PARTS, SDTrainConfig, load_train_config
 from .data import idle_settings, load_items, make_buckets, pick_bucket, scan
@@ -128,10 +128,10 @@ def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps
                   lambda: run_training(small, accelerator=acc, pipe=pipe))
 
 
-def _frozen_bytes(cfg: SDTrainConfig, pipe) -> dict[str, int]:
+def _frozen_bytes(cfg: SDTrainConfig, pipe, order: Optional[list] = None) -> dict[str, int]:
     """Frozen weights as training keeps them on the device, by component name: each part in its
     model.weight_dtype, else the mixed precision (the VAE: fp32, bf16 under bf16), the denoiser's offloaded blocks
-    (train.offload_blocks) but two left out."""
+    (train.offload_blocks) but two left out (`order`: the denoiser's blocks in the order they run)."""
     mp = cfg.train.mixed_precision
     out = {}
     for part, names in WEIGHT_PARTS.items():
@@ -140,7 +140,8 @@ def _frozen_bytes(cfg: SDTrainConfig, pipe) -> dict[str, int]:
         for name in names:
             m = getattr(pipe, name, None)
             if m is not None:
-                out[name] = offloaded_frozen_bytes(m, getattr(cfg.model.weight_dtype, part), default, n_off)
+                out[name] = offloaded_frozen_bytes(m, getattr(cfg.model.weight_dtype, part), default, n_off,
+                                                   order if part == "denoiser" else None)
     return out
 
 
@@ -254,15 +255,16 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
     scale = lo.alpha / (math.sqrt(lo.r) if lo.use_rslora else lo.r)
     rep.parameters = {"trainable": trainable, "total": total, "type": lo.type, "r": lo.r, "alpha": lo.alpha,
                       "scale": scale, "use_rslora": lo.use_rslora}
+    with block_order(den) as order:
+        acts, largest = _activations(cfg, pipe, device)
     try:
-        frozen = _frozen_bytes(cfg, pipe)
+        frozen = _frozen_bytes(cfg, pipe, order)
     except ConfigError as e:   # more blocks to offload than the model has
         rep.error(str(e), e.key or "")
         return
     # the text encoders leave before the first step when their outputs are cached: on the device with the rest
     # while caching (no activations then), not while training
     released = set(tes) if text_encoders_released(cfg) else set()
-    acts, largest = _activations(cfg, pipe, device)
     rep.memory = memory_estimate(sum(v for k, v in frozen.items() if k not in released), trainable, acts, largest,
                                  cfg.train.optimizer, torch.device(device).type,
                                  max(p.numel() for p in params) if cfg.train.fused_backward else None)
@@ -307,14 +309,14 @@ def model_ladder(cfg: SDTrainConfig, label: str, unet, resolution: int, batch: i
         p.data = p.data.to(torch.bfloat16)
     params = [p for p in unet.parameters() if p.requires_grad]
     inputs = unet_inputs(unet, resolution // 8, batch, 77, unet.device, torch.bfloat16, resolution)
-    with flash_attention_shapes():   # the attention CUDA runs (flash), not the meta device's math kernel
+    with flash_attention_shapes(), block_order(unet) as order:   # flash: what CUDA runs, not meta's math kernel
         acts = {(w, ck): _unet_activations(unet, inputs, None, ck, w) for w in LADDER_WEIGHTS for ck in (False, True)}
     offloads = (0, len(model_blocks(unet)))
     rows = []
     for weights in LADDER_WEIGHTS:
         for ck in (False, True):
             for off in offloads:
-                est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off), sum(p.numel() for p in params),
+                est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off, order), sum(p.numel() for p in params),
                                       *acts[weights, ck], cfg.train.optimizer, "cuda",
                                       max(p.numel() for p in params) if cfg.train.fused_backward else None)
                 rows.append({"model": label, "weights": weights, "checkpointing": ck, "offload": off,

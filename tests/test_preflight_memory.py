@@ -9,7 +9,8 @@ from lora_core import LoraConfig, add_lora
 from lora_core.configfile import from_dict
 from lora_core.lowmem import FP8, INT8, quantize_frozen, store_frozen, stored_bytes
 from lora_core.preflight import PreflightReport, budget_finding, ladder_text
-from lora_core.preflight_torch import flash_attention_shapes, offloaded_frozen_bytes, stored_frozen_bytes
+from lora_core.preflight_torch import (block_order, flash_attention_shapes, offloaded_frozen_bytes,
+                                      stored_frozen_bytes)
 from lora_sd.config import SDTrainConfig
 from lora_sd.preflight import _unet_activations, model_ladder, unet_inputs
 
@@ -44,11 +45,22 @@ def test_modelled_stored_bytes_equal_the_real_quantized_model(tiny_pipeline, sto
 
 
 def test_offloaded_bytes_keep_two_blocks(tiny_pipeline):
-    from lora_core.offload import frozen_bytes, model_blocks
+    """Two offloaded blocks are on the device at once: a block and the one prefetched beside it in the order they
+    run (the order the offloader learns; without it, the two largest)."""
+    from lora_core.offload import frozen_bytes, model_blocks, offload_blocks
     unet = _adapted_unet(tiny_pipeline)
-    blocks = sorted(frozen_bytes(b) for _, b in model_blocks(unet))
-    full = offloaded_frozen_bytes(unet, "fp32", 4)
-    assert offloaded_frozen_bytes(unet, "fp32", 4, len(blocks)) == full - sum(blocks) + sum(blocks[-2:])
+    sizes = {n: frozen_bytes(b) for n, b in model_blocks(unet)}
+    full, n = offloaded_frozen_bytes(unet, "fp32", 4), len(sizes)
+    assert offloaded_frozen_bytes(unet, "fp32", 4, n) == full - sum(sizes.values()) + sum(sorted(sizes.values())[-2:])
+    inputs = unet_inputs(unet, 8, 1, 77, "cpu", torch.float32, 64)
+    with block_order(unet) as order, torch.no_grad():
+        unet(**inputs)
+    pair = max(sizes[a] + sizes[b] for a, b in zip(order, order[1:]))
+    assert offloaded_frozen_bytes(unet, "fp32", 4, n, order) == full - sum(sizes.values()) + pair
+    off = offload_blocks(unet, n, "cpu")
+    with torch.no_grad():
+        unet(**inputs)
+    assert order == off.order
 
 
 @pytest.mark.slow

@@ -210,3 +210,15 @@ def test_sd_percentages_in_readme_come_from_the_json():
     for p in paras:
         for s in PCT_RE.findall(p):
             assert float(s) in pcts or round(float(s)) in {round(x) for x in pcts}, f"README: {s} % is not in the JSON"
+
+
+# ------------------------------------------------------------------ the demo LoRA on an fp8 / int8 base (issue 29 §4)
+LQ = _bench("lowmem_quality")
+
+
+def test_lowmem_section_is_rendered_from_the_committed_json():
+    rec = json.loads((ROOT / "bench" / "results" / "lowmem_quality.json").read_text(encoding="utf-8"))
+    text = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
+    block = LQ.BEGIN + text.split(LQ.BEGIN, 1)[1].split(LQ.END, 1)[0] + LQ.END
+    assert block == LQ.render(rec), "RESULTS.md's fp8/int8 section is stale: python bench/lowmem_quality.py --render"
+    assert rec["within_max_points"] == LQ.verdicts(rec["runs"]) and rec["reference"] in rec["runs"]
