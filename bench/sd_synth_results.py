@@ -34,7 +34,7 @@ TARGETS = {"base_colour": 0.90, "base_shape": 0.70, "heldout_base_max": 0.10, "h
            "base_drop_max": 0.10}
 
 
-def _cli(module_main, args: list[str]) -> float:
+def run_cli(module_main, args: list[str]) -> float:
     t = time.time()
     code = module_main(args)
     if code:
@@ -42,7 +42,7 @@ def _cli(module_main, args: list[str]) -> float:
     return round(time.time() - t, 1)
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import diffusers
     import torch
     import transformers
@@ -70,33 +70,47 @@ def verdicts(scores: dict) -> dict:
     }
 
 
-def run(work: Path, out: Path, scales: str) -> dict:
+def write_data(work: Path) -> tuple[Path, Path]:
+    """The demo's images under `work`: (the held-out concept's folder, the known concepts' folder)."""
     from lora_sd import synth
-    from lora_sd.cli import main as sd_cli
-    from lora_sd.models import tiny_pretrained_dir
-    work.mkdir(parents=True, exist_ok=True)
-    data, reg, run_dir = work / "data", work / "reg", work / "run"
-    if run_dir.exists():
-        raise SystemExit(f"{run_dir} exists: give a new --work folder (a run is never overwritten)")
+    data, reg = work / "data", work / "reg"
     synth.write_folder(data, N_IMAGES, DATA_SEED, CONCEPT, 64)
     synth.write_folder(reg, REG_IMAGES, REG_SEED, "base", 64)
-    train = ["train", "--config", CONFIG, "--set", f'run_dir="{run_dir}"', "--set", f'data.path="{data}"',
-             "--set", f'data.reg_path="{reg}"']
-    wall_train = _cli(sd_cli, train)
-    adapter = run_dir / "synth_purple.safetensors"
-    reports = {}
-    wall_score = 0.0
-    for group in ("base", CONCEPT):
-        rep_file = work / f"score_{group}.json"
+    return data, reg
+
+
+def score_adapter(adapter: Path, scales: str, work: Path, tag: str = "",
+                  groups: tuple[str, ...] = ("base", CONCEPT)) -> tuple[dict, dict, float]:
+    """`lora-sd score` of `adapter` at `scales` on the prompt `groups` (the base concepts, the held-out one; reports
+    in `work`): ({group: (its score command, its report)}, {scale: {group: scores}}, wall seconds)."""
+    from lora_sd.cli import main as sd_cli
+    reports, wall = {}, 0.0
+    for group in groups:
+        rep_file = work / f"score_{group}{tag}.json"
         score = ["score", "--model", "tiny", "--lora", str(adapter), "--scales", scales, "--concept", group,
                  "--seeds", str(SEEDS[group]), "--out", str(rep_file)]
         score += [x for b in BACKGROUNDS[group] for x in ("--background", b)]
-        wall_score += _cli(sd_cli, score)
+        wall += run_cli(sd_cli, score)
         reports[group] = (score, json.loads(rep_file.read_text()))
     scores: dict = {}
     for _, rep in reports.values():
         for scale, groups in score_rows(rep).items():
             scores.setdefault(scale, {}).update(groups)
+    return reports, scores, round(wall, 1)
+
+
+def run(work: Path, out: Path, scales: str) -> dict:
+    from lora_sd.cli import main as sd_cli
+    from lora_sd.models import tiny_pretrained_dir
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = work / "run"
+    if run_dir.exists():
+        raise SystemExit(f"{run_dir} exists: give a new --work folder (a run is never overwritten)")
+    data, reg = write_data(work)
+    train = ["train", "--config", CONFIG, "--set", f'run_dir="{run_dir}"', "--set", f'data.path="{data}"',
+             "--set", f'data.reg_path="{reg}"']
+    wall_train = run_cli(sd_cli, train)
+    reports, scores, wall_score = score_adapter(run_dir / "synth_purple.safetensors", scales, work)
     settings = {k: reports["base"][1][k] for k in ("steps", "guidance_scale", "size", "scheduler")}
     pretrain = json.loads((tiny_pretrained_dir() / "pretrain.json").read_text())
     record = {
@@ -111,8 +125,8 @@ def run(work: Path, out: Path, scales: str) -> dict:
                      "reg": f"python -m lora_sd.synth REG --concept base -n {REG_IMAGES} --seed {REG_SEED}",
                      "train": "lora-sd " + shlex.join(train),
                      "score": ["lora-sd " + shlex.join(c) for c, _ in reports.values()]},
-        "wall_seconds": {"train": wall_train, "score": round(wall_score, 1)},
-        "final_train_loss": _last_loss(run_dir), "versions": _versions(),
+        "wall_seconds": {"train": wall_train, "score": wall_score},
+        "final_train_loss": last_loss(run_dir), "versions": versions(),
     }
     from lora_core.files import atomic_write_json
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +134,7 @@ def run(work: Path, out: Path, scales: str) -> dict:
     return record
 
 
-def _last_loss(run_dir: Path):
+def last_loss(run_dir: Path):
     from lora_core.run import RunDir
     tail = [r["loss"] for r in RunDir(run_dir).read_metrics() if "loss" in r][-10:]
     return round(sum(tail) / len(tail), 4) if tail else None

@@ -194,8 +194,7 @@ def quantize_frozen(model: nn.Module, storage: str) -> int:
     Returns the number of layers replaced. Call it after adding the adapters (LoRA wraps full-precision layers)."""
     if storage not in QUANTIZED:
         raise ValueError(f"unknown weight storage {storage!r}: use one of {', '.join(QUANTIZED)}")
-    todo = [(name, m) for name, m in model.named_modules() if _quantizable(m, storage)
-            and not _inside_adapter(name)]
+    todo = quantizable_layers(model, storage)
     for name, m in todo:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -204,6 +203,12 @@ def quantize_frozen(model: nn.Module, storage: str) -> int:
         if isinstance(parent, LoraLayer):   # the wrapper still reads base_layer's type facts; keep them
             parent.base_layer = twin
     return len(todo)
+
+
+def quantizable_layers(model: nn.Module, storage: str) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the frozen layers of `model` that `storage` (fp8_e4m3 / int8) stores quantized: every
+    frozen nn.Linear (fp8: and zero-padded nn.Conv2d), the bases of LoRA layers included, an adapter's own not."""
+    return [(name, m) for name, m in model.named_modules() if _quantizable(m, storage) and not _inside_adapter(name)]
 
 
 def _inside_adapter(name: str) -> bool:

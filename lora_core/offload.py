@@ -172,8 +172,8 @@ class BlockOffloader:
 
     def _prefetch(self, name: str) -> None:
         hosts = [h for *_, h in self.tensors[name].slots]
-        if self.stream is None:
-            self.pending[name] = ([h.to(self.device) for h in hosts], None)
+        if self.stream is None:   # its own copy on the CPU too (.to would alias the host copy): memory as on a GPU
+            self.pending[name] = ([h.to(self.device, copy=True) for h in hosts], None)
             return
         with torch.cuda.stream(self.stream):
             copies = [h.to(self.device, non_blocking=True) for h in hosts]

@@ -4,11 +4,13 @@ lora_core.preflight_torch. The trainers fill in the checks of their own job (lor
 lora_llm.preflight).
 
 Peak memory of a LoRA training step is estimated as
-    frozen weights (their count x the bytes of their dtype)
+    frozen weights (their count x the bytes of their storage; text encoders the trainer drops once their outputs
+    are cached are counted only in the caching phase, every frozen weight at once, which the total never goes below)
   + adapter parameters, their gradients (fp32) and the optimizer state (AdamW: 2 fp32 moments; 8-bit: 2 bytes)
   + activations saved for the backward pass at the chosen batch and size, measured on the real model at two
-    reduced sizes (saved-tensor hooks) and extrapolated by a + b n + c n^2 in the tokens per example n (the
-    attention scores are quadratic), times the batch,
+    reduced sizes (saved-tensor hooks; fp8 / int8 layers modelled as saving nothing, as the quantized layers do)
+    and extrapolated by a + b n + c n^2 in the tokens per example n (the attention scores are quadratic), times
+    the batch,
   + twice the largest saved activation: when the backward pass reaches the op that saved it (the loss head:
     first), everything saved is still alive and that op holds the gradient flowing in and the one flowing out.
 """

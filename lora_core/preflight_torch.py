@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .offload import choose_blocks
+from .lowmem import FP8, QUANTIZED, quantizable_layers
+from .offload import choose_blocks, model_blocks
 from .preflight import PreflightReport
 
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}   # optimizer -> the package it needs
@@ -64,6 +65,7 @@ class SavedBytes:
 
     def __init__(self, *exclude, seen: Optional[set] = None):
         self.total, self.largest = 0, 0
+        self._kept: list = []
         self._seen = seen if seen is not None else set()
         self._seen.update(storage_key(p) for m in exclude for p in m.parameters())
 
@@ -76,6 +78,7 @@ class SavedBytes:
         if key in self._seen:
             return 0
         self._seen.add(key)
+        self._kept.append(t)   # alive while measuring: a freed tensor's address, reused, would look counted
         self.total += size
         self.largest = max(self.largest, size)
         return size
@@ -127,33 +130,58 @@ STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1, "int8": 1}
 
 def stored_frozen_bytes(model: nn.Module, storage: str, other_bytes: int) -> int:
     """Bytes of `model`'s frozen weights and buffers stored as `storage` (a STORAGE_BYTES name), without storing
-    them (a model on the meta device will do): fp8_e4m3 quantizes the Linear and Conv2d weights, int8 the Linear
-    ones (lora_core.lowmem), with a 4-byte scale per output channel (int8: and a 1-byte zero point); everything else takes `other_bytes` per
-    element (the compute dtype's)."""
+    them (a model on the meta device will do): fp8_e4m3 / int8 quantize the layers lora_core.lowmem quantizes
+    (quantizable_layers), 1 byte a weight with a 4-byte scale per output channel (int8: and a 1-byte zero point),
+    their biases as they are; everything else takes `other_bytes` per element (the compute dtype's)."""
+    quantized = {id(m) for _, m in quantizable_layers(model, storage)} if storage in QUANTIZED else set()
+    per = STORAGE_BYTES[storage] if storage in ("fp32", "bf16", "fp16") else other_bytes
     total = 0
     for m in model.modules():
-        own = [p for p in m.parameters(recurse=False) if not p.requires_grad]
-        w = getattr(m, "weight", None)
-        quantized = (storage == "fp8_e4m3" and type(m) in (nn.Linear, nn.Conv2d)) or \
-                    (storage == "int8" and type(m) is nn.Linear)
-        per = STORAGE_BYTES[storage] if storage in STORAGE_BYTES else other_bytes
-        for p in own:
-            if p is w and quantized:   # 1 byte a weight; per output channel a float32 scale (int8: + a zero point)
-                total += p.numel() + (4 if storage == "fp8_e4m3" else 5) * p.shape[0]
+        for p in m.parameters(recurse=False):
+            if p.requires_grad:
+                continue
+            if id(m) in quantized and p is m.weight:
+                total += p.numel() + (4 if storage == FP8 else 5) * p.shape[0]
+            elif id(m) in quantized:   # the bias: kept as it was (lowmem's QuantizedLayer copies it)
+                total += p.numel() * p.element_size()
             else:
-                total += p.numel() * (per if storage in ("fp32", "bf16", "fp16") else other_bytes)
+                total += p.numel() * per
         total += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False) if b is not None)
     return total
 
 
-def offloaded_frozen_bytes(model: nn.Module, storage: str, other_bytes: int, n_offload: int = 0) -> int:
+def offloaded_frozen_bytes(model: nn.Module, storage: str, other_bytes: int, n_offload: int = 0,
+                           order: Optional[list] = None) -> int:
     """stored_frozen_bytes of `model` on the device with its `n_offload` largest blocks offloaded
-    (lora_core.offload): those leave, and two of them (the running one and the one prefetched) are there at once."""
+    (lora_core.offload): those leave, and two of them are there at once, a block and the one prefetched beside it
+    in the order they run (`order`: the offloaded blocks' names so, as block_order records them; without it, the
+    two largest)."""
     total = stored_frozen_bytes(model, storage, other_bytes)
     if not n_offload:
         return total
-    sizes = [stored_frozen_bytes(b, storage, other_bytes) for _, b in choose_blocks(model, n_offload)]
-    return total - sum(sizes) + sum(sorted(sizes)[-2:])
+    sizes = {name: stored_frozen_bytes(b, storage, other_bytes) for name, b in choose_blocks(model, n_offload)}
+    run = [n for n in (order or []) if n in sizes]
+    if len(run) == len(sizes) > 1:
+        resident = max(sizes[a] + sizes[b] for a, b in zip(run, run[1:]))
+    else:
+        resident = sum(sorted(sizes.values())[-2:])
+    return total - sum(sizes.values()) + resident
+
+
+@contextlib.contextmanager
+def block_order(model: nn.Module):
+    """Within: the list yielded gets the names of `model`'s blocks (lora_core.offload.model_blocks) in the order
+    they first run, as the block offloader learns it."""
+    order: list = []
+
+    def hook(name):
+        return lambda module, args: None if name in order else order.append(name)
+    hooks = [b.register_forward_pre_hook(hook(n)) for n, b in model_blocks(model)]
+    try:
+        yield order
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def saved_activations(model: nn.Module, run: Callable[[], torch.Tensor], checkpointing: bool) -> tuple[int, int]:
@@ -200,3 +228,38 @@ def flash_attention_shapes():
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+class _SavesNothing(torch.autograd.Function):
+    """A frozen layer run as lora_core.lowmem.QuantizedOp runs a quantized one: its output, with nothing saved for
+    the backward pass (the quantized layer dequantizes its stored weight again there; the input is not needed).
+    For measuring what a forward pass saves only: it has no backward."""
+
+    @staticmethod
+    def forward(ctx, x, run):
+        return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("a stand-in for measuring saved activations: it has no backward pass")
+
+
+@contextlib.contextmanager
+def saved_as_stored(model: nn.Module, storage: str):
+    """Within: the layers of `model` that weight storage `storage` quantizes (lora_core.lowmem.quantizable_layers)
+    save for backward what the quantized layers save, nothing, while keeping their weights as they are (a model
+    on the meta device will do). Other storages change nothing."""
+    layers = [m for _, m in quantizable_layers(model, storage)] if storage in QUANTIZED else []
+    for m in layers:
+        m.forward = _saving_nothing(m.forward)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
+def _saving_nothing(run: Callable) -> Callable:
+    def forward(x):
+        return _SavesNothing.apply(x, run) if torch.is_grad_enabled() and x.requires_grad else run(x)
+    return forward

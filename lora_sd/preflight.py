@@ -29,8 +29,8 @@ from lora_core.preflight import PreflightReport, fit_activations, memory_estimat
 from lora_core.errors import ConfigError
 from lora_core.lowmem import storage_problem
 from lora_core.offload import model_blocks
-from lora_core.preflight_torch import (begin, common_conflicts, flash_attention_shapes, offloaded_frozen_bytes,
-                                      saved_activations)
+from lora_core.preflight_torch import (begin, block_order, common_conflicts, flash_attention_shapes,
+                                      offloaded_frozen_bytes, saved_activations, saved_as_stored)
 
 from .config import WEIGHT_PARTS, SDTrainConfig, load_train_config
 from .data import idle_settings, load_items, make_buckets, pick_bucket, scan
@@ -129,21 +129,21 @@ def two_steps(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport, steps
                   lambda: run_training(small, accelerator=acc, pipe=pipe))
 
 
-def _frozen_bytes(cfg: SDTrainConfig, pipe) -> int:
-    """Frozen weights as training keeps them on the device: each part in its model.weight_dtype, else the
-    mixed precision (the VAE: fp32, bf16 under bf16), the denoiser's offloaded blocks (train.offload_blocks) but
-    two left out, the parts whose outputs are cached (they leave the device: ArchSpec.cached_parts) left out."""
+def _frozen_bytes(cfg: SDTrainConfig, pipe, order: Optional[list] = None) -> dict[str, int]:
+    """Frozen weights as training keeps them on the device, by component name: each part in its
+    model.weight_dtype, else the mixed precision (the VAE: fp32, bf16 under bf16), the denoiser's offloaded blocks
+    (train.offload_blocks) but two left out (`order`: the denoiser's blocks in the order they run)."""
     mp = cfg.train.mixed_precision
-    gone = set(spec_of(pipe).cached_parts(cfg))
-    total = 0
+    out = {}
     for part, names in WEIGHT_PARTS.items():
         default = (2 if mp == "bf16" else 4) if part == "vae" else DTYPE_BYTES[mp]
         n_off = cfg.train.offload_blocks if part == "denoiser" else 0
         for name in names:
             m = getattr(pipe, name, None)
-            if m is not None and name not in gone:
-                total += offloaded_frozen_bytes(m, getattr(cfg.model.weight_dtype, part), default, n_off)
-    return total
+            if m is not None:
+                out[name] = offloaded_frozen_bytes(m, getattr(cfg.model.weight_dtype, part), default, n_off,
+                                                   order if part == "denoiser" else None)
+    return out
 
 
 def unet_inputs(unet, latent: int, batch: int, context: int, device, dtype, resolution: int) -> dict:
@@ -162,14 +162,16 @@ def unet_inputs(unet, latent: int, batch: int, context: int, device, dtype, reso
     return kw
 
 
-def _unet_activations(unet, inputs: dict, dtype, checkpointing: bool) -> tuple[int, int]:
-    """saved_activations of one UNet training forward on `inputs` under autocast to `dtype` (None: off)."""
-    return _saved(unet, lambda: unet(**inputs).sample, inputs["sample"].device.type, dtype, checkpointing)
+def _unet_activations(unet, inputs: dict, dtype, checkpointing: bool, storage: str = "") -> tuple[int, int]:
+    """saved_activations of one UNet training forward on `inputs` under autocast to `dtype` (None: off), its frozen
+    weights stored as `storage` (model.weight_dtype)."""
+    return _saved(unet, lambda: unet(**inputs).sample, inputs["sample"].device.type, dtype, checkpointing, storage)
 
 
-def _saved(den, forward, dev: str, dtype, checkpointing: bool) -> tuple[int, int]:
+def _saved(den, forward, dev: str, dtype, checkpointing: bool, storage: str = "") -> tuple[int, int]:
     """saved_activations of one training forward of the denoiser `den` (`forward()` -> its prediction) under
-    autocast to `dtype` (None: off)."""
+    autocast to `dtype` (None: off), with what its layers save when its frozen weights are stored as `storage`
+    (fp8 / int8 layers save nothing: lora_core.preflight_torch.saved_as_stored)."""
     def run():
         with torch.autocast(dev, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             return forward().float().pow(2).mean()
@@ -181,7 +183,8 @@ def _saved(den, forward, dev: str, dtype, checkpointing: bool) -> tuple[int, int
     for p in kept:
         p.data = p.data.to(dtype)
     try:
-        return saved_activations(den, run, checkpointing)
+        with saved_as_stored(den, storage):
+            return saved_activations(den, run, checkpointing)
     finally:
         den.train(was)
         for p, data in kept.items():
@@ -224,7 +227,8 @@ def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
     for s in sizes:
         x = torch.randn(1, channels, s, s, device=device)
         total, big = _saved(den, lambda: forward(x), torch.device(device).type,
-                            autocast_dtype(cfg.train.mixed_precision), cfg.train.gradient_checkpointing)
+                            autocast_dtype(cfg.train.mixed_precision), cfg.train.gradient_checkpointing,
+                            cfg.model.weight_dtype.denoiser)
         points.append((s * s, total))
         largest = big * target * target / (s * s)
     per_example = fit_activations(points, target * target)
@@ -252,14 +256,22 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
     scale = lo.alpha / (math.sqrt(lo.r) if lo.use_rslora else lo.r)
     rep.parameters = {"trainable": trainable, "total": total, "type": lo.type, "r": lo.r, "alpha": lo.alpha,
                       "scale": scale, "use_rslora": lo.use_rslora}
+    with block_order(den) as order:
+        acts, largest = _activations(cfg, pipe, device)
     try:
-        frozen = _frozen_bytes(cfg, pipe)
+        frozen = _frozen_bytes(cfg, pipe, order)
     except ConfigError as e:   # more blocks to offload than the model has
         rep.error(str(e), e.key or "")
         return
-    acts, largest = _activations(cfg, pipe, device)
-    rep.memory = memory_estimate(frozen, trainable, acts, largest, cfg.train.optimizer, torch.device(device).type,
+    # the parts whose outputs are cached leave the device before the first step (ArchSpec.cached_parts): on the
+    # device with the rest while caching (no activations then), not while training
+    released = set(spec.cached_parts(cfg))
+    rep.memory = memory_estimate(sum(v for k, v in frozen.items() if k not in released), trainable, acts, largest,
+                                 cfg.train.optimizer, torch.device(device).type,
                                  max(p.numel() for p in params) if cfg.train.fused_backward else None)
+    caching = sum(frozen.values()) + rep.memory["parts"]["adapter"]
+    rep.memory.update(released=sorted(released), caching_bytes=caching,
+                      total_bytes=max(rep.memory["total_bytes"], caching))
     s = cfg.train
     rep.memory.update(batch=s.batch_size, resolution=cfg.data.resolution, precision=s.mixed_precision,
                       weight_dtype=cfg.model.weight_dtype.chosen(), gradient_checkpointing=s.gradient_checkpointing,
@@ -299,15 +311,15 @@ def model_ladder(cfg: SDTrainConfig, label: str, unet, resolution: int, batch: i
         p.data = p.data.to(torch.bfloat16)
     params = [p for p in unet.parameters() if p.requires_grad]
     inputs = unet_inputs(unet, resolution // 8, batch, 77, unet.device, torch.bfloat16, resolution)
-    with flash_attention_shapes():   # the attention CUDA runs (flash), not the meta device's math kernel
-        acts = {ck: _unet_activations(unet, inputs, None, ck) for ck in (False, True)}
+    with flash_attention_shapes(), block_order(unet) as order:   # flash: what CUDA runs, not meta's math kernel
+        acts = {(w, ck): _unet_activations(unet, inputs, None, ck, w) for w in LADDER_WEIGHTS for ck in (False, True)}
     offloads = (0, len(model_blocks(unet)))
     rows = []
     for weights in LADDER_WEIGHTS:
         for ck in (False, True):
             for off in offloads:
-                est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off), sum(p.numel() for p in params),
-                                      *acts[ck], cfg.train.optimizer, "cuda",
+                est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off, order), sum(p.numel() for p in params),
+                                      *acts[weights, ck], cfg.train.optimizer, "cuda",
                                       max(p.numel() for p in params) if cfg.train.fused_backward else None)
                 rows.append({"model": label, "weights": weights, "checkpointing": ck, "offload": off,
                              "resolution": resolution, "batch": batch, **est})

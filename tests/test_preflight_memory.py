@@ -7,9 +7,10 @@ import torch
 
 from lora_core import LoraConfig, add_lora
 from lora_core.configfile import from_dict
-from lora_core.lowmem import FP8, INT8, quantize_frozen, stored_bytes
+from lora_core.lowmem import FP8, INT8, quantize_frozen, store_frozen, stored_bytes
 from lora_core.preflight import PreflightReport, budget_finding, ladder_text
-from lora_core.preflight_torch import flash_attention_shapes, offloaded_frozen_bytes, stored_frozen_bytes
+from lora_core.preflight_torch import (block_order, flash_attention_shapes, offloaded_frozen_bytes,
+                                      stored_frozen_bytes)
 from lora_sd.config import SDTrainConfig
 from lora_sd.preflight import _unet_activations, model_ladder, unet_inputs
 
@@ -34,18 +35,32 @@ def test_modelled_stored_bytes_equal_the_real_quantized_model(tiny_pipeline, sto
     with torch.device("meta"):   # the same model on the meta device: the same answer, no weights needed
         meta = copy.deepcopy(unet).to("meta")
     assert stored_frozen_bytes(meta, storage, 4) == modelled
+    bf16 = copy.deepcopy(unet)
     quantize_frozen(unet, storage)
     assert stored_bytes(unet) == modelled
+    store_frozen(bf16, storage, torch.bfloat16)   # as the trainer stores it under bf16: the rest in bf16
+    assert stored_bytes(bf16) == stored_frozen_bytes(meta, storage, 2)
     # int8 leaves the convolutions (most of this tiny UNet) in the compute dtype
     assert modelled < stored_frozen_bytes(meta, "fp32", 4) * (0.4 if storage == FP8 else 0.8)
 
 
 def test_offloaded_bytes_keep_two_blocks(tiny_pipeline):
-    from lora_core.offload import frozen_bytes, model_blocks
+    """Two offloaded blocks are on the device at once: a block and the one prefetched beside it in the order they
+    run (the order the offloader learns; without it, the two largest)."""
+    from lora_core.offload import frozen_bytes, model_blocks, offload_blocks
     unet = _adapted_unet(tiny_pipeline)
-    blocks = sorted(frozen_bytes(b) for _, b in model_blocks(unet))
-    full = offloaded_frozen_bytes(unet, "fp32", 4)
-    assert offloaded_frozen_bytes(unet, "fp32", 4, len(blocks)) == full - sum(blocks) + sum(blocks[-2:])
+    sizes = {n: frozen_bytes(b) for n, b in model_blocks(unet)}
+    full, n = offloaded_frozen_bytes(unet, "fp32", 4), len(sizes)
+    assert offloaded_frozen_bytes(unet, "fp32", 4, n) == full - sum(sizes.values()) + sum(sorted(sizes.values())[-2:])
+    inputs = unet_inputs(unet, 8, 1, 77, "cpu", torch.float32, 64)
+    with block_order(unet) as order, torch.no_grad():
+        unet(**inputs)
+    pair = max(sizes[a] + sizes[b] for a, b in zip(order, order[1:]))
+    assert offloaded_frozen_bytes(unet, "fp32", 4, n, order) == full - sum(sizes.values()) + pair
+    off = offload_blocks(unet, n, "cpu")
+    with torch.no_grad():
+        unet(**inputs)
+    assert order == off.order
 
 
 @pytest.mark.slow
@@ -64,6 +79,25 @@ def test_activations_on_the_meta_device_equal_the_real_ones_and_checkpointing_lo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("storage", [FP8, INT8])
+def test_activations_of_a_quantized_base_are_modelled_without_quantizing(tiny_pipeline, storage):
+    """A quantized layer saves nothing for backward (lora_core.lowmem.QuantizedOp): the estimate, measured on the
+    full-precision model with its quantizable layers saving nothing, equals what the quantized model saves."""
+    if storage == INT8:
+        pytest.importorskip("torchao")
+    unet = _adapted_unet(tiny_pipeline)
+    inputs = unet_inputs(unet, 8, 1, 77, "cpu", torch.float32, 64)
+    plain = _unet_activations(unet, inputs, None, False)
+    modelled = {ck: _unet_activations(unet, inputs, None, ck, storage) for ck in (False, True)}
+    assert _unet_activations(unet, inputs, None, False) == plain   # the model is left as it was
+    quantize_frozen(unet, storage)
+    for ck in (False, True):
+        assert _unet_activations(unet, inputs, None, ck) == modelled[ck]
+    # fp8's convolutions no longer keep their inputs (int8 quantizes only the Linears, whose inputs other ops keep)
+    assert modelled[False][0] < plain[0] if storage == FP8 else modelled[False][0] <= plain[0]
+
+
+@pytest.mark.slow
 def test_ladder_rows_and_budget_text(tiny_pipeline):
     cfg = from_dict(SDTrainConfig, {"data": {"path": "."}, "lora": {"r": 2, "target_modules": "cross_attn"}})
     meta = tiny_pipeline().unet.to("meta")
@@ -78,6 +112,30 @@ def test_ladder_rows_and_budget_text(tiny_pipeline):
     text = ladder_text(rows, 0.001)
     assert text.splitlines()[0].endswith("fits 0.001 GiB |") and text.count("| no |") == len(rows)
     assert "| 8 GiB |" in ladder_text(rows)
+
+
+@pytest.mark.slow
+def test_parts_off_the_device_after_caching_count_only_while_caching(tiny_pipeline):
+    """Cached text and latents: the trainer moves the text encoder and the VAE off the device before the first
+    step (lora_sd.text_cache.CachedParts), so the training phase's frozen weights leave them out; the caching
+    phase, every frozen weight at once, is the floor of the total."""
+    from lora_sd.preflight import measure
+    cfg = from_dict(SDTrainConfig, {"data": {"path": ".", "resolution": 64, "cache_text": True, "cache_latents": True},
+                                    "train": {"mixed_precision": "no"}, "lora": {"r": 2, "target_modules": "cross_attn"}})
+    kept = copy.deepcopy(cfg)
+    kept.data.cache_text = kept.data.cache_latents = False   # encoded every step: both stay on the device
+    reps = {}
+    for name, c in (("released", cfg), ("kept", kept)):
+        reps[name] = PreflightReport("sd-train", name)
+        measure(c, tiny_pipeline(), "cpu", reps[name])
+    released, kept_m = reps["released"].memory, reps["kept"].memory
+    pipe = tiny_pipeline()
+    off = sum(stored_frozen_bytes(m.requires_grad_(False), "fp32", 4) for m in (pipe.text_encoder, pipe.vae))
+    assert released["released"] == ["text_encoder", "vae"] and kept_m["released"] == []
+    assert kept_m["parts"]["frozen weights"] - released["parts"]["frozen weights"] == off
+    assert released["caching_bytes"] == kept_m["caching_bytes"] == \
+        kept_m["parts"]["frozen weights"] + kept_m["parts"]["adapter"]
+    assert released["total_bytes"] == max(sum(released["parts"].values()), released["caching_bytes"])
 
 
 def test_vram_budget_is_a_finding():

@@ -210,3 +210,17 @@ def test_sd_percentages_in_readme_come_from_the_json():
     for p in paras:
         for s in PCT_RE.findall(p):
             assert float(s) in pcts or round(float(s)) in {round(x) for x in pcts}, f"README: {s} % is not in the JSON"
+
+
+# ------------------------------------------------------------------ the demo LoRA on an fp8 / int8 base (issue 29 §4)
+LQ = _bench("lowmem_quality")
+
+
+@pytest.mark.parametrize("name", ["lowmem_quality", "lowmem_quality_bf16"])
+def test_lowmem_section_is_rendered_from_the_committed_json(name):
+    rec = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text(encoding="utf-8"))
+    text = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
+    begin, end = LQ.markers(rec.get("compute", "fp32"))
+    block = begin + text.split(begin, 1)[1].split(end, 1)[0] + end
+    assert block == LQ.render(rec), "RESULTS.md's fp8/int8 section is stale: python bench/lowmem_quality.py --render"
+    assert rec["within_max_points"] == LQ.verdicts(rec["runs"], rec["reference"]) and rec["reference"] in rec["runs"]
