@@ -21,7 +21,7 @@ _LAZY = {
     "io": ("atomic_save_safetensors", "load_lora", "read_safetensors", "save_lora"),
     "layers": ("LoraLayer", "ModulesToSaveWrapper"),
     "model": ("DEFAULT", "adapter_names", "head_state_dict",
-              "add_lora", "delete_adapter", "enable_lora", "load_lora_state_dict",
+              "add_lora", "add_weight_diffs", "delete_adapter", "enable_lora", "load_lora_state_dict",
               "lora_config", "lora_disabled", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora",
               "remove_lora", "set_adapter", "set_scale", "unmerge_lora"),
 }

@@ -21,7 +21,7 @@ from .errors import (AdapterExistsError, HeadConflictError, LoraLoadError, Model
                      TargetMatchError, UnknownAdapterError)
 from .fields import values_checked
 from .layers import LoraLayer, ModulesToSaveWrapper, is_kxk_conv, supported
-from .variants import make_variant
+from .variants import Full, make_variant
 
 DEFAULT = "default"
 
@@ -212,6 +212,24 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT,
         _set_trainable(model)
         model._lora_configs = {**getattr(model, "_lora_configs", {}), adapter: config}
     return sorted(targets)
+
+
+def add_weight_diffs(model: nn.Module, diffs: dict[str, torch.Tensor], adapter: str = DEFAULT) -> None:
+    """Put a fixed weight difference on each named module as adapter `adapter` (lora_core.variants.Full, frozen;
+    `diffs`: {module name: ΔW in the module weight's layout}): how a file holding whole weight differences
+    (LyCORIS' `full` module) loads. set_scale scales it, merge_lora folds it. On any error nothing changes."""
+    with rollback(model, adapter):
+        for name, diff in diffs.items():
+            layer = model.get_submodule(name)
+            if not isinstance(layer, LoraLayer):
+                layer = LoraLayer(layer)
+                _set_submodule(model, name, layer)
+            W = layer.base_layer.weight
+            if tuple(diff.shape) != tuple(W.shape):
+                raise ValueError(f"{name}: a weight difference of shape {tuple(diff.shape)} for a weight of "
+                                 f"shape {tuple(W.shape)}")
+            rows = layer._weight_rows(diff.to(device=W.device, dtype=torch.float32))
+            layer.add_variant(adapter, Full(rows))
 
 
 def _adapters_of(module: nn.Module):

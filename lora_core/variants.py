@@ -1,5 +1,6 @@
 """The LyCORIS adapter types beside LoRA (`lora.type`): LoHa, LoKr and OFT, one small module each holding its
-weights (PEFT's parameter names, shapes and initialisation) and its math. The formulas are PEFT 0.21.2's
+weights (PEFT's parameter names, shapes and initialisation) and its math; and Full, a fixed weight difference
+(what a file holding LyCORIS' `full` module loads as). The formulas are PEFT 0.21.2's
 (peft/tuners/loha, lokr, oft), which for LoHa and LoKr are LyCORIS's.
 
 Each works on the base weight as rows: an (out, in·kh·kw) matrix (nn.Linear's layout; a Conv2d weight
@@ -225,6 +226,20 @@ class OFT(Variant):
 
     def delta(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
         return self.fold(rows, scale) - rows
+
+
+class Full(Variant):
+    """A fixed weight difference ΔW (`diff`, rows (out, in·kh·kw)), scaled by the user scale: LyCORIS' `full` module
+    as a loader reads it (W + s·diff). lora_sd writes a trained OFT so for the kohya loaders (its rotation folded:
+    diff = W Rᵀ - W); no trainer trains one."""
+    kind = "full"
+
+    def __init__(self, diff: torch.Tensor):
+        super().__init__(1, 1.0)
+        self.diff = nn.Parameter(diff.detach().clone(), requires_grad=False)
+
+    def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        return self.diff.to(dtype) * scale
 
 
 class Sliced(Variant):

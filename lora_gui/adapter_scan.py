@@ -17,7 +17,7 @@ SCAN_DIRS = ("runs", "outputs", "adapters")
 
 def describe(path: Path, ws: Workspace) -> dict:
     """One table row: file, format, base model, rank(s), alpha(s), number of targets, steps, size, and the
-    adapter type(s) ("lora", "loha", "lokr", "oft"; "loha+lokr" for a file that mixes them)."""
+    adapter type(s) ("lora", "loha", "lokr", "oft", "full": weight differences; "loha+lokr" for a file that mixes them)."""
     d = adapter_files.inspect(path)
     return {**d, "file": ws.rel(path), "rank": ",".join(map(str, d["ranks"])),
             "alpha": ",".join(map(str, d["alphas"])), "type": adapter_type(d)}

@@ -67,9 +67,9 @@ ADVANCED_LORA = [
 ]
 
 # the adapter type (lora_core LoraConfig.type) and the fields LoKr and OFT add, "Advanced" in both forms; the SD
-# trainer writes kohya/LyCORIS files, which hold LoHa and LoKr but not PEFT's OFT (docs/sd.md)
+# trainer writes kohya/LyCORIS files: LoHa and LoKr as their factors, OFT as full weight differences (docs/sd.md)
 ADAPTER_TYPE = Field("lora.type", "Adapter type", group="advanced",
-                     info="lora (LoRA; DoRA / LoCon are its options), loha (LoHa), lokr (LoKr), oft (OFT, text tasks only)")
+                     info="lora (LoRA; DoRA / LoCon are its options), loha (LoHa), lokr (LoKr), oft (OFT)")
 LOKR_FIELDS = [
     Field("lora.decompose_factor", "LoKr: factor", group="advanced"),
     Field("lora.decompose_both", "LoKr: split both factors", group="advanced"),
@@ -190,10 +190,12 @@ SD_FIELDS = [
     Field("train.checkpoint_every", "Checkpoint every N steps", info="0: only at the end and on Stop"),
     Field("sample.prompts", "Validation prompts", info="one per line"),
     Field("output.name", "Adapter file name"),
-    Field("lora.type", "Adapter type", presets=(("lora", "lora"), ("loha", "loha"), ("lokr", "lokr")),
-          group="advanced", info="lora (LoRA; DoRA / LoCon are its options), loha (LoHa), lokr (LoKr): LoHa and "
-                                 "LoKr are written as kohya/LyCORIS files only (untick the diffusers file below)"),
+    Field("lora.type", "Adapter type", presets=(("lora", "lora"), ("loha", "loha"), ("lokr", "lokr"), ("oft", "oft")),
+          group="advanced", info="lora (LoRA; DoRA / LoCon are its options), loha (LoHa), lokr (LoKr), oft (OFT, "
+                                 "saved as full weight differences): LoHa, LoKr and OFT are written as kohya/LyCORIS "
+                                 "files only (untick the diffusers file below)"),
     *LOKR_FIELDS,
+    *OFT_FIELDS,
     Field("output.save_diffusers", "Also write the diffusers-layout file", group="advanced"),
     *ADVANCED_LORA[:1],
     Field("lora.conv_r", "Conv rank (LoCon, kohya conv_dim)", group="advanced"),

@@ -48,7 +48,9 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 KOHYA_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
 # LyCORIS' tensors in kohya files (lycoris.kohya) are lora_core.variants' parameter names (LYCORIS_FACTORS, per
-# type); alpha and dora_scale are KOHYA_KEY's.
+# type), and `diff`, the whole weight difference of LyCORIS' `full` module (how we write a trained OFT: docs/sd.md);
+# alpha and dora_scale are KOHYA_KEY's.
+FULL_DIFF = "diff"
 # LyCORIS tensors of layouts we read no adapter from: {tensor: why}
 LYCORIS_UNSUPPORTED = {
     "hada_t1": "Tucker LoHa (hada_t1/hada_t2) is not supported", "hada_t2": "Tucker LoHa (hada_t1/hada_t2) is not supported",
@@ -56,9 +58,10 @@ LYCORIS_UNSUPPORTED = {
     "oft_blocks": "LyCORIS/kohya OFT (oft_blocks) rotates blocks of the output; lora.type = oft is PEFT's, which "
                   "rotates the input: the two cannot be converted", "rescale": "LyCORIS OFT (rescale) is not supported",
     "oft_diag": "LyCORIS OFT (oft_diag) is not supported",
+    "diff_b": "a bias difference (diff_b, LyCORIS' full module) is not supported: only the weight's (diff)",
 }
 LYCORIS_KEY = re.compile(r"(lora_(?:unet|te\d?)_.+?)\.("
-                         + "|".join(n for names in (*LYCORIS_FACTORS.values(), LYCORIS_UNSUPPORTED) for n in names) + ")")
+                         + "|".join(n for names in (*LYCORIS_FACTORS.values(), [FULL_DIFF], LYCORIS_UNSUPPORTED) for n in names) + ")")
 DIFFUSERS_KEY = re.compile(
     r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|lora_magnitude_vector(?:\.weight)?)")
 PEFT_UNET_PREFIX = "base_model.model."      # PEFT save_pretrained of a UNet
@@ -259,8 +262,8 @@ def detect_kohya(view: AdapterView):
         return False
     if any(k.endswith(".lora_down.weight") or LYCORIS_KEY.fullmatch(k) for k in named):
         return True
-    return (f"kohya-named keys without lora_down/lora_up or LyCORIS' LoHa/LoKr tensors (another network; "
-            f"e.g. {named[0]}): LoRA, DoRA, LoCon, LoHa and LoKr are supported")
+    return (f"kohya-named keys without lora_down/lora_up or LyCORIS' LoHa/LoKr/full tensors (another network; "
+            f"e.g. {named[0]}): LoRA, DoRA, LoCon, LoHa, LoKr and full weight differences are supported")
 
 
 def lycoris_shape(shapes: Mapping[str, tuple], alpha: Optional[float]) -> tuple[str, int, float, int, int]:
@@ -268,7 +271,8 @@ def lycoris_shape(shapes: Mapping[str, tuple], alpha: Optional[float]) -> tuple[
     its file alpha (None: absent). fan_in is in·kh·kw. As LyCORIS and ComfyUI read them: ΔW scales by alpha/rank
     (no or zero alpha: alpha = rank); a LoKr whose two factors are both full scales by 1, so its rank and alpha
     are both given as the file's alpha (rounded, at least 1). LoKr: w1 (a, c) ⊗ w2 (b, d[·kh·kw]) -> out a·b,
-    fan_in c·d·kh·kw. ValueError (one line) for a missing tensor."""
+    fan_in c·d·kh·kw. A full weight difference (`diff`, the weight's shape) scales by 1: rank and alpha are both
+    min(out, fan_in), its rank as a matrix at most. ValueError (one line) for a missing tensor."""
     def two(name: str) -> tuple[int, int]:
         if name in shapes:
             s = tuple(shapes[name])
@@ -277,6 +281,9 @@ def lycoris_shape(shapes: Mapping[str, tuple], alpha: Optional[float]) -> tuple[
             raise ValueError(f"LoKr with neither {name} nor {name}_a/{name}_b")
         return shapes[name + "_a"][0], shapes[name + "_b"][1]
 
+    if FULL_DIFF in shapes:
+        out, fan_in = shapes[FULL_DIFF][0], math.prod(shapes[FULL_DIFF][1:])
+        return "full", min(out, fan_in), float(min(out, fan_in)), out, fan_in
     if "hada_w1_a" in shapes or "hada_w2_a" in shapes:
         missing = [n for n in LYCORIS_FACTORS["loha"] if n not in shapes]
         if missing:
@@ -343,7 +350,7 @@ Modules = dict[str, tuple[int, float]]   # "<component>.<path>" -> (rank, alpha)
 
 
 def lycoris_parts(keys) -> dict[str, dict[str, str]]:
-    """{base name: {LyCORIS tensor name: key}} of the LoHa / LoKr (and unsupported LyCORIS) tensors among `keys`."""
+    """{base name: {LyCORIS tensor name: key}} of the LoHa / LoKr / full (and unsupported LyCORIS) tensors among `keys`."""
     out: dict[str, dict[str, str]] = {}
     for k in keys:
         m = LYCORIS_KEY.fullmatch(k)
@@ -495,8 +502,10 @@ def variants(view: AdapterView) -> dict:
 
 
 def lycoris_type(parts) -> str:
-    """loha / lokr / oft (LyCORIS' OFT) / other of one module's LyCORIS tensor names."""
+    """loha / lokr / oft (LyCORIS' OFT) / full (a whole weight difference) / other of one module's LyCORIS tensor names."""
     names = set(parts)
+    if FULL_DIFF in names:
+        return "full"
     return "loha" if names & {"hada_w1_a", "hada_w2_a"} else "lokr" if any(n.startswith("lokr_") for n in names) \
         else "oft" if names & {"oft_blocks", "oft_diag"} else "other"
 

@@ -333,10 +333,6 @@ class SDTrainConfig(Checked):
                 te.target_modules = TEXT_ENCODER_ATTN
         for key in ("lora", "text_encoder_lora", "text_encoder_2_lora"):
             lora = getattr(self, key)
-            if lora is not None and lora.type == "oft":
-                raise ValueError(f"{key}.type = 'oft': lora-sd train writes kohya/LyCORIS files, and lora.type = oft "
-                                 "(PEFT's, which rotates the input) has no such form (LyCORIS' and kohya's OFT rotate "
-                                 "the output): choose lora, loha or lokr")
             if lora is not None and lora.type != "lora" and self.output.save_diffusers:
                 raise ValueError(f"{key}.type = {lora.type!r} has no diffusers LoRA form: set output.save_diffusers = "
                                  "false (the kohya/LyCORIS file loads in ComfyUI, A1111/Forge and LyCORIS)")

@@ -35,14 +35,14 @@ from typing import ClassVar, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from lora_core import LoraConfig, LoraLoadError, add_lora, lora_layers, set_scale
+from lora_core import LoraConfig, LoraLoadError, add_lora, add_weight_diffs, lora_layers, set_scale
 from lora_core import adapter_files
 from lora_core.fused import block_diagonal
 from lora_core.io import atomic_save_safetensors, read_safetensors
 from lora_core.layers import LoraLayer, base_dims, supported
 from lora_core.variants import Sliced, set_factors
 
-from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY,
+from .adapter_formats import (COMPONENTS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_METADATA_KEY, FULL_DIFF,
                               KOHYA, KOHYA_KEY, KOHYA_PREFIXES, LAYOUT_KEY, LYCORIS_KEY, LYCORIS_UNSUPPORTED,
                               SDXL_LAYOUT, diffusers_alpha, diffusers_path, file_arch, known_layout, kohya_key, kohya_name,
                               layout_of, lycoris_shape, made_for, sd_block, undo_underscores, unet_layout)
@@ -84,13 +84,15 @@ class ModuleLora:
 
 @dataclass
 class ModuleLyco:
-    """A LoHa or LoKr module: its factors under LyCORIS' names (lora_core.config.LYCORIS_FACTORS), ΔW scaled by
-    alpha / rank as LyCORIS and ComfyUI read it (a LoKr with both factors full: rank = alpha, scale 1)."""
-    kind: str                        # loha / lokr
+    """A LoHa, LoKr or full module: its factors under LyCORIS' names (lora_core.config.LYCORIS_FACTORS), ΔW scaled
+    by alpha / rank as LyCORIS and ComfyUI read it (a LoKr with both factors full: rank = alpha, scale 1); a full
+    module holds ΔW itself (`diff`, in the weight's shape; scale 1), e.g. a trained OFT's (origin "oft")."""
+    kind: str                        # loha / lokr / full
     tensors: dict[str, torch.Tensor]
     rank: int
     alpha: float
-    kernel: tuple = ()               # (kh, kw) of a conv when known (the model's, or a full 4-d lokr_w2's)
+    kernel: tuple = ()               # (kh, kw) of a conv when known (the model's, or a 4-d lokr_w2's / diff's)
+    origin: str = ""                 # full: the type it was trained as ("oft"), when known
     magnitude: ClassVar[None] = None   # no DoRA on these types
 
     @property
@@ -172,20 +174,32 @@ def from_model(components: dict[str, nn.Module], adapter: str = "default") -> Ad
 
 def lycoris_module(layer: LoraLayer, adapter: str, where: str) -> ModuleLyco:
     """A layer's LoHa / LoKr adapter as a ModuleLyco. A LoKr with both factors full gets alpha / r folded into
-    lokr_w2 (LyCORIS and ComfyUI scale such a module by 1). OFT is refused: ours (PEFT's) rotates the input,
-    LyCORIS', kohya's and ComfyUI's rotate blocks of the output, and neither converts to the other."""
+    lokr_w2 (LyCORIS and ComfyUI scale such a module by 1). An OFT (or a loaded full module) becomes a full module,
+    diff = W' - W from the layer's base weight: ours (PEFT's) rotates the input, LyCORIS', kohya's and ComfyUI's
+    oft_blocks rotate blocks of the output, so no oft_blocks holds it (docs/sd.md)."""
     v = layer.lycoris[adapter]
     if isinstance(v, Sliced):
         raise ValueError(f"{where}: fused-slice adapters have no kohya/diffusers form")
-    if v.kind not in ("loha", "lokr"):
-        raise ValueError(f"{where}: a {v.kind} adapter has no kohya/LyCORIS or diffusers file form (PEFT's OFT "
-                         f"rotates the input, LyCORIS/kohya OFT the output): keep the run's lora_core file")
+    if v.kind in ("oft", "full"):
+        return full_module(layer, adapter)
     tensors = {n: p.detach().float().cpu() for n, p in v.named_parameters()}
     kernel = tuple(layer.base_layer.kernel_size) if layer.is_conv2d else ()
     if "lokr_w1" in tensors and "lokr_w2" in tensors:
         tensors["lokr_w2"] = tensors["lokr_w2"] * v.scaling if v.scaling != 1 else tensors["lokr_w2"]
         return ModuleLyco(v.kind, tensors, v.r, float(v.r), kernel)
     return ModuleLyco(v.kind, tensors, v.r, v.alpha, kernel)
+
+
+def full_module(layer: LoraLayer, adapter: str) -> ModuleLyco:
+    """The layer's OFT / full adapter `adapter` (at its user scale) as a full module: diff = W' - W in the base
+    weight's layout, fp32 (origin "oft" for an OFT)."""
+    W = layer.base_layer.weight
+    with torch.no_grad():
+        rows = layer.delta_weight(adapter).cpu()
+    diff = (rows.T if layer.fan_in_fan_out else rows).reshape(W.shape).contiguous()
+    _, rank, alpha, _, _ = lycoris_shape({FULL_DIFF: tuple(diff.shape)}, None)
+    origin = "oft" if adapter in layer.lycoris and layer.lycoris[adapter].kind == "oft" else ""
+    return ModuleLyco("full", {FULL_DIFF: diff}, rank, alpha, tuple(diff.shape[2:]), origin)
 
 
 def kohya_alpha(layer: LoraLayer, adapter: str) -> float:
@@ -318,8 +332,12 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
     for comp, model in components.items():
         keys = [k for k in matched if k.startswith(comp + ".")]
         groups: dict[tuple[str, int, float, bool], list[str]] = {}
+        full = {k.split(".", 1)[1]: adapter[k].tensors[FULL_DIFF] for k in keys if adapter[k].kind == "full"}
+        add_weight_diffs(model, full, adapter=name)
         for k in keys:
             ml = adapter[k]
+            if k.split(".", 1)[1] in full:
+                continue
             groups.setdefault((ml.kind, ml.rank, ml.alpha, ml.magnitude is not None), []).append(k.split(".", 1)[1])
         for (kind, r, alpha, dora), paths in groups.items():
             regex = "|".join(re.escape(p) for p in paths)
@@ -329,7 +347,8 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
             for k in keys:
                 layer = layers[k.split(".", 1)[1]]
                 if isinstance(adapter[k], ModuleLyco):
-                    set_factors(layer.lycoris[name], adapter[k].tensors)
+                    if adapter[k].kind != "full":
+                        set_factors(layer.lycoris[name], adapter[k].tensors)
                     continue
                 A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
                 A.copy_(adapter[k].down.reshape(A.shape).to(A.dtype))
@@ -346,13 +365,15 @@ def apply_to_components(adapter: Adapter, components: dict[str, nn.Module], name
 
 # ------------------------------------------------------------------ kohya
 def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float32, layout: Optional[dict] = None) -> dict[str, torch.Tensor]:
-    """kohya's tensors; with the UNet `layout`, kohya's SDXL names (SGM UNet, lora_te1_/lora_te2_)."""
+    """kohya's tensors; with the UNet `layout`, kohya's SDXL names (SGM UNet, lora_te1_/lora_te2_). A full
+    module has no alpha (LyCORIS' `full` reads diff alone)."""
     sd = {}
     for key, ml in adapter.items():
         base = kohya_name(key, layout)
         if isinstance(ml, ModuleLyco):   # LyCORIS' names (lycoris.kohya)
             sd.update({f"{base}.{n}": t.to(dtype).contiguous() for n, t in ml.tensors.items()})
-            sd[f"{base}.alpha"] = torch.tensor(float(ml.alpha), dtype=dtype)
+            if ml.kind != "full":
+                sd[f"{base}.alpha"] = torch.tensor(float(ml.alpha), dtype=dtype)
             continue
         sd.update(kohya_tensors(base, ml, dtype))
     return sd
@@ -401,9 +422,10 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
         bases.setdefault(m.group(1), {})[m.group(2)] = t
     if bad:
         raise LoraLoadError(f"{source}: {len(bad)} key(s) are not SD 1.x kohya LoRA keys, nor SD 2.x / SDXL ones (lora_unet_, "
-                            f"lora_te_, lora_te1_, lora_te2_ with lora_down/lora_up/alpha, or LyCORIS' LoHa/LoKr "
+                            f"lora_te_, lora_te1_, lora_te2_ with lora_down/lora_up/alpha, or LyCORIS' LoHa/LoKr/full "
                             f"tensors; other networks are not supported): {bad[:8]}")
-    lyco = {b: _lycoris_from_file(b, p, source) for b, p in bases.items() if "lora_down.weight" not in p
+    origin = trained_as(metadata)
+    lyco = {b: _lycoris_from_file(b, p, source, origin) for b, p in bases.items() if "lora_down.weight" not in p
             and any(LYCORIS_KEY.fullmatch(f"{b}.{n}") for n in p)}
     arch = file_arch(metadata, {b: p["lora_down.weight"].shape[1] for b, p in bases.items() if "lora_down.weight" in p}
                      | {b: ml.in_width for b, ml in lyco.items()})
@@ -430,9 +452,16 @@ def from_kohya(sd: dict[str, torch.Tensor], names: Optional[dict[str, str]] = No
     return out
 
 
-def _lycoris_from_file(base: str, parts: dict[str, torch.Tensor], source: str) -> ModuleLyco:
-    """A LoHa / LoKr module from its tensors in a kohya file (LyCORIS' names); Tucker factors, OFT and DoRA on
-    these types are refused in one line."""
+def trained_as(metadata: Mapping[str, str]) -> str:
+    """The type a file's full modules were trained as (ss_network_args' trained_as, lora_sd.metadata); "" if none."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        return str(json.loads(metadata.get("ss_network_args") or "{}").get("trained_as", ""))
+    return ""
+
+
+def _lycoris_from_file(base: str, parts: dict[str, torch.Tensor], source: str, origin: str = "") -> ModuleLyco:
+    """A LoHa / LoKr / full module from its tensors in a kohya file (LyCORIS' names; `origin`: what full modules
+    were trained as); Tucker factors, OFT, a bias difference and DoRA on these types are refused in one line."""
     bad = sorted({LYCORIS_UNSUPPORTED[n] for n in parts if n in LYCORIS_UNSUPPORTED})
     if "dora_scale" in parts:
         bad.append("DoRA (dora_scale) on LoHa / LoKr is not supported")
@@ -446,8 +475,9 @@ def _lycoris_from_file(base: str, parts: dict[str, torch.Tensor], source: str) -
                                                 float(parts["alpha"]) if "alpha" in parts else None)
     except ValueError as e:
         raise LoraLoadError(f"{source}: {base}: {e}") from None
-    w2 = tensors.get("lokr_w2")
-    return ModuleLyco(kind, tensors, rank, alpha, tuple(w2.shape[2:]) if w2 is not None and w2.dim() == 4 else ())
+    w = tensors.get("lokr_w2", tensors.get(FULL_DIFF))
+    return ModuleLyco(kind, tensors, rank, alpha, tuple(w.shape[2:]) if w is not None and w.dim() == 4 else (),
+                      origin if kind == "full" else "")
 
 
 # ------------------------------------------------------------------ kohya, MMDiT (SD 3.x, Flux): native names

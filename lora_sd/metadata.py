@@ -7,8 +7,9 @@ the run's facts. Network keys, from the modules an adapter holds (each with .ran
   ss_network_dim     the commonest rank of the linear and 1×1 modules (network_dim), k×k convs alone otherwise
   ss_network_alpha   the commonest alpha of those modules, read from the modules (never recomputed)
   ss_network_args    JSON of strings: conv_dim / conv_alpha (commonest of the k×k convs) when k×k convs are
-                     adapted; algo = locon and dora_wd = True with DoRA, algo = loha / lokr (LyCORIS' names;
-                     the commonest type when a file mixes them)
+                     adapted; algo = locon and dora_wd = True with DoRA, algo = loha / lokr / full (LyCORIS' names;
+                     the commonest type when a file mixes them); full (whole weight differences) adds
+                     trained_as = oft when they are a trained OFT's (docs/sd.md), and no conv_dim / conv_alpha
   lora_sd.module_types                           JSON {module: type} of the modules whose type is not algo's
   lora_sd.module_ranks / lora_sd.module_alphas   JSON {module: value} of the modules that differ from those
   lora_sd.dora_modules                           JSON [module] when DoRA is on some modules only
@@ -91,7 +92,10 @@ def network_metadata(modules: Mapping) -> dict[str, str]:
     algo = Counter(m.kind for m in modules.values()).most_common(1)[0][0]
     meta = {"ss_network_module": "lycoris.kohya" if dora or algo != "lora" else "networks.lora",
             "ss_network_dim": str(r), "ss_network_alpha": str(alpha)}
-    args = _network_args(conv, bool(dora), algo)
+    origins = sorted({m.origin for m in modules.values() if m.kind == "full" and m.origin})
+    args = _network_args(None if algo == "full" else conv, bool(dora), algo)
+    if algo == "full" and origins:
+        args["trained_as"] = "+".join(origins)
     if args:
         meta["ss_network_args"] = json.dumps(args)
     ranks, alphas = _differing(((linear, (r, alpha)), (kxk, conv or (r, alpha))))

@@ -376,7 +376,8 @@ def test_merge_of_a_non_finite_adapter_changes_nothing(type_):
 
 
 def test_the_trainers_refuse_what_their_files_cannot_hold_in_one_line():
-    """The SD trainer takes LoHa and LoKr (kohya/LyCORIS files) but not OFT, nor a diffusers copy of LoHa / LoKr;
+    """The SD trainer takes LoHa, LoKr and OFT (kohya/LyCORIS files; OFT as full weight differences) but not a
+    diffusers copy of them;
     the LLM trainer takes every type, except on its MindSpore backend (LoRA only there: the twin's LoHa / LoKr,
     tests/test_mindspore_core.py, has no fused slices yet)."""
     from lora_core.errors import ConfigError
@@ -385,8 +386,10 @@ def test_the_trainers_refuse_what_their_files_cannot_hold_in_one_line():
     assert load_train_config(None, ["data.path=x", "lora.type=loha", "output.save_diffusers=false"]).lora.type == "loha"
     with pytest.raises(ConfigError, match=r"lora.type = 'lokr' has no diffusers LoRA form: set output.save_diffusers"):
         load_train_config(None, ["data.path=x", "lora.type=lokr"])
-    with pytest.raises(ConfigError, match=r"text_encoder_lora.type = 'oft': lora-sd train writes kohya/LyCORIS"):
+    with pytest.raises(ConfigError, match=r"text_encoder_lora.type = 'oft' has no diffusers LoRA form"):
         load_train_config(None, ["data.path=x", "text_encoder_lora.type=oft"])
+    assert load_train_config(None, ["data.path=x", "text_encoder_lora.type=oft", "output.save_diffusers=false"]
+                             ).text_encoder_lora.type == "oft"
     assert load_llm_config(None, ["lora.type=lokr"]).lora.type == "lokr"
     with pytest.raises(ConfigError, match=r"lora.type = 'lokr': the MindSpore backend trains LoRA only"):
         load_llm_config(None, ["lora.type=lokr", "backend=mindspore"])

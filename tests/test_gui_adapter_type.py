@@ -1,6 +1,7 @@
 """The training forms offer the adapter type (lora_core LoraConfig.type) with the fields each type adds: the SD
-form the types its kohya/LyCORIS files hold (lora, loha, lokr) and the switch for the diffusers-layout copy they
-cannot have; the text-task form every type, OFT's fields included. The form builds the config a user would write."""
+form every type its kohya/LyCORIS files hold (lora, loha, lokr, and oft as full weight differences) and the switch
+for the diffusers-layout copy they cannot have; the text-task form every type, OFT's fields included. The form
+builds the config a user would write."""
 import pytest
 
 from lora_core.errors import ConfigError
@@ -15,10 +16,11 @@ def _form(tmp_path, kind):
     return ctrl, base, ctrl.configs.form_values(kind, base)
 
 
-def test_sd_form_trains_loha_and_lokr_and_names_the_diffusers_switch(tmp_path):
+def test_sd_form_trains_every_type_and_names_the_diffusers_switch(tmp_path):
     fields = {f.key: f for f in KINDS["sd-train"].fields}
-    assert fields["lora.type"].choices == ("lora", "loha", "lokr")   # OFT has no kohya/LyCORIS form
-    assert {"lora.decompose_factor", "lora.decompose_both", "output.save_diffusers"} <= set(fields)
+    assert fields["lora.type"].choices == ("lora", "loha", "lokr", "oft")   # OFT: written as full differences
+    assert {"lora.decompose_factor", "lora.decompose_both", "lora.oft_block_size", "lora.coft",
+            "output.save_diffusers"} <= set(fields)
     ctrl, base, shown = _form(tmp_path, "sd-train")
     assert (shown["lora.type"], shown["output.save_diffusers"]) == ("lora", True)
     with pytest.raises(ConfigError, match=r"lora.type = 'lokr' has no diffusers LoRA form"):
@@ -27,6 +29,11 @@ def test_sd_form_trains_loha_and_lokr_and_names_the_diffusers_switch(tmp_path):
                                                 "lora.decompose_factor": 4, "lora.decompose_both": True})
     assert (cfg.lora.type, cfg.lora.decompose_factor, cfg.lora.decompose_both) == ("lokr", 4, True)
     assert not cfg.output.save_diffusers
+    with pytest.raises(ConfigError, match=r"lora.type = 'oft' has no diffusers LoRA form"):
+        ctrl.configs.build("sd-train", base, {**shown, "lora.type": "oft"})
+    cfg = ctrl.configs.build("sd-train", base, {**shown, "lora.type": "oft", "output.save_diffusers": False,
+                                                "lora.oft_block_size": 8})
+    assert (cfg.lora.type, cfg.lora.oft_block_size, cfg.output.save_diffusers) == ("oft", 8, False)
 
 
 def test_llm_form_offers_every_type_with_ofts_fields(tmp_path):

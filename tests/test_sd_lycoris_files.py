@@ -213,6 +213,7 @@ def test_files_built_from_lycoris_naming_rules(tiny_pipeline, tmp_path):
     ({"oft_blocks": torch.zeros(4, 8, 8), "alpha": torch.tensor(0.0)}, "rotates blocks of the output"),
     ({"hada_w1_a": torch.zeros(4, 2), "hada_w1_b": torch.zeros(2, 4)}, "LoHa without hada_w2_a"),
     ({"lokr_w1": torch.zeros(2, 2)}, "neither lokr_w2 nor"),
+    ({"diff": torch.zeros(4, 8), "diff_b": torch.zeros(4)}, "bias difference"),
 ])
 def test_unsupported_lycoris_files_refused_in_one_line(tmp_path, parts, message):
     from lora_sd import formats
@@ -221,13 +222,50 @@ def test_unsupported_lycoris_files_refused_in_one_line(tmp_path, parts, message)
     assert "\n" not in str(e.value)
 
 
-def test_oft_and_diffusers_layout_refused(tiny_pipeline, tmp_path):
-    """OFT (PEFT's rotates the input, LyCORIS' the output) has no kohya form; LoHa / LoKr no diffusers LoRA form."""
+def test_full_differences_read_exactly(tiny_pipeline, tmp_path):
+    """A full weight difference named by LyCORIS' rules (`diff`, the weight's shape) reads as a full module: on the
+    model it adds scale · diff (forward and merge); an OFT is saved so (origin oft, kept through kohya -> kohya);
+    inspect and the GUI name the type; no diffusers LoRA form."""
+    from lora_core.adapter_files import inspect
+    from lora_gui.adapter_scan import adapter_type
     from lora_sd import formats
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"
+    layer = tiny_pipeline().unet.get_submodule(key[5:])
+    diff = torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(2))
+    path = _named_file(tmp_path, {"diff": diff}, "full")
+    adapter, _, _ = formats.read_adapter(path)
+    assert list(adapter) == [key] and adapter[key].kind == "full"
     pipe = tiny_pipeline()
+    formats.apply_to_components(adapter, {"unet": pipe.unet}, scale=0.5)
+    torch.testing.assert_close(dict(lc.lora_layers(pipe.unet))[key[5:]].delta_weight("default"), 0.5 * diff)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(pipe.unet.get_submodule(key[5:])(x), x @ (layer.weight + 0.5 * diff).T)
+    lc.merge_lora(pipe.unet)
+    torch.testing.assert_close(pipe.unet.get_submodule(key[5:]).base_layer.weight, layer.weight + 0.5 * diff)
+    info = inspect(path)
+    assert info["adapter_types"] == {"full": 1} and adapter_type(info) == "full"
+    pipe = tiny_pipeline()   # an OFT: saved as its W' - W, marked trained_as oft, which convert keeps
     lc.add_lora(pipe.unet, LoraConfig(type="oft", oft_block_size=4, target_modules=r".*attn2\.to_q$"))
-    with pytest.raises(ValueError, match="oft adapter has no kohya/LyCORIS"):
-        formats.from_model({"unet": pipe.unet})
+    with torch.no_grad():
+        for p in lc.lora_parameters(pipe.unet):
+            p.normal_(0, 0.2)
+    adapter = formats.from_model({"unet": pipe.unet})
+    assert {ml.kind for ml in adapter.values()} == {"full"} and adapter[key].origin == "oft"
+    torch.testing.assert_close(adapter[key].tensors["diff"],
+                               dict(lc.lora_layers(pipe.unet))[key[5:]].delta_weight("default"))
+    formats.write_adapter(tmp_path / "o.safetensors", adapter, "kohya")
+    formats.convert(tmp_path / "o.safetensors", tmp_path / "o2.safetensors", "kohya")
+    for f in ("o", "o2"):
+        meta = formats.read_safetensors(tmp_path / f"{f}.safetensors")[1]
+        assert json.loads(meta["ss_network_args"]) == {"algo": "full", "trained_as": "oft"}, f
+    with pytest.raises(ValueError, match="a full adapter has no diffusers LoRA form") as e:
+        formats.convert(tmp_path / "o.safetensors", tmp_path / "d.safetensors", "diffusers")
+    assert "\n" not in str(e.value) and not (tmp_path / "d.safetensors").exists()
+
+
+def test_diffusers_layout_refused(tiny_pipeline, tmp_path):
+    """LoHa / LoKr have no diffusers LoRA form."""
+    from lora_sd import formats
     pipe = _train(tiny_pipeline(), "lokr")
     adapter = formats.from_model({"unet": pipe.unet})
     formats.write_adapter(tmp_path / "k.safetensors", adapter, "kohya")

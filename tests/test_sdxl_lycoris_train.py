@@ -1,6 +1,8 @@
 """SDXL trained by `lora-sd train` with lora.type = loha and lokr on the UNet and both text encoders: the run's
 kohya/LyCORIS file, loaded by LyCORIS' own loader (`lycoris.kohya.create_network_from_weights`, then `apply_to`)
-into a fresh tiny SDXL, gives the trained model's UNet and text-encoder outputs. And why OFT has no such file."""
+into a fresh tiny SDXL, gives the trained model's UNet and text-encoder outputs. SD 1.x trained with lora.type = oft:
+its file holds full weight differences (LyCORIS' `full`), which LyCORIS (apply_to and merge_to), our loader and
+`lora-sd merge` read to the trained model's outputs; and why it cannot be an `oft_blocks` file."""
 from __future__ import annotations
 
 import copy
@@ -27,8 +29,9 @@ def images(tmp_path_factory):
     return root
 
 
-def _trained_run(path, images, monkeypatch, kind: str):
-    """Train 3 steps; returns the trained pipeline (the very objects the trainer trained)."""
+def _trained_run(path, images, monkeypatch, kind: str, model: str = "tiny-sdxl"):
+    """Train 3 steps of `kind` on the UNet and every text encoder of `model`; returns the trained pipeline (the
+    very objects the trainer trained)."""
     seen = {}
     add = train._add_adapters
 
@@ -37,10 +40,12 @@ def _trained_run(path, images, monkeypatch, kind: str):
         return add(cfg, pipe)
 
     monkeypatch.setattr(train, "_add_adapters", capture)
-    te = {"type": kind, "r": 2, "alpha": 3.0}
-    cfg = train_config(path, "tiny-sdxl", images, path.parent / "cache", output={"save_diffusers": False},
-                       lora={"type": kind, "r": 4, "alpha": 3.0, "target_modules": "cross_attn+conv"},
-                       text_encoder_lora=te, text_encoder_2_lora=te,
+    sizes = ({"oft_block_size": 4}, {"oft_block_size": 4}) if kind == "oft" else \
+        ({"r": 4, "alpha": 3.0}, {"r": 2, "alpha": 3.0})
+    te = {"type": kind, **sizes[1]}
+    tes = {"text_encoder_lora": te, **({"text_encoder_2_lora": te} if model == "tiny-sdxl" else {})}
+    cfg = train_config(path, model, images, path.parent / "cache", output={"save_diffusers": False},
+                       lora={"type": kind, **sizes[0], "target_modules": "cross_attn+conv"}, **tes,
                        train={"max_steps": 3, "checkpoint_every": 0, "learning_rate": 2e-2, "lr_warmup_steps": 0})
     assert train.run_training(cfg)["state"] == "done"
     pipe = seen["pipe"]
@@ -53,11 +58,8 @@ def _trained_run(path, images, monkeypatch, kind: str):
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
 def test_trained_sdxl_file_loads_in_lycoris(images, tmp_path, monkeypatch, tiny_pipeline, kind):
     pipe = _trained_run(tmp_path / "run", images, monkeypatch, kind)
-    expected = helpers.unet_te_outputs(pipe)
-    base = helpers.unet_te_outputs(tiny_pipeline(0, "sdxl"))
+    expected = _moved(pipe, tiny_pipeline, "sdxl")
     assert expected.keys() == {"unet", "text_encoder", "text_encoder_2"}
-    for name, out in expected.items():   # training moved every part (else the comparison below says little)
-        assert (out - base[name]).abs().max() > 1e-3 * out.abs().max(), name
     sd, meta = formats.read_safetensors(tmp_path / "run" / "test_lora.safetensors")
     assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == kind
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
@@ -69,10 +71,57 @@ def test_trained_sdxl_file_loads_in_lycoris(images, tmp_path, monkeypatch, tiny_
     helpers.assert_same_outputs(expected, helpers.unet_te_outputs(theirs), "LyCORIS' loader (apply_to)")
 
 
+def _moved(pipe, tiny_pipeline, arch: str) -> dict:
+    """The trained pipeline's outputs, checked to differ from the base's in every part (else comparing says little)."""
+    expected = helpers.unet_te_outputs(pipe)
+    base = helpers.unet_te_outputs(tiny_pipeline(0, arch))
+    for name, out in expected.items():
+        assert (out - base[name]).abs().max() > 1e-3 * out.abs().max(), name
+    return expected
+
+
+@pytest.mark.slow
+def test_trained_oft_file_loads_in_lycoris_and_ours(images, tmp_path, monkeypatch, tiny_pipeline):
+    """SD 1.x, lora.type = oft on the UNet (cross-attention and 3x3 convs) and the text encoder: the file holds each
+    adapted weight's W' - W (LyCORIS' `full`: `diff`, the weight's shape, no alpha), which LyCORIS' loader uses
+    every key of (apply_to and merge_to), and which our loader (`generate`) and `lora-sd merge` read: all give
+    the trained model's outputs. `convert --to diffusers` refuses it in one line."""
+    from lora_core.adapter_files import inspect
+    from lora_sd.cli import main
+    from lora_sd.generate import load_adapters
+    from lora_sd.models import load_pipeline
+    pipe = _trained_run(tmp_path / "run", images, monkeypatch, "oft", "tiny-random")
+    expected = _moved(pipe, tiny_pipeline, "sd1")
+    assert expected.keys() == {"unet", "text_encoder"}
+    path = tmp_path / "run" / "test_lora.safetensors"
+    sd, meta = formats.read_safetensors(path)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {"algo": "full", "trained_as": "oft"}
+    weights = sorted(tuple(layer.base_layer.weight.shape) for m in helpers.components(pipe).values()
+                     for _, layer in lc.lora_layers(m))   # one diff per adapted module, of its weight's shape
+    assert all(k.endswith(".diff") for k in sd) and sorted(tuple(t.shape) for t in sd.values()) == weights
+    assert any(len(s) == 4 and s[2:] == (3, 3) for s in weights)   # the convs too
+    helpers.lycoris_on_diffusers(monkeypatch)
+    for merge in (False, True):
+        theirs = tiny_pipeline(0, "sd1")
+        helpers.lycoris_load(theirs, sd, merge=merge)
+        helpers.assert_same_outputs(expected, helpers.unet_te_outputs(theirs), f"LyCORIS' loader (merge={merge})")
+    ours = load_pipeline("tiny-random")
+    load_adapters(ours, [(str(path), 1.0)])
+    helpers.assert_same_outputs(expected, helpers.unet_te_outputs(ours), "our loader")
+    assert main(["merge", "--model", "tiny-random", "--lora", f"{path}:1", "--out", str(tmp_path / "merged")]) == 0
+    helpers.assert_same_outputs(expected, helpers.unet_te_outputs(load_pipeline(str(tmp_path / "merged"))),
+                                "lora-sd merge")
+    assert inspect(path)["adapter_types"] == {"full": len(sd)}
+    with pytest.raises(ValueError, match="a full adapter has no diffusers LoRA form") as e:
+        formats.convert(path, tmp_path / "d.safetensors", "diffusers")
+    assert "\n" not in str(e.value)
+
+
 def test_oft_has_no_oft_blocks_form():
-    """Why lora.type = oft has no kohya file (docs/sd.md): LyCORIS' own diag-OFT module (`oft_blocks`) rotates the
-    output, keeping the norm of every column of W; ours (PEFT's) rotates the input, keeping the rows' norms and
-    changing the columns', so no oft_blocks equals it."""
+    """Why lora.type = oft is written as full weight differences, not `oft_blocks` (docs/sd.md): LyCORIS' own
+    diag-OFT module (`oft_blocks`) rotates the output, keeping the norm of every column of W; ours (PEFT's) rotates
+    the input, keeping the rows' norms and changing the columns', so no oft_blocks equals it."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 12))
     W = net[0].weight.detach().clone()
