@@ -2,7 +2,7 @@
 real third-party loader: LyCORIS' own (`lycoris.kohya.create_network_from_weights`, then `merge_to`) into the
 diffusers pipeline's modules, compared with the trained model, with our loader and with a merge computed here
 from the file's tensors by LyCORIS' formulas. Files written by the `lycoris-lora` package itself read back to
-LyCORIS' own weights."""
+LyCORIS' own weights. Full weight differences (LyCORIS' `full`, how an OFT is written) read exactly."""
 from __future__ import annotations
 
 import json
