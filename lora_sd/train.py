@@ -314,6 +314,12 @@ def lora_for_arch(cfg: SDTrainConfig, spec: ArchSpec, denoiser) -> LoraConfig:
             raise ConfigError(f"lora.target_modules = {name!r} is an SD 3.5 / Flux (MMDiT) preset; model.pretrained = "
                               f"{cfg.model.pretrained} is an {spec.name} UNet: use cross_attn, attn or a regex")
         return lora
+    odd = [(key, a.type) for key, a in (("lora", lora), ("text_encoder_lora", cfg.text_encoder_lora),
+                                          ("text_encoder_2_lora", cfg.text_encoder_2_lora))
+           if a is not None and a.type != "lora"]
+    if odd:
+        raise ConfigError(f"{odd[0][0]}.type = {odd[0][1]!r}: the {spec.name} files (kohya's native names, diffusers' "
+                          "layout) hold LoRA only so far: use lora.type = \"lora\"", f"{odd[0][0]}.type")
     if targets == CROSS_ATTN:
         log.info("lora.target_modules: %s trains the joint attention by default (preset joint_attn)", spec.name)
         targets = MMDIT_PRESETS["joint_attn"]

@@ -224,6 +224,11 @@ def test_fields_that_cannot_apply_are_refused(tiny_pipeline, images, tmp_path):
     cfg = train_config(tmp_path / "c", "tiny-sd3", images, tmp_path)   # train_config's min_snr_gamma = 5
     with pytest.raises(ConfigError, match=r"^loss.min_snr_gamma = 5.0: sd3 is trained with rectified flow"):
         run_training(cfg, pipe=_frozen(tiny_pipeline))
+    cfg = train_config(tmp_path / "d", "tiny-sd3", images, tmp_path, lora={"type": "lokr"}, loss={"min_snr_gamma": 0.0},
+                       output={"save_diffusers": False})   # the native kohya names hold LoRA only
+    with pytest.raises(ConfigError, match=r"^lora.type = 'lokr': the sd3 files .* hold LoRA only so far"):
+        run_training(cfg, pipe=_frozen(tiny_pipeline))
+    assert not list((tmp_path / "d").rglob("*.safetensors"))   # refused before a step: no file written
     assert FlowSettings().timestep_density == "logit_normal" and FlowSettings().shift == 0.0
 
 
