@@ -190,10 +190,8 @@ SD_FIELDS = [
     Field("train.checkpoint_every", "Checkpoint every N steps", info="0: only at the end and on Stop"),
     Field("sample.prompts", "Validation prompts", info="one per line"),
     Field("output.name", "Adapter file name"),
-    Field("lora.type", "Adapter type", presets=(("lora", "lora"), ("loha", "loha"), ("lokr", "lokr"), ("oft", "oft")),
-          group="advanced", info="lora (LoRA; DoRA / LoCon are its options), loha (LoHa), lokr (LoKr), oft (OFT, "
-                                 "saved as full weight differences): LoHa, LoKr and OFT are written as kohya/LyCORIS "
-                                 "files only (untick the diffusers file below)"),
+    dataclasses.replace(ADAPTER_TYPE, info=ADAPTER_TYPE.info + " (saved as full weight differences): LoHa, LoKr "
+                        "and OFT are written as kohya/LyCORIS files only (untick the diffusers file below)"),
     *LOKR_FIELDS,
     *OFT_FIELDS,
     Field("output.save_diffusers", "Also write the diffusers-layout file", group="advanced"),

@@ -18,7 +18,7 @@ from lora_core.fields import field_specs
 from lora_gui import job_kinds, runview
 from lora_gui.controller import Controller
 from lora_gui.errors import UserError
-from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN, MEMORY_SD
+from lora_gui.forms import ADVANCED_SD_DATA, ADVANCED_SD_TRAIN, LOKR_FIELDS, MEMORY_SD, OFT_FIELDS
 from lora_gui.services.fit import badge
 from lora_gui.services.grid_request import GridRequest
 from lora_gui.services.grid_scores import concept_score_lines
@@ -77,7 +77,8 @@ def sd_run(tmp_path_factory):
 def test_advanced_fields_reach_the_config(ctrl):
     fields = {f.key: f for f in job_kinds.get("sd-train").fields}
     adv = [k for k, f in fields.items() if f.group == "advanced"]
-    assert adv == ["lora.use_dora", "lora.conv_r", "lora.conv_alpha", "lora.rank_pattern", "lora.alpha_pattern",
+    assert adv == ["lora.type", *(f.key for f in LOKR_FIELDS + OFT_FIELDS),   # types: test_gui_adapter_type
+                   "output.save_diffusers", "lora.use_dora", "lora.conv_r", "lora.conv_alpha", "lora.rank_pattern", "lora.alpha_pattern",
                    *(f.key for f in ADVANCED_SD_DATA),    # captions / masks / reg images: test_sd_technique_data
                    *(f.key for f in ADVANCED_SD_TRAIN),   # optimizers, EMA, validation: test_sd_technique_ema
                    "text_encoder_lora.r"]                 # the text-encoder LoRA: test_gui_arch
