@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd_synth_results import CONCEPT, CONFIG, ROOT, last_loss, run_cli, score_adapter, versions, write_data  # noqa: E402
+from sd_synth_results import (CONCEPT, CONFIG, ROOT, last_loss, replace_marked, run_cli, score_adapter,  # noqa: E402
+                              versions, write_data)
 
 OUT = ROOT / "bench" / "results" / "lowmem_quality.json"
 RESULTS_MD = ROOT / "RESULTS.md"
@@ -117,13 +118,7 @@ def render(rec: dict) -> str:
 
 
 def update_results_md(rec: dict, path: Path = RESULTS_MD) -> None:
-    from lora_core.files import atomic_write_text
-    text = path.read_text(encoding="utf-8")
-    begin, end = markers(rec.get("compute", "fp32"))
-    if begin not in text:
-        raise SystemExit(f"{path}: no {begin!r} marker: add the section first")
-    pre, rest = text.split(begin, 1)
-    atomic_write_text(path, pre + render(rec) + rest.split(end, 1)[1])
+    replace_marked(path, *markers(rec.get("compute", "fp32")), render(rec))
 
 
 def main(argv=None) -> int:

@@ -168,13 +168,18 @@ def render(record: dict) -> str:
     return "\n".join(lines)
 
 
-def update_results_md(record: dict, path: Path = RESULTS_MD) -> None:
+def replace_marked(path: Path, begin: str, end: str, body: str) -> None:
+    """Rewrite the block of `path` from marker `begin` to marker `end` with `body` (which holds both markers)."""
     from lora_core.files import atomic_write_text
     text = path.read_text(encoding="utf-8")
-    if BEGIN not in text:
-        raise SystemExit(f"{path}: no {BEGIN!r} marker: add the SD section first")
-    pre, rest = text.split(BEGIN, 1)
-    atomic_write_text(path, pre + render(record) + rest.split(END, 1)[1])
+    if begin not in text:
+        raise SystemExit(f"{path}: no {begin!r} marker: add the section first")
+    pre, rest = text.split(begin, 1)
+    atomic_write_text(path, pre + body + rest.split(end, 1)[1])
+
+
+def update_results_md(record: dict, path: Path = RESULTS_MD) -> None:
+    replace_marked(path, BEGIN, END, render(record))
 
 
 def main(argv=None) -> int:
