@@ -371,6 +371,34 @@ def _add_score_parsers(sub) -> None:
     pt.set_defaults(fn=_cmd_pretrain_tiny)
 
 
+def _add_data_parsers(sub) -> None:
+    """The data-set subcommands: check-dataset and caption."""
+    d = sub.add_parser("check-dataset", help="count images and captions, list problems")
+    d.add_argument("dir")
+    d.add_argument("--caption-extension", default=".txt")
+    d.add_argument("--no-captions-needed", action="store_true", help="the caption template has no {caption}")
+    d.add_argument("--json", action="store_true", help="the report as JSON, with every image (file, caption, size, "
+                   "bucket, mask) and the unreadable ones with their reason")
+    d.add_argument("--resolution", type=int, default=0, help="with --json: each image's aspect bucket at this "
+                   "data.resolution (data.buckets)")
+    d.add_argument("--bucket-step", type=int, default=64, help="data.bucket_step of those buckets")
+    d.set_defaults(fn=_cmd_check_dataset)
+
+    cp = sub.add_parser("caption", help="caption a data folder's images with a local BLIP captioning model")
+    cp.add_argument("dir", help="the data folder (its images get <image>.txt captions)")
+    cp.add_argument("--model", required=True, help="a local folder holding a BLIP captioning model "
+                    "(transformers' BlipForConditionalGeneration, .safetensors weights); nothing is downloaded")
+    keep = cp.add_mutually_exclusive_group()
+    keep.add_argument("--missing-only", action="store_true", help="caption only the images without a caption")
+    keep.add_argument("--overwrite", action="store_true", help="caption every image; the old captions are moved "
+                      "aside as NAME.old-<time> (without either flag a folder with captions is refused)")
+    cp.add_argument("--prefix", default="", help="a trigger word put first in every caption ('WORD, caption')")
+    cp.add_argument("--caption-extension", default=".txt")
+    cp.add_argument("--max-tokens", type=int, default=30, help="the longest caption, in tokens")
+    cp.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    cp.set_defaults(fn=_cmd_caption)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-sd", description="Stable Diffusion LoRA: train, generate, convert, inspect.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -433,31 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub, "rank, alpha, targets, metadata and size of a LoRA file", _cmd_inspect, "lora-sd",
                        "lora_sd.cli_decide:inspect_base")
 
-    d = sub.add_parser("check-dataset", help="count images and captions, list problems")
-    d.add_argument("dir")
-    d.add_argument("--caption-extension", default=".txt")
-    d.add_argument("--no-captions-needed", action="store_true", help="the caption template has no {caption}")
-    d.add_argument("--json", action="store_true", help="the report as JSON, with every image (file, caption, size, "
-                   "bucket, mask) and the unreadable ones with their reason")
-    d.add_argument("--resolution", type=int, default=0, help="with --json: each image's aspect bucket at this "
-                   "data.resolution (data.buckets)")
-    d.add_argument("--bucket-step", type=int, default=64, help="data.bucket_step of those buckets")
-    d.set_defaults(fn=_cmd_check_dataset)
-
-    cp = sub.add_parser("caption", help="caption a data folder's images with a local BLIP captioning model")
-    cp.add_argument("dir", help="the data folder (its images get <image>.txt captions)")
-    cp.add_argument("--model", required=True, help="a local folder holding a BLIP captioning model "
-                    "(transformers' BlipForConditionalGeneration, .safetensors weights); nothing is downloaded")
-    keep = cp.add_mutually_exclusive_group()
-    keep.add_argument("--missing-only", action="store_true", help="caption only the images without a caption")
-    keep.add_argument("--overwrite", action="store_true", help="caption every image; the old captions are moved "
-                      "aside as NAME.old-<time> (without either flag a folder with captions is refused)")
-    cp.add_argument("--prefix", default="", help="a trigger word put first in every caption ('WORD, caption')")
-    cp.add_argument("--caption-extension", default=".txt")
-    cp.add_argument("--max-tokens", type=int, default=30, help="the longest caption, in tokens")
-    cp.add_argument("--device", default="", help="default: cuda when available, else cpu")
-    cp.set_defaults(fn=_cmd_caption)
-
+    _add_data_parsers(sub)
     _add_score_parsers(sub)
     add_commands(sub)   # grid, sweep, check
     add_debug_flag(p, sub)
