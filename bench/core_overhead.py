@@ -22,6 +22,7 @@ import argparse
 import copy
 import functools
 import statistics
+import sys
 import time
 
 import peft
@@ -34,6 +35,13 @@ SD15_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def _clone(base):
+    """A copy of `base` whose frozen weights and buffers are base's own tensors (never written: the adapters leave
+    them as they are), so that seven variants of an 860 M-parameter UNet fit in memory as one."""
+    memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return copy.deepcopy(base, memo)
 
 
 def _opt(model):
@@ -55,10 +63,12 @@ def _timed(step, n_warm, n):
 def bench(variants: dict, make_step, steps: int, warm: int = 2, rounds: int = 3) -> dict:
     steps_fns = {name: make_step(m) for name, m in variants.items()}
     times = {name: [] for name in variants}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, fn in steps_fns.items():
             times[name] += _timed(fn, warm, max(1, steps // rounds))
             warm = 0 if warm == 0 else 1
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {statistics.median(t):.3f}s" for k, t in times.items()),
+              file=sys.stderr, flush=True)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -66,11 +76,11 @@ def gpt2_variants():
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=256))
     base.requires_grad_(False)
-    ours_qv = copy.deepcopy(base)
+    ours_qv = _clone(base)
     add_lora(ours_qv, LoraConfig(r=8, alpha=16, target_modules=["c_attn"], fused_slices={"c_attn": [1, 0, 1]}))
-    ours = copy.deepcopy(base)
+    ours = _clone(base)
     add_lora(ours, LoraConfig(r=8, alpha=16, target_modules=["c_attn"]))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"],
+    theirs = peft.get_peft_model(_clone(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"],
                                                                       fan_in_fan_out=True))
     return {"frozen base (lower bound)": base, "lora_core c_attn q,v": ours_qv,
             "lora_core c_attn": ours, "peft c_attn": theirs}
@@ -116,14 +126,14 @@ def gpt2_lycoris_variants(layers: int = 12):
     torch.manual_seed(0)
     conv = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_positions=256))
     conv.requires_grad_(False)
-    base = linear_c_attn(copy.deepcopy(conv))
+    base = linear_c_attn(_clone(conv))
     out = {"frozen base (lower bound)": base}
     for label, (ours_cfg, peft_cfg) in lycoris_types(8, 16, ["c_attn"]).items():
-        ours, sliced = copy.deepcopy(base), copy.deepcopy(conv)
+        ours, sliced = _clone(base), _clone(conv)
         add_lora(ours, LoraConfig(target_modules=["c_attn"], **ours_cfg))
         add_lora(sliced, LoraConfig(target_modules=["c_attn"], fused_slices={"c_attn": [1, 0, 1]}, **ours_cfg))
         out[f"lora_core {label} c_attn"] = ours
-        out[f"peft {label} c_attn"] = peft.get_peft_model(copy.deepcopy(base), peft_cfg)
+        out[f"peft {label} c_attn"] = peft.get_peft_model(_clone(base), peft_cfg)
         out[f"ours {label} c_attn q,v slices (no PEFT twin)"] = sliced
     return out
 
@@ -135,9 +145,9 @@ def unet_lycoris_variants(width: int = 320):
     base.requires_grad_(False)
     out = {"frozen base (lower bound)": base}
     for label, (ours_cfg, peft_cfg) in lycoris_types(4, 4, CROSS_ATTN).items():
-        ours = copy.deepcopy(base)
+        ours = _clone(base)
         add_lora(ours, LoraConfig(target_modules=CROSS_ATTN, **ours_cfg))
-        out[f"lora_core {label} attn2"], out[f"peft {label} attn2"] = ours, peft.get_peft_model(copy.deepcopy(base),
+        out[f"lora_core {label} attn2"], out[f"peft {label} attn2"] = ours, peft.get_peft_model(_clone(base),
                                                                                                  peft_cfg)
     return out
 
@@ -177,9 +187,9 @@ def unet_variants():
     base = _unet()
     base.requires_grad_(False)
     targets = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
-    ours = copy.deepcopy(base)
+    ours = _clone(base)
     add_lora(ours, LoraConfig(r=4, alpha=4, target_modules=targets))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    theirs = peft.get_peft_model(_clone(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets))
     return {"frozen base (lower bound)": base, "lora_core attn2": ours, "peft attn2": theirs}
 
 
@@ -190,9 +200,9 @@ def adapter_variants(width: int = 320):
     base.requires_grad_(False)
     out = {"frozen base (lower bound)": base}
     for label, targets, dora in (("DoRA attn2", CROSS_ATTN, True), ("LoCon attn2+conv", TARGET_PRESETS["cross_attn+conv"], False)):
-        ours = copy.deepcopy(base)
+        ours = _clone(base)
         add_lora(ours, LoraConfig(r=4, alpha=4, target_modules=targets, use_dora=dora))
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
+        theirs = peft.get_peft_model(_clone(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
                                                                           use_dora=dora))
         out[f"lora_core {label}"], out[f"peft {label}"] = ours, theirs
     return out
@@ -221,9 +231,9 @@ def layer_variants():
     base.requires_grad_(False)
     out = {"frozen base (lower bound)": base}
     for label, targets, dora in (("DoRA q/k/out", ["to_q", "to_k", "to_out"], True), ("LoCon convs", ["conv1", "conv2"], False)):
-        ours = copy.deepcopy(base)
+        ours = _clone(base)
         add_lora(ours, LoraConfig(r=4, alpha=4, target_modules=targets, use_dora=dora))
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
+        theirs = peft.get_peft_model(_clone(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
                                                                           use_dora=dora))
         for m in (ours, theirs):
             for n, p in m.named_parameters():
@@ -295,7 +305,6 @@ def main():
     print(text)
     if a.out:
         from lora_core.files import atomic_write_text
-        import sys
         atomic_write_text(a.out, f"Command: `python bench/core_overhead.py {' '.join(sys.argv[1:])}`\n\n" + text)
 
 

@@ -166,7 +166,7 @@ def run_rung(name: str, rung: dict, resolution: int, size: str = "full", categor
            "estimate_mib": round(est["total_bytes"] / 2**20, 1),
            "estimate_parts_mib": {k: round(v / 2**20, 1) for k, v in est["parts"].items()}}
     res["estimate_ratio"] = round(est["total_bytes"] / (peak - host), 3)
-    del unet, opt
+    unet = opt = None   # the closure step() holds them: clear its cells, then collect
     gc.collect()
     return res
 

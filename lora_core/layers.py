@@ -193,14 +193,26 @@ class LoraLayer(nn.Module):
             return self.base_layer._conv_forward(x, rows.reshape(-1, *self.base_layer.weight.shape[1:]), bias)
         return F.linear(x, rows, bias)
 
-    def _rotated(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
+    def _rotated(self, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output with the rotations of OFT adapters `names` folded into its weight in turn
-        (the order of PEFT's merge)."""
+        (the order of PEFT's merge: W R₁ᵀ R₂ᵀ). A Linear that sees fewer input rows than it has outputs (GPT-2's
+        tokens, attn2's text tokens) rotates its input instead, x R₂ R₁, the same product at less cost."""
+        if self._rotates_input(names, x):
+            h = x
+            for name in reversed(names):
+                h = self.lycoris[name].rotate_input(h, self.user_scale[name])
+            return self.base_layer(h.to(x.dtype), *args, **kwargs)
         rows = self._weight_rows(self.base_layer.weight).to(self.lycoris[names[0]].dtype)
         for name in names:
             rows = self.lycoris[name].fold(rows, self.user_scale[name])
         bias = self.base_layer.bias
         return self._op(x.to(rows.dtype), rows, None if bias is None else bias.to(rows.dtype))
+
+    def _rotates_input(self, names: list[str], x: torch.Tensor) -> bool:
+        """Rotate the input rather than the weight: a Linear, plain OFT adapters (not fused slices), and fewer
+        input rows than output features (the cost of each way: rows x in x block size)."""
+        return (not self.is_conv2d and all(hasattr(self.lycoris[n], "rotate_input") for n in names)
+                and x.numel() // max(1, x.shape[-1]) < self.out_features)
 
     def _variant_out(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + op(x, ΔW) for a LoHa / LoKr adapter (PEFT's forward: F.linear / F.conv2d with ΔW)."""
@@ -212,7 +224,7 @@ class LoraLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         live = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.adapters]
         oft = [n for n in live if n in self.lycoris and self.lycoris[n].rotates]
-        y = self._rotated(oft, x).to(x.dtype) if oft else self.base_layer(x, *args, **kwargs)
+        y = self._rotated(oft, x, *args, **kwargs).to(x.dtype) if oft else self.base_layer(x, *args, **kwargs)
         for name in live:
             if name in self.lycoris:
                 y = y if name in oft else self._variant_out(name, x, y)

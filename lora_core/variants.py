@@ -124,8 +124,8 @@ class LoHa(Variant):
         _add_factors(self, factor_shapes("loha", out, fan_in, (), r), device, dtype)
 
     def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
-        w1 = self.hada_w1_a.to(dtype) @ self.hada_w1_b.to(dtype)
-        return w1 * (self.hada_w2_a.to(dtype) @ self.hada_w2_b.to(dtype)) * (self.scaling * scale)
+        w1 = (self.hada_w1_a.to(dtype) * (self.scaling * scale)) @ self.hada_w1_b.to(dtype)   # scaled while small
+        return w1 * (self.hada_w2_a.to(dtype) @ self.hada_w2_b.to(dtype))
 
 
 class LoKr(Variant):
@@ -146,10 +146,11 @@ class LoKr(Variant):
         return getattr(self, name + "_a").to(dtype) @ getattr(self, name + "_b").to(dtype)
 
     def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
-        w1, w2 = self._factor("lokr_w1", dtype), self._factor("lokr_w2", dtype)
+        w1 = self._factor("lokr_w1", dtype) * (self.scaling * scale)   # scaled while small
+        w2 = self._factor("lokr_w2", dtype)
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return torch.kron(w1, w2.contiguous()).flatten(1) * (self.scaling * scale)
+        return torch.kron(w1, w2.contiguous()).flatten(1)
 
 
 class OFT(Variant):
@@ -220,6 +221,12 @@ class OFT(Variant):
 
     def fold(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
         return self._rotate(rows, self.rotation(scale, rows.dtype))
+
+    def rotate_input(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """x @ block_diag(R) in the adapter's dtype: the input rotation (PEFT's way) whose product with Wᵀ is
+        x (W Rᵀ)ᵀ, the folded weight's output (x: (..., n))."""
+        blocks = x.to(self.dtype).reshape(*x.shape[:-1], self.blocks, self.block_size)
+        return torch.einsum("...bj,bji->...bi", blocks, self.rotation(scale, self.dtype)).reshape(x.shape)
 
     def unfold(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
         return self._rotate(rows, torch.linalg.inv(self.rotation(scale, rows.dtype)))

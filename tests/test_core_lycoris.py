@@ -111,10 +111,11 @@ def _params(ours, ref, adapter="default"):
             [peft_param(ref.base_model.model.layer, v.key_prefix + k, adapter) for k in keys])
 
 
-def assert_parity(kind, cfg, wrap=None):
-    """Forward, input and adapter gradients, merge and unmerge equal to PEFT's (fp32, 1e-6)."""
+def assert_parity(kind, cfg, wrap=None, shape=None):
+    """Forward, input and adapter gradients, merge and unmerge equal to PEFT's (fp32, 1e-6), on an input of
+    `shape` (default: the kind's)."""
     ours, ref = twins(kind, cfg)
-    x = torch.randn(LAYERS[kind][1], generator=torch.Generator().manual_seed(2))
+    x = torch.randn(shape or LAYERS[kind][1], generator=torch.Generator().manual_seed(2))
     mine, theirs = _params(ours, ref)
     y, gx, g = _run(ours, x, mine)
     y_ref, gx_ref, g_ref = _run(wrap(ref) if wrap else ref, x, theirs)
@@ -197,6 +198,19 @@ def test_oft_matches_peft(kind, opts):
     v = ours.layer.lycoris["default"]
     blocks = IN * (9 if kxk else 1) // 4
     assert tuple(v.weight.shape) == (1 if opts == "block_share" else blocks, 6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("rows", [4, 30])
+def test_oft_rotates_the_input_or_the_weight_alike(kind, rows, monkeypatch):
+    """A Linear with fewer input rows than outputs (OUT = 12) rotates its input (x R Wᵀ), else its weight
+    (x (W Rᵀ)ᵀ): both equal PEFT."""
+    from lora_core.variants import OFT as OFTVariant
+    calls = []
+    real = OFTVariant.rotate_input
+    monkeypatch.setattr(OFTVariant, "rotate_input", lambda self, x, s: calls.append(x.shape) or real(self, x, s))
+    assert_parity(kind, LoraConfig(type="oft", oft_block_size=4, target_modules=["layer"]), shape=(rows, IN))
+    assert bool(calls) == (rows < OUT)
 
 
 # ------------------------------------------------------------------ several adapters, scales, patterns
