@@ -37,6 +37,8 @@ RUNGS = {
     "fp8 + checkpointing": {"weights": "fp8_e4m3", "precision": "bf16", "checkpointing": True},
     "fp8 + checkpointing + offload all blocks": {"weights": "fp8_e4m3", "precision": "bf16", "checkpointing": True,
                                                  "offload": -1},
+    "fp8 + checkpointing + adamw8bit": {"weights": "fp8_e4m3", "precision": "bf16", "checkpointing": True,
+                                         "optimizer": "adamw8bit"},
     "fp8 + checkpointing + adafactor + fused backward": {"weights": "fp8_e4m3", "precision": "bf16",
                                                         "checkpointing": True, "optimizer": "adafactor",
                                                         "fused": True},

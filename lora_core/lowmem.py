@@ -3,11 +3,12 @@ torchao's per-row Int8Tensor), for any model: every frozen nn.Linear and nn.Conv
 a `QuantizedLinear` / `QuantizedConv2d`, one layer at a time (the model never holds two full-precision copies).
 
 The stored weight is dequantized layer by layer, when the layer runs, in the compute dtype (the autocast dtype,
-else the input's), and freed after it: `QuantizedOp` saves the small stored weight for the backward pass, not the
-dequantized one, and dequantizes it again there (else every layer's full-size weight would stay alive until
-the backward pass, and nothing would be saved). The LoRA layers around these bases keep their fp32 weights and
-optimizer state; the adapter files hold exactly those weights, and merging into a quantized base is refused
-(`lora-sd merge` loads the base in full precision): exports and merges stay exact.
+else the input's; fp8's per-channel scale then multiplies the layer's output, not the weight), and freed after it:
+`QuantizedOp` saves the small stored weight for the backward pass, not the dequantized one, and dequantizes it
+again there (else every layer's full-size weight would stay alive until the backward pass, and nothing would be
+saved). The LoRA layers around these bases keep their fp32 weights and optimizer state; the adapter files hold
+exactly those weights, and merging into a quantized base is refused (`lora-sd merge` loads the base in full
+precision): exports and merges stay exact.
 
 int8 covers nn.Linear only (torchao's weight-only int8 has no convolution); the convs then keep the compute dtype.
 """
@@ -93,13 +94,13 @@ class QuantizedOp(torch.autograd.Function):
         ctx.layer, ctx.x_dtype, ctx.x_shape = layer, x.dtype, x.shape
         dtype = compute_dtype(x)
         ctx.dtype = dtype
-        return layer.op(x.to(dtype), layer.dequantized(dtype), layer.bias_in(dtype))
+        return layer.compute(x.to(dtype), dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        layer = ctx.layer
-        w = layer.dequantized(ctx.dtype)
-        return layer.input_grad(grad.to(ctx.dtype), w, ctx.x_shape).to(ctx.x_dtype), None
+        layer, dtype = ctx.layer, ctx.dtype
+        grad, w = layer.scaled_grad(grad.to(dtype)), layer.unscaled(dtype)
+        return layer.input_grad(grad, w, ctx.x_shape).to(ctx.x_dtype), None
 
 
 class QuantizedLayer(nn.Module):
@@ -130,6 +131,27 @@ class QuantizedLayer(nn.Module):
     def bias_in(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         return None if self.bias is None else self.bias.to(dtype)
 
+    # fp8: the scale is one per output channel, so it multiplies the layer's output (and the incoming gradient)
+    # rather than the weight: the weight is only cast, one full-size pass instead of two
+    def _per_channel(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A per-output-channel vector shaped to broadcast over the output (channels last, or (C, 1, 1))."""
+        return t.to(dtype) if self.channels_last else t.to(dtype).view(-1, 1, 1)
+
+    def unscaled(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as compute() uses it: fp8 cast to `dtype` without its scale; int8 dequantized."""
+        return self.dequantized(dtype) if self.storage == INT8 else self.qweight.to(dtype)
+
+    def compute(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """op(x, dequantized weight) + bias, x already in `dtype` (no autograd graph is built here)."""
+        if self.storage == INT8:
+            return self.op(x, self.dequantized(dtype), self.bias_in(dtype))
+        y = self.op(x, self.qweight.to(dtype), None).mul_(self._per_channel(self.scale, dtype))
+        return y if self.bias is None else y.add_(self._per_channel(self.bias, dtype))
+
+    def scaled_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The output gradient times the fp8 scale: input_grad of it with unscaled() is the input gradient."""
+        return grad if self.storage == INT8 else grad * self._per_channel(self.scale, grad.dtype)
+
     @property
     def weight(self) -> torch.Tensor:
         return self.dequantized(torch.float32)
@@ -145,13 +167,15 @@ class QuantizedLayer(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             return QuantizedOp.apply(x, self)
         dtype = compute_dtype(x)
-        return self.op(x.to(dtype), self.dequantized(dtype), self.bias_in(dtype))
+        return self.compute(x.to(dtype), dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight_shape}, storage={self.storage}"
 
 
 class QuantizedLinear(QuantizedLayer):
+    channels_last = True   # the output channels are the last axis
+
     def __init__(self, base: nn.Linear, storage: str):
         super().__init__(base, storage)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -166,6 +190,8 @@ class QuantizedLinear(QuantizedLayer):
 
 
 class QuantizedConv2d(QuantizedLayer):
+    channels_last = False
+
     def __init__(self, base: nn.Conv2d, storage: str):
         super().__init__(base, storage)
         self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation

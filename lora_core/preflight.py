@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -30,6 +30,16 @@ GPU_SIZES = (8, 12, 16, 24, 48, 80)   # GiB: the cards `check --vram` and the la
 # optimizer state per trainable parameter (Adafactor: a row and a column vector per matrix, about 1 byte per
 # parameter of a rank-4..16 LoRA matrix, counted as 1)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}
+# bitsandbytes' AdamW8bit keeps 32-bit state (8 bytes) for tensors under its min_8bit_size (4096 elements, as
+# kohya and every trainer leave it): a rank-4 LoRA A of a 320-wide layer is one
+BNB_MIN_8BIT_SIZE = 4096
+
+
+def optimizer_state_bytes(optimizer: str, sizes: Sequence[int]) -> int:
+    """The optimizer state for trainable tensors of `sizes` elements (bytes)."""
+    if optimizer == "adamw8bit":
+        return sum((2 if n >= BNB_MIN_8BIT_SIZE else 8) * n for n in sizes)
+    return OPTIMIZER_BYTES.get(optimizer, 8) * sum(sizes)
 
 
 @dataclass
@@ -142,13 +152,14 @@ def fit_activations(points: list[tuple[float, float]], n: float) -> float:
     return float(max(est, pts[-1][1] * n / pts[-1][0]))
 
 
-def memory_estimate(frozen_bytes: int, trainable: int, activations: float, largest: float = 0.0,
-                    optimizer: str = "adamw", device: str = "cpu", grad_params: Optional[int] = None) -> dict:
-    """The peak-memory estimate (see the module docstring); bytes. `grad_params`: the gradient elements alive at
-    once (train.fused_backward: the largest parameter's; default: every trainable one)."""
+def memory_estimate(frozen_bytes: int, sizes: Sequence[int], activations: float, largest: float = 0.0,
+                    optimizer: str = "adamw", device: str = "cpu", fused_backward: bool = False) -> dict:
+    """The peak-memory estimate (see the module docstring); bytes. `sizes`: the trainable tensors' element
+    counts; with `fused_backward` only the largest one's gradient is alive at once."""
+    trainable = sum(sizes)
     parts = {"frozen weights": int(frozen_bytes), "adapter": 4 * trainable,
-             "gradients": 4 * (trainable if grad_params is None else grad_params),
-             "optimizer state": OPTIMIZER_BYTES.get(optimizer, 8) * trainable,
+             "gradients": 4 * (max(sizes, default=0) if fused_backward else trainable),
+             "optimizer state": optimizer_state_bytes(optimizer, sizes),
              "activations": int(activations + 2 * largest)}
     return {"parts": parts, "total_bytes": int(sum(parts.values())), "device": device}
 

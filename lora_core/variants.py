@@ -145,6 +145,21 @@ class LoKr(Variant):
             return full.to(dtype)
         return getattr(self, name + "_a").to(dtype) @ getattr(self, name + "_b").to(dtype)
 
+    def output(self, x: torch.Tensor, op: Callable, scale: float, axis: int) -> torch.Tensor:
+        """op(x, ΔW); on a Linear without building ΔW: (w1 ⊗ w2) x is w1 X w2ᵀ with x's features as the (c, d)
+        matrix X, contracted with w2 first or with w1 first, whichever takes fewer products."""
+        w2 = self._factor("lokr_w2", self.dtype)
+        if axis != -1 or w2.dim() != 2:
+            return super().output(x, op, scale, axis)
+        w1 = self._factor("lokr_w1", self.dtype) * (self.scaling * scale)
+        (a, c), (b, d) = w1.shape, w2.shape
+        xs = x.to(self.dtype).reshape(*x.shape[:-1], c, d)
+        if b * c * (d + a) <= a * d * (c + b):
+            y = torch.einsum("...cb,ac->...ab", torch.einsum("...cd,bd->...cb", xs, w2), w1)
+        else:
+            y = torch.einsum("...ad,bd->...ab", torch.einsum("...cd,ac->...ad", xs, w1), w2)
+        return y.reshape(*x.shape[:-1], a * b)
+
     def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
         w1 = self._factor("lokr_w1", dtype) * (self.scaling * scale)   # scaled while small
         w2 = self._factor("lokr_w2", dtype)

@@ -120,7 +120,9 @@ def measure(cfg: LLMTrainConfig, device: str, rep: PreflightReport, tokenizer=No
     length = d.block_size if d.is_lm else min(d.max_length, max((len(i["input_ids"]) for i in items or []),
                                                                  default=d.max_length))
     acts, largest = _activations(cfg, model, device, length)
-    rep.memory = memory_estimate(frozen, trainable, acts, largest, cfg.train.optimizer, torch.device(device).type)
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    rep.memory = memory_estimate(frozen, sizes, acts, largest, cfg.train.optimizer, torch.device(device).type,
+                                 cfg.train.fused_backward)
     rep.memory.update(batch=cfg.train.batch_size, length=length, precision=cfg.train.mixed_precision,
                       weights_dtype=cfg.model.dtype)
     return model

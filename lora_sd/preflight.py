@@ -266,9 +266,8 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
     # the parts whose outputs are cached leave the device before the first step (ArchSpec.cached_parts): on the
     # device with the rest while caching (no activations then), not while training
     released = set(spec.cached_parts(cfg))
-    rep.memory = memory_estimate(sum(v for k, v in frozen.items() if k not in released), trainable, acts, largest,
-                                 cfg.train.optimizer, torch.device(device).type,
-                                 max(p.numel() for p in params) if cfg.train.fused_backward else None)
+    rep.memory = memory_estimate(sum(v for k, v in frozen.items() if k not in released), [p.numel() for p in params],
+                                 acts, largest, cfg.train.optimizer, torch.device(device).type, cfg.train.fused_backward)
     caching = sum(frozen.values()) + rep.memory["parts"]["adapter"]
     rep.memory.update(released=sorted(released), caching_bytes=caching,
                       total_bytes=max(rep.memory["total_bytes"], caching))
@@ -318,9 +317,8 @@ def model_ladder(cfg: SDTrainConfig, label: str, unet, resolution: int, batch: i
     for weights in LADDER_WEIGHTS:
         for ck in (False, True):
             for off in offloads:
-                est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off, order), sum(p.numel() for p in params),
-                                      *acts[weights, ck], cfg.train.optimizer, "cuda",
-                                      max(p.numel() for p in params) if cfg.train.fused_backward else None)
+                est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off, order), [p.numel() for p in params],
+                                      *acts[weights, ck], cfg.train.optimizer, "cuda", cfg.train.fused_backward)
                 rows.append({"model": label, "weights": weights, "checkpointing": ck, "offload": off,
                              "resolution": resolution, "batch": batch, **est})
     return rows

@@ -163,6 +163,26 @@ def test_lokr_matches_peft(kind, opts):
     assert ("lokr_w2" in keys) == (opts == "w2 full (large r)")
 
 
+@pytest.mark.parametrize("out, fan_in, factor", [(12, 8, -1), (8, 12, -1), (16, 6, 2), (6, 16, 2)])
+def test_lokr_on_a_linear_skips_the_dense_delta_and_equals_it(out, fan_in, factor):
+    """A Linear's LoKr output is computed from the two factors (w2 first, or w1 first when cheaper: (12, 8) and
+    (8, 12) take one way each) and equals the layer op with the dense ΔW = w1 ⊗ w2, gradients included."""
+    from lora_core.variants import LoKr
+    torch.manual_seed(3)
+    v = LoKr(out, fan_in, (), r=1, alpha=3, factor=factor)
+    with torch.no_grad():
+        for p in v.parameters():
+            p.normal_()
+    x = torch.randn(5, 3, fan_in)
+    y = v.output(x, torch.nn.functional.linear, 0.7, -1)
+    grads = torch.autograd.grad(y.square().sum(), list(v.parameters()))
+    y_ref = torch.nn.functional.linear(x, v.delta_rows(0.7, torch.float32))
+    ref_grads = torch.autograd.grad(y_ref.square().sum(), list(v.parameters()))
+    close(y, y_ref)
+    for a, b in zip(grads, ref_grads):
+        close(a, b)
+
+
 OFT = {"neumann": dict(), "exact cayley": dict(use_cayley_neumann=False), "coft": dict(coft=True, coft_eps=0.3),
        "block_share": {"block_share": True}, "3 terms": dict(num_cayley_neumann_terms=3)}
 
