@@ -12,6 +12,9 @@ beside it:
   llm-step-{fp32-cpu, bf16}  a tiny GPT-2 LoRA step through lora-llm's trainer, the same hook on c_attn.
   sd-generate-{fp32-cpu, fp16}  generation with the trained adapter: finite pixels, and the adapter
       changes the image.
+  sd-train-lowmem{-cpu, }  the memory ladder's switches in bf16: fp8 base, gradient checkpointing, bitsandbytes'
+      adamw8bit, without and with two UNet blocks offloaded (CUDA: side-stream copies from pinned memory):
+      finite losses, fp8 storage, block loads, and the adapter bit-identical with and without offloading.
 Without CUDA the CUDA checks are skipped with the reason; the CPU ones still run (tests/test_gpu_check.py
 runs them in CI). Exit code 1 when a check fails.
 """
@@ -78,13 +81,16 @@ def _deterministic() -> None:
 
 # ------------------------------------------------------------------ SD: train, stop, resume
 def _sd_run(tiny: str, data: Path, work: Path, name: str, mp: str, cpu: bool, stop_at: int = 0,
-            resume: str | None = None) -> dict:
+            resume: str | None = None, sections: dict | None = None) -> dict:
+    """One tiny SD training run (`sections`: more config tables, merged into the check's own)."""
     from lora_sd.models import load_pipeline
     from lora_sd.testing import train_config
     from lora_sd.train import DiffusionLoss, run_training
+    sections = dict(sections or {})
     cfg = train_config(work / name, tiny, data, work / "cache",
                        train={"max_steps": STEPS, "mixed_precision": mp, "checkpoint_every": 0,
-                              "lr_scheduler": "constant", "lr_warmup_steps": 0, "batch_size": 2})
+                              "lr_scheduler": "constant", "lr_warmup_steps": 0, "batch_size": 2,
+                              **sections.pop("train", {})}, **sections)
     pipe = load_pipeline(tiny)
     probe = PrecisionProbe(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q)
     acc = _accelerator(mp, cpu)
@@ -103,7 +109,8 @@ def _sd_run(tiny: str, data: Path, work: Path, name: str, mp: str, cpu: bool, st
         DiffusionLoss.forward = original
     lora_dtypes = sorted({str(p.dtype) for n, p in pipe.unet.named_parameters() if "lora_" in n})
     scaler = acc.scaler
-    return {"status": status, "probe": probe.close(), "lora_dtypes": lora_dtypes,
+    stored = sorted({m.storage for m in pipe.unet.modules() if getattr(m, "quantized", False)})
+    return {"status": status, "probe": probe.close(), "lora_dtypes": lora_dtypes, "stored": stored,
             "scaler": type(scaler).__name__ if scaler is not None else None,
             "scale": float(scaler.get_scale()) if scaler is not None else None,
             "losses": [r["loss"] for r in _metrics(work / name)]}
@@ -160,6 +167,53 @@ def check_sd_train_resume(ctx: dict, mp: str, cpu: bool) -> dict:
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+# ------------------------------------------------------------------ SD: the memory ladder's switches
+LOWMEM = {"model": {"weight_dtype": {"denoiser": "fp8_e4m3"}},
+          "train": {"gradient_checkpointing": True, "optimizer": "adamw8bit"}}
+
+
+def check_sd_lowmem(ctx: dict, cpu: bool) -> dict:
+    """fp8 base + gradient checkpointing + adamw8bit, bf16, trained without and with two UNet blocks offloaded:
+    finite losses, the base stored fp8, the offloader loading blocks onto the device (on CUDA: copies on a side
+    stream from pinned memory), and an adapter that learns, bit-identical with and without offloading."""
+    import importlib.util
+    import lora_sd.train as T
+    from lora_core.lowmem import storage_problem
+    from safetensors.torch import load_file
+    device = "cpu" if cpu else "cuda"
+    problem = storage_problem("fp8_e4m3", device)
+    if problem:
+        raise Skip(problem)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise Skip("bitsandbytes is not installed (the [lowmem] extra)")
+    work = Path(tempfile.mkdtemp(prefix="sd_lowmem_", dir=ctx["work"]))
+    events: list = []
+    real = T.offload_blocks
+    T.offload_blocks = lambda model, n, dev, events_=None: real(model, n, dev, events)
+    try:
+        runs = {n: _sd_run(ctx["tiny"], ctx["data"], work, f"offload{n}", "bf16", cpu,
+                           sections={**LOWMEM, "train": {**LOWMEM["train"], "offload_blocks": n}}) for n in (0, 2)}
+    finally:
+        T.offload_blocks = real
+    a, b = (load_file(str(work / f"offload{n}" / "test_lora.safetensors")) for n in (0, 2))
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a.keys() == b.keys() else float("inf")
+    learned = max(float(v.abs().max()) for k, v in a.items() if "lora_up" in k or "lora_B" in k)
+    loads = sum(1 for e in events if "load" in str(e))
+    losses = [x for r in runs.values() for x in r["losses"]]
+    bad = []
+    if not losses or not all(map(_finite, losses)):
+        bad.append(f"non-finite losses {losses}")
+    if any(r["stored"] != ["fp8_e4m3"] for r in runs.values()):
+        bad.append(f"UNet layers stored as {[r['stored'] for r in runs.values()]}, expected fp8_e4m3")
+    if not loads:
+        bad.append("the offloader loaded no block")
+    if learned == 0:
+        bad.append("the adapter did not learn (its up / B weights are zero)")
+    if diff != 0.0:
+        bad.append(f"offloading changed the adapter: max |diff| {diff:g}")
+    return {"ok": not bad, "failures": bad, "losses": losses, "offload_max_abs_diff": diff, "block_loads": loads}
 
 
 # ------------------------------------------------------------------ LLM: one bf16 step
@@ -238,10 +292,12 @@ def checks(cuda: bool) -> list[tuple[str, object, tuple, str]]:
         ("sd-train-resume-bf16-cpu", check_sd_train_resume, ("bf16", True), ""),
         ("llm-step-fp32-cpu", check_llm_step, ("no", True), ""),
         ("sd-generate-fp32-cpu", check_generate, ("fp32", True), ""),
+        ("sd-train-lowmem-cpu", check_sd_lowmem, (True,), ""),
         ("sd-train-resume-fp16", check_sd_train_resume, ("fp16", False), no_cuda),
         ("sd-train-resume-bf16", check_sd_train_resume, ("bf16", False), bf16),
         ("llm-step-bf16", check_llm_step, ("bf16", False), bf16),
         ("sd-generate-fp16", check_generate, ("fp16", False), no_cuda),
+        ("sd-train-lowmem", check_sd_lowmem, (False,), bf16),
     ]
 
 
@@ -285,7 +341,8 @@ def markdown(report: dict) -> str:
             detail = "; ".join(r["failures"])
         else:
             detail = ", ".join(f"{k}={v}" for k, v in r.items()
-                               if k in ("resume_max_abs_diff", "scaler", "scale", "adapter_pixel_change", "unet_dtype"))
+                               if k in ("resume_max_abs_diff", "scaler", "scale", "adapter_pixel_change", "unet_dtype",
+                                    "offload_max_abs_diff", "block_loads"))
             p = r.get("probe") or {}
             if p:
                 detail += f"{', ' if detail else ''}frozen weight {p['weight_dtype']} -> {p['output_dtype']}, " \

@@ -148,6 +148,25 @@ def test_loha_matches_peft(kind):
     assert tuple(v.hada_w1_a.shape) == (OUT, 3) and tuple(v.hada_w2_b.shape) == (3, fan_in)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_loha_at_low_rank_matches_peft_without_the_dense_delta(kind, monkeypatch):
+    """r=2 on a 8 -> 12 Linear: r²·(in + out) < in·out, so the output comes from the rank-r² factors, never from
+    a dense ΔW; forward, gradients and merge still equal PEFT's."""
+    from lora_core.variants import LoHa
+    dense, real = [], LoHa.delta_rows
+    monkeypatch.setattr(LoHa, "delta_rows", lambda self, *a: dense.append(1) or real(self, *a))
+    ours, ref = twins(kind, LoraConfig(type="loha", r=2, alpha=5, target_modules=["layer"]))
+    x = torch.randn(LAYERS[kind][1])
+    mine, theirs = _params(ours, ref)
+    (y, gx, g), (y_ref, gx_ref, g_ref) = _run(ours, x, mine), _run(ref, x, theirs)
+    assert not dense   # the forward and backward passes built no ΔW
+    for a, b in zip([y, gx, *g], [y_ref, gx_ref, *g_ref]):
+        close(a, b)
+    with torch.no_grad():
+        lc.merge_lora(ours)
+        close(ours(x), y)
+
+
 LOKR = {"w1 full, w2 = w2_a w2_b": dict(r=1),
         "decompose_both": dict(r=1, decompose_both=True),
         "w2 full (large r)": dict(r=4),

@@ -25,7 +25,7 @@ def test_cpu_part_passes_and_cuda_part_says_why_it_skipped(tmp_path):
     report = json.loads(out.read_text())
     res = {r["check"]: r for r in report["checks"]}
     cpu = [n for n in res if n.endswith("-cpu")]
-    assert len(cpu) == 4 and all(res[n]["result"] == "pass" for n in cpu), res
+    assert len(cpu) == 5 and all(res[n]["result"] == "pass" for n in cpu), res
     assert all(res[n]["result"] == "skip" and res[n]["reason"] for n in res if n not in cpu)
     sd32, sd16 = res["sd-train-resume-fp32-cpu"], res["sd-train-resume-bf16-cpu"]
     assert sd32["resume_max_abs_diff"] == 0.0 and sd16["resume_max_abs_diff"] == 0.0
@@ -34,6 +34,8 @@ def test_cpu_part_passes_and_cuda_part_says_why_it_skipped(tmp_path):
                              "autocast": True, "autocast_dtype": "torch.bfloat16"}
     assert sd32["probe"]["autocast"] is False and sd16["lora_dtypes"] == ["torch.float32"]
     assert res["sd-generate-fp32-cpu"]["adapter_pixel_change"] > 0
+    low = res["sd-train-lowmem-cpu"]   # fp8 + checkpointing + adamw8bit, offloading exact and really loading blocks
+    assert low["offload_max_abs_diff"] == 0.0 and low["block_loads"] > 0
     assert "| sd-train-resume-fp16 | skip |" in out.with_suffix(".md").read_text()
 
 
