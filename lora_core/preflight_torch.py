@@ -223,7 +223,10 @@ class _FlashAttentionShapes(torch.autograd.Function):
 def flash_attention_shapes():
     """Within: torch.nn.functional.scaled_dot_product_attention is _FlashAttentionShapes (meta-device models)."""
     original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: _FlashAttentionShapes.apply(q, k, v)
+    def sdpa(*args, **kw):   # q, k, v by position (diffusers' processors) or by name (its attention dispatch)
+        q, k, v = (list(args) + [kw.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
+        return _FlashAttentionShapes.apply(q, k, v)
+    F.scaled_dot_product_attention = sdpa
     try:
         yield
     finally:

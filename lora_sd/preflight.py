@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import logging
 import math
 import tempfile
 from collections import Counter
@@ -21,7 +23,6 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import UNet2DConditionModel
 
 from lora_core import add_lora, lora_layers
 from lora_core.dtypes import autocast_dtype
@@ -39,6 +40,8 @@ from .archs import spec_of
 from .models import load_pipeline
 from .single_file import CONFIG_DIR
 from .train import lora_for_arch, run_training
+
+log = logging.getLogger("lora")
 
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 
@@ -193,26 +196,46 @@ def _saved(den, forward, dev: str, dtype, checkpointing: bool, storage: str = ""
 
 def _forward(cfg: SDTrainConfig, pipe, device: str):
     """(one training forward of the denoiser on (1, C, s, s) latents with random text conditioning, C, the
-    latent side's multiple): the UNet with SDXL's pooled embedding and time ids; an MMDiT with its text sequence
-    (SD 3.5: CLIP's 77 tokens then T5's; Flux: T5's) and pooled embedding (and Flux dev's guidance)."""
+    latent side's multiple); see denoiser_forward."""
     spec = spec_of(pipe)
     den = getattr(pipe, spec.denoiser)
-    t = torch.tensor([500.0] if spec.flow else [500], device=device)
+    forward = denoiser_forward(cfg, den, device, pipe.tokenizer.model_max_length, cfg.data.resolution)
+    return forward, *latent_shape(den)
+
+
+def latent_shape(den) -> tuple[int, int]:
+    """(the channels of the latents the denoiser `den` takes, the multiple their side must be): a UNet's
+    in_channels and 2 ** (levels - 1); an MMDiT's 2 (2x2 patches; Flux's in_channels count the packed 2x2)."""
+    spec = spec_of(den)
     if spec.flow:
-        n_text = spec.t5_length + (pipe.tokenizer.model_max_length if spec.t5 == 3 else 0)
-        ctx = torch.randn(1, n_text, den.config.joint_attention_dim, device=device)
-        extra = spec.extra(torch.randn(1, den.config.pooled_projection_dim, device=device), {})
+        return den.config.in_channels // (4 if spec.name == "flux" else 1), 2
+    return den.config.in_channels, 2 ** (len(den.config.block_out_channels) - 1)
+
+
+def denoiser_forward(cfg: SDTrainConfig, den, device, clip_tokens: int, resolution: int, batch: int = 1,
+                     dtype=None):
+    """forward(latents) -> prediction: one training forward of the denoiser `den` with random text conditioning
+    (`dtype`: of the random inputs): the UNet with SDXL's pooled embedding and time ids; an MMDiT with its text
+    sequence (SD 3.5: CLIP's `clip_tokens` then T5's; Flux: T5's) and pooled embedding (and Flux dev's guidance)."""
+    spec = spec_of(den)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+    t = torch.full((batch,), 500.0 if spec.flow else 500, device=device)
+    if spec.flow:
+        n_text = spec.t5_length + (clip_tokens if spec.t5 == 3 else 0)
+        ctx = rand(batch, n_text, den.config.joint_attention_dim)
+        extra = spec.extra(rand(batch, den.config.pooled_projection_dim), {})
         extra = {**extra, "guidance": cfg.flow.guidance_scale} if spec.guidance else extra
-        return (lambda x: spec.predict(den, x, t, ctx, extra)), pipe.vae.config.latent_channels, 2
-    ctx = torch.randn(1, pipe.tokenizer.model_max_length, den.config.cross_attention_dim, device=device)
+        return lambda x: spec.predict(den, x, t, ctx, extra)
+    ctx = rand(batch, clip_tokens, den.config.cross_attention_dim)
     extra = {}
     if spec.time_ids:   # SDXL: the pooled embedding and the time ids
         n = den.config.projection_class_embeddings_input_dim - 6 * den.config.addition_time_embed_dim
-        res = float(cfg.data.resolution)
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, n, device=device),
-                                       "time_ids": torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device)}}
-    mult = 2 ** (len(den.config.block_out_channels) - 1)
-    return (lambda x: spec.predict(den, x, t, ctx, extra)), den.config.in_channels, mult
+        res = float(resolution)
+        extra = {"added_cond_kwargs": {"text_embeds": rand(batch, n), "time_ids": torch.tensor(
+            [[res, res, 0.0, 0.0, res, res]] * batch, device=device, dtype=dtype)}}
+    return lambda x: spec.predict(den, x, t, ctx, extra)
 
 
 def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
@@ -279,45 +302,57 @@ def measure(cfg: SDTrainConfig, pipe, device: str, rep: PreflightReport) -> None
 
 
 # ------------------------------------------------------------------ `check --table`: the memory ladder
-LADDER_MODELS = {"SD 1.5": "sd15", "SDXL": "sdxl-base"}   # lora_sd/model_configs folders with a unet/
+# label -> the lora_sd/model_configs folder whose unet/ or transformer/ config is the model
+LADDER_MODELS = {"SD 1.5": "sd15", "SDXL": "sdxl-base", "SD 3.5 Medium": "sd35-medium", "Flux.1 dev": "flux1-dev"}
 LADDER_WEIGHTS = ("bf16", "fp8_e4m3", "int8")
 
 
 def ladder(config=None, overrides=(), cfg: Optional[SDTrainConfig] = None, resolution: int = 1024,
            batch: int = 1) -> list[dict]:
     """The memory ladder of `check --table`: for each real-size model of LADDER_MODELS, built on the meta device
-    (no weights), with the config's [lora], optimizer and fused_backward, at `resolution` and `batch`, bf16
-    compute: the estimate for frozen weights bf16 / fp8 / int8 x checkpointing off / on x no offloading /
-    every block offloaded (two on the device at a time). The attention is modelled as flash attention (what CUDA
-    runs in bf16). Rows {model, weights, checkpointing, offload, resolution, batch, total_bytes, parts}."""
+    (no weights), with the config's [lora] (as that architecture trains it: lora_for_arch), optimizer and
+    fused_backward, at `resolution` and `batch`, bf16 compute: the estimate for frozen weights bf16 / fp8 / int8 x
+    checkpointing off / on x no offloading / every block offloaded (two on the device at a time). The attention
+    is modelled as flash attention (what CUDA runs in bf16). Rows {model, weights, checkpointing, offload,
+    resolution, batch, total_bytes, parts}. A model the config's adapter cannot train is left out with a
+    warning that says why."""
     cfg = cfg or load_train_config(config, overrides)
     rows = []
     for label, folder in LADDER_MODELS.items():
-        rows += model_ladder(cfg, label, meta_unet(CONFIG_DIR / folder / "unet"), resolution, batch)
+        try:
+            rows += model_ladder(cfg, label, meta_denoiser(CONFIG_DIR / folder), resolution, batch)
+        except ConfigError as e:
+            log.warning("check --table: %s left out: %s", label, e)
     return rows
 
 
-def meta_unet(folder: Path):
-    """A UNet of the config in `folder`, on the meta device (shapes only)."""
+def meta_denoiser(folder: Path):
+    """The denoiser of the diffusers configs in `folder` (its unet/ or transformer/), on the meta device."""
+    import diffusers
+    sub = folder / ("unet" if (folder / "unet").is_dir() else "transformer")
+    cls = getattr(diffusers, json.loads((sub / "config.json").read_text())["_class_name"])
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder)))
+        return cls.from_config(cls.load_config(str(sub)))
 
 
-def model_ladder(cfg: SDTrainConfig, label: str, unet, resolution: int, batch: int) -> list[dict]:
-    unet.requires_grad_(False)
-    add_lora(unet, cfg.lora)
-    for p in unet.parameters():   # bf16 compute (on meta there is no autocast)
+def model_ladder(cfg: SDTrainConfig, label: str, den, resolution: int, batch: int) -> list[dict]:
+    den.requires_grad_(False)
+    add_lora(den, lora_for_arch(cfg, spec_of(den), den))
+    for p in den.parameters():   # bf16 compute (on meta there is no autocast)
         p.data = p.data.to(torch.bfloat16)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    inputs = unet_inputs(unet, resolution // 8, batch, 77, unet.device, torch.bfloat16, resolution)
-    with flash_attention_shapes(), block_order(unet) as order:   # flash: what CUDA runs, not meta's math kernel
-        acts = {(w, ck): _unet_activations(unet, inputs, None, ck, w) for w in LADDER_WEIGHTS for ck in (False, True)}
-    offloads = (0, len(model_blocks(unet)))
+    params = [p for p in den.parameters() if p.requires_grad]
+    channels, _ = latent_shape(den)
+    latents = torch.randn(batch, channels, resolution // 8, resolution // 8, device=den.device, dtype=torch.bfloat16)
+    forward = denoiser_forward(cfg, den, den.device, 77, resolution, batch, torch.bfloat16)
+    with flash_attention_shapes(), block_order(den) as order:   # flash: what CUDA runs, not meta's math kernel
+        acts = {(w, ck): _saved(den, lambda: forward(latents), den.device.type, None, ck, w)
+                for w in LADDER_WEIGHTS for ck in (False, True)}
+    offloads = (0, len(model_blocks(den)))
     rows = []
     for weights in LADDER_WEIGHTS:
         for ck in (False, True):
             for off in offloads:
-                est = memory_estimate(offloaded_frozen_bytes(unet, weights, 2, off, order), [p.numel() for p in params],
+                est = memory_estimate(offloaded_frozen_bytes(den, weights, 2, off, order), [p.numel() for p in params],
                                       *acts[weights, ck], cfg.train.optimizer, "cuda", cfg.train.fused_backward)
                 rows.append({"model": label, "weights": weights, "checkpointing": ck, "offload": off,
                              "resolution": resolution, "batch": batch, **est})

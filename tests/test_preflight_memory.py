@@ -115,6 +115,31 @@ def test_ladder_rows_and_budget_text(tiny_pipeline):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("label, blocks", [("SD 3.5 Medium", 24), ("Flux.1 dev", 19 + 38)])
+def test_ladder_of_the_mmdits_at_real_size(label, blocks):
+    """`check --table` holds SD 3.5 Medium and Flux.1 dev, built on the meta device from the shipped configs: the
+    bf16 frozen weights are diffusers' own parameter count x 2 bytes, fp8 about half of it, checkpointing and
+    offloading every block (joint and single) shrink what they should, and Flux fits no 24 GiB card in bf16
+    without them but does with fp8 + checkpointing."""
+    from lora_sd.preflight import LADDER_MODELS, meta_denoiser
+    from lora_sd.single_file import CONFIG_DIR
+    cfg = from_dict(SDTrainConfig, {"data": {"path": "."}, "lora": {"r": 16, "alpha": 16}})
+    den = meta_denoiser(CONFIG_DIR / LADDER_MODELS[label])
+    n = sum(p.numel() for p in den.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in den.buffers())   # SD 3.5: its fp32 position table
+    by = {(r["weights"], r["checkpointing"], r["offload"]): r for r in model_ladder(cfg, label, den, 1024, 1)}
+    assert {off for *_, off in by} == {0, blocks}
+    frozen = {k: r["parts"]["frozen weights"] for k, r in by.items()}
+    assert frozen[("bf16", False, 0)] == pytest.approx(2 * n + buffers, rel=1e-3)
+    assert 0.49 < (frozen[("fp8_e4m3", False, 0)] - buffers) / (frozen[("bf16", False, 0)] - buffers) < 0.52
+    assert frozen[("bf16", False, blocks)] - buffers < 0.2 * (frozen[("bf16", False, 0)] - buffers)
+    acts = {ck: by[("bf16", ck, 0)]["parts"]["activations"] for ck in (False, True)}
+    assert acts[True] < 0.5 * acts[False]
+    if label.startswith("Flux"):
+        assert by[("bf16", False, 0)]["total_bytes"] > 24 * 2**30 > by[("fp8_e4m3", True, 0)]["total_bytes"]
+
+
+@pytest.mark.slow
 def test_parts_off_the_device_after_caching_count_only_while_caching(tiny_pipeline):
     """Cached text and latents: the trainer moves the text encoder and the VAE off the device before the first
     step (lora_sd.text_cache.CachedParts), so the training phase's frozen weights leave them out; the caching
