@@ -218,24 +218,16 @@ def denoiser_forward(cfg: SDTrainConfig, den, device, clip_tokens: int, resoluti
     (`dtype`: of the random inputs): the UNet with SDXL's pooled embedding and time ids; an MMDiT with its text
     sequence (SD 3.5: CLIP's `clip_tokens` then T5's; Flux: T5's) and pooled embedding (and Flux dev's guidance)."""
     spec = spec_of(den)
-
-    def rand(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype)
     t = torch.full((batch,), 500.0 if spec.flow else 500, device=device)
     if spec.flow:
         n_text = spec.t5_length + (clip_tokens if spec.t5 == 3 else 0)
-        ctx = rand(batch, n_text, den.config.joint_attention_dim)
-        extra = spec.extra(rand(batch, den.config.pooled_projection_dim), {})
+        ctx = torch.randn(batch, n_text, den.config.joint_attention_dim, device=device, dtype=dtype)
+        extra = spec.extra(torch.randn(batch, den.config.pooled_projection_dim, device=device, dtype=dtype), {})
         extra = {**extra, "guidance": cfg.flow.guidance_scale} if spec.guidance else extra
         return lambda x: spec.predict(den, x, t, ctx, extra)
-    ctx = rand(batch, clip_tokens, den.config.cross_attention_dim)
-    extra = {}
-    if spec.time_ids:   # SDXL: the pooled embedding and the time ids
-        n = den.config.projection_class_embeddings_input_dim - 6 * den.config.addition_time_embed_dim
-        res = float(resolution)
-        extra = {"added_cond_kwargs": {"text_embeds": rand(batch, n), "time_ids": torch.tensor(
-            [[res, res, 0.0, 0.0, res, res]] * batch, device=device, dtype=dtype)}}
-    return lambda x: spec.predict(den, x, t, ctx, extra)
+    kw = unet_inputs(den, 1, batch, clip_tokens, device, dtype, resolution)   # its 1x1 sample unused
+    extra = {k: kw[k] for k in ("added_cond_kwargs",) if k in kw}
+    return lambda x: spec.predict(den, x, t, kw["encoder_hidden_states"], extra)
 
 
 def _activations(cfg: SDTrainConfig, pipe, device: str) -> tuple[float, float]:
