@@ -15,6 +15,7 @@ shrinks every model so that the code runs in seconds (its numbers mean nothing).
     python bench/core_overhead.py [--steps 5] [--skip-unet] [--out bench/results/core.md]
     python bench/core_overhead.py --variants-only --unet-width 64 --json bench/results/core_variants.json
     python bench/core_overhead.py --lycoris [--json bench/results/core_lycoris.json]
+    python bench/core_overhead.py --lycoris-layers --layer-steps 200 --json bench/results/core_lycoris.json
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def bench(variants: dict, make_step, steps: int, warm: int = 2, rounds: int = 3)
         for name, fn in steps_fns.items():
             times[name] += _timed(fn, warm, max(1, steps // rounds))
             warm = 0 if warm == 0 else 1
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {statistics.median(t):.3f}s" for k, t in times.items()),
-              file=sys.stderr, flush=True)
+        if (r + 1) % max(1, rounds // 10) == 0:
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {statistics.median(t):.3f}s" for k, t in times.items()),
+                  file=sys.stderr, flush=True)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -172,6 +174,62 @@ def lycoris_report(a) -> str:
                                             "lora_core_vs_peft": gpt2_ratios},
                                    "unet": unet and {"block_width": width, "s_per_step": unet,
                                                      "lora_core_vs_peft": unet_ratios}})
+    return "\n".join(lines) + "\n"
+
+
+class _CAttn(torch.nn.Module):
+    """GPT-2-small's c_attn alone (768 -> 2304, as the nn.Linear PEFT's types take) on 8 x 128 tokens: the layer
+    the GPT-2 table adapts, without the frozen model around it (whose cost is most of that table's step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn = torch.nn.Linear(768, 2304)
+
+    def forward(self, x):
+        return self.c_attn(x).square().mean()
+
+
+def lycoris_layer_variants():
+    """LoHa / LoKr / OFT (r=8, OFT blocks of 32) on _CAttn, ours and PEFT's, every factor non-zero."""
+    torch.manual_seed(0)
+    base = _CAttn().requires_grad_(False)
+    out = {"frozen base (lower bound)": base}
+    for label, (ours_cfg, peft_cfg) in lycoris_types(8, 16, ["c_attn"]).items():
+        ours = _clone(base)
+        add_lora(ours, LoraConfig(target_modules=["c_attn"], **ours_cfg))
+        theirs = peft.get_peft_model(_clone(base), peft_cfg)
+        for m in (ours, theirs):
+            for p in m.parameters():
+                if p.requires_grad:
+                    torch.nn.init.normal_(p, std=0.01)
+        out[f"lora_core {label} c_attn"], out[f"peft {label} c_attn"] = ours, theirs
+    return out
+
+
+def c_attn_step(model):
+    x0 = torch.randn(8, 128, 768, generator=torch.Generator().manual_seed(0))
+    opt = _opt(model)
+
+    def step():
+        model(x0.clone().requires_grad_()).backward()   # inside a network: the input gradient is needed
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
+def lycoris_layers_report(a) -> str:
+    """--lycoris-layers: the adapted layer alone, variants alternating every step; merged into --json."""
+    res = bench(lycoris_layer_variants(), c_attn_step, a.layer_steps, rounds=a.layer_steps)
+    lines, ratios = _variant_table(f"### GPT-2-small's c_attn alone (768 -> 2304, 8 x 128 tokens), r=8 (OFT: blocks "
+                                   f"of 32): LoHa, LoKr, OFT ({a.layer_steps} steps, alternating)", res)
+    if a.json:
+        import json
+        import os
+        from lora_core.files import atomic_write_json
+        old = json.loads(open(a.json).read()) if os.path.exists(a.json) else {}
+        atomic_write_json(a.json, {**old, "c_attn_alone": {"steps": a.layer_steps, "s_per_step": res,
+                                                           "lora_core_vs_peft": ratios}})
     return "\n".join(lines) + "\n"
 
 
@@ -295,12 +353,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds (steps per variant per round: "
                     "steps / rounds); --rounds = --steps alternates the variants every step")
     ap.add_argument("--lycoris", action="store_true", help="only the LoHa / LoKr / OFT tables")
+    ap.add_argument("--lycoris-layers", action="store_true", help="only GPT-2's c_attn alone with LoHa / LoKr / "
+                    "OFT (--layer-steps, alternating; merged into --json)")
     ap.add_argument("--quick", action="store_true", help="with --lycoris: tiny shapes, to check that the code runs")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     parts = [f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads, "
              f"median of {a.steps} timed steps per variant (round-robin, {a.rounds} rounds)\n"]
-    parts += [lycoris_report(a)] if a.lycoris else lora_tables(a)
+    if a.lycoris_layers:
+        parts.append(lycoris_layers_report(a))
+    else:
+        parts += [lycoris_report(a)] if a.lycoris else lora_tables(a)
     text = "\n".join(parts)
     print(text)
     if a.out:

@@ -220,7 +220,8 @@ class OFT(Variant):
         """The blocks of R, (blocks, bs, bs)."""
         if self.coft:
             self._project()
-        q = self._skew(self.weight.to(dtype) * scale)
+        w = self.weight.to(dtype)
+        q = self._skew(w if scale == 1 else w * scale)
         eye = torch.eye(self.block_size, device=q.device, dtype=dtype).expand_as(q)
         if not self.neumann:
             R = torch.linalg.solve(eye + q, eye - q, left=False)
@@ -229,17 +230,18 @@ class OFT(Variant):
         return R.expand(self.blocks, -1, -1) if R.shape[0] == 1 else R
 
     def _neumann(self, q: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
-        """PEFT's truncated series, term for term (the last term has weight 1)."""
+        """PEFT's truncated series, term for term (the last term has weight 1), summed in place (each small
+        operation costs more in dispatch than in arithmetic)."""
         R, t = eye.clone(), self.terms
         if t > 1:
-            R = R + 2 * q
+            R.add_(q, alpha=2.0)
         if t > 2:
             power = q @ q
-            R = R + 2 * power
+            R.add_(power, alpha=2.0)
             for _ in range(3, t - 1):
                 power = power @ q
-                R = R + 2 * power
-            R = R + power @ q
+                R.add_(power, alpha=2.0)
+            R.add_(power @ q)
         return R
 
     def _rotate(self, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
