@@ -21,6 +21,7 @@ import ctypes
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -261,13 +262,19 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=list(SIZES), default="full", help="SDXL's UNet (full) or a reduced one")
     p.add_argument("--rungs", default="", help="comma-separated rung names (default: all)")
     p.add_argument("--out", default="", help="write the rows as JSON (only for a run at --size full)")
+    p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     import lora_sd  # noqa: F401 - quiets optional packages' import messages before diffusers loads
     fixed_mmap_threshold()
     names = [n.strip() for n in a.rungs.split(",")] if a.rungs else list(RUNGS)
+    if a.row_only:   # one rung, in this process (the parent runs each rung so)
+        print(json.dumps(run_rung(names[0], RUNGS[names[0]], a.resolution, a.size)), flush=True)
+        return 0
     rows = []
-    for n in names:
-        rows.append(run_rung(n, RUNGS[n], a.resolution, a.size))
+    for n in names:   # each rung in a fresh process: nothing of the last rung's model is left to count (or to OOM)
+        cmd = [sys.executable, __file__, "--resolution", str(a.resolution), "--size", a.size, "--rungs", n, "--row-only"]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if a.out:

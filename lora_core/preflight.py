@@ -31,14 +31,15 @@ GPU_SIZES = (8, 12, 16, 24, 48, 80)   # GiB: the cards `check --vram` and the la
 # parameter of a rank-4..16 LoRA matrix, counted as 1)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 1}
 # bitsandbytes' AdamW8bit keeps 32-bit state (8 bytes) for tensors under its min_8bit_size (4096 elements, as
-# kohya and every trainer leave it): a rank-4 LoRA A of a 320-wide layer is one
-BNB_MIN_8BIT_SIZE = 4096
+# kohya and every trainer leave it): a rank-4 LoRA A of a 320-wide layer is one; the larger ones hold two uint8
+# moments and an fp32 scale per block of 256 for each
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256
 
 
 def optimizer_state_bytes(optimizer: str, sizes: Sequence[int]) -> int:
     """The optimizer state for trainable tensors of `sizes` elements (bytes)."""
     if optimizer == "adamw8bit":
-        return sum((2 if n >= BNB_MIN_8BIT_SIZE else 8) * n for n in sizes)
+        return sum(2 * n + 8 * -(-n // BNB_BLOCK) if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in sizes)
     return OPTIMIZER_BYTES.get(optimizer, 8) * sum(sizes)
 
 

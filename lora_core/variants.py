@@ -303,9 +303,9 @@ class Sliced(Variant):
                          lambda i: off(self._block(rows, i)), torch.cat)
 
     def output(self, x: torch.Tensor, op: Callable, scale: float, axis: int) -> torch.Tensor:
-        """op with the enabled slices' rows only (no matmul with zero rows), spread into the full output."""
-        h = op(x.to(self.dtype), torch.cat([p.delta_rows(scale, self.dtype) for p in self.parts]))
-        chunks = h.chunk(len(self.parts), dim=axis)
+        """Each enabled slice's output, computed as its part computes it (no matmul with zero rows; on a Linear
+        no dense ΔW), spread into the full output."""
+        chunks = [p.output(x, op, scale, axis) for p in self.parts]
         return by_slices(self.slices, lambda i, j: chunks[j], lambda i: torch.zeros_like(chunks[0]),
                          lambda t, _: torch.cat(t, axis))
 

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -320,7 +321,6 @@ def ladder(config=None, overrides=(), cfg: Optional[SDTrainConfig] = None, resol
 
 def meta_denoiser(folder: Path):
     """The denoiser of the diffusers configs in `folder` (its unet/ or transformer/), on the meta device."""
-    import diffusers
     sub = folder / ("unet" if (folder / "unet").is_dir() else "transformer")
     cls = getattr(diffusers, json.loads((sub / "config.json").read_text())["_class_name"])
     with torch.device("meta"):
