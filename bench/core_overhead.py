@@ -104,7 +104,13 @@ def gpt2_step(model, batch=8, seq=128):
 
 
 # each LyCORIS type as (our config fields, PEFT's config) at the same rank, alpha and block size
-def lycoris_types(r: int, alpha: float, targets) -> dict:
+def lycoris_types(r: int, alpha: float, targets, only: str = "") -> dict:
+    """`only`: a comma-separated subset of LoHa, LoKr, OFT (--types)."""
+    every = _lycoris_types(r, alpha, targets)
+    return {k: v for k, v in every.items() if not only or k in only.split(",")}
+
+
+def _lycoris_types(r: int, alpha: float, targets) -> dict:
     return {"LoHa": (dict(type="loha", r=r, alpha=alpha), peft.LoHaConfig(r=r, alpha=alpha, target_modules=targets)),
             "LoKr": (dict(type="lokr", r=r, alpha=alpha), peft.LoKrConfig(r=r, alpha=alpha, target_modules=targets)),
             "OFT": (dict(type="oft", oft_block_size=32, use_cayley_neumann=True),
@@ -123,14 +129,14 @@ def linear_c_attn(model):
     return model
 
 
-def gpt2_lycoris_variants(layers: int = 12):
+def gpt2_lycoris_variants(layers: int = 12, only: str = ""):
     """LoHa / LoKr / OFT (r=8) on the whole c_attn as nn.Linear, ours and PEFT's; ours on GPT-2's c_attn q,v too."""
     torch.manual_seed(0)
     conv = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_positions=256))
     conv.requires_grad_(False)
     base = linear_c_attn(_clone(conv))
     out = {"frozen base (lower bound)": base}
-    for label, (ours_cfg, peft_cfg) in lycoris_types(8, 16, ["c_attn"]).items():
+    for label, (ours_cfg, peft_cfg) in lycoris_types(8, 16, ["c_attn"], only).items():
         ours, sliced = _clone(base), _clone(conv)
         add_lora(ours, LoraConfig(target_modules=["c_attn"], **ours_cfg))
         add_lora(sliced, LoraConfig(target_modules=["c_attn"], fused_slices={"c_attn": [1, 0, 1]}, **ours_cfg))
@@ -140,13 +146,13 @@ def gpt2_lycoris_variants(layers: int = 12):
     return out
 
 
-def unet_lycoris_variants(width: int = 320):
+def unet_lycoris_variants(width: int = 320, only: str = ""):
     """LoHa / LoKr / OFT (r=4) on the UNet's attn2 projections, ours and PEFT's."""
     from lora_sd.config import CROSS_ATTN
     base = _unet(width)
     base.requires_grad_(False)
     out = {"frozen base (lower bound)": base}
-    for label, (ours_cfg, peft_cfg) in lycoris_types(4, 4, CROSS_ATTN).items():
+    for label, (ours_cfg, peft_cfg) in lycoris_types(4, 4, CROSS_ATTN, only).items():
         ours = _clone(base)
         add_lora(ours, LoraConfig(target_modules=CROSS_ATTN, **ours_cfg))
         out[f"lora_core {label} attn2"], out[f"peft {label} attn2"] = ours, peft.get_peft_model(_clone(base),
@@ -157,18 +163,19 @@ def unet_lycoris_variants(width: int = 320):
 def lycoris_report(a) -> str:
     """The LyCORIS types' tables (and JSON with --json)."""
     layers, batch, seq, width = (1, 1, 32, 32) if a.quick else (12, 8, 128, a.unet_width)
-    gpt2 = bench(gpt2_lycoris_variants(layers), functools.partial(gpt2_step, batch=batch, seq=seq), a.steps,
+    gpt2 = bench(gpt2_lycoris_variants(layers, a.types), functools.partial(gpt2_step, batch=batch, seq=seq), a.steps,
                  rounds=a.rounds)
     lines, gpt2_ratios = _variant_table(f"### GPT-2-small shape ({layers}x768), batch {batch} x {seq} tokens, r=8 "
                                         f"(OFT: blocks of 32): LoHa, LoKr, OFT ({a.steps} steps, {a.rounds} rounds)", gpt2)
-    unet = {} if a.skip_unet else bench(unet_lycoris_variants(width), unet_step, a.steps, rounds=a.rounds)
+    unet = {} if a.skip_unet else bench(unet_lycoris_variants(width, a.types), unet_step, a.steps, rounds=a.rounds)
     if unet:
         more, unet_ratios = _variant_table(f"### UNet (SD 1.5 layout, block width {width}), 256x256, batch 1, r=4 on "
                                            f"attn2: LoHa, LoKr, OFT ({a.steps} steps, {a.rounds} rounds)", unet)
         lines += [""] + more
     if a.json:
         from lora_core.files import atomic_write_json
-        atomic_write_json(a.json, {"quick": a.quick, "steps": a.steps, "rounds": a.rounds, "torch": torch.__version__,
+        atomic_write_json(a.json, {"quick": a.quick, "types": a.types or "LoHa,LoKr,OFT", "steps": a.steps,
+                                   "rounds": a.rounds, "torch": torch.__version__,
                                    "peft": peft.__version__, "threads": torch.get_num_threads(),
                                    "gpt2": {"layers": layers, "batch": batch, "seq": seq, "s_per_step": gpt2,
                                             "lora_core_vs_peft": gpt2_ratios},
@@ -355,6 +362,7 @@ def main():
     ap.add_argument("--lycoris", action="store_true", help="only the LoHa / LoKr / OFT tables")
     ap.add_argument("--lycoris-layers", action="store_true", help="only GPT-2's c_attn alone with LoHa / LoKr / "
                     "OFT (--layer-steps, alternating; merged into --json)")
+    ap.add_argument("--types", default="", help="with --lycoris: only these of LoHa,LoKr,OFT (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="with --lycoris: tiny shapes, to check that the code runs")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

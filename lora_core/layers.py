@@ -195,9 +195,9 @@ class LoraLayer(nn.Module):
 
     def _rotated(self, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output with the rotations of OFT adapters `names` folded into its weight in turn
-        (the order of PEFT's merge: W R₁ᵀ R₂ᵀ). A Linear that sees fewer input rows than it has outputs (GPT-2's
-        tokens, attn2's text tokens) rotates its input instead, x R₂ R₁, the same product at less cost."""
-        if self._rotates_input(names, x):
+        (the order of PEFT's merge: W R₁ᵀ R₂ᵀ). A Linear rotates its input instead, x R₂ R₁ (PEFT's way), the
+        same product at less cost: the rotated weight's own gradient would cost a matmul the size of the layer's."""
+        if self._rotates_input(names):
             h = x
             for name in reversed(names):
                 h = self.lycoris[name].rotate_input(h, self.user_scale[name])
@@ -208,11 +208,10 @@ class LoraLayer(nn.Module):
         bias = self.base_layer.bias
         return self._op(x.to(rows.dtype), rows, None if bias is None else bias.to(rows.dtype))
 
-    def _rotates_input(self, names: list[str], x: torch.Tensor) -> bool:
-        """Rotate the input rather than the weight: a Linear, plain OFT adapters (not fused slices), and fewer
-        input rows than output features (the cost of each way: rows x in x block size)."""
-        return (not self.is_conv2d and all(hasattr(self.lycoris[n], "rotate_input") for n in names)
-                and x.numel() // max(1, x.shape[-1]) < self.out_features)
+    def _rotates_input(self, names: list[str]) -> bool:
+        """Rotate the input rather than the weight: a Linear (or HF Conv1D) with plain OFT adapters (fused slices
+        rotate their own rows; a Conv2d's rotation spans its kernel)."""
+        return not self.is_conv2d and all(hasattr(self.lycoris[n], "rotate_input") for n in names)
 
     def _variant_out(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + op(x, ΔW) for a LoHa / LoKr adapter (PEFT's forward: F.linear / F.conv2d with ΔW)."""

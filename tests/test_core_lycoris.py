@@ -242,14 +242,15 @@ def test_oft_matches_peft(kind, opts):
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("rows", [4, 30])
 def test_oft_rotates_the_input_or_the_weight_alike(kind, rows, monkeypatch):
-    """A Linear with fewer input rows than outputs (OUT = 12) rotates its input (x R Wᵀ), else its weight
-    (x (W Rᵀ)ᵀ): both equal PEFT."""
+    """A Linear rotates its input (x R Wᵀ, PEFT's way) whatever its number of input rows (4 or 30, OUT = 12),
+    and equals PEFT; the weight's rotation (x (W Rᵀ)ᵀ) is the Conv2d's and the fused slices' (tests above and
+    test_llm_types)."""
     from lora_core.variants import OFT as OFTVariant
     calls = []
     real = OFTVariant.rotate_input
     monkeypatch.setattr(OFTVariant, "rotate_input", lambda self, x, s: calls.append(x.shape) or real(self, x, s))
     assert_parity(kind, LoraConfig(type="oft", oft_block_size=4, target_modules=["layer"]), shape=(rows, IN))
-    assert bool(calls) == (rows < OUT)
+    assert calls and all(shape[0] == rows for shape in calls)
 
 
 # ------------------------------------------------------------------ several adapters, scales, patterns
