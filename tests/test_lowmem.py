@@ -225,8 +225,8 @@ def test_adamw8bit_keeps_8bit_state_resumes_exactly_and_fused_equals_unfused(tmp
     assert abs(optimizer_state_bytes("adamw8bit", [p.numel() for _, p in params]) / held - 1) < 0.05
     half, opt2, _ = _adamw8bit_run(False, 2)
     torch.save(opt2.state_dict(), tmp_path / "optimizer.pt")
-    resumed, _, _ = _adamw8bit_run(False, 1, (half.state_dict(), torch.load(tmp_path / "optimizer.pt",
-                                                                             weights_only=True)))
+    saved = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    resumed, _, _ = _adamw8bit_run(False, 1, (half.state_dict(), saved))
     fused, _, _ = _adamw8bit_run(True, 3)
     for other in (resumed, fused):
         for (k, a), b in zip(lora_state_dict(net).items(), lora_state_dict(other).values()):
