@@ -33,10 +33,11 @@ __version__ = "0.1.0"
 
 # torchao (the [lowmem] extra) is imported by diffusers whenever it is installed; its import warns about CUDA
 # kernels a CPU build cannot load and about torch.compile details, and diffusers about serialization helpers it
-# misses; bitsandbytes (adamw8bit; PEFT imports it whenever installed) warns that it cannot fetch a 4-bit CPU
-# kernel from the Hub: none of it concerns a run (lora_core.lowmem uses torchao's int8 tensors only, and
+# misses; bitsandbytes (adamw8bit; PEFT imports it whenever installed) warns, through `kernels`, that it cannot
+# fetch a 4-bit CPU kernel from the Hub: none of it concerns a run (lora_core.lowmem uses torchao's int8 tensors only, and
 # bitsandbytes' 8-bit optimizer only), so keep stderr clean
-for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer", "bitsandbytes"):
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer", "bitsandbytes",
+              "kernels"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 
