@@ -164,7 +164,7 @@ class LoKr(Variant):
         w2 = self._factor("lokr_w2", self.dtype)
         if axis != -1 or w2.dim() != 2:
             return super().output(x, op, scale, axis)
-        w1 = self._factor("lokr_w1", self.dtype) * (self.scaling * scale)
+        w1 = self._scaled_w1(scale, self.dtype)
         (a, c), (b, d) = w1.shape, w2.shape
         xs = x.to(self.dtype).reshape(*x.shape[:-1], c, d)
         if b * c * (d + a) <= a * d * (c + b):
@@ -173,8 +173,12 @@ class LoKr(Variant):
             y = torch.einsum("...ad,bd->...ab", torch.einsum("...cd,ac->...ad", xs, w1), w2)
         return y.reshape(*x.shape[:-1], a * b)
 
+    def _scaled_w1(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """w1 times alpha/r and the user scale: scaled while it is the small factor."""
+        return self._factor("lokr_w1", dtype) * (self.scaling * scale)
+
     def delta_rows(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
-        w1 = self._factor("lokr_w1", dtype) * (self.scaling * scale)   # scaled while small
+        w1 = self._scaled_w1(scale, dtype)
         w2 = self._factor("lokr_w2", dtype)
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
