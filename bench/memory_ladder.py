@@ -3,15 +3,15 @@ weights) on the CPU: peak memory and step time for each rung, and the preflight'
 
     OMP_NUM_THREADS=2 python bench/memory_ladder.py [--resolution 256] [--size full] [--out bench/results/memory_ladder.json]
 
-Each rung applies its switches through the trainer's own code (lora_core.lowmem.store_frozen, the UNet's
-gradient checkpointing, lora_core.offload.offload_blocks, lora_core.training.make_optimizer) to a fresh UNet of
-lora_sd/model_configs/sdxl-base with LoRA r=16 on attn2 (kohya's usual), runs two steps under the torch profiler
-(peak = the tensors alive at the start, counted, plus the largest running sum of its raw allocation events), then
-one timed step. With
-block offloading, the host copies of the offloaded blocks are live tensors on a CPU too; on a GPU machine they
-live in host RAM: `device_peak_mib` is the peak without them (the number a GPU would see). `--size` w2-t2 / w4 / w8
-divides every channel count by 2 / 4 / 8 (w2-t2: and keeps at most 2 transformer layers per block): reduced
-SDXL-like UNets, whose numbers are not the SDXL ladder (the estimate is checked against them too:
+Each rung applies its switches through the trainer's own code (lora_core.lowmem.store_frozen, the UNet's gradient
+checkpointing, lora_core.offload.offload_blocks, lora_core.training.make_optimizer) to a fresh UNet of
+lora_sd/model_configs/sdxl-base with LoRA r=16 on attn2 (kohya's usual), times a step (after one that makes the
+optimizer state; glibc's allocator as training has it), then runs two steps under the torch profiler (peak = the
+tensors alive at the start, counted, plus the largest running sum of its raw allocation events) and one more for the
+RSS cross-check. With block offloading, the host copies of the offloaded blocks are live tensors on a CPU too; on a
+GPU machine they live in host RAM: `device_peak_mib` is the peak without them (the number a GPU would see). `--size`
+w2-t2 / w4 / w8 divides every channel count by 2 / 4 / 8 (w2-t2: and keeps at most 2 transformer layers per block):
+reduced SDXL-like UNets, whose numbers are not the SDXL ladder (the estimate is checked against them too:
 bench/preflight_memory.py).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import ctypes
 import gc
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -147,17 +148,21 @@ def run_rung(name: str, rung: dict, resolution: int, size: str = "full", categor
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # two steps from the start (the optimizer state is made in the first)
-    gc.collect()
+    # the step time first, with glibc's allocator as training has it (a step that makes the optimizer state, then
+    # the timed one); then the memory, with RSS made to follow the live bytes (fixed_mmap_threshold)
+    step()
+    t = time.perf_counter()
+    step()
+    step_s = time.perf_counter() - t
+    fixed_mmap_threshold()
+    reset_peak_rss()   # what the timed steps left in glibc's heap goes back to the system first
     peak = allocation_peak(step, sum(held_bytes(unet, opt).values()) + host + sum(
         t.numel() * t.element_size() for t in _tensors(inputs)))
     by_kind = profiled_peak(step)[1] if categories else {}
     held = held_bytes(unet, opt)
     reset_peak_rss()
     rss0 = status_bytes("VmRSS")
-    t = time.perf_counter()
     step()
-    step_s = time.perf_counter() - t
     rss_step = status_bytes("VmHWM") - rss0
     res = {"rung": name, **rung, "size": size, "unet_parameters": n_params,
            "step_s": round(step_s, 2), "peak_mib": round(peak / 2**20, 1),
@@ -265,7 +270,6 @@ def main(argv=None) -> int:
     p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     import lora_sd  # noqa: F401 - quiets optional packages' import messages before diffusers loads
-    fixed_mmap_threshold()
     names = [n.strip() for n in a.rungs.split(",")] if a.rungs else list(RUNGS)
     if a.row_only:   # one rung, in this process (the parent runs each rung so)
         print(json.dumps(run_rung(names[0], RUNGS[names[0]], a.resolution, a.size)), flush=True)
@@ -282,7 +286,7 @@ def main(argv=None) -> int:
             raise SystemExit("--out: only a run at --size full (the SDXL-sized UNet) is the ladder to keep")
         from lora_core.files import atomic_write_json
         import torch
-        atomic_write_json(Path(a.out), {"command": "python " + " ".join(["bench/memory_ladder.py"] + sys.argv[1:]),
+        atomic_write_json(Path(a.out), {"command": "python " + shlex.join(["bench/memory_ladder.py"] + sys.argv[1:]),
                                         "resolution": a.resolution, "lora": LORA, "torch": torch.__version__,
                                         "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                                         "rows": rows})

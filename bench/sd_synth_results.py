@@ -80,15 +80,17 @@ def write_data(work: Path) -> tuple[Path, Path]:
 
 
 def score_adapter(adapter: Path, scales: str, work: Path, tag: str = "",
-                  groups: tuple[str, ...] = ("base", CONCEPT)) -> tuple[dict, dict, float]:
+                  groups: tuple[str, ...] = ("base", CONCEPT), seeds: dict | None = None) -> tuple[dict, dict, float]:
     """`lora-sd score` of `adapter` at `scales` on the prompt `groups` (the base concepts, the held-out one; reports
-    in `work`): ({group: (its score command, its report)}, {scale: {group: scores}}, wall seconds)."""
+    in `work`; `seeds`: {group: seeds 0..n-1}, SEEDS by default): ({group: (its score command, its report)},
+    {scale: {group: scores}}, wall seconds)."""
+    seeds = {**SEEDS, **(seeds or {})}
     from lora_sd.cli import main as sd_cli
     reports, wall = {}, 0.0
     for group in groups:
         rep_file = work / f"score_{group}{tag}.json"
         score = ["score", "--model", "tiny", "--lora", str(adapter), "--scales", scales, "--concept", group,
-                 "--seeds", str(SEEDS[group]), "--out", str(rep_file)]
+                 "--seeds", str(seeds[group]), "--out", str(rep_file)]
         score += [x for b in BACKGROUNDS[group] for x in ("--background", b)]
         wall += run_cli(sd_cli, score)
         reports[group] = (score, json.loads(rep_file.read_text()))

@@ -1,9 +1,9 @@
-"""Frozen weights stored small: `fp8_e4m3` (float8 with one scale per output channel) and `int8` (weight-only,
-torchao's per-row Int8Tensor), for any model: every frozen nn.Linear and nn.Conv2d (zero padding) is replaced by
-a `QuantizedLinear` / `QuantizedConv2d`, one layer at a time (the model never holds two full-precision copies).
+"""Frozen weights stored small: `fp8_e4m3` (float8) and `int8` (weight-only, quantized by torchao), each with one
+fp32 scale per output channel, for any model: every frozen nn.Linear and nn.Conv2d (zero padding) is replaced by a
+`QuantizedLinear` / `QuantizedConv2d`, one layer at a time (the model never holds two full-precision copies).
 
 The stored weight is dequantized layer by layer, when the layer runs, in the compute dtype (the autocast dtype,
-else the input's; fp8's per-channel scale then multiplies the layer's output, not the weight), and freed after it:
+else the input's; the per-channel scale then multiplies the layer's output, not the weight), and freed after it:
 `QuantizedOp` saves the small stored weight for the backward pass, not the dequantized one, and dequantizes it
 again there (else every layer's full-size weight would stay alive until the backward pass, and nothing would be
 saved). The LoRA layers around these bases keep their fp32 weights and optimizer state; the adapter files hold
@@ -75,14 +75,39 @@ def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def int8_quantize(w: torch.Tensor) -> torch.Tensor:
-    """torchao's weight-only int8 tensor of a Linear weight (one scale per output row)."""
+# float8_e4m3fn -> compute dtype on the CPU: torch converts element by element there, about 2 ns an element. Moving
+# each byte's sign, exponent and mantissa into a bfloat16's bits instead (in place, vectorised) gives the value
+# times 2**-120, and one in-place multiply by 2**120 restores it exactly: 7.7x faster to bf16
+# (bench/dequant_speed.py). Subnormal e4m3 values become bfloat16 subnormals on the way (exact unless
+# torch.set_flush_denormal(True) is on, which reads them as 0), and NaN, which fp8_quantize never writes, reads 480.
+def fp8_cast(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float8_e4m3fn tensor `q` in `dtype` (exactly torch's q.to(dtype))."""
+    if q.device.type != "cpu":
+        return q.to(dtype)
+    bits = q.view(torch.int8).to(torch.int16)   # sign-extended: bits 7..15 hold the sign
+    bits.bitwise_left_shift_(4).bitwise_and_(-0x7810)   # 0x87F0: the sign, then exponent and mantissa at bits 10..4
+    return bits.view(torch.bfloat16).mul_(2.0 ** 120).to(dtype)
+
+
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per output row) with w ≈ q * scale: torchao's weight-only int8 (symmetric, one
+    scale per row; its zero points are all 0)."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_   # lazy: an optional package ([lowmem])
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     lin.weight.data = w.detach()
     lin.weight.requires_grad_(False)
     quantize_(lin, Int8WeightOnlyConfig())
-    return lin.weight.data
+    t = lin.weight.data
+    if t.zero_point is not None and t.zero_point.any():
+        raise RuntimeError("torchao's weight-only int8 is no longer symmetric (a zero point is not 0)")
+    return t.qdata.contiguous(), t.scale.float().flatten()
+
+
+# The cast of each storage to the compute dtype, exact (int8 values are integers below 2**8, which every float
+# dtype holds); its scale, one per output channel, multiplies the layer's output and the incoming gradient rather
+# than the weight: the full-size weight is only cast, one pass instead of two.
+CASTS = {FP8: fp8_cast, INT8: lambda q, dtype: q.to(dtype)}
+QUANTIZERS = {FP8: fp8_quantize, INT8: int8_quantize}
 
 
 class QuantizedOp(torch.autograd.Function):
@@ -104,8 +129,9 @@ class QuantizedOp(torch.autograd.Function):
 
 
 class QuantizedLayer(nn.Module):
-    """A frozen Linear / Conv2d whose weight is stored as `storage` (fp8_e4m3 or int8). `weight` reads the
-    dequantized weight (fp32, a copy: writing to it changes nothing, so merging into it is refused)."""
+    """A frozen Linear / Conv2d whose weight is stored as `storage` (fp8_e4m3 or int8) with an fp32 scale per
+    output channel. `weight` reads the dequantized weight (fp32, a copy: writing to it changes nothing, so merging
+    into it is refused)."""
 
     quantized = True
 
@@ -113,44 +139,31 @@ class QuantizedLayer(nn.Module):
         super().__init__()
         self.storage = storage
         self.weight_shape = tuple(base.weight.shape)
-        if storage == FP8:
-            q, scale = fp8_quantize(base.weight)
-            self.register_buffer("qweight", q)
-            self.register_buffer("scale", scale)
-        else:
-            self.register_buffer("qweight", int8_quantize(base.weight))
-            self.scale = None
+        q, scale = QUANTIZERS[storage](base.weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if base.bias is None else base.bias.detach().clone())
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.storage == INT8:
-            return self.qweight.dequantize().to(dtype)
         shape = (-1, *[1] * (len(self.weight_shape) - 1))
-        return self.qweight.to(dtype) * self.scale.to(dtype).view(shape)
+        return self.unscaled(dtype) * self.scale.to(dtype).view(shape)
 
-    def bias_in(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        return None if self.bias is None else self.bias.to(dtype)
-
-    # fp8: the scale is one per output channel, so it multiplies the layer's output (and the incoming gradient)
-    # rather than the weight: the weight is only cast, one full-size pass instead of two
     def _per_channel(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A per-output-channel vector shaped to broadcast over the output (channels last, or (C, 1, 1))."""
         return t.to(dtype) if self.channels_last else t.to(dtype).view(-1, 1, 1)
 
     def unscaled(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as compute() uses it: fp8 cast to `dtype` without its scale; int8 dequantized."""
-        return self.dequantized(dtype) if self.storage == INT8 else self.qweight.to(dtype)
+        """The stored weight cast to `dtype`, without its scale (as compute() uses it)."""
+        return CASTS[self.storage](self.qweight, dtype)
 
     def compute(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """op(x, dequantized weight) + bias, x already in `dtype` (no autograd graph is built here)."""
-        if self.storage == INT8:
-            return self.op(x, self.dequantized(dtype), self.bias_in(dtype))
-        y = self.op(x, self.qweight.to(dtype), None).mul_(self._per_channel(self.scale, dtype))
+        y = self.op(x, self.unscaled(dtype), None).mul_(self._per_channel(self.scale, dtype))
         return y if self.bias is None else y.add_(self._per_channel(self.bias, dtype))
 
     def scaled_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """The output gradient times the fp8 scale: input_grad of it with unscaled() is the input gradient."""
-        return grad if self.storage == INT8 else grad * self._per_channel(self.scale, grad.dtype)
+        """The output gradient times the scale: input_grad of it with unscaled() is the input gradient."""
+        return grad * self._per_channel(self.scale, grad.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -158,10 +171,7 @@ class QuantizedLayer(nn.Module):
 
     def stored_bytes(self) -> int:
         """Bytes this layer keeps (weight, scales, bias)."""
-        n = sum(t.numel() * t.element_size() for t in (self.scale, self.bias) if t is not None)
-        if self.storage == INT8:
-            return n + sum(getattr(self.qweight, a).nbytes for a in self.qweight.__tensor_flatten__()[0])
-        return n + self.qweight.numel()
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.bias) if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

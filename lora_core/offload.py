@@ -40,14 +40,7 @@ def model_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def frozen_bytes(module: nn.Module) -> int:
     """Bytes of a module's frozen parameters and buffers (what offloading moves)."""
     ts = [p for p in module.parameters() if not p.requires_grad] + [b for b in module.buffers() if b is not None]
-    return sum(_nbytes(t) for t in ts)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    inner = getattr(t, "__tensor_flatten__", None)   # a tensor subclass (torchao's int8): its own tensors
-    if inner is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
-        return sum(_nbytes(getattr(t, a)) for a in inner()[0])
-    return t.numel() * t.element_size()
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
 def choose_blocks(model: nn.Module, n: int, key: str = "train.offload_blocks") -> list[tuple[str, nn.Module]]:

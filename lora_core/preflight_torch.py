@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .lowmem import FP8, QUANTIZED, quantizable_layers
+from .lowmem import QUANTIZED, quantizable_layers
 from .offload import choose_blocks, model_blocks
 from .preflight import PreflightReport
 
@@ -131,7 +131,7 @@ STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1, "int8": 1}
 def stored_frozen_bytes(model: nn.Module, storage: str, other_bytes: int) -> int:
     """Bytes of `model`'s frozen weights and buffers stored as `storage` (a STORAGE_BYTES name), without storing
     them (a model on the meta device will do): fp8_e4m3 / int8 quantize the layers lora_core.lowmem quantizes
-    (quantizable_layers), 1 byte a weight with a 4-byte scale per output channel (int8: and a 1-byte zero point),
+    (quantizable_layers), 1 byte a weight with a 4-byte scale per output channel,
     their biases as they are; everything else takes `other_bytes` per element (the compute dtype's)."""
     quantized = {id(m) for _, m in quantizable_layers(model, storage)} if storage in QUANTIZED else set()
     per = STORAGE_BYTES[storage] if storage in ("fp32", "bf16", "fp16") else other_bytes
@@ -141,7 +141,7 @@ def stored_frozen_bytes(model: nn.Module, storage: str, other_bytes: int) -> int
             if p.requires_grad:
                 continue
             if id(m) in quantized and p is m.weight:
-                total += p.numel() + (4 if storage == FP8 else 5) * p.shape[0]
+                total += p.numel() + 4 * p.shape[0]
             elif id(m) in quantized:   # the bias: kept as it was (lowmem's QuantizedLayer copies it)
                 total += p.numel() * p.element_size()
             else:

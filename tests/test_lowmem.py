@@ -9,8 +9,8 @@ from torch import nn
 
 from lora_core import LoraConfig, add_lora, lora_state_dict
 from lora_core.errors import QuantizedMergeError
-from lora_core.lowmem import (FP8, INT8, QuantizedConv2d, QuantizedLinear, fp8_quantize, quantize_frozen,
-                              storage_problem, stored_bytes)
+from lora_core.lowmem import (FP8, INT8, QuantizedConv2d, QuantizedLinear, fp8_cast, fp8_quantize,
+                              quantize_frozen, storage_problem, stored_bytes)
 from lora_core.model import merge_lora
 from lora_core.preflight_torch import SavedBytes
 
@@ -26,6 +26,36 @@ def test_fp8_scale_per_output_channel_and_error_bound():
     # half the smallest subnormal step (2^-10 x scale) below them
     bound = torch.maximum(w.abs() * 2 ** -4, scale[:, None] * 2 ** -10)
     assert ((deq - w).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_fp8_cast_is_exact_for_every_code(dtype):
+    """The CPU's bit-shift cast equals torch's own cast of all 254 non-NaN e4m3 codes (subnormals, both zeros and
+    +-448 included), sign bit for sign bit."""
+    q = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    ours, ref = fp8_cast(q, dtype), q.to(dtype)
+    assert ours.dtype == dtype
+    finite = ~ref.isnan()
+    assert finite.sum() == 254 and torch.equal(ours[finite], ref[finite])
+    assert torch.equal(ours.signbit()[finite], ref.signbit()[finite])
+
+
+def test_fp8_layer_equals_torchs_cast_bit_for_bit():
+    """The layer's output (fp32 and bf16) and input gradient are bit-identical to the same layer computed with
+    torch's own float8 cast."""
+    torch.manual_seed(0)
+    q = QuantizedLinear(nn.Linear(64, 48), FP8)
+    x = torch.randn(5, 64)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            dtype = torch.bfloat16 if autocast else torch.float32
+            ref = F.linear(x.to(dtype), q.qweight.to(dtype)) * q.scale.to(dtype) + q.bias.to(dtype)
+            xa = x.clone().requires_grad_()
+            y = q(xa)
+            assert torch.equal(y, ref)
+            y.float().sum().backward()
+            ref_grad = (torch.ones(5, 48, dtype=dtype) * q.scale.to(dtype)) @ q.qweight.to(dtype)
+            assert torch.equal(xa.grad, ref_grad.float())
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -116,13 +146,31 @@ def test_lora_on_an_fp8_base_trains_exports_exactly_and_refuses_merging():
 
 
 def test_int8_weight_only_through_torchao():
+    """int8 is torchao's weight-only quantization, kept as its int8 rows and fp32 row scales: the layer's weight
+    is torchao's own dequantize() bit for bit, its output and input gradient the plain layer's holding that weight
+    (fp32 to rounding: the scale multiplies the output; bf16 as the weight cast to bf16)."""
     pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
     net = _lora_net()
     ref_out = net(torch.ones(1, 3, 4, 4))
+    ref_lin = copy.deepcopy(net.proj.base_layer)
     assert quantize_frozen(net, INT8) == 2   # Linear layers only: torchao's int8 has no convolution
     assert type(net.conv.base_layer) is nn.Conv2d
     q = net.proj.base_layer
-    assert q.qweight.qdata.dtype == torch.int8 and q.stored_bytes() < 8 * 16 * 4 / 2 + 16 * 8
+    assert q.qweight.dtype == torch.int8 and q.scale.dtype == torch.float32
+    assert q.stored_bytes() == 16 * 8 + 4 * 16 + 4 * 16   # int8 weight, an fp32 scale and bias per output row
+    torchao_lin = copy.deepcopy(ref_lin).requires_grad_(False)
+    quantize_(torchao_lin, Int8WeightOnlyConfig())
+    assert torch.equal(q.weight, torchao_lin.weight.dequantize())
+    ref_lin.weight.data = q.weight.clone()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            xa, xb = (torch.randn(3, 8, generator=torch.Generator().manual_seed(1)).requires_grad_() for _ in "ab")
+            ya, yb = q(xa), ref_lin(xb)
+            torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6 if not autocast else 2e-2)
+            ya.float().square().sum().backward()
+            yb.float().square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5 if not autocast else 3e-2, atol=1e-5 if not autocast else 3e-2)
     x = torch.ones(1, 3, 4, 4, requires_grad=True)
     y = net(x)
     torch.testing.assert_close(y, ref_out, rtol=0, atol=5e-2)

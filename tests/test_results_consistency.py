@@ -216,11 +216,16 @@ def test_sd_percentages_in_readme_come_from_the_json():
 LQ = _bench("lowmem_quality")
 
 
-@pytest.mark.parametrize("name", ["lowmem_quality", "lowmem_quality_bf16"])
-def test_lowmem_section_is_rendered_from_the_committed_json(name):
-    rec = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text(encoding="utf-8"))
+LQ_VARIANTS = [LQ.Variant("fp32", 600), LQ.Variant("bf16", 600), LQ.Variant("fp32", 600, 32),
+               LQ.Variant("bf16", 600, 32), LQ.Variant("fp32", 200), LQ.Variant("bf16", 200)]
+
+
+@pytest.mark.parametrize("variant", LQ_VARIANTS, ids=lambda v: "_".join(map(str, v)))
+def test_lowmem_section_is_rendered_from_the_committed_json(variant):
+    rec = json.loads(variant.out_path().read_text(encoding="utf-8"))
+    assert LQ.Variant.of(rec) == variant
     text = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
-    begin, end = LQ.markers(rec.get("compute", "fp32"))
+    begin, end = variant.markers()
     block = begin + text.split(begin, 1)[1].split(end, 1)[0] + end
     assert block == LQ.render(rec), "RESULTS.md's fp8/int8 section is stale: python bench/lowmem_quality.py --render"
     assert rec["within_max_points"] == LQ.verdicts(rec["runs"], rec["reference"]) and rec["reference"] in rec["runs"]
