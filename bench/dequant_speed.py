@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     import torch
-    from lora_core.lowmem import fp8_cast, fp8_quantize, int8_quantize
+    from lora_core.lowmem import fp8_cast, fp8_quantize, int8_quantize, torchao_int8
     torch.manual_seed(0)
     weights = [torch.randn(s) * 0.02 for s in SHAPES]
     fp8 = [fp8_quantize(w)[0] for w in weights]
     linear = [w for w in weights if w.dim() == 2]   # torchao's int8 has no convolution
     int8 = [int8_quantize(w) for w in linear]
-    ao = [_torchao_tensor(w) for w in linear]
+    ao = [torchao_int8(w) for w in linear]
     assert all(torch.equal(q.float() * s[:, None], t.dequantize()) for (q, s), t in zip(int8, ao))
     rows = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -78,17 +78,6 @@ def main(argv=None) -> int:
             "shapes": SHAPES, "elements": sum(w.numel() for w in weights), "ns_per_element": rows,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()})
     return 0
-
-
-def _torchao_tensor(w):
-    """torchao's own weight-only int8 tensor of `w` (what int8_quantize reads its rows and scales from)."""
-    from torch import nn
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight.data = w
-    lin.requires_grad_(False)
-    quantize_(lin, Int8WeightOnlyConfig())
-    return lin.weight.data
 
 
 if __name__ == "__main__":

@@ -89,15 +89,20 @@ def fp8_cast(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.view(torch.bfloat16).mul_(2.0 ** 120).to(dtype)
 
 
-def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, fp32 scale per output row) with w ≈ q * scale: torchao's weight-only int8 (symmetric, one
-    scale per row; its zero points are all 0)."""
+def torchao_int8(w: torch.Tensor) -> torch.Tensor:
+    """torchao's own weight-only int8 tensor of a Linear weight `w` (an Int8Tensor: qdata, scale, zero_point)."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_   # lazy: an optional package ([lowmem])
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     lin.weight.data = w.detach()
     lin.weight.requires_grad_(False)
     quantize_(lin, Int8WeightOnlyConfig())
-    t = lin.weight.data
+    return lin.weight.data
+
+
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per output row) with w ≈ q * scale: torchao's weight-only int8 (symmetric, one
+    scale per row; its zero points are all 0)."""
+    t = torchao_int8(w)
     if t.zero_point is not None and t.zero_point.any():
         raise RuntimeError("torchao's weight-only int8 is no longer symmetric (a zero point is not 0)")
     return t.qdata.contiguous(), t.scale.float().flatten()
